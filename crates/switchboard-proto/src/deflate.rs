@@ -1,0 +1,422 @@
+//! RFC 7692 permessage-deflate: negotiation and the per-connection codec.
+//!
+//! [`negotiate`] picks the first acceptable offer of a `Sec-WebSocket-Extensions`
+//! header and builds the response. [`Deflater`] and [`Inflater`] compress and
+//! decompress message payloads; the inflater stops at a byte cap so that a
+//! decompression bomb fails with close code 1009 instead of eating memory.
+
+use bytes::{Bytes, BytesMut};
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+
+use crate::error::ProtocolError;
+
+/// The tail that a sync flush ends with and that RFC 7692 §7.2.1 strips.
+const SYNC_TAIL: [u8; 4] = [0x00, 0x00, 0xFF, 0xFF];
+
+/// Smallest LZ77 window zlib can produce a raw deflate stream for (2^9 bytes).
+/// An offer that demands 8 is declined rather than answered with a larger window.
+const MIN_WINDOW_BITS: u8 = 9;
+const MAX_WINDOW_BITS: u8 = 15;
+
+/// What the server is willing to do; the defaults suit fan-out (see `prefer_no_context_takeover`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeflateOptions {
+    /// Reset the compressor after each message even when the client does not ask.
+    /// It costs some ratio and lets one compressed frame serve every recipient.
+    pub prefer_no_context_takeover: bool,
+    /// Compression level, 0-9.
+    pub level: u32,
+    /// Messages shorter than this are sent uncompressed.
+    pub min_size: usize,
+}
+
+impl Default for DeflateOptions {
+    fn default() -> Self {
+        Self {
+            prefer_no_context_takeover: true,
+            level: 6,
+            min_size: 64,
+        }
+    }
+}
+
+/// The parameters agreed with one client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeflateParams {
+    /// The server resets its compressor after each message.
+    pub server_no_context_takeover: bool,
+    /// The client resets its compressor after each message.
+    pub client_no_context_takeover: bool,
+    /// The server's LZ77 window, as a power of two.
+    pub server_max_window_bits: u8,
+    /// Compression level, 0-9.
+    pub level: u32,
+    /// Messages shorter than this are sent uncompressed.
+    pub min_size: usize,
+}
+
+impl DeflateParams {
+    /// The value of the `Sec-WebSocket-Extensions` response header.
+    pub fn response_header(&self) -> String {
+        let mut out = String::from("permessage-deflate");
+        if self.server_no_context_takeover {
+            out.push_str("; server_no_context_takeover");
+        }
+        if self.client_no_context_takeover {
+            out.push_str("; client_no_context_takeover");
+        }
+        if self.server_max_window_bits != MAX_WINDOW_BITS {
+            out.push_str(&format!(
+                "; server_max_window_bits={}",
+                self.server_max_window_bits
+            ));
+        }
+        out
+    }
+
+    /// Whether a frame compressed without context by [`compress_standalone`] with
+    /// these settings is valid for this connection (so it can be shared).
+    pub fn shares_standalone_frames(&self) -> bool {
+        self.server_no_context_takeover && self.server_max_window_bits == MAX_WINDOW_BITS
+    }
+}
+
+/// Picks the first permessage-deflate offer in `header` that can be accepted.
+pub fn negotiate(header: &str, options: &DeflateOptions) -> Option<DeflateParams> {
+    header
+        .split(',')
+        .filter_map(|offer| accept_offer(offer, options))
+        .next()
+}
+
+fn accept_offer(offer: &str, options: &DeflateOptions) -> Option<DeflateParams> {
+    let mut parts = offer.split(';').map(str::trim);
+    if parts.next()? != "permessage-deflate" {
+        return None;
+    }
+    let mut params = DeflateParams {
+        server_no_context_takeover: options.prefer_no_context_takeover,
+        client_no_context_takeover: false,
+        server_max_window_bits: MAX_WINDOW_BITS,
+        level: options.level.min(9),
+        min_size: options.min_size,
+    };
+    let mut seen = Vec::new();
+    for part in parts {
+        let (name, value) = match part.split_once('=') {
+            Some((name, value)) => (name.trim(), Some(value.trim().trim_matches('"'))),
+            None => (part, None),
+        };
+        // RFC 7692 §7: a repeated parameter makes the offer invalid.
+        if seen.contains(&name) {
+            return None;
+        }
+        seen.push(name);
+        match (name, value) {
+            ("server_no_context_takeover", None) => params.server_no_context_takeover = true,
+            ("client_no_context_takeover", None) => params.client_no_context_takeover = true,
+            ("server_max_window_bits", Some(bits)) => {
+                params.server_max_window_bits = window_bits(bits)?;
+                if params.server_max_window_bits < MIN_WINDOW_BITS {
+                    return None;
+                }
+            }
+            // We inflate with the largest window, which reads any smaller one.
+            ("client_max_window_bits", None) => {}
+            ("client_max_window_bits", Some(bits)) => {
+                window_bits(bits)?;
+            }
+            _ => return None,
+        }
+    }
+    Some(params)
+}
+
+fn window_bits(value: &str) -> Option<u8> {
+    let bits: u8 = value.parse().ok()?;
+    (8..=MAX_WINDOW_BITS).contains(&bits).then_some(bits)
+}
+
+/// Compresses outgoing messages for one connection.
+pub struct Deflater {
+    compress: Compress,
+    reset_each_message: bool,
+    min_size: usize,
+}
+
+impl std::fmt::Debug for Deflater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deflater").finish_non_exhaustive()
+    }
+}
+
+impl Deflater {
+    /// A compressor for the server side of `params`.
+    pub fn new(params: &DeflateParams) -> Self {
+        Self {
+            compress: Compress::new_with_window_bits(
+                Compression::new(params.level),
+                false,
+                params.server_max_window_bits,
+            ),
+            reset_each_message: params.server_no_context_takeover,
+            min_size: params.min_size,
+        }
+    }
+
+    /// Whether a payload of this size is worth compressing.
+    pub fn wants(&self, len: usize) -> bool {
+        len >= self.min_size
+    }
+
+    /// Compresses one message payload, returning the frame payload to send with RSV1.
+    pub fn compress(&mut self, payload: &[u8]) -> Bytes {
+        let out = deflate_into(&mut self.compress, payload);
+        if self.reset_each_message {
+            self.compress.reset();
+        }
+        out
+    }
+}
+
+/// Compresses `payload` with a fresh window-15 context: the same bytes serve every
+/// connection whose [`DeflateParams::shares_standalone_frames`] is true.
+pub fn compress_standalone(payload: &[u8], level: u32) -> Bytes {
+    thread_local! {
+        static COMPRESSORS: std::cell::RefCell<Vec<(u32, Compress)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    COMPRESSORS.with(|cell| {
+        let mut compressors = cell.borrow_mut();
+        let index = match compressors.iter().position(|(l, _)| *l == level) {
+            Some(index) => index,
+            None => {
+                let c =
+                    Compress::new_with_window_bits(Compression::new(level), false, MAX_WINDOW_BITS);
+                compressors.push((level, c));
+                compressors.len() - 1
+            }
+        };
+        let compress = &mut compressors[index].1;
+        let out = deflate_into(compress, payload);
+        compress.reset();
+        out
+    })
+}
+
+fn deflate_into(compress: &mut Compress, mut input: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(input.len() / 2 + 64);
+    loop {
+        if out.capacity() - out.len() < 64 {
+            out.reserve(out.capacity().max(1024));
+        }
+        let before = compress.total_in();
+        compress
+            .compress_vec(input, &mut out, FlushCompress::Sync)
+            .expect("deflate cannot fail on valid state");
+        input = &input[(compress.total_in() - before) as usize..];
+        // The sync flush is complete once all input is taken and output space is left over.
+        if input.is_empty() && out.len() < out.capacity() {
+            break;
+        }
+    }
+    if out.ends_with(&SYNC_TAIL) {
+        out.truncate(out.len() - SYNC_TAIL.len());
+    }
+    Bytes::from(out)
+}
+
+/// Decompresses incoming messages for one connection.
+pub struct Inflater {
+    decompress: Decompress,
+}
+
+impl std::fmt::Debug for Inflater {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inflater").finish_non_exhaustive()
+    }
+}
+
+impl Default for Inflater {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Inflater {
+    /// A decompressor with the largest window, which reads any client window size.
+    pub fn new() -> Self {
+        Self {
+            decompress: Decompress::new_with_window_bits(false, MAX_WINDOW_BITS),
+        }
+    }
+
+    /// Inflates one frame's compressed bytes onto `out`, which may hold at most `limit` bytes.
+    pub fn inflate(
+        &mut self,
+        input: &[u8],
+        out: &mut BytesMut,
+        limit: usize,
+    ) -> Result<(), ProtocolError> {
+        self.inflate_inner(input, out, limit)
+    }
+
+    /// Ends a message: feeds the stripped sync-flush tail (RFC 7692 §7.2.2).
+    pub fn finish_message(
+        &mut self,
+        out: &mut BytesMut,
+        limit: usize,
+    ) -> Result<(), ProtocolError> {
+        self.inflate_inner(&SYNC_TAIL, out, limit)
+    }
+
+    fn inflate_inner(
+        &mut self,
+        mut input: &[u8],
+        out: &mut BytesMut,
+        limit: usize,
+    ) -> Result<(), ProtocolError> {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let before_in = self.decompress.total_in();
+            let before_out = self.decompress.total_out();
+            let status = self
+                .decompress
+                .decompress(input, &mut chunk, FlushDecompress::Sync)
+                .map_err(|_| ProtocolError::BadDeflate)?;
+            let produced = (self.decompress.total_out() - before_out) as usize;
+            let consumed = (self.decompress.total_in() - before_in) as usize;
+            input = &input[consumed..];
+            if out.len() + produced > limit {
+                return Err(ProtocolError::MessageTooLarge { limit });
+            }
+            out.extend_from_slice(&chunk[..produced]);
+            if status == Status::StreamEnd {
+                // A final block ends the deflate stream; the next message must start a new one.
+                self.decompress.reset(false);
+            }
+            if input.is_empty() && produced < chunk.len() {
+                return Ok(());
+            }
+            if produced == 0 && consumed == 0 {
+                // No progress with input left: the stream cannot be decoded further.
+                return Err(ProtocolError::BadDeflate);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> DeflateOptions {
+        DeflateOptions {
+            prefer_no_context_takeover: false,
+            ..DeflateOptions::default()
+        }
+    }
+
+    #[test]
+    fn negotiates_browser_offers() {
+        // Chromium
+        let p = negotiate("permessage-deflate; client_max_window_bits", &opts()).unwrap();
+        assert_eq!(p.response_header(), "permessage-deflate");
+        // Firefox
+        assert!(negotiate("permessage-deflate", &opts()).is_some());
+        let p = negotiate("permessage-deflate", &DeflateOptions::default()).unwrap();
+        assert_eq!(
+            p.response_header(),
+            "permessage-deflate; server_no_context_takeover"
+        );
+    }
+
+    #[test]
+    fn honours_parameters_and_falls_back_between_offers() {
+        let header = "permessage-deflate; server_max_window_bits=8, \
+                      permessage-deflate; server_max_window_bits=10; client_no_context_takeover, \
+                      permessage-deflate";
+        let p = negotiate(header, &opts()).unwrap();
+        assert_eq!(p.server_max_window_bits, 10);
+        assert_eq!(
+            p.response_header(),
+            "permessage-deflate; client_no_context_takeover; server_max_window_bits=10"
+        );
+    }
+
+    #[test]
+    fn declines_invalid_offers() {
+        for header in [
+            "permessage-deflate; server_max_window_bits",
+            "permessage-deflate; server_max_window_bits=16",
+            "permessage-deflate; client_max_window_bits=7",
+            "permessage-deflate; unknown",
+            "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+            "x-webkit-deflate-frame",
+        ] {
+            assert_eq!(negotiate(header, &opts()), None, "{header}");
+        }
+    }
+
+    #[test]
+    fn round_trips_with_and_without_context() {
+        for no_context in [false, true] {
+            let params = DeflateParams {
+                server_no_context_takeover: no_context,
+                client_no_context_takeover: false,
+                server_max_window_bits: 15,
+                level: 6,
+                min_size: 0,
+            };
+            let mut deflater = Deflater::new(&params);
+            let mut inflater = Inflater::new();
+            for i in 0..5 {
+                let text = format!("message {i} {}", "abc".repeat(i * 100));
+                let compressed = deflater.compress(text.as_bytes());
+                let mut out = BytesMut::new();
+                inflater.inflate(&compressed, &mut out, 1 << 20).unwrap();
+                inflater.finish_message(&mut out, 1 << 20).unwrap();
+                assert_eq!(&out[..], text.as_bytes());
+            }
+        }
+    }
+
+    #[test]
+    fn standalone_frames_inflate_anywhere() {
+        let frame = compress_standalone(b"hello hello hello hello", 6);
+        for _ in 0..2 {
+            let mut inflater = Inflater::new();
+            let mut out = BytesMut::new();
+            inflater.inflate(&frame, &mut out, 100).unwrap();
+            inflater.finish_message(&mut out, 100).unwrap();
+            assert_eq!(&out[..], b"hello hello hello hello");
+        }
+    }
+
+    #[test]
+    fn a_decompression_bomb_stops_at_the_limit() {
+        let params = DeflateParams {
+            server_no_context_takeover: true,
+            client_no_context_takeover: false,
+            server_max_window_bits: 15,
+            level: 9,
+            min_size: 0,
+        };
+        let bomb = Deflater::new(&params).compress(&vec![0u8; 10 << 20]);
+        assert!(bomb.len() < 20_000);
+        let mut out = BytesMut::new();
+        let err = Inflater::new()
+            .inflate(&bomb, &mut out, 1 << 20)
+            .unwrap_err();
+        assert_eq!(err, ProtocolError::MessageTooLarge { limit: 1 << 20 });
+        assert!(out.len() <= 1 << 20);
+    }
+
+    #[test]
+    fn garbage_is_bad_deflate() {
+        let mut out = BytesMut::new();
+        let err = Inflater::new()
+            .inflate(&[0xFF; 32], &mut out, 1 << 20)
+            .unwrap_err();
+        assert_eq!(err, ProtocolError::BadDeflate);
+    }
+}

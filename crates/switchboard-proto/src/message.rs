@@ -1,0 +1,433 @@
+//! Messages: reassembly of frames (RFC 6455 §5.4), limits, and encoding.
+//!
+//! [`MessageDecoder`] sits one layer above [`FrameDecoder`]: it joins fragments,
+//! inflates compressed messages, validates text as it arrives, and passes control
+//! frames through even in the middle of a fragmented message. [`MessageEncoder`]
+//! is the other direction, for one connection's compression and masking state.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::close::CloseReason;
+use crate::deflate::{DeflateParams, Deflater, Inflater};
+use crate::error::ProtocolError;
+use crate::frame::{FrameDecoder, OpCode, Role, encode_frame};
+use crate::prepared::PreparedMessage;
+use crate::utf8::{Utf8Bytes, Utf8Validator};
+
+/// A complete message, or a control frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// A text message.
+    Text(Utf8Bytes),
+    /// A binary message.
+    Binary(Bytes),
+    /// A ping, with its application data.
+    Ping(Bytes),
+    /// A pong, with its application data.
+    Pong(Bytes),
+    /// A close frame; `None` when it carried no code.
+    Close(Option<CloseReason>),
+}
+
+impl Message {
+    /// A text message.
+    pub fn text(text: impl Into<Utf8Bytes>) -> Self {
+        Self::Text(text.into())
+    }
+
+    /// A binary message.
+    pub fn binary(data: impl Into<Bytes>) -> Self {
+        Self::Binary(data.into())
+    }
+
+    fn opcode_and_payload(&self) -> (OpCode, Bytes) {
+        match self {
+            Self::Text(t) => (OpCode::Text, t.as_bytes().clone()),
+            Self::Binary(b) => (OpCode::Binary, b.clone()),
+            Self::Ping(b) => (OpCode::Ping, b.clone()),
+            Self::Pong(b) => (OpCode::Pong, b.clone()),
+            Self::Close(None) => (OpCode::Close, Bytes::new()),
+            Self::Close(Some(reason)) => (OpCode::Close, reason.to_payload()),
+        }
+    }
+}
+
+/// Size limits for received data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest frame payload accepted, in bytes.
+    pub max_frame_size: usize,
+    /// Largest message accepted (after decompression), in bytes.
+    pub max_message_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_size: 1 << 20,
+            max_message_size: 1 << 20,
+        }
+    }
+}
+
+/// A data message whose final frame has not arrived yet.
+#[derive(Debug)]
+struct Partial {
+    text: bool,
+    compressed: bool,
+    data: BytesMut,
+}
+
+/// Decodes messages from bytes as they arrive.
+#[derive(Debug)]
+pub struct MessageDecoder {
+    frames: FrameDecoder,
+    limits: Limits,
+    validate_utf8: bool,
+    inflater: Option<Inflater>,
+    partial: Option<Partial>,
+    utf8: Utf8Validator,
+    /// Payload bytes of the frame in flight already checked by fail-fast validation.
+    prevalidated: usize,
+}
+
+impl MessageDecoder {
+    /// A decoder for `role`. `compression` is true when permessage-deflate was negotiated.
+    pub fn new(role: Role, limits: Limits, compression: bool, validate_utf8: bool) -> Self {
+        Self {
+            frames: FrameDecoder::new(role, limits.max_frame_size, compression),
+            limits,
+            validate_utf8,
+            inflater: compression.then(Inflater::new),
+            partial: None,
+            utf8: Utf8Validator::default(),
+            prevalidated: 0,
+        }
+    }
+
+    /// Whether a fragmented message is partly received.
+    pub fn in_message(&self) -> bool {
+        self.partial.is_some()
+    }
+
+    /// Decodes the next message from `buf`. `Ok(None)` means more input is needed.
+    pub fn next(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, ProtocolError> {
+        loop {
+            let Some(frame) = self.frames.decode(buf)? else {
+                self.check_partial_text(buf)?;
+                return Ok(None);
+            };
+            let fresh = frame.payload.slice(self.prevalidated..);
+            self.prevalidated = 0;
+            let message = match frame.opcode {
+                OpCode::Ping => return Ok(Some(Message::Ping(frame.payload))),
+                OpCode::Pong => return Ok(Some(Message::Pong(frame.payload))),
+                OpCode::Close => {
+                    return Ok(Some(Message::Close(CloseReason::parse(&frame.payload)?)));
+                }
+                OpCode::Text | OpCode::Binary => {
+                    if self.partial.is_some() {
+                        return Err(ProtocolError::ExpectedContinuation);
+                    }
+                    let text = frame.opcode == OpCode::Text;
+                    if frame.fin && !frame.rsv1 {
+                        // Unfragmented and uncompressed: hand out the payload without a copy.
+                        self.check_size(0, frame.payload.len())?;
+                        if text {
+                            self.validate(&fresh)?;
+                            self.finish_text()?;
+                            return Ok(Some(Message::Text(Utf8Bytes::from_validated(
+                                frame.payload,
+                            ))));
+                        }
+                        return Ok(Some(Message::Binary(frame.payload)));
+                    }
+                    self.partial = Some(Partial {
+                        text,
+                        compressed: frame.rsv1,
+                        data: BytesMut::new(),
+                    });
+                    self.append(&frame.payload, &fresh)?;
+                    frame.fin
+                }
+                OpCode::Continuation => {
+                    if self.partial.is_none() {
+                        return Err(ProtocolError::UnexpectedContinuation);
+                    }
+                    if frame.rsv1 {
+                        return Err(ProtocolError::ReservedBits);
+                    }
+                    self.append(&frame.payload, &fresh)?;
+                    frame.fin
+                }
+            };
+            if message {
+                return self.complete().map(Some);
+            }
+        }
+    }
+
+    /// Validates the text that has arrived of an unfinished frame (fail fast, Autobahn 6.4.*).
+    fn check_partial_text(&mut self, buf: &BytesMut) -> Result<(), ProtocolError> {
+        let plain_text_in_flight = match &self.partial {
+            Some(p) => p.text && !p.compressed,
+            None => true,
+        };
+        let Some((opcode, rsv1, fresh)) = self.frames.fresh_partial(buf) else {
+            return Ok(());
+        };
+        let is_text = match opcode {
+            OpCode::Text => self.partial.is_none() && !rsv1,
+            OpCode::Continuation => self.partial.is_some() && plain_text_in_flight,
+            _ => false,
+        };
+        if is_text && self.validate_utf8 {
+            self.prevalidated += fresh.len();
+            self.utf8.feed(fresh)?;
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, payload: &[u8], fresh: &[u8]) -> Result<(), ProtocolError> {
+        let limit = self.limits.max_message_size;
+        let partial = self.partial.as_mut().expect("a message is in progress");
+        if partial.compressed {
+            let inflater = self
+                .inflater
+                .as_mut()
+                .expect("RSV1 is only accepted with deflate");
+            let start = partial.data.len();
+            inflater.inflate(payload, &mut partial.data, limit)?;
+            if partial.text && self.validate_utf8 {
+                self.utf8.feed(&partial.data[start..])?;
+            }
+            return Ok(());
+        }
+        if partial.data.len() + payload.len() > limit {
+            return Err(ProtocolError::MessageTooLarge { limit });
+        }
+        partial.data.extend_from_slice(payload);
+        if partial.text {
+            self.validate(fresh)?;
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self) -> Result<Message, ProtocolError> {
+        let mut partial = self.partial.take().expect("a message is in progress");
+        if partial.compressed {
+            let inflater = self
+                .inflater
+                .as_mut()
+                .expect("RSV1 is only accepted with deflate");
+            let start = partial.data.len();
+            inflater.finish_message(&mut partial.data, self.limits.max_message_size)?;
+            if partial.text && self.validate_utf8 {
+                self.utf8.feed(&partial.data[start..])?;
+            }
+        }
+        let data = partial.data.freeze();
+        if partial.text {
+            self.finish_text()?;
+            if !self.validate_utf8 {
+                return Utf8Bytes::try_from_bytes(data).map(Message::Text);
+            }
+            Ok(Message::Text(Utf8Bytes::from_validated(data)))
+        } else {
+            Ok(Message::Binary(data))
+        }
+    }
+
+    fn check_size(&self, have: usize, more: usize) -> Result<(), ProtocolError> {
+        let limit = self.limits.max_message_size;
+        if have + more > limit {
+            return Err(ProtocolError::MessageTooLarge { limit });
+        }
+        Ok(())
+    }
+
+    fn validate(&mut self, bytes: &[u8]) -> Result<(), ProtocolError> {
+        if self.validate_utf8 {
+            self.utf8.feed(bytes)?;
+        }
+        Ok(())
+    }
+
+    fn finish_text(&mut self) -> Result<(), ProtocolError> {
+        if self.validate_utf8 {
+            self.utf8.finish()?;
+        }
+        Ok(())
+    }
+}
+
+/// Encodes outgoing messages for one connection: compression state and masking.
+#[derive(Debug)]
+pub struct MessageEncoder {
+    role: Role,
+    deflater: Option<(Deflater, DeflateParams)>,
+    mask_state: u64,
+}
+
+impl MessageEncoder {
+    /// An encoder for `role`, compressing with `deflate` when it was negotiated.
+    pub fn new(role: Role, deflate: Option<DeflateParams>) -> Self {
+        Self {
+            role,
+            deflater: deflate.map(|params| (Deflater::new(&params), params)),
+            mask_state: seed(),
+        }
+    }
+
+    /// Appends `message` as one frame to `out`.
+    pub fn encode(&mut self, message: &Message, out: &mut BytesMut) {
+        let (opcode, payload) = message.opcode_and_payload();
+        let mask = self.next_mask();
+        match &mut self.deflater {
+            Some((deflater, _)) if !opcode.is_control() && deflater.wants(payload.len()) => {
+                let compressed = deflater.compress(&payload);
+                encode_frame(out, true, true, opcode, &compressed, mask);
+            }
+            _ => encode_frame(out, true, false, opcode, &payload, mask),
+        }
+    }
+
+    /// The frame bytes of a prepared message for this connection. Without
+    /// compression, or with settings that share frames, this is a cheap clone of
+    /// bytes encoded once for every recipient.
+    pub fn encode_prepared(&mut self, message: &PreparedMessage) -> Bytes {
+        if self.role == Role::Client {
+            let mut out = BytesMut::new();
+            self.encode(&message.to_message(), &mut out);
+            return out.freeze();
+        }
+        match &mut self.deflater {
+            Some((deflater, params)) if deflater.wants(message.payload().len()) => {
+                if params.shares_standalone_frames() {
+                    message.deflated_frame(params.level)
+                } else {
+                    let compressed = deflater.compress(message.payload());
+                    let mut out = BytesMut::new();
+                    encode_frame(&mut out, true, true, message.opcode(), &compressed, None);
+                    out.freeze()
+                }
+            }
+            _ => message.plain_frame(),
+        }
+    }
+
+    fn next_mask(&mut self) -> Option<[u8; 4]> {
+        if self.role == Role::Server {
+            return None;
+        }
+        // xorshift64: masks need to be unpredictable to intermediaries, not secret.
+        let mut x = self.mask_state;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.mask_state = x;
+        Some((x as u32).to_ne_bytes())
+    }
+}
+
+fn seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(0u8) | 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deflate::{DeflateOptions, negotiate};
+
+    fn decoder(compression: bool) -> MessageDecoder {
+        MessageDecoder::new(Role::Server, Limits::default(), compression, true)
+    }
+
+    fn frame(fin: bool, opcode: OpCode, payload: &[u8]) -> BytesMut {
+        let mut out = BytesMut::new();
+        encode_frame(&mut out, fin, false, opcode, payload, Some([9, 8, 7, 6]));
+        out
+    }
+
+    #[test]
+    fn joins_fragments_and_passes_control_frames_through() {
+        let mut buf = frame(false, OpCode::Text, b"Hello, ");
+        buf.extend_from_slice(&frame(true, OpCode::Ping, b"p"));
+        buf.extend_from_slice(&frame(true, OpCode::Continuation, b"world"));
+        let mut dec = decoder(false);
+        assert_eq!(
+            dec.next(&mut buf).unwrap(),
+            Some(Message::Ping(Bytes::from_static(b"p")))
+        );
+        assert_eq!(
+            dec.next(&mut buf).unwrap(),
+            Some(Message::text("Hello, world"))
+        );
+        assert_eq!(dec.next(&mut buf).unwrap(), None);
+    }
+
+    #[test]
+    fn continuation_rules() {
+        let mut dec = decoder(false);
+        let mut buf = frame(true, OpCode::Continuation, b"x");
+        assert_eq!(
+            dec.next(&mut buf),
+            Err(ProtocolError::UnexpectedContinuation)
+        );
+        let mut dec = decoder(false);
+        let mut buf = frame(false, OpCode::Text, b"a");
+        buf.extend_from_slice(&frame(true, OpCode::Text, b"b"));
+        assert_eq!(dec.next(&mut buf), Err(ProtocolError::ExpectedContinuation));
+    }
+
+    #[test]
+    fn message_limit_covers_fragments() {
+        let limits = Limits {
+            max_frame_size: 100,
+            max_message_size: 150,
+        };
+        let mut dec = MessageDecoder::new(Role::Server, limits, false, true);
+        let mut buf = frame(false, OpCode::Binary, &[0; 100]);
+        buf.extend_from_slice(&frame(true, OpCode::Continuation, &[0; 100]));
+        assert_eq!(
+            dec.next(&mut buf),
+            Err(ProtocolError::MessageTooLarge { limit: 150 })
+        );
+    }
+
+    #[test]
+    fn invalid_utf8_fails_before_the_frame_is_complete() {
+        let wire = frame(true, OpCode::Text, b"abc\xff and much more text after it");
+        let mut dec = decoder(false);
+        let mut buf = BytesMut::from(&wire[..10]);
+        assert_eq!(dec.next(&mut buf), Err(ProtocolError::InvalidUtf8));
+    }
+
+    #[test]
+    fn compressed_messages_round_trip_through_the_encoder() {
+        let params = negotiate("permessage-deflate", &DeflateOptions::default()).unwrap();
+        let mut client = MessageEncoder::new(Role::Client, Some(params));
+        let mut wire = BytesMut::new();
+        let text = "compress me ".repeat(50);
+        client.encode(&Message::text(text.clone()), &mut wire);
+        assert!(wire.len() < text.len() / 4);
+        let mut dec = decoder(true);
+        assert_eq!(dec.next(&mut wire).unwrap(), Some(Message::text(text)));
+    }
+
+    #[test]
+    fn prepared_frames_are_shared_between_connections() {
+        let message = PreparedMessage::text(String::from("x").repeat(200));
+        let params = negotiate("permessage-deflate", &DeflateOptions::default()).unwrap();
+        let mut a = MessageEncoder::new(Role::Server, Some(params));
+        let mut b = MessageEncoder::new(Role::Server, Some(params));
+        let (fa, fb) = (a.encode_prepared(&message), b.encode_prepared(&message));
+        assert_eq!(fa.as_ptr(), fb.as_ptr(), "one compressed frame for both");
+        let mut plain = MessageEncoder::new(Role::Server, None);
+        assert_eq!(
+            plain.encode_prepared(&message).as_ptr(),
+            message.plain_frame().as_ptr()
+        );
+    }
+}

@@ -1,0 +1,106 @@
+//! Server messages encoded once and shared by every recipient.
+//!
+//! A server frame is never masked, so its bytes are the same for every
+//! connection: [`PreparedMessage`] encodes the frame on first use and hands out
+//! clones of the same [`Bytes`]. With permessage-deflate and no context takeover,
+//! the compressed frame is shared the same way.
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::deflate::compress_standalone;
+use crate::frame::{OpCode, encode_frame};
+use crate::message::Message;
+use crate::utf8::Utf8Bytes;
+
+/// A text or binary message ready to be written to many connections.
+#[derive(Clone)]
+pub struct PreparedMessage(Arc<Inner>);
+
+struct Inner {
+    opcode: OpCode,
+    payload: Bytes,
+    plain: OnceLock<Bytes>,
+    deflated: OnceLock<(u32, Bytes)>,
+}
+
+impl std::fmt::Debug for PreparedMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedMessage")
+            .field("opcode", &self.0.opcode)
+            .field("len", &self.0.payload.len())
+            .finish()
+    }
+}
+
+impl PreparedMessage {
+    fn new(opcode: OpCode, payload: Bytes) -> Self {
+        Self(Arc::new(Inner {
+            opcode,
+            payload,
+            plain: OnceLock::new(),
+            deflated: OnceLock::new(),
+        }))
+    }
+
+    /// A text message.
+    pub fn text(text: impl Into<Utf8Bytes>) -> Self {
+        Self::new(OpCode::Text, text.into().into_bytes())
+    }
+
+    /// A binary message.
+    pub fn binary(data: impl Into<Bytes>) -> Self {
+        Self::new(OpCode::Binary, data.into())
+    }
+
+    /// The opcode (text or binary).
+    pub fn opcode(&self) -> OpCode {
+        self.0.opcode
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.0.payload
+    }
+
+    /// The uncompressed server frame, encoded on first use.
+    pub fn plain_frame(&self) -> Bytes {
+        self.0
+            .plain
+            .get_or_init(|| {
+                let mut out = BytesMut::new();
+                encode_frame(&mut out, true, false, self.0.opcode, &self.0.payload, None);
+                out.freeze()
+            })
+            .clone()
+    }
+
+    /// The compressed server frame for connections without context takeover,
+    /// compressed on first use at `level` (a later, different level is compressed anew).
+    pub fn deflated_frame(&self, level: u32) -> Bytes {
+        let (cached_level, frame) = self.0.deflated.get_or_init(|| (level, self.deflate(level)));
+        if *cached_level == level {
+            frame.clone()
+        } else {
+            self.deflate(level)
+        }
+    }
+
+    fn deflate(&self, level: u32) -> Bytes {
+        let compressed = compress_standalone(&self.0.payload, level);
+        let mut out = BytesMut::new();
+        encode_frame(&mut out, true, true, self.0.opcode, &compressed, None);
+        out.freeze()
+    }
+
+    /// The message as a plain [`Message`] (for encoders that must mask).
+    pub fn to_message(&self) -> Message {
+        match self.0.opcode {
+            OpCode::Text => Message::Text(
+                Utf8Bytes::try_from_bytes(self.0.payload.clone()).expect("built from UTF-8 text"),
+            ),
+            _ => Message::Binary(self.0.payload.clone()),
+        }
+    }
+}
