@@ -1,1 +1,59 @@
-//! stub
+//! Switchboard: a WebSocket toolkit where every connection is a task with an address.
+//!
+//! The model is Elixir's WebSock: a connection runs a [`Handler`] whose callbacks
+//! (`init`, `handle_in`, `handle_info`, `handle_control`, `terminate`) each return
+//! an [`Outcome`]. Every connection is its own tokio task with a mailbox, and its
+//! [`ConnHandle`] lets any code send it messages, push frames or close it, as
+//! Elixir code sends to a pid.
+//!
+//! - [`upgrade`]: [`WebSocketUpgrade`], an axum extractor (and plain hyper entry
+//!   point) that runs after routing and middleware, so auth can decide first.
+//! - [`handler`]: the [`Handler`] trait, [`Outcome`], [`Context`] and [`TerminateReason`].
+//! - [`handle`]: [`ConnHandle`] and [`Outbox`], the addresses of a connection.
+//! - [`options`]: per-connection [`Options`]: limits, timeouts, compression, backpressure.
+//! - [`registry`]: [`Registry`], live connections by client id, behind the [`Broker`] trait.
+//! - [`shutdown`]: [`Shutdown`], which closes every connection with 1001 and waits for them.
+//!
+//! The protocol itself lives in [`switchboard_proto`], re-exported as [`proto`].
+//!
+//! ```no_run
+//! use axum::{Router, routing::get, response::Response};
+//! use switchboard::{Context, Handler, Message, Outcome, WebSocketUpgrade};
+//!
+//! struct Echo;
+//!
+//! impl Handler for Echo {
+//!     type Info = ();
+//!     fn handle_in(&mut self, message: Message, _ctx: &mut Context<'_, ()>) -> Outcome {
+//!         Outcome::push(message)
+//!     }
+//! }
+//!
+//! async fn ws(upgrade: WebSocketUpgrade) -> Response {
+//!     upgrade.on_upgrade(Echo)
+//! }
+//!
+//! # async fn run() {
+//! let app: Router = Router::new().route("/ws", get(ws));
+//! # }
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod driver;
+pub mod handle;
+pub mod handler;
+mod mailbox;
+pub mod options;
+pub mod registry;
+pub mod shutdown;
+pub mod upgrade;
+
+pub use handle::{ConnHandle, ConnId, Outbound, Outbox, PushError, SendError, TimerRef};
+pub use handler::{Context, Handler, Outcome, TerminateReason};
+pub use options::{Options, SlowConsumerPolicy};
+pub use registry::{Broker, ClientId, Registration, Registry};
+pub use shutdown::Shutdown;
+pub use switchboard_proto as proto;
+pub use switchboard_proto::{CloseCode, CloseReason, Message, PreparedMessage, Utf8Bytes};
+pub use upgrade::{UpgradeError, WebSocketUpgrade};

@@ -1,0 +1,45 @@
+//! Run with `cargo run --release --example echo -- 127.0.0.1:9001`
+//!
+//! Echoes every text and binary message on any path, with permessage-deflate
+//! when the client offers it and a 64 MiB message limit: the server that the
+//! Autobahn cases (`kosoku -m fuzzingclient`) run against.
+
+use axum::Router;
+use axum::response::Response;
+use switchboard::proto::deflate::DeflateOptions;
+use switchboard::{Context, Handler, Message, Options, Outcome, WebSocketUpgrade};
+
+struct Echo;
+
+impl Handler for Echo {
+    type Info = ();
+
+    fn handle_in(&mut self, message: Message, _ctx: &mut Context<'_, ()>) -> Outcome {
+        Outcome::push(message)
+    }
+}
+
+async fn echo(upgrade: WebSocketUpgrade) -> Response {
+    let options = Options {
+        idle_timeout: None,
+        ping_interval: None,
+        max_outbound_bytes: 256 << 20,
+        compression: Some(DeflateOptions {
+            min_size: 0,
+            ..DeflateOptions::default()
+        }),
+        ..Options::default()
+    }
+    .max_message_size(64 << 20);
+    upgrade.options(options).on_upgrade(Echo)
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:9001".into());
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    println!("echo server listening on ws://{}", listener.local_addr()?);
+    axum::serve(listener, Router::new().fallback(echo)).await
+}

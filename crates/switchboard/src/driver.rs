@@ -1,0 +1,472 @@
+//! The connection driver: one task per connection.
+//!
+//! The driver owns the socket and the [`Handler`]. Each time it is polled it
+//! takes what the mailbox holds, reads and decodes what the socket has, runs
+//! timers, and writes queued frames with vectored writes. It never parses
+//! bytes itself (that is [`switchboard_proto`]'s job) and never awaits while
+//! holding a lock: everything happens in one `poll` function, so reads, writes
+//! and the mailbox make progress together without splitting the socket.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::IoSlice;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use switchboard_proto::deflate::DeflateParams;
+use switchboard_proto::message::MessageEncoder;
+use switchboard_proto::{CloseCode, CloseReason, Message, MessageDecoder, ProtocolError, Role};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, Sleep, sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::handle::{ConnHandle, Outbound};
+use crate::handler::{Context, Handler, Outcome, TerminateReason};
+use crate::mailbox::{Drained, Mailbox};
+use crate::options::Options;
+
+/// Read this much at a time; the buffer grows only for larger frames.
+const READ_CHUNK: usize = 4096;
+/// Most buffers handed to one vectored write.
+const MAX_IOVECS: usize = 64;
+/// Rounds of work before yielding to other tasks, so one busy peer cannot starve the rest.
+const BUDGET: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Messages flow both ways.
+    Open,
+    /// We sent a close frame and wait for the peer's.
+    Closing,
+    /// The close handshake is over, or the connection failed: flush and end.
+    Done,
+}
+
+/// Everything the driver needs besides the socket and the handler.
+pub(crate) struct Setup {
+    pub options: Options,
+    pub deflate: Option<DeflateParams>,
+    pub protocol: Option<String>,
+    pub shutdown: Option<tokio_util::sync::CancellationToken>,
+}
+
+/// Runs a connection until it ends.
+pub(crate) async fn run<H, S>(io: S, handler: H, mailbox: Arc<Mailbox<H::Info>>, setup: Setup)
+where
+    H: Handler,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut driver = Driver::new(io, handler, mailbox, setup);
+    driver.init();
+    std::future::poll_fn(|cx| driver.poll_run(cx)).await;
+    driver.finish();
+}
+
+struct Timer {
+    period: Duration,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl Timer {
+    fn new(period: Duration) -> Self {
+        Self {
+            period,
+            sleep: Box::pin(sleep(period)),
+        }
+    }
+}
+
+struct Driver<H: Handler, S> {
+    io: S,
+    handler: H,
+    handle: ConnHandle<H::Info>,
+    mailbox: Arc<Mailbox<H::Info>>,
+    decoder: MessageDecoder,
+    encoder: MessageEncoder,
+    protocol: Option<String>,
+    read_buf: BytesMut,
+    write_queue: VecDeque<Bytes>,
+    scratch: BytesMut,
+    staged: Vec<Outbound>,
+    /// Reused between mailbox drains so their queues keep their allocations.
+    inbox: Drained<H::Info>,
+    phase: Phase,
+    reason: Option<TerminateReason>,
+    /// A callback panicked: call the handler no more.
+    poisoned: bool,
+    last_read: Instant,
+    idle: Option<Timer>,
+    ping: Option<Timer>,
+    close_timeout: Duration,
+    close_deadline: Option<Pin<Box<Sleep>>>,
+    shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    flushed: bool,
+}
+
+impl<H, S> Driver<H, S>
+where
+    H: Handler,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    fn new(io: S, handler: H, mailbox: Arc<Mailbox<H::Info>>, setup: Setup) -> Self {
+        let options = setup.options;
+        Self {
+            io,
+            handler,
+            handle: ConnHandle::new(mailbox.clone()),
+            mailbox,
+            decoder: MessageDecoder::new(
+                Role::Server,
+                options.limits,
+                setup.deflate.is_some(),
+                options.validate_utf8,
+            ),
+            encoder: MessageEncoder::new(Role::Server, setup.deflate),
+            protocol: setup.protocol,
+            read_buf: BytesMut::new(),
+            write_queue: VecDeque::new(),
+            scratch: BytesMut::new(),
+            staged: Vec::new(),
+            inbox: Drained::default(),
+            phase: Phase::Open,
+            reason: None,
+            poisoned: false,
+            last_read: Instant::now(),
+            idle: options.idle_timeout.map(Timer::new),
+            ping: options.ping_interval.map(Timer::new),
+            close_timeout: options.close_timeout,
+            close_deadline: None,
+            shutdown: setup
+                .shutdown
+                .map(|token| Box::pin(token.cancelled_owned())),
+            flushed: true,
+        }
+    }
+
+    fn init(&mut self) {
+        self.call(|handler, ctx| handler.init(ctx));
+    }
+
+    fn finish(&mut self) {
+        self.mailbox.shut();
+        if !self.poisoned {
+            let reason = self
+                .reason
+                .take()
+                .unwrap_or(TerminateReason::ConnectionLost);
+            let handler = &mut self.handler;
+            if catch_unwind(AssertUnwindSafe(|| handler.terminate(&reason))).is_err() {
+                tracing::error!(conn = %self.handle.id(), "handler panicked in terminate");
+            }
+        }
+    }
+
+    fn poll_run(&mut self, cx: &mut TaskContext<'_>) -> Poll<()> {
+        for _ in 0..BUDGET {
+            let mut progress = self.poll_shutdown_signal(cx);
+            progress |= self.poll_mailbox(cx);
+            progress |= self.poll_read(cx);
+            progress |= self.poll_timers(cx);
+            match self.poll_write(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
+                    self.fail(TerminateReason::Error(format!("write failed: {e}")));
+                    return Poll::Ready(());
+                }
+                Poll::Pending => {}
+            }
+            if self.phase == Phase::Done && self.write_queue.is_empty() && self.flushed {
+                // We close the TCP connection first, as RFC 6455 §7.1.1 asks of servers.
+                let _ = ready!(Pin::new(&mut self.io).poll_shutdown(cx));
+                return Poll::Ready(());
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn poll_shutdown_signal(&mut self, cx: &mut TaskContext<'_>) -> bool {
+        let Some(signal) = self.shutdown.as_mut() else {
+            return false;
+        };
+        if signal.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        self.shutdown = None;
+        self.start_close(
+            CloseReason::new(CloseCode::GOING_AWAY, "server shutting down"),
+            TerminateReason::Shutdown,
+        );
+        true
+    }
+
+    fn poll_mailbox(&mut self, cx: &mut TaskContext<'_>) -> bool {
+        if self.phase == Phase::Done {
+            return false;
+        }
+        let mut drained = std::mem::take(&mut self.inbox);
+        if self.mailbox.drain(cx, &mut drained).is_pending() {
+            self.inbox = drained;
+            return false;
+        }
+        for frame in drained.frames.drain(..) {
+            let charge = frame.charge();
+            self.enqueue(frame);
+            self.mailbox.release(charge);
+        }
+        for info in drained.infos.drain(..) {
+            self.call(|handler, ctx| handler.handle_info(info, ctx));
+        }
+        if let Some(close) = drained.close.take() {
+            self.start_close(close.clone(), TerminateReason::Normal(close));
+        }
+        self.inbox = drained;
+        true
+    }
+
+    fn poll_read(&mut self, cx: &mut TaskContext<'_>) -> bool {
+        if self.phase == Phase::Done {
+            return false;
+        }
+        if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
+            self.read_buf.reserve(READ_CHUNK);
+        }
+        let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf);
+        match read {
+            Poll::Pending => false,
+            Poll::Ready(Ok(0)) => {
+                if self.phase == Phase::Open {
+                    self.fail(TerminateReason::ConnectionLost);
+                } else {
+                    self.phase = Phase::Done;
+                }
+                self.write_queue.clear();
+                true
+            }
+            Poll::Ready(Ok(_)) => {
+                self.last_read = Instant::now();
+                self.decode_messages();
+                true
+            }
+            Poll::Ready(Err(e)) => {
+                self.fail(TerminateReason::Error(format!("read failed: {e}")));
+                self.write_queue.clear();
+                true
+            }
+        }
+    }
+
+    fn decode_messages(&mut self) {
+        while self.phase != Phase::Done {
+            match self.decoder.next(&mut self.read_buf) {
+                Ok(Some(message)) => self.on_message(message),
+                Ok(None) => break,
+                Err(error) => {
+                    self.on_protocol_error(error);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, message: Message) {
+        match message {
+            Message::Text(_) | Message::Binary(_) => {
+                if self.phase == Phase::Open {
+                    self.call(|handler, ctx| handler.handle_in(message, ctx));
+                }
+            }
+            Message::Ping(ref payload) => {
+                if self.phase == Phase::Open {
+                    self.enqueue(Outbound::Message(Message::Pong(payload.clone())));
+                    self.call(|handler, ctx| handler.handle_control(message, ctx));
+                }
+            }
+            Message::Pong(_) => self.call(|handler, ctx| handler.handle_control(message, ctx)),
+            Message::Close(reason) => {
+                if self.phase == Phase::Open {
+                    // Echo the peer's code (RFC 6455 §5.5.1); an empty close gets an empty one.
+                    let echo = reason.as_ref().map(|r| CloseReason::new(r.code, ""));
+                    self.push_frame(Message::Close(echo));
+                    self.reason = Some(TerminateReason::Remote(reason));
+                }
+                self.phase = Phase::Done;
+            }
+        }
+    }
+
+    fn on_protocol_error(&mut self, error: ProtocolError) {
+        tracing::debug!(conn = %self.handle.id(), %error, "failing connection");
+        let close = CloseReason::new(error.close_code(), error.to_string());
+        if self.phase == Phase::Open {
+            self.push_frame(Message::Close(Some(close)));
+        }
+        self.fail(TerminateReason::Error(error.to_string()));
+    }
+
+    /// Ends the connection without a close handshake (keeping an earlier reason).
+    fn fail(&mut self, reason: TerminateReason) {
+        if self.reason.is_none() {
+            self.reason = Some(reason);
+        }
+        self.phase = Phase::Done;
+    }
+
+    /// Sends a close frame and waits (up to the close timeout) for the peer's.
+    fn start_close(&mut self, close: CloseReason, reason: TerminateReason) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        self.push_frame(Message::Close(Some(close)));
+        self.reason = Some(reason);
+        self.phase = Phase::Closing;
+        self.close_deadline = Some(Box::pin(sleep(self.close_timeout)));
+    }
+
+    fn poll_timers(&mut self, cx: &mut TaskContext<'_>) -> bool {
+        let mut progress = false;
+        if let Some(deadline) = self.close_deadline.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
+                self.close_deadline = None;
+                self.phase = Phase::Done;
+                progress = true;
+            }
+        }
+        if self.phase != Phase::Open {
+            return progress;
+        }
+        if let Some(idle) = self.idle.as_mut() {
+            if idle.sleep.as_mut().poll(cx).is_ready() {
+                let deadline = self.last_read + idle.period;
+                if deadline <= Instant::now() {
+                    self.idle = None;
+                    self.start_close(
+                        CloseReason::new(CloseCode::GOING_AWAY, "idle timeout"),
+                        TerminateReason::Timeout,
+                    );
+                } else {
+                    // Reads only record the time; the timer is moved when it fires.
+                    idle.sleep.as_mut().reset(deadline);
+                }
+                progress = true;
+            }
+        }
+        if let Some(ping) = self.ping.as_mut() {
+            if ping.sleep.as_mut().poll(cx).is_ready() {
+                let next = Instant::now() + ping.period;
+                ping.sleep.as_mut().reset(next);
+                self.push_frame(Message::Ping(Bytes::new()));
+                progress = true;
+            }
+        }
+        progress
+    }
+
+    fn poll_write(&mut self, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        while !self.write_queue.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+            let count = self.write_queue.len().min(MAX_IOVECS);
+            for (slice, bytes) in slices.iter_mut().zip(self.write_queue.iter()) {
+                *slice = IoSlice::new(bytes);
+            }
+            let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]))?;
+            if written == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.mailbox.release(written);
+            self.consume_written(written);
+            self.flushed = false;
+        }
+        if !self.flushed {
+            ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+            self.flushed = true;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn consume_written(&mut self, mut written: usize) {
+        while written > 0 {
+            let front = self
+                .write_queue
+                .front_mut()
+                .expect("wrote more than was queued");
+            if front.len() <= written {
+                written -= front.len();
+                self.write_queue.pop_front();
+            } else {
+                front.advance(written);
+                written = 0;
+            }
+        }
+    }
+
+    /// Encodes a frame onto the write queue, charging it to the outbound budget.
+    fn enqueue(&mut self, frame: Outbound) {
+        let bytes = match frame {
+            Outbound::Prepared(message) => self.encoder.encode_prepared(&message),
+            Outbound::Message(Message::Close(close)) => {
+                let close = close.unwrap_or_else(|| CloseReason::new(CloseCode::NORMAL, ""));
+                self.start_close(close.clone(), TerminateReason::Normal(close));
+                return;
+            }
+            Outbound::Message(message) => {
+                self.encoder.encode(&message, &mut self.scratch);
+                self.scratch.split().freeze()
+            }
+        };
+        self.mailbox.recharge(0, bytes.len());
+        self.write_queue.push_back(bytes);
+    }
+
+    /// Encodes a control frame of the driver's own (pong, ping, close).
+    fn push_frame(&mut self, message: Message) {
+        self.encoder.encode(&message, &mut self.scratch);
+        let bytes = self.scratch.split().freeze();
+        self.mailbox.recharge(0, bytes.len());
+        self.write_queue.push_back(bytes);
+    }
+
+    /// Runs one callback, catching a panic so it closes only this connection (1011).
+    fn call(&mut self, callback: impl FnOnce(&mut H, &mut Context<'_, H::Info>) -> Outcome) {
+        if self.poisoned || self.phase != Phase::Open {
+            return;
+        }
+        let mut staged = std::mem::take(&mut self.staged);
+        let outcome = {
+            let mut ctx = Context {
+                handle: &self.handle,
+                staged: &mut staged,
+                protocol: self.protocol.as_deref(),
+            };
+            let handler = &mut self.handler;
+            catch_unwind(AssertUnwindSafe(|| callback(handler, &mut ctx)))
+        };
+        for frame in staged.drain(..) {
+            self.enqueue(frame);
+        }
+        self.staged = staged;
+        match outcome {
+            Ok(Outcome::Continue) => {}
+            Ok(Outcome::Push(frames)) => frames.into_iter().for_each(|f| self.enqueue(f)),
+            Ok(Outcome::Stop { push, close }) => {
+                push.into_iter().for_each(|f| self.enqueue(f));
+                self.start_close(close.clone(), TerminateReason::Normal(close));
+            }
+            Err(_) => {
+                tracing::error!(conn = %self.handle.id(), "handler panicked; closing with 1011");
+                self.poisoned = true;
+                self.start_close(
+                    CloseReason::new(CloseCode::INTERNAL_ERROR, "internal error"),
+                    TerminateReason::Error("handler panicked".into()),
+                );
+            }
+        }
+    }
+}

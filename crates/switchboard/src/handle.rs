@@ -1,0 +1,231 @@
+//! The addresses of a connection.
+//!
+//! [`ConnHandle`] is what Elixir calls a pid: clone it, keep it anywhere, and use
+//! it to send the connection `handle_info` messages, push frames, schedule a
+//! message ([`ConnHandle::send_after`]) or close it. [`Outbox`] is the part that
+//! does not depend on the handler's message type (push and close), which is what
+//! a [`crate::Registry`] stores.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use switchboard_proto::{CloseReason, Message, PreparedMessage};
+use tokio::task::AbortHandle;
+
+use crate::mailbox::Mailbox;
+
+/// A process-unique connection number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+impl ConnId {
+    pub(crate) fn next() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl std::fmt::Display for ConnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A frame to send: a message for this connection, or one prepared once for many.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// Encoded for this connection when written.
+    Message(Message),
+    /// Encoded once and shared with every other recipient.
+    Prepared(PreparedMessage),
+}
+
+impl Outbound {
+    /// Bytes charged against the outbound limit.
+    pub(crate) fn charge(&self) -> usize {
+        match self {
+            Self::Message(Message::Text(t)) => t.len(),
+            Self::Message(Message::Binary(b) | Message::Ping(b) | Message::Pong(b)) => b.len(),
+            Self::Message(Message::Close(_)) => 0,
+            Self::Prepared(p) => p.payload().len(),
+        }
+    }
+
+    pub(crate) fn is_control(&self) -> bool {
+        matches!(
+            self,
+            Self::Message(Message::Ping(_) | Message::Pong(_) | Message::Close(_))
+        )
+    }
+}
+
+impl From<Message> for Outbound {
+    fn from(message: Message) -> Self {
+        Self::Message(message)
+    }
+}
+
+impl From<PreparedMessage> for Outbound {
+    fn from(message: PreparedMessage) -> Self {
+        Self::Prepared(message)
+    }
+}
+
+/// Why a `handle_info` message was not delivered; the message comes back.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError<I> {
+    /// The mailbox holds `mailbox_size` messages already.
+    #[error("mailbox full")]
+    Full(I),
+    /// The connection has ended.
+    #[error("connection closed")]
+    Closed(I),
+}
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PushError {
+    /// The connection has ended or is closing.
+    #[error("connection closed")]
+    Closed,
+    /// The outbound buffer is full: the connection is being closed by the
+    /// slow-consumer policy.
+    #[error("slow consumer: outbound buffer full")]
+    SlowConsumer,
+}
+
+/// A cloneable address of one connection, typed by its handler's info messages.
+pub struct ConnHandle<I> {
+    mailbox: Arc<Mailbox<I>>,
+}
+
+impl<I> Clone for ConnHandle<I> {
+    fn clone(&self) -> Self {
+        Self {
+            mailbox: self.mailbox.clone(),
+        }
+    }
+}
+
+impl<I> std::fmt::Debug for ConnHandle<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ConnHandle")
+            .field(&self.mailbox.id())
+            .finish()
+    }
+}
+
+impl<I: Send + 'static> ConnHandle<I> {
+    pub(crate) fn new(mailbox: Arc<Mailbox<I>>) -> Self {
+        Self { mailbox }
+    }
+
+    /// The connection's number.
+    pub fn id(&self) -> ConnId {
+        self.mailbox.id()
+    }
+
+    /// Sends a message to the handler's `handle_info`.
+    pub fn send(&self, info: I) -> Result<(), SendError<I>> {
+        self.mailbox.send_info(info)
+    }
+
+    /// Sends `info` after `delay` (Elixir's `Process.send_after`). Dropping the
+    /// [`TimerRef`] does not cancel it; [`TimerRef::cancel`] does.
+    pub fn send_after(&self, info: I, delay: Duration) -> TimerRef {
+        let handle = self.clone();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            // The connection may be gone by now; then the message has no one to go to.
+            let _ = handle.send(info);
+        });
+        TimerRef(task.abort_handle())
+    }
+
+    /// Queues a frame to be written, bypassing the handler.
+    pub fn push(&self, frame: impl Into<Outbound>) -> Result<(), PushError> {
+        self.mailbox.push(frame.into())
+    }
+
+    /// Closes the connection with `code` and `reason`.
+    pub fn close(&self, reason: CloseReason) {
+        self.mailbox.close(reason);
+    }
+
+    /// Whether the connection has ended or is closing.
+    pub fn is_closed(&self) -> bool {
+        self.mailbox.is_closed()
+    }
+
+    /// The untyped part of this handle: push and close.
+    pub fn outbox(&self) -> Outbox {
+        Outbox(self.mailbox.clone())
+    }
+}
+
+/// What an [`Outbox`] can do, whatever the handler's info type.
+trait Outlet: Send + Sync {
+    fn id(&self) -> ConnId;
+    fn push(&self, frame: Outbound) -> Result<(), PushError>;
+    fn close(&self, reason: CloseReason);
+    fn is_closed(&self) -> bool;
+}
+
+impl<I: Send> Outlet for Mailbox<I> {
+    fn id(&self) -> ConnId {
+        Mailbox::id(self)
+    }
+    fn push(&self, frame: Outbound) -> Result<(), PushError> {
+        Mailbox::push(self, frame)
+    }
+    fn close(&self, reason: CloseReason) {
+        Mailbox::close(self, reason)
+    }
+    fn is_closed(&self) -> bool {
+        Mailbox::is_closed(self)
+    }
+}
+
+/// The untyped address of a connection: push frames to it, or close it.
+#[derive(Clone)]
+pub struct Outbox(Arc<dyn Outlet>);
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Outbox").field(&self.0.id()).finish()
+    }
+}
+
+impl Outbox {
+    /// The connection's number.
+    pub fn id(&self) -> ConnId {
+        self.0.id()
+    }
+
+    /// Queues a frame to be written.
+    pub fn push(&self, frame: impl Into<Outbound>) -> Result<(), PushError> {
+        self.0.push(frame.into())
+    }
+
+    /// Closes the connection.
+    pub fn close(&self, reason: CloseReason) {
+        self.0.close(reason)
+    }
+
+    /// Whether the connection has ended or is closing.
+    pub fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+/// A scheduled [`ConnHandle::send_after`] message.
+#[derive(Debug)]
+pub struct TimerRef(AbortHandle);
+
+impl TimerRef {
+    /// Cancels the message if it has not been sent yet.
+    pub fn cancel(self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,117 @@
+//! The per-connection callbacks, mirroring Elixir's WebSock behaviour.
+//!
+//! A [`Handler`] is the state of one connection. The driver task calls it, one
+//! callback at a time, so it needs no locks. Callbacks are synchronous, as in
+//! WebSock: to do async work, spawn a task and send the result back to
+//! [`Context::handle`] as an info message.
+
+use switchboard_proto::{CloseCode, CloseReason, Message};
+
+use crate::handle::{ConnHandle, Outbound};
+
+/// What a callback asks the connection to do next.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Keep going.
+    Continue,
+    /// Send these frames, in order, and keep going.
+    Push(Vec<Outbound>),
+    /// Send these frames, then close with this code and reason.
+    Stop {
+        /// Frames to send before the close frame.
+        push: Vec<Outbound>,
+        /// The close frame's code and reason.
+        close: CloseReason,
+    },
+}
+
+impl Outcome {
+    /// Send one frame and keep going.
+    pub fn push(frame: impl Into<Outbound>) -> Self {
+        Self::Push(vec![frame.into()])
+    }
+
+    /// Close with `code` and `reason`.
+    pub fn stop(code: CloseCode, reason: impl Into<String>) -> Self {
+        Self::Stop {
+            push: Vec::new(),
+            close: CloseReason::new(code, reason),
+        }
+    }
+}
+
+/// Why a connection ended, as passed to [`Handler::terminate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TerminateReason {
+    /// This side closed it: an [`Outcome::Stop`] or [`ConnHandle::close`].
+    Normal(CloseReason),
+    /// The peer sent a close frame (`None` when it had no code).
+    Remote(Option<CloseReason>),
+    /// The peer went away without a close frame (TCP reset or EOF).
+    ConnectionLost,
+    /// The server is shutting down ([`crate::Shutdown`]); the peer was sent 1001.
+    Shutdown,
+    /// Nothing arrived within the idle timeout; the peer was sent 1001.
+    Timeout,
+    /// A protocol violation, an I/O error, or the slow-consumer policy.
+    Error(String),
+}
+
+/// What a callback can reach: its own handle, and a queue of frames to send.
+pub struct Context<'a, I> {
+    pub(crate) handle: &'a ConnHandle<I>,
+    pub(crate) staged: &'a mut Vec<Outbound>,
+    pub(crate) protocol: Option<&'a str>,
+}
+
+impl<I: Send + 'static> Context<'_, I> {
+    /// This connection's handle: clone it to let other code reach the connection.
+    pub fn handle(&self) -> &ConnHandle<I> {
+        self.handle
+    }
+
+    /// Queues a frame, sent after the callback returns, before its outcome's frames.
+    pub fn push(&mut self, frame: impl Into<Outbound>) {
+        self.staged.push(frame.into());
+    }
+
+    /// The subprotocol agreed in the handshake, if any.
+    pub fn protocol(&self) -> Option<&str> {
+        self.protocol
+    }
+}
+
+/// The callbacks of one connection. `Self` is the connection's state, built from
+/// the upgrade request (path, query, headers, auth result) before `init`.
+pub trait Handler: Send + 'static {
+    /// Messages other code sends to this connection through its [`ConnHandle`].
+    type Info: Send + 'static;
+
+    /// Called once the handshake is done, before any message.
+    fn init(&mut self, ctx: &mut Context<'_, Self::Info>) -> Outcome {
+        let _ = ctx;
+        Outcome::Continue
+    }
+
+    /// A text or binary message arrived: fragments are already joined, the message
+    /// inflated and, for text, checked to be UTF-8.
+    fn handle_in(&mut self, message: Message, ctx: &mut Context<'_, Self::Info>) -> Outcome;
+
+    /// A message sent with [`ConnHandle::send`] or [`ConnHandle::send_after`] arrived.
+    fn handle_info(&mut self, info: Self::Info, ctx: &mut Context<'_, Self::Info>) -> Outcome {
+        let _ = (info, ctx);
+        Outcome::Continue
+    }
+
+    /// A ping or pong arrived. A ping has already been answered with a pong.
+    fn handle_control(&mut self, message: Message, ctx: &mut Context<'_, Self::Info>) -> Outcome {
+        let _ = (message, ctx);
+        Outcome::Continue
+    }
+
+    /// The connection has ended; the close handshake, if any, is done and no
+    /// more frames can be sent. Not called after a callback panicked.
+    fn terminate(&mut self, reason: &TerminateReason) {
+        let _ = reason;
+    }
+}

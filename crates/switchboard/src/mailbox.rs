@@ -1,0 +1,185 @@
+//! The mailbox between a connection's handles and its driver task.
+//!
+//! One mutex guards three queues (info messages, frames to push, a close
+//! request) and the driver's waker. Senders never wait: a full mailbox or an
+//! outbound queue over its byte limit refuses at once, so a slow peer can cost
+//! at most `max_outbound_bytes` of memory.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
+
+use switchboard_proto::CloseReason;
+
+use crate::handle::{ConnId, Outbound, PushError, SendError};
+use crate::options::{Options, SlowConsumerPolicy};
+
+pub(crate) struct Mailbox<I> {
+    id: ConnId,
+    state: Mutex<State<I>>,
+    /// Bytes pushed but not yet written to the socket.
+    queued_bytes: AtomicUsize,
+    max_outbound_bytes: usize,
+    mailbox_size: usize,
+    slow_consumer: SlowConsumerPolicy,
+}
+
+struct State<I> {
+    infos: VecDeque<I>,
+    frames: VecDeque<Outbound>,
+    close: Option<CloseReason>,
+    /// The driver has finished: refuse everything.
+    closed: bool,
+    waker: Option<Waker>,
+}
+
+/// What the driver took out of the mailbox in one go.
+pub(crate) struct Drained<I> {
+    pub infos: VecDeque<I>,
+    pub frames: VecDeque<Outbound>,
+    pub close: Option<CloseReason>,
+}
+
+impl<I> Default for Drained<I> {
+    fn default() -> Self {
+        Self {
+            infos: VecDeque::new(),
+            frames: VecDeque::new(),
+            close: None,
+        }
+    }
+}
+
+impl<I> Mailbox<I> {
+    pub fn new(id: ConnId, options: &Options) -> Self {
+        Self {
+            id,
+            state: Mutex::new(State {
+                infos: VecDeque::new(),
+                frames: VecDeque::new(),
+                close: None,
+                closed: false,
+                waker: None,
+            }),
+            queued_bytes: AtomicUsize::new(0),
+            max_outbound_bytes: options.max_outbound_bytes,
+            mailbox_size: options.mailbox_size,
+            slow_consumer: options.slow_consumer,
+        }
+    }
+
+    pub fn id(&self) -> ConnId {
+        self.id
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<I>> {
+        // A panic while holding this lock cannot leave the queues inconsistent.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `f` on the state, then wakes the driver outside the lock.
+    fn with_state<R>(&self, f: impl FnOnce(&mut State<I>) -> R) -> R {
+        let (result, waker) = {
+            let mut state = self.lock();
+            let result = f(&mut state);
+            (result, state.waker.take())
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        result
+    }
+
+    pub fn send_info(&self, info: I) -> Result<(), SendError<I>> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(SendError::Closed(info));
+        }
+        if state.infos.len() >= self.mailbox_size {
+            return Err(SendError::Full(info));
+        }
+        state.infos.push_back(info);
+        let waker = state.waker.take();
+        drop(state);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(())
+    }
+
+    pub fn push(&self, frame: Outbound) -> Result<(), PushError> {
+        let charge = frame.charge();
+        let control = frame.is_control();
+        self.with_state(|state| {
+            if state.closed || state.close.is_some() {
+                return Err(PushError::Closed);
+            }
+            let queued = self.queued_bytes.load(Ordering::Relaxed);
+            if !control && queued + charge > self.max_outbound_bytes {
+                let SlowConsumerPolicy::Close(code) = self.slow_consumer;
+                state.close = Some(CloseReason::new(
+                    code,
+                    "slow consumer: outbound buffer full",
+                ));
+                return Err(PushError::SlowConsumer);
+            }
+            self.queued_bytes.fetch_add(charge, Ordering::Relaxed);
+            state.frames.push_back(frame);
+            Ok(())
+        })
+    }
+
+    pub fn close(&self, reason: CloseReason) {
+        self.with_state(|state| {
+            if !state.closed && state.close.is_none() {
+                state.close = Some(reason);
+            }
+        });
+    }
+
+    pub fn is_closed(&self) -> bool {
+        let state = self.lock();
+        state.closed || state.close.is_some()
+    }
+
+    /// Moves everything queued into `into` (whose queues must be empty), swapping
+    /// queues so that their allocations are reused. Registers the waker and
+    /// returns `Pending` when nothing is queued.
+    pub fn drain(&self, cx: &mut Context<'_>, into: &mut Drained<I>) -> Poll<()> {
+        let mut state = self.lock();
+        if state.infos.is_empty() && state.frames.is_empty() && state.close.is_none() {
+            state.waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        std::mem::swap(&mut state.infos, &mut into.infos);
+        std::mem::swap(&mut state.frames, &mut into.frames);
+        into.close = state.close.take();
+        Poll::Ready(())
+    }
+
+    /// The driver has ended: drop what is queued and refuse what comes.
+    pub fn shut(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        state.infos.clear();
+        state.frames.clear();
+        state.waker = None;
+    }
+
+    /// Re-charges bytes: `from` the mailbox estimate `to` the encoded size.
+    pub fn recharge(&self, from: usize, to: usize) {
+        if to >= from {
+            self.queued_bytes.fetch_add(to - from, Ordering::Relaxed);
+        } else {
+            self.queued_bytes.fetch_sub(from - to, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes written to the socket leave the outbound budget.
+    pub fn release(&self, bytes: usize) {
+        self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,160 @@
+//! Live connections by client id, and the [`Broker`] interface for delivery.
+//!
+//! One client id may have many connections (tabs, devices). [`Registry`] keeps
+//! them in a sharded map; [`Registration`] removes its entry when dropped, so a
+//! connection leaves the registry however it ends: close, TCP drop, timeout or
+//! handler panic, because the handler (and the registration it holds) is dropped
+//! when its task ends. Handlers and services talk to the [`Broker`] trait, so a
+//! backend spanning several nodes can replace the local one without them changing.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, RwLock};
+
+use switchboard_proto::PreparedMessage;
+
+use crate::handle::{ConnId, Outbound, Outbox};
+
+/// A client's id: one user, any number of connections.
+pub type ClientId = Arc<str>;
+
+/// Where messages for client ids go.
+pub trait Broker: Send + Sync + 'static {
+    /// Records a live connection of `id`. Dropping the result removes it.
+    fn register(&self, id: ClientId, outbox: Outbox) -> Registration;
+
+    /// Queues `message` on every live connection of `id`; returns how many took it.
+    fn send(&self, id: &str, message: &PreparedMessage) -> usize;
+
+    /// How many live connections `id` has.
+    fn connections(&self, id: &str) -> usize;
+}
+
+/// Keeps a connection registered; dropping it unregisters.
+#[must_use = "the connection is unregistered as soon as this is dropped"]
+pub struct Registration {
+    unregister: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl Registration {
+    /// A registration that runs `unregister` when dropped.
+    pub fn new(unregister: impl FnOnce() + Send + Sync + 'static) -> Self {
+        Self {
+            unregister: Some(Box::new(unregister)),
+        }
+    }
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Registration")
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(unregister) = self.unregister.take() {
+            unregister();
+        }
+    }
+}
+
+const SHARDS: usize = 16;
+
+type Shard = RwLock<HashMap<ClientId, Vec<Outbox>>>;
+
+/// The in-process [`Broker`]: client ids to their live connections.
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    hasher: RandomState,
+    shards: Box<[Shard]>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("clients", &self.clients())
+            .finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                hasher: RandomState::new(),
+                shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            }),
+        }
+    }
+
+    fn shard(&self, id: &str) -> &Shard {
+        let index = self.inner.hasher.hash_one(id) as usize % SHARDS;
+        &self.inner.shards[index]
+    }
+
+    /// The live connections of `id`.
+    pub fn lookup(&self, id: &str) -> Vec<Outbox> {
+        let shard = read(self.shard(id));
+        shard.get(id).cloned().unwrap_or_default()
+    }
+
+    /// How many client ids have at least one connection.
+    pub fn clients(&self) -> usize {
+        self.inner.shards.iter().map(|s| read(s).len()).sum()
+    }
+
+    fn remove(&self, id: &str, conn: ConnId) {
+        let mut shard = write(self.shard(id));
+        if let Some(list) = shard.get_mut(id) {
+            list.retain(|outbox| outbox.id() != conn);
+            if list.is_empty() {
+                shard.remove(id);
+            }
+        }
+    }
+}
+
+impl Broker for Registry {
+    fn register(&self, id: ClientId, outbox: Outbox) -> Registration {
+        let conn = outbox.id();
+        write(self.shard(&id))
+            .entry(id.clone())
+            .or_default()
+            .push(outbox);
+        let registry = self.clone();
+        Registration::new(move || registry.remove(&id, conn))
+    }
+
+    fn send(&self, id: &str, message: &PreparedMessage) -> usize {
+        let shard = read(self.shard(id));
+        let Some(list) = shard.get(id) else { return 0 };
+        list.iter()
+            .filter(|outbox| outbox.push(Outbound::Prepared(message.clone())).is_ok())
+            .count()
+    }
+
+    fn connections(&self, id: &str) -> usize {
+        read(self.shard(id)).get(id).map_or(0, Vec::len)
+    }
+}
+
+// The map stays consistent even if a holder panicked: every update is one call.
+fn read(shard: &Shard) -> std::sync::RwLockReadGuard<'_, HashMap<ClientId, Vec<Outbox>>> {
+    shard.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write(shard: &Shard) -> std::sync::RwLockWriteGuard<'_, HashMap<ClientId, Vec<Outbox>>> {
+    shard.write().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,243 @@
+//! The HTTP upgrade (RFC 6455 §4.2).
+//!
+//! [`WebSocketUpgrade`] is an axum extractor, so it runs after routing and after
+//! every middleware layer: auth decides before any WebSocket exists. It also
+//! works with plain hyper through [`WebSocketUpgrade::from_parts`]. Each way a
+//! request can fail to be an upgrade is an [`UpgradeError`] with its HTTP status.
+
+use std::sync::Arc;
+
+use axum::extract::FromRequestParts;
+use axum::response::{IntoResponse, Response};
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::{Method, StatusCode};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use switchboard_proto::deflate::{DeflateParams, negotiate};
+use switchboard_proto::handshake::{accept_key, has_token, is_valid_key};
+
+use crate::driver::{self, Setup};
+use crate::handle::{ConnHandle, ConnId};
+use crate::handler::Handler;
+use crate::mailbox::Mailbox;
+use crate::options::Options;
+use crate::shutdown::Shutdown;
+
+/// Why a request could not be upgraded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UpgradeError {
+    /// The method was not GET.
+    #[error("WebSocket upgrades must use GET (RFC6455§4.1)")]
+    MethodNotGet,
+    /// No `Upgrade: websocket` header: an ordinary HTTP request reached a WebSocket route.
+    #[error("this endpoint speaks WebSocket: send Upgrade: websocket (RFC6455§4.2.1)")]
+    NotWebSocket,
+    /// `Connection` does not list `upgrade`.
+    #[error("Connection header must include 'upgrade' (RFC6455§4.2.1)")]
+    BadConnectionHeader,
+    /// `Sec-WebSocket-Version` is not 13.
+    #[error("unsupported Sec-WebSocket-Version: only 13 is supported (RFC6455§4.4)")]
+    UnsupportedVersion,
+    /// `Sec-WebSocket-Key` is missing or not base64 of 16 bytes.
+    #[error("missing or invalid Sec-WebSocket-Key (RFC6455§4.2.1)")]
+    BadKey,
+    /// The server connection cannot be upgraded (HTTP/2 or no upgrade support).
+    #[error("this connection cannot be upgraded")]
+    NotUpgradable,
+}
+
+impl UpgradeError {
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::MethodNotGet => StatusCode::METHOD_NOT_ALLOWED,
+            Self::NotWebSocket | Self::UnsupportedVersion | Self::NotUpgradable => {
+                StatusCode::UPGRADE_REQUIRED
+            }
+            Self::BadConnectionHeader | Self::BadKey => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+impl IntoResponse for UpgradeError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), self.to_string()).into_response();
+        let headers = response.headers_mut();
+        if self.status() == StatusCode::UPGRADE_REQUIRED {
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            headers.insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+        }
+        response
+    }
+}
+
+/// A validated upgrade request, waiting for its handler.
+#[derive(Debug)]
+pub struct WebSocketUpgrade {
+    on_upgrade: OnUpgrade,
+    key: HeaderValue,
+    offered_protocols: Option<HeaderValue>,
+    offered_extensions: Option<HeaderValue>,
+    protocol: Option<HeaderValue>,
+    options: Options,
+    shutdown: Option<Shutdown>,
+}
+
+impl WebSocketUpgrade {
+    /// Validates the request head and takes hyper's upgrade handle out of it.
+    pub fn from_parts(parts: &mut Parts) -> Result<Self, UpgradeError> {
+        let headers = &parts.headers;
+        let header_str = |name| {
+            headers
+                .get(name)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+        };
+        if parts.method != Method::GET {
+            return Err(UpgradeError::MethodNotGet);
+        }
+        if !header_str(header::UPGRADE).is_some_and(|v| has_token(v, "websocket")) {
+            return Err(UpgradeError::NotWebSocket);
+        }
+        if !header_str(header::CONNECTION).is_some_and(|v| has_token(v, "upgrade")) {
+            return Err(UpgradeError::BadConnectionHeader);
+        }
+        if header_str(header::SEC_WEBSOCKET_VERSION).map(str::trim) != Some("13") {
+            return Err(UpgradeError::UnsupportedVersion);
+        }
+        let key = headers
+            .get(header::SEC_WEBSOCKET_KEY)
+            .filter(|k| is_valid_key(k.as_bytes()))
+            .cloned()
+            .ok_or(UpgradeError::BadKey)?;
+        let offered_protocols = headers.get(header::SEC_WEBSOCKET_PROTOCOL).cloned();
+        let offered_extensions = headers.get(header::SEC_WEBSOCKET_EXTENSIONS).cloned();
+        let on_upgrade = parts
+            .extensions
+            .remove::<OnUpgrade>()
+            .ok_or(UpgradeError::NotUpgradable)?;
+        Ok(Self {
+            on_upgrade,
+            key,
+            offered_protocols,
+            offered_extensions,
+            protocol: None,
+            options: Options::default(),
+            shutdown: None,
+        })
+    }
+
+    /// Sets this connection's options.
+    pub fn options(mut self, options: Options) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The subprotocols the client offered, in its order of preference.
+    pub fn requested_protocols(&self) -> impl Iterator<Item = &str> {
+        self.offered_protocols
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+    }
+
+    /// Agrees on the first subprotocol the client offered that is in `supported`.
+    /// Without a match, the handshake succeeds with no subprotocol (RFC 6455 §4.2.2).
+    pub fn protocols<'a>(mut self, supported: impl IntoIterator<Item = &'a str>) -> Self {
+        let supported: Vec<&str> = supported.into_iter().collect();
+        let chosen = self
+            .requested_protocols()
+            .find(|p| supported.contains(p))
+            .and_then(|p| HeaderValue::from_str(p).ok());
+        self.protocol = chosen;
+        self
+    }
+
+    /// The subprotocol agreed by [`Self::protocols`].
+    pub fn selected_protocol(&self) -> Option<&str> {
+        self.protocol.as_ref().and_then(|p| p.to_str().ok())
+    }
+
+    /// Tracks this connection in `shutdown`, which can close it with 1001.
+    pub fn shutdown(mut self, shutdown: &Shutdown) -> Self {
+        self.shutdown = Some(shutdown.clone());
+        self
+    }
+
+    /// Finishes the handshake: returns the 101 response and, once hyper hands
+    /// over the connection, runs `handler` in a task of its own.
+    pub fn on_upgrade<H: Handler, B: Default>(self, handler: H) -> http::Response<B> {
+        self.on_upgrade_with(move |_| handler)
+    }
+
+    /// Like [`Self::on_upgrade`], building the handler from the connection's own
+    /// handle first (for handlers that hand their address to others up front).
+    pub fn on_upgrade_with<H, F, B>(self, make: F) -> http::Response<B>
+    where
+        H: Handler,
+        F: FnOnce(&ConnHandle<H::Info>) -> H,
+        B: Default,
+    {
+        let deflate = match (&self.options.compression, &self.offered_extensions) {
+            (Some(options), Some(offer)) => offer.to_str().ok().and_then(|o| negotiate(o, options)),
+            _ => None,
+        };
+        let response = self.response(deflate.as_ref());
+        let mailbox = Arc::new(Mailbox::new(ConnId::next(), &self.options));
+        let handler = make(&ConnHandle::new(mailbox.clone()));
+        let setup = Setup {
+            deflate,
+            protocol: self.selected_protocol().map(str::to_owned),
+            shutdown: self.shutdown.as_ref().map(Shutdown::token),
+            options: self.options,
+        };
+        let on_upgrade = self.on_upgrade;
+        let task = async move {
+            match on_upgrade.await {
+                Ok(upgraded) => driver::run(TokioIo::new(upgraded), handler, mailbox, setup).await,
+                Err(error) => tracing::debug!(%error, "upgrade failed after the 101 response"),
+            }
+        };
+        match &self.shutdown {
+            Some(shutdown) => shutdown.spawn(task),
+            None => drop(tokio::spawn(task)),
+        }
+        response
+    }
+
+    fn response<B: Default>(&self, deflate: Option<&DeflateParams>) -> http::Response<B> {
+        let mut response = http::Response::new(B::default());
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        let accept = accept_key(self.key.as_bytes());
+        headers.insert(
+            header::SEC_WEBSOCKET_ACCEPT,
+            HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+        );
+        if let Some(protocol) = &self.protocol {
+            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol.clone());
+        }
+        if let Some(params) = deflate {
+            headers.insert(
+                header::SEC_WEBSOCKET_EXTENSIONS,
+                HeaderValue::from_str(&params.response_header()).expect("ASCII parameters"),
+            );
+        }
+        response
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for WebSocketUpgrade {
+    type Rejection = UpgradeError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Self::from_parts(parts)
+    }
+}
