@@ -1,1 +1,45 @@
-fn main() {}
+//! The `switchboard` command.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use switchboard_server::config::{Config, ServeArgs};
+use switchboard_server::{logging, server};
+
+/// Switchboard: a WebSocket relay. Clients connect to /ws?id=<id> and send
+/// {"targets":[...],"payload":...}; the payload reaches every connection of every target.
+///
+/// Settings come from embedded defaults, then --config FILE (TOML), then
+/// SWITCHBOARD_* environment variables, then flags. See docs/configuration.md.
+#[derive(Debug, Parser)]
+#[command(name = "switchboard", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the relay service (Ctrl-C or SIGTERM closes clients with 1001 and exits 0)
+    Serve(ServeArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = Config::load(&args)?;
+            logging::init(config.log_format, &config.log_level);
+            tokio::runtime::Runtime::new()?.block_on(async {
+                let listener = tokio::net::TcpListener::bind(config.listen)
+                    .await
+                    .with_context(|| format!("binding {}", config.listen))?;
+                let addr = listener.local_addr()?;
+                // Tests and scripts read this line to find a port-0 listener.
+                println!("listening on {addr}");
+                tracing::info!(%addr, "switchboard listening; clients connect to ws://{addr}/ws?id=<id>");
+                server::serve(&config, listener, server::signal()).await?;
+                anyhow::Ok(())
+            })
+        }
+    }
+}

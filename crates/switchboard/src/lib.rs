@@ -52,7 +52,7 @@ pub mod upgrade;
 pub use handle::{ConnHandle, ConnId, Outbound, Outbox, PushError, SendError, TimerRef};
 pub use handler::{Context, Handler, Outcome, TerminateReason};
 pub use options::{Options, SlowConsumerPolicy};
-pub use registry::{Broker, ClientId, Registration, Registry};
+pub use registry::{Broker, ClientId, Format, Registration, Registry};
 pub use shutdown::Shutdown;
 pub use switchboard_proto as proto;
 pub use switchboard_proto::{CloseCode, CloseReason, Message, PreparedMessage, Utf8Bytes};

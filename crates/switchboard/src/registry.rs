@@ -18,13 +18,20 @@ use crate::handle::{ConnId, Outbound, Outbox};
 /// A client's id: one user, any number of connections.
 pub type ClientId = Arc<str>;
 
+/// The wire format a connection speaks, as the application numbers them (for
+/// example plain payloads and an envelope subprotocol). A message is rendered at
+/// most once per format, however many connections share it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Format(pub u8);
+
 /// Where messages for client ids go.
 pub trait Broker: Send + Sync + 'static {
-    /// Records a live connection of `id`. Dropping the result removes it.
-    fn register(&self, id: ClientId, outbox: Outbox) -> Registration;
+    /// Records a live connection of `id` that speaks `format`. Dropping the result removes it.
+    fn register(&self, id: ClientId, outbox: Outbox, format: Format) -> Registration;
 
-    /// Queues `message` on every live connection of `id`; returns how many took it.
-    fn send(&self, id: &str, message: &PreparedMessage) -> usize;
+    /// Queues a message on every live connection of `id`, rendered by `render`
+    /// for the connection's format; returns how many connections took it.
+    fn send(&self, id: &str, render: &dyn Fn(Format) -> PreparedMessage) -> usize;
 
     /// How many live connections `id` has.
     fn connections(&self, id: &str) -> usize;
@@ -61,7 +68,7 @@ impl Drop for Registration {
 
 const SHARDS: usize = 16;
 
-type Shard = RwLock<HashMap<ClientId, Vec<Outbox>>>;
+type Shard = RwLock<HashMap<ClientId, Vec<(Outbox, Format)>>>;
 
 /// The in-process [`Broker`]: client ids to their live connections.
 #[derive(Clone)]
@@ -107,7 +114,8 @@ impl Registry {
     /// The live connections of `id`.
     pub fn lookup(&self, id: &str) -> Vec<Outbox> {
         let shard = read(self.shard(id));
-        shard.get(id).cloned().unwrap_or_default()
+        let list = shard.get(id).map(Vec::as_slice).unwrap_or_default();
+        list.iter().map(|(outbox, _)| outbox.clone()).collect()
     }
 
     /// How many client ids have at least one connection.
@@ -118,7 +126,7 @@ impl Registry {
     fn remove(&self, id: &str, conn: ConnId) {
         let mut shard = write(self.shard(id));
         if let Some(list) = shard.get_mut(id) {
-            list.retain(|outbox| outbox.id() != conn);
+            list.retain(|(outbox, _)| outbox.id() != conn);
             if list.is_empty() {
                 shard.remove(id);
             }
@@ -127,21 +135,21 @@ impl Registry {
 }
 
 impl Broker for Registry {
-    fn register(&self, id: ClientId, outbox: Outbox) -> Registration {
+    fn register(&self, id: ClientId, outbox: Outbox, format: Format) -> Registration {
         let conn = outbox.id();
         write(self.shard(&id))
             .entry(id.clone())
             .or_default()
-            .push(outbox);
+            .push((outbox, format));
         let registry = self.clone();
         Registration::new(move || registry.remove(&id, conn))
     }
 
-    fn send(&self, id: &str, message: &PreparedMessage) -> usize {
+    fn send(&self, id: &str, render: &dyn Fn(Format) -> PreparedMessage) -> usize {
         let shard = read(self.shard(id));
         let Some(list) = shard.get(id) else { return 0 };
         list.iter()
-            .filter(|outbox| outbox.push(Outbound::Prepared(message.clone())).is_ok())
+            .filter(|(outbox, format)| outbox.push(Outbound::Prepared(render(*format))).is_ok())
             .count()
     }
 
@@ -151,10 +159,12 @@ impl Broker for Registry {
 }
 
 // The map stays consistent even if a holder panicked: every update is one call.
-fn read(shard: &Shard) -> std::sync::RwLockReadGuard<'_, HashMap<ClientId, Vec<Outbox>>> {
+fn read(shard: &Shard) -> std::sync::RwLockReadGuard<'_, HashMap<ClientId, Vec<(Outbox, Format)>>> {
     shard.read().unwrap_or_else(|e| e.into_inner())
 }
 
-fn write(shard: &Shard) -> std::sync::RwLockWriteGuard<'_, HashMap<ClientId, Vec<Outbox>>> {
+fn write(
+    shard: &Shard,
+) -> std::sync::RwLockWriteGuard<'_, HashMap<ClientId, Vec<(Outbox, Format)>>> {
     shard.write().unwrap_or_else(|e| e.into_inner())
 }

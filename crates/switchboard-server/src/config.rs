@@ -1,0 +1,247 @@
+//! Settings: embedded defaults, then a TOML file, then `SWITCHBOARD_*`
+//! environment variables, then command-line flags; each layer overrides the last.
+//!
+//! Every setting has the same name in all three places: `max_message_size` in
+//! TOML is `SWITCHBOARD_MAX_MESSAGE_SIZE` and `--max-message-size`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+use switchboard::proto::deflate::DeflateOptions;
+use switchboard::{CloseCode, Options, SlowConsumerPolicy};
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The settings of `switchboard serve`, each optional so that layers can be merged.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Address to listen on [default: 127.0.0.1:4000]
+    #[arg(long, env = "SWITCHBOARD_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// Log format [default: human]
+    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+
+    /// Log filter in RUST_LOG syntax, e.g. "info" or "switchboard=debug" [default: info]
+    #[arg(long, env = "SWITCHBOARD_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    /// Largest message (and frame) a client may send, in bytes; larger ones close with 1009 [default: 1048576]
+    #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_SIZE", value_name = "BYTES")]
+    pub max_message_size: Option<usize>,
+
+    /// Most targets in one message; more get error `too_many_targets` [default: 1000]
+    #[arg(long, env = "SWITCHBOARD_MAX_TARGETS", value_name = "N")]
+    pub max_targets: Option<usize>,
+
+    /// Close connections (1001) that send nothing for this long; 0 never [default: 60]
+    #[arg(long, env = "SWITCHBOARD_IDLE_TIMEOUT_SECS", value_name = "SECS")]
+    pub idle_timeout_secs: Option<u64>,
+
+    /// Ping every connection this often; 0 never [default: 25]
+    #[arg(long, env = "SWITCHBOARD_PING_INTERVAL_SECS", value_name = "SECS")]
+    pub ping_interval_secs: Option<u64>,
+
+    /// Accept permessage-deflate when clients offer it [default: true]
+    #[arg(long, env = "SWITCHBOARD_COMPRESSION", value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub compression: Option<bool>,
+
+    /// Most server-side messages queued for one connection's handler [default: 1024]
+    #[arg(long, env = "SWITCHBOARD_MAILBOX_SIZE", value_name = "N")]
+    pub mailbox_size: Option<usize>,
+
+    /// Most bytes queued for one connection before it counts as a slow consumer [default: 4194304]
+    #[arg(long, env = "SWITCHBOARD_MAX_OUTBOUND_BYTES", value_name = "BYTES")]
+    pub max_outbound_bytes: Option<usize>,
+
+    /// Close code for slow consumers: 1008 (policy) or 1013 (try again later) [default: 1013]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_SLOW_CONSUMER_CLOSE_CODE",
+        value_name = "CODE"
+    )]
+    pub slow_consumer_close_code: Option<u16>,
+
+    /// On SIGTERM/SIGINT, how long to wait for connections to close before exiting [default: 10]
+    #[arg(long, env = "SWITCHBOARD_SHUTDOWN_DRAIN_SECS", value_name = "SECS")]
+    pub shutdown_drain_secs: Option<u64>,
+}
+
+/// Arguments of `switchboard serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (same names, snake_case)
+    #[arg(long, env = "SWITCHBOARD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// The settings, each overriding the file.
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log_level: String,
+    /// Largest inbound message.
+    pub max_message_size: usize,
+    /// Most targets per message.
+    pub max_targets: usize,
+    /// Idle timeout, if any.
+    pub idle_timeout: Option<Duration>,
+    /// Ping interval, if any.
+    pub ping_interval: Option<Duration>,
+    /// Whether permessage-deflate is offered.
+    pub compression: bool,
+    /// Mailbox size.
+    pub mailbox_size: usize,
+    /// Outbound byte limit.
+    pub max_outbound_bytes: usize,
+    /// Slow-consumer close code.
+    pub slow_consumer_close_code: CloseCode,
+    /// Shutdown drain time.
+    pub shutdown_drain: Duration,
+}
+
+impl Config {
+    /// Merges the layers and checks the result.
+    pub fn load(args: &ServeArgs) -> anyhow::Result<Self> {
+        let mut table = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str::<toml::Table>(&text)
+                    .with_context(|| format!("parsing config file {}", path.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        // Unset options serialise to nothing, so only what was given overrides the file.
+        table.extend(toml::Table::try_from(&args.settings)?);
+        let settings: Settings = table.try_into().context("invalid configuration")?;
+        Self::resolve(settings)
+    }
+
+    fn resolve(s: Settings) -> anyhow::Result<Self> {
+        let secs = |value: Option<u64>, default: u64| {
+            Some(value.unwrap_or(default))
+                .filter(|s| *s > 0)
+                .map(Duration::from_secs)
+        };
+        let config = Self {
+            listen: s
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4000))),
+            log_format: s.log_format.unwrap_or(LogFormat::Human),
+            log_level: s.log_level.unwrap_or_else(|| "info".into()),
+            max_message_size: s.max_message_size.unwrap_or(1 << 20),
+            max_targets: s.max_targets.unwrap_or(1000),
+            idle_timeout: secs(s.idle_timeout_secs, 60),
+            ping_interval: secs(s.ping_interval_secs, 25),
+            compression: s.compression.unwrap_or(true),
+            mailbox_size: s.mailbox_size.unwrap_or(1024),
+            max_outbound_bytes: s.max_outbound_bytes.unwrap_or(4 << 20),
+            slow_consumer_close_code: CloseCode(s.slow_consumer_close_code.unwrap_or(1013)),
+            shutdown_drain: Duration::from_secs(s.shutdown_drain_secs.unwrap_or(10)),
+        };
+        if config.max_message_size == 0 || config.max_targets == 0 || config.mailbox_size == 0 {
+            bail!("max_message_size, max_targets and mailbox_size must be at least 1");
+        }
+        if config.max_outbound_bytes < config.max_message_size {
+            bail!(
+                "max_outbound_bytes must be at least max_message_size, or no message of that size could be sent"
+            );
+        }
+        if !matches!(config.slow_consumer_close_code.0, 1008 | 1013 | 4000..=4999) {
+            bail!("slow_consumer_close_code must be 1008, 1013 or 4000-4999");
+        }
+        Ok(config)
+    }
+
+    /// The per-connection options for relay connections.
+    pub fn connection_options(&self) -> Options {
+        Options {
+            idle_timeout: self.idle_timeout,
+            ping_interval: self.ping_interval,
+            compression: self.compression.then(DeflateOptions::default),
+            mailbox_size: self.mailbox_size,
+            max_outbound_bytes: self.max_outbound_bytes,
+            slow_consumer: SlowConsumerPolicy::Close(self.slow_consumer_close_code),
+            ..Options::default()
+        }
+        .max_message_size(self.max_message_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let config = Config::load(&Cli::parse_from(["x"]).args).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:4000");
+        assert_eq!(config.max_message_size, 1 << 20);
+        assert_eq!(config.idle_timeout, Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("sb-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("switchboard.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:5000\"\nmax_targets = 5\nidle_timeout_secs = 0\n",
+        )
+        .unwrap();
+        let cli = Cli::parse_from([
+            "x",
+            "--config",
+            path.to_str().unwrap(),
+            "--max-targets",
+            "7",
+        ]);
+        let config = Config::load(&cli.args).unwrap();
+        assert_eq!(config.listen.port(), 5000);
+        assert_eq!(config.max_targets, 7);
+        assert_eq!(config.idle_timeout, None);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let dir = std::env::temp_dir().join(format!("sb-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "max_targetz = 5\n").unwrap();
+        let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap()]);
+        let error = format!("{:#}", Config::load(&cli.args).unwrap_err());
+        assert!(error.contains("max_targetz"), "{error}");
+        let cli = Cli::parse_from(["x", "--slow-consumer-close-code", "1000"]);
+        assert!(Config::load(&cli.args).is_err());
+    }
+}

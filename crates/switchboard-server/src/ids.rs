@@ -1,0 +1,110 @@
+//! Client ids: what `?id=` and `"targets"` name.
+//!
+//! An id is 1-128 characters from `A-Z a-z 0-9 . _ ~ : @ -`: safe in URLs, logs
+//! and JSON without escaping. JSON integers are accepted where ids are expected
+//! and mean their decimal form, so the seed's `?id=1` and `"targets":[2,3]` work.
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, Visitor};
+use switchboard::ClientId;
+
+/// Longest id, in bytes.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Why a string is not a client id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("ids are 1-{MAX_ID_LEN} characters of A-Z a-z 0-9 . _ ~ : @ -")]
+pub struct InvalidId;
+
+/// Checks `id` and makes it a [`ClientId`].
+pub fn parse(id: &str) -> Result<ClientId, InvalidId> {
+    if is_valid(id) {
+        Ok(ClientId::from(id))
+    } else {
+        Err(InvalidId)
+    }
+}
+
+/// Whether `id` is a valid client id.
+pub fn is_valid(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._~:@-".contains(&b))
+}
+
+/// A target as written in JSON: a valid id string or an integer. Invalid ids
+/// are kept (as `Err`) so that the sender learns which target was wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target(pub Result<String, String>);
+
+impl<'de> serde::Deserialize<'de> for Target {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TargetVisitor;
+
+        impl Visitor<'_> for TargetVisitor {
+            type Value = Target;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a client id (string or integer)")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Target, E> {
+                Ok(Target(if is_valid(v) {
+                    Ok(v.to_owned())
+                } else {
+                    Err(v.to_owned())
+                }))
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Target, E> {
+                Ok(Target(Ok(v.to_string())))
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Target, E> {
+                Ok(Target(Ok(v.to_string())))
+            }
+
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Target, E> {
+                Ok(Target(Err(v.to_string())))
+            }
+
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Target, E> {
+                Ok(Target(Err(v.to_string())))
+            }
+
+            fn visit_unit<E: de::Error>(self) -> Result<Target, E> {
+                Ok(Target(Err("null".into())))
+            }
+        }
+
+        deserializer.deserialize_any(TargetVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_safe_ids_and_refuses_the_rest() {
+        for id in ["1", "alice", "user:42", "a.b_c~d@e-f", &"x".repeat(128)] {
+            assert!(is_valid(id), "{id}");
+        }
+        for id in ["", " ", "a b", "a/b", "é", "a\"b", &"x".repeat(129)] {
+            assert!(!is_valid(id), "{id}");
+        }
+    }
+
+    #[test]
+    fn integers_mean_their_decimal_form() {
+        let targets: Vec<Target> =
+            serde_json::from_str(r#"[2, "3", -4, "bad id", 1.5, null]"#).unwrap();
+        let ok: Vec<_> = targets.iter().map(|t| t.0.is_ok()).collect();
+        assert_eq!(ok, [true, true, true, false, false, false]);
+        assert_eq!(targets[0].0, Ok("2".into()));
+        assert_eq!(targets[2].0, Ok("-4".into()));
+    }
+}
