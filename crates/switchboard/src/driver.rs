@@ -297,6 +297,7 @@ where
                     self.push_frame(Message::Close(echo));
                     self.reason = Some(TerminateReason::Remote(reason));
                 }
+                self.mailbox.refuse_new();
                 self.phase = Phase::Done;
             }
         }
@@ -313,6 +314,7 @@ where
 
     /// Ends the connection without a close handshake (keeping an earlier reason).
     fn fail(&mut self, reason: TerminateReason) {
+        self.mailbox.refuse_new();
         if self.reason.is_none() {
             self.reason = Some(reason);
         }
@@ -325,6 +327,7 @@ where
             return;
         }
         self.push_frame(Message::Close(Some(close)));
+        self.mailbox.refuse_new();
         self.reason = Some(reason);
         self.phase = Phase::Closing;
         self.close_deadline = Some(Box::pin(sleep(self.close_timeout)));

@@ -29,7 +29,7 @@ struct State<I> {
     infos: VecDeque<I>,
     frames: VecDeque<Outbound>,
     close: Option<CloseReason>,
-    /// The driver has finished: refuse everything.
+    /// The driver has sent its close frame or finished: refuse everything.
     closed: bool,
     waker: Option<Waker>,
 }
@@ -158,6 +158,11 @@ impl<I> Mailbox<I> {
         std::mem::swap(&mut state.frames, &mut into.frames);
         into.close = state.close.take();
         Poll::Ready(())
+    }
+
+    /// The driver is closing: refuse what comes, keep what is queued.
+    pub fn refuse_new(&self) {
+        self.lock().closed = true;
     }
 
     /// The driver has ended: drop what is queued and refuse what comes.

@@ -1,0 +1,317 @@
+//! The connection as a whole: upgrade rejections, hand-built bytes, protocol
+//! errors and their close codes, backpressure, the registry and shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Event, Probe, RawClient, TIMEOUT, next_event, serve};
+use switchboard::proto::OpCode;
+use switchboard::{
+    Broker, ConnHandle, Options, PushError, Registry, Shutdown, SlowConsumerPolicy, TerminateReason,
+};
+use tokio::sync::mpsc;
+
+async fn probe_server(options: Options) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Event>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let addr = serve(move |ws| {
+        ws.options(options.clone())
+            .on_upgrade(Probe::new(tx.clone()))
+    })
+    .await;
+    (addr, rx)
+}
+
+/// Polls `check` until it holds or the timeout passes.
+async fn eventually(mut check: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while tokio::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn bad_upgrade_requests_get_clear_http_errors() {
+    let (addr, _events) = probe_server(Options::default()).await;
+    let good = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let cases = [
+        (
+            format!(
+                "POST /ws HTTP/1.1\r\nHost: x\r\n{good}Sec-WebSocket-Version: 13\r\nContent-Length: 0\r\n\r\n"
+            ),
+            "405",
+        ),
+        ("GET /ws HTTP/1.1\r\nHost: x\r\n\r\n".to_string(), "426"),
+        (
+            format!("GET /ws HTTP/1.1\r\nHost: x\r\n{good}Sec-WebSocket-Version: 8\r\n\r\n"),
+            "426",
+        ),
+        (
+            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                .to_string(),
+            "400",
+        ),
+        (
+            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                .to_string(),
+            "400",
+        ),
+    ];
+    for (request, status) in cases {
+        let (head, _) = RawClient::request(addr, &request).await;
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status}")),
+            "{request:?} -> {head}"
+        );
+        if status == "426" {
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains("sec-websocket-version: 13"),
+                "{head}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn frames_sent_one_byte_at_a_time_are_reassembled() {
+    let (addr, _events) = probe_server(Options::default()).await;
+    let mut client = RawClient::connect(addr).await;
+    assert_eq!(client.recv().await.unwrap().1, b"hello");
+    let mut bytes = RawClient::frame(false, OpCode::Text, "frag".as_bytes());
+    bytes.extend(RawClient::frame(true, OpCode::Ping, b"mid"));
+    bytes.extend(RawClient::frame(
+        true,
+        OpCode::Continuation,
+        "mentéd".as_bytes(),
+    ));
+    client.send_bytewise(&bytes).await;
+    assert_eq!(
+        client.recv().await.unwrap(),
+        (OpCode::Pong, b"mid".to_vec())
+    );
+    assert_eq!(
+        client.recv().await.unwrap(),
+        (OpCode::Text, "fragmentéd".as_bytes().to_vec())
+    );
+}
+
+#[tokio::test]
+async fn protocol_errors_close_with_their_codes() {
+    let options = Options::default().max_message_size(1000);
+    let (addr, mut events) = probe_server(options).await;
+    let unmasked = vec![0x81, 0x02, b'h', b'i'];
+    let cases: [(&str, Vec<u8>, u16); 5] = [
+        ("unmasked frame", unmasked, 1002),
+        (
+            "reserved opcode",
+            RawClient::frame(true, OpCode::Text, b"x")
+                .into_iter()
+                .enumerate()
+                .map(|(i, b)| if i == 0 { 0x83 } else { b })
+                .collect(),
+            1002,
+        ),
+        (
+            "invalid UTF-8",
+            RawClient::frame(true, OpCode::Text, b"ok \xff\xfe"),
+            1007,
+        ),
+        (
+            "oversize message",
+            RawClient::frame(true, OpCode::Binary, &[0; 2000]),
+            1009,
+        ),
+        (
+            "unexpected continuation",
+            RawClient::frame(true, OpCode::Continuation, b"x"),
+            1002,
+        ),
+    ];
+    for (what, bytes, code) in cases {
+        let mut client = RawClient::connect(addr).await;
+        client.recv().await;
+        client.send(&bytes).await;
+        assert_eq!(client.close_code().await, Some(code), "{what}");
+        // The server then closes the TCP connection.
+        assert_eq!(client.recv().await, None, "{what}");
+        next_event(&mut events).await;
+        assert!(
+            matches!(
+                next_event(&mut events).await,
+                Event::Terminate(TerminateReason::Error(_))
+            ),
+            "{what}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn invalid_utf8_fails_before_the_frame_is_complete() {
+    let (addr, _events) = probe_server(Options::default()).await;
+    let mut client = RawClient::connect(addr).await;
+    client.recv().await;
+    let frame = RawClient::frame(
+        true,
+        OpCode::Text,
+        &[b"abc\xff".as_slice(), &[b'x'; 1000]].concat(),
+    );
+    // Send only the start: the server must fail fast without waiting for the rest.
+    client.send(&frame[..20]).await;
+    assert_eq!(client.close_code().await, Some(1007));
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_closed_and_its_buffer_stays_bounded() {
+    let options = Options {
+        max_outbound_bytes: 256 * 1024,
+        slow_consumer: SlowConsumerPolicy::Close(switchboard::CloseCode::TRY_AGAIN_LATER),
+        ..Options::default()
+    };
+    let (tx, _events) = mpsc::unbounded_channel();
+    let (handles_tx, mut handles) = mpsc::unbounded_channel::<ConnHandle<String>>();
+    let addr = serve(move |ws| {
+        let mut probe = Probe::new(tx.clone());
+        probe.handles = Some(handles_tx.clone());
+        ws.options(options.clone()).on_upgrade(probe)
+    })
+    .await;
+    // This client never reads until the end.
+    let mut client = RawClient::connect(addr).await;
+    let handle = handles.recv().await.unwrap();
+    let chunk = switchboard::PreparedMessage::binary(vec![7u8; 64 * 1024]);
+    let mut accepted = 0usize;
+    let refused = loop {
+        match handle.push(chunk.clone()) {
+            Ok(()) => accepted += 1,
+            Err(e) => break e,
+        }
+        assert!(
+            accepted < 4096,
+            "256 MiB accepted: the buffer is not bounded"
+        );
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(refused, PushError::SlowConsumer);
+    assert_eq!(handle.push(chunk.clone()), Err(PushError::Closed));
+    assert_eq!(client.close_code().await, Some(1013));
+}
+
+#[tokio::test]
+async fn the_registry_forgets_connections_however_they_end() {
+    let registry = Registry::new();
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let reg = registry.clone();
+    let addr = serve(move |ws| {
+        let mut probe = Probe::new(tx.clone());
+        probe.registry = Some(reg.clone());
+        ws.on_upgrade(probe)
+    })
+    .await;
+
+    // A clean close.
+    let mut a = RawClient::connect(addr).await;
+    a.recv().await;
+    assert_eq!(registry.connections("probe"), 1);
+    a.send(&RawClient::frame(true, OpCode::Close, &[0x03, 0xe8]))
+        .await;
+    assert_eq!(a.close_code().await, Some(1000));
+    assert!(
+        eventually(|| registry.connections("probe") == 0).await,
+        "clean close"
+    );
+
+    // An abrupt TCP drop, with a second connection of the same id staying.
+    let mut b = RawClient::connect(addr).await;
+    let mut c = RawClient::connect(addr).await;
+    b.recv().await;
+    c.recv().await;
+    assert_eq!(registry.connections("probe"), 2);
+    drop(b);
+    assert!(
+        eventually(|| registry.connections("probe") == 1).await,
+        "abrupt drop"
+    );
+
+    // A handler panic.
+    c.send(&RawClient::frame(true, OpCode::Text, b"panic"))
+        .await;
+    assert_eq!(c.close_code().await, Some(1011));
+    c.send(&RawClient::frame(true, OpCode::Close, &[0x03, 0xf3]))
+        .await;
+    assert!(
+        eventually(|| registry.connections("probe") == 0).await,
+        "panic"
+    );
+    assert_eq!(registry.clients(), 0);
+    while events.try_recv().is_ok() {}
+}
+
+#[tokio::test]
+async fn registry_delivery_reaches_every_connection_of_an_id() {
+    let registry = Registry::new();
+    let (tx, _events) = mpsc::unbounded_channel();
+    let reg = registry.clone();
+    let addr = serve(move |ws| {
+        let mut probe = Probe::new(tx.clone());
+        probe.registry = Some(reg.clone());
+        ws.on_upgrade(probe)
+    })
+    .await;
+    let mut tabs = Vec::new();
+    for _ in 0..3 {
+        let mut tab = RawClient::connect(addr).await;
+        tab.recv().await;
+        tabs.push(tab);
+    }
+    let message = switchboard::PreparedMessage::text("to every tab");
+    assert_eq!(registry.send("probe", &|_| message.clone()), 3);
+    assert_eq!(registry.send("nobody", &|_| message.clone()), 0);
+    for tab in &mut tabs {
+        assert_eq!(
+            tab.recv().await.unwrap(),
+            (OpCode::Text, b"to every tab".to_vec())
+        );
+    }
+}
+
+#[tokio::test]
+async fn shutdown_closes_everyone_with_1001_and_drains() {
+    let shutdown = Shutdown::new();
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let sd = shutdown.clone();
+    let addr = serve(move |ws| ws.shutdown(&sd).on_upgrade(Probe::new(tx.clone()))).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut client = RawClient::connect(addr).await;
+        client.recv().await;
+        clients.push(client);
+    }
+    assert_eq!(shutdown.connections(), 3);
+    let drain = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { shutdown.drain(TIMEOUT).await }
+    });
+    for client in &mut clients {
+        assert_eq!(client.close_code().await, Some(1001));
+        client
+            .send(&RawClient::frame(true, OpCode::Close, &[0x03, 0xe9]))
+            .await;
+    }
+    assert!(
+        drain.await.unwrap(),
+        "every connection ended before the timeout"
+    );
+    assert_eq!(shutdown.connections(), 0);
+    let mut shutdowns = 0;
+    while let Ok(event) = events.try_recv() {
+        shutdowns += usize::from(event == Event::Terminate(TerminateReason::Shutdown));
+    }
+    assert_eq!(shutdowns, 3);
+}

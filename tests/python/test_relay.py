@@ -1,0 +1,914 @@
+"""Black-box tests of the switchboard relay, driven by a real non-Rust client.
+
+Each test starts the real binary on port 0 (SWITCHBOARD_BIN, default
+/work/main/target/debug/switchboard), reads the port from its first stdout line
+and stops it afterwards. Clients use the `websockets` library; a small raw
+asyncio client covers what a well-behaved library refuses to send (invalid
+UTF-8, unmasked frames) and checks compressed frames on the wire.
+
+Every wait is bounded: each test runs under an overall timeout and each
+receive under a few seconds.
+"""
+
+import asyncio
+import base64
+import functools
+import http.client
+import json
+import os
+import selectors
+import signal
+import struct
+import subprocess
+import tempfile
+import time
+import zlib
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+BIN = os.environ.get("SWITCHBOARD_BIN", "/work/main/target/debug/switchboard")
+RECV_TIMEOUT = 5.0
+TEST_TIMEOUT = 60.0
+
+
+# --------------------------------------------------------------------------
+# The server under test
+# --------------------------------------------------------------------------
+
+
+class Server:
+    """One running `switchboard serve` process."""
+
+    def __init__(self, *args):
+        if not os.access(BIN, os.X_OK):
+            pytest.fail(f"switchboard binary not found at {BIN} (set SWITCHBOARD_BIN)")
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [BIN, "serve", "--listen", "127.0.0.1:0", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+        )
+        line = self._first_line(timeout=15)
+        prefix = "listening on 127.0.0.1:"
+        if not line.startswith(prefix):
+            self.stop()
+            pytest.fail(f"unexpected first stdout line {line!r}; stderr:\n{self.logs()}")
+        self.port = int(line[len(prefix):])
+        self.host = "127.0.0.1"
+
+    def _first_line(self, timeout):
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        try:
+            if not sel.select(timeout):
+                self.stop()
+                pytest.fail(f"server printed nothing in {timeout}s; stderr:\n{self.logs()}")
+            return self.proc.stdout.readline().decode().rstrip("\n")
+        finally:
+            sel.close()
+
+    def ws_url(self, client_id=None, query=None):
+        if query is None:
+            query = f"id={client_id}"
+        return f"ws://{self.host}:{self.port}/ws?{query}"
+
+    def logs(self):
+        self.stderr.seek(0)
+        return self.stderr.read().decode(errors="replace")[-4000:]
+
+    def http(self, method, path, headers=None):
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=5)
+        try:
+            conn.request(method, path, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, dict(resp.getheaders()), resp.read()
+        finally:
+            conn.close()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def start_server():
+    """A factory: start_server(*flags) starts a server; all are stopped at the end."""
+    servers = []
+
+    def start(*args):
+        s = Server(*args)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.stop()
+        s.stderr.close()
+
+
+@pytest.fixture
+def server(start_server):
+    return start_server()
+
+
+def async_test(fn):
+    """Runs an async test in its own event loop, under an overall timeout."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        asyncio.run(asyncio.wait_for(fn(*args, **kwargs), TEST_TIMEOUT))
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------
+# Client helpers
+# --------------------------------------------------------------------------
+
+
+def client(server, client_id, envelope=False, **kwargs):
+    kwargs.setdefault("open_timeout", 5)
+    kwargs.setdefault("close_timeout", 2)
+    kwargs.setdefault("ping_interval", None)
+    kwargs.setdefault("proxy", None)
+    kwargs.setdefault("max_size", 4 * 1024 * 1024)
+    if envelope:
+        kwargs["subprotocols"] = ["switchboard.v1"]
+    return connect(server.ws_url(client_id), **kwargs)
+
+
+async def recv(ws, timeout=RECV_TIMEOUT):
+    return await asyncio.wait_for(ws.recv(), timeout)
+
+
+async def recv_json(ws, timeout=RECV_TIMEOUT):
+    return json.loads(await recv(ws, timeout))
+
+
+async def assert_silent(ws, timeout=0.3):
+    """Nothing arrives on `ws` within `timeout`."""
+    try:
+        got = await asyncio.wait_for(ws.recv(), timeout)
+    except asyncio.TimeoutError:
+        return
+    raise AssertionError(f"unexpected message: {got!r}")
+
+
+async def expect_close(ws, timeout=RECV_TIMEOUT):
+    """Waits for the server to close `ws`; returns the close frame it sent."""
+    try:
+        while True:
+            await asyncio.wait_for(ws.recv(), timeout)
+    except ConnectionClosed as e:
+        assert e.rcvd is not None, f"connection closed without a close frame: {e!r}"
+        return e.rcvd
+
+
+def msg(targets, payload, **extra):
+    return json.dumps({"targets": targets, "payload": payload, **extra})
+
+
+async def roundtrip_marker(sender, receiver, receiver_id, marker):
+    """Sends `marker` from sender to receiver and checks it is the next thing
+    the receiver gets: proves nothing else was delivered before it."""
+    await sender.send(msg([receiver_id], {"marker": marker}))
+    got = await recv(receiver)
+    assert json.loads(got) == {"marker": marker}, f"receiver got {got!r} before the marker"
+
+
+# --------------------------------------------------------------------------
+# A raw client, for bytes a WebSocket library will not send
+# --------------------------------------------------------------------------
+
+
+class RawClient:
+    def __init__(self, reader, writer, status, headers):
+        self.reader, self.writer = reader, writer
+        self.status, self.headers = status, headers
+
+    @classmethod
+    async def open(cls, server, client_id, extra_headers=()):
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(server.host, server.port), RECV_TIMEOUT
+        )
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [
+            f"GET /ws?id={client_id} HTTP/1.1",
+            f"Host: {server.host}:{server.port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
+            *extra_headers,
+        ]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), RECV_TIMEOUT)
+        status_line, *header_lines = head.decode().split("\r\n")
+        status = int(status_line.split()[1])
+        headers = {}
+        for h in header_lines:
+            if ":" in h:
+                k, v = h.split(":", 1)
+                headers[k.strip().lower()] = v.strip()
+        return cls(reader, writer, status, headers)
+
+    def send_frame(self, opcode, payload, fin=True, rsv1=False, masked=True):
+        b0 = (0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode
+        n = len(payload)
+        mask_bit = 0x80 if masked else 0
+        if n < 126:
+            head = struct.pack("!BB", b0, mask_bit | n)
+        elif n < 65536:
+            head = struct.pack("!BBH", b0, mask_bit | 126, n)
+        else:
+            head = struct.pack("!BBQ", b0, mask_bit | 127, n)
+        if masked:
+            key = os.urandom(4)
+            payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+            head += key
+        self.writer.write(head + payload)
+
+    async def read_frame(self, timeout=RECV_TIMEOUT):
+        async def read():
+            b0, b1 = await self.reader.readexactly(2)
+            assert not b1 & 0x80, "server frames must not be masked"
+            n = b1 & 0x7F
+            if n == 126:
+                (n,) = struct.unpack("!H", await self.reader.readexactly(2))
+            elif n == 127:
+                (n,) = struct.unpack("!Q", await self.reader.readexactly(8))
+            data = await self.reader.readexactly(n)
+            return bool(b0 & 0x80), bool(b0 & 0x40), b0 & 0x0F, data
+
+        return await asyncio.wait_for(read(), timeout)
+
+    async def read_message_frame(self, timeout=RECV_TIMEOUT):
+        """The next data frame, skipping pings."""
+        while True:
+            frame = await self.read_frame(timeout)
+            if frame[2] != 0x9:
+                return frame
+
+    async def read_close_code(self, timeout=RECV_TIMEOUT):
+        """Reads until the server's close frame and returns its code."""
+        while True:
+            fin, rsv1, opcode, data = await self.read_frame(timeout)
+            if opcode == 0x8:
+                assert len(data) >= 2, f"close frame without a code: {data!r}"
+                return struct.unpack("!H", data[:2])[0]
+
+    async def close(self):
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), 2)
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+
+
+def inflate(data):
+    d = zlib.decompressobj(-15)
+    return d.decompress(data + b"\x00\x00\xff\xff") + d.flush()
+
+
+def deflate(data):
+    c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
+    out = c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+    assert out.endswith(b"\x00\x00\xff\xff")
+    return out[:-4]
+
+
+# --------------------------------------------------------------------------
+# HTTP surface
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["", "foo=1", "id=", "id=a%20b", "id=a%2Fb", "id=%C3%A9", "id=" + "x" * 129],
+    ids=["no-query", "no-id", "empty", "space", "slash", "non-ascii", "too-long"],
+)
+def test_bad_id_is_400_with_plain_text_reason(server, query):
+    # With full upgrade headers: still refused before upgrading.
+    status, headers, body = server.http(
+        "GET",
+        f"/ws?{query}",
+        {
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version": "13",
+        },
+    )
+    assert status == 400, (status, body)
+    assert headers.get("content-type", "").startswith("text/plain"), headers
+    assert b"id" in body and body.strip(), body
+    assert "upgrade" not in {k.lower() for k in headers}
+
+
+def test_bad_id_without_upgrade_headers_is_400(server):
+    status, _, body = server.http("GET", "/ws")
+    assert status == 400 and b"id" in body
+
+
+@async_test
+async def test_longest_valid_id_is_accepted(server):
+    longest = "a.b_c~d:e@f-" + "x" * 116
+    assert len(longest) == 128
+    async with client(server, longest) as ws:
+        await ws.send(msg([longest], 1))
+        assert await recv(ws) == "1"
+
+
+@async_test
+async def test_bad_id_refused_to_websocket_client(server):
+    with pytest.raises(InvalidStatus) as e:
+        async with client(server, "a%20b"):
+            pass
+    assert e.value.response.status_code == 400
+
+
+def test_plain_get_without_upgrade_is_426(server):
+    status, _, _ = server.http("GET", "/ws?id=1")
+    assert status == 426
+
+
+def test_demo_page_and_healthz(server):
+    status, headers, body = server.http("GET", "/")
+    assert status == 200
+    assert headers.get("content-type", "").startswith("text/html")
+    for element in (b'id="me"', b'id="connect"', b'id="targets"', b'id="payload"', b'id="send"', b'id="log"'):
+        assert element in body
+
+    status, headers, body = server.http("GET", "/healthz")
+    assert status == 200
+    assert headers.get("content-type", "").startswith("application/json")
+    assert json.loads(body) == {"status": "ok", "connections": 0, "clients": 0}
+
+
+@async_test
+async def test_healthz_counts_connections_and_clients(server):
+    def health():
+        return json.loads(server.http("GET", "/healthz")[2])
+
+    async with client(server, "x") as x1, client(server, "x") as x2, client(server, "y") as y:
+        # Make sure all three are registered: a message to each arrives.
+        await y.send(msg(["x", "y"], 0))
+        for ws in (x1, x2, y):
+            assert await recv(ws) == "0"
+        h = await asyncio.to_thread(health)
+        assert h == {"status": "ok", "connections": 3, "clients": 2}
+    deadline = time.monotonic() + 5
+    while (h := await asyncio.to_thread(health))["connections"] and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert h == {"status": "ok", "connections": 0, "clients": 0}
+
+
+# --------------------------------------------------------------------------
+# Delivery (raw / seed protocol)
+# --------------------------------------------------------------------------
+
+
+@async_test
+async def test_seed_protocol_delivery_to_one_target(server):
+    async with client(server, 1) as c1, client(server, 2) as c2, client(server, 3) as c3:
+        await c1.send('{"targets":[2],"payload":{"text":"hi"}}')
+        assert await recv(c2) == '{"text":"hi"}'
+        await assert_silent(c3)
+        await assert_silent(c1)
+
+
+@async_test
+async def test_delivery_to_several_targets_int_and_string(server):
+    async with client(server, 1) as c1, client(server, 2) as c2, client(server, 3) as c3, client(server, 4) as c4:
+        await c1.send('{"targets":[2,"3"],"payload":[1,2,3]}')
+        assert await recv(c2) == "[1,2,3]"
+        assert await recv(c3) == "[1,2,3]"
+        await assert_silent(c4)
+        await assert_silent(c1)
+
+
+@async_test
+async def test_sender_receives_its_own_message_when_targeted(server):
+    async with client(server, "me") as me, client(server, "me") as me2:
+        await me.send(msg(["me"], "echo"))
+        assert await recv(me) == '"echo"'
+        assert await recv(me2) == '"echo"'
+
+
+@async_test
+async def test_duplicate_targets_are_delivered_once(server):
+    async with client(server, 1) as c1, client(server, 2) as c2:
+        await c1.send('{"targets":[2,"2",2,"2"],"payload":"once"}')
+        assert await recv(c2) == '"once"'
+        await roundtrip_marker(c1, c2, "2", "after-dup")
+
+
+@async_test
+async def test_every_connection_of_a_target_receives(server):
+    async with client(server, 1) as c1, client(server, 2) as a, client(server, 2) as b:
+        await c1.send(msg([2], {"n": 1}))
+        assert await recv(a) == '{"n": 1}'
+        assert await recv(b) == '{"n": 1}'
+        # After one of them leaves, the other still receives.
+        await a.close()
+        await c1.send(msg([2], {"n": 2}))
+        assert await recv(b) == '{"n": 2}'
+
+
+@async_test
+async def test_offline_target_is_skipped_silently(server):
+    async with client(server, 1) as c1, client(server, 2) as c2:
+        await c1.send(msg(["nobody", 2], "x"))
+        assert await recv(c2) == '"x"'
+        await assert_silent(c1)
+
+
+@pytest.mark.parametrize(
+    "payload_text",
+    [
+        '{ "a" :  [1 , 2.50, 1e3, -0.0] , "s":"\\u00e9 é \\ud83d\\ude00 😀", "n" : null }',
+        '  "  spaced string  "',
+        "12345678901234567890123456789",
+        "1.000000000000000000001",
+        "null",
+        "true",
+        "[\n\t1,\r\n 2 ]",
+        '{"deep":[[[[[[[[[[{"x":{}}]]]]]]]]]]}',
+        '""',
+    ],
+)
+@async_test
+async def test_payload_is_passed_byte_for_byte(server, payload_text):
+    async with client(server, "s") as s, client(server, "r") as r, client(server, "e", envelope=True) as e:
+        text = '{"targets":["r","e"],  "payload":' + payload_text + "  \n}"
+        await s.send(text)
+        # Surrounding whitespace is not part of the JSON value; everything inside is.
+        expected = payload_text.strip(" \n")
+        assert await recv(r) == expected
+        assert await recv(e) == '{"type":"message","from":"s","payload":' + expected + "}"
+
+
+@async_test
+async def test_payload_text_survives_frames_sent_as_fragments(server):
+    async with client(server, "s") as s, client(server, "r") as r:
+        parts = ['{"targets":["r"],', '"payload":{"a" : ', "[1,  2]}}"]
+
+        async def fragments():
+            for p in parts:
+                yield p
+
+        await s.send(fragments())
+        assert await recv(r) == '{"a" : [1,  2]}'
+
+
+@async_test
+async def test_type_send_and_unknown_fields_are_accepted(server):
+    async with client(server, "s") as s, client(server, "r") as r:
+        await s.send('{"type":"send","targets":["r"],"payload":1,"future":{"x":1}}')
+        assert await recv(r) == "1"
+        await assert_silent(s)
+
+
+@async_test
+async def test_empty_targets_is_fine_and_delivers_nothing(server):
+    async with client(server, "s") as s, client(server, "r") as r:
+        await s.send(msg([], "nothing"))
+        await roundtrip_marker(s, r, "r", "after-empty")
+        await assert_silent(s)
+
+
+@async_test
+async def test_exactly_max_targets_is_accepted(server):
+    async with client(server, "s") as s, client(server, "r") as r:
+        targets = [f"t{i}" for i in range(999)] + ["r"]
+        await s.send(msg(targets, "many"))
+        assert await recv(r) == '"many"'
+        await assert_silent(s)
+
+
+# --------------------------------------------------------------------------
+# Envelope mode (switchboard.v1)
+# --------------------------------------------------------------------------
+
+
+@async_test
+async def test_envelope_subprotocol_is_negotiated(server):
+    async with client(server, "e", envelope=True) as e, client(server, "r") as r:
+        assert e.subprotocol == "switchboard.v1"
+        assert e.response.headers.get("Sec-WebSocket-Protocol") == "switchboard.v1"
+        assert r.subprotocol is None
+        assert "Sec-WebSocket-Protocol" not in r.response.headers
+
+
+@async_test
+async def test_unknown_subprotocol_falls_back_to_raw(server):
+    async with client(server, "s") as s, connect(
+        server.ws_url("r"), subprotocols=["other.v9"], proxy=None, open_timeout=5
+    ) as r:
+        assert r.subprotocol is None
+        await s.send(msg(["r"], {"x": 1}))
+        assert await recv(r) == '{"x": 1}'
+
+
+@async_test
+async def test_envelope_message_ack_delivered_and_offline(server):
+    async with client(server, "alice", envelope=True) as a, client(server, "bob", envelope=True) as b, client(
+        server, "carol"
+    ) as c:
+        await a.send('{"targets":["bob","carol","dave"],"payload":{"hi":1},"id":42}')
+        assert await recv(b) == '{"type":"message","from":"alice","payload":{"hi":1}}'
+        assert await recv(c) == '{"hi":1}'
+        assert await recv_json(a) == {
+            "type": "ack",
+            "id": 42,
+            "delivered": ["bob", "carol"],
+            "offline": ["dave"],
+        }
+        # Raw sender to envelope receiver: the envelope names the sender.
+        await c.send(msg(["alice"], "from carol"))
+        assert await recv_json(a) == {"type": "message", "from": "carol", "payload": "from carol"}
+
+
+@async_test
+async def test_envelope_ack_keeps_any_json_id_and_dedups(server):
+    async with client(server, "a", envelope=True) as a, client(server, "b") as b:
+        await a.send('{"id":{"k":[1, "two"]},"targets":["b",2,"b","2"],"payload":0}')
+        assert await recv(b) == "0"
+        ack = await recv(a)
+        assert ack == '{"type":"ack","id":{"k":[1, "two"]},"delivered":["b"],"offline":["2"]}'
+        for ident in ('"str"', "null", "1.5", "[]"):
+            await a.send('{"id":' + ident + ',"targets":[],"payload":0}')
+            assert await recv(a) == '{"type":"ack","id":' + ident + ',"delivered":[],"offline":[]}'
+
+
+@async_test
+async def test_envelope_without_id_gets_no_ack_and_raw_gets_no_ack(server):
+    async with client(server, "a", envelope=True) as a, client(server, "r") as r:
+        await a.send(msg(["r"], 1))
+        assert await recv(r) == "1"
+        await assert_silent(a)
+        await r.send(msg(["a"], 2, id=7))
+        assert await recv_json(a) == {"type": "message", "from": "r", "payload": 2}
+        await assert_silent(r)
+
+
+@async_test
+async def test_envelope_self_delivery_and_ack(server):
+    async with client(server, "a", envelope=True) as a:
+        await a.send(msg(["a"], "me", id=1))
+        first, second = await recv_json(a), await recv_json(a)
+        assert {"type": "message", "from": "a", "payload": "me"} in (first, second)
+        assert {"type": "ack", "id": 1, "delivered": ["a"], "offline": []} in (first, second)
+
+
+@pytest.mark.parametrize(
+    "text,code",
+    [
+        ('{"id":5,"type":"subscribe","targets":["b"],"payload":1}', "unknown_type"),
+        ('{"id":5,"targets":["b","a b"],"payload":1}', "invalid_target"),
+        ('{"id":5,"targets":["b"]}', "invalid_message"),
+        ('{"id":5,"payload":1}', "invalid_message"),
+        ('{"id":5,"targets":' + json.dumps(["b"] * 1001) + ',"payload":1}', "too_many_targets"),
+    ],
+)
+@async_test
+async def test_envelope_error_carries_the_id(server, text, code):
+    async with client(server, "a", envelope=True) as a, client(server, "b") as b:
+        await a.send(text)
+        err = await recv_json(a)
+        assert err["type"] == "error" and err["code"] == code, err
+        assert err["id"] == 5
+        assert isinstance(err["message"], str) and err["message"]
+        assert set(err) == {"type", "code", "message", "id"}
+        await roundtrip_marker(a, b, "b", "after-error")
+
+
+@async_test
+async def test_envelope_error_without_known_id_has_no_id(server):
+    async with client(server, "a", envelope=True) as a:
+        await a.send("{nope")
+        err = await recv_json(a)
+        assert err["type"] == "error" and err["code"] == "invalid_json"
+        assert "id" not in err
+
+
+# --------------------------------------------------------------------------
+# Bad input: error frames in both modes, connection keeps working, nothing delivered
+# --------------------------------------------------------------------------
+
+BAD_INPUTS = [
+    ("not json", "invalid_json"),
+    ("{nope", "invalid_json"),
+    ("", "invalid_json"),
+    ('{"targets":["r"],"payload":1} trailing', "invalid_json"),
+    ('{"targets":["r"],"payload":', "invalid_json"),
+    ("[1,2]", "invalid_message"),
+    ('"a string"', "invalid_message"),
+    ("42", "invalid_message"),
+    ("null", "invalid_message"),
+    ('{"targets":"r","payload":1}', "invalid_message"),
+    ('{"targets":{"r":1},"payload":1}', "invalid_message"),
+    ('{"payload":1}', "invalid_message"),
+    ('{"targets":["r"]}', "invalid_message"),
+    ('{"targets":["r"],"payload":1,"type":7}', "invalid_message"),
+    ('{"targets":["r","a b"],"payload":1}', "invalid_target"),
+    ('{"targets":["r",1.5],"payload":1}', "invalid_target"),
+    ('{"targets":["r",null],"payload":1}', "invalid_target"),
+    ('{"targets":["r",true],"payload":1}', "invalid_target"),
+    ('{"targets":["r",""],"payload":1}', "invalid_target"),
+    ('{"targets":["r","' + "x" * 129 + '"],"payload":1}', "invalid_target"),
+    ('{"targets":["r","é"],"payload":1}', "invalid_target"),
+    ('{"targets":' + json.dumps(["r"] * 1001) + ',"payload":1}', "too_many_targets"),
+    ('{"type":"subscribe","targets":["r"],"payload":1}', "unknown_type"),
+    ('{"type":"SEND","targets":["r"],"payload":1}', "unknown_type"),
+]
+
+
+@pytest.mark.parametrize("envelope", [False, True], ids=["raw", "envelope"])
+@pytest.mark.parametrize("text,code", BAD_INPUTS, ids=[f"{c}-{i}" for i, (_, c) in enumerate(BAD_INPUTS)])
+@async_test
+async def test_bad_input_gets_error_code_and_connection_survives(server, text, code, envelope):
+    async with client(server, "s", envelope=envelope) as s, client(server, "r") as r, client(
+        server, "r", envelope=True
+    ) as r2:
+        await s.send(text)
+        err = await recv_json(s)
+        assert err["type"] == "error", err
+        assert err["code"] == code, err
+        assert isinstance(err["message"], str) and err["message"]
+        assert "id" not in err
+        # The connection still works, and the targets got nothing before the marker.
+        await s.send(msg(["r"], {"marker": 1}))
+        assert await recv(r) == '{"marker": 1}'
+        assert await recv_json(r2) == {"type": "message", "from": "s", "payload": {"marker": 1}}
+        await assert_silent(s, 0.1)
+
+
+@pytest.mark.parametrize("envelope", [False, True], ids=["raw", "envelope"])
+@async_test
+async def test_binary_frame_is_refused_with_error(server, envelope):
+    async with client(server, "s", envelope=envelope) as s, client(server, "r") as r:
+        await s.send(msg(["r"], "binary").encode())
+        err = await recv_json(s)
+        assert err["type"] == "error" and err["code"] == "binary_not_supported", err
+        await roundtrip_marker(s, r, "r", "after-binary")
+
+
+@async_test
+async def test_max_targets_flag(start_server):
+    server = start_server("--max-targets", "2")
+    async with client(server, "s") as s, client(server, "r") as r:
+        await s.send(msg(["r", "x"], "two"))
+        assert await recv(r) == '"two"'
+        await s.send(msg(["r", "x", "y"], "three"))
+        err = await recv_json(s)
+        assert err["code"] == "too_many_targets"
+        await roundtrip_marker(s, r, "r", "after-too-many")
+
+
+# --------------------------------------------------------------------------
+# Compression
+# --------------------------------------------------------------------------
+
+
+@async_test
+async def test_permessage_deflate_negotiated_and_large_payload_roundtrips(server):
+    big = {"rows": [{"name": "switchboard", "index": i % 10, "text": "lorem ipsum " * 4} for i in range(2000)]}
+    payload_text = json.dumps(big)
+    assert len(payload_text) > 100_000
+    async with client(server, "a") as a, client(server, "b", envelope=True) as b:
+        for ws in (a, b):
+            ext = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+            assert "permessage-deflate" in ext, ext
+            assert "server_no_context_takeover" in ext, ext
+            assert [type(e).__name__ for e in ws.protocol.extensions] == ["PerMessageDeflate"]
+        await a.send('{"targets":["b","a"],"payload":' + payload_text + "}")
+        assert await recv(a) == payload_text
+        assert await recv(b) == '{"type":"message","from":"a","payload":' + payload_text + "}"
+        # Several in a row, both ways (context takeover on the client side).
+        for i in range(3):
+            await b.send(msg(["a"], {"i": i, "big": big}, id=i))
+            assert json.loads(await recv(a)) == {"i": i, "big": big}
+            assert await recv_json(b) == {"type": "ack", "id": i, "delivered": ["a"], "offline": []}
+
+
+@async_test
+async def test_no_compression_when_not_offered(server):
+    async with client(server, "a", compression=None) as a:
+        assert "Sec-WebSocket-Extensions" not in a.response.headers
+        await a.send(msg(["a"], "x" * 50_000))
+        assert await recv(a) == '"' + "x" * 50_000 + '"'
+
+
+@async_test
+async def test_compression_can_be_disabled(start_server):
+    server = start_server("--compression", "false")
+    async with client(server, "a") as a:
+        assert "Sec-WebSocket-Extensions" not in a.response.headers
+        await a.send(msg(["a"], "y" * 50_000))
+        assert await recv(a) == '"' + "y" * 50_000 + '"'
+
+
+@async_test
+async def test_compressed_frames_on_the_wire(server):
+    raw = await RawClient.open(
+        server, "w", ["Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"]
+    )
+    try:
+        assert raw.status == 101
+        ext = raw.headers.get("sec-websocket-extensions", "")
+        assert ext.startswith("permessage-deflate") and "server_no_context_takeover" in ext, ext
+        payload_text = json.dumps(["compress me please"] * 6000)
+        body = ('{"targets":["w"],"payload":' + payload_text + "}").encode()
+        # An uncompressed message (RSV1 clear) is allowed after negotiating deflate.
+        raw.send_frame(0x1, body)
+        await raw.writer.drain()
+        fin, rsv1, opcode, data = await raw.read_message_frame()
+        assert opcode == 0x1 and fin
+        assert rsv1, "server did not compress a large compressible message"
+        assert len(data) < len(payload_text) / 10
+        assert inflate(data).decode() == payload_text
+        # A compressed message from the client is inflated by the server.
+        raw.send_frame(0x1, deflate(body), rsv1=True)
+        await raw.writer.drain()
+        fin, rsv1, opcode, data = await raw.read_message_frame()
+        assert opcode == 0x1 and rsv1
+        # server_no_context_takeover: each message inflates on its own.
+        assert inflate(data).decode() == payload_text
+    finally:
+        await raw.close()
+
+
+# --------------------------------------------------------------------------
+# Close codes
+# --------------------------------------------------------------------------
+
+
+@async_test
+async def test_message_at_max_size_is_accepted(start_server):
+    server = start_server("--max-message-size", "10000")
+    async with client(server, "a", compression=None) as a, client(server, "b") as b:
+        prefix, suffix = '{"targets":["b"],"payload":"', '"}'
+        text = prefix + "z" * (10000 - len(prefix) - len(suffix)) + suffix
+        assert len(text.encode()) == 10000
+        await a.send(text)
+        assert await recv(b) == text[len(prefix) - 1 : -1]
+
+
+@async_test
+async def test_oversize_message_closes_1009(server):
+    async with client(server, "a", compression=None) as a, client(server, "b") as b:
+        prefix, suffix = '{"targets":["b"],"payload":"', '"}'
+        text = prefix + "z" * (1048576 + 1 - len(prefix) - len(suffix)) + suffix
+        assert len(text.encode()) == 1048577
+        await a.send(text)
+        rcvd = await expect_close(a)
+        assert rcvd.code == 1009, rcvd
+        # Nothing was delivered, and the server keeps serving others.
+        async with client(server, "c") as c:
+            await roundtrip_marker(c, b, "b", "after-oversize")
+
+
+@async_test
+async def test_oversize_fragmented_message_closes_1009(start_server):
+    server = start_server("--max-message-size", "1000")
+    async with client(server, "a", compression=None) as a:
+
+        async def fragments():
+            yield '{"targets":["a"],"payload":"'
+            for _ in range(5):
+                yield "q" * 300
+            yield '"}'
+
+        try:
+            await a.send(fragments())
+        except ConnectionClosed:
+            pass
+        rcvd = await expect_close(a)
+        assert rcvd.code == 1009, rcvd
+
+
+@async_test
+async def test_oversize_after_inflate_closes_1009(start_server):
+    server = start_server("--max-message-size", "20000")
+    # Compressed this is tiny; inflated it is over the limit.
+    async with client(server, "a") as a:
+        assert "permessage-deflate" in a.response.headers.get("Sec-WebSocket-Extensions", "")
+        await a.send(msg(["a"], "k" * 50_000))
+        rcvd = await expect_close(a)
+        assert rcvd.code == 1009, rcvd
+
+
+@async_test
+async def test_invalid_utf8_closes_1007(server):
+    raw = await RawClient.open(server, "u")
+    try:
+        assert raw.status == 101
+        raw.send_frame(0x1, b'{"targets":["u"],"payload":"\xff\xfe"}')
+        await raw.writer.drain()
+        assert await raw.read_close_code() == 1007
+    finally:
+        await raw.close()
+
+
+@async_test
+async def test_invalid_utf8_split_over_fragments_closes_1007(server):
+    raw = await RawClient.open(server, "u")
+    try:
+        assert raw.status == 101
+        # A valid 3-byte sequence start, then a byte that cannot continue it.
+        raw.send_frame(0x1, b'{"payload":"\xe2\x82', fin=False)
+        raw.send_frame(0x0, b'(", "targets":[]}', fin=True)
+        await raw.writer.drain()
+        assert await raw.read_close_code() == 1007
+    finally:
+        await raw.close()
+
+
+@async_test
+async def test_valid_utf8_split_over_fragments_is_delivered(server):
+    raw = await RawClient.open(server, "u")
+    try:
+        euro = "€".encode()
+        raw.send_frame(0x1, b'{"targets":["u"],"payload":"' + euro[:1], fin=False)
+        raw.send_frame(0x0, euro[1:2], fin=False)
+        raw.send_frame(0x0, euro[2:] + b'"}', fin=True)
+        await raw.writer.drain()
+        fin, rsv1, opcode, data = await raw.read_message_frame()
+        assert opcode == 0x1 and data.decode() == '"€"'
+    finally:
+        await raw.close()
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        dict(opcode=0x1, payload=b'{"targets":[],"payload":1}', masked=False),
+        dict(opcode=0x3, payload=b"reserved opcode"),
+        dict(opcode=0x1, payload=b'{"targets":[],"payload":1}', rsv1=True),
+        dict(opcode=0x0, payload=b"continuation with nothing to continue"),
+        dict(opcode=0x9, payload=b"fragmented ping", fin=False),
+    ],
+    ids=["unmasked", "reserved-opcode", "rsv1-without-extension", "stray-continuation", "fragmented-control"],
+)
+@async_test
+async def test_protocol_violation_closes_1002(server, frame):
+    raw = await RawClient.open(server, "p")
+    try:
+        assert raw.status == 101
+        raw.send_frame(**frame)
+        await raw.writer.drain()
+        assert await raw.read_close_code() == 1002
+    finally:
+        await raw.close()
+
+
+@async_test
+async def test_idle_connection_closes_1001(start_server):
+    server = start_server("--idle-timeout-secs", "1", "--ping-interval-secs", "0")
+    async with client(server, "idle") as idle, client(server, "busy") as busy:
+        started = time.monotonic()
+
+        async def keep_busy():
+            for _ in range(8):
+                await busy.send(msg([], "still here"))
+                await asyncio.sleep(0.3)
+
+        busy_task = asyncio.create_task(keep_busy())
+        rcvd = await expect_close(idle, timeout=6)
+        elapsed = time.monotonic() - started
+        assert rcvd.code == 1001, rcvd
+        assert 0.8 <= elapsed <= 5, elapsed
+        await busy_task
+        # The client that kept talking is still open.
+        await busy.send(msg(["busy"], "alive"))
+        assert await recv(busy) == '"alive"'
+
+
+@async_test
+async def test_sigterm_closes_clients_1001_and_exits_0(server):
+    async with client(server, "a") as a, client(server, "b", envelope=True) as b, client(server, "b") as b2:
+        await a.send(msg(["a", "b"], "ready"))
+        assert await recv(a) == '"ready"'
+        assert (await recv_json(b))["payload"] == "ready"
+        assert await recv(b2) == '"ready"'
+        server.proc.send_signal(signal.SIGTERM)
+        for ws in (a, b, b2):
+            rcvd = await expect_close(ws)
+            assert rcvd.code == 1001, rcvd
+    code = await asyncio.to_thread(server.proc.wait, 10)
+    assert code == 0, server.logs()
+    # The port no longer accepts connections.
+    with pytest.raises(OSError):
+        server.http("GET", "/healthz")
