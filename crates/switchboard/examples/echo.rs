@@ -40,6 +40,6 @@ async fn main() -> std::io::Result<()> {
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:9001".into());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
-    println!("echo server listening on ws://{}", listener.local_addr()?);
+    println!("listening on {}", listener.local_addr()?);
     axum::serve(listener, Router::new().fallback(echo)).await
 }

@@ -1,0 +1,58 @@
+"""Checks a kosoku/Autobahn report and prints a summary by case group.
+
+Exits non-zero unless every case in groups 1-10 and 12-13 is OK, NON-STRICT or
+INFORMATIONAL. With --write-summary, replaces the table between the markers in
+docs/conformance.md.
+"""
+
+import collections
+import json
+import pathlib
+import sys
+
+ACCEPTED = {"OK", "NON-STRICT", "INFORMATIONAL"}
+REQUIRED_GROUPS = [str(g) for g in (1, 2, 3, 4, 5, 6, 7, 9, 10, 12, 13)]
+BEGIN, END = "<!-- autobahn-summary:begin -->", "<!-- autobahn-summary:end -->"
+
+
+def main() -> int:
+    index = json.loads(pathlib.Path(sys.argv[1]).read_text())
+    (cases,) = index.values()
+    by_group = collections.defaultdict(collections.Counter)
+    bad = []
+    for case, result in cases.items():
+        group = case.split(".")[0]
+        by_group[group][result["behavior"]] += 1
+        # An UNCLEAN close (TCP ended without a close handshake) is what a failed
+        # connection looks like in the fail-fast cases; only FAILED fails.
+        if result["behavior"] not in ACCEPTED or result["behaviorClose"] == "FAILED":
+            bad.append(f"{case}: behavior={result['behavior']} close={result['behaviorClose']}")
+    missing = [g for g in REQUIRED_GROUPS if g not in by_group]
+
+    lines = ["| group | cases | OK | NON-STRICT | INFORMATIONAL | other |", "|---|---|---|---|---|---|"]
+    for group in sorted(by_group, key=int):
+        c = by_group[group]
+        other = sum(n for k, n in c.items() if k not in ACCEPTED)
+        lines.append(
+            f"| {group}.* | {sum(c.values())} | {c['OK']} | {c['NON-STRICT']} | {c['INFORMATIONAL']} | {other} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    print(f"autobahn: {len(cases) - len(bad)} passed, {len(bad)} failed")
+
+    if "--write-summary" in sys.argv:
+        doc = pathlib.Path("docs/conformance.md")
+        text = doc.read_text()
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        doc.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+
+    for line in bad:
+        print("FAILED", line)
+    if missing:
+        print("missing case groups:", ", ".join(missing))
+    return 1 if bad or missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
