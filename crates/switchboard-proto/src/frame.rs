@@ -187,6 +187,10 @@ impl FrameDecoder {
             return Err(ProtocolError::ReservedBits);
         }
         let opcode = OpCode::from_bits(b0 & 0x0F)?;
+        // RFC 7692 §6.1: only the first frame of a message may carry RSV1.
+        if rsv1 && opcode == OpCode::Continuation {
+            return Err(ProtocolError::ReservedBits);
+        }
         if opcode.is_control() {
             if !fin {
                 return Err(ProtocolError::FragmentedControl);

@@ -132,14 +132,17 @@ impl MessageDecoder {
                     let text = frame.opcode == OpCode::Text;
                     if frame.fin && !frame.rsv1 {
                         // Unfragmented and uncompressed: hand out the payload without a copy.
-                        self.check_size(0, frame.payload.len())?;
+                        // UTF-8 is checked before size, as fail-fast validation of a
+                        // partly received frame would.
                         if text {
                             self.validate(&fresh)?;
+                            self.check_size(0, frame.payload.len())?;
                             self.finish_text()?;
                             return Ok(Some(Message::Text(Utf8Bytes::from_validated(
                                 frame.payload,
                             ))));
                         }
+                        self.check_size(0, frame.payload.len())?;
                         return Ok(Some(Message::Binary(frame.payload)));
                     }
                     self.partial = Some(Partial {
@@ -153,9 +156,6 @@ impl MessageDecoder {
                 OpCode::Continuation => {
                     if self.partial.is_none() {
                         return Err(ProtocolError::UnexpectedContinuation);
-                    }
-                    if frame.rsv1 {
-                        return Err(ProtocolError::ReservedBits);
                     }
                     self.append(&frame.payload, &fresh)?;
                     frame.fin
@@ -203,13 +203,14 @@ impl MessageDecoder {
             }
             return Ok(());
         }
+        if partial.text {
+            self.validate(fresh)?;
+        }
+        let partial = self.partial.as_mut().expect("a message is in progress");
         if partial.data.len() + payload.len() > limit {
             return Err(ProtocolError::MessageTooLarge { limit });
         }
         partial.data.extend_from_slice(payload);
-        if partial.text {
-            self.validate(fresh)?;
-        }
         Ok(())
     }
 

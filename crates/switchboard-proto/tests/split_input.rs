@@ -134,3 +134,59 @@ fn byte_at_a_time_equals_whole_for_a_mixed_stream() {
     assert_eq!(whole.0.len(), 3);
     assert_eq!(whole.0[1], Message::text("héllo wörld"));
 }
+
+/// Found by `fuzz/decode`: RSV1 on a continuation frame was only rejected once the
+/// frame was complete, so a split stream failed differently (on UTF-8 first).
+#[test]
+fn rsv1_on_a_continuation_fails_the_same_way_split_or_whole() {
+    let input = fuzzer_input();
+    let whole = decode_in_pieces(&input, &[], true);
+    let split = decode_in_pieces(&input, &[19], true);
+    assert_eq!(whole, split);
+    assert_eq!(whole.1, Some(ProtocolError::ReservedBits));
+}
+
+/// Fuzzer input: a text fragment, then a continuation frame with RSV1 set.
+fn fuzzer_input() -> Vec<u8> {
+    vec![
+        0x01, 0x81, 0xd2, 0x00, 0x81, 0x08, 0x0e, 0x40, 0x89, 0x01, 0x41, 0x81, 0xd2, 0x81, 0x00,
+        0x08, 0x00, 0x89, 0x01, 0x3b, 0x81, 0x41, 0x81, 0xd2, 0x81, 0x0e, 0x00, 0x08, 0x00, 0x89,
+        0x01, 0x5d, 0x00, 0x0e, 0x00, 0x00, 0x00, 0x00, 0xfe, 0x00, 0x00, 0x00, 0x00, 0x7e,
+    ]
+}
+
+/// The size limit and UTF-8 fail-fast agree on which error comes first: a
+/// fragment that both overflows the message limit and holds invalid UTF-8.
+#[test]
+fn oversize_invalid_text_fails_the_same_way_split_or_whole() {
+    let mut input = BytesMut::new();
+    encode_frame(
+        &mut input,
+        false,
+        false,
+        OpCode::Text,
+        &[b'a'; 4000],
+        Some([1, 2, 3, 4]),
+    );
+    encode_frame(
+        &mut input,
+        false,
+        false,
+        OpCode::Continuation,
+        &[b'b'; 4000],
+        Some([1, 2, 3, 4]),
+    );
+    let last = [b"\xff".as_slice(), &[b'c'; 999]].concat();
+    encode_frame(
+        &mut input,
+        true,
+        false,
+        OpCode::Continuation,
+        &last,
+        Some([1, 2, 3, 4]),
+    );
+    let whole = decode_in_pieces(&input, &[], false);
+    let split_in_last_frame = decode_in_pieces(&input, &[input.len() - 500], false);
+    assert_eq!(whole, split_in_last_frame);
+    assert_eq!(whole.1, Some(ProtocolError::InvalidUtf8));
+}
