@@ -355,6 +355,45 @@ def test_plain_get_without_upgrade_is_426(server):
     assert status == 426
 
 
+def test_missing_and_invalid_id_reasons(server):
+    status, _, body = server.http("GET", "/ws")
+    assert (status, body) == (400, b"missing id: connect to /ws?id=<client id>\n")
+    status, _, body = server.http("GET", "/ws?id=a%20b")
+    assert status == 400 and body.startswith(b"invalid id: ids are 1-128 characters of"), body
+
+
+UPGRADE = {
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    "Sec-WebSocket-Version": "13",
+}
+
+
+@pytest.mark.parametrize(
+    "method,changes,status",
+    [
+        ("GET", {"Sec-WebSocket-Version": "8"}, 426),
+        ("GET", {"Sec-WebSocket-Key": "too-short"}, 400),
+        ("GET", {"Connection": "keep-alive"}, 400),
+        ("POST", {}, 405),
+    ],
+    ids=["version-8", "bad-key", "connection-without-upgrade", "post"],
+)
+def test_handshake_rejections(server, method, changes, status):
+    got, headers, _ = server.http(method, "/ws?id=1", {**UPGRADE, **changes})
+    assert got == status, (got, headers)
+    if status == 426:
+        assert headers.get("sec-websocket-version") == "13", headers
+
+
+def test_valid_handshake_accept_header(server):
+    got, headers, _ = server.http("GET", "/ws?id=1", UPGRADE)
+    assert got == 101
+    # RFC 6455's own example key and accept value.
+    assert headers.get("sec-websocket-accept") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
 def test_demo_page_and_healthz(server):
     status, headers, body = server.http("GET", "/")
     assert status == 200
@@ -514,11 +553,6 @@ async def test_exactly_max_targets_is_accepted(server):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="server bug: a connection's id is registered after the 101 response is sent, "
-    "so a message sent right after the handshake completes can find it offline",
-)
 @async_test
 async def test_registered_when_handshake_completes(server):
     async with client(server, "s", envelope=True) as s:
@@ -623,6 +657,15 @@ async def test_envelope_error_carries_the_id(server, text, code):
         assert isinstance(err["message"], str) and err["message"]
         assert set(err) == {"type", "code", "message", "id"}
         await roundtrip_marker(a, b, "b", "after-error")
+
+
+@async_test
+async def test_raw_mode_error_also_carries_the_id(server):
+    async with client(server, "a") as a:
+        await a.send('{"id":"x1","targets":[1.5],"payload":1}')
+        err = await recv_json(a)
+        assert err["code"] == "invalid_target" and err["id"] == "x1", err
+        assert "1.5" in err["message"]
 
 
 @async_test
@@ -814,20 +857,36 @@ async def test_oversize_message_closes_1009(server):
 @async_test
 async def test_oversize_fragmented_message_closes_1009(start_server):
     server = start_server("--max-message-size", "1000")
-    async with client(server, "a", compression=None) as a:
+    raw = await RawClient.open(server, "a")
+    try:
+        assert raw.status == 101
+        # Each fragment is under the limit; the message they add up to is not.
+        raw.send_frame(0x1, b'{"targets":["a"],"payload":"' + b"q" * 570, fin=False)
+        raw.send_frame(0x0, b"q" * 600, fin=False)
+        await raw.writer.drain()
+        assert await raw.read_close_code() == 1009
+    finally:
+        await raw.close()
 
-        async def fragments():
-            yield '{"targets":["a"],"payload":"'
-            for _ in range(5):
-                yield "q" * 300
-            yield '"}'
 
+@async_test
+async def test_oversize_while_client_keeps_sending_still_shows_1009(start_server):
+    server = start_server("--max-message-size", "1000")
+    raw = await RawClient.open(server, "a")
+    try:
+        assert raw.status == 101
+        raw.send_frame(0x1, b'{"targets":["a"],"payload":"' + b"q" * 570, fin=False)
         try:
-            await a.send(fragments())
-        except ConnectionClosed:
+            # A client streaming a large message: it has not read the close yet.
+            for _ in range(20):
+                raw.send_frame(0x0, b"q" * 600, fin=False)
+                await raw.writer.drain()
+                await asyncio.sleep(0.01)
+        except ConnectionError:
             pass
-        rcvd = await expect_close(a)
-        assert rcvd.code == 1009, rcvd
+        assert await raw.read_close_code() == 1009
+    finally:
+        await raw.close()
 
 
 @async_test
@@ -882,6 +941,56 @@ async def test_valid_utf8_split_over_fragments_is_delivered(server):
         await raw.close()
 
 
+@async_test
+async def test_invalid_utf8_close_reason_closes_1007(server):
+    raw = await RawClient.open(server, "u")
+    try:
+        raw.send_frame(0x8, struct.pack("!H", 1000) + b"\xff")
+        await raw.writer.drain()
+        assert await raw.read_close_code() == 1007
+    finally:
+        await raw.close()
+
+
+@async_test
+async def test_invalid_compressed_data_closes_1007(server):
+    raw = await RawClient.open(server, "z", ["Sec-WebSocket-Extensions: permessage-deflate"])
+    try:
+        assert "permessage-deflate" in raw.headers.get("sec-websocket-extensions", "")
+        # Block type 3 is reserved in DEFLATE: this can never inflate.
+        raw.send_frame(0x1, b"\xff\xff\xff\xff", rsv1=True)
+        await raw.writer.drain()
+        assert await raw.read_close_code() == 1007
+    finally:
+        await raw.close()
+
+
+@pytest.mark.parametrize("code", [1000, 4001])
+@async_test
+async def test_client_close_code_is_echoed(server, code):
+    raw = await RawClient.open(server, "c")
+    try:
+        raw.send_frame(0x8, struct.pack("!H", code) + b"bye")
+        await raw.writer.drain()
+        assert await raw.read_close_code() == code
+        # Then the server closes the TCP connection.
+        assert await asyncio.wait_for(raw.reader.read(), RECV_TIMEOUT) == b""
+    finally:
+        await raw.close()
+
+
+@async_test
+async def test_ping_from_client_gets_pong_with_same_data(server):
+    raw = await RawClient.open(server, "p")
+    try:
+        raw.send_frame(0x9, b"are you there")
+        await raw.writer.drain()
+        fin, rsv1, opcode, data = await raw.read_frame()
+        assert (fin, opcode, data) == (True, 0xA, b"are you there")
+    finally:
+        await raw.close()
+
+
 @pytest.mark.parametrize(
     "frame",
     [
@@ -890,15 +999,35 @@ async def test_valid_utf8_split_over_fragments_is_delivered(server):
         dict(opcode=0x1, payload=b'{"targets":[],"payload":1}', rsv1=True),
         dict(opcode=0x0, payload=b"continuation with nothing to continue"),
         dict(opcode=0x9, payload=b"fragmented ping", fin=False),
+        dict(opcode=0x9, payload=b"p" * 126),
+        dict(opcode=0x8, payload=b"\x03"),
+        dict(opcode=0x8, payload=struct.pack("!H", 999)),
+        dict(opcode=0x8, payload=struct.pack("!H", 1005)),
+        dict(opcode=0x1, payload=b'{"targets":[],', fin=False, then=dict(opcode=0x1, payload=b'"payload":1}')),
     ],
-    ids=["unmasked", "reserved-opcode", "rsv1-without-extension", "stray-continuation", "fragmented-control"],
+    ids=[
+        "unmasked",
+        "reserved-opcode",
+        "rsv1-without-extension",
+        "stray-continuation",
+        "fragmented-control",
+        "oversized-control",
+        "close-one-byte",
+        "close-code-999",
+        "close-code-1005",
+        "new-message-inside-fragmented-one",
+    ],
 )
 @async_test
 async def test_protocol_violation_closes_1002(server, frame):
     raw = await RawClient.open(server, "p")
     try:
         assert raw.status == 101
+        frame = dict(frame)
+        then = frame.pop("then", None)
         raw.send_frame(**frame)
+        if then:
+            raw.send_frame(**then)
         await raw.writer.drain()
         assert await raw.read_close_code() == 1002
     finally:

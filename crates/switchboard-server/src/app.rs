@@ -77,12 +77,8 @@ async fn relay(
         .options(state.options.clone())
         .shutdown(&state.shutdown);
     let mode = Mode::for_protocol(upgrade.selected_protocol());
-    upgrade.on_upgrade(Relay::new(
-        id,
-        mode,
-        state.broker.clone(),
-        state.max_targets,
-    ))
+    let broker = state.broker.clone();
+    upgrade.on_upgrade_with(|handle| Relay::new(id, mode, broker, state.max_targets, handle))
 }
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Response {

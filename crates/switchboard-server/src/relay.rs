@@ -1,6 +1,6 @@
 //! The relay handler: one per `/ws` connection.
 //!
-//! On `init` the connection registers under its client id. Each text message is
+//! A connection registers under its client id before its handshake completes. Each text message is
 //! parsed for its targets only; the payload stays raw JSON and is rendered at
 //! most once per wire mode, then the same frame goes to every recipient.
 
@@ -8,7 +8,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
 
 use switchboard::{
-    Broker, ClientId, Context, Format, Handler, Message, Outcome, PreparedMessage, Registration,
+    Broker, ClientId, ConnHandle, Context, Format, Handler, Message, Outcome, PreparedMessage,
+    Registration,
 };
 
 use crate::wire::{self, ErrorCode, Inbound, Mode};
@@ -19,18 +20,29 @@ pub struct Relay {
     mode: Mode,
     broker: Arc<dyn Broker>,
     max_targets: usize,
-    registration: Option<Registration>,
+    /// Unregisters the connection when the handler is dropped, however it ends.
+    _registration: Registration,
 }
 
 impl Relay {
     /// A connection of client `id`, speaking `mode`, delivering through `broker`.
-    pub fn new(id: ClientId, mode: Mode, broker: Arc<dyn Broker>, max_targets: usize) -> Self {
+    /// It registers at once, before the handshake response goes out, so the client
+    /// is reachable as soon as it sees the handshake succeed.
+    pub fn new(
+        id: ClientId,
+        mode: Mode,
+        broker: Arc<dyn Broker>,
+        max_targets: usize,
+        handle: &ConnHandle<()>,
+    ) -> Self {
+        let registration = broker.register(id.clone(), handle.outbox(), mode.format());
+        tracing::debug!(client = %id, conn = %handle.id(), ?mode, "connected");
         Self {
             id,
             mode,
             broker,
             max_targets,
-            registration: None,
+            _registration: registration,
         }
     }
 
@@ -120,16 +132,6 @@ impl Relay {
 
 impl Handler for Relay {
     type Info = ();
-
-    fn init(&mut self, ctx: &mut Context<'_, ()>) -> Outcome {
-        let outbox = ctx.handle().outbox();
-        self.registration = Some(
-            self.broker
-                .register(self.id.clone(), outbox, self.mode.format()),
-        );
-        tracing::debug!(client = %self.id, conn = %ctx.handle().id(), mode = ?self.mode, "connected");
-        Outcome::Continue
-    }
 
     fn handle_in(&mut self, message: Message, _ctx: &mut Context<'_, ()>) -> Outcome {
         match message {

@@ -450,3 +450,23 @@ async fn sigterm_closes_clients_with_1001_and_exits_zero() {
     };
     assert!(exit.success(), "{exit:?}");
 }
+
+/// Regression: the id used to be registered only once the driver task started,
+/// after the 101 went out, so a message sent right after the handshake could find
+/// its target offline.
+#[tokio::test]
+async fn a_client_is_reachable_as_soon_as_its_handshake_completes() {
+    let server = Server::start(&[]);
+    let mut sender = server.connect_envelope("sender").await;
+    for i in 0..100 {
+        let mut target = server.connect(&format!("t{i}")).await;
+        send(
+            &mut sender,
+            json!({"id": i, "targets": [format!("t{i}")], "payload": i}),
+        )
+        .await;
+        let ack = recv_json(&mut sender).await;
+        assert_eq!(ack["offline"], json!([]), "attempt {i}: {ack}");
+        assert_eq!(recv_text(&mut target).await, i.to_string());
+    }
+}

@@ -42,6 +42,10 @@ enum Phase {
     Open,
     /// We sent a close frame and wait for the peer's.
     Closing,
+    /// We sent a close frame after a protocol error: flush it, half-close, and
+    /// discard input until the peer closes or the close timeout passes, so that
+    /// unread input does not turn our close frame into a TCP reset.
+    Failing,
     /// The close handshake is over, or the connection failed: flush and end.
     Done,
 }
@@ -105,6 +109,8 @@ struct Driver<H: Handler, S> {
     close_deadline: Option<Pin<Box<Sleep>>>,
     shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     flushed: bool,
+    /// Our side of the TCP connection is shut down.
+    write_closed: bool,
 }
 
 impl<H, S> Driver<H, S>
@@ -144,6 +150,7 @@ where
                 .shutdown
                 .map(|token| Box::pin(token.cancelled_owned())),
             flushed: true,
+            write_closed: false,
         }
     }
 
@@ -179,9 +186,14 @@ where
                 }
                 Poll::Pending => {}
             }
-            if self.phase == Phase::Done && self.write_queue.is_empty() && self.flushed {
+            let ending = matches!(self.phase, Phase::Done | Phase::Failing);
+            if ending && !self.write_closed && self.write_queue.is_empty() && self.flushed {
                 // We close the TCP connection first, as RFC 6455 §7.1.1 asks of servers.
                 let _ = ready!(Pin::new(&mut self.io).poll_shutdown(cx));
+                self.write_closed = true;
+                progress = true;
+            }
+            if self.phase == Phase::Done && self.write_closed {
                 return Poll::Ready(());
             }
             if !progress {
@@ -208,7 +220,7 @@ where
     }
 
     fn poll_mailbox(&mut self, cx: &mut TaskContext<'_>) -> bool {
-        if self.phase == Phase::Done {
+        if matches!(self.phase, Phase::Done | Phase::Failing) {
             return false;
         }
         let mut drained = std::mem::take(&mut self.inbox);
@@ -239,6 +251,13 @@ where
             self.read_buf.reserve(READ_CHUNK);
         }
         let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf);
+        if self.phase == Phase::Failing {
+            self.read_buf.clear();
+            if matches!(read, Poll::Ready(Ok(0) | Err(_))) {
+                self.phase = Phase::Done;
+            }
+            return read.is_ready();
+        }
         match read {
             Poll::Pending => false,
             Poll::Ready(Ok(0)) => {
@@ -264,7 +283,7 @@ where
     }
 
     fn decode_messages(&mut self) {
-        while self.phase != Phase::Done {
+        while matches!(self.phase, Phase::Open | Phase::Closing) {
             match self.decoder.next(&mut self.read_buf) {
                 Ok(Some(message)) => self.on_message(message),
                 Ok(None) => break,
@@ -309,7 +328,14 @@ where
         if self.phase == Phase::Open {
             self.push_frame(Message::Close(Some(close)));
         }
-        self.fail(TerminateReason::Error(error.to_string()));
+        self.mailbox.refuse_new();
+        if self.reason.is_none() {
+            self.reason = Some(TerminateReason::Error(error.to_string()));
+        }
+        self.phase = Phase::Failing;
+        if self.close_deadline.is_none() {
+            self.close_deadline = Some(Box::pin(sleep(self.close_timeout)));
+        }
     }
 
     /// Ends the connection without a close handshake (keeping an earlier reason).

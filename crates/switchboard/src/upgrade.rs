@@ -176,7 +176,9 @@ impl WebSocketUpgrade {
     }
 
     /// Like [`Self::on_upgrade`], building the handler from the connection's own
-    /// handle first (for handlers that hand their address to others up front).
+    /// handle first. The handle works before the 101 response is sent (what is
+    /// pushed waits for the socket), so a connection registered here is reachable
+    /// as soon as the client sees the handshake succeed; `init` runs only later.
     pub fn on_upgrade_with<H, F, B>(self, make: F) -> http::Response<B>
     where
         H: Handler,

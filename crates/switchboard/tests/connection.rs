@@ -139,8 +139,10 @@ async fn protocol_errors_close_with_their_codes() {
         client.recv().await;
         client.send(&bytes).await;
         assert_eq!(client.close_code().await, Some(code), "{what}");
-        // The server then closes the TCP connection.
+        // The server then shuts down its side of the TCP connection, and keeps
+        // reading (discarding) until we close ours.
         assert_eq!(client.recv().await, None, "{what}");
+        drop(client);
         next_event(&mut events).await;
         assert!(
             matches!(
