@@ -14,6 +14,8 @@ step() { printf '\n==> %s\n' "$*"; }
 step "Rust tests (unit, property, integration, examples build)"
 cargo test --workspace --all-targets
 cargo test --workspace --doc
+# The Python suite runs the binary and the examples themselves.
+cargo build --workspace --bins --examples
 
 step "Python environment (.venv)"
 if [ ! -x .venv/bin/python ]; then

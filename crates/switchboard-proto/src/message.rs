@@ -189,43 +189,48 @@ impl MessageDecoder {
     }
 
     fn append(&mut self, payload: &[u8], fresh: &[u8]) -> Result<(), ProtocolError> {
-        let limit = self.limits.max_message_size;
-        let partial = self.partial.as_mut().expect("a message is in progress");
+        // Taken out while it grows; an error fails the connection, so it need not go back.
+        let mut partial = self.partial.take().expect("a message is in progress");
         if partial.compressed {
-            let inflater = self
-                .inflater
-                .as_mut()
-                .expect("RSV1 is only accepted with deflate");
-            let start = partial.data.len();
-            inflater.inflate(payload, &mut partial.data, limit)?;
-            if partial.text && self.validate_utf8 {
-                self.utf8.feed(&partial.data[start..])?;
+            self.inflate_onto(&mut partial, Some(payload))?;
+        } else {
+            if partial.text {
+                self.validate(fresh)?;
             }
-            return Ok(());
+            self.check_size(partial.data.len(), payload.len())?;
+            partial.data.extend_from_slice(payload);
+        }
+        self.partial = Some(partial);
+        Ok(())
+    }
+
+    /// Inflates `input` onto the message, or with `None` the stripped tail that ends
+    /// it, and validates the text that came out.
+    fn inflate_onto(
+        &mut self,
+        partial: &mut Partial,
+        input: Option<&[u8]>,
+    ) -> Result<(), ProtocolError> {
+        let limit = self.limits.max_message_size;
+        let inflater = self
+            .inflater
+            .as_mut()
+            .expect("RSV1 is only accepted with deflate");
+        let start = partial.data.len();
+        match input {
+            Some(input) => inflater.inflate(input, &mut partial.data, limit)?,
+            None => inflater.finish_message(&mut partial.data, limit)?,
         }
         if partial.text {
-            self.validate(fresh)?;
+            self.validate(&partial.data[start..])?;
         }
-        let partial = self.partial.as_mut().expect("a message is in progress");
-        if partial.data.len() + payload.len() > limit {
-            return Err(ProtocolError::MessageTooLarge { limit });
-        }
-        partial.data.extend_from_slice(payload);
         Ok(())
     }
 
     fn complete(&mut self) -> Result<Message, ProtocolError> {
         let mut partial = self.partial.take().expect("a message is in progress");
         if partial.compressed {
-            let inflater = self
-                .inflater
-                .as_mut()
-                .expect("RSV1 is only accepted with deflate");
-            let start = partial.data.len();
-            inflater.finish_message(&mut partial.data, self.limits.max_message_size)?;
-            if partial.text && self.validate_utf8 {
-                self.utf8.feed(&partial.data[start..])?;
-            }
+            self.inflate_onto(&mut partial, None)?;
         }
         let data = partial.data.freeze();
         if partial.text {

@@ -450,7 +450,7 @@ where
                 self.scratch.split().freeze()
             }
         };
-        self.mailbox.recharge(0, bytes.len());
+        self.mailbox.charge(bytes.len());
         self.write_queue.push_back(bytes);
     }
 
@@ -458,7 +458,7 @@ where
     fn push_frame(&mut self, message: Message) {
         self.encoder.encode(&message, &mut self.scratch);
         let bytes = self.scratch.split().freeze();
-        self.mailbox.recharge(0, bytes.len());
+        self.mailbox.charge(bytes.len());
         self.write_queue.push_back(bytes);
     }
 

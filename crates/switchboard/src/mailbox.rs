@@ -174,13 +174,9 @@ impl<I> Mailbox<I> {
         state.waker = None;
     }
 
-    /// Re-charges bytes: `from` the mailbox estimate `to` the encoded size.
-    pub fn recharge(&self, from: usize, to: usize) {
-        if to >= from {
-            self.queued_bytes.fetch_add(to - from, Ordering::Relaxed);
-        } else {
-            self.queued_bytes.fetch_sub(from - to, Ordering::Relaxed);
-        }
+    /// Bytes put on the write queue count against the outbound budget.
+    pub fn charge(&self, bytes: usize) {
+        self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Bytes written to the socket leave the outbound budget.

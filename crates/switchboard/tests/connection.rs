@@ -205,17 +205,25 @@ async fn a_slow_consumer_is_closed_and_its_buffer_stays_bounded() {
     assert_eq!(client.close_code().await, Some(1013));
 }
 
-#[tokio::test]
-async fn the_registry_forgets_connections_however_they_end() {
-    let registry = Registry::new();
-    let (tx, mut events) = mpsc::unbounded_channel();
-    let reg = registry.clone();
+/// A server whose probes register as "probe" in `registry`.
+async fn registry_server(
+    registry: &Registry,
+) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Event>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let registry = registry.clone();
     let addr = serve(move |ws| {
         let mut probe = Probe::new(tx.clone());
-        probe.registry = Some(reg.clone());
+        probe.registry = Some(registry.clone());
         ws.on_upgrade(probe)
     })
     .await;
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn the_registry_forgets_connections_however_they_end() {
+    let registry = Registry::new();
+    let (addr, mut events) = registry_server(&registry).await;
 
     // A clean close.
     let mut a = RawClient::connect(addr).await;
@@ -258,14 +266,7 @@ async fn the_registry_forgets_connections_however_they_end() {
 #[tokio::test]
 async fn registry_delivery_reaches_every_connection_of_an_id() {
     let registry = Registry::new();
-    let (tx, _events) = mpsc::unbounded_channel();
-    let reg = registry.clone();
-    let addr = serve(move |ws| {
-        let mut probe = Probe::new(tx.clone());
-        probe.registry = Some(reg.clone());
-        ws.on_upgrade(probe)
-    })
-    .await;
+    let (addr, _events) = registry_server(&registry).await;
     let mut tabs = Vec::new();
     for _ in 0..3 {
         let mut tab = RawClient::connect(addr).await;
