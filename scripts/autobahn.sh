@@ -9,21 +9,26 @@ cd "$(dirname "$0")/.."
 
 KOSOKU=${KOSOKU:-.venv/bin/kosoku}
 PYTHON=${PYTHON:-.venv/bin/python}
-PORT=${AUTOBAHN_PORT:-9001}
 OUT=target/autobahn
 
 cargo build --release --quiet -p switchboard --example echo
 rm -rf "$OUT"
 mkdir -p "$OUT"
-target/release/examples/echo "127.0.0.1:$PORT" > "$OUT/echo.log" 2>&1 &
+# Port 0: a free port, whatever else runs on this machine.
+target/release/examples/echo "127.0.0.1:0" > "$OUT/echo.log" 2>&1 &
 ECHO_PID=$!
 trap 'kill $ECHO_PID 2>/dev/null || true' EXIT
-for _ in $(seq 1 50); do
-  grep -q "listening on" "$OUT/echo.log" && break
+ADDR=""
+for _ in $(seq 1 100); do
+  ADDR=$(sed -n 's/^listening on //p' "$OUT/echo.log")
+  [ -n "$ADDR" ] && break
+  kill -0 "$ECHO_PID" 2>/dev/null || { cat "$OUT/echo.log"; exit 1; }
   sleep 0.1
 done
+[ -n "$ADDR" ] || { echo "the echo example did not start"; exit 1; }
+echo "echo example on $ADDR"
 
 # Bounded: the slowest cases (9.*, 12.*, 13.*) finish in a few minutes here.
-timeout 1500 "$KOSOKU" -m fuzzingclient -p 4 -o "$OUT/reports" "127.0.0.1:$PORT" > "$OUT/kosoku.log" 2>&1 || true
+timeout 1500 "$KOSOKU" -m fuzzingclient -p 4 -o "$OUT/reports" "$ADDR" > "$OUT/kosoku.log" 2>&1 || true
 tail -n 3 "$OUT/kosoku.log"
 "$PYTHON" scripts/autobahn_summary.py "$OUT/reports/index.json" "$@"

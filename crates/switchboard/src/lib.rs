@@ -12,6 +12,7 @@
 //! - [`handle`]: [`ConnHandle`] and [`Outbox`], the addresses of a connection.
 //! - [`options`]: per-connection [`Options`]: limits, timeouts, compression, backpressure.
 //! - [`registry`]: [`Registry`], live connections by client id, behind the [`Broker`] trait.
+//! - [`pubsub`]: [`PubSub`], topics with encode-once publish and presence.
 //! - [`shutdown`]: [`Shutdown`], which closes every connection with 1001 and waits for them.
 //!
 //! The protocol itself lives in [`switchboard_proto`], re-exported as [`proto`].
@@ -45,13 +46,16 @@ pub mod handle;
 pub mod handler;
 mod mailbox;
 pub mod options;
+pub mod pubsub;
 pub mod registry;
+mod sharded;
 pub mod shutdown;
 pub mod upgrade;
 
 pub use handle::{ConnHandle, ConnId, Outbound, Outbox, PushError, SendError, TimerRef};
 pub use handler::{Context, Handler, Outcome, TerminateReason};
 pub use options::{Options, SlowConsumerPolicy};
+pub use pubsub::{PresenceChange, PresenceListener, PubSub, SubscribeError, Subscription};
 pub use registry::{Broker, ClientId, Format, Registration, Registry};
 pub use shutdown::Shutdown;
 pub use switchboard_proto as proto;

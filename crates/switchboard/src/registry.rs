@@ -7,13 +7,12 @@
 //! when its task ends. Handlers and services talk to the [`Broker`] trait, so a
 //! backend spanning several nodes can replace the local one without them changing.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use switchboard_proto::PreparedMessage;
 
 use crate::handle::{ConnId, Outbound, Outbox};
+use crate::sharded::ShardedMap;
 
 /// A client's id: one user, any number of connections.
 pub type ClientId = Arc<str>;
@@ -66,10 +65,6 @@ impl Drop for Registration {
     }
 }
 
-const SHARDS: usize = 16;
-
-type Shard = RwLock<HashMap<ClientId, Vec<(Outbox, Format)>>>;
-
 /// The in-process [`Broker`]: client ids to their live connections.
 #[derive(Clone)]
 pub struct Registry {
@@ -77,8 +72,7 @@ pub struct Registry {
 }
 
 struct Inner {
-    hasher: RandomState,
-    shards: Box<[Shard]>,
+    clients: ShardedMap<Vec<(Outbox, Format)>>,
 }
 
 impl Default for Registry {
@@ -100,31 +94,25 @@ impl Registry {
     pub fn new() -> Self {
         Self {
             inner: Arc::new(Inner {
-                hasher: RandomState::new(),
-                shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+                clients: ShardedMap::new(),
             }),
         }
     }
 
-    fn shard(&self, id: &str) -> &Shard {
-        let index = self.inner.hasher.hash_one(id) as usize % SHARDS;
-        &self.inner.shards[index]
-    }
-
     /// The live connections of `id`.
     pub fn lookup(&self, id: &str) -> Vec<Outbox> {
-        let shard = read(self.shard(id));
+        let shard = self.inner.clients.read(id);
         let list = shard.get(id).map(Vec::as_slice).unwrap_or_default();
         list.iter().map(|(outbox, _)| outbox.clone()).collect()
     }
 
     /// How many client ids have at least one connection.
     pub fn clients(&self) -> usize {
-        self.inner.shards.iter().map(|s| read(s).len()).sum()
+        self.inner.clients.len()
     }
 
     fn remove(&self, id: &str, conn: ConnId) {
-        let mut shard = write(self.shard(id));
+        let mut shard = self.inner.clients.write(id);
         if let Some(list) = shard.get_mut(id) {
             list.retain(|(outbox, _)| outbox.id() != conn);
             if list.is_empty() {
@@ -137,7 +125,9 @@ impl Registry {
 impl Broker for Registry {
     fn register(&self, id: ClientId, outbox: Outbox, format: Format) -> Registration {
         let conn = outbox.id();
-        write(self.shard(&id))
+        self.inner
+            .clients
+            .write(&id)
             .entry(id.clone())
             .or_default()
             .push((outbox, format));
@@ -146,7 +136,7 @@ impl Broker for Registry {
     }
 
     fn send(&self, id: &str, render: &dyn Fn(Format) -> PreparedMessage) -> usize {
-        let shard = read(self.shard(id));
+        let shard = self.inner.clients.read(id);
         let Some(list) = shard.get(id) else { return 0 };
         list.iter()
             .filter(|(outbox, format)| outbox.push(Outbound::Prepared(render(*format))).is_ok())
@@ -154,17 +144,6 @@ impl Broker for Registry {
     }
 
     fn connections(&self, id: &str) -> usize {
-        read(self.shard(id)).get(id).map_or(0, Vec::len)
+        self.inner.clients.read(id).get(id).map_or(0, Vec::len)
     }
-}
-
-// The map stays consistent even if a holder panicked: every update is one call.
-fn read(shard: &Shard) -> std::sync::RwLockReadGuard<'_, HashMap<ClientId, Vec<(Outbox, Format)>>> {
-    shard.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write(
-    shard: &Shard,
-) -> std::sync::RwLockWriteGuard<'_, HashMap<ClientId, Vec<(Outbox, Format)>>> {
-    shard.write().unwrap_or_else(|e| e.into_inner())
 }

@@ -1,0 +1,260 @@
+//! Topics: publish once, deliver to every subscriber, and know who is there.
+//!
+//! [`PubSub`] maps a topic to its subscribed connections. A publish renders the
+//! message at most once per [`Format`] and queues the same frame on every
+//! subscriber. Presence is kept per topic by client id, so a client with two
+//! connections (two tabs) joins once and leaves once; a [`PresenceListener`]
+//! hears each join and leave. A [`Subscription`] unsubscribes when dropped, so a
+//! connection's subscriptions end with it, however it ends.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use switchboard_proto::PreparedMessage;
+
+use crate::handle::{ConnId, Outbound, Outbox};
+use crate::registry::{ClientId, Format};
+use crate::sharded::ShardedMap;
+
+/// A client's first connection joined a topic, or its last one left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceChange {
+    /// The client had no connection subscribed before.
+    Joined,
+    /// The client has no connection subscribed any more.
+    Left,
+}
+
+/// Hears joins and leaves. Called outside any lock, on the task that caused
+/// the change (the subscriber's own, or the one dropping its subscription).
+pub trait PresenceListener: Send + Sync + 'static {
+    /// `client` joined or left `topic`.
+    fn changed(&self, pubsub: &PubSub, topic: &str, client: &ClientId, change: PresenceChange);
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    /// The topic has as many subscribers as its limit allows.
+    #[error("the topic has reached its subscriber limit")]
+    Full,
+    /// This connection is already subscribed to the topic.
+    #[error("already subscribed")]
+    AlreadySubscribed,
+}
+
+/// One subscribed connection.
+#[derive(Clone)]
+struct Subscriber {
+    outbox: Outbox,
+    format: Format,
+    client: ClientId,
+}
+
+#[derive(Default)]
+struct Topic {
+    subscribers: HashMap<ConnId, Subscriber>,
+    /// Connections per client id: presence.
+    members: HashMap<ClientId, usize>,
+}
+
+/// Topics and their subscribers.
+#[derive(Clone)]
+pub struct PubSub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    topics: ShardedMap<Topic>,
+    listener: Option<Arc<dyn PresenceListener>>,
+}
+
+impl Default for PubSub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for PubSub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PubSub")
+            .field("topics", &self.topics())
+            .finish()
+    }
+}
+
+impl PubSub {
+    /// An empty set of topics, with no presence listener.
+    pub fn new() -> Self {
+        Self::build(None)
+    }
+
+    /// An empty set of topics whose joins and leaves go to `listener`.
+    pub fn with_listener(listener: impl PresenceListener) -> Self {
+        Self::build(Some(Arc::new(listener)))
+    }
+
+    fn build(listener: Option<Arc<dyn PresenceListener>>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                topics: ShardedMap::new(),
+                listener,
+            }),
+        }
+    }
+
+    /// Subscribes the connection behind `outbox`, of client `client`, to `topic`.
+    /// `limit` caps the topic's subscribers. Dropping the result unsubscribes.
+    pub fn subscribe(
+        &self,
+        topic: &str,
+        client: ClientId,
+        outbox: &Outbox,
+        format: Format,
+        limit: Option<usize>,
+    ) -> Result<Subscription, SubscribeError> {
+        let topic: Arc<str> = Arc::from(topic);
+        let conn = outbox.id();
+        let joined = {
+            let mut shard = self.inner.topics.write(&topic);
+            let entry = shard.entry(topic.clone()).or_default();
+            if entry.subscribers.contains_key(&conn) {
+                return Err(SubscribeError::AlreadySubscribed);
+            }
+            if limit.is_some_and(|limit| entry.subscribers.len() >= limit) {
+                if entry.subscribers.is_empty() {
+                    shard.remove(&topic);
+                }
+                return Err(SubscribeError::Full);
+            }
+            let subscriber = Subscriber {
+                outbox: outbox.clone(),
+                format,
+                client: client.clone(),
+            };
+            entry.subscribers.insert(conn, subscriber);
+            let count = entry.members.entry(client.clone()).or_default();
+            *count += 1;
+            *count == 1
+        };
+        if joined {
+            self.notify(&topic, &client, PresenceChange::Joined);
+        }
+        Ok(Subscription {
+            pubsub: self.clone(),
+            topic,
+            conn,
+        })
+    }
+
+    fn unsubscribe(&self, topic: &str, conn: ConnId) {
+        let left = {
+            let mut shard = self.inner.topics.write(topic);
+            let Some(entry) = shard.get_mut(topic) else {
+                return;
+            };
+            let Some(subscriber) = entry.subscribers.remove(&conn) else {
+                return;
+            };
+            let count = entry
+                .members
+                .get_mut(&subscriber.client)
+                .expect("members mirror subscribers");
+            *count -= 1;
+            let left = *count == 0;
+            if left {
+                entry.members.remove(&subscriber.client);
+            }
+            if entry.subscribers.is_empty() {
+                shard.remove(topic);
+            }
+            left.then_some(subscriber.client)
+        };
+        if let Some(client) = left {
+            self.notify(topic, &client, PresenceChange::Left);
+        }
+    }
+
+    fn notify(&self, topic: &str, client: &ClientId, change: PresenceChange) {
+        if let Some(listener) = &self.inner.listener {
+            listener.changed(self, topic, client, change);
+        }
+    }
+
+    /// Queues a message on every subscriber of `topic`, rendered by `render` at
+    /// most once per format; returns how many connections took it.
+    pub fn publish(&self, topic: &str, render: &dyn Fn(Format) -> PreparedMessage) -> usize {
+        let shard = self.inner.topics.read(topic);
+        let Some(entry) = shard.get(topic) else {
+            return 0;
+        };
+        let mut rendered: Vec<(Format, PreparedMessage)> = Vec::new();
+        let mut reached = 0;
+        for subscriber in entry.subscribers.values() {
+            let message = match rendered.iter().find(|(f, _)| *f == subscriber.format) {
+                Some((_, message)) => message.clone(),
+                None => {
+                    let message = render(subscriber.format);
+                    rendered.push((subscriber.format, message.clone()));
+                    message
+                }
+            };
+            if subscriber.outbox.push(Outbound::Prepared(message)).is_ok() {
+                reached += 1;
+            }
+        }
+        reached
+    }
+
+    /// The client ids subscribed to `topic`, with their connection counts.
+    pub fn presence(&self, topic: &str) -> Vec<(ClientId, usize)> {
+        let shard = self.inner.topics.read(topic);
+        let Some(entry) = shard.get(topic) else {
+            return Vec::new();
+        };
+        entry.members.iter().map(|(c, n)| (c.clone(), *n)).collect()
+    }
+
+    /// How many connections are subscribed to `topic`.
+    pub fn subscribers(&self, topic: &str) -> usize {
+        self.inner
+            .topics
+            .read(topic)
+            .get(topic)
+            .map_or(0, |t| t.subscribers.len())
+    }
+
+    /// How many topics have at least one subscriber.
+    pub fn topics(&self) -> usize {
+        self.inner.topics.len()
+    }
+}
+
+/// Keeps a connection subscribed; dropping it unsubscribes.
+#[must_use = "the connection is unsubscribed as soon as this is dropped"]
+pub struct Subscription {
+    pubsub: PubSub,
+    topic: Arc<str>,
+    conn: ConnId,
+}
+
+impl Subscription {
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("topic", &self.topic)
+            .finish()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.pubsub.unsubscribe(&self.topic, self.conn);
+    }
+}

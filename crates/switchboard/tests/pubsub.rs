@@ -1,0 +1,183 @@
+//! Topics with real connections: encode-once publish to many subscribers,
+//! presence by client id, and cleanup however a connection ends.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{RawClient, TIMEOUT, serve};
+use switchboard::proto::OpCode;
+use switchboard::{
+    ClientId, Context, Format, Handler, Message, Outcome, PreparedMessage, PresenceChange,
+    PresenceListener, PubSub, SubscribeError, Subscription,
+};
+
+/// Subscribes to "news" as the client named in the handshake path, on init.
+struct Reader {
+    pubsub: PubSub,
+    client: ClientId,
+    limit: Option<usize>,
+    subscription: Option<Subscription>,
+}
+
+impl Handler for Reader {
+    type Info = ();
+
+    fn init(&mut self, ctx: &mut Context<'_, ()>) -> Outcome {
+        let outbox = ctx.handle().outbox();
+        match self
+            .pubsub
+            .subscribe("news", self.client.clone(), &outbox, Format(0), self.limit)
+        {
+            Ok(subscription) => {
+                self.subscription = Some(subscription);
+                Outcome::push(Message::text("subscribed"))
+            }
+            Err(error) => Outcome::push(Message::text(error.to_string())),
+        }
+    }
+
+    /// Any message asks to subscribe again, which must be refused.
+    fn handle_in(&mut self, _message: Message, ctx: &mut Context<'_, ()>) -> Outcome {
+        let outbox = ctx.handle().outbox();
+        let again = self
+            .pubsub
+            .subscribe("news", self.client.clone(), &outbox, Format(0), None);
+        let answer = again.map_or_else(|e| e.to_string(), |_| "subscribed twice".into());
+        Outcome::push(Message::text(answer))
+    }
+}
+
+/// Serves readers; connections pair up under one client id: c0, c0, c1, c1...
+async fn news_server(pubsub: &PubSub, limit: Option<usize>) -> std::net::SocketAddr {
+    let pubsub = pubsub.clone();
+    let next = Arc::new(AtomicUsize::new(0));
+    serve(move |ws| {
+        let n = next.fetch_add(1, Ordering::Relaxed) / 2;
+        ws.on_upgrade(Reader {
+            pubsub: pubsub.clone(),
+            client: ClientId::from(format!("c{n}")),
+            limit,
+            subscription: None,
+        })
+    })
+    .await
+}
+
+async fn eventually(mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition never held"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_thousand_subscribers_get_one_publish_exactly_once_rendered_once() {
+    let pubsub = PubSub::new();
+    let addr = news_server(&pubsub, None).await;
+    let mut readers = Vec::new();
+    for _ in 0..1000 {
+        let mut reader = RawClient::connect(addr).await;
+        assert_eq!(reader.recv().await.unwrap().1, b"subscribed");
+        readers.push(reader);
+    }
+    assert_eq!(pubsub.subscribers("news"), 1000);
+    assert_eq!(pubsub.presence("news").len(), 500);
+
+    let renders = AtomicUsize::new(0);
+    let reached = pubsub.publish("news", &|_format| {
+        renders.fetch_add(1, Ordering::Relaxed);
+        PreparedMessage::text("extra! extra!")
+    });
+    assert_eq!(reached, 1000);
+    assert_eq!(
+        renders.load(Ordering::Relaxed),
+        1,
+        "rendered once for one format"
+    );
+
+    let pings_and_deliveries = readers.iter_mut().map(|reader| async move {
+        assert_eq!(
+            reader.recv().await.unwrap(),
+            (OpCode::Text, b"extra! extra!".to_vec())
+        );
+        // Exactly once: nothing else follows.
+        let more = tokio::time::timeout(Duration::from_millis(50), reader.recv()).await;
+        assert!(more.is_err(), "a second delivery: {more:?}");
+    });
+    futures_util::future::join_all(pings_and_deliveries).await;
+}
+
+#[derive(Clone, Default)]
+struct Recorder(Arc<Mutex<Vec<(String, String, PresenceChange)>>>);
+
+impl PresenceListener for Recorder {
+    fn changed(&self, _: &PubSub, topic: &str, client: &ClientId, change: PresenceChange) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((topic.into(), client.to_string(), change));
+    }
+}
+
+#[tokio::test]
+async fn a_second_tab_does_not_join_twice_and_the_last_one_leaves() {
+    let recorder = Recorder::default();
+    let pubsub = PubSub::with_listener(recorder.clone());
+    let addr = news_server(&pubsub, None).await;
+    let mut tab1 = RawClient::connect(addr).await;
+    let mut tab2 = RawClient::connect(addr).await;
+    tab1.recv().await;
+    tab2.recv().await;
+    assert_eq!(pubsub.presence("news"), vec![(ClientId::from("c0"), 2)]);
+    drop(tab1);
+    eventually(|| pubsub.subscribers("news") == 1).await;
+    assert_eq!(pubsub.presence("news"), vec![(ClientId::from("c0"), 1)]);
+    drop(tab2);
+    eventually(|| pubsub.topics() == 0).await;
+    let events = recorder.0.lock().unwrap().clone();
+    assert_eq!(
+        events,
+        vec![
+            ("news".into(), "c0".into(), PresenceChange::Joined),
+            ("news".into(), "c0".into(), PresenceChange::Left),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn subscriber_limits_and_double_subscriptions_are_refused() {
+    let pubsub = PubSub::new();
+    let addr = news_server(&pubsub, Some(2)).await;
+    let mut a = RawClient::connect(addr).await;
+    let mut b = RawClient::connect(addr).await;
+    let mut c = RawClient::connect(addr).await;
+    assert_eq!(a.recv().await.unwrap().1, b"subscribed");
+    assert_eq!(b.recv().await.unwrap().1, b"subscribed");
+    let refused = c.recv().await.unwrap().1;
+    assert_eq!(refused, SubscribeError::Full.to_string().as_bytes());
+    assert_eq!(pubsub.subscribers("news"), 2);
+    a.send(&RawClient::frame(true, OpCode::Text, b"again"))
+        .await;
+    let answer = a.recv().await.unwrap().1;
+    assert_eq!(
+        answer,
+        SubscribeError::AlreadySubscribed.to_string().as_bytes()
+    );
+    assert_eq!(pubsub.subscribers("news"), 2);
+}
+
+#[tokio::test]
+async fn publishing_to_an_empty_topic_reaches_no_one() {
+    let pubsub = PubSub::new();
+    assert_eq!(
+        pubsub.publish("nobody-here", &|_| unreachable!("nothing to render for")),
+        0
+    );
+}
