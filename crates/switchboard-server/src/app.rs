@@ -5,87 +5,149 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use switchboard::{Broker, Options, Registry, Shutdown, UpgradeError, WebSocketUpgrade};
+use switchboard::{UpgradeError, WebSocketUpgrade};
 
-use crate::config::Config;
+use crate::auth::{Identity, Permissions, TokenError};
+use crate::hub::Hub;
 use crate::ids;
 use crate::relay::Relay;
 use crate::wire::{Mode, PROTOCOL};
 
-/// What every request handler shares.
-pub struct AppState {
-    /// Live connections by client id.
-    pub registry: Registry,
-    /// Where relay connections deliver (the registry, behind its interface).
-    pub broker: Arc<dyn Broker>,
-    /// Options for each relay connection.
-    pub options: Options,
-    /// Most targets per message.
-    pub max_targets: usize,
-    /// Closes every connection on shutdown.
-    pub shutdown: Shutdown,
-}
+/// Prefix of a subprotocol entry that carries a token, for browsers (which
+/// cannot set headers): `new WebSocket(url, ["switchboard.v1", "bearer.<jwt>"])`.
+pub const TOKEN_PROTOCOL_PREFIX: &str = "bearer.";
 
-impl AppState {
-    /// State for `config`, with a local registry.
-    pub fn new(config: &Config, shutdown: Shutdown) -> Self {
-        let registry = Registry::new();
-        Self {
-            broker: Arc::new(registry.clone()),
-            registry,
-            options: config.connection_options(),
-            max_targets: config.max_targets,
-            shutdown,
-        }
-    }
-}
-
-/// The service's routes.
-pub fn router(state: Arc<AppState>) -> Router {
+/// The client-facing routes.
+pub fn router(hub: Arc<Hub>) -> Router {
     Router::new()
         .route("/", get(demo_page))
         .route("/ws", get(relay))
         .route("/healthz", get(healthz))
-        .with_state(state)
+        .with_state(hub)
 }
 
 async fn relay(
-    State(state): State<Arc<AppState>>,
+    State(hub): State<Arc<Hub>>,
     Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, UpgradeError>,
 ) -> Response {
-    let Some(id) = query.get("id") else {
-        return (
-            StatusCode::BAD_REQUEST,
-            "missing id: connect to /ws?id=<client id>\n",
-        )
-            .into_response();
+    if !origin_allowed(&hub, &headers) {
+        return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+    }
+    let identity = match identify(&hub, &query, &headers) {
+        Ok(identity) => identity,
+        Err(refused) => return refused.into_response(),
     };
-    let id = match ids::parse(id) {
-        Ok(id) => id,
-        Err(e) => return (StatusCode::BAD_REQUEST, format!("invalid id: {e}\n")).into_response(),
-    };
+    if hub.broker.connections(&identity.client) >= hub.limits.max_connections {
+        let message = format!(
+            "too many connections for client {}: at most {}\n",
+            identity.client, hub.limits.max_connections
+        );
+        return (StatusCode::TOO_MANY_REQUESTS, message).into_response();
+    }
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
         Err(e) => return e.into_response(),
     };
     let upgrade = upgrade
         .protocols([PROTOCOL])
-        .options(state.options.clone())
-        .shutdown(&state.shutdown);
+        .options(hub.options.clone())
+        .shutdown(&hub.shutdown);
     let mode = Mode::for_protocol(upgrade.selected_protocol());
-    let broker = state.broker.clone();
-    upgrade.on_upgrade_with(|handle| Relay::new(id, mode, broker, state.max_targets, handle))
+    upgrade.on_upgrade_with(|handle| Relay::new(hub.clone(), identity, mode, handle))
 }
 
-async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+/// A browser's `Origin` must be on the allowlist, when there is one. Clients
+/// that send no `Origin` are not browsers, and cross-site hijacking needs one.
+fn origin_allowed(hub: &Hub, headers: &HeaderMap) -> bool {
+    if hub.allowed_origins.is_empty() {
+        return true;
+    }
+    match headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
+        Some(origin) => hub.allowed_origins.iter().any(|allowed| allowed == origin),
+        None => true,
+    }
+}
+
+/// Why a handshake was refused before the upgrade.
+enum Refused {
+    /// A missing or invalid `?id=`.
+    BadRequest(String),
+    /// A missing or invalid token.
+    Unauthorized(TokenError),
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        match self {
+            Self::BadRequest(message) => {
+                (StatusCode::BAD_REQUEST, format!("{message}\n")).into_response()
+            }
+            Self::Unauthorized(error) => {
+                let mut response = (StatusCode::UNAUTHORIZED, format!("{error}\n")).into_response();
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                response
+            }
+        }
+    }
+}
+
+/// Who is connecting: the token's `sub` when tokens are configured (`?id=` is
+/// then ignored), otherwise `?id=`.
+fn identify(
+    hub: &Hub,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Result<Identity, Refused> {
+    let Some(jwt) = &hub.jwt else {
+        let Some(id) = query.get("id") else {
+            return Err(Refused::BadRequest(
+                "missing id: connect to /ws?id=<client id>".into(),
+            ));
+        };
+        let client = ids::parse(id).map_err(|e| Refused::BadRequest(format!("invalid id: {e}")))?;
+        return Ok(Identity {
+            client,
+            expires_at: None,
+            permissions: Permissions::default(),
+        });
+    };
+    let token = bearer_token(query, headers).ok_or(TokenError::Missing);
+    token
+        .and_then(|t| jwt.verify(t))
+        .map_err(Refused::Unauthorized)
+}
+
+/// The token from `Authorization: Bearer`, `?token=`, or a `bearer.` subprotocol.
+fn bearer_token<'r>(query: &'r HashMap<String, String>, headers: &'r HeaderMap) -> Option<&'r str> {
+    let from_header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let from_protocol = || {
+        headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .find_map(|p| p.trim().strip_prefix(TOKEN_PROTOCOL_PREFIX))
+    };
+    from_header
+        .or_else(|| query.get("token").map(String::as_str))
+        .or_else(from_protocol)
+}
+
+async fn healthz(State(hub): State<Arc<Hub>>) -> Response {
     let body = serde_json::json!({
         "status": "ok",
-        "connections": state.shutdown.connections(),
-        "clients": state.registry.clients(),
+        "connections": hub.shutdown.connections(),
+        "clients": hub.registry.clients(),
     });
     (
         [(header::CONTENT_TYPE, "application/json")],

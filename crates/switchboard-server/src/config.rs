@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use switchboard::proto::deflate::DeflateOptions;
 use switchboard::{CloseCode, Options, SlowConsumerPolicy};
 
+use crate::auth::{ApiKeys, JwtConfig};
+use crate::topics::Namespace;
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -78,6 +81,107 @@ pub struct Settings {
     /// On SIGTERM/SIGINT, how long to wait for connections to close before exiting [default: 10]
     #[arg(long, env = "SWITCHBOARD_SHUTDOWN_DRAIN_SECS", value_name = "SECS")]
     pub shutdown_drain_secs: Option<u64>,
+
+    /// Most connections one client id may hold; more get HTTP 429 [default: 100]
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_CLIENT", value_name = "N")]
+    pub max_connections_per_client: Option<usize>,
+
+    /// Most topics one connection may subscribe to; more get `too_many_topics` [default: 100]
+    #[arg(long, env = "SWITCHBOARD_MAX_TOPICS_PER_CONNECTION", value_name = "N")]
+    pub max_topics_per_connection: Option<usize>,
+
+    /// Messages a connection may send per second (bursts of twice that); 0 unlimited [default: 100]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_RATE_LIMIT_MESSAGES_PER_SEC",
+        value_name = "N"
+    )]
+    pub rate_limit_messages_per_sec: Option<u32>,
+
+    /// Bytes a connection may send per second (bursts of twice that); 0 unlimited [default: 1048576]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_RATE_LIMIT_BYTES_PER_SEC",
+        value_name = "BYTES"
+    )]
+    pub rate_limit_bytes_per_sec: Option<u64>,
+
+    /// Refused messages in a row after which the connection is closed with 1008 [default: 20]
+    #[arg(long, env = "SWITCHBOARD_RATE_LIMIT_STRIKES", value_name = "N")]
+    pub rate_limit_strikes: Option<u32>,
+
+    /// API key for the HTTP API (repeat for rotation; env: comma-separated list)
+    #[arg(
+        long = "api-key",
+        env = "SWITCHBOARD_API_KEYS",
+        value_name = "KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Option<Vec<String>>,
+
+    /// Serve the HTTP API on this address only, instead of on the main listener
+    #[arg(long, env = "SWITCHBOARD_API_LISTEN", value_name = "ADDR")]
+    pub api_listen: Option<SocketAddr>,
+
+    /// Largest HTTP API request body, in bytes; larger gets 413 [default: 1048576]
+    #[arg(long, env = "SWITCHBOARD_API_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub api_max_body_bytes: Option<usize>,
+
+    /// Shared secret for HS256 client tokens (at least 32 bytes)
+    #[arg(
+        long,
+        env = "SWITCHBOARD_JWT_HS256_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_hs256_secret: Option<String>,
+
+    /// File holding the HS256 secret (trailing whitespace is ignored)
+    #[arg(long, env = "SWITCHBOARD_JWT_HS256_SECRET_FILE", value_name = "FILE")]
+    pub jwt_hs256_secret_file: Option<PathBuf>,
+
+    /// PEM file with an RSA (RS256) or EC P-256 (ES256) public key; repeatable
+    #[arg(
+        long = "jwt-public-key",
+        env = "SWITCHBOARD_JWT_PUBLIC_KEYS",
+        value_name = "FILE",
+        value_delimiter = ','
+    )]
+    pub jwt_public_keys: Option<Vec<PathBuf>>,
+
+    /// JWKS file with RSA or EC public keys (matched by `kid`)
+    #[arg(long, env = "SWITCHBOARD_JWT_JWKS", value_name = "FILE")]
+    pub jwt_jwks: Option<PathBuf>,
+
+    /// Required `aud` claim
+    #[arg(long, env = "SWITCHBOARD_JWT_AUDIENCE", value_name = "AUD")]
+    pub jwt_audience: Option<String>,
+
+    /// Required `iss` claim
+    #[arg(long, env = "SWITCHBOARD_JWT_ISSUER", value_name = "ISS")]
+    pub jwt_issuer: Option<String>,
+
+    /// Clock skew allowed on `exp` and `nbf`, in seconds [default: 30]
+    #[arg(long, env = "SWITCHBOARD_JWT_LEEWAY_SECS", value_name = "SECS")]
+    pub jwt_leeway_secs: Option<u64>,
+
+    /// Browser origin allowed to connect (repeatable); others get 403. Unset: any origin
+    #[arg(
+        long = "allowed-origin",
+        env = "SWITCHBOARD_ALLOWED_ORIGINS",
+        value_name = "ORIGIN",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Option<Vec<String>>,
+
+    /// Allow a non-loopback listen address without client authentication (ids chosen by clients)
+    #[arg(long, env = "SWITCHBOARD_ALLOW_INSECURE", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub allow_insecure: Option<bool>,
+
+    /// Topic namespaces (TOML only: [[namespaces]] tables; see docs/configuration.md)
+    #[arg(skip)]
+    pub namespaces: Option<Vec<Namespace>>,
 }
 
 /// Arguments of `switchboard serve`.
@@ -93,7 +197,7 @@ pub struct ServeArgs {
 }
 
 /// The resolved configuration.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Listen address.
     pub listen: SocketAddr,
@@ -119,6 +223,30 @@ pub struct Config {
     pub slow_consumer_close_code: CloseCode,
     /// Shutdown drain time.
     pub shutdown_drain: Duration,
+    /// Connections per client id.
+    pub max_connections_per_client: usize,
+    /// Topics per connection.
+    pub max_topics_per_connection: usize,
+    /// Rate limit: messages per second (0 unlimited).
+    pub rate_limit_messages_per_sec: u32,
+    /// Rate limit: bytes per second (0 unlimited).
+    pub rate_limit_bytes_per_sec: u64,
+    /// Refusals in a row before closing.
+    pub rate_limit_strikes: u32,
+    /// API keys.
+    pub api_keys: ApiKeys,
+    /// Separate API listener, if any.
+    pub api_listen: Option<SocketAddr>,
+    /// API body limit.
+    pub api_max_body_bytes: usize,
+    /// JWT settings (no key: `auth = none`).
+    pub jwt: JwtConfig,
+    /// Allowed browser origins; empty allows any.
+    pub allowed_origins: Vec<String>,
+    /// Whether a public address without auth is allowed.
+    pub allow_insecure: bool,
+    /// Topic namespaces.
+    pub namespaces: Vec<Namespace>,
 }
 
 impl Config {
@@ -136,7 +264,9 @@ impl Config {
         // Unset options serialise to nothing, so only what was given overrides the file.
         table.extend(toml::Table::try_from(&args.settings)?);
         let settings: Settings = table.try_into().context("invalid configuration")?;
-        Self::resolve(settings)
+        let config = Self::resolve(settings)?;
+        config.check_exposure()?;
+        Ok(config)
     }
 
     fn resolve(s: Settings) -> anyhow::Result<Self> {
@@ -160,6 +290,37 @@ impl Config {
             max_outbound_bytes: s.max_outbound_bytes.unwrap_or(4 << 20),
             slow_consumer_close_code: CloseCode(s.slow_consumer_close_code.unwrap_or(1013)),
             shutdown_drain: Duration::from_secs(s.shutdown_drain_secs.unwrap_or(10)),
+            max_connections_per_client: s.max_connections_per_client.unwrap_or(100),
+            max_topics_per_connection: s.max_topics_per_connection.unwrap_or(100),
+            rate_limit_messages_per_sec: s.rate_limit_messages_per_sec.unwrap_or(100),
+            rate_limit_bytes_per_sec: s.rate_limit_bytes_per_sec.unwrap_or(1 << 20),
+            rate_limit_strikes: s.rate_limit_strikes.unwrap_or(20).max(1),
+            api_keys: ApiKeys::new(&s.api_keys.unwrap_or_default()),
+            api_listen: s.api_listen,
+            api_max_body_bytes: s.api_max_body_bytes.unwrap_or(1 << 20),
+            jwt: JwtConfig {
+                hs256_secret: match (s.jwt_hs256_secret, s.jwt_hs256_secret_file) {
+                    (Some(_), Some(_)) => {
+                        bail!("give jwt_hs256_secret or jwt_hs256_secret_file, not both")
+                    }
+                    (Some(secret), None) => Some(secret),
+                    (None, Some(path)) => Some(
+                        std::fs::read_to_string(&path)
+                            .with_context(|| format!("reading {}", path.display()))?
+                            .trim_end()
+                            .to_owned(),
+                    ),
+                    (None, None) => None,
+                },
+                public_keys: s.jwt_public_keys.unwrap_or_default(),
+                jwks: s.jwt_jwks,
+                audience: s.jwt_audience,
+                issuer: s.jwt_issuer,
+                leeway_secs: s.jwt_leeway_secs.unwrap_or(30),
+            },
+            allowed_origins: s.allowed_origins.unwrap_or_default(),
+            allow_insecure: s.allow_insecure.unwrap_or(false),
+            namespaces: s.namespaces.unwrap_or_default(),
         };
         if config.max_message_size == 0 || config.max_targets == 0 || config.mailbox_size == 0 {
             bail!("max_message_size, max_targets and mailbox_size must be at least 1");
@@ -172,7 +333,38 @@ impl Config {
         if !matches!(config.slow_consumer_close_code.0, 1008 | 1013 | 4000..=4999) {
             bail!("slow_consumer_close_code must be 1008, 1013 or 4000-4999");
         }
+        if config.max_connections_per_client == 0 || config.max_topics_per_connection == 0 {
+            bail!("max_connections_per_client and max_topics_per_connection must be at least 1");
+        }
+        for ns in &config.namespaces {
+            if ns.max_subscribers == Some(0) {
+                bail!(
+                    "namespace {:?}: max_subscribers must be at least 1",
+                    ns.prefix
+                );
+            }
+        }
         Ok(config)
+    }
+
+    /// Whether client authentication (a JWT key) is configured.
+    pub fn has_client_auth(&self) -> bool {
+        self.jwt.hs256_secret.is_some()
+            || !self.jwt.public_keys.is_empty()
+            || self.jwt.jwks.is_some()
+    }
+
+    /// Refuses to expose unauthenticated clients ids on a non-loopback address.
+    pub fn check_exposure(&self) -> anyhow::Result<()> {
+        if !self.listen.ip().is_loopback() && !self.has_client_auth() && !self.allow_insecure {
+            bail!(
+                "refusing to listen on {} without client authentication: anyone who can reach it \
+                 could connect as any id. Configure --jwt-hs256-secret, --jwt-public-key or \
+                 --jwt-jwks, or pass --allow-insecure if that is what you want",
+                self.listen
+            );
+        }
+        Ok(())
     }
 
     /// The per-connection options for relay connections.

@@ -67,8 +67,14 @@ impl<'de> serde::Deserialize<'de> for Target {
                 Ok(Target(Ok(v.to_string())))
             }
 
+            /// `2.0` is the integer 2 to JSON Schema, so it is the id `"2"` here too.
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Target, E> {
-                Ok(Target(Err(v.to_string())))
+                const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53: larger floats are not exact
+                if v.fract() == 0.0 && v.abs() <= EXACT {
+                    Ok(Target(Ok((v as i64).to_string())))
+                } else {
+                    Ok(Target(Err(v.to_string())))
+                }
             }
 
             fn visit_bool<E: de::Error>(self, v: bool) -> Result<Target, E> {

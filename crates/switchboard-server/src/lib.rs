@@ -5,19 +5,29 @@
 //! (`src/main.rs`) only wires these modules together:
 //!
 //! - [`config`]: settings from defaults, a TOML file, env vars and flags.
-//! - [`app`]: the HTTP routes and shared state.
+//! - [`hub`]: the state every connection and request shares.
+//! - [`app`]: the client routes: `/ws` with its auth and limits, `/healthz`, `/`.
 //! - [`relay`]: the per-connection [`switchboard::Handler`].
 //! - [`wire`]: the JSON protocol (docs/protocol.md).
+//! - [`api`]: the HTTP API for backends (docs/openapi.json).
+//! - [`auth`]: client tokens (JWT) and API keys.
+//! - [`topics`]: topic names, namespaces and presence events.
+//! - [`limits`]: per-connection rate limits.
 //! - [`ids`]: client id rules.
 //! - [`logging`]: tracing setup.
-//! - [`server`]: the listener, signals and graceful shutdown.
+//! - [`server`]: the listeners, signals and graceful shutdown.
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod app;
+pub mod auth;
 pub mod config;
+pub mod hub;
 pub mod ids;
+pub mod limits;
 pub mod logging;
 pub mod relay;
 pub mod server;
+pub mod topics;
 pub mod wire;

@@ -33,11 +33,22 @@ fn main() -> anyhow::Result<()> {
                 let listener = tokio::net::TcpListener::bind(config.listen)
                     .await
                     .with_context(|| format!("binding {}", config.listen))?;
+                let api_listener = match config.api_listen {
+                    Some(api_addr) => Some(
+                        tokio::net::TcpListener::bind(api_addr)
+                            .await
+                            .with_context(|| format!("binding {api_addr}"))?,
+                    ),
+                    None => None,
+                };
                 let addr = listener.local_addr()?;
-                // Tests and scripts read this line to find a port-0 listener.
+                // Tests and scripts read these lines to find port-0 listeners.
                 println!("listening on {addr}");
-                tracing::info!(%addr, "switchboard listening; clients connect to ws://{addr}/ws?id=<id>");
-                server::serve(&config, listener, server::signal()).await?;
+                if let Some(api) = &api_listener {
+                    println!("api listening on {}", api.local_addr()?);
+                }
+                tracing::info!(%addr, "switchboard listening; clients connect to ws://{addr}/ws");
+                server::serve(&config, listener, api_listener, server::signal()).await?;
                 anyhow::Ok(())
             })
         }

@@ -1,150 +1,403 @@
 //! The relay handler: one per `/ws` connection.
 //!
-//! A connection registers under its client id before its handshake completes. Each text message is
-//! parsed for its targets only; the payload stays raw JSON and is rendered at
-//! most once per wire mode, then the same frame goes to every recipient.
+//! A connection registers under its client id before its handshake completes.
+//! Each text message is parsed for what routing needs (type, targets, topic);
+//! the payload stays raw JSON and is rendered at most once per wire mode, then
+//! the same frame goes to every recipient.
 
+use std::collections::HashMap;
 use std::collections::HashSet;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+use std::time::Duration;
 
+use serde_json::value::RawValue;
 use switchboard::{
-    Broker, ClientId, ConnHandle, Context, Format, Handler, Message, Outcome, PreparedMessage,
-    Registration,
+    ClientId, CloseCode, ConnHandle, Context, Handler, Message, Outcome, Registration,
+    SubscribeError, Subscription, TerminateReason, TimerRef,
 };
 
+use crate::auth::{Identity, Permissions};
+use crate::hub::Hub;
+use crate::ids::Target;
+use crate::limits::{RateLimiter, Verdict};
+use crate::topics::{self, Namespace};
 use crate::wire::{self, ErrorCode, Inbound, Mode};
+
+/// Close code when a client's token expires without a refresh.
+pub const TOKEN_EXPIRED: u16 = 4001;
+
+/// Messages a relay connection sends itself.
+#[derive(Debug)]
+pub enum RelayInfo {
+    /// The token of this generation has expired.
+    TokenExpired(u64),
+}
+
+/// A refusal: the error code and a message for the client.
+type Refusal = (ErrorCode, String);
 
 /// One relay connection's state.
 pub struct Relay {
+    hub: Arc<Hub>,
     id: ClientId,
     mode: Mode,
-    broker: Arc<dyn Broker>,
-    max_targets: usize,
+    permissions: Permissions,
+    /// Bumped on each refresh, so a stale expiry timer is ignored.
+    token_generation: u64,
+    expiry_timer: Option<TimerRef>,
+    subscriptions: HashMap<Arc<str>, Subscription>,
+    limiter: RateLimiter,
     /// Unregisters the connection when the handler is dropped, however it ends.
     _registration: Registration,
 }
 
 impl Relay {
-    /// A connection of client `id`, speaking `mode`, delivering through `broker`.
-    /// It registers at once, before the handshake response goes out, so the client
-    /// is reachable as soon as it sees the handshake succeed.
+    /// A connection of `identity` speaking `mode`. It registers at once, before the
+    /// handshake response goes out, so the client is reachable as soon as it sees
+    /// the handshake succeed.
     pub fn new(
-        id: ClientId,
+        hub: Arc<Hub>,
+        identity: Identity,
         mode: Mode,
-        broker: Arc<dyn Broker>,
-        max_targets: usize,
-        handle: &ConnHandle<()>,
+        handle: &ConnHandle<RelayInfo>,
     ) -> Self {
-        let registration = broker.register(id.clone(), handle.outbox(), mode.format());
-        tracing::debug!(client = %id, conn = %handle.id(), ?mode, "connected");
-        Self {
-            id,
+        let registration =
+            hub.broker
+                .register(identity.client.clone(), handle.outbox(), mode.format());
+        tracing::debug!(client = %identity.client, conn = %handle.id(), ?mode, "connected");
+        let limits = hub.limits;
+        let mut relay = Self {
+            id: identity.client,
             mode,
-            broker,
-            max_targets,
+            permissions: identity.permissions,
+            token_generation: 0,
+            expiry_timer: None,
+            subscriptions: HashMap::new(),
+            limiter: RateLimiter::new(
+                limits.messages_per_sec,
+                limits.bytes_per_sec,
+                limits.strikes,
+            ),
             _registration: registration,
+            hub,
+        };
+        relay.schedule_expiry(identity.expires_at, handle);
+        relay
+    }
+
+    fn schedule_expiry(&mut self, expires_at: Option<u64>, handle: &ConnHandle<RelayInfo>) {
+        if let Some(timer) = self.expiry_timer.take() {
+            timer.cancel();
+        }
+        self.token_generation += 1;
+        if let Some(expires_at) = expires_at {
+            let now = jsonwebtoken::get_current_timestamp();
+            let delay = Duration::from_secs(expires_at.saturating_sub(now));
+            let info = RelayInfo::TokenExpired(self.token_generation);
+            self.expiry_timer = Some(handle.send_after(info, delay));
         }
     }
 
-    fn on_text(&mut self, text: &str) -> Outcome {
+    fn on_text(&mut self, text: &str, ctx: &mut Context<'_, RelayInfo>) -> Outcome {
         let inbound = match wire::parse(text) {
             Ok(inbound) => inbound,
-            Err((code, message)) => return self.error(code, &message, None),
+            Err((code, message)) => return self.refuse((code, message), None),
         };
-        match inbound.kind.as_deref() {
-            None | Some("send") => self.send(&inbound),
-            Some(other) => self.error(
+        let kind = inbound.kind.as_deref().unwrap_or("send");
+        if kind != "send" && self.mode == Mode::Raw && is_envelope_only(kind) {
+            let message = format!("{kind:?} needs the {} subprotocol", wire::PROTOCOL);
+            return self.refuse((ErrorCode::EnvelopeRequired, message), inbound.id);
+        }
+        let result = match kind {
+            "send" => self.send(&inbound),
+            "subscribe" => self.subscribe(&inbound, ctx),
+            "unsubscribe" => self.unsubscribe(&inbound),
+            "publish" => self.publish(&inbound),
+            "presence" => self.presence(&inbound),
+            "status" => self.status(&inbound),
+            "refresh" => self.refresh(&inbound, ctx),
+            other => Err((
                 ErrorCode::UnknownType,
-                &format!("unknown message type {other:?}"),
-                inbound.id,
-            ),
+                format!("unknown message type {other:?}"),
+            )),
+        };
+        match result {
+            Ok(Some(reply)) => Outcome::push(Message::text(reply)),
+            Ok(None) => Outcome::Continue,
+            Err(refusal) => self.refuse(refusal, inbound.id),
         }
     }
 
-    fn send(&mut self, inbound: &Inbound<'_>) -> Outcome {
-        let (Some(targets), Some(payload)) = (&inbound.targets, inbound.payload) else {
-            let missing = if inbound.targets.is_none() {
-                "targets"
-            } else {
-                "payload"
-            };
-            return self.error(
-                ErrorCode::InvalidMessage,
-                &format!("missing field `{missing}`"),
-                inbound.id,
-            );
-        };
-        if targets.len() > self.max_targets {
-            let message = format!(
-                "{} targets; at most {} are allowed",
-                targets.len(),
-                self.max_targets
-            );
-            return self.error(ErrorCode::TooManyTargets, &message, inbound.id);
+    fn send(&self, inbound: &Inbound<'_>) -> Result<Option<String>, Refusal> {
+        let targets = self.targets(inbound.targets.as_deref(), "targets")?;
+        let payload = required(inbound.payload, "payload")?;
+        if let Some(forbidden) = targets.iter().find(|t| !self.permissions.may_send(t)) {
+            return Err((
+                ErrorCode::Forbidden,
+                format!("your token does not allow sending to {forbidden:?}"),
+            ));
         }
-        if let Some(bad) = targets.iter().find_map(|t| t.0.as_ref().err()) {
-            let message = format!("invalid target {bad:?}: {}", crate::ids::InvalidId);
-            return self.error(ErrorCode::InvalidTarget, &message, inbound.id);
-        }
-
-        let raw = OnceLock::new();
-        let envelope = OnceLock::new();
-        let render = |format: Format| -> PreparedMessage {
-            if format == Mode::Raw.format() {
-                raw.get_or_init(|| wire::raw_delivery(payload)).clone()
-            } else {
-                envelope
-                    .get_or_init(|| wire::envelope_delivery(&self.id, payload))
-                    .clone()
-            }
-        };
-        let mut seen = HashSet::with_capacity(targets.len());
+        let render = wire::direct_renderer(Some(&self.id), payload);
         let mut delivered = Vec::new();
         let mut offline = Vec::new();
-        for target in targets.iter().filter_map(|t| t.0.as_deref().ok()) {
-            if !seen.insert(target) {
-                continue;
-            }
-            if self.broker.send(target, &render) > 0 {
+        for target in targets {
+            if self.hub.broker.send(target, &render) > 0 {
                 delivered.push(target);
             } else {
                 offline.push(target);
             }
         }
-        match (self.mode, inbound.id) {
-            (Mode::Envelope, Some(id)) => {
-                Outcome::push(Message::text(wire::ack(id, &delivered, &offline)))
+        Ok(self.acked(inbound, |id| wire::ack_send(id, &delivered, &offline)))
+    }
+
+    fn subscribe(
+        &mut self,
+        inbound: &Inbound<'_>,
+        ctx: &mut Context<'_, RelayInfo>,
+    ) -> Result<Option<String>, Refusal> {
+        let (topic, namespace) = self.topic(inbound)?;
+        if !self.permissions.may_subscribe(topic) {
+            return Err((
+                ErrorCode::Forbidden,
+                format!("your token does not allow subscribing to {topic:?}"),
+            ));
+        }
+        if !self.subscriptions.contains_key(topic) {
+            if self.subscriptions.len() >= self.hub.limits.max_topics {
+                let message = format!(
+                    "at most {} topics per connection",
+                    self.hub.limits.max_topics
+                );
+                return Err((ErrorCode::TooManyTopics, message));
             }
-            _ => Outcome::Continue,
+            let outbox = ctx.handle().outbox();
+            let limit = namespace.max_subscribers;
+            let format = self.mode.format();
+            match self
+                .hub
+                .pubsub
+                .subscribe(topic, self.id.clone(), &outbox, format, limit)
+            {
+                Ok(subscription) => {
+                    self.subscriptions.insert(Arc::from(topic), subscription);
+                }
+                Err(SubscribeError::Full) => {
+                    return Err((
+                        ErrorCode::TopicFull,
+                        format!("{topic:?} has reached its subscriber limit"),
+                    ));
+                }
+                Err(SubscribeError::AlreadySubscribed) => {}
+            }
+        }
+        Ok(self.acked(inbound, |id| wire::ack(id, Some(topic))))
+    }
+
+    fn unsubscribe(&mut self, inbound: &Inbound<'_>) -> Result<Option<String>, Refusal> {
+        let topic = required(inbound.topic.as_deref(), "topic")?;
+        if self.subscriptions.remove(topic).is_none() {
+            return Err((
+                ErrorCode::NotSubscribed,
+                format!("not subscribed to {topic:?}"),
+            ));
+        }
+        Ok(self.acked(inbound, |id| wire::ack(id, Some(topic))))
+    }
+
+    fn publish(&self, inbound: &Inbound<'_>) -> Result<Option<String>, Refusal> {
+        let (topic, namespace) = self.topic(inbound)?;
+        let payload = required(inbound.payload, "payload")?;
+        if !namespace.client_publish {
+            return Err((
+                ErrorCode::Forbidden,
+                format!("only the server publishes to {topic:?}"),
+            ));
+        }
+        if !self.permissions.may_publish(topic) {
+            return Err((
+                ErrorCode::Forbidden,
+                format!("your token does not allow publishing to {topic:?}"),
+            ));
+        }
+        let message = wire::envelope_delivery(Some(&self.id), Some(topic), payload);
+        let reached = self.hub.pubsub.publish(topic, &|_| message.clone());
+        Ok(self.acked(inbound, |id| wire::ack_publish(id, topic, reached)))
+    }
+
+    fn presence(&self, inbound: &Inbound<'_>) -> Result<Option<String>, Refusal> {
+        let (topic, namespace) = self.topic(inbound)?;
+        if !namespace.presence {
+            return Err((
+                ErrorCode::PresenceDisabled,
+                format!("presence is off for {topic:?}"),
+            ));
+        }
+        let members = self.hub.pubsub.presence(topic);
+        let members: Vec<(&str, usize)> = members.iter().map(|(c, n)| (&**c, *n)).collect();
+        Ok(Some(wire::presence_reply(inbound.id, topic, &members)))
+    }
+
+    fn status(&self, inbound: &Inbound<'_>) -> Result<Option<String>, Refusal> {
+        let clients = self.targets(inbound.clients.as_deref(), "clients")?;
+        let online: Vec<(&str, bool)> = clients
+            .iter()
+            .map(|c| (*c, self.hub.broker.connections(c) > 0))
+            .collect();
+        Ok(Some(wire::status_reply(inbound.id, &online)))
+    }
+
+    fn refresh(
+        &mut self,
+        inbound: &Inbound<'_>,
+        ctx: &mut Context<'_, RelayInfo>,
+    ) -> Result<Option<String>, Refusal> {
+        let token = required(inbound.token.as_deref(), "token")?;
+        let Some(jwt) = &self.hub.jwt else {
+            return Err((
+                ErrorCode::InvalidToken,
+                "this server does not use tokens".into(),
+            ));
+        };
+        let identity = jwt
+            .verify(token)
+            .map_err(|e| (ErrorCode::InvalidToken, e.to_string()))?;
+        if identity.client != self.id {
+            return Err((
+                ErrorCode::InvalidToken,
+                "the token is for another client".into(),
+            ));
+        }
+        self.permissions = identity.permissions;
+        let handle = ctx.handle().clone();
+        self.schedule_expiry(identity.expires_at, &handle);
+        Ok(self.acked(inbound, |id| wire::ack(id, None)))
+    }
+
+    /// Checks a list of client ids: present, not too long, each valid, deduplicated.
+    fn targets<'t>(
+        &self,
+        list: Option<&'t [Target]>,
+        field: &str,
+    ) -> Result<Vec<&'t str>, Refusal> {
+        let list = required(list, field)?;
+        if list.len() > self.hub.limits.max_targets {
+            let message = format!(
+                "{} {field}; at most {} are allowed",
+                list.len(),
+                self.hub.limits.max_targets
+            );
+            return Err((ErrorCode::TooManyTargets, message));
+        }
+        let mut seen = HashSet::with_capacity(list.len());
+        let mut ids = Vec::with_capacity(list.len());
+        for target in list {
+            match &target.0 {
+                Ok(id) if seen.insert(id.as_str()) => ids.push(id.as_str()),
+                Ok(_) => {}
+                Err(bad) => {
+                    let message = format!("invalid client id {bad:?}: {}", crate::ids::InvalidId);
+                    return Err((ErrorCode::InvalidTarget, message));
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// The message's topic, checked, with its namespace.
+    fn topic<'m>(&self, inbound: &'m Inbound<'_>) -> Result<(&'m str, &Namespace), Refusal> {
+        let topic = required(inbound.topic.as_deref(), "topic")?;
+        topics::validate(topic).map_err(|e| {
+            (
+                ErrorCode::InvalidTopic,
+                format!("invalid topic {topic:?}: {e}"),
+            )
+        })?;
+        let namespace = self.hub.namespaces.find(topic).ok_or_else(|| {
+            (
+                ErrorCode::UnknownNamespace,
+                format!("no namespace serves {topic:?}"),
+            )
+        })?;
+        Ok((topic, namespace))
+    }
+
+    /// The ack built by `ack`, when the message asked for one (envelope mode with an id).
+    fn acked(
+        &self,
+        inbound: &Inbound<'_>,
+        ack: impl FnOnce(&RawValue) -> String,
+    ) -> Option<String> {
+        match (self.mode, inbound.id) {
+            (Mode::Envelope, Some(id)) => Some(ack(id)),
+            _ => None,
         }
     }
 
-    fn error(
-        &self,
-        code: ErrorCode,
-        message: &str,
-        id: Option<&serde_json::value::RawValue>,
-    ) -> Outcome {
+    fn refuse(&self, (code, message): Refusal, id: Option<&RawValue>) -> Outcome {
         tracing::debug!(client = %self.id, ?code, message, "refused a client message");
-        Outcome::push(Message::text(wire::error(code, message, id)))
+        Outcome::push(Message::text(wire::error(code, &message, id)))
     }
 }
 
-impl Handler for Relay {
-    type Info = ();
+/// Whether a message type needs `switchboard.v1` (its answers are typed frames).
+fn is_envelope_only(kind: &str) -> bool {
+    matches!(
+        kind,
+        "subscribe" | "unsubscribe" | "publish" | "presence" | "status" | "refresh"
+    )
+}
 
-    fn handle_in(&mut self, message: Message, _ctx: &mut Context<'_, ()>) -> Outcome {
+fn required<T>(value: Option<T>, field: &str) -> Result<T, Refusal> {
+    value.ok_or_else(|| {
+        (
+            ErrorCode::InvalidMessage,
+            format!("missing field `{field}`"),
+        )
+    })
+}
+
+impl Handler for Relay {
+    type Info = RelayInfo;
+
+    fn handle_in(&mut self, message: Message, ctx: &mut Context<'_, RelayInfo>) -> Outcome {
+        let len = match &message {
+            Message::Text(text) => text.len(),
+            Message::Binary(data) => data.len(),
+            _ => 0,
+        };
+        match self.limiter.check(len) {
+            Verdict::Accept => {}
+            Verdict::Refuse => {
+                let refusal = (
+                    ErrorCode::RateLimited,
+                    "slow down: over the message or byte rate".into(),
+                );
+                return self.refuse(refusal, None);
+            }
+            Verdict::Disconnect => return Outcome::stop(CloseCode::POLICY, "rate limit exceeded"),
+        }
         match message {
-            Message::Text(text) => self.on_text(&text),
-            _ => self.error(
-                ErrorCode::BinaryNotSupported,
-                "binary frames are not supported: send JSON as text",
+            Message::Text(text) => self.on_text(&text, ctx),
+            _ => self.refuse(
+                (
+                    ErrorCode::BinaryNotSupported,
+                    "binary frames are not supported: send JSON as text".into(),
+                ),
                 None,
             ),
         }
     }
 
-    fn terminate(&mut self, reason: &switchboard::TerminateReason) {
+    fn handle_info(&mut self, info: RelayInfo, _ctx: &mut Context<'_, RelayInfo>) -> Outcome {
+        match info {
+            RelayInfo::TokenExpired(generation) if generation == self.token_generation => {
+                Outcome::stop(CloseCode(TOKEN_EXPIRED), "token expired")
+            }
+            RelayInfo::TokenExpired(_) => Outcome::Continue,
+        }
+    }
+
+    fn terminate(&mut self, reason: &TerminateReason) {
         tracing::debug!(client = %self.id, ?reason, "disconnected");
     }
 }

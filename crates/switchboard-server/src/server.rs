@@ -5,30 +5,56 @@ use std::sync::Arc;
 
 use switchboard::Shutdown;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
-use crate::app::{AppState, router};
 use crate::config::Config;
+use crate::hub::Hub;
+use crate::{api, app};
 
-/// Serves on `listener` until `stop` resolves, then stops accepting, closes
-/// every connection with 1001 and waits up to the drain time for them.
+/// Serves clients (and the API, unless `api_listener` is given) on `listener`
+/// until `stop` resolves, then stops accepting, closes every connection with
+/// 1001 and waits up to the drain time for them.
 pub async fn serve(
     config: &Config,
     listener: TcpListener,
+    api_listener: Option<TcpListener>,
     stop: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
-    let state = Arc::new(AppState::new(config, shutdown.clone()));
+    let hub = Arc::new(Hub::new(config, shutdown.clone())?);
+    let stopping = CancellationToken::new();
+    let main_loopback = listener.local_addr()?.ip().is_loopback();
+    let api_routes = |loopback| api::router(hub.clone(), config.api_max_body_bytes, loopback);
+    let mut main = app::router(hub.clone());
+    let api_server = match api_listener {
+        Some(api_listener) => {
+            let loopback = api_listener.local_addr()?.ip().is_loopback();
+            let server = axum::serve(api_listener, api_routes(loopback).fallback(api::not_found))
+                .with_graceful_shutdown(stopping.clone().cancelled_owned());
+            Some(tokio::spawn(async move { server.await }))
+        }
+        None => {
+            main = main.merge(api_routes(main_loopback));
+            None
+        }
+    };
     let trigger = shutdown.clone();
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move {
-            stop.await;
-            tracing::info!(
-                connections = trigger.connections(),
-                "shutting down: closing connections with 1001"
-            );
-            trigger.trigger();
-        })
+    let stop_all = stopping.clone();
+    tokio::spawn(async move {
+        stop.await;
+        tracing::info!(
+            connections = trigger.connections(),
+            "shutting down: closing connections with 1001"
+        );
+        stop_all.cancel();
+        trigger.trigger();
+    });
+    axum::serve(listener, main)
+        .with_graceful_shutdown(stopping.cancelled_owned())
         .await?;
+    if let Some(api_server) = api_server {
+        api_server.await??;
+    }
     if shutdown.drain(config.shutdown_drain).await {
         tracing::info!("all connections closed");
     } else {

@@ -5,9 +5,12 @@
 //! `switchboard.v1` subprotocol receive envelopes (`{"type":"message",...}`),
 //! acks for messages that carry an `"id"`, and typed errors.
 
+use std::borrow::Cow;
+use std::sync::OnceLock;
+
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
-use switchboard::{Format, PreparedMessage};
+use switchboard::{Format, PreparedMessage, PresenceChange};
 
 use crate::ids::Target;
 
@@ -45,18 +48,28 @@ impl Mode {
 /// A message from a client. Unknown fields are ignored, for forward compatibility.
 #[derive(Debug, Deserialize)]
 pub struct Inbound<'a> {
-    /// `"send"`, or absent (the seed format).
+    /// `"send"` (or absent: the seed format), `"subscribe"`, `"unsubscribe"`,
+    /// `"publish"`, `"presence"`, `"status"` or `"refresh"`.
     #[serde(rename = "type", default, borrow)]
-    pub kind: Option<std::borrow::Cow<'a, str>>,
+    pub kind: Option<Cow<'a, str>>,
     /// A client-chosen id (any JSON value) that asks for an ack.
     #[serde(default, borrow, deserialize_with = "present")]
     pub id: Option<&'a RawValue>,
-    /// The client ids to deliver to.
+    /// The client ids to deliver to (`send`).
     #[serde(default)]
     pub targets: Option<Vec<Target>>,
     /// Any JSON value, passed through without being re-serialised.
     #[serde(default, borrow, deserialize_with = "present")]
     pub payload: Option<&'a RawValue>,
+    /// The topic (`subscribe`, `unsubscribe`, `publish`, `presence`).
+    #[serde(default, borrow)]
+    pub topic: Option<Cow<'a, str>>,
+    /// The client ids to ask about (`status`).
+    #[serde(default)]
+    pub clients: Option<Vec<Target>>,
+    /// A fresh token (`refresh`).
+    #[serde(default, borrow)]
+    pub token: Option<Cow<'a, str>>,
 }
 
 /// Keeps a field that is present, even as `null`, apart from a missing one.
@@ -72,7 +85,7 @@ pub enum ErrorCode {
     InvalidJson,
     /// JSON, but not a message: not an object, a field of the wrong type, or a missing field.
     InvalidMessage,
-    /// A target is not a valid client id.
+    /// A target or client is not a valid client id.
     InvalidTarget,
     /// More targets than the server allows in one message.
     TooManyTargets,
@@ -80,6 +93,26 @@ pub enum ErrorCode {
     UnknownType,
     /// A binary frame: the relay speaks JSON text.
     BinaryNotSupported,
+    /// A topic operation from a client without the `switchboard.v1` subprotocol.
+    EnvelopeRequired,
+    /// A topic name that breaks the naming rules.
+    InvalidTopic,
+    /// A topic outside every configured namespace.
+    UnknownNamespace,
+    /// The topic has reached its subscriber limit.
+    TopicFull,
+    /// The connection has reached its topic limit.
+    TooManyTopics,
+    /// Unsubscribing from a topic the connection is not subscribed to.
+    NotSubscribed,
+    /// Presence is off in the topic's namespace.
+    PresenceDisabled,
+    /// The token's claims or the namespace do not allow this.
+    Forbidden,
+    /// Over the connection's message or byte rate.
+    RateLimited,
+    /// A `refresh` token that does not verify or names another client.
+    InvalidToken,
 }
 
 /// Parses a client message, mapping failures to their error code.
@@ -93,66 +126,190 @@ pub fn parse(text: &str) -> Result<Inbound<'_>, (ErrorCode, String)> {
     })
 }
 
+/// Every server frame of `switchboard.v1`: one shape, fields present as needed,
+/// in a fixed order with `payload` last.
+#[derive(Serialize)]
+struct Frame<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topic: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<ErrorCode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delivered: Option<&'a [&'a str]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offline: Option<&'a [&'a str]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subscribers: Option<usize>,
+    #[serde(rename = "clients", skip_serializing_if = "Option::is_none")]
+    counts: Option<MapOf<'a, usize>>,
+    #[serde(rename = "clients", skip_serializing_if = "Option::is_none")]
+    online: Option<MapOf<'a, bool>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<&'a RawValue>,
+}
+
+impl<'a> Frame<'a> {
+    fn new(kind: &'static str) -> Self {
+        Self {
+            kind,
+            id: None,
+            topic: None,
+            from: None,
+            event: None,
+            client: None,
+            code: None,
+            message: None,
+            delivered: None,
+            offline: None,
+            subscribers: None,
+            counts: None,
+            online: None,
+            payload: None,
+        }
+    }
+
+    fn render(&self) -> String {
+        serde_json::to_string(self).expect("frames of ids, strings and raw JSON always serialise")
+    }
+}
+
+/// Pairs written as a JSON object.
+struct MapOf<'a, V>(&'a [(&'a str, V)]);
+
+impl<V: Serialize> Serialize for MapOf<'_, V> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+    }
+}
+
 /// A delivery for plain clients: the payload's JSON text, as sent.
 pub fn raw_delivery(payload: &RawValue) -> PreparedMessage {
     PreparedMessage::text(payload.get().to_owned())
 }
 
-/// A delivery for `switchboard.v1` clients.
-pub fn envelope_delivery(from: &str, payload: &RawValue) -> PreparedMessage {
-    #[derive(Serialize)]
-    struct Delivery<'a> {
-        #[serde(rename = "type")]
-        kind: &'static str,
-        from: &'a str,
-        payload: &'a RawValue,
-    }
-    let text = serde_json::to_string(&Delivery {
-        kind: "message",
+/// A delivery for `switchboard.v1` clients, direct (no topic) or on a topic;
+/// `from` is absent for messages the server API sends without a sender.
+pub fn envelope_delivery(
+    from: Option<&str>,
+    topic: Option<&str>,
+    payload: &RawValue,
+) -> PreparedMessage {
+    let frame = Frame {
         from,
-        payload,
-    })
-    .expect("ids and raw JSON always serialise");
-    PreparedMessage::text(text)
+        topic,
+        payload: Some(payload),
+        ..Frame::new("message")
+    };
+    PreparedMessage::text(frame.render())
 }
 
-/// The ack for a message that carried an `"id"`.
-pub fn ack(id: &RawValue, delivered: &[&str], offline: &[&str]) -> String {
-    #[derive(Serialize)]
-    struct Ack<'a> {
-        #[serde(rename = "type")]
-        kind: &'static str,
-        id: &'a RawValue,
-        delivered: &'a [&'a str],
-        offline: &'a [&'a str],
+/// Renders a direct message for each wire mode, at most once each.
+pub fn direct_renderer<'a>(
+    from: Option<&'a str>,
+    payload: &'a RawValue,
+) -> impl Fn(Format) -> PreparedMessage + 'a {
+    let raw = OnceLock::new();
+    let envelope = OnceLock::new();
+    move |format| {
+        if format == Mode::Raw.format() {
+            raw.get_or_init(|| raw_delivery(payload)).clone()
+        } else {
+            envelope
+                .get_or_init(|| envelope_delivery(from, None, payload))
+                .clone()
+        }
     }
-    serde_json::to_string(&Ack {
-        kind: "ack",
+}
+
+/// The ack of a `send` that carried an `"id"`.
+pub fn ack_send(id: &RawValue, delivered: &[&str], offline: &[&str]) -> String {
+    Frame {
+        id: Some(id),
+        delivered: Some(delivered),
+        offline: Some(offline),
+        ..Frame::new("ack")
+    }
+    .render()
+}
+
+/// The ack of a `subscribe`, `unsubscribe` or `refresh`.
+pub fn ack(id: &RawValue, topic: Option<&str>) -> String {
+    Frame {
+        id: Some(id),
+        topic,
+        ..Frame::new("ack")
+    }
+    .render()
+}
+
+/// The ack of a `publish`: how many subscribers it reached.
+pub fn ack_publish(id: &RawValue, topic: &str, subscribers: usize) -> String {
+    Frame {
+        id: Some(id),
+        topic: Some(topic),
+        subscribers: Some(subscribers),
+        ..Frame::new("ack")
+    }
+    .render()
+}
+
+/// A join or leave, sent to a topic's subscribers.
+pub fn presence_event(topic: &str, client: &str, change: PresenceChange) -> PreparedMessage {
+    let event = match change {
+        PresenceChange::Joined => "join",
+        PresenceChange::Left => "leave",
+    };
+    let frame = Frame {
+        topic: Some(topic),
+        event: Some(event),
+        client: Some(client),
+        ..Frame::new("presence")
+    };
+    PreparedMessage::text(frame.render())
+}
+
+/// The answer to a `presence` query: client ids and their connection counts.
+pub fn presence_reply(id: Option<&RawValue>, topic: &str, members: &[(&str, usize)]) -> String {
+    Frame {
         id,
-        delivered,
-        offline,
-    })
-    .expect("acks always serialise")
+        topic: Some(topic),
+        counts: Some(MapOf(members)),
+        ..Frame::new("presence")
+    }
+    .render()
+}
+
+/// The answer to a `status` query: whether each client id is online.
+pub fn status_reply(id: Option<&RawValue>, clients: &[(&str, bool)]) -> String {
+    Frame {
+        id,
+        online: Some(MapOf(clients)),
+        ..Frame::new("status")
+    }
+    .render()
 }
 
 /// An error frame.
 pub fn error(code: ErrorCode, message: &str, id: Option<&RawValue>) -> String {
-    #[derive(Serialize)]
-    struct Error<'a> {
-        #[serde(rename = "type")]
-        kind: &'static str,
-        code: ErrorCode,
-        message: &'a str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        id: Option<&'a RawValue>,
-    }
-    serde_json::to_string(&Error {
-        kind: "error",
-        code,
-        message,
+    Frame {
         id,
-    })
-    .expect("errors always serialise")
+        code: Some(code),
+        message: Some(message),
+        ..Frame::new("error")
+    }
+    .render()
 }
 
 #[cfg(test)]
@@ -194,19 +351,37 @@ mod tests {
     #[test]
     fn builds_envelopes_acks_and_errors() {
         let payload = RawValue::from_string("{\"x\":1}".into()).unwrap();
-        let m = envelope_delivery("1", &payload);
+        let m = envelope_delivery(Some("1"), None, &payload);
         assert_eq!(
             &m.payload()[..],
             br#"{"type":"message","from":"1","payload":{"x":1}}"#
         );
         let id = RawValue::from_string("7".into()).unwrap();
         assert_eq!(
-            ack(&id, &["2"], &["3"]),
+            ack_send(&id, &["2"], &["3"]),
             r#"{"type":"ack","id":7,"delivered":["2"],"offline":["3"]}"#
         );
         assert_eq!(
             error(ErrorCode::InvalidTarget, "bad", None),
             r#"{"type":"error","code":"invalid_target","message":"bad"}"#
+        );
+        let topic = envelope_delivery(Some("1"), Some("chat:x"), &payload);
+        assert_eq!(
+            &topic.payload()[..],
+            br#"{"type":"message","topic":"chat:x","from":"1","payload":{"x":1}}"#
+        );
+        assert_eq!(
+            presence_reply(Some(&id), "chat:x", &[("1", 2)]),
+            r#"{"type":"presence","id":7,"topic":"chat:x","clients":{"1":2}}"#
+        );
+        assert_eq!(
+            status_reply(None, &[("1", true), ("2", false)]),
+            r#"{"type":"status","clients":{"1":true,"2":false}}"#
+        );
+        let join = presence_event("chat:x", "9", PresenceChange::Joined);
+        assert_eq!(
+            &join.payload()[..],
+            br#"{"type":"presence","topic":"chat:x","event":"join","client":"9"}"#
         );
     }
 }

@@ -2,168 +2,17 @@
 //! by real WebSocket clients (tokio-tungstenite) and raw TCP for what no real
 //! client would send.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::Duration;
 
+use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-const TIMEOUT: Duration = Duration::from_secs(5);
-
-type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
-
-/// A running `switchboard serve`, killed on drop.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Server {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-level", "warn"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("the switchboard binary starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .unwrap();
-        Self { child, addr }
-    }
-
-    async fn connect(&self, id: &str) -> Client {
-        let (client, _) =
-            tokio_tungstenite::connect_async(format!("ws://{}/ws?id={id}", self.addr))
-                .await
-                .unwrap();
-        client
-    }
-
-    async fn connect_envelope(&self, id: &str) -> Client {
-        let mut request = format!("ws://{}/ws?id={id}", self.addr)
-            .into_client_request()
-            .unwrap();
-        request
-            .headers_mut()
-            .insert("sec-websocket-protocol", "switchboard.v1".parse().unwrap());
-        let (client, response) = tokio_tungstenite::connect_async(request).await.unwrap();
-        assert_eq!(
-            response.headers()["sec-websocket-protocol"],
-            "switchboard.v1"
-        );
-        client
-    }
-
-    /// Sends a plain HTTP/1.1 request and returns the status code and body.
-    async fn http(&self, request_line: &str) -> (u16, String) {
-        let mut stream = TcpStream::connect(self.addr).await.unwrap();
-        let request = format!("{request_line} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut response = String::new();
-        tokio::time::timeout(TIMEOUT, stream.read_to_string(&mut response))
-            .await
-            .unwrap()
-            .unwrap();
-        let status = response[9..12].parse().unwrap();
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
-    }
-
-    async fn clients(&self) -> u64 {
-        let (_, body) = self.http("GET /healthz").await;
-        serde_json::from_str::<Value>(&body).unwrap()["clients"]
-            .as_u64()
-            .unwrap()
-    }
-
-    async fn wait_for_clients(&self, expected: u64) {
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        while self.clients().await != expected {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "registry never reached {expected} clients"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn send(client: &mut Client, value: Value) {
-    client.send(Message::text(value.to_string())).await.unwrap();
-}
-
-/// The next text or close message, skipping pings.
-async fn recv(client: &mut Client) -> Message {
-    loop {
-        let message = tokio::time::timeout(TIMEOUT, client.next())
-            .await
-            .expect("a message in time")
-            .expect("the stream is open")
-            .expect("no protocol error");
-        if !matches!(message, Message::Ping(_) | Message::Pong(_)) {
-            return message;
-        }
-    }
-}
-
-async fn recv_text(client: &mut Client) -> String {
-    match recv(client).await {
-        Message::Text(text) => text.to_string(),
-        other => panic!("expected text, got {other:?}"),
-    }
-}
-
-async fn recv_json(client: &mut Client) -> Value {
-    serde_json::from_str(&recv_text(client).await).unwrap()
-}
-
-async fn recv_close(client: &mut Client) -> u16 {
-    loop {
-        match recv(client).await {
-            Message::Close(Some(frame)) => return u16::from(frame.code),
-            Message::Close(None) => panic!("close without a code"),
-            _ => continue,
-        }
-    }
-}
-
-/// Asserts that nothing arrives for a short while.
-async fn assert_silent(client: &mut Client) {
-    let next = tokio::time::timeout(Duration::from_millis(200), async {
-        loop {
-            match client.next().await {
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                other => return other,
-            }
-        }
-    })
-    .await;
-    assert!(next.is_err(), "expected silence, got {next:?}");
-}
 
 #[tokio::test]
 async fn delivers_the_payload_text_to_one_target() {

@@ -28,6 +28,7 @@ use crate::handle::{ConnHandle, Outbound};
 use crate::handler::{Context, Handler, Outcome, TerminateReason};
 use crate::mailbox::{Drained, Mailbox};
 use crate::options::Options;
+use crate::stats::Stats;
 
 /// Read this much at a time; the buffer grows only for larger frames.
 const READ_CHUNK: usize = 4096;
@@ -106,6 +107,7 @@ struct Driver<H: Handler, S> {
     idle: Option<Timer>,
     ping: Option<Timer>,
     close_timeout: Duration,
+    stats: Option<Stats>,
     close_deadline: Option<Pin<Box<Sleep>>>,
     shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     flushed: bool,
@@ -145,6 +147,7 @@ where
             idle: options.idle_timeout.map(Timer::new),
             ping: options.ping_interval.map(Timer::new),
             close_timeout: options.close_timeout,
+            stats: options.stats,
             close_deadline: None,
             shutdown: setup
                 .shutdown
@@ -298,13 +301,16 @@ where
     fn on_message(&mut self, message: Message) {
         match message {
             Message::Text(_) | Message::Binary(_) => {
+                if let Some(stats) = &self.stats {
+                    stats.received(message_len(&message));
+                }
                 if self.phase == Phase::Open {
                     self.call(|handler, ctx| handler.handle_in(message, ctx));
                 }
             }
             Message::Ping(ref payload) => {
                 if self.phase == Phase::Open {
-                    self.enqueue(Outbound::Message(Message::Pong(payload.clone())));
+                    self.push_frame(Message::Pong(payload.clone()));
                     self.call(|handler, ctx| handler.handle_control(message, ctx));
                 }
             }
@@ -438,6 +444,7 @@ where
 
     /// Encodes a frame onto the write queue, charging it to the outbound budget.
     fn enqueue(&mut self, frame: Outbound) {
+        let data = !frame.is_control();
         let bytes = match frame {
             Outbound::Prepared(message) => self.encoder.encode_prepared(&message),
             Outbound::Message(Message::Close(close)) => {
@@ -450,6 +457,9 @@ where
                 self.scratch.split().freeze()
             }
         };
+        if let (true, Some(stats)) = (data, &self.stats) {
+            stats.sent(bytes.len());
+        }
         self.mailbox.charge(bytes.len());
         self.write_queue.push_back(bytes);
     }
@@ -497,5 +507,14 @@ where
                 );
             }
         }
+    }
+}
+
+/// The payload length of a data message.
+fn message_len(message: &Message) -> usize {
+    match message {
+        Message::Text(text) => text.len(),
+        Message::Binary(data) => data.len(),
+        _ => 0,
     }
 }

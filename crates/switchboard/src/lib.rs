@@ -50,6 +50,7 @@ pub mod pubsub;
 pub mod registry;
 mod sharded;
 pub mod shutdown;
+pub mod stats;
 pub mod upgrade;
 
 pub use handle::{ConnHandle, ConnId, Outbound, Outbox, PushError, SendError, TimerRef};
@@ -58,6 +59,7 @@ pub use options::{Options, SlowConsumerPolicy};
 pub use pubsub::{PresenceChange, PresenceListener, PubSub, SubscribeError, Subscription};
 pub use registry::{Broker, ClientId, Format, Registration, Registry};
 pub use shutdown::Shutdown;
+pub use stats::{Stats, StatsSnapshot};
 pub use switchboard_proto as proto;
 pub use switchboard_proto::{CloseCode, CloseReason, Message, PreparedMessage, Utf8Bytes};
 pub use upgrade::{UpgradeError, WebSocketUpgrade};

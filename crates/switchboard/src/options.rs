@@ -5,6 +5,8 @@ use std::time::Duration;
 use switchboard_proto::deflate::DeflateOptions;
 use switchboard_proto::{CloseCode, Limits};
 
+use crate::stats::Stats;
+
 /// What to do with a connection whose peer reads slower than it is sent to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlowConsumerPolicy {
@@ -34,6 +36,8 @@ pub struct Options {
     pub slow_consumer: SlowConsumerPolicy,
     /// How long to wait for the peer's close frame after sending ours.
     pub close_timeout: Duration,
+    /// Counters to add this connection's traffic to, if any.
+    pub stats: Option<Stats>,
 }
 
 impl Default for Options {
@@ -48,6 +52,7 @@ impl Default for Options {
             max_outbound_bytes: 4 << 20,
             slow_consumer: SlowConsumerPolicy::Close(CloseCode::TRY_AGAIN_LATER),
             close_timeout: Duration::from_secs(5),
+            stats: None,
         }
     }
 }

@@ -1,0 +1,530 @@
+//! The HTTP API for backends, under `/api/v1` (docs/openapi.json is the contract).
+//!
+//! JSON in and out. Every error is `{"error":{"code":"...","message":"..."}}`
+//! with a stable code and the matching status. Requests need
+//! `Authorization: Bearer <api key>`, except `GET /api/v1/openapi.json`; with no
+//! keys configured the API is open on a loopback listener and closed elsewhere.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use switchboard::{ClientId, CloseReason};
+
+use crate::hub::Hub;
+use crate::ids::{self, Target};
+use crate::{topics, wire};
+
+/// The OpenAPI 3.1 document of this API.
+pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
+
+/// Most operations in one batch.
+pub const MAX_BATCH: usize = 100;
+
+/// An API error: status, stable code, message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    fn body(&self) -> ErrorBody<'_> {
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: &self.message,
+            },
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.body())).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}
+
+/// A JSON body whose every rejection is an [`ApiError`].
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(match rejection {
+                JsonRejection::JsonDataError(e) => {
+                    ApiError::bad_request("invalid_request", e.body_text())
+                }
+                JsonRejection::JsonSyntaxError(e) => {
+                    ApiError::bad_request("invalid_json", e.body_text())
+                }
+                JsonRejection::MissingJsonContentType(e) => ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    e.body_text(),
+                ),
+                other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    "the request body is larger than api_max_body_bytes",
+                ),
+                other => ApiError::bad_request("invalid_request", other.body_text()),
+            }),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Api {
+    hub: Arc<Hub>,
+    /// No keys are configured and the listener is loopback: no key needed.
+    open: bool,
+}
+
+/// The `/api/v1` routes. `loopback` says whether their listener is loopback-only.
+pub fn router(hub: Arc<Hub>, max_body: usize, loopback: bool) -> Router {
+    let api = Api {
+        open: hub.api_keys.is_empty() && loopback,
+        hub,
+    };
+    let protected = Router::new()
+        .route("/api/v1/send", post(send))
+        .route("/api/v1/publish", post(publish))
+        .route("/api/v1/disconnect", post(disconnect))
+        .route("/api/v1/batch", post(batch))
+        .route("/api/v1/presence/{topic}", get(presence))
+        .route("/api/v1/clients/{id}", get(client))
+        .route("/api/v1/stats", get(stats))
+        .route_layer(middleware::from_fn_with_state(api.clone(), require_key));
+    Router::new()
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/{*rest}", any(not_found))
+        .merge(protected)
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed here",
+            )
+        })
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(api)
+}
+
+/// JSON 404 for unknown paths under `/api/` (and everywhere on an API-only listener).
+pub async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint; see /api/v1/openapi.json",
+    )
+}
+
+async fn require_key(State(api): State<Api>, request: Request, next: Next) -> Response {
+    if api.open {
+        return next.run(request).await;
+    }
+    if api.hub.api_keys.is_empty() {
+        let message = "the API is off on this listener: configure --api-key";
+        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(key) if api.hub.api_keys.accepts(key) => next.run(request).await,
+        _ => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send Authorization: Bearer <api key>",
+        )
+        .into_response(),
+    }
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendRequest {
+    targets: Vec<Target>,
+    payload: Box<RawValue>,
+    #[serde(default)]
+    from: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishRequest {
+    topic: String,
+    payload: Box<RawValue>,
+    #[serde(default)]
+    from: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectRequest {
+    id: Target,
+    #[serde(default, deserialize_with = "integral")]
+    code: Option<u16>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// A close code as JSON Schema sees an integer: `3000` and `3000.0` alike.
+fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    let Some(number) = Option::<f64>::deserialize(d)? else {
+        return Ok(None);
+    };
+    if number.fract() == 0.0 && (0.0..=f64::from(u16::MAX)).contains(&number) {
+        Ok(Some(number as u16))
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "code must be an integer close code, not {number}"
+        )))
+    }
+}
+
+/// A request that passed every check, ready to run.
+enum Checked<'r> {
+    Send {
+        targets: Vec<&'r str>,
+        from: Option<ClientId>,
+        payload: &'r RawValue,
+    },
+    Publish {
+        topic: &'r str,
+        from: Option<ClientId>,
+        payload: &'r RawValue,
+    },
+    Disconnect {
+        id: &'r str,
+        close: CloseReason,
+    },
+}
+
+impl Api {
+    fn check_send<'r>(&self, request: &'r SendRequest) -> Result<Checked<'r>, ApiError> {
+        if request.targets.len() > self.hub.limits.max_targets {
+            let message = format!(
+                "at most {} targets are allowed",
+                self.hub.limits.max_targets
+            );
+            return Err(ApiError::bad_request("too_many_targets", message));
+        }
+        let mut targets: Vec<&str> = Vec::with_capacity(request.targets.len());
+        for target in &request.targets {
+            let id = target
+                .0
+                .as_deref()
+                .map_err(|bad| invalid_id("target", bad))?;
+            if !targets.contains(&id) {
+                targets.push(id);
+            }
+        }
+        Ok(Checked::Send {
+            targets,
+            from: request.from.as_deref().map(checked_id).transpose()?,
+            payload: &request.payload,
+        })
+    }
+
+    fn check_publish<'r>(&self, request: &'r PublishRequest) -> Result<Checked<'r>, ApiError> {
+        Ok(Checked::Publish {
+            topic: checked_topic(&self.hub, &request.topic)?,
+            from: request.from.as_deref().map(checked_id).transpose()?,
+            payload: &request.payload,
+        })
+    }
+
+    fn check_disconnect<'r>(
+        &self,
+        request: &'r DisconnectRequest,
+    ) -> Result<Checked<'r>, ApiError> {
+        let id = request
+            .id
+            .0
+            .as_deref()
+            .map_err(|bad| invalid_id("id", bad))?;
+        let code = request.code.unwrap_or(1000);
+        if !(code == 1000 || (3000..=4999).contains(&code)) {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "code must be 1000 or 3000-4999",
+            ));
+        }
+        let reason = request
+            .reason
+            .as_deref()
+            .unwrap_or("disconnected by the server");
+        Ok(Checked::Disconnect {
+            id,
+            close: CloseReason::new(code, reason),
+        })
+    }
+
+    fn run(&self, checked: Checked<'_>) -> serde_json::Value {
+        match checked {
+            Checked::Send {
+                targets,
+                from,
+                payload,
+            } => {
+                let render = wire::direct_renderer(from.as_deref(), payload);
+                let (mut delivered, mut offline) = (Vec::new(), Vec::new());
+                for target in targets {
+                    let list = if self.hub.broker.send(target, &render) > 0 {
+                        &mut delivered
+                    } else {
+                        &mut offline
+                    };
+                    list.push(target);
+                }
+                serde_json::json!({ "delivered": delivered, "offline": offline })
+            }
+            Checked::Publish {
+                topic,
+                from,
+                payload,
+            } => {
+                let message = wire::envelope_delivery(from.as_deref(), Some(topic), payload);
+                let subscribers = self.hub.pubsub.publish(topic, &|_| message.clone());
+                serde_json::json!({ "subscribers": subscribers })
+            }
+            Checked::Disconnect { id, close } => {
+                let connections = self.hub.registry.lookup(id);
+                for outbox in &connections {
+                    outbox.close(close.clone());
+                }
+                serde_json::json!({ "connections": connections.len() })
+            }
+        }
+    }
+}
+
+fn checked_id(id: &str) -> Result<ClientId, ApiError> {
+    ids::parse(id).map_err(|_| invalid_id("id", id))
+}
+
+fn invalid_id(field: &str, bad: &str) -> ApiError {
+    ApiError::bad_request(
+        "invalid_id",
+        format!("invalid {field} {bad:?}: {}", ids::InvalidId),
+    )
+}
+
+fn checked_topic<'t>(hub: &Hub, topic: &'t str) -> Result<&'t str, ApiError> {
+    topics::validate(topic)
+        .map_err(|e| ApiError::bad_request("invalid_topic", format!("{topic:?}: {e}")))?;
+    hub.namespaces.find(topic).ok_or_else(|| {
+        ApiError::bad_request(
+            "unknown_namespace",
+            format!("no namespace serves {topic:?}"),
+        )
+    })?;
+    Ok(topic)
+}
+
+async fn send(
+    State(api): State<Api>,
+    ApiJson(request): ApiJson<SendRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(api.run(api.check_send(&request)?)))
+}
+
+async fn publish(
+    State(api): State<Api>,
+    ApiJson(request): ApiJson<PublishRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(api.run(api.check_publish(&request)?)))
+}
+
+async fn disconnect(
+    State(api): State<Api>,
+    ApiJson(request): ApiJson<DisconnectRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(api.run(api.check_disconnect(&request)?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    operations: Vec<Box<RawValue>>,
+}
+
+/// One batch operation, parsed. (An internally tagged enum cannot hold the raw
+/// payload, so the `op` field is taken off first.)
+enum Operation {
+    Send(SendRequest),
+    Publish(PublishRequest),
+    Disconnect(DisconnectRequest),
+}
+
+fn parse_operation(raw: &RawValue) -> Result<Operation, String> {
+    let mut fields: std::collections::HashMap<String, Box<RawValue>> =
+        serde_json::from_str(raw.get()).map_err(|e| e.to_string())?;
+    let op = fields.remove("op").ok_or("missing field `op`")?;
+    let op: String = serde_json::from_str(op.get()).map_err(|e| format!("op: {e}"))?;
+    let rest = serde_json::to_string(&fields).map_err(|e| e.to_string())?;
+    let parsed = match op.as_str() {
+        "send" => serde_json::from_str(&rest).map(Operation::Send),
+        "publish" => serde_json::from_str(&rest).map(Operation::Publish),
+        "disconnect" => serde_json::from_str(&rest).map(Operation::Disconnect),
+        other => return Err(format!("unknown op {other:?}: send, publish or disconnect")),
+    };
+    parsed.map_err(|e| e.to_string())
+}
+
+/// Checks every operation first: if one is invalid the request fails with 400
+/// naming it, and none runs. Then runs them in order.
+async fn batch(
+    State(api): State<Api>,
+    ApiJson(request): ApiJson<BatchRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if request.operations.len() > MAX_BATCH {
+        let message = format!("at most {MAX_BATCH} operations per batch");
+        return Err(ApiError::bad_request("too_many_operations", message));
+    }
+    let in_operation = |i: usize, e: ApiError| {
+        ApiError::bad_request(e.code, format!("operations[{i}]: {}", e.message))
+    };
+    let operations = request
+        .operations
+        .iter()
+        .enumerate()
+        .map(|(i, raw)| {
+            parse_operation(raw)
+                .map_err(|e| in_operation(i, ApiError::bad_request("invalid_request", e)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let checked = operations
+        .iter()
+        .enumerate()
+        .map(|(i, op)| {
+            match op {
+                Operation::Send(r) => api.check_send(r),
+                Operation::Publish(r) => api.check_publish(r),
+                Operation::Disconnect(r) => api.check_disconnect(r),
+            }
+            .map_err(|e| in_operation(i, e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let results: Vec<serde_json::Value> = checked.into_iter().map(|c| api.run(c)).collect();
+    Ok(Json(serde_json::json!({ "results": results })))
+}
+
+#[derive(Serialize)]
+struct PresenceResult {
+    topic: String,
+    subscribers: usize,
+    clients: std::collections::BTreeMap<String, usize>,
+}
+
+async fn presence(
+    State(api): State<Api>,
+    Path(topic): Path<String>,
+) -> Result<Json<PresenceResult>, ApiError> {
+    let topic = checked_topic(&api.hub, &topic)?;
+    Ok(Json(PresenceResult {
+        topic: topic.to_owned(),
+        subscribers: api.hub.pubsub.subscribers(topic),
+        clients: api
+            .hub
+            .pubsub
+            .presence(topic)
+            .into_iter()
+            .map(|(client, n)| (client.to_string(), n))
+            .collect(),
+    }))
+}
+
+#[derive(Serialize)]
+struct ClientResult {
+    id: String,
+    online: bool,
+    connections: usize,
+}
+
+async fn client(
+    State(api): State<Api>,
+    Path(id): Path<String>,
+) -> Result<Json<ClientResult>, ApiError> {
+    let id = checked_id(&id)?;
+    let connections = api.hub.broker.connections(&id);
+    Ok(Json(ClientResult {
+        id: id.to_string(),
+        online: connections > 0,
+        connections,
+    }))
+}
+
+#[derive(Serialize)]
+struct StatsResult {
+    connections: usize,
+    clients: usize,
+    topics: usize,
+    messages_in: u64,
+    messages_out: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+async fn stats(State(api): State<Api>) -> Json<StatsResult> {
+    let counts = api.hub.stats.snapshot();
+    Json(StatsResult {
+        connections: api.hub.shutdown.connections(),
+        clients: api.hub.registry.clients(),
+        topics: api.hub.pubsub.topics(),
+        messages_in: counts.messages_in,
+        messages_out: counts.messages_out,
+        bytes_in: counts.bytes_in,
+        bytes_out: counts.bytes_out,
+    })
+}

@@ -1,0 +1,388 @@
+//! Authentication: JWTs for clients, API keys for backends.
+//!
+//! A client's token (HS256 with a shared secret, or RS256/ES256 with public keys
+//! from PEM files or a JWKS file) names the client in `sub`; `exp`, `nbf`, `aud`
+//! and `iss` are checked when configured. A `switchboard` claim may restrict what
+//! the client may do:
+//!
+//! ```json
+//! {"sub": "42", "exp": 1767225600,
+//!  "switchboard": {"subscribe": ["chat:*"], "publish": ["chat:42:*"], "send": ["support"]}}
+//! ```
+//!
+//! Each list holds patterns where `*` matches any run of characters; a missing
+//! list allows everything. Tokens are never logged.
+
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+use switchboard::ClientId;
+
+use crate::ids;
+
+/// A `*` glob over topic names or client ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern(String);
+
+impl Pattern {
+    /// Whether `text` matches.
+    pub fn matches(&self, text: &str) -> bool {
+        glob(self.0.as_bytes(), text.as_bytes())
+    }
+}
+
+fn glob(pattern: &[u8], text: &[u8]) -> bool {
+    // Iterative wildcard matching with one backtrack point: linear in practice.
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|b| *b == b'*')
+}
+
+/// What a token allows; `None` lists allow everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Permissions {
+    subscribe: Option<Vec<Pattern>>,
+    publish: Option<Vec<Pattern>>,
+    send: Option<Vec<Pattern>>,
+}
+
+fn allowed(list: &Option<Vec<Pattern>>, name: &str) -> bool {
+    list.as_ref()
+        .is_none_or(|patterns| patterns.iter().any(|p| p.matches(name)))
+}
+
+impl Permissions {
+    /// May the client subscribe to `topic`?
+    pub fn may_subscribe(&self, topic: &str) -> bool {
+        allowed(&self.subscribe, topic)
+    }
+
+    /// May the client publish to `topic`?
+    pub fn may_publish(&self, topic: &str) -> bool {
+        allowed(&self.publish, topic)
+    }
+
+    /// May the client send to `target`?
+    pub fn may_send(&self, target: &str) -> bool {
+        allowed(&self.send, target)
+    }
+}
+
+/// Who a verified token says the client is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The `sub` claim.
+    pub client: ClientId,
+    /// The `exp` claim, in seconds since the epoch.
+    pub expires_at: Option<u64>,
+    /// The `switchboard` claim.
+    pub permissions: Permissions,
+}
+
+/// Why a token was refused. The messages never contain the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// No token where one is required.
+    #[error(
+        "a token is required: send Authorization: Bearer <jwt>, ?token=<jwt>, or subprotocol bearer.<jwt>"
+    )]
+    Missing,
+    /// `exp` has passed.
+    #[error("the token has expired")]
+    Expired,
+    /// `nbf` is in the future.
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    /// The signature does not verify, or the algorithm is not one the key allows.
+    #[error("the token's signature or algorithm is not accepted")]
+    BadSignature,
+    /// `aud` is not the configured audience.
+    #[error("the token is for another audience")]
+    WrongAudience,
+    /// `iss` is not the configured issuer.
+    #[error("the token is from another issuer")]
+    WrongIssuer,
+    /// Not a JWT, or its claims are malformed (including a `sub` that is not a valid id).
+    #[error("malformed token: {0}")]
+    Malformed(String),
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    exp: Option<u64>,
+    #[serde(default)]
+    switchboard: Option<PermissionClaims>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PermissionClaims {
+    #[serde(default)]
+    subscribe: Option<Vec<String>>,
+    #[serde(default)]
+    publish: Option<Vec<String>>,
+    #[serde(default)]
+    send: Option<Vec<String>>,
+}
+
+/// One key a token may be signed with.
+struct VerifyKey {
+    kid: Option<String>,
+    algorithm: Algorithm,
+    key: DecodingKey,
+}
+
+/// What the JWT verifier is built from.
+#[derive(Clone, Default)]
+pub struct JwtConfig {
+    /// The HS256 shared secret.
+    pub hs256_secret: Option<String>,
+    /// PEM files with RSA (RS256) or EC P-256 (ES256) public keys.
+    pub public_keys: Vec<std::path::PathBuf>,
+    /// A JWKS file.
+    pub jwks: Option<std::path::PathBuf>,
+    /// Required `aud`, if any.
+    pub audience: Option<String>,
+    /// Required `iss`, if any.
+    pub issuer: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    pub leeway_secs: u64,
+}
+
+impl std::fmt::Debug for JwtConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtConfig")
+            .field(
+                "hs256_secret",
+                &self.hs256_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("public_keys", &self.public_keys)
+            .field("jwks", &self.jwks)
+            .field("audience", &self.audience)
+            .field("issuer", &self.issuer)
+            .field("leeway_secs", &self.leeway_secs)
+            .finish()
+    }
+}
+
+/// Verifies client tokens.
+pub struct JwtVerifier {
+    keys: Vec<VerifyKey>,
+    audience: Option<String>,
+    issuer: Option<String>,
+    leeway_secs: u64,
+}
+
+impl std::fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtVerifier")
+            .field("keys", &self.keys.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl JwtVerifier {
+    /// A verifier for `config`, or `None` when no key is configured.
+    pub fn from_config(config: &JwtConfig) -> anyhow::Result<Option<Self>> {
+        let mut keys = Vec::new();
+        if let Some(secret) = &config.hs256_secret {
+            if secret.len() < 32 {
+                bail!("the HS256 secret must be at least 32 bytes (RFC 7518 §3.2)");
+            }
+            keys.push(VerifyKey {
+                kid: None,
+                algorithm: Algorithm::HS256,
+                key: DecodingKey::from_secret(secret.as_bytes()),
+            });
+        }
+        for path in &config.public_keys {
+            keys.push(pem_key(path)?);
+        }
+        if let Some(path) = &config.jwks {
+            keys.extend(jwks_keys(path)?);
+        }
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            keys,
+            audience: config.audience.clone(),
+            issuer: config.issuer.clone(),
+            leeway_secs: config.leeway_secs,
+        }))
+    }
+
+    /// Checks `token` and returns who it names.
+    pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
+        let header = decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+        let candidates = self.keys.iter().filter(|k| {
+            k.algorithm == header.alg
+                && (header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
+        });
+        let mut last = TokenError::BadSignature;
+        for key in candidates {
+            match decode::<Claims>(token, &key.key, &self.validation(key.algorithm)) {
+                Ok(data) => return identity(data.claims),
+                Err(e) => last = token_error(e),
+            }
+            if last != TokenError::BadSignature {
+                break;
+            }
+        }
+        Err(last)
+    }
+
+    fn validation(&self, algorithm: Algorithm) -> Validation {
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = self.leeway_secs;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["sub"]);
+        validation.validate_aud = self.audience.is_some();
+        if let Some(audience) = &self.audience {
+            validation.set_audience(&[audience]);
+            validation.required_spec_claims.insert("aud".into());
+        }
+        if let Some(issuer) = &self.issuer {
+            validation.set_issuer(&[issuer]);
+            validation.required_spec_claims.insert("iss".into());
+        }
+        validation
+    }
+}
+
+fn identity(claims: Claims) -> Result<Identity, TokenError> {
+    let client = ids::parse(&claims.sub).map_err(|e| TokenError::Malformed(format!("sub: {e}")))?;
+    let patterns = |list: Option<Vec<String>>| list.map(|l| l.into_iter().map(Pattern).collect());
+    let permissions = match claims.switchboard {
+        Some(p) => Permissions {
+            subscribe: patterns(p.subscribe),
+            publish: patterns(p.publish),
+            send: patterns(p.send),
+        },
+        None => Permissions::default(),
+    };
+    Ok(Identity {
+        client,
+        expires_at: claims.exp,
+        permissions,
+    })
+}
+
+fn token_error(error: jsonwebtoken::errors::Error) -> TokenError {
+    use jsonwebtoken::errors::ErrorKind;
+    match error.kind() {
+        ErrorKind::ExpiredSignature => TokenError::Expired,
+        ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+        ErrorKind::InvalidAudience => TokenError::WrongAudience,
+        ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
+        ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm => TokenError::BadSignature,
+        _ => TokenError::Malformed(error.to_string()),
+    }
+}
+
+fn pem_key(path: &Path) -> anyhow::Result<VerifyKey> {
+    let pem =
+        std::fs::read(path).with_context(|| format!("reading public key {}", path.display()))?;
+    let (algorithm, key) = match DecodingKey::from_rsa_pem(&pem) {
+        Ok(key) => (Algorithm::RS256, key),
+        Err(_) => (
+            Algorithm::ES256,
+            DecodingKey::from_ec_pem(&pem).with_context(|| {
+                format!(
+                    "{} is neither an RSA nor an EC P-256 public key in PEM",
+                    path.display()
+                )
+            })?,
+        ),
+    };
+    Ok(VerifyKey {
+        kid: None,
+        algorithm,
+        key,
+    })
+}
+
+fn jwks_keys(path: &Path) -> anyhow::Result<Vec<VerifyKey>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading JWKS {}", path.display()))?;
+    let set: JwkSet =
+        serde_json::from_str(&text).with_context(|| format!("parsing JWKS {}", path.display()))?;
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        let algorithm = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => Algorithm::RS256,
+            AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
+            _ => continue,
+        };
+        let key =
+            DecodingKey::from_jwk(jwk).with_context(|| format!("a key in {}", path.display()))?;
+        keys.push(VerifyKey {
+            kid: jwk.common.key_id.clone(),
+            algorithm,
+            key,
+        });
+    }
+    if keys.is_empty() {
+        bail!("{} holds no RSA or EC key", path.display());
+    }
+    Ok(keys)
+}
+
+/// The API keys backends present as `Authorization: Bearer <key>`.
+#[derive(Clone, Default)]
+pub struct ApiKeys(Vec<Vec<u8>>);
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ApiKeys({} keys)", self.0.len())
+    }
+}
+
+impl ApiKeys {
+    /// These keys; several allow rotation.
+    pub fn new(keys: &[String]) -> Self {
+        Self(
+            keys.iter()
+                .filter(|k| !k.is_empty())
+                .map(|k| k.as_bytes().to_vec())
+                .collect(),
+        )
+    }
+
+    /// Whether any key is configured.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `presented` is one of the keys. Every key is compared, each in
+    /// constant time, so timing reveals neither which key matched nor how much.
+    pub fn accepts(&self, presented: &str) -> bool {
+        self.0.iter().fold(false, |found, key| {
+            found | bool::from(key.as_slice().ct_eq(presented.as_bytes()))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,85 @@
+//! What every connection and API request of one server shares.
+
+use std::sync::Arc;
+
+use switchboard::{Broker, Options, PubSub, Registry, Shutdown, Stats};
+
+use crate::auth::{ApiKeys, JwtVerifier};
+use crate::config::Config;
+use crate::topics::{Namespaces, PresenceEvents};
+
+/// Per-connection limits on what clients send.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientLimits {
+    /// Most targets (or clients in a `status` query) per message.
+    pub max_targets: usize,
+    /// Most topics per connection.
+    pub max_topics: usize,
+    /// Most connections per client id.
+    pub max_connections: usize,
+    /// Messages per second (0 unlimited).
+    pub messages_per_sec: u32,
+    /// Bytes per second (0 unlimited).
+    pub bytes_per_sec: u64,
+    /// Refusals in a row before closing with 1008.
+    pub strikes: u32,
+}
+
+/// The server's shared state.
+pub struct Hub {
+    /// Live connections by client id.
+    pub registry: Registry,
+    /// Delivery to client ids (the registry, behind its interface).
+    pub broker: Arc<dyn Broker>,
+    /// Topics.
+    pub pubsub: PubSub,
+    /// Topic namespaces.
+    pub namespaces: Arc<Namespaces>,
+    /// Traffic counters.
+    pub stats: Stats,
+    /// Options for each client connection.
+    pub options: Options,
+    /// Limits on what clients send.
+    pub limits: ClientLimits,
+    /// Client token verification; `None` is `auth = none` (ids from `?id=`).
+    pub jwt: Option<JwtVerifier>,
+    /// Backend API keys.
+    pub api_keys: ApiKeys,
+    /// Browser origins allowed to connect; empty allows any.
+    pub allowed_origins: Vec<String>,
+    /// Closes every connection on shutdown.
+    pub shutdown: Shutdown,
+}
+
+impl Hub {
+    /// The state for `config`, with the in-process registry and topics.
+    pub fn new(config: &Config, shutdown: Shutdown) -> anyhow::Result<Self> {
+        let registry = Registry::new();
+        let namespaces = Arc::new(Namespaces::new(config.namespaces.clone()));
+        let stats = Stats::new();
+        let options = switchboard::Options {
+            stats: Some(stats.clone()),
+            ..config.connection_options()
+        };
+        Ok(Self {
+            broker: Arc::new(registry.clone()),
+            registry,
+            pubsub: PubSub::with_listener(PresenceEvents(namespaces.clone())),
+            namespaces,
+            stats,
+            options,
+            limits: ClientLimits {
+                max_targets: config.max_targets,
+                max_topics: config.max_topics_per_connection,
+                max_connections: config.max_connections_per_client,
+                messages_per_sec: config.rate_limit_messages_per_sec,
+                bytes_per_sec: config.rate_limit_bytes_per_sec,
+                strikes: config.rate_limit_strikes,
+            },
+            jwt: JwtVerifier::from_config(&config.jwt)?,
+            api_keys: config.api_keys.clone(),
+            allowed_origins: config.allowed_origins.clone(),
+            shutdown,
+        })
+    }
+}

@@ -1,0 +1,130 @@
+//! Topic names and namespaces.
+//!
+//! A namespace is a topic prefix with a policy: whether clients may publish or
+//! only the server, whether presence (queries and join/leave events) is on, and
+//! how many subscribers a topic may have. The longest matching prefix wins. With
+//! no namespaces configured, one catch-all namespace applies (prefix `""`).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use switchboard::{ClientId, PresenceChange, PresenceListener, PubSub};
+
+use crate::wire;
+
+/// Longest topic name, in bytes.
+pub const MAX_TOPIC_LEN: usize = 200;
+
+/// Why a string is not a topic name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("topics are 1-{MAX_TOPIC_LEN} characters of A-Z a-z 0-9 . _ ~ : @ / -")]
+pub struct InvalidTopic;
+
+/// Checks a topic name.
+pub fn validate(topic: &str) -> Result<(), InvalidTopic> {
+    let valid = !topic.is_empty()
+        && topic.len() <= MAX_TOPIC_LEN
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._~:@/-".contains(&b));
+    if valid { Ok(()) } else { Err(InvalidTopic) }
+}
+
+/// The policy of the topics that share a prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Namespace {
+    /// Topics starting with this belong here (`"chat:"`); `""` matches every topic.
+    pub prefix: String,
+    /// Clients may publish; when false only the server API may.
+    #[serde(default = "yes")]
+    pub client_publish: bool,
+    /// Presence queries and join/leave events.
+    #[serde(default)]
+    pub presence: bool,
+    /// Most subscribed connections per topic.
+    #[serde(default)]
+    pub max_subscribers: Option<usize>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Namespace {
+    fn default() -> Self {
+        Self {
+            prefix: String::new(),
+            client_publish: true,
+            presence: false,
+            max_subscribers: Some(100_000),
+        }
+    }
+}
+
+/// The configured namespaces, longest prefix first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespaces(Vec<Namespace>);
+
+impl Namespaces {
+    /// These namespaces, or the catch-all default when `list` is empty.
+    pub fn new(mut list: Vec<Namespace>) -> Self {
+        if list.is_empty() {
+            list.push(Namespace::default());
+        }
+        list.sort_by_key(|ns| std::cmp::Reverse(ns.prefix.len()));
+        Self(list)
+    }
+
+    /// The namespace of `topic`, if any matches.
+    pub fn find(&self, topic: &str) -> Option<&Namespace> {
+        self.0.iter().find(|ns| topic.starts_with(&ns.prefix))
+    }
+}
+
+/// Publishes join and leave events to topics whose namespace has presence on.
+pub struct PresenceEvents(pub Arc<Namespaces>);
+
+impl PresenceListener for PresenceEvents {
+    fn changed(&self, pubsub: &PubSub, topic: &str, client: &ClientId, change: PresenceChange) {
+        if !self.0.find(topic).is_some_and(|ns| ns.presence) {
+            return;
+        }
+        let event = wire::presence_event(topic, client, change);
+        pubsub.publish(topic, &|_| event.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names() {
+        for ok in ["chat:lobby", "news/eu-west", "a", &"t".repeat(200)] {
+            assert!(validate(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "has space", "ünï", "a*b", &"t".repeat(201)] {
+            assert!(validate(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn longest_prefix_wins_and_unmatched_topics_have_none() {
+        let namespaces = Namespaces::new(vec![
+            Namespace {
+                prefix: "chat:".into(),
+                ..Namespace::default()
+            },
+            Namespace {
+                prefix: "chat:ops:".into(),
+                client_publish: false,
+                ..Namespace::default()
+            },
+        ]);
+        assert!(namespaces.find("chat:lobby").unwrap().client_publish);
+        assert!(!namespaces.find("chat:ops:alerts").unwrap().client_publish);
+        assert!(namespaces.find("news:x").is_none());
+        assert_eq!(Namespaces::new(vec![]).find("anything").unwrap().prefix, "");
+    }
+}

@@ -1,0 +1,248 @@
+//! Shared fixtures: the real `switchboard` binary on port 0, real WebSocket
+//! clients (tokio-tungstenite), and a minimal HTTP client for the API.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the fixtures"
+)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+pub type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// A running `switchboard serve`, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Server {
+    pub fn start(args: &[&str]) -> Self {
+        Self::start_with(args).0
+    }
+
+    /// Starts the server; also returns the API listener's address when
+    /// `--api-listen` was given.
+    pub fn start_with(args: &[&str]) -> (Self, Option<SocketAddr>) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--log-level", "warn"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("the switchboard binary starts");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .parse()
+            .unwrap();
+        let api = args.contains(&"--api-listen").then(|| {
+            let mut line = String::new();
+            stdout.read_line(&mut line).unwrap();
+            line.trim()
+                .strip_prefix("api listening on ")
+                .unwrap()
+                .parse()
+                .unwrap()
+        });
+        (Self { child, addr }, api)
+    }
+
+    pub async fn connect(&self, id: &str) -> Client {
+        self.connect_request(&format!("/ws?id={id}"), &[])
+            .await
+            .unwrap()
+    }
+
+    pub async fn connect_envelope(&self, id: &str) -> Client {
+        let headers = [("sec-websocket-protocol", "switchboard.v1")];
+        self.connect_request(&format!("/ws?id={id}"), &headers)
+            .await
+            .unwrap()
+    }
+
+    /// Connects with a custom handshake request (headers, subprotocols).
+    pub async fn connect_request(
+        &self,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+        let mut request = format!("ws://{}{path_and_query}", self.addr)
+            .into_client_request()
+            .unwrap();
+        for (name, value) in headers {
+            let name = http::HeaderName::from_bytes(name.as_bytes()).unwrap();
+            request.headers_mut().insert(name, value.parse().unwrap());
+        }
+        tokio_tungstenite::connect_async(request)
+            .await
+            .map(|(client, _)| client)
+    }
+
+    /// The HTTP status of a handshake that the server refused.
+    pub async fn refused_status(&self, path_and_query: &str, headers: &[(&str, &str)]) -> u16 {
+        match self.connect_request(path_and_query, headers).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                response.status().as_u16()
+            }
+            Ok(_) => panic!("the handshake succeeded"),
+            Err(other) => panic!("unexpected error {other}"),
+        }
+    }
+
+    /// Sends a plain HTTP/1.1 request and returns the status code and body.
+    pub async fn http(&self, request_line: &str) -> (u16, String) {
+        let request = format!("{request_line} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        raw_http(self.addr, &request).await
+    }
+
+    /// Calls the HTTP API on this server's main listener.
+    pub async fn api(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        api_call(self.addr, method, path, key, body).await
+    }
+
+    pub async fn clients(&self) -> u64 {
+        let (_, body) = self.http("GET /healthz").await;
+        serde_json::from_str::<Value>(&body).unwrap()["clients"]
+            .as_u64()
+            .unwrap()
+    }
+
+    pub async fn wait_for_clients(&self, expected: u64) {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        while self.clients().await != expected {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "registry never reached {expected} clients"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends one JSON request to `addr`; returns the status and the JSON body
+/// (`Value::Null` when the body is empty or not JSON).
+pub async fn api_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = key
+        .map(|k| format!("Authorization: Bearer {k}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (status, text) = raw_http(addr, &request).await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// Sends a raw HTTP/1.1 request and returns the status and body.
+pub async fn raw_http(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(TIMEOUT, stream.read_to_string(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub async fn send(client: &mut Client, value: Value) {
+    client.send(Message::text(value.to_string())).await.unwrap();
+}
+
+/// The next text or close message, skipping pings.
+pub async fn recv(client: &mut Client) -> Message {
+    loop {
+        let message = tokio::time::timeout(TIMEOUT, client.next())
+            .await
+            .expect("a message in time")
+            .expect("the stream is open")
+            .expect("no protocol error");
+        if !matches!(message, Message::Ping(_) | Message::Pong(_)) {
+            return message;
+        }
+    }
+}
+
+pub async fn recv_text(client: &mut Client) -> String {
+    match recv(client).await {
+        Message::Text(text) => text.to_string(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+pub async fn recv_json(client: &mut Client) -> Value {
+    serde_json::from_str(&recv_text(client).await).unwrap()
+}
+
+/// Reads until the close frame; returns its code and reason.
+pub async fn recv_close_frame(client: &mut Client) -> (u16, String) {
+    loop {
+        match recv(client).await {
+            Message::Close(Some(frame)) => {
+                return (u16::from(frame.code), frame.reason.to_string());
+            }
+            Message::Close(None) => panic!("close without a code"),
+            _ => continue,
+        }
+    }
+}
+
+pub async fn recv_close(client: &mut Client) -> u16 {
+    recv_close_frame(client).await.0
+}
+
+/// Asserts that nothing arrives for a short while.
+pub async fn assert_silent(client: &mut Client) {
+    let next = tokio::time::timeout(Duration::from_millis(200), async {
+        loop {
+            match client.next().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await;
+    assert!(next.is_err(), "expected silence, got {next:?}");
+}
