@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The one command that runs every test, on a fresh machine that has Rust:
 #   scripts/test.sh
-# It installs what the tests need: a Python venv (.venv) with pytest, websockets
-# and kosoku; Debian's chromium for the browser test; playwright-core via npm.
+# It installs what the tests need: a Python venv (.venv) with pytest, websockets,
+# kosoku and schemathesis; Debian's chromium for the browser test; playwright-core via npm.
 #
 # Steps: Rust unit, property and integration tests; the Python client suite;
-# the Autobahn conformance cases via kosoku; headless Chromium interop.
+# schemathesis against the HTTP API; the Autobahn conformance cases via kosoku;
+# headless Chromium interop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +28,9 @@ step "Python client tests (websockets)"
 export SWITCHBOARD_BIN="$PWD/target/debug/switchboard"
 export SWITCHBOARD_EXAMPLES="$PWD/target/debug/examples"
 .venv/bin/python -m pytest -q tests/python
+
+step "HTTP API contract (schemathesis against docs/openapi.json)"
+scripts/schemathesis.sh
 
 step "Autobahn conformance (kosoku)"
 scripts/autobahn.sh

@@ -640,7 +640,7 @@ async def test_envelope_self_delivery_and_ack(server):
 @pytest.mark.parametrize(
     "text,code",
     [
-        ('{"id":5,"type":"subscribe","targets":["b"],"payload":1}', "unknown_type"),
+        ('{"id":5,"type":"teleport","targets":["b"],"payload":1}', "unknown_type"),
         ('{"id":5,"targets":["b","a b"],"payload":1}', "invalid_target"),
         ('{"id":5,"targets":["b"]}', "invalid_message"),
         ('{"id":5,"payload":1}', "invalid_message"),
@@ -704,7 +704,7 @@ BAD_INPUTS = [
     ('{"targets":["r","' + "x" * 129 + '"],"payload":1}', "invalid_target"),
     ('{"targets":["r","é"],"payload":1}', "invalid_target"),
     ('{"targets":' + json.dumps(["r"] * 1001) + ',"payload":1}', "too_many_targets"),
-    ('{"type":"subscribe","targets":["r"],"payload":1}', "unknown_type"),
+    ('{"type":"teleport","targets":["r"],"payload":1}', "unknown_type"),
     ('{"type":"SEND","targets":["r"],"payload":1}', "unknown_type"),
 ]
 

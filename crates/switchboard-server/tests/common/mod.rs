@@ -36,8 +36,14 @@ impl Server {
     /// Starts the server; also returns the API listener's address when
     /// `--api-listen` was given.
     pub fn start_with(args: &[&str]) -> (Self, Option<SocketAddr>) {
+        let listen: &[&str] = if args.contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-level", "warn"])
+            .args(["serve", "--log-level", "warn"])
+            .args(listen)
             .args(args)
             .stdout(Stdio::piped())
             .spawn()

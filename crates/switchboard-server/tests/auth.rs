@@ -1,0 +1,314 @@
+//! Connection auth, origins and client limits against the real binary.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, get_current_timestamp};
+use serde_json::{Value, json};
+
+const SECRET: &str = "an-integration-test-secret-32-bytes!";
+
+fn token(claims: Value) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn token_for(sub: &str, lifetime_secs: u64) -> String {
+    token(json!({"sub": sub, "exp": get_current_timestamp() + lifetime_secs}))
+}
+
+fn jwt_server(extra: &[&str]) -> Server {
+    let mut args = vec!["--jwt-hs256-secret", SECRET, "--jwt-leeway-secs", "0"];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+#[tokio::test]
+async fn with_tokens_configured_an_id_alone_is_refused() {
+    let server = jwt_server(&[]);
+    assert_eq!(server.refused_status("/ws?id=1", &[]).await, 401);
+    let (status, body) = server.http("GET /ws?id=1").await;
+    assert_eq!(status, 401);
+    assert!(body.contains("a token is required"), "{body}");
+}
+
+#[tokio::test]
+async fn a_token_can_travel_in_a_header_the_query_or_a_subprotocol() {
+    let server = jwt_server(&[]);
+    let mut sender = server
+        .connect_request(
+            "/ws",
+            &[(
+                "authorization",
+                &format!("Bearer {}", token_for("alice", 60)),
+            )],
+        )
+        .await
+        .unwrap();
+    let mut by_query = server
+        .connect_request(&format!("/ws?token={}", token_for("bob", 60)), &[])
+        .await
+        .unwrap();
+    let protocols = format!("switchboard.v1, bearer.{}", token_for("carol", 60));
+    let mut by_protocol = server
+        .connect_request("/ws", &[("sec-websocket-protocol", &protocols)])
+        .await
+        .unwrap();
+    server.wait_for_clients(3).await;
+    send(
+        &mut sender,
+        json!({"targets": ["bob", "carol"], "payload": "hi"}),
+    )
+    .await;
+    assert_eq!(recv_text(&mut by_query).await, r#""hi""#);
+    assert_eq!(
+        recv_json(&mut by_protocol).await,
+        json!({"type": "message", "from": "alice", "payload": "hi"})
+    );
+}
+
+#[tokio::test]
+async fn a_forged_id_is_ignored_when_tokens_are_on() {
+    let server = jwt_server(&[]);
+    let mut mallory = server
+        .connect_request(
+            &format!("/ws?id=alice&token={}", token_for("mallory", 60)),
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut sender = server
+        .connect_request(
+            &format!("/ws?token={}", token_for("sender", 60)),
+            &[("sec-websocket-protocol", "switchboard.v1")],
+        )
+        .await
+        .unwrap();
+    server.wait_for_clients(2).await;
+    send(
+        &mut sender,
+        json!({"targets": ["alice", "mallory"], "payload": 1, "id": 1}),
+    )
+    .await;
+    let ack = recv_json(&mut sender).await;
+    assert_eq!(
+        (ack["delivered"].clone(), ack["offline"].clone()),
+        (json!(["mallory"]), json!(["alice"]))
+    );
+    assert_eq!(recv_text(&mut mallory).await, "1");
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_before_the_upgrade() {
+    let server = jwt_server(&[]);
+    let expired = token(json!({"sub": "a", "exp": get_current_timestamp() - 5}));
+    let other_secret = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": "a", "exp": get_current_timestamp() + 60}),
+        &EncodingKey::from_secret(b"a-different-secret-also-32-bytes-long"),
+    )
+    .unwrap();
+    for bad in [expired.as_str(), other_secret.as_str(), "not.a.jwt"] {
+        assert_eq!(
+            server
+                .refused_status(&format!("/ws?token={bad}"), &[])
+                .await,
+            401,
+            "{bad}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_expiring_token_closes_with_4001_unless_refreshed() {
+    let server = jwt_server(&[]);
+    let headers = [("sec-websocket-protocol", "switchboard.v1")];
+    let mut expiring = server
+        .connect_request(&format!("/ws?token={}", token_for("e", 1)), &headers)
+        .await
+        .unwrap();
+    let mut refreshed = server
+        .connect_request(&format!("/ws?token={}", token_for("r", 1)), &headers)
+        .await
+        .unwrap();
+    send(
+        &mut refreshed,
+        json!({"type": "refresh", "token": token_for("r", 60), "id": "fresh"}),
+    )
+    .await;
+    assert_eq!(
+        recv_json(&mut refreshed).await,
+        json!({"type": "ack", "id": "fresh"})
+    );
+    // A token for someone else cannot be swapped in.
+    send(
+        &mut refreshed,
+        json!({"type": "refresh", "token": token_for("x", 60), "id": 2}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut refreshed).await["code"], "invalid_token");
+
+    assert_eq!(
+        recv_close_frame(&mut expiring).await,
+        (4001, "token expired".to_string())
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    send(
+        &mut refreshed,
+        json!({"type": "status", "clients": ["r"], "id": 3}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut refreshed).await["clients"]["r"], true);
+}
+
+#[tokio::test]
+async fn claims_restrict_topics_and_targets() {
+    let server = jwt_server(&[]);
+    let limited = token(json!({
+        "sub": "limited", "exp": get_current_timestamp() + 60,
+        "switchboard": {"subscribe": ["chat:*"], "publish": [], "send": ["support"]}
+    }));
+    let mut client = server
+        .connect_request(
+            &format!("/ws?token={limited}"),
+            &[("sec-websocket-protocol", "switchboard.v1")],
+        )
+        .await
+        .unwrap();
+    let cases = [
+        (
+            json!({"type": "subscribe", "topic": "chat:lobby", "id": 1}),
+            "ack",
+        ),
+        (
+            json!({"type": "subscribe", "topic": "admin:x", "id": 2}),
+            "forbidden",
+        ),
+        (
+            json!({"type": "publish", "topic": "chat:lobby", "payload": 1, "id": 3}),
+            "forbidden",
+        ),
+        (
+            json!({"targets": ["support"], "payload": 1, "id": 4}),
+            "ack",
+        ),
+        (
+            json!({"targets": ["support", "ceo"], "payload": 1, "id": 5}),
+            "forbidden",
+        ),
+    ];
+    for (message, expected) in cases {
+        send(&mut client, message.clone()).await;
+        let reply = recv_json(&mut client).await;
+        let got = if reply["type"] == "ack" {
+            "ack"
+        } else {
+            reply["code"].as_str().unwrap()
+        };
+        assert_eq!(got, expected, "{message} -> {reply}");
+    }
+}
+
+#[tokio::test]
+async fn only_allowed_browser_origins_may_connect() {
+    let server = Server::start(&["--allowed-origin", "https://app.example"]);
+    assert_eq!(
+        server
+            .refused_status("/ws?id=1", &[("origin", "https://evil.example")])
+            .await,
+        403
+    );
+    assert!(
+        server
+            .connect_request("/ws?id=1", &[("origin", "https://app.example")])
+            .await
+            .is_ok()
+    );
+    // Clients that are not browsers send no Origin.
+    assert!(server.connect_request("/ws?id=1", &[]).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_public_address_without_auth_needs_allow_insecure() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["serve", "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("without client authentication"), "{stderr}");
+    assert!(stderr.contains("--allow-insecure"), "{stderr}");
+
+    let server = Server::start(&["--listen", "0.0.0.0:0", "--allow-insecure"]);
+    assert!(server.addr.port() > 0);
+    let server = jwt_server(&["--listen", "0.0.0.0:0"]);
+    assert!(server.addr.port() > 0);
+}
+
+#[tokio::test]
+async fn floods_are_refused_then_disconnected() {
+    let server = Server::start(&[
+        "--rate-limit-messages-per-sec",
+        "5",
+        "--rate-limit-strikes",
+        "5",
+    ]);
+    let mut flooder = server.connect_envelope("flood").await;
+    let mut bystander = server.connect("calm").await;
+    server.wait_for_clients(2).await;
+    for i in 0..30 {
+        // The connection may already be closing at the end of the burst.
+        let _ = futures_util::SinkExt::send(
+            &mut flooder,
+            tokio_tungstenite::tungstenite::Message::text(
+                json!({"targets": ["flood"], "payload": i}).to_string(),
+            ),
+        )
+        .await;
+    }
+    let mut refused = 0;
+    let code = loop {
+        match recv(&mut flooder).await {
+            tokio_tungstenite::tungstenite::Message::Text(text) => {
+                let value: Value = serde_json::from_str(&text).unwrap();
+                refused += usize::from(value["code"] == "rate_limited");
+            }
+            tokio_tungstenite::tungstenite::Message::Close(frame) => {
+                break frame.map(|f| u16::from(f.code));
+            }
+            _ => {}
+        }
+    };
+    assert_eq!(code, Some(1008));
+    assert!(
+        refused >= 4,
+        "{refused} rate_limited errors before the close"
+    );
+    // Nobody else was affected.
+    let (status, _) = server
+        .api(
+            "POST",
+            "/api/v1/send",
+            None,
+            Some(json!({"targets": ["calm"], "payload": 1})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(recv_text(&mut bystander).await, "1");
+}
+
+#[tokio::test]
+async fn a_client_id_holds_at_most_its_connection_limit() {
+    let server = Server::start(&["--max-connections-per-client", "2"]);
+    let _a = server.connect("same").await;
+    let _b = server.connect("same").await;
+    server.wait_for_clients(1).await;
+    assert_eq!(server.refused_status("/ws?id=same", &[]).await, 429);
+    assert!(server.connect_request("/ws?id=other", &[]).await.is_ok());
+}
