@@ -1,14 +1,16 @@
 // Drives the switchboard relay from a real browser: Debian's headless Chromium
 // through playwright-core. Starts the relay binary on port 0, opens its demo
 // page, talks to /ws from the page (raw and switchboard.v1, compressed), and
-// uses the demo page's own UI.
+// uses the demo page's own UI. Then runs auth.test.mjs (tokens, topics, origin
+// allowlist; relays of its own) in the same browser.
 //
 //   cd tests/browser && npm ci && node relay.test.mjs
 //
 // Env: SWITCHBOARD_BIN (default: ../../target/debug/switchboard),
 //      CHROMIUM (default: /usr/bin/chromium),
 //      SCREENSHOT (default: /tmp/switchboard-demo.png).
-// Prints one line per test and closes with 'N passed, N failed'; exits 1 on any failure.
+// Prints one line per test and closes with one 'N passed, N failed' for both
+// files; exits 1 on any failure.
 
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
@@ -16,19 +18,20 @@ import { existsSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+
+import * as auth from "./auth.test.mjs";
+import { launchChromium } from "./chromium.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.SWITCHBOARD_BIN || resolve(here, "../../target/debug/switchboard");
-const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const SCREENSHOT = process.env.SCREENSHOT || "/tmp/switchboard-demo.png";
 const WAIT_MS = 5000;
 
 // The whole run is bounded: never hang a CI job.
 const watchdog = setTimeout(() => {
-  console.error("FATAL: browser tests took longer than 180s");
+  console.error("FATAL: browser tests took longer than 240s");
   cleanup().finally(() => process.exit(1));
-}, 180_000);
+}, 240_000);
 watchdog.unref();
 
 // ---------------------------------------------------------------------------
@@ -251,7 +254,8 @@ test("error frames in both modes; connections keep working", async () => {
   const [rawErr, envErr, after] = await page.evaluate(async () => {
     window.sb.send("alice", "not json");
     const rawErr = await window.sb.next("alice");
-    window.sb.send("bob", JSON.stringify({ type: "subscribe", id: 9, targets: ["alice"], payload: 1 }));
+    // "subscribe" is a real type since topics arrived: use one that is not.
+    window.sb.send("bob", JSON.stringify({ type: "teleport", id: 9, targets: ["alice"], payload: 1 }));
     const envErr = await window.sb.next("bob");
     window.sb.send("bob", JSON.stringify({ targets: ["alice"], payload: "still here" }));
     return [rawErr, envErr, await window.sb.next("alice")];
@@ -345,37 +349,21 @@ async function cleanup() {
   if (server && server.exitCode === null && server.signalCode === null) {
     server.kill("SIGKILL");
   }
+  await auth.cleanup();
 }
 
 async function main() {
   try {
     port = await startServer(["--idle-timeout-secs", "120"]);
     // launch() gives Chromium a fresh temporary user-data dir of its own.
-    browser = await withTimeout(
-      chromium.launch({
-        executablePath: CHROMIUM,
-        args: [
-          "--headless",
-          "--no-sandbox",
-          "--disable-gpu",
-          "--disable-quic",
-          "--no-first-run",
-          "--disable-background-networking",
-          "--disable-component-update",
-          "--disable-sync",
-        ],
-        timeout: 30_000,
-      }),
-      40_000,
-      "launching Chromium",
-    );
+    browser = await withTimeout(launchChromium(), 40_000, "launching Chromium");
     context = await browser.newContext();
     page = await context.newPage();
     page.setDefaultTimeout(WAIT_MS * 2);
   } catch (e) {
     console.error(`setup failed: ${e.stack || e}`);
     await cleanup();
-    console.log(`0 passed, ${tests.length} failed`);
+    console.log(`0 passed, ${tests.length + auth.tests.length} failed`);
     process.exit(1);
   }
 
@@ -398,6 +386,15 @@ async function main() {
       console.log(String(e.stack || e).replace(/^/gm, "    "));
       if (stderrTail) console.log(`    relay stderr (tail):\n${stderrTail.replace(/^/gm, "      ")}`);
     }
+  }
+  // auth.test.mjs: independent of the relay above, so it runs even after a failure.
+  try {
+    const counts = await auth.run(browser);
+    passed += counts.passed;
+    failed += counts.failed;
+  } catch (e) {
+    failed += auth.tests.length;
+    console.log(`not ok - auth.test.mjs did not run: ${e.stack || e}`);
   }
   await cleanup();
   console.log(`${passed} passed, ${failed} failed`);

@@ -259,18 +259,8 @@ impl Api {
             );
             return Err(ApiError::bad_request("too_many_targets", message));
         }
-        let mut targets: Vec<&str> = Vec::with_capacity(request.targets.len());
-        for target in &request.targets {
-            let id = target
-                .0
-                .as_deref()
-                .map_err(|bad| invalid_id("target", bad))?;
-            if !targets.contains(&id) {
-                targets.push(id);
-            }
-        }
         Ok(Checked::Send {
-            targets,
+            targets: ids::unique(&request.targets).map_err(|bad| invalid_id("target", bad))?,
             from: request.from.as_deref().map(checked_id).transpose()?,
             payload: &request.payload,
         })

@@ -233,6 +233,11 @@ impl JwtVerifier {
         }))
     }
 
+    /// The clock skew allowed on `exp` and `nbf`, in seconds.
+    pub fn leeway_secs(&self) -> u64 {
+        self.leeway_secs
+    }
+
     /// Checks `token` and returns who it names.
     pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
         let header = decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
@@ -257,7 +262,8 @@ impl JwtVerifier {
         let mut validation = Validation::new(algorithm);
         validation.leeway = self.leeway_secs;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["sub"]);
+        // Every token must expire: one without `exp` would be valid forever.
+        validation.set_required_spec_claims(&["sub", "exp"]);
         validation.validate_aud = self.audience.is_some();
         if let Some(audience) = &self.audience {
             validation.set_audience(&[audience]);

@@ -318,7 +318,12 @@ impl Config {
                 issuer: s.jwt_issuer,
                 leeway_secs: s.jwt_leeway_secs.unwrap_or(30),
             },
-            allowed_origins: s.allowed_origins.unwrap_or_default(),
+            allowed_origins: s
+                .allowed_origins
+                .unwrap_or_default()
+                .iter()
+                .map(|origin| normalize_origin(origin))
+                .collect::<anyhow::Result<_>>()?,
             allow_insecure: s.allow_insecure.unwrap_or(false),
             namespaces: s.namespaces.unwrap_or_default(),
         };
@@ -382,6 +387,22 @@ impl Config {
     }
 }
 
+/// An origin as browsers send it: `scheme://host[:port]`, lowercase, no path.
+/// A trailing `/` is dropped; any other path is an error, since it could never match.
+fn normalize_origin(origin: &str) -> anyhow::Result<String> {
+    let origin = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+    let rest = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .with_context(|| {
+            format!("allowed origin {origin:?} must start with http:// or https://")
+        })?;
+    if rest.is_empty() || rest.contains('/') {
+        bail!("allowed origin {origin:?} must be scheme://host[:port], without a path");
+    }
+    Ok(origin)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,6 +443,20 @@ mod tests {
         assert_eq!(config.listen.port(), 5000);
         assert_eq!(config.max_targets, 7);
         assert_eq!(config.idle_timeout, None);
+    }
+
+    #[test]
+    fn origins_are_normalized_or_refused() {
+        assert_eq!(
+            normalize_origin("https://App.Example/").unwrap(),
+            "https://app.example"
+        );
+        assert_eq!(
+            normalize_origin("http://127.0.0.1:4000").unwrap(),
+            "http://127.0.0.1:4000"
+        );
+        assert!(normalize_origin("app.example").is_err());
+        assert!(normalize_origin("https://app.example/path").is_err());
     }
 
     #[test]

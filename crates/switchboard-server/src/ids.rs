@@ -90,6 +90,20 @@ impl<'de> serde::Deserialize<'de> for Target {
     }
 }
 
+/// The valid ids of `targets`, each once, in order; or the first invalid one.
+pub fn unique(targets: &[Target]) -> Result<Vec<&str>, &str> {
+    let mut seen = std::collections::HashSet::with_capacity(targets.len());
+    let mut ids = Vec::with_capacity(targets.len());
+    for target in targets {
+        match &target.0 {
+            Ok(id) if seen.insert(id.as_str()) => ids.push(id.as_str()),
+            Ok(_) => {}
+            Err(bad) => return Err(bad),
+        }
+    }
+    Ok(ids)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +116,14 @@ mod tests {
         for id in ["", " ", "a b", "a/b", "é", "a\"b", &"x".repeat(129)] {
             assert!(!is_valid(id), "{id}");
         }
+    }
+
+    #[test]
+    fn unique_keeps_the_first_of_each_and_names_the_first_invalid() {
+        let targets: Vec<Target> = serde_json::from_str(r#"[2, "2", "b", 2, "b"]"#).unwrap();
+        assert_eq!(unique(&targets), Ok(vec!["2", "b"]));
+        let targets: Vec<Target> = serde_json::from_str(r#"["a", "x y", null]"#).unwrap();
+        assert_eq!(unique(&targets), Err("x y"));
     }
 
     #[test]

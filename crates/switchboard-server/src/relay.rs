@@ -6,7 +6,6 @@
 //! the same frame goes to every recipient.
 
 use std::collections::HashMap;
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,8 +90,11 @@ impl Relay {
         }
         self.token_generation += 1;
         if let Some(expires_at) = expires_at {
+            // The same clock skew the handshake allowed, or a token accepted a few
+            // seconds after its `exp` would be cut off at once.
+            let leeway = self.hub.jwt.as_ref().map_or(0, |jwt| jwt.leeway_secs());
             let now = jsonwebtoken::get_current_timestamp();
-            let delay = Duration::from_secs(expires_at.saturating_sub(now));
+            let delay = Duration::from_secs((expires_at + leeway).saturating_sub(now));
             let info = RelayInfo::TokenExpired(self.token_generation);
             self.expiry_timer = Some(handle.send_after(info, delay));
         }
@@ -288,19 +290,10 @@ impl Relay {
             );
             return Err((ErrorCode::TooManyTargets, message));
         }
-        let mut seen = HashSet::with_capacity(list.len());
-        let mut ids = Vec::with_capacity(list.len());
-        for target in list {
-            match &target.0 {
-                Ok(id) if seen.insert(id.as_str()) => ids.push(id.as_str()),
-                Ok(_) => {}
-                Err(bad) => {
-                    let message = format!("invalid client id {bad:?}: {}", crate::ids::InvalidId);
-                    return Err((ErrorCode::InvalidTarget, message));
-                }
-            }
-        }
-        Ok(ids)
+        crate::ids::unique(list).map_err(|bad| {
+            let message = format!("invalid client id {bad:?}: {}", crate::ids::InvalidId);
+            (ErrorCode::InvalidTarget, message)
+        })
     }
 
     /// The message's topic, checked, with its namespace.

@@ -300,3 +300,62 @@ async fn without_keys_the_api_is_open_on_loopback_only() {
     );
     drop(server);
 }
+
+#[tokio::test]
+async fn keys_come_from_the_environment_or_the_config_file_too() {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-level", "warn"])
+        .env("SWITCHBOARD_API_KEYS", "env-one,env-two")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr: std::net::SocketAddr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    for key in ["env-one", "env-two"] {
+        assert_eq!(
+            api_call(addr, "GET", "/api/v1/stats", Some(key), None)
+                .await
+                .0,
+            200,
+            "{key}"
+        );
+    }
+    assert_eq!(
+        api_call(addr, "GET", "/api/v1/stats", None, None).await.0,
+        401
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let path = std::env::temp_dir().join(format!("switchboard-keys-{}.toml", std::process::id()));
+    std::fs::write(
+        &path,
+        "api_keys = [\"file-key\"]\nallowed_origins = [\"https://app.example\"]\n",
+    )
+    .unwrap();
+    let server = Server::start(&["--config", path.to_str().unwrap()]);
+    assert_eq!(
+        server
+            .api("GET", "/api/v1/stats", Some("file-key"), None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        server
+            .refused_status("/ws?id=1", &[("origin", "https://other.example")])
+            .await,
+        403
+    );
+    std::fs::remove_file(path).unwrap();
+}

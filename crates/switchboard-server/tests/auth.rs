@@ -317,11 +317,20 @@ async fn a_client_id_holds_at_most_its_connection_limit() {
 fn help_never_prints_secret_values() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
         .args(["serve", "--help"])
-        .env("SWITCHBOARD_JWT_HS256_SECRET", "very-secret-value-for-the-help-test")
+        .env(
+            "SWITCHBOARD_JWT_HS256_SECRET",
+            "very-secret-value-for-the-help-test",
+        )
         .env("SWITCHBOARD_API_KEYS", "secret-api-key-for-the-help-test")
         .output()
         .unwrap();
     let help = String::from_utf8_lossy(&output.stdout);
-    assert!(help.contains("--jwt-hs256-secret") && help.contains("--api-key"), "{help}");
-    assert!(!help.contains("very-secret-value") && !help.contains("secret-api-key"), "{help}");
+    assert!(
+        help.contains("--jwt-hs256-secret") && help.contains("--api-key"),
+        "{help}"
+    );
+    assert!(
+        !help.contains("very-secret-value") && !help.contains("secret-api-key"),
+        "{help}"
+    );
 }

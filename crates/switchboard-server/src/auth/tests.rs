@@ -55,6 +55,15 @@ fn an_expired_token_is_refused() {
 }
 
 #[test]
+fn a_token_without_exp_is_refused() {
+    let token = hs256(json!({"sub": "42"}));
+    assert!(matches!(
+        hs256_verifier().verify(&token),
+        Err(TokenError::Malformed(_))
+    ));
+}
+
+#[test]
 fn a_token_not_yet_valid_is_refused() {
     let token = hs256(json!({"sub": "42", "exp": now() + 600, "nbf": now() + 300}));
     assert_eq!(
