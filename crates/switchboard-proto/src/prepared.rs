@@ -10,7 +10,8 @@ use std::sync::{Arc, OnceLock};
 use bytes::{Bytes, BytesMut};
 
 use crate::deflate::compress_standalone;
-use crate::frame::{OpCode, encode_frame};
+use crate::error::ProtocolError;
+use crate::frame::{OpCode, encode_frame, encode_header};
 use crate::message::Message;
 use crate::utf8::Utf8Bytes;
 
@@ -47,6 +48,35 @@ impl PreparedMessage {
     /// A text message.
     pub fn text(text: impl Into<Utf8Bytes>) -> Self {
         Self::new(OpCode::Text, text.into().into_bytes())
+    }
+
+    /// A text message written by `write` straight into its frame: one allocation
+    /// and no copy for the frame and the payload together (the header is filled in
+    /// afterwards, in room kept in front). Fails if `write` wrote invalid UTF-8.
+    pub fn text_with(write: impl FnOnce(&mut Vec<u8>)) -> Result<Self, ProtocolError> {
+        // Room for the largest unmasked server header (2 + 8 bytes).
+        const ROOM: usize = 10;
+        let mut buf = vec![0u8; ROOM];
+        write(&mut buf);
+        simdutf8::basic::from_utf8(&buf[ROOM..]).map_err(|_| ProtocolError::InvalidUtf8)?;
+        let mut header = BytesMut::with_capacity(ROOM);
+        encode_header(
+            &mut header,
+            true,
+            false,
+            OpCode::Text,
+            buf.len() - ROOM,
+            None,
+        );
+        let start = ROOM - header.len();
+        buf[start..ROOM].copy_from_slice(&header);
+        let frame = Bytes::from(buf).slice(start..);
+        Ok(Self(Arc::new(Inner {
+            opcode: OpCode::Text,
+            payload: frame.slice(header.len()..),
+            plain: OnceLock::from(frame),
+            deflated: OnceLock::new(),
+        })))
     }
 
     /// A binary message.
@@ -102,5 +132,34 @@ impl PreparedMessage {
             ),
             _ => Message::Binary(self.0.payload.clone()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{FrameDecoder, Role};
+
+    #[test]
+    fn text_with_builds_the_same_frame_as_text() {
+        for len in [0, 5, 125, 126, 300, 70_000] {
+            let text = "é".repeat(len / 2);
+            let direct =
+                PreparedMessage::text_with(|buf| buf.extend_from_slice(text.as_bytes())).unwrap();
+            let classic = PreparedMessage::text(text.clone());
+            assert_eq!(direct.plain_frame(), classic.plain_frame(), "len {len}");
+            assert_eq!(direct.payload(), classic.payload());
+            let mut wire = BytesMut::from(&direct.plain_frame()[..]);
+            let frame = FrameDecoder::new(Role::Client, usize::MAX, false)
+                .decode(&mut wire)
+                .unwrap()
+                .unwrap();
+            assert_eq!(&frame.payload[..], text.as_bytes());
+        }
+    }
+
+    #[test]
+    fn text_with_refuses_invalid_utf8() {
+        assert!(PreparedMessage::text_with(|buf| buf.push(0xff)).is_err());
     }
 }

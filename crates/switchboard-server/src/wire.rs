@@ -196,7 +196,8 @@ impl<V: Serialize> Serialize for MapOf<'_, V> {
 
 /// A delivery for plain clients: the payload's JSON text, as sent.
 pub fn raw_delivery(payload: &RawValue) -> PreparedMessage {
-    PreparedMessage::text(payload.get().to_owned())
+    PreparedMessage::text_with(|buf| buf.extend_from_slice(payload.get().as_bytes()))
+        .expect("JSON text is UTF-8")
 }
 
 /// A delivery for `switchboard.v1` clients, direct (no topic) or on a topic;
@@ -212,7 +213,11 @@ pub fn envelope_delivery(
         payload: Some(payload),
         ..Frame::new("message")
     };
-    PreparedMessage::text(frame.render())
+    PreparedMessage::text_with(|buf| {
+        serde_json::to_writer(buf, &frame)
+            .expect("frames of ids, strings and raw JSON always serialise")
+    })
+    .expect("serde_json writes UTF-8")
 }
 
 /// Renders a direct message for each wire mode, at most once each.

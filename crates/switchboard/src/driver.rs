@@ -30,8 +30,10 @@ use crate::mailbox::{Drained, Mailbox};
 use crate::options::Options;
 use crate::stats::Stats;
 
-/// Read this much at a time; the buffer grows only for larger frames.
-const READ_CHUNK: usize = 4096;
+/// Size of the per-thread buffer that reads land in.
+const LANDING_SIZE: usize = 16 * 1024;
+/// With at least this much room left, a connection reads into its own buffer.
+const MIN_IN_PLACE: usize = 4096;
 /// Most buffers handed to one vectored write.
 const MAX_IOVECS: usize = 64;
 /// Rounds of work before yielding to other tasks, so one busy peer cannot starve the rest.
@@ -250,10 +252,7 @@ where
         if self.phase == Phase::Done {
             return false;
         }
-        if self.read_buf.capacity() - self.read_buf.len() < READ_CHUNK / 4 {
-            self.read_buf.reserve(READ_CHUNK);
-        }
-        let read = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read_buf);
+        let read = poll_read_landing(&mut self.io, cx, &mut self.read_buf);
         if self.phase == Phase::Failing {
             self.read_buf.clear();
             if matches!(read, Poll::Ready(Ok(0) | Err(_))) {
@@ -275,6 +274,10 @@ where
             Poll::Ready(Ok(_)) => {
                 self.last_read = Instant::now();
                 self.decode_messages();
+                if self.read_buf.is_empty() {
+                    // Nothing half-received: hold no read memory while waiting.
+                    self.read_buf = BytesMut::new();
+                }
                 true
             }
             Poll::Ready(Err(e)) => {
@@ -422,6 +425,11 @@ where
         if !self.flushed {
             ready!(Pin::new(&mut self.io).poll_flush(cx))?;
             self.flushed = true;
+            // Everything is written: give back what encoding and queueing held.
+            self.scratch = BytesMut::new();
+            if self.write_queue.capacity() > MAX_IOVECS {
+                self.write_queue = VecDeque::new();
+            }
         }
         Poll::Ready(Ok(()))
     }
@@ -517,4 +525,29 @@ fn message_len(message: &Message) -> usize {
         Message::Binary(data) => data.len(),
         _ => 0,
     }
+}
+
+/// Reads without holding a buffer while idle. A connection with room in its own
+/// buffer (in the middle of a large frame) reads in place; otherwise the bytes land
+/// in a per-thread buffer and are copied over, so a connection that is waiting
+/// for its peer owns no read memory at all.
+fn poll_read_landing<S: AsyncRead + Unpin>(
+    io: &mut S,
+    cx: &mut TaskContext<'_>,
+    buf: &mut BytesMut,
+) -> Poll<std::io::Result<usize>> {
+    thread_local! {
+        static LANDING: std::cell::RefCell<Box<[u8]>> =
+            std::cell::RefCell::new(vec![0; LANDING_SIZE].into_boxed_slice());
+    }
+    if buf.capacity() - buf.len() >= MIN_IN_PLACE {
+        return tokio_util::io::poll_read_buf(Pin::new(io), cx, buf);
+    }
+    LANDING.with(|landing| {
+        let mut landing = landing.borrow_mut();
+        let mut read_buf = tokio::io::ReadBuf::new(&mut landing[..]);
+        ready!(Pin::new(io).poll_read(cx, &mut read_buf))?;
+        buf.extend_from_slice(read_buf.filled());
+        Poll::Ready(Ok(read_buf.filled().len()))
+    })
 }
