@@ -21,7 +21,7 @@ use switchboard_proto::deflate::DeflateParams;
 use switchboard_proto::message::MessageEncoder;
 use switchboard_proto::{CloseCode, CloseReason, Message, MessageDecoder, ProtocolError, Role};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::{Instant, Sleep, sleep};
+use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::handle::{ConnHandle, Outbound};
@@ -73,20 +73,6 @@ where
     driver.finish();
 }
 
-struct Timer {
-    period: Duration,
-    sleep: Pin<Box<Sleep>>,
-}
-
-impl Timer {
-    fn new(period: Duration) -> Self {
-        Self {
-            period,
-            sleep: Box::pin(sleep(period)),
-        }
-    }
-}
-
 struct Driver<H: Handler, S> {
     io: S,
     handler: H,
@@ -106,11 +92,15 @@ struct Driver<H: Handler, S> {
     /// A callback panicked: call the handler no more.
     poisoned: bool,
     last_read: Instant,
-    idle: Option<Timer>,
-    ping: Option<Timer>,
+    idle_timeout: Option<Duration>,
+    ping_interval: Option<Duration>,
+    next_ping: Option<Instant>,
+    /// One timer per connection, set to the earliest of the idle deadline, the
+    /// next ping and the close deadline.
+    timer: Option<Pin<Box<Sleep>>>,
     close_timeout: Duration,
     stats: Option<Stats>,
-    close_deadline: Option<Pin<Box<Sleep>>>,
+    close_deadline: Option<Instant>,
     shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     flushed: bool,
     /// Our side of the TCP connection is shut down.
@@ -146,8 +136,10 @@ where
             reason: None,
             poisoned: false,
             last_read: Instant::now(),
-            idle: options.idle_timeout.map(Timer::new),
-            ping: options.ping_interval.map(Timer::new),
+            idle_timeout: options.idle_timeout,
+            ping_interval: options.ping_interval,
+            next_ping: options.ping_interval.map(|period| Instant::now() + period),
+            timer: None,
             close_timeout: options.close_timeout,
             stats: options.stats,
             close_deadline: None,
@@ -343,7 +335,7 @@ where
         }
         self.phase = Phase::Failing;
         if self.close_deadline.is_none() {
-            self.close_deadline = Some(Box::pin(sleep(self.close_timeout)));
+            self.close_deadline = Some(Instant::now() + self.close_timeout);
         }
     }
 
@@ -365,46 +357,60 @@ where
         self.mailbox.refuse_new();
         self.reason = Some(reason);
         self.phase = Phase::Closing;
-        self.close_deadline = Some(Box::pin(sleep(self.close_timeout)));
+        self.close_deadline = Some(Instant::now() + self.close_timeout);
+    }
+
+    /// When the timer must next fire: the close deadline while closing, else the
+    /// earlier of the idle deadline and the next ping.
+    fn next_deadline(&self) -> Option<Instant> {
+        if self.phase != Phase::Open {
+            return self.close_deadline;
+        }
+        let idle = self.idle_timeout.map(|period| self.last_read + period);
+        match (idle, self.next_ping) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn poll_timers(&mut self, cx: &mut TaskContext<'_>) -> bool {
-        let mut progress = false;
-        if let Some(deadline) = self.close_deadline.as_mut() {
-            if deadline.as_mut().poll(cx).is_ready() {
-                self.close_deadline = None;
-                self.phase = Phase::Done;
-                progress = true;
-            }
+        let Some(want) = self.next_deadline() else {
+            self.timer = None;
+            return false;
+        };
+        match &mut self.timer {
+            // Reads push the idle deadline later without touching the timer (no
+            // timer-wheel work per read); it fires early and is set again then.
+            Some(timer) if want < timer.deadline() => timer.as_mut().reset(want),
+            Some(_) => {}
+            None => self.timer = Some(Box::pin(sleep_until(want))),
         }
-        if self.phase != Phase::Open {
-            return progress;
+        let timer = self.timer.as_mut().expect("set above");
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
         }
-        if let Some(idle) = self.idle.as_mut() {
-            if idle.sleep.as_mut().poll(cx).is_ready() {
-                let deadline = self.last_read + idle.period;
-                if deadline <= Instant::now() {
-                    self.idle = None;
+        // Fired: it is set again, from the new state, on the next round.
+        self.timer = None;
+        let now = Instant::now();
+        match self.phase {
+            Phase::Open => {
+                if self
+                    .idle_timeout
+                    .is_some_and(|period| self.last_read + period <= now)
+                {
                     self.start_close(
                         CloseReason::new(CloseCode::GOING_AWAY, "idle timeout"),
                         TerminateReason::Timeout,
                     );
-                } else {
-                    // Reads only record the time; the timer is moved when it fires.
-                    idle.sleep.as_mut().reset(deadline);
+                } else if self.next_ping.is_some_and(|at| at <= now) {
+                    self.next_ping = self.ping_interval.map(|period| now + period);
+                    self.push_frame(Message::Ping(Bytes::new()));
                 }
-                progress = true;
             }
+            _ if self.close_deadline.is_some_and(|at| at <= now) => self.phase = Phase::Done,
+            _ => {}
         }
-        if let Some(ping) = self.ping.as_mut() {
-            if ping.sleep.as_mut().poll(cx).is_ready() {
-                let next = Instant::now() + ping.period;
-                ping.sleep.as_mut().reset(next);
-                self.push_frame(Message::Ping(Bytes::new()));
-                progress = true;
-            }
-        }
-        progress
+        true
     }
 
     fn poll_write(&mut self, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
