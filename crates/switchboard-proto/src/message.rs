@@ -84,8 +84,10 @@ pub struct MessageDecoder {
     frames: FrameDecoder,
     limits: Limits,
     validate_utf8: bool,
-    inflater: Option<Inflater>,
-    partial: Option<Partial>,
+    // Boxed: most connections never compress or fragment, and every idle
+    // connection carries a decoder, so the rare states live off to the side.
+    inflater: Option<Box<Inflater>>,
+    partial: Option<Box<Partial>>,
     utf8: Utf8Validator,
     /// Payload bytes of the frame in flight already checked by fail-fast validation.
     prevalidated: usize,
@@ -98,7 +100,7 @@ impl MessageDecoder {
             frames: FrameDecoder::new(role, limits.max_frame_size, compression),
             limits,
             validate_utf8,
-            inflater: compression.then(Inflater::new),
+            inflater: compression.then(|| Box::new(Inflater::new())),
             partial: None,
             utf8: Utf8Validator::default(),
             prevalidated: 0,
@@ -145,11 +147,11 @@ impl MessageDecoder {
                         self.check_size(0, frame.payload.len())?;
                         return Ok(Some(Message::Binary(frame.payload)));
                     }
-                    self.partial = Some(Partial {
+                    self.partial = Some(Box::new(Partial {
                         text,
                         compressed: frame.rsv1,
                         data: BytesMut::new(),
-                    });
+                    }));
                     self.append(&frame.payload, &fresh)?;
                     frame.fin
                 }
@@ -271,7 +273,8 @@ impl MessageDecoder {
 #[derive(Debug)]
 pub struct MessageEncoder {
     role: Role,
-    deflater: Option<(Deflater, DeflateParams)>,
+    /// Boxed for the same reason as the decoder's inflater.
+    deflater: Option<Box<(Deflater, DeflateParams)>>,
     mask_state: u64,
 }
 
@@ -280,7 +283,7 @@ impl MessageEncoder {
     pub fn new(role: Role, deflate: Option<DeflateParams>) -> Self {
         Self {
             role,
-            deflater: deflate.map(|params| (Deflater::new(&params), params)),
+            deflater: deflate.map(|params| Box::new((Deflater::new(&params), params))),
             mask_state: seed(),
         }
     }
@@ -289,7 +292,7 @@ impl MessageEncoder {
     pub fn encode(&mut self, message: &Message, out: &mut BytesMut) {
         let (opcode, payload) = message.opcode_and_payload();
         let mask = self.next_mask();
-        match &mut self.deflater {
+        match self.deflater.as_deref_mut() {
             Some((deflater, _)) if !opcode.is_control() && deflater.wants(payload.len()) => {
                 let compressed = deflater.compress(&payload);
                 encode_frame(out, true, true, opcode, &compressed, mask);
@@ -307,7 +310,7 @@ impl MessageEncoder {
             self.encode(&message.to_message(), &mut out);
             return out.freeze();
         }
-        match &mut self.deflater {
+        match self.deflater.as_deref_mut() {
             Some((deflater, params)) if deflater.wants(message.payload().len()) => {
                 if params.shares_standalone_frames() {
                     message.deflated_frame(params.level)

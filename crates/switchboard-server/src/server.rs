@@ -29,8 +29,11 @@ pub async fn serve(
     let api_server = match api_listener {
         Some(api_listener) => {
             let loopback = api_listener.local_addr()?.ip().is_loopback();
-            let server = axum::serve(api_listener, api_routes(loopback).fallback(api::not_found))
-                .with_graceful_shutdown(stopping.clone().cancelled_owned());
+            let server = axum::serve(
+                no_delay(api_listener),
+                api_routes(loopback).fallback(api::not_found),
+            )
+            .with_graceful_shutdown(stopping.clone().cancelled_owned());
             Some(tokio::spawn(async move { server.await }))
         }
         None => {
@@ -49,7 +52,7 @@ pub async fn serve(
         stop_all.cancel();
         trigger.trigger();
     });
-    axum::serve(listener, main)
+    axum::serve(no_delay(listener), main)
         .with_graceful_shutdown(stopping.cancelled_owned())
         .await?;
     if let Some(api_server) = api_server {
@@ -64,6 +67,19 @@ pub async fn serve(
         );
     }
     Ok(())
+}
+
+/// Sets TCP_NODELAY on every accepted socket. WebSocket frames are often small
+/// and written one at a time; with Nagle's algorithm on, each can wait for the
+/// peer's delayed ACK (40 ms on Linux), which showed up as a 40 ms p99 in the
+/// relay benchmark.
+fn no_delay(listener: TcpListener) -> impl axum::serve::Listener<Addr = std::net::SocketAddr> {
+    use axum::serve::ListenerExt;
+    listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT.

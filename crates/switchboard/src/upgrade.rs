@@ -13,7 +13,6 @@ use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, StatusCode};
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use switchboard_proto::deflate::{DeflateParams, negotiate};
 use switchboard_proto::handshake::{accept_key, has_token, is_valid_key};
 
@@ -198,13 +197,7 @@ impl WebSocketUpgrade {
             shutdown: self.shutdown.as_ref().map(Shutdown::token),
             options: self.options,
         };
-        let on_upgrade = self.on_upgrade;
-        let task = async move {
-            match on_upgrade.await {
-                Ok(upgraded) => driver::run(TokioIo::new(upgraded), handler, mailbox, setup).await,
-                Err(error) => tracing::debug!(%error, "upgrade failed after the 101 response"),
-            }
-        };
+        let task = driver::Connection::new(self.on_upgrade, handler, mailbox, setup);
         match &self.shutdown {
             Some(shutdown) => shutdown.spawn(task),
             None => drop(tokio::spawn(task)),
