@@ -5,8 +5,8 @@
 # kosoku and schemathesis; Debian's chromium for the browser test; playwright-core via npm.
 #
 # Steps: Rust unit, property and integration tests; the Python client suite;
-# schemathesis against the HTTP API; the Autobahn conformance cases via kosoku;
-# headless Chromium interop.
+# schemathesis against the HTTP API; a smoke run of the benchmark harness; the
+# Autobahn conformance cases via kosoku; headless Chromium interop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +31,9 @@ export SWITCHBOARD_EXAMPLES="$PWD/target/debug/examples"
 
 step "HTTP API contract (schemathesis against docs/openapi.json)"
 scripts/schemathesis.sh
+
+step "Benchmark harness smoke run (bench/run.sh --smoke)"
+bench/run.sh --smoke
 
 step "Autobahn conformance (kosoku)"
 scripts/autobahn.sh

@@ -68,16 +68,27 @@ pub(crate) struct Setup {
 /// block because the compiler lays out an async block's captured values and its
 /// awaited future side by side: this way the task is as large as the driver
 /// alone, about half of what each idle connection cost before.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "the task is meant to be exactly as large as its running state, which it becomes in place"
+)]
 pub(crate) enum Connection<H: Handler> {
     /// The 101 response is on its way; the socket is not ours yet.
     Upgrading {
         upgrade: OnUpgrade,
-        start: Option<(H, Arc<Mailbox<H::Info>>, Setup)>,
+        start: Option<Start<H>>,
     },
     /// The handshake is done.
     Running(Driver<H, TokioIo<Upgraded>>),
     /// The connection has ended.
     Ended,
+}
+
+/// What a connection needs to start once its socket arrives.
+pub(crate) struct Start<H: Handler> {
+    handler: H,
+    mailbox: Arc<Mailbox<H::Info>>,
+    setup: Setup,
 }
 
 impl<H: Handler> Connection<H> {
@@ -89,7 +100,11 @@ impl<H: Handler> Connection<H> {
     ) -> Self {
         Self::Upgrading {
             upgrade,
-            start: Some((handler, mailbox, setup)),
+            start: Some(Start {
+                handler,
+                mailbox,
+                setup,
+            }),
         }
     }
 }
@@ -107,7 +122,11 @@ impl<H: Handler> Future for Connection<H> {
             match this {
                 Self::Upgrading { upgrade, start } => match ready!(Pin::new(upgrade).poll(cx)) {
                     Ok(upgraded) => {
-                        let (handler, mailbox, setup) = start.take().expect("started once");
+                        let Start {
+                            handler,
+                            mailbox,
+                            setup,
+                        } = start.take().expect("started once");
                         let mut driver =
                             Driver::new(TokioIo::new(upgraded), handler, mailbox, setup);
                         driver.init();

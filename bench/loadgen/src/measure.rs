@@ -1,0 +1,136 @@
+//! Measuring processes from outside: CPU time and resident memory from `/proc`.
+//!
+//! [`Probe`] reads one process (the server under test, or the load generator
+//! itself); [`Window`] takes CPU readings of both at the start and end of the
+//! measured interval.
+
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+
+/// Clock ticks per second of `/proc/PID/stat` times. The kernel reports them in
+/// USER_HZ, which is 100 on every Linux architecture's user-space ABI.
+const USER_HZ: f64 = 100.0;
+
+/// One process to measure.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    dir: String,
+}
+
+impl Probe {
+    /// The process with this pid.
+    pub fn pid(pid: u32) -> Self {
+        Self {
+            dir: format!("/proc/{pid}"),
+        }
+    }
+
+    /// The load generator itself.
+    pub fn own() -> Self {
+        Self {
+            dir: "/proc/self".into(),
+        }
+    }
+
+    /// User plus system CPU seconds used so far, by every thread the process has
+    /// had (`utime` + `stime`, fields 14 and 15 of `/proc/PID/stat`).
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let path = format!("{}/stat", self.dir);
+        let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        parse_cpu_ticks(&stat).map(|ticks| ticks as f64 / USER_HZ)
+    }
+
+    /// Resident set size in bytes (`VmRSS` of `/proc/PID/status`).
+    pub fn rss_bytes(&self) -> anyhow::Result<u64> {
+        let path = format!("{}/status", self.dir);
+        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        parse_rss_kib(&status).map(|kib| kib * 1024)
+    }
+}
+
+/// `utime + stime` from the text of `/proc/PID/stat`. The command name (field 2)
+/// may contain spaces and parentheses, so fields are counted after its last `)`.
+fn parse_cpu_ticks(stat: &str) -> anyhow::Result<u64> {
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    // After the name come field 3 (state) onwards: utime is field 14, stime 15.
+    let mut fields = after_name.split_whitespace().skip(11);
+    match (fields.next(), fields.next()) {
+        (Some(utime), Some(stime)) => Ok(utime.parse::<u64>()? + stime.parse::<u64>()?),
+        _ => bail!("unexpected /proc stat format"),
+    }
+}
+
+fn parse_rss_kib(status: &str) -> anyhow::Result<u64> {
+    let line = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .context("no VmRSS line")?;
+    Ok(line.trim().trim_end_matches("kB").trim().parse()?)
+}
+
+/// CPU readings of the server and the load generator at the start of a window.
+#[derive(Debug)]
+pub struct Window {
+    started: Instant,
+    server: Probe,
+    server_cpu: f64,
+    own_cpu: f64,
+}
+
+/// What a window measured.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowFigures {
+    /// Wall-clock length.
+    pub secs: f64,
+    /// Server CPU seconds used in the window.
+    pub server_cpu_s: f64,
+    /// Load generator CPU seconds used in the window.
+    pub own_cpu_s: f64,
+}
+
+impl Window {
+    /// Starts a window now.
+    pub fn open(server: &Probe) -> anyhow::Result<Self> {
+        Ok(Self {
+            started: Instant::now(),
+            server: server.clone(),
+            server_cpu: server.cpu_seconds()?,
+            own_cpu: Probe::own().cpu_seconds()?,
+        })
+    }
+
+    /// Ends the window now.
+    pub fn close(self) -> anyhow::Result<WindowFigures> {
+        Ok(WindowFigures {
+            secs: self.started.elapsed().as_secs_f64(),
+            server_cpu_s: self.server.cpu_seconds()? - self.server_cpu,
+            own_cpu_s: Probe::own().cpu_seconds()? - self.own_cpu,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_a_tricky_command_name() {
+        let stat = "1234 (a) b (c)) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1 0";
+        assert_eq!(parse_cpu_ticks(stat).unwrap(), 300);
+    }
+
+    #[test]
+    fn reads_its_own_process() {
+        let own = Probe::own();
+        assert!(own.cpu_seconds().unwrap() >= 0.0);
+        assert!(own.rss_bytes().unwrap() > 0);
+        assert_eq!(
+            parse_rss_kib("Name:\tx\nVmRSS:\t  2048 kB\n").unwrap(),
+            2048
+        );
+    }
+}

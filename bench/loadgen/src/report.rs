@@ -1,0 +1,407 @@
+//! The report: `results.md` with the medians of every scenario and server and the
+//! ratios of the baseline server against every other, plus the charts.
+
+use std::fmt::Write as _;
+
+use anyhow::Context as _;
+
+use crate::chart::{self, Bar, Panel};
+use crate::cli::ReportArgs;
+use crate::record::{LOADGEN_BOUND_UTIL, Record};
+use crate::summary::{Cell, group};
+
+/// The figures compared between servers, with which direction is better.
+struct Figure {
+    name: &'static str,
+    value: fn(&Record) -> Option<f64>,
+    lower_is_better: bool,
+    /// Compared for the scenarios that hold connections (idle), or for the others.
+    held: bool,
+}
+
+const FIGURES: [Figure; 4] = [
+    Figure {
+        name: "server CPU per op",
+        value: |r| r.server_cpu_us_per_op,
+        lower_is_better: true,
+        held: false,
+    },
+    Figure {
+        name: "ops/s",
+        value: |r| Some(r.ops_per_s),
+        lower_is_better: false,
+        held: false,
+    },
+    Figure {
+        name: "p99 latency",
+        value: |r| r.p99_us,
+        lower_is_better: true,
+        held: false,
+    },
+    Figure {
+        name: "RSS per connection",
+        value: |r| r.rss_per_conn_bytes,
+        lower_is_better: true,
+        held: true,
+    },
+];
+
+/// Writes `results.md` and the charts.
+pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
+    let records = Record::read_all(&args.input)?;
+    anyhow::ensure!(
+        !records.is_empty(),
+        "no results in {}",
+        args.input.display()
+    );
+    let table = group(&records, &args.baseline);
+    std::fs::create_dir_all(&args.out_dir)?;
+    let charts = write_charts(&table, &args.out_dir);
+    let markdown = render(&table, args, &charts);
+    let path = args.out_dir.join("results.md");
+    std::fs::write(&path, markdown).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("loadgen: wrote {}", path.display());
+    if args.check {
+        check(&records)?;
+    }
+    Ok(())
+}
+
+/// Fails if any run lost, duplicated or corrupted anything. The closing line is
+/// the plain "N passed, N failed" that test runners print.
+fn check(records: &[Record]) -> anyhow::Result<()> {
+    let bad: Vec<&Record> = records
+        .iter()
+        .filter(|r| r.lost + r.duplicated + r.corrupted > 0 || r.ops == 0)
+        .collect();
+    for r in &bad {
+        eprintln!(
+            "loadgen: {} against {}: {} {}s, lost {}, duplicated {}, corrupted {}",
+            r.scenario, r.server, r.ops, r.unit, r.lost, r.duplicated, r.corrupted
+        );
+    }
+    println!(
+        "bench: {} passed, {} failed",
+        records.len() - bad.len(),
+        bad.len()
+    );
+    anyhow::ensure!(
+        bad.is_empty(),
+        "{} run(s) failed the delivery check",
+        bad.len()
+    );
+    Ok(())
+}
+
+fn render(table: &[Vec<Cell<'_>>], args: &ReportArgs, charts: &[String]) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# Benchmark results\n");
+    if !args.command.is_empty() {
+        let _ = writeln!(md, "Command: `{}`\n", args.command);
+    }
+    let _ = writeln!(md, "{}\n", machine_facts(&args.facts));
+    let _ = writeln!(
+        md,
+        "Medians over the repetitions of each server, servers alternating within each \
+         repetition. \"op\" is the scenario's unit: an echoed message, a delivered \
+         message, a handshake, or a held connection. Latency is from the send \
+         timestamp in the payload to its arrival. lost/dup/corrupt are totals over all \
+         repetitions and must be 0.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| scenario | parameters | server | ops/s | server CPU µs/op | server cores | p50 µs | p99 µs | p99.9 µs | RSS/conn | server RSS MiB | loadgen cores | lost/dup/corrupt | runs |"
+    );
+    let _ = writeln!(
+        md,
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"
+    );
+    let mut bound = Vec::new();
+    for cell in table.iter().flatten() {
+        let idle = cell.held_connections();
+        let dagger = if cell.loadgen_bound() {
+            bound.push(format!("{} / {}", cell.scenario, cell.server));
+            " †"
+        } else {
+            ""
+        };
+        let params = cell.runs.first().map_or("", |r| r.params.as_str());
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{}/{} | {} |",
+            cell.scenario,
+            params,
+            cell.server,
+            if idle {
+                "–".into()
+            } else {
+                fmt(cell.median(|r| Some(r.ops_per_s)), 0)
+            },
+            dagger,
+            if idle {
+                "–".into()
+            } else {
+                fmt(cell.median(|r| r.server_cpu_us_per_op), 2)
+            },
+            fmt(cell.median(|r| Some(r.server_cpu_util)), 2),
+            fmt(cell.median(|r| r.p50_us), 0),
+            fmt(cell.median(|r| r.p99_us), 0),
+            fmt(cell.median(|r| r.p999_us), 0),
+            cell.median(|r| r.rss_per_conn_bytes)
+                .map_or("–".into(), bytes),
+            fmt(
+                cell.median(|r| Some(r.server_rss_bytes as f64 / 1048576.0)),
+                1
+            ),
+            fmt(cell.median(|r| Some(r.loadgen_cpu_util)), 2),
+            cell.sum(|r| r.lost),
+            cell.sum(|r| r.duplicated),
+            cell.sum(|r| r.corrupted),
+            cell.runs.len(),
+        );
+    }
+    if !bound.is_empty() {
+        let _ = writeln!(
+            md,
+            "\n† The load generator used more than {:.0}% of a core in at least one run \
+             here, so it may have been the bottleneck: {}.",
+            LOADGEN_BOUND_UTIL * 100.0,
+            bound.join("; ")
+        );
+    }
+    render_ratios(&mut md, table, &args.baseline);
+    if !charts.is_empty() {
+        let _ = writeln!(md, "\n## Charts\n");
+        for chart in charts {
+            let _ = writeln!(md, "![{chart}]({chart})");
+        }
+    }
+    md
+}
+
+/// The baseline's medians divided by each other server's.
+fn render_ratios(md: &mut String, table: &[Vec<Cell<'_>>], baseline: &str) {
+    let _ = writeln!(
+        md,
+        "\n## {baseline} ÷ peer\n\nEach figure is {baseline}'s median divided by the peer's: \
+         below 1 means {baseline} uses less (CPU, latency, memory); for ops/s above 1 \
+         means it does more.\n"
+    );
+    let headers = FIGURES.map(|f| {
+        format!(
+            "{} ({} is better)",
+            f.name,
+            if f.lower_is_better { "lower" } else { "higher" }
+        )
+    });
+    let _ = writeln!(md, "| scenario | peer | {} |", headers.join(" | "));
+    let _ = writeln!(md, "|---|---|{}", "---:|".repeat(FIGURES.len()));
+    for row in table {
+        let Some(base) = row.iter().find(|c| c.server == baseline) else {
+            continue;
+        };
+        for peer in row.iter().filter(|c| c.server != baseline) {
+            let ratios: Vec<String> = FIGURES
+                .iter()
+                .map(|f| {
+                    let applies = f.held == base.held_connections();
+                    match (applies, base.median(f.value), peer.median(f.value)) {
+                        (true, Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+                        _ => "–".into(),
+                    }
+                })
+                .collect();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} |",
+                base.scenario,
+                peer.server,
+                ratios.join(" | ")
+            );
+        }
+    }
+}
+
+fn fmt(value: Option<f64>, decimals: usize) -> String {
+    value.map_or("–".into(), |v| format!("{v:.decimals$}"))
+}
+
+fn bytes(value: f64) -> String {
+    if value.abs() >= 10_000.0 {
+        format!("{:.1} KiB", value / 1024.0)
+    } else {
+        format!("{value:.0} B")
+    }
+}
+
+/// CPU, cores, memory and kernel of this machine, plus facts the caller passed.
+fn machine_facts(extra: &[String]) -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .map(|l| l.trim().to_owned())
+        .unwrap_or_default();
+    let mut facts = vec![
+        format!("nproc {cores}"),
+        format!("CPU {model}"),
+        format!("kernel {}", kernel.trim()),
+        format!("memory {memory}"),
+    ];
+    facts.extend(extra.iter().cloned());
+    format!("Machine and versions: {}.", facts.join("; "))
+}
+
+/// One chart: a figure drawn for every scenario of one kind.
+struct ChartSpec {
+    file: &'static str,
+    title: &'static str,
+    unit: &'static str,
+    value: fn(&Record) -> Option<f64>,
+    /// Drawn for the scenarios that hold connections (idle) or for the others.
+    held: bool,
+}
+
+const CHARTS: [ChartSpec; 4] = [
+    ChartSpec {
+        file: "cpu_per_op.png",
+        title: "Server CPU per operation",
+        unit: "µs",
+        value: |r| r.server_cpu_us_per_op,
+        held: false,
+    },
+    ChartSpec {
+        file: "throughput.png",
+        title: "Operations per second",
+        unit: "ops/s",
+        value: |r| Some(r.ops_per_s),
+        held: false,
+    },
+    ChartSpec {
+        file: "latency_p99.png",
+        title: "p99 latency",
+        unit: "µs",
+        value: |r| r.p99_us,
+        held: false,
+    },
+    ChartSpec {
+        file: "idle_rss_per_conn.png",
+        title: "Server RSS per idle connection",
+        unit: "bytes",
+        value: |r| r.rss_per_conn_bytes,
+        held: true,
+    },
+];
+
+/// Draws every chart that has data; returns the file names written.
+fn write_charts(table: &[Vec<Cell<'_>>], dir: &std::path::Path) -> Vec<String> {
+    let mut written = Vec::new();
+    for spec in &CHARTS {
+        let panels: Vec<Panel> = table
+            .iter()
+            .filter(|row| {
+                row.first()
+                    .is_some_and(|c| c.held_connections() == spec.held)
+            })
+            .filter_map(|row| {
+                let bars: Vec<Bar> = row
+                    .iter()
+                    .filter_map(|c| {
+                        c.median(spec.value).map(|v| Bar {
+                            label: c.server.to_owned(),
+                            value: v,
+                        })
+                    })
+                    .collect();
+                (!bars.is_empty()).then(|| Panel {
+                    title: row[0].scenario.to_owned(),
+                    unit: spec.unit.to_owned(),
+                    bars,
+                })
+            })
+            .collect();
+        if panels.is_empty() {
+            continue;
+        }
+        match chart::draw(&dir.join(spec.file), spec.title, &panels) {
+            Ok(()) => written.push(spec.file.to_owned()),
+            Err(error) => eprintln!("loadgen: no chart {}: {error:#}", spec.file),
+        }
+    }
+    written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(server: &str, rep: u32, cpu_us: f64) -> Record {
+        Record {
+            scenario: "relay-k1".into(),
+            server: server.into(),
+            rep,
+            params: "N=10".into(),
+            unit: "delivery".into(),
+            connections: 10,
+            secs: 1.0,
+            ops: 1000,
+            ops_per_s: 1000.0,
+            sent_per_s: 1000.0,
+            server_cpu_s: cpu_us * 1e-3,
+            server_cpu_us_per_op: Some(cpu_us),
+            server_cpu_util: cpu_us * 1e-3,
+            server_rss_bytes: 1 << 20,
+            rss_per_conn_bytes: None,
+            p50_us: Some(100.0),
+            p99_us: Some(200.0),
+            p999_us: Some(300.0),
+            loadgen_cpu_util: 0.95,
+            loadgen_bound: true,
+            expected: 1000,
+            lost: 0,
+            duplicated: 0,
+            corrupted: 0,
+        }
+    }
+
+    #[test]
+    fn the_table_has_medians_ratios_and_marks_loadgen_bound_runs() {
+        let records = vec![
+            record("peer", 1, 4.0),
+            record("switchboard", 1, 1.0),
+            record("switchboard", 2, 3.0),
+            record("switchboard", 3, 2.0),
+        ];
+        let table = group(&records, "switchboard");
+        assert_eq!(
+            table[0][0].server, "switchboard",
+            "the baseline comes first"
+        );
+        let args = ReportArgs {
+            input: "unused".into(),
+            out_dir: "unused".into(),
+            baseline: "switchboard".into(),
+            command: "bench/run.sh".into(),
+            facts: vec![],
+            check: false,
+        };
+        let md = render(&table, &args, &[]);
+        assert!(
+            md.contains("| relay-k1 | N=10 | switchboard | 1000 † | 2.00 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| relay-k1 | peer | 0.50× | 1.00× | 1.00× | – |"),
+            "{md}"
+        );
+        assert!(md.contains("Command: `bench/run.sh`"));
+    }
+}
