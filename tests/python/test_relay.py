@@ -554,7 +554,9 @@ async def test_exactly_max_targets_is_accepted(server):
 
 
 @async_test
-async def test_registered_when_handshake_completes(server):
+async def test_registered_when_handshake_completes(start_server):
+    # 300 messages in a burst: above the default rate limit (100/s, bursts of 200).
+    server = start_server("--rate-limit-messages-per-sec", "0")
     async with client(server, "s", envelope=True) as s:
         offline = []
         for i in range(300):
