@@ -6,6 +6,7 @@
 #   scripts/autobahn.sh --write-summary # also rewrites the table in docs/conformance.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 
 KOSOKU=${KOSOKU:-.venv/bin/kosoku}
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -18,14 +19,7 @@ mkdir -p "$OUT"
 target/release/examples/echo "127.0.0.1:0" > "$OUT/echo.log" 2>&1 &
 ECHO_PID=$!
 trap 'kill $ECHO_PID 2>/dev/null || true' EXIT
-ADDR=""
-for _ in $(seq 1 100); do
-  ADDR=$(sed -n 's/^listening on //p' "$OUT/echo.log")
-  [ -n "$ADDR" ] && break
-  kill -0 "$ECHO_PID" 2>/dev/null || { cat "$OUT/echo.log"; exit 1; }
-  sleep 0.1
-done
-[ -n "$ADDR" ] || { echo "the echo example did not start"; exit 1; }
+ADDR=$(wait_listening "$OUT/echo.log" "$ECHO_PID") || { cat "$OUT/echo.log"; echo "the echo example did not start"; exit 1; }
 echo "echo example on $ADDR"
 
 # Bounded: the slowest cases (9.*, 12.*, 13.*) finish in a few minutes here.

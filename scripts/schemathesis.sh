@@ -5,6 +5,7 @@
 #   SCHEMATHESIS_EXAMPLES=500 scripts/schemathesis.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 
 BIN=${SWITCHBOARD_BIN:-target/debug/switchboard}
 EXAMPLES=${SCHEMATHESIS_EXAMPLES:-60}
@@ -15,13 +16,7 @@ mkdir -p "$OUT"
 "$BIN" serve --listen 127.0.0.1:0 --api-key "$KEY" --log-level warn > "$OUT/server.out" 2> "$OUT/server.err" &
 SERVER_PID=$!
 trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
-ADDR=""
-for _ in $(seq 1 100); do
-  ADDR=$(sed -n 's/^listening on //p' "$OUT/server.out")
-  [ -n "$ADDR" ] && break
-  sleep 0.1
-done
-[ -n "$ADDR" ] || { cat "$OUT/server.err"; echo "the server did not start"; exit 1; }
+ADDR=$(wait_listening "$OUT/server.out" "$SERVER_PID") || { cat "$OUT/server.err"; echo "the server did not start"; exit 1; }
 
 timeout 900 .venv/bin/schemathesis run "http://$ADDR/api/v1/openapi.json" \
   --header "Authorization: Bearer $KEY" \

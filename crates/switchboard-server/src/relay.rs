@@ -140,8 +140,14 @@ impl Relay {
             ));
         }
         let render = wire::direct_renderer(Some(&self.id), payload);
-        let mut delivered = Vec::new();
-        let mut offline = Vec::new();
+        let Some(id) = self.ack_id(inbound) else {
+            // No ack asked for: nothing to collect on the hot path.
+            for target in targets {
+                self.hub.broker.send(target, &render);
+            }
+            return Ok(None);
+        };
+        let (mut delivered, mut offline) = (Vec::new(), Vec::new());
         for target in targets {
             if self.hub.broker.send(target, &render) > 0 {
                 delivered.push(target);
@@ -149,7 +155,7 @@ impl Relay {
                 offline.push(target);
             }
         }
-        Ok(self.acked(inbound, |id| wire::ack_send(id, &delivered, &offline)))
+        Ok(Some(wire::ack_send(id, &delivered, &offline)))
     }
 
     fn subscribe(
@@ -314,16 +320,18 @@ impl Relay {
         Ok((topic, namespace))
     }
 
-    /// The ack built by `ack`, when the message asked for one (envelope mode with an id).
+    /// The message's id when it asked for an ack (envelope mode with an `"id"`).
+    fn ack_id<'m>(&self, inbound: &Inbound<'m>) -> Option<&'m RawValue> {
+        inbound.id.filter(|_| self.mode == Mode::Envelope)
+    }
+
+    /// The ack built by `ack`, when the message asked for one.
     fn acked(
         &self,
         inbound: &Inbound<'_>,
         ack: impl FnOnce(&RawValue) -> String,
     ) -> Option<String> {
-        match (self.mode, inbound.id) {
-            (Mode::Envelope, Some(id)) => Some(ack(id)),
-            _ => None,
-        }
+        self.ack_id(inbound).map(ack)
     }
 
     fn refuse(&self, (code, message): Refusal, id: Option<&RawValue>) -> Outcome {
