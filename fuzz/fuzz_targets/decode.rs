@@ -8,9 +8,10 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
+use switchboard_proto::deflate::PeerContext;
 use switchboard_proto::{Limits, Message, MessageDecoder, ProtocolError, Role};
 
-fn decode(input: &[u8], split: usize, compression: bool) -> (Vec<Message>, Option<ProtocolError>) {
+fn decode(input: &[u8], split: usize, compression: Option<PeerContext>) -> (Vec<Message>, Option<ProtocolError>) {
     let limits = Limits {
         max_frame_size: 1 << 16,
         max_message_size: 1 << 18,
@@ -39,7 +40,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&control, input)) = data.split_first() else {
         return;
     };
-    let compression = control & 1 == 1;
-    let split = usize::from(control >> 1) % (input.len() + 1);
+    let compression = match control & 3 {
+        0 => None,
+        1 => Some(PeerContext::Kept),
+        _ => Some(PeerContext::Reset),
+    };
+    let split = usize::from(control >> 2) % (input.len() + 1);
     assert_eq!(decode(input, input.len(), compression), decode(input, split, compression));
 });

@@ -206,6 +206,8 @@ test("alice (raw) and bob (switchboard.v1) connect with permessage-deflate", asy
   for (const info of [alice, bob]) {
     assert.match(info.extensions, /permessage-deflate/, `extensions: ${info.extensions}`);
     assert.match(info.extensions, /server_no_context_takeover/, `extensions: ${info.extensions}`);
+    // The server holds no inflate window between messages; the browser must agree.
+    assert.match(info.extensions, /client_no_context_takeover/, `extensions: ${info.extensions}`);
   }
   await page.evaluate(() => Promise.all([window.sb.ready("alice"), window.sb.ready("bob")]));
   assert.deepEqual(await health(), { status: "ok", connections: 2, clients: 2 });
@@ -248,6 +250,23 @@ test("~100KB compressible payloads both ways", async () => {
   assert.equal(atBob, `{"type":"message","from":"alice","payload":${a}}`);
   assert.equal(atAlice, b);
   assert.deepEqual(JSON.parse(ack), { type: "ack", id: 2, delivered: ["alice"], offline: [] });
+});
+
+test("the same message three times: each inflates without the ones before", async () => {
+  // Were the browser to keep its compression context, the second and third copies
+  // would refer back to the first, which the server no longer holds (close 1007).
+  const payload = JSON.stringify({ text: "again and again ".repeat(200) });
+  const got = await page.evaluate(async (payload) => {
+    const out = [];
+    for (let i = 0; i < 3; i++) {
+      window.sb.send("alice", `{"targets":["bob"],"payload":${payload}}`);
+      out.push(await window.sb.next("bob"));
+    }
+    return out;
+  }, payload);
+  for (const message of got) {
+    assert.equal(message, `{"type":"message","from":"alice","payload":${payload}}`);
+  }
 });
 
 test("error frames in both modes; connections keep working", async () => {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use bytes::BytesMut;
-use switchboard_proto::deflate::DeflateParams;
+use switchboard_proto::deflate::{DeflateParams, PeerContext};
 use switchboard_proto::handshake::{accept_key, client_key};
 use switchboard_proto::message::MessageEncoder;
 use switchboard_proto::{Limits, Message, MessageDecoder, Role};
@@ -153,7 +153,14 @@ async fn handshake(
         chunk: MIN_READ_CHUNK,
         // Every payload is compared byte for byte with what was sent, which
         // subsumes UTF-8 validation; skipping it keeps the load generator cheap.
-        decoder: MessageDecoder::new(Role::Client, limits, deflate.is_some(), false),
+        decoder: MessageDecoder::new(
+            Role::Client,
+            limits,
+            // Whatever the server answered, a compressor that keeps its context
+            // is read correctly by an inflater that keeps it too.
+            deflate.map(|_| PeerContext::Kept),
+            false,
+        ),
     };
     let writer = Writer {
         half: write_half,

@@ -4,6 +4,15 @@
 //! header and builds the response. [`Deflater`] and [`Inflater`] compress and
 //! decompress message payloads; the inflater stops at a byte cap so that a
 //! decompression bomb fails with close code 1009 instead of eating memory.
+//!
+//! Compression state costs memory (zlib's LZ77 window and hash tables, tens of
+//! KiB), so no connection holds any it does not need: a side that resets its
+//! context after each message has nothing to remember between messages, and
+//! then one compressor per thread serves every connection (as uWebSockets'
+//! shared compressor does) and inflaters are lent from a per-thread pool for
+//! the length of one message. Only context takeover costs memory per connection.
+
+use std::cell::RefCell;
 
 use bytes::{Bytes, BytesMut};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
@@ -24,6 +33,11 @@ pub struct DeflateOptions {
     /// Reset the compressor after each message even when the client does not ask.
     /// It costs some ratio and lets one compressed frame serve every recipient.
     pub prefer_no_context_takeover: bool,
+    /// Ask clients to reset their compressor after each message
+    /// (`client_no_context_takeover`, which RFC 7692 §7.1.1.2 lets a server
+    /// require). It costs some ratio on client messages and saves holding an
+    /// inflate window of 32 KiB per connection between messages.
+    pub require_client_no_context_takeover: bool,
     /// Compression level, 0-9.
     pub level: u32,
     /// Messages shorter than this are sent uncompressed.
@@ -34,6 +48,7 @@ impl Default for DeflateOptions {
     fn default() -> Self {
         Self {
             prefer_no_context_takeover: true,
+            require_client_no_context_takeover: true,
             level: 6,
             min_size: 64,
         }
@@ -74,11 +89,31 @@ impl DeflateParams {
         out
     }
 
+    /// Whether the client resets its compressor after each message.
+    pub fn client_context(&self) -> PeerContext {
+        if self.client_no_context_takeover {
+            PeerContext::Reset
+        } else {
+            PeerContext::Kept
+        }
+    }
+
     /// Whether a frame compressed without context by [`compress_standalone`] with
     /// these settings is valid for this connection (so it can be shared).
     pub fn shares_standalone_frames(&self) -> bool {
         self.server_no_context_takeover && self.server_max_window_bits == MAX_WINDOW_BITS
     }
+}
+
+/// Whether a peer's compressor keeps its LZ77 window from one message to the next
+/// (RFC 7692 context takeover). When it does not, the inflater holds no state
+/// between messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerContext {
+    /// Later messages may refer back to earlier ones.
+    Kept,
+    /// Every message is compressed on its own.
+    Reset,
 }
 
 /// Picks the first permessage-deflate offer in `header` that can be accepted.
@@ -96,7 +131,7 @@ fn accept_offer(offer: &str, options: &DeflateOptions) -> Option<DeflateParams> 
     }
     let mut params = DeflateParams {
         server_no_context_takeover: options.prefer_no_context_takeover,
-        client_no_context_takeover: false,
+        client_no_context_takeover: options.require_client_no_context_takeover,
         server_max_window_bits: MAX_WINDOW_BITS,
         level: options.level.min(9),
         min_size: options.min_size,
@@ -139,9 +174,13 @@ fn window_bits(value: &str) -> Option<u8> {
 
 /// Compresses outgoing messages for one connection.
 pub struct Deflater {
-    compress: Compress,
-    reset_each_message: bool,
+    level: u32,
+    window_bits: u8,
     min_size: usize,
+    /// The connection's own compressor, kept only with context takeover and
+    /// made on the first message worth compressing.
+    own: Option<Box<Compress>>,
+    keep_context: bool,
 }
 
 impl std::fmt::Debug for Deflater {
@@ -154,13 +193,11 @@ impl Deflater {
     /// A compressor for the server side of `params`.
     pub fn new(params: &DeflateParams) -> Self {
         Self {
-            compress: Compress::new_with_window_bits(
-                Compression::new(params.level),
-                false,
-                params.server_max_window_bits,
-            ),
-            reset_each_message: params.server_no_context_takeover,
+            level: params.level,
+            window_bits: params.server_max_window_bits,
             min_size: params.min_size,
+            own: None,
+            keep_context: !params.server_no_context_takeover,
         }
     }
 
@@ -171,28 +208,36 @@ impl Deflater {
 
     /// Compresses one message payload, returning the frame payload to send with RSV1.
     pub fn compress(&mut self, payload: &[u8]) -> Bytes {
-        let out = deflate_into(&mut self.compress, payload);
-        if self.reset_each_message {
-            self.compress.reset();
+        if !self.keep_context {
+            return compress_alone(payload, self.level, self.window_bits);
         }
-        out
+        let (level, bits) = (self.level, self.window_bits);
+        let own = self
+            .own
+            .get_or_insert_with(|| Box::new(compressor(level, bits)));
+        deflate_into(own, payload)
     }
 }
 
 /// Compresses `payload` with a fresh window-15 context: the same bytes serve every
 /// connection whose [`DeflateParams::shares_standalone_frames`] is true.
 pub fn compress_standalone(payload: &[u8], level: u32) -> Bytes {
+    compress_alone(payload, level, MAX_WINDOW_BITS)
+}
+
+/// Compresses `payload` as a message of its own, with this thread's compressor
+/// for these settings: the state is reset after every use, so it can be shared.
+fn compress_alone(payload: &[u8], level: u32, window_bits: u8) -> Bytes {
     thread_local! {
-        static COMPRESSORS: std::cell::RefCell<Vec<(u32, Compress)>> = const { std::cell::RefCell::new(Vec::new()) };
+        static COMPRESSORS: RefCell<Vec<((u32, u8), Compress)>> = const { RefCell::new(Vec::new()) };
     }
     COMPRESSORS.with(|cell| {
         let mut compressors = cell.borrow_mut();
-        let index = match compressors.iter().position(|(l, _)| *l == level) {
+        let key = (level, window_bits);
+        let index = match compressors.iter().position(|(k, _)| *k == key) {
             Some(index) => index,
             None => {
-                let c =
-                    Compress::new_with_window_bits(Compression::new(level), false, MAX_WINDOW_BITS);
-                compressors.push((level, c));
+                compressors.push((key, compressor(level, window_bits)));
                 compressors.len() - 1
             }
         };
@@ -201,6 +246,10 @@ pub fn compress_standalone(payload: &[u8], level: u32) -> Bytes {
         compress.reset();
         out
     })
+}
+
+fn compressor(level: u32, window_bits: u8) -> Compress {
+    Compress::new_with_window_bits(Compression::new(level), false, window_bits)
 }
 
 fn deflate_into(compress: &mut Compress, mut input: &[u8]) -> Bytes {
@@ -242,12 +291,37 @@ impl Default for Inflater {
     }
 }
 
+/// Inflaters kept per thread for peers that reset their context: enough for the
+/// messages one thread has in progress at once, without holding many windows.
+const SPARE_INFLATERS: usize = 4;
+
+thread_local! {
+    static SPARES: RefCell<Vec<Inflater>> = const { RefCell::new(Vec::new()) };
+}
+
 impl Inflater {
     /// A decompressor with the largest window, which reads any client window size.
     pub fn new() -> Self {
         Self {
             decompress: Decompress::new_with_window_bits(false, MAX_WINDOW_BITS),
         }
+    }
+
+    /// A fresh inflater from this thread's spares, or a new one.
+    pub fn lend() -> Box<Self> {
+        let spare = SPARES.with(|spares| spares.borrow_mut().pop());
+        Box::new(spare.unwrap_or_default())
+    }
+
+    /// Resets the inflater and keeps it for a later [`Inflater::lend`] on this thread.
+    pub fn give_back(mut self: Box<Self>) {
+        self.decompress.reset(false);
+        SPARES.with(|spares| {
+            let mut spares = spares.borrow_mut();
+            if spares.len() < SPARE_INFLATERS {
+                spares.push(*self);
+            }
+        });
     }
 
     /// Inflates one frame's compressed bytes onto `out`, which may hold at most `limit` bytes.
@@ -312,6 +386,7 @@ mod tests {
     fn opts() -> DeflateOptions {
         DeflateOptions {
             prefer_no_context_takeover: false,
+            require_client_no_context_takeover: false,
             ..DeflateOptions::default()
         }
     }
@@ -326,7 +401,7 @@ mod tests {
         let p = negotiate("permessage-deflate", &DeflateOptions::default()).unwrap();
         assert_eq!(
             p.response_header(),
-            "permessage-deflate; server_no_context_takeover"
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
         );
     }
 
@@ -377,6 +452,8 @@ mod tests {
                 inflater.finish_message(&mut out, 1 << 20).unwrap();
                 assert_eq!(&out[..], text.as_bytes());
             }
+            // Without context takeover the thread's shared compressor did the work.
+            assert_eq!(deflater.own.is_some(), !no_context);
         }
     }
 

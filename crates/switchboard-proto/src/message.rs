@@ -8,7 +8,7 @@
 use bytes::{Bytes, BytesMut};
 
 use crate::close::CloseReason;
-use crate::deflate::{DeflateParams, Deflater, Inflater};
+use crate::deflate::{DeflateParams, Deflater, Inflater, PeerContext};
 use crate::error::ProtocolError;
 use crate::frame::{FrameDecoder, OpCode, Role, encode_frame};
 use crate::prepared::PreparedMessage;
@@ -84,8 +84,12 @@ pub struct MessageDecoder {
     frames: FrameDecoder,
     limits: Limits,
     validate_utf8: bool,
+    /// How the peer compresses, when permessage-deflate was negotiated.
+    peer_context: Option<PeerContext>,
     // Boxed: most connections never compress or fragment, and every idle
     // connection carries a decoder, so the rare states live off to the side.
+    // The inflater exists from the first compressed message on, and only while
+    // one is in progress when the peer resets its context.
     inflater: Option<Box<Inflater>>,
     partial: Option<Box<Partial>>,
     utf8: Utf8Validator,
@@ -94,13 +98,20 @@ pub struct MessageDecoder {
 }
 
 impl MessageDecoder {
-    /// A decoder for `role`. `compression` is true when permessage-deflate was negotiated.
-    pub fn new(role: Role, limits: Limits, compression: bool, validate_utf8: bool) -> Self {
+    /// A decoder for `role`. `compression` says how the peer compresses when
+    /// permessage-deflate was negotiated (see [`DeflateParams::client_context`]).
+    pub fn new(
+        role: Role,
+        limits: Limits,
+        compression: Option<PeerContext>,
+        validate_utf8: bool,
+    ) -> Self {
         Self {
-            frames: FrameDecoder::new(role, limits.max_frame_size, compression),
+            frames: FrameDecoder::new(role, limits.max_frame_size, compression.is_some()),
             limits,
             validate_utf8,
-            inflater: compression.then(|| Box::new(Inflater::new())),
+            peer_context: compression,
+            inflater: None,
             partial: None,
             utf8: Utf8Validator::default(),
             prevalidated: 0,
@@ -214,10 +225,11 @@ impl MessageDecoder {
         input: Option<&[u8]>,
     ) -> Result<(), ProtocolError> {
         let limit = self.limits.max_message_size;
-        let inflater = self
-            .inflater
-            .as_mut()
-            .expect("RSV1 is only accepted with deflate");
+        debug_assert!(
+            self.peer_context.is_some(),
+            "RSV1 is only accepted with deflate"
+        );
+        let inflater = self.inflater.get_or_insert_with(Inflater::lend);
         let start = partial.data.len();
         match input {
             Some(input) => inflater.inflate(input, &mut partial.data, limit)?,
@@ -233,6 +245,12 @@ impl MessageDecoder {
         let mut partial = self.partial.take().expect("a message is in progress");
         if partial.compressed {
             self.inflate_onto(&mut partial, None)?;
+            if self.peer_context == Some(PeerContext::Reset) {
+                // Nothing carries over to the next message: the window goes back to the pool.
+                if let Some(inflater) = self.inflater.take() {
+                    inflater.give_back();
+                }
+            }
         }
         let data = partial.data.freeze();
         if partial.text {
@@ -350,7 +368,8 @@ mod tests {
     use crate::deflate::{DeflateOptions, negotiate};
 
     fn decoder(compression: bool) -> MessageDecoder {
-        MessageDecoder::new(Role::Server, Limits::default(), compression, true)
+        let context = compression.then_some(PeerContext::Kept);
+        MessageDecoder::new(Role::Server, Limits::default(), context, true)
     }
 
     fn frame(fin: bool, opcode: OpCode, payload: &[u8]) -> BytesMut {
@@ -396,7 +415,7 @@ mod tests {
             max_frame_size: 100,
             max_message_size: 150,
         };
-        let mut dec = MessageDecoder::new(Role::Server, limits, false, true);
+        let mut dec = MessageDecoder::new(Role::Server, limits, None, true);
         let mut buf = frame(false, OpCode::Binary, &[0; 100]);
         buf.extend_from_slice(&frame(true, OpCode::Continuation, &[0; 100]));
         assert_eq!(
@@ -423,6 +442,66 @@ mod tests {
         assert!(wire.len() < text.len() / 4);
         let mut dec = decoder(true);
         assert_eq!(dec.next(&mut wire).unwrap(), Some(Message::text(text)));
+    }
+
+    #[test]
+    fn an_inflater_is_held_only_while_a_resetting_client_sends() {
+        let params = negotiate("permessage-deflate", &DeflateOptions::default()).unwrap();
+        assert_eq!(params.client_context(), PeerContext::Reset);
+        let limits = Limits::default();
+        let mut dec = MessageDecoder::new(Role::Server, limits, Some(PeerContext::Reset), true);
+        assert!(
+            dec.inflater.is_none(),
+            "none before the first compressed message"
+        );
+        for i in 0..3 {
+            let text = format!("message {i} ").repeat(40);
+            let compressed = crate::deflate::compress_standalone(text.as_bytes(), 6);
+            let (head, tail) = compressed.split_at(compressed.len() / 2);
+            let mut wire = BytesMut::new();
+            let mask = Some([1, 2, 3, 4]);
+            encode_frame(&mut wire, false, true, OpCode::Text, head, mask);
+            assert_eq!(dec.next(&mut wire), Ok(None));
+            assert!(
+                dec.inflater.is_some(),
+                "held while the message is in progress"
+            );
+            encode_frame(&mut wire, true, false, OpCode::Continuation, tail, mask);
+            assert_eq!(dec.next(&mut wire), Ok(Some(Message::text(text))));
+            assert!(dec.inflater.is_none(), "given back when the message ends");
+        }
+    }
+
+    #[test]
+    fn an_inflater_keeps_the_context_of_a_client_that_keeps_it() {
+        let params = negotiate("permessage-deflate", &DeflateOptions::default()).unwrap();
+        let mut dec = decoder(true);
+        // The client side of a connection where the client keeps its context.
+        let mut deflater = Deflater::new(&DeflateParams {
+            server_no_context_takeover: false,
+            ..params
+        });
+        let text = "the same words again and again ".repeat(8);
+        let mut sizes = Vec::new();
+        for _ in 0..2 {
+            let compressed = deflater.compress(text.as_bytes());
+            sizes.push(compressed.len());
+            let mut wire = BytesMut::new();
+            encode_frame(
+                &mut wire,
+                true,
+                true,
+                OpCode::Text,
+                &compressed,
+                Some([5; 4]),
+            );
+            assert_eq!(dec.next(&mut wire), Ok(Some(Message::text(text.clone()))));
+            assert!(dec.inflater.is_some(), "kept for the next message");
+        }
+        assert!(
+            sizes[1] < sizes[0] / 2,
+            "the second message refers back: {sizes:?}"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use bytes::BytesMut;
 use proptest::prelude::*;
+use switchboard_proto::deflate::PeerContext;
 use switchboard_proto::frame::encode_frame;
 use switchboard_proto::{Limits, Message, MessageDecoder, OpCode, ProtocolError, Role};
 
@@ -10,7 +11,7 @@ use switchboard_proto::{Limits, Message, MessageDecoder, OpCode, ProtocolError, 
 fn decode_in_pieces(
     input: &[u8],
     cuts: &[usize],
-    compression: bool,
+    compression: Option<PeerContext>,
 ) -> (Vec<Message>, Option<ProtocolError>) {
     let limits = Limits {
         max_frame_size: 4096,
@@ -73,7 +74,7 @@ proptest! {
     fn random_bytes_split_anywhere_decode_the_same(
         input in prop::collection::vec(any::<u8>(), 0..600),
         cuts in prop::collection::vec(any::<usize>(), 0..12),
-        compression in any::<bool>(),
+        compression in prop::option::of(prop_oneof![Just(PeerContext::Kept), Just(PeerContext::Reset)]),
     ) {
         let whole = decode_in_pieces(&input, &[], compression);
         let split = decode_in_pieces(&input, &cuts, compression);
@@ -87,8 +88,8 @@ proptest! {
         input in frames(),
         cuts in prop::collection::vec(any::<usize>(), 0..12),
     ) {
-        let whole = decode_in_pieces(&input, &[], false);
-        let split = decode_in_pieces(&input, &cuts, false);
+        let whole = decode_in_pieces(&input, &[], None);
+        let split = decode_in_pieces(&input, &cuts, None);
         prop_assert_eq!(whole, split);
     }
 }
@@ -129,8 +130,8 @@ fn byte_at_a_time_equals_whole_for_a_mixed_stream() {
         Some([0, 0, 0, 1]),
     );
     let every_byte: Vec<usize> = (0..input.len()).collect();
-    let whole = decode_in_pieces(&input, &[], false);
-    assert_eq!(whole, decode_in_pieces(&input, &every_byte, false));
+    let whole = decode_in_pieces(&input, &[], None);
+    assert_eq!(whole, decode_in_pieces(&input, &every_byte, None));
     assert_eq!(whole.0.len(), 3);
     assert_eq!(whole.0[1], Message::text("héllo wörld"));
 }
@@ -140,8 +141,8 @@ fn byte_at_a_time_equals_whole_for_a_mixed_stream() {
 #[test]
 fn rsv1_on_a_continuation_fails_the_same_way_split_or_whole() {
     let input = fuzzer_input();
-    let whole = decode_in_pieces(&input, &[], true);
-    let split = decode_in_pieces(&input, &[19], true);
+    let whole = decode_in_pieces(&input, &[], Some(PeerContext::Kept));
+    let split = decode_in_pieces(&input, &[19], Some(PeerContext::Kept));
     assert_eq!(whole, split);
     assert_eq!(whole.1, Some(ProtocolError::ReservedBits));
 }
@@ -185,8 +186,8 @@ fn oversize_invalid_text_fails_the_same_way_split_or_whole() {
         &last,
         Some([1, 2, 3, 4]),
     );
-    let whole = decode_in_pieces(&input, &[], false);
-    let split_in_last_frame = decode_in_pieces(&input, &[input.len() - 500], false);
+    let whole = decode_in_pieces(&input, &[], None);
+    let split_in_last_frame = decode_in_pieces(&input, &[input.len() - 500], None);
     assert_eq!(whole, split_in_last_frame);
     assert_eq!(whole.1, Some(ProtocolError::InvalidUtf8));
 }

@@ -199,7 +199,7 @@ where
             decoder: MessageDecoder::new(
                 Role::Server,
                 options.limits,
-                setup.deflate.is_some(),
+                setup.deflate.as_ref().map(DeflateParams::client_context),
                 options.validate_utf8,
             ),
             encoder: MessageEncoder::new(Role::Server, setup.deflate),
