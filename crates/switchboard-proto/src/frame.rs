@@ -253,7 +253,7 @@ impl FrameDecoder {
 
 /// Appends a frame header to `out`.
 pub fn encode_header(
-    out: &mut BytesMut,
+    out: &mut impl BufMut,
     fin: bool,
     rsv1: bool,
     opcode: OpCode,

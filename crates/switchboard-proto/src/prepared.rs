@@ -52,28 +52,36 @@ impl PreparedMessage {
 
     /// A text message written by `write` straight into its frame: one allocation
     /// and no copy for the frame and the payload together (the header is filled in
-    /// afterwards, in room kept in front). Fails if `write` wrote invalid UTF-8.
-    pub fn text_with(write: impl FnOnce(&mut Vec<u8>)) -> Result<Self, ProtocolError> {
+    /// afterwards, in room kept in front). `size_hint` is the expected length of
+    /// the text: with it right, the buffer never grows. Fails if `write` wrote
+    /// invalid UTF-8.
+    pub fn text_with(
+        size_hint: usize,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<Self, ProtocolError> {
         // Room for the largest unmasked server header (2 + 8 bytes).
         const ROOM: usize = 10;
-        let mut buf = vec![0u8; ROOM];
+        let mut buf = Vec::with_capacity(ROOM + size_hint);
+        buf.extend_from_slice(&[0; ROOM]);
         write(&mut buf);
         simdutf8::basic::from_utf8(&buf[ROOM..]).map_err(|_| ProtocolError::InvalidUtf8)?;
-        let mut header = BytesMut::with_capacity(ROOM);
+        let mut header = [0u8; ROOM];
+        let mut unused = &mut header[..];
         encode_header(
-            &mut header,
+            &mut unused,
             true,
             false,
             OpCode::Text,
             buf.len() - ROOM,
             None,
         );
-        let start = ROOM - header.len();
-        buf[start..ROOM].copy_from_slice(&header);
+        let header_len = ROOM - unused.len();
+        let start = ROOM - header_len;
+        buf[start..ROOM].copy_from_slice(&header[..header_len]);
         let frame = Bytes::from(buf).slice(start..);
         Ok(Self(Arc::new(Inner {
             opcode: OpCode::Text,
-            payload: frame.slice(header.len()..),
+            payload: frame.slice(header_len..),
             plain: OnceLock::from(frame),
             deflated: OnceLock::new(),
         })))
@@ -145,7 +153,8 @@ mod tests {
         for len in [0, 5, 125, 126, 300, 70_000] {
             let text = "é".repeat(len / 2);
             let direct =
-                PreparedMessage::text_with(|buf| buf.extend_from_slice(text.as_bytes())).unwrap();
+                PreparedMessage::text_with(len, |buf| buf.extend_from_slice(text.as_bytes()))
+                    .unwrap();
             let classic = PreparedMessage::text(text.clone());
             assert_eq!(direct.plain_frame(), classic.plain_frame(), "len {len}");
             assert_eq!(direct.payload(), classic.payload());
@@ -160,6 +169,6 @@ mod tests {
 
     #[test]
     fn text_with_refuses_invalid_utf8() {
-        assert!(PreparedMessage::text_with(|buf| buf.push(0xff)).is_err());
+        assert!(PreparedMessage::text_with(1, |buf| buf.push(0xff)).is_err());
     }
 }

@@ -196,7 +196,8 @@ impl<V: Serialize> Serialize for MapOf<'_, V> {
 
 /// A delivery for plain clients: the payload's JSON text, as sent.
 pub fn raw_delivery(payload: &RawValue) -> PreparedMessage {
-    PreparedMessage::text_with(|buf| buf.extend_from_slice(payload.get().as_bytes()))
+    let text = payload.get();
+    PreparedMessage::text_with(text.len(), |buf| buf.extend_from_slice(text.as_bytes()))
         .expect("JSON text is UTF-8")
 }
 
@@ -213,7 +214,11 @@ pub fn envelope_delivery(
         payload: Some(payload),
         ..Frame::new("message")
     };
-    PreparedMessage::text_with(|buf| {
+    // The envelope's fields besides the payload fit in this much, ids permitting.
+    const ENVELOPE: usize = 64;
+    let hint =
+        ENVELOPE + payload.get().len() + from.map_or(0, str::len) + topic.map_or(0, str::len);
+    PreparedMessage::text_with(hint, |buf| {
         serde_json::to_writer(buf, &frame)
             .expect("frames of ids, strings and raw JSON always serialise")
     })

@@ -24,12 +24,12 @@ use switchboard_proto::message::MessageEncoder;
 use switchboard_proto::{CloseCode, CloseReason, Message, MessageDecoder, ProtocolError, Role};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep, sleep_until};
-use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::handle::{ConnHandle, Outbound};
 use crate::handler::{Context, Handler, Outcome, TerminateReason};
 use crate::mailbox::{Drained, Mailbox};
 use crate::options::Options;
+use crate::shutdown::Signal;
 use crate::stats::Stats;
 
 /// Size of the per-thread buffer that reads land in.
@@ -60,7 +60,7 @@ pub(crate) struct Setup {
     pub options: Options,
     pub deflate: Option<DeflateParams>,
     pub protocol: Option<String>,
-    pub shutdown: Option<tokio_util::sync::CancellationToken>,
+    pub shutdown: Option<Signal>,
 }
 
 /// A connection's whole life as one task: waiting for hyper to hand over the
@@ -178,7 +178,7 @@ pub(crate) struct Driver<H: Handler, S> {
     close_timeout: Duration,
     stats: Option<Stats>,
     close_deadline: Option<Instant>,
-    shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    shutdown: Option<Signal>,
     flushed: bool,
     /// Our side of the TCP connection is shut down.
     write_closed: bool,
@@ -220,9 +220,7 @@ where
             close_timeout: options.close_timeout,
             stats: options.stats,
             close_deadline: None,
-            shutdown: setup
-                .shutdown
-                .map(|token| Box::pin(token.cancelled_owned())),
+            shutdown: setup.shutdown,
             flushed: true,
             write_closed: false,
         }
@@ -282,7 +280,7 @@ where
         let Some(signal) = self.shutdown.as_mut() else {
             return false;
         };
-        if signal.as_mut().poll(cx).is_pending() {
+        if !signal.poll_triggered(cx) {
             return false;
         }
         self.shutdown = None;

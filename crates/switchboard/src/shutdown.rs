@@ -1,8 +1,13 @@
 //! Graceful shutdown for every connection started with the same [`Shutdown`].
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Context;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 /// Tracks connection tasks and tells them to close.
@@ -12,6 +17,10 @@ use tokio_util::task::TaskTracker;
 #[derive(Debug, Clone, Default)]
 pub struct Shutdown {
     token: CancellationToken,
+    /// Set before the token is cancelled. Connections read it on every wake-up
+    /// instead of polling the token, whose every poll takes a mutex shared by
+    /// all of them.
+    triggered: Arc<AtomicBool>,
     tracker: TaskTracker,
 }
 
@@ -23,12 +32,13 @@ impl Shutdown {
 
     /// Tells every connection to close with 1001.
     pub fn trigger(&self) {
+        self.triggered.store(true, Ordering::Release);
         self.token.cancel();
     }
 
     /// Whether [`Self::trigger`] was called.
     pub fn is_triggered(&self) -> bool {
-        self.token.is_cancelled()
+        self.triggered.load(Ordering::Acquire)
     }
 
     /// Connections still running.
@@ -46,8 +56,12 @@ impl Shutdown {
             .is_ok()
     }
 
-    pub(crate) fn token(&self) -> CancellationToken {
-        self.token.clone()
+    pub(crate) fn signal(&self) -> Signal {
+        Signal {
+            triggered: self.triggered.clone(),
+            cancelled: Box::pin(self.token.clone().cancelled_owned()),
+            registered: false,
+        }
     }
 
     pub(crate) fn spawn<F>(&self, task: F)
@@ -55,5 +69,26 @@ impl Shutdown {
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         self.tracker.spawn(task);
+    }
+}
+
+/// One connection's view of a [`Shutdown`].
+pub(crate) struct Signal {
+    triggered: Arc<AtomicBool>,
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The first poll left the task's waker with the token.
+    registered: bool,
+}
+
+impl Signal {
+    /// Whether shutdown was triggered. The first call registers `cx`'s waker;
+    /// later calls only read the flag, which is enough because a connection is
+    /// always its own spawned task, whose waker stays the same across polls.
+    pub(crate) fn poll_triggered(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.registered && !self.triggered.load(Ordering::Acquire) {
+            return false;
+        }
+        self.registered = true;
+        self.cancelled.as_mut().poll(cx).is_ready()
     }
 }

@@ -194,7 +194,7 @@ impl WebSocketUpgrade {
         let setup = Setup {
             deflate,
             protocol: self.selected_protocol().map(str::to_owned),
-            shutdown: self.shutdown.as_ref().map(Shutdown::token),
+            shutdown: self.shutdown.as_ref().map(Shutdown::signal),
             options: self.options,
         };
         let task = driver::Connection::new(self.on_upgrade, handler, mailbox, setup);
