@@ -260,7 +260,8 @@ impl Api {
             return Err(ApiError::bad_request("too_many_targets", message));
         }
         Ok(Checked::Send {
-            targets: ids::unique(&request.targets).map_err(|bad| invalid_id("target", bad))?,
+            targets: ids::unique(request.targets.iter().map(Target::as_result))
+                .map_err(|bad| invalid_id("target", bad))?,
             from: request.from.as_deref().map(checked_id).transpose()?,
             payload: &request.payload,
         })

@@ -4,9 +4,11 @@
 //! and JSON without escaping. JSON integers are accepted where ids are expected
 //! and mean their decimal form, so the seed's `?id=1` and `"targets":[2,3]` work.
 
+use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{self, Deserializer, Visitor};
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use switchboard::ClientId;
 
 /// Longest id, in bytes.
@@ -90,8 +92,81 @@ impl<'de> serde::Deserialize<'de> for Target {
     }
 }
 
+impl Target {
+    /// The id, or the invalid value as written.
+    pub fn as_result(&self) -> Result<&str, &str> {
+        self.0.as_deref().map_err(String::as_str)
+    }
+}
+
+/// A list of targets in a client's message, read without an allocation per
+/// target: integers and strings that are valid ids as written are borrowed
+/// from the message; anything else is read as a [`Target`]. Only for
+/// `serde_json`, whose raw values this borrows.
+#[derive(Debug, Default)]
+pub struct TargetList<'a>(Vec<Result<Cow<'a, str>, String>>);
+
+impl TargetList<'_> {
+    /// How many targets the list names, repeats included.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the list is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Each target: the id, or the invalid value as written.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = Result<&str, &str>> {
+        self.0.iter().map(|t| t.as_deref().map_err(String::as_str))
+    }
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for TargetList<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ListVisitor;
+
+        impl<'de> Visitor<'de> for ListVisitor {
+            type Value = TargetList<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of client ids")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut list = Vec::with_capacity(seq.size_hint().unwrap_or(1).min(64));
+                while let Some(raw) = seq.next_element::<&'de RawValue>()? {
+                    list.push(read_target(raw.get()).map_err(de::Error::custom)?);
+                }
+                Ok(TargetList(list))
+            }
+        }
+
+        deserializer.deserialize_seq(ListVisitor)
+    }
+}
+
+/// One target from its JSON text (a valid JSON value).
+fn read_target(json: &str) -> Result<Result<Cow<'_, str>, String>, serde_json::Error> {
+    // Plain decimal digits are the id itself (19 of them always fit a u64).
+    if (1..=19).contains(&json.len()) && json.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(Ok(Cow::Borrowed(json)));
+    }
+    // A valid id has no character JSON escapes, so its text is its value.
+    if let Some(text) = json.strip_prefix('"').and_then(|s| s.strip_suffix('"'))
+        && is_valid(text)
+    {
+        return Ok(Ok(Cow::Borrowed(text)));
+    }
+    let target: Target = serde_json::from_str(json)?;
+    Ok(target.0.map(Cow::Owned))
+}
+
 /// The valid ids of `targets`, each once, in order; or the first invalid one.
-pub fn unique(targets: &[Target]) -> Result<Vec<&str>, &str> {
+pub fn unique<'t>(
+    targets: impl ExactSizeIterator<Item = Result<&'t str, &'t str>>,
+) -> Result<Vec<&'t str>, &'t str> {
     // Most messages name a few targets: a linear scan beats hashing them, and
     // saves the set's allocation on the hot path. Long lists use a set.
     const SCAN_UP_TO: usize = 16;
@@ -99,7 +174,7 @@ pub fn unique(targets: &[Target]) -> Result<Vec<&str>, &str> {
         .then(|| std::collections::HashSet::with_capacity(targets.len()));
     let mut ids: Vec<&str> = Vec::with_capacity(targets.len());
     for target in targets {
-        let id = target.0.as_deref().map_err(String::as_str)?;
+        let id = target?;
         let new = match &mut seen {
             Some(seen) => seen.insert(id),
             None => !ids.contains(&id),
@@ -128,13 +203,19 @@ mod tests {
     #[test]
     fn unique_keeps_the_first_of_each_and_names_the_first_invalid() {
         let targets: Vec<Target> = serde_json::from_str(r#"[2, "2", "b", 2, "b"]"#).unwrap();
-        assert_eq!(unique(&targets), Ok(vec!["2", "b"]));
+        assert_eq!(
+            unique(targets.iter().map(Target::as_result)),
+            Ok(vec!["2", "b"])
+        );
         let targets: Vec<Target> = serde_json::from_str(r#"["a", "x y", null]"#).unwrap();
-        assert_eq!(unique(&targets), Err("x y"));
+        assert_eq!(unique(targets.iter().map(Target::as_result)), Err("x y"));
         // Past the linear-scan size, the set path gives the same answer.
         let many: Vec<Target> = (0..40).map(|i| Target(Ok((i % 20).to_string()))).collect();
         let expected: Vec<String> = (0..20).map(|i: i32| i.to_string()).collect();
-        assert_eq!(unique(&many).unwrap(), expected);
+        assert_eq!(
+            unique(many.iter().map(Target::as_result)).unwrap(),
+            expected
+        );
     }
 
     #[test]
@@ -145,5 +226,37 @@ mod tests {
         assert_eq!(ok, [true, true, true, false, false, false]);
         assert_eq!(targets[0].0, Ok("2".into()));
         assert_eq!(targets[2].0, Ok("-4".into()));
+    }
+
+    #[test]
+    fn a_target_list_reads_like_targets_and_borrows_the_usual_ones() {
+        let json = r#"[2, "3", -4, "bad id", 1.5, null, 2.0, "\u0041", 18446744073709551616, "é"]"#;
+        let general: Vec<Target> = serde_json::from_str(json).unwrap();
+        let list: TargetList<'_> = serde_json::from_str(json).unwrap();
+        assert_eq!(list.len(), general.len());
+        for (fast, slow) in list.iter().zip(&general) {
+            assert_eq!(fast, slow.as_result(), "{json}");
+        }
+        let borrowed: Vec<bool> = list
+            .0
+            .iter()
+            .map(|t| matches!(t, Ok(Cow::Borrowed(_))))
+            .collect();
+        assert_eq!(
+            borrowed[..3],
+            [true, true, false],
+            "integers and plain ids are borrowed"
+        );
+    }
+
+    #[test]
+    fn a_target_list_refuses_what_targets_refuse() {
+        for json in [r#"[[1]]"#, r#"[{"a":1}]"#, r#""2""#, "2"] {
+            assert!(
+                serde_json::from_str::<TargetList<'_>>(json).is_err(),
+                "{json}"
+            );
+            assert!(serde_json::from_str::<Vec<Target>>(json).is_err(), "{json}");
+        }
     }
 }

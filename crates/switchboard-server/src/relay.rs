@@ -17,7 +17,7 @@ use switchboard::{
 
 use crate::auth::{Identity, Permissions};
 use crate::hub::Hub;
-use crate::ids::Target;
+use crate::ids::TargetList;
 use crate::limits::{RateLimiter, Verdict};
 use crate::topics::{self, Namespace};
 use crate::wire::{self, ErrorCode, Inbound, Mode};
@@ -131,7 +131,7 @@ impl Relay {
     }
 
     fn send(&self, inbound: &Inbound<'_>) -> Result<Option<String>, Refusal> {
-        let targets = self.targets(inbound.targets.as_deref(), "targets")?;
+        let targets = self.targets(inbound.targets.as_ref(), "targets")?;
         let payload = required(inbound.payload, "payload")?;
         if let Some(forbidden) = targets.iter().find(|t| !self.permissions.may_send(t)) {
             return Err((
@@ -246,7 +246,7 @@ impl Relay {
     }
 
     fn status(&self, inbound: &Inbound<'_>) -> Result<Option<String>, Refusal> {
-        let clients = self.targets(inbound.clients.as_deref(), "clients")?;
+        let clients = self.targets(inbound.clients.as_ref(), "clients")?;
         let online: Vec<(&str, bool)> = clients
             .iter()
             .map(|c| (*c, self.hub.broker.connections(c) > 0))
@@ -284,7 +284,7 @@ impl Relay {
     /// Checks a list of client ids: present, not too long, each valid, deduplicated.
     fn targets<'t>(
         &self,
-        list: Option<&'t [Target]>,
+        list: Option<&'t TargetList<'_>>,
         field: &str,
     ) -> Result<Vec<&'t str>, Refusal> {
         let list = required(list, field)?;
@@ -296,7 +296,7 @@ impl Relay {
             );
             return Err((ErrorCode::TooManyTargets, message));
         }
-        crate::ids::unique(list).map_err(|bad| {
+        crate::ids::unique(list.iter()).map_err(|bad| {
             let message = format!("invalid client id {bad:?}: {}", crate::ids::InvalidId);
             (ErrorCode::InvalidTarget, message)
         })

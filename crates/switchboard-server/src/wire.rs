@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use switchboard::{Format, PreparedMessage, PresenceChange};
 
-use crate::ids::Target;
+use crate::ids::TargetList;
 
 /// The envelope subprotocol.
 pub const PROTOCOL: &str = "switchboard.v1";
@@ -56,8 +56,8 @@ pub struct Inbound<'a> {
     #[serde(default, borrow, deserialize_with = "present")]
     pub id: Option<&'a RawValue>,
     /// The client ids to deliver to (`send`).
-    #[serde(default)]
-    pub targets: Option<Vec<Target>>,
+    #[serde(default, borrow)]
+    pub targets: Option<TargetList<'a>>,
     /// Any JSON value, passed through without being re-serialised.
     #[serde(default, borrow, deserialize_with = "present")]
     pub payload: Option<&'a RawValue>,
@@ -65,8 +65,8 @@ pub struct Inbound<'a> {
     #[serde(default, borrow)]
     pub topic: Option<Cow<'a, str>>,
     /// The client ids to ask about (`status`).
-    #[serde(default)]
-    pub clients: Option<Vec<Target>>,
+    #[serde(default, borrow)]
+    pub clients: Option<TargetList<'a>>,
     /// A fresh token (`refresh`).
     #[serde(default, borrow)]
     pub token: Option<Cow<'a, str>>,

@@ -245,10 +245,22 @@ where
     }
 
     fn poll_run(&mut self, cx: &mut TaskContext<'_>) -> Poll<()> {
+        // A source that had nothing has registered this task's waker, so anything
+        // new there wakes the task again: later rounds of this poll skip it
+        // (registering again costs a lock in the mailbox and in tokio's reactor).
+        let (mut mailbox_waiting, mut socket_waiting) = (false, false);
         for _ in 0..BUDGET {
             let mut progress = self.poll_shutdown_signal(cx);
-            progress |= self.poll_mailbox(cx);
-            progress |= self.poll_read(cx);
+            if !mailbox_waiting {
+                let drained = self.poll_mailbox(cx);
+                mailbox_waiting = !drained;
+                progress |= drained;
+            }
+            if !socket_waiting {
+                let read = self.poll_read(cx);
+                socket_waiting = !read;
+                progress |= read;
+            }
             progress |= self.poll_timers(cx);
             match self.poll_write(cx) {
                 Poll::Ready(Ok(())) => {}
