@@ -38,6 +38,8 @@ const LANDING_SIZE: usize = 16 * 1024;
 const MIN_IN_PLACE: usize = 4096;
 /// Most buffers handed to one vectored write.
 const MAX_IOVECS: usize = 64;
+/// Initial size of the buffer where the connection's own frames gather before a write.
+const SCRATCH_START: usize = 1024;
 /// Rounds of work before yielding to other tasks, so one busy peer cannot starve the rest.
 const BUDGET: usize = 32;
 
@@ -348,6 +350,7 @@ where
                     self.phase = Phase::Done;
                 }
                 self.write_queue.clear();
+                self.scratch.clear();
                 true
             }
             Poll::Ready(Ok(_)) => {
@@ -362,6 +365,7 @@ where
             Poll::Ready(Err(e)) => {
                 self.fail(TerminateReason::Error(format!("read failed: {e}")));
                 self.write_queue.clear();
+                self.scratch.clear();
                 true
             }
         }
@@ -501,6 +505,7 @@ where
     }
 
     fn poll_write(&mut self, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        self.queue_scratch();
         while !self.write_queue.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let count = self.write_queue.len().min(MAX_IOVECS);
@@ -554,23 +559,43 @@ where
                 return;
             }
             Outbound::Message(message) => {
-                self.encoder.encode(&message, &mut self.scratch);
-                self.scratch.split().freeze()
+                let len = self.push_frame(message);
+                if let (true, Some(stats)) = (data, &self.stats) {
+                    stats.sent(len);
+                }
+                return;
             }
         };
         if let (true, Some(stats)) = (data, &self.stats) {
             stats.sent(bytes.len());
         }
         self.mailbox.charge(bytes.len());
+        self.queue_scratch();
         self.write_queue.push_back(bytes);
     }
 
-    /// Encodes a control frame of the driver's own (pong, ping, close).
-    fn push_frame(&mut self, message: Message) {
+    /// Encodes a frame after those already in the scratch buffer, where frames
+    /// gather until the next write (one buffer for a burst of replies, not one
+    /// allocation each). Returns the frame's length.
+    fn push_frame(&mut self, message: Message) -> usize {
+        if self.scratch.capacity() == 0 {
+            // Room for a burst of small frames without regrowing; it is given
+            // back once written.
+            self.scratch.reserve(SCRATCH_START);
+        }
+        let before = self.scratch.len();
         self.encoder.encode(&message, &mut self.scratch);
-        let bytes = self.scratch.split().freeze();
-        self.mailbox.charge(bytes.len());
-        self.write_queue.push_back(bytes);
+        let len = self.scratch.len() - before;
+        self.mailbox.charge(len);
+        len
+    }
+
+    /// Moves the frames gathered in the scratch buffer onto the write queue.
+    fn queue_scratch(&mut self) {
+        if !self.scratch.is_empty() {
+            let frames = self.scratch.split().freeze();
+            self.write_queue.push_back(frames);
+        }
     }
 
     /// Runs one callback, catching a panic so it closes only this connection (1011).
@@ -595,6 +620,7 @@ where
         match outcome {
             Ok(Outcome::Continue) => {}
             Ok(Outcome::Push(frames)) => frames.into_iter().for_each(|f| self.enqueue(f)),
+            Ok(Outcome::PushOne(frame)) => self.enqueue(frame),
             Ok(Outcome::Stop { push, close }) => {
                 push.into_iter().for_each(|f| self.enqueue(f));
                 self.start_close(close.clone(), TerminateReason::Normal(close));

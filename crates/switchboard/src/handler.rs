@@ -16,6 +16,9 @@ pub enum Outcome {
     Continue,
     /// Send these frames, in order, and keep going.
     Push(Vec<Outbound>),
+    /// Send this one frame and keep going: what [`Outcome::push`] returns, so
+    /// that the most common reply needs no list.
+    PushOne(Outbound),
     /// Send these frames, then close with this code and reason.
     Stop {
         /// Frames to send before the close frame.
@@ -28,7 +31,7 @@ pub enum Outcome {
 impl Outcome {
     /// Send one frame and keep going.
     pub fn push(frame: impl Into<Outbound>) -> Self {
-        Self::Push(vec![frame.into()])
+        Self::PushOne(frame.into())
     }
 
     /// Close with `code` and `reason`.
