@@ -14,6 +14,7 @@
 #   --scenarios "A B"  subset of: echo relay-k1 relay-k10 fanout fanout-topic idle storm
 #                      echo-deflate fanout-deflate
 #   --release          smoke with release builds (full runs always use them)
+#   --switchboard-args "FLAGS"  extra flags for `switchboard serve`, e.g. "--workers 1"
 #
 # Each run starts a fresh server on 127.0.0.1:0 (it prints `listening on ADDR`),
 # drives it with target/*/loadgen on one thread, and stops it. Only 127.0.0.x
@@ -25,20 +26,25 @@ mode=full
 reps=3
 servers="switchboard bun node axum"
 scenarios="echo relay-k1 relay-k10 fanout fanout-topic idle storm echo-deflate fanout-deflate"
-profile=release
+release=""
+switchboard_args=""
 command_line="bench/run.sh${*:+ $*}"
 while [ $# -gt 0 ]; do
   case "$1" in
-    --smoke) mode=smoke; reps=1; profile=debug ;;
+    --smoke) mode=smoke; reps=1 ;;
     --reps) reps="$2"; shift ;;
     --servers) servers="$2"; shift ;;
     --scenarios) scenarios="$2"; shift ;;
-    --release) profile=release ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    --release) release=yes ;;
+    --switchboard-args) switchboard_args="$2"; shift ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
+# Full runs always measure release builds; smoke runs use debug ones unless asked.
+profile=release
+[ "$mode" = smoke ] && [ -z "$release" ] && profile=debug
 if [ "$mode" = full ] && [ "$reps" -lt 3 ]; then
   echo "run.sh: a full run needs at least 3 repetitions" >&2
   exit 2
@@ -126,7 +132,7 @@ server_command() {
       echo "$bin/switchboard serve --listen 127.0.0.1:0 --log-level warn \
         --rate-limit-messages-per-sec 0 --rate-limit-bytes-per-sec 0 \
         --max-connections-per-client 100000 --idle-timeout-secs 0 --ping-interval-secs 0 \
-        --max-outbound-bytes 67108864 --compression $deflate --max-targets 100000" ;;
+        --max-outbound-bytes 67108864 --compression $deflate --max-targets 100000 $switchboard_args" ;;
     # The toolkit example always accepts compression, but only when offered.
     switchboard/echo) echo "$bin/examples/echo 127.0.0.1:0" ;;
     bun/*) echo "$bun bench/peers/bun-relay.js 127.0.0.1:0$flag" ;;

@@ -1058,6 +1058,22 @@ async def test_idle_connection_closes_1001(start_server):
         assert await recv(busy) == '"alive"'
 
 
+@pytest.mark.parametrize("workers", ["1", "3"])
+@async_test
+async def test_any_worker_count_relays_and_shuts_down(start_server, workers):
+    """--workers 1 runs on tokio's single-threaded scheduler, others on the multi-threaded one."""
+    server = start_server("--workers", workers)
+    async with client(server, "a") as a, client(server, "b") as b:
+        for n in range(20):
+            await a.send(msg(["b", "a"], n))
+            assert await recv(b) == str(n)
+            assert await recv(a) == str(n)
+        server.proc.send_signal(signal.SIGTERM)
+        for ws in (a, b):
+            assert (await expect_close(ws)).code == 1001
+    assert await asyncio.to_thread(server.proc.wait, 10) == 0, server.logs()
+
+
 @async_test
 async def test_sigterm_closes_clients_1001_and_exits_0(server):
     async with client(server, "a") as a, client(server, "b", envelope=True) as b, client(server, "b") as b2:

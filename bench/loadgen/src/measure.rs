@@ -36,9 +36,15 @@ impl Probe {
     /// User plus system CPU seconds used so far, by every thread the process has
     /// had (`utime` + `stime`, fields 14 and 15 of `/proc/PID/stat`).
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        self.cpu_times().map(|(user, system)| user + system)
+    }
+
+    /// User and system CPU seconds used so far, apart.
+    pub fn cpu_times(&self) -> anyhow::Result<(f64, f64)> {
         let path = format!("{}/stat", self.dir);
         let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        parse_cpu_ticks(&stat).map(|ticks| ticks as f64 / USER_HZ)
+        let (user, system) = parse_cpu_ticks(&stat)?;
+        Ok((user as f64 / USER_HZ, system as f64 / USER_HZ))
     }
 
     /// Resident set size in bytes (`VmRSS` of `/proc/PID/status`).
@@ -49,9 +55,9 @@ impl Probe {
     }
 }
 
-/// `utime + stime` from the text of `/proc/PID/stat`. The command name (field 2)
+/// `utime` and `stime` from the text of `/proc/PID/stat`. The command name (field 2)
 /// may contain spaces and parentheses, so fields are counted after its last `)`.
-fn parse_cpu_ticks(stat: &str) -> anyhow::Result<u64> {
+fn parse_cpu_ticks(stat: &str) -> anyhow::Result<(u64, u64)> {
     let after_name = stat
         .rsplit_once(')')
         .map(|(_, rest)| rest)
@@ -59,7 +65,7 @@ fn parse_cpu_ticks(stat: &str) -> anyhow::Result<u64> {
     // After the name come field 3 (state) onwards: utime is field 14, stime 15.
     let mut fields = after_name.split_whitespace().skip(11);
     match (fields.next(), fields.next()) {
-        (Some(utime), Some(stime)) => Ok(utime.parse::<u64>()? + stime.parse::<u64>()?),
+        (Some(utime), Some(stime)) => Ok((utime.parse()?, stime.parse()?)),
         _ => bail!("unexpected /proc stat format"),
     }
 }
@@ -77,7 +83,8 @@ fn parse_rss_kib(status: &str) -> anyhow::Result<u64> {
 pub struct Window {
     started: Instant,
     server: Probe,
-    server_cpu: f64,
+    /// The server's user and system CPU seconds.
+    server_cpu: (f64, f64),
     own_cpu: f64,
 }
 
@@ -88,6 +95,8 @@ pub struct WindowFigures {
     pub secs: f64,
     /// Server CPU seconds used in the window.
     pub server_cpu_s: f64,
+    /// The part of `server_cpu_s` spent in the kernel (system time).
+    pub server_sys_s: f64,
     /// Load generator CPU seconds used in the window.
     pub own_cpu_s: f64,
 }
@@ -98,16 +107,18 @@ impl Window {
         Ok(Self {
             started: Instant::now(),
             server: server.clone(),
-            server_cpu: server.cpu_seconds()?,
+            server_cpu: server.cpu_times()?,
             own_cpu: Probe::own().cpu_seconds()?,
         })
     }
 
     /// Ends the window now.
     pub fn close(self) -> anyhow::Result<WindowFigures> {
+        let (user, system) = self.server.cpu_times()?;
         Ok(WindowFigures {
             secs: self.started.elapsed().as_secs_f64(),
-            server_cpu_s: self.server.cpu_seconds()? - self.server_cpu,
+            server_cpu_s: (user - self.server_cpu.0) + (system - self.server_cpu.1),
+            server_sys_s: system - self.server_cpu.1,
             own_cpu_s: Probe::own().cpu_seconds()? - self.own_cpu,
         })
     }
@@ -120,7 +131,7 @@ mod tests {
     #[test]
     fn parses_stat_with_a_tricky_command_name() {
         let stat = "1234 (a) b (c)) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1 0";
-        assert_eq!(parse_cpu_ticks(stat).unwrap(), 300);
+        assert_eq!(parse_cpu_ticks(stat).unwrap(), (250, 50));
     }
 
     #[test]

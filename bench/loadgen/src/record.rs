@@ -77,6 +77,9 @@ pub struct Record {
     pub server_cpu_us_per_op: Option<f64>,
     /// Server CPU use in cores (1.0 = one core busy).
     pub server_cpu_util: f64,
+    /// The share of the server's CPU time spent in the kernel (0-1).
+    #[serde(default)]
+    pub server_kernel_share: Option<f64>,
     /// Server resident memory at the end of the window.
     pub server_rss_bytes: u64,
     /// Server memory per held connection.
@@ -127,6 +130,8 @@ impl Record {
             server_cpu_s: m.window.server_cpu_s,
             server_cpu_us_per_op: per_op.then(|| m.window.server_cpu_s * 1e6 / m.ops as f64),
             server_cpu_util: m.window.server_cpu_s / secs,
+            server_kernel_share: (m.window.server_cpu_s > 0.0)
+                .then(|| m.window.server_sys_s / m.window.server_cpu_s),
             server_rss_bytes: m.server_rss_bytes,
             rss_per_conn_bytes: m.rss_per_conn_bytes,
             p50_us: quantile(0.5),

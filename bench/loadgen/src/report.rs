@@ -105,16 +105,18 @@ fn render(table: &[Vec<Cell<'_>>], args: &ReportArgs, charts: &[String]) -> Stri
         "Medians over the repetitions of each server, servers alternating within each \
          repetition. \"op\" is the scenario's unit: an echoed message, a delivered \
          message, a handshake, or a held connection. Latency is from the send \
-         timestamp in the payload to its arrival. lost/dup/corrupt are totals over all \
+         timestamp in the payload to its arrival. \"in kernel\" is the share of the \
+         server's CPU time that was system time (`stime` of `/proc/PID/stat`): the \
+         TCP stack, wake-ups and scheduling. lost/dup/corrupt are totals over all \
          repetitions and must be 0.\n"
     );
     let _ = writeln!(
         md,
-        "| scenario | parameters | server | ops/s | server CPU µs/op | server cores | p50 µs | p99 µs | p99.9 µs | RSS/conn | server RSS MiB | loadgen cores | lost/dup/corrupt | runs |"
+        "| scenario | parameters | server | ops/s | server CPU µs/op | server cores | in kernel | p50 µs | p99 µs | p99.9 µs | RSS/conn | server RSS MiB | loadgen cores | lost/dup/corrupt | runs |"
     );
     let _ = writeln!(
         md,
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"
     );
     let mut bound = Vec::new();
     for cell in table.iter().flatten() {
@@ -128,7 +130,7 @@ fn render(table: &[Vec<Cell<'_>>], args: &ReportArgs, charts: &[String]) -> Stri
         let params = cell.runs.first().map_or("", |r| r.params.as_str());
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{}/{} | {} |",
+            "| {} | {} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{}/{} | {} |",
             cell.scenario,
             params,
             cell.server,
@@ -144,6 +146,8 @@ fn render(table: &[Vec<Cell<'_>>], args: &ReportArgs, charts: &[String]) -> Stri
                 fmt(cell.median(|r| r.server_cpu_us_per_op), 2)
             },
             fmt(cell.median(|r| Some(r.server_cpu_util)), 2),
+            cell.median(|r| r.server_kernel_share)
+                .map_or("–".into(), |share| format!("{:.0}%", share * 100.0)),
             fmt(cell.median(|r| r.p50_us), 0),
             fmt(cell.median(|r| r.p99_us), 0),
             fmt(cell.median(|r| r.p999_us), 0),
@@ -358,6 +362,7 @@ mod tests {
             server_cpu_s: cpu_us * 1e-3,
             server_cpu_us_per_op: Some(cpu_us),
             server_cpu_util: cpu_us * 1e-3,
+            server_kernel_share: Some(0.5),
             server_rss_bytes: 1 << 20,
             rss_per_conn_bytes: None,
             p50_us: Some(100.0),

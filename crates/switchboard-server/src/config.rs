@@ -82,6 +82,10 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_SHUTDOWN_DRAIN_SECS", value_name = "SECS")]
     pub shutdown_drain_secs: Option<u64>,
 
+    /// Threads that run connections: 0 is one per CPU core; 1 runs everything on one thread, which costs the least CPU per message when the server has one core to itself (see docs/performance.md) [default: 0]
+    #[arg(long, env = "SWITCHBOARD_WORKERS", value_name = "N")]
+    pub workers: Option<usize>,
+
     /// Most connections one client id may hold; more get HTTP 429 [default: 100]
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_CLIENT", value_name = "N")]
     pub max_connections_per_client: Option<usize>,
@@ -223,6 +227,8 @@ pub struct Config {
     pub slow_consumer_close_code: CloseCode,
     /// Shutdown drain time.
     pub shutdown_drain: Duration,
+    /// Runtime worker threads (0: one per core).
+    pub workers: usize,
     /// Connections per client id.
     pub max_connections_per_client: usize,
     /// Topics per connection.
@@ -290,6 +296,7 @@ impl Config {
             max_outbound_bytes: s.max_outbound_bytes.unwrap_or(4 << 20),
             slow_consumer_close_code: CloseCode(s.slow_consumer_close_code.unwrap_or(1013)),
             shutdown_drain: Duration::from_secs(s.shutdown_drain_secs.unwrap_or(10)),
+            workers: s.workers.unwrap_or(0),
             max_connections_per_client: s.max_connections_per_client.unwrap_or(100),
             max_topics_per_connection: s.max_topics_per_connection.unwrap_or(100),
             rate_limit_messages_per_sec: s.rate_limit_messages_per_sec.unwrap_or(100),

@@ -29,7 +29,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = Config::load(&args)?;
             logging::init(config.log_format, &config.log_level);
-            tokio::runtime::Runtime::new()?.block_on(async {
+            runtime(config.workers)?.block_on(async {
                 let listener = tokio::net::TcpListener::bind(config.listen)
                     .await
                     .with_context(|| format!("binding {}", config.listen))?;
@@ -53,4 +53,17 @@ fn main() -> anyhow::Result<()> {
             })
         }
     }
+}
+
+/// The runtime for `workers` threads. One worker gets tokio's single-threaded
+/// scheduler: no other thread to hand tasks to or wake (futex) when work arrives.
+fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match workers {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if workers > 1 {
+        builder.worker_threads(workers);
+    }
+    builder.enable_all().build()
 }

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Counts the instructions Switchboard's own process executes per operation, with
+# valgrind's callgrind: a figure that stays put on a noisy machine where CPU time
+# does not, so it shows what a change to the hot path gained. Only user space is
+# counted (the kernel's share is in the "in kernel" column of bench/run.sh).
+#
+#   bench/callgrind.sh relay   relay-k1: N=1,000 clients, 1,000 messages/s, 128 B
+#   bench/callgrind.sh echo    the toolkit's echo example: C=50, W=10, 64 B
+#
+# The server runs under callgrind with instrumentation off; it is switched on for
+# 5 s after a 4 s warm-up, while the load generator measures the same 5 s. The
+# profile is left in target/callgrind/ for `callgrind_annotate`. Needs valgrind
+# (Debian: apt-get install valgrind).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+scenario=${1:-}
+case "$scenario" in
+  relay | echo) ;;
+  *) sed -n '2,13p' "$0"; exit 2 ;;
+esac
+command -v valgrind > /dev/null || { echo "callgrind.sh: valgrind is not installed" >&2; exit 1; }
+
+cargo build --quiet --release -p switchboard-server -p switchboard-loadgen
+cargo build --quiet --release -p switchboard --example echo
+out=target/callgrind
+mkdir -p "$out"
+rm -f "$out/$scenario.out"*
+if [ "$scenario" = relay ]; then
+  server=(target/release/switchboard serve --listen 127.0.0.1:0 --log-level warn
+    --rate-limit-messages-per-sec 0 --rate-limit-bytes-per-sec 0
+    --max-connections-per-client 100000 --idle-timeout-secs 0 --ping-interval-secs 0
+    --max-outbound-bytes 67108864 --compression false --max-targets 100000)
+  load=(relay --clients 1000 --targets 1 --rate 1000 --size 128)
+else
+  server=(target/release/examples/echo 127.0.0.1:0)
+  load=(echo --connections 50 --window 10 --size 64 --path /)
+fi
+
+valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out/$scenario.out" \
+  "${server[@]}" > "$out/$scenario.log" 2> "$out/$scenario.err" &
+pid=$!
+trap 'kill "$pid" 2> /dev/null || true' EXIT
+addr=$(wait_listening "$out/$scenario.log" "$pid")
+(sleep 4; callgrind_control -i on "$pid" > /dev/null; sleep 5; callgrind_control -i off "$pid" > /dev/null) &
+summary=$(target/release/loadgen "${load[@]}" --warmup 4 --duration 5 --drain 3 --addr "$addr" \
+  --pid "$pid" --server switchboard --label "callgrind-$scenario" --rep 1 \
+  --out "$out/raw.jsonl" 2>&1 | grep -E "^loadgen: callgrind")
+wait %2
+kill "$pid"
+wait "$pid" 2> /dev/null || true
+trap - EXIT
+
+ops_per_s=$(sed -n 's/.*: \([0-9]*\) [a-z]*\/s,.*/\1/p' <<< "$summary")
+total=$(callgrind_annotate "$out/$scenario.out"* 2> /dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+echo "$summary" >&2
+echo "$scenario: $((total / (ops_per_s * 5))) instructions per operation ($total over 5 s at $ops_per_s/s)"
