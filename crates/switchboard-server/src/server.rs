@@ -31,7 +31,9 @@ pub async fn serve(
             let loopback = api_listener.local_addr()?.ip().is_loopback();
             let server = axum::serve(
                 no_delay(api_listener),
-                api_routes(loopback).fallback(api::not_found),
+                api_routes(loopback)
+                    .fallback(api::not_found)
+                    .into_make_service(),
             )
             .with_graceful_shutdown(stopping.clone().cancelled_owned());
             Some(tokio::spawn(async move { server.await }))
@@ -52,7 +54,9 @@ pub async fn serve(
         stop_all.cancel();
         trigger.trigger();
     });
-    axum::serve(no_delay(listener), main)
+    // `into_make_service` hands each connection a clone of the router (an Arc);
+    // serving the Router itself rebuilds its route table for every connection.
+    axum::serve(no_delay(listener), main.into_make_service())
         .with_graceful_shutdown(stopping.cancelled_owned())
         .await?;
     if let Some(api_server) = api_server {
