@@ -6,6 +6,7 @@
 #
 #   bench/callgrind.sh relay   relay-k1: N=1,000 clients, 1,000 messages/s, 128 B
 #   bench/callgrind.sh echo    the toolkit's echo example: C=50, W=10, 64 B
+#   bench/callgrind.sh storm   handshakes (connect, upgrade, close): 8 workers
 #
 # The server runs under callgrind with instrumentation off; it is switched on for
 # 5 s after a 4 s warm-up, while the load generator measures the same 5 s. The
@@ -17,8 +18,8 @@ source scripts/lib.sh
 
 scenario=${1:-}
 case "$scenario" in
-  relay | echo) ;;
-  *) sed -n '2,13p' "$0"; exit 2 ;;
+  relay | echo | storm) ;;
+  *) sed -n '2,14p' "$0"; exit 2 ;;
 esac
 command -v valgrind > /dev/null || { echo "callgrind.sh: valgrind is not installed" >&2; exit 1; }
 
@@ -27,12 +28,13 @@ cargo build --quiet --release -p switchboard --example echo
 out=target/callgrind
 mkdir -p "$out"
 rm -f "$out/$scenario.out"*
-if [ "$scenario" = relay ]; then
+if [ "$scenario" != echo ]; then
   server=(target/release/switchboard serve --listen 127.0.0.1:0 --log-level warn
     --rate-limit-messages-per-sec 0 --rate-limit-bytes-per-sec 0
     --max-connections-per-client 100000 --idle-timeout-secs 0 --ping-interval-secs 0
     --max-outbound-bytes 67108864 --compression false --max-targets 100000)
   load=(relay --clients 1000 --targets 1 --rate 1000 --size 128)
+  [ "$scenario" = storm ] && load=(storm --concurrency 8)
 else
   server=(target/release/examples/echo 127.0.0.1:0)
   load=(echo --connections 50 --window 10 --size 64 --path /)

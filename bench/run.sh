@@ -15,6 +15,7 @@
 #                      echo-deflate fanout-deflate
 #   --release          smoke with release builds (full runs always use them)
 #   --switchboard-args "FLAGS"  extra flags for `switchboard serve`, e.g. "--workers 1"
+#   --out DIR          where the report goes (default: bench/results, smoke: target/bench-smoke)
 #
 # Each run starts a fresh server on 127.0.0.1:0 (it prints `listening on ADDR`),
 # drives it with target/*/loadgen on one thread, and stops it. Only 127.0.0.x
@@ -28,7 +29,11 @@ servers="switchboard bun node axum"
 scenarios="echo relay-k1 relay-k10 fanout fanout-topic idle storm echo-deflate fanout-deflate"
 release=""
 switchboard_args=""
-command_line="bench/run.sh${*:+ $*}"
+out_dir=""
+command_line="bench/run.sh"
+for arg in "$@"; do
+  command_line+=" $(printf %q "$arg")"
+done
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) mode=smoke; reps=1 ;;
@@ -37,7 +42,8 @@ while [ $# -gt 0 ]; do
     --scenarios) scenarios="$2"; shift ;;
     --release) release=yes ;;
     --switchboard-args) switchboard_args="$2"; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    --out) out_dir="$2"; shift ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -56,7 +62,7 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 # still works end to end. Rates are offered loads every server here sustains, so
 # that latency is compared at the same load.
 if [ "$mode" = full ]; then
-  out=bench/results
+  out=${out_dir:-bench/results}
   timing=(--warmup 1 --duration 5 --drain 3)
   echo_args=(--connections 50 --window 10 --size 64)
   echo_deflate_args=(--connections 50 --window 10 --size 1024)
@@ -68,7 +74,7 @@ if [ "$mode" = full ]; then
   idle_args=(--connections 19500 --concurrency 128)
   storm_args=(--concurrency 32)
 else
-  out=target/bench-smoke
+  out=${out_dir:-target/bench-smoke}
   timing=(--warmup 0.3 --duration 1 --drain 2)
   echo_args=(--connections 10 --window 4 --size 64)
   echo_deflate_args=(--connections 10 --window 4 --size 1024)
