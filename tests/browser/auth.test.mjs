@@ -23,6 +23,7 @@ import { createInterface } from "node:readline";
 import { fileURLToPath, pathToFileURL } from "node:url";
 
 import { launchChromium } from "./chromium.mjs";
+import { installHelpers } from "./page.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.SWITCHBOARD_BIN || resolve(here, "../../target/debug/switchboard");
@@ -176,92 +177,6 @@ function mint(claims, secret = SECRET) {
 const nowSecs = () => Math.floor(Date.now() / 1000);
 const tokenFor = (sub, lifetimeSecs = 60) => mint({ sub, exp: nowSecs() + lifetimeSecs });
 const withToken = (token) => ["switchboard.v1", `bearer.${token}`];
-
-// ---------------------------------------------------------------------------
-// In-page helpers
-// ---------------------------------------------------------------------------
-
-// Installed into each page. window.sb.connect(name, url, protocols) opens a
-// socket and settles on open, on close, or after `ms`; it never rejects, so a
-// refused handshake can be inspected (opened, errored, close code).
-function installHelpers() {
-  const conns = {};
-  const snapshot = (c) => ({
-    opened: c.opened,
-    errored: c.errored,
-    closed: c.closed,
-    protocol: c.ws.protocol,
-    extensions: c.ws.extensions,
-    readyState: c.ws.readyState,
-  });
-  window.sb = {
-    connect(name, url, protocols, ms = 5000) {
-      return new Promise((settle) => {
-        const ws = protocols === undefined ? new WebSocket(url) : new WebSocket(url, protocols);
-        const c = { ws, queue: [], waiters: [], opened: false, errored: false, closed: null };
-        conns[name] = c;
-        const timer = setTimeout(() => settle(snapshot(c)), ms);
-        ws.onopen = () => {
-          c.opened = true;
-          clearTimeout(timer);
-          settle(snapshot(c));
-        };
-        ws.onerror = () => {
-          c.errored = true;
-        };
-        ws.onclose = (e) => {
-          c.closed = { code: e.code, reason: e.reason, wasClean: e.wasClean, at: Date.now() };
-          clearTimeout(timer);
-          settle(snapshot(c));
-        };
-        ws.onmessage = (e) => {
-          const w = c.waiters.shift();
-          if (w) w(e.data);
-          else c.queue.push(e.data);
-        };
-      });
-    },
-    state(name) {
-      return snapshot(conns[name]);
-    },
-    send(name, message) {
-      conns[name].ws.send(typeof message === "string" ? message : JSON.stringify(message));
-    },
-    next(name, ms = 5000) {
-      const c = conns[name];
-      if (c.queue.length) return Promise.resolve(c.queue.shift());
-      return new Promise((resolveMsg, reject) => {
-        const done = (data) => {
-          clearTimeout(timer);
-          resolveMsg(data);
-        };
-        const timer = setTimeout(() => {
-          c.waiters.splice(c.waiters.indexOf(done), 1);
-          reject(new Error(`no message for ${name} within ${ms}ms`));
-        }, ms);
-        c.waiters.push(done);
-      });
-    },
-    pending(name) {
-      return conns[name].queue.slice();
-    },
-    closed(name, ms = 5000) {
-      const c = conns[name];
-      return new Promise((resolveClose, reject) => {
-        const started = Date.now();
-        const poll = () => {
-          if (c.closed) resolveClose(c.closed);
-          else if (Date.now() - started > ms) reject(new Error(`${name} not closed within ${ms}ms`));
-          else setTimeout(poll, 20);
-        };
-        poll();
-      });
-    },
-    close(name) {
-      conns[name].ws.close(1000);
-    },
-  };
-}
 
 // A new tab at `url` with the helpers installed.
 async function openPage(context, url) {

@@ -21,6 +21,7 @@ import { fileURLToPath } from "node:url";
 
 import * as auth from "./auth.test.mjs";
 import { launchChromium } from "./chromium.mjs";
+import { installHelpers } from "./page.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.SWITCHBOARD_BIN || resolve(here, "../../target/debug/switchboard");
@@ -102,76 +103,6 @@ const tests = [];
 const test = (name, fn) => tests.push({ name, fn });
 let passed = 0;
 let failed = 0;
-
-// ---------------------------------------------------------------------------
-// In-page helpers: WebSockets opened from the demo page's origin
-// ---------------------------------------------------------------------------
-
-// Installed into the page. window.sb.open(name, id, protocol) connects and
-// records every message; window.sb.next(name) waits for the next one.
-function installHelpers() {
-  const conns = {};
-  window.sb = {
-    open(name, id, protocol) {
-      return new Promise((resolveOpen, reject) => {
-        const url = `${location.origin.replace(/^http/, "ws")}/ws?id=${encodeURIComponent(id)}`;
-        const ws = protocol ? new WebSocket(url, protocol) : new WebSocket(url);
-        const c = { ws, queue: [], waiters: [], closed: null };
-        conns[name] = c;
-        ws.onmessage = (e) => {
-          const w = c.waiters.shift();
-          if (w) w(e.data);
-          else c.queue.push(e.data);
-        };
-        ws.onclose = (e) => {
-          c.closed = { code: e.code, reason: e.reason, wasClean: e.wasClean };
-        };
-        ws.onerror = () => reject(new Error(`websocket ${name} failed to open`));
-        ws.onopen = () => resolveOpen({ protocol: ws.protocol, extensions: ws.extensions });
-      });
-    },
-    send(name, text) {
-      conns[name].ws.send(text);
-    },
-    next(name, ms = 5000) {
-      const c = conns[name];
-      if (c.queue.length) return Promise.resolve(c.queue.shift());
-      return new Promise((resolveMsg, reject) => {
-        const timer = setTimeout(() => {
-          c.waiters.splice(c.waiters.indexOf(done), 1);
-          reject(new Error(`no message for ${name} within ${ms}ms`));
-        }, ms);
-        const done = (data) => {
-          clearTimeout(timer);
-          resolveMsg(data);
-        };
-        c.waiters.push(done);
-      });
-    },
-    pending(name) {
-      return conns[name].queue.slice();
-    },
-    closed(name, ms = 5000) {
-      const c = conns[name];
-      return new Promise((resolveClose, reject) => {
-        const started = Date.now();
-        const poll = () => {
-          if (c.closed) resolveClose(c.closed);
-          else if (Date.now() - started > ms) reject(new Error(`${name} not closed within ${ms}ms`));
-          else setTimeout(poll, 20);
-        };
-        poll();
-      });
-    },
-    // Waits until the relay has registered the connection: a ping from the
-    // browser is not available, so round-trip a harmless error frame.
-    async ready(name) {
-      conns[name].ws.send("{}");
-      const reply = JSON.parse(await window.sb.next(name));
-      if (reply.type !== "error" || reply.code !== "invalid_message") throw new Error(`unexpected ${JSON.stringify(reply)}`);
-    },
-  };
-}
 
 // ---------------------------------------------------------------------------
 // Tests
