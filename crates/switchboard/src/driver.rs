@@ -410,6 +410,7 @@ where
                 }
                 self.mailbox.refuse_new();
                 self.phase = Phase::Done;
+                self.arm_close_deadline();
             }
         }
     }
@@ -425,9 +426,7 @@ where
             self.reason = Some(TerminateReason::Error(error.to_string()));
         }
         self.phase = Phase::Failing;
-        if self.close_deadline.is_none() {
-            self.close_deadline = Some(Instant::now() + self.close_timeout);
-        }
+        self.arm_close_deadline();
     }
 
     /// Ends the connection without a close handshake (keeping an earlier reason).
@@ -437,6 +436,14 @@ where
             self.reason = Some(reason);
         }
         self.phase = Phase::Done;
+        self.arm_close_deadline();
+    }
+
+    /// Bounds how long the connection may take to end from here: past the close
+    /// timeout, what is still queued is dropped (see `poll_timers`).
+    fn arm_close_deadline(&mut self) {
+        self.close_deadline
+            .get_or_insert_with(|| Instant::now() + self.close_timeout);
     }
 
     /// Sends a close frame and waits (up to the close timeout) for the peer's.
@@ -448,7 +455,7 @@ where
         self.mailbox.refuse_new();
         self.reason = Some(reason);
         self.phase = Phase::Closing;
-        self.close_deadline = Some(Instant::now() + self.close_timeout);
+        self.arm_close_deadline();
     }
 
     /// When the timer must next fire: the close deadline while closing, else the
@@ -498,7 +505,13 @@ where
                     self.push_frame(Message::Ping(Bytes::new()));
                 }
             }
-            _ if self.close_deadline.is_some_and(|at| at <= now) => self.phase = Phase::Done,
+            _ if self.close_deadline.is_some_and(|at| at <= now) => {
+                // Whatever the peer has not taken by now it will not take: a peer
+                // that stopped reading must not hold the connection open forever.
+                self.phase = Phase::Done;
+                self.write_queue.clear();
+                self.scratch.clear();
+            }
             _ => {}
         }
         true

@@ -169,40 +169,79 @@ async fn invalid_utf8_fails_before_the_frame_is_complete() {
     assert_eq!(client.close_code().await, Some(1007));
 }
 
-#[tokio::test]
-async fn a_slow_consumer_is_closed_and_its_buffer_stays_bounded() {
+/// A probe server with a 256 KiB outbound budget that closes slow consumers with
+/// 1013, and a receiver of each connection's handle.
+async fn slow_consumer_server(
+    close_timeout: Duration,
+) -> (
+    std::net::SocketAddr,
+    mpsc::UnboundedReceiver<Event>,
+    mpsc::UnboundedReceiver<ConnHandle<String>>,
+) {
     let options = Options {
         max_outbound_bytes: 256 * 1024,
         slow_consumer: SlowConsumerPolicy::Close(switchboard::CloseCode::TRY_AGAIN_LATER),
+        close_timeout,
         ..Options::default()
     };
-    let (tx, _events) = mpsc::unbounded_channel();
-    let (handles_tx, mut handles) = mpsc::unbounded_channel::<ConnHandle<String>>();
+    let (tx, events) = mpsc::unbounded_channel();
+    let (handles_tx, handles) = mpsc::unbounded_channel::<ConnHandle<String>>();
     let addr = serve(move |ws| {
         let mut probe = Probe::new(tx.clone());
         probe.handles = Some(handles_tx.clone());
         ws.options(options.clone()).on_upgrade(probe)
     })
     .await;
-    // This client never reads until the end.
-    let mut client = RawClient::connect(addr).await;
-    let handle = handles.recv().await.unwrap();
+    (addr, events, handles)
+}
+
+/// Pushes 64 KiB messages through `handle` until one is refused; returns why.
+async fn fill(handle: &ConnHandle<String>) -> PushError {
     let chunk = switchboard::PreparedMessage::binary(vec![7u8; 64 * 1024]);
     let mut accepted = 0usize;
-    let refused = loop {
+    loop {
         match handle.push(chunk.clone()) {
             Ok(()) => accepted += 1,
-            Err(e) => break e,
+            Err(e) => return e,
         }
         assert!(
             accepted < 4096,
             "256 MiB accepted: the buffer is not bounded"
         );
         tokio::task::yield_now().await;
-    };
-    assert_eq!(refused, PushError::SlowConsumer);
-    assert_eq!(handle.push(chunk.clone()), Err(PushError::Closed));
+    }
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_closed_and_its_buffer_stays_bounded() {
+    let (addr, _events, mut handles) = slow_consumer_server(Duration::from_secs(5)).await;
+    // This client never reads until the end.
+    let mut client = RawClient::connect(addr).await;
+    let handle = handles.recv().await.unwrap();
+    assert_eq!(fill(&handle).await, PushError::SlowConsumer);
+    let chunk = switchboard::PreparedMessage::binary(vec![7u8; 16]);
+    assert_eq!(handle.push(chunk), Err(PushError::Closed));
     assert_eq!(client.close_code().await, Some(1013));
+}
+
+#[tokio::test]
+async fn a_peer_that_never_reads_is_dropped_at_the_close_timeout() {
+    let (addr, mut events, mut handles) = slow_consumer_server(Duration::from_millis(300)).await;
+    // Connected, and never reads or closes: the close frame waits behind data the
+    // peer will not take, and the connection must still end.
+    let _client = RawClient::connect(addr).await;
+    let handle = handles.recv().await.unwrap();
+    assert_eq!(fill(&handle).await, PushError::SlowConsumer);
+    let ended = tokio::time::timeout(TIMEOUT, async {
+        while let Some(event) = events.recv().await {
+            if let Event::Terminate(reason) = event {
+                return reason;
+            }
+        }
+        panic!("the probe's events ended without terminate");
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection outlived its close timeout");
 }
 
 /// A server whose probes register as "probe" in `registry`.
