@@ -24,6 +24,7 @@ import { fileURLToPath, pathToFileURL } from "node:url";
 
 import { launchChromium } from "./chromium.mjs";
 import { installHelpers } from "./page.mjs";
+import { withTimeout } from "./wait.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.SWITCHBOARD_BIN || resolve(here, "../../target/debug/switchboard");
@@ -96,16 +97,6 @@ function freePort() {
       s.close(() => resolvePort(port));
     });
   });
-}
-
-function withTimeout(promise, ms, what) {
-  let timer;
-  return Promise.race([
-    promise,
-    new Promise((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`timed out after ${ms}ms: ${what}`)), ms);
-    }),
-  ]).finally(() => clearTimeout(timer));
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));

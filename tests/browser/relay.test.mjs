@@ -22,6 +22,7 @@ import { fileURLToPath } from "node:url";
 import * as auth from "./auth.test.mjs";
 import { launchChromium } from "./chromium.mjs";
 import { installHelpers } from "./page.mjs";
+import { withTimeout } from "./wait.mjs";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.SWITCHBOARD_BIN || resolve(here, "../../target/debug/switchboard");
@@ -68,16 +69,6 @@ function startServer(args = []) {
   });
   server = proc;
   return port;
-}
-
-function withTimeout(promise, ms, what) {
-  let timer;
-  return Promise.race([
-    promise,
-    new Promise((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`timed out after ${ms}ms: ${what}`)), ms);
-    }),
-  ]).finally(() => clearTimeout(timer));
 }
 
 async function health() {
