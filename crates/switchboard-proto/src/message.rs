@@ -287,6 +287,36 @@ impl MessageDecoder {
     }
 }
 
+/// How a server connection turns a [`PreparedMessage`] into frame bytes, for
+/// connections whose frames depend on no per-connection state (see
+/// [`MessageEncoder::shared_framing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedFraming {
+    /// No compression: the message's plain frame.
+    Plain,
+    /// permessage-deflate without context takeover: messages of at least
+    /// `min_size` bytes are compressed (once, shared) at `level`.
+    Deflated {
+        /// The zlib level.
+        level: u32,
+        /// Smaller payloads are sent uncompressed.
+        min_size: usize,
+    },
+}
+
+impl SharedFraming {
+    /// The frame to write for `message`: a clone of bytes shared by every
+    /// connection with the same framing.
+    pub fn frame(self, message: &PreparedMessage) -> Bytes {
+        match self {
+            Self::Deflated { level, min_size } if message.payload().len() >= min_size => {
+                message.deflated_frame(level)
+            }
+            _ => message.plain_frame(),
+        }
+    }
+}
+
 /// Encodes outgoing messages for one connection: compression state and masking.
 #[derive(Debug)]
 pub struct MessageEncoder {
@@ -328,18 +358,37 @@ impl MessageEncoder {
             self.encode(&message.to_message(), &mut out);
             return out.freeze();
         }
+        if let Some(framing) = self.shared_framing() {
+            return framing.frame(message);
+        }
         match self.deflater.as_deref_mut() {
-            Some((deflater, params)) if deflater.wants(message.payload().len()) => {
-                if params.shares_standalone_frames() {
-                    message.deflated_frame(params.level)
-                } else {
-                    let compressed = deflater.compress(message.payload());
-                    let mut out = BytesMut::new();
-                    encode_frame(&mut out, true, true, message.opcode(), &compressed, None);
-                    out.freeze()
-                }
+            Some((deflater, _)) if deflater.wants(message.payload().len()) => {
+                let compressed = deflater.compress(message.payload());
+                let mut out = BytesMut::new();
+                encode_frame(&mut out, true, true, message.opcode(), &compressed, None);
+                out.freeze()
             }
             _ => message.plain_frame(),
+        }
+    }
+
+    /// How this connection frames prepared messages, when that needs no state of
+    /// its own (a server without compression, or compressing without context
+    /// takeover): anyone holding it can produce the connection's frame. `None`
+    /// for a client (frames are masked) or a compressor that keeps its window.
+    pub fn shared_framing(&self) -> Option<SharedFraming> {
+        if self.role == Role::Client {
+            return None;
+        }
+        match self.deflater.as_deref() {
+            None => Some(SharedFraming::Plain),
+            Some((_, params)) if params.shares_standalone_frames() => {
+                Some(SharedFraming::Deflated {
+                    level: params.level,
+                    min_size: params.min_size,
+                })
+            }
+            Some(_) => None,
         }
     }
 

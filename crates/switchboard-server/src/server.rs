@@ -29,14 +29,13 @@ pub async fn serve(
     let api_server = match api_listener {
         Some(api_listener) => {
             let loopback = api_listener.local_addr()?.ip().is_loopback();
-            let server = axum::serve(
-                no_delay(api_listener),
-                api_routes(loopback)
-                    .fallback(api::not_found)
-                    .into_make_service(),
-            )
-            .with_graceful_shutdown(stopping.clone().cancelled_owned());
-            Some(tokio::spawn(async move { server.await }))
+            let router = api_routes(loopback).fallback(api::not_found);
+            let stopped = stopping.clone().cancelled_owned();
+            Some(tokio::spawn(switchboard::serve(
+                api_listener,
+                router,
+                stopped,
+            )))
         }
         None => {
             main = main.merge(api_routes(main_loopback));
@@ -54,11 +53,7 @@ pub async fn serve(
         stop_all.cancel();
         trigger.trigger();
     });
-    // `into_make_service` hands each connection a clone of the router (an Arc);
-    // serving the Router itself rebuilds its route table for every connection.
-    axum::serve(no_delay(listener), main.into_make_service())
-        .with_graceful_shutdown(stopping.cancelled_owned())
-        .await?;
+    switchboard::serve(listener, main, stopping.cancelled_owned()).await?;
     if let Some(api_server) = api_server {
         api_server.await??;
     }
@@ -71,19 +66,6 @@ pub async fn serve(
         );
     }
     Ok(())
-}
-
-/// Sets TCP_NODELAY on every accepted socket. WebSocket frames are often small
-/// and written one at a time; with Nagle's algorithm on, each can wait for the
-/// peer's delayed ACK (40 ms on Linux), which showed up as a 40 ms p99 in the
-/// relay benchmark.
-fn no_delay(listener: TcpListener) -> impl axum::serve::Listener<Addr = std::net::SocketAddr> {
-    use axum::serve::ListenerExt;
-    listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY");
-        }
-    })
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -86,5 +86,5 @@ async fn main() -> std::io::Result<()> {
     );
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on {}", listener.local_addr()?);
-    axum::serve(listener, app).await
+    switchboard::serve(listener, app, std::future::pending()).await
 }

@@ -41,9 +41,11 @@ async fn main() -> std::io::Result<()> {
         .unwrap_or_else(|| "127.0.0.1:9001".into());
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on {}", listener.local_addr()?);
-    // Small frames must not wait for delayed ACKs (Nagle's algorithm).
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, Router::new().fallback(echo)).await
+    // Sets TCP_NODELAY, and keeps sockets that pushes can write to directly.
+    switchboard::serve(
+        listener,
+        Router::new().fallback(echo),
+        std::future::pending(),
+    )
+    .await
 }

@@ -17,8 +17,7 @@ use std::task::{Context as TaskContext, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use hyper::upgrade::{OnUpgrade, Upgraded};
-use hyper_util::rt::TokioIo;
+use hyper::upgrade::OnUpgrade;
 use switchboard_proto::deflate::DeflateParams;
 use switchboard_proto::message::MessageEncoder;
 use switchboard_proto::{CloseCode, CloseReason, Message, MessageDecoder, ProtocolError, Role};
@@ -27,9 +26,10 @@ use tokio::time::{Instant, Sleep, sleep_until};
 
 use crate::handle::{ConnHandle, Outbound};
 use crate::handler::{Context, Handler, Outcome, TerminateReason};
-use crate::mailbox::{Drained, Mailbox};
+use crate::mailbox::{Direct, Drained, Mailbox};
 use crate::options::Options;
 use crate::shutdown::Signal;
+use crate::socket::Socket;
 use crate::stats::Stats;
 
 /// Size of the per-thread buffer that reads land in.
@@ -81,7 +81,7 @@ pub(crate) enum Connection<H: Handler> {
         start: Option<Start<H>>,
     },
     /// The handshake is done.
-    Running(Driver<H, TokioIo<Upgraded>>),
+    Running(Driver<H, Socket>),
     /// The connection has ended.
     Ended,
 }
@@ -129,9 +129,18 @@ impl<H: Handler> Future for Connection<H> {
                             mailbox,
                             setup,
                         } = start.take().expect("started once");
-                        let mut driver =
-                            Driver::new(TokioIo::new(upgraded), handler, mailbox, setup);
+                        let (socket, early) = Socket::new(upgraded);
+                        let shared = socket.shared();
+                        let mut driver = Driver::new(socket, handler, mailbox, setup);
+                        if let Some(stream) = shared {
+                            driver.allow_direct_writes(stream);
+                        }
                         driver.init();
+                        if !early.is_empty() {
+                            // Frames the client sent right behind its handshake.
+                            driver.read_buf.extend_from_slice(&early);
+                            driver.decode_messages();
+                        }
                         *this = Self::Running(driver);
                     }
                     Err(error) => {
@@ -184,6 +193,8 @@ pub(crate) struct Driver<H: Handler, S> {
     flushed: bool,
     /// Our side of the TCP connection is shut down.
     write_closed: bool,
+    /// The mailbox may write prepared frames to the socket while we are parked.
+    direct: bool,
 }
 
 impl<H, S> Driver<H, S>
@@ -225,6 +236,21 @@ where
             shutdown: setup.shutdown,
             flushed: true,
             write_closed: false,
+            direct: false,
+        }
+    }
+
+    /// Lets the mailbox write prepared frames straight to `stream` while this
+    /// driver is parked, when this connection's frames need no state of its own
+    /// (no compression, or compression without context takeover).
+    fn allow_direct_writes(&mut self, stream: Arc<tokio::net::TcpStream>) {
+        if let Some(framing) = self.encoder.shared_framing() {
+            self.mailbox.attach(Direct {
+                stream,
+                framing,
+                stats: self.stats.clone(),
+            });
+            self.direct = true;
         }
     }
 
@@ -252,12 +278,15 @@ where
         // (registering again costs a lock in the mailbox and in tokio's reactor).
         let (mut mailbox_waiting, mut socket_waiting) = (false, false);
         for _ in 0..BUDGET {
-            let mut progress = self.poll_shutdown_signal(cx);
+            // The mailbox comes first: after a park, the rest of a frame that a
+            // direct write sent only in part must be written before anything else.
+            let mut progress = false;
             if !mailbox_waiting {
                 let drained = self.poll_mailbox(cx);
                 mailbox_waiting = !drained;
                 progress |= drained;
             }
+            progress |= self.poll_shutdown_signal(cx);
             if !socket_waiting {
                 let read = self.poll_read(cx);
                 socket_waiting = !read;
@@ -283,11 +312,26 @@ where
                 return Poll::Ready(());
             }
             if !progress {
+                if self.can_park() && !self.mailbox.park() {
+                    // Something arrived since the mailbox was last drained.
+                    mailbox_waiting = false;
+                    continue;
+                }
                 return Poll::Pending;
             }
         }
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// Whether the mailbox may write to the socket while this task sleeps:
+    /// nothing of ours is queued or half-written, and the connection is open.
+    fn can_park(&self) -> bool {
+        self.direct
+            && self.phase == Phase::Open
+            && self.write_queue.is_empty()
+            && self.scratch.is_empty()
+            && self.flushed
     }
 
     fn poll_shutdown_signal(&mut self, cx: &mut TaskContext<'_>) -> bool {
@@ -314,9 +358,10 @@ where
             self.inbox = drained;
             return false;
         }
+        let mut sent = std::mem::take(&mut drained.partial);
         for frame in drained.frames.drain(..) {
             let charge = frame.charge();
-            self.enqueue(frame);
+            self.enqueue(frame, std::mem::take(&mut sent));
             self.mailbox.release(charge);
         }
         for info in drained.infos.drain(..) {
@@ -562,9 +607,10 @@ where
     }
 
     /// Encodes a frame onto the write queue, charging it to the outbound budget.
-    fn enqueue(&mut self, frame: Outbound) {
+    /// `sent` bytes of it already went out in a direct write.
+    fn enqueue(&mut self, frame: Outbound, sent: usize) {
         let data = !frame.is_control();
-        let bytes = match frame {
+        let mut bytes = match frame {
             Outbound::Prepared(message) => self.encoder.encode_prepared(&message),
             Outbound::Message(Message::Close(close)) => {
                 let close = close.unwrap_or_else(|| CloseReason::new(CloseCode::NORMAL, ""));
@@ -582,6 +628,7 @@ where
         if let (true, Some(stats)) = (data, &self.stats) {
             stats.sent(bytes.len());
         }
+        bytes.advance(sent);
         self.mailbox.charge(bytes.len());
         self.queue_scratch();
         self.write_queue.push_back(bytes);
@@ -627,15 +674,15 @@ where
             catch_unwind(AssertUnwindSafe(|| callback(handler, &mut ctx)))
         };
         for frame in staged.drain(..) {
-            self.enqueue(frame);
+            self.enqueue(frame, 0);
         }
         self.staged = staged;
         match outcome {
             Ok(Outcome::Continue) => {}
-            Ok(Outcome::Push(frames)) => frames.into_iter().for_each(|f| self.enqueue(f)),
-            Ok(Outcome::PushOne(frame)) => self.enqueue(frame),
+            Ok(Outcome::Push(frames)) => frames.into_iter().for_each(|f| self.enqueue(f, 0)),
+            Ok(Outcome::PushOne(frame)) => self.enqueue(frame, 0),
             Ok(Outcome::Stop { push, close }) => {
-                push.into_iter().for_each(|f| self.enqueue(f));
+                push.into_iter().for_each(|f| self.enqueue(f, 0));
                 self.start_close(close.clone(), TerminateReason::Normal(close));
             }
             Err(_) => {

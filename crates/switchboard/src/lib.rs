@@ -14,6 +14,8 @@
 //! - [`registry`]: [`Registry`], live connections by client id, behind the [`Broker`] trait.
 //! - [`pubsub`]: [`PubSub`], topics with encode-once publish and presence.
 //! - [`shutdown`]: [`Shutdown`], which closes every connection with 1001 and waits for them.
+//! - [`serve()`]: an HTTP/1.1 server for an axum `Router` under which pushed frames
+//!   can bypass the connection's task (see docs/architecture.md).
 //!
 //! The protocol itself lives in [`switchboard_proto`], re-exported as [`proto`].
 //!
@@ -48,8 +50,10 @@ mod mailbox;
 pub mod options;
 pub mod pubsub;
 pub mod registry;
+mod serve;
 mod sharded;
 pub mod shutdown;
+mod socket;
 pub mod stats;
 pub mod upgrade;
 
@@ -58,6 +62,7 @@ pub use handler::{Context, Handler, Outcome, TerminateReason};
 pub use options::{Options, SlowConsumerPolicy};
 pub use pubsub::{PresenceChange, PresenceListener, PubSub, SubscribeError, Subscription};
 pub use registry::{Broker, ClientId, Format, Registration, Registry};
+pub use serve::serve;
 pub use shutdown::Shutdown;
 pub use stats::{Stats, StatsSnapshot};
 pub use switchboard_proto as proto;

@@ -4,16 +4,26 @@
 //! request) and the driver's waker. Senders never wait: a full mailbox or an
 //! outbound queue over its byte limit refuses at once, so a slow peer can cost
 //! at most `max_outbound_bytes` of memory.
+//!
+//! Direct writes: while the driver waits with nothing queued or unwritten
+//! ([`Mailbox::park`]), a prepared frame pushed to a plain TCP connection is
+//! written to the socket by the pusher, under this mutex, without waking the
+//! driver. The driver takes the mutex (in [`Mailbox::drain`]) before it writes
+//! anything itself, so the two never write at once and frames keep their order.
+//! A write the socket does not take whole is queued for the driver as usual.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
-use switchboard_proto::CloseReason;
+use switchboard_proto::message::SharedFraming;
+use switchboard_proto::{CloseReason, PreparedMessage};
+use tokio::net::TcpStream;
 
 use crate::handle::{ConnId, Outbound, PushError, SendError};
 use crate::options::{Options, SlowConsumerPolicy};
+use crate::stats::Stats;
 
 pub(crate) struct Mailbox<I> {
     id: ConnId,
@@ -31,13 +41,48 @@ struct State<I> {
     close: Option<CloseReason>,
     /// The driver has sent its close frame or finished: refuse everything.
     closed: bool,
+    /// The driver waits with nothing queued or unwritten: a prepared frame may
+    /// be written straight to the socket.
+    idle: bool,
+    /// How much of the first queued frame a direct write already sent.
+    partial: usize,
+    /// The socket, for direct writes (plain TCP connections only).
+    direct: Option<Box<Direct>>,
     waker: Option<Waker>,
+}
+
+/// What writing a prepared frame straight to the socket needs.
+pub(crate) struct Direct {
+    pub stream: Arc<TcpStream>,
+    pub framing: SharedFraming,
+    pub stats: Option<Stats>,
+}
+
+impl Direct {
+    /// Writes `message`'s frame without blocking. `Err(n)`: only `n` bytes
+    /// (perhaps none) went out, and the frame must be queued.
+    fn write(&self, message: &PreparedMessage) -> Result<(), usize> {
+        let frame = self.framing.frame(message);
+        match self.stream.try_write(&frame) {
+            Ok(n) if n == frame.len() => {
+                if let Some(stats) = &self.stats {
+                    stats.sent(n);
+                }
+                Ok(())
+            }
+            Ok(n) => Err(n),
+            // WouldBlock, or an error the driver will meet on its own write.
+            Err(_) => Err(0),
+        }
+    }
 }
 
 /// What the driver took out of the mailbox in one go.
 pub(crate) struct Drained<I> {
     pub infos: VecDeque<I>,
     pub frames: VecDeque<Outbound>,
+    /// How much of the first frame a direct write already sent.
+    pub partial: usize,
     pub close: Option<CloseReason>,
 }
 
@@ -46,6 +91,7 @@ impl<I> Default for Drained<I> {
         Self {
             infos: VecDeque::new(),
             frames: VecDeque::new(),
+            partial: 0,
             close: None,
         }
     }
@@ -60,6 +106,9 @@ impl<I> Mailbox<I> {
                 frames: VecDeque::new(),
                 close: None,
                 closed: false,
+                idle: false,
+                partial: 0,
+                direct: None,
                 waker: None,
             }),
             queued_bytes: AtomicUsize::new(0),
@@ -113,23 +162,41 @@ impl<I> Mailbox<I> {
     pub fn push(&self, frame: Outbound) -> Result<(), PushError> {
         let charge = frame.charge();
         let control = frame.is_control();
-        self.with_state(|state| {
-            if state.closed || state.close.is_some() {
-                return Err(PushError::Closed);
-            }
-            let queued = self.queued_bytes.load(Ordering::Relaxed);
-            if !control && queued + charge > self.max_outbound_bytes {
-                let SlowConsumerPolicy::Close(code) = self.slow_consumer;
-                state.close = Some(CloseReason::new(
-                    code,
-                    "slow consumer: outbound buffer full",
-                ));
-                return Err(PushError::SlowConsumer);
+        let mut state = self.lock();
+        if state.closed || state.close.is_some() {
+            return Err(PushError::Closed);
+        }
+        let queued = self.queued_bytes.load(Ordering::Relaxed);
+        let result = if !control && queued + charge > self.max_outbound_bytes {
+            let SlowConsumerPolicy::Close(code) = self.slow_consumer;
+            state.close = Some(CloseReason::new(
+                code,
+                "slow consumer: outbound buffer full",
+            ));
+            Err(PushError::SlowConsumer)
+        } else {
+            if std::mem::take(&mut state.idle) {
+                if let (Some(direct), Outbound::Prepared(message)) = (&state.direct, &frame) {
+                    match direct.write(message) {
+                        Ok(()) => {
+                            // Written whole: the driver may go on sleeping.
+                            state.idle = true;
+                            return Ok(());
+                        }
+                        Err(written) => state.partial = written,
+                    }
+                }
             }
             self.queued_bytes.fetch_add(charge, Ordering::Relaxed);
             state.frames.push_back(frame);
             Ok(())
-        })
+        };
+        let waker = state.waker.take();
+        drop(state);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        result
     }
 
     pub fn close(&self, reason: CloseReason) {
@@ -145,30 +212,57 @@ impl<I> Mailbox<I> {
         state.closed || state.close.is_some()
     }
 
+    /// Lets pushers write prepared frames straight to `direct`'s socket while
+    /// the driver is parked (see [`Mailbox::park`]).
+    pub fn attach(&self, direct: Direct) {
+        self.lock().direct = Some(Box::new(direct));
+    }
+
     /// Moves everything queued into `into` (whose queues must be empty), swapping
     /// queues so that their allocations are reused. Registers the waker and
-    /// returns `Pending` when nothing is queued.
+    /// returns `Pending` when nothing is queued. Either way, direct writes stop
+    /// until the driver parks again: it may be about to write.
     pub fn drain(&self, cx: &mut Context<'_>, into: &mut Drained<I>) -> Poll<()> {
         let mut state = self.lock();
+        state.idle = false;
         if state.infos.is_empty() && state.frames.is_empty() && state.close.is_none() {
             state.waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
         std::mem::swap(&mut state.infos, &mut into.infos);
         std::mem::swap(&mut state.frames, &mut into.frames);
+        into.partial = std::mem::take(&mut state.partial);
         into.close = state.close.take();
         Poll::Ready(())
     }
 
+    /// The driver has written everything and waits: pushers may write directly
+    /// until its next [`Mailbox::drain`]. Returns `false`, and changes nothing,
+    /// if something arrived since the last drain (the driver must drain again).
+    pub fn park(&self) -> bool {
+        let mut state = self.lock();
+        if !(state.infos.is_empty() && state.frames.is_empty() && state.close.is_none()) {
+            return false;
+        }
+        state.idle = !state.closed && state.direct.is_some();
+        true
+    }
+
     /// The driver is closing: refuse what comes, keep what is queued.
     pub fn refuse_new(&self) {
-        self.lock().closed = true;
+        let mut state = self.lock();
+        state.closed = true;
+        state.idle = false;
+        // The driver owns the socket alone from here (it shuts it down).
+        state.direct = None;
     }
 
     /// The driver has ended: drop what is queued and refuse what comes.
     pub fn shut(&self) {
         let mut state = self.lock();
         state.closed = true;
+        state.idle = false;
+        state.direct = None;
         state.infos.clear();
         state.frames.clear();
         state.waker = None;

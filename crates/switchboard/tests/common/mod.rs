@@ -25,22 +25,45 @@ use tokio::sync::mpsc;
 
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves `upgrade` at `/ws` on a fresh port.
+/// Serves `upgrade` at `/ws` on a fresh port, with [`switchboard::serve`].
 pub async fn serve<F>(upgrade: F) -> SocketAddr
 where
     F: Fn(WebSocketUpgrade) -> Response + Clone + Send + Sync + 'static,
 {
-    let app = Router::new().route(
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(switchboard::serve(
+        listener,
+        ws_router(upgrade),
+        std::future::pending(),
+    ));
+    addr
+}
+
+/// [`serve`] with `axum::serve`, whose sockets the toolkit cannot write to
+/// directly: every frame goes through the connection's task.
+pub async fn serve_with_axum<F>(upgrade: F) -> SocketAddr
+where
+    F: Fn(WebSocketUpgrade) -> Response + Clone + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = ws_router(upgrade);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+fn ws_router<F>(upgrade: F) -> Router
+where
+    F: Fn(WebSocketUpgrade) -> Response + Clone + Send + Sync + 'static,
+{
+    Router::new().route(
         "/ws",
         get(move |ws: WebSocketUpgrade| {
             let upgrade = upgrade.clone();
             async move { upgrade(ws) }
         }),
-    );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
+    )
 }
 
 /// What a [`Probe`] saw, in order.
@@ -180,6 +203,15 @@ impl RawClient {
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         Self {
             stream,
+            decoder: FrameDecoder::new(Role::Client, 1 << 24, false),
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// A client around a connected std socket (set non-blocking).
+    pub fn from_std(socket: std::net::TcpStream) -> Self {
+        Self {
+            stream: TcpStream::from_std(socket).unwrap(),
             decoder: FrameDecoder::new(Role::Client, 1 << 24, false),
             buf: BytesMut::new(),
         }

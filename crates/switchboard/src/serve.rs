@@ -1,0 +1,85 @@
+//! Serving an axum [`Router`] over HTTP/1.1, keeping each socket a plain `TcpStream`.
+//!
+//! [`WebSocketUpgrade`](crate::WebSocketUpgrade) works under any hyper server,
+//! `axum::serve` included. Under this one, an upgraded connection keeps its
+//! `TcpStream` (axum::serve wraps every socket in a private type of
+//! hyper-util's), so frames pushed to an idle connection are written straight to
+//! its socket by whoever pushes them, without waking the connection's task.
+//! docs/architecture.md ("Direct writes") has the details.
+
+use std::future::Future;
+use std::io;
+use std::pin::pin;
+use std::time::Duration;
+
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long to wait before accepting again after an error such as running out
+/// of file descriptors, which retrying at once would only repeat.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Serves `router` on `listener` over HTTP/1.1 until `signal` resolves, then
+/// stops accepting, lets requests in progress finish (idle keep-alive
+/// connections are closed) and returns. Connections already upgraded to
+/// WebSocket are not waited for: [`crate::Shutdown`] closes them.
+///
+/// Accepted sockets get `TCP_NODELAY`: WebSocket frames are small and written
+/// one at a time, and Nagle's algorithm would hold each for the peer's delayed
+/// ACK (40 ms on Linux). A client has hyper's default 30 seconds to send its
+/// request headers, so a connection that never finishes a request is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let stop = CancellationToken::new();
+    let connections = TaskTracker::new();
+    let mut signal = pin!(signal);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            () = &mut signal => break,
+        };
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+        let service = TowerToHyperService::new(router.clone());
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let mut connection = pin!(
+                http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+            );
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%error, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    stop.cancel();
+    connections.close();
+    connections.wait().await;
+    Ok(())
+}

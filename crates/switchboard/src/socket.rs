@@ -1,0 +1,123 @@
+//! The upgraded socket a connection's driver reads and writes.
+//!
+//! When hyper served the connection straight from a [`TcpStream`] (as
+//! [`crate::serve`] and `hyper::server::conn::http1` over `TokioIo<TcpStream>`
+//! do), the stream is taken out of hyper's [`Upgraded`] and shared: the driver
+//! reads and writes it, and while the driver waits with nothing queued, whoever
+//! pushes a prepared frame may write it straight to the socket (see
+//! [`crate::mailbox`]), without waking the connection's task. Any other server
+//! stack (axum::serve wraps its sockets in a type of its own, TLS wraps them too)
+//! keeps the `Upgraded` and every frame goes through the driver.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// A connection's socket after the handshake.
+pub(crate) enum Socket {
+    /// A TCP stream the mailbox may also write to while the driver waits.
+    Tcp(Arc<TcpStream>),
+    /// Whatever hyper upgraded, written only by the driver.
+    Upgraded(TokioIo<Upgraded>),
+}
+
+impl Socket {
+    /// The socket, and any bytes hyper read past the handshake (the client's
+    /// first frames may arrive with it).
+    pub fn new(upgraded: Upgraded) -> (Self, Bytes) {
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => (Self::Tcp(Arc::new(parts.io.into_inner())), parts.read_buf),
+            Err(upgraded) => (Self::Upgraded(TokioIo::new(upgraded)), Bytes::new()),
+        }
+    }
+
+    /// The stream others may write to directly, if this is a plain TCP stream.
+    pub fn shared(&self) -> Option<Arc<TcpStream>> {
+        match self {
+            Self::Tcp(stream) => Some(stream.clone()),
+            Self::Upgraded(_) => None,
+        }
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(stream) => loop {
+                ready!(stream.poll_read_ready(cx))?;
+                // A stale readiness gives WouldBlock, which clears it: poll again.
+                match stream.try_read(buf.initialize_unfilled()) {
+                    Ok(n) => {
+                        buf.advance(n);
+                        return Poll::Ready(Ok(()));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            },
+            Self::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(stream) => loop {
+                ready!(stream.poll_write_ready(cx))?;
+                match stream.try_write_vectored(bufs) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    result => return Poll::Ready(result),
+                }
+            },
+            Self::Upgraded(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(_) => Poll::Ready(Ok(())),
+            Self::Upgraded(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            // The mailbox gives its clone back when the connection stops taking
+            // frames, which is before the driver shuts its side down; should a
+            // clone be left, the socket closes when the driver drops it.
+            Self::Tcp(stream) => match Arc::get_mut(stream) {
+                Some(stream) => Pin::new(stream).poll_shutdown(cx),
+                None => Poll::Ready(Ok(())),
+            },
+            Self::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
