@@ -300,7 +300,7 @@ pub enum SharedFraming {
         /// The zlib level.
         level: u32,
         /// Smaller payloads are sent uncompressed.
-        min_size: usize,
+        min_size: u32,
     },
 }
 
@@ -309,7 +309,7 @@ impl SharedFraming {
     /// connection with the same framing.
     pub fn frame(self, message: &PreparedMessage) -> Bytes {
         match self {
-            Self::Deflated { level, min_size } if message.payload().len() >= min_size => {
+            Self::Deflated { level, min_size } if message.payload().len() >= min_size as usize => {
                 message.deflated_frame(level)
             }
             _ => message.plain_frame(),
@@ -385,7 +385,8 @@ impl MessageEncoder {
             Some((_, params)) if params.shares_standalone_frames() => {
                 Some(SharedFraming::Deflated {
                     level: params.level,
-                    min_size: params.min_size,
+                    // Held small: every connection's mailbox keeps a copy.
+                    min_size: u32::try_from(params.min_size).unwrap_or(u32::MAX),
                 })
             }
             Some(_) => None,
