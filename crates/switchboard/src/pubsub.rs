@@ -1,7 +1,7 @@
 //! Topics: publish once, deliver to every subscriber, and know who is there.
 //!
 //! [`PubSub`] maps a topic to its subscribed connections. A publish renders the
-//! message at most once per [`Format`] and queues the same frame on every
+//! message at most once per [`Format`] and pushes the same frame to every
 //! subscriber. Presence is kept per topic by client id, so a client with two
 //! connections (two tabs) joins once and leaves once; a [`PresenceListener`]
 //! hears each join and leave. A [`Subscription`] unsubscribes when dropped, so a
@@ -184,22 +184,32 @@ impl PubSub {
     /// Queues a message on every subscriber of `topic`, rendered by `render` at
     /// most once per format; returns how many connections took it.
     pub fn publish(&self, topic: &str, render: &dyn Fn(Format) -> PreparedMessage) -> usize {
-        let shard = self.inner.topics.read(topic);
-        let Some(entry) = shard.get(topic) else {
-            return 0;
+        // Pushes can write to sockets (direct writes), so they happen after the
+        // shard's lock is released: a publish to many subscribers must not hold
+        // up subscribes, or other publishes queued behind one, on the same shard.
+        let recipients: Vec<(Outbox, Format)> = {
+            let shard = self.inner.topics.read(topic);
+            let Some(entry) = shard.get(topic) else {
+                return 0;
+            };
+            entry
+                .subscribers
+                .values()
+                .map(|s| (s.outbox.clone(), s.format))
+                .collect()
         };
         let mut rendered: Vec<(Format, PreparedMessage)> = Vec::new();
         let mut reached = 0;
-        for subscriber in entry.subscribers.values() {
-            let message = match rendered.iter().find(|(f, _)| *f == subscriber.format) {
+        for (outbox, format) in recipients {
+            let message = match rendered.iter().find(|(f, _)| *f == format) {
                 Some((_, message)) => message.clone(),
                 None => {
-                    let message = render(subscriber.format);
-                    rendered.push((subscriber.format, message.clone()));
+                    let message = render(format);
+                    rendered.push((format, message.clone()));
                     message
                 }
             };
-            if subscriber.outbox.push(Outbound::Prepared(message)).is_ok() {
+            if outbox.push(Outbound::Prepared(message)).is_ok() {
                 reached += 1;
             }
         }
