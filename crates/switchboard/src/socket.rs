@@ -17,7 +17,7 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 /// A connection's socket after the handshake.
@@ -56,14 +56,31 @@ impl AsyncRead for Socket {
         match self.get_mut() {
             Self::Tcp(stream) => loop {
                 ready!(stream.poll_read_ready(cx))?;
-                // A stale readiness gives WouldBlock, which clears it: poll again.
-                match stream.try_read(buf.initialize_unfilled()) {
-                    Ok(n) => {
+                let unfilled = buf.initialize_unfilled();
+                let room = unfilled.len();
+                let mut read = None;
+                // As tokio's own `poll_read` does: a read that leaves room in the
+                // buffer emptied the socket, so its readiness is cleared now (by
+                // answering WouldBlock to `try_io`), not by one more read that
+                // would fail. Without this, every message cost two `recvfrom`s.
+                let outcome = stream.try_io(Interest::READABLE, || {
+                    let n = stream.try_read(unfilled)?;
+                    read = Some(n);
+                    if n > 0 && n < room {
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    Ok(())
+                });
+                match (read, outcome) {
+                    (Some(n), _) => {
                         buf.advance(n);
                         return Poll::Ready(Ok(()));
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Poll::Ready(Err(e)),
+                    (None, Err(e)) if e.kind() != io::ErrorKind::WouldBlock => {
+                        return Poll::Ready(Err(e));
+                    }
+                    // Stale readiness, now cleared: wait for the socket.
+                    (None, _) => {}
                 }
             },
             Self::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
