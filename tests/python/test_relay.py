@@ -1058,18 +1058,32 @@ async def test_idle_connection_closes_1001(start_server):
         assert await recv(busy) == '"alive"'
 
 
-@pytest.mark.parametrize("workers", ["1", "3"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--workers", "1"],
+        ["--workers", "3"],
+        ["--workers", "3", "--scheduler", "thread-per-core"],
+    ],
+    ids=["one-thread", "work-stealing", "thread-per-core"],
+)
 @async_test
-async def test_any_worker_count_relays_and_shuts_down(start_server, workers):
-    """--workers 1 runs on tokio's single-threaded scheduler, others on the multi-threaded one."""
-    server = start_server("--workers", workers)
-    async with client(server, "a") as a, client(server, "b") as b:
-        for n in range(20):
-            await a.send(msg(["b", "a"], n))
-            assert await recv(b) == str(n)
-            assert await recv(a) == str(n)
+async def test_any_worker_layout_relays_and_shuts_down(start_server, args):
+    """--workers 1 runs on tokio's single-threaded scheduler, more on the work-stealing
+    one or, with --scheduler thread-per-core, one runtime and SO_REUSEPORT socket per
+    thread. Twelve clients land on different threads, and every one reaches every other."""
+    server = start_server(*args)
+    names = [f"c{i}" for i in range(12)]
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(client(server, name)) for name in names]
+        for n, sender in enumerate(clients):
+            await sender.send(msg(names, n))
+            for receiver in clients:
+                assert await recv(receiver) == str(n)
+        for _ in range(6):  # HTTP requests land on every thread's socket too
+            assert server.http("GET", "/healthz")[0] == 200
         server.proc.send_signal(signal.SIGTERM)
-        for ws in (a, b):
+        for ws in clients:
             assert (await expect_close(ws)).code == 1001
     assert await asyncio.to_thread(server.proc.wait, 10) == 0, server.logs()
 

@@ -26,6 +26,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// How the worker threads share connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheduler {
+    /// One tokio runtime whose workers take any connection's work (work stealing).
+    WorkStealing,
+    /// A single-threaded runtime and a listening socket (SO_REUSEPORT) per
+    /// worker: a connection stays on the thread that accepted it.
+    ThreadPerCore,
+}
+
 /// The settings of `switchboard serve`, each optional so that layers can be merged.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
@@ -85,6 +96,10 @@ pub struct Settings {
     /// Threads that run connections: 0 is one per CPU core; 1 runs everything on one thread, which costs the least CPU per message when the server has one core to itself (see docs/performance.md) [default: 0]
     #[arg(long, env = "SWITCHBOARD_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
+
+    /// How workers share connections: work-stealing (one tokio runtime; any worker runs any connection) or thread-per-core (a runtime and a listening socket per worker; a connection stays where it was accepted) [default: work-stealing]
+    #[arg(long, env = "SWITCHBOARD_SCHEDULER", value_name = "KIND")]
+    pub scheduler: Option<Scheduler>,
 
     /// Most connections one client id may hold; more get HTTP 429 [default: 100]
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_CLIENT", value_name = "N")]
@@ -229,6 +244,8 @@ pub struct Config {
     pub shutdown_drain: Duration,
     /// Runtime worker threads (0: one per core).
     pub workers: usize,
+    /// How the workers share connections.
+    pub scheduler: Scheduler,
     /// Connections per client id.
     pub max_connections_per_client: usize,
     /// Topics per connection.
@@ -297,6 +314,7 @@ impl Config {
             slow_consumer_close_code: CloseCode(s.slow_consumer_close_code.unwrap_or(1013)),
             shutdown_drain: Duration::from_secs(s.shutdown_drain_secs.unwrap_or(10)),
             workers: s.workers.unwrap_or(0),
+            scheduler: s.scheduler.unwrap_or(Scheduler::WorkStealing),
             max_connections_per_client: s.max_connections_per_client.unwrap_or(100),
             max_topics_per_connection: s.max_topics_per_connection.unwrap_or(100),
             rate_limit_messages_per_sec: s.rate_limit_messages_per_sec.unwrap_or(100),

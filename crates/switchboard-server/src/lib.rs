@@ -31,3 +31,4 @@ pub mod relay;
 pub mod server;
 pub mod topics;
 pub mod wire;
+pub mod workers;

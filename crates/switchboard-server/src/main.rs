@@ -3,6 +3,7 @@
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use switchboard_server::config::{Config, ServeArgs};
+use switchboard_server::workers::{self, Layout};
 use switchboard_server::{logging, server};
 
 /// Switchboard: a WebSocket relay. Clients connect to /ws?id=<id> and send
@@ -29,18 +30,22 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => {
             let config = Config::load(&args)?;
             logging::init(config.log_format, &config.log_level);
-            runtime(config.workers)?.block_on(async {
-                let listener = tokio::net::TcpListener::bind(config.listen)
-                    .await
+            let layout = Layout::new(config.workers, config.scheduler);
+            let runtime = layout.main_runtime()?;
+            let (listener, workers, api_listener) = {
+                let _entered = runtime.enter();
+                let (listener, workers) = layout
+                    .bind(config.listen)
                     .with_context(|| format!("binding {}", config.listen))?;
                 let api_listener = match config.api_listen {
                     Some(api_addr) => Some(
-                        tokio::net::TcpListener::bind(api_addr)
-                            .await
-                            .with_context(|| format!("binding {api_addr}"))?,
+                        workers::listen(api_addr).with_context(|| format!("binding {api_addr}"))?,
                     ),
                     None => None,
                 };
+                (listener, workers, api_listener)
+            };
+            runtime.block_on(async {
                 let addr = listener.local_addr()?;
                 // Tests and scripts read these lines to find port-0 listeners.
                 println!("listening on {addr}");
@@ -48,22 +53,14 @@ fn main() -> anyhow::Result<()> {
                     println!("api listening on {}", api.local_addr()?);
                 }
                 tracing::info!(%addr, "switchboard listening; clients connect to ws://{addr}/ws");
-                server::serve(&config, listener, api_listener, server::signal()).await?;
+                let listeners = server::Listeners {
+                    main: listener,
+                    workers,
+                    api: api_listener,
+                };
+                server::serve(&config, listeners, server::signal()).await?;
                 anyhow::Ok(())
             })
         }
     }
-}
-
-/// The runtime for `workers` threads. One worker gets tokio's single-threaded
-/// scheduler: no other thread to hand tasks to or wake (futex) when work arrives.
-fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = match workers {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
-    };
-    if workers > 1 {
-        builder.worker_threads(workers);
-    }
-    builder.enable_all().build()
 }

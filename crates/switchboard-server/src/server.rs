@@ -9,17 +9,31 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::workers::Worker;
 use crate::{api, app};
 
-/// Serves clients (and the API, unless `api_listener` is given) on `listener`
-/// until `stop` resolves, then stops accepting, closes every connection with
-/// 1001 and waits up to the drain time for them.
+/// Where the service accepts connections.
+pub struct Listeners {
+    /// Clients (and the API, without `api`), served on this thread.
+    pub main: TcpListener,
+    /// With thread-per-core, the other threads' sockets on the same port.
+    pub workers: Vec<Worker>,
+    /// The API's own address, if it has one.
+    pub api: Option<TcpListener>,
+}
+
+/// Serves clients and the API until `stop` resolves, then stops accepting,
+/// closes every connection with 1001 and waits up to the drain time for them.
 pub async fn serve(
     config: &Config,
-    listener: TcpListener,
-    api_listener: Option<TcpListener>,
+    listeners: Listeners,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let Listeners {
+        main: listener,
+        workers,
+        api: api_listener,
+    } = listeners;
     let shutdown = Shutdown::new();
     let hub = Arc::new(Hub::new(config, shutdown.clone())?);
     let stopping = CancellationToken::new();
@@ -53,6 +67,12 @@ pub async fn serve(
         stop_all.cancel();
         trigger.trigger();
     });
+    let finished = CancellationToken::new();
+    let threads = workers
+        .into_iter()
+        .enumerate()
+        .map(|(i, worker)| worker.spawn(i + 1, main.clone(), stopping.clone(), finished.clone()))
+        .collect::<std::io::Result<Vec<_>>>()?;
     switchboard::serve(listener, main, stopping.cancelled_owned()).await?;
     if let Some(api_server) = api_server {
         api_server.await??;
@@ -65,6 +85,14 @@ pub async fn serve(
             "drain time over; exiting with connections still open"
         );
     }
+    // The other threads' runtimes (and any connection left on them) end now.
+    finished.cancel();
+    tokio::task::spawn_blocking(move || {
+        for thread in threads {
+            let _ = thread.join();
+        }
+    })
+    .await?;
     Ok(())
 }
 
