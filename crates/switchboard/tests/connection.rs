@@ -10,6 +10,7 @@ use switchboard::proto::OpCode;
 use switchboard::{
     Broker, ConnHandle, Options, PushError, Registry, Shutdown, SlowConsumerPolicy, TerminateReason,
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 async fn probe_server(options: Options) -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Event>) {
@@ -32,6 +33,28 @@ async fn eventually(mut check: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     false
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_whose_headers_never_end_is_dropped_after_30_s() {
+    // The clock is paused: it jumps to the next timer whenever the runtime waits.
+    let (addr, _events) = probe_server(Options::default()).await;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut rest)).await;
+    assert!(
+        ended.is_ok(),
+        "the half-sent request was still open after 60 s"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(30),
+        "dropped too early"
+    );
 }
 
 #[tokio::test]
