@@ -389,13 +389,13 @@ where
         match read {
             Poll::Pending => false,
             Poll::Ready(Ok(0)) => {
+                // The peer will send no more, but may still read (a half-close):
+                // what is queued is written first, within the close timeout.
                 if self.phase == Phase::Open {
                     self.fail(TerminateReason::ConnectionLost);
                 } else {
                     self.phase = Phase::Done;
                 }
-                self.write_queue.clear();
-                self.scratch.clear();
                 true
             }
             Poll::Ready(Ok(_)) => {

@@ -267,6 +267,44 @@ async fn a_peer_that_never_reads_is_dropped_at_the_close_timeout() {
     assert!(ended.is_ok(), "the connection outlived its close timeout");
 }
 
+#[tokio::test]
+async fn frames_queued_when_the_client_half_closes_are_still_delivered() {
+    let (tx, _events) = mpsc::unbounded_channel();
+    let (handles_tx, mut handles) = mpsc::unbounded_channel::<ConnHandle<String>>();
+    let options = Options {
+        max_outbound_bytes: 64 << 20,
+        ..Options::default()
+    };
+    let addr = serve(move |ws| {
+        let mut probe = Probe::new(tx.clone());
+        probe.handles = Some(handles_tx.clone());
+        ws.options(options.clone()).on_upgrade(probe)
+    })
+    .await;
+    let mut client = RawClient::connect(addr).await;
+    let handle = handles.recv().await.unwrap();
+    assert_eq!(client.recv().await, Some((OpCode::Text, b"hello".to_vec())));
+    // More than the socket buffers hold, so most of it waits in the server's queue
+    // when the client's FIN arrives (as a client that has said all it will say).
+    let chunk = vec![3u8; 256 * 1024];
+    for _ in 0..40 {
+        handle
+            .push(switchboard::PreparedMessage::binary(chunk.clone()))
+            .unwrap();
+    }
+    tokio::task::yield_now().await;
+    client.stream.shutdown().await.unwrap();
+    let mut delivered = 0;
+    while let Some((opcode, payload)) = client.recv().await {
+        assert_eq!((opcode, payload.len()), (OpCode::Binary, chunk.len()));
+        delivered += 1;
+    }
+    assert_eq!(
+        delivered, 40,
+        "queued frames were dropped at the client's FIN"
+    );
+}
+
 /// A server whose probes register as "probe" in `registry`.
 async fn registry_server(
     registry: &Registry,
