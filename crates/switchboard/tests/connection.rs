@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Event, Probe, RawClient, TIMEOUT, next_event, serve};
+use common::{Event, Probe, RawClient, TIMEOUT, handing_out_handles, next_event, serve};
 use switchboard::proto::OpCode;
 use switchboard::{
     Broker, ConnHandle, Options, PushError, Registry, Shutdown, SlowConsumerPolicy, TerminateReason,
@@ -207,15 +207,8 @@ async fn slow_consumer_server(
         close_timeout,
         ..Options::default()
     };
-    let (tx, events) = mpsc::unbounded_channel();
-    let (handles_tx, handles) = mpsc::unbounded_channel::<ConnHandle<String>>();
-    let addr = serve(move |ws| {
-        let mut probe = Probe::new(tx.clone());
-        probe.handles = Some(handles_tx.clone());
-        ws.options(options.clone()).on_upgrade(probe)
-    })
-    .await;
-    (addr, events, handles)
+    let (upgrade, events, handles) = handing_out_handles(options);
+    (serve(upgrade).await, events, handles)
 }
 
 /// Pushes 64 KiB messages through `handle` until one is refused; returns why.
@@ -269,19 +262,11 @@ async fn a_peer_that_never_reads_is_dropped_at_the_close_timeout() {
 
 #[tokio::test]
 async fn frames_queued_when_the_client_half_closes_are_still_delivered() {
-    let (tx, _events) = mpsc::unbounded_channel();
-    let (handles_tx, mut handles) = mpsc::unbounded_channel::<ConnHandle<String>>();
-    let options = Options {
+    let (upgrade, _events, mut handles) = handing_out_handles(Options {
         max_outbound_bytes: 64 << 20,
         ..Options::default()
-    };
-    let addr = serve(move |ws| {
-        let mut probe = Probe::new(tx.clone());
-        probe.handles = Some(handles_tx.clone());
-        ws.options(options.clone()).on_upgrade(probe)
-    })
-    .await;
-    let mut client = RawClient::connect(addr).await;
+    });
+    let mut client = RawClient::connect(serve(upgrade).await).await;
     let handle = handles.recv().await.unwrap();
     assert_eq!(client.recv().await, Some((OpCode::Text, b"hello".to_vec())));
     // More than the socket buffers hold, so most of it waits in the server's queue

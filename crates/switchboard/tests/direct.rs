@@ -8,10 +8,9 @@ mod common;
 use std::io::Read;
 use std::time::Duration;
 
-use common::{Probe, RawClient, serve, serve_with_axum};
+use common::{RawClient, handing_out_handles, serve, serve_with_axum};
 use switchboard::proto::OpCode;
-use switchboard::{ConnHandle, Options, PreparedMessage, WebSocketUpgrade};
-use tokio::sync::mpsc;
+use switchboard::{ConnHandle, Options, PreparedMessage};
 
 #[derive(Clone, Copy)]
 enum Server {
@@ -24,17 +23,10 @@ enum Server {
 /// A connected raw client and the handle of its connection, once the
 /// connection's task waits for work.
 async fn connected(server: Server) -> (RawClient, ConnHandle<String>) {
-    let (events, _) = mpsc::unbounded_channel();
-    let (handles_tx, mut handles) = mpsc::unbounded_channel();
-    let options = Options {
+    let (upgrade, _events, mut handles) = handing_out_handles(Options {
         max_outbound_bytes: 64 << 20,
         ..Options::default()
-    };
-    let upgrade = move |ws: WebSocketUpgrade| {
-        let mut probe = Probe::new(events.clone());
-        probe.handles = Some(handles_tx.clone());
-        ws.options(options.clone()).on_upgrade(probe)
-    };
+    });
     let addr = match server {
         Server::Switchboard => serve(upgrade).await,
         Server::Axum => serve_with_axum(upgrade).await,

@@ -16,7 +16,7 @@ use bytes::BytesMut;
 use switchboard::proto::frame::encode_frame;
 use switchboard::proto::{FrameDecoder, OpCode, Role};
 use switchboard::{
-    Broker, ConnHandle, Context, Handler, Message, Outcome, Registration, Registry,
+    Broker, ConnHandle, Context, Handler, Message, Options, Outcome, Registration, Registry,
     TerminateReason, WebSocketUpgrade,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -64,6 +64,25 @@ where
             async move { upgrade(ws) }
         }),
     )
+}
+
+/// An upgrade that runs a [`Probe`] with `options` and hands each connection's
+/// handle out, with the receivers of the probes' events and of the handles.
+pub fn handing_out_handles(
+    options: Options,
+) -> (
+    impl Fn(WebSocketUpgrade) -> Response + Clone + Send + Sync + 'static,
+    mpsc::UnboundedReceiver<Event>,
+    mpsc::UnboundedReceiver<ConnHandle<String>>,
+) {
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let (handles_tx, handles) = mpsc::unbounded_channel();
+    let upgrade = move |ws: WebSocketUpgrade| {
+        let mut probe = Probe::new(events_tx.clone());
+        probe.handles = Some(handles_tx.clone());
+        ws.options(options.clone()).on_upgrade(probe)
+    };
+    (upgrade, events, handles)
 }
 
 /// What a [`Probe`] saw, in order.
