@@ -73,9 +73,9 @@ pub async fn serve(
         .enumerate()
         .map(|(i, worker)| worker.spawn(i + 1, main.clone(), stopping.clone(), finished.clone()))
         .collect::<std::io::Result<Vec<_>>>()?;
-    switchboard::serve(listener, main, stopping.cancelled_owned()).await?;
+    switchboard::serve(listener, main, stopping.cancelled_owned()).await;
     if let Some(api_server) = api_server {
-        api_server.await??;
+        api_server.await?;
     }
     if shutdown.drain(config.shutdown_drain).await {
         tracing::info!("all connections closed");

@@ -108,11 +108,7 @@ impl Worker {
             .name(format!("switchboard-{index}"))
             .spawn(move || {
                 runtime.block_on(async move {
-                    if let Err(error) =
-                        switchboard::serve(listener, router, stop.cancelled_owned()).await
-                    {
-                        tracing::error!(%error, worker = index, "serving failed");
-                    }
+                    switchboard::serve(listener, router, stop.cancelled_owned()).await;
                     finished.cancelled().await;
                 });
             })

@@ -79,5 +79,6 @@ async fn main() -> std::io::Result<()> {
     );
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on {}", listener.local_addr()?);
-    switchboard::serve(listener, app, std::future::pending()).await
+    switchboard::serve(listener, app, std::future::pending()).await;
+    Ok(())
 }

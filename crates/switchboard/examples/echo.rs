@@ -47,5 +47,6 @@ async fn main() -> std::io::Result<()> {
         Router::new().fallback(echo),
         std::future::pending(),
     )
-    .await
+    .await;
+    Ok(())
 }

@@ -39,7 +39,8 @@
 //! # async fn run() -> std::io::Result<()> {
 //! let app: Router = Router::new().route("/ws", get(ws));
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:4000").await?;
-//! switchboard::serve(listener, app, std::future::pending()).await
+//! switchboard::serve(listener, app, std::future::pending()).await;
+//! # Ok(())
 //! # }
 //! ```
 

@@ -8,21 +8,16 @@
 //! docs/architecture.md ("Direct writes") has the details.
 
 use std::future::Future;
-use std::io;
 use std::pin::pin;
-use std::time::Duration;
 
 use axum::Router;
+use axum::serve::Listener;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-/// How long to wait before accepting again after an error such as running out
-/// of file descriptors, which retrying at once would only repeat.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Serves `router` on `listener` over HTTP/1.1 until `signal` resolves, then
 /// stops accepting, lets requests in progress finish (idle keep-alive
@@ -33,24 +28,21 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// one at a time, and Nagle's algorithm would hold each for the peer's delayed
 /// ACK (40 ms on Linux). A client has hyper's default 30 seconds to send its
 /// request headers, so a connection that never finishes a request is dropped.
+///
+/// Accepting is axum's (`axum::serve::Listener`): a connection reset before it
+/// was accepted is skipped, and any other error (such as running out of file
+/// descriptors) is logged and retried after a second.
 pub async fn serve(
-    listener: TcpListener,
+    mut listener: TcpListener,
     router: Router,
     signal: impl Future<Output = ()> + Send + 'static,
-) -> io::Result<()> {
+) {
     let stop = CancellationToken::new();
     let connections = TaskTracker::new();
     let mut signal = pin!(signal);
     loop {
         let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
+            (stream, _) = Listener::accept(&mut listener) => stream,
             () = &mut signal => break,
         };
         if let Err(error) = stream.set_nodelay(true) {
@@ -81,5 +73,4 @@ pub async fn serve(
     stop.cancel();
     connections.close();
     connections.wait().await;
-    Ok(())
 }

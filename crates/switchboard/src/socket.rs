@@ -57,30 +57,12 @@ impl AsyncRead for Socket {
             Self::Tcp(stream) => loop {
                 ready!(stream.poll_read_ready(cx))?;
                 let unfilled = buf.initialize_unfilled();
-                let room = unfilled.len();
-                let mut read = None;
-                // As tokio's own `poll_read` does: a read that leaves room in the
-                // buffer emptied the socket, so its readiness is cleared now (by
-                // answering WouldBlock to `try_io`), not by one more read that
-                // would fail. Without this, every message cost two `recvfrom`s.
-                let outcome = stream.try_io(Interest::READABLE, || {
-                    let n = stream.try_read(unfilled)?;
-                    read = Some(n);
-                    if n > 0 && n < room {
-                        return Err(io::ErrorKind::WouldBlock.into());
-                    }
-                    Ok(())
-                });
-                match (read, outcome) {
-                    (Some(n), _) => {
-                        buf.advance(n);
-                        return Poll::Ready(Ok(()));
-                    }
-                    (None, Err(e)) if e.kind() != io::ErrorKind::WouldBlock => {
-                        return Poll::Ready(Err(e));
-                    }
-                    // Stale readiness, now cleared: wait for the socket.
-                    (None, _) => {}
+                let asked = unfilled.len();
+                if let Some(n) = transfer(stream, Interest::READABLE, asked, || {
+                    stream.try_read(unfilled)
+                })? {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
                 }
             },
             Self::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
@@ -105,9 +87,11 @@ impl AsyncWrite for Socket {
         match self.get_mut() {
             Self::Tcp(stream) => loop {
                 ready!(stream.poll_write_ready(cx))?;
-                match stream.try_write_vectored(bufs) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    result => return Poll::Ready(result),
+                let asked = bufs.iter().map(|b| b.len()).sum();
+                if let Some(n) = transfer(stream, Interest::WRITABLE, asked, || {
+                    stream.try_write_vectored(bufs)
+                })? {
+                    return Poll::Ready(Ok(n));
                 }
             },
             Self::Upgraded(io) => Pin::new(io).poll_write_vectored(cx, bufs),
@@ -136,5 +120,33 @@ impl AsyncWrite for Socket {
             },
             Self::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
         }
+    }
+}
+
+/// One read or write of up to `asked` bytes, through `try_io`. As tokio's own
+/// `poll_read` and `poll_write` do, moving fewer bytes than asked (the socket is
+/// drained, or its buffer is full) clears the readiness at once, by answering
+/// WouldBlock to `try_io`, rather than leaving the next call a system call that
+/// fails: without this, every message read cost two `recvfrom`s. `Ok(None)`:
+/// the readiness was stale and is now cleared, so wait for the socket.
+fn transfer(
+    stream: &TcpStream,
+    interest: Interest,
+    asked: usize,
+    op: impl FnOnce() -> io::Result<usize>,
+) -> io::Result<Option<usize>> {
+    let mut moved = None;
+    let outcome = stream.try_io(interest, || {
+        let n = op()?;
+        moved = Some(n);
+        if n > 0 && n < asked {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(())
+    });
+    match (moved, outcome) {
+        (Some(n), _) => Ok(Some(n)),
+        (None, Err(e)) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+        (None, _) => Ok(None),
     }
 }
