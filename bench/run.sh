@@ -16,9 +16,13 @@
 #   --release          smoke with release builds (full runs always use them)
 #   --switchboard-args "FLAGS"  extra flags for `switchboard serve`, e.g. "--workers 1"
 #   --out DIR          where the report goes (default: bench/results, smoke: target/bench-smoke)
+#   --no-pin           let the scheduler place the server and the load generator
 #
 # Each run starts a fresh server on 127.0.0.1:0 (it prints `listening on ADDR`),
-# drives it with target/*/loadgen on one thread, and stops it. Only 127.0.0.x
+# drives it with target/*/loadgen on one thread, and stops it. With two or more
+# CPUs, the load generator is pinned to CPU 0 and the server to the others
+# (taskset), so that every server gets the same cores and the load generator
+# never competes with it; Switchboard's default worker count follows. Only 127.0.0.x
 # addresses are used; every run is bounded in time by the load generator.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +34,7 @@ scenarios="echo relay-k1 relay-k10 fanout fanout-topic idle storm echo-deflate f
 release=""
 switchboard_args=""
 out_dir=""
+pin=yes
 command_line="bench/run.sh"
 for arg in "$@"; do
   command_line+=" $(printf %q "$arg")"
@@ -43,7 +48,8 @@ while [ $# -gt 0 ]; do
     --release) release=yes ;;
     --switchboard-args) switchboard_args="$2"; shift ;;
     --out) out_dir="$2"; shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    --no-pin) pin="" ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -90,6 +96,18 @@ logs=target/bench-logs
 mkdir -p "$out" "$logs"
 raw="$out/raw.jsonl"
 : > "$raw"
+# Pinning: the load generator on CPU 0, the server on the rest. The server's
+# workers default to its CPUs (sched_getaffinity), as in a container with fewer.
+cpus=$(nproc)
+server_pin=()
+loadgen_pin=()
+placement="not pinned"
+if [ -n "$pin" ] && [ "$cpus" -ge 2 ] && command -v taskset > /dev/null; then
+  server_pin=(taskset -c 1)
+  [ "$cpus" -gt 2 ] && server_pin=(taskset -c "1-$((cpus - 1))")
+  loadgen_pin=(taskset -c 0)
+  placement="server pinned to CPU ${server_pin[2]}, load generator to CPU 0"
+fi
 # Other processes skew the figures; the report states how busy the machine was.
 load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -158,7 +176,7 @@ start_server() {
   : > "$log.out"
   : > "$log.err"
   # shellcheck disable=SC2046 # the command is split into words on purpose
-  $(server_command "$name" "$kind" "$deflate") >> "$log.out" 2>> "$log.err" &
+  "${server_pin[@]}" $(server_command "$name" "$kind" "$deflate") >> "$log.out" 2>> "$log.err" &
   server_pid=$!
   for _ in $(seq 100); do
     server_addr=$(sed -n 's/^listening on //p' "$log.out" | head -n 1)
@@ -213,7 +231,7 @@ run_one() {
   start_server "$server" "$kind" "$deflate" || return 1
   local status=0
   # The load generator's own messages (summary, warnings, errors) are kept too.
-  "$bin/loadgen" "${args[@]}" "${timing[@]}" --addr "$server_addr" --pid "$server_pid" \
+  "${loadgen_pin[@]}" "$bin/loadgen" "${args[@]}" "${timing[@]}" --addr "$server_addr" --pid "$server_pid" \
     --server "$server" --label "$scenario" --rep "$rep" --out "$raw" \
     2> >(tee "$logs/loadgen-$scenario-$server-$rep.log" >&2) || status=$?
   stop_server
@@ -240,7 +258,7 @@ done
 step "Report"
 revision=$(git rev-parse --short HEAD 2> /dev/null || echo unknown)
 git diff --quiet HEAD -- crates 2> /dev/null || revision="$revision with uncommitted changes in crates/"
-facts=("date $(date -u '+%Y-%m-%d %H:%M UTC')" "commit $revision" "$(rustc --version)" "repetitions $reps"
+facts=("date $(date -u '+%Y-%m-%d %H:%M UTC')" "commit $revision" "$placement" "$(rustc --version)" "repetitions $reps"
   "load average at start $load_at_start, at end $(cut -d' ' -f1-3 /proc/loadavg)")
 for server in "${active[@]}"; do
   case "$server" in
