@@ -15,6 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
+source bench/lib.sh
 
 scenario=${1:-}
 case "$scenario" in
@@ -29,10 +30,7 @@ out=target/callgrind
 mkdir -p "$out"
 rm -f "$out/$scenario.out"*
 if [ "$scenario" != echo ]; then
-  server=(target/release/switchboard serve --listen 127.0.0.1:0 --log-level warn
-    --rate-limit-messages-per-sec 0 --rate-limit-bytes-per-sec 0
-    --max-connections-per-client 100000 --idle-timeout-secs 0 --ping-interval-secs 0
-    --max-outbound-bytes 67108864 --compression false --max-targets 100000)
+  server=(target/release/switchboard serve "${bench_serve_flags[@]}" --compression false)
   load=(relay --clients 1000 --targets 1 --rate 1000 --size 128)
   [ "$scenario" = storm ] && load=(storm --concurrency 8)
 else

@@ -26,6 +26,7 @@
 # addresses are used; every run is bounded in time by the load generator.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source bench/lib.sh
 
 mode=full
 reps=3
@@ -49,7 +50,7 @@ while [ $# -gt 0 ]; do
     --switchboard-args) switchboard_args="$2"; shift ;;
     --out) out_dir="$2"; shift ;;
     --no-pin) pin="" ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -153,10 +154,7 @@ server_command() {
   [ "$deflate" = true ] && flag=" --deflate"
   case "$server/$kind" in
     switchboard/relay)
-      echo "$bin/switchboard serve --listen 127.0.0.1:0 --log-level warn \
-        --rate-limit-messages-per-sec 0 --rate-limit-bytes-per-sec 0 \
-        --max-connections-per-client 100000 --idle-timeout-secs 0 --ping-interval-secs 0 \
-        --max-outbound-bytes 67108864 --compression $deflate --max-targets 100000 $switchboard_args" ;;
+      echo "$bin/switchboard serve ${bench_serve_flags[*]} --compression $deflate $switchboard_args" ;;
     # The toolkit example always accepts compression, but only when offered.
     switchboard/echo) echo "$bin/examples/echo 127.0.0.1:0" ;;
     bun/*) echo "$bun bench/peers/bun-relay.js 127.0.0.1:0$flag" ;;
