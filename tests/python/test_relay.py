@@ -17,6 +17,7 @@ import functools
 import http.client
 import json
 import os
+import re
 import selectors
 import signal
 import struct
@@ -42,7 +43,8 @@ TEST_TIMEOUT = 60.0
 class Server:
     """One running `switchboard serve` process."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, cpus=None):
+        """`cpus`: the set of CPUs the server may run on (its affinity); default all."""
         if not os.access(BIN, os.X_OK):
             pytest.fail(f"switchboard binary not found at {BIN} (set SWITCHBOARD_BIN)")
         self.stderr = tempfile.TemporaryFile()
@@ -51,6 +53,7 @@ class Server:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self.stderr,
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
         )
         line = self._first_line(timeout=15)
         prefix = "listening on 127.0.0.1:"
@@ -103,11 +106,11 @@ class Server:
 
 @pytest.fixture
 def start_server():
-    """A factory: start_server(*flags) starts a server; all are stopped at the end."""
+    """A factory: start_server(*flags, cpus=None) starts a server; all are stopped at the end."""
     servers = []
 
-    def start(*args):
-        s = Server(*args)
+    def start(*args, cpus=None):
+        s = Server(*args, cpus=cpus)
         servers.append(s)
         return s
 
@@ -1086,6 +1089,32 @@ async def test_any_worker_layout_relays_and_shuts_down(start_server, args):
         for ws in clients:
             assert (await expect_close(ws)).code == 1001
     assert await asyncio.to_thread(server.proc.wait, 10) == 0, server.logs()
+
+
+async def workers_logged(server):
+    """The worker count of the startup log line (`... workers=N`), which follows
+    the `listening on` line that Server waits for."""
+    for _ in range(50):
+        found = re.search(r"switchboard listening.* workers=(\d+)", server.logs())
+        if found:
+            return int(found.group(1))
+        await asyncio.sleep(0.1)
+    pytest.fail(f"no startup line with workers=N in 5 s:\n{server.logs()}")
+
+
+@async_test
+async def test_the_default_worker_count_follows_the_cpus_the_server_may_use(start_server):
+    """workers = 0 (the default) is one per CPU in the process's affinity, so a server
+    pinned to one CPU (as bench/run.sh pins it) runs one worker, and relays."""
+    available = os.sched_getaffinity(0)
+    one = {min(available)}
+    assert await workers_logged(start_server()) == len(available)
+    pinned = start_server(cpus=one)
+    assert await workers_logged(pinned) == 1
+    assert await workers_logged(start_server("--workers", "3", cpus=one)) == 3
+    async with client(pinned, "a") as a, client(pinned, "b") as b:
+        await a.send(msg(["b"], "pinned"))
+        assert await recv(b) == '"pinned"'
 
 
 @async_test

@@ -93,7 +93,7 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_SHUTDOWN_DRAIN_SECS", value_name = "SECS")]
     pub shutdown_drain_secs: Option<u64>,
 
-    /// Threads that run connections: 0 is one per CPU core; 1 runs everything on one thread, which costs the least CPU per message when the server has one core to itself (see docs/performance.md) [default: 0]
+    /// Threads that run connections: 0 is one per CPU this process may use (its CPU affinity and cgroup CPU limit); 1 runs everything on one thread, which costs the least CPU per message when the server has one core to itself (see docs/performance.md) [default: 0]
     #[arg(long, env = "SWITCHBOARD_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
 
@@ -242,7 +242,7 @@ pub struct Config {
     pub slow_consumer_close_code: CloseCode,
     /// Shutdown drain time.
     pub shutdown_drain: Duration,
-    /// Runtime worker threads (0: one per core).
+    /// Runtime worker threads (0: one per CPU this process may use).
     pub workers: usize,
     /// How the workers share connections.
     pub scheduler: Scheduler,

@@ -52,7 +52,11 @@ fn main() -> anyhow::Result<()> {
                 if let Some(api) = &api_listener {
                     println!("api listening on {}", api.local_addr()?);
                 }
-                tracing::info!(%addr, "switchboard listening; clients connect to ws://{addr}/ws");
+                tracing::info!(
+                    %addr,
+                    workers = layout.threads(),
+                    "switchboard listening; clients connect to ws://{addr}/ws"
+                );
                 let listeners = server::Listeners {
                     main: listener,
                     workers,

@@ -31,7 +31,7 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// `workers` threads (0: one per core) shared as `scheduler` says. One
+    /// `workers` threads (0: one per CPU we may use) shared as `scheduler` says. One
     /// thread is the same either way: tokio's single-threaded scheduler.
     pub fn new(workers: usize, scheduler: Scheduler) -> Self {
         let threads = match workers {
@@ -42,6 +42,12 @@ impl Layout {
             threads,
             per_core: threads > 1 && scheduler == Scheduler::ThreadPerCore,
         }
+    }
+
+    /// How many threads run connections: the `workers` setting, or with 0 the
+    /// CPUs this process may run on (its affinity and cgroup CPU limit).
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     /// The runtime of the main thread: the only one, or the first of several.
