@@ -6,7 +6,7 @@
 //! fail fast on bad UTF-8. It knows nothing of messages: reassembly lives in
 //! [`crate::message`].
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::error::ProtocolError;
 use crate::mask::apply_mask;
@@ -145,7 +145,9 @@ impl FrameDecoder {
         self.pending = None;
         self.unmasked = 0;
         self.reported = 0;
-        let _ = buf.split_to(header.header_len);
+        // Advancing moves the start; a split would share the buffer (an atomic
+        // increment and decrement) only to drop the header at once.
+        buf.advance(header.header_len);
         let payload = buf.split_to(header.payload_len).freeze();
         Ok(Some(Frame {
             fin: header.fin,

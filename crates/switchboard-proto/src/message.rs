@@ -5,6 +5,8 @@
 //! frames through even in the middle of a fragmented message. [`MessageEncoder`]
 //! is the other direction, for one connection's compression and masking state.
 
+use std::borrow::Cow;
+
 use bytes::{Bytes, BytesMut};
 
 use crate::close::CloseReason;
@@ -40,14 +42,16 @@ impl Message {
         Self::Binary(data.into())
     }
 
-    fn opcode_and_payload(&self) -> (OpCode, Bytes) {
+    /// Borrowed where it can be: a `Bytes` clone would cost a reference count
+    /// increment and decrement for every frame encoded.
+    fn opcode_and_payload(&self) -> (OpCode, Cow<'_, [u8]>) {
         match self {
-            Self::Text(t) => (OpCode::Text, t.as_bytes().clone()),
-            Self::Binary(b) => (OpCode::Binary, b.clone()),
-            Self::Ping(b) => (OpCode::Ping, b.clone()),
-            Self::Pong(b) => (OpCode::Pong, b.clone()),
-            Self::Close(None) => (OpCode::Close, Bytes::new()),
-            Self::Close(Some(reason)) => (OpCode::Close, reason.to_payload()),
+            Self::Text(t) => (OpCode::Text, Cow::Borrowed(t.as_bytes())),
+            Self::Binary(b) => (OpCode::Binary, Cow::Borrowed(b)),
+            Self::Ping(b) => (OpCode::Ping, Cow::Borrowed(b)),
+            Self::Pong(b) => (OpCode::Pong, Cow::Borrowed(b)),
+            Self::Close(None) => (OpCode::Close, Cow::Borrowed(&[])),
+            Self::Close(Some(reason)) => (OpCode::Close, Cow::Owned(reason.to_payload().into())),
         }
     }
 }
@@ -130,8 +134,10 @@ impl MessageDecoder {
                 self.check_partial_text(buf)?;
                 return Ok(None);
             };
-            let fresh = frame.payload.slice(self.prevalidated..);
-            self.prevalidated = 0;
+            // The bytes not yet validated, borrowed: a `Bytes::slice` would cost
+            // a reference count increment and decrement per frame.
+            let validated = std::mem::take(&mut self.prevalidated);
+            let fresh = &frame.payload[validated..];
             let message = match frame.opcode {
                 OpCode::Ping => return Ok(Some(Message::Ping(frame.payload))),
                 OpCode::Pong => return Ok(Some(Message::Pong(frame.payload))),
@@ -148,7 +154,7 @@ impl MessageDecoder {
                         // UTF-8 is checked before size, as fail-fast validation of a
                         // partly received frame would.
                         if text {
-                            self.validate(&fresh)?;
+                            self.validate(fresh)?;
                             self.check_size(0, frame.payload.len())?;
                             self.finish_text()?;
                             return Ok(Some(Message::Text(Utf8Bytes::from_validated(
@@ -163,14 +169,14 @@ impl MessageDecoder {
                         compressed: frame.rsv1,
                         data: BytesMut::new(),
                     }));
-                    self.append(&frame.payload, &fresh)?;
+                    self.append(&frame.payload, fresh)?;
                     frame.fin
                 }
                 OpCode::Continuation => {
                     if self.partial.is_none() {
                         return Err(ProtocolError::UnexpectedContinuation);
                     }
-                    self.append(&frame.payload, &fresh)?;
+                    self.append(&frame.payload, fresh)?;
                     frame.fin
                 }
             };

@@ -33,6 +33,11 @@ impl Utf8Validator {
                 Err(_) => return Err(ProtocolError::InvalidUtf8),
             }
         }
+        // Most input is whole and valid: `basic` says only yes or no, and is
+        // quicker than `compat`, which is asked where it failed only when it did.
+        if simdutf8::basic::from_utf8(input).is_ok() {
+            return Ok(());
+        }
         match simdutf8::compat::from_utf8(input) {
             Ok(_) => Ok(()),
             Err(e) if e.error_len().is_none() => {
