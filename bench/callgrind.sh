@@ -7,6 +7,7 @@
 #   bench/callgrind.sh relay   relay-k1: N=1,000 clients, 1,000 messages/s, 128 B
 #   bench/callgrind.sh echo    the toolkit's echo example: C=50, W=10, 64 B
 #   bench/callgrind.sh storm   handshakes (connect, upgrade, close): 8 workers
+#   bench/callgrind.sh fanout  fanout-topic: one publisher, 2,000 subscribers, 15/s, 128 B
 #
 # The server runs under callgrind with instrumentation off; it is switched on for
 # 5 s after a 4 s warm-up, while the load generator measures the same 5 s. The
@@ -19,8 +20,8 @@ source bench/lib.sh
 
 scenario=${1:-}
 case "$scenario" in
-  relay | echo | storm) ;;
-  *) sed -n '2,14p' "$0"; exit 2 ;;
+  relay | echo | storm | fanout) ;;
+  *) sed -n '2,15p' "$0"; exit 2 ;;
 esac
 command -v valgrind > /dev/null || { echo "callgrind.sh: valgrind is not installed" >&2; exit 1; }
 
@@ -33,6 +34,7 @@ if [ "$scenario" != echo ]; then
   server=(target/release/switchboard serve "${bench_serve_flags[@]}" --compression false)
   load=(relay --clients 1000 --targets 1 --rate 1000 --size 128)
   [ "$scenario" = storm ] && load=(storm --concurrency 8)
+  [ "$scenario" = fanout ] && load=(fanout --subscribers 2000 --rate 15 --size 128 --topic)
 else
   server=(target/release/examples/echo 127.0.0.1:0)
   load=(echo --connections 50 --window 10 --size 64 --path /)
