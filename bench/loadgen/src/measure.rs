@@ -1,8 +1,8 @@
 //! Measuring processes from outside: CPU time and resident memory from `/proc`.
 //!
 //! [`Probe`] reads one process (the server under test, or the load generator
-//! itself); [`Window`] takes CPU readings of both at the start and end of the
-//! measured interval.
+//! itself); [`Window`] takes CPU readings of both, and of the machine's stolen
+//! time, at the start and end of the measured interval.
 
 use std::time::Instant;
 
@@ -70,6 +70,29 @@ fn parse_cpu_ticks(stat: &str) -> anyhow::Result<(u64, u64)> {
     }
 }
 
+/// The machine's CPU ticks so far, over every CPU: (stolen, all). Stolen time is
+/// what the hypervisor gave to other guests while this one had work: the eighth
+/// value of the `cpu` line of `/proc/stat`.
+fn machine_ticks() -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    parse_machine_ticks(&stat)
+}
+
+fn parse_machine_ticks(stat: &str) -> anyhow::Result<(u64, u64)> {
+    let line = stat
+        .lines()
+        .find_map(|line| line.strip_prefix("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    let ticks = line
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<Vec<u64>, _>>()?;
+    match ticks.get(7) {
+        Some(&steal) => Ok((steal, ticks.iter().sum())),
+        None => bail!("unexpected /proc/stat cpu line: {line}"),
+    }
+}
+
 fn parse_rss_kib(status: &str) -> anyhow::Result<u64> {
     let line = status
         .lines()
@@ -86,6 +109,7 @@ pub struct Window {
     /// The server's user and system CPU seconds.
     server_cpu: (f64, f64),
     own_cpu: f64,
+    machine: (u64, u64),
 }
 
 /// What a window measured.
@@ -99,6 +123,9 @@ pub struct WindowFigures {
     pub server_sys_s: f64,
     /// Load generator CPU seconds used in the window.
     pub own_cpu_s: f64,
+    /// The share of the machine's CPU time (all CPUs) stolen by the hypervisor
+    /// in the window: on a shared host, latency tails and CPU times rise with it.
+    pub steal_share: f64,
 }
 
 impl Window {
@@ -109,17 +136,21 @@ impl Window {
             server: server.clone(),
             server_cpu: server.cpu_times()?,
             own_cpu: Probe::own().cpu_seconds()?,
+            machine: machine_ticks()?,
         })
     }
 
     /// Ends the window now.
     pub fn close(self) -> anyhow::Result<WindowFigures> {
         let (user, system) = self.server.cpu_times()?;
+        let (steal, all) = machine_ticks()?;
+        let (stolen, elapsed) = (steal - self.machine.0, all - self.machine.1);
         Ok(WindowFigures {
             secs: self.started.elapsed().as_secs_f64(),
             server_cpu_s: (user - self.server_cpu.0) + (system - self.server_cpu.1),
             server_sys_s: system - self.server_cpu.1,
             own_cpu_s: Probe::own().cpu_seconds()? - self.own_cpu,
+            steal_share: stolen as f64 / elapsed.max(1) as f64,
         })
     }
 }
@@ -132,6 +163,15 @@ mod tests {
     fn parses_stat_with_a_tricky_command_name() {
         let stat = "1234 (a) b (c)) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 1 0";
         assert_eq!(parse_cpu_ticks(stat).unwrap(), (250, 50));
+    }
+
+    #[test]
+    fn reads_stolen_time_from_the_machine_line() {
+        let stat = "cpu  100 0 50 800 0 0 10 40 0 0\ncpu0 50 0 25 400 0 0 5 20 0 0\n";
+        assert_eq!(parse_machine_ticks(stat).unwrap(), (40, 1000));
+        assert!(parse_machine_ticks("cpu  1 2 3\n").is_err());
+        let (steal, all) = machine_ticks().unwrap();
+        assert!(steal <= all);
     }
 
     #[test]

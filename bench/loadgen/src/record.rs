@@ -92,6 +92,9 @@ pub struct Record {
     pub p999_us: Option<f64>,
     /// Load generator CPU use in cores.
     pub loadgen_cpu_util: f64,
+    /// The share of the machine's CPU time stolen by the hypervisor (0-1).
+    #[serde(default)]
+    pub steal_share: Option<f64>,
     /// Whether the load generator was busy enough to be the bottleneck.
     pub loadgen_bound: bool,
     /// Operations expected over the whole run.
@@ -138,6 +141,7 @@ impl Record {
             p99_us: quantile(0.99),
             p999_us: quantile(0.999),
             loadgen_cpu_util,
+            steal_share: Some(m.window.steal_share),
             loadgen_bound: loadgen_cpu_util > LOADGEN_BOUND_UTIL,
             expected: m.expected,
             lost: m.lost,
@@ -169,9 +173,13 @@ impl Record {
         if let Some(bytes) = self.rss_per_conn_bytes {
             line.push_str(&format!(", {bytes:.0} B RSS/conn"));
         }
+        line.push_str(&format!(", loadgen {:.2} cores", self.loadgen_cpu_util));
+        if let Some(steal) = self.steal_share {
+            line.push_str(&format!(", steal {:.1}%", steal * 100.0));
+        }
         line.push_str(&format!(
-            ", loadgen {:.2} cores; lost {} dup {} corrupt {}",
-            self.loadgen_cpu_util, self.lost, self.duplicated, self.corrupted
+            "; lost {} dup {} corrupt {}",
+            self.lost, self.duplicated, self.corrupted
         ));
         line
     }

@@ -107,16 +107,18 @@ fn render(table: &[Vec<Cell<'_>>], args: &ReportArgs, charts: &[String]) -> Stri
          message, a handshake, or a held connection. Latency is from the send \
          timestamp in the payload to its arrival. \"in kernel\" is the share of the \
          server's CPU time that was system time (`stime` of `/proc/PID/stat`): the \
-         TCP stack, wake-ups and scheduling. lost/dup/corrupt are totals over all \
-         repetitions and must be 0.\n"
+         TCP stack, wake-ups and scheduling. \"steal\" is the share of the machine's \
+         CPU time that the hypervisor gave to other guests during the window (`/proc/stat`): \
+         on a shared host, CPU times and latency tails rise with it. lost/dup/corrupt \
+         are totals over all repetitions and must be 0.\n"
     );
     let _ = writeln!(
         md,
-        "| scenario | parameters | server | ops/s | server CPU µs/op | server cores | in kernel | p50 µs | p99 µs | p99.9 µs | RSS/conn | server RSS MiB | loadgen cores | lost/dup/corrupt | runs |"
+        "| scenario | parameters | server | ops/s | server CPU µs/op | server cores | in kernel | p50 µs | p99 µs | p99.9 µs | steal | RSS/conn | server RSS MiB | loadgen cores | lost/dup/corrupt | runs |"
     );
     let _ = writeln!(
         md,
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"
     );
     let mut bound = Vec::new();
     for cell in table.iter().flatten() {
@@ -130,7 +132,7 @@ fn render(table: &[Vec<Cell<'_>>], args: &ReportArgs, charts: &[String]) -> Stri
         let params = cell.runs.first().map_or("", |r| r.params.as_str());
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{}/{} | {} |",
+            "| {} | {} | {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}/{}/{} | {} |",
             cell.scenario,
             params,
             cell.server,
@@ -151,6 +153,8 @@ fn render(table: &[Vec<Cell<'_>>], args: &ReportArgs, charts: &[String]) -> Stri
             fmt(cell.median(|r| r.p50_us), 0),
             fmt(cell.median(|r| r.p99_us), 0),
             fmt(cell.median(|r| r.p999_us), 0),
+            cell.median(|r| r.steal_share)
+                .map_or("–".into(), |share| format!("{:.1}%", share * 100.0)),
             cell.median(|r| r.rss_per_conn_bytes)
                 .map_or("–".into(), bytes),
             fmt(
@@ -369,6 +373,7 @@ mod tests {
             p99_us: Some(200.0),
             p999_us: Some(300.0),
             loadgen_cpu_util: 0.95,
+            steal_share: Some(0.02),
             loadgen_bound: true,
             expected: 1000,
             lost: 0,
@@ -407,6 +412,7 @@ mod tests {
             md.contains("| relay-k1 | peer | 0.50× | 1.00× | 1.00× | – |"),
             "{md}"
         );
+        assert!(md.contains("| 300 | 2.0% |"), "steal after p99.9: {md}");
         assert!(md.contains("Command: `bench/run.sh`"));
     }
 }
