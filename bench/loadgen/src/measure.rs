@@ -87,8 +87,10 @@ fn parse_machine_ticks(stat: &str) -> anyhow::Result<(u64, u64)> {
         .split_whitespace()
         .map(str::parse)
         .collect::<Result<Vec<u64>, _>>()?;
+    // The first eight values (user to steal) split the time; the guest values
+    // after them are already counted in user and nice.
     match ticks.get(7) {
-        Some(&steal) => Ok((steal, ticks.iter().sum())),
+        Some(&steal) => Ok((steal, ticks.iter().take(8).sum())),
         None => bail!("unexpected /proc/stat cpu line: {line}"),
     }
 }
@@ -167,7 +169,7 @@ mod tests {
 
     #[test]
     fn reads_stolen_time_from_the_machine_line() {
-        let stat = "cpu  100 0 50 800 0 0 10 40 0 0\ncpu0 50 0 25 400 0 0 5 20 0 0\n";
+        let stat = "cpu  100 0 50 800 0 0 10 40 7 0\ncpu0 50 0 25 400 0 0 5 20 7 0\n";
         assert_eq!(parse_machine_ticks(stat).unwrap(), (40, 1000));
         assert!(parse_machine_ticks("cpu  1 2 3\n").is_err());
         let (steal, all) = machine_ticks().unwrap();
