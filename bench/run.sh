@@ -17,6 +17,10 @@
 #   --switchboard-args "FLAGS"  extra flags for `switchboard serve`, e.g. "--workers 1"
 #   --out DIR          where the report goes (default: bench/results, smoke: target/bench-smoke)
 #   --no-pin           let the scheduler place the server and the load generator
+#   --max-steal PCT    run a repetition again (up to twice, after a pause) when the
+#                      hypervisor took more than PCT% of the machine's time during
+#                      it; the third attempt is kept whatever the steal (full run
+#                      default: 5; smoke and 0: never)
 #
 # Each run starts a fresh server on 127.0.0.1:0 (it prints `listening on ADDR`),
 # drives it with target/*/loadgen on one thread, and stops it. With two or more
@@ -36,6 +40,7 @@ release=""
 switchboard_args=""
 out_dir=""
 pin=yes
+max_steal=""
 command_line="bench/run.sh"
 for arg in "$@"; do
   command_line+=" $(printf %q "$arg")"
@@ -50,7 +55,8 @@ while [ $# -gt 0 ]; do
     --switchboard-args) switchboard_args="$2"; shift ;;
     --out) out_dir="$2"; shift ;;
     --no-pin) pin="" ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    --max-steal) max_steal="$2"; shift ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -58,6 +64,10 @@ done
 # Full runs always measure release builds; smoke runs use debug ones unless asked.
 profile=release
 [ "$mode" = smoke ] && [ -z "$release" ] && profile=debug
+# On a shared host the hypervisor can take a third of the machine in one
+# repetition (the "steal" column); latency tails follow it. Full runs repeat those.
+[ -z "$max_steal" ] && [ "$mode" = full ] && max_steal=5
+[ "$max_steal" = 0 ] && max_steal=""
 if [ "$mode" = full ] && [ "$reps" -lt 3 ]; then
   echo "run.sh: a full run needs at least 3 repetitions" >&2
   exit 2
@@ -226,13 +236,21 @@ run_one() {
     fi
     args+=(--deflate)
   fi
-  start_server "$server" "$kind" "$deflate" || return 1
-  local status=0
-  # The load generator's own messages (summary, warnings, errors) are kept too.
-  "${loadgen_pin[@]}" "$bin/loadgen" "${args[@]}" "${timing[@]}" --addr "$server_addr" --pid "$server_pid" \
-    --server "$server" --label "$scenario" --rep "$rep" --out "$raw" \
-    2> >(tee "$logs/loadgen-$scenario-$server-$rep.log" >&2) || status=$?
-  stop_server
+  local attempt status
+  for attempt in 1 2 3; do
+    local steal_limit=()
+    [ -n "$max_steal" ] && [ "$attempt" -lt 3 ] && steal_limit=(--max-steal "$max_steal")
+    start_server "$server" "$kind" "$deflate" || return 1
+    status=0
+    # The load generator's own messages (summary, warnings, errors) are kept too.
+    "${loadgen_pin[@]}" "$bin/loadgen" "${args[@]}" "${timing[@]}" --addr "$server_addr" --pid "$server_pid" \
+      --server "$server" --label "$scenario" --rep "$rep" --out "$raw" "${steal_limit[@]}" \
+      2> >(tee "$logs/loadgen-$scenario-$server-$rep.log" >&2) || status=$?
+    stop_server
+    # Status 3: discarded for steal (recorded as such); let the burst pass, then again.
+    [ "$status" -eq 3 ] || break
+    sleep 10
+  done
   return $status
 }
 
@@ -258,6 +276,7 @@ revision=$(git rev-parse --short HEAD 2> /dev/null || echo unknown)
 git diff --quiet HEAD -- crates 2> /dev/null || revision="$revision with uncommitted changes in crates/"
 facts=("date $(date -u '+%Y-%m-%d %H:%M UTC')" "commit $revision" "$placement" "$(rustc --version)" "repetitions $reps"
   "load average at start $load_at_start, at end $(cut -d' ' -f1-3 /proc/loadavg)")
+[ -n "$max_steal" ] && facts+=("a repetition with more than $max_steal% steal was run again, at most twice")
 for server in "${active[@]}"; do
   case "$server" in
     bun) facts+=("bun $("$bun" --version)") ;;

@@ -99,6 +99,13 @@ pub struct Common {
     /// Appends the result as one JSON line to this file.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Discards the run when the hypervisor took more than this percentage of
+    /// the machine's CPU time during the measured window: the line is written
+    /// marked `discarded` (reports leave it out) and the exit status is 3, so
+    /// that the caller can run it again. A run that lost, duplicated or
+    /// corrupted anything is never discarded.
+    #[arg(long, value_name = "PERCENT")]
+    pub max_steal: Option<f64>,
 }
 
 impl Common {

@@ -66,12 +66,15 @@ async fn run(command: &Command) -> anyhow::Result<Measured> {
     }
 }
 
+/// The exit status of a run discarded for steal (`--max-steal`): run it again.
+const DISCARDED: i32 = 3;
+
 fn finish(common: &Common, label: &str, mut measured: Measured) -> anyhow::Result<()> {
     if common.deflate {
         measured.params.push_str(" permessage-deflate");
     }
     let scenario = common.label.clone().unwrap_or_else(|| label.to_owned());
-    let record = Record::new(scenario, common.server.clone(), common.rep, measured);
+    let mut record = Record::new(scenario, common.server.clone(), common.rep, measured);
     eprintln!("loadgen: {}", record.summary());
     if record.loadgen_bound {
         eprintln!(
@@ -81,15 +84,28 @@ fn finish(common: &Common, label: &str, mut measured: Measured) -> anyhow::Resul
             LOADGEN_BOUND_UTIL * 100.0
         );
     }
-    if record.lost + record.duplicated + record.corrupted > 0 {
+    if record.delivery_failed() {
         eprintln!(
             "loadgen: WARNING: {} lost, {} duplicated, {} corrupted",
             record.lost, record.duplicated, record.corrupted
         );
     }
+    if let Some(limit) = common.max_steal
+        && record.exceeds_steal(limit)
+    {
+        record.discarded = true;
+        eprintln!(
+            "loadgen: DISCARDED: the hypervisor took {:.1}% of the machine's time \
+             (over --max-steal {limit}%); run it again",
+            record.steal_share.unwrap_or(0.0) * 100.0
+        );
+    }
     match &common.out {
         Some(path) => record.append_to(path)?,
         None => println!("{}", serde_json::to_string(&record)?),
+    }
+    if record.discarded {
+        std::process::exit(DISCARDED);
     }
     Ok(())
 }

@@ -105,6 +105,10 @@ pub struct Record {
     pub duplicated: u64,
     /// Corrupted deliveries.
     pub corrupted: u64,
+    /// Left out of reports: more of the machine's time was stolen during the
+    /// window than `--max-steal` allowed, and the run was to be repeated.
+    #[serde(default)]
+    pub discarded: bool,
 }
 
 impl Record {
@@ -147,7 +151,22 @@ impl Record {
             lost: m.lost,
             duplicated: m.duplicated,
             corrupted: m.corrupted,
+            discarded: false,
         }
+    }
+
+    /// Whether the run lost, duplicated or corrupted anything.
+    pub fn delivery_failed(&self) -> bool {
+        self.lost + self.duplicated + self.corrupted > 0
+    }
+
+    /// Whether more than `percent`% of the machine's time was stolen during the
+    /// window, so that the run should be discarded and repeated. A failed
+    /// delivery is a finding whatever the steal, so such a run never is.
+    pub fn exceeds_steal(&self, percent: f64) -> bool {
+        self.steal_share
+            .is_some_and(|share| share * 100.0 > percent)
+            && !self.delivery_failed()
     }
 
     /// A one-line summary for the terminal.
@@ -203,5 +222,63 @@ impl Record {
             .filter(|line| !line.trim().is_empty())
             .map(|line| serde_json::from_str(line).context("parsing a result line"))
             .collect()
+    }
+}
+
+#[cfg(test)]
+impl Record {
+    /// A run of relay-k1 costing `cpu_us` per delivery, with 2% steal.
+    pub fn sample(server: &str, rep: u32, cpu_us: f64) -> Self {
+        Self {
+            scenario: "relay-k1".into(),
+            server: server.into(),
+            rep,
+            params: "N=10".into(),
+            unit: "delivery".into(),
+            connections: 10,
+            secs: 1.0,
+            ops: 1000,
+            ops_per_s: 1000.0,
+            sent_per_s: 1000.0,
+            server_cpu_s: cpu_us * 1e-3,
+            server_cpu_us_per_op: Some(cpu_us),
+            server_cpu_util: cpu_us * 1e-3,
+            server_kernel_share: Some(0.5),
+            server_rss_bytes: 1 << 20,
+            rss_per_conn_bytes: None,
+            p50_us: Some(100.0),
+            p99_us: Some(200.0),
+            p999_us: Some(300.0),
+            loadgen_cpu_util: 0.95,
+            steal_share: Some(0.02),
+            loadgen_bound: true,
+            expected: 1000,
+            lost: 0,
+            duplicated: 0,
+            corrupted: 0,
+            discarded: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_with_too_much_steal_are_discarded_unless_a_delivery_failed() {
+        let run = Record::sample("switchboard", 1, 1.0);
+        assert!(run.exceeds_steal(1.0), "2% is over 1%");
+        assert!(!run.exceeds_steal(5.0), "2% is within 5%");
+        let lost = Record {
+            lost: 1,
+            ..run.clone()
+        };
+        assert!(!lost.exceeds_steal(1.0), "a lost delivery is always kept");
+        let unknown = Record {
+            steal_share: None,
+            ..run
+        };
+        assert!(!unknown.exceeds_steal(0.0));
     }
 }

@@ -57,7 +57,8 @@ pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
     let table = group(&records, &args.baseline);
     std::fs::create_dir_all(&args.out_dir)?;
     let charts = write_charts(&table, &args.out_dir);
-    let markdown = render(&table, args, &charts);
+    let discarded = records.iter().filter(|r| r.discarded).count();
+    let markdown = render(&table, args, &charts, discarded);
     let path = args.out_dir.join("results.md");
     std::fs::write(&path, markdown).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("loadgen: wrote {}", path.display());
@@ -72,7 +73,7 @@ pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
 fn check(records: &[Record]) -> anyhow::Result<()> {
     let bad: Vec<&Record> = records
         .iter()
-        .filter(|r| r.lost + r.duplicated + r.corrupted > 0 || r.ops == 0)
+        .filter(|r| r.delivery_failed() || r.ops == 0)
         .collect();
     for r in &bad {
         eprintln!(
@@ -93,7 +94,12 @@ fn check(records: &[Record]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn render(table: &[Vec<Cell<'_>>], args: &ReportArgs, charts: &[String]) -> String {
+fn render(
+    table: &[Vec<Cell<'_>>],
+    args: &ReportArgs,
+    charts: &[String],
+    discarded: usize,
+) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# Benchmark results\n");
     if !args.command.is_empty() {
@@ -166,6 +172,14 @@ fn render(table: &[Vec<Cell<'_>>], args: &ReportArgs, charts: &[String]) -> Stri
             cell.sum(|r| r.duplicated),
             cell.sum(|r| r.corrupted),
             cell.runs.len(),
+        );
+    }
+    if discarded > 0 {
+        let _ = writeln!(
+            md,
+            "\n{discarded} run(s) were discarded and run again because the hypervisor \
+             took more of the machine's time during them than `--max-steal` allows; \
+             `raw.jsonl` keeps them, marked `\"discarded\": true`."
         );
     }
     if !bound.is_empty() {
@@ -351,44 +365,17 @@ fn write_charts(table: &[Vec<Cell<'_>>], dir: &std::path::Path) -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn record(server: &str, rep: u32, cpu_us: f64) -> Record {
-        Record {
-            scenario: "relay-k1".into(),
-            server: server.into(),
-            rep,
-            params: "N=10".into(),
-            unit: "delivery".into(),
-            connections: 10,
-            secs: 1.0,
-            ops: 1000,
-            ops_per_s: 1000.0,
-            sent_per_s: 1000.0,
-            server_cpu_s: cpu_us * 1e-3,
-            server_cpu_us_per_op: Some(cpu_us),
-            server_cpu_util: cpu_us * 1e-3,
-            server_kernel_share: Some(0.5),
-            server_rss_bytes: 1 << 20,
-            rss_per_conn_bytes: None,
-            p50_us: Some(100.0),
-            p99_us: Some(200.0),
-            p999_us: Some(300.0),
-            loadgen_cpu_util: 0.95,
-            steal_share: Some(0.02),
-            loadgen_bound: true,
-            expected: 1000,
-            lost: 0,
-            duplicated: 0,
-            corrupted: 0,
-        }
-    }
-
     #[test]
     fn the_table_has_medians_ratios_and_marks_loadgen_bound_runs() {
         let records = vec![
-            record("peer", 1, 4.0),
-            record("switchboard", 1, 1.0),
-            record("switchboard", 2, 3.0),
-            record("switchboard", 3, 2.0),
+            Record::sample("peer", 1, 4.0),
+            Record::sample("switchboard", 1, 1.0),
+            Record::sample("switchboard", 2, 3.0),
+            Record::sample("switchboard", 3, 2.0),
+            Record {
+                discarded: true,
+                ..Record::sample("switchboard", 3, 100.0)
+            },
         ];
         let table = group(&records, "switchboard");
         assert_eq!(
@@ -403,7 +390,7 @@ mod tests {
             facts: vec![],
             check: false,
         };
-        let md = render(&table, &args, &[]);
+        let md = render(&table, &args, &[], 1);
         assert!(
             md.contains("| relay-k1 | N=10 | switchboard | 1000 † | 2.00 |"),
             "{md}"
@@ -414,5 +401,10 @@ mod tests {
         );
         assert!(md.contains("| 300 | 2.0% |"), "steal after p99.9: {md}");
         assert!(md.contains("Command: `bench/run.sh`"));
+        assert!(
+            md.contains("| 0/0/0 | 3 |"),
+            "the discarded run is left out: {md}"
+        );
+        assert!(md.contains("1 run(s) were discarded"), "{md}");
     }
 }

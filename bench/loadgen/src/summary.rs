@@ -56,11 +56,12 @@ impl Cell<'_> {
 }
 
 /// Groups records by scenario and server, both in order of first appearance,
-/// with the baseline server first.
+/// with the baseline server first. Discarded runs (see `--max-steal`) are left out.
 pub fn group<'a>(records: &'a [Record], baseline: &str) -> Vec<Vec<Cell<'a>>> {
+    let records: Vec<&Record> = records.iter().filter(|r| !r.discarded).collect();
     let mut scenarios: Vec<&str> = Vec::new();
     let mut servers: Vec<&str> = Vec::new();
-    for r in records {
+    for r in &records {
         if !scenarios.contains(&r.scenario.as_str()) {
             scenarios.push(&r.scenario);
         }
@@ -79,6 +80,7 @@ pub fn group<'a>(records: &'a [Record], baseline: &str) -> Vec<Vec<Cell<'a>>> {
                     server,
                     runs: records
                         .iter()
+                        .copied()
                         .filter(|r| r.scenario == *scenario && r.server == *server)
                         .collect(),
                 })
