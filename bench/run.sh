@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run with `bench/run.sh` from a clean clone: every scenario against Switchboard
 # and each peer (Bun, Node + ws, axum + tokio-tungstenite), servers alternating
-# within each repetition, 3 repetitions, about 15 minutes. It writes
+# within each repetition, 3 repetitions, 15 minutes or more (see --max-steal). It writes
 # bench/results/results.md (medians, ratios, the command, the machine) and PNG
 # charts. `bench/run.sh --smoke` runs every scenario for about a second against
 # Switchboard and whichever peers are installed, into target/bench-smoke/, and
