@@ -692,6 +692,9 @@ BAD_INPUTS = [
     ("", "invalid_json"),
     ('{"targets":["r"],"payload":1} trailing', "invalid_json"),
     ('{"targets":["r"],"payload":', "invalid_json"),
+    # A wrong type before the text breaks off: still not JSON.
+    ("[1,", "invalid_json"),
+    ('{"targets":"r","payload":', "invalid_json"),
     ("[1,2]", "invalid_message"),
     ('"a string"', "invalid_message"),
     ("42", "invalid_message"),

@@ -259,4 +259,42 @@ mod tests {
             assert!(serde_json::from_str::<Vec<Target>>(json).is_err(), "{json}");
         }
     }
+
+    /// The text of one JSON scalar, of every kind a client might put in a list
+    /// of targets: integers of any size and sign, floats, ids, strings with
+    /// escapes or characters ids may not have, booleans and null.
+    fn scalar() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            any::<i64>().prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            "[1-9][0-9]{0,24}",
+            any::<f64>()
+                .prop_filter("JSON has no NaN or infinity", |f| f.is_finite())
+                .prop_map(|f| serde_json::to_string(&f).unwrap()),
+            "(0|[1-9][0-9]{0,2})\\.[0-9]{1,3}(e[+-]?[0-9]{1,2})?",
+            "[A-Za-z0-9._~:@-]{0,130}".prop_map(|id| format!("\"{id}\"")),
+            any::<String>().prop_map(|s| serde_json::to_string(&s).unwrap()),
+            "[a-z]{0,3}".prop_map(|s| format!("\"\\u0041{s}\"")),
+            Just("true".to_owned()),
+            Just("null".to_owned()),
+        ]
+    }
+
+    proptest::proptest! {
+        /// The borrowing fast path must read every list exactly as the general
+        /// [`Target`] does: the same ids, the same invalid values.
+        #[test]
+        fn a_target_list_reads_every_list_like_targets(
+            items in proptest::collection::vec(scalar(), 0..12)
+        ) {
+            let json = format!("[{}]", items.join(", "));
+            let general: Vec<Target> = serde_json::from_str(&json).unwrap();
+            let list: TargetList<'_> = serde_json::from_str(&json).unwrap();
+            proptest::prop_assert_eq!(list.len(), general.len());
+            for (fast, slow) in list.iter().zip(&general) {
+                proptest::prop_assert_eq!(fast, slow.as_result(), "{}", json);
+            }
+        }
+    }
 }

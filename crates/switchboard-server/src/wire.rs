@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, de};
 use serde_json::value::RawValue;
 use switchboard::{Format, PreparedMessage, PresenceChange};
 
@@ -118,11 +118,16 @@ pub enum ErrorCode {
 /// Parses a client message, mapping failures to their error code.
 pub fn parse(text: &str) -> Result<Inbound<'_>, (ErrorCode, String)> {
     serde_json::from_str(text).map_err(|e| {
-        let code = match e.classify() {
-            serde_json::error::Category::Data => ErrorCode::InvalidMessage,
-            _ => ErrorCode::InvalidJson,
-        };
-        (code, e.to_string())
+        if e.classify() != serde_json::error::Category::Data {
+            return (ErrorCode::InvalidJson, e.to_string());
+        }
+        // A wrong type can stop the parser before it reaches broken syntax
+        // further on (`[1,`): only text that is JSON throughout is a message
+        // of the wrong shape, and otherwise the syntax error is the one to name.
+        match serde_json::from_str::<de::IgnoredAny>(text) {
+            Ok(_) => (ErrorCode::InvalidMessage, e.to_string()),
+            Err(syntax) => (ErrorCode::InvalidJson, syntax.to_string()),
+        }
     })
 }
 
@@ -352,6 +357,13 @@ mod tests {
         assert_eq!(parse("{nope").unwrap_err().0, ErrorCode::InvalidJson);
         assert_eq!(parse("").unwrap_err().0, ErrorCode::InvalidJson);
         assert_eq!(parse("[1,2]").unwrap_err().0, ErrorCode::InvalidMessage);
+        let (code, message) = parse("[1,").unwrap_err();
+        assert_eq!(code, ErrorCode::InvalidJson);
+        assert!(message.contains("EOF"), "names the syntax error: {message}");
+        assert_eq!(
+            parse(r#"{"targets":"2","#).unwrap_err().0,
+            ErrorCode::InvalidJson
+        );
         assert_eq!(
             parse(r#"{"targets":"2"}"#).unwrap_err().0,
             ErrorCode::InvalidMessage
@@ -393,5 +405,74 @@ mod tests {
             &join.payload()[..],
             br#"{"type":"presence","topic":"chat:x","event":"join","client":"9"}"#
         );
+    }
+
+    /// JSON text of any shape, with the field names of client messages
+    /// more likely than others.
+    fn json_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        use serde_json::Value;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            "[a-z0-9:. ]{0,8}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            let key = prop_oneof![
+                Just("type".to_owned()),
+                Just("id".to_owned()),
+                Just("targets".to_owned()),
+                Just("payload".to_owned()),
+                Just("topic".to_owned()),
+                Just("clients".to_owned()),
+                Just("token".to_owned()),
+                "[a-z]{1,4}",
+            ];
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map(key, inner, 0..6)
+                    .prop_map(|map| Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// Client text: JSON, JSON cut short, or any string at all.
+    fn client_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            json_value().prop_map(|v| v.to_string()),
+            (json_value(), any::<proptest::sample::Index>()).prop_map(|(v, cut)| {
+                let text = v.to_string();
+                let mut at = cut.index(text.len() + 1);
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                text[..at].to_owned()
+            }),
+            any::<String>(),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever a client sends, parsing answers; `invalid_json` exactly
+        /// when the text is not JSON, `invalid_message` for JSON of the wrong shape.
+        #[test]
+        fn every_text_gets_the_right_error_code(text in client_text()) {
+            let json = serde_json::from_str::<de::IgnoredAny>(&text).is_ok();
+            match parse(&text) {
+                Ok(_) => proptest::prop_assert!(json, "parsed non-JSON {:?}", text),
+                Err((code, _)) => proptest::prop_assert_eq!(
+                    code == ErrorCode::InvalidJson,
+                    !json,
+                    "{:?} for {:?}",
+                    code,
+                    text
+                ),
+            }
+        }
     }
 }
