@@ -91,28 +91,32 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(value)) => Ok(Self(value)),
-            Err(rejection) => Err(match rejection {
-                JsonRejection::JsonDataError(e) => {
-                    ApiError::bad_request("invalid_request", e.body_text())
-                }
-                JsonRejection::JsonSyntaxError(e) => {
-                    ApiError::bad_request("invalid_json", e.body_text())
-                }
-                JsonRejection::MissingJsonContentType(e) => ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
-                    e.body_text(),
-                ),
-                other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    "the request body is larger than api_max_body_bytes",
-                ),
-                other => ApiError::bad_request("invalid_request", other.body_text()),
-            }),
-        }
+        // The syntax of the whole body first: serde stops at the first wrong
+        // type, and a body cut short after one (`[1,`) is not JSON at all.
+        let Json(raw) = Json::<Box<RawValue>>::from_request(req, state)
+            .await
+            .map_err(rejection)?;
+        let Json(value) = Json::<T>::from_bytes(raw.get().as_bytes()).map_err(rejection)?;
+        Ok(Self(value))
+    }
+}
+
+/// The API's error for each way a JSON body can be refused.
+fn rejection(rejection: JsonRejection) -> ApiError {
+    match rejection {
+        JsonRejection::JsonDataError(e) => ApiError::bad_request("invalid_request", e.body_text()),
+        JsonRejection::JsonSyntaxError(e) => ApiError::bad_request("invalid_json", e.body_text()),
+        JsonRejection::MissingJsonContentType(e) => ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            e.body_text(),
+        ),
+        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the request body is larger than api_max_body_bytes",
+        ),
+        other => ApiError::bad_request("invalid_request", other.body_text()),
     }
 }
 

@@ -233,13 +233,17 @@ async fn errors_are_json_with_stable_codes() {
     );
     let (status, body) = raw_http(server.addr, &request).await;
     assert_eq!(status, 415, "{body}");
-    let request = format!(
-        "POST /api/v1/send HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {KEY}\r\n\
-         Content-Type: application/json\r\nContent-Length: 5\r\n\r\n{{nope"
-    );
-    let (status, body) = raw_http(server.addr, &request).await;
-    assert_eq!(status, 400);
-    assert!(body.contains("invalid_json"), "{body}");
+    // Bodies that are not JSON, with and without a wrong type before the end.
+    for bad in ["{nope", r#"{"targets":"1","#] {
+        let request = format!(
+            "POST /api/v1/send HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {KEY}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{bad}",
+            bad.len()
+        );
+        let (status, body) = raw_http(server.addr, &request).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body.contains("invalid_json"), "{bad}: {body}");
+    }
 }
 
 #[tokio::test]
