@@ -496,4 +496,85 @@ mod tests {
             .unwrap_err();
         assert_eq!(err, ProtocolError::BadDeflate);
     }
+
+    /// Payloads compression meets: repetitive text, random bytes, or empty.
+    fn payload() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        prop_oneof![
+            ("[a-c ]{1,8}", 0..600usize).prop_map(|(word, n)| word.repeat(n).into_bytes()),
+            proptest::collection::vec(any::<u8>(), 0..3000),
+        ]
+    }
+
+    /// `Sec-WebSocket-Extensions` values: offers of permessage-deflate with
+    /// parameters valid, repeated, out of range or unknown, or any text at all.
+    fn offers() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let param = prop_oneof![
+            Just("server_no_context_takeover".to_owned()),
+            Just("client_no_context_takeover".to_owned()),
+            Just("client_max_window_bits".to_owned()),
+            (0u8..20).prop_map(|n| format!("server_max_window_bits={n}")),
+            (0u8..20).prop_map(|n| format!("client_max_window_bits=\"{n}\"")),
+            "[a-z_=0-9\"]{0,12}",
+        ];
+        let offer = (
+            prop_oneof![Just("permessage-deflate"), Just("x-webkit-deflate-frame")],
+            proptest::collection::vec(param, 0..4),
+        )
+            .prop_map(|(name, params)| {
+                std::iter::once(name.to_owned())
+                    .chain(params)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            });
+        prop_oneof![
+            proptest::collection::vec(offer, 1..3).prop_map(|offers| offers.join(", ")),
+            "[ -~]{0,80}",
+        ]
+    }
+
+    proptest::proptest! {
+        /// Every message comes back byte for byte, with or without context
+        /// takeover, at every window size and level a client may ask for, and
+        /// however the compressed bytes are split between reads.
+        #[test]
+        fn messages_round_trip_whatever_the_parameters(
+            messages in proptest::collection::vec(payload(), 1..6),
+            no_context in proptest::bool::ANY,
+            window_bits in MIN_WINDOW_BITS..=MAX_WINDOW_BITS,
+            level in 0u32..=9,
+            split in proptest::num::usize::ANY,
+        ) {
+            let params = DeflateParams {
+                server_no_context_takeover: no_context,
+                client_no_context_takeover: false,
+                server_max_window_bits: window_bits,
+                level,
+                min_size: 0,
+            };
+            let mut deflater = Deflater::new(&params);
+            let mut inflater = Inflater::new();
+            for message in &messages {
+                let compressed = deflater.compress(message);
+                let at = split % (compressed.len() + 1);
+                let mut out = BytesMut::new();
+                inflater.inflate(&compressed[..at], &mut out, 1 << 20).unwrap();
+                inflater.inflate(&compressed[at..], &mut out, 1 << 20).unwrap();
+                inflater.finish_message(&mut out, 1 << 20).unwrap();
+                proptest::prop_assert_eq!(&out[..], &message[..]);
+            }
+        }
+
+        /// Any header a client sends is answered, with parameters in range.
+        #[test]
+        fn any_offer_is_declined_or_accepted_in_range(header in offers()) {
+            if let Some(params) = negotiate(&header, &opts()) {
+                proptest::prop_assert!(
+                    (MIN_WINDOW_BITS..=MAX_WINDOW_BITS).contains(&params.server_max_window_bits)
+                );
+                proptest::prop_assert!(params.response_header().starts_with("permessage-deflate"));
+            }
+        }
+    }
 }
