@@ -102,8 +102,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 }
 
 /// The API's error for each way a JSON body can be refused.
-fn rejection(rejection: JsonRejection) -> ApiError {
-    match rejection {
+fn rejection(refused: JsonRejection) -> ApiError {
+    match refused {
         JsonRejection::JsonDataError(e) => ApiError::bad_request("invalid_request", e.body_text()),
         JsonRejection::JsonSyntaxError(e) => ApiError::bad_request("invalid_json", e.body_text()),
         JsonRejection::MissingJsonContentType(e) => ApiError::new(
