@@ -271,12 +271,21 @@ fn deflate_into(compress: &mut Compress, mut input: &[u8]) -> Bytes {
     if out.ends_with(&SYNC_TAIL) {
         out.truncate(out.len() - SYNC_TAIL.len());
     }
+    // A flush with nothing new since the last one (a second empty message in a
+    // row, with context takeover) makes zlib emit nothing, and an empty payload
+    // does not inflate: the receiver's appended tail alone is no valid block.
+    // Send the empty block of RFC 7692 §7.2.3.6 instead.
+    if out.is_empty() {
+        out.push(0x00);
+    }
     Bytes::from(out)
 }
 
 /// Decompresses incoming messages for one connection.
 pub struct Inflater {
     decompress: Decompress,
+    /// Compressed bytes have arrived for the message in progress.
+    fed: bool,
 }
 
 impl std::fmt::Debug for Inflater {
@@ -304,6 +313,7 @@ impl Inflater {
     pub fn new() -> Self {
         Self {
             decompress: Decompress::new_with_window_bits(false, MAX_WINDOW_BITS),
+            fed: false,
         }
     }
 
@@ -316,6 +326,7 @@ impl Inflater {
     /// Resets the inflater and keeps it for a later [`Inflater::lend`] on this thread.
     pub fn give_back(mut self: Box<Self>) {
         self.decompress.reset(false);
+        self.fed = false;
         SPARES.with(|spares| {
             let mut spares = spares.borrow_mut();
             if spares.len() < SPARE_INFLATERS {
@@ -331,15 +342,22 @@ impl Inflater {
         out: &mut BytesMut,
         limit: usize,
     ) -> Result<(), ProtocolError> {
+        self.fed |= !input.is_empty();
         self.inflate_inner(input, out, limit)
     }
 
     /// Ends a message: feeds the stripped sync-flush tail (RFC 7692 §7.2.2).
+    /// A message whose compressed payload was empty is an empty message: the
+    /// tail alone would leave the inflater inside a stored block's header and
+    /// break every later message of a peer that keeps its context.
     pub fn finish_message(
         &mut self,
         out: &mut BytesMut,
         limit: usize,
     ) -> Result<(), ProtocolError> {
+        if !std::mem::take(&mut self.fed) {
+            return Ok(());
+        }
         self.inflate_inner(&SYNC_TAIL, out, limit)
     }
 
@@ -455,6 +473,52 @@ mod tests {
             // Without context takeover the thread's shared compressor did the work.
             assert_eq!(deflater.own.is_some(), !no_context);
         }
+    }
+
+    #[test]
+    fn empty_messages_in_a_row_keep_a_kept_context_decodable() {
+        // Regression: the second empty message compressed to nothing, and the
+        // peer's inflater then read the next message as the body of a stored block.
+        let params = DeflateParams {
+            server_no_context_takeover: false,
+            client_no_context_takeover: false,
+            server_max_window_bits: 15,
+            level: 6,
+            min_size: 0,
+        };
+        let mut deflater = Deflater::new(&params);
+        let mut inflater = Inflater::new();
+        for text in ["", "", "after two empty messages"] {
+            let compressed = deflater.compress(text.as_bytes());
+            assert!(!compressed.is_empty(), "an empty payload does not inflate");
+            let mut out = BytesMut::new();
+            inflater.inflate(&compressed, &mut out, 1 << 20).unwrap();
+            inflater.finish_message(&mut out, 1 << 20).unwrap();
+            assert_eq!(&out[..], text.as_bytes());
+        }
+    }
+
+    #[test]
+    fn an_empty_compressed_payload_is_an_empty_message() {
+        // What a zlib-based peer with context takeover sends for a second empty
+        // message in a row; it must not break the messages after it.
+        let params = DeflateParams {
+            server_no_context_takeover: false,
+            client_no_context_takeover: false,
+            server_max_window_bits: 15,
+            level: 6,
+            min_size: 0,
+        };
+        let mut deflater = Deflater::new(&params);
+        let mut inflater = Inflater::new();
+        let mut out = BytesMut::new();
+        inflater.inflate(&[], &mut out, 1 << 20).unwrap();
+        inflater.finish_message(&mut out, 1 << 20).unwrap();
+        assert!(out.is_empty());
+        let compressed = deflater.compress(b"hello");
+        inflater.inflate(&compressed, &mut out, 1 << 20).unwrap();
+        inflater.finish_message(&mut out, 1 << 20).unwrap();
+        assert_eq!(&out[..], b"hello");
     }
 
     #[test]
