@@ -272,9 +272,10 @@ fn deflate_into(compress: &mut Compress, mut input: &[u8]) -> Bytes {
         out.truncate(out.len() - SYNC_TAIL.len());
     }
     // A flush with nothing new since the last one (a second empty message in a
-    // row, with context takeover) makes zlib emit nothing, and an empty payload
-    // does not inflate: the receiver's appended tail alone is no valid block.
-    // Send the empty block of RFC 7692 §7.2.3.6 instead.
+    // row, with context takeover) makes our zlib-rs backend emit nothing (C zlib
+    // emits an empty stored block), and an empty payload does not inflate: the
+    // receiver's appended tail alone is no valid block. Send the empty block of
+    // RFC 7692 §7.2.3.6 instead.
     if out.is_empty() {
         out.push(0x00);
     }
@@ -500,8 +501,8 @@ mod tests {
 
     #[test]
     fn an_empty_compressed_payload_is_an_empty_message() {
-        // What a zlib-based peer with context takeover sends for a second empty
-        // message in a row; it must not break the messages after it.
+        // What a peer compressing with zlib-rs and context takeover sent for a
+        // second empty message in a row; it must not break the messages after it.
         let params = DeflateParams {
             server_no_context_takeover: false,
             client_no_context_takeover: false,
