@@ -410,6 +410,17 @@ mod tests {
         }
     }
 
+    /// The server side's parameters, compressing every message (no minimum size).
+    fn server(no_context: bool, window_bits: u8, level: u32) -> DeflateParams {
+        DeflateParams {
+            server_no_context_takeover: no_context,
+            client_no_context_takeover: false,
+            server_max_window_bits: window_bits,
+            level,
+            min_size: 0,
+        }
+    }
+
     #[test]
     fn negotiates_browser_offers() {
         // Chromium
@@ -454,13 +465,7 @@ mod tests {
     #[test]
     fn round_trips_with_and_without_context() {
         for no_context in [false, true] {
-            let params = DeflateParams {
-                server_no_context_takeover: no_context,
-                client_no_context_takeover: false,
-                server_max_window_bits: 15,
-                level: 6,
-                min_size: 0,
-            };
+            let params = server(no_context, 15, 6);
             let mut deflater = Deflater::new(&params);
             let mut inflater = Inflater::new();
             for i in 0..5 {
@@ -480,13 +485,7 @@ mod tests {
     fn empty_messages_in_a_row_keep_a_kept_context_decodable() {
         // Regression: the second empty message compressed to nothing, and the
         // peer's inflater then read the next message as the body of a stored block.
-        let params = DeflateParams {
-            server_no_context_takeover: false,
-            client_no_context_takeover: false,
-            server_max_window_bits: 15,
-            level: 6,
-            min_size: 0,
-        };
+        let params = server(false, 15, 6);
         let mut deflater = Deflater::new(&params);
         let mut inflater = Inflater::new();
         for text in ["", "", "after two empty messages"] {
@@ -503,13 +502,7 @@ mod tests {
     fn an_empty_compressed_payload_is_an_empty_message() {
         // What a peer compressing with zlib-rs and context takeover sent for a
         // second empty message in a row; it must not break the messages after it.
-        let params = DeflateParams {
-            server_no_context_takeover: false,
-            client_no_context_takeover: false,
-            server_max_window_bits: 15,
-            level: 6,
-            min_size: 0,
-        };
+        let params = server(false, 15, 6);
         let mut deflater = Deflater::new(&params);
         let mut inflater = Inflater::new();
         let mut out = BytesMut::new();
@@ -536,13 +529,7 @@ mod tests {
 
     #[test]
     fn a_decompression_bomb_stops_at_the_limit() {
-        let params = DeflateParams {
-            server_no_context_takeover: true,
-            client_no_context_takeover: false,
-            server_max_window_bits: 15,
-            level: 9,
-            min_size: 0,
-        };
+        let params = server(true, 15, 9);
         let bomb = Deflater::new(&params).compress(&vec![0u8; 10 << 20]);
         assert!(bomb.len() < 20_000);
         let mut out = BytesMut::new();
@@ -611,13 +598,7 @@ mod tests {
             level in 0u32..=9,
             split in proptest::num::usize::ANY,
         ) {
-            let params = DeflateParams {
-                server_no_context_takeover: no_context,
-                client_no_context_takeover: false,
-                server_max_window_bits: window_bits,
-                level,
-                min_size: 0,
-            };
+            let params = server(no_context, window_bits, level);
             let mut deflater = Deflater::new(&params);
             let mut inflater = Inflater::new();
             for message in &messages {
