@@ -292,7 +292,7 @@ where
                 socket_waiting = !read;
                 progress |= read;
             }
-            progress |= self.poll_timers(cx);
+            progress |= self.poll_timers(cx, false);
             match self.poll_write(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => {
@@ -304,9 +304,10 @@ where
             let ending = matches!(self.phase, Phase::Done | Phase::Failing);
             if ending && !self.write_closed && self.write_queue.is_empty() && self.flushed {
                 // We close the TCP connection first, as RFC 6455 §7.1.1 asks of servers.
-                let _ = ready!(Pin::new(&mut self.io).poll_shutdown(cx));
-                self.write_closed = true;
-                progress = true;
+                if Pin::new(&mut self.io).poll_shutdown(cx).is_ready() {
+                    self.write_closed = true;
+                    progress = true;
+                }
             }
             if self.phase == Phase::Done && self.write_closed {
                 return Poll::Ready(());
@@ -317,9 +318,13 @@ where
                     mailbox_waiting = false;
                     continue;
                 }
+                if self.poll_timers(cx, true) {
+                    continue;
+                }
                 return Poll::Pending;
             }
         }
+        self.poll_timers(cx, true);
         cx.waker().wake_by_ref();
         Poll::Pending
     }
@@ -516,7 +521,12 @@ where
         }
     }
 
-    fn poll_timers(&mut self, cx: &mut TaskContext<'_>) -> bool {
+    /// Fires the timer if it is due. It is created only when `arm` is set, which
+    /// `poll_run` does just before the task yields: a timer earlier than any the
+    /// runtime holds wakes the runtime's driver (a write to its eventfd, and one
+    /// more epoll_wait), and a connection that ends within this poll, as one
+    /// whose peer sent a close usually does, never needs its close deadline.
+    fn poll_timers(&mut self, cx: &mut TaskContext<'_>, arm: bool) -> bool {
         let Some(want) = self.next_deadline() else {
             self.timer = None;
             return false;
@@ -526,13 +536,14 @@ where
             // timer-wheel work per read); it fires early and is set again then.
             Some(timer) if want < timer.deadline() => timer.as_mut().reset(want),
             Some(_) => {}
-            None => self.timer = Some(Box::pin(sleep_until(want))),
+            None if arm => self.timer = Some(Box::pin(sleep_until(want))),
+            None => return false,
         }
         let timer = self.timer.as_mut().expect("set above");
         if timer.as_mut().poll(cx).is_pending() {
             return false;
         }
-        // Fired: it is set again, from the new state, on the next round.
+        // Fired: it is set again, from the new state, before the task next yields.
         self.timer = None;
         let now = Instant::now();
         match self.phase {

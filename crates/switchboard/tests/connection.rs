@@ -261,6 +261,33 @@ async fn a_peer_that_never_reads_is_dropped_at_the_close_timeout() {
 }
 
 #[tokio::test]
+async fn a_peer_that_keeps_talking_and_never_closes_is_dropped_at_the_close_timeout() {
+    let (addr, mut events, mut handles) = slow_consumer_server(Duration::from_millis(300)).await;
+    let mut client = RawClient::connect(addr).await;
+    let handle = handles.recv().await.unwrap();
+    handle.close(switchboard::CloseReason::new(1001u16, "bye"));
+    // The client never answers our close, and keeps sending: every read of the
+    // server's makes progress, and the close deadline must still be kept. A
+    // failed write means the server has hung up.
+    let frame = RawClient::frame(true, OpCode::Binary, &[5u8; 512]);
+    let mut talking = true;
+    let ended = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(Event::Terminate(reason)) => return reason,
+                    Some(_) => {}
+                    None => panic!("the probe's events ended without terminate"),
+                },
+                sent = client.stream.write_all(&frame), if talking => talking = sent.is_ok(),
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection outlived its close timeout");
+}
+
+#[tokio::test]
 async fn frames_queued_when_the_client_half_closes_are_still_delivered() {
     let (upgrade, _events, mut handles) = handing_out_handles(Options {
         max_outbound_bytes: 64 << 20,
