@@ -6,6 +6,7 @@
 #
 #   bench/callgrind.sh relay   relay-k1: N=1,000 clients, 1,000 messages/s, 128 B
 #   bench/callgrind.sh echo    the toolkit's echo example: C=50, W=10, 64 B
+#   bench/callgrind.sh echo-deflate   the same with permessage-deflate: C=10, W=4, 1 KiB
 #   bench/callgrind.sh storm   handshakes (connect, upgrade, close): 8 workers
 #   bench/callgrind.sh fanout  fanout-topic: one publisher, 2,000 subscribers, 15/s, 128 B
 #
@@ -20,8 +21,8 @@ source bench/lib.sh
 
 scenario=${1:-}
 case "$scenario" in
-  relay | echo | storm | fanout) ;;
-  *) sed -n '2,15p' "$0"; exit 2 ;;
+  relay | echo | echo-deflate | storm | fanout) ;;
+  *) sed -n '2,16p' "$0"; exit 2 ;;
 esac
 command -v valgrind > /dev/null || { echo "callgrind.sh: valgrind is not installed" >&2; exit 1; }
 
@@ -30,7 +31,7 @@ cargo build --quiet --release -p switchboard --example echo
 out=target/callgrind
 mkdir -p "$out"
 rm -f "$out/$scenario.out"*
-if [ "$scenario" != echo ]; then
+if [[ "$scenario" != echo* ]]; then
   server=(target/release/switchboard serve "${bench_serve_flags[@]}" --compression false)
   load=(relay --clients 1000 --targets 1 --rate 1000 --size 128)
   [ "$scenario" = storm ] && load=(storm --concurrency 8)
@@ -38,6 +39,7 @@ if [ "$scenario" != echo ]; then
 else
   server=(target/release/examples/echo 127.0.0.1:0)
   load=(echo --connections 50 --window 10 --size 64 --path /)
+  [ "$scenario" = echo-deflate ] && load=(echo --connections 10 --window 4 --size 1024 --deflate --path /)
 fi
 
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out/$scenario.out" \
