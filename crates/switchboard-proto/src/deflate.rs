@@ -410,7 +410,7 @@ impl Inflater {
             let start = out.len();
             let room = (input.len() * 4)
                 .clamp(MIN_INFLATE_ROOM, MAX_INFLATE_ROOM)
-                .min(limit.saturating_sub(start) + 1);
+                .min(limit.saturating_sub(start).saturating_add(1));
             out.resize(start + room, 0);
             let before_in = self.decompress.total_in();
             let before_out = self.decompress.total_out();
@@ -571,6 +571,17 @@ mod tests {
     }
 
     #[test]
+    fn no_limit_at_all_is_a_limit_too() {
+        let message = b"unbounded ".repeat(1000);
+        let frame = Deflater::new(&server(true, 15, 6)).compress(&message);
+        let mut out = BytesMut::new();
+        let mut inflater = Inflater::new();
+        inflater.inflate(&frame, &mut out, usize::MAX).unwrap();
+        inflater.finish_message(&mut out, usize::MAX).unwrap();
+        assert_eq!(&out[..], &message[..]);
+    }
+
+    #[test]
     fn a_decompression_bomb_stops_at_the_limit() {
         let params = server(true, 15, 9);
         let bomb = Deflater::new(&params).compress(&vec![0u8; 10 << 20]);
@@ -672,10 +683,10 @@ mod tests {
             message in any_size_payload(),
             level in 0u32..=9,
         ) {
-            let default = compressor(level, MAX_WINDOW_BITS, DEFAULT_MEM_LEVEL);
+            let mut default = compressor(level, MAX_WINDOW_BITS, DEFAULT_MEM_LEVEL);
             proptest::prop_assert_eq!(
                 compress_standalone(&message, level),
-                deflate_into(&mut { default }, &message)
+                deflate_into(&mut default, &message)
             );
         }
 
