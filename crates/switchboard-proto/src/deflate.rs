@@ -240,6 +240,8 @@ pub fn compress_standalone(payload: &[u8], level: u32) -> Bytes {
 
 /// Compresses `payload` as a message of its own, with this thread's compressor
 /// for these settings: the state is reset after every use, so it can be shared.
+/// A thread keeps at most one per memLevel (eight) for each level and window in
+/// use; zlib-rs allocates each about 256 KiB plus its symbol buffer.
 fn compress_alone(payload: &[u8], level: u32, window_bits: u8) -> Bytes {
     type Compressors = Vec<((u32, u8, i32), Deflate)>;
     thread_local! {
