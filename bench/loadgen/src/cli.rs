@@ -209,9 +209,16 @@ pub struct StormArgs {
 /// Report parameters.
 #[derive(Debug, Args)]
 pub struct ReportArgs {
-    /// JSON lines written by the scenario runs.
-    #[arg(long)]
-    pub input: PathBuf,
+    /// JSON lines written by the scenario runs; repeat it to pool the runs of
+    /// several benchmarks into one report.
+    #[arg(long, required = true)]
+    pub input: Vec<PathBuf>,
+    /// Counts only the runs during which the hypervisor took at most this
+    /// percentage of the machine's CPU time (and leaves out runs that did not
+    /// record it): latency tails follow stolen time, so servers are compared
+    /// fairly only between runs with little of it.
+    #[arg(long, value_name = "PERCENT")]
+    pub steal_at_most: Option<f64>,
     /// Where results.md and the PNG charts go.
     #[arg(long)]
     pub out_dir: PathBuf,

@@ -12,8 +12,8 @@
 //! - [`tally`], [`histogram`]: delivery accounting and latency.
 //! - [`measure`]: CPU and RSS from `/proc`.
 //! - [`scenario`]: echo, relay, fanout, idle, storm.
-//! - [`record`], [`summary`], [`report`], [`chart`]: results, medians, markdown
-//!   and PNG.
+//! - [`record`], [`summary`], [`permutation`], [`report`], [`chart`]: results,
+//!   medians, how far ratios could come from chance, markdown and PNG.
 
 mod chart;
 mod cli;
@@ -21,6 +21,7 @@ mod conn;
 mod histogram;
 mod measure;
 mod payload;
+mod permutation;
 mod record;
 mod report;
 mod rng;

@@ -7,6 +7,7 @@ use anyhow::Context as _;
 
 use crate::chart::{self, Bar, Panel};
 use crate::cli::ReportArgs;
+use crate::permutation;
 use crate::record::{LOADGEN_BOUND_UTIL, Record};
 use crate::summary::{Cell, group};
 
@@ -48,17 +49,31 @@ const FIGURES: [Figure; 4] = [
 
 /// Writes `results.md` and the charts.
 pub fn write(args: &ReportArgs) -> anyhow::Result<()> {
-    let records = Record::read_all(&args.input)?;
+    let mut records = Vec::new();
+    for input in &args.input {
+        records.extend(Record::read_all(input)?);
+    }
+    anyhow::ensure!(!records.is_empty(), "no results in {:?}", args.input);
+    let left_out = LeftOut {
+        discarded: records.iter().filter(|r| r.discarded).count(),
+        over_steal: records
+            .iter()
+            .filter(|r| !r.discarded && !args.counts_steal(r))
+            .count(),
+    };
+    let counted: Vec<&Record> = records
+        .iter()
+        .filter(|r| !r.discarded && args.counts_steal(r))
+        .collect();
     anyhow::ensure!(
-        !records.is_empty(),
-        "no results in {}",
-        args.input.display()
+        !counted.is_empty(),
+        "no run had at most {:?}% stolen",
+        args.steal_at_most
     );
-    let table = group(&records, &args.baseline);
+    let table = group(&counted, &args.baseline);
     std::fs::create_dir_all(&args.out_dir)?;
     let charts = write_charts(&table, &args.out_dir);
-    let discarded = records.iter().filter(|r| r.discarded).count();
-    let markdown = render(&table, args, &charts, discarded);
+    let markdown = render(&table, args, &charts, &left_out);
     let path = args.out_dir.join("results.md");
     std::fs::write(&path, markdown).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("loadgen: wrote {}", path.display());
@@ -94,11 +109,30 @@ fn check(records: &[Record]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The runs a report does not count, and why.
+struct LeftOut {
+    /// Marked discarded by `--max-steal` when they ran (and run again).
+    discarded: usize,
+    /// Over the report's `--steal-at-most`.
+    over_steal: usize,
+}
+
+impl ReportArgs {
+    /// Whether `record` had little enough stolen to count in this report.
+    fn counts_steal(&self, record: &Record) -> bool {
+        self.steal_at_most.is_none_or(|most| {
+            record
+                .steal_share
+                .is_some_and(|share| share * 100.0 <= most)
+        })
+    }
+}
+
 fn render(
     table: &[Vec<Cell<'_>>],
     args: &ReportArgs,
     charts: &[String],
-    discarded: usize,
+    left_out: &LeftOut,
 ) -> String {
     let mut md = String::new();
     let _ = writeln!(md, "# Benchmark results\n");
@@ -174,12 +208,21 @@ fn render(
             cell.runs.len(),
         );
     }
-    if discarded > 0 {
+    if left_out.discarded > 0 {
         let _ = writeln!(
             md,
-            "\n{discarded} run(s) were discarded and run again because the hypervisor \
+            "\n{} run(s) were discarded and run again because the hypervisor \
              took more of the machine's time during them than `--max-steal` allows; \
-             `raw.jsonl` keeps them, marked `\"discarded\": true`."
+             `raw.jsonl` keeps them, marked `\"discarded\": true`.",
+            left_out.discarded
+        );
+    }
+    if let Some(most) = args.steal_at_most {
+        let _ = writeln!(
+            md,
+            "\nOnly runs with at most {most}% stolen are counted (`--steal-at-most`): \
+             {} other run(s) are left out.",
+            left_out.over_steal
         );
     }
     if !bound.is_empty() {
@@ -207,7 +250,11 @@ fn render_ratios(md: &mut String, table: &[Vec<Cell<'_>>], baseline: &str) {
         md,
         "\n## {baseline} ÷ peer\n\nEach figure is {baseline}'s median divided by the peer's: \
          below 1 means {baseline} uses less (CPU, latency, memory); for ops/s above 1 \
-         means it does more.\n"
+         means it does more. p is the two-sided Mann–Whitney test of the runs, done \
+         by shuffling them between the two servers: how often the ranks of the runs \
+         differ at least this much when the servers do not differ at all. A small p \
+         (0.05 or less) says the runs do tell the servers apart; with 3 runs each it \
+         cannot go below 0.1.\n"
     );
     let headers = FIGURES.map(|f| {
         format!(
@@ -228,7 +275,11 @@ fn render_ratios(md: &mut String, table: &[Vec<Cell<'_>>], baseline: &str) {
                 .map(|f| {
                     let applies = f.held == base.held_connections();
                     match (applies, base.median(f.value), peer.median(f.value)) {
-                        (true, Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+                        (true, Some(a), Some(b)) if b > 0.0 => {
+                            let p =
+                                permutation::p_value(&base.values(f.value), &peer.values(f.value));
+                            format!("{:.2}× ({})", a / b, p_text(p))
+                        }
                         _ => "–".into(),
                     }
                 })
@@ -241,6 +292,14 @@ fn render_ratios(md: &mut String, table: &[Vec<Cell<'_>>], baseline: &str) {
                 ratios.join(" | ")
             );
         }
+    }
+}
+
+/// A p-value to two places; below 0.01 that would read as 0, which no test gives.
+fn p_text(p: Option<f64>) -> String {
+    match p {
+        Some(p) if p < 0.01 => "p < 0.01".into(),
+        p => format!("p {}", fmt(p, 2)),
     }
 }
 
@@ -365,46 +424,117 @@ fn write_charts(table: &[Vec<Cell<'_>>], dir: &std::path::Path) -> Vec<String> {
 mod tests {
     use super::*;
 
+    fn plain_args() -> ReportArgs {
+        ReportArgs {
+            input: vec!["unused".into()],
+            out_dir: "unused".into(),
+            baseline: "switchboard".into(),
+            steal_at_most: None,
+            command: "bench/run.sh".into(),
+            facts: vec![],
+            check: false,
+        }
+    }
+
     #[test]
     fn the_table_has_medians_ratios_and_marks_loadgen_bound_runs() {
-        let records = vec![
+        let records = [
             Record::sample("peer", 1, 4.0),
             Record::sample("switchboard", 1, 1.0),
             Record::sample("switchboard", 2, 3.0),
             Record::sample("switchboard", 3, 2.0),
-            Record {
-                discarded: true,
-                ..Record::sample("switchboard", 3, 100.0)
-            },
         ];
-        let table = group(&records, "switchboard");
+        let table = group(&records.iter().collect::<Vec<_>>(), "switchboard");
         assert_eq!(
             table[0][0].server, "switchboard",
             "the baseline comes first"
         );
-        let args = ReportArgs {
-            input: "unused".into(),
-            out_dir: "unused".into(),
-            baseline: "switchboard".into(),
-            command: "bench/run.sh".into(),
-            facts: vec![],
-            check: false,
+        let left_out = LeftOut {
+            discarded: 1,
+            over_steal: 0,
         };
-        let md = render(&table, &args, &[], 1);
+        let md = render(&table, &plain_args(), &[], &left_out);
         assert!(
             md.contains("| relay-k1 | N=10 | switchboard | 1000 † | 2.00 |"),
             "{md}"
         );
+        // One peer run against three: of the 4 splits, 2 give a ratio this far from 1.
         assert!(
-            md.contains("| relay-k1 | peer | 0.50× | 1.00× | 1.00× | – |"),
+            md.contains(
+                "| relay-k1 | peer | 0.50× (p 0.50) | 1.00× (p 1.00) | 1.00× (p 1.00) | – |"
+            ),
             "{md}"
         );
         assert!(md.contains("| 300 | 2.0% |"), "steal after p99.9: {md}");
         assert!(md.contains("Command: `bench/run.sh`"));
-        assert!(
-            md.contains("| 0/0/0 | 3 |"),
-            "the discarded run is left out: {md}"
-        );
+        assert!(md.contains("| 0/0/0 | 3 |"), "{md}");
         assert!(md.contains("1 run(s) were discarded"), "{md}");
+        assert!(!md.contains("--steal-at-most"), "{md}");
+    }
+
+    #[test]
+    fn p_values_below_a_hundredth_do_not_read_as_zero() {
+        assert_eq!(p_text(Some(0.00005)), "p < 0.01");
+        assert_eq!(p_text(Some(0.031)), "p 0.03");
+        assert_eq!(p_text(None), "p –");
+    }
+
+    #[test]
+    fn runs_with_more_stolen_than_asked_or_none_recorded_are_not_counted() {
+        let args = ReportArgs {
+            steal_at_most: Some(1.0),
+            ..plain_args()
+        };
+        let stolen = |share| Record {
+            steal_share: share,
+            ..Record::sample("switchboard", 1, 1.0)
+        };
+        assert!(args.counts_steal(&stolen(Some(0.01))));
+        assert!(!args.counts_steal(&stolen(Some(0.0101))));
+        assert!(!args.counts_steal(&stolen(None)));
+        assert!(
+            plain_args().counts_steal(&stolen(None)),
+            "no filter, all count"
+        );
+    }
+
+    #[test]
+    fn a_report_pools_its_inputs_and_leaves_out_discarded_and_stolen_runs() {
+        let dir = std::env::temp_dir().join(format!("loadgen-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let line = |record: Record| serde_json::to_string(&record).unwrap() + "\n";
+        let first = dir.join("first.jsonl");
+        let second = dir.join("second.jsonl");
+        std::fs::write(
+            &first,
+            line(Record::sample("switchboard", 1, 1.0))
+                + &line(Record {
+                    discarded: true,
+                    ..Record::sample("switchboard", 2, 50.0)
+                }),
+        )
+        .unwrap();
+        std::fs::write(
+            &second,
+            line(Record::sample("peer", 1, 4.0))
+                + &line(Record {
+                    steal_share: Some(0.3),
+                    ..Record::sample("peer", 2, 100.0)
+                }),
+        )
+        .unwrap();
+        let args = ReportArgs {
+            input: vec![first, second],
+            out_dir: dir.clone(),
+            steal_at_most: Some(5.0),
+            ..plain_args()
+        };
+        write(&args).unwrap();
+        let md = std::fs::read_to_string(dir.join("results.md")).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(md.contains("| relay-k1 | peer | 0.25× (p 1.00)"), "{md}");
+        assert!(md.contains("1 run(s) were discarded"), "{md}");
+        assert!(md.contains("at most 5% stolen are counted"), "{md}");
+        assert!(md.contains("1 other run(s) are left out"), "{md}");
     }
 }

@@ -31,7 +31,12 @@ pub struct Cell<'a> {
 impl Cell<'_> {
     /// The median of a figure over the runs that have it.
     pub fn median(&self, figure: impl Fn(&Record) -> Option<f64>) -> Option<f64> {
-        median(self.runs.iter().filter_map(|r| figure(r)).collect())
+        median(self.values(figure))
+    }
+
+    /// A figure of every run that has it.
+    pub fn values(&self, figure: impl Fn(&Record) -> Option<f64>) -> Vec<f64> {
+        self.runs.iter().filter_map(|r| figure(r)).collect()
     }
 
     /// The total of a count over the runs.
@@ -56,12 +61,11 @@ impl Cell<'_> {
 }
 
 /// Groups records by scenario and server, both in order of first appearance,
-/// with the baseline server first. Discarded runs (see `--max-steal`) are left out.
-pub fn group<'a>(records: &'a [Record], baseline: &str) -> Vec<Vec<Cell<'a>>> {
-    let records: Vec<&Record> = records.iter().filter(|r| !r.discarded).collect();
-    let mut scenarios: Vec<&str> = Vec::new();
-    let mut servers: Vec<&str> = Vec::new();
-    for r in &records {
+/// with the baseline server first. The caller leaves out the runs not to count.
+pub fn group<'a>(records: &[&'a Record], baseline: &str) -> Vec<Vec<Cell<'a>>> {
+    let mut scenarios: Vec<&'a str> = Vec::new();
+    let mut servers: Vec<&'a str> = Vec::new();
+    for &r in records {
         if !scenarios.contains(&r.scenario.as_str()) {
             scenarios.push(&r.scenario);
         }
