@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run with `bench/run.sh` from a clean clone: every scenario against Switchboard
 # and each peer (Bun, Node + ws, axum + tokio-tungstenite), servers alternating
-# within each repetition, 3 repetitions, 15 minutes or more (see --max-steal). It writes
+# within each repetition, 5 repetitions, 25 minutes or more (see --max-steal). It writes
 # bench/results/results.md (medians, ratios, the command, the machine) and PNG
 # charts. `bench/run.sh --smoke` runs every scenario for about a second against
 # Switchboard and whichever peers are installed, into target/bench-smoke/, and
@@ -9,7 +9,8 @@
 #
 # Options:
 #   --smoke            short runs, one repetition, debug builds, no peer install
-#   --reps N           repetitions (full run: at least 3; default 3)
+#   --reps N           repetitions (full run: at least 3; default 5, with which the
+#                      report's p can fall below 0.01; with 3 it never falls below 0.1)
 #   --servers "A B"    subset of: switchboard bun node axum (default: all)
 #   --scenarios "A B"  subset of: echo relay-k1 relay-k10 fanout fanout-topic idle storm
 #                      echo-deflate fanout-deflate
@@ -33,7 +34,7 @@ cd "$(dirname "$0")/.."
 source bench/lib.sh
 
 mode=full
-reps=3
+reps=5
 servers="switchboard bun node axum"
 scenarios="echo relay-k1 relay-k10 fanout fanout-topic idle storm echo-deflate fanout-deflate"
 release=""
