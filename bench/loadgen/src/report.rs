@@ -458,7 +458,7 @@ mod tests {
             md.contains("| relay-k1 | N=10 | switchboard | 1000 † | 2.00 |"),
             "{md}"
         );
-        // One peer run against three: of the 4 splits, 2 give a ratio this far from 1.
+        // One peer run against three: of the 4 splits, 2 are as far apart in rank.
         assert!(
             md.contains(
                 "| relay-k1 | peer | 0.50× (p 0.50) | 1.00× (p 1.00) | 1.00× (p 1.00) | – |"
