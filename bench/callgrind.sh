@@ -22,7 +22,7 @@ source bench/lib.sh
 scenario=${1:-}
 case "$scenario" in
   relay | echo | echo-deflate | storm | fanout) ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  *) usage; exit 2 ;;
 esac
 command -v valgrind > /dev/null || { echo "callgrind.sh: valgrind is not installed" >&2; exit 1; }
 

@@ -22,14 +22,14 @@ case "$scenario" in
   relay-k1) load=(relay --clients 1000 --targets 1 --rate 10000 --size 128) ;;
   fanout-topic) load=(fanout --subscribers 2000 --rate 15 --size 128 --topic) ;;
   echo) load=(echo --connections 50 --window 10 --size 64) ;;
-  *) sed -n '2,13p' "$0"; exit 2 ;;
+  *) usage; exit 2 ;;
 esac
 case "$server/$scenario" in
   # The toolkit's echo example echoes on any path; the relay has no echo route.
   switchboard/echo) command=(target/release/examples/echo 127.0.0.1:0); path=/ ;;
   switchboard/*) command=(target/release/switchboard serve "${bench_serve_flags[@]}" --compression false) ;;
   bun/*) command=(bench/peers/node_modules/.bin/bun bench/peers/bun-relay.js 127.0.0.1:0); path=/echo ;;
-  *) sed -n '2,13p' "$0"; exit 2 ;;
+  *) usage; exit 2 ;;
 esac
 [ "$scenario" = echo ] && load+=(--path "$path")
 command -v perf > /dev/null || { echo "kernel-share.sh: perf is not installed" >&2; exit 1; }

@@ -8,3 +8,10 @@ bench_serve_flags=(--listen 127.0.0.1:0 --log-level warn
   --rate-limit-messages-per-sec 0 --rate-limit-bytes-per-sec 0
   --max-connections-per-client 100000 --idle-timeout-secs 0 --ping-interval-secs 0
   --max-outbound-bytes 67108864 --max-targets 100000)
+
+# Prints the calling script's header comment (its usage): every line after the
+# shebang up to the first that is not a comment, so it cannot fall out of step
+# with the header as a fixed line range did.
+usage() {
+  awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"
+}

@@ -57,7 +57,7 @@ while [ $# -gt 0 ]; do
     --out) out_dir="$2"; shift ;;
     --no-pin) pin="" ;;
     --max-steal) max_steal="$2"; shift ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) usage; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
