@@ -16,7 +16,7 @@ fn decode(input: &[u8], split: usize, compression: Option<PeerContext>) -> (Vec<
         max_frame_size: 1 << 16,
         max_message_size: 1 << 18,
     };
-    let mut decoder = MessageDecoder::new(Role::Server, limits, compression, true);
+    let mut decoder = MessageDecoder::new(Role::Server, limits, compression);
     let mut buf = BytesMut::new();
     let mut out = Vec::new();
     for piece in [&input[..split], &input[split..]] {

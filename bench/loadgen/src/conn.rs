@@ -151,15 +151,12 @@ async fn handshake(
         half: read_half,
         buf,
         chunk: MIN_READ_CHUNK,
-        // Every payload is compared byte for byte with what was sent, which
-        // subsumes UTF-8 validation; skipping it keeps the load generator cheap.
         decoder: MessageDecoder::new(
             Role::Client,
             limits,
             // Whatever the server answered, a compressor that keeps its context
             // is read correctly by an inflater that keeps it too.
             deflate.map(|_| PeerContext::Kept),
-            false,
         ),
     };
     let writer = Writer {

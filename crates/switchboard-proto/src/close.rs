@@ -54,12 +54,25 @@ impl std::fmt::Display for CloseCode {
 }
 
 /// The code and reason of a close frame.
+///
+/// It always holds a code that may be sent ([`CloseCode::is_sendable`]: never
+/// 1005, 1006 or 1015) and a reason of at most [`MAX_REASON_LEN`] bytes, so
+/// every `CloseReason` fits a close frame as it is.
+///
+/// # Examples
+///
+/// ```
+/// use switchboard_proto::{CloseCode, CloseReason};
+///
+/// let close = CloseReason::new(CloseCode::NORMAL, "bye");
+/// assert_eq!(close.code(), CloseCode::NORMAL);
+/// assert_eq!(close.reason(), "bye");
+/// assert!(CloseReason::try_new(1006, "lost").is_err());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloseReason {
-    /// The status code.
-    pub code: CloseCode,
-    /// A human-readable reason; at most 123 bytes of UTF-8 fit a control frame.
-    pub reason: String,
+    code: CloseCode,
+    reason: String,
 }
 
 /// Largest close reason that fits a control frame (125 bytes minus the code).
@@ -67,7 +80,33 @@ pub const MAX_REASON_LEN: usize = 123;
 
 impl CloseReason {
     /// A close reason, with the reason text cut at a character boundary to fit a frame.
+    ///
+    /// # Panics
+    ///
+    /// If `code` may not be sent ([`CloseCode::is_sendable`]): a code chosen by
+    /// the program is a constant, and a wrong one is a bug. For a code that
+    /// comes from outside, use [`CloseReason::try_new`].
+    #[track_caller]
     pub fn new(code: impl Into<CloseCode>, reason: impl Into<String>) -> Self {
+        match Self::try_new(code, reason) {
+            Ok(close) => close,
+            Err(error) => panic!("{error}"),
+        }
+    }
+
+    /// A close reason, with the reason text cut at a character boundary to fit a frame.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtocolError::BadCloseCode`] if `code` may not be sent on the wire.
+    pub fn try_new(
+        code: impl Into<CloseCode>,
+        reason: impl Into<String>,
+    ) -> Result<Self, ProtocolError> {
+        let code = code.into();
+        if !code.is_sendable() {
+            return Err(ProtocolError::BadCloseCode(code.0));
+        }
         let mut reason = reason.into();
         if reason.len() > MAX_REASON_LEN {
             let mut end = MAX_REASON_LEN;
@@ -76,10 +115,17 @@ impl CloseReason {
             }
             reason.truncate(end);
         }
-        Self {
-            code: code.into(),
-            reason,
-        }
+        Ok(Self { code, reason })
+    }
+
+    /// The status code.
+    pub fn code(&self) -> CloseCode {
+        self.code
+    }
+
+    /// The human-readable reason (at most [`MAX_REASON_LEN`] bytes).
+    pub fn reason(&self) -> &str {
+        &self.reason
     }
 
     /// Parses a received close frame payload. `Ok(None)` means the frame had no code.
@@ -150,9 +196,22 @@ mod tests {
     }
 
     #[test]
+    fn codes_that_may_not_be_sent_are_refused() {
+        for code in [0, 1004, 1005, 1006, 1015, 2999, 5000] {
+            assert_eq!(
+                CloseReason::try_new(code, ""),
+                Err(ProtocolError::BadCloseCode(code))
+            );
+        }
+        assert!(std::panic::catch_unwind(|| CloseReason::new(1006, "")).is_err());
+        assert_eq!(CloseReason::new(4000, "x").code(), CloseCode(4000));
+    }
+
+    #[test]
     fn long_reasons_are_cut_at_a_char_boundary() {
         let reason = CloseReason::new(1000, "é".repeat(100));
-        assert!(reason.reason.len() <= MAX_REASON_LEN);
+        assert!(reason.reason().len() <= MAX_REASON_LEN);
+        assert!(reason.reason().len() > MAX_REASON_LEN - 2);
         assert!(reason.to_payload().len() <= 125);
     }
 }

@@ -5,6 +5,7 @@ use crate::close::CloseCode;
 
 /// A violation of RFC 6455 or RFC 7692, or of a configured limit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProtocolError {
     /// RSV2/RSV3 set, or RSV1 without permessage-deflate, or RSV1 where it may not be.
     #[error("reserved bits set without a negotiated extension (RFC6455§5.2)")]
@@ -24,6 +25,10 @@ pub enum ProtocolError {
     /// A 64-bit length with the most significant bit set.
     #[error("frame length has its most significant bit set (RFC6455§5.2)")]
     BadLength,
+    /// A payload length in a longer form than it needs (RFC 6455 §5.2: "the
+    /// minimal number of bytes MUST be used").
+    #[error("payload length not minimally encoded (RFC6455§5.2)")]
+    NonMinimalLength,
     /// A continuation frame with no message in progress.
     #[error("unexpected continuation frame (RFC6455§5.4)")]
     UnexpectedContinuation,

@@ -210,7 +210,11 @@ impl FrameDecoder {
                 let Some(bytes) = buf.get(2..4) else {
                     return Ok(None);
                 };
-                (u16::from_be_bytes([bytes[0], bytes[1]]) as u64, 4)
+                let len = u16::from_be_bytes([bytes[0], bytes[1]]);
+                if len < 126 {
+                    return Err(ProtocolError::NonMinimalLength);
+                }
+                (u64::from(len), 4)
             }
             127 => {
                 let Some(bytes) = buf.get(2..10) else {
@@ -219,6 +223,9 @@ impl FrameDecoder {
                 let len = u64::from_be_bytes(bytes.try_into().expect("8 bytes"));
                 if len >> 63 != 0 {
                     return Err(ProtocolError::BadLength);
+                }
+                if len <= 0xFFFF {
+                    return Err(ProtocolError::NonMinimalLength);
                 }
                 (len, 10)
             }
@@ -302,6 +309,7 @@ pub fn encode_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::CloseCode;
 
     const MASK: [u8; 4] = [0xA1, 0xB2, 0xC3, 0xD4];
 
@@ -368,6 +376,40 @@ mod tests {
             let mut dec = FrameDecoder::new(Role::Server, 1 << 20, false);
             let mut buf = BytesMut::from(bytes);
             assert_eq!(dec.decode(&mut buf), Err(expected), "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_lengths_in_a_longer_form_than_they_need() {
+        let mut too_long_16 = vec![0x82, 0xFE, 0, 125];
+        let mut too_long_64 = vec![0x82, 0xFF, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF];
+        // The shortest lengths of each form are accepted.
+        let mut ok_16 = vec![0x82, 0xFE, 0, 126, 1, 2, 3, 4];
+        ok_16.extend(std::iter::repeat_n(0, 126));
+        let mut ok_64 = vec![0x82, 0xFF, 0, 0, 0, 0, 0, 1, 0, 0, 1, 2, 3, 4];
+        ok_64.extend(std::iter::repeat_n(0, 0x1_0000));
+        for bytes in [&mut too_long_16, &mut too_long_64] {
+            bytes.extend([1, 2, 3, 4]);
+            let mut dec = FrameDecoder::new(Role::Server, 1 << 20, false);
+            let mut buf = BytesMut::from(&bytes[..]);
+            assert_eq!(
+                dec.decode(&mut buf),
+                Err(ProtocolError::NonMinimalLength),
+                "{:?}",
+                &bytes[..10.min(bytes.len())]
+            );
+            assert_eq!(
+                ProtocolError::NonMinimalLength.close_code(),
+                CloseCode::PROTOCOL_ERROR
+            );
+        }
+        for (bytes, len) in [(ok_16, 126), (ok_64, 0x1_0000)] {
+            let mut dec = FrameDecoder::new(Role::Server, 1 << 20, false);
+            let frame = dec
+                .decode(&mut BytesMut::from(&bytes[..]))
+                .unwrap()
+                .unwrap();
+            assert_eq!(frame.payload.len(), len);
         }
     }
 

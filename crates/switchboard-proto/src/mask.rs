@@ -3,6 +3,10 @@
 //! Masking is XOR with a repeating 4-byte key. It runs over every byte a client
 //! sends, so it works a machine word at a time; the compiler turns the 8-byte
 //! loop into SIMD without any `unsafe` here.
+//!
+//! Client masking keys come from the operating system's cryptographic random
+//! source, as §5.3 requires ("derived from a strong source of entropy"), so an
+//! attacker cannot predict them and steer the masked bytes an intermediary sees.
 
 /// XORs `buf` with `mask`, as if `buf` started `offset` bytes into the payload.
 ///
@@ -27,6 +31,37 @@ pub fn apply_mask(buf: &mut [u8], mask: [u8; 4], offset: usize) {
     }
 }
 
+/// Keys drawn from the OS per refill: one `getrandom` call serves this many frames.
+const KEYS_PER_REFILL: usize = 64;
+
+/// A masking key for the next client frame, from the OS's cryptographic random
+/// source (through a per-thread buffer, so that sending is not a system call
+/// per frame).
+///
+/// # Panics
+///
+/// If the operating system has no random source to offer, which on the
+/// platforms Switchboard runs on does not happen once the system has booted.
+pub fn random_key() -> [u8; 4] {
+    use std::cell::RefCell;
+    thread_local! {
+        static POOL: RefCell<([u8; 4 * KEYS_PER_REFILL], usize)> =
+            const { RefCell::new(([0; 4 * KEYS_PER_REFILL], 4 * KEYS_PER_REFILL)) };
+    }
+    POOL.with(|pool| {
+        let (bytes, used) = &mut *pool.borrow_mut();
+        if *used == bytes.len() {
+            getrandom::fill(bytes).expect("the OS random source is available");
+            *used = 0;
+        }
+        let key = bytes[*used..*used + 4].try_into().expect("4 bytes");
+        // Each key is handed out once.
+        bytes[*used..*used + 4].fill(0);
+        *used += 4;
+        key
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -35,6 +70,15 @@ mod tests {
         for (i, b) in buf.iter_mut().enumerate() {
             *b ^= mask[(offset + i) % 4];
         }
+    }
+
+    #[test]
+    fn random_keys_do_not_repeat_across_refills() {
+        let keys: std::collections::HashSet<[u8; 4]> =
+            (0..4 * KEYS_PER_REFILL).map(|_| random_key()).collect();
+        // 256 draws from 2^32: a repeat has odds of about one in 130,000; a
+        // counter, a constant or a buffer that is never refilled would repeat.
+        assert!(keys.len() >= 4 * KEYS_PER_REFILL - 1, "{}", keys.len());
     }
 
     #[test]

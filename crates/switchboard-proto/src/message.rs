@@ -87,7 +87,6 @@ struct Partial {
 pub struct MessageDecoder {
     frames: FrameDecoder,
     limits: Limits,
-    validate_utf8: bool,
     /// How the peer compresses, when permessage-deflate was negotiated.
     peer_context: Option<PeerContext>,
     // Boxed: most connections never compress or fragment, and every idle
@@ -104,16 +103,13 @@ pub struct MessageDecoder {
 impl MessageDecoder {
     /// A decoder for `role`. `compression` says how the peer compresses when
     /// permessage-deflate was negotiated (see [`DeflateParams::client_context`]).
-    pub fn new(
-        role: Role,
-        limits: Limits,
-        compression: Option<PeerContext>,
-        validate_utf8: bool,
-    ) -> Self {
+    ///
+    /// Text is always checked to be UTF-8 (RFC 6455 §8.1): a [`Utf8Bytes`] is
+    /// never built from bytes nobody checked.
+    pub fn new(role: Role, limits: Limits, compression: Option<PeerContext>) -> Self {
         Self {
             frames: FrameDecoder::new(role, limits.max_frame_size, compression.is_some()),
             limits,
-            validate_utf8,
             peer_context: compression,
             inflater: None,
             partial: None,
@@ -200,7 +196,7 @@ impl MessageDecoder {
             OpCode::Continuation => self.partial.is_some() && plain_text_in_flight,
             _ => false,
         };
-        if is_text && self.validate_utf8 {
+        if is_text {
             self.prevalidated += fresh.len();
             self.utf8.feed(fresh)?;
         }
@@ -261,9 +257,6 @@ impl MessageDecoder {
         let data = partial.data.freeze();
         if partial.text {
             self.finish_text()?;
-            if !self.validate_utf8 {
-                return Utf8Bytes::try_from_bytes(data).map(Message::Text);
-            }
             Ok(Message::Text(Utf8Bytes::from_validated(data)))
         } else {
             Ok(Message::Binary(data))
@@ -279,17 +272,11 @@ impl MessageDecoder {
     }
 
     fn validate(&mut self, bytes: &[u8]) -> Result<(), ProtocolError> {
-        if self.validate_utf8 {
-            self.utf8.feed(bytes)?;
-        }
-        Ok(())
+        self.utf8.feed(bytes)
     }
 
     fn finish_text(&mut self) -> Result<(), ProtocolError> {
-        if self.validate_utf8 {
-            self.utf8.finish()?;
-        }
-        Ok(())
+        self.utf8.finish()
     }
 }
 
@@ -329,7 +316,6 @@ pub struct MessageEncoder {
     role: Role,
     /// Boxed for the same reason as the decoder's inflater.
     deflater: Option<Box<(Deflater, DeflateParams)>>,
-    mask_state: u64,
 }
 
 impl MessageEncoder {
@@ -338,7 +324,6 @@ impl MessageEncoder {
         Self {
             role,
             deflater: deflate.map(|params| Box::new((Deflater::new(&params), params))),
-            mask_state: seed(),
         }
     }
 
@@ -403,19 +388,8 @@ impl MessageEncoder {
         if self.role == Role::Server {
             return None;
         }
-        // xorshift64: masks need to be unpredictable to intermediaries, not secret.
-        let mut x = self.mask_state;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.mask_state = x;
-        Some((x as u32).to_ne_bytes())
+        Some(crate::mask::random_key())
     }
-}
-
-fn seed() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one(0u8) | 1
 }
 
 #[cfg(test)]
@@ -425,7 +399,7 @@ mod tests {
 
     fn decoder(compression: bool) -> MessageDecoder {
         let context = compression.then_some(PeerContext::Kept);
-        MessageDecoder::new(Role::Server, Limits::default(), context, true)
+        MessageDecoder::new(Role::Server, Limits::default(), context)
     }
 
     fn frame(fin: bool, opcode: OpCode, payload: &[u8]) -> BytesMut {
@@ -471,7 +445,7 @@ mod tests {
             max_frame_size: 100,
             max_message_size: 150,
         };
-        let mut dec = MessageDecoder::new(Role::Server, limits, None, true);
+        let mut dec = MessageDecoder::new(Role::Server, limits, None);
         let mut buf = frame(false, OpCode::Binary, &[0; 100]);
         buf.extend_from_slice(&frame(true, OpCode::Continuation, &[0; 100]));
         assert_eq!(
@@ -486,6 +460,36 @@ mod tests {
         let mut dec = decoder(false);
         let mut buf = BytesMut::from(&wire[..10]);
         assert_eq!(dec.next(&mut buf), Err(ProtocolError::InvalidUtf8));
+    }
+
+    /// Regression: with UTF-8 checks switched off, unchecked bytes became a
+    /// `Utf8Bytes`, whose `as_str` trusts them. There is no such switch now:
+    /// every path a text message can take is checked.
+    #[test]
+    fn invalid_utf8_never_becomes_text_on_any_path() {
+        let bad = b"ok \xc3\x28 not UTF-8";
+        let mut single = frame(true, OpCode::Text, bad);
+        let mut fragmented = frame(false, OpCode::Text, &bad[..4]);
+        fragmented.extend_from_slice(&frame(true, OpCode::Continuation, &bad[4..]));
+        // A sequence cut off by the end of the message.
+        let mut truncated = frame(false, OpCode::Text, b"abc");
+        truncated.extend_from_slice(&frame(true, OpCode::Continuation, b"\xe2\x82"));
+        for buf in [&mut single, &mut fragmented, &mut truncated] {
+            assert_eq!(decoder(false).next(buf), Err(ProtocolError::InvalidUtf8));
+        }
+        let params = negotiate("permessage-deflate", &DeflateOptions::default()).unwrap();
+        let mut client = MessageEncoder::new(Role::Client, Some(params));
+        let mut compressed = BytesMut::new();
+        // Long enough to be worth compressing.
+        let long_bad = bad.repeat(20);
+        client.encode(&Message::Binary(long_bad.into()), &mut compressed);
+        assert_ne!(compressed[0] & 0x40, 0, "the frame is compressed (RSV1)");
+        // The same compressed bytes, sent as text: opcode binary (2) becomes text (1).
+        compressed[0] = (compressed[0] & 0xF0) | 0x1;
+        assert_eq!(
+            decoder(true).next(&mut compressed),
+            Err(ProtocolError::InvalidUtf8)
+        );
     }
 
     #[test]
@@ -505,7 +509,7 @@ mod tests {
         let params = negotiate("permessage-deflate", &DeflateOptions::default()).unwrap();
         assert_eq!(params.client_context(), PeerContext::Reset);
         let limits = Limits::default();
-        let mut dec = MessageDecoder::new(Role::Server, limits, Some(PeerContext::Reset), true);
+        let mut dec = MessageDecoder::new(Role::Server, limits, Some(PeerContext::Reset));
         assert!(
             dec.inflater.is_none(),
             "none before the first compressed message"

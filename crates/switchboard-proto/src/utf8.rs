@@ -96,7 +96,11 @@ impl Utf8Bytes {
         reason = "re-validating on every read would cost a pass over each message"
     )]
     pub fn as_str(&self) -> &str {
-        // SAFETY: every constructor checks that the bytes are UTF-8, and the
+        // SAFETY: every way to build a `Utf8Bytes` holds UTF-8: `try_from_bytes`
+        // checks, `From<String>` and `From<&str>` start from a `str`, `Default` is
+        // empty, and `from_validated` is private to this crate, called only by
+        // `MessageDecoder` after its `Utf8Validator` accepted every byte and the
+        // end of the message (the decoder has no mode that skips the check). The
         // bytes are immutable afterwards.
         unsafe { std::str::from_utf8_unchecked(&self.0) }
     }

@@ -17,7 +17,7 @@ fn decode_in_pieces(
         max_frame_size: 4096,
         max_message_size: 8192,
     };
-    let mut decoder = MessageDecoder::new(Role::Server, limits, compression, true);
+    let mut decoder = MessageDecoder::new(Role::Server, limits, compression);
     let mut buf = BytesMut::new();
     let mut messages = Vec::new();
     let mut start = 0;
