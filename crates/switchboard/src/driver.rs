@@ -26,7 +26,7 @@ use tokio::time::{Instant, Sleep, sleep_until};
 
 use crate::handle::{ConnHandle, Outbound};
 use crate::handler::{Context, Handler, Outcome, TerminateReason};
-use crate::mailbox::{Direct, Drained, Mailbox};
+use crate::mailbox::{CloseCause, Direct, Drained, Mailbox};
 use crate::options::Options;
 use crate::shutdown::Signal;
 use crate::socket::Socket;
@@ -193,6 +193,21 @@ pub(crate) struct Driver<H: Handler, S> {
     flushed: bool,
     /// Our side of the TCP connection is shut down.
     write_closed: bool,
+    /// Since when more than `max_outbound_bytes` has waited to be written, and
+    /// reading is paused; past the slow-consumer timeout the connection is closed.
+    over_budget_since: Option<Instant>,
+    max_outbound_bytes: usize,
+    slow_consumer_timeout: Duration,
+    slow_consumer_close: CloseReason,
+    /// Bytes ever put on the write queue, and ever written: their difference is
+    /// what waits, and a pong is unwritten while `sent < pong_end`.
+    produced: u64,
+    sent: u64,
+    pong_end: u64,
+    /// The latest ping that arrived while our pong to an earlier one was still
+    /// unwritten: only it gets answered (RFC 6455 §5.5.3), so a ping flood
+    /// queues one pong at most.
+    pending_pong: Option<Bytes>,
     /// The mailbox may write prepared frames to the socket while we are parked.
     direct: bool,
 }
@@ -213,7 +228,6 @@ where
                 Role::Server,
                 options.limits,
                 setup.deflate.as_ref().map(DeflateParams::client_context),
-                options.validate_utf8,
             ),
             encoder: MessageEncoder::new(Role::Server, setup.deflate),
             protocol: setup.protocol,
@@ -236,6 +250,14 @@ where
             shutdown: setup.shutdown,
             flushed: true,
             write_closed: false,
+            over_budget_since: None,
+            max_outbound_bytes: options.max_outbound_bytes,
+            slow_consumer_timeout: options.slow_consumer_timeout,
+            slow_consumer_close: options.slow_consumer.close_reason(),
+            produced: 0,
+            sent: 0,
+            pong_end: 0,
+            pending_pong: None,
             direct: false,
         }
     }
@@ -287,7 +309,7 @@ where
                 progress |= drained;
             }
             progress |= self.poll_shutdown_signal(cx);
-            if !socket_waiting {
+            if !socket_waiting && self.may_read() {
                 let read = self.poll_read(cx);
                 socket_waiting = !read;
                 progress |= read;
@@ -327,6 +349,24 @@ where
         self.poll_timers(cx, true);
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// Whether to read from the socket: not while more than `max_outbound_bytes`
+    /// waits to be written, whoever queued it, so that a peer that sends without
+    /// reading meets TCP's backpressure instead of growing our memory. Notes
+    /// when the pause began, for the slow-consumer timeout.
+    fn may_read(&mut self) -> bool {
+        let over = self.mailbox.queued_bytes() > self.max_outbound_bytes;
+        match (over, self.over_budget_since) {
+            (true, None) => self.over_budget_since = Some(Instant::now()),
+            (false, Some(_)) => {
+                self.over_budget_since = None;
+                // The peer was not idle while we did not read.
+                self.last_read = Instant::now();
+            }
+            _ => {}
+        }
+        !over || self.phase == Phase::Failing
     }
 
     /// Whether the mailbox may write to the socket while this task sleeps:
@@ -373,7 +413,11 @@ where
             self.call(|handler, ctx| handler.handle_info(info, ctx));
         }
         if let Some(close) = drained.close.take() {
-            self.start_close(close.clone(), TerminateReason::Normal(close));
+            let reason = match close.cause {
+                CloseCause::Requested => TerminateReason::Normal(close.reason.clone()),
+                CloseCause::SlowConsumer => TerminateReason::SlowConsumer(close.reason.clone()),
+            };
+            self.start_close(close.reason, reason);
         }
         self.inbox = drained;
         true
@@ -446,7 +490,11 @@ where
             }
             Message::Ping(ref payload) => {
                 if self.phase == Phase::Open {
-                    self.push_frame(Message::Pong(payload.clone()));
+                    if self.pong_end > self.sent {
+                        self.pending_pong = Some(payload.clone());
+                    } else {
+                        self.push_pong(payload.clone());
+                    }
                     self.call(|handler, ctx| handler.handle_control(message, ctx));
                 }
             }
@@ -454,7 +502,7 @@ where
             Message::Close(reason) => {
                 if self.phase == Phase::Open {
                     // Echo the peer's code (RFC 6455 §5.5.1); an empty close gets an empty one.
-                    let echo = reason.as_ref().map(|r| CloseReason::new(r.code, ""));
+                    let echo = reason.as_ref().map(|r| CloseReason::new(r.code(), ""));
                     self.push_frame(Message::Close(echo));
                     self.reason = Some(TerminateReason::Remote(reason));
                 }
@@ -508,17 +556,26 @@ where
         self.arm_close_deadline();
     }
 
+    fn push_pong(&mut self, payload: Bytes) {
+        self.push_frame(Message::Pong(payload));
+        self.pong_end = self.produced;
+    }
+
     /// When the timer must next fire: the close deadline while closing, else the
-    /// earlier of the idle deadline and the next ping.
+    /// earliest of the idle deadline (not while reading is paused: the peer is
+    /// not idle, we are not reading), the next ping and the slow-consumer deadline.
     fn next_deadline(&self) -> Option<Instant> {
         if self.phase != Phase::Open {
             return self.close_deadline;
         }
-        let idle = self.idle_timeout.map(|period| self.last_read + period);
-        match (idle, self.next_ping) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let idle = match self.over_budget_since {
+            Some(_) => None,
+            None => self.idle_timeout.map(|period| self.last_read + period),
+        };
+        let slow = self
+            .over_budget_since
+            .map(|since| since + self.slow_consumer_timeout);
+        [idle, self.next_ping, slow].into_iter().flatten().min()
     }
 
     /// Fires the timer if it is due. It is created only when `arm` is set, which
@@ -549,8 +606,15 @@ where
         match self.phase {
             Phase::Open => {
                 if self
-                    .idle_timeout
-                    .is_some_and(|period| self.last_read + period <= now)
+                    .over_budget_since
+                    .is_some_and(|since| since + self.slow_consumer_timeout <= now)
+                {
+                    let close = self.slow_consumer_close.clone();
+                    self.start_close(close.clone(), TerminateReason::SlowConsumer(close));
+                } else if self.over_budget_since.is_none()
+                    && self
+                        .idle_timeout
+                        .is_some_and(|period| self.last_read + period <= now)
                 {
                     self.start_close(
                         CloseReason::new(CloseCode::GOING_AWAY, "idle timeout"),
@@ -574,8 +638,17 @@ where
     }
 
     fn poll_write(&mut self, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        self.queue_scratch();
-        while !self.write_queue.is_empty() {
+        loop {
+            // The pong held back for a later ping goes out once the one before it has.
+            if self.pong_end <= self.sent {
+                if let Some(payload) = self.pending_pong.take() {
+                    self.push_pong(payload);
+                }
+            }
+            self.queue_scratch();
+            if self.write_queue.is_empty() {
+                break;
+            }
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
             let count = self.write_queue.len().min(MAX_IOVECS);
             for (slice, bytes) in slices.iter_mut().zip(self.write_queue.iter()) {
@@ -586,6 +659,7 @@ where
                 return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
             self.mailbox.release(written);
+            self.sent += written as u64;
             self.consume_written(written);
             self.flushed = false;
         }
@@ -641,6 +715,7 @@ where
         }
         bytes.advance(sent);
         self.mailbox.charge(bytes.len());
+        self.produced += bytes.len() as u64;
         self.queue_scratch();
         self.write_queue.push_back(bytes);
     }
@@ -658,6 +733,7 @@ where
         self.encoder.encode(&message, &mut self.scratch);
         let len = self.scratch.len() - before;
         self.mailbox.charge(len);
+        self.produced += len as u64;
         len
     }
 
@@ -741,3 +817,6 @@ fn poll_read_landing<S: AsyncRead + Unpin>(
         Poll::Ready(Ok(read_buf.filled().len()))
     })
 }
+
+#[cfg(test)]
+mod tests;

@@ -56,7 +56,11 @@ pub enum TerminateReason {
     Shutdown,
     /// Nothing arrived within the idle timeout; the peer was sent 1001.
     Timeout,
-    /// A protocol violation, an I/O error, or the slow-consumer policy.
+    /// The slow-consumer policy closed it, with this close frame: a push would
+    /// have taken what waits to be written over `max_outbound_bytes`, or it stayed
+    /// over that limit (reading paused) for `slow_consumer_timeout`.
+    SlowConsumer(CloseReason),
+    /// A protocol violation, an I/O error, or a handler that panicked.
     Error(String),
 }
 

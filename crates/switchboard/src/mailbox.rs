@@ -38,7 +38,7 @@ pub(crate) struct Mailbox<I> {
 struct State<I> {
     infos: VecDeque<I>,
     frames: VecDeque<Outbound>,
-    close: Option<CloseReason>,
+    close: Option<Close>,
     /// The driver has sent its close frame or finished: refuse everything.
     closed: bool,
     /// The driver waits with nothing queued or unwritten: a prepared frame may
@@ -78,13 +78,28 @@ impl Direct {
     }
 }
 
+/// A close asked of the driver, and who asked.
+pub(crate) struct Close {
+    pub reason: CloseReason,
+    pub cause: CloseCause,
+}
+
+/// Why the mailbox asks the driver to close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseCause {
+    /// [`crate::ConnHandle::close`] or [`crate::Outbox::close`].
+    Requested,
+    /// A push would have taken the queue over `max_outbound_bytes`.
+    SlowConsumer,
+}
+
 /// What the driver took out of the mailbox in one go.
 pub(crate) struct Drained<I> {
     pub infos: VecDeque<I>,
     pub frames: VecDeque<Outbound>,
     /// How much of the first frame a direct write already sent.
     pub partial: usize,
-    pub close: Option<CloseReason>,
+    pub close: Option<Close>,
 }
 
 impl<I> Default for Drained<I> {
@@ -169,11 +184,10 @@ impl<I> Mailbox<I> {
         }
         let queued = self.queued_bytes.load(Ordering::Relaxed);
         let result = if !control && queued + charge > self.max_outbound_bytes {
-            let SlowConsumerPolicy::Close(code) = self.slow_consumer;
-            state.close = Some(CloseReason::new(
-                code,
-                "slow consumer: outbound buffer full",
-            ));
+            state.close = Some(Close {
+                reason: self.slow_consumer.close_reason(),
+                cause: CloseCause::SlowConsumer,
+            });
             Err(PushError::SlowConsumer)
         } else {
             if std::mem::take(&mut state.idle) {
@@ -203,7 +217,10 @@ impl<I> Mailbox<I> {
     pub fn close(&self, reason: CloseReason) {
         self.with_state(|state| {
             if !state.closed && state.close.is_none() {
-                state.close = Some(reason);
+                state.close = Some(Close {
+                    reason,
+                    cause: CloseCause::Requested,
+                });
             }
         });
     }
@@ -267,6 +284,11 @@ impl<I> Mailbox<I> {
         state.infos.clear();
         state.frames.clear();
         state.waker = None;
+    }
+
+    /// Bytes waiting to be written, whoever queued them.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
     }
 
     /// Bytes put on the write queue count against the outbound budget.

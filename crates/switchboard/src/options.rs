@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use switchboard_proto::deflate::DeflateOptions;
-use switchboard_proto::{CloseCode, Limits};
+use switchboard_proto::{CloseCode, CloseReason, Limits};
 
 use crate::stats::Stats;
 
@@ -13,6 +13,14 @@ pub enum SlowConsumerPolicy {
     /// Close it with this code (1008 policy violation, or 1013 try again later).
     /// Pushes that would exceed the limit are refused, so memory stays bounded.
     Close(CloseCode),
+}
+
+impl SlowConsumerPolicy {
+    /// The close frame a slow consumer is sent.
+    pub(crate) fn close_reason(self) -> CloseReason {
+        let Self::Close(code) = self;
+        CloseReason::new(code, "slow consumer: outbound buffer full")
+    }
 }
 
 /// Options for one connection.
@@ -26,14 +34,15 @@ pub struct Options {
     pub ping_interval: Option<Duration>,
     /// permessage-deflate, when the client offers it; `None` turns it off.
     pub compression: Option<DeflateOptions>,
-    /// Check that text messages are UTF-8 (RFC 6455 requires it).
-    pub validate_utf8: bool,
     /// Most `handle_info` messages waiting in the mailbox; further sends get [`crate::SendError::Full`].
     pub mailbox_size: usize,
     /// Most bytes waiting to be written to the socket, pushed frames included.
     pub max_outbound_bytes: usize,
     /// What happens when `max_outbound_bytes` would be exceeded.
     pub slow_consumer: SlowConsumerPolicy,
+    /// How long the queue may stay over `max_outbound_bytes` (reading paused)
+    /// before the slow-consumer policy closes the connection.
+    pub slow_consumer_timeout: Duration,
     /// How long to wait for the peer's close frame after sending ours.
     pub close_timeout: Duration,
     /// Counters to add this connection's traffic to, if any.
@@ -47,10 +56,10 @@ impl Default for Options {
             idle_timeout: Some(Duration::from_secs(60)),
             ping_interval: Some(Duration::from_secs(25)),
             compression: Some(DeflateOptions::default()),
-            validate_utf8: true,
             mailbox_size: 1024,
             max_outbound_bytes: 4 << 20,
             slow_consumer: SlowConsumerPolicy::Close(CloseCode::TRY_AGAIN_LATER),
+            slow_consumer_timeout: Duration::from_secs(30),
             close_timeout: Duration::from_secs(5),
             stats: None,
         }

@@ -212,8 +212,8 @@ async fn terminate_reports_a_remote_close() {
     next_event(&mut events).await;
     match next_event(&mut events).await {
         Event::Terminate(TerminateReason::Remote(Some(reason))) => {
-            assert_eq!(reason.code.0, 1001);
-            assert_eq!(reason.reason, "leaving");
+            assert_eq!(reason.code().0, 1001);
+            assert_eq!(reason.reason(), "leaving");
         }
         other => panic!("{other:?}"),
     }
@@ -244,7 +244,7 @@ async fn stop_pushes_then_closes_with_the_code() {
     next_event(&mut events).await;
     assert!(matches!(
         next_event(&mut events).await,
-        Event::Terminate(TerminateReason::Normal(reason)) if reason.code.0 == 4000
+        Event::Terminate(TerminateReason::Normal(reason)) if reason.code().0 == 4000
     ));
 }
 

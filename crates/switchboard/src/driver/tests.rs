@@ -1,0 +1,153 @@
+//! The driver against an in-memory pipe with a small buffer: what it queues
+//! for a peer that never reads, measured exactly.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use switchboard_proto::frame::encode_frame;
+use switchboard_proto::{FrameDecoder, OpCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+use super::*;
+use crate::handle::ConnId;
+
+/// Bytes the pipe holds in each direction: what a peer that never reads can
+/// take before writes stall.
+const PIPE: usize = 64 * 1024;
+
+/// Echoes every data message, and keeps why the connection ended.
+struct Echo(Arc<std::sync::Mutex<Option<TerminateReason>>>);
+
+impl Handler for Echo {
+    type Info = ();
+    fn handle_in(&mut self, message: Message, _ctx: &mut Context<'_, ()>) -> Outcome {
+        Outcome::push(message)
+    }
+    fn terminate(&mut self, reason: &TerminateReason) {
+        *self.0.lock().unwrap() = Some(reason.clone());
+    }
+}
+
+type Ended = Arc<std::sync::Mutex<Option<TerminateReason>>>;
+
+/// A running driver for `Echo` over one end of a pipe; returns the other end
+/// (the client), the mailbox, whose queue size the tests watch, and where
+/// `terminate`'s reason lands.
+fn start(options: Options) -> (DuplexStream, Arc<Mailbox<()>>, Ended) {
+    let (client, server) = tokio::io::duplex(PIPE);
+    let mailbox = Arc::new(Mailbox::new(ConnId::next(), &options));
+    let setup = Setup {
+        options,
+        deflate: None,
+        protocol: None,
+        shutdown: None,
+    };
+    let ended = Ended::default();
+    let mut driver = Driver::new(server, Echo(ended.clone()), mailbox.clone(), setup);
+    tokio::spawn(async move {
+        std::future::poll_fn(|cx| driver.poll_run(cx)).await;
+        driver.finish();
+    });
+    (client, mailbox, ended)
+}
+
+fn client_frame(opcode: OpCode, payload: &[u8]) -> BytesMut {
+    let mut out = BytesMut::new();
+    encode_frame(&mut out, true, false, opcode, payload, Some([1, 2, 3, 4]));
+    out
+}
+
+/// Writes `frame` `times` times, or until the pipe stays full for 200 ms;
+/// returns how many went through.
+async fn write_until_stalled(client: &mut DuplexStream, frame: &[u8], times: usize) -> usize {
+    for sent in 0..times {
+        let write = tokio::time::timeout(Duration::from_millis(200), client.write_all(frame));
+        if !matches!(write.await, Ok(Ok(()))) {
+            return sent;
+        }
+    }
+    times
+}
+
+/// Reads every frame the pipe holds now, by opcode.
+async fn read_frames(client: &mut DuplexStream) -> Vec<OpCode> {
+    let mut buf = BytesMut::new();
+    let mut decoder = FrameDecoder::new(Role::Client, 1 << 20, false);
+    let mut opcodes = Vec::new();
+    loop {
+        while let Some(frame) = decoder.decode(&mut buf).unwrap() {
+            opcodes.push(frame.opcode);
+        }
+        let read = tokio::time::timeout(Duration::from_millis(200), client.read_buf(&mut buf));
+        match read.await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return opcodes,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_ping_flood_queues_one_pong_at_most() {
+    let options = Options {
+        ping_interval: None,
+        ..Options::default()
+    };
+    let (mut client, mailbox, _) = start(options);
+    let ping = client_frame(OpCode::Ping, &[7; 125]);
+    // 20,000 pings are 2.6 MB: forty times what the pipe holds.
+    let pings = 20_000;
+    assert_eq!(write_until_stalled(&mut client, &ping, pings).await, pings);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // One pong waits behind a full pipe, and one more is held for the latest ping.
+    assert!(
+        mailbox.queued_bytes() <= 2 * 127,
+        "{} bytes queued for a ping flood",
+        mailbox.queued_bytes()
+    );
+    let pongs = read_frames(&mut client).await;
+    assert!(pongs.iter().all(|op| *op == OpCode::Pong));
+    // What the pipe held, plus the queued one and the one held back.
+    assert!(
+        pongs.len() <= PIPE / 127 + 2,
+        "{} pongs for {pings} pings",
+        pongs.len()
+    );
+    // The latest ping is answered even so.
+    assert!(!pongs.is_empty());
+}
+
+#[tokio::test]
+async fn a_peer_that_sends_and_never_reads_meets_backpressure_then_the_slow_consumer_close() {
+    let budget = 256 * 1024;
+    let options = Options {
+        max_outbound_bytes: budget,
+        slow_consumer_timeout: Duration::from_millis(500),
+        close_timeout: Duration::from_millis(200),
+        ..Options::default()
+    };
+    let (mut client, mailbox, ended) = start(options);
+    let message = client_frame(OpCode::Binary, &[9; 16 * 1024]);
+    // 64 MiB offered; the server stops reading once its replies exceed the budget.
+    let offered = 4096;
+    let taken = write_until_stalled(&mut client, &message, offered).await;
+    assert!(taken < offered, "all {offered} messages were read");
+    let most = (budget + 2 * PIPE) / (16 * 1024) + 2;
+    assert!(
+        taken <= most,
+        "{taken} messages taken, at most {most} expected"
+    );
+    assert!(mailbox.queued_bytes() <= budget + 16 * 1024 + 8);
+    // Reading stays paused past the slow-consumer timeout: the policy closes it,
+    // and at the close timeout what is queued is dropped.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(mailbox.is_closed());
+    let frames = read_frames(&mut client).await;
+    assert!(frames.iter().all(|op| *op == OpCode::Binary));
+    assert_eq!(
+        *ended.lock().unwrap(),
+        Some(TerminateReason::SlowConsumer(CloseReason::new(
+            CloseCode::TRY_AGAIN_LATER,
+            "slow consumer: outbound buffer full"
+        )))
+    );
+}
