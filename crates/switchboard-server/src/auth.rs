@@ -208,7 +208,11 @@ impl JwtVerifier {
         let mut keys = Vec::new();
         if let Some(secret) = &config.hs256_secret {
             if secret.len() < 32 {
-                bail!("the HS256 secret must be at least 32 bytes (RFC 7518 §3.2)");
+                bail!(
+                    "the HS256 secret is {} bytes, and must be at least 32 (RFC 7518 §3.2): give a \
+                     longer --jwt-hs256-secret, for example the output of `openssl rand -hex 32`",
+                    secret.len()
+                );
             }
             keys.push(VerifyKey {
                 kid: None,

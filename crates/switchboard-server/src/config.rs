@@ -77,7 +77,9 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_MAILBOX_SIZE", value_name = "N")]
     pub mailbox_size: Option<usize>,
 
-    /// Most bytes queued for one connection before it counts as a slow consumer [default: 4194304]
+    /// Most bytes queued for one connection, whoever queued them (deliveries, acks, pongs). Over it
+    /// the server stops reading from that client; a push that would exceed it closes the connection
+    /// [default: 4194304]
     #[arg(long, env = "SWITCHBOARD_MAX_OUTBOUND_BYTES", value_name = "BYTES")]
     pub max_outbound_bytes: Option<usize>,
 
@@ -88,6 +90,15 @@ pub struct Settings {
         value_name = "CODE"
     )]
     pub slow_consumer_close_code: Option<u16>,
+
+    /// How long a connection may stay over max_outbound_bytes (reading paused) before it is closed
+    /// as a slow consumer [default: 30]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_SLOW_CONSUMER_TIMEOUT_SECS",
+        value_name = "SECS"
+    )]
+    pub slow_consumer_timeout_secs: Option<u64>,
 
     /// On SIGTERM/SIGINT, how long to wait for connections to close before exiting [default: 10]
     #[arg(long, env = "SWITCHBOARD_SHUTDOWN_DRAIN_SECS", value_name = "SECS")]
@@ -240,6 +251,8 @@ pub struct Config {
     pub max_outbound_bytes: usize,
     /// Slow-consumer close code.
     pub slow_consumer_close_code: CloseCode,
+    /// How long a connection may stay over `max_outbound_bytes`.
+    pub slow_consumer_timeout: Duration,
     /// Shutdown drain time.
     pub shutdown_drain: Duration,
     /// Runtime worker threads (0: one per CPU this process may use).
@@ -279,16 +292,26 @@ impl Config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("reading config file {}", path.display()))?;
-                toml::from_str::<toml::Table>(&text)
-                    .with_context(|| format!("parsing config file {}", path.display()))?
+                toml::from_str::<toml::Table>(&text).map_err(|e| {
+                    anyhow::anyhow!(
+                        "parsing config file {}: {}",
+                        path.display(),
+                        one_line(&e, &text)
+                    )
+                })?
             }
             None => toml::Table::new(),
         };
         // Unset options serialise to nothing, so only what was given overrides the file.
         table.extend(toml::Table::try_from(&args.settings)?);
-        let settings: Settings = table.try_into().context("invalid configuration")?;
+        let settings: Settings = table
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {}", one_line(&e, "")))?;
         let config = Self::resolve(settings)?;
         config.check_exposure()?;
+        // The keys are read and checked now, so that a bad one stops the service
+        // before it binds or says it is listening.
+        crate::auth::JwtVerifier::from_config(&config.jwt)?;
         Ok(config)
     }
 
@@ -312,6 +335,7 @@ impl Config {
             mailbox_size: s.mailbox_size.unwrap_or(1024),
             max_outbound_bytes: s.max_outbound_bytes.unwrap_or(4 << 20),
             slow_consumer_close_code: CloseCode(s.slow_consumer_close_code.unwrap_or(1013)),
+            slow_consumer_timeout: Duration::from_secs(s.slow_consumer_timeout_secs.unwrap_or(30)),
             shutdown_drain: Duration::from_secs(s.shutdown_drain_secs.unwrap_or(10)),
             workers: s.workers.unwrap_or(0),
             scheduler: s.scheduler.unwrap_or(Scheduler::WorkStealing),
@@ -406,9 +430,29 @@ impl Config {
             mailbox_size: self.mailbox_size,
             max_outbound_bytes: self.max_outbound_bytes,
             slow_consumer: SlowConsumerPolicy::Close(self.slow_consumer_close_code),
+            slow_consumer_timeout: self.slow_consumer_timeout,
             ..Options::default()
         }
         .max_message_size(self.max_message_size)
+    }
+}
+
+/// A TOML error on one line, with its line and column in `text` when it has a
+/// place there (the library's own rendering quotes the source over several lines).
+fn one_line(error: &toml::de::Error, text: &str) -> String {
+    let message = error
+        .message()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    match error.span().filter(|span| span.start <= text.len()) {
+        Some(span) => {
+            let before = &text[..span.start];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("{message} (line {line}, column {column})")
+        }
+        None => message,
     }
 }
 

@@ -1,5 +1,7 @@
 //! The `switchboard` command.
 
+use std::process::ExitCode;
+
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use switchboard_server::config::{Config, ServeArgs};
@@ -24,47 +26,66 @@ enum Command {
     Serve(ServeArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+/// Exit code for a configuration that cannot run (as clap uses for bad flags).
+const CONFIG_ERROR: u8 = 2;
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            let config = Config::load(&args)?;
-            logging::init(config.log_format, &config.log_level);
-            let layout = Layout::new(config.workers, config.scheduler);
-            let runtime = layout.main_runtime()?;
-            let (listener, workers, api_listener) = {
-                let _entered = runtime.enter();
-                let (listener, workers) = layout
-                    .bind(config.listen)
-                    .with_context(|| format!("binding {}", config.listen))?;
-                let api_listener = match config.api_listen {
-                    Some(api_addr) => Some(
-                        workers::listen(api_addr).with_context(|| format!("binding {api_addr}"))?,
-                    ),
-                    None => None,
-                };
-                (listener, workers, api_listener)
+            let config = match Config::load(&args) {
+                Ok(config) => config,
+                Err(error) => return fail(&error, ExitCode::from(CONFIG_ERROR)),
             };
-            runtime.block_on(async {
-                let addr = listener.local_addr()?;
-                // Tests and scripts read these lines to find port-0 listeners.
-                println!("listening on {addr}");
-                if let Some(api) = &api_listener {
-                    println!("api listening on {}", api.local_addr()?);
-                }
-                tracing::info!(
-                    %addr,
-                    workers = layout.threads(),
-                    "switchboard listening; clients connect to ws://{addr}/ws"
-                );
-                let listeners = server::Listeners {
-                    main: listener,
-                    workers,
-                    api: api_listener,
-                };
-                server::serve(&config, listeners, server::signal()).await?;
-                anyhow::Ok(())
-            })
+            match serve(&config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => fail(&error, ExitCode::FAILURE),
+            }
         }
     }
+}
+
+/// Reports `error` as one line on stderr, its causes joined with ": ", and no
+/// backtrace whatever `RUST_BACKTRACE` says: it is for the operator, not a bug.
+fn fail(error: &anyhow::Error, code: ExitCode) -> ExitCode {
+    eprintln!("switchboard: error: {error:#}");
+    code
+}
+
+fn serve(config: &Config) -> anyhow::Result<()> {
+    logging::init(config.log_format, &config.log_level);
+    let layout = Layout::new(config.workers, config.scheduler);
+    let runtime = layout.main_runtime()?;
+    let (listener, workers, api_listener) = {
+        let _entered = runtime.enter();
+        let (listener, workers) = layout
+            .bind(config.listen)
+            .with_context(|| format!("binding {}", config.listen))?;
+        let api_listener = match config.api_listen {
+            Some(api_addr) => {
+                Some(workers::listen(api_addr).with_context(|| format!("binding {api_addr}"))?)
+            }
+            None => None,
+        };
+        (listener, workers, api_listener)
+    };
+    runtime.block_on(async {
+        let addr = listener.local_addr()?;
+        // Tests and scripts read these lines to find port-0 listeners.
+        println!("listening on {addr}");
+        if let Some(api) = &api_listener {
+            println!("api listening on {}", api.local_addr()?);
+        }
+        tracing::info!(
+            %addr,
+            workers = layout.threads(),
+            "switchboard listening; clients connect to ws://{addr}/ws"
+        );
+        let listeners = server::Listeners {
+            main: listener,
+            workers,
+            api: api_listener,
+        };
+        server::serve(config, listeners, server::signal()).await
+    })
 }

@@ -389,6 +389,21 @@ impl Handler for Relay {
         }
     }
 
+    /// Pings and pongs count against the rate limits as messages do: a ping
+    /// costs the server a read and (coalesced) a pong. Over the limit there is no
+    /// error to answer a ping with; the strike counts, and enough of them in a
+    /// row close the connection as for messages.
+    fn handle_control(&mut self, message: Message, _ctx: &mut Context<'_, RelayInfo>) -> Outcome {
+        let len = match &message {
+            Message::Ping(data) | Message::Pong(data) => data.len(),
+            _ => 0,
+        };
+        match self.limiter.check(len) {
+            Verdict::Accept | Verdict::Refuse => Outcome::Continue,
+            Verdict::Disconnect => Outcome::stop(CloseCode::POLICY, "rate limit exceeded"),
+        }
+    }
+
     fn handle_info(&mut self, info: RelayInfo, _ctx: &mut Context<'_, RelayInfo>) -> Outcome {
         match info {
             RelayInfo::TokenExpired(generation) if generation == self.token_generation => {
