@@ -19,9 +19,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use switchboard::{ClientId, CloseReason};
 
+use crate::errors::ErrorCode;
 use crate::hub::Hub;
 use crate::ids::{self, Target};
-use crate::{topics, wire};
+use crate::wire;
 
 /// The OpenAPI 3.1 document of this API.
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
@@ -33,12 +34,12 @@ pub const MAX_BATCH: usize = 100;
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -46,7 +47,7 @@ impl ApiError {
         }
     }
 
-    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+    fn bad_request(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
@@ -67,7 +68,7 @@ struct ErrorBody<'a> {
 
 #[derive(Serialize)]
 struct ErrorDetail<'a> {
-    code: &'a str,
+    code: ErrorCode,
     message: &'a str,
 }
 
@@ -104,19 +105,23 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 /// The API's error for each way a JSON body can be refused.
 fn rejection(refused: JsonRejection) -> ApiError {
     match refused {
-        JsonRejection::JsonDataError(e) => ApiError::bad_request("invalid_request", e.body_text()),
-        JsonRejection::JsonSyntaxError(e) => ApiError::bad_request("invalid_json", e.body_text()),
+        JsonRejection::JsonDataError(e) => {
+            ApiError::bad_request(ErrorCode::InvalidRequest, e.body_text())
+        }
+        JsonRejection::JsonSyntaxError(e) => {
+            ApiError::bad_request(ErrorCode::InvalidJson, e.body_text())
+        }
         JsonRejection::MissingJsonContentType(e) => ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
+            ErrorCode::UnsupportedMediaType,
             e.body_text(),
         ),
         other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
+            ErrorCode::PayloadTooLarge,
             "the request body is larger than api_max_body_bytes",
         ),
-        other => ApiError::bad_request("invalid_request", other.body_text()),
+        other => ApiError::bad_request(ErrorCode::InvalidRequest, other.body_text()),
     }
 }
 
@@ -149,7 +154,7 @@ pub fn router(hub: Arc<Hub>, max_body: usize, loopback: bool) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                ErrorCode::MethodNotAllowed,
                 "method not allowed here",
             )
         })
@@ -161,7 +166,7 @@ pub fn router(hub: Arc<Hub>, max_body: usize, loopback: bool) -> Router {
 pub async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        "not_found",
+        ErrorCode::NotFound,
         "no such endpoint; see /api/v1/openapi.json",
     )
 }
@@ -172,18 +177,15 @@ async fn require_key(State(api): State<Api>, request: Request, next: Next) -> Re
     }
     if api.hub.api_keys.is_empty() {
         let message = "the API is off on this listener: configure --api-key";
-        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response();
+        return ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message)
+            .into_response();
     }
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+    let presented = crate::auth::bearer(request.headers());
     match presented {
         Some(key) if api.hub.api_keys.accepts(key) => next.run(request).await,
         _ => ApiError::new(
             StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "send Authorization: Bearer <api key>",
         )
         .into_response(),
@@ -261,7 +263,7 @@ impl Api {
                 "at most {} targets are allowed",
                 self.hub.limits.max_targets
             );
-            return Err(ApiError::bad_request("too_many_targets", message));
+            return Err(ApiError::bad_request(ErrorCode::TooManyTargets, message));
         }
         Ok(Checked::Send {
             targets: ids::unique(request.targets.iter().map(Target::as_result))
@@ -291,7 +293,7 @@ impl Api {
         let code = request.code.unwrap_or(1000);
         if !(code == 1000 || (3000..=4999).contains(&code)) {
             return Err(ApiError::bad_request(
-                "invalid_request",
+                ErrorCode::InvalidRequest,
                 "code must be 1000 or 3000-4999",
             ));
         }
@@ -313,15 +315,7 @@ impl Api {
                 payload,
             } => {
                 let render = wire::direct_renderer(from.as_deref(), payload);
-                let (mut delivered, mut offline) = (Vec::new(), Vec::new());
-                for target in targets {
-                    let list = if self.hub.broker.send(target, &render) > 0 {
-                        &mut delivered
-                    } else {
-                        &mut offline
-                    };
-                    list.push(target);
-                }
+                let (delivered, offline) = self.hub.deliver(targets, &render);
                 serde_json::json!({ "delivered": delivered, "offline": offline })
             }
             Checked::Publish {
@@ -350,20 +344,15 @@ fn checked_id(id: &str) -> Result<ClientId, ApiError> {
 
 fn invalid_id(field: &str, bad: &str) -> ApiError {
     ApiError::bad_request(
-        "invalid_id",
+        ErrorCode::InvalidId,
         format!("invalid {field} {bad:?}: {}", ids::InvalidId),
     )
 }
 
 fn checked_topic<'t>(hub: &Hub, topic: &'t str) -> Result<&'t str, ApiError> {
-    topics::validate(topic)
-        .map_err(|e| ApiError::bad_request("invalid_topic", format!("{topic:?}: {e}")))?;
-    hub.namespaces.find(topic).ok_or_else(|| {
-        ApiError::bad_request(
-            "unknown_namespace",
-            format!("no namespace serves {topic:?}"),
-        )
-    })?;
+    hub.namespaces
+        .check(topic)
+        .map_err(|(code, message)| ApiError::bad_request(code, message))?;
     Ok(topic)
 }
 
@@ -425,7 +414,7 @@ async fn batch(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     if request.operations.len() > MAX_BATCH {
         let message = format!("at most {MAX_BATCH} operations per batch");
-        return Err(ApiError::bad_request("too_many_operations", message));
+        return Err(ApiError::bad_request(ErrorCode::TooManyOperations, message));
     }
     let in_operation = |i: usize, e: ApiError| {
         ApiError::bad_request(e.code, format!("operations[{i}]: {}", e.message))
@@ -436,7 +425,7 @@ async fn batch(
         .enumerate()
         .map(|(i, raw)| {
             parse_operation(raw)
-                .map_err(|e| in_operation(i, ApiError::bad_request("invalid_request", e)))
+                .map_err(|e| in_operation(i, ApiError::bad_request(ErrorCode::InvalidRequest, e)))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let checked = operations

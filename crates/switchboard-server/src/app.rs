@@ -126,10 +126,7 @@ fn identify(
 
 /// The token from `Authorization: Bearer`, `?token=`, or a `bearer.` subprotocol.
 fn bearer_token<'r>(query: &'r HashMap<String, String>, headers: &'r HeaderMap) -> Option<&'r str> {
-    let from_header = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+    let from_header = crate::auth::bearer(headers);
     let from_protocol = || {
         headers
             .get_all(header::SEC_WEBSOCKET_PROTOCOL)

@@ -394,5 +394,18 @@ impl ApiKeys {
     }
 }
 
+/// The credentials of an `Authorization: Bearer <credentials>` header. The
+/// scheme name is case-insensitive and may be followed by more than one space
+/// (RFC 7235 §2.1), as clients send it either way.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, credentials) = value.split_once(' ')?;
+    let credentials = credentials.trim_start_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !credentials.is_empty()).then_some(credentials)
+}
+
 #[cfg(test)]
 mod tests;

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use switchboard::{Broker, Options, PubSub, Registry, Shutdown, Stats};
+use switchboard::{Broker, Format, Options, PreparedMessage, PubSub, Registry, Shutdown, Stats};
 
 use crate::auth::{ApiKeys, JwtVerifier};
 use crate::config::Config;
@@ -52,6 +52,20 @@ pub struct Hub {
 }
 
 impl Hub {
+    /// Sends a message, rendered by `render` for each connection's format, to
+    /// every connection of every target. Returns the targets split into those
+    /// with a connection that took it (`delivered`) and the rest (`offline`),
+    /// as acks and the API report them.
+    pub fn deliver<'t>(
+        &self,
+        targets: Vec<&'t str>,
+        render: &dyn Fn(Format) -> PreparedMessage,
+    ) -> (Vec<&'t str>, Vec<&'t str>) {
+        targets
+            .into_iter()
+            .partition(|target| self.broker.send(target, render) > 0)
+    }
+
     /// The state for `config`, with the in-process registry and topics.
     pub fn new(config: &Config, shutdown: Shutdown) -> anyhow::Result<Self> {
         let registry = Registry::new();

@@ -30,11 +30,17 @@ pub fn parse(id: &str) -> Result<ClientId, InvalidId> {
 
 /// Whether `id` is a valid client id.
 pub fn is_valid(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_ID_LEN
-        && id
+    is_url_safe(id, MAX_ID_LEN, b"")
+}
+
+/// Whether `name` is 1 to `max_len` bytes of `A-Z a-z 0-9 . _ ~ : @ -` and
+/// `also`: the characters that need no escaping in URLs, logs and JSON. Ids
+/// and topic names follow this rule.
+pub fn is_url_safe(name: &str, max_len: usize, also: &[u8]) -> bool {
+    (1..=max_len).contains(&name.len())
+        && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._~:@-".contains(&b))
+            .all(|b| b.is_ascii_alphanumeric() || b"._~:@-".contains(&b) || also.contains(&b))
 }
 
 /// A target as written in JSON: a valid id string or an integer. Invalid ids

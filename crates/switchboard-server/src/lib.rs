@@ -10,6 +10,7 @@
 //! - [`relay`]: the per-connection [`switchboard::Handler`].
 //! - [`wire`]: the JSON protocol (docs/protocol.md).
 //! - [`api`]: the HTTP API for backends (docs/openapi.json).
+//! - [`errors`]: the error codes both of them answer with.
 //! - [`auth`]: client tokens (JWT) and API keys.
 //! - [`topics`]: topic names, namespaces and presence events.
 //! - [`limits`]: per-connection rate limits.
@@ -23,6 +24,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod errors;
 pub mod hub;
 pub mod ids;
 pub mod limits;

@@ -19,7 +19,7 @@ use crate::auth::{Identity, Permissions};
 use crate::hub::Hub;
 use crate::ids::TargetList;
 use crate::limits::{RateLimiter, Verdict};
-use crate::topics::{self, Namespace};
+use crate::topics::Namespace;
 use crate::wire::{self, ErrorCode, Inbound, Mode};
 
 /// Close code when a client's token expires without a refresh.
@@ -147,14 +147,7 @@ impl Relay {
             }
             return Ok(None);
         };
-        let (mut delivered, mut offline) = (Vec::new(), Vec::new());
-        for target in targets {
-            if self.hub.broker.send(target, &render) > 0 {
-                delivered.push(target);
-            } else {
-                offline.push(target);
-            }
-        }
+        let (delivered, offline) = self.hub.deliver(targets, &render);
         Ok(Some(wire::ack_send(id, &delivered, &offline)))
     }
 
@@ -305,19 +298,7 @@ impl Relay {
     /// The message's topic, checked, with its namespace.
     fn topic<'m>(&self, inbound: &'m Inbound<'_>) -> Result<(&'m str, &Namespace), Refusal> {
         let topic = required(inbound.topic.as_deref(), "topic")?;
-        topics::validate(topic).map_err(|e| {
-            (
-                ErrorCode::InvalidTopic,
-                format!("invalid topic {topic:?}: {e}"),
-            )
-        })?;
-        let namespace = self.hub.namespaces.find(topic).ok_or_else(|| {
-            (
-                ErrorCode::UnknownNamespace,
-                format!("no namespace serves {topic:?}"),
-            )
-        })?;
-        Ok((topic, namespace))
+        Ok((topic, self.hub.namespaces.check(topic)?))
     }
 
     /// The message's id when it asked for an ack (envelope mode with an `"id"`).

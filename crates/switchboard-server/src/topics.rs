@@ -10,6 +10,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use switchboard::{ClientId, PresenceChange, PresenceListener, PubSub};
 
+use crate::errors::ErrorCode;
 use crate::wire;
 
 /// Longest topic name, in bytes.
@@ -20,14 +21,13 @@ pub const MAX_TOPIC_LEN: usize = 200;
 #[error("topics are 1-{MAX_TOPIC_LEN} characters of A-Z a-z 0-9 . _ ~ : @ / -")]
 pub struct InvalidTopic;
 
-/// Checks a topic name.
+/// Checks a topic name: an id's characters, and `/`.
 pub fn validate(topic: &str) -> Result<(), InvalidTopic> {
-    let valid = !topic.is_empty()
-        && topic.len() <= MAX_TOPIC_LEN
-        && topic
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._~:@/-".contains(&b));
-    if valid { Ok(()) } else { Err(InvalidTopic) }
+    if crate::ids::is_url_safe(topic, MAX_TOPIC_LEN, b"/") {
+        Ok(())
+    } else {
+        Err(InvalidTopic)
+    }
 }
 
 /// The policy of the topics that share a prefix.
@@ -79,6 +79,23 @@ impl Namespaces {
     /// The namespace of `topic`, if any matches.
     pub fn find(&self, topic: &str) -> Option<&Namespace> {
         self.0.iter().find(|ns| topic.starts_with(&ns.prefix))
+    }
+
+    /// Checks `topic`'s name and finds its namespace: the one rule for the
+    /// WebSocket protocol and the HTTP API alike.
+    pub fn check(&self, topic: &str) -> Result<&Namespace, (ErrorCode, String)> {
+        validate(topic).map_err(|e| {
+            (
+                ErrorCode::InvalidTopic,
+                format!("invalid topic {topic:?}: {e}"),
+            )
+        })?;
+        self.find(topic).ok_or_else(|| {
+            (
+                ErrorCode::UnknownNamespace,
+                format!("no namespace serves {topic:?}"),
+            )
+        })
     }
 }
 

@@ -9,6 +9,8 @@ use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use serde::{Deserialize, Deserializer, Serialize, de};
+
+pub use crate::errors::ErrorCode;
 use serde_json::value::RawValue;
 use switchboard::{Format, PreparedMessage, PresenceChange};
 
@@ -75,44 +77,6 @@ pub struct Inbound<'a> {
 /// Keeps a field that is present, even as `null`, apart from a missing one.
 fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
     <&RawValue>::deserialize(d).map(Some)
-}
-
-/// Stable error codes; docs/protocol.md lists when each is sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    /// The text is not JSON.
-    InvalidJson,
-    /// JSON, but not a message: not an object, a field of the wrong type, or a missing field.
-    InvalidMessage,
-    /// A target or client is not a valid client id.
-    InvalidTarget,
-    /// More targets than the server allows in one message.
-    TooManyTargets,
-    /// A `"type"` the server does not know.
-    UnknownType,
-    /// A binary frame: the relay speaks JSON text.
-    BinaryNotSupported,
-    /// A topic operation from a client without the `switchboard.v1` subprotocol.
-    EnvelopeRequired,
-    /// A topic name that breaks the naming rules.
-    InvalidTopic,
-    /// A topic outside every configured namespace.
-    UnknownNamespace,
-    /// The topic has reached its subscriber limit.
-    TopicFull,
-    /// The connection has reached its topic limit.
-    TooManyTopics,
-    /// Unsubscribing from a topic the connection is not subscribed to.
-    NotSubscribed,
-    /// Presence is off in the topic's namespace.
-    PresenceDisabled,
-    /// The token's claims or the namespace do not allow this.
-    Forbidden,
-    /// Over the connection's message or byte rate.
-    RateLimited,
-    /// A `refresh` token that does not verify or names another client.
-    InvalidToken,
 }
 
 /// Parses a client message, mapping failures to their error code.

@@ -136,9 +136,16 @@ impl Broker for Registry {
     }
 
     fn send(&self, id: &str, render: &dyn Fn(Format) -> PreparedMessage) -> usize {
-        let shard = self.inner.clients.read(id);
-        let Some(list) = shard.get(id) else { return 0 };
-        list.iter()
+        // Pushes can write to sockets (direct writes), so they happen after the
+        // shard's lock is released, as in `PubSub::publish`: registering and
+        // unregistering on this shard never waits for a socket write.
+        let connections: Vec<(Outbox, Format)> = {
+            let shard = self.inner.clients.read(id);
+            let Some(list) = shard.get(id) else { return 0 };
+            list.clone()
+        };
+        connections
+            .iter()
             .filter(|(outbox, format)| outbox.push(Outbound::Prepared(render(*format))).is_ok())
             .count()
     }

@@ -269,3 +269,24 @@ fn api_keys_compare_every_key() {
     assert!(!keys.accepts("new-ke") && !keys.accepts("") && !keys.accepts("new-key!"));
     assert!(!ApiKeys::default().accepts("anything"));
 }
+
+#[test]
+fn the_bearer_scheme_is_case_insensitive_and_needs_credentials() {
+    let header = |value: &str| {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert(axum::http::header::AUTHORIZATION, value.parse().unwrap());
+        headers
+    };
+    for (value, expected) in [
+        ("Bearer abc", Some("abc")),
+        ("bearer abc", Some("abc")),
+        ("BEARER  abc", Some("abc")),
+        ("Basic abc", None),
+        ("Bearer", None),
+        ("Bearer ", None),
+        ("Bearerabc", None),
+    ] {
+        assert_eq!(super::bearer(&header(value)), expected, "{value:?}");
+    }
+    assert_eq!(super::bearer(&axum::http::HeaderMap::new()), None);
+}
