@@ -423,17 +423,15 @@ impl Config {
 
     /// The per-connection options for relay connections.
     pub fn connection_options(&self) -> Options {
-        Options {
-            idle_timeout: self.idle_timeout,
-            ping_interval: self.ping_interval,
-            compression: self.compression.then(DeflateOptions::default),
-            mailbox_size: self.mailbox_size,
-            max_outbound_bytes: self.max_outbound_bytes,
-            slow_consumer: SlowConsumerPolicy::Close(self.slow_consumer_close_code),
-            slow_consumer_timeout: self.slow_consumer_timeout,
-            ..Options::default()
-        }
-        .max_message_size(self.max_message_size)
+        Options::default()
+            .idle_timeout(self.idle_timeout)
+            .ping_interval(self.ping_interval)
+            .compression(self.compression.then(DeflateOptions::default))
+            .mailbox_size(self.mailbox_size)
+            .max_outbound_bytes(self.max_outbound_bytes)
+            .slow_consumer(SlowConsumerPolicy::Close(self.slow_consumer_close_code))
+            .slow_consumer_timeout(self.slow_consumer_timeout)
+            .max_message_size(self.max_message_size)
     }
 }
 

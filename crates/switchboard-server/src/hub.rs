@@ -71,10 +71,7 @@ impl Hub {
         let registry = Registry::new();
         let namespaces = Arc::new(Namespaces::new(config.namespaces.clone()));
         let stats = Stats::new();
-        let options = switchboard::Options {
-            stats: Some(stats.clone()),
-            ..config.connection_options()
-        };
+        let options = config.connection_options().stats(stats.clone());
         Ok(Self {
             broker: Arc::new(registry.clone()),
             registry,

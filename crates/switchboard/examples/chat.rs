@@ -9,7 +9,6 @@ use std::collections::HashMap;
 
 use axum::Router;
 use axum::extract::{Path, Query};
-use axum::response::Response;
 use axum::routing::get;
 use switchboard::{
     Broker, Context, Handler, Message, Outcome, PreparedMessage, Registration, Registry,
@@ -79,8 +78,7 @@ async fn main() -> std::io::Result<()> {
                     rooms: rooms.clone(),
                     membership: None,
                 };
-                let response: Response = upgrade.on_upgrade(member);
-                response
+                upgrade.on_upgrade(member)
             },
         ),
     );

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::Path;
-use axum::response::Response;
 use axum::routing::get;
 use switchboard::{Context, Handler, Message, Outcome, WebSocketUpgrade};
 
@@ -72,8 +71,7 @@ async fn main() -> std::io::Result<()> {
                     opened: Instant::now(),
                     alert_every,
                 };
-                let response: Response = upgrade.on_upgrade(handler);
-                response
+                upgrade.on_upgrade(handler)
             },
         ),
     );

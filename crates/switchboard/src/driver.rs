@@ -31,6 +31,7 @@ use crate::options::Options;
 use crate::shutdown::Signal;
 use crate::socket::Socket;
 use crate::stats::Stats;
+use crate::upgrade::{FailedUpgradeCallback, UpgradeFailed};
 
 /// Size of the per-thread buffer that reads land in.
 const LANDING_SIZE: usize = 16 * 1024;
@@ -63,6 +64,7 @@ pub(crate) struct Setup {
     pub deflate: Option<DeflateParams>,
     pub protocol: Option<String>,
     pub shutdown: Option<Signal>,
+    pub on_failed: Option<FailedUpgradeCallback>,
 }
 
 /// A connection's whole life as one task: waiting for hyper to hand over the
@@ -144,7 +146,13 @@ impl<H: Handler> Future for Connection<H> {
                         *this = Self::Running(driver);
                     }
                     Err(error) => {
-                        tracing::debug!(%error, "upgrade failed after the 101 response");
+                        let on_failed = start.take().and_then(|start| start.setup.on_failed);
+                        match on_failed {
+                            Some(callback) => callback(UpgradeFailed(error)),
+                            None => {
+                                tracing::debug!(%error, "upgrade failed after the 101 response")
+                            }
+                        }
                         *this = Self::Ended;
                         return Poll::Ready(());
                     }
@@ -771,6 +779,11 @@ where
             Ok(Outcome::Stop { push, close }) => {
                 push.into_iter().for_each(|f| self.enqueue(f, 0));
                 self.start_close(close.clone(), TerminateReason::Normal(close));
+            }
+            Ok(Outcome::Fail { push, close, error }) => {
+                push.into_iter().for_each(|f| self.enqueue(f, 0));
+                tracing::debug!(conn = %self.handle.id(), %error, "handler failed the connection");
+                self.start_close(close, TerminateReason::Error(error));
             }
             Err(_) => {
                 tracing::error!(conn = %self.handle.id(), "handler panicked; closing with 1011");

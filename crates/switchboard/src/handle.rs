@@ -74,6 +74,7 @@ impl From<PreparedMessage> for Outbound {
 
 /// Why a `handle_info` message was not delivered; the message comes back.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SendError<I> {
     /// The mailbox holds `mailbox_size` messages already.
     #[error("mailbox full")]
@@ -85,6 +86,7 @@ pub enum SendError<I> {
 
 /// Why a frame was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum PushError {
     /// The connection has ended or is closing.
     #[error("connection closed")]

@@ -11,6 +11,7 @@ use crate::handle::{ConnHandle, Outbound};
 
 /// What a callback asks the connection to do next.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Outcome {
     /// Keep going.
     Continue,
@@ -26,6 +27,16 @@ pub enum Outcome {
         /// The close frame's code and reason.
         close: CloseReason,
     },
+    /// Something went wrong: send these frames, then close with this code and
+    /// reason; [`Handler::terminate`] gets [`TerminateReason::Error`] with `error`.
+    Fail {
+        /// Frames to send before the close frame.
+        push: Vec<Outbound>,
+        /// The close frame's code and reason.
+        close: CloseReason,
+        /// What went wrong, for `terminate` (and logs); not sent to the peer.
+        error: String,
+    },
 }
 
 impl Outcome {
@@ -34,17 +45,59 @@ impl Outcome {
         Self::PushOne(frame.into())
     }
 
-    /// Close with `code` and `reason`.
+    /// Close with `code` and `reason`: a normal end, as far as `terminate` is concerned.
+    ///
+    /// # Panics
+    ///
+    /// If `code` may not be sent (1005, 1006, 1015, or outside the registered
+    /// ranges): see [`CloseReason::new`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use switchboard::{CloseCode, Outcome};
+    ///
+    /// let done = Outcome::stop(CloseCode::NORMAL, "bye");
+    /// ```
+    #[track_caller]
     pub fn stop(code: CloseCode, reason: impl Into<String>) -> Self {
         Self::Stop {
             push: Vec::new(),
             close: CloseReason::new(code, reason),
         }
     }
+
+    /// Close because of `error`: the peer gets `code` with `reason`, and
+    /// [`Handler::terminate`] gets [`TerminateReason::Error`] with `error`.
+    ///
+    /// # Panics
+    ///
+    /// If `code` may not be sent: see [`CloseReason::new`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use switchboard::{CloseCode, Outcome};
+    ///
+    /// let failed = Outcome::fail(
+    ///     CloseCode::INTERNAL_ERROR,
+    ///     "try again",
+    ///     "the database did not answer",
+    /// );
+    /// ```
+    #[track_caller]
+    pub fn fail(code: CloseCode, reason: impl Into<String>, error: impl Into<String>) -> Self {
+        Self::Fail {
+            push: Vec::new(),
+            close: CloseReason::new(code, reason),
+            error: error.into(),
+        }
+    }
 }
 
 /// Why a connection ended, as passed to [`Handler::terminate`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TerminateReason {
     /// This side closed it: an [`Outcome::Stop`] or [`ConnHandle::close`].
     Normal(CloseReason),
@@ -60,7 +113,8 @@ pub enum TerminateReason {
     /// have taken what waits to be written over `max_outbound_bytes`, or it stayed
     /// over that limit (reading paused) for `slow_consumer_timeout`.
     SlowConsumer(CloseReason),
-    /// A protocol violation, an I/O error, or a handler that panicked.
+    /// A protocol violation, an I/O error, a handler that panicked, or an
+    /// [`Outcome::Fail`].
     Error(String),
 }
 

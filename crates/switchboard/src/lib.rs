@@ -13,6 +13,7 @@
 //! - [`options`]: per-connection [`Options`]: limits, timeouts, compression, backpressure.
 //! - [`registry`]: [`Registry`], live connections by client id, behind the [`Broker`] trait.
 //! - [`pubsub`]: [`PubSub`], topics with encode-once publish and presence.
+//! - [`testing`]: [`testing::Harness`], which drives a handler without a socket, for unit tests.
 //! - [`shutdown`]: [`Shutdown`], which closes every connection with 1001 and waits for them.
 //! - [`serve()`]: an HTTP/1.1 server for an axum `Router` under which pushed frames
 //!   can bypass the connection's task (see docs/architecture.md).
@@ -58,6 +59,7 @@ mod sharded;
 pub mod shutdown;
 mod socket;
 pub mod stats;
+pub mod testing;
 pub mod upgrade;
 
 pub use handle::{ConnHandle, ConnId, Outbound, Outbox, PushError, SendError, TimerRef};
@@ -70,4 +72,4 @@ pub use shutdown::Shutdown;
 pub use stats::{Stats, StatsSnapshot};
 pub use switchboard_proto as proto;
 pub use switchboard_proto::{CloseCode, CloseReason, Message, PreparedMessage, Utf8Bytes};
-pub use upgrade::{UpgradeError, WebSocketUpgrade};
+pub use upgrade::{UpgradeError, UpgradeFailed, WebSocketUpgrade};

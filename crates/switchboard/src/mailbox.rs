@@ -286,6 +286,16 @@ impl<I> Mailbox<I> {
         state.waker = None;
     }
 
+    /// Takes the queued infos and frames, for [`crate::testing::Harness`],
+    /// which has no driver to drain them.
+    pub fn take_for_test(&self) -> (VecDeque<I>, VecDeque<Outbound>) {
+        let mut state = self.lock();
+        (
+            std::mem::take(&mut state.infos),
+            std::mem::take(&mut state.frames),
+        )
+    }
+
     /// Bytes waiting to be written, whoever queued them.
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes.load(Ordering::Relaxed)

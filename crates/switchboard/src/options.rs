@@ -9,6 +9,7 @@ use crate::stats::Stats;
 
 /// What to do with a connection whose peer reads slower than it is sent to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SlowConsumerPolicy {
     /// Close it with this code (1008 policy violation, or 1013 try again later).
     /// Pushes that would exceed the limit are refused, so memory stays bounded.
@@ -18,38 +19,45 @@ pub enum SlowConsumerPolicy {
 impl SlowConsumerPolicy {
     /// The close frame a slow consumer is sent.
     pub(crate) fn close_reason(self) -> CloseReason {
-        let Self::Close(code) = self;
-        CloseReason::new(code, "slow consumer: outbound buffer full")
+        match self {
+            Self::Close(code) => CloseReason::new(code, "slow consumer: outbound buffer full"),
+        }
     }
 }
 
-/// Options for one connection.
+/// Options for one connection, built with methods from [`Options::default`].
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use switchboard::Options;
+///
+/// let options = Options::default()
+///     .max_message_size(64 * 1024)
+///     .idle_timeout(Some(Duration::from_secs(30)))
+///     .compression(None);
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Options {
-    /// Frame and message size limits for received data.
-    pub limits: Limits,
-    /// Close the connection (1001) when nothing arrives for this long; `None` never.
-    pub idle_timeout: Option<Duration>,
-    /// Send a ping this often, so idle peers answer and NATs keep the flow; `None` never.
-    pub ping_interval: Option<Duration>,
-    /// permessage-deflate, when the client offers it; `None` turns it off.
-    pub compression: Option<DeflateOptions>,
-    /// Most `handle_info` messages waiting in the mailbox; further sends get [`crate::SendError::Full`].
-    pub mailbox_size: usize,
-    /// Most bytes waiting to be written to the socket, pushed frames included.
-    pub max_outbound_bytes: usize,
-    /// What happens when `max_outbound_bytes` would be exceeded.
-    pub slow_consumer: SlowConsumerPolicy,
-    /// How long the queue may stay over `max_outbound_bytes` (reading paused)
-    /// before the slow-consumer policy closes the connection.
-    pub slow_consumer_timeout: Duration,
-    /// How long to wait for the peer's close frame after sending ours.
-    pub close_timeout: Duration,
-    /// Counters to add this connection's traffic to, if any.
-    pub stats: Option<Stats>,
+    pub(crate) limits: Limits,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) ping_interval: Option<Duration>,
+    pub(crate) compression: Option<DeflateOptions>,
+    pub(crate) mailbox_size: usize,
+    pub(crate) max_outbound_bytes: usize,
+    pub(crate) slow_consumer: SlowConsumerPolicy,
+    pub(crate) slow_consumer_timeout: Duration,
+    pub(crate) close_timeout: Duration,
+    pub(crate) stats: Option<Stats>,
 }
 
 impl Default for Options {
+    /// 1 MiB messages, a 60 s idle timeout, a ping every 25 s, permessage-deflate
+    /// when offered, 1,024 info messages and 4 MiB waiting to be written, slow
+    /// consumers closed with 1013 (at once for a push over the limit, after 30 s
+    /// over it otherwise), and 5 s for the peer's close frame.
     fn default() -> Self {
         Self {
             limits: Limits::default(),
@@ -67,10 +75,76 @@ impl Default for Options {
 }
 
 impl Options {
-    /// Sets both the frame and the message size limit.
+    /// Sets both the frame and the message size limit for received data.
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.limits.max_frame_size = bytes;
         self.limits.max_message_size = bytes;
+        self
+    }
+
+    /// Sets the frame and message size limits for received data apart.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Closes the connection (1001) when nothing arrives for this long; `None` never.
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Sends a ping this often, so idle peers answer and NATs keep the flow; `None` never.
+    pub fn ping_interval(mut self, interval: Option<Duration>) -> Self {
+        self.ping_interval = interval;
+        self
+    }
+
+    /// permessage-deflate when the client offers it; `None` turns it off.
+    pub fn compression(mut self, compression: Option<DeflateOptions>) -> Self {
+        self.compression = compression;
+        self
+    }
+
+    /// Most `handle_info` messages waiting in the mailbox; further sends get
+    /// [`crate::SendError::Full`].
+    pub fn mailbox_size(mut self, messages: usize) -> Self {
+        self.mailbox_size = messages;
+        self
+    }
+
+    /// Most bytes waiting to be written to the socket, whoever queued them:
+    /// pushed frames, the handler's replies, pongs. Over it the connection stops
+    /// reading from its peer, and a push that would exceed it closes the
+    /// connection under the slow-consumer policy.
+    pub fn max_outbound_bytes(mut self, bytes: usize) -> Self {
+        self.max_outbound_bytes = bytes;
+        self
+    }
+
+    /// How a slow consumer is closed.
+    pub fn slow_consumer(mut self, policy: SlowConsumerPolicy) -> Self {
+        self.slow_consumer = policy;
+        self
+    }
+
+    /// How long the queue may stay over `max_outbound_bytes` (reading paused)
+    /// before the slow-consumer policy closes the connection.
+    pub fn slow_consumer_timeout(mut self, timeout: Duration) -> Self {
+        self.slow_consumer_timeout = timeout;
+        self
+    }
+
+    /// How long to wait for the peer's close frame after sending ours; past it,
+    /// what is still queued is dropped and the connection ends.
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+
+    /// Counters to add this connection's traffic to.
+    pub fn stats(mut self, stats: Stats) -> Self {
+        self.stats = Some(stats);
         self
     }
 }

@@ -25,6 +25,7 @@ use crate::shutdown::Shutdown;
 
 /// Why a request could not be upgraded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum UpgradeError {
     /// The method was not GET.
     #[error("WebSocket upgrades must use GET (RFC6455§4.1)")]
@@ -75,7 +76,6 @@ impl IntoResponse for UpgradeError {
 }
 
 /// A validated upgrade request, waiting for its handler.
-#[derive(Debug)]
 pub struct WebSocketUpgrade {
     on_upgrade: OnUpgrade,
     key: HeaderValue,
@@ -84,6 +84,25 @@ pub struct WebSocketUpgrade {
     protocol: Option<HeaderValue>,
     options: Options,
     shutdown: Option<Shutdown>,
+    on_failed: Option<FailedUpgradeCallback>,
+}
+
+/// What [`WebSocketUpgrade::on_failed_upgrade`] keeps.
+pub(crate) type FailedUpgradeCallback = Box<dyn FnOnce(UpgradeFailed) + Send>;
+
+/// hyper could not hand over the connection after the 101 response was sent
+/// (the client went away, or the server does not support upgrades).
+#[derive(Debug, thiserror::Error)]
+#[error("the connection could not be upgraded after the 101 response: {0}")]
+pub struct UpgradeFailed(#[from] pub(crate) hyper::Error);
+
+impl std::fmt::Debug for WebSocketUpgrade {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebSocketUpgrade")
+            .field("protocol", &self.protocol)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
 }
 
 impl WebSocketUpgrade {
@@ -126,6 +145,7 @@ impl WebSocketUpgrade {
             protocol: None,
             options: Options::default(),
             shutdown: None,
+            on_failed: None,
         })
     }
 
@@ -168,9 +188,60 @@ impl WebSocketUpgrade {
         self
     }
 
+    /// Calls `callback` if hyper cannot hand over the connection after the 101
+    /// response (the handler's callbacks then never run). Without one, such a
+    /// failure is logged at debug level.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use switchboard::{Context, Handler, Message, Outcome, WebSocketUpgrade};
+    /// # use axum::response::Response;
+    /// # struct Echo;
+    /// # impl Handler for Echo {
+    /// #     type Info = ();
+    /// #     fn handle_in(&mut self, m: Message, _: &mut Context<'_, ()>) -> Outcome { Outcome::push(m) }
+    /// # }
+    /// async fn ws(upgrade: WebSocketUpgrade) -> Response {
+    ///     upgrade
+    ///         .on_failed_upgrade(|error| eprintln!("upgrade failed: {error}"))
+    ///         .on_upgrade(Echo)
+    /// }
+    /// ```
+    pub fn on_failed_upgrade(
+        mut self,
+        callback: impl FnOnce(UpgradeFailed) + Send + 'static,
+    ) -> Self {
+        self.on_failed = Some(Box::new(callback));
+        self
+    }
+
     /// Finishes the handshake: returns the 101 response and, once hyper hands
     /// over the connection, runs `handler` in a task of its own.
-    pub fn on_upgrade<H: Handler, B: Default>(self, handler: H) -> http::Response<B> {
+    ///
+    /// The response is axum's; under plain hyper it serves as it is (its body
+    /// is a `hyper::body::Body`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use switchboard::{Context, Handler, Message, Outcome, WebSocketUpgrade};
+    /// # use axum::response::Response;
+    /// struct Echo;
+    ///
+    /// impl Handler for Echo {
+    ///     type Info = ();
+    ///     fn handle_in(&mut self, message: Message, _ctx: &mut Context<'_, ()>) -> Outcome {
+    ///         Outcome::push(message)
+    ///     }
+    /// }
+    ///
+    /// async fn ws(upgrade: WebSocketUpgrade) -> Response {
+    ///     upgrade.on_upgrade(Echo)
+    /// }
+    /// ```
+    #[must_use = "the handshake only completes when this response is sent"]
+    pub fn on_upgrade<H: Handler>(self, handler: H) -> Response {
         self.on_upgrade_with(move |_| handler)
     }
 
@@ -178,11 +249,11 @@ impl WebSocketUpgrade {
     /// handle first. The handle works before the 101 response is sent (what is
     /// pushed waits for the socket), so a connection registered here is reachable
     /// as soon as the client sees the handshake succeed; `init` runs only later.
-    pub fn on_upgrade_with<H, F, B>(self, make: F) -> http::Response<B>
+    #[must_use = "the handshake only completes when this response is sent"]
+    pub fn on_upgrade_with<H, F>(self, make: F) -> Response
     where
         H: Handler,
         F: FnOnce(&ConnHandle<H::Info>) -> H,
-        B: Default,
     {
         let deflate = match (&self.options.compression, &self.offered_extensions) {
             (Some(options), Some(offer)) => offer.to_str().ok().and_then(|o| negotiate(o, options)),
@@ -196,6 +267,7 @@ impl WebSocketUpgrade {
             protocol: self.selected_protocol().map(str::to_owned),
             shutdown: self.shutdown.as_ref().map(Shutdown::signal),
             options: self.options,
+            on_failed: self.on_failed,
         };
         let task = driver::Connection::new(self.on_upgrade, handler, mailbox, setup);
         match &self.shutdown {
@@ -205,8 +277,8 @@ impl WebSocketUpgrade {
         response
     }
 
-    fn response<B: Default>(&self, deflate: Option<&DeflateParams>) -> http::Response<B> {
-        let mut response = http::Response::new(B::default());
+    fn response(&self, deflate: Option<&DeflateParams>) -> Response {
+        let mut response = Response::default();
         *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let headers = response.headers_mut();
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));

@@ -201,12 +201,12 @@ async fn slow_consumer_server(
     mpsc::UnboundedReceiver<Event>,
     mpsc::UnboundedReceiver<ConnHandle<String>>,
 ) {
-    let options = Options {
-        max_outbound_bytes: 256 * 1024,
-        slow_consumer: SlowConsumerPolicy::Close(switchboard::CloseCode::TRY_AGAIN_LATER),
-        close_timeout,
-        ..Options::default()
-    };
+    let options = Options::default()
+        .max_outbound_bytes(256 * 1024)
+        .slow_consumer(SlowConsumerPolicy::Close(
+            switchboard::CloseCode::TRY_AGAIN_LATER,
+        ))
+        .close_timeout(close_timeout);
     let (upgrade, events, handles) = handing_out_handles(options);
     (serve(upgrade).await, events, handles)
 }
@@ -289,10 +289,8 @@ async fn a_peer_that_keeps_talking_and_never_closes_is_dropped_at_the_close_time
 
 #[tokio::test]
 async fn frames_queued_when_the_client_half_closes_are_still_delivered() {
-    let (upgrade, _events, mut handles) = handing_out_handles(Options {
-        max_outbound_bytes: 64 << 20,
-        ..Options::default()
-    });
+    let (upgrade, _events, mut handles) =
+        handing_out_handles(Options::default().max_outbound_bytes(64 << 20));
     let mut client = RawClient::connect(serve(upgrade).await).await;
     let handle = handles.recv().await.unwrap();
     assert_eq!(client.recv().await, Some((OpCode::Text, b"hello".to_vec())));

@@ -23,10 +23,8 @@ enum Server {
 /// A connected raw client and the handle of its connection, once the
 /// connection's task waits for work.
 async fn connected(server: Server) -> (RawClient, ConnHandle<String>) {
-    let (upgrade, _events, mut handles) = handing_out_handles(Options {
-        max_outbound_bytes: 64 << 20,
-        ..Options::default()
-    });
+    let (upgrade, _events, mut handles) =
+        handing_out_handles(Options::default().max_outbound_bytes(64 << 20));
     let addr = match server {
         Server::Switchboard => serve(upgrade).await,
         Server::Axum => serve_with_axum(upgrade).await,

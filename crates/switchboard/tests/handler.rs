@@ -177,10 +177,7 @@ async fn handle_control_sees_pings_after_the_automatic_pong() {
 
 #[tokio::test]
 async fn server_pings_on_the_interval() {
-    let options = Options {
-        ping_interval: Some(Duration::from_millis(100)),
-        ..Options::default()
-    };
+    let options = Options::default().ping_interval(Some(Duration::from_millis(100)));
     let (addr, _events) = probe_server(options).await;
     let mut client = connect(addr).await;
     let got_ping = tokio::time::timeout(TIMEOUT, async {
@@ -275,11 +272,9 @@ async fn a_panicking_handler_closes_only_its_connection_with_1011() {
 
 #[tokio::test]
 async fn idle_connections_are_closed_with_1001() {
-    let options = Options {
-        idle_timeout: Some(Duration::from_millis(200)),
-        ping_interval: None,
-        ..Options::default()
-    };
+    let options = Options::default()
+        .idle_timeout(Some(Duration::from_millis(200)))
+        .ping_interval(None);
     let (addr, mut events) = probe_server(options).await;
     let mut client = connect(addr).await;
     recv_text(&mut client).await;
@@ -295,11 +290,9 @@ async fn idle_connections_are_closed_with_1001() {
 
 #[tokio::test]
 async fn activity_keeps_a_connection_alive_past_the_idle_timeout() {
-    let options = Options {
-        idle_timeout: Some(Duration::from_millis(300)),
-        ping_interval: None,
-        ..Options::default()
-    };
+    let options = Options::default()
+        .idle_timeout(Some(Duration::from_millis(300)))
+        .ping_interval(None);
     let (addr, _events) = probe_server(options).await;
     let mut client = connect(addr).await;
     recv_text(&mut client).await;

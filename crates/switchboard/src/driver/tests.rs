@@ -41,6 +41,7 @@ fn start(options: Options) -> (DuplexStream, Arc<Mailbox<()>>, Ended) {
         deflate: None,
         protocol: None,
         shutdown: None,
+        on_failed: None,
     };
     let ended = Ended::default();
     let mut driver = Driver::new(server, Echo(ended.clone()), mailbox.clone(), setup);
@@ -88,10 +89,7 @@ async fn read_frames(client: &mut DuplexStream) -> Vec<OpCode> {
 
 #[tokio::test]
 async fn a_ping_flood_queues_one_pong_at_most() {
-    let options = Options {
-        ping_interval: None,
-        ..Options::default()
-    };
+    let options = Options::default().ping_interval(None);
     let (mut client, mailbox, _) = start(options);
     let ping = client_frame(OpCode::Ping, &[7; 125]);
     // 20,000 pings are 2.6 MB: forty times what the pipe holds.
@@ -119,12 +117,10 @@ async fn a_ping_flood_queues_one_pong_at_most() {
 #[tokio::test]
 async fn a_peer_that_sends_and_never_reads_meets_backpressure_then_the_slow_consumer_close() {
     let budget = 256 * 1024;
-    let options = Options {
-        max_outbound_bytes: budget,
-        slow_consumer_timeout: Duration::from_millis(500),
-        close_timeout: Duration::from_millis(200),
-        ..Options::default()
-    };
+    let options = Options::default()
+        .max_outbound_bytes(budget)
+        .slow_consumer_timeout(Duration::from_millis(500))
+        .close_timeout(Duration::from_millis(200));
     let (mut client, mailbox, ended) = start(options);
     let message = client_frame(OpCode::Binary, &[9; 16 * 1024]);
     // 64 MiB offered; the server stops reading once its replies exceed the budget.
