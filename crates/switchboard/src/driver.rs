@@ -212,9 +212,13 @@ pub(crate) struct Driver<H: Handler, S> {
     produced: u64,
     sent: u64,
     pong_end: u64,
-    /// The latest ping that arrived while our pong to an earlier one was still
+    /// `produced` when the last write began: a pong before it that is still
+    /// unwritten is stuck behind a full socket.
+    write_began: u64,
+    /// The latest ping that arrived while our pong to an earlier one was stuck
     /// unwritten: only it gets answered (RFC 6455 §5.5.3), so a ping flood
-    /// queues one pong at most.
+    /// queues one read's worth of pongs at most. Pings that arrive together,
+    /// before a write, each get their pong, as peers (and Autobahn 2.10) expect.
     pending_pong: Option<Bytes>,
     /// The mailbox may write prepared frames to the socket while we are parked.
     direct: bool,
@@ -265,6 +269,7 @@ where
             produced: 0,
             sent: 0,
             pong_end: 0,
+            write_began: 0,
             pending_pong: None,
             direct: false,
         }
@@ -498,7 +503,8 @@ where
             }
             Message::Ping(ref payload) => {
                 if self.phase == Phase::Open {
-                    if self.pong_end > self.sent {
+                    let stuck = self.pong_end > self.sent && self.pong_end <= self.write_began;
+                    if stuck {
                         self.pending_pong = Some(payload.clone());
                     } else {
                         self.push_pong(payload.clone());
@@ -654,6 +660,7 @@ where
                 }
             }
             self.queue_scratch();
+            self.write_began = self.produced;
             if self.write_queue.is_empty() {
                 break;
             }
