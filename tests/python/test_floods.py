@@ -9,8 +9,9 @@ relay, and never reads what the server sends back. Meanwhile:
 - a second, well-behaved client (websockets, sync API, in a thread) makes a
   round trip every 100 ms for the whole flood; each must complete within 2 s.
 
-The server either keeps reading (pings: it answers only the latest unanswered
-one, so a ping flood queues one pong at most) or, once more than
+The server either keeps reading (pings: while a pong is stuck unwritten it
+answers only the latest ping, so a ping flood queues at most one read's worth
+of pongs) or, once more than
 max_outbound_bytes waits to be written, stops reading, and TCP's backpressure
 stalls the flooder's sends. Sends use a 0.5 s timeout and are retried until the
 whole flood is sent, FLOOD_SECS pass or the connection is closed; the bytes
