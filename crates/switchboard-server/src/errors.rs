@@ -1,9 +1,11 @@
 //! Error codes: one set for the WebSocket protocol and the HTTP API.
 //!
-//! Both surfaces answer with `{"code": ..., "message": ...}`-shaped errors, and a
-//! condition both can meet (a bad topic, too many targets, a namespace nobody
-//! serves) has the same code on both. docs/protocol.md and docs/api.md list
-//! when each is sent.
+//! Both surfaces answer with a code and a message, from this one enum: a bad
+//! topic, too many targets and a namespace nobody serves have the same code on
+//! both. One condition keeps a code of each surface's own, as their documented
+//! contracts give it: a target that is not a client id is `invalid_target` on
+//! the WebSocket and `invalid_id` in the API. docs/protocol.md and docs/api.md
+//! list when each is sent.
 
 use serde::Serialize;
 

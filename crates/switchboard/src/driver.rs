@@ -204,22 +204,18 @@ pub(crate) struct Driver<H: Handler, S> {
     /// Since when more than `max_outbound_bytes` has waited to be written, and
     /// reading is paused; past the slow-consumer timeout the connection is closed.
     over_budget_since: Option<Instant>,
-    max_outbound_bytes: usize,
     slow_consumer_timeout: Duration,
-    slow_consumer_close: CloseReason,
-    /// Bytes ever put on the write queue, and ever written: their difference is
-    /// what waits, and a pong is unwritten while `sent < pong_end`.
-    produced: u64,
-    sent: u64,
-    pong_end: u64,
-    /// `produced` when the last write began: a pong before it that is still
-    /// unwritten is stuck behind a full socket.
-    write_began: u64,
+    /// Bytes to write until our latest pong is out (those queued before it, and
+    /// itself); 0 when it is.
+    pong_unwritten: usize,
+    /// A write began while that pong waited: it is stuck behind a full socket.
+    pong_tried: bool,
     /// The latest ping that arrived while our pong to an earlier one was stuck
     /// unwritten: only it gets answered (RFC 6455 §5.5.3), so a ping flood
     /// queues one read's worth of pongs at most. Pings that arrive together,
     /// before a write, each get their pong, as peers (and Autobahn 2.10) expect.
-    pending_pong: Option<Bytes>,
+    /// Boxed: it is rare, and every idle connection carries the field.
+    pending_pong: Option<Box<Bytes>>,
     /// The mailbox may write prepared frames to the socket while we are parked.
     direct: bool,
 }
@@ -263,13 +259,9 @@ where
             flushed: true,
             write_closed: false,
             over_budget_since: None,
-            max_outbound_bytes: options.max_outbound_bytes,
             slow_consumer_timeout: options.slow_consumer_timeout,
-            slow_consumer_close: options.slow_consumer.close_reason(),
-            produced: 0,
-            sent: 0,
-            pong_end: 0,
-            write_began: 0,
+            pong_unwritten: 0,
+            pong_tried: false,
             pending_pong: None,
             direct: false,
         }
@@ -369,7 +361,7 @@ where
     /// reading meets TCP's backpressure instead of growing our memory. Notes
     /// when the pause began, for the slow-consumer timeout.
     fn may_read(&mut self) -> bool {
-        let over = self.mailbox.queued_bytes() > self.max_outbound_bytes;
+        let over = self.mailbox.over_budget();
         match (over, self.over_budget_since) {
             (true, None) => self.over_budget_since = Some(Instant::now()),
             (false, Some(_)) => {
@@ -503,9 +495,8 @@ where
             }
             Message::Ping(ref payload) => {
                 if self.phase == Phase::Open {
-                    let stuck = self.pong_end > self.sent && self.pong_end <= self.write_began;
-                    if stuck {
-                        self.pending_pong = Some(payload.clone());
+                    if self.pong_unwritten > 0 && self.pong_tried {
+                        self.pending_pong = Some(Box::new(payload.clone()));
                     } else {
                         self.push_pong(payload.clone());
                     }
@@ -572,7 +563,9 @@ where
 
     fn push_pong(&mut self, payload: Bytes) {
         self.push_frame(Message::Pong(payload));
-        self.pong_end = self.produced;
+        self.pong_unwritten =
+            self.write_queue.iter().map(Bytes::len).sum::<usize>() + self.scratch.len();
+        self.pong_tried = false;
     }
 
     /// When the timer must next fire: the close deadline while closing, else the
@@ -623,7 +616,7 @@ where
                     .over_budget_since
                     .is_some_and(|since| since + self.slow_consumer_timeout <= now)
                 {
-                    let close = self.slow_consumer_close.clone();
+                    let close = self.mailbox.slow_consumer_close();
                     self.start_close(close.clone(), TerminateReason::SlowConsumer(close));
                 } else if self.over_budget_since.is_none()
                     && self
@@ -654,13 +647,13 @@ where
     fn poll_write(&mut self, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
         loop {
             // The pong held back for a later ping goes out once the one before it has.
-            if self.pong_end <= self.sent {
+            if self.pong_unwritten == 0 {
                 if let Some(payload) = self.pending_pong.take() {
-                    self.push_pong(payload);
+                    self.push_pong(*payload);
                 }
             }
             self.queue_scratch();
-            self.write_began = self.produced;
+            self.pong_tried |= self.pong_unwritten > 0;
             if self.write_queue.is_empty() {
                 break;
             }
@@ -674,7 +667,7 @@ where
                 return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
             self.mailbox.release(written);
-            self.sent += written as u64;
+            self.pong_unwritten = self.pong_unwritten.saturating_sub(written);
             self.consume_written(written);
             self.flushed = false;
         }
@@ -730,7 +723,6 @@ where
         }
         bytes.advance(sent);
         self.mailbox.charge(bytes.len());
-        self.produced += bytes.len() as u64;
         self.queue_scratch();
         self.write_queue.push_back(bytes);
     }
@@ -748,7 +740,6 @@ where
         self.encoder.encode(&message, &mut self.scratch);
         let len = self.scratch.len() - before;
         self.mailbox.charge(len);
-        self.produced += len as u64;
         len
     }
 

@@ -185,7 +185,7 @@ impl<I> Mailbox<I> {
         let queued = self.queued_bytes.load(Ordering::Relaxed);
         let result = if !control && queued + charge > self.max_outbound_bytes {
             state.close = Some(Close {
-                reason: self.slow_consumer.close_reason(),
+                reason: self.slow_consumer_close(),
                 cause: CloseCause::SlowConsumer,
             });
             Err(PushError::SlowConsumer)
@@ -299,6 +299,16 @@ impl<I> Mailbox<I> {
     /// Bytes waiting to be written, whoever queued them.
     pub fn queued_bytes(&self) -> usize {
         self.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether more than `max_outbound_bytes` waits to be written.
+    pub fn over_budget(&self) -> bool {
+        self.queued_bytes() > self.max_outbound_bytes
+    }
+
+    /// The close frame the slow-consumer policy sends.
+    pub fn slow_consumer_close(&self) -> CloseReason {
+        self.slow_consumer.close_reason()
     }
 
     /// Bytes put on the write queue count against the outbound budget.

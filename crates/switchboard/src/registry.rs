@@ -36,6 +36,9 @@ pub trait Broker: Send + Sync + 'static {
     fn connections(&self, id: &str) -> usize;
 }
 
+/// One registered connection: where to push, and in which format.
+type Entry = (Outbox, Format);
+
 /// Keeps a connection registered; dropping it unregisters.
 #[must_use = "the connection is unregistered as soon as this is dropped"]
 pub struct Registration {
@@ -72,7 +75,7 @@ pub struct Registry {
 }
 
 struct Inner {
-    clients: ShardedMap<Vec<(Outbox, Format)>>,
+    clients: ShardedMap<Vec<Entry>>,
 }
 
 impl Default for Registry {
@@ -138,14 +141,18 @@ impl Broker for Registry {
     fn send(&self, id: &str, render: &dyn Fn(Format) -> PreparedMessage) -> usize {
         // Pushes can write to sockets (direct writes), so they happen after the
         // shard's lock is released, as in `PubSub::publish`: registering and
-        // unregistering on this shard never waits for a socket write.
-        let connections: Vec<(Outbox, Format)> = {
+        // unregistering on this shard never waits for a socket write. A client
+        // id usually has one connection: that one is copied out without a list.
+        let (only, several): (Option<Entry>, Vec<Entry>) = {
             let shard = self.inner.clients.read(id);
-            let Some(list) = shard.get(id) else { return 0 };
-            list.clone()
+            match shard.get(id).map(Vec::as_slice) {
+                None => return 0,
+                Some([one]) => (Some(one.clone()), Vec::new()),
+                Some(list) => (None, list.to_vec()),
+            }
         };
-        connections
-            .iter()
+        only.iter()
+            .chain(&several)
             .filter(|(outbox, format)| outbox.push(Outbound::Prepared(render(*format))).is_ok())
             .count()
     }
