@@ -1,7 +1,11 @@
 """Checks a kosoku/Autobahn report and prints a summary by case group.
 
+    autobahn_summary.py INDEX.json [--expect N] [--section NAME] [--write-summary]
+
 Exits non-zero unless every case in groups 1-10 and 12-13 is OK, NON-STRICT or
-INFORMATIONAL. With --write-summary, replaces the table between the markers in
+INFORMATIONAL, and (with --expect) the report holds exactly N cases. With
+--write-summary, replaces the table between the markers of the section (by
+default the server's; `--section client` for the client's) in
 docs/conformance.md.
 """
 
@@ -12,11 +16,20 @@ import sys
 
 ACCEPTED = {"OK", "NON-STRICT", "INFORMATIONAL"}
 REQUIRED_GROUPS = [str(g) for g in (1, 2, 3, 4, 5, 6, 7, 9, 10, 12, 13)]
-BEGIN, END = "<!-- autobahn-summary:begin -->", "<!-- autobahn-summary:end -->"
+
+
+def option(name: str) -> str | None:
+    """The value after `name` on the command line, if it is there."""
+    args = sys.argv[2:]
+    return args[args.index(name) + 1] if name in args else None
 
 
 def main() -> int:
     index = json.loads(pathlib.Path(sys.argv[1]).read_text())
+    expected = option("--expect")
+    section = option("--section")
+    marker = "autobahn-summary" if section is None else f"autobahn-{section}-summary"
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     (cases,) = index.values()
     by_group = collections.defaultdict(collections.Counter)
     bad = []
@@ -43,15 +56,18 @@ def main() -> int:
     if "--write-summary" in sys.argv:
         doc = pathlib.Path("docs/conformance.md")
         text = doc.read_text()
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        doc.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        doc.write_text(f"{head}{begin}\n{table}\n{end}{tail}")
 
     for line in bad:
         print("FAILED", line)
     if missing:
         print("missing case groups:", ", ".join(missing))
-    return 1 if bad or missing else 0
+    miscounted = expected is not None and len(cases) != int(expected)
+    if miscounted:
+        print(f"the report holds {len(cases)} cases, not {expected}")
+    return 1 if bad or missing or miscounted else 0
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use bytes::BytesMut;
-use switchboard_proto::deflate::{DeflateParams, PeerContext};
+use switchboard_proto::deflate::{self, DeflateOptions, DeflateParams, PeerContext};
 use switchboard_proto::handshake::{accept_key, client_key};
 use switchboard_proto::message::MessageEncoder;
 use switchboard_proto::{Limits, Message, MessageDecoder, Role};
@@ -193,31 +193,24 @@ fn check_response(head: &[u8], expected_accept: &str) -> anyhow::Result<Option<D
         accept == Some(expected_accept),
         "wrong Sec-WebSocket-Accept {accept:?}"
     );
-    Ok(header("sec-websocket-extensions").and_then(client_deflate))
+    header("sec-websocket-extensions")
+        .map(client_deflate)
+        .transpose()
 }
 
 /// This client's compressor settings from the server's `permessage-deflate`
-/// answer (RFC 7692 §7.1). The client resets its compressor after every message,
-/// which any server accepts, and keeps within `client_max_window_bits`.
-/// [`MessageEncoder`] reads the `server_*` fields as "this side's".
-fn client_deflate(extensions: &str) -> Option<DeflateParams> {
-    let agreed = extensions
-        .split(',')
-        .find(|e| e.trim().starts_with("permessage-deflate"))?;
-    let window_bits = agreed
-        .split(';')
-        .filter_map(|p| p.trim().strip_prefix("client_max_window_bits="))
-        .find_map(|bits| bits.trim_matches('"').parse::<u8>().ok())
-        .unwrap_or(15)
-        // zlib cannot produce a raw deflate stream with a 256-byte window.
-        .clamp(9, 15);
-    Some(DeflateParams {
-        server_no_context_takeover: true,
-        client_no_context_takeover: false,
-        server_max_window_bits: window_bits,
-        level: 6,
+/// answer (RFC 7692 §7.1), read as `switchboard::client` reads it: the client
+/// resets its compressor after every message, which any server accepts, and
+/// keeps within `client_max_window_bits`; every message is compressed.
+fn client_deflate(extensions: &str) -> anyhow::Result<DeflateParams> {
+    let options = DeflateOptions {
         min_size: 0,
-    })
+        ..DeflateOptions::default()
+    };
+    let agreed = deflate::client_accept(Some(extensions), &options)
+        .with_context(|| format!("answer {extensions:?}"))?
+        .context("no permessage-deflate in the answer")?;
+    Ok(agreed.params)
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -314,6 +307,6 @@ mod tests {
                 .server_max_window_bits,
             15
         );
-        assert_eq!(client_deflate("x-webkit-deflate-frame"), None);
+        assert!(client_deflate("x-webkit-deflate-frame").is_err());
     }
 }

@@ -185,6 +185,95 @@ fn window_bits(value: &str) -> Option<u8> {
     (8..=MAX_WINDOW_BITS).contains(&bits).then_some(bits)
 }
 
+/// The `Sec-WebSocket-Extensions` offers of a client, in order of preference
+/// (RFC 7692 §5): first permessage-deflate with the server resetting its
+/// compressor after each message, so the client holds no inflate window
+/// between messages; then without that, for servers that keep their context.
+/// Both say the client resets its own compressor (`client_no_context_takeover`,
+/// a promise it keeps: see [`client_accept`]), which servers that share one
+/// compressed frame among recipients require, and leave the server to cap its
+/// window (`client_max_window_bits`), as RFC 7692 §7.1.2.2 says a client should.
+pub fn client_offer() -> &'static str {
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover; \
+     client_max_window_bits, permessage-deflate; client_no_context_takeover; client_max_window_bits"
+}
+
+/// What a client agreed to from the server's answer to [`client_offer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAgreement {
+    /// This side's compression, in the terms [`crate::message::MessageEncoder`] reads
+    /// (its `server_*` fields mean "this side's").
+    pub params: DeflateParams,
+    /// How the server compresses, for the decoder.
+    pub server_context: PeerContext,
+}
+
+/// Reads the server's `Sec-WebSocket-Extensions` answer to [`client_offer`].
+/// `Ok(None)`: no extension was agreed.
+///
+/// # Errors
+///
+/// [`ProtocolError::BadExtension`] for an answer the client must fail the
+/// connection for (RFC 7692 §5 and §7): an extension it did not offer, a
+/// second permessage-deflate, an unknown or repeated parameter, or a window
+/// size out of range.
+pub fn client_accept(
+    answer: Option<&str>,
+    options: &DeflateOptions,
+) -> Result<Option<ClientAgreement>, ProtocolError> {
+    let Some(answer) = answer.map(str::trim).filter(|a| !a.is_empty()) else {
+        return Ok(None);
+    };
+    if answer.contains(',') {
+        return Err(ProtocolError::BadExtension);
+    }
+    let mut parts = answer.split(';').map(str::trim);
+    if parts.next() != Some("permessage-deflate") {
+        return Err(ProtocolError::BadExtension);
+    }
+    let mut params = DeflateParams {
+        // The offer said this side resets its compressor after every message,
+        // whether or not the answer repeats it (RFC 7692 §7.1.1.2).
+        server_no_context_takeover: true,
+        client_no_context_takeover: false,
+        server_max_window_bits: MAX_WINDOW_BITS,
+        level: options.level.min(9),
+        min_size: options.min_size,
+    };
+    let mut server_context = PeerContext::Kept;
+    let mut seen = Vec::new();
+    for part in parts {
+        let (name, value) = match part.split_once('=') {
+            Some((name, value)) => (name.trim(), Some(value.trim().trim_matches('"'))),
+            None => (part, None),
+        };
+        if seen.contains(&name) {
+            return Err(ProtocolError::BadExtension);
+        }
+        seen.push(name);
+        match (name, value) {
+            ("server_no_context_takeover", None) => server_context = PeerContext::Reset,
+            // Our inflater reads any window up to the largest.
+            ("server_max_window_bits", Some(bits)) => {
+                window_bits(bits).ok_or(ProtocolError::BadExtension)?;
+            }
+            ("client_no_context_takeover", None) => {}
+            // zlib cannot keep a raw deflate stream within a 256-byte window:
+            // a server that demands 8 cannot be served, and is refused.
+            ("client_max_window_bits", Some(bits)) => {
+                params.server_max_window_bits = window_bits(bits)
+                    .filter(|bits| *bits >= MIN_WINDOW_BITS)
+                    .ok_or(ProtocolError::BadExtension)?;
+            }
+            _ => return Err(ProtocolError::BadExtension),
+        }
+    }
+    Ok(Some(ClientAgreement {
+        params,
+        server_context,
+    }))
+}
+
 /// Compresses outgoing messages for one connection.
 pub struct Deflater {
     level: u32,
@@ -446,6 +535,41 @@ impl Inflater {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_client_reads_what_the_server_agreed() {
+        let options = DeflateOptions::default();
+        let agreed = |answer| client_accept(Some(answer), &options);
+        let plain = agreed("permessage-deflate").unwrap().unwrap();
+        assert_eq!(plain.server_context, PeerContext::Kept);
+        // The offer promised it: this side resets whatever the answer says.
+        assert!(plain.params.server_no_context_takeover);
+        assert_eq!(plain.params.server_max_window_bits, MAX_WINDOW_BITS);
+
+        let strict = agreed(
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover; \
+             client_max_window_bits=10; server_max_window_bits=12",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(strict.server_context, PeerContext::Reset);
+        // This side keeps within the window it was given.
+        assert_eq!(strict.params.server_max_window_bits, 10);
+
+        assert_eq!(client_accept(None, &options), Ok(None));
+        for bad in [
+            "x-webkit-deflate-frame",
+            "permessage-deflate, permessage-deflate",
+            "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+            "permessage-deflate; client_max_window_bits=16",
+            // zlib cannot keep within 256 bytes.
+            "permessage-deflate; client_max_window_bits=8",
+            "permessage-deflate; server_max_window_bits",
+            "permessage-deflate; unknown",
+        ] {
+            assert_eq!(agreed(bad), Err(ProtocolError::BadExtension), "{bad}");
+        }
+    }
 
     fn opts() -> DeflateOptions {
         DeflateOptions {

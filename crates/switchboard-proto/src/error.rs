@@ -58,6 +58,10 @@ pub enum ProtocolError {
         /// The configured limit.
         limit: usize,
     },
+    /// A handshake answer with an extension that was not offered, or with
+    /// permessage-deflate parameters a client must refuse.
+    #[error("extension answer that was not offered or is invalid (RFC7692§5)")]
+    BadExtension,
     /// Compressed data that does not inflate.
     #[error("invalid permessage-deflate data (RFC7692§7.2.2)")]
     BadDeflate,

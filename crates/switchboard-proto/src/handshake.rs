@@ -34,6 +34,19 @@ pub fn client_key(entropy: [u8; 16]) -> String {
     STANDARD.encode(entropy)
 }
 
+/// A `Sec-WebSocket-Key` from the OS's random source, as RFC 6455 §4.1 asks
+/// ("randomly selected", nonce).
+///
+/// # Panics
+///
+/// If the operating system has no random source to offer (see
+/// [`crate::mask::random_key`]).
+pub fn random_client_key() -> String {
+    let mut entropy = [0; 16];
+    getrandom::fill(&mut entropy).expect("the OS random source is available");
+    client_key(entropy)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

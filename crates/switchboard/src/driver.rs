@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::upgrade::OnUpgrade;
-use switchboard_proto::deflate::DeflateParams;
+use switchboard_proto::deflate::{DeflateParams, PeerContext};
 use switchboard_proto::message::MessageEncoder;
 use switchboard_proto::{CloseCode, CloseReason, Message, MessageDecoder, ProtocolError, Role};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -60,8 +60,13 @@ enum Phase {
 
 /// Everything the driver needs besides the socket and the handler.
 pub(crate) struct Setup {
+    /// Server or client: which frames are masked.
+    pub role: Role,
     pub options: Options,
+    /// This side's compression, when permessage-deflate was agreed.
     pub deflate: Option<DeflateParams>,
+    /// How the peer compresses, when it was.
+    pub peer_context: Option<PeerContext>,
     pub protocol: Option<String>,
     pub shutdown: Option<Signal>,
     pub on_failed: Option<FailedUpgradeCallback>,
@@ -113,6 +118,20 @@ impl<H: Handler> Connection<H> {
     }
 }
 
+/// Runs a connection over `io`, whose handshake is done, until it ends; `early`
+/// holds what the peer sent right behind its handshake. The client's task.
+pub(crate) async fn run<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
+    handler: H,
+    mailbox: Arc<Mailbox<H::Info>>,
+    setup: Setup,
+    early: Bytes,
+) {
+    let mut driver = Driver::start(io, handler, mailbox, setup, None, &early);
+    std::future::poll_fn(|cx| driver.poll_run(cx)).await;
+    driver.finish();
+}
+
 // Nothing inside is ever pinned in place: the driver is polled through `&mut`,
 // and the upgrade future is `Unpin` itself.
 impl<H: Handler> Unpin for Connection<H> {}
@@ -133,16 +152,7 @@ impl<H: Handler> Future for Connection<H> {
                         } = start.take().expect("started once");
                         let (socket, early) = Socket::new(upgraded);
                         let shared = socket.shared();
-                        let mut driver = Driver::new(socket, handler, mailbox, setup);
-                        if let Some(stream) = shared {
-                            driver.allow_direct_writes(stream);
-                        }
-                        driver.init();
-                        if !early.is_empty() {
-                            // Frames the client sent right behind its handshake.
-                            driver.read_buf.extend_from_slice(&early);
-                            driver.decode_messages();
-                        }
+                        let driver = Driver::start(socket, handler, mailbox, setup, shared, &early);
                         *this = Self::Running(driver);
                     }
                     Err(error) => {
@@ -225,6 +235,28 @@ where
     H: Handler,
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    /// A driver whose handler's `init` has run, with `early` bytes decoded;
+    /// `direct` is the socket pushers may write to while it is parked.
+    fn start(
+        io: S,
+        handler: H,
+        mailbox: Arc<Mailbox<H::Info>>,
+        setup: Setup,
+        direct: Option<Arc<tokio::net::TcpStream>>,
+        early: &[u8],
+    ) -> Self {
+        let mut driver = Self::new(io, handler, mailbox, setup);
+        if let Some(stream) = direct {
+            driver.allow_direct_writes(stream);
+        }
+        driver.init();
+        if !early.is_empty() {
+            driver.read_buf.extend_from_slice(early);
+            driver.decode_messages();
+        }
+        driver
+    }
+
     fn new(io: S, handler: H, mailbox: Arc<Mailbox<H::Info>>, setup: Setup) -> Self {
         let options = setup.options;
         Self {
@@ -232,12 +264,8 @@ where
             handler,
             handle: ConnHandle::new(mailbox.clone()),
             mailbox,
-            decoder: MessageDecoder::new(
-                Role::Server,
-                options.limits,
-                setup.deflate.as_ref().map(DeflateParams::client_context),
-            ),
-            encoder: MessageEncoder::new(Role::Server, setup.deflate),
+            decoder: MessageDecoder::new(setup.role, options.limits, setup.peer_context),
+            encoder: MessageEncoder::new(setup.role, setup.deflate),
             protocol: setup.protocol,
             read_buf: BytesMut::new(),
             write_queue: VecDeque::new(),

@@ -8,6 +8,8 @@
 //!
 //! - [`upgrade`]: [`WebSocketUpgrade`], an axum extractor (and plain hyper entry
 //!   point) that runs after routing and middleware, so auth can decide first.
+//! - [`client`]: [`client::Connector`], which connects to `ws://` and `wss://` URLs
+//!   and runs a [`Handler`] in the client role, on the same driver as the server.
 //! - [`handler`]: the [`Handler`] trait, [`Outcome`], [`Context`] and [`TerminateReason`].
 //! - [`handle`]: [`ConnHandle`] and [`Outbox`], the addresses of a connection.
 //! - [`options`]: per-connection [`Options`]: limits, timeouts, compression, backpressure.
@@ -47,6 +49,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod client;
 mod driver;
 pub mod handle;
 pub mod handler;

@@ -13,6 +13,7 @@ use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, StatusCode};
 use hyper::upgrade::OnUpgrade;
+use switchboard_proto::Role;
 use switchboard_proto::deflate::{DeflateParams, negotiate};
 use switchboard_proto::handshake::{accept_key, has_token, is_valid_key};
 
@@ -263,6 +264,8 @@ impl WebSocketUpgrade {
         let mailbox = Arc::new(Mailbox::new(ConnId::next(), &self.options));
         let handler = make(&ConnHandle::new(mailbox.clone()));
         let setup = Setup {
+            role: Role::Server,
+            peer_context: deflate.as_ref().map(DeflateParams::client_context),
             deflate,
             protocol: self.selected_protocol().map(str::to_owned),
             shutdown: self.shutdown.as_ref().map(Shutdown::signal),

@@ -37,8 +37,10 @@ fn start(options: Options) -> (DuplexStream, Arc<Mailbox<()>>, Ended) {
     let (client, server) = tokio::io::duplex(PIPE);
     let mailbox = Arc::new(Mailbox::new(ConnId::next(), &options));
     let setup = Setup {
+        role: Role::Server,
         options,
         deflate: None,
+        peer_context: None,
         protocol: None,
         shutdown: None,
         on_failed: None,

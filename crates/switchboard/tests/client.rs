@@ -1,0 +1,309 @@
+//! The client against the toolkit's own server, over ws:// and wss://: the
+//! same handler trait in both roles, subprotocols, headers, compression, and
+//! each way a handshake can be refused.
+
+mod common;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::HeaderMap;
+use axum::routing::get;
+use common::{Event, Probe};
+use http::{HeaderName, HeaderValue};
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use switchboard::client::{ConnectError, Connector, rustls};
+use switchboard::{
+    CloseCode, CloseReason, Context, Handler, Message, Outcome, TerminateReason, WebSocketUpgrade,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// A client handler that forwards what arrives and why it ended.
+struct Collect(mpsc::UnboundedSender<Result<Message, TerminateReason>>);
+
+impl Handler for Collect {
+    type Info = ();
+    fn handle_in(&mut self, message: Message, _ctx: &mut Context<'_, ()>) -> Outcome {
+        let _ = self.0.send(Ok(message));
+        Outcome::Continue
+    }
+    fn terminate(&mut self, reason: &TerminateReason) {
+        let _ = self.0.send(Err(reason.clone()));
+    }
+}
+
+fn collect() -> (
+    Collect,
+    mpsc::UnboundedReceiver<Result<Message, TerminateReason>>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Collect(tx), rx)
+}
+
+async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
+    tokio::time::timeout(common::TIMEOUT, rx.recv())
+        .await
+        .expect("in time")
+        .expect("not ended")
+}
+
+/// A server whose `/ws` runs a `Probe` (it greets with "hello" and echoes),
+/// offering `proto.v1`, and whose `/header` greets with its `x-greeting` header.
+fn app(events: mpsc::UnboundedSender<Event>) -> Router {
+    let probe_events = events.clone();
+    Router::new()
+        .route(
+            "/ws",
+            get(move |ws: WebSocketUpgrade| {
+                let events = probe_events.clone();
+                async move { ws.protocols(["proto.v1"]).on_upgrade(Probe::new(events)) }
+            }),
+        )
+        .route(
+            "/header",
+            get(|ws: WebSocketUpgrade, headers: HeaderMap| async move {
+                let greeting = headers
+                    .get("x-greeting")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("none")
+                    .to_owned();
+                ws.on_upgrade(Greeter(greeting))
+            }),
+        )
+}
+
+struct Greeter(String);
+
+impl Handler for Greeter {
+    type Info = ();
+    fn init(&mut self, _ctx: &mut Context<'_, ()>) -> Outcome {
+        Outcome::push(Message::text(self.0.clone()))
+    }
+    fn handle_in(&mut self, _message: Message, _ctx: &mut Context<'_, ()>) -> Outcome {
+        Outcome::Continue
+    }
+}
+
+async fn plain_server() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<Event>) {
+    let (events, events_rx) = mpsc::unbounded_channel();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(switchboard::serve(
+        listener,
+        app(events),
+        std::future::pending(),
+    ));
+    (addr, events_rx)
+}
+
+#[tokio::test]
+async fn a_client_handler_talks_to_a_server_handler() {
+    let (addr, mut events) = plain_server().await;
+    let (handler, mut got) = collect();
+    let client = Connector::new()
+        .protocol("other")
+        .protocol("proto.v1")
+        .connect(&format!("ws://{addr}/ws"), handler)
+        .await
+        .unwrap();
+    assert_eq!(client.protocol(), Some("proto.v1"));
+    assert!(
+        client.compressed(),
+        "both sides offer permessage-deflate by default"
+    );
+    assert_eq!(
+        next(&mut events).await,
+        Event::Init(Some("proto.v1".into()))
+    );
+    assert_eq!(next(&mut got).await.unwrap(), Message::text("hello"));
+    // Large and repetitive: compressed, and fragmented by nobody.
+    let big = "echo me ".repeat(20_000);
+    client.handle().push(Message::text(big.clone())).unwrap();
+    assert_eq!(next(&mut got).await.unwrap(), Message::text(big.clone()));
+    assert_eq!(next(&mut events).await, Event::In(big));
+    client
+        .handle()
+        .close(CloseReason::new(CloseCode::NORMAL, "done"));
+    assert_eq!(
+        next(&mut got).await.unwrap_err(),
+        TerminateReason::Normal(CloseReason::new(CloseCode::NORMAL, "done"))
+    );
+    client.finished().await;
+    assert!(matches!(
+        next(&mut events).await,
+        Event::Terminate(TerminateReason::Remote(Some(close))) if close.code() == CloseCode::NORMAL
+    ));
+}
+
+#[tokio::test]
+async fn headers_reach_the_server_and_compression_can_be_left_off() {
+    let (addr, _events) = plain_server().await;
+    let (handler, mut got) = collect();
+    let client = Connector::new()
+        .options(switchboard::Options::default().compression(None))
+        .header(
+            HeaderName::from_static("x-greeting"),
+            HeaderValue::from_static("hi there"),
+        )
+        .connect(&format!("ws://{addr}/header"), handler)
+        .await
+        .unwrap();
+    assert!(!client.compressed());
+    assert_eq!(client.protocol(), None);
+    assert_eq!(next(&mut got).await.unwrap(), Message::text("hi there"));
+}
+
+#[tokio::test]
+async fn refused_handshakes_are_typed_errors() {
+    let (addr, _events) = plain_server().await;
+    let connector = Connector::new();
+    let (handler, _) = collect();
+    let error = connector
+        .connect(&format!("ws://{addr}/nowhere"), handler)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, ConnectError::Status(404)), "{error}");
+
+    for url in ["http://x/", "ws:///path", "not a url", "ws://user@host/"] {
+        let (handler, _) = collect();
+        let error = connector.connect(url, handler).await.unwrap_err();
+        assert!(matches!(error, ConnectError::Url(..)), "{url}: {error}");
+    }
+
+    let (handler, _) = collect();
+    let error = connector
+        .connect(&format!("wss://{addr}/ws"), handler)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, ConnectError::TlsNotConfigured), "{error}");
+}
+
+/// A server that answers every request with `response`, whatever it asked.
+async fn answering(response: &'static str) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream.write_all(response.as_bytes()).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_101_that_breaks_rfc_6455_is_refused() {
+    let cases = [
+        (
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: d3JvbmcgYWNjZXB0IGtleQ==\r\n\r\n",
+            "Sec-WebSocket-Accept",
+        ),
+        (
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\n",
+            "Upgrade: websocket",
+        ),
+    ];
+    for (response, why) in cases {
+        let addr = answering(response).await;
+        let (handler, _) = collect();
+        let error = Connector::new()
+            .connect(&format!("ws://{addr}/"), handler)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&error, ConnectError::Handshake(m) if m.contains(why)),
+            "{error}"
+        );
+    }
+}
+
+/// A test CA, and a certificate for `localhost` it signed.
+fn test_pki() -> (
+    rustls::pki_types::CertificateDer<'static>,
+    rustls::ServerConfig,
+) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+    (ca.der().clone(), server)
+}
+
+/// The toolkit's upgrade under hyper, over TLS.
+async fn tls_server(config: rustls::ServerConfig) -> std::net::SocketAddr {
+    let (events, _events_rx) = mpsc::unbounded_channel();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let app = app(events);
+    tokio::spawn(async move {
+        // Keeps the probes' event receiver alive with the server.
+        let _events_rx = _events_rx;
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app))
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn client_tls(ca: rustls::pki_types::CertificateDer<'static>) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+#[tokio::test]
+async fn wss_with_a_trusted_ca_works_and_with_another_fails() {
+    let (ca, server) = test_pki();
+    let addr = tls_server(server).await;
+    let url = format!("wss://localhost:{}/ws", addr.port());
+
+    let (handler, mut got) = collect();
+    let client = Connector::new()
+        .tls(client_tls(ca))
+        .connect(&url, handler)
+        .await
+        .unwrap();
+    assert_eq!(next(&mut got).await.unwrap(), Message::text("hello"));
+    client.handle().push(Message::text("over TLS")).unwrap();
+    assert_eq!(next(&mut got).await.unwrap(), Message::text("over TLS"));
+
+    let (other_ca, _) = test_pki();
+    let (handler, _) = collect();
+    let error = Connector::new()
+        .tls(client_tls(other_ca))
+        .connect(&url, handler)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, ConnectError::Tls(_)), "{error}");
+}
