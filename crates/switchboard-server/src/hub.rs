@@ -63,7 +63,7 @@ impl Hub {
     ) -> (Vec<&'t str>, Vec<&'t str>) {
         targets
             .into_iter()
-            .partition(|target| self.broker.send(target, render) > 0)
+            .partition(|target| self.broker.push(target, render) > 0)
     }
 
     /// The state for `config`, with the in-process registry and topics.

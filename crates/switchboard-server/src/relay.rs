@@ -143,7 +143,7 @@ impl Relay {
         let Some(id) = self.ack_id(inbound) else {
             // No ack asked for: nothing to collect on the hot path.
             for target in targets {
-                self.hub.broker.send(target, &render);
+                self.hub.broker.push(target, &render);
             }
             return Ok(None);
         };

@@ -25,7 +25,7 @@ struct Member {
 impl Member {
     fn broadcast(&self, text: String) {
         let frame = PreparedMessage::text(text);
-        self.rooms.send(&self.room, &|_| frame.clone());
+        self.rooms.push(&self.room, &|_| frame.clone());
     }
 }
 

@@ -128,7 +128,39 @@ impl<I: Send + 'static> ConnHandle<I> {
         self.mailbox.id()
     }
 
-    /// Sends a message to the handler's `handle_info`.
+    /// Sends a message to the handler's `handle_info`. It never waits.
+    ///
+    /// # Errors
+    ///
+    /// [`SendError::Full`] when the mailbox holds `mailbox_size` messages
+    /// already, and [`SendError::Closed`] when the connection has ended or is
+    /// closing; either way the message comes back.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use switchboard::testing::Harness;
+    /// use switchboard::{Context, Handler, Message, Outcome};
+    ///
+    /// struct Counter(u32);
+    ///
+    /// impl Handler for Counter {
+    ///     type Info = u32;
+    ///     fn handle_in(&mut self, _m: Message, _ctx: &mut Context<'_, u32>) -> Outcome {
+    ///         Outcome::Continue
+    ///     }
+    ///     fn handle_info(&mut self, add: u32, _ctx: &mut Context<'_, u32>) -> Outcome {
+    ///         self.0 += add;
+    ///         Outcome::Continue
+    ///     }
+    /// }
+    ///
+    /// let mut harness = Harness::new(Counter(0));
+    /// let handle = harness.handle().clone();
+    /// handle.send(2).unwrap();
+    /// harness.deliver_infos();
+    /// assert_eq!(harness.handler().0, 2);
+    /// ```
     pub fn send(&self, info: I) -> Result<(), SendError<I>> {
         self.mailbox.send_info(info)
     }
@@ -145,7 +177,14 @@ impl<I: Send + 'static> ConnHandle<I> {
         TimerRef(task.abort_handle())
     }
 
-    /// Queues a frame to be written, bypassing the handler.
+    /// Queues a frame to be written, bypassing the handler. It never waits.
+    ///
+    /// # Errors
+    ///
+    /// [`PushError::Closed`] when the connection has ended or is closing, and
+    /// [`PushError::SlowConsumer`] when the frame would take what waits to be
+    /// written over `max_outbound_bytes`: the connection is then closed under
+    /// the slow-consumer policy.
     pub fn push(&self, frame: impl Into<Outbound>) -> Result<(), PushError> {
         self.mailbox.push(frame.into())
     }
@@ -166,15 +205,15 @@ impl<I: Send + 'static> ConnHandle<I> {
     }
 }
 
-/// What an [`Outbox`] can do, whatever the handler's info type.
-trait Outlet: Send + Sync {
+/// A mailbox with its handler's info type erased: what an [`Outbox`] holds.
+trait ErasedMailbox: Send + Sync {
     fn id(&self) -> ConnId;
     fn push(&self, frame: Outbound) -> Result<(), PushError>;
     fn close(&self, reason: CloseReason);
     fn is_closed(&self) -> bool;
 }
 
-impl<I: Send> Outlet for Mailbox<I> {
+impl<I: Send> ErasedMailbox for Mailbox<I> {
     fn id(&self) -> ConnId {
         Mailbox::id(self)
     }
@@ -191,7 +230,7 @@ impl<I: Send> Outlet for Mailbox<I> {
 
 /// The untyped address of a connection: push frames to it, or close it.
 #[derive(Clone)]
-pub struct Outbox(Arc<dyn Outlet>);
+pub struct Outbox(Arc<dyn ErasedMailbox>);
 
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -206,6 +245,10 @@ impl Outbox {
     }
 
     /// Queues a frame to be written.
+    ///
+    /// # Errors
+    ///
+    /// As [`ConnHandle::push`].
     pub fn push(&self, frame: impl Into<Outbound>) -> Result<(), PushError> {
         self.0.push(frame.into())
     }

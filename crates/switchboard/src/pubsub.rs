@@ -105,6 +105,37 @@ impl PubSub {
 
     /// Subscribes the connection behind `outbox`, of client `client`, to `topic`.
     /// `limit` caps the topic's subscribers. Dropping the result unsubscribes.
+    ///
+    /// # Errors
+    ///
+    /// [`SubscribeError::AlreadySubscribed`] when this connection already is,
+    /// and [`SubscribeError::Full`] when the topic has `limit` subscribers.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use switchboard::testing::Harness;
+    /// use switchboard::{Context, Format, Handler, Message, Outcome, PreparedMessage, PubSub};
+    ///
+    /// struct Quiet;
+    /// impl Handler for Quiet {
+    ///     type Info = ();
+    ///     fn handle_in(&mut self, _m: Message, _ctx: &mut Context<'_, ()>) -> Outcome {
+    ///         Outcome::Continue
+    ///     }
+    /// }
+    ///
+    /// let pubsub = PubSub::new();
+    /// let mut harness = Harness::new(Quiet);
+    /// let outbox = harness.handle().outbox();
+    /// let subscription = pubsub
+    ///     .subscribe("news", "ada".into(), &outbox, Format::default(), None)
+    ///     .unwrap();
+    /// let news = PreparedMessage::text("extra!");
+    /// assert_eq!(pubsub.publish("news", &|_| news.clone()), 1);
+    /// drop(subscription);
+    /// assert_eq!(pubsub.publish("news", &|_| news.clone()), 0);
+    /// ```
     pub fn subscribe(
         &self,
         topic: &str,

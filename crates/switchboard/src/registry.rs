@@ -30,7 +30,7 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Queues a message on every live connection of `id`, rendered by `render`
     /// for the connection's format; returns how many connections took it.
-    fn send(&self, id: &str, render: &dyn Fn(Format) -> PreparedMessage) -> usize;
+    fn push(&self, id: &str, render: &dyn Fn(Format) -> PreparedMessage) -> usize;
 
     /// How many live connections `id` has.
     fn connections(&self, id: &str) -> usize;
@@ -138,7 +138,7 @@ impl Broker for Registry {
         Registration::new(move || registry.remove(&id, conn))
     }
 
-    fn send(&self, id: &str, render: &dyn Fn(Format) -> PreparedMessage) -> usize {
+    fn push(&self, id: &str, render: &dyn Fn(Format) -> PreparedMessage) -> usize {
         // Pushes can write to sockets (direct writes), so they happen after the
         // shard's lock is released, as in `PubSub::publish`: registering and
         // unregistering on this shard never waits for a socket write. A client

@@ -32,6 +32,27 @@ use tokio_util::task::TaskTracker;
 /// Accepting is axum's (`axum::serve::Listener`): a connection reset before it
 /// was accepted is skipped, and any other error (such as running out of file
 /// descriptors) is logged and retried after a second.
+///
+/// # Examples
+///
+/// ```no_run
+/// use axum::Router;
+///
+/// # async fn run(app: Router) -> std::io::Result<()> {
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:4000").await?;
+/// // Until Ctrl-C; then the WebSocket connections are a `Shutdown`'s to close.
+/// switchboard::serve(listener, app, async {
+///     let _ = tokio::signal::ctrl_c().await;
+/// })
+/// .await;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # Cancel safety
+///
+/// Dropping the future stops accepting at once; connections already accepted
+/// go on in their own tasks.
 pub async fn serve(
     mut listener: TcpListener,
     router: Router,

@@ -48,6 +48,34 @@ impl Shutdown {
 
     /// Triggers shutdown and waits up to `timeout` for every connection to end.
     /// Returns whether they all did.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use switchboard::{Shutdown, WebSocketUpgrade};
+    /// # use switchboard::{Context, Handler, Message, Outcome};
+    /// # struct Echo;
+    /// # impl Handler for Echo {
+    /// #     type Info = ();
+    /// #     fn handle_in(&mut self, m: Message, _: &mut Context<'_, ()>) -> Outcome { Outcome::push(m) }
+    /// # }
+    ///
+    /// # async fn run(upgrade: WebSocketUpgrade) {
+    /// let shutdown = Shutdown::new();
+    /// // Each upgrade handler tracks its connection in the shutdown:
+    /// let _response = upgrade.shutdown(&shutdown).on_upgrade(Echo);
+    /// // At exit: close every connection with 1001 and wait up to 10 s.
+    /// if !shutdown.drain(Duration::from_secs(10)).await {
+    ///     eprintln!("{} connections did not close in time", shutdown.connections());
+    /// }
+    /// # }
+    /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the shutdown stays triggered, and the connections go on
+    /// closing; a later `drain` waits for the rest.
     pub async fn drain(&self, timeout: Duration) -> bool {
         self.trigger();
         self.tracker.close();

@@ -107,7 +107,13 @@ impl std::fmt::Debug for WebSocketUpgrade {
 }
 
 impl WebSocketUpgrade {
-    /// Validates the request head and takes hyper's upgrade handle out of it.
+    /// Validates the request head and takes hyper's upgrade handle out of it:
+    /// the entry point under plain hyper (axum calls it as an extractor).
+    ///
+    /// # Errors
+    ///
+    /// An [`UpgradeError`] for each way the request is not a WebSocket upgrade
+    /// (RFC 6455 §4.2.1); each is an HTTP response (400, 405 or 426).
     pub fn from_parts(parts: &mut Parts) -> Result<Self, UpgradeError> {
         let headers = &parts.headers;
         let header_str = |name| {

@@ -384,8 +384,8 @@ async fn registry_delivery_reaches_every_connection_of_an_id() {
         tabs.push(tab);
     }
     let message = switchboard::PreparedMessage::text("to every tab");
-    assert_eq!(registry.send("probe", &|_| message.clone()), 3);
-    assert_eq!(registry.send("nobody", &|_| message.clone()), 0);
+    assert_eq!(registry.push("probe", &|_| message.clone()), 3);
+    assert_eq!(registry.push("nobody", &|_| message.clone()), 0);
     for tab in &mut tabs {
         assert_eq!(
             tab.recv().await.unwrap(),
