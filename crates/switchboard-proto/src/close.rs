@@ -129,6 +129,12 @@ impl CloseReason {
     }
 
     /// Parses a received close frame payload. `Ok(None)` means the frame had no code.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtocolError::BadClosePayload`] for a one-byte payload,
+    /// [`ProtocolError::BadCloseCode`] for a code that may not be sent, and
+    /// [`ProtocolError::InvalidUtf8`] for a reason that is not UTF-8.
     pub fn parse(payload: &[u8]) -> Result<Option<Self>, ProtocolError> {
         match payload {
             [] => Ok(None),

@@ -127,6 +127,13 @@ impl FrameDecoder {
 
     /// Decodes the next complete frame from `buf`, consuming its bytes.
     /// `Ok(None)` means more input is needed.
+    ///
+    /// # Errors
+    ///
+    /// The [`ProtocolError`] for a header RFC 6455 §5.2 forbids (reserved bits
+    /// or opcodes, masking that does not fit the role, a length not in its
+    /// shortest form or with its top bit set, a fragmented or oversized control
+    /// frame) or a frame over the size limit, found from the header alone.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
         let header = match self.pending {
             Some(header) => header,

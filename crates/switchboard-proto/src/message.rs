@@ -124,6 +124,29 @@ impl MessageDecoder {
     }
 
     /// Decodes the next message from `buf`. `Ok(None)` means more input is needed.
+    ///
+    /// # Errors
+    ///
+    /// The [`ProtocolError`] that fails the connection, with its close code
+    /// ([`ProtocolError::close_code`]): a frame RFC 6455 forbids, a bad
+    /// continuation, invalid UTF-8 in text (found as early as the bytes arrive),
+    /// data that does not inflate, or a frame or message over the limits.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use bytes::BytesMut;
+    /// use switchboard_proto::frame::encode_frame;
+    /// use switchboard_proto::{Limits, Message, MessageDecoder, OpCode, Role};
+    ///
+    /// let mut wire = BytesMut::new();
+    /// encode_frame(&mut wire, true, false, OpCode::Text, b"hi", Some([1, 2, 3, 4]));
+    /// let mut decoder = MessageDecoder::new(Role::Server, Limits::default(), None);
+    /// let mut half = wire.split_to(3);
+    /// assert_eq!(decoder.next(&mut half).unwrap(), None);
+    /// half.unsplit(wire);
+    /// assert_eq!(decoder.next(&mut half).unwrap(), Some(Message::text("hi")));
+    /// ```
     pub fn next(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, ProtocolError> {
         loop {
             let Some(frame) = self.frames.decode(buf)? else {

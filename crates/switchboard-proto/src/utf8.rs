@@ -19,6 +19,11 @@ pub struct Utf8Validator {
 
 impl Utf8Validator {
     /// Checks the next piece of a message.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtocolError::InvalidUtf8`] as soon as the bytes so far cannot begin
+    /// valid UTF-8 (a sequence cut at the end of `input` waits for the next piece).
     pub fn feed(&mut self, mut input: &[u8]) -> Result<(), ProtocolError> {
         if self.carry_len > 0 {
             let have = self.carry_len as usize;
@@ -50,7 +55,11 @@ impl Utf8Validator {
         }
     }
 
-    /// Ends the message: fails if it stopped in the middle of a code point.
+    /// Ends the message.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtocolError::InvalidUtf8`] if it stopped in the middle of a code point.
     pub fn finish(&mut self) -> Result<(), ProtocolError> {
         let incomplete = self.carry_len > 0;
         self.carry_len = 0;
@@ -78,7 +87,11 @@ fn sequence_len(lead: u8) -> usize {
 pub struct Utf8Bytes(Bytes);
 
 impl Utf8Bytes {
-    /// Wraps bytes already checked to be UTF-8.
+    /// Checks that `bytes` are UTF-8 and wraps them.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtocolError::InvalidUtf8`] if they are not.
     pub fn try_from_bytes(bytes: Bytes) -> Result<Self, ProtocolError> {
         simdutf8::basic::from_utf8(&bytes).map_err(|_| ProtocolError::InvalidUtf8)?;
         Ok(Self(bytes))

@@ -166,7 +166,37 @@ impl<I: Send + 'static> ConnHandle<I> {
     }
 
     /// Sends `info` after `delay` (Elixir's `Process.send_after`). Dropping the
-    /// [`TimerRef`] does not cancel it; [`TimerRef::cancel`] does.
+    /// [`TimerRef`] does not cancel it; [`TimerRef::cancel`] does. A message
+    /// that finds the connection gone, or its mailbox full, is dropped.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime (it spawns the timer's task).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use switchboard::{Context, Handler, Message, Outcome};
+    ///
+    /// /// Says "tick" every second (the `connection_timer` example does the same).
+    /// struct Ticker;
+    ///
+    /// impl Handler for Ticker {
+    ///     type Info = ();
+    ///     fn init(&mut self, ctx: &mut Context<'_, ()>) -> Outcome {
+    ///         ctx.handle().send_after((), Duration::from_secs(1));
+    ///         Outcome::Continue
+    ///     }
+    ///     fn handle_in(&mut self, _m: Message, _ctx: &mut Context<'_, ()>) -> Outcome {
+    ///         Outcome::Continue
+    ///     }
+    ///     fn handle_info(&mut self, (): (), ctx: &mut Context<'_, ()>) -> Outcome {
+    ///         ctx.handle().send_after((), Duration::from_secs(1));
+    ///         Outcome::push(Message::text("tick"))
+    ///     }
+    /// }
+    /// ```
     pub fn send_after(&self, info: I, delay: Duration) -> TimerRef {
         let handle = self.clone();
         let task = tokio::spawn(async move {

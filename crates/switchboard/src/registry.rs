@@ -69,6 +69,31 @@ impl Drop for Registration {
 }
 
 /// The in-process [`Broker`]: client ids to their live connections.
+///
+/// # Examples
+///
+/// ```
+/// use switchboard::testing::Harness;
+/// use switchboard::{Broker, Context, Format, Handler, Message, Outcome, PreparedMessage, Registry};
+///
+/// struct Quiet;
+/// impl Handler for Quiet {
+///     type Info = ();
+///     fn handle_in(&mut self, _m: Message, _ctx: &mut Context<'_, ()>) -> Outcome {
+///         Outcome::Continue
+///     }
+/// }
+///
+/// let registry = Registry::new();
+/// let mut harness = Harness::new(Quiet);
+/// let registration = registry.register("ada".into(), harness.handle().outbox(), Format::default());
+/// let hello = PreparedMessage::text("hello");
+/// assert_eq!(registry.push("ada", &|_| hello.clone()), 1);
+/// harness.deliver_infos();
+/// assert_eq!(harness.take_pushed(), vec![Message::text("hello")]);
+/// drop(registration);
+/// assert_eq!(registry.push("ada", &|_| hello.clone()), 0);
+/// ```
 #[derive(Clone)]
 pub struct Registry {
     inner: Arc<Inner>,
