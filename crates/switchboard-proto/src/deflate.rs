@@ -180,7 +180,12 @@ fn accept_offer(offer: &str, options: &DeflateOptions) -> Option<DeflateParams> 
     Some(params)
 }
 
+/// A window size parameter: 1*DIGIT without leading zeros (RFC 7692 §7.1.2.1),
+/// from 8 to 15.
 fn window_bits(value: &str) -> Option<u8> {
+    if value.starts_with('0') || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
     let bits: u8 = value.parse().ok()?;
     (8..=MAX_WINDOW_BITS).contains(&bits).then_some(bits)
 }
@@ -623,6 +628,10 @@ mod tests {
             "permessage-deflate; server_max_window_bits",
             "permessage-deflate; server_max_window_bits=16",
             "permessage-deflate; client_max_window_bits=7",
+            // 1*DIGIT without leading zeros (RFC 7692 §7.1.2.1).
+            "permessage-deflate; server_max_window_bits=09",
+            "permessage-deflate; server_max_window_bits=+9",
+            "permessage-deflate; client_max_window_bits=010",
             "permessage-deflate; unknown",
             "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
             "x-webkit-deflate-frame",

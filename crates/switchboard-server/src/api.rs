@@ -392,11 +392,19 @@ enum Operation {
 }
 
 fn parse_operation(raw: &RawValue) -> Result<Operation, String> {
-    let mut fields: std::collections::HashMap<String, Box<RawValue>> =
-        serde_json::from_str(raw.get()).map_err(|e| e.to_string())?;
-    let op = fields.remove("op").ok_or("missing field `op`")?;
+    let Fields(mut fields) = serde_json::from_str(raw.get()).map_err(|e| e.to_string())?;
+    let at = fields
+        .iter()
+        .position(|(name, _)| name == "op")
+        .ok_or("missing field `op`")?;
+    let (_, op) = fields.remove(at);
     let op: String = serde_json::from_str(op.get()).map_err(|e| format!("op: {e}"))?;
-    let rest = serde_json::to_string(&fields).map_err(|e| e.to_string())?;
+    // The other fields as an object again, for the operation's own type.
+    let rest: Vec<String> = fields
+        .iter()
+        .map(|(name, value)| format!("{}:{}", serde_json::Value::from(name.as_str()), value.get()))
+        .collect();
+    let rest = format!("{{{}}}", rest.join(","));
     let parsed = match op.as_str() {
         "send" => serde_json::from_str(&rest).map(Operation::Send),
         "publish" => serde_json::from_str(&rest).map(Operation::Publish),
@@ -404,6 +412,38 @@ fn parse_operation(raw: &RawValue) -> Result<Operation, String> {
         other => return Err(format!("unknown op {other:?}: send, publish or disconnect")),
     };
     parsed.map_err(|e| e.to_string())
+}
+
+/// An operation's fields in order, refusing a name given twice, as the typed
+/// bodies of `/send` and the WebSocket messages do (a map would keep the last).
+struct Fields(Vec<(String, Box<RawValue>)>);
+
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Fields;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an operation object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Fields, A::Error> {
+                let mut fields: Vec<(String, Box<RawValue>)> = Vec::new();
+                while let Some((name, value)) = map.next_entry::<String, Box<RawValue>>()? {
+                    if fields.iter().any(|(seen, _)| *seen == name) {
+                        return Err(serde::de::Error::custom(format_args!(
+                            "duplicate field `{name}`"
+                        )));
+                    }
+                    fields.push((name, value));
+                }
+                Ok(Fields(fields))
+            }
+        }
+        deserializer.deserialize_map(Visit)
+    }
 }
 
 /// Checks every operation first: if one is invalid the request fails with 400

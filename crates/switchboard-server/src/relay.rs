@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::value::RawValue;
 use switchboard::{
@@ -93,8 +93,12 @@ impl Relay {
             // The same clock skew the handshake allowed, or a token accepted a few
             // seconds after its `exp` would be cut off at once.
             let leeway = self.hub.jwt.as_ref().map_or(0, |jwt| jwt.leeway_secs());
-            let now = jsonwebtoken::get_current_timestamp();
-            let delay = Duration::from_secs((expires_at + leeway).saturating_sub(now));
+            // To the sub-second: whole seconds let a connection outlive its
+            // token by up to one.
+            let deadline = UNIX_EPOCH + Duration::from_secs(expires_at.saturating_add(leeway));
+            let delay = deadline
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
             let info = RelayInfo::TokenExpired(self.token_generation);
             self.expiry_timer = Some(handle.send_after(info, delay));
         }

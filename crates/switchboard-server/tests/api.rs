@@ -363,3 +363,34 @@ async fn keys_come_from_the_environment_or_the_config_file_too() {
     );
     std::fs::remove_file(path).unwrap();
 }
+
+/// Regression: a batch operation parsed through a map kept the last of two
+/// equal keys, so `"op":"disconnect","op":"send"` ran as a send; `/send` and
+/// the WebSocket path refuse duplicates, and so does the batch now.
+#[tokio::test]
+async fn batch_operations_refuse_duplicate_keys_as_send_does() {
+    let server = Server::start(&["--api-key", KEY]);
+    let mut reader = server.connect_envelope("reader").await;
+    let post = |path: &str, body: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let twice = r#"{"operations":[{"op":"disconnect","op":"send","id":"reader","targets":["reader"],"payload":1}]}"#;
+    let (status, body) = common::raw_http(server.addr, &post("/api/v1/batch", twice)).await;
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (400, Some("invalid_request")),
+        "{body}"
+    );
+    assert!(body.contains("duplicate field `op`"), "{body}");
+    let send_twice = r#"{"targets":["reader"],"targets":["nobody"],"payload":1}"#;
+    let (status, body) = common::raw_http(server.addr, &post("/api/v1/send", send_twice)).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("duplicate field `targets`"), "{body}");
+    assert_silent(&mut reader).await;
+}

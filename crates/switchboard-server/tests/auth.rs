@@ -334,3 +334,38 @@ fn help_never_prints_secret_values() {
         "{help}"
     );
 }
+
+/// Regression: the expiry delay was whole seconds, so a connection outlived
+/// its token by the fraction of a second at which it connected.
+#[tokio::test]
+async fn a_connection_ends_at_its_tokens_expiry_not_up_to_a_second_later() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let server = jwt_server(&[]);
+    let now = || SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    // Late in a second, where whole seconds were most wrong (by 0.6 s or more).
+    while now().subsec_millis() < 600 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let exp = now().as_secs() + 2;
+    let token = token(json!({"sub": "e", "exp": exp}));
+    let mut client = server
+        .connect_request(&format!("/ws?token={token}"), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        recv_close_frame(&mut client).await,
+        (4001, "token expired".to_string())
+    );
+    let closed = now();
+    let expiry = Duration::from_secs(exp);
+    assert!(
+        closed >= expiry,
+        "closed {:?} before the token expired",
+        expiry - closed
+    );
+    assert!(
+        closed < expiry + Duration::from_millis(400),
+        "closed {:?} after the token expired",
+        closed - expiry
+    );
+}

@@ -436,12 +436,7 @@ where
             self.inbox = drained;
             return false;
         }
-        let mut sent = std::mem::take(&mut drained.partial);
-        for frame in drained.frames.drain(..) {
-            let charge = frame.charge();
-            self.enqueue(frame, std::mem::take(&mut sent));
-            self.mailbox.release(charge);
-        }
+        self.enqueue_drained_frames(&mut drained);
         for info in drained.infos.drain(..) {
             self.call(|handler, ctx| handler.handle_info(info, ctx));
         }
@@ -454,6 +449,28 @@ where
         }
         self.inbox = drained;
         true
+    }
+
+    /// Moves frames taken from the mailbox onto the write queue.
+    fn enqueue_drained_frames(&mut self, drained: &mut Drained<H::Info>) {
+        let mut sent = std::mem::take(&mut drained.partial);
+        for frame in drained.frames.drain(..) {
+            let charge = frame.charge();
+            self.enqueue(frame, std::mem::take(&mut sent));
+            self.mailbox.release(charge);
+        }
+    }
+
+    /// The peer sent its FIN: nothing more is accepted, and the frames the
+    /// mailbox already took are queued before the connection ends. A pusher
+    /// was told they were queued (the relay acks them as delivered): they
+    /// must not be dropped because the FIN was read before the mailbox.
+    fn queue_accepted_frames(&mut self) {
+        self.mailbox.refuse_new();
+        let mut drained = std::mem::take(&mut self.inbox);
+        self.mailbox.take_frames(&mut drained);
+        self.enqueue_drained_frames(&mut drained);
+        self.inbox = drained;
     }
 
     fn poll_read(&mut self, cx: &mut TaskContext<'_>) -> bool {
@@ -474,6 +491,7 @@ where
                 // The peer will send no more, but may still read (a half-close):
                 // what is queued is written first, within the close timeout.
                 if self.phase == Phase::Open {
+                    self.queue_accepted_frames();
                     self.fail(TerminateReason::ConnectionLost);
                 } else {
                     self.phase = Phase::Done;

@@ -254,6 +254,15 @@ impl<I> Mailbox<I> {
         Poll::Ready(())
     }
 
+    /// Moves the frames queued (not the infos, nor a close) into `into`, whose
+    /// frame queue must be empty: what the driver writes before it ends.
+    pub fn take_frames(&self, into: &mut Drained<I>) {
+        let mut state = self.lock();
+        state.idle = false;
+        std::mem::swap(&mut state.frames, &mut into.frames);
+        into.partial = std::mem::take(&mut state.partial);
+    }
+
     /// The driver has written everything and waits: pushers may write directly
     /// until its next [`Mailbox::drain`]. Returns `false`, and changes nothing,
     /// if something arrived since the last drain (the driver must drain again).

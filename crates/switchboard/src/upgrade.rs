@@ -130,7 +130,13 @@ impl WebSocketUpgrade {
         if !header_str(header::CONNECTION).is_some_and(|v| has_token(v, "upgrade")) {
             return Err(UpgradeError::BadConnectionHeader);
         }
-        if header_str(header::SEC_WEBSOCKET_VERSION).map(str::trim) != Some("13") {
+        // Every Sec-WebSocket-Version the request carries must say 13: a second,
+        // different one is not something to pick from.
+        let versions = headers.get_all(header::SEC_WEBSOCKET_VERSION);
+        let all_13 = versions
+            .iter()
+            .all(|v| v.to_str().is_ok_and(|v| v.trim() == "13"));
+        if versions.iter().next().is_none() || !all_13 {
             return Err(UpgradeError::UnsupportedVersion);
         }
         let key = headers

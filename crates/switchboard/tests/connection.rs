@@ -74,6 +74,13 @@ async fn bad_upgrade_requests_get_clear_http_errors() {
             "426",
         ),
         (
+            format!(
+                "GET /ws HTTP/1.1\r\nHost: x\r\n{good}Sec-WebSocket-Version: 13\r\n\
+                 Sec-WebSocket-Version: 8\r\n\r\n"
+            ),
+            "426",
+        ),
+        (
             "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
                 .to_string(),
