@@ -132,8 +132,59 @@ struct Api {
     open: bool,
 }
 
+/// How request bodies are read: at most `max_bytes`, within `read_timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyRules {
+    /// Largest body; a larger one, declared or sent, gets 413.
+    pub max_bytes: usize,
+    /// How long the whole body may take to arrive; past it, 408.
+    pub read_timeout: std::time::Duration,
+}
+
+/// Reads the request body before any handler does: 413 at once for a
+/// `Content-Length` over the limit (without waiting for the body), 413 for a
+/// body that grows over it, and 408 for one that does not arrive whole in time,
+/// so a stalled client cannot hold a request open.
+async fn read_body(rules: BodyRules, request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::PayloadTooLarge,
+            "the request body is larger than api_max_body_bytes",
+        )
+        .into_response()
+    };
+    if declared.is_some_and(|len| len > rules.max_bytes as u64) {
+        return too_large();
+    }
+    let (parts, body) = request.into_parts();
+    let read = axum::body::to_bytes(body, rules.max_bytes);
+    let bytes = match tokio::time::timeout(rules.read_timeout, read).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => return too_large(),
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCode::RequestTimeout,
+                format!(
+                    "the request body did not arrive within {} s (api_body_timeout_secs)",
+                    rules.read_timeout.as_secs_f64()
+                ),
+            )
+            .into_response();
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
+}
+
 /// The `/api/v1` routes. `loopback` says whether their listener is loopback-only.
-pub fn router(hub: Arc<Hub>, max_body: usize, loopback: bool) -> Router {
+pub fn router(hub: Arc<Hub>, body: BodyRules, loopback: bool) -> Router {
     let api = Api {
         open: hub.api_keys.is_empty() && loopback,
         hub,
@@ -158,7 +209,10 @@ pub fn router(hub: Arc<Hub>, max_body: usize, loopback: bool) -> Router {
                 "method not allowed here",
             )
         })
-        .layer(DefaultBodyLimit::max(max_body))
+        .layer(DefaultBodyLimit::max(body.max_bytes))
+        .layer(middleware::from_fn(move |request, next| {
+            read_body(body, request, next)
+        }))
         .with_state(api)
 }
 

@@ -158,6 +158,10 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_API_MAX_BODY_BYTES", value_name = "BYTES")]
     pub api_max_body_bytes: Option<usize>,
 
+    /// Seconds an HTTP API request body may take to arrive whole; past it, 408 [default: 10]
+    #[arg(long, env = "SWITCHBOARD_API_BODY_TIMEOUT_SECS", value_name = "SECS")]
+    pub api_body_timeout_secs: Option<u64>,
+
     /// Shared secret for HS256 client tokens (at least 32 bytes)
     #[arg(
         long,
@@ -275,6 +279,8 @@ pub struct Config {
     pub api_listen: Option<SocketAddr>,
     /// API body limit.
     pub api_max_body_bytes: usize,
+    /// How long an API request body may take to arrive.
+    pub api_body_timeout: Duration,
     /// JWT settings (no key: `auth = none`).
     pub jwt: JwtConfig,
     /// Allowed browser origins; empty allows any.
@@ -347,6 +353,7 @@ impl Config {
             api_keys: ApiKeys::new(&s.api_keys.unwrap_or_default()),
             api_listen: s.api_listen,
             api_max_body_bytes: s.api_max_body_bytes.unwrap_or(1 << 20),
+            api_body_timeout: Duration::from_secs(s.api_body_timeout_secs.unwrap_or(10).max(1)),
             jwt: JwtConfig {
                 hs256_secret: match (s.jwt_hs256_secret, s.jwt_hs256_secret_file) {
                     (Some(_), Some(_)) => {

@@ -59,6 +59,8 @@ pub enum ErrorCode {
     UnsupportedMediaType,
     /// A body over the size limit.
     PayloadTooLarge,
+    /// A body that did not arrive whole within the read timeout.
+    RequestTimeout,
     /// A route that does not exist.
     NotFound,
     /// A route that exists, with another method.

@@ -38,7 +38,11 @@ pub async fn serve(
     let hub = Arc::new(Hub::new(config, shutdown.clone())?);
     let stopping = CancellationToken::new();
     let main_loopback = listener.local_addr()?.ip().is_loopback();
-    let api_routes = |loopback| api::router(hub.clone(), config.api_max_body_bytes, loopback);
+    let body = api::BodyRules {
+        max_bytes: config.api_max_body_bytes,
+        read_timeout: config.api_body_timeout,
+    };
+    let api_routes = |loopback| api::router(hub.clone(), body, loopback);
     let mut main = app::router(hub.clone());
     let api_server = match api_listener {
         Some(api_listener) => {
@@ -73,11 +77,33 @@ pub async fn serve(
         .enumerate()
         .map(|(i, worker)| worker.spawn(i + 1, main.clone(), stopping.clone(), finished.clone()))
         .collect::<std::io::Result<Vec<_>>>()?;
-    switchboard::serve(listener, main, stopping.cancelled_owned()).await;
-    if let Some(api_server) = api_server {
-        api_server.await?;
+    let serving = async {
+        switchboard::serve(listener, main, stopping.clone().cancelled_owned()).await;
+        if let Some(api_server) = api_server {
+            // A panic in the API server's task is not this shutdown's business.
+            let _ = api_server.await;
+        }
+    };
+    tokio::pin!(serving);
+    // `serving` may end first (with nothing in progress it ends as soon as
+    // the stop arrives), and must not be polled again once it has.
+    let served = tokio::select! {
+        () = &mut serving => true,
+        () = stopping.cancelled() => false,
+    };
+    // One drain time for everything: HTTP requests in progress and WebSocket
+    // close handshakes. What is still open at its end is cut, and the process
+    // exits, so a client that stalls can never hold a shutdown.
+    let deadline = tokio::time::Instant::now() + config.shutdown_drain;
+    if !served
+        && tokio::time::timeout_at(deadline, &mut serving)
+            .await
+            .is_err()
+    {
+        tracing::warn!("drain time over: cutting the HTTP requests still open");
     }
-    if shutdown.drain(config.shutdown_drain).await {
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if shutdown.drain(left).await {
         tracing::info!("all connections closed");
     } else {
         tracing::warn!(

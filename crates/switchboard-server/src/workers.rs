@@ -114,8 +114,16 @@ impl Worker {
             .name(format!("switchboard-{index}"))
             .spawn(move || {
                 runtime.block_on(async move {
-                    switchboard::serve(listener, router, stop.cancelled_owned()).await;
-                    finished.cancelled().await;
+                    // Ends when the main thread says so, even if a request is
+                    // still stalled here: its drain time is the limit.
+                    let serving = async {
+                        switchboard::serve(listener, router, stop.cancelled_owned()).await;
+                        finished.cancelled().await;
+                    };
+                    tokio::select! {
+                        () = serving => {}
+                        () = finished.cancelled() => {}
+                    }
                 });
             })
     }
