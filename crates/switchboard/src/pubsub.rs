@@ -7,8 +7,8 @@
 //! hears each join and leave. A [`Subscription`] unsubscribes when dropped, so a
 //! connection's subscriptions end with it, however it ends.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use switchboard_proto::PreparedMessage;
 
@@ -25,8 +25,11 @@ pub enum PresenceChange {
     Left,
 }
 
-/// Hears joins and leaves. Called outside any lock, on the task that caused
-/// the change (the subscriber's own, or the one dropping its subscription).
+/// Hears joins and leaves, in the order the transitions happened: a client's
+/// `Joined` and `Left` for a topic alternate, so a member list built from them
+/// is always right. Called outside the topics' locks, on the task that caused
+/// the change or on another that was emitting events at the time; one call at
+/// a time. It must not subscribe or unsubscribe itself.
 pub trait PresenceListener: Send + Sync + 'static {
     /// `client` joined or left `topic`.
     fn changed(&self, pubsub: &PubSub, topic: &str, client: &ClientId, change: PresenceChange);
@@ -67,6 +70,20 @@ pub struct PubSub {
 struct Inner {
     topics: ShardedMap<Topic>,
     listener: Option<Arc<dyn PresenceListener>>,
+    /// Presence changes in the order they happened: queued under the topic's
+    /// lock, handed to the listener outside it. Events sent straight from each
+    /// task, after its lock was released, could pass each other.
+    events: Mutex<VecDeque<Event>>,
+    /// Held while handing queued events to the listener, so they go out one at
+    /// a time, in queue order.
+    emitting: Mutex<()>,
+}
+
+/// A presence change waiting for the listener.
+struct Event {
+    topic: Arc<str>,
+    client: ClientId,
+    change: PresenceChange,
 }
 
 impl Default for PubSub {
@@ -99,6 +116,8 @@ impl PubSub {
             inner: Arc::new(Inner {
                 topics: ShardedMap::new(),
                 listener,
+                events: Mutex::new(VecDeque::new()),
+                emitting: Mutex::new(()),
             }),
         }
     }
@@ -146,7 +165,7 @@ impl PubSub {
     ) -> Result<Subscription, SubscribeError> {
         let topic: Arc<str> = Arc::from(topic);
         let conn = outbox.id();
-        let joined = {
+        {
             let mut shard = self.inner.topics.write(&topic);
             let entry = shard.entry(topic.clone()).or_default();
             if entry.subscribers.contains_key(&conn) {
@@ -166,11 +185,11 @@ impl PubSub {
             entry.subscribers.insert(conn, subscriber);
             let count = entry.members.entry(client.clone()).or_default();
             *count += 1;
-            *count == 1
-        };
-        if joined {
-            self.notify(&topic, &client, PresenceChange::Joined);
+            if *count == 1 {
+                self.queue_event(&topic, client, PresenceChange::Joined);
+            }
         }
+        self.emit_events();
         Ok(Subscription {
             pubsub: self.clone(),
             topic,
@@ -178,8 +197,8 @@ impl PubSub {
         })
     }
 
-    fn unsubscribe(&self, topic: &str, conn: ConnId) {
-        let left = {
+    fn unsubscribe(&self, topic: &Arc<str>, conn: ConnId) {
+        {
             let mut shard = self.inner.topics.write(topic);
             let Some(entry) = shard.get_mut(topic) else {
                 return;
@@ -192,23 +211,40 @@ impl PubSub {
                 .get_mut(&subscriber.client)
                 .expect("members mirror subscribers");
             *count -= 1;
-            let left = *count == 0;
-            if left {
+            if *count == 0 {
                 entry.members.remove(&subscriber.client);
+                self.queue_event(topic, subscriber.client, PresenceChange::Left);
             }
             if entry.subscribers.is_empty() {
-                shard.remove(topic);
+                shard.remove(&**topic);
             }
-            left.then_some(subscriber.client)
-        };
-        if let Some(client) = left {
-            self.notify(topic, &client, PresenceChange::Left);
+        }
+        self.emit_events();
+    }
+
+    /// Queues a change for the listener; called under the topic's lock, so the
+    /// queue holds the changes in the order they happened.
+    fn queue_event(&self, topic: &Arc<str>, client: ClientId, change: PresenceChange) {
+        if self.inner.listener.is_some() {
+            let event = Event {
+                topic: topic.clone(),
+                client,
+                change,
+            };
+            lock(&self.inner.events).push_back(event);
         }
     }
 
-    fn notify(&self, topic: &str, client: &ClientId, change: PresenceChange) {
-        if let Some(listener) = &self.inner.listener {
-            listener.changed(self, topic, client, change);
+    /// Hands the queued changes to the listener, in order and one at a time,
+    /// outside the topics' locks (the listener may publish). Whoever holds
+    /// `emitting` drains the queue; the others find it drained.
+    fn emit_events(&self) {
+        let Some(listener) = &self.inner.listener else {
+            return;
+        };
+        let _emitting = lock(&self.inner.emitting);
+        while let Some(event) = lock(&self.inner.events).pop_front() {
+            listener.changed(self, &event.topic, &event.client, event.change);
         }
     }
 
@@ -298,4 +334,12 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         self.pubsub.unsubscribe(&self.topic, self.conn);
     }
+}
+
+/// A lock whose holder cannot leave the data half-changed: a panic in the
+/// listener happens with `emitting` held, not in the middle of a queue operation.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
