@@ -149,17 +149,7 @@ fn accept_offer(offer: &str, options: &DeflateOptions) -> Option<DeflateParams> 
         level: options.level.min(9),
         min_size: options.min_size,
     };
-    let mut seen = Vec::new();
-    for part in parts {
-        let (name, value) = match part.split_once('=') {
-            Some((name, value)) => (name.trim(), Some(value.trim().trim_matches('"'))),
-            None => (part, None),
-        };
-        // RFC 7692 §7: a repeated parameter makes the offer invalid.
-        if seen.contains(&name) {
-            return None;
-        }
-        seen.push(name);
+    for (name, value) in parameters(parts)? {
         match (name, value) {
             ("server_no_context_takeover", None) => params.server_no_context_takeover = true,
             ("client_no_context_takeover", None) => params.client_no_context_takeover = true,
@@ -176,6 +166,23 @@ fn accept_offer(offer: &str, options: &DeflateOptions) -> Option<DeflateParams> 
             }
             _ => return None,
         }
+    }
+    Some(params)
+}
+
+/// The `name[=value]` parameters of one extension, or `None` if a name is
+/// repeated (RFC 7692 §7: that makes an offer, or an answer, invalid).
+fn parameters<'a>(parts: impl Iterator<Item = &'a str>) -> Option<Vec<(&'a str, Option<&'a str>)>> {
+    let mut params: Vec<(&str, Option<&str>)> = Vec::new();
+    for part in parts {
+        let (name, value) = match part.split_once('=') {
+            Some((name, value)) => (name.trim(), Some(value.trim().trim_matches('"'))),
+            None => (part, None),
+        };
+        if params.iter().any(|(seen, _)| *seen == name) {
+            return None;
+        }
+        params.push((name, value));
     }
     Some(params)
 }
@@ -246,16 +253,7 @@ pub fn client_accept(
         min_size: options.min_size,
     };
     let mut server_context = PeerContext::Kept;
-    let mut seen = Vec::new();
-    for part in parts {
-        let (name, value) = match part.split_once('=') {
-            Some((name, value)) => (name.trim(), Some(value.trim().trim_matches('"'))),
-            None => (part, None),
-        };
-        if seen.contains(&name) {
-            return Err(ProtocolError::BadExtension);
-        }
-        seen.push(name);
+    for (name, value) in parameters(parts).ok_or(ProtocolError::BadExtension)? {
         match (name, value) {
             ("server_no_context_takeover", None) => server_context = PeerContext::Reset,
             // Our inflater reads any window up to the largest.
