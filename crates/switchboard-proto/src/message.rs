@@ -98,6 +98,8 @@ pub struct MessageDecoder {
     utf8: Utf8Validator,
     /// Payload bytes of the frame in flight already checked by fail-fast validation.
     prevalidated: usize,
+    /// Bytes inflated over the connection's life, for a cap on decompression work.
+    inflated: u64,
 }
 
 impl MessageDecoder {
@@ -115,12 +117,37 @@ impl MessageDecoder {
             partial: None,
             utf8: Utf8Validator::default(),
             prevalidated: 0,
+            inflated: 0,
         }
     }
 
     /// Whether a fragmented message is partly received.
     pub fn in_message(&self) -> bool {
         self.partial.is_some()
+    }
+
+    /// Bytes held for the message partly received (inflated, when it is
+    /// compressed): what a peer makes us keep by not finishing a message.
+    pub fn buffered(&self) -> usize {
+        self.partial
+            .as_ref()
+            .map_or(0, |partial| partial.data.len())
+    }
+
+    /// Bytes inflated since the decoder was made. A compressed message can
+    /// inflate a thousandfold, so this, not the bytes received, measures the
+    /// work a peer asks of us.
+    pub fn inflated(&self) -> u64 {
+        self.inflated
+    }
+
+    /// Drops the message partly received, for a connection that is being
+    /// failed: it will decode nothing more, and should hold no memory for it.
+    pub fn discard_partial(&mut self) {
+        self.partial = None;
+        if let Some(inflater) = self.inflater.take() {
+            inflater.give_back();
+        }
     }
 
     /// Decodes the next message from `buf`. `Ok(None)` means more input is needed.
@@ -260,6 +287,7 @@ impl MessageDecoder {
             Some(input) => inflater.inflate(input, &mut partial.data, limit)?,
             None => inflater.finish_message(&mut partial.data, limit)?,
         }
+        self.inflated += (partial.data.len() - start) as u64;
         if partial.text {
             self.validate(&partial.data[start..])?;
         }

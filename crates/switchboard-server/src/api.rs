@@ -592,6 +592,8 @@ struct StatsResult {
     messages_out: u64,
     bytes_in: u64,
     bytes_out: u64,
+    receive_buffered_bytes: usize,
+    accept_errors: u64,
 }
 
 async fn stats(State(api): State<Api>) -> Json<StatsResult> {
@@ -604,5 +606,7 @@ async fn stats(State(api): State<Api>) -> Json<StatsResult> {
         messages_out: counts.messages_out,
         bytes_in: counts.bytes_in,
         bytes_out: counts.bytes_out,
+        receive_buffered_bytes: api.hub.receive_budget.used(),
+        accept_errors: switchboard::accept_errors(),
     })
 }

@@ -1,10 +1,12 @@
 //! The HTTP routes: `/ws` (the relay), `/healthz`, and `/` (a demo page).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -13,6 +15,7 @@ use switchboard::{UpgradeError, WebSocketUpgrade};
 use crate::auth::{Identity, Permissions, TokenError};
 use crate::hub::Hub;
 use crate::ids;
+use crate::peers::PeerFull;
 use crate::relay::Relay;
 use crate::wire::{Mode, PROTOCOL};
 
@@ -31,6 +34,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
 
 async fn relay(
     State(hub): State<Arc<Hub>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, UpgradeError>,
@@ -49,6 +53,19 @@ async fn relay(
         );
         return (StatusCode::TOO_MANY_REQUESTS, message).into_response();
     }
+    // Under `switchboard::serve` every request knows its peer; a router
+    // served some other way has no address to limit by.
+    let slot = match peer.map(|Extension(ConnectInfo(addr))| hub.peers.admit(addr.ip())) {
+        Some(Ok(slot)) => slot,
+        Some(Err(PeerFull)) => {
+            let message = format!(
+                "too many connections from this address: at most {}\n",
+                hub.peers.max()
+            );
+            return (StatusCode::TOO_MANY_REQUESTS, message).into_response();
+        }
+        None => None,
+    };
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
         Err(e) => return e.into_response(),
@@ -58,7 +75,7 @@ async fn relay(
         .options(hub.options.clone())
         .shutdown(&hub.shutdown);
     let mode = Mode::for_protocol(upgrade.selected_protocol());
-    upgrade.on_upgrade_with(|handle| Relay::new(hub.clone(), identity, mode, handle))
+    upgrade.on_upgrade_with(|handle| Relay::new(hub.clone(), identity, mode, handle, slot))
 }
 
 /// A browser's `Origin` must be on the allowlist, when there is one. Clients

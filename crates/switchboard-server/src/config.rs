@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 use switchboard::proto::deflate::DeflateOptions;
-use switchboard::{CloseCode, Options, SlowConsumerPolicy};
+use switchboard::{CloseCode, Options, ReceiveBudget, SlowConsumerPolicy};
 
 use crate::auth::{ApiKeys, JwtConfig};
 use crate::topics::Namespace;
@@ -139,6 +139,36 @@ pub struct Settings {
     /// Refused messages in a row after which the connection is closed with 1008 [default: 20]
     #[arg(long, env = "SWITCHBOARD_RATE_LIMIT_STRIKES", value_name = "N")]
     pub rate_limit_strikes: Option<u32>,
+
+    /// Most bytes a second one connection may make the server inflate (compressed messages); past
+    /// it the server stops reading from that client until the rate allows more; 0 no cap
+    /// [default: 2097152]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_INFLATE_BYTES_PER_SEC",
+        value_name = "BYTES"
+    )]
+    pub max_inflate_bytes_per_sec: Option<u64>,
+
+    /// Most bytes all connections together may hold of messages and frames they have only partly
+    /// received (inflated, when compressed); a connection that finds it spent is closed with 1013
+    /// [default: 268435456]
+    #[arg(long, env = "SWITCHBOARD_RECEIVE_BUDGET_BYTES", value_name = "BYTES")]
+    pub receive_budget_bytes: Option<usize>,
+
+    /// Most of receive_budget_bytes one connection may hold; over it the connection is closed with
+    /// 1009 [default: twice max_message_size, plus 65536]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_RECEIVE_BUDGET_PER_CONNECTION_BYTES",
+        value_name = "BYTES"
+    )]
+    pub receive_budget_per_connection_bytes: Option<usize>,
+
+    /// Most WebSocket connections from one IP address; more get HTTP 429. Behind a reverse proxy
+    /// every client has the proxy's address: raise it or set 0 (no limit) [default: 1000]
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
 
     /// API key for the HTTP API (repeat for rotation; env: comma-separated list)
     #[arg(
@@ -273,6 +303,14 @@ pub struct Config {
     pub rate_limit_bytes_per_sec: u64,
     /// Refusals in a row before closing.
     pub rate_limit_strikes: u32,
+    /// Inflated bytes a second per connection (0: no cap).
+    pub max_inflate_bytes_per_sec: u64,
+    /// Partly received bytes, all connections together.
+    pub receive_budget_bytes: usize,
+    /// Partly received bytes, one connection.
+    pub receive_budget_per_connection_bytes: usize,
+    /// WebSocket connections per IP address (0: no limit).
+    pub max_connections_per_ip: usize,
     /// API keys.
     pub api_keys: ApiKeys,
     /// Separate API listener, if any.
@@ -350,6 +388,15 @@ impl Config {
             rate_limit_messages_per_sec: s.rate_limit_messages_per_sec.unwrap_or(100),
             rate_limit_bytes_per_sec: s.rate_limit_bytes_per_sec.unwrap_or(1 << 20),
             rate_limit_strikes: s.rate_limit_strikes.unwrap_or(20).max(1),
+            max_inflate_bytes_per_sec: s.max_inflate_bytes_per_sec.unwrap_or(2 << 20),
+            receive_budget_bytes: s.receive_budget_bytes.unwrap_or(256 << 20),
+            receive_budget_per_connection_bytes: s.receive_budget_per_connection_bytes.unwrap_or(
+                s.max_message_size
+                    .unwrap_or(1 << 20)
+                    .saturating_mul(2)
+                    .saturating_add(64 << 10),
+            ),
+            max_connections_per_ip: s.max_connections_per_ip.unwrap_or(1000),
             api_keys: ApiKeys::new(&s.api_keys.unwrap_or_default()),
             api_listen: s.api_listen,
             api_max_body_bytes: s.api_max_body_bytes.unwrap_or(1 << 20),
@@ -390,6 +437,14 @@ impl Config {
             bail!(
                 "max_outbound_bytes must be at least max_message_size, or no message of that size could be sent"
             );
+        }
+        if config.receive_budget_per_connection_bytes < config.max_message_size {
+            bail!(
+                "receive_budget_per_connection_bytes must be at least max_message_size, or no message of that size could arrive"
+            );
+        }
+        if config.receive_budget_bytes < config.receive_budget_per_connection_bytes {
+            bail!("receive_budget_bytes must be at least receive_budget_per_connection_bytes");
         }
         if !matches!(config.slow_consumer_close_code.0, 1008 | 1013 | 4000..=4999) {
             bail!("slow_consumer_close_code must be 1008, 1013 or 4000-4999");
@@ -439,6 +494,16 @@ impl Config {
             .slow_consumer(SlowConsumerPolicy::Close(self.slow_consumer_close_code))
             .slow_consumer_timeout(self.slow_consumer_timeout)
             .max_message_size(self.max_message_size)
+            .max_inflate_rate(Some(self.max_inflate_bytes_per_sec).filter(|rate| *rate > 0))
+    }
+
+    /// A new budget for what connections hold of partly received data; the
+    /// server makes one and gives it to every connection.
+    pub fn receive_budget(&self) -> ReceiveBudget {
+        ReceiveBudget::new(
+            self.receive_budget_bytes,
+            self.receive_budget_per_connection_bytes,
+        )
     }
 }
 

@@ -2,10 +2,13 @@
 
 use std::sync::Arc;
 
-use switchboard::{Broker, Format, Options, PreparedMessage, PubSub, Registry, Shutdown, Stats};
+use switchboard::{
+    Broker, Format, Options, PreparedMessage, PubSub, ReceiveBudget, Registry, Shutdown, Stats,
+};
 
 use crate::auth::{ApiKeys, JwtVerifier};
 use crate::config::Config;
+use crate::peers::PeerLimit;
 use crate::topics::{Namespaces, PresenceEvents};
 
 /// Per-connection limits on what clients send.
@@ -49,6 +52,10 @@ pub struct Hub {
     pub allowed_origins: Vec<String>,
     /// Closes every connection on shutdown.
     pub shutdown: Shutdown,
+    /// What connections hold of partly received data, all together.
+    pub receive_budget: ReceiveBudget,
+    /// WebSocket connections per client address.
+    pub peers: Arc<PeerLimit>,
 }
 
 impl Hub {
@@ -71,7 +78,11 @@ impl Hub {
         let registry = Registry::new();
         let namespaces = Arc::new(Namespaces::new(config.namespaces.clone()));
         let stats = Stats::new();
-        let options = config.connection_options().stats(stats.clone());
+        let receive_budget = config.receive_budget();
+        let options = config
+            .connection_options()
+            .stats(stats.clone())
+            .receive_budget(Some(receive_budget.clone()));
         Ok(Self {
             broker: Arc::new(registry.clone()),
             registry,
@@ -91,6 +102,8 @@ impl Hub {
             api_keys: config.api_keys.clone(),
             allowed_origins: config.allowed_origins.clone(),
             shutdown,
+            receive_budget,
+            peers: PeerLimit::new(config.max_connections_per_ip),
         })
     }
 }

@@ -29,6 +29,7 @@ pub mod hub;
 pub mod ids;
 pub mod limits;
 pub mod logging;
+pub mod peers;
 pub mod relay;
 pub mod server;
 pub mod topics;

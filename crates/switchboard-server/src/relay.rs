@@ -19,6 +19,7 @@ use crate::auth::{Identity, Permissions};
 use crate::hub::Hub;
 use crate::ids::TargetList;
 use crate::limits::{RateLimiter, Verdict};
+use crate::peers::PeerSlot;
 use crate::topics::Namespace;
 use crate::wire::{self, ErrorCode, Inbound, Mode};
 
@@ -48,6 +49,8 @@ pub struct Relay {
     limiter: RateLimiter,
     /// Unregisters the connection when the handler is dropped, however it ends.
     _registration: Registration,
+    /// Its place among its address's connections, given back the same way.
+    _peer: Option<PeerSlot>,
 }
 
 impl Relay {
@@ -59,6 +62,7 @@ impl Relay {
         identity: Identity,
         mode: Mode,
         handle: &ConnHandle<RelayInfo>,
+        peer: Option<PeerSlot>,
     ) -> Self {
         let registration =
             hub.broker
@@ -78,6 +82,7 @@ impl Relay {
                 limits.strikes,
             ),
             _registration: registration,
+            _peer: peer,
             hub,
         };
         relay.schedule_expiry(identity.expires_at, handle);

@@ -33,6 +33,9 @@ use crate::socket::Socket;
 use crate::stats::Stats;
 use crate::upgrade::{FailedUpgradeCallback, UpgradeFailed};
 
+mod intake;
+use intake::Intake;
+
 /// Size of the per-thread buffer that reads land in.
 const LANDING_SIZE: usize = 16 * 1024;
 /// With at least this much room left, a connection reads into its own buffer.
@@ -228,6 +231,8 @@ pub(crate) struct Driver<H: Handler, S> {
     pending_pong: Option<Box<Bytes>>,
     /// The mailbox may write prepared frames to the socket while we are parked.
     direct: bool,
+    /// What the peer may make us hold and inflate.
+    intake: Intake,
 }
 
 impl<H, S> Driver<H, S>
@@ -253,6 +258,7 @@ where
         if !early.is_empty() {
             driver.read_buf.extend_from_slice(early);
             driver.decode_messages();
+            driver.account_received();
         }
         driver
     }
@@ -292,6 +298,11 @@ where
             pong_tried: false,
             pending_pong: None,
             direct: false,
+            intake: Intake::new(
+                options.receive_budget,
+                options.max_inflate_rate,
+                setup.peer_context.is_some(),
+            ),
         }
     }
 
@@ -399,7 +410,7 @@ where
             }
             _ => {}
         }
-        !over || self.phase == Phase::Failing
+        (!over && !self.intake.paused()) || self.phase == Phase::Failing
     }
 
     /// Whether the mailbox may write to the socket while this task sleeps:
@@ -501,10 +512,7 @@ where
             Poll::Ready(Ok(_)) => {
                 self.last_read = Instant::now();
                 self.decode_messages();
-                if self.read_buf.is_empty() {
-                    // Nothing half-received: hold no read memory while waiting.
-                    self.read_buf = BytesMut::new();
-                }
+                self.account_received();
                 true
             }
             Poll::Ready(Err(e)) => {
@@ -517,8 +525,10 @@ where
     }
 
     fn decode_messages(&mut self) {
-        while matches!(self.phase, Phase::Open | Phase::Closing) {
-            match self.decoder.next(&mut self.read_buf) {
+        while matches!(self.phase, Phase::Open | Phase::Closing) && !self.intake.paused() {
+            let decoded = self.decoder.next(&mut self.read_buf);
+            self.intake.charge(&self.decoder);
+            match decoded {
                 Ok(Some(message)) => self.on_message(message),
                 Ok(None) => break,
                 Err(error) => {
@@ -526,6 +536,24 @@ where
                     break;
                 }
             }
+        }
+    }
+
+    /// Counts what is left half-received against the receive budget, and
+    /// fails the connection when the budget does not allow it.
+    fn account_received(&mut self) {
+        if self.read_buf.is_empty() {
+            // Nothing half-received: hold no read memory while waiting.
+            self.read_buf = BytesMut::new();
+        }
+        if self.phase == Phase::Failing {
+            return;
+        }
+        let held = self.read_buf.len() + self.decoder.buffered();
+        if let Err(exceeded) = self.intake.hold(held) {
+            let close = exceeded.close_reason();
+            let error = format!("not received: {}", close.reason());
+            self.fail_with_close(close, error);
         }
     }
 
@@ -565,16 +593,25 @@ where
     }
 
     fn on_protocol_error(&mut self, error: ProtocolError) {
-        tracing::debug!(conn = %self.handle.id(), %error, "failing connection");
         let close = CloseReason::new(error.close_code(), error.to_string());
+        self.fail_with_close(close, error.to_string());
+    }
+
+    /// Sends `close` and discards all further input: what was half-received
+    /// is dropped at once, and given back to the receive budget.
+    fn fail_with_close(&mut self, close: CloseReason, error: String) {
+        tracing::debug!(conn = %self.handle.id(), %error, "failing connection");
         if self.phase == Phase::Open {
             self.push_frame(Message::Close(Some(close)));
         }
         self.mailbox.refuse_new();
         if self.reason.is_none() {
-            self.reason = Some(TerminateReason::Error(error.to_string()));
+            self.reason = Some(TerminateReason::Error(error));
         }
         self.phase = Phase::Failing;
+        self.read_buf = BytesMut::new();
+        self.decoder.discard_partial();
+        let _ = self.intake.hold(0);
         self.arm_close_deadline();
     }
 
@@ -618,8 +655,9 @@ where
     /// earliest of the idle deadline (not while reading is paused: the peer is
     /// not idle, we are not reading), the next ping and the slow-consumer deadline.
     fn next_deadline(&self) -> Option<Instant> {
+        let resume = self.intake.resume_at();
         if self.phase != Phase::Open {
-            return self.close_deadline;
+            return [self.close_deadline, resume].into_iter().flatten().min();
         }
         let idle = match self.over_budget_since {
             Some(_) => None,
@@ -628,7 +666,10 @@ where
         let slow = self
             .over_budget_since
             .map(|since| since + self.slow_consumer_timeout);
-        [idle, self.next_ping, slow].into_iter().flatten().min()
+        [idle, self.next_ping, slow, resume]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Fires the timer if it is due. It is created only when `arm` is set, which
@@ -656,6 +697,11 @@ where
         // Fired: it is set again, from the new state, before the task next yields.
         self.timer = None;
         let now = Instant::now();
+        if self.intake.resume_if_due(now) {
+            // What was read before the pause is decoded before reading more.
+            self.decode_messages();
+            self.account_received();
+        }
         match self.phase {
             Phase::Open => {
                 if self

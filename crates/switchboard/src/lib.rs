@@ -13,6 +13,7 @@
 //! - [`handler`]: the [`Handler`] trait, [`Outcome`], [`Context`] and [`TerminateReason`].
 //! - [`handle`]: [`ConnHandle`] and [`Outbox`], the addresses of a connection.
 //! - [`options`]: per-connection [`Options`]: limits, timeouts, compression, backpressure.
+//! - [`ReceiveBudget`]: memory for partly received data, shared by connections.
 //! - [`registry`]: [`Registry`], live connections by client id, behind the [`Broker`] trait.
 //! - [`pubsub`]: [`PubSub`], topics with encode-once publish and presence.
 //! - [`testing`]: [`testing::Harness`], which drives a handler without a socket, for unit tests.
@@ -49,6 +50,7 @@
 
 #![forbid(unsafe_code)]
 
+mod budget;
 pub mod client;
 mod driver;
 pub mod handle;
@@ -65,12 +67,13 @@ pub mod stats;
 pub mod testing;
 pub mod upgrade;
 
+pub use budget::ReceiveBudget;
 pub use handle::{ConnHandle, ConnId, Outbound, Outbox, PushError, SendError, TimerRef};
 pub use handler::{Context, Handler, Outcome, TerminateReason};
 pub use options::{Options, SlowConsumerPolicy};
 pub use pubsub::{PresenceChange, PresenceListener, PubSub, SubscribeError, Subscription};
 pub use registry::{Broker, ClientId, Format, Registration, Registry};
-pub use serve::serve;
+pub use serve::{accept_errors, serve};
 pub use shutdown::Shutdown;
 pub use stats::{Stats, StatsSnapshot};
 pub use switchboard_proto as proto;

@@ -5,6 +5,7 @@ use std::time::Duration;
 use switchboard_proto::deflate::DeflateOptions;
 use switchboard_proto::{CloseCode, CloseReason, Limits};
 
+use crate::budget::ReceiveBudget;
 use crate::stats::Stats;
 
 /// What to do with a connection whose peer reads slower than it is sent to.
@@ -51,13 +52,17 @@ pub struct Options {
     pub(crate) slow_consumer_timeout: Duration,
     pub(crate) close_timeout: Duration,
     pub(crate) stats: Option<Stats>,
+    pub(crate) receive_budget: Option<ReceiveBudget>,
+    pub(crate) max_inflate_rate: Option<u64>,
 }
 
 impl Default for Options {
     /// 1 MiB messages, a 60 s idle timeout, a ping every 25 s, permessage-deflate
     /// when offered, 1,024 info messages and 4 MiB waiting to be written, slow
     /// consumers closed with 1013 (at once for a push over the limit, after 30 s
-    /// over it otherwise), and 5 s for the peer's close frame.
+    /// over it otherwise), and 5 s for the peer's close frame. No receive
+    /// budget and no cap on inflating: a server open to untrusted peers should
+    /// set both ([`Options::receive_budget`], [`Options::max_inflate_rate`]).
     fn default() -> Self {
         Self {
             limits: Limits::default(),
@@ -70,6 +75,8 @@ impl Default for Options {
             slow_consumer_timeout: Duration::from_secs(30),
             close_timeout: Duration::from_secs(5),
             stats: None,
+            receive_budget: None,
+            max_inflate_rate: None,
         }
     }
 }
@@ -139,6 +146,24 @@ impl Options {
     /// what is still queued is dropped and the connection ends.
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
         self.close_timeout = timeout;
+        self
+    }
+
+    /// The budget this connection's partly received data counts against,
+    /// shared with other connections: see [`ReceiveBudget`]. `None` bounds a
+    /// connection by its own limits only (a frame and a message).
+    pub fn receive_budget(mut self, budget: Option<ReceiveBudget>) -> Self {
+        self.receive_budget = budget;
+        self
+    }
+
+    /// Most bytes a second the peer may make us inflate (a second's worth may
+    /// be saved up). Past it, the connection stops decoding and reading until
+    /// the rate has paid for what was inflated, so TCP slows the peer down: a
+    /// compressed message can inflate a thousandfold, and the bytes a peer
+    /// sends say little about the work it asks for. `None` is no cap.
+    pub fn max_inflate_rate(mut self, bytes_per_sec: Option<u64>) -> Self {
+        self.max_inflate_rate = bytes_per_sec;
         self
     }
 

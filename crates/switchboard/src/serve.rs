@@ -8,14 +8,21 @@
 //! docs/architecture.md ("Direct writes") has the details.
 
 use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
 use std::pin::pin;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::serve::Listener;
+use axum::extract::ConnectInfo;
+use http::Request;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -29,9 +36,15 @@ use tokio_util::task::TaskTracker;
 /// ACK (40 ms on Linux). A client has hyper's default 30 seconds to send its
 /// request headers, so a connection that never finishes a request is dropped.
 ///
-/// Accepting is axum's (`axum::serve::Listener`): a connection reset before it
-/// was accepted is skipped, and any other error (such as running out of file
-/// descriptors) is logged and retried after a second.
+/// Each request carries the peer's address as axum's
+/// [`ConnectInfo<SocketAddr>`](axum::extract::ConnectInfo), for per-address limits.
+///
+/// A connection reset before it was accepted is skipped. Any other accept
+/// error (such as running out of file descriptors) is counted
+/// ([`accept_errors`]), logged at error level (one line per 10 seconds at
+/// most, with how many were not logged), and accepting resumes after a tenth
+/// of a second, which gives connections time to end and free descriptors
+/// instead of spinning.
 ///
 /// # Examples
 ///
@@ -54,7 +67,7 @@ use tokio_util::task::TaskTracker;
 /// Dropping the future stops accepting at once; connections already accepted
 /// go on in their own tasks.
 pub async fn serve(
-    mut listener: TcpListener,
+    listener: TcpListener,
     router: Router,
     signal: impl Future<Output = ()> + Send + 'static,
 ) {
@@ -62,14 +75,17 @@ pub async fn serve(
     let connections = TaskTracker::new();
     let mut signal = pin!(signal);
     loop {
-        let stream = tokio::select! {
-            (stream, _) = Listener::accept(&mut listener) => stream,
+        let (stream, peer) = tokio::select! {
+            accepted = accept(&listener) => accepted,
             () = &mut signal => break,
         };
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "could not set TCP_NODELAY");
         }
-        let service = TowerToHyperService::new(router.clone());
+        let service = TowerToHyperService::new(WithPeer {
+            router: router.clone(),
+            peer,
+        });
         let stop = stop.clone();
         connections.spawn(async move {
             let mut connection = pin!(
@@ -94,4 +110,91 @@ pub async fn serve(
     stop.cancel();
     connections.close();
     connections.wait().await;
+}
+
+/// How long accepting pauses after an error other than a connection reset.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// At most one accept error is logged per this interval; the rest are counted.
+const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+static ACCEPT_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+/// Accept errors (other than connections reset before they were accepted)
+/// since the process started, over every [`serve()`] in it: running out of
+/// file descriptors shows here first.
+pub fn accept_errors() -> u64 {
+    ACCEPT_ERRORS.load(Ordering::Relaxed)
+}
+
+/// The next connection, past errors, which are counted and logged.
+async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(error) if is_connection_error(&error) => {}
+            Err(error) => {
+                ACCEPT_ERRORS.fetch_add(1, Ordering::Relaxed);
+                log_accept_error(&error);
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            }
+        }
+    }
+}
+
+/// Errors about one incoming connection, not about the listener or the process.
+fn is_connection_error(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Logs `error` unless one was logged within the interval; then says how many were not.
+fn log_accept_error(error: &io::Error) {
+    static LAST: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let now = Instant::now();
+    match &mut *last {
+        Some((at, unlogged)) if now.duration_since(*at) < ACCEPT_ERROR_LOG_INTERVAL => {
+            *unlogged += 1;
+        }
+        _ => {
+            let unlogged = last.map_or(0, |(_, unlogged)| unlogged);
+            tracing::error!(
+                %error,
+                unlogged,
+                total = accept_errors(),
+                "accepting a connection failed; retrying (unlogged: errors since the last line)"
+            );
+            *last = Some((now, 0));
+        }
+    }
+}
+
+/// The router, with each request told the address of the peer it came from.
+#[derive(Clone)]
+struct WithPeer {
+    router: Router,
+    peer: SocketAddr,
+}
+
+impl<B> tower_service::Service<Request<B>> for WithPeer
+where
+    Router: tower_service::Service<Request<B>>,
+{
+    type Response = <Router as tower_service::Service<Request<B>>>::Response;
+    type Error = <Router as tower_service::Service<Request<B>>>::Error;
+    type Future = <Router as tower_service::Service<Request<B>>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        tower_service::Service::<Request<B>>::poll_ready(&mut self.router, cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        request.extensions_mut().insert(ConnectInfo(self.peer));
+        self.router.call(request)
+    }
 }

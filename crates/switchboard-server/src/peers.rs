@@ -1,0 +1,117 @@
+//! Connections per client IP address, so that one address cannot take every
+//! connection the server can hold (and the memory each may use).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// How many WebSocket connections each address holds, against a limit.
+#[derive(Debug)]
+pub struct PeerLimit {
+    max: usize,
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// The address already holds as many connections as it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerFull;
+
+/// One connection's place in its address's count, given back when dropped.
+#[derive(Debug)]
+pub struct PeerSlot {
+    limit: Arc<PeerLimit>,
+    ip: IpAddr,
+}
+
+impl PeerLimit {
+    /// At most `max` connections per address; 0 is no limit.
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max,
+            counts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The most connections per address (0: no limit).
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// A place for one more connection from `ip`: `Ok(None)` when nothing is
+    /// limited, [`PeerFull`] when the address has its fill. An IPv4 address
+    /// mapped into IPv6 counts as the IPv4 address it is.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Option<PeerSlot>, PeerFull> {
+        if self.max == 0 {
+            return Ok(None);
+        }
+        let ip = ip.to_canonical();
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= self.max {
+            return Err(PeerFull);
+        }
+        *count += 1;
+        Ok(Some(PeerSlot {
+            limit: self.clone(),
+            ip,
+        }))
+    }
+
+    /// Connections `ip` holds now.
+    pub fn count(&self, ip: IpAddr) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        counts.get(&ip.to_canonical()).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .limit
+            .counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                // No entry per address ever seen: the map stays as large as the
+                // set of addresses connected now.
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv6Addr;
+
+    use super::*;
+
+    #[test]
+    fn an_address_holds_at_most_max_and_gets_its_places_back() {
+        let limit = PeerLimit::new(2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let mapped = IpAddr::V6(Ipv6Addr::from(0xffff_0a00_0001_u128));
+        let first = limit.admit(a).unwrap().unwrap();
+        let second = limit.admit(mapped).unwrap().unwrap();
+        assert!(
+            limit.admit(a).is_err(),
+            "the mapped address is the same one"
+        );
+        assert!(limit.admit("10.0.0.2".parse().unwrap()).is_ok());
+        drop(first);
+        assert_eq!(limit.count(a), 1);
+        let third = limit.admit(a).unwrap();
+        drop((second, third));
+        assert_eq!(limit.count(a), 0);
+        assert!(limit.counts.lock().unwrap().get(&a).is_none());
+    }
+
+    #[test]
+    fn zero_is_no_limit() {
+        let limit = PeerLimit::new(0);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        assert!((0..10_000).all(|_| matches!(limit.admit(a), Ok(None))));
+    }
+}
