@@ -73,11 +73,13 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 class Server:
     """A server process started on port 0; its first stdout line names the port."""
 
-    def __init__(self, argv):
+    def __init__(self, argv, **popen):
         if not os.access(argv[0], os.X_OK):
             pytest.fail(f"binary not found at {argv[0]} (set SWITCHBOARD_BIN / SWITCHBOARD_EXAMPLES)")
         self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.stderr)
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.stderr, **popen
+        )
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
         ready = sel.select(15)
