@@ -24,6 +24,8 @@ import struct
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import zlib
 
 import pytest
@@ -500,7 +502,14 @@ async def test_offline_target_is_skipped_silently(server):
         "[\n\t1,\r\n 2 ]",
         '{"deep":[[[[[[[[[[{"x":{}}]]]]]]]]]]}',
         '""',
+        # Valid JSON grammar that no parser agrees on: passed on, not judged.
+        "1e999999",
+        '"\\ud800 lone surrogates \\udfff"',
+        "[" * 100_000 + "]" * 100_000,
+        '{"x":1,"x":2}',
+        "9007199254740993",
     ],
+    ids=lambda text: text[:24],
 )
 @async_test
 async def test_payload_is_passed_byte_for_byte(server, payload_text):
@@ -511,6 +520,46 @@ async def test_payload_is_passed_byte_for_byte(server, payload_text):
         expected = payload_text.strip(" \n")
         assert await recv(r) == expected
         assert await recv(e) == '{"type":"message","from":"s","payload":' + expected + "}"
+
+
+PASS_THROUGH = ["1e999999", '"\\ud800"', "[" * 100_000 + "]" * 100_000, '{"x":1,"x":2}']
+
+
+@pytest.mark.parametrize("payload_text", PASS_THROUGH, ids=lambda text: text[:12])
+@async_test
+async def test_api_passes_payloads_on_byte_for_byte_too(server, payload_text):
+    async with client(server, "r") as r:
+        body = ('{"targets":["r"],"payload":' + payload_text + "}").encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.port}/api/v1/send",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert json.load(response) == {"delivered": ["r"], "offline": []}
+        assert await recv(r) == payload_text
+
+
+@pytest.mark.parametrize("target", ["9007199254740993.5", "1e400", "1.50", "true", '"a b"'])
+@async_test
+async def test_an_invalid_target_is_quoted_as_sent(server, target):
+    """A number never goes through a float on its way to the error message."""
+    shown = json.loads(target) if target.startswith('"') else target
+    async with client(server, "s") as s:
+        await s.send('{"targets":["r",' + target + '],"payload":1}')
+        err = await recv_json(s)
+        assert err["code"] == "invalid_target", err
+        assert f'"{shown}"' in err["message"], err
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.port}/api/v1/send",
+        data=('{"targets":[' + target + '],"payload":1}').encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=5)
+    error = json.load(refused.value)["error"]
+    assert (refused.value.code, error["code"]) == (400, "invalid_id"), error
+    assert f'"{shown}"' in error["message"], error
 
 
 @async_test
@@ -704,6 +753,8 @@ BAD_INPUTS = [
     ('{"payload":1}', "invalid_message"),
     ('{"targets":["r"]}', "invalid_message"),
     ('{"targets":["r"],"payload":1,"type":7}', "invalid_message"),
+    ('{"targets":["r"],"targets":["x"],"payload":1}', "invalid_message"),
+    ('{"targets":["r"],"payload":1,"payload":2}', "invalid_message"),
     ('{"targets":["r","a b"],"payload":1}', "invalid_target"),
     ('{"targets":["r",1.5],"payload":1}', "invalid_target"),
     ('{"targets":["r",null],"payload":1}', "invalid_target"),

@@ -44,57 +44,16 @@ pub fn is_url_safe(name: &str, max_len: usize, also: &[u8]) -> bool {
 }
 
 /// A target as written in JSON: a valid id string or an integer. Invalid ids
-/// are kept (as `Err`) so that the sender learns which target was wrong.
+/// are kept (as `Err`, as the client wrote them) so that the sender learns
+/// which target was wrong. Read only from `serde_json`, whose raw text it needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target(pub Result<String, String>);
 
 impl<'de> serde::Deserialize<'de> for Target {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct TargetVisitor;
-
-        impl Visitor<'_> for TargetVisitor {
-            type Value = Target;
-
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a client id (string or integer)")
-            }
-
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Target, E> {
-                Ok(Target(if is_valid(v) {
-                    Ok(v.to_owned())
-                } else {
-                    Err(v.to_owned())
-                }))
-            }
-
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Target, E> {
-                Ok(Target(Ok(v.to_string())))
-            }
-
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Target, E> {
-                Ok(Target(Ok(v.to_string())))
-            }
-
-            /// `2.0` is the integer 2 to JSON Schema, so it is the id `"2"` here too.
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Target, E> {
-                const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53: larger floats are not exact
-                if v.fract() == 0.0 && v.abs() <= EXACT {
-                    Ok(Target(Ok((v as i64).to_string())))
-                } else {
-                    Ok(Target(Err(v.to_string())))
-                }
-            }
-
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Target, E> {
-                Ok(Target(Err(v.to_string())))
-            }
-
-            fn visit_unit<E: de::Error>(self) -> Result<Target, E> {
-                Ok(Target(Err("null".into())))
-            }
-        }
-
-        deserializer.deserialize_any(TargetVisitor)
+        let raw = Box::<RawValue>::deserialize(deserializer)?;
+        let target = read_target(raw.get()).map_err(de::Error::custom)?;
+        Ok(Target(target.map(Cow::into_owned)))
     }
 }
 
@@ -153,20 +112,52 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for TargetList<'a> {
     }
 }
 
-/// One target from its JSON text (a valid JSON value).
+/// One target from its JSON text (a valid JSON value): the id, or the
+/// invalid value as the client sent it (a string decoded, anything else as
+/// written: numbers never pass through a float, which would change them).
 fn read_target(json: &str) -> Result<Result<Cow<'_, str>, String>, serde_json::Error> {
-    // Plain decimal digits are the id itself (19 of them always fit a u64).
-    if (1..=19).contains(&json.len()) && json.bytes().all(|b| b.is_ascii_digit()) {
-        return Ok(Ok(Cow::Borrowed(json)));
+    if let Some(integer) = integer_text(json) {
+        return Ok(if is_valid(integer) {
+            Ok(Cow::Borrowed(integer))
+        } else {
+            Err(json.to_owned())
+        });
     }
-    // A valid id has no character JSON escapes, so its text is its value.
-    if let Some(text) = json.strip_prefix('"').and_then(|s| s.strip_suffix('"'))
-        && is_valid(text)
-    {
-        return Ok(Ok(Cow::Borrowed(text)));
+    match json.as_bytes()[0] {
+        b'"' => {
+            // A valid id has no character JSON escapes, so its text is its value.
+            let text = &json[1..json.len() - 1];
+            if is_valid(text) {
+                return Ok(Ok(Cow::Borrowed(text)));
+            }
+            let value: String = serde_json::from_str(json)?;
+            Ok(if is_valid(&value) {
+                Ok(Cow::Owned(value))
+            } else {
+                Err(value)
+            })
+        }
+        b'[' => Err(de::Error::invalid_type(de::Unexpected::Seq, &EXPECTED)),
+        b'{' => Err(de::Error::invalid_type(de::Unexpected::Map, &EXPECTED)),
+        // Other numbers, booleans, null.
+        _ => Ok(Err(json.to_owned())),
     }
-    let target: Target = serde_json::from_str(json)?;
-    Ok(target.0.map(Cow::Owned))
+}
+
+const EXPECTED: &str = "a client id (string or integer)";
+
+/// The id a JSON number means, when it is an integer: its digits as written.
+/// A zero fraction is allowed (`2.0` is the integer 2 to JSON Schema); an
+/// exponent is not.
+fn integer_text(json: &str) -> Option<&str> {
+    let (integer, fraction) = match json.split_once('.') {
+        Some((integer, fraction)) => (integer, Some(fraction)),
+        None => (json, None),
+    };
+    let digits = integer.strip_prefix('-').unwrap_or(integer);
+    let is_integer = !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit());
+    let zero_fraction = fraction.is_none_or(|f| !f.is_empty() && f.bytes().all(|b| b == b'0'));
+    (is_integer && zero_fraction).then_some(integer)
 }
 
 /// The valid ids of `targets`, each once, in order; or the first invalid one.
@@ -225,13 +216,42 @@ mod tests {
     }
 
     #[test]
-    fn integers_mean_their_decimal_form() {
-        let targets: Vec<Target> =
-            serde_json::from_str(r#"[2, "3", -4, "bad id", 1.5, null]"#).unwrap();
-        let ok: Vec<_> = targets.iter().map(|t| t.0.is_ok()).collect();
-        assert_eq!(ok, [true, true, true, false, false, false]);
-        assert_eq!(targets[0].0, Ok("2".into()));
-        assert_eq!(targets[2].0, Ok("-4".into()));
+    fn integers_mean_their_digits_as_written() {
+        let json = r#"[2, -4, 2.0, 2.000, 9007199254740993.0, 18446744073709551616, "3"]"#;
+        let targets: Vec<Target> = serde_json::from_str(json).unwrap();
+        let ids: Vec<_> = targets.iter().map(|t| t.0.clone().unwrap()).collect();
+        assert_eq!(
+            ids,
+            [
+                "2",
+                "-4",
+                "2",
+                "2",
+                "9007199254740993",
+                "18446744073709551616",
+                "3"
+            ]
+        );
+    }
+
+    #[test]
+    fn invalid_targets_are_quoted_as_sent() {
+        let json = r#"[1.5, 1e2, 9007199254740993.5, 1e999999, true, null, "bad id", "\u0041 b"]"#;
+        let targets: Vec<Target> = serde_json::from_str(json).unwrap();
+        let invalid: Vec<_> = targets.iter().map(|t| t.0.clone().unwrap_err()).collect();
+        assert_eq!(
+            invalid,
+            [
+                "1.5",
+                "1e2",
+                "9007199254740993.5",
+                "1e999999",
+                "true",
+                "null",
+                "bad id",
+                "A b"
+            ]
+        );
     }
 
     #[test]
@@ -250,7 +270,7 @@ mod tests {
             .collect();
         assert_eq!(
             borrowed[..3],
-            [true, true, false],
+            [true, true, true],
             "integers and plain ids are borrowed"
         );
     }
@@ -288,8 +308,29 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// The borrowing fast path must read every list exactly as the general
-        /// [`Target`] does: the same ids, the same invalid values.
+        /// Every scalar reads as a valid id or as the value the client sent:
+        /// an integer's digits, a string decoded, anything else as written.
+        #[test]
+        fn every_target_is_a_valid_id_or_the_value_sent(item in scalar()) {
+            let target: Target = serde_json::from_str(&item).unwrap();
+            let decoded: Option<String> = serde_json::from_str(&item).ok();
+            match (&target.0, decoded) {
+                (Ok(id), Some(string)) => proptest::prop_assert_eq!(id, &string),
+                (Ok(id), None) => {
+                    proptest::prop_assert!(is_valid(id));
+                    let as_written = item.split('.').next().unwrap();
+                    proptest::prop_assert_eq!(id.as_str(), as_written);
+                    proptest::prop_assert!(item[as_written.len()..].bytes().all(|b| b == b'.' || b == b'0'));
+                }
+                (Err(value), Some(string)) => {
+                    proptest::prop_assert!(!is_valid(&string));
+                    proptest::prop_assert_eq!(value, &string);
+                }
+                (Err(value), None) => proptest::prop_assert_eq!(value, &item),
+            }
+        }
+
+        /// The borrowing list reads every list as single targets do.
         #[test]
         fn a_target_list_reads_every_list_like_targets(
             items in proptest::collection::vec(scalar(), 0..12)
