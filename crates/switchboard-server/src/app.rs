@@ -15,7 +15,6 @@ use switchboard::{UpgradeError, WebSocketUpgrade};
 use crate::auth::{Identity, Permissions, TokenError};
 use crate::hub::Hub;
 use crate::ids;
-use crate::peers::PeerFull;
 use crate::relay::Relay;
 use crate::wire::{Mode, PROTOCOL};
 
@@ -23,13 +22,17 @@ use crate::wire::{Mode, PROTOCOL};
 /// cannot set headers): `new WebSocket(url, ["switchboard.v1", "bearer.<jwt>"])`.
 pub const TOKEN_PROTOCOL_PREFIX: &str = "bearer.";
 
-/// The client-facing routes.
-pub fn router(hub: Arc<Hub>) -> Router {
-    Router::new()
+/// The client-facing routes, with the echo at `echo_path` when there is one.
+pub fn router(hub: Arc<Hub>, echo_path: Option<&str>) -> Router {
+    let router = Router::new()
         .route("/", get(demo_page))
         .route("/ws", get(relay))
-        .route("/healthz", get(healthz))
-        .with_state(hub)
+        .route("/healthz", get(healthz));
+    let router = match echo_path {
+        Some(path) => router.route(path, get(crate::echo::echo)),
+        None => router,
+    };
+    router.with_state(hub)
 }
 
 async fn relay(
@@ -57,13 +60,7 @@ async fn relay(
     // served some other way has no address to limit by.
     let slot = match peer.map(|Extension(ConnectInfo(addr))| hub.peers.admit(addr.ip())) {
         Some(Ok(slot)) => slot,
-        Some(Err(PeerFull)) => {
-            let message = format!(
-                "too many connections from this address: at most {}\n",
-                hub.peers.max()
-            );
-            return (StatusCode::TOO_MANY_REQUESTS, message).into_response();
-        }
+        Some(Err(full)) => return full.into_response(),
         None => None,
     };
     let upgrade = match upgrade {

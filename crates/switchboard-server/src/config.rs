@@ -243,6 +243,11 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_ALLOW_INSECURE", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub allow_insecure: Option<bool>,
 
+    /// Serve a WebSocket echo at this path (e.g. /echo), with the settings of /ws and no auth: for
+    /// diagnostics and conformance runs [default: none]
+    #[arg(long, env = "SWITCHBOARD_ECHO_PATH", value_name = "PATH")]
+    pub echo_path: Option<String>,
+
     /// Topic namespaces (TOML only: [[namespaces]] tables; see docs/configuration.md)
     #[arg(skip)]
     pub namespaces: Option<Vec<Namespace>>,
@@ -325,6 +330,8 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Whether a public address without auth is allowed.
     pub allow_insecure: bool,
+    /// Where the echo is served, if anywhere.
+    pub echo_path: Option<String>,
     /// Topic namespaces.
     pub namespaces: Vec<Namespace>,
 }
@@ -428,6 +435,7 @@ impl Config {
                 .map(|origin| normalize_origin(origin))
                 .collect::<anyhow::Result<_>>()?,
             allow_insecure: s.allow_insecure.unwrap_or(false),
+            echo_path: s.echo_path,
             namespaces: s.namespaces.unwrap_or_default(),
         };
         if config.max_message_size == 0 || config.max_targets == 0 || config.mailbox_size == 0 {
@@ -437,6 +445,15 @@ impl Config {
             bail!(
                 "max_outbound_bytes must be at least max_message_size, or no message of that size could be sent"
             );
+        }
+        if let Some(path) = &config.echo_path {
+            let taken =
+                ["/", "/ws", "/healthz"].contains(&path.as_str()) || path.starts_with("/api/");
+            if !path.starts_with('/') || path.contains(['?', '#', '{', '}', '*']) || taken {
+                bail!(
+                    "echo_path must be a path of its own, such as /echo (not /, /ws, /healthz or under /api/): {path:?}"
+                );
+            }
         }
         if config.receive_budget_per_connection_bytes < config.max_message_size {
             bail!(

@@ -24,6 +24,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod echo;
 pub mod errors;
 pub mod hub;
 pub mod ids;

@@ -32,11 +32,6 @@ impl PeerLimit {
         })
     }
 
-    /// The most connections per address (0: no limit).
-    pub fn max(&self) -> usize {
-        self.max
-    }
-
     /// A place for one more connection from `ip`: `Ok(None)` when nothing is
     /// limited, [`PeerFull`] when the address has its fill. An IPv4 address
     /// mapped into IPv6 counts as the IPv4 address it is.

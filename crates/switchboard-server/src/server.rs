@@ -43,7 +43,7 @@ pub async fn serve(
         read_timeout: config.api_body_timeout,
     };
     let api_routes = |loopback| api::router(hub.clone(), body, loopback);
-    let mut main = app::router(hub.clone());
+    let mut main = app::router(hub.clone(), config.echo_path.as_deref());
     let api_server = match api_listener {
         Some(api_listener) => {
             let loopback = api_listener.local_addr()?.ip().is_loopback();

@@ -1,0 +1,62 @@
+//! An optional WebSocket echo (`echo_path`): every message is sent back.
+//!
+//! For diagnostics (does a WebSocket get through this proxy, and with
+//! compression?) and for conformance runs: the Autobahn cases need an echo,
+//! and this one runs on the binary's own listener, workers and connection
+//! settings, so they test what the service ships rather than an example.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Extension;
+use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use switchboard::{Context, Handler, Message, Outcome, UpgradeError, WebSocketUpgrade};
+
+use crate::hub::Hub;
+use crate::peers::{PeerFull, PeerSlot};
+
+/// One echo connection; it holds its place among its address's connections.
+struct Echo {
+    _peer: Option<PeerSlot>,
+}
+
+impl Handler for Echo {
+    type Info = ();
+
+    fn handle_in(&mut self, message: Message, _ctx: &mut Context<'_, ()>) -> Outcome {
+        Outcome::push(message)
+    }
+}
+
+/// The echo route's handler: the relay's connection options and limits per
+/// address, no identity.
+pub async fn echo(
+    State(hub): State<Arc<Hub>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    upgrade: Result<WebSocketUpgrade, UpgradeError>,
+) -> Response {
+    let slot = match peer.map(|Extension(ConnectInfo(addr))| hub.peers.admit(addr.ip())) {
+        Some(Ok(slot)) => slot,
+        Some(Err(PeerFull)) => return PeerFull.into_response(),
+        None => None,
+    };
+    match upgrade {
+        Ok(upgrade) => upgrade
+            .options(hub.options.clone())
+            .shutdown(&hub.shutdown)
+            .on_upgrade(Echo { _peer: slot }),
+        Err(e) => e.into_response(),
+    }
+}
+
+impl IntoResponse for PeerFull {
+    fn into_response(self) -> Response {
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections from this address\n",
+        )
+            .into_response()
+    }
+}
