@@ -4,7 +4,8 @@
 # It installs what the tests need: a Python venv (.venv) with pytest, websockets,
 # kosoku and schemathesis; Debian's chromium for the browser test; playwright-core via npm.
 #
-# Steps: Rust unit, property and integration tests; the Python client suite;
+# Steps: Rust unit, property and integration tests; the fuzz targets, briefly;
+# the Python client suite;
 # schemathesis against the HTTP API; a smoke run of the benchmark harness; the
 # Autobahn conformance cases via kosoku; headless Chromium interop.
 set -euo pipefail
@@ -17,6 +18,9 @@ cargo test --workspace --all-targets
 cargo test --workspace --doc
 # The Python suite runs the binary and the examples themselves.
 cargo build --workspace --bins --examples
+
+step "Fuzz targets build and run, 20 s each (scripts/fuzz.sh: stable Rust, libFuzzer)"
+FUZZ_SECONDS=20 scripts/fuzz.sh
 
 step "Python environment (.venv)"
 if [ ! -x .venv/bin/python ]; then
