@@ -637,8 +637,10 @@ where
         if self.phase != Phase::Open {
             return;
         }
+        // What the mailbox accepted before now goes out before the close frame:
+        // its pushers were told it was queued, and the relay acks it as delivered.
+        self.queue_accepted_frames();
         self.push_frame(Message::Close(Some(close)));
-        self.mailbox.refuse_new();
         self.reason = Some(reason);
         self.phase = Phase::Closing;
         self.arm_close_deadline();

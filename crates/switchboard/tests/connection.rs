@@ -218,20 +218,47 @@ async fn slow_consumer_server(
     (serve(upgrade).await, events, handles)
 }
 
-/// Pushes 64 KiB messages through `handle` until one is refused; returns why.
-async fn fill(handle: &ConnHandle<String>) -> PushError {
-    let chunk = switchboard::PreparedMessage::binary(vec![7u8; 64 * 1024]);
+/// The receive buffer of clients that never read, fixed so that what the
+/// kernel holds for them is known.
+const CLIENT_RECEIVE_BUFFER: u32 = 64 * 1024;
+
+/// The most the kernel may hold of one loopback connection's data, sent but
+/// not yet read: the sender's largest send buffer (net.ipv4.tcp_wmem, its
+/// third field) and the client's fixed receive buffer, which the kernel doubles.
+fn kernel_buffers() -> usize {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem").unwrap();
+    let send: usize = text.split_whitespace().nth(2).unwrap().parse().unwrap();
+    send + 2 * CLIENT_RECEIVE_BUFFER as usize
+}
+
+/// Pushes 64 KiB messages through `handle` until one is refused; returns why,
+/// and how many bytes were accepted.
+async fn fill(handle: &ConnHandle<String>) -> (PushError, usize) {
+    const CHUNK: usize = 64 * 1024;
+    let chunk = switchboard::PreparedMessage::binary(vec![7u8; CHUNK]);
+    // What waits in our queue (the 256 KiB budget), plus what the kernel holds
+    // (frames written straight to the socket), plus the frame being refused.
+    let bound = 256 * 1024 + kernel_buffers() + CHUNK;
     let mut accepted = 0usize;
     loop {
         match handle.push(chunk.clone()) {
-            Ok(()) => accepted += 1,
-            Err(e) => return e,
+            Ok(()) => accepted += CHUNK,
+            Err(e) => return (e, accepted),
         }
         assert!(
-            accepted < 4096,
-            "256 MiB accepted: the buffer is not bounded"
+            accepted <= bound,
+            "{accepted} bytes accepted, over the {bound} bytes the budget and the kernel can hold"
         );
         tokio::task::yield_now().await;
+    }
+}
+
+/// Waits for the probe's `terminate`.
+async fn terminated(events: &mut mpsc::UnboundedReceiver<Event>) -> TerminateReason {
+    loop {
+        if let Event::Terminate(reason) = next_event(events).await {
+            return reason;
+        }
     }
 }
 
@@ -239,9 +266,14 @@ async fn fill(handle: &ConnHandle<String>) -> PushError {
 async fn a_slow_consumer_is_closed_and_its_buffer_stays_bounded() {
     let (addr, _events, mut handles) = slow_consumer_server(Duration::from_secs(5)).await;
     // This client never reads until the end.
-    let mut client = RawClient::connect(addr).await;
+    let mut client = RawClient::connect_with_receive_buffer(addr, CLIENT_RECEIVE_BUFFER).await;
     let handle = handles.recv().await.unwrap();
-    assert_eq!(fill(&handle).await, PushError::SlowConsumer);
+    let (refused, accepted) = fill(&handle).await;
+    assert_eq!(refused, PushError::SlowConsumer);
+    assert!(
+        accepted >= 256 * 1024,
+        "refused after only {accepted} bytes"
+    );
     let chunk = switchboard::PreparedMessage::binary(vec![7u8; 16]);
     assert_eq!(handle.push(chunk), Err(PushError::Closed));
     assert_eq!(client.close_code().await, Some(1013));
@@ -249,36 +281,41 @@ async fn a_slow_consumer_is_closed_and_its_buffer_stays_bounded() {
 
 #[tokio::test]
 async fn a_peer_that_never_reads_is_dropped_at_the_close_timeout() {
-    let (addr, mut events, mut handles) = slow_consumer_server(Duration::from_millis(300)).await;
+    let close_timeout = Duration::from_millis(300);
+    let (addr, mut events, mut handles) = slow_consumer_server(close_timeout).await;
     // Connected, and never reads or closes: the close frame waits behind data the
-    // peer will not take, and the connection must still end.
-    let _client = RawClient::connect(addr).await;
+    // peer will not take, and the connection must still end, at the close timeout.
+    let _client = RawClient::connect_with_receive_buffer(addr, CLIENT_RECEIVE_BUFFER).await;
     let handle = handles.recv().await.unwrap();
-    assert_eq!(fill(&handle).await, PushError::SlowConsumer);
-    let ended = tokio::time::timeout(TIMEOUT, async {
-        while let Some(event) = events.recv().await {
-            if let Event::Terminate(reason) = event {
-                return reason;
-            }
-        }
-        panic!("the probe's events ended without terminate");
-    })
-    .await;
-    assert!(ended.is_ok(), "the connection outlived its close timeout");
+    assert_eq!(fill(&handle).await.0, PushError::SlowConsumer);
+    // The close (and its deadline) comes after the refusal.
+    let refused = tokio::time::Instant::now();
+    let reason = terminated(&mut events).await;
+    let took = refused.elapsed();
+    let TerminateReason::SlowConsumer(close) = &reason else {
+        panic!("ended as {reason:?}, not as a slow consumer");
+    };
+    assert_eq!(close.code(), switchboard::CloseCode::TRY_AGAIN_LATER);
+    assert!(
+        took >= close_timeout && took < close_timeout + Duration::from_secs(2),
+        "ended {took:?} after the close, with a close timeout of {close_timeout:?}"
+    );
 }
 
 #[tokio::test]
 async fn a_peer_that_keeps_talking_and_never_closes_is_dropped_at_the_close_timeout() {
-    let (addr, mut events, mut handles) = slow_consumer_server(Duration::from_millis(300)).await;
+    let close_timeout = Duration::from_millis(300);
+    let (addr, mut events, mut handles) = slow_consumer_server(close_timeout).await;
     let mut client = RawClient::connect(addr).await;
     let handle = handles.recv().await.unwrap();
+    let closed = tokio::time::Instant::now();
     handle.close(switchboard::CloseReason::new(1001u16, "bye"));
     // The client never answers our close, and keeps sending: every read of the
     // server's makes progress, and the close deadline must still be kept. A
     // failed write means the server has hung up.
     let frame = RawClient::frame(true, OpCode::Binary, &[5u8; 512]);
     let mut talking = true;
-    let ended = tokio::time::timeout(TIMEOUT, async {
+    let reason = tokio::time::timeout(TIMEOUT, async {
         loop {
             tokio::select! {
                 event = events.recv() => match event {
@@ -290,8 +327,17 @@ async fn a_peer_that_keeps_talking_and_never_closes_is_dropped_at_the_close_time
             }
         }
     })
-    .await;
-    assert!(ended.is_ok(), "the connection outlived its close timeout");
+    .await
+    .expect("the connection outlived its close timeout");
+    let took = closed.elapsed();
+    assert_eq!(
+        reason,
+        TerminateReason::Normal(switchboard::CloseReason::new(1001u16, "bye"))
+    );
+    assert!(
+        took >= close_timeout && took < close_timeout + Duration::from_secs(2),
+        "ended {took:?} after the close, with a close timeout of {close_timeout:?}"
+    );
 }
 
 #[tokio::test]

@@ -245,6 +245,31 @@ async fn stop_pushes_then_closes_with_the_code() {
     ));
 }
 
+/// A push that the mailbox accepted was reported as queued: closing the
+/// connection right after must not drop it (the relay acks such frames as
+/// delivered).
+#[tokio::test]
+async fn frames_the_mailbox_accepted_go_out_before_our_close() {
+    let (addr, _events) = probe_server(Options::default()).await;
+    for _ in 0..20 {
+        let mut client = connect(addr).await;
+        recv_text(&mut client).await;
+        client
+            .send(WsMessage::text("push-then-stop"))
+            .await
+            .unwrap();
+        let mut queued = Vec::new();
+        let code = loop {
+            match recv(&mut client).await {
+                WsMessage::Text(text) => queued.push(text.to_string()),
+                other => break close_code(&other),
+            }
+        };
+        assert_eq!(queued, ["queued 0", "queued 1", "queued 2"]);
+        assert_eq!(code, 4000);
+    }
+}
+
 #[tokio::test]
 async fn a_panicking_handler_closes_only_its_connection_with_1011() {
     let (addr, mut events) = probe_server(Options::default()).await;

@@ -143,6 +143,14 @@ impl Handler for Probe {
                 push: vec![Message::text("bye now").into()],
                 close: switchboard::CloseReason::new(4000, "bye"),
             },
+            "push-then-stop" => {
+                // Through the mailbox, as any other code would push.
+                for i in 0..3 {
+                    let frame = switchboard::PreparedMessage::text(format!("queued {i}"));
+                    ctx.handle().push(frame).expect("the mailbox takes it");
+                }
+                Outcome::stop(switchboard::CloseCode(4000), "bye")
+            }
             "timer" => {
                 let _ = ctx
                     .handle()
@@ -195,7 +203,12 @@ pub struct RawClient {
 impl RawClient {
     /// Sends `request` and reads the response head.
     pub async fn request(addr: SocketAddr, request: &str) -> (String, TcpStream) {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let stream = TcpStream::connect(addr).await.unwrap();
+        Self::request_on(stream, request).await
+    }
+
+    /// Sends `request` on `stream` and reads the response head.
+    async fn request_on(mut stream: TcpStream, request: &str) -> (String, TcpStream) {
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut head = Vec::new();
         while !head.ends_with(b"\r\n\r\n") {
@@ -214,11 +227,24 @@ impl RawClient {
 
     /// Completes a WebSocket handshake on `/ws`.
     pub async fn connect(addr: SocketAddr) -> Self {
+        Self::connect_on(TcpStream::connect(addr).await.unwrap(), addr).await
+    }
+
+    /// Completes a WebSocket handshake on `/ws` from a socket whose receive
+    /// buffer is fixed at `bytes` (the kernel doubles it, and does not grow it):
+    /// for tests that bound what the kernel can hold for a peer that never reads.
+    pub async fn connect_with_receive_buffer(addr: SocketAddr, bytes: u32) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(bytes).unwrap();
+        Self::connect_on(socket.connect(addr).await.unwrap(), addr).await
+    }
+
+    async fn connect_on(stream: TcpStream, addr: SocketAddr) -> Self {
         let request = format!(
             "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         );
-        let (head, stream) = Self::request(addr, &request).await;
+        let (head, stream) = Self::request_on(stream, &request).await;
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         Self {
             stream,
