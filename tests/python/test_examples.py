@@ -8,6 +8,7 @@ import asyncio
 import os
 import pathlib
 import re
+import selectors
 import subprocess
 
 import pytest
@@ -19,10 +20,17 @@ TIMEOUT = 5
 
 
 def start(name, *args):
-    """Starts an example on port 0 and returns (process, "host:port")."""
+    """Starts an example on port 0 and returns (process, "host:port"). An
+    example that says nothing within TIMEOUT fails the test instead of hanging it."""
     proc = subprocess.Popen([str(EXAMPLES / name), "127.0.0.1:0", *args], stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        ready = sel.select(TIMEOUT)
+    line = proc.stdout.readline() if ready else ""
     match = re.match(r"listening on (\S+)", line)
+    if not match:
+        proc.kill()
+        proc.wait()
     assert match, f"unexpected first line {line!r}"
     return proc, match.group(1)
 
@@ -79,11 +87,14 @@ def test_chat_rooms_are_separate_and_announce_joins_and_leaves(chat_server):
                 await bo.send("hello lobby")
                 assert await recv(ann) == "bo: hello lobby"
                 assert await recv(bo) == "bo: hello lobby"
-                with pytest.raises(asyncio.TimeoutError):
-                    await asyncio.wait_for(cy.recv(), 0.3)
-            # bo left; cy left the kitchen, which nobody in the lobby hears about.
+                # Had the lobby's line reached cy, it would come before cy's own:
+                # a connection's messages go out in the order they were sent.
+                await cy.send("hello kitchen")
+                assert await recv(cy) == "cy: hello kitchen"
+            # cy left the kitchen, then bo the lobby: ann hears of bo only,
+            # and nothing else before her own next line.
             assert await recv(ann) == "* bo left"
-            with pytest.raises(asyncio.TimeoutError):
-                await asyncio.wait_for(ann.recv(), 0.3)
+            await ann.send("still here")
+            assert await recv(ann) == "ann: still here"
 
     asyncio.run(scenario())

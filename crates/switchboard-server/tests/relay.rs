@@ -26,7 +26,7 @@ async fn delivers_the_payload_text_to_one_target() {
     .await
     .unwrap();
     assert_eq!(recv_text(&mut two).await, r#"{"text": "hi",  "n": [1, 2]}"#);
-    assert_silent(&mut one).await;
+    assert_nothing_before_marker(&server, &mut one, "1").await;
 }
 
 #[tokio::test]
@@ -43,11 +43,15 @@ async fn delivers_to_every_connection_of_every_target_once() {
         json!({"targets": ["bob", "carol", "bob", "nobody"], "payload": [1, 2, 3]}),
     )
     .await;
-    for client in [&mut bob_phone, &mut bob_laptop, &mut carol] {
+    for (client, id) in [
+        (&mut bob_phone, "bob"),
+        (&mut bob_laptop, "bob"),
+        (&mut carol, "carol"),
+    ] {
         assert_eq!(recv_text(client).await, "[1,2,3]");
-        assert_silent(client).await;
+        assert_nothing_before_marker(&server, client, id).await;
     }
-    assert_silent(&mut dave).await;
+    assert_nothing_before_marker(&server, &mut dave, "dave").await;
     // Targeting yourself reaches your own connections, this one included.
     send(&mut sender, json!({"targets": ["alice"], "payload": "me"})).await;
     assert_eq!(recv_text(&mut sender).await, r#""me""#);
@@ -93,7 +97,7 @@ async fn envelope_clients_get_senders_acks_and_offline_targets() {
     // Without an id there is no ack.
     send(&mut alice, json!({"targets": ["bob"], "payload": null})).await;
     assert_eq!(recv_json(&mut bob).await["payload"], Value::Null);
-    assert_silent(&mut alice).await;
+    assert_nothing_before_marker(&server, &mut alice, "alice").await;
 }
 
 #[tokio::test]
@@ -147,7 +151,7 @@ async fn bad_messages_get_error_codes_and_nobody_else_sees_them() {
         .await;
         assert_eq!(recv_text(&mut bystander).await, r#""after""#);
     }
-    assert_silent(&mut bystander).await;
+    assert_nothing_before_marker(&server, &mut bystander, "bystander").await;
 }
 
 #[tokio::test]
@@ -263,8 +267,14 @@ async fn the_registry_forgets_clean_and_abrupt_disconnects() {
 #[tokio::test]
 async fn idle_clients_are_closed_with_1001() {
     let server = Server::start(&["--idle-timeout-secs", "1", "--ping-interval-secs", "0"]);
+    let connected = tokio::time::Instant::now();
     let mut client = server.connect("sleepy").await;
     assert_eq!(recv_close(&mut client).await, 1001);
+    let after = connected.elapsed();
+    assert!(
+        after >= Duration::from_millis(980) && after < Duration::from_secs(4),
+        "closed {after:?} after connecting, with an idle timeout of 1 s"
+    );
 }
 
 #[tokio::test]

@@ -175,21 +175,34 @@ async fn handle_control_sees_pings_after_the_automatic_pong() {
     assert_eq!(control, "ping");
 }
 
+/// How much earlier than its deadline a timer may seem to fire, seen from
+/// the client: the server's clock for it starts after the client's, and
+/// arrivals jitter by a scheduler tick or two.
+const SLACK: Duration = Duration::from_millis(20);
+
 #[tokio::test]
 async fn server_pings_on_the_interval() {
-    let options = Options::default().ping_interval(Some(Duration::from_millis(100)));
+    let interval = Duration::from_millis(100);
+    let options = Options::default().ping_interval(Some(interval));
     let (addr, _events) = probe_server(options).await;
+    let connected = tokio::time::Instant::now();
     let mut client = connect(addr).await;
-    let got_ping = tokio::time::timeout(TIMEOUT, async {
-        loop {
+    let mut pings = Vec::new();
+    tokio::time::timeout(TIMEOUT, async {
+        while pings.len() < 3 {
             if let Some(Ok(WsMessage::Ping(_))) = client.next().await {
-                return true;
+                pings.push(connected.elapsed());
             }
         }
     })
     .await
-    .unwrap();
-    assert!(got_ping);
+    .expect("three pings within the timeout");
+    // Not before the interval, and one per interval: the server's clock
+    // starts a little after ours, and arrivals jitter, hence the margins.
+    assert!(pings[0] >= interval - SLACK, "{pings:?}");
+    for pair in pings.windows(2) {
+        assert!(pair[1] - pair[0] >= interval - SLACK, "{pings:?}");
+    }
 }
 
 #[tokio::test]
@@ -297,14 +310,21 @@ async fn a_panicking_handler_closes_only_its_connection_with_1011() {
 
 #[tokio::test]
 async fn idle_connections_are_closed_with_1001() {
+    let idle = Duration::from_millis(200);
     let options = Options::default()
-        .idle_timeout(Some(Duration::from_millis(200)))
+        .idle_timeout(Some(idle))
         .ping_interval(None);
     let (addr, mut events) = probe_server(options).await;
+    let connected = tokio::time::Instant::now();
     let mut client = connect(addr).await;
     recv_text(&mut client).await;
     let closed = recv(&mut client).await;
+    let after = connected.elapsed();
     assert_eq!(close_code(&closed), 1001);
+    assert!(
+        after >= idle - SLACK && after < idle + TIMEOUT,
+        "closed {after:?} after connecting, with an idle timeout of {idle:?}"
+    );
     finish(&mut client).await;
     next_event(&mut events).await;
     assert_eq!(

@@ -8,7 +8,9 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -26,6 +28,32 @@ pub type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTls
 pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Where the API is served (the main listener unless `--api-listen`), and
+    /// the first `--api-key` it was given: for markers sent through the API.
+    api_addr: SocketAddr,
+    api_key: Option<String>,
+}
+
+/// The first `n` lines the child prints, or a panic if they do not come
+/// within the timeout: a server that hangs before it listens must fail the
+/// test, not hang it.
+fn first_lines(stdout: ChildStdout, n: usize) -> Vec<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut stdout = BufReader::new(stdout);
+        for _ in 0..n {
+            let mut line = String::new();
+            if stdout.read_line(&mut line).unwrap_or(0) == 0 || tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (0..n)
+        .map(|_| {
+            rx.recv_timeout(Duration::from_secs(10))
+                .expect("the server printed where it listens within 10 s")
+        })
+        .collect()
 }
 
 impl Server {
@@ -48,25 +76,33 @@ impl Server {
             .stdout(Stdio::piped())
             .spawn()
             .expect("the switchboard binary starts");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let addr = line
+        let api_listen = args.contains(&"--api-listen");
+        let lines = first_lines(child.stdout.take().unwrap(), 1 + usize::from(api_listen));
+        let addr: SocketAddr = lines[0]
             .trim()
             .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .unwrap_or_else(|| panic!("unexpected first line {:?}", lines[0]))
             .parse()
             .unwrap();
-        let api = args.contains(&"--api-listen").then(|| {
-            let mut line = String::new();
-            stdout.read_line(&mut line).unwrap();
-            line.trim()
+        let api = api_listen.then(|| {
+            lines[1]
+                .trim()
                 .strip_prefix("api listening on ")
                 .unwrap()
                 .parse()
                 .unwrap()
         });
-        (Self { child, addr }, api)
+        let api_key = args
+            .iter()
+            .position(|a| *a == "--api-key")
+            .map(|i| args[i + 1].to_owned());
+        let server = Self {
+            child,
+            addr,
+            api_addr: api.unwrap_or(addr),
+            api_key,
+        };
+        (server, api)
     }
 
     pub async fn connect(&self, id: &str) -> Client {
@@ -133,6 +169,24 @@ impl Server {
         serde_json::from_str::<Value>(&body).unwrap()["clients"]
             .as_u64()
             .unwrap()
+    }
+
+    /// Waits until the server counts `expected` connections of `id`.
+    pub async fn wait_for_connections_of(&self, id: &str, expected: u64) {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let path = format!("/api/v1/clients/{id}");
+            let (_, body) =
+                api_call(self.api_addr, "GET", &path, self.api_key.as_deref(), None).await;
+            if body["connections"].as_u64() == Some(expected) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} never had {expected} connections: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn wait_for_clients(&self, expected: u64) {
@@ -239,16 +293,37 @@ pub async fn recv_close(client: &mut Client) -> u16 {
     recv_close_frame(client).await.0
 }
 
-/// Asserts that nothing arrives for a short while.
-pub async fn assert_silent(client: &mut Client) {
-    let next = tokio::time::timeout(Duration::from_millis(200), async {
-        loop {
-            match client.next().await {
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                other => return other,
-            }
-        }
-    })
+/// Proves that nothing more is on its way to `client`, a connection of `id`,
+/// without trusting a silence window: a marker sent through the API now is
+/// queued behind anything already pushed to the connection (a connection's
+/// frames go out in the order they were pushed), so the next message must be
+/// the marker. Markers of earlier calls (to other connections of the same id)
+/// are skipped; anything else fails.
+pub async fn assert_nothing_before_marker(server: &Server, client: &mut Client, id: &str) {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let marker = NEXT.fetch_add(1, Ordering::Relaxed);
+    let body = serde_json::json!({"targets": [id], "payload": {"marker": marker}});
+    let (status, _) = api_call(
+        server.api_addr,
+        "POST",
+        "/api/v1/send",
+        server.api_key.as_deref(),
+        Some(body),
+    )
     .await;
-    assert!(next.is_err(), "expected silence, got {next:?}");
+    assert_eq!(status, 200, "the marker was not sent");
+    loop {
+        let value = recv_json(client).await;
+        // Raw connections get the payload; switchboard.v1 ones an envelope.
+        let payload = if value.get("type").is_some() {
+            &value["payload"]
+        } else {
+            &value
+        };
+        match payload.get("marker").and_then(Value::as_u64) {
+            Some(seen) if seen == marker => return,
+            Some(seen) if seen < marker => continue,
+            _ => panic!("expected nothing before marker {marker}, got {value}"),
+        }
+    }
 }
