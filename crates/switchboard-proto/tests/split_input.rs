@@ -1,9 +1,12 @@
-//! Property: the decoder gives the same result however its input is split, and
-//! never panics on any input. This is the stable-toolchain twin of `fuzz/`.
+//! Properties of the decoder: it gives the same result however its input is
+//! split, it never panics on any input (the stable-toolchain twin of `fuzz/`),
+//! what it decodes is exactly what was encoded (every length form, fragments,
+//! pings between them, compression), and it refuses reserved bits it was not
+//! given a meaning for.
 
 use bytes::BytesMut;
 use proptest::prelude::*;
-use switchboard_proto::deflate::PeerContext;
+use switchboard_proto::deflate::{DeflateParams, Deflater, PeerContext};
 use switchboard_proto::frame::encode_frame;
 use switchboard_proto::{Limits, Message, MessageDecoder, OpCode, ProtocolError, Role};
 
@@ -17,6 +20,16 @@ fn decode_in_pieces(
         max_frame_size: 4096,
         max_message_size: 8192,
     };
+    decode_with(input, cuts, compression, limits)
+}
+
+/// [`decode_in_pieces`] with the given limits.
+fn decode_with(
+    input: &[u8],
+    cuts: &[usize],
+    compression: Option<PeerContext>,
+    limits: Limits,
+) -> (Vec<Message>, Option<ProtocolError>) {
     let mut decoder = MessageDecoder::new(Role::Server, limits, compression);
     let mut buf = BytesMut::new();
     let mut messages = Vec::new();
@@ -65,6 +78,195 @@ fn frames() -> impl Strategy<Value = Vec<u8>> {
         }
         out.to_vec()
     })
+}
+
+/// One message as a client would send it: its content, whether it is
+/// compressed, where its (possibly compressed) payload is cut into fragments,
+/// and the ping sent between its first two fragments, if any.
+#[derive(Debug, Clone)]
+struct Planned {
+    message: Message,
+    compressed: bool,
+    cuts: Vec<usize>,
+    ping: Option<Vec<u8>>,
+}
+
+/// A payload length from each of the three length forms (7-bit, 16-bit and
+/// 64-bit, RFC 6455 §5.2), with their edges.
+fn length() -> impl Strategy<Value = usize> {
+    prop_oneof![
+        0..=125usize,
+        Just(126usize),
+        126..=3000usize,
+        Just(65535usize),
+        Just(65536usize),
+        65536..=70_000usize,
+    ]
+}
+
+fn planned() -> impl Strategy<Value = Planned> {
+    (
+        any::<bool>(),
+        length(),
+        "[a-zé€😀 ]{1,16}",
+        any::<bool>(),
+        prop::collection::vec(any::<usize>(), 0..4),
+        prop::option::of(prop::collection::vec(any::<u8>(), 0..=125)),
+    )
+        .prop_map(|(text, len, seed, compressed, cuts, ping)| {
+            // Content that repeats, so it compresses, cut at a character boundary.
+            let mut content = seed.repeat(len / seed.len() + 1);
+            let mut end = len.min(content.len());
+            while !content.is_char_boundary(end) {
+                end -= 1;
+            }
+            content.truncate(end);
+            let message = if text {
+                Message::text(content)
+            } else {
+                Message::binary(content.into_bytes())
+            };
+            Planned {
+                message,
+                compressed,
+                cuts,
+                ping,
+            }
+        })
+}
+
+/// Encodes `plan` as masked client frames (compressed with a context kept
+/// across messages, as `PeerContext::Kept` expects), and returns the bytes and
+/// the messages a decoder must give back, in order.
+fn encode(plan: &[Planned]) -> (Vec<u8>, Vec<Message>) {
+    let params = DeflateParams {
+        server_no_context_takeover: false,
+        client_no_context_takeover: false,
+        server_max_window_bits: 15,
+        level: 6,
+        min_size: 0,
+    };
+    let mut deflater = Deflater::new(&params);
+    let mut out = BytesMut::new();
+    let mut expected = Vec::new();
+    for (i, planned) in plan.iter().enumerate() {
+        let (opcode, content) = match &planned.message {
+            Message::Text(text) => (OpCode::Text, text.as_bytes().to_vec()),
+            Message::Binary(data) => (OpCode::Binary, data.to_vec()),
+            _ => unreachable!("only data messages are planned"),
+        };
+        let payload = if planned.compressed {
+            deflater.compress(&content).to_vec()
+        } else {
+            content
+        };
+        let mut cuts: Vec<usize> = planned
+            .cuts
+            .iter()
+            .map(|c| c % (payload.len() + 1))
+            .collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        cuts.push(payload.len());
+        let mut start = 0;
+        let last = cuts.len() - 1;
+        for (n, end) in cuts.into_iter().enumerate() {
+            let (op, rsv1) = if n == 0 {
+                (opcode, planned.compressed)
+            } else {
+                (OpCode::Continuation, false)
+            };
+            let mask = [i as u8, n as u8, 0x5a, 0xa5];
+            encode_frame(
+                &mut out,
+                n == last,
+                rsv1,
+                op,
+                &payload[start..end],
+                Some(mask),
+            );
+            start = end;
+            if n == 0 && n != last {
+                if let Some(ping) = &planned.ping {
+                    encode_frame(&mut out, true, false, OpCode::Ping, ping, Some(mask));
+                    expected.push(Message::Ping(ping.clone().into()));
+                }
+            }
+        }
+        expected.push(planned.message.clone());
+    }
+    (out.to_vec(), expected)
+}
+
+/// Limits that every planned message fits.
+const ROOMY: Limits = Limits {
+    max_frame_size: 1 << 20,
+    max_message_size: 1 << 20,
+};
+
+/// The offsets of each frame's first byte in a stream of whole frames.
+fn frame_starts(input: &[u8]) -> Vec<usize> {
+    let mut starts = Vec::new();
+    let mut at = 0;
+    while at < input.len() {
+        starts.push(at);
+        let short = usize::from(input[at + 1] & 0x7f);
+        let (len, header) = match short {
+            126 => (
+                usize::from(u16::from_be_bytes([input[at + 2], input[at + 3]])),
+                4,
+            ),
+            127 => {
+                let bytes: [u8; 8] = input[at + 2..at + 10].try_into().unwrap();
+                (usize::try_from(u64::from_be_bytes(bytes)).unwrap(), 10)
+            }
+            n => (n, 2),
+        };
+        at += header + 4 + len;
+    }
+    starts
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// What comes out is what went in: every message, byte for byte, in order,
+    /// with the pings sent between fragments, however the stream is split.
+    #[test]
+    fn decoded_messages_are_exactly_the_encoded_ones(
+        plan in prop::collection::vec(planned(), 1..5),
+        cuts in prop::collection::vec(any::<usize>(), 0..12),
+    ) {
+        let (input, expected) = encode(&plan);
+        let (decoded, error) = decode_with(&input, &cuts, Some(PeerContext::Kept), ROOMY);
+        prop_assert_eq!(error, None);
+        prop_assert_eq!(decoded, expected);
+    }
+
+    /// A reserved bit with no meaning agreed fails the connection at that frame
+    /// (RFC 6455 §5.2): RSV2 or RSV3 anywhere, RSV1 without compression.
+    #[test]
+    fn unagreed_reserved_bits_are_refused_at_their_frame(
+        plan in prop::collection::vec(planned(), 1..4),
+        pick in any::<usize>(),
+        bit in prop::sample::select(vec![0x40u8, 0x20, 0x10]),
+    ) {
+        let plan: Vec<Planned> = plan
+            .into_iter()
+            .map(|p| Planned { compressed: false, ..p })
+            .collect();
+        let (mut input, _) = encode(&plan);
+        let starts = frame_starts(&input);
+        let at = starts[pick % starts.len()];
+        input[at] |= bit;
+        let (_, error) = decode_with(&input, &[], None, ROOMY);
+        prop_assert_eq!(error, Some(ProtocolError::ReservedBits));
+        // Nothing from that frame on was handed out: the stream before it
+        // decodes as it did.
+        let (before, _) = decode_with(&input[..at], &[], None, ROOMY);
+        let (with_bad, _) = decode_with(&input, &[], None, ROOMY);
+        prop_assert_eq!(before, with_bad);
+    }
 }
 
 proptest! {
