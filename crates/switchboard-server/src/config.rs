@@ -627,4 +627,52 @@ mod tests {
         let cli = Cli::parse_from(["x", "--slow-consumer-close-code", "1000"]);
         assert!(Config::load(&cli.args).is_err());
     }
+
+    fn load(flags: &[&str]) -> anyhow::Result<Config> {
+        Config::load(&Cli::parse_from(std::iter::once("x").chain(flags.iter().copied())).args)
+    }
+
+    #[test]
+    fn receive_limits_default_from_the_message_size_and_are_checked() {
+        let config = load(&[]).unwrap();
+        assert_eq!(config.receive_budget_bytes, 256 << 20);
+        assert_eq!(
+            config.receive_budget_per_connection_bytes,
+            (2 << 20) + (64 << 10)
+        );
+        assert_eq!(config.max_inflate_bytes_per_sec, 2 << 20);
+        assert_eq!(config.max_connections_per_ip, 1000);
+        let config = load(&["--max-message-size", "1000"]).unwrap();
+        assert_eq!(
+            config.receive_budget_per_connection_bytes,
+            2000 + (64 << 10)
+        );
+        let share_too_small = load(&["--receive-budget-per-connection-bytes", "1000"]);
+        assert!(format!("{:#}", share_too_small.unwrap_err()).contains("max_message_size"));
+        let budget_too_small = load(&["--receive-budget-bytes", "1000"]);
+        assert!(format!("{:#}", budget_too_small.unwrap_err()).contains("receive_budget_bytes"));
+    }
+
+    #[test]
+    fn the_echo_path_must_be_a_path_of_its_own() {
+        assert_eq!(
+            load(&["--echo-path", "/echo"])
+                .unwrap()
+                .echo_path
+                .as_deref(),
+            Some("/echo")
+        );
+        for taken in [
+            "/",
+            "/ws",
+            "/healthz",
+            "/api/v1/echo",
+            "echo",
+            "/e/{x}",
+            "/e?x",
+        ] {
+            let error = format!("{:#}", load(&["--echo-path", taken]).unwrap_err());
+            assert!(error.contains("echo_path"), "{taken}: {error}");
+        }
+    }
 }
