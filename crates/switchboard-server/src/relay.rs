@@ -363,7 +363,13 @@ impl Handler for Relay {
                     ErrorCode::RateLimited,
                     "slow down: over the message or byte rate".into(),
                 );
-                return self.refuse(refusal, None);
+                // Read for its id alone, so the sender can tell which message
+                // was refused (a client library settles that message's promise).
+                let id = match &message {
+                    Message::Text(text) => wire::id_of(text),
+                    _ => None,
+                };
+                return self.refuse(refusal, id);
             }
             Verdict::Disconnect => return Outcome::stop(CloseCode::POLICY, "rate limit exceeded"),
         }

@@ -79,6 +79,19 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::
     <&RawValue>::deserialize(d).map(Some)
 }
 
+/// Only the `id` of a client message.
+#[derive(Deserialize)]
+struct IdOnly<'a> {
+    #[serde(default, borrow, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+}
+
+/// The `id` of a message that is refused unread (over a rate limit), so its
+/// error can still name it; `None` when it has none or is not a JSON object.
+pub fn id_of(text: &str) -> Option<&RawValue> {
+    serde_json::from_str::<IdOnly<'_>>(text).ok()?.id
+}
+
 /// Parses a client message, mapping failures to their error code.
 pub fn parse(text: &str) -> Result<Inbound<'_>, (ErrorCode, String)> {
     serde_json::from_str(text).map_err(|e| {
