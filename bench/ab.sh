@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Run with `bench/ab.sh --old BIN --new BIN [--reps N] [--out DIR]`: the relay's
-# server CPU per delivery (relay-k1 and relay-k10, as bench/run.sh's full run
-# drives them) of two `switchboard` binaries, alternating within each
+# Run with `bench/ab.sh --old BIN --new BIN [--reps N] [--scenarios "A B"] [--out DIR]`:
+# the relay's server CPU per delivery (relay-k1 and relay-k10, as bench/run.sh's
+# full run drives them; `idle` too on request) of two `switchboard` binaries, alternating within each
 # repetition, with the same load generator (target/release/loadgen). It writes
 # DIR/results.md with `new`'s medians divided by `old`'s and their p, for a
 # change's before and after. Build the old binary from a worktree, e.g.
@@ -12,18 +12,21 @@
 #   --old BIN   the binary before the change
 #   --new BIN   the binary after it (default: target/release/switchboard)
 #   --reps N    repetitions (default 6)
+#   --scenarios "A B"  subset of: relay-k1 relay-k10 idle (default: relay-k1 relay-k10;
+#               idle holds 19,500 connections, as the full run does)
 #   --out DIR   where the report goes (default: target/bench-ab)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 
 command="bench/ab.sh $*"
-old="" new=target/release/switchboard reps=6 out=target/bench-ab
+old="" new=target/release/switchboard reps=6 out=target/bench-ab scenarios="relay-k1 relay-k10"
 while [ $# -gt 0 ]; do
   case "$1" in
     --old) old=$2; shift 2 ;;
     --new) new=$2; shift 2 ;;
     --reps) reps=$2; shift 2 ;;
+    --scenarios) scenarios=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
@@ -38,9 +41,13 @@ for rep in $(seq "$reps"); do
   for which in old new; do
     bin=$new
     [ "$which" = old ] && bin=$old
-    for scenario in relay-k1 relay-k10; do
-      args=(--clients 1000 --targets 1 --rate 10000 --size 128)
-      [ "$scenario" = relay-k10 ] && args=(--clients 1000 --targets 10 --rate 2000 --size 128)
+    for scenario in $scenarios; do
+      case "$scenario" in
+        relay-k1) args=(relay --clients 1000 --targets 1 --rate 10000 --size 128) ;;
+        relay-k10) args=(relay --clients 1000 --targets 10 --rate 2000 --size 128) ;;
+        idle) args=(idle --connections 19500 --concurrency 128) ;;
+        *) usage >&2; exit 2 ;;
+      esac
       log="$out/server.out"
       : > "$log"
       taskset -c 1 "$bin" serve "${bench_serve_flags[@]}" --compression false > "$log" 2> /dev/null &
@@ -51,8 +58,8 @@ for rep in $(seq "$reps"); do
         [ -n "$addr" ] && break
         sleep 0.1
       done
-      taskset -c 0 target/release/loadgen relay --addr "$addr" --pid "$pid" --server "$which" \
-        --label "$scenario" --rep "$rep" --out "$raw" "${args[@]}" > /dev/null
+      taskset -c 0 target/release/loadgen "${args[@]}" --addr "$addr" --pid "$pid" --server "$which" \
+        --label "$scenario" --rep "$rep" --out "$raw" > /dev/null
       kill "$pid"
       wait "$pid" 2> /dev/null || true
     done
