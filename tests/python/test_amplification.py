@@ -20,8 +20,6 @@ server's RSS and CPU come from /proc; each figure is printed (pytest -s).
   (without the cap it used both cores).
 """
 
-import base64
-import hashlib
 import json
 import os
 import socket
@@ -35,7 +33,14 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from test_floods import RssSampler, relay, relay_good_client, start_server  # noqa: F401 (fixture)
+from test_floods import (  # noqa: F401 (start_server is a fixture)
+    RssSampler,
+    handshake,
+    relay,
+    relay_good_client,
+    split_frame,
+    start_server,
+)
 
 MiB = 1 << 20
 OP_TEXT, OP_BINARY, OP_CONT, OP_CLOSE = 0x1, 0x2, 0x0, 0x8
@@ -74,26 +79,7 @@ class Raw:
 
     def __init__(self, server, path, headers=(), timeout=5):
         self.sock = socket.create_connection((server.host, server.port), timeout=timeout)
-        key = base64.b64encode(os.urandom(16)).decode()
-        request = (
-            f"GET {path} HTTP/1.1\r\nHost: {server.host}:{server.port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            + "".join(f"{h}\r\n" for h in headers)
-            + "\r\n"
-        )
-        self.sock.sendall(request.encode())
-        head = b""
-        while b"\r\n\r\n" not in head and len(head) < 65536:
-            data = self.sock.recv(4096)
-            assert data, f"connection closed during the handshake: {head!r}"
-            head += data
-        head, self.unread = head.split(b"\r\n\r\n", 1)
-        lines = head.decode().split("\r\n")
-        self.status = int(lines[0].split()[1])
-        self.headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in lines[1:])}
-        if self.status == 101:
-            accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
-            assert self.headers.get("sec-websocket-accept") == accept.decode(), lines
+        self.status, self.headers, self.unread = handshake(self.sock, server.host, server.port, path, headers)
 
     def close_code(self, timeout=5.0):
         """Reads until the server's close frame and returns its code; None if
@@ -102,17 +88,10 @@ class Raw:
         buf = bytearray(self.unread)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and len(buf) < 16 * MiB:
-            while len(buf) >= 2:
-                n, at = buf[1] & 0x7F, 2
-                if n == 126:
-                    n, at = (struct.unpack("!H", buf[2:4])[0], 4) if len(buf) >= 4 else (None, 0)
-                elif n == 127:
-                    n, at = (struct.unpack("!Q", buf[2:10])[0], 10) if len(buf) >= 10 else (None, 0)
-                if n is None or len(buf) < at + n:
-                    break
-                if buf[0] & 0x0F == OP_CLOSE:
-                    return struct.unpack("!H", buf[at : at + 2])[0] if n >= 2 else None
-                del buf[: at + n]
+            while (frame := split_frame(buf)) is not None:
+                _, _, opcode, payload = frame
+                if opcode == OP_CLOSE:
+                    return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
             try:
                 data = self.sock.recv(1 << 16)
             except OSError:

@@ -26,7 +26,7 @@ import time
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from test_floods import Flooder
+from test_floods import Flooder, split_frame
 from test_relay import (  # noqa: F401 (server and start_server are fixtures)
     RECV_TIMEOUT,
     async_test,
@@ -155,22 +155,8 @@ def read_until_close(flooder, timeout=RECV_TIMEOUT):
     messages, parts, compressed = [], [], False
     deadline = time.monotonic() + timeout
     while True:
-        while len(buf) >= 2:
-            b0, b1 = buf[0], buf[1]
-            assert not b1 & 0x80, "server frames must not be masked"
-            n, at = b1 & 0x7F, 2
-            if n == 126:
-                if len(buf) < 4:
-                    break
-                n, at = struct.unpack("!H", buf[2:4])[0], 4
-            elif n == 127:
-                if len(buf) < 10:
-                    break
-                n, at = struct.unpack("!Q", buf[2:10])[0], 10
-            if len(buf) < at + n:
-                break
-            fin, rsv1, opcode, data = bool(b0 & 0x80), bool(b0 & 0x40), b0 & 0x0F, bytes(buf[at : at + n])
-            del buf[: at + n]
+        while (frame := split_frame(buf)) is not None:
+            fin, rsv1, opcode, data = frame
             if opcode == 0x8:
                 assert len(data) >= 2, f"close frame without a code: {data!r}"
                 return messages, struct.unpack("!H", data[:2])[0]
@@ -320,27 +306,32 @@ async def expect_ack(ws, i):
     assert await recv_json(ws) == {"type": "ack", "id": i, "delivered": ["r"], "offline": []}
 
 
+async def spend_the_burst(s, count):
+    """Sends `count` 600-byte messages (ids 1 to `count`) back to back from a full
+    bucket of 2000 bytes: the first three fit (1800) and are acked; the bucket then
+    needs 0.4 s to hold 600 again, far longer than the rest take to arrive, so the
+    fourth and fifth are refused with `rate_limited`, each with its id."""
+    for i in range(1, count + 1):
+        await s.send(sized(i, 600))
+    for i in (1, 2, 3):
+        await expect_ack(s, i)
+    for i in range(4, min(count, 5) + 1):
+        error_frame(await recv_json(s), "rate_limited", id=i)
+
+
 @async_test
 async def test_byte_rate_burst_then_rate_limited_then_1008_after_the_strikes(start_server):
     """docs/protocol.md: each connection may send `rate_limit_bytes_per_sec` bytes a
     second, "with bursts of twice that"; a message over the limit "is answered with
-    `rate_limited` and not acted on; after `rate_limit_strikes` refusals in a row the
-    connection is closed with 1008".
+    `rate_limited` (with its `id`...) and not acted on. The `rate_limit_strikes`-th ...
+    refusal in a row closes the connection with 1008 instead of an error".
 
-    Six 600-byte messages sent back to back, from a full bucket of 2000 bytes: three fit
-    (1800); the bucket then needs 0.4 s to hold 600 again, far longer than the six take
-    to arrive. The fourth and fifth are refused with `rate_limited`; the sixth is the
-    third refusal in a row and closes the connection with 1008 (it gets no error frame
-    of its own). The receiver gets the three accepted payloads and nothing else."""
+    Six 600-byte messages (see `spend_the_burst`): the sixth is the third refusal in a
+    row and closes the connection with 1008 (it gets no error frame of its own). The
+    receiver gets the three accepted payloads and nothing else."""
     server = start_server(*BYTE_LIMITS)
     async with client(server, "r", compression=None) as r, client(server, "s", envelope=True, compression=None) as s:
-        for i in range(1, 7):
-            await s.send(sized(i, 600))
-        for i in (1, 2, 3):
-            await expect_ack(s, i)
-        for _ in (4, 5):
-            got = await recv_json(s)
-            assert got["type"] == "error" and got["code"] == "rate_limited", got
+        await spend_the_burst(s, 6)
         rcvd = await expect_close_now(s)
         assert rcvd.code == 1008, rcvd
         assert [json.loads(await recv(r))["n"] for _ in range(3)] == [1, 2, 3]
@@ -376,13 +367,7 @@ async def test_an_accepted_message_resets_the_strike_count(start_server):
     connection; with it, two get `rate_limited` and the third closes with 1008."""
     server = start_server(*BYTE_LIMITS)
     async with client(server, "r", compression=None) as r, client(server, "s", envelope=True, compression=None) as s:
-        for i in range(1, 6):
-            await s.send(sized(i, 600))
-        for i in (1, 2, 3):
-            await expect_ack(s, i)
-        for _ in (4, 5):
-            got = await recv_json(s)
-            assert got["type"] == "error" and got["code"] == "rate_limited", got
+        await spend_the_burst(s, 5)
         await asyncio.sleep(1.0)
         await s.send(sized(6, 600))
         await expect_ack(s, 6)

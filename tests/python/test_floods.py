@@ -170,29 +170,60 @@ def frames_chunk(opcode, payload, size=CHUNK_BYTES):
     return b"".join(mask_frame(opcode, payload) for _ in range(size // frame_len))
 
 
+def handshake(sock, host, port, path, extra_headers=()):
+    """Sends a WebSocket upgrade request on `sock` and reads the response head
+    (bounded by the socket's timeout). Returns (status, headers with lower-case
+    names, the bytes read past the head); on 101 the accept key is checked."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        + "".join(f"{h}\r\n" for h in extra_headers)
+        + "\r\n"
+    )
+    sock.sendall(request.encode())
+    head = b""
+    while b"\r\n\r\n" not in head and len(head) < 65536:
+        data = sock.recv(4096)
+        assert data, f"connection closed during the handshake: {head!r}"
+        head += data
+    head, unread = head.split(b"\r\n\r\n", 1)
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in lines[1:])}
+    if status == 101:
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        assert headers.get("sec-websocket-accept") == accept.decode(), lines
+    return status, headers, unread
+
+
+def split_frame(buf):
+    """Takes the first whole server frame off `buf` (a bytearray) and returns
+    (fin, rsv1, opcode, payload); None while the frame is not whole yet."""
+    if len(buf) < 2:
+        return None
+    assert not buf[1] & 0x80, "server frames must not be masked"
+    n, at = buf[1] & 0x7F, 2
+    if n == 126:
+        if len(buf) < 4:
+            return None
+        n, at = struct.unpack("!H", buf[2:4])[0], 4
+    elif n == 127:
+        if len(buf) < 10:
+            return None
+        n, at = struct.unpack("!Q", buf[2:10])[0], 10
+    if len(buf) < at + n:
+        return None
+    b0, payload = buf[0], bytes(buf[at : at + n])
+    del buf[: at + n]
+    return bool(b0 & 0x80), bool(b0 & 0x40), b0 & 0x0F, payload
+
+
 class Flooder:
     def __init__(self, host, port, path, extra_headers=()):
         self.sock = socket.create_connection((host, port), timeout=5)
-        key = base64.b64encode(os.urandom(16)).decode()
-        request = (
-            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            + "".join(f"{h}\r\n" for h in extra_headers)
-            + "\r\n"
-        )
-        self.sock.sendall(request.encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            data = self.sock.recv(4096)
-            assert data, f"connection closed during the handshake: {head!r}"
-            head += data
-        head, self.unread = head.split(b"\r\n\r\n", 1)
-        lines = head.decode().split("\r\n")
-        assert lines[0].split()[1] == "101", lines
-        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
-        headers = dict((k.strip().lower(), v.strip()) for k, v in (h.split(":", 1) for h in lines[1:]))
-        assert headers.get("sec-websocket-accept") == accept.decode(), lines
-        self.headers = headers
+        status, self.headers, self.unread = handshake(self.sock, host, port, path, extra_headers)
+        assert status == 101, (status, self.headers)
 
     def flood(self, chunk, total=FLOOD_BYTES, seconds=FLOOD_SECS):
         """Sends `chunk` over and over without ever reading, until `total` bytes
@@ -238,22 +269,11 @@ class Flooder:
         read = 0
         deadline = time.monotonic() + timeout
         while read < max_bytes and time.monotonic() < deadline:
-            while len(buf) >= 2:
-                n, at = buf[1] & 0x7F, 2
-                if n == 126:
-                    if len(buf) < 4:
-                        break
-                    n, at = struct.unpack("!H", buf[2:4])[0], 4
-                elif n == 127:
-                    if len(buf) < 10:
-                        break
-                    n, at = struct.unpack("!Q", buf[2:10])[0], 10
-                if len(buf) < at + n:
-                    break
-                if buf[0] & 0x0F == OP_CLOSE:
-                    assert n >= 2, f"close frame without a code: {bytes(buf[at:at+n])!r}"
-                    return struct.unpack("!H", buf[at : at + 2])[0]
-                del buf[: at + n]
+            while (frame := split_frame(buf)) is not None:
+                _, _, opcode, payload = frame
+                if opcode == OP_CLOSE:
+                    assert len(payload) >= 2, f"close frame without a code: {payload!r}"
+                    return struct.unpack("!H", payload[:2])[0]
             try:
                 data = self.sock.recv(1 << 16)
             except (socket.timeout, OSError):

@@ -14,7 +14,6 @@ import subprocess
 import threading
 import time
 
-from test_relay import Server  # noqa: F401 (the fixtures below use it)
 from test_relay import start_server  # noqa: F401 (a fixture)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

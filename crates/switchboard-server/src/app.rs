@@ -56,12 +56,9 @@ async fn relay(
         );
         return (StatusCode::TOO_MANY_REQUESTS, message).into_response();
     }
-    // Under `switchboard::serve` every request knows its peer; a router
-    // served some other way has no address to limit by.
-    let slot = match peer.map(|Extension(ConnectInfo(addr))| hub.peers.admit(addr.ip())) {
-        Some(Ok(slot)) => slot,
-        Some(Err(full)) => return full.into_response(),
-        None => None,
+    let slot = match hub.peers.admit_request(peer) {
+        Ok(slot) => slot,
+        Err(full) => return full.into_response(),
     };
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,

@@ -10,12 +10,11 @@ use std::sync::Arc;
 
 use axum::Extension;
 use axum::extract::{ConnectInfo, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use switchboard::{Context, Handler, Message, Outcome, UpgradeError, WebSocketUpgrade};
 
 use crate::hub::Hub;
-use crate::peers::{PeerFull, PeerSlot};
+use crate::peers::PeerSlot;
 
 /// One echo connection; it holds its place among its address's connections.
 struct Echo {
@@ -37,10 +36,9 @@ pub async fn echo(
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     upgrade: Result<WebSocketUpgrade, UpgradeError>,
 ) -> Response {
-    let slot = match peer.map(|Extension(ConnectInfo(addr))| hub.peers.admit(addr.ip())) {
-        Some(Ok(slot)) => slot,
-        Some(Err(PeerFull)) => return PeerFull.into_response(),
-        None => None,
+    let slot = match hub.peers.admit_request(peer) {
+        Ok(slot) => slot,
+        Err(full) => return full.into_response(),
     };
     match upgrade {
         Ok(upgrade) => upgrade
@@ -48,15 +46,5 @@ pub async fn echo(
             .shutdown(&hub.shutdown)
             .on_upgrade(Echo { _peer: slot }),
         Err(e) => e.into_response(),
-    }
-}
-
-impl IntoResponse for PeerFull {
-    fn into_response(self) -> Response {
-        (
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many connections from this address\n",
-        )
-            .into_response()
     }
 }

@@ -2,8 +2,13 @@
 //! connection the server can hold (and the memory each may use).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
+
+use axum::Extension;
+use axum::extract::ConnectInfo;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 
 /// How many WebSocket connections each address holds, against a limit.
 #[derive(Debug)]
@@ -14,7 +19,10 @@ pub struct PeerLimit {
 
 /// The address already holds as many connections as it may.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerFull;
+pub struct PeerFull {
+    /// The most connections an address may hold.
+    pub max: usize,
+}
 
 /// One connection's place in its address's count, given back when dropped.
 #[derive(Debug)]
@@ -43,7 +51,7 @@ impl PeerLimit {
         let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
         let count = counts.entry(ip).or_insert(0);
         if *count >= self.max {
-            return Err(PeerFull);
+            return Err(PeerFull { max: self.max });
         }
         *count += 1;
         Ok(Some(PeerSlot {
@@ -52,10 +60,33 @@ impl PeerLimit {
         }))
     }
 
+    /// A place for a connection from a request's peer. Under
+    /// `switchboard::serve` every request knows its peer; a router served some
+    /// other way has no address to limit by, and gets `Ok(None)`.
+    pub fn admit_request(
+        self: &Arc<Self>,
+        peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    ) -> Result<Option<PeerSlot>, PeerFull> {
+        match peer {
+            Some(Extension(ConnectInfo(addr))) => self.admit(addr.ip()),
+            None => Ok(None),
+        }
+    }
+
     /// Connections `ip` holds now.
     pub fn count(&self, ip: IpAddr) -> usize {
         let counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
         counts.get(&ip.to_canonical()).copied().unwrap_or(0)
+    }
+}
+
+impl IntoResponse for PeerFull {
+    fn into_response(self) -> Response {
+        let message = format!(
+            "too many connections from this address: at most {}\n",
+            self.max
+        );
+        (StatusCode::TOO_MANY_REQUESTS, message).into_response()
     }
 }
 
