@@ -508,10 +508,15 @@ impl Inflater {
             out.resize(start + room, 0);
             let before_in = self.decompress.total_in();
             let before_out = self.decompress.total_out();
-            let status = self
-                .decompress
-                .decompress(input, &mut out[start..], InflateFlush::SyncFlush)
-                .map_err(|_| ProtocolError::BadDeflate)?;
+            let Ok(status) =
+                self.decompress
+                    .decompress(input, &mut out[start..], InflateFlush::SyncFlush)
+            else {
+                // The zeroed room must not stay behind as if it had been inflated
+                // (found by fuzz/deflate: the output could end one byte over the cap).
+                out.truncate(start);
+                return Err(ProtocolError::BadDeflate);
+            };
             let produced = (self.decompress.total_out() - before_out) as usize;
             let consumed = (self.decompress.total_in() - before_in) as usize;
             input = &input[consumed..];
@@ -538,6 +543,19 @@ impl Inflater {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_that_does_not_inflate_leaves_no_room_behind() {
+        let mut out = BytesMut::from(&b"before"[..]);
+        let mut inflater = Inflater::new();
+        let error = inflater.inflate(&[0xff; 16], &mut out, 100);
+        assert_eq!(error, Err(ProtocolError::BadDeflate));
+        assert_eq!(
+            &out[..],
+            b"before",
+            "nothing was inflated, nothing is added"
+        );
+    }
 
     #[test]
     fn a_client_reads_what_the_server_agreed() {
