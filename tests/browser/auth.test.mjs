@@ -263,13 +263,17 @@ test("jwt: two tabs exchange messages; 'from' is the token's sub, not the forged
   assertOpened(await connect(tabA, "alice", `${jwt.ws}?id=bob`, withToken(tokenFor("alice"))), "alice");
   assertOpened(await connect(tabB, "bob", `${jwt.ws}?id=alice`, withToken(tokenFor("bob"))), "bob");
 
+  const epoch = (tab, name) => tab.evaluate((name) => window.sb.welcome(name).epoch, name);
   await send(tabA, "alice", { targets: ["bob"], payload: { text: "hi bob" }, id: "a1" });
-  assert.equal(await next(tabB, "bob"), '{"type":"message","from":"alice","payload":{"text":"hi bob"}}');
-  assert.deepEqual(await nextJson(tabA, "alice"), { type: "ack", id: "a1", delivered: ["bob"], offline: [] });
+  const toBob = `{"type":"message","from":"alice","offset":1,"epoch":"${await epoch(tabB, "bob")}","payload":{"text":"hi bob"}}`;
+  assert.equal(await next(tabB, "bob"), toBob);
+  assert.deepEqual(await nextJson(tabA, "alice"), { type: "ack", id: "a1", delivered: ["bob"], offline: [], offsets: { bob: 1 } });
 
   await send(tabB, "bob", { targets: ["alice", "mallory"], payload: [1, "two"], id: 7 });
-  assert.equal(await next(tabA, "alice"), '{"type":"message","from":"bob","payload":[1,"two"]}');
-  assert.deepEqual(await nextJson(tabB, "bob"), { type: "ack", id: 7, delivered: ["alice"], offline: ["mallory"] });
+  const toAlice = `{"type":"message","from":"bob","offset":1,"epoch":"${await epoch(tabA, "alice")}","payload":[1,"two"]}`;
+  assert.equal(await next(tabA, "alice"), toAlice);
+  const offsets = { alice: 1, mallory: 1 };
+  assert.deepEqual(await nextJson(tabB, "bob"), { type: "ack", id: 7, delivered: ["alice"], offline: ["mallory"], offsets });
 
   assert.deepEqual(await pending(tabA, "alice"), []);
   assert.deepEqual(await pending(tabB, "bob"), []);
@@ -404,7 +408,10 @@ test("origin: the relay's own demo page (same origin) connects", async (context)
   assertOpened(await connect(page, "home", `${origin.ws}?id=home`, ["switchboard.v1"]), "same-origin page");
   await send(page, "home", { targets: ["home"], payload: "echo", id: 1 });
   const frames = [await next(page, "home"), await next(page, "home")].sort();
-  assert.deepEqual(frames, ['{"type":"ack","id":1,"delivered":["home"],"offline":[]}', '{"type":"message","from":"home","payload":"echo"}'].sort());
+  const epoch = await page.evaluate(() => window.sb.welcome("home").epoch);
+  const ack = '{"type":"ack","id":1,"delivered":["home"],"offline":[],"offsets":{"home":1}}';
+  const echo = `{"type":"message","from":"home","offset":1,"epoch":"${epoch}","payload":"echo"}`;
+  assert.deepEqual(frames, [ack, echo].sort());
   await page.close();
   await waitForHealth(origin.port, (h) => h.connections === 0);
 });

@@ -6,7 +6,9 @@
 // on close, or after `ms`; it never rejects, so a refused handshake can be
 // inspected (opened, errored, close code). window.sb.open(name, id, protocol)
 // connects to this page's relay as client `id` and rejects unless it opens.
-// Every message is recorded: window.sb.next(name) waits for the next one.
+// Every message is recorded: window.sb.next(name) waits for the next one. The
+// first frame of a switchboard.v1 connection, its welcome, is kept apart:
+// window.sb.welcome(name) returns it.
 export function installHelpers() {
   const conns = {};
   const snapshot = (c) => ({
@@ -21,7 +23,7 @@ export function installHelpers() {
     connect(name, url, protocols, ms = 5000) {
       return new Promise((settle) => {
         const ws = protocols === undefined ? new WebSocket(url) : new WebSocket(url, protocols);
-        const c = { ws, queue: [], waiters: [], opened: false, errored: false, closed: null };
+        const c = { ws, queue: [], waiters: [], opened: false, errored: false, closed: null, welcome: null, first: true };
         conns[name] = c;
         const timer = setTimeout(() => settle(snapshot(c)), ms);
         ws.onopen = () => {
@@ -38,6 +40,14 @@ export function installHelpers() {
           settle(snapshot(c));
         };
         ws.onmessage = (e) => {
+          const first = c.first;
+          c.first = false;
+          if (first && ws.protocol === "switchboard.v1") {
+            const welcome = JSON.parse(e.data);
+            if (welcome.type !== "welcome") throw new Error(`the first frame was not a welcome: ${e.data}`);
+            c.welcome = welcome;
+            return;
+          }
           const w = c.waiters.shift();
           if (w) w(e.data);
           else c.queue.push(e.data);
@@ -52,6 +62,9 @@ export function installHelpers() {
     },
     state(name) {
       return snapshot(conns[name]);
+    },
+    welcome(name) {
+      return conns[name].welcome;
     },
     // Text and binary data go as they are; anything else as its JSON text.
     send(name, message) {

@@ -104,6 +104,11 @@ let browser;
 let context;
 let page;
 
+// A direct delivery to a switchboard.v1 client, at `offset` of its inbox.
+const delivery = (from, payload, offset, epoch) =>
+  `{"type":"message","from":"${from}","offset":${offset},"epoch":"${epoch}","payload":${payload}}`;
+const epochOf = async (name) => (await page.evaluate((name) => window.sb.welcome(name), name)).epoch;
+
 const big = (tag) =>
   JSON.stringify({
     tag,
@@ -133,6 +138,12 @@ test("alice (raw) and bob (switchboard.v1) connect with permessage-deflate", asy
   }
   await page.evaluate(() => Promise.all([window.sb.ready("alice"), window.sb.ready("bob")]));
   assert.deepEqual(await health(), { status: "ok", connections: 2, clients: 2 });
+  // bob's first frame was its welcome: a new inbox, at offset 0.
+  const welcome = await page.evaluate(() => window.sb.welcome("bob"));
+  assert.equal(welcome.client, "bob");
+  assert.equal(welcome.offset, 0);
+  assert.match(welcome.epoch, /^[a-z0-9]{8}$/);
+  assert.equal(await page.evaluate(() => window.sb.welcome("alice")), null, "raw clients get no welcome");
 });
 
 test("alice -> bob arrives as an envelope, payload byte-for-byte", async () => {
@@ -144,7 +155,7 @@ test("alice -> bob arrives as an envelope, payload byte-for-byte", async () => {
     },
     payload,
   );
-  assert.equal(got, `{"type":"message","from":"alice","payload":${payload}}`);
+  assert.equal(got, delivery("alice", payload, 1, await epochOf("bob")));
 });
 
 test("bob -> alice with an id: alice gets the raw payload, bob an ack", async () => {
@@ -153,7 +164,8 @@ test("bob -> alice with an id: alice gets the raw payload, bob an ack", async ()
     return Promise.all([window.sb.next("alice"), window.sb.next("bob")]);
   });
   assert.equal(delivery, '{"text":"hi alice"}');
-  assert.deepEqual(JSON.parse(ack), { type: "ack", id: "m1", delivered: ["alice"], offline: ["nobody"] });
+  const offsets = { alice: 1, nobody: 1 };
+  assert.deepEqual(JSON.parse(ack), { type: "ack", id: "m1", delivered: ["alice"], offline: ["nobody"], offsets });
 });
 
 test("~100KB compressible payloads both ways", async () => {
@@ -169,9 +181,9 @@ test("~100KB compressible payloads both ways", async () => {
     },
     [a, b],
   );
-  assert.equal(atBob, `{"type":"message","from":"alice","payload":${a}}`);
+  assert.equal(atBob, delivery("alice", a, 2, await epochOf("bob")));
   assert.equal(atAlice, b);
-  assert.deepEqual(JSON.parse(ack), { type: "ack", id: 2, delivered: ["alice"], offline: [] });
+  assert.deepEqual(JSON.parse(ack), { type: "ack", id: 2, delivered: ["alice"], offline: [], offsets: { alice: 2 } });
 });
 
 test("the same message three times: each inflates without the ones before", async () => {
@@ -186,9 +198,8 @@ test("the same message three times: each inflates without the ones before", asyn
     }
     return out;
   }, payload);
-  for (const message of got) {
-    assert.equal(message, `{"type":"message","from":"alice","payload":${payload}}`);
-  }
+  const epoch = await epochOf("bob");
+  got.forEach((message, i) => assert.equal(message, delivery("alice", payload, 3 + i, epoch)));
 });
 
 test("error frames in both modes; connections keep working", async () => {
@@ -241,7 +252,7 @@ test("demo UI: two tabs exchange messages through #connect/#send/#log", async ()
   await waitForHealth((h) => h.clients === 4 && h.connections === 4);
   // alice's message reaches both UIs.
   await page.evaluate(() => window.sb.send("alice", JSON.stringify({ targets: ["carol", "dave"], payload: { hello: "ui" } })));
-  await ui1.waitForFunction(() => document.querySelector("#log").textContent.includes('<- {"type":"message","from":"alice","payload":{"hello":"ui"}}'), null, { timeout: WAIT_MS });
+  await ui1.waitForFunction(() => /<- \{"type":"message","from":"alice","offset":1,"epoch":"[a-z0-9]+","payload":\{"hello":"ui"\}\}/.test(document.querySelector("#log").textContent), null, { timeout: WAIT_MS });
   await ui2.waitForFunction(() => document.querySelector("#log").textContent.includes('<- {"hello":"ui"}'), null, { timeout: WAIT_MS });
 
   // carol -> dave and bob, through the UI.
@@ -251,16 +262,16 @@ test("demo UI: two tabs exchange messages through #connect/#send/#log", async ()
   await ui1.waitForFunction(() => document.querySelector("#log").textContent.includes('"type":"ack"'), null, { timeout: WAIT_MS });
   const log1 = await ui1.textContent("#log");
   assert.match(log1, /-> \{"targets":\["dave","bob","zed"\],"payload":\{"text":"hello from the UI"\},"id":1\}/);
-  assert.match(log1, /<- \{"type":"ack","id":1,"delivered":\["dave","bob"\],"offline":\["zed"\]\}/);
+  assert.match(log1, /<- \{"type":"ack","id":1,"delivered":\["dave","bob"\],"offline":\["zed"\],"offsets":\{"dave":2,"bob":6,"zed":1\}\}/);
   await ui2.waitForFunction(() => document.querySelector("#log").textContent.includes('<- {"text":"hello from the UI"}'), null, { timeout: WAIT_MS });
   const atBob = await page.evaluate(() => window.sb.next("bob"));
-  assert.equal(atBob, '{"type":"message","from":"carol","payload":{"text":"hello from the UI"}}');
+  assert.equal(atBob, delivery("carol", '{"text":"hello from the UI"}', 6, await epochOf("bob")));
 
   // dave -> carol, through the other tab's UI.
   await ui2.fill("#targets", "carol");
   await ui2.fill("#payload", '[1, "two", {"three": 3}]');
   await ui2.click("#send");
-  await ui1.waitForFunction(() => document.querySelector("#log").textContent.includes('<- {"type":"message","from":"dave","payload":[1,"two",{"three":3}]}'), null, { timeout: WAIT_MS });
+  await ui1.waitForFunction(() => /<- \{"type":"message","from":"dave","offset":2,"epoch":"[a-z0-9]+","payload":\[1,"two",\{"three":3\}\]\}/.test(document.querySelector("#log").textContent), null, { timeout: WAIT_MS });
   // A raw client gets no ack, so dave's log has only what it sent and received.
   assert.doesNotMatch(await ui2.textContent("#log"), /"type":"ack"/);
 

@@ -249,13 +249,14 @@ async def test_a_compressed_receiver_that_never_reads_is_closed_as_a_slow_consum
                     break
                 await snd.send(json.dumps({"targets": ["rcv"], "payload": {"i": i, "pad": pad}, "id": i}))
                 ack = await recv_json(snd)
-                if ack != {"type": "ack", "id": i, "delivered": ["rcv"], "offline": []}:
+                if ack != {"type": "ack", "id": i, "delivered": ["rcv"], "offline": [], "offsets": {"rcv": i + 1}}:
                     closing_ack = ack
                     break
                 delivered += 1
             # The delivery that would go over the limit is refused: the target has no
-            # connection that took it.
-            assert closing_ack == {"type": "ack", "id": delivered, "delivered": [], "offline": ["rcv"]}, (
+            # connection that took it (its inbox keeps it, for when it comes back).
+            refused = {"type": "ack", "id": delivered, "delivered": [], "offline": ["rcv"], "offsets": {"rcv": delivered + 1}}
+            assert closing_ack == refused, (
                 f"after {delivered} deliveries in {time.monotonic() - started:.1f} s: {closing_ack!r}"
             )
             print(f"\n[slow consumer, {offer!r}] {delivered} deliveries of ~8 KB before the close,"
@@ -267,7 +268,8 @@ async def test_a_compressed_receiver_that_never_reads_is_closed_as_a_slow_consum
             assert (delivered + 1) * size > 65536, (delivered, size)
             # The closing connection takes nothing more.
             await snd.send(json.dumps({"targets": ["rcv"], "payload": "late", "id": "late"}))
-            assert await recv_json(snd) == {"type": "ack", "id": "late", "delivered": [], "offline": ["rcv"]}
+            late = {"type": "ack", "id": "late", "delivered": [], "offline": ["rcv"], "offsets": {"rcv": delivered + 2}}
+            assert await recv_json(snd) == late
 
             # Only now does the receiver read: every delivery the acks reported, in order,
             # then the close frame (well within the 5 s close timeout).
@@ -279,9 +281,10 @@ async def test_a_compressed_receiver_that_never_reads_is_closed_as_a_slow_consum
             # The sender was not disconnected: it still sends and gets its acks.
             await snd.send(msg(["snd"], "still here", id="alive"))
             replies = [await recv_json(snd), await recv_json(snd)]
+            epoch = snd.welcome["epoch"]
             assert sorted(replies, key=lambda r: r["type"]) == [
-                {"type": "ack", "id": "alive", "delivered": ["snd"], "offline": []},
-                {"type": "message", "from": "snd", "payload": "still here"},
+                {"type": "ack", "id": "alive", "delivered": ["snd"], "offline": [], "offsets": {"snd": 1}},
+                {"type": "message", "from": "snd", "offset": 1, "epoch": epoch, "payload": "still here"},
             ]
     finally:
         receiver.close()
@@ -302,8 +305,10 @@ BYTE_LIMITS = (
 )  # fmt: skip
 
 
-async def expect_ack(ws, i):
-    assert await recv_json(ws) == {"type": "ack", "id": i, "delivered": ["r"], "offline": []}
+async def expect_ack(ws, i, offset=None):
+    """The ack of message `i` to "r", whose inbox gave it `offset` (default `i`)."""
+    offsets = {"r": i if offset is None else offset}
+    assert await recv_json(ws) == {"type": "ack", "id": i, "delivered": ["r"], "offline": [], "offsets": offsets}
 
 
 async def spend_the_burst(s, count):
@@ -370,7 +375,7 @@ async def test_an_accepted_message_resets_the_strike_count(start_server):
         await spend_the_burst(s, 5)
         await asyncio.sleep(1.0)
         await s.send(sized(6, 600))
-        await expect_ack(s, 6)
+        await expect_ack(s, 6, offset=4)
         for i in (7, 8, 9):
             await s.send(sized(i, 1500))
         for _ in (7, 8):
@@ -395,7 +400,8 @@ async def test_api_batch_of_more_than_100_operations_is_too_many_operations(serv
     op = {"op": "send", "targets": ["r"], "payload": 1}
     async with client(server, "r") as r:
         status, _, body = await api_async(server, "POST", "/api/v1/batch", {"operations": [op] * 100})
-        assert (status, body) == (200, {"results": [{"delivered": ["r"], "offline": []}] * 100})
+        results = [{"delivered": ["r"], "offline": [], "offsets": {"r": n}} for n in range(1, 101)]
+        assert (status, body) == (200, {"results": results})
         assert [await recv(r) for _ in range(100)] == ["1"] * 100
         assert_api_error(await api_async(server, "POST", "/api/v1/batch", {"operations": [op] * 101}),
                          400, "too_many_operations")
@@ -410,7 +416,7 @@ async def test_api_send_over_max_targets_is_too_many_targets(start_server):
     async with client(server, "r") as r:
         status, _, body = await api_async(server, "POST", "/api/v1/send",
                                           {"targets": ["r", "x", "y"], "payload": "three"})
-        assert (status, body) == (200, {"delivered": ["r"], "offline": ["x", "y"]})
+        assert (status, body) == (200, {"delivered": ["r"], "offline": ["x", "y"], "offsets": {"r": 1, "x": 1, "y": 1}})
         assert await recv(r) == '"three"'
         assert_api_error(
             await api_async(server, "POST", "/api/v1/send", {"targets": ["r", "x", "y", "z"], "payload": "four"}),

@@ -144,7 +144,7 @@ def async_test(fn):
 
 
 @contextlib.asynccontextmanager
-async def client(server, client_id, envelope=False, **kwargs):
+async def client(server, client_id, envelope=False, uri=None, **kwargs):
     """A connected client, registered with the relay.
 
     The server registers a connection's id only once its connection task runs,
@@ -160,9 +160,26 @@ async def client(server, client_id, envelope=False, **kwargs):
     kwargs.setdefault("max_size", 4 * 1024 * 1024)
     if envelope:
         kwargs["subprotocols"] = ["switchboard.v1"]
-    async with connect(server.ws_url(client_id), **kwargs) as ws:
-        await asyncio.wait_for(await ws.ping(), RECV_TIMEOUT)
+    async with connect(uri or server.ws_url(client_id), **kwargs) as ws:
+        if ws.subprotocol == "switchboard.v1":
+            # The first frame of a switchboard.v1 connection: its inbox's
+            # position. The server sends it once the id is registered, so it
+            # proves what the ping proves for raw connections (and a ping's
+            # pong could wait behind more replayed messages than the client
+            # buffers before it stops reading).
+            ws.welcome = json.loads(await recv(ws))
+            assert ws.welcome["type"] == "welcome" and isinstance(ws.welcome["client"], str), ws.welcome
+        else:
+            await asyncio.wait_for(await ws.ping(), RECV_TIMEOUT)
         yield ws
+
+
+def delivery_text(ws, offset, payload_text, sender=None):
+    """The exact text of a direct delivery to `ws` (a switchboard.v1 client) at
+    `offset` of its inbox, whose epoch its welcome gave."""
+    sender = f'"from":"{sender}",' if sender is not None else ""
+    epoch = ws.welcome["epoch"]
+    return f'{{"type":"message",{sender}"offset":{offset},"epoch":"{epoch}","payload":{payload_text}}}'
 
 
 async def recv(ws, timeout=RECV_TIMEOUT):
@@ -541,7 +558,7 @@ async def test_payload_is_passed_byte_for_byte(server, payload_text):
         # Surrounding whitespace is not part of the JSON value; everything inside is.
         expected = payload_text.strip(" \n")
         assert await recv(r) == expected
-        assert await recv(e) == '{"type":"message","from":"s","payload":' + expected + "}"
+        assert await recv(e) == delivery_text(e, 1, expected, sender="s")
 
 
 PASS_THROUGH = ["1e999999", '"\\ud800"', "[" * 100_000 + "]" * 100_000, '{"x":1,"x":2}']
@@ -558,7 +575,7 @@ async def test_api_passes_payloads_on_byte_for_byte_too(server, payload_text):
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=5) as response:
-            assert json.load(response) == {"delivered": ["r"], "offline": []}
+            assert json.load(response) == {"delivered": ["r"], "offline": [], "offsets": {"r": 1}}
         assert await recv(r) == payload_text
 
 
@@ -668,17 +685,19 @@ async def test_envelope_message_ack_delivered_and_offline(server):
         server, "carol"
     ) as c:
         await a.send('{"targets":["bob","carol","dave"],"payload":{"hi":1},"id":42}')
-        assert await recv(b) == '{"type":"message","from":"alice","payload":{"hi":1}}'
+        assert await recv(b) == delivery_text(b, 1, '{"hi":1}', sender="alice")
         assert await recv(c) == '{"hi":1}'
+        # Every target's inbox took it: dave's waits for him.
         assert await recv_json(a) == {
             "type": "ack",
             "id": 42,
             "delivered": ["bob", "carol"],
             "offline": ["dave"],
+            "offsets": {"bob": 1, "carol": 1, "dave": 1},
         }
         # Raw sender to envelope receiver: the envelope names the sender.
         await c.send(msg(["alice"], "from carol"))
-        assert await recv_json(a) == {"type": "message", "from": "carol", "payload": "from carol"}
+        assert await recv(a) == delivery_text(a, 1, '"from carol"', sender="carol")
 
 
 @async_test
@@ -687,10 +706,10 @@ async def test_envelope_ack_keeps_any_json_id_and_dedups(server):
         await a.send('{"id":{"k":[1, "two"]},"targets":["b",2,"b","2"],"payload":0}')
         assert await recv(b) == "0"
         ack = await recv(a)
-        assert ack == '{"type":"ack","id":{"k":[1, "two"]},"delivered":["b"],"offline":["2"]}'
+        assert ack == '{"type":"ack","id":{"k":[1, "two"]},"delivered":["b"],"offline":["2"],"offsets":{"b":1,"2":1}}'
         for ident in ('"str"', "null", "1.5", "[]"):
             await a.send('{"id":' + ident + ',"targets":[],"payload":0}')
-            assert await recv(a) == '{"type":"ack","id":' + ident + ',"delivered":[],"offline":[]}'
+            assert await recv(a) == '{"type":"ack","id":' + ident + ',"delivered":[],"offline":[],"offsets":{}}'
 
 
 @async_test
@@ -700,7 +719,7 @@ async def test_envelope_without_id_gets_no_ack_and_raw_gets_no_ack(server):
         assert await recv(r) == "1"
         await nothing_before_marker(server, a, "a")
         await r.send(msg(["a"], 2, id=7))
-        assert await recv_json(a) == {"type": "message", "from": "r", "payload": 2}
+        assert await recv(a) == delivery_text(a, 2, "2", sender="r")  # the marker took offset 1
         await nothing_before_marker(server, r, "r")
 
 
@@ -708,9 +727,10 @@ async def test_envelope_without_id_gets_no_ack_and_raw_gets_no_ack(server):
 async def test_envelope_self_delivery_and_ack(server):
     async with client(server, "a", envelope=True) as a:
         await a.send(msg(["a"], "me", id=1))
-        first, second = await recv_json(a), await recv_json(a)
-        assert {"type": "message", "from": "a", "payload": "me"} in (first, second)
-        assert {"type": "ack", "id": 1, "delivered": ["a"], "offline": []} in (first, second)
+        first, second = await recv(a), await recv(a)
+        assert delivery_text(a, 1, '"me"', sender="a") in (first, second)
+        ack = {"type": "ack", "id": 1, "delivered": ["a"], "offline": [], "offsets": {"a": 1}}
+        assert ack in (json.loads(first), json.loads(second))
 
 
 @pytest.mark.parametrize(
@@ -806,7 +826,7 @@ async def test_bad_input_gets_error_code_and_connection_survives(server, text, c
         # The connection still works, and the targets got nothing before the marker.
         await s.send(msg(["r"], {"marker": 1}))
         assert await recv(r) == '{"marker": 1}'
-        assert await recv_json(r2) == {"type": "message", "from": "s", "payload": {"marker": 1}}
+        assert await recv(r2) == delivery_text(r2, 1, '{"marker": 1}', sender="s")
         await nothing_before_marker(server, s, "s")
 
 
@@ -850,12 +870,13 @@ async def test_permessage_deflate_negotiated_and_large_payload_roundtrips(server
             assert [type(e).__name__ for e in ws.protocol.extensions] == ["PerMessageDeflate"]
         await a.send('{"targets":["b","a"],"payload":' + payload_text + "}")
         assert await recv(a) == payload_text
-        assert await recv(b) == '{"type":"message","from":"a","payload":' + payload_text + "}"
+        assert await recv(b) == delivery_text(b, 1, payload_text, sender="a")
         # Several in a row, both ways (context takeover on the client side).
         for i in range(3):
             await b.send(msg(["a"], {"i": i, "big": big}, id=i))
             assert json.loads(await recv(a)) == {"i": i, "big": big}
-            assert await recv_json(b) == {"type": "ack", "id": i, "delivered": ["a"], "offline": []}
+            ack = {"type": "ack", "id": i, "delivered": ["a"], "offline": [], "offsets": {"a": i + 2}}
+            assert await recv_json(b) == ack
 
 
 @async_test

@@ -87,9 +87,12 @@ def test_wscat_offers_subprotocols_and_sends_headers(start_server):
         "Origin: https://app.example",
     )
     wscat.send(json.dumps({"type": "send", "id": 7, "targets": ["me", "nobody"], "payload": 1}))
-    lines = [json.loads(wscat.line()) for _ in range(2)]
-    # The envelope protocol (switchboard.v1) was agreed: a delivery and an ack.
-    assert {"type": "ack", "id": 7, "delivered": ["me"], "offline": ["nobody"]} in lines
+    lines = [json.loads(wscat.line()) for _ in range(3)]
+    # The envelope protocol (switchboard.v1) was agreed: the welcome, then a
+    # delivery and an ack.
+    assert lines[0]["type"] == "welcome" and lines[0]["client"] == "me", lines
+    ack = {"type": "ack", "id": 7, "delivered": ["me"], "offline": ["nobody"], "offsets": {"me": 1, "nobody": 1}}
+    assert ack in lines
     assert any(m.get("type") == "message" and m.get("payload") == 1 for m in lines), lines
     assert wscat.finish() == 0
 

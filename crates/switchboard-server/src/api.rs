@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use switchboard::{ClientId, CloseReason};
 
+use crate::engine::Direct;
 use crate::errors::ErrorCode;
 use crate::hub::Hub;
 use crate::ids::{self, Target};
@@ -368,16 +369,29 @@ impl Api {
                 from,
                 payload,
             } => {
-                let render = wire::direct_renderer(from.as_deref(), payload);
-                let (delivered, offline) = self.hub.deliver(targets, &render);
-                serde_json::json!({ "delivered": delivered, "offline": offline })
+                let message = Direct {
+                    from: from.as_deref(),
+                    payload,
+                };
+                let sent = self.hub.engine.send(targets, message);
+                let offsets: serde_json::Map<_, _> = sent
+                    .offsets
+                    .iter()
+                    .map(|(target, offset)| ((*target).to_owned(), (*offset).into()))
+                    .collect();
+                serde_json::json!({
+                    "delivered": sent.delivered,
+                    "offline": sent.offline,
+                    "offsets": offsets,
+                })
             }
             Checked::Publish {
                 topic,
                 from,
                 payload,
             } => {
-                let message = wire::envelope_delivery(from.as_deref(), Some(topic), payload);
+                let message =
+                    wire::envelope_delivery(from.as_deref(), Some(topic), payload.get(), None);
                 let subscribers = self.hub.pubsub.publish(topic, &|_| message.clone());
                 serde_json::json!({ "subscribers": subscribers })
             }
@@ -575,7 +589,7 @@ async fn client(
     Path(id): Path<String>,
 ) -> Result<Json<ClientResult>, ApiError> {
     let id = checked_id(&id)?;
-    let connections = api.hub.broker.connections(&id);
+    let connections = api.hub.engine.connections(&id);
     Ok(Json(ClientResult {
         id: id.to_string(),
         online: connections > 0,

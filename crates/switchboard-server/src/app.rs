@@ -16,6 +16,7 @@ use crate::auth::{Identity, Permissions, TokenError};
 use crate::hub::Hub;
 use crate::ids;
 use crate::relay::Relay;
+use crate::streams::Position;
 use crate::wire::{Mode, PROTOCOL};
 
 /// Prefix of a subprotocol entry that carries a token, for browsers (which
@@ -49,7 +50,7 @@ async fn relay(
         Ok(identity) => identity,
         Err(refused) => return refused.into_response(),
     };
-    if hub.broker.connections(&identity.client) >= hub.limits.max_connections {
+    if hub.engine.connections(&identity.client) >= hub.limits.max_connections {
         let message = format!(
             "too many connections for client {}: at most {}\n",
             identity.client, hub.limits.max_connections
@@ -69,7 +70,53 @@ async fn relay(
         .options(hub.options.clone())
         .shutdown(&hub.shutdown);
     let mode = Mode::for_protocol(upgrade.selected_protocol());
-    upgrade.on_upgrade_with(|handle| Relay::new(hub.clone(), identity, mode, handle, slot))
+    let since = match resume_point(&hub, &identity, mode, &query) {
+        Ok(since) => since,
+        Err(refused) => return refused.into_response(),
+    };
+    upgrade.on_upgrade_with(|handle| Relay::new(hub.clone(), identity, mode, handle, slot, since))
+}
+
+/// The inbox position a connection asks to resume from (`?since=EPOCH:OFFSET`,
+/// as its last welcome and deliveries gave them), checked.
+fn resume_point(
+    hub: &Hub,
+    identity: &Identity,
+    mode: Mode,
+    query: &HashMap<String, String>,
+) -> Result<Option<Position>, Refused> {
+    let Some(since) = query.get("since") else {
+        return Ok(None);
+    };
+    if mode != Mode::Envelope {
+        return Err(Refused::BadRequest(format!(
+            "since needs the {PROTOCOL} subprotocol: raw connections see no offsets to resume from"
+        )));
+    }
+    let since = parse_since(since).ok_or_else(|| {
+        Refused::BadRequest(format!(
+            "invalid since {since:?}: expected EPOCH:OFFSET as the welcome and deliveries give them, e.g. since=k3x9ab12:16"
+        ))
+    })?;
+    hub.engine
+        .check_since(&identity.client, &since)
+        .map_err(|e| Refused::BadRequest(e.to_string()))?;
+    Ok(Some(since))
+}
+
+/// `EPOCH:OFFSET`: an epoch of 1-32 letters and digits, a decimal offset.
+fn parse_since(text: &str) -> Option<Position> {
+    let (epoch, offset) = text.split_once(':')?;
+    let epoch_ok =
+        (1..=32).contains(&epoch.len()) && epoch.bytes().all(|b| b.is_ascii_alphanumeric());
+    let offset_ok = !offset.is_empty() && offset.bytes().all(|b| b.is_ascii_digit());
+    if !(epoch_ok && offset_ok) {
+        return None;
+    }
+    Some(Position {
+        epoch: epoch.into(),
+        offset: offset.parse().ok()?,
+    })
 }
 
 /// A browser's `Origin` must be on the allowlist, when there is one. Clients

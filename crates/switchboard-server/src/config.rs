@@ -165,6 +165,19 @@ pub struct Settings {
     )]
     pub receive_budget_per_connection_bytes: Option<usize>,
 
+    /// Messages each client id's inbox keeps for it while it is offline (or to resume from) [default: 100]
+    #[arg(long, env = "SWITCHBOARD_INBOX_SIZE", value_name = "N")]
+    pub inbox_size: Option<usize>,
+
+    /// How long an inbox keeps a message, in seconds [default: 600]
+    #[arg(long, env = "SWITCHBOARD_INBOX_TTL_SECS", value_name = "SECS")]
+    pub inbox_ttl_secs: Option<u64>,
+
+    /// Most bytes of history (inboxes and topics) the memory engine holds; past it the oldest
+    /// messages go first [default: 134217728]
+    #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_BYTES", value_name = "BYTES")]
+    pub history_max_bytes: Option<usize>,
+
     /// Most WebSocket connections from one IP address; more get HTTP 429. Behind a reverse proxy
     /// every client has the proxy's address: raise it or set 0 (no limit) [default: 1000]
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP", value_name = "N")]
@@ -316,6 +329,12 @@ pub struct Config {
     pub receive_budget_per_connection_bytes: usize,
     /// WebSocket connections per IP address (0: no limit).
     pub max_connections_per_ip: usize,
+    /// Messages per inbox.
+    pub inbox_size: usize,
+    /// How long an inbox keeps a message.
+    pub inbox_ttl: Duration,
+    /// History the memory engine holds, in bytes.
+    pub history_max_bytes: usize,
     /// API keys.
     pub api_keys: ApiKeys,
     /// Separate API listener, if any.
@@ -404,6 +423,9 @@ impl Config {
                     .saturating_add(64 << 10),
             ),
             max_connections_per_ip: s.max_connections_per_ip.unwrap_or(1000),
+            inbox_size: s.inbox_size.unwrap_or(100),
+            inbox_ttl: Duration::from_secs(s.inbox_ttl_secs.unwrap_or(600)),
+            history_max_bytes: s.history_max_bytes.unwrap_or(128 << 20),
             api_keys: ApiKeys::new(&s.api_keys.unwrap_or_default()),
             api_listen: s.api_listen,
             api_max_body_bytes: s.api_max_body_bytes.unwrap_or(1 << 20),

@@ -2,12 +2,11 @@
 
 use std::sync::Arc;
 
-use switchboard::{
-    Broker, Format, Options, PreparedMessage, PubSub, ReceiveBudget, Registry, Shutdown, Stats,
-};
+use switchboard::{Options, PubSub, ReceiveBudget, Registry, Shutdown, Stats};
 
 use crate::auth::{ApiKeys, JwtVerifier};
 use crate::config::Config;
+use crate::engine::{Engine, InboxRetention, MemoryEngine};
 use crate::peers::PeerLimit;
 use crate::topics::{Namespaces, PresenceEvents};
 
@@ -32,8 +31,8 @@ pub struct ClientLimits {
 pub struct Hub {
     /// Live connections by client id.
     pub registry: Registry,
-    /// Delivery to client ids (the registry, behind its interface).
-    pub broker: Arc<dyn Broker>,
+    /// Routing and inboxes for client ids.
+    pub engine: Arc<dyn Engine>,
     /// Topics.
     pub pubsub: PubSub,
     /// Topic namespaces.
@@ -59,20 +58,6 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Sends a message, rendered by `render` for each connection's format, to
-    /// every connection of every target. Returns the targets split into those
-    /// with a connection that took it (`delivered`) and the rest (`offline`),
-    /// as acks and the API report them.
-    pub fn deliver<'t>(
-        &self,
-        targets: Vec<&'t str>,
-        render: &dyn Fn(Format) -> PreparedMessage,
-    ) -> (Vec<&'t str>, Vec<&'t str>) {
-        targets
-            .into_iter()
-            .partition(|target| self.broker.push(target, render) > 0)
-    }
-
     /// The state for `config`, with the in-process registry and topics.
     pub fn new(config: &Config, shutdown: Shutdown) -> anyhow::Result<Self> {
         let registry = Registry::new();
@@ -84,7 +69,14 @@ impl Hub {
             .stats(stats.clone())
             .receive_budget(Some(receive_budget.clone()));
         Ok(Self {
-            broker: Arc::new(registry.clone()),
+            engine: Arc::new(MemoryEngine::new(
+                registry.clone(),
+                InboxRetention {
+                    size: config.inbox_size,
+                    ttl: config.inbox_ttl,
+                },
+                config.history_max_bytes,
+            )),
             registry,
             pubsub: PubSub::with_listener(PresenceEvents(namespaces.clone())),
             namespaces,

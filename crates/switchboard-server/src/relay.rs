@@ -16,10 +16,12 @@ use switchboard::{
 };
 
 use crate::auth::{Identity, Permissions};
+use crate::engine::Direct;
 use crate::hub::Hub;
 use crate::ids::TargetList;
 use crate::limits::{RateLimiter, Verdict};
 use crate::peers::PeerSlot;
+use crate::streams::Position;
 use crate::topics::Namespace;
 use crate::wire::{self, ErrorCode, Inbound, Mode};
 
@@ -63,10 +65,14 @@ impl Relay {
         mode: Mode,
         handle: &ConnHandle<RelayInfo>,
         peer: Option<PeerSlot>,
+        since: Option<Position>,
     ) -> Self {
-        let registration =
-            hub.broker
-                .register(identity.client.clone(), handle.outbox(), mode.format());
+        let registration = hub.engine.connect(
+            identity.client.clone(),
+            handle.outbox(),
+            mode,
+            since.as_ref(),
+        );
         tracing::debug!(client = %identity.client, conn = %handle.id(), ?mode, "connected");
         let limits = hub.limits;
         let mut relay = Self {
@@ -148,16 +154,14 @@ impl Relay {
                 format!("your token does not allow sending to {forbidden:?}"),
             ));
         }
-        let render = wire::direct_renderer(Some(&self.id), payload);
-        let Some(id) = self.ack_id(inbound) else {
-            // No ack asked for: nothing to collect on the hot path.
-            for target in targets {
-                self.hub.broker.push(target, &render);
-            }
-            return Ok(None);
+        let message = Direct {
+            from: Some(&self.id),
+            payload,
         };
-        let (delivered, offline) = self.hub.deliver(targets, &render);
-        Ok(Some(wire::ack_send(id, &delivered, &offline)))
+        let sent = self.hub.engine.send(targets, message);
+        Ok(self.acked(inbound, |id| {
+            wire::ack_send(id, &sent.delivered, &sent.offline, &sent.offsets)
+        }))
     }
 
     fn subscribe(
@@ -229,7 +233,7 @@ impl Relay {
                 format!("your token does not allow publishing to {topic:?}"),
             ));
         }
-        let message = wire::envelope_delivery(Some(&self.id), Some(topic), payload);
+        let message = wire::envelope_delivery(Some(&self.id), Some(topic), payload.get(), None);
         let reached = self.hub.pubsub.publish(topic, &|_| message.clone());
         Ok(self.acked(inbound, |id| wire::ack_publish(id, topic, reached)))
     }
@@ -251,7 +255,7 @@ impl Relay {
         let clients = self.targets(inbound.clients.as_ref(), "clients")?;
         let online: Vec<(&str, bool)> = clients
             .iter()
-            .map(|c| (*c, self.hub.broker.connections(c) > 0))
+            .map(|c| (*c, self.hub.engine.connections(c) > 0))
             .collect();
         Ok(Some(wire::status_reply(inbound.id, &online)))
     }

@@ -6,7 +6,6 @@
 //! acks for messages that carry an `"id"`, and typed errors.
 
 use std::borrow::Cow;
-use std::sync::OnceLock;
 
 use serde::{Deserialize, Deserializer, Serialize, de};
 
@@ -139,6 +138,16 @@ struct Frame<'a> {
     #[serde(rename = "clients", skip_serializing_if = "Option::is_none")]
     online: Option<MapOf<'a, bool>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    offsets: Option<MapOf<'a, u64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recovered: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    missed: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     payload: Option<&'a RawValue>,
 }
 
@@ -158,6 +167,11 @@ impl<'a> Frame<'a> {
             subscribers: None,
             counts: None,
             online: None,
+            offsets: None,
+            recovered: None,
+            missed: None,
+            offset: None,
+            epoch: None,
             payload: None,
         }
     }
@@ -183,54 +197,95 @@ pub fn raw_delivery(payload: &RawValue) -> PreparedMessage {
         .expect("JSON text is UTF-8")
 }
 
+/// Where a message stands in its stream: offset and epoch.
+#[derive(Debug, Clone, Copy)]
+pub struct At<'a> {
+    /// The message's offset.
+    pub offset: u64,
+    /// The stream's epoch.
+    pub epoch: &'a str,
+}
+
 /// A delivery for `switchboard.v1` clients, direct (no topic) or on a topic;
-/// `from` is absent for messages the server API sends without a sender.
+/// `from` is absent for messages the server API sends without a sender, `at`
+/// for messages of a stream that keeps no history. `payload` is JSON text
+/// that was checked when it arrived: it is written as it is, unparsed.
 pub fn envelope_delivery(
     from: Option<&str>,
     topic: Option<&str>,
-    payload: &RawValue,
+    payload: &str,
+    at: Option<At<'_>>,
 ) -> PreparedMessage {
     let frame = Frame {
         from,
         topic,
-        payload: Some(payload),
+        offset: at.map(|at| at.offset),
+        epoch: at.map(|at| at.epoch),
         ..Frame::new("message")
     };
     // The envelope's fields besides the payload fit in this much, ids permitting.
     const ENVELOPE: usize = 64;
-    let hint =
-        ENVELOPE + payload.get().len() + from.map_or(0, str::len) + topic.map_or(0, str::len);
+    let hint = ENVELOPE
+        + payload.len()
+        + from.map_or(0, str::len)
+        + topic.map_or(0, str::len)
+        + at.map_or(0, |at| 32 + at.epoch.len());
     PreparedMessage::text_with(hint, |buf| {
-        serde_json::to_writer(buf, &frame)
-            .expect("frames of ids, strings and raw JSON always serialise")
+        serde_json::to_writer(&mut *buf, &frame)
+            .expect("frames of ids, strings and raw JSON always serialise");
+        // The payload goes last, as it is: the frame's closing brace makes way.
+        buf.truncate(buf.len() - 1);
+        buf.extend_from_slice(b",\"payload\":");
+        buf.extend_from_slice(payload.as_bytes());
+        buf.extend_from_slice(b"}");
     })
-    .expect("serde_json writes UTF-8")
+    .expect("frames and checked JSON are UTF-8")
 }
 
-/// Renders a direct message for each wire mode, at most once each.
-pub fn direct_renderer<'a>(
-    from: Option<&'a str>,
-    payload: &'a RawValue,
-) -> impl Fn(Format) -> PreparedMessage + 'a {
-    let raw = OnceLock::new();
-    let envelope = OnceLock::new();
-    move |format| {
-        if format == Mode::Raw.format() {
-            raw.get_or_init(|| raw_delivery(payload)).clone()
-        } else {
-            envelope
-                .get_or_init(|| envelope_delivery(from, None, payload))
-                .clone()
-        }
-    }
+/// Whether a connection that asked to resume did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resumed {
+    /// It did not ask.
+    NotAsked,
+    /// It did: this many missed messages follow.
+    Recovered(usize),
+    /// It cannot: nothing follows but live messages.
+    Lost,
 }
 
-/// The ack of a `send` that carried an `"id"`.
-pub fn ack_send(id: &RawValue, delivered: &[&str], offline: &[&str]) -> String {
+/// What a `switchboard.v1` connection is told first: its client id and its
+/// inbox's position, and, when it asked to resume, whether it did and how
+/// many messages follow.
+pub fn welcome(client: &str, at: At<'_>, resumed: Resumed) -> PreparedMessage {
+    let (recovered, missed) = match resumed {
+        Resumed::NotAsked => (None, None),
+        Resumed::Recovered(missed) => (Some(true), Some(missed)),
+        Resumed::Lost => (Some(false), None),
+    };
+    let frame = Frame {
+        client: Some(client),
+        recovered,
+        missed,
+        offset: Some(at.offset),
+        epoch: Some(at.epoch),
+        ..Frame::new("welcome")
+    };
+    PreparedMessage::text(frame.render())
+}
+
+/// The ack of a `send` that carried an `"id"`: which targets had a live
+/// connection, and the offset each target's inbox gave the message.
+pub fn ack_send(
+    id: &RawValue,
+    delivered: &[&str],
+    offline: &[&str],
+    offsets: &[(&str, u64)],
+) -> String {
     Frame {
         id: Some(id),
         delivered: Some(delivered),
         offline: Some(offline),
+        offsets: Some(MapOf(offsets)),
         ..Frame::new("ack")
     }
     .render()
@@ -349,25 +404,44 @@ mod tests {
 
     #[test]
     fn builds_envelopes_acks_and_errors() {
-        let payload = RawValue::from_string("{\"x\":1}".into()).unwrap();
-        let m = envelope_delivery(Some("1"), None, &payload);
+        let payload = "{\"x\": 1}";
+        let at = At {
+            offset: 17,
+            epoch: "k3x9ab12",
+        };
+        let m = envelope_delivery(Some("1"), None, payload, Some(at));
         assert_eq!(
             &m.payload()[..],
-            br#"{"type":"message","from":"1","payload":{"x":1}}"#
+            br#"{"type":"message","from":"1","offset":17,"epoch":"k3x9ab12","payload":{"x": 1}}"#
         );
         let id = RawValue::from_string("7".into()).unwrap();
         assert_eq!(
-            ack_send(&id, &["2"], &["3"]),
-            r#"{"type":"ack","id":7,"delivered":["2"],"offline":["3"]}"#
+            ack_send(&id, &["2"], &["3"], &[("2", 5), ("3", 1)]),
+            r#"{"type":"ack","id":7,"delivered":["2"],"offline":["3"],"offsets":{"2":5,"3":1}}"#
+        );
+        let fresh = welcome("42", at, Resumed::NotAsked);
+        assert_eq!(
+            &fresh.payload()[..],
+            br#"{"type":"welcome","client":"42","offset":17,"epoch":"k3x9ab12"}"#
+        );
+        let resumed = welcome("42", at, Resumed::Recovered(3));
+        assert_eq!(
+            &resumed.payload()[..],
+            br#"{"type":"welcome","client":"42","recovered":true,"missed":3,"offset":17,"epoch":"k3x9ab12"}"#
+        );
+        let lost = welcome("42", at, Resumed::Lost);
+        assert_eq!(
+            &lost.payload()[..],
+            br#"{"type":"welcome","client":"42","recovered":false,"offset":17,"epoch":"k3x9ab12"}"#
         );
         assert_eq!(
             error(ErrorCode::InvalidTarget, "bad", None),
             r#"{"type":"error","code":"invalid_target","message":"bad"}"#
         );
-        let topic = envelope_delivery(Some("1"), Some("chat:x"), &payload);
+        let topic = envelope_delivery(Some("1"), Some("chat:x"), payload, None);
         assert_eq!(
             &topic.payload()[..],
-            br#"{"type":"message","topic":"chat:x","from":"1","payload":{"x":1}}"#
+            br#"{"type":"message","topic":"chat:x","from":"1","payload":{"x": 1}}"#
         );
         assert_eq!(
             presence_reply(Some(&id), "chat:x", &[("1", 2)]),

@@ -57,20 +57,25 @@ async fn the_served_openapi_document_is_the_one_in_docs() {
 async fn send_reports_delivered_and_offline_targets() {
     let server = Server::start(&["--api-key", KEY]);
     let mut raw = server.connect("1").await;
-    let mut envelope = server.connect_envelope("2").await;
+    let (mut envelope, welcome) = server.connect_envelope_welcome("2").await;
+    assert_eq!(welcome["offset"], 0, "a new inbox: {welcome}");
     server.wait_for_clients(2).await;
     let body = json!({"targets": [1, "2", "3", 1], "payload": {"from": "backend"}});
     let (status, result) = server
         .api("POST", "/api/v1/send", Some(KEY), Some(body))
         .await;
+    // Every target's inbox took it, the offline one's too.
     assert_eq!(
         (status, result),
-        (200, json!({"delivered": ["1", "2"], "offline": ["3"]}))
+        (
+            200,
+            json!({"delivered": ["1", "2"], "offline": ["3"], "offsets": {"1": 1, "2": 1, "3": 1}})
+        )
     );
     assert_eq!(recv_json(&mut raw).await, json!({"from": "backend"}));
     assert_eq!(
         recv_json(&mut envelope).await,
-        json!({"type": "message", "payload": {"from": "backend"}})
+        json!({"type": "message", "offset": 1, "epoch": welcome["epoch"], "payload": {"from": "backend"}})
     );
     assert_nothing_before_marker(&server, &mut raw, "1").await;
 
@@ -131,7 +136,11 @@ async fn batch_checks_every_operation_before_running_any() {
     assert_eq!(status, 200);
     assert_eq!(
         result,
-        json!({"results": [{"delivered": ["reader"], "offline": ["nobody"]}, {"subscribers": 1}, {"connections": 0}]})
+        json!({"results": [
+            {"delivered": ["reader"], "offline": ["nobody"], "offsets": {"reader": 1, "nobody": 1}},
+            {"subscribers": 1},
+            {"connections": 0}
+        ]})
     );
     assert_eq!(recv_json(&mut reader).await["payload"], "direct");
     assert_eq!(recv_json(&mut reader).await["payload"], "topical");

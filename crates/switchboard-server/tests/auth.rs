@@ -60,6 +60,7 @@ async fn a_token_can_travel_in_a_header_the_query_or_a_subprotocol() {
         .connect_request("/ws", &[("sec-websocket-protocol", &protocols)])
         .await
         .unwrap();
+    recv_welcome(&mut by_protocol, "carol").await;
     server.wait_for_clients(3).await;
     send(
         &mut sender,
@@ -68,7 +69,7 @@ async fn a_token_can_travel_in_a_header_the_query_or_a_subprotocol() {
     .await;
     assert_eq!(recv_text(&mut by_query).await, r#""hi""#);
     assert_eq!(
-        recv_json(&mut by_protocol).await,
+        recv_delivery(&mut by_protocol, true).await,
         json!({"type": "message", "from": "alice", "payload": "hi"})
     );
 }
@@ -90,6 +91,7 @@ async fn a_forged_id_is_ignored_when_tokens_are_on() {
         )
         .await
         .unwrap();
+    recv_welcome(&mut sender, "sender").await;
     server.wait_for_clients(2).await;
     send(
         &mut sender,
@@ -133,10 +135,12 @@ async fn an_expiring_token_closes_with_4001_unless_refreshed() {
         .connect_request(&format!("/ws?token={}", token_for("e", 1)), &headers)
         .await
         .unwrap();
+    recv_welcome(&mut expiring, "e").await;
     let mut refreshed = server
         .connect_request(&format!("/ws?token={}", token_for("r", 1)), &headers)
         .await
         .unwrap();
+    recv_welcome(&mut refreshed, "r").await;
     send(
         &mut refreshed,
         json!({"type": "refresh", "token": token_for("r", 60), "id": "fresh"}),
@@ -181,6 +185,7 @@ async fn claims_restrict_topics_and_targets() {
         )
         .await
         .unwrap();
+    recv_welcome(&mut client, "limited").await;
     let cases = [
         (
             json!({"type": "subscribe", "topic": "chat:lobby", "id": 1}),

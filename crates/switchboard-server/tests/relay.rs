@@ -77,7 +77,7 @@ async fn integer_ids_and_targets_mean_their_decimal_form() {
 async fn envelope_clients_get_senders_acks_and_offline_targets() {
     let server = Server::start(&[]);
     let mut alice = server.connect_envelope("alice").await;
-    let mut bob = server.connect_envelope("bob").await;
+    let (mut bob, bob_welcome) = server.connect_envelope_welcome("bob").await;
     let mut raw_bob = server.connect("bob").await;
     server.wait_for_clients(2).await;
     send(
@@ -87,12 +87,12 @@ async fn envelope_clients_get_senders_acks_and_offline_targets() {
     .await;
     assert_eq!(
         recv_json(&mut bob).await,
-        json!({"type": "message", "from": "alice", "payload": {"x": 1}})
+        json!({"type": "message", "from": "alice", "offset": 1, "epoch": bob_welcome["epoch"], "payload": {"x": 1}})
     );
     assert_eq!(recv_json(&mut raw_bob).await, json!({"x": 1}));
     assert_eq!(
         recv_json(&mut alice).await,
-        json!({"type": "ack", "id": 7, "delivered": ["bob"], "offline": ["ghost"]})
+        json!({"type": "ack", "id": 7, "delivered": ["bob"], "offline": ["ghost"], "offsets": {"bob": 1, "ghost": 1}})
     );
     // Without an id there is no ack.
     send(&mut alice, json!({"targets": ["bob"], "payload": null})).await;

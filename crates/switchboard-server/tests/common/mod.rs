@@ -111,11 +111,20 @@ impl Server {
             .unwrap()
     }
 
+    /// A `switchboard.v1` connection whose welcome has been read (and checked).
     pub async fn connect_envelope(&self, id: &str) -> Client {
+        self.connect_envelope_welcome(id).await.0
+    }
+
+    /// A `switchboard.v1` connection, and its welcome.
+    pub async fn connect_envelope_welcome(&self, id: &str) -> (Client, Value) {
         let headers = [("sec-websocket-protocol", "switchboard.v1")];
-        self.connect_request(&format!("/ws?id={id}"), &headers)
+        let mut client = self
+            .connect_request(&format!("/ws?id={id}"), &headers)
             .await
-            .unwrap()
+            .unwrap();
+        let welcome = recv_welcome(&mut client, id).await;
+        (client, welcome)
     }
 
     /// Connects with a custom handshake request (headers, subprotocols).
@@ -291,6 +300,41 @@ pub async fn recv_close_frame(client: &mut Client) -> (u16, String) {
 
 pub async fn recv_close(client: &mut Client) -> u16 {
     recv_close_frame(client).await.0
+}
+
+/// Reads a `switchboard.v1` connection's first frame, which must be the
+/// welcome of client `id`.
+pub async fn recv_welcome(client: &mut Client, id: &str) -> Value {
+    let welcome = recv_json(client).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    assert_eq!(welcome["client"], id, "{welcome}");
+    assert!(
+        welcome["offset"].is_u64() && welcome["epoch"].is_string(),
+        "{welcome}"
+    );
+    welcome
+}
+
+/// The next delivery to a `switchboard.v1` client, without its stream
+/// position (`offset`, `epoch`), which must be there when `positioned`.
+pub async fn recv_delivery(client: &mut Client, positioned: bool) -> Value {
+    let mut value = recv_json(client).await;
+    let object = value.as_object_mut().expect("a JSON object");
+    let offset = object.remove("offset");
+    let epoch = object.remove("epoch");
+    if positioned {
+        assert!(
+            offset
+                .as_ref()
+                .is_some_and(|o| o.as_u64().is_some_and(|o| o > 0)),
+            "no offset in {value}"
+        );
+        assert!(
+            epoch.as_ref().is_some_and(Value::is_string),
+            "no epoch in {value}"
+        );
+    }
+    value
 }
 
 /// Proves that nothing more is on its way to `client`, a connection of `id`,

@@ -1,0 +1,237 @@
+//! The engine: where client ids' connections, their inboxes and their
+//! messages live. The relay and the HTTP API call it; neither knows which
+//! engine runs. [`MemoryEngine`] is the embedded one (one process); a Redis
+//! engine for several nodes implements the same trait (docs/architecture.md,
+//! "The engine").
+//!
+//! Every message sent to a client id is appended to that id's inbox stream,
+//! whether or not the id is connected, and handed to its live connections in
+//! offset order. A `switchboard.v1` connection is told its inbox's position
+//! first (the welcome), and one that asks to resume from a position gets
+//! every message after it, or is told that it cannot: never part of them.
+
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use switchboard::{
+    Broker, ClientId, Format, Outbound, Outbox, PreparedMessage, Registration, Registry,
+};
+
+use crate::streams::{Entry, Position, Resume, Retention, StreamKey, Streams};
+use crate::wire::{self, At, Mode, Resumed};
+
+/// A message to client ids.
+#[derive(Debug, Clone, Copy)]
+pub struct Direct<'a> {
+    /// The sender, when a client sent it.
+    pub from: Option<&'a str>,
+    /// The payload's JSON text.
+    pub payload: &'a RawValue,
+}
+
+/// What became of a message to client ids.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Sent<'t> {
+    /// Targets with a live connection that took it.
+    pub delivered: Vec<&'t str>,
+    /// Targets with none: it waits in their inboxes.
+    pub offline: Vec<&'t str>,
+    /// The offset each target's inbox gave it.
+    pub offsets: Vec<(&'t str, u64)>,
+}
+
+/// Why a connection was not let in.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    /// It asked to resume from an offset its inbox never reached.
+    #[error("since is ahead of this client's inbox (offset {asked} > {top})")]
+    Ahead {
+        /// The offset asked for.
+        asked: u64,
+        /// The inbox's last offset.
+        top: u64,
+    },
+}
+
+/// Routing and inboxes for client ids.
+pub trait Engine: Send + Sync + 'static {
+    /// Registers a live connection of `id` speaking `mode`. A `switchboard.v1`
+    /// connection's outbox gets the welcome first, then, when it asked to
+    /// resume from `since`, every inbox message after it; live messages follow,
+    /// with no gap and no duplicate. A position that cannot be recovered is
+    /// said so in the welcome (check it first with [`Engine::check_since`]).
+    /// Dropping the registration removes the connection.
+    fn connect(
+        &self,
+        id: ClientId,
+        outbox: Outbox,
+        mode: Mode,
+        since: Option<&Position>,
+    ) -> Registration;
+
+    /// Appends `message` to each target's inbox and hands it to the target's
+    /// live connections.
+    fn send<'t>(&self, targets: Vec<&'t str>, message: Direct<'_>) -> Sent<'t>;
+
+    /// Checks `since` against `id`'s inbox before a connection is let in.
+    fn check_since(&self, id: &str, since: &Position) -> Result<(), ConnectError>;
+
+    /// How many live connections `id` has.
+    fn connections(&self, id: &str) -> usize;
+}
+
+/// How long and how much inboxes keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboxRetention {
+    /// Messages per inbox.
+    pub size: usize,
+    /// Their age.
+    pub ttl: Duration,
+}
+
+/// The embedded engine: a [`Registry`] of live connections and [`Streams`]
+/// in memory.
+#[derive(Debug)]
+pub struct MemoryEngine {
+    registry: Registry,
+    streams: Streams,
+    inbox: Retention,
+}
+
+impl MemoryEngine {
+    /// An engine over `registry`, keeping inboxes as `inbox` says, within
+    /// `max_bytes` of history in all.
+    pub fn new(registry: Registry, inbox: InboxRetention, max_bytes: usize) -> Self {
+        Self {
+            registry,
+            streams: Streams::new(max_bytes),
+            inbox: Retention {
+                max_entries: inbox.size,
+                ttl: inbox.ttl,
+            },
+        }
+    }
+
+    /// Bytes of history held now.
+    pub fn history_bytes(&self) -> usize {
+        self.streams.bytes()
+    }
+}
+
+fn inbox(id: &str) -> StreamKey {
+    StreamKey::Inbox(id.into())
+}
+
+impl Engine for MemoryEngine {
+    fn connect(
+        &self,
+        id: ClientId,
+        outbox: Outbox,
+        mode: Mode,
+        since: Option<&Position>,
+    ) -> Registration {
+        let key = StreamKey::Inbox(id.clone());
+        let register = |frames: Vec<PreparedMessage>| {
+            // Under the inbox's lock: nothing appended to it can reach this
+            // connection before these frames, or be among them and after them.
+            for frame in frames {
+                let _ = outbox.push(Outbound::Prepared(frame));
+            }
+            self.registry
+                .register(id.clone(), outbox.clone(), mode.format())
+        };
+        let Some(since) = since.filter(|_| mode == Mode::Envelope) else {
+            return self.streams.position(&key, |position| {
+                let welcome = (mode == Mode::Envelope)
+                    .then(|| wire::welcome(&id, at(position), Resumed::NotAsked));
+                register(welcome.into_iter().collect())
+            });
+        };
+        self.streams
+            .resume(&key, since, self.inbox, usize::MAX, |resume, position| {
+                let (resumed, missed) = match resume {
+                    // Checked before the upgrade; a stream's top only grows.
+                    Resume::Ahead | Resume::Lost => (Resumed::Lost, Vec::new()),
+                    Resume::Recovered(missed) => (Resumed::Recovered(missed.len()), missed),
+                };
+                let mut frames = vec![wire::welcome(&id, at(position), resumed)];
+                frames.extend(missed.iter().map(|entry| replay(entry, &position.epoch)));
+                register(frames)
+            })
+    }
+
+    fn send<'t>(&self, targets: Vec<&'t str>, message: Direct<'_>) -> Sent<'t> {
+        // The payload is copied once, for every inbox that keeps it.
+        let payload: Arc<str> = message.payload.get().into();
+        let from: Option<Arc<str>> = message.from.map(Arc::from);
+        let raw = OnceLock::new();
+        let mut sent = Sent::default();
+        for target in targets {
+            let reached = self.streams.append(
+                &inbox(target),
+                from.clone(),
+                payload.clone(),
+                self.inbox,
+                |entry, epoch| {
+                    let at = At {
+                        offset: entry.offset,
+                        epoch,
+                    };
+                    let render = |format: Format| {
+                        if format == Mode::Raw.format() {
+                            raw.get_or_init(|| wire::raw_delivery(message.payload))
+                                .clone()
+                        } else {
+                            let payload = message.payload.get();
+                            wire::envelope_delivery(message.from, None, payload, Some(at))
+                        }
+                    };
+                    (self.registry.push(target, &render), entry.offset)
+                },
+            );
+            let (connections, offset) = reached;
+            sent.offsets.push((target, offset));
+            if connections > 0 {
+                sent.delivered.push(target);
+            } else {
+                sent.offline.push(target);
+            }
+        }
+        sent
+    }
+
+    fn check_since(&self, id: &str, since: &Position) -> Result<(), ConnectError> {
+        self.streams.position(&inbox(id), |position| {
+            if since.epoch == position.epoch && since.offset > position.offset {
+                Err(ConnectError::Ahead {
+                    asked: since.offset,
+                    top: position.offset,
+                })
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    fn connections(&self, id: &str) -> usize {
+        self.registry.connections(id)
+    }
+}
+
+fn at(position: &Position) -> At<'_> {
+    At {
+        offset: position.offset,
+        epoch: &position.epoch,
+    }
+}
+
+/// A missed inbox message, as a `switchboard.v1` delivery.
+fn replay(entry: &Entry, epoch: &str) -> PreparedMessage {
+    let at = At {
+        offset: entry.offset,
+        epoch,
+    };
+    wire::envelope_delivery(entry.from.as_deref(), None, &entry.payload, Some(at))
+}

@@ -1,0 +1,505 @@
+//! Streams: the history of each client id's inbox and of each topic that
+//! keeps one, in memory (the memory engine's store).
+//!
+//! Every message appended to a stream gets the next offset: a u64,
+//! contiguous per stream, from 1. A stream has an epoch, a short random
+//! string made when the stream is made; a stream that is made again (after
+//! its history was lost) gets a new one, so (epoch, offset) never names two
+//! different messages. Resuming is all or nothing: a position is recovered
+//! only when every message after it is still held.
+//!
+//! What the store holds is bounded by one byte cap, whatever clients do: the
+//! streams are split over shards, each with its share of the cap, and a shard
+//! over its share drops its oldest messages first (and then streams that hold
+//! none). Each stream also keeps at most its retention's count and age.
+//!
+//! Appending runs a callback under the stream's shard lock, so that the
+//! caller can hand the message to live connections in offset order: two
+//! appends to one stream cannot pass each other on the way out.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Which stream: a client id's inbox or a topic's history.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum StreamKey {
+    /// Messages sent to a client id.
+    Inbox(Arc<str>),
+    /// Messages published to a topic.
+    Topic(Arc<str>),
+}
+
+impl StreamKey {
+    fn name(&self) -> &str {
+        match self {
+            Self::Inbox(name) | Self::Topic(name) => name,
+        }
+    }
+}
+
+/// A place in a stream: its epoch and an offset (0 before the first message).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// The stream's epoch.
+    pub epoch: Arc<str>,
+    /// The offset of the last message up to this place.
+    pub offset: u64,
+}
+
+/// One message in a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Its offset.
+    pub offset: u64,
+    /// Who sent it, when a client did.
+    pub from: Option<Arc<str>>,
+    /// The payload's JSON text, as sent.
+    pub payload: Arc<str>,
+    /// When it was appended, in milliseconds since the Unix epoch (wall
+    /// clock: ages must mean the same after a restart).
+    pub at_ms: u64,
+}
+
+impl Entry {
+    /// What the entry counts against the byte cap.
+    fn cost(&self) -> usize {
+        ENTRY_OVERHEAD + self.payload.len() + self.from.as_deref().map_or(0, str::len)
+    }
+}
+
+/// What one stream keeps, at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Messages.
+    pub max_entries: usize,
+    /// Age.
+    pub ttl: Duration,
+}
+
+/// The answer to "what came after this position?".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// Every message after the position, in order (possibly none).
+    Recovered(Vec<Entry>),
+    /// The position cannot be recovered: another epoch, or messages after it
+    /// are no longer held. Nothing is replayed.
+    Lost,
+    /// The offset is past the stream's last: not a position this stream gave.
+    Ahead,
+}
+
+/// Bytes counted for an entry beyond its payload and sender: its fields, its
+/// place in the stream and in the shard's eviction order, and the `Arc`s.
+const ENTRY_OVERHEAD: usize = 96;
+/// Bytes counted for a stream beyond its key: its map slot and its fields.
+const STREAM_OVERHEAD: usize = 160;
+/// Shards, each with its own lock and its share of the cap.
+const SHARDS: usize = 16;
+
+/// Streams in memory, bounded by a byte cap.
+#[derive(Debug)]
+pub struct Streams {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    shard_cap: usize,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    streams: HashMap<StreamKey, Stream>,
+    /// Entries in the order they were appended, for evicting the oldest.
+    order: VecDeque<(StreamKey, u64)>,
+    bytes: usize,
+}
+
+#[derive(Debug)]
+struct Stream {
+    epoch: Arc<str>,
+    top: u64,
+    entries: VecDeque<Entry>,
+}
+
+impl Stream {
+    fn new() -> Self {
+        Self {
+            epoch: new_epoch(),
+            top: 0,
+            entries: VecDeque::new(),
+        }
+    }
+
+    fn position(&self) -> Position {
+        Position {
+            epoch: self.epoch.clone(),
+            offset: self.top,
+        }
+    }
+}
+
+impl Streams {
+    /// An empty store that holds at most `max_bytes`, counted as payloads and
+    /// senders plus a fixed overhead per message and per stream.
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            shard_cap: max_bytes / SHARDS,
+        }
+    }
+
+    /// Bytes held now, counted as the cap counts them.
+    pub fn bytes(&self) -> usize {
+        self.shards.iter().map(|shard| lock(shard).bytes).sum()
+    }
+
+    /// Appends a message to `key`'s stream (made if missing) and runs `then`
+    /// with the new entry and its epoch, under the stream's lock: what `then`
+    /// hands on goes out in offset order.
+    pub fn append<R>(
+        &self,
+        key: &StreamKey,
+        from: Option<Arc<str>>,
+        payload: Arc<str>,
+        retention: Retention,
+        then: impl FnOnce(&Entry, &Arc<str>) -> R,
+    ) -> R {
+        let mut guard = self.shard(key);
+        let shard = &mut *guard;
+        let now = now_ms();
+        let stream = stream_in(&mut shard.streams, &mut shard.bytes, key);
+        stream.top += 1;
+        let entry = Entry {
+            offset: stream.top,
+            from,
+            payload,
+            at_ms: now,
+        };
+        shard.bytes += entry.cost();
+        // A clone is two reference counts: the entry is handed on even when
+        // the retention keeps none (history off).
+        stream.entries.push_back(entry.clone());
+        shard.order.push_back((key.clone(), stream.top));
+        shard.bytes -= prune(stream, retention, now);
+        let epoch = stream.epoch.clone();
+        let result = then(&entry, &epoch);
+        evict(shard, self.shard_cap, key);
+        result
+    }
+
+    /// Where `key`'s stream is now (made if missing, so that its epoch can be
+    /// given out), and `then` run with it under the stream's lock.
+    pub fn position<R>(&self, key: &StreamKey, then: impl FnOnce(&Position) -> R) -> R {
+        let mut guard = self.shard(key);
+        let shard = &mut *guard;
+        let position = stream_in(&mut shard.streams, &mut shard.bytes, key).position();
+        let result = then(&position);
+        evict(shard, self.shard_cap, key);
+        result
+    }
+
+    /// What came after `since` in `key`'s stream, at most `limit` messages of
+    /// it (`Resume::Lost` when more than that was missed), and the stream's
+    /// position; `then` runs with both under the stream's lock, so that a
+    /// caller that registers for live messages in it misses none and gets
+    /// none twice.
+    pub fn resume<R>(
+        &self,
+        key: &StreamKey,
+        since: &Position,
+        retention: Retention,
+        limit: usize,
+        then: impl FnOnce(Resume, &Position) -> R,
+    ) -> R {
+        let mut guard = self.shard(key);
+        let shard = &mut *guard;
+        let stream = stream_in(&mut shard.streams, &mut shard.bytes, key);
+        shard.bytes -= prune(stream, retention, now_ms());
+        let position = stream.position();
+        let resume = if since.epoch != stream.epoch {
+            Resume::Lost
+        } else if since.offset > stream.top {
+            Resume::Ahead
+        } else {
+            let first = stream.top - stream.entries.len() as u64 + 1;
+            let missed = stream.top - since.offset;
+            if since.offset + 1 < first || missed > limit as u64 {
+                Resume::Lost
+            } else {
+                let skip = (since.offset + 1 - first) as usize;
+                Resume::Recovered(stream.entries.iter().skip(skip).cloned().collect())
+            }
+        };
+        let result = then(resume, &position);
+        evict(shard, self.shard_cap, key);
+        result
+    }
+
+    fn shard(&self, key: &StreamKey) -> MutexGuard<'_, Shard> {
+        let index = self.hasher.hash_one(key) as usize % self.shards.len();
+        lock(&self.shards[index])
+    }
+}
+
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    shard.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `key`'s stream, made (and counted in `bytes`) if missing.
+fn stream_in<'s>(
+    streams: &'s mut HashMap<StreamKey, Stream>,
+    bytes: &mut usize,
+    key: &StreamKey,
+) -> &'s mut Stream {
+    streams.entry(key.clone()).or_insert_with(|| {
+        *bytes += STREAM_OVERHEAD + key.name().len();
+        Stream::new()
+    })
+}
+
+/// Drops what `stream` keeps beyond its retention; returns the bytes freed.
+/// Their places in the shard's eviction order go stale and are skipped.
+fn prune(stream: &mut Stream, retention: Retention, now: u64) -> usize {
+    let ttl = u64::try_from(retention.ttl.as_millis()).unwrap_or(u64::MAX);
+    let mut freed = 0;
+    while let Some(front) = stream.entries.front() {
+        let too_many = stream.entries.len() > retention.max_entries;
+        let too_old = front.at_ms.saturating_add(ttl) <= now;
+        if !(too_many || too_old) {
+            break;
+        }
+        freed += front.cost();
+        stream.entries.pop_front();
+    }
+    freed
+}
+
+/// Drops the shard's oldest entries while it is over `cap`, then streams
+/// that hold no entries (not `keep`, the one in use). A stream dropped is
+/// made again with a new epoch, so no position in it is ever recovered wrongly.
+fn evict(shard: &mut Shard, cap: usize, keep: &StreamKey) {
+    while shard.bytes > cap {
+        let Some((key, offset)) = shard.order.pop_front() else {
+            break;
+        };
+        let Some(stream) = shard.streams.get_mut(&key) else {
+            continue;
+        };
+        if stream.entries.front().is_some_and(|e| e.offset == offset) {
+            let entry = stream.entries.pop_front().expect("checked");
+            shard.bytes -= entry.cost();
+        }
+    }
+    if shard.bytes > cap {
+        let mut freed = 0;
+        shard.streams.retain(|key, stream| {
+            let drop = key != keep && stream.entries.is_empty();
+            if drop {
+                freed += STREAM_OVERHEAD + key.name().len();
+            }
+            !drop
+        });
+        shard.bytes -= freed;
+    }
+    // Stale places (entries already pruned) would otherwise pile up in a
+    // shard whose streams are pruned by count or age before the cap.
+    if shard.order.len()
+        > 2 * shard
+            .streams
+            .values()
+            .map(|s| s.entries.len())
+            .sum::<usize>()
+            + 64
+    {
+        let streams = &shard.streams;
+        shard.order.retain(|(key, offset)| {
+            streams
+                .get(key)
+                .and_then(|s| s.entries.front())
+                .is_some_and(|front| front.offset <= *offset)
+        });
+    }
+}
+
+fn now_ms() -> u64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Eight random characters of `a-z0-9`.
+pub fn new_epoch() -> Arc<str> {
+    const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let bytes = [
+        switchboard::proto::mask::random_key(),
+        switchboard::proto::mask::random_key(),
+    ]
+    .concat();
+    let epoch: String = bytes
+        .iter()
+        .map(|b| char::from(ALPHABET[usize::from(*b) % ALPHABET.len()]))
+        .collect();
+    epoch.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEEP_ALL: Retention = Retention {
+        max_entries: usize::MAX,
+        ttl: Duration::from_secs(3600),
+    };
+
+    fn inbox(id: &str) -> StreamKey {
+        StreamKey::Inbox(id.into())
+    }
+
+    fn append(streams: &Streams, key: &StreamKey, payload: &str) -> (u64, Arc<str>) {
+        streams.append(key, None, payload.into(), KEEP_ALL, |entry, epoch| {
+            (entry.offset, epoch.clone())
+        })
+    }
+
+    fn resume(streams: &Streams, key: &StreamKey, since: &Position) -> Resume {
+        streams.resume(key, since, KEEP_ALL, 1000, |resume, _| resume)
+    }
+
+    #[test]
+    fn offsets_are_contiguous_per_stream_from_one_under_one_epoch() {
+        let streams = Streams::new(1 << 20);
+        let (a, b) = (inbox("a"), inbox("b"));
+        let epoch = streams.position(&a, |p| {
+            assert_eq!(p.offset, 0);
+            p.epoch.clone()
+        });
+        assert_eq!(append(&streams, &a, "1"), (1, epoch.clone()));
+        assert_eq!(append(&streams, &b, "x").0, 1, "each stream counts its own");
+        assert_eq!(append(&streams, &a, "2"), (2, epoch.clone()));
+        assert_ne!(streams.position(&b, |p| p.epoch.clone()), epoch);
+        assert_eq!(epoch.len(), 8);
+    }
+
+    #[test]
+    fn resuming_is_all_or_nothing() {
+        let streams = Streams::new(1 << 20);
+        let key = inbox("a");
+        for n in 1..=5 {
+            append(&streams, &key, &n.to_string());
+        }
+        let epoch = streams.position(&key, |p| p.epoch.clone());
+        let at = |offset| Position {
+            epoch: epoch.clone(),
+            offset,
+        };
+        let Resume::Recovered(missed) = resume(&streams, &key, &at(2)) else {
+            panic!("recoverable");
+        };
+        let payloads: Vec<&str> = missed.iter().map(|e| &*e.payload).collect();
+        assert_eq!(payloads, ["3", "4", "5"]);
+        assert_eq!(resume(&streams, &key, &at(5)), Resume::Recovered(vec![]));
+        assert_eq!(resume(&streams, &key, &at(6)), Resume::Ahead);
+        let other = Position {
+            epoch: "zzzzzzzz".into(),
+            offset: 2,
+        };
+        assert_eq!(resume(&streams, &key, &other), Resume::Lost);
+        // Over the limit of a resume: nothing, rather than part.
+        let limited = streams.resume(&key, &at(0), KEEP_ALL, 4, |resume, _| resume);
+        assert_eq!(limited, Resume::Lost);
+        // Past the retention of three: offset 1 is gone, so 0 and 1 are lost.
+        let three = Retention {
+            max_entries: 3,
+            ttl: KEEP_ALL.ttl,
+        };
+        let lost = streams.resume(&key, &at(1), three, 1000, |resume, _| resume);
+        assert_eq!(lost, Resume::Lost);
+        let kept = streams.resume(&key, &at(2), three, 1000, |resume, _| resume);
+        assert!(matches!(kept, Resume::Recovered(m) if m.len() == 3));
+    }
+
+    #[test]
+    fn with_no_history_kept_the_message_is_still_handed_on() {
+        let streams = Streams::new(1 << 20);
+        let none = Retention {
+            max_entries: 0,
+            ttl: KEEP_ALL.ttl,
+        };
+        let key = inbox("a");
+        let handed = streams.append(&key, None, "1".into(), none, |e, _| e.payload.clone());
+        assert_eq!(&*handed, "1");
+        let at_zero = streams.position(&key, |p| Position {
+            offset: 0,
+            ..p.clone()
+        });
+        assert_eq!(resume(&streams, &key, &at_zero), Resume::Lost);
+        assert_eq!(
+            streams.bytes(),
+            STREAM_OVERHEAD + 1,
+            "only the stream is held"
+        );
+    }
+
+    #[test]
+    fn old_messages_expire() {
+        let streams = Streams::new(1 << 20);
+        let key = inbox("a");
+        let now = Retention {
+            max_entries: 100,
+            ttl: Duration::ZERO,
+        };
+        streams.append(&key, None, "1".into(), KEEP_ALL, |_, _| ());
+        let since = streams.position(&key, |p| Position {
+            epoch: p.epoch.clone(),
+            offset: 0,
+        });
+        assert_eq!(
+            streams.resume(&key, &since, now, 1000, |resume, _| resume),
+            Resume::Lost
+        );
+    }
+
+    #[test]
+    fn the_byte_cap_holds_whatever_is_appended() {
+        let cap = 256 * 1024;
+        let streams = Streams::new(cap);
+        let payload: Arc<str> = "x".repeat(1000).into();
+        for i in 0..2000 {
+            let key = inbox(&format!("client-{}", i % 300));
+            streams.append(
+                &key,
+                Some("sender".into()),
+                payload.clone(),
+                KEEP_ALL,
+                |_, _| (),
+            );
+            assert!(streams.bytes() <= cap, "{} over {cap}", streams.bytes());
+        }
+        // The newest message is still there; the oldest are gone.
+        let key = inbox("client-199");
+        let top = streams.position(&key, |p| p.clone());
+        let before = Position {
+            offset: top.offset - 1,
+            ..top.clone()
+        };
+        assert!(matches!(resume(&streams, &key, &before), Resume::Recovered(m) if m.len() == 1));
+        let from_start = Position { offset: 0, ..top };
+        assert_eq!(resume(&streams, &key, &from_start), Resume::Lost);
+    }
+
+    #[test]
+    fn a_stream_made_again_has_a_new_epoch() {
+        // A cap so small that every stream but the one in use is dropped.
+        let streams = Streams::new(SHARDS * (STREAM_OVERHEAD + 16));
+        let key = inbox("a");
+        let first = streams.position(&key, |p| p.epoch.clone());
+        for i in 0..200 {
+            streams.position(&inbox(&format!("other-{i}")), |_| ());
+        }
+        let again = streams.position(&key, |p| p.clone());
+        assert_ne!(again.epoch, first, "dropped and made again");
+        assert_eq!(again.offset, 0);
+    }
+}

@@ -1,0 +1,172 @@
+"""Inboxes and resuming (docs/protocol.md, "Inboxes, offsets and resuming"),
+with a client that is not written in Rust (Python `websockets`).
+
+A connects and gets a welcome, receives messages, disconnects. B sends A
+messages over the WebSocket and over the HTTP API while A is away. A
+reconnects with `?since=EPOCH:OFFSET` and gets exactly those, in order, then
+live ones. Positions that cannot be recovered are said so; bad `since` values
+are refused before the upgrade.
+"""
+
+import asyncio
+import json
+import urllib.request
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from test_relay import (  # noqa: F401 (server and start_server are fixtures)
+    RECV_TIMEOUT,
+    async_test,
+    client,
+    msg,
+    nothing_before_marker,
+    recv,
+    recv_json,
+    server,
+    start_server,
+)
+
+
+def api_send(server, targets, payload):
+    body = json.dumps({"targets": targets, "payload": payload}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.port}/api/v1/send", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=RECV_TIMEOUT) as response:
+        return json.load(response)
+
+
+def resume_url(server, client_id, epoch, offset):
+    return f"{server.ws_url(client_id)}&since={epoch}:{offset}"
+
+
+async def positions(ws, count):
+    """The next `count` deliveries to `ws`: (offset, payload) each, one epoch."""
+    got = [await recv_json(ws) for _ in range(count)]
+    assert all(m["type"] == "message" and m["epoch"] == ws.welcome["epoch"] for m in got), got
+    return [(m["offset"], m["payload"]) for m in got]
+
+
+@async_test
+async def test_a_client_away_gets_exactly_what_it_missed_then_live_messages(server):
+    async with client(server, "b", envelope=True) as b:
+        async with client(server, "a", envelope=True) as a:
+            assert a.welcome == {"type": "welcome", "client": "a", "offset": 0, "epoch": a.welcome["epoch"]}
+            for i in range(10):
+                await b.send(msg(["a"], {"n": i}))
+            assert await positions(a, 10) == [(i + 1, {"n": i}) for i in range(10)]
+            epoch = a.welcome["epoch"]
+        # A is away: 50 over the WebSocket, 20 over HTTP.
+        for i in range(10, 60):
+            await b.send(msg(["a"], {"n": i}, id=i))
+            ack = await recv_json(b)
+            assert ack["offline"] == ["a"] and ack["offsets"] == {"a": i + 1}, ack
+        for i in range(60, 80):
+            result = await asyncio.to_thread(api_send, server, ["a"], {"n": i})
+            assert result == {"delivered": [], "offline": ["a"], "offsets": {"a": i + 1}}, result
+
+        async with client(server, "a", envelope=True, uri=resume_url(server, "a", epoch, 10)) as a:
+            assert a.welcome == {
+                "type": "welcome",
+                "client": "a",
+                "recovered": True,
+                "missed": 70,
+                "offset": 80,
+                "epoch": epoch,
+            }
+            missed = await positions(a, 70)
+            assert missed == [(i + 1, {"n": i}) for i in range(10, 80)]
+            await b.send(msg(["a"], "live"))
+            assert await positions(a, 1) == [(81, "live")]
+            # Nothing twice: the next message is a fresh marker.
+            await nothing_before_marker(server, a, "a")
+
+
+@async_test
+async def test_resuming_at_the_latest_offset_misses_nothing(server):
+    async with client(server, "a", envelope=True) as a:
+        epoch, offset = a.welcome["epoch"], a.welcome["offset"]
+    async with client(server, "a", envelope=True, uri=resume_url(server, "a", epoch, offset)) as a:
+        assert (a.welcome["recovered"], a.welcome["missed"], a.welcome["offset"]) == (True, 0, offset)
+
+
+@async_test
+async def test_a_position_that_cannot_be_recovered_is_said_so_and_nothing_is_replayed(start_server):
+    server = start_server("--inbox-size", "5")
+    async with client(server, "a", envelope=True) as a:
+        epoch = a.welcome["epoch"]
+    for i in range(8):
+        await asyncio.to_thread(api_send, server, ["a"], i)
+    # The inbox keeps 5: messages 4-8. From 3, all of them are there.
+    async with client(server, "a", envelope=True, uri=resume_url(server, "a", epoch, 3)) as a:
+        assert (a.welcome["recovered"], a.welcome["missed"]) == (True, 5)
+        assert [m[1] for m in await positions(a, 5)] == [3, 4, 5, 6, 7]
+    # Messages 1-3 are gone: resuming from 0 or 2 cannot be whole. (Each marker
+    # sent to prove that nothing was replayed takes an offset too.)
+    for top, since in ((8, 0), (9, 2)):
+        async with client(server, "a", envelope=True, uri=resume_url(server, "a", epoch, since)) as a:
+            assert a.welcome == {"type": "welcome", "client": "a", "recovered": False, "offset": top, "epoch": epoch}
+            await nothing_before_marker(server, a, "a")
+    # Another epoch: not recovered.
+    async with client(server, "a", envelope=True, uri=resume_url(server, "a", "zzzzzzzz", 3)) as a:
+        assert a.welcome["recovered"] is False and a.welcome["epoch"] == epoch
+
+
+@pytest.mark.parametrize(
+    "since,reason",
+    [
+        ("nonsense", "invalid since"),
+        ("abc:", "invalid since"),
+        (":5", "invalid since"),
+        ("abc:-1", "invalid since"),
+        ("abc:1.5", "invalid since"),
+        ("ab$c:1", "invalid since"),
+        ("abc:99999999999999999999999", "invalid since"),
+        ("x" * 33 + ":1", "invalid since"),
+    ],
+)
+@async_test
+async def test_malformed_since_is_refused_with_400(server, since, reason):
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(f"{server.ws_url('a')}&since={since}", subprotocols=["switchboard.v1"], proxy=None)
+    assert refused.value.response.status_code == 400
+    assert reason in refused.value.response.body.decode(), refused.value.response.body
+
+
+@async_test
+async def test_an_offset_from_the_future_and_since_on_a_raw_connection_are_refused(server):
+    async with client(server, "a", envelope=True) as a:
+        epoch = a.welcome["epoch"]
+    with pytest.raises(InvalidStatus) as ahead:
+        await connect(resume_url(server, "a", epoch, 1), subprotocols=["switchboard.v1"], proxy=None)
+    assert ahead.value.response.status_code == 400
+    assert b"ahead of this client's inbox (offset 1 > 0)" in ahead.value.response.body
+    with pytest.raises(InvalidStatus) as raw:
+        await connect(resume_url(server, "a", epoch, 0), proxy=None)
+    assert raw.value.response.status_code == 400
+    assert b"since needs the switchboard.v1 subprotocol" in raw.value.response.body
+    # Nothing else was affected: the inbox still takes and gives messages.
+    async with client(server, "a", envelope=True, uri=resume_url(server, "a", epoch, 0)) as a:
+        assert a.welcome["recovered"] is True
+
+
+@async_test
+async def test_two_senders_at_once_reach_a_client_in_offset_order(start_server):
+    """Appends to one inbox from two connections (two server threads) go out in
+    the order of their offsets: a client that resumes by offset never sees one
+    pass another."""
+    server = start_server("--rate-limit-messages-per-sec", "0")
+    async with client(server, "a", envelope=True) as a, client(server, "s1") as s1, client(server, "s2") as s2:
+        count = 300
+
+        async def flood(ws, tag):
+            for i in range(count):
+                await ws.send(msg(["a"], [tag, i]))
+
+        await asyncio.gather(flood(s1, "s1"), flood(s2, "s2"))
+        got = await positions(a, 2 * count)
+        assert [offset for offset, _ in got] == list(range(1, 2 * count + 1))
+        for tag in ("s1", "s2"):
+            assert [p[1] for _, p in got if p[0] == tag] == list(range(count)), tag
