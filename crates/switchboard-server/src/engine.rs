@@ -142,11 +142,13 @@ impl Engine for MemoryEngine {
             self.registry
                 .register(id.clone(), outbox.clone(), mode.format())
         };
-        let Some(since) = since.filter(|_| mode == Mode::Envelope) else {
+        if mode == Mode::Raw {
+            // No welcome and no offsets: nothing to order against the inbox.
+            return self.registry.register(id, outbox, mode.format());
+        }
+        let Some(since) = since else {
             return self.streams.position(&key, |position| {
-                let welcome = (mode == Mode::Envelope)
-                    .then(|| wire::welcome(&id, at(position), Resumed::NotAsked));
-                register(welcome.into_iter().collect())
+                register(vec![wire::welcome(&id, at(position), Resumed::NotAsked)])
             });
         };
         self.streams

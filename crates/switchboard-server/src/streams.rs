@@ -3,10 +3,14 @@
 //!
 //! Every message appended to a stream gets the next offset: a u64,
 //! contiguous per stream, from 1. A stream has an epoch, a short random
-//! string made when the stream is made; a stream that is made again (after
-//! its history was lost) gets a new one, so (epoch, offset) never names two
-//! different messages. Resuming is all or nothing: a position is recovered
-//! only when every message after it is still held.
+//! string, so (epoch, offset) never names two different messages: a stream
+//! is made (by its first message) with the store's current epoch, and the
+//! current epoch changes whenever the cap drops a stream, so a stream made
+//! again never reuses its old epoch. A stream that was never written holds
+//! nothing at all: its position is the current epoch at offset 0, which is
+//! what a client that has seen nothing resumes from. Resuming is all or
+//! nothing: a position is recovered only when every message after it is
+//! still held.
 //!
 //! What the store holds is bounded by one byte cap, whatever clients do: the
 //! streams are split over shards, each with its share of the cap, and a shard
@@ -19,7 +23,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Which stream: a client id's inbox or a topic's history.
@@ -104,13 +108,18 @@ pub struct Streams {
     shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
     shard_cap: usize,
+    /// The epoch of streams made from now on, and of those never made.
+    epoch: RwLock<Arc<str>>,
 }
 
 #[derive(Debug, Default)]
 struct Shard {
     streams: HashMap<StreamKey, Stream>,
-    /// Entries in the order they were appended, for evicting the oldest.
+    /// Entries in the order they were appended, for evicting the oldest;
+    /// places of entries pruned since are skipped, and swept now and then.
     order: VecDeque<(StreamKey, u64)>,
+    /// Entries held.
+    held: usize,
     bytes: usize,
 }
 
@@ -122,9 +131,9 @@ struct Stream {
 }
 
 impl Stream {
-    fn new() -> Self {
+    fn new(epoch: Arc<str>) -> Self {
         Self {
-            epoch: new_epoch(),
+            epoch,
             top: 0,
             entries: VecDeque::new(),
         }
@@ -146,7 +155,15 @@ impl Streams {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
             shard_cap: max_bytes / SHARDS,
+            epoch: RwLock::new(new_epoch()),
         }
+    }
+
+    fn current_epoch(&self) -> Arc<str> {
+        self.epoch
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Bytes held now, counted as the cap counts them.
@@ -168,7 +185,14 @@ impl Streams {
         let mut guard = self.shard(key);
         let shard = &mut *guard;
         let now = now_ms();
-        let stream = stream_in(&mut shard.streams, &mut shard.bytes, key);
+        let stream = match shard.streams.get_mut(key) {
+            Some(stream) => stream,
+            None => {
+                shard.bytes += STREAM_OVERHEAD + key.name().len();
+                let stream = Stream::new(self.current_epoch());
+                shard.streams.entry(key.clone()).or_insert(stream)
+            }
+        };
         stream.top += 1;
         let entry = Entry {
             offset: stream.top,
@@ -181,22 +205,27 @@ impl Streams {
         // the retention keeps none (history off).
         stream.entries.push_back(entry.clone());
         shard.order.push_back((key.clone(), stream.top));
-        shard.bytes -= prune(stream, retention, now);
+        let (count, bytes) = prune(stream, retention, now);
+        shard.held = shard.held + 1 - count;
+        shard.bytes -= bytes;
         let epoch = stream.epoch.clone();
         let result = then(&entry, &epoch);
-        evict(shard, self.shard_cap, key);
+        self.evict(shard, key);
         result
     }
 
-    /// Where `key`'s stream is now (made if missing, so that its epoch can be
-    /// given out), and `then` run with it under the stream's lock.
+    /// Where `key`'s stream is now, and `then` run with it under the stream's
+    /// lock. Nothing is made for a stream never written.
     pub fn position<R>(&self, key: &StreamKey, then: impl FnOnce(&Position) -> R) -> R {
-        let mut guard = self.shard(key);
-        let shard = &mut *guard;
-        let position = stream_in(&mut shard.streams, &mut shard.bytes, key).position();
-        let result = then(&position);
-        evict(shard, self.shard_cap, key);
-        result
+        let shard = self.shard(key);
+        let position = match shard.streams.get(key) {
+            Some(stream) => stream.position(),
+            None => Position {
+                epoch: self.current_epoch(),
+                offset: 0,
+            },
+        };
+        then(&position)
     }
 
     /// What came after `since` in `key`'s stream, at most `limit` messages of
@@ -214,8 +243,21 @@ impl Streams {
     ) -> R {
         let mut guard = self.shard(key);
         let shard = &mut *guard;
-        let stream = stream_in(&mut shard.streams, &mut shard.bytes, key);
-        shard.bytes -= prune(stream, retention, now_ms());
+        let Some(stream) = shard.streams.get_mut(key) else {
+            let position = Position {
+                epoch: self.current_epoch(),
+                offset: 0,
+            };
+            let resume = match (since.epoch == position.epoch, since.offset) {
+                (false, _) => Resume::Lost,
+                (true, 0) => Resume::Recovered(Vec::new()),
+                (true, _) => Resume::Ahead,
+            };
+            return then(resume, &position);
+        };
+        let (count, bytes) = prune(stream, retention, now_ms());
+        shard.held -= count;
+        shard.bytes -= bytes;
         let position = stream.position();
         let resume = if since.epoch != stream.epoch {
             Resume::Lost
@@ -231,9 +273,53 @@ impl Streams {
                 Resume::Recovered(stream.entries.iter().skip(skip).cloned().collect())
             }
         };
-        let result = then(resume, &position);
-        evict(shard, self.shard_cap, key);
-        result
+        then(resume, &position)
+    }
+
+    /// Drops the shard's oldest entries while it is over its cap, then
+    /// streams that hold no entries (not `keep`, the one in use). Dropping a
+    /// stream changes the current epoch: a stream made again never reuses
+    /// the old one, so no position in it is ever recovered wrongly.
+    fn evict(&self, shard: &mut Shard, keep: &StreamKey) {
+        let cap = self.shard_cap;
+        while shard.bytes > cap {
+            let Some((key, offset)) = shard.order.pop_front() else {
+                break;
+            };
+            let Some(stream) = shard.streams.get_mut(&key) else {
+                continue;
+            };
+            if stream.entries.front().is_some_and(|e| e.offset == offset) {
+                let entry = stream.entries.pop_front().expect("checked");
+                shard.held -= 1;
+                shard.bytes -= entry.cost();
+            }
+        }
+        if shard.bytes > cap {
+            let mut freed = 0;
+            shard.streams.retain(|key, stream| {
+                let drop = key != keep && stream.entries.is_empty();
+                if drop {
+                    freed += STREAM_OVERHEAD + key.name().len();
+                }
+                !drop
+            });
+            if freed > 0 {
+                shard.bytes -= freed;
+                *self.epoch.write().unwrap_or_else(PoisonError::into_inner) = new_epoch();
+            }
+        }
+        // Stale places (entries already pruned) would otherwise pile up in a
+        // shard whose streams are pruned by count or age before the cap.
+        if shard.order.len() > 2 * shard.held + 64 {
+            let streams = &shard.streams;
+            shard.order.retain(|(key, offset)| {
+                streams
+                    .get(key)
+                    .and_then(|s| s.entries.front())
+                    .is_some_and(|front| front.offset <= *offset)
+            });
+        }
     }
 
     fn shard(&self, key: &StreamKey) -> MutexGuard<'_, Shard> {
@@ -246,23 +332,12 @@ fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     shard.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// `key`'s stream, made (and counted in `bytes`) if missing.
-fn stream_in<'s>(
-    streams: &'s mut HashMap<StreamKey, Stream>,
-    bytes: &mut usize,
-    key: &StreamKey,
-) -> &'s mut Stream {
-    streams.entry(key.clone()).or_insert_with(|| {
-        *bytes += STREAM_OVERHEAD + key.name().len();
-        Stream::new()
-    })
-}
-
-/// Drops what `stream` keeps beyond its retention; returns the bytes freed.
-/// Their places in the shard's eviction order go stale and are skipped.
-fn prune(stream: &mut Stream, retention: Retention, now: u64) -> usize {
+/// Drops what `stream` keeps beyond its retention; returns how many entries
+/// and bytes were freed. Their places in the shard's eviction order go stale
+/// and are skipped.
+fn prune(stream: &mut Stream, retention: Retention, now: u64) -> (usize, usize) {
     let ttl = u64::try_from(retention.ttl.as_millis()).unwrap_or(u64::MAX);
-    let mut freed = 0;
+    let (mut count, mut freed) = (0, 0);
     while let Some(front) = stream.entries.front() {
         let too_many = stream.entries.len() > retention.max_entries;
         let too_old = front.at_ms.saturating_add(ttl) <= now;
@@ -270,56 +345,10 @@ fn prune(stream: &mut Stream, retention: Retention, now: u64) -> usize {
             break;
         }
         freed += front.cost();
+        count += 1;
         stream.entries.pop_front();
     }
-    freed
-}
-
-/// Drops the shard's oldest entries while it is over `cap`, then streams
-/// that hold no entries (not `keep`, the one in use). A stream dropped is
-/// made again with a new epoch, so no position in it is ever recovered wrongly.
-fn evict(shard: &mut Shard, cap: usize, keep: &StreamKey) {
-    while shard.bytes > cap {
-        let Some((key, offset)) = shard.order.pop_front() else {
-            break;
-        };
-        let Some(stream) = shard.streams.get_mut(&key) else {
-            continue;
-        };
-        if stream.entries.front().is_some_and(|e| e.offset == offset) {
-            let entry = stream.entries.pop_front().expect("checked");
-            shard.bytes -= entry.cost();
-        }
-    }
-    if shard.bytes > cap {
-        let mut freed = 0;
-        shard.streams.retain(|key, stream| {
-            let drop = key != keep && stream.entries.is_empty();
-            if drop {
-                freed += STREAM_OVERHEAD + key.name().len();
-            }
-            !drop
-        });
-        shard.bytes -= freed;
-    }
-    // Stale places (entries already pruned) would otherwise pile up in a
-    // shard whose streams are pruned by count or age before the cap.
-    if shard.order.len()
-        > 2 * shard
-            .streams
-            .values()
-            .map(|s| s.entries.len())
-            .sum::<usize>()
-            + 64
-    {
-        let streams = &shard.streams;
-        shard.order.retain(|(key, offset)| {
-            streams
-                .get(key)
-                .and_then(|s| s.entries.front())
-                .is_some_and(|front| front.offset <= *offset)
-        });
-    }
+    (count, freed)
 }
 
 fn now_ms() -> u64 {
@@ -375,10 +404,10 @@ mod tests {
             assert_eq!(p.offset, 0);
             p.epoch.clone()
         });
+        assert_eq!(streams.bytes(), 0, "a stream never written holds nothing");
         assert_eq!(append(&streams, &a, "1"), (1, epoch.clone()));
         assert_eq!(append(&streams, &b, "x").0, 1, "each stream counts its own");
         assert_eq!(append(&streams, &a, "2"), (2, epoch.clone()));
-        assert_ne!(streams.position(&b, |p| p.epoch.clone()), epoch);
         assert_eq!(epoch.len(), 8);
     }
 
@@ -491,15 +520,40 @@ mod tests {
 
     #[test]
     fn a_stream_made_again_has_a_new_epoch() {
-        // A cap so small that every stream but the one in use is dropped.
-        let streams = Streams::new(SHARDS * (STREAM_OVERHEAD + 16));
+        // A cap so small that a shard holds one stream: the others are dropped.
+        let streams = Streams::new(SHARDS * (STREAM_OVERHEAD + ENTRY_OVERHEAD + 16));
         let key = inbox("a");
-        let first = streams.position(&key, |p| p.epoch.clone());
+        let (_, first) = append(&streams, &key, "1");
         for i in 0..200 {
-            streams.position(&inbox(&format!("other-{i}")), |_| ());
+            append(&streams, &inbox(&format!("other-{i}")), "1");
         }
         let again = streams.position(&key, |p| p.clone());
-        assert_ne!(again.epoch, first, "dropped and made again");
+        assert_ne!(again.epoch, first, "dropped, so another epoch");
         assert_eq!(again.offset, 0);
+        let old = Position {
+            epoch: first,
+            offset: 1,
+        };
+        assert_eq!(resume(&streams, &key, &old), Resume::Lost);
+        assert_eq!(append(&streams, &key, "2"), (1, again.epoch));
+    }
+
+    #[test]
+    fn a_stream_never_written_resumes_from_zero_only() {
+        let streams = Streams::new(1 << 20);
+        let key = inbox("a");
+        let zero = streams.position(&key, |p| p.clone());
+        assert_eq!(resume(&streams, &key, &zero), Resume::Recovered(vec![]));
+        let ahead = Position {
+            offset: 1,
+            ..zero.clone()
+        };
+        assert_eq!(resume(&streams, &key, &ahead), Resume::Ahead);
+        let other = Position {
+            epoch: "zzzzzzzz".into(),
+            offset: 0,
+        };
+        assert_eq!(resume(&streams, &key, &other), Resume::Lost);
+        assert_eq!(streams.bytes(), 0);
     }
 }

@@ -263,8 +263,17 @@ async fn stats_count_connections_and_traffic() {
     server.wait_for_clients(2).await;
     send(&mut a, json!({"targets": ["b"], "payload": "hello"})).await;
     recv_text(&mut b).await;
-    let (status, stats) = server.api("GET", "/api/v1/stats", None, None).await;
-    assert_eq!(status, 200);
+    // A frame written straight to the socket is counted once the write
+    // returns, which can be just after the client has read it.
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let stats = loop {
+        let (status, stats) = server.api("GET", "/api/v1/stats", None, None).await;
+        assert_eq!(status, 200);
+        if stats["messages_out"] != 0 || tokio::time::Instant::now() > deadline {
+            break stats;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
     assert_eq!(
         (stats["connections"].as_u64(), stats["clients"].as_u64()),
         (Some(2), Some(2))
