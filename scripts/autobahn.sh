@@ -57,7 +57,7 @@ kosoku_ran "$rc" "$OUT/kosoku.log"
 kill "$ECHO_PID"
 
 # The service, with its defaults, on its own echo path.
-target/release/switchboard serve --listen 127.0.0.1:0 --echo-path /echo > "$OUT/service.log" 2>&1 &
+target/release/switchboard serve --listen 127.0.0.1:0 --persist false --echo-path /echo > "$OUT/service.log" 2>&1 &
 SERVICE_PID=$!
 trap 'kill $SERVICE_PID 2>/dev/null || true' EXIT
 ADDR=$(wait_listening "$OUT/service.log" "$SERVICE_PID") || { cat "$OUT/service.log"; echo "switchboard did not start"; exit 1; }

@@ -40,7 +40,7 @@ function startRelay(args, listen = "127.0.0.1:0") {
   if (!existsSync(BIN)) throw new Error(`switchboard binary not found at ${BIN} (set SWITCHBOARD_BIN)`);
   const proc = spawn(
     BIN,
-    ["serve", "--listen", listen, "--idle-timeout-secs", "120", "--shutdown-drain-secs", "2", ...args],
+    ["serve", "--listen", listen, "--persist", "false", "--idle-timeout-secs", "120", "--shutdown-drain-secs", "2", ...args],
     { stdio: ["ignore", "pipe", "pipe"] },
   );
   const relay = { proc, port: null, stderr: "" };

@@ -46,7 +46,7 @@ let stderrTail = "";
 
 function startServer(args = []) {
   if (!existsSync(BIN)) throw new Error(`switchboard binary not found at ${BIN} (set SWITCHBOARD_BIN)`);
-  const proc = spawn(BIN, ["serve", "--listen", "127.0.0.1:0", ...args], {
+  const proc = spawn(BIN, ["serve", "--listen", "127.0.0.1:0", "--persist", "false", ...args], {
     stdio: ["ignore", "pipe", "pipe"],
   });
   proc.stderr.on("data", (d) => {
@@ -279,12 +279,12 @@ test("demo UI: two tabs exchange messages through #connect/#send/#log", async ()
   await ui2.close();
 });
 
-test("SIGTERM: the browser's sockets close with 1001 and the relay exits 0", async () => {
+test("SIGTERM: the browser's sockets close with 1012 (service restart) and the relay exits 0", async () => {
   server.kill("SIGTERM");
   const [alice, bob] = await page.evaluate(() => Promise.all([window.sb.closed("alice"), window.sb.closed("bob")]));
-  assert.equal(alice.code, 1001);
-  assert.equal(bob.code, 1001);
-  await page.waitForFunction(() => document.querySelector("#log").textContent.includes("closed 1001"), null, { timeout: WAIT_MS });
+  assert.equal(alice.code, 1012);
+  assert.equal(bob.code, 1012);
+  await page.waitForFunction(() => document.querySelector("#log").textContent.includes("closed 1012"), null, { timeout: WAIT_MS });
   const exit = await withTimeout(serverExit, 10_000, "relay exit after SIGTERM");
   assert.deepEqual(exit, { code: 0, signal: null });
 });

@@ -25,7 +25,7 @@ def stats(server):
 
 def test_accept_errors_are_logged_once_counted_and_survived():
     limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))  # noqa: E731
-    server = Server([BIN, "serve", "--listen", "127.0.0.1:0"], preexec_fn=limit)
+    server = Server([BIN, "serve", "--listen", "127.0.0.1:0", "--persist", "false"], preexec_fn=limit)
     held = []
     try:
         assert stats(server)["accept_errors"] == 0

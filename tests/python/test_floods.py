@@ -140,7 +140,7 @@ def echo(start_server):
 
 
 def relay(start_server, *flags):
-    return start_server([BIN, "serve", "--listen", "127.0.0.1:0", *flags])
+    return start_server([BIN, "serve", "--listen", "127.0.0.1:0", "--persist", "false", *flags])
 
 
 # --------------------------------------------------------------------------

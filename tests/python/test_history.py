@@ -10,6 +10,8 @@ are refused before the upgrade.
 
 import asyncio
 import json
+import signal
+import subprocess
 import urllib.request
 
 import pytest
@@ -17,6 +19,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from test_relay import (  # noqa: F401 (server and start_server are fixtures)
+    BIN,
     RECV_TIMEOUT,
     async_test,
     client,
@@ -170,3 +173,84 @@ async def test_two_senders_at_once_reach_a_client_in_offset_order(start_server):
         assert [offset for offset, _ in got] == list(range(1, 2 * count + 1))
         for tag in ("s1", "s2"):
             assert [p[1] for _, p in got if p[0] == tag] == list(range(count)), tag
+
+
+# --------------------------------------------------------------------------
+# Restarts: a snapshot across a graceful one, honesty after a crash
+# --------------------------------------------------------------------------
+
+
+def stop_gracefully(server):
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=15) == 0, server.logs()
+
+
+def crash(server):
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(timeout=5)
+
+
+@async_test
+async def test_history_survives_a_graceful_restart_and_a_crash_is_said_so(start_server, tmp_path):
+    """Graceful restart: clients are closed with 1012, resume on the new
+    process with recovered:true and miss nothing. Then more traffic, then
+    kill -9: the snapshot was used up by the start, so the epochs are new and
+    resuming says recovered:false (never offsets reused under an old epoch)."""
+    data = str(tmp_path / "data")
+    server = start_server("--data-dir", data)
+    async with client(server, "a", envelope=True) as a:
+        epoch = a.welcome["epoch"]
+        for i in range(5):
+            await asyncio.to_thread(api_send, server, ["a"], i)
+        assert [p for _, p in await positions(a, 5)] == list(range(5))
+        stop_gracefully(server)
+        closed = await a.wait_closed() or a.close_code
+        assert (a.close_code, a.close_reason) == (1012, "server restarting"), closed
+    assert (tmp_path / "data" / "streams.snapshot").exists()
+
+    server = start_server("--data-dir", data)
+    assert not (tmp_path / "data" / "streams.snapshot").exists(), "a snapshot is used once"
+    for i in range(5, 8):
+        await asyncio.to_thread(api_send, server, ["a"], i)
+    async with client(server, "a", envelope=True, uri=resume_url(server, "a", epoch, 5)) as a:
+        assert a.welcome == {
+            "type": "welcome",
+            "client": "a",
+            "recovered": True,
+            "missed": 3,
+            "offset": 8,
+            "epoch": epoch,
+        }
+        assert await positions(a, 3) == [(6, 5), (7, 6), (8, 7)]
+
+    # More traffic, then a crash: no snapshot is written, and none is left.
+    for i in range(8, 10):
+        await asyncio.to_thread(api_send, server, ["a"], i)
+    crash(server)
+    server = start_server("--data-dir", data)
+    async with client(server, "a", envelope=True, uri=resume_url(server, "a", epoch, 8)) as a:
+        assert a.welcome["recovered"] is False, a.welcome
+        assert a.welcome["epoch"] != epoch and a.welcome["offset"] == 0, a.welcome
+
+
+def run_binary(*args):
+    return subprocess.run([BIN, "serve", "--listen", "127.0.0.1:0", *args], capture_output=True, timeout=20)
+
+
+def test_a_corrupt_snapshot_stops_the_start_unless_told_to_start_fresh(start_server, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    snapshot = data / "streams.snapshot"
+    snapshot.write_text('{"format":"switchboard-streams","version":1,"epoch":"abc"}\n{"kind":"inbox"')
+    refused = run_binary("--data-dir", str(data))
+    stderr = refused.stderr.decode()
+    assert refused.returncode == 1, stderr
+    assert b"listening" not in refused.stdout
+    assert stderr.count("\n") == 1 and "is corrupt at line 2" in stderr and "--start-fresh" in stderr, stderr
+    assert snapshot.exists(), "never discarded"
+
+    server = start_server("--data-dir", str(data), "--start-fresh")
+    assert not snapshot.exists()
+    aside = [p.name for p in data.iterdir() if p.name.startswith("streams.snapshot.unreadable-")]
+    assert len(aside) == 1, aside
+    assert "could not be read" in server.logs()

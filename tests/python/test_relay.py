@@ -51,6 +51,9 @@ class Server:
         if not os.access(BIN, os.X_OK):
             pytest.fail(f"switchboard binary not found at {BIN} (set SWITCHBOARD_BIN)")
         self.stderr = tempfile.TemporaryFile()
+        # No snapshot in the working directory unless the test gives a directory.
+        if "--data-dir" not in args and "--persist" not in args:
+            args = ("--persist", "false", *args)
         self.proc = subprocess.Popen(
             [BIN, "serve", "--listen", "127.0.0.1:0", *args],
             stdin=subprocess.DEVNULL,
@@ -1184,7 +1187,7 @@ async def test_any_worker_layout_relays_and_shuts_down(start_server, args):
             assert server.http("GET", "/healthz")[0] == 200
         server.proc.send_signal(signal.SIGTERM)
         for ws in clients:
-            assert (await expect_close(ws)).code == 1001
+            assert (await expect_close(ws)).code == 1012
     assert await asyncio.to_thread(server.proc.wait, 10) == 0, server.logs()
 
 
@@ -1215,7 +1218,7 @@ async def test_the_default_worker_count_follows_the_cpus_the_server_may_use(star
 
 
 @async_test
-async def test_sigterm_closes_clients_1001_and_exits_0(server):
+async def test_sigterm_closes_clients_1012_and_exits_0(server):
     async with client(server, "a") as a, client(server, "b", envelope=True) as b, client(server, "b") as b2:
         await a.send(msg(["a", "b"], "ready"))
         assert await recv(a) == '"ready"'
@@ -1224,7 +1227,8 @@ async def test_sigterm_closes_clients_1001_and_exits_0(server):
         server.proc.send_signal(signal.SIGTERM)
         for ws in (a, b, b2):
             rcvd = await expect_close(ws)
-            assert rcvd.code == 1001, rcvd
+            # Service restart: clients are to come back and resume.
+            assert (rcvd.code, rcvd.reason) == (1012, "server restarting"), rcvd
     code = await asyncio.to_thread(server.proc.wait, 10)
     assert code == 0, server.logs()
     # The port no longer accepts connections.

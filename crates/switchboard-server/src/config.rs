@@ -178,6 +178,22 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_HISTORY_MAX_BYTES", value_name = "BYTES")]
     pub history_max_bytes: Option<usize>,
 
+    /// Where the memory engine keeps its snapshot between a graceful stop and the next start
+    /// [default: switchboard-data]
+    #[arg(long, env = "SWITCHBOARD_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Keep history across a graceful restart: write a snapshot to the data directory on stop, and
+    /// read it on start; false touches no disk (history then lives as long as the process)
+    /// [default: true]
+    #[arg(long, env = "SWITCHBOARD_PERSIST", value_name = "BOOL", action = clap::ArgAction::Set)]
+    pub persist: Option<bool>,
+
+    /// Start even if the snapshot in the data directory cannot be read: it is moved aside (never
+    /// deleted) and history starts empty, so resuming clients are told recovered:false
+    #[arg(long, env = "SWITCHBOARD_START_FRESH", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub start_fresh: Option<bool>,
+
     /// Most WebSocket connections from one IP address; more get HTTP 429. Behind a reverse proxy
     /// every client has the proxy's address: raise it or set 0 (no limit) [default: 1000]
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP", value_name = "N")]
@@ -335,6 +351,10 @@ pub struct Config {
     pub inbox_ttl: Duration,
     /// History the memory engine holds, in bytes.
     pub history_max_bytes: usize,
+    /// Where the snapshot is kept, when history is persisted.
+    pub data_dir: Option<PathBuf>,
+    /// Whether to move an unreadable snapshot aside and start anyway.
+    pub start_fresh: bool,
     /// API keys.
     pub api_keys: ApiKeys,
     /// Separate API listener, if any.
@@ -426,6 +446,11 @@ impl Config {
             inbox_size: s.inbox_size.unwrap_or(100),
             inbox_ttl: Duration::from_secs(s.inbox_ttl_secs.unwrap_or(600)),
             history_max_bytes: s.history_max_bytes.unwrap_or(128 << 20),
+            data_dir: s.persist.unwrap_or(true).then(|| {
+                s.data_dir
+                    .unwrap_or_else(|| PathBuf::from("switchboard-data"))
+            }),
+            start_fresh: s.start_fresh.unwrap_or(false),
             api_keys: ApiKeys::new(&s.api_keys.unwrap_or_default()),
             api_listen: s.api_listen,
             api_max_body_bytes: s.api_max_body_bytes.unwrap_or(1 << 20),

@@ -10,6 +10,8 @@
 //! first (the welcome), and one that asks to resume from a position gets
 //! every message after it, or is told that it cannot: never part of them.
 
+use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -19,6 +21,7 @@ use switchboard::{
     Broker, ClientId, Format, Outbound, Outbox, PreparedMessage, Registration, Registry,
 };
 
+use crate::snapshot::{self, Loaded};
 use crate::streams::{Entry, Position, Resume, Retention, StreamKey, Streams};
 use crate::wire::{self, At, Mode, Resumed};
 
@@ -80,6 +83,11 @@ pub trait Engine: Send + Sync + 'static {
 
     /// How many live connections `id` has.
     fn connections(&self, id: &str) -> usize;
+
+    /// Called once serving has stopped: an engine that holds its streams in
+    /// this process writes them to `dir` (and returns the file); one whose
+    /// streams live elsewhere has nothing to write.
+    fn save(&self, dir: &Path) -> io::Result<Option<PathBuf>>;
 }
 
 /// How long and how much inboxes keep.
@@ -103,10 +111,20 @@ pub struct MemoryEngine {
 impl MemoryEngine {
     /// An engine over `registry`, keeping inboxes as `inbox` says, within
     /// `max_bytes` of history in all.
-    pub fn new(registry: Registry, inbox: InboxRetention, max_bytes: usize) -> Self {
+    /// With `snapshot`, the streams start as a graceful stop left them.
+    pub fn new(
+        registry: Registry,
+        inbox: InboxRetention,
+        max_bytes: usize,
+        snapshot: Option<Loaded>,
+    ) -> Self {
+        let streams = match snapshot {
+            Some(loaded) => Streams::restore(max_bytes, loaded.epoch, loaded.streams),
+            None => Streams::new(max_bytes),
+        };
         Self {
             registry,
-            streams: Streams::new(max_bytes),
+            streams,
             inbox: Retention {
                 max_entries: inbox.size,
                 ttl: inbox.ttl,
@@ -219,6 +237,11 @@ impl Engine for MemoryEngine {
 
     fn connections(&self, id: &str) -> usize {
         self.registry.connections(id)
+    }
+
+    fn save(&self, dir: &Path) -> io::Result<Option<PathBuf>> {
+        let (epoch, streams) = self.streams.export();
+        snapshot::save(dir, &epoch, &streams).map(Some)
     }
 }
 

@@ -8,6 +8,7 @@ use crate::auth::{ApiKeys, JwtVerifier};
 use crate::config::Config;
 use crate::engine::{Engine, InboxRetention, MemoryEngine};
 use crate::peers::PeerLimit;
+use crate::snapshot::Loaded;
 use crate::topics::{Namespaces, PresenceEvents};
 
 /// Per-connection limits on what clients send.
@@ -59,7 +60,11 @@ pub struct Hub {
 
 impl Hub {
     /// The state for `config`, with the in-process registry and topics.
-    pub fn new(config: &Config, shutdown: Shutdown) -> anyhow::Result<Self> {
+    pub fn new(
+        config: &Config,
+        shutdown: Shutdown,
+        snapshot: Option<Loaded>,
+    ) -> anyhow::Result<Self> {
         let registry = Registry::new();
         let namespaces = Arc::new(Namespaces::new(config.namespaces.clone()));
         let stats = Stats::new();
@@ -76,6 +81,7 @@ impl Hub {
                     ttl: config.inbox_ttl,
                 },
                 config.history_max_bytes,
+                snapshot,
             )),
             registry,
             pubsub: PubSub::with_listener(PresenceEvents(namespaces.clone())),

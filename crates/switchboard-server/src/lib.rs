@@ -34,6 +34,7 @@ pub mod logging;
 pub mod peers;
 pub mod relay;
 pub mod server;
+pub mod snapshot;
 pub mod streams;
 pub mod topics;
 pub mod wire;

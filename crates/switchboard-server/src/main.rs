@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use switchboard_server::config::{Config, ServeArgs};
 use switchboard_server::workers::{self, Layout};
-use switchboard_server::{logging, server};
+use switchboard_server::{logging, server, snapshot};
 
 /// Switchboard: a WebSocket relay. Clients connect to /ws?id=<id> and send
 /// {"targets":[...],"payload":...}; the payload reaches every connection of every target.
@@ -22,7 +22,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the relay service (Ctrl-C or SIGTERM closes clients with 1001 and exits 0)
+    /// Run the relay service (Ctrl-C or SIGTERM closes clients with 1012, saves history to the data directory and exits 0)
     Serve(ServeArgs),
 }
 
@@ -54,6 +54,16 @@ fn fail(error: &anyhow::Error, code: ExitCode) -> ExitCode {
 
 fn serve(config: &Config) -> anyhow::Result<()> {
     logging::init(config.log_format, &config.log_level);
+    // Read (not yet used up) before binding: a snapshot that cannot be read
+    // stops the start, and one read is not lost if binding fails.
+    let snapshot = match &config.data_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the data directory {}", dir.display()))?;
+            snapshot::open(dir, config.start_fresh)?
+        }
+        None => None,
+    };
     let layout = Layout::new(config.workers, config.scheduler);
     let runtime = layout.main_runtime()?;
     let (listener, workers, api_listener) = {
@@ -86,6 +96,13 @@ fn serve(config: &Config) -> anyhow::Result<()> {
             workers,
             api: api_listener,
         };
-        server::serve(config, listeners, server::signal()).await
+        if let (Some(loaded), Some(dir)) = (&snapshot, &config.data_dir) {
+            snapshot::consume(dir)?;
+            tracing::info!(
+                streams = loaded.streams.len(),
+                "history restored from the last graceful stop"
+            );
+        }
+        server::serve(config, listeners, snapshot, server::signal()).await
     })
 }

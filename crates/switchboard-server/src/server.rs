@@ -3,12 +3,13 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use switchboard::Shutdown;
+use switchboard::{CloseCode, CloseReason, Shutdown};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::snapshot::Loaded;
 use crate::workers::Worker;
 use crate::{api, app};
 
@@ -23,10 +24,13 @@ pub struct Listeners {
 }
 
 /// Serves clients and the API until `stop` resolves, then stops accepting,
-/// closes every connection with 1001 and waits up to the drain time for them.
+/// closes every connection with 1012 (service restart: come back and resume)
+/// and waits up to the drain time for them; then the engine saves its
+/// streams. `snapshot` is what the last graceful stop saved.
 pub async fn serve(
     config: &Config,
     listeners: Listeners,
+    snapshot: Option<Loaded>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let Listeners {
@@ -34,8 +38,11 @@ pub async fn serve(
         workers,
         api: api_listener,
     } = listeners;
-    let shutdown = Shutdown::new();
-    let hub = Arc::new(Hub::new(config, shutdown.clone())?);
+    let shutdown = Shutdown::closing_with(CloseReason::new(
+        CloseCode::SERVICE_RESTART,
+        "server restarting",
+    ));
+    let hub = Arc::new(Hub::new(config, shutdown.clone(), snapshot)?);
     let stopping = CancellationToken::new();
     let main_loopback = listener.local_addr()?.ip().is_loopback();
     let body = api::BodyRules {
@@ -66,7 +73,7 @@ pub async fn serve(
         stop.await;
         tracing::info!(
             connections = trigger.connections(),
-            "shutting down: closing connections with 1001"
+            "shutting down: closing connections with 1012"
         );
         stop_all.cancel();
         trigger.trigger();
@@ -119,6 +126,22 @@ pub async fn serve(
         }
     })
     .await?;
+    // Nothing is appended any more: the streams are written as they stand.
+    let Some(dir) = config.data_dir.clone() else {
+        return Ok(());
+    };
+    let engine = hub.engine.clone();
+    let target = dir.clone();
+    match tokio::task::spawn_blocking(move || engine.save(&target)).await? {
+        Ok(Some(path)) => tracing::info!(path = %path.display(), "history saved"),
+        Ok(None) => {}
+        Err(error) => {
+            return Err(anyhow::Error::new(error).context(format!(
+                "saving history to {}; the next start begins with new epochs",
+                dir.display()
+            )));
+        }
+    }
     Ok(())
 }
 

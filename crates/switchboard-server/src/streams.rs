@@ -73,6 +73,19 @@ impl Entry {
     }
 }
 
+/// One stream as a snapshot holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    /// Which stream.
+    pub key: StreamKey,
+    /// Its epoch.
+    pub epoch: Arc<str>,
+    /// Its last offset.
+    pub top: u64,
+    /// The messages it holds, oldest first, ending at `top`.
+    pub entries: Vec<Entry>,
+}
+
 /// What one stream keeps, at most.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
@@ -157,6 +170,48 @@ impl Streams {
             shard_cap: max_bytes / SHARDS,
             epoch: RwLock::new(new_epoch()),
         }
+    }
+
+    /// A store with `streams` in it (a snapshot's), whose current epoch
+    /// is `epoch`; the cap applies from the start.
+    pub fn restore(max_bytes: usize, epoch: Arc<str>, streams: Vec<Restored>) -> Self {
+        let store = Self::new(max_bytes);
+        *store.epoch.write().unwrap_or_else(PoisonError::into_inner) = epoch;
+        for restored in streams {
+            let mut guard = store.shard(&restored.key);
+            let shard = &mut *guard;
+            shard.bytes += STREAM_OVERHEAD + restored.key.name().len();
+            for entry in &restored.entries {
+                shard.bytes += entry.cost();
+                shard.held += 1;
+                shard.order.push_back((restored.key.clone(), entry.offset));
+            }
+            let stream = Stream {
+                epoch: restored.epoch,
+                top: restored.top,
+                entries: restored.entries.into(),
+            };
+            shard.streams.insert(restored.key.clone(), stream);
+            store.evict(shard, &restored.key);
+        }
+        store
+    }
+
+    /// Every stream as it is now, for a snapshot, and the current epoch.
+    /// Each shard is copied under its lock, one at a time.
+    pub fn export(&self) -> (Arc<str>, Vec<Restored>) {
+        let epoch = self.current_epoch();
+        let mut streams = Vec::new();
+        for shard in &self.shards {
+            let shard = lock(shard);
+            streams.extend(shard.streams.iter().map(|(key, stream)| Restored {
+                key: key.clone(),
+                epoch: stream.epoch.clone(),
+                top: stream.top,
+                entries: stream.entries.iter().cloned().collect(),
+            }));
+        }
+        (epoch, streams)
     }
 
     fn current_epoch(&self) -> Arc<str> {

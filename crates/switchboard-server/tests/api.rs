@@ -326,7 +326,8 @@ async fn without_keys_the_api_is_open_on_loopback_only() {
 #[tokio::test]
 async fn keys_come_from_the_environment_or_the_config_file_too() {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-level", "warn"])
+        .args(["serve", "--listen", "127.0.0.1:0", "--persist", "false"])
+        .args(["--log-level", "warn"])
         .env("SWITCHBOARD_API_KEYS", "env-one,env-two")
         .stdout(std::process::Stdio::piped())
         .spawn()

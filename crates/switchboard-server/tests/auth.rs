@@ -242,7 +242,7 @@ async fn only_allowed_browser_origins_may_connect() {
 #[tokio::test]
 async fn a_public_address_without_auth_needs_allow_insecure() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["serve", "--listen", "0.0.0.0:0"])
+        .args(["serve", "--listen", "0.0.0.0:0", "--persist", "false"])
         .output()
         .unwrap();
     assert!(!output.status.success());

@@ -9,6 +9,9 @@ fn serve(args: &[&str]) -> Output {
     if !args.contains(&"--listen") {
         command.args(["--listen", "127.0.0.1:0"]);
     }
+    if !args.contains(&"--data-dir") {
+        command.args(["--persist", "false"]);
+    }
     command
         .args(args)
         // A backtrace would be for a bug; a configuration error is not one.

@@ -278,7 +278,7 @@ async fn idle_clients_are_closed_with_1001() {
 }
 
 #[tokio::test]
-async fn sigterm_closes_clients_with_1001_and_exits_zero() {
+async fn sigterm_closes_clients_with_1012_and_exits_zero() {
     let mut server = Server::start(&["--shutdown-drain-secs", "5"]);
     let mut clients = Vec::new();
     for id in ["a", "b", "c"] {
@@ -291,7 +291,7 @@ async fn sigterm_closes_clients_with_1001_and_exits_zero() {
         .unwrap();
     assert!(status.success());
     for client in &mut clients {
-        assert_eq!(recv_close(client).await, 1001);
+        assert_eq!(recv_close(client).await, 1012);
         // Let the client answer the close so the drain completes.
         let _ =
             tokio::time::timeout(TIMEOUT, async { while client.next().await.is_some() {} }).await;

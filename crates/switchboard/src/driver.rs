@@ -430,11 +430,9 @@ where
         if !signal.poll_triggered(cx) {
             return false;
         }
+        let close = signal.close().clone();
         self.shutdown = None;
-        self.start_close(
-            CloseReason::new(CloseCode::GOING_AWAY, "server shutting down"),
-            TerminateReason::Shutdown,
-        );
+        self.start_close(close, TerminateReason::Shutdown);
         true
     }
 

@@ -7,38 +7,68 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Context;
 use std::time::Duration;
 
+use switchboard_proto::{CloseCode, CloseReason};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 /// Tracks connection tasks and tells them to close.
 ///
-/// [`Shutdown::trigger`] makes every connection send close 1001 ("going away");
+/// [`Shutdown::trigger`] makes every connection send its close frame (1001,
+/// "going away", unless made with [`Shutdown::closing_with`]);
 /// [`Shutdown::drain`] waits until they have all ended, or a timeout passes.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Shutdown {
     token: CancellationToken,
-    /// Set before the token is cancelled. Connections read it on every wake-up
-    /// instead of polling the token, whose every poll takes a mutex shared by
-    /// all of them.
-    triggered: Arc<AtomicBool>,
+    state: Arc<State>,
     tracker: TaskTracker,
 }
 
+#[derive(Debug)]
+struct State {
+    /// Set before the token is cancelled. Connections read it on every wake-up
+    /// instead of polling the token, whose every poll takes a mutex shared by
+    /// all of them.
+    triggered: AtomicBool,
+    close: CloseReason,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::closing_with(CloseReason::new(
+            CloseCode::GOING_AWAY,
+            "server shutting down",
+        ))
+    }
+}
+
 impl Shutdown {
-    /// A new, untriggered shutdown.
+    /// A new, untriggered shutdown that closes connections with 1001.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Tells every connection to close with 1001.
+    /// A new, untriggered shutdown that closes connections with `close`: for
+    /// example 1012 (service restart), which tells clients to come back.
+    pub fn closing_with(close: CloseReason) -> Self {
+        Self {
+            token: CancellationToken::new(),
+            state: Arc::new(State {
+                triggered: AtomicBool::new(false),
+                close,
+            }),
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    /// Tells every connection to close.
     pub fn trigger(&self) {
-        self.triggered.store(true, Ordering::Release);
+        self.state.triggered.store(true, Ordering::Release);
         self.token.cancel();
     }
 
     /// Whether [`Self::trigger`] was called.
     pub fn is_triggered(&self) -> bool {
-        self.triggered.load(Ordering::Acquire)
+        self.state.triggered.load(Ordering::Acquire)
     }
 
     /// Connections still running.
@@ -86,7 +116,7 @@ impl Shutdown {
 
     pub(crate) fn signal(&self) -> Signal {
         Signal {
-            triggered: self.triggered.clone(),
+            state: self.state.clone(),
             cancelled: Box::pin(self.token.clone().cancelled_owned()),
             registered: false,
         }
@@ -102,7 +132,7 @@ impl Shutdown {
 
 /// One connection's view of a [`Shutdown`].
 pub(crate) struct Signal {
-    triggered: Arc<AtomicBool>,
+    state: Arc<State>,
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
     /// The first poll left the task's waker with the token.
     registered: bool,
@@ -113,10 +143,15 @@ impl Signal {
     /// later calls only read the flag, which is enough because a connection is
     /// always its own spawned task, whose waker stays the same across polls.
     pub(crate) fn poll_triggered(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.registered && !self.triggered.load(Ordering::Acquire) {
+        if self.registered && !self.state.triggered.load(Ordering::Acquire) {
             return false;
         }
         self.registered = true;
         self.cancelled.as_mut().poll(cx).is_ready()
+    }
+
+    /// The close frame connections are sent.
+    pub(crate) fn close(&self) -> &CloseReason {
+        &self.state.close
     }
 }

@@ -69,9 +69,17 @@ impl Server {
         } else {
             &["--listen", "127.0.0.1:0"]
         };
+        // No snapshot in the working directory unless a test asks for one
+        // in a directory of its own.
+        let persist: &[&str] = if args.contains(&"--data-dir") || args.contains(&"--persist") {
+            &[]
+        } else {
+            &["--persist", "false"]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
             .args(["serve", "--log-level", "warn"])
             .args(listen)
+            .args(persist)
             .args(args)
             .stdout(Stdio::piped())
             .spawn()
