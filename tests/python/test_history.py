@@ -254,3 +254,123 @@ def test_a_corrupt_snapshot_stops_the_start_unless_told_to_start_fresh(start_ser
     aside = [p.name for p in data.iterdir() if p.name.startswith("streams.snapshot.unreadable-")]
     assert len(aside) == 1, aside
     assert "could not be read" in server.logs()
+
+
+# --------------------------------------------------------------------------
+# Topics with history (a namespace's history_size)
+# --------------------------------------------------------------------------
+
+NAMESPACES = """
+[[namespaces]]
+prefix = "news:"
+history_size = 100
+
+[[namespaces]]
+prefix = "chat:"
+"""
+
+
+@pytest.fixture
+def topics_server(start_server, tmp_path):
+    config = tmp_path / "switchboard.toml"
+    config.write_text(NAMESPACES)
+    return lambda *flags: start_server("--config", str(config), *flags)
+
+
+def api_publish(server, topic, payload):
+    body = json.dumps({"topic": topic, "payload": payload}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.port}/api/v1/publish", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=RECV_TIMEOUT) as response:
+        return json.load(response)
+
+
+async def subscribe(ws, topic, since=None, id=1):
+    message = {"type": "subscribe", "topic": topic, "id": id}
+    if since is not None:
+        message["since"] = since
+    await ws.send(json.dumps(message))
+    return await recv_json(ws)
+
+
+@async_test
+async def test_a_topic_subscriber_away_gets_exactly_what_it_missed_then_live_ones(topics_server):
+    server = topics_server()
+    async with client(server, "b", envelope=True) as b:
+        async with client(server, "a", envelope=True) as a:
+            assert await subscribe(a, "news:1") == {"type": "ack", "id": 1, "topic": "news:1"}
+            for i in range(3):
+                await b.send(json.dumps({"type": "publish", "topic": "news:1", "payload": i, "id": i}))
+                ack = await recv_json(b)
+                assert (ack["subscribers"], ack["offset"]) == (1, i + 1), ack
+            got = [await recv_json(a) for _ in range(3)]
+            assert [(m["topic"], m["offset"], m["payload"]) for m in got] == [("news:1", i + 1, i) for i in range(3)]
+            epoch = got[0]["epoch"]
+        for i in range(3, 8):
+            await b.send(json.dumps({"type": "publish", "topic": "news:1", "payload": i}))
+        for i in range(8, 11):
+            result = await asyncio.to_thread(api_publish, server, "news:1", i)
+            assert result == {"subscribers": 0, "offset": i + 1}, result
+        async with client(server, "a", envelope=True) as a:
+            ack = await subscribe(a, "news:1", {"epoch": epoch, "offset": 3}, id=2)
+            assert ack == {
+                "type": "ack",
+                "id": 2,
+                "topic": "news:1",
+                "recovered": True,
+                "missed": 8,
+                "offset": 11,
+                "epoch": epoch,
+            }
+            missed = [await recv_json(a) for _ in range(8)]
+            assert [(m["offset"], m["payload"], m["epoch"]) for m in missed] == [(i + 1, i, epoch) for i in range(3, 11)]
+            await b.send(json.dumps({"type": "publish", "topic": "news:1", "payload": "live"}))
+            live = await recv_json(a)
+            assert (live["offset"], live["payload"]) == (12, "live")
+
+
+@async_test
+async def test_topic_resumes_that_cannot_be_whole_or_are_wrong_are_said_so(topics_server):
+    server = topics_server()
+    async with client(server, "a", envelope=True) as a:
+        # No history kept in chat:, so nothing can be recovered, and no position is given.
+        ack = await subscribe(a, "chat:x", {"epoch": "abc", "offset": 1})
+        assert ack == {"type": "ack", "id": 1, "topic": "chat:x", "recovered": False}
+        await asyncio.to_thread(api_publish, server, "news:2", "first")
+        ahead = await subscribe(a, "news:2", {"epoch": "zzzz", "offset": 5}, id=2)
+        assert (ahead["type"], ahead["recovered"], ahead["offset"]) == ("ack", False, 1), ahead
+        epoch = ahead["epoch"]
+    async with client(server, "c", envelope=True) as c:
+        error = await subscribe(c, "news:2", {"epoch": epoch, "offset": 7}, id=3)
+        assert (error["type"], error["code"], error["id"]) == ("error", "invalid_since", 3), error
+        assert "offset 7 > 1" in error["message"], error
+        for bad, code in (
+            ({"epoch": "a b", "offset": 1}, "invalid_since"),
+            ({"epoch": "abc"}, "invalid_message"),
+            ({"epoch": "abc", "offset": -1}, "invalid_message"),
+            ("abc:1", "invalid_message"),
+        ):
+            error = await subscribe(c, "news:3", bad, id=4)
+            assert (error["type"], error["code"]) == ("error", code), (bad, error)
+        # The connection still works.
+        assert (await subscribe(c, "news:3", id=5))["type"] == "ack"
+
+
+@async_test
+async def test_topic_history_survives_a_graceful_restart(topics_server, tmp_path):
+    data = str(tmp_path / "data")
+    server = topics_server("--data-dir", data)
+    first = await asyncio.to_thread(api_publish, server, "news:9", "before")
+    assert first["offset"] == 1
+    async with client(server, "a", envelope=True) as a:
+        ack = await subscribe(a, "news:9", {"epoch": "x", "offset": 0})
+        assert (ack["recovered"], ack["offset"]) == (False, 1), ack
+        epoch = ack["epoch"]
+    stop_gracefully(server)
+    server = topics_server("--data-dir", data)
+    await asyncio.to_thread(api_publish, server, "news:9", "after")
+    async with client(server, "a", envelope=True) as a:
+        ack = await subscribe(a, "news:9", {"epoch": epoch, "offset": 1})
+        assert (ack["recovered"], ack["missed"], ack["epoch"]) == (True, 1, epoch), ack
+        assert (await recv_json(a))["payload"] == "after"

@@ -23,7 +23,6 @@ use crate::engine::Direct;
 use crate::errors::ErrorCode;
 use crate::hub::Hub;
 use crate::ids::{self, Target};
-use crate::wire;
 
 /// The OpenAPI 3.1 document of this API.
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
@@ -390,10 +389,19 @@ impl Api {
                 from,
                 payload,
             } => {
-                let message =
-                    wire::envelope_delivery(from.as_deref(), Some(topic), payload.get(), None);
-                let subscribers = self.hub.pubsub.publish(topic, &|_| message.clone());
-                serde_json::json!({ "subscribers": subscribers })
+                let message = Direct {
+                    from: from.as_deref(),
+                    payload,
+                };
+                let history = self.hub.namespaces.find(topic).and_then(|ns| ns.history());
+                let published = self.hub.engine.publish(topic, history, message);
+                match published.offset {
+                    Some(offset) => serde_json::json!({
+                        "subscribers": published.subscribers,
+                        "offset": offset,
+                    }),
+                    None => serde_json::json!({ "subscribers": published.subscribers }),
+                }
             }
             Checked::Disconnect { id, close } => {
                 let connections = self.hub.registry.lookup(id);

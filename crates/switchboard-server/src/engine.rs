@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use serde_json::value::RawValue;
 use switchboard::{
-    Broker, ClientId, Format, Outbound, Outbox, PreparedMessage, Registration, Registry,
+    Broker, ClientId, Format, Outbound, Outbox, PreparedMessage, PubSub, Registration, Registry,
+    SubscribeError, Subscription,
 };
 
 use crate::snapshot::{self, Loaded};
@@ -43,6 +44,38 @@ pub struct Sent<'t> {
     pub offline: Vec<&'t str>,
     /// The offset each target's inbox gave it.
     pub offsets: Vec<(&'t str, u64)>,
+}
+
+/// What became of a message published to a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// Subscribed connections that took it.
+    pub subscribers: usize,
+    /// Its offset in the topic's stream, when the topic keeps history.
+    pub offset: Option<u64>,
+}
+
+/// A subscription, and what resuming it found.
+pub struct Subscribed {
+    /// Dropping it unsubscribes.
+    pub subscription: Subscription,
+    /// When it asked to resume: whether it did, and the topic's position
+    /// (`None` for a topic that keeps no history: nothing can be recovered).
+    pub resumed: Option<(Resumed, Option<Position>)>,
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubscribeRefused {
+    /// The pub/sub's refusal (full, or subscribed already).
+    PubSub(SubscribeError),
+    /// `since` is past the topic's last offset under its epoch.
+    Ahead {
+        /// The offset asked for.
+        asked: u64,
+        /// The topic's last offset.
+        top: u64,
+    },
 }
 
 /// Why a connection was not let in.
@@ -84,6 +117,23 @@ pub trait Engine: Send + Sync + 'static {
     /// How many live connections `id` has.
     fn connections(&self, id: &str) -> usize;
 
+    /// Publishes `message` to `topic`'s subscribers; with `history`, appends
+    /// it to the topic's stream first, and the deliveries carry its offset.
+    fn publish(&self, topic: &str, history: Option<Retention>, message: Direct<'_>) -> Published;
+
+    /// Subscribes a connection of `client` to `topic`. With `since` (and a
+    /// topic that keeps history) the messages after it are put in the
+    /// connection's outbox before any live one, all of them or none.
+    fn subscribe(
+        &self,
+        topic: &str,
+        client: ClientId,
+        outbox: &Outbox,
+        limit: Option<usize>,
+        history: Option<Retention>,
+        since: Option<&Position>,
+    ) -> Result<Subscribed, SubscribeRefused>;
+
     /// Called once serving has stopped: an engine that holds its streams in
     /// this process writes them to `dir` (and returns the file); one whose
     /// streams live elsewhere has nothing to write.
@@ -101,11 +151,20 @@ pub struct InboxRetention {
 
 /// The embedded engine: a [`Registry`] of live connections and [`Streams`]
 /// in memory.
-#[derive(Debug)]
 pub struct MemoryEngine {
     registry: Registry,
+    pubsub: PubSub,
     streams: Streams,
     inbox: Retention,
+}
+
+impl std::fmt::Debug for MemoryEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryEngine")
+            .field("registry", &self.registry)
+            .field("streams", &self.streams)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MemoryEngine {
@@ -114,6 +173,7 @@ impl MemoryEngine {
     /// With `snapshot`, the streams start as a graceful stop left them.
     pub fn new(
         registry: Registry,
+        pubsub: PubSub,
         inbox: InboxRetention,
         max_bytes: usize,
         snapshot: Option<Loaded>,
@@ -124,6 +184,7 @@ impl MemoryEngine {
         };
         Self {
             registry,
+            pubsub,
             streams,
             inbox: Retention {
                 max_entries: inbox.size,
@@ -237,6 +298,92 @@ impl Engine for MemoryEngine {
 
     fn connections(&self, id: &str) -> usize {
         self.registry.connections(id)
+    }
+
+    fn publish(&self, topic: &str, history: Option<Retention>, message: Direct<'_>) -> Published {
+        let payload = message.payload.get();
+        let Some(retention) = history else {
+            let frame = wire::envelope_delivery(message.from, Some(topic), payload, None);
+            let subscribers = self.pubsub.publish(topic, &|_| frame.clone());
+            return Published {
+                subscribers,
+                offset: None,
+            };
+        };
+        let key = StreamKey::Topic(topic.into());
+        let from = message.from.map(Arc::from);
+        self.streams
+            .append(&key, from, payload.into(), retention, |entry, epoch| {
+                let at = At {
+                    offset: entry.offset,
+                    epoch,
+                };
+                let frame = wire::envelope_delivery(message.from, Some(topic), payload, Some(at));
+                Published {
+                    subscribers: self.pubsub.publish(topic, &|_| frame.clone()),
+                    offset: Some(entry.offset),
+                }
+            })
+    }
+
+    fn subscribe(
+        &self,
+        topic: &str,
+        client: ClientId,
+        outbox: &Outbox,
+        limit: Option<usize>,
+        history: Option<Retention>,
+        since: Option<&Position>,
+    ) -> Result<Subscribed, SubscribeRefused> {
+        // Topics are for switchboard.v1 connections only.
+        let format = Mode::Envelope.format();
+        let join = || {
+            self.pubsub
+                .subscribe(topic, client.clone(), outbox, format, limit)
+                .map_err(SubscribeRefused::PubSub)
+        };
+        let (Some(retention), Some(since)) = (history, since) else {
+            let subscription = join()?;
+            let resumed = since.map(|_| (Resumed::Lost, None));
+            return Ok(Subscribed {
+                subscription,
+                resumed,
+            });
+        };
+        let key = StreamKey::Topic(topic.into());
+        self.streams
+            .resume(&key, since, retention, usize::MAX, |resume, position| {
+                let (resumed, missed) = match resume {
+                    Resume::Ahead => {
+                        return Err(SubscribeRefused::Ahead {
+                            asked: since.offset,
+                            top: position.offset,
+                        });
+                    }
+                    Resume::Lost => (Resumed::Lost, Vec::new()),
+                    Resume::Recovered(missed) => (Resumed::Recovered(missed.len()), missed),
+                };
+                // Under the stream's lock: a publish after this one reaches the
+                // new subscriber after the missed messages, never among them.
+                let subscription = join()?;
+                for entry in &missed {
+                    let at = At {
+                        offset: entry.offset,
+                        epoch: &position.epoch,
+                    };
+                    let frame = wire::envelope_delivery(
+                        entry.from.as_deref(),
+                        Some(topic),
+                        &entry.payload,
+                        Some(at),
+                    );
+                    let _ = outbox.push(Outbound::Prepared(frame));
+                }
+                Ok(Subscribed {
+                    subscription,
+                    resumed: Some((resumed, Some(position.clone()))),
+                })
+            })
     }
 
     fn save(&self, dir: &Path) -> io::Result<Option<PathBuf>> {

@@ -45,6 +45,8 @@ pub enum ErrorCode {
     RateLimited,
     /// A `refresh` token that does not verify or names another client.
     InvalidToken,
+    /// A `since` that is not a position this stream gave (ahead of its last).
+    InvalidSince,
 
     // The HTTP API's own (docs/api.md).
     /// A request body of the wrong shape, or a value out of range.

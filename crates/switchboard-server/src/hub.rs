@@ -68,6 +68,7 @@ impl Hub {
         let registry = Registry::new();
         let namespaces = Arc::new(Namespaces::new(config.namespaces.clone()));
         let stats = Stats::new();
+        let pubsub = PubSub::with_listener(PresenceEvents(namespaces.clone()));
         let receive_budget = config.receive_budget();
         let options = config
             .connection_options()
@@ -76,6 +77,7 @@ impl Hub {
         Ok(Self {
             engine: Arc::new(MemoryEngine::new(
                 registry.clone(),
+                pubsub.clone(),
                 InboxRetention {
                     size: config.inbox_size,
                     ttl: config.inbox_ttl,
@@ -84,7 +86,7 @@ impl Hub {
                 snapshot,
             )),
             registry,
-            pubsub: PubSub::with_listener(PresenceEvents(namespaces.clone())),
+            pubsub,
             namespaces,
             stats,
             options,

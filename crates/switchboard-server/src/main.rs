@@ -79,6 +79,15 @@ fn serve(config: &Config) -> anyhow::Result<()> {
         };
         (listener, workers, api_listener)
     };
+    // Bound: the start is sure, so the snapshot is used up now, before the
+    // service says it is listening.
+    if let (Some(loaded), Some(dir)) = (&snapshot, &config.data_dir) {
+        snapshot::consume(dir)?;
+        tracing::info!(
+            streams = loaded.streams.len(),
+            "history restored from the last graceful stop"
+        );
+    }
     runtime.block_on(async {
         let addr = listener.local_addr()?;
         // Tests and scripts read these lines to find port-0 listeners.
@@ -96,13 +105,6 @@ fn serve(config: &Config) -> anyhow::Result<()> {
             workers,
             api: api_listener,
         };
-        if let (Some(loaded), Some(dir)) = (&snapshot, &config.data_dir) {
-            snapshot::consume(dir)?;
-            tracing::info!(
-                streams = loaded.streams.len(),
-                "history restored from the last graceful stop"
-            );
-        }
         server::serve(config, listeners, snapshot, server::signal()).await
     })
 }

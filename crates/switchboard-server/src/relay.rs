@@ -16,14 +16,14 @@ use switchboard::{
 };
 
 use crate::auth::{Identity, Permissions};
-use crate::engine::Direct;
+use crate::engine::{Direct, SubscribeRefused, Subscribed};
 use crate::hub::Hub;
 use crate::ids::TargetList;
 use crate::limits::{RateLimiter, Verdict};
 use crate::peers::PeerSlot;
 use crate::streams::Position;
 use crate::topics::Namespace;
-use crate::wire::{self, ErrorCode, Inbound, Mode};
+use crate::wire::{self, At, ErrorCode, Inbound, Mode, Since};
 
 /// Close code when a client's token expires without a refresh.
 pub const TOKEN_EXPIRED: u16 = 4001;
@@ -184,24 +184,45 @@ impl Relay {
                 );
                 return Err((ErrorCode::TooManyTopics, message));
             }
+            let since = inbound.since.as_ref().map(position).transpose()?;
             let outbox = ctx.handle().outbox();
-            let limit = namespace.max_subscribers;
-            let format = self.mode.format();
-            match self
-                .hub
-                .pubsub
-                .subscribe(topic, self.id.clone(), &outbox, format, limit)
-            {
-                Ok(subscription) => {
+            let subscribed = self.hub.engine.subscribe(
+                topic,
+                self.id.clone(),
+                &outbox,
+                namespace.max_subscribers,
+                namespace.history(),
+                since.as_ref(),
+            );
+            match subscribed {
+                Ok(Subscribed {
+                    subscription,
+                    resumed,
+                }) => {
                     self.subscriptions.insert(Arc::from(topic), subscription);
+                    if let Some((resumed, position)) = resumed {
+                        let at = position.as_ref().map(|p| At {
+                            offset: p.offset,
+                            epoch: &p.epoch,
+                        });
+                        return Ok(
+                            self.acked(inbound, |id| wire::ack_resume(id, topic, resumed, at))
+                        );
+                    }
                 }
-                Err(SubscribeError::Full) => {
+                Err(SubscribeRefused::PubSub(SubscribeError::Full)) => {
                     return Err((
                         ErrorCode::TopicFull,
                         format!("{topic:?} has reached its subscriber limit"),
                     ));
                 }
-                Err(SubscribeError::AlreadySubscribed) => {}
+                Err(SubscribeRefused::PubSub(SubscribeError::AlreadySubscribed)) => {}
+                Err(SubscribeRefused::Ahead { asked, top }) => {
+                    return Err((
+                        ErrorCode::InvalidSince,
+                        format!("since is ahead of {topic:?} (offset {asked} > {top})"),
+                    ));
+                }
             }
         }
         Ok(self.acked(inbound, |id| wire::ack(id, Some(topic))))
@@ -233,9 +254,14 @@ impl Relay {
                 format!("your token does not allow publishing to {topic:?}"),
             ));
         }
-        let message = wire::envelope_delivery(Some(&self.id), Some(topic), payload.get(), None);
-        let reached = self.hub.pubsub.publish(topic, &|_| message.clone());
-        Ok(self.acked(inbound, |id| wire::ack_publish(id, topic, reached)))
+        let message = Direct {
+            from: Some(&self.id),
+            payload,
+        };
+        let published = self.hub.engine.publish(topic, namespace.history(), message);
+        Ok(self.acked(inbound, |id| {
+            wire::ack_publish(id, topic, published.subscribers, published.offset)
+        }))
     }
 
     fn presence(&self, inbound: &Inbound<'_>) -> Result<Option<String>, Refusal> {
@@ -332,6 +358,23 @@ impl Relay {
         tracing::debug!(client = %self.id, ?code, message, "refused a client message");
         Outcome::push(Message::text(wire::error(code, &message, id)))
     }
+}
+
+/// A position a client sent, checked: an epoch of 1-32 letters and digits.
+fn position(since: &Since<'_>) -> Result<Position, Refusal> {
+    let epoch = &since.epoch;
+    if !(1..=32).contains(&epoch.len()) || !epoch.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err((
+            ErrorCode::InvalidSince,
+            format!(
+                "invalid since epoch {epoch:?}: 1-32 letters and digits, as deliveries give it"
+            ),
+        ));
+    }
+    Ok(Position {
+        epoch: Arc::from(&**epoch),
+        offset: since.offset,
+    })
 }
 
 /// Whether a message type needs `switchboard.v1` (its answers are typed frames).

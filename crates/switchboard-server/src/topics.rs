@@ -6,11 +6,13 @@
 //! no namespaces configured, one catch-all namespace applies (prefix `""`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use switchboard::{ClientId, PresenceChange, PresenceListener, PubSub};
 
 use crate::errors::ErrorCode;
+use crate::streams::Retention;
 use crate::wire;
 
 /// Longest topic name, in bytes.
@@ -45,10 +47,30 @@ pub struct Namespace {
     /// Most subscribed connections per topic.
     #[serde(default)]
     pub max_subscribers: Option<usize>,
+    /// Messages each topic keeps, for subscribers to resume from; 0 keeps none.
+    #[serde(default)]
+    pub history_size: usize,
+    /// How long a topic keeps a message, in seconds.
+    #[serde(default = "five_minutes")]
+    pub history_ttl_secs: u64,
 }
 
 fn yes() -> bool {
     true
+}
+
+fn five_minutes() -> u64 {
+    300
+}
+
+impl Namespace {
+    /// What its topics keep, when they keep history.
+    pub fn history(&self) -> Option<Retention> {
+        (self.history_size > 0).then(|| Retention {
+            max_entries: self.history_size,
+            ttl: Duration::from_secs(self.history_ttl_secs),
+        })
+    }
 }
 
 impl Default for Namespace {
@@ -58,6 +80,8 @@ impl Default for Namespace {
             client_publish: true,
             presence: false,
             max_subscribers: Some(100_000),
+            history_size: 0,
+            history_ttl_secs: five_minutes(),
         }
     }
 }

@@ -71,6 +71,20 @@ pub struct Inbound<'a> {
     /// A fresh token (`refresh`).
     #[serde(default, borrow)]
     pub token: Option<Cow<'a, str>>,
+    /// Where to resume a topic from (`subscribe`).
+    #[serde(default, borrow)]
+    pub since: Option<Since<'a>>,
+}
+
+/// A stream position as a client sends it: `{"epoch":"k3x9ab12","offset":9}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Since<'a> {
+    /// The stream's epoch, as deliveries gave it.
+    #[serde(borrow)]
+    pub epoch: Cow<'a, str>,
+    /// The last offset the client saw.
+    pub offset: u64,
 }
 
 /// Keeps a field that is present, even as `null`, apart from a missing one.
@@ -301,12 +315,34 @@ pub fn ack(id: &RawValue, topic: Option<&str>) -> String {
     .render()
 }
 
-/// The ack of a `publish`: how many subscribers it reached.
-pub fn ack_publish(id: &RawValue, topic: &str, subscribers: usize) -> String {
+/// The ack of a `publish`: how many subscribers it reached, and its offset
+/// when the topic keeps history.
+pub fn ack_publish(id: &RawValue, topic: &str, subscribers: usize, offset: Option<u64>) -> String {
     Frame {
         id: Some(id),
         topic: Some(topic),
         subscribers: Some(subscribers),
+        offset,
+        ..Frame::new("ack")
+    }
+    .render()
+}
+
+/// The ack of a `subscribe` that asked to resume: whether it did, and the
+/// topic's position (absent for a topic that keeps no history).
+pub fn ack_resume(id: &RawValue, topic: &str, resumed: Resumed, at: Option<At<'_>>) -> String {
+    let (recovered, missed) = match resumed {
+        Resumed::NotAsked => (None, None),
+        Resumed::Recovered(missed) => (Some(true), Some(missed)),
+        Resumed::Lost => (Some(false), None),
+    };
+    Frame {
+        id: Some(id),
+        topic: Some(topic),
+        recovered,
+        missed,
+        offset: at.map(|at| at.offset),
+        epoch: at.map(|at| at.epoch),
         ..Frame::new("ack")
     }
     .render()
