@@ -12,8 +12,11 @@ EXAMPLES=${SCHEMATHESIS_EXAMPLES:-60}
 OUT=target/schemathesis
 KEY="schemathesis-$$"
 mkdir -p "$OUT"
+# Every topic keeps history, so that /api/v1/history answers every valid topic.
+printf '[[namespaces]]\nprefix = ""\nhistory_size = 10\n' > "$OUT/switchboard.toml"
 
-"$BIN" serve --listen 127.0.0.1:0 --persist false --api-key "$KEY" --log-level warn > "$OUT/server.out" 2> "$OUT/server.err" &
+"$BIN" serve --listen 127.0.0.1:0 --persist false --config "$OUT/switchboard.toml" --api-key "$KEY" \
+  --log-level warn > "$OUT/server.out" 2> "$OUT/server.err" &
 SERVER_PID=$!
 trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
 ADDR=$(wait_listening "$OUT/server.out" "$SERVER_PID") || { cat "$OUT/server.err"; echo "the server did not start"; exit 1; }

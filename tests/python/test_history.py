@@ -12,6 +12,7 @@ import asyncio
 import json
 import signal
 import subprocess
+import urllib.error
 import urllib.request
 
 import pytest
@@ -374,3 +375,83 @@ async def test_topic_history_survives_a_graceful_restart(topics_server, tmp_path
         ack = await subscribe(a, "news:9", {"epoch": epoch, "offset": 1})
         assert (ack["recovered"], ack["missed"], ack["epoch"]) == (True, 1, epoch), ack
         assert (await recv_json(a))["payload"] == "after"
+
+
+# --------------------------------------------------------------------------
+# The HTTP API: reading history, and idempotency keys
+# --------------------------------------------------------------------------
+
+
+def api_get(server, path):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=RECV_TIMEOUT) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def api_post(server, path, body, key=None):
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.port}{path}", data=json.dumps(body).encode(), headers=headers
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=RECV_TIMEOUT) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def test_history_pages_through_a_topic_and_an_inbox(topics_server):
+    server = topics_server()
+    for i in range(5):
+        api_publish(server, "news:h", {"n": i})
+        api_send(server, ["ada"], {"n": i})
+    status, latest = api_get(server, "/api/v1/history/news:h?limit=2")
+    assert status == 200, latest
+    epoch = latest["epoch"]
+    assert latest == {
+        "topic": "news:h",
+        "epoch": epoch,
+        "offset": 5,
+        "recovered": True,
+        "messages": [
+            {"offset": 4, "from": None, "payload": {"n": 3}},
+            {"offset": 5, "from": None, "payload": {"n": 4}},
+        ],
+    }
+    status, page = api_get(server, f"/api/v1/history/news:h?since={epoch}:1&limit=2")
+    assert [m["offset"] for m in page["messages"]] == [2, 3], page
+    status, inbox = api_get(server, "/api/v1/clients/ada/inbox")
+    assert (status, inbox["client"], inbox["offset"]) == (200, "ada", 5), inbox
+    assert [m["payload"]["n"] for m in inbox["messages"]] == [0, 1, 2, 3, 4]
+    status, lost = api_get(server, "/api/v1/history/news:h?since=zzzz:1")
+    assert (status, lost["recovered"], lost["messages"]) == (200, False, []), lost
+    for path, code in (
+        (f"/api/v1/history/news:h?since={epoch}:6", "invalid_since"),
+        ("/api/v1/history/news:h?since=nonsense", "invalid_since"),
+        ("/api/v1/history/news:h?limit=1001", "invalid_request"),
+        ("/api/v1/history/news:h?limit=0", "invalid_request"),
+        ("/api/v1/history/chat:x", "history_disabled"),
+        ("/api/v1/history/other:x", "unknown_namespace"),
+        ("/api/v1/clients/bad%20id/inbox", "invalid_id"),
+    ):
+        status, body = api_get(server, path)
+        assert (status, body["error"]["code"]) == (400, code), (path, body)
+
+
+def test_an_idempotency_key_makes_a_retry_append_nothing(topics_server):
+    server = topics_server()
+    first = api_post(server, "/api/v1/send", {"targets": ["ada"], "payload": 1}, key="order-1")
+    again = api_post(server, "/api/v1/send", {"targets": ["ada"], "payload": 1}, key="order-1")
+    assert first == again == (200, {"delivered": [], "offline": ["ada"], "offsets": {"ada": 1}})
+    other = api_post(server, "/api/v1/send", {"targets": ["ada"], "payload": 2}, key="order-2")
+    assert other[1]["offsets"] == {"ada": 2}
+    assert api_get(server, "/api/v1/clients/ada/inbox")[1]["offset"] == 2, "appended once per key"
+    published = [api_post(server, "/api/v1/publish", {"topic": "news:i", "payload": 1}, key="order-1") for _ in range(2)]
+    assert published[0] == published[1] == (200, {"subscribers": 0, "offset": 1}), published
+    assert api_get(server, "/api/v1/history/news:i")[1]["offset"] == 1
+    status, body = api_post(server, "/api/v1/send", {"targets": ["ada"], "payload": 1}, key="has space")
+    assert (status, body["error"]["code"]) == (400, "invalid_request"), body

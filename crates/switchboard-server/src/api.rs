@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -21,7 +21,9 @@ use switchboard::{ClientId, CloseReason};
 
 use crate::engine::Direct;
 use crate::errors::ErrorCode;
+use crate::history_api;
 use crate::hub::Hub;
+use crate::idempotency;
 use crate::ids::{self, Target};
 
 /// The OpenAPI 3.1 document of this API.
@@ -39,7 +41,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -47,7 +49,7 @@ impl ApiError {
         }
     }
 
-    fn bad_request(code: ErrorCode, message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
@@ -126,8 +128,8 @@ fn rejection(refused: JsonRejection) -> ApiError {
 }
 
 #[derive(Clone)]
-struct Api {
-    hub: Arc<Hub>,
+pub(crate) struct Api {
+    pub(crate) hub: Arc<Hub>,
     /// No keys are configured and the listener is loopback: no key needed.
     open: bool,
 }
@@ -196,6 +198,8 @@ pub fn router(hub: Arc<Hub>, body: BodyRules, loopback: bool) -> Router {
         .route("/api/v1/batch", post(batch))
         .route("/api/v1/presence/{topic}", get(presence))
         .route("/api/v1/clients/{id}", get(client))
+        .route("/api/v1/clients/{id}/inbox", get(history_api::inbox))
+        .route("/api/v1/history/{topic}", get(history_api::topic))
         .route("/api/v1/stats", get(stats))
         .route_layer(middleware::from_fn_with_state(api.clone(), require_key));
     Router::new()
@@ -361,6 +365,30 @@ impl Api {
         })
     }
 
+    /// Runs `checked`, once per `Idempotency-Key` when the request has one.
+    fn run_once(
+        &self,
+        headers: &HeaderMap,
+        route: &str,
+        checked: Checked<'_>,
+    ) -> Result<serde_json::Value, ApiError> {
+        let Some(key) = headers.get("idempotency-key") else {
+            return Ok(self.run(checked));
+        };
+        let key = key
+            .to_str()
+            .ok()
+            .filter(|key| idempotency::is_valid(key))
+            .ok_or_else(|| {
+                let message = format!(
+                    "Idempotency-Key must be 1 to {} visible ASCII characters",
+                    idempotency::MAX_KEY_LEN
+                );
+                ApiError::bad_request(ErrorCode::InvalidRequest, message)
+            })?;
+        Ok(self.hub.idempotency.run(route, key, || self.run(checked)))
+    }
+
     fn run(&self, checked: Checked<'_>) -> serde_json::Value {
         match checked {
             Checked::Send {
@@ -414,7 +442,7 @@ impl Api {
     }
 }
 
-fn checked_id(id: &str) -> Result<ClientId, ApiError> {
+pub(crate) fn checked_id(id: &str) -> Result<ClientId, ApiError> {
     ids::parse(id).map_err(|_| invalid_id("id", id))
 }
 
@@ -425,7 +453,7 @@ fn invalid_id(field: &str, bad: &str) -> ApiError {
     )
 }
 
-fn checked_topic<'t>(hub: &Hub, topic: &'t str) -> Result<&'t str, ApiError> {
+pub(crate) fn checked_topic<'t>(hub: &Hub, topic: &'t str) -> Result<&'t str, ApiError> {
     hub.namespaces
         .check(topic)
         .map_err(|(code, message)| ApiError::bad_request(code, message))?;
@@ -434,16 +462,20 @@ fn checked_topic<'t>(hub: &Hub, topic: &'t str) -> Result<&'t str, ApiError> {
 
 async fn send(
     State(api): State<Api>,
+    headers: HeaderMap,
     ApiJson(request): ApiJson<SendRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(api.run(api.check_send(&request)?)))
+    let checked = api.check_send(&request)?;
+    api.run_once(&headers, "send", checked).map(Json)
 }
 
 async fn publish(
     State(api): State<Api>,
+    headers: HeaderMap,
     ApiJson(request): ApiJson<PublishRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(api.run(api.check_publish(&request)?)))
+    let checked = api.check_publish(&request)?;
+    api.run_once(&headers, "publish", checked).map(Json)
 }
 
 async fn disconnect(

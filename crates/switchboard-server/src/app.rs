@@ -93,7 +93,7 @@ fn resume_point(
             "since needs the {PROTOCOL} subprotocol: raw connections see no offsets to resume from"
         )));
     }
-    let since = parse_since(since).ok_or_else(|| {
+    let since = crate::history_api::parse_since(since).ok_or_else(|| {
         Refused::BadRequest(format!(
             "invalid since {since:?}: expected EPOCH:OFFSET as the welcome and deliveries give them, e.g. since=k3x9ab12:16"
         ))
@@ -102,21 +102,6 @@ fn resume_point(
         .check_since(&identity.client, &since)
         .map_err(|e| Refused::BadRequest(e.to_string()))?;
     Ok(Some(since))
-}
-
-/// `EPOCH:OFFSET`: an epoch of 1-32 letters and digits, a decimal offset.
-fn parse_since(text: &str) -> Option<Position> {
-    let (epoch, offset) = text.split_once(':')?;
-    let epoch_ok =
-        (1..=32).contains(&epoch.len()) && epoch.bytes().all(|b| b.is_ascii_alphanumeric());
-    let offset_ok = !offset.is_empty() && offset.bytes().all(|b| b.is_ascii_digit());
-    if !(epoch_ok && offset_ok) {
-        return None;
-    }
-    Some(Position {
-        epoch: epoch.into(),
-        offset: offset.parse().ok()?,
-    })
 }
 
 /// A browser's `Origin` must be on the allowlist, when there is one. Clients

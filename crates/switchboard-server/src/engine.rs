@@ -23,7 +23,7 @@ use switchboard::{
 };
 
 use crate::snapshot::{self, Loaded};
-use crate::streams::{Entry, Position, Resume, Retention, StreamKey, Streams};
+use crate::streams::{Entry, Page, Position, Resume, Retention, StreamKey, Streams};
 use crate::wire::{self, At, Mode, Resumed};
 
 /// A message to client ids.
@@ -133,6 +133,19 @@ pub trait Engine: Send + Sync + 'static {
         history: Option<Retention>,
         since: Option<&Position>,
     ) -> Result<Subscribed, SubscribeRefused>;
+
+    /// Up to `limit` messages of `id`'s inbox: the latest, or those right
+    /// after `since`.
+    fn read_inbox(&self, id: &str, since: Option<&Position>, limit: usize) -> (Page, Position);
+
+    /// Up to `limit` messages of `topic`'s history, kept as `retention` says.
+    fn read_topic(
+        &self,
+        topic: &str,
+        retention: Retention,
+        since: Option<&Position>,
+        limit: usize,
+    ) -> (Page, Position);
 
     /// Called once serving has stopped: an engine that holds its streams in
     /// this process writes them to `dir` (and returns the file); one whose
@@ -384,6 +397,21 @@ impl Engine for MemoryEngine {
                     resumed: Some((resumed, Some(position.clone()))),
                 })
             })
+    }
+
+    fn read_inbox(&self, id: &str, since: Option<&Position>, limit: usize) -> (Page, Position) {
+        self.streams.read(&inbox(id), since, self.inbox, limit)
+    }
+
+    fn read_topic(
+        &self,
+        topic: &str,
+        retention: Retention,
+        since: Option<&Position>,
+        limit: usize,
+    ) -> (Page, Position) {
+        let key = StreamKey::Topic(topic.into());
+        self.streams.read(&key, since, retention, limit)
     }
 
     fn save(&self, dir: &Path) -> io::Result<Option<PathBuf>> {

@@ -47,6 +47,8 @@ pub enum ErrorCode {
     InvalidToken,
     /// A `since` that is not a position this stream gave (ahead of its last).
     InvalidSince,
+    /// History was asked of a topic whose namespace keeps none.
+    HistoryDisabled,
 
     // The HTTP API's own (docs/api.md).
     /// A request body of the wrong shape, or a value out of range.

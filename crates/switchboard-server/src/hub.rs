@@ -7,6 +7,7 @@ use switchboard::{Options, PubSub, ReceiveBudget, Registry, Shutdown, Stats};
 use crate::auth::{ApiKeys, JwtVerifier};
 use crate::config::Config;
 use crate::engine::{Engine, InboxRetention, MemoryEngine};
+use crate::idempotency::Idempotency;
 use crate::peers::PeerLimit;
 use crate::snapshot::Loaded;
 use crate::topics::{Namespaces, PresenceEvents};
@@ -54,6 +55,8 @@ pub struct Hub {
     pub shutdown: Shutdown,
     /// What connections hold of partly received data, all together.
     pub receive_budget: ReceiveBudget,
+    /// Results of recent API requests by `Idempotency-Key`.
+    pub idempotency: Idempotency,
     /// WebSocket connections per client address.
     pub peers: Arc<PeerLimit>,
 }
@@ -103,6 +106,7 @@ impl Hub {
             allowed_origins: config.allowed_origins.clone(),
             shutdown,
             receive_budget,
+            idempotency: Idempotency::default(),
             peers: PeerLimit::new(config.max_connections_per_ip),
         })
     }

@@ -95,6 +95,17 @@ pub struct Retention {
     pub ttl: Duration,
 }
 
+/// A page of a stream, for reading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Page {
+    /// Messages, oldest first (possibly none).
+    Messages(Vec<Entry>),
+    /// The position asked for is no longer held (or has another epoch).
+    Lost,
+    /// The offset is past the stream's last.
+    Ahead,
+}
+
 /// The answer to "what came after this position?".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resume {
@@ -375,6 +386,63 @@ impl Streams {
                     .is_some_and(|front| front.offset <= *offset)
             });
         }
+    }
+
+    /// Up to `limit` messages of `key`'s stream for reading (the history
+    /// API): with no `since`, the latest; with one, those right after it,
+    /// oldest first (`Page::Lost` when the stream no longer holds the message
+    /// right after it, or has another epoch).
+    pub fn read(
+        &self,
+        key: &StreamKey,
+        since: Option<&Position>,
+        retention: Retention,
+        limit: usize,
+    ) -> (Page, Position) {
+        let mut guard = self.shard(key);
+        let shard = &mut *guard;
+        let Some(stream) = shard.streams.get_mut(key) else {
+            let position = Position {
+                epoch: self.current_epoch(),
+                offset: 0,
+            };
+            let page = match since {
+                Some(since) if since.epoch != position.epoch => Page::Lost,
+                Some(since) if since.offset > 0 => Page::Ahead,
+                _ => Page::Messages(Vec::new()),
+            };
+            return (page, position);
+        };
+        let (count, bytes) = prune(stream, retention, now_ms());
+        shard.held -= count;
+        shard.bytes -= bytes;
+        let position = stream.position();
+        let page = match since {
+            None => {
+                let skip = stream.entries.len().saturating_sub(limit);
+                Page::Messages(stream.entries.iter().skip(skip).cloned().collect())
+            }
+            Some(since) if since.epoch != stream.epoch => Page::Lost,
+            Some(since) if since.offset > stream.top => Page::Ahead,
+            Some(since) => {
+                let first = stream.top - stream.entries.len() as u64 + 1;
+                if since.offset + 1 < first {
+                    Page::Lost
+                } else {
+                    let skip = (since.offset + 1 - first) as usize;
+                    Page::Messages(
+                        stream
+                            .entries
+                            .iter()
+                            .skip(skip)
+                            .take(limit)
+                            .cloned()
+                            .collect(),
+                    )
+                }
+            }
+        };
+        (page, position)
     }
 
     fn shard(&self, key: &StreamKey) -> MutexGuard<'_, Shard> {
