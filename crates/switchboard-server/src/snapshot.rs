@@ -89,7 +89,9 @@ pub fn save(dir: &Path, epoch: &str, streams: &[Restored]) -> io::Result<PathBuf
     Ok(path)
 }
 
-/// One stream as a line. Payloads are checked JSON text, written as they are.
+/// One stream as a line. A payload is kept as its text in a JSON string: the
+/// text may hold line breaks between its tokens (JSON allows them, and the
+/// relay passes payloads on byte for byte), which would break the line.
 fn write_stream(line: &mut String, stream: &Restored) {
     let (kind, name) = match &stream.key {
         StreamKey::Inbox(name) => ("inbox", name),
@@ -109,7 +111,9 @@ fn write_stream(line: &mut String, stream: &Restored) {
         let _ = write!(
             line,
             r#"{comma}{{"offset":{},"from":{from},"at_ms":{},"payload":{}}}"#,
-            entry.offset, entry.at_ms, entry.payload
+            entry.offset,
+            entry.at_ms,
+            quoted(&entry.payload)
         );
     }
     line.push_str("]}");
@@ -194,7 +198,8 @@ struct LineEntry {
     offset: u64,
     from: Option<String>,
     at_ms: u64,
-    payload: Box<RawValue>,
+    /// The payload's JSON text.
+    payload: String,
 }
 
 #[derive(Deserialize)]
@@ -268,10 +273,13 @@ fn stream(line: Line) -> Result<Restored, String> {
                 first + i as u64
             ));
         }
+        // Checked as JSON again: a delivery writes it into frames unparsed.
+        let payload = RawValue::from_string(entry.payload)
+            .map_err(|e| format!("the payload at offset {} is not JSON: {e}", entry.offset))?;
         entries.push(Entry {
             offset: entry.offset,
             from: entry.from.map(Arc::from),
-            payload: Arc::from(entry.payload.get()),
+            payload: Arc::from(payload.get()),
             at_ms: entry.at_ms,
         });
     }
@@ -307,7 +315,11 @@ mod tests {
                 key: StreamKey::Inbox("ada".into()),
                 epoch: "k3x9ab12".into(),
                 top: 7,
-                entries: vec![entry(6, r#"{"a": [1, 2.50]}"#), entry(7, "1e999999")],
+                entries: vec![
+                    entry(5, "{\n  \"lines\": [1,\r\n\t2]\n}"),
+                    entry(6, r#"{"a": [1, 2.50]}"#),
+                    entry(7, "1e999999"),
+                ],
             },
             Restored {
                 key: StreamKey::Topic("news:1".into()),
@@ -349,7 +361,7 @@ mod tests {
             whole.replace(r#""offset":7"#, r#""offset":8"#),
             whole.replace(r#""streams":2"#, r#""streams":3"#),
             whole.replacen("inbox", "outbox", 1),
-            whole.replace(r#""payload":1e999999"#, r#""payload":1e99999x"#),
+            whole.replace(r#""payload":"1e999999""#, r#""payload":"1e99999x""#),
             whole.replace(r#""epoch":"k3x9ab12""#, r#""epoch":"k3 x9""#),
             String::new(),
         ];
