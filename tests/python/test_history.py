@@ -207,7 +207,8 @@ async def test_history_survives_a_graceful_restart_and_a_crash_is_said_so(start_
         stop_gracefully(server)
         closed = await a.wait_closed() or a.close_code
         assert (a.close_code, a.close_reason) == (1012, "server restarting"), closed
-    assert (tmp_path / "data" / "streams.snapshot").exists()
+    snapshot = tmp_path / "data" / "streams.snapshot"
+    assert snapshot.exists() and snapshot.stat().st_mode & 0o777 == 0o600, "readable by its user only"
 
     server = start_server("--data-dir", data)
     assert not (tmp_path / "data" / "streams.snapshot").exists(), "a snapshot is used once"
@@ -455,3 +456,44 @@ def test_an_idempotency_key_makes_a_retry_append_nothing(topics_server):
     assert api_get(server, "/api/v1/history/news:i")[1]["offset"] == 1
     status, body = api_post(server, "/api/v1/send", {"targets": ["ada"], "payload": 1}, key="has space")
     assert (status, body["error"]["code"]) == (400, "invalid_request"), body
+
+
+@async_test
+async def test_a_resume_too_large_for_the_outbound_queue_is_not_recovered_rather_than_cut(start_server):
+    """Missed messages go into the connection's outbound queue at once: a
+    replay over half of max_outbound_bytes says recovered:false instead of
+    being cut short as a slow consumer after claiming recovery."""
+    server = start_server("--max-message-size", "16384", "--max-outbound-bytes", "65536")
+    async with client(server, "a", envelope=True) as a:
+        epoch = a.welcome["epoch"]
+    for i in range(20):  # 20 x 4 KB: more than the 32 KiB budget
+        await asyncio.to_thread(api_send, server, ["a"], "x" * 4000)
+    async with client(server, "a", envelope=True, uri=resume_url(server, "a", epoch, 0)) as a:
+        assert (a.welcome["recovered"], a.welcome["offset"]) == (False, 20), a.welcome
+    async with client(server, "a", envelope=True, uri=resume_url(server, "a", epoch, 15)) as a:
+        assert (a.welcome["recovered"], a.welcome["missed"]) == (True, 5), a.welcome
+        assert [m[0] for m in await positions(a, 5)] == [16, 17, 18, 19, 20]
+
+
+def test_the_history_api_gives_payloads_byte_for_byte(topics_server):
+    server = topics_server()
+    payloads = ["1e999999", '"\\ud800"', '{"x":1,"x":2}', "9007199254740993", '{\n "a" :\t[1 ,2]\n}']
+    for text in payloads:
+        body = ('{"topic":"news:raw","payload":' + text + "}").encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.port}/api/v1/publish", data=body, headers={"Content-Type": "application/json"}
+        )
+        urllib.request.urlopen(request, timeout=RECV_TIMEOUT).close()
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/api/v1/history/news:raw", timeout=5) as response:
+        text = response.read().decode()
+    for payload in payloads:
+        assert '"payload":' + payload + "}" in text, (payload, text)
+
+
+def test_one_data_directory_serves_one_process(start_server, tmp_path):
+    data = str(tmp_path / "data")
+    start_server("--data-dir", data)
+    second = run_binary("--data-dir", data)
+    stderr = second.stderr.decode()
+    assert second.returncode == 1 and "another switchboard is using the data directory" in stderr, stderr
+    assert oct((tmp_path / "data").stat().st_mode & 0o777) == "0o700"

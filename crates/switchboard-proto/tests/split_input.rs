@@ -186,11 +186,12 @@ fn encode(plan: &[Planned]) -> (Vec<u8>, Vec<Message>) {
                 Some(mask),
             );
             start = end;
-            if n == 0 && n != last {
-                if let Some(ping) = &planned.ping {
-                    encode_frame(&mut out, true, false, OpCode::Ping, ping, Some(mask));
-                    expected.push(Message::Ping(ping.clone().into()));
-                }
+            if n == 0
+                && n != last
+                && let Some(ping) = &planned.ping
+            {
+                encode_frame(&mut out, true, false, OpCode::Ping, ping, Some(mask));
+                expected.push(Message::Ping(ping.clone().into()));
             }
         }
         expected.push(planned.message.clone());

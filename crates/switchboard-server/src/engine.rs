@@ -169,6 +169,7 @@ pub struct MemoryEngine {
     pubsub: PubSub,
     streams: Streams,
     inbox: Retention,
+    replay_budget: usize,
 }
 
 impl std::fmt::Debug for MemoryEngine {
@@ -184,11 +185,16 @@ impl MemoryEngine {
     /// An engine over `registry`, keeping inboxes as `inbox` says, within
     /// `max_bytes` of history in all.
     /// With `snapshot`, the streams start as a graceful stop left them.
+    /// A resume is replayed whole only when its frames fit `replay_budget`
+    /// bytes: they all go into the connection's outbound queue at once, and
+    /// one that overflowed it would be cut short as a slow consumer after
+    /// the client was told it recovered (give half of `max_outbound_bytes`).
     pub fn new(
         registry: Registry,
         pubsub: PubSub,
         inbox: InboxRetention,
         max_bytes: usize,
+        replay_budget: usize,
         snapshot: Option<Loaded>,
     ) -> Self {
         let streams = match snapshot {
@@ -199,6 +205,7 @@ impl MemoryEngine {
             registry,
             pubsub,
             streams,
+            replay_budget,
             inbox: Retention {
                 max_entries: inbox.size,
                 ttl: inbox.ttl,
@@ -209,6 +216,18 @@ impl MemoryEngine {
     /// Bytes of history held now.
     pub fn history_bytes(&self) -> usize {
         self.streams.bytes()
+    }
+
+    /// Whether replaying `missed` fits the replay budget: all or nothing, so
+    /// a replay that could not be whole says so instead of being cut off.
+    fn fits(&self, missed: &[Entry]) -> bool {
+        // The envelope's own fields, a frame header, and the epoch.
+        const FRAME: usize = 96;
+        let bytes: usize = missed
+            .iter()
+            .map(|e| FRAME + e.payload.len() + e.from.as_deref().map_or(0, str::len))
+            .sum();
+        bytes <= self.replay_budget
     }
 }
 
@@ -248,6 +267,7 @@ impl Engine for MemoryEngine {
                 let (resumed, missed) = match resume {
                     // Checked before the upgrade; a stream's top only grows.
                     Resume::Ahead | Resume::Lost => (Resumed::Lost, Vec::new()),
+                    Resume::Recovered(missed) if !self.fits(&missed) => (Resumed::Lost, Vec::new()),
                     Resume::Recovered(missed) => (Resumed::Recovered(missed.len()), missed),
                 };
                 let mut frames = vec![wire::welcome(&id, at(position), resumed)];
@@ -374,6 +394,7 @@ impl Engine for MemoryEngine {
                         });
                     }
                     Resume::Lost => (Resumed::Lost, Vec::new()),
+                    Resume::Recovered(missed) if !self.fits(&missed) => (Resumed::Lost, Vec::new()),
                     Resume::Recovered(missed) => (Resumed::Recovered(missed.len()), missed),
                 };
                 // Under the stream's lock: a publish after this one reaches the

@@ -8,9 +8,11 @@
 
 use std::collections::HashMap;
 
-use axum::Json;
 use axum::extract::{Path, Query, State};
-use serde_json::{Value, json};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::value::RawValue;
 
 use crate::api::{Api, ApiError, checked_id, checked_topic};
 use crate::errors::ErrorCode;
@@ -26,7 +28,7 @@ pub(crate) async fn topic(
     State(api): State<Api>,
     Path(topic): Path<String>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let topic = checked_topic(&api.hub, &topic)?;
     let namespace = api.hub.namespaces.find(topic).expect("checked");
     let Some(retention) = namespace.history() else {
@@ -38,7 +40,7 @@ pub(crate) async fn topic(
         .hub
         .engine
         .read_topic(topic, retention, since.as_ref(), limit);
-    answer(json!({"topic": topic}), page, &position, since.as_ref())
+    answer(Of::Topic(topic), page, &position, since.as_ref())
 }
 
 /// `GET /api/v1/clients/{id}/inbox`.
@@ -46,11 +48,11 @@ pub(crate) async fn inbox(
     State(api): State<Api>,
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = checked_id(&id)?;
     let (since, limit) = paging(&query)?;
     let (page, position) = api.hub.engine.read_inbox(&id, since.as_ref(), limit);
-    answer(json!({"client": &*id}), page, &position, since.as_ref())
+    answer(Of::Client(&id), page, &position, since.as_ref())
 }
 
 /// `since` and `limit` from the query, checked.
@@ -99,13 +101,42 @@ pub(crate) fn parse_since(text: &str) -> Option<Position> {
     })
 }
 
+/// One page, as the client gets it.
+#[derive(Serialize)]
+struct PageBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topic: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client: Option<&'a str>,
+    epoch: &'a str,
+    offset: u64,
+    recovered: bool,
+    messages: Vec<MessageBody<'a>>,
+}
+
+#[derive(Serialize)]
+struct MessageBody<'a> {
+    offset: u64,
+    from: Option<&'a str>,
+    /// The payload's JSON text, byte for byte: parsed into a `Value` it
+    /// would lose what the relay promises to keep (1e999999, lone
+    /// surrogates, duplicate keys, digits past a double's).
+    payload: &'a RawValue,
+}
+
+/// Which stream a page is of.
+enum Of<'a> {
+    Topic(&'a str),
+    Client(&'a str),
+}
+
 fn answer(
-    mut body: Value,
+    of: Of<'_>,
     page: Page,
     position: &Position,
     since: Option<&Position>,
-) -> Result<Json<Value>, ApiError> {
-    let (recovered, messages) = match page {
+) -> Result<Response, ApiError> {
+    let (recovered, entries) = match page {
         Page::Messages(entries) => (true, entries),
         Page::Lost => (false, Vec::new()),
         Page::Ahead => {
@@ -117,17 +148,27 @@ fn answer(
             return Err(ApiError::bad_request(ErrorCode::InvalidSince, message));
         }
     };
-    let messages: Vec<Value> = messages
+    let messages = entries
         .iter()
-        .map(|entry| {
-            let payload: Value = serde_json::from_str(&entry.payload).unwrap_or(Value::Null);
-            json!({"offset": entry.offset, "from": entry.from.as_deref(), "payload": payload})
+        .map(|entry| MessageBody {
+            offset: entry.offset,
+            from: entry.from.as_deref(),
+            payload: serde_json::from_str(&entry.payload)
+                .expect("a stream holds the JSON text of payloads that were checked"),
         })
         .collect();
-    let object = body.as_object_mut().expect("an object");
-    object.insert("epoch".into(), json!(&*position.epoch));
-    object.insert("offset".into(), json!(position.offset));
-    object.insert("recovered".into(), json!(recovered));
-    object.insert("messages".into(), Value::Array(messages));
-    Ok(Json(body))
+    let (topic, client) = match of {
+        Of::Topic(topic) => (Some(topic), None),
+        Of::Client(client) => (None, Some(client)),
+    };
+    let body = PageBody {
+        topic,
+        client,
+        epoch: &position.epoch,
+        offset: position.offset,
+        recovered,
+        messages,
+    };
+    let json = serde_json::to_vec(&body).expect("pages serialise");
+    Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
 }

@@ -86,6 +86,7 @@ impl Hub {
                     ttl: config.inbox_ttl,
                 },
                 config.history_max_bytes,
+                config.max_outbound_bytes / 2,
                 snapshot,
             )),
             registry,

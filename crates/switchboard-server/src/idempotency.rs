@@ -11,8 +11,12 @@ use serde_json::Value;
 
 /// How long a key is remembered.
 pub const WINDOW: Duration = Duration::from_secs(300);
-/// The most keys remembered; past it the oldest are forgotten first.
+/// The most keys remembered, for send and publish together; past it the
+/// oldest are forgotten first.
 pub const MAX_KEYS: usize = 10_000;
+/// The most bytes of results remembered (a send to 1,000 targets answers with
+/// tens of kilobytes); past it the oldest are forgotten first.
+pub const MAX_BYTES: usize = 16 << 20;
 /// The longest key, in bytes.
 pub const MAX_KEY_LEN: usize = 128;
 
@@ -24,9 +28,11 @@ pub struct Idempotency {
 
 #[derive(Debug, Default)]
 struct State {
-    results: HashMap<String, Value>,
+    /// Each result, and its size as JSON text with its key.
+    results: HashMap<String, (Value, usize)>,
     /// Keys in the order they were stored, for forgetting the oldest.
     order: VecDeque<(Instant, String)>,
+    bytes: usize,
 }
 
 /// Whether `key` may be used: 1 to 128 visible ASCII characters.
@@ -37,23 +43,30 @@ pub fn is_valid(key: &str) -> bool {
 impl Idempotency {
     /// The result stored for `key` (scoped by `route`), or `run`'s, stored.
     /// `run` is called under the lock, so a retry that arrives while the
-    /// first request runs waits for its result instead of running again.
+    /// first request runs waits for its result instead of running again. The
+    /// lock is one for the server: requests with keys run one at a time (the
+    /// memory engine's sends and publishes take microseconds).
     pub fn run(&self, route: &str, key: &str, run: impl FnOnce() -> Value) -> Value {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         while let Some((at, _)) = state.order.front() {
-            if now.duration_since(*at) < WINDOW && state.order.len() < MAX_KEYS {
+            let full = state.order.len() >= MAX_KEYS || state.bytes > MAX_BYTES;
+            if now.duration_since(*at) < WINDOW && !full {
                 break;
             }
             let (_, old) = state.order.pop_front().expect("checked");
-            state.results.remove(&old);
+            if let Some((_, size)) = state.results.remove(&old) {
+                state.bytes -= size;
+            }
         }
         let scoped = format!("{route}\n{key}");
-        if let Some(result) = state.results.get(&scoped) {
+        if let Some((result, _)) = state.results.get(&scoped) {
             return result.clone();
         }
         let result = run();
-        state.results.insert(scoped.clone(), result.clone());
+        let size = scoped.len() + result.to_string().len();
+        state.bytes += size;
+        state.results.insert(scoped.clone(), (result.clone(), size));
         state.order.push_back((now, scoped));
         result
     }

@@ -56,13 +56,12 @@ fn serve(config: &Config) -> anyhow::Result<()> {
     logging::init(config.log_format, &config.log_level);
     // Read (not yet used up) before binding: a snapshot that cannot be read
     // stops the start, and one read is not lost if binding fails.
-    let snapshot = match &config.data_dir {
+    let (snapshot, _lock) = match &config.data_dir {
         Some(dir) => {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating the data directory {}", dir.display()))?;
-            snapshot::open(dir, config.start_fresh)?
+            let lock = snapshot::lock(dir)?;
+            (snapshot::open(dir, config.start_fresh)?, Some(lock))
         }
-        None => None,
+        None => (None, None),
     };
     let layout = Layout::new(config.workers, config.scheduler);
     let runtime = layout.main_runtime()?;
@@ -88,23 +87,30 @@ fn serve(config: &Config) -> anyhow::Result<()> {
             "history restored from the last graceful stop"
         );
     }
-    runtime.block_on(async {
-        let addr = listener.local_addr()?;
-        // Tests and scripts read these lines to find port-0 listeners.
-        println!("listening on {addr}");
-        if let Some(api) = &api_listener {
-            println!("api listening on {}", api.local_addr()?);
-        }
-        tracing::info!(
-            %addr,
-            workers = layout.threads(),
-            "switchboard listening; clients connect to ws://{addr}/ws"
-        );
-        let listeners = server::Listeners {
-            main: listener,
-            workers,
-            api: api_listener,
-        };
-        server::serve(config, listeners, snapshot, server::signal()).await
-    })
+    runtime
+        .block_on(async {
+            let addr = listener.local_addr()?;
+            // Tests and scripts read these lines to find port-0 listeners.
+            println!("listening on {addr}");
+            if let Some(api) = &api_listener {
+                println!("api listening on {}", api.local_addr()?);
+            }
+            tracing::info!(
+                %addr,
+                workers = layout.threads(),
+                "switchboard listening; clients connect to ws://{addr}/ws"
+            );
+            let listeners = server::Listeners {
+                main: listener,
+                workers,
+                api: api_listener,
+            };
+            server::serve(config, listeners, snapshot, server::signal()).await
+        })
+        .and_then(|engine| {
+            // The runtime's tasks (an HTTP request still in flight past the drain
+            // time) end here, so nothing appends while the streams are written.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            server::save_history(config, &*engine)
+        })
 }

@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::engine::Engine;
 use crate::hub::Hub;
 use crate::snapshot::Loaded;
 use crate::workers::Worker;
@@ -25,14 +26,15 @@ pub struct Listeners {
 
 /// Serves clients and the API until `stop` resolves, then stops accepting,
 /// closes every connection with 1012 (service restart: come back and resume)
-/// and waits up to the drain time for them; then the engine saves its
-/// streams. `snapshot` is what the last graceful stop saved.
+/// and waits up to the drain time for them. Returns the engine, whose
+/// streams the caller saves once this runtime's tasks are gone (see
+/// [`save_history`]). `snapshot` is what the last graceful stop saved.
 pub async fn serve(
     config: &Config,
     listeners: Listeners,
     snapshot: Option<Loaded>,
     stop: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Arc<dyn Engine>> {
     let Listeners {
         main: listener,
         workers,
@@ -126,18 +128,22 @@ pub async fn serve(
         }
     })
     .await?;
-    // Nothing is appended any more: the streams are written as they stand.
-    let Some(dir) = config.data_dir.clone() else {
+    Ok(hub.engine.clone())
+}
+
+/// Writes the engine's streams to the data directory, if history persists.
+/// Call it once nothing can append any more: after the runtime that served
+/// (and any HTTP request still in flight on it) has shut down.
+pub fn save_history(config: &Config, engine: &dyn Engine) -> anyhow::Result<()> {
+    let Some(dir) = &config.data_dir else {
         return Ok(());
     };
-    let engine = hub.engine.clone();
-    let target = dir.clone();
-    match tokio::task::spawn_blocking(move || engine.save(&target)).await? {
+    match engine.save(dir) {
         Ok(Some(path)) => tracing::info!(path = %path.display(), "history saved"),
         Ok(None) => {}
         Err(error) => {
             return Err(anyhow::Error::new(error).context(format!(
-                "saving history to {}; the next start begins with new epochs",
+                "saving history to {}: the next start begins with empty history and new epochs",
                 dir.display()
             )));
         }

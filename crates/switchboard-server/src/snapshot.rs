@@ -20,6 +20,7 @@
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, BufWriter, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -60,13 +61,53 @@ pub enum SnapshotError {
     },
 }
 
+/// Makes `dir` (readable by this user only) if missing, and takes its lock:
+/// one process per data directory, or two could use up, and write, the same
+/// snapshot. The lock lasts as long as the returned file is open.
+pub fn lock(dir: &Path) -> anyhow::Result<File> {
+    use anyhow::Context as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating the data directory {}", dir.display()))?;
+    let path = dir.join("lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another switchboard is using the data directory {} (it holds {}): give each \
+             process its own --data-dir",
+            dir.display(),
+            path.display()
+        ),
+        Err(fs::TryLockError::Error(error)) => {
+            Err(error).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
 /// Writes `streams` and the store's current `epoch` to `dir`, atomically.
+/// The file is readable by this user only: it holds every payload kept.
 /// Returns the snapshot's path.
 pub fn save(dir: &Path, epoch: &str, streams: &[Restored]) -> io::Result<PathBuf> {
-    fs::create_dir_all(dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     let path = dir.join(FILE_NAME);
     let temporary = dir.join(format!("{FILE_NAME}.tmp"));
-    let file = File::create(&temporary)?;
+    let file = File::options()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&temporary)?;
     let mut out = BufWriter::new(file);
     let header = serde_json::json!({"format": FORMAT, "version": VERSION, "epoch": epoch});
     writeln!(out, "{header}")?;
@@ -129,9 +170,10 @@ pub struct Loaded {
 }
 
 /// Reads the snapshot in `dir`, if there is one. With `start_fresh`, one that
-/// cannot be read is moved aside (`streams.snapshot.unreadable-SECONDS`) and
-/// `Ok(None)` returned. The snapshot stays until [`consume`] removes it, once
-/// the service is sure to start (a failed start must not lose it).
+/// cannot be read is moved aside and `Ok(None)`
+/// returned. The snapshot stays until [`consume`] removes it, once
+/// the service is sure to start (a failed start must not lose it). An
+/// unreadable one moved aside is named `streams.snapshot.unreadable-NANOS`.
 pub fn open(dir: &Path, start_fresh: bool) -> Result<Option<Loaded>, SnapshotError> {
     let path = dir.join(FILE_NAME);
     let io_error = |error| SnapshotError::Io {
@@ -146,10 +188,10 @@ pub fn open(dir: &Path, start_fresh: bool) -> Result<Option<Loaded>, SnapshotErr
     match read(BufReader::new(file)) {
         Ok(loaded) => Ok(Some(loaded)),
         Err((line, reason)) if start_fresh => {
-            let seconds = std::time::SystemTime::now()
+            let nanos = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            let aside = dir.join(format!("{FILE_NAME}.unreadable-{seconds}"));
+                .map_or(0, |d| d.as_nanos());
+            let aside = dir.join(format!("{FILE_NAME}.unreadable-{nanos}"));
             fs::rename(&path, &aside).map_err(io_error)?;
             tracing::warn!(
                 line,
@@ -227,7 +269,8 @@ fn read(input: impl BufRead) -> Result<Loaded, (usize, String)> {
         return Err((n, format!("not a {FORMAT} snapshot of version {VERSION}")));
     }
     check_epoch(&header.epoch).map_err(|reason| (n, reason))?;
-    let mut streams = Vec::new();
+    let mut streams: Vec<Restored> = Vec::new();
+    let mut keys = std::collections::HashSet::new();
     loop {
         let (n, text) = next("end line")?;
         if let Ok(end) = serde_json::from_str::<End>(&text) {
@@ -238,7 +281,11 @@ fn read(input: impl BufRead) -> Result<Loaded, (usize, String)> {
             break;
         }
         let line: Line = serde_json::from_str(&text).map_err(|e| (n, e.to_string()))?;
-        streams.push(stream(line).map_err(|reason| (n, reason))?);
+        let stream = stream(line).map_err(|reason| (n, reason))?;
+        if !keys.insert(stream.key.clone()) {
+            return Err((n, format!("{:?} appears twice", stream.key)));
+        }
+        streams.push(stream);
     }
     if let Ok((n, _)) = next("") {
         return Err((n, "lines after the end line".into()));
@@ -256,6 +303,12 @@ fn stream(line: Line) -> Result<Restored, String> {
         other => return Err(format!("unknown stream kind {other:?}")),
     };
     check_epoch(&line.epoch)?;
+    if line.top > u64::MAX / 2 {
+        return Err(format!(
+            "last offset {} is past any this server gives",
+            line.top
+        ));
+    }
     let count = line.entries.len() as u64;
     if count > line.top {
         return Err(format!(

@@ -211,7 +211,6 @@ impl Streams {
     /// Every stream as it is now, for a snapshot, and the current epoch.
     /// Each shard is copied under its lock, one at a time.
     pub fn export(&self) -> (Arc<str>, Vec<Restored>) {
-        let epoch = self.current_epoch();
         let mut streams = Vec::new();
         for shard in &self.shards {
             let shard = lock(shard);
@@ -222,7 +221,9 @@ impl Streams {
                 entries: stream.entries.iter().cloned().collect(),
             }));
         }
-        (epoch, streams)
+        // Read last: a stream dropped while the shards were copied has
+        // changed it, and its next incarnation must not reuse the old one.
+        (self.current_epoch(), streams)
     }
 
     fn current_epoch(&self) -> Arc<str> {

@@ -61,6 +61,7 @@ fn engine(snapshot: Option<Loaded>) -> MemoryEngine {
         PubSub::new(),
         retention,
         64 << 20,
+        64 << 20,
         snapshot,
     )
 }

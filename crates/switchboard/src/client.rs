@@ -257,12 +257,12 @@ impl Connector {
             return Err(ConnectError::Handshake("wrong Sec-WebSocket-Accept".into()));
         }
         let protocol = header("sec-websocket-protocol");
-        if let Some(chosen) = &protocol {
-            if !self.protocols.iter().any(|p| p == chosen) {
-                return Err(ConnectError::Handshake(format!(
-                    "the server chose subprotocol {chosen:?}, which was not offered"
-                )));
-            }
+        if let Some(chosen) = &protocol
+            && !self.protocols.iter().any(|p| p == chosen)
+        {
+            return Err(ConnectError::Handshake(format!(
+                "the server chose subprotocol {chosen:?}, which was not offered"
+            )));
         }
         let extensions = header("sec-websocket-extensions");
         let deflate = match (&self.options.compression, extensions.as_deref()) {

@@ -739,10 +739,10 @@ where
     fn poll_write(&mut self, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
         loop {
             // The pong held back for a later ping goes out once the one before it has.
-            if self.pong_unwritten == 0 {
-                if let Some(payload) = self.pending_pong.take() {
-                    self.push_pong(*payload);
-                }
+            if self.pong_unwritten == 0
+                && let Some(payload) = self.pending_pong.take()
+            {
+                self.push_pong(*payload);
             }
             self.queue_scratch();
             self.pong_tried |= self.pong_unwritten > 0;

@@ -190,16 +190,16 @@ impl<I> Mailbox<I> {
             });
             Err(PushError::SlowConsumer)
         } else {
-            if std::mem::take(&mut state.idle) {
-                if let (Some(direct), Outbound::Prepared(message)) = (&state.direct, &frame) {
-                    match direct.write(message) {
-                        Ok(()) => {
-                            // Written whole: the driver may go on sleeping.
-                            state.idle = true;
-                            return Ok(());
-                        }
-                        Err(written) => state.partial = written,
+            if std::mem::take(&mut state.idle)
+                && let (Some(direct), Outbound::Prepared(message)) = (&state.direct, &frame)
+            {
+                match direct.write(message) {
+                    Ok(()) => {
+                        // Written whole: the driver may go on sleeping.
+                        state.idle = true;
+                        return Ok(());
                     }
+                    Err(written) => state.partial = written,
                 }
             }
             self.queued_bytes.fetch_add(charge, Ordering::Relaxed);
