@@ -169,6 +169,33 @@ impl Stream {
             offset: self.top,
         }
     }
+
+    /// Where `since` falls in the stream.
+    fn place(&self, since: &Position) -> Place {
+        if since.epoch != self.epoch {
+            return Place::Lost;
+        }
+        if since.offset > self.top {
+            return Place::Ahead;
+        }
+        let first = self.top - self.entries.len() as u64 + 1;
+        if since.offset + 1 < first {
+            // The message right after it is no longer held.
+            Place::Lost
+        } else {
+            Place::After((since.offset + 1 - first) as usize)
+        }
+    }
+}
+
+/// Where a position falls in a stream.
+enum Place {
+    /// In it: the messages after it start at this index of those held.
+    After(usize),
+    /// Not in it: another epoch, or the message after it is gone.
+    Lost,
+    /// Past its last offset.
+    Ahead,
 }
 
 impl Streams {
@@ -308,39 +335,39 @@ impl Streams {
         limit: usize,
         then: impl FnOnce(Resume, &Position) -> R,
     ) -> R {
+        self.with_stream(key, retention, |stream| {
+            let resume = match stream.place(since) {
+                Place::Lost => Resume::Lost,
+                Place::Ahead => Resume::Ahead,
+                Place::After(skip) if stream.entries.len() - skip > limit => Resume::Lost,
+                Place::After(skip) => {
+                    Resume::Recovered(stream.entries.iter().skip(skip).cloned().collect())
+                }
+            };
+            then(resume, &stream.position())
+        })
+    }
+
+    /// Runs `then` under the lock with `key`'s stream, pruned to `retention`,
+    /// or with an empty one in the current epoch (a stream never written is
+    /// not made for being read).
+    fn with_stream<R>(
+        &self,
+        key: &StreamKey,
+        retention: Retention,
+        then: impl FnOnce(&Stream) -> R,
+    ) -> R {
         let mut guard = self.shard(key);
         let shard = &mut *guard;
-        let Some(stream) = shard.streams.get_mut(key) else {
-            let position = Position {
-                epoch: self.current_epoch(),
-                offset: 0,
-            };
-            let resume = match (since.epoch == position.epoch, since.offset) {
-                (false, _) => Resume::Lost,
-                (true, 0) => Resume::Recovered(Vec::new()),
-                (true, _) => Resume::Ahead,
-            };
-            return then(resume, &position);
-        };
-        let (count, bytes) = prune(stream, retention, now_ms());
-        shard.held -= count;
-        shard.bytes -= bytes;
-        let position = stream.position();
-        let resume = if since.epoch != stream.epoch {
-            Resume::Lost
-        } else if since.offset > stream.top {
-            Resume::Ahead
-        } else {
-            let first = stream.top - stream.entries.len() as u64 + 1;
-            let missed = stream.top - since.offset;
-            if since.offset + 1 < first || missed > limit as u64 {
-                Resume::Lost
-            } else {
-                let skip = (since.offset + 1 - first) as usize;
-                Resume::Recovered(stream.entries.iter().skip(skip).cloned().collect())
+        match shard.streams.get_mut(key) {
+            Some(stream) => {
+                let (count, bytes) = prune(stream, retention, now_ms());
+                shard.held -= count;
+                shard.bytes -= bytes;
+                then(stream)
             }
-        };
-        then(resume, &position)
+            None => then(&Stream::new(self.current_epoch())),
+        }
     }
 
     /// Drops the shard's oldest entries while it is over its cap, then
@@ -400,50 +427,19 @@ impl Streams {
         retention: Retention,
         limit: usize,
     ) -> (Page, Position) {
-        let mut guard = self.shard(key);
-        let shard = &mut *guard;
-        let Some(stream) = shard.streams.get_mut(key) else {
-            let position = Position {
-                epoch: self.current_epoch(),
-                offset: 0,
+        self.with_stream(key, retention, |stream| {
+            let skip = match since.map(|since| stream.place(since)) {
+                None => stream.entries.len().saturating_sub(limit),
+                Some(Place::After(skip)) => skip,
+                Some(Place::Lost) => return (Page::Lost, stream.position()),
+                Some(Place::Ahead) => return (Page::Ahead, stream.position()),
             };
-            let page = match since {
-                Some(since) if since.epoch != position.epoch => Page::Lost,
-                Some(since) if since.offset > 0 => Page::Ahead,
-                _ => Page::Messages(Vec::new()),
-            };
-            return (page, position);
-        };
-        let (count, bytes) = prune(stream, retention, now_ms());
-        shard.held -= count;
-        shard.bytes -= bytes;
-        let position = stream.position();
-        let page = match since {
-            None => {
-                let skip = stream.entries.len().saturating_sub(limit);
-                Page::Messages(stream.entries.iter().skip(skip).cloned().collect())
-            }
-            Some(since) if since.epoch != stream.epoch => Page::Lost,
-            Some(since) if since.offset > stream.top => Page::Ahead,
-            Some(since) => {
-                let first = stream.top - stream.entries.len() as u64 + 1;
-                if since.offset + 1 < first {
-                    Page::Lost
-                } else {
-                    let skip = (since.offset + 1 - first) as usize;
-                    Page::Messages(
-                        stream
-                            .entries
-                            .iter()
-                            .skip(skip)
-                            .take(limit)
-                            .cloned()
-                            .collect(),
-                    )
-                }
-            }
-        };
-        (page, position)
+            let entries = stream.entries.iter().skip(skip).take(limit);
+            (
+                Page::Messages(entries.cloned().collect()),
+                stream.position(),
+            )
+        })
     }
 
     fn shard(&self, key: &StreamKey) -> MutexGuard<'_, Shard> {
