@@ -497,3 +497,29 @@ def test_one_data_directory_serves_one_process(start_server, tmp_path):
     stderr = second.stderr.decode()
     assert second.returncode == 1 and "another switchboard is using the data directory" in stderr, stderr
     assert oct((tmp_path / "data").stat().st_mode & 0o777) == "0o700"
+
+
+@async_test
+async def test_history_turned_off_and_on_across_restarts_is_not_recovered(start_server, tmp_path):
+    """A topic's history kept through a restart whose configuration keeps none
+    would hide what was published meanwhile: such streams are dropped at the
+    start, with a new epoch for the next one."""
+    data = str(tmp_path / "data")
+    kept, not_kept = tmp_path / "kept.toml", tmp_path / "not-kept.toml"
+    kept.write_text('[[namespaces]]\nprefix = "news:"\nhistory_size = 100\n')
+    not_kept.write_text('[[namespaces]]\nprefix = "news:"\n')
+    server = start_server("--config", str(kept), "--data-dir", data)
+    for i in range(3):
+        assert (await asyncio.to_thread(api_publish, server, "news:t", i))["offset"] == i + 1
+    epoch = api_get(server, "/api/v1/history/news:t")[1]["epoch"]
+    stop_gracefully(server)
+
+    server = start_server("--config", str(not_kept), "--data-dir", data)
+    assert await asyncio.to_thread(api_publish, server, "news:t", "unkept") == {"subscribers": 0}
+    stop_gracefully(server)
+
+    server = start_server("--config", str(kept), "--data-dir", data)
+    await asyncio.to_thread(api_publish, server, "news:t", "again")
+    async with client(server, "a", envelope=True) as a:
+        ack = await subscribe(a, "news:t", {"epoch": epoch, "offset": 3})
+        assert ack["recovered"] is False and ack["epoch"] != epoch, ack

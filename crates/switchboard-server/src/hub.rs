@@ -70,6 +70,7 @@ impl Hub {
     ) -> anyhow::Result<Self> {
         let registry = Registry::new();
         let namespaces = Arc::new(Namespaces::new(config.namespaces.clone()));
+        let snapshot = snapshot.map(|loaded| loaded.keeping_history_of(&namespaces));
         let stats = Stats::new();
         let pubsub = PubSub::with_listener(PresenceEvents(namespaces.clone()));
         let receive_budget = config.receive_budget();

@@ -28,6 +28,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::streams::{Entry, Restored, StreamKey};
+use crate::topics::Namespaces;
 
 /// The snapshot's file name in the data directory.
 pub const FILE_NAME: &str = "streams.snapshot";
@@ -167,6 +168,26 @@ pub struct Loaded {
     pub epoch: Arc<str>,
     /// Every stream.
     pub streams: Vec<Restored>,
+}
+
+impl Loaded {
+    /// Without the topic streams whose namespace keeps no history now (the
+    /// configuration changed across the restart). Dropping one changes the
+    /// current epoch, as the cap's dropping does: were history turned on
+    /// again, the topic's new stream must not reuse the old one's epoch.
+    pub fn keeping_history_of(mut self, namespaces: &Namespaces) -> Self {
+        let before = self.streams.len();
+        self.streams.retain(|stream| match &stream.key {
+            StreamKey::Inbox(_) => true,
+            StreamKey::Topic(topic) => namespaces
+                .find(topic)
+                .is_some_and(|ns| ns.history().is_some()),
+        });
+        if self.streams.len() != before {
+            self.epoch = crate::streams::new_epoch();
+        }
+        self
+    }
 }
 
 /// Reads the snapshot in `dir`, if there is one. With `start_fresh`, one that
