@@ -33,13 +33,24 @@ from test_relay import (  # noqa: F401 (server and start_server are fixtures)
 )
 
 
-def api_send(server, targets, payload):
-    body = json.dumps({"targets": targets, "payload": payload}).encode()
+def api_post(server, path, body, key=None):
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Idempotency-Key"] = key
     request = urllib.request.Request(
-        f"http://127.0.0.1:{server.port}/api/v1/send", data=body, headers={"Content-Type": "application/json"}
+        f"http://127.0.0.1:{server.port}{path}", data=json.dumps(body).encode(), headers=headers
     )
-    with urllib.request.urlopen(request, timeout=RECV_TIMEOUT) as response:
-        return json.load(response)
+    try:
+        with urllib.request.urlopen(request, timeout=RECV_TIMEOUT) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def api_send(server, targets, payload):
+    status, body = api_post(server, "/api/v1/send", {"targets": targets, "payload": payload})
+    assert status == 200, body
+    return body
 
 
 def resume_url(server, client_id, epoch, offset):
@@ -280,12 +291,9 @@ def topics_server(start_server, tmp_path):
 
 
 def api_publish(server, topic, payload):
-    body = json.dumps({"topic": topic, "payload": payload}).encode()
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{server.port}/api/v1/publish", data=body, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=RECV_TIMEOUT) as response:
-        return json.load(response)
+    status, body = api_post(server, "/api/v1/publish", {"topic": topic, "payload": payload})
+    assert status == 200, body
+    return body
 
 
 async def subscribe(ws, topic, since=None, id=1):
@@ -386,20 +394,6 @@ async def test_topic_history_survives_a_graceful_restart(topics_server, tmp_path
 def api_get(server, path):
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=RECV_TIMEOUT) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
-
-
-def api_post(server, path, body, key=None):
-    headers = {"Content-Type": "application/json"}
-    if key is not None:
-        headers["Idempotency-Key"] = key
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{server.port}{path}", data=json.dumps(body).encode(), headers=headers
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=RECV_TIMEOUT) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as error:
         return error.code, json.load(error)
