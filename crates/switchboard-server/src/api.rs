@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use switchboard::{ClientId, CloseReason};
 
-use crate::engine::Direct;
+use crate::engine::{self, Unavailable};
 use crate::errors::ErrorCode;
 use crate::history_api;
 use crate::hub::Hub;
@@ -31,6 +31,16 @@ pub const OPENAPI: &str = include_str!("../../../docs/openapi.json");
 
 /// Most operations in one batch.
 pub const MAX_BATCH: usize = 100;
+
+impl From<Unavailable> for ApiError {
+    fn from(error: Unavailable) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            error.to_string(),
+        )
+    }
+}
 
 /// An API error: status, stable code, message.
 #[derive(Debug)]
@@ -366,14 +376,14 @@ impl Api {
     }
 
     /// Runs `checked`, once per `Idempotency-Key` when the request has one.
-    fn run_once(
+    async fn run_once(
         &self,
         headers: &HeaderMap,
         route: &str,
         checked: Checked<'_>,
     ) -> Result<serde_json::Value, ApiError> {
         let Some(key) = headers.get("idempotency-key") else {
-            return Ok(self.run(checked));
+            return self.run(checked).await;
         };
         let key = key
             .to_str()
@@ -386,29 +396,33 @@ impl Api {
                 );
                 ApiError::bad_request(ErrorCode::InvalidRequest, message)
             })?;
-        Ok(self.hub.idempotency.run(route, key, || self.run(checked)))
+        self.hub
+            .idempotency
+            .run(route, key, self.run(checked))
+            .await
     }
 
-    fn run(&self, checked: Checked<'_>) -> serde_json::Value {
-        match checked {
+    async fn run(&self, checked: Checked<'_>) -> Result<serde_json::Value, ApiError> {
+        Ok(match checked {
             Checked::Send {
                 targets,
                 from,
                 payload,
             } => {
-                let message = Direct {
-                    from: from.as_deref(),
-                    payload,
+                let message = engine::Message {
+                    from,
+                    payload: payload.get().into(),
                 };
-                let sent = self.hub.engine.send(targets, message);
+                let targets = targets.into_iter().map(ClientId::from).collect();
+                let sent = self.hub.engine.send(targets, message).await?;
                 let offsets: serde_json::Map<_, _> = sent
                     .offsets
                     .iter()
-                    .map(|(target, offset)| ((*target).to_owned(), (*offset).into()))
+                    .map(|(target, offset)| (target.to_string(), (*offset).into()))
                     .collect();
                 serde_json::json!({
-                    "delivered": sent.delivered,
-                    "offline": sent.offline,
+                    "delivered": sent.delivered.iter().map(|c| &**c).collect::<Vec<_>>(),
+                    "offline": sent.offline.iter().map(|c| &**c).collect::<Vec<_>>(),
                     "offsets": offsets,
                 })
             }
@@ -417,12 +431,16 @@ impl Api {
                 from,
                 payload,
             } => {
-                let message = Direct {
-                    from: from.as_deref(),
-                    payload,
+                let message = engine::Message {
+                    from,
+                    payload: payload.get().into(),
                 };
                 let history = self.hub.namespaces.find(topic).and_then(|ns| ns.history());
-                let published = self.hub.engine.publish(topic, history, message);
+                let published = self
+                    .hub
+                    .engine
+                    .publish(topic.into(), history, message)
+                    .await?;
                 match published.offset {
                     Some(offset) => serde_json::json!({
                         "subscribers": published.subscribers,
@@ -432,13 +450,10 @@ impl Api {
                 }
             }
             Checked::Disconnect { id, close } => {
-                let connections = self.hub.registry.lookup(id);
-                for outbox in &connections {
-                    outbox.close(close.clone());
-                }
-                serde_json::json!({ "connections": connections.len() })
+                let connections = self.hub.engine.disconnect(id.into(), close).await?;
+                serde_json::json!({ "connections": connections })
             }
-        }
+        })
     }
 }
 
@@ -466,7 +481,7 @@ async fn send(
     ApiJson(request): ApiJson<SendRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let checked = api.check_send(&request)?;
-    api.run_once(&headers, "send", checked).map(Json)
+    api.run_once(&headers, "send", checked).await.map(Json)
 }
 
 async fn publish(
@@ -475,14 +490,14 @@ async fn publish(
     ApiJson(request): ApiJson<PublishRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let checked = api.check_publish(&request)?;
-    api.run_once(&headers, "publish", checked).map(Json)
+    api.run_once(&headers, "publish", checked).await.map(Json)
 }
 
 async fn disconnect(
     State(api): State<Api>,
     ApiJson(request): ApiJson<DisconnectRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(api.run(api.check_disconnect(&request)?)))
+    api.run(api.check_disconnect(&request)?).await.map(Json)
 }
 
 #[derive(Deserialize)]
@@ -588,7 +603,11 @@ async fn batch(
             .map_err(|e| in_operation(i, e))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let results: Vec<serde_json::Value> = checked.into_iter().map(|c| api.run(c)).collect();
+    // In order, each answered before the next starts, as separate requests would be.
+    let mut results = Vec::with_capacity(checked.len());
+    for (i, checked) in checked.into_iter().enumerate() {
+        results.push(api.run(checked).await.map_err(|e| in_operation(i, e))?);
+    }
     Ok(Json(serde_json::json!({ "results": results })))
 }
 
@@ -604,13 +623,12 @@ async fn presence(
     Path(topic): Path<String>,
 ) -> Result<Json<PresenceResult>, ApiError> {
     let topic = checked_topic(&api.hub, &topic)?;
+    let presence = api.hub.engine.presence(topic.into()).await?;
     Ok(Json(PresenceResult {
         topic: topic.to_owned(),
-        subscribers: api.hub.pubsub.subscribers(topic),
-        clients: api
-            .hub
-            .pubsub
-            .presence(topic)
+        subscribers: presence.subscribers,
+        clients: presence
+            .clients
             .into_iter()
             .map(|(client, n)| (client.to_string(), n))
             .collect(),
@@ -629,7 +647,7 @@ async fn client(
     Path(id): Path<String>,
 ) -> Result<Json<ClientResult>, ApiError> {
     let id = checked_id(&id)?;
-    let connections = api.hub.engine.connections(&id);
+    let connections = api.hub.engine.connections(vec![id.clone()]).await?[0];
     Ok(Json(ClientResult {
         id: id.to_string(),
         online: connections > 0,
@@ -650,17 +668,18 @@ struct StatsResult {
     accept_errors: u64,
 }
 
-async fn stats(State(api): State<Api>) -> Json<StatsResult> {
+async fn stats(State(api): State<Api>) -> Result<Json<StatsResult>, ApiError> {
     let counts = api.hub.stats.snapshot();
-    Json(StatsResult {
+    let online = api.hub.engine.counts().await?;
+    Ok(Json(StatsResult {
         connections: api.hub.shutdown.connections(),
-        clients: api.hub.registry.clients(),
-        topics: api.hub.pubsub.topics(),
+        clients: online.clients,
+        topics: online.topics,
         messages_in: counts.messages_in,
         messages_out: counts.messages_out,
         bytes_in: counts.bytes_in,
         bytes_out: counts.bytes_out,
         receive_buffered_bytes: api.hub.receive_budget.used(),
         accept_errors: switchboard::accept_errors(),
-    })
+    }))
 }

@@ -13,6 +13,7 @@ use axum::routing::get;
 use switchboard::{UpgradeError, WebSocketUpgrade};
 
 use crate::auth::{Identity, Permissions, TokenError};
+use crate::engine::{ConnectError, Unavailable};
 use crate::hub::Hub;
 use crate::ids;
 use crate::relay::Relay;
@@ -50,7 +51,11 @@ async fn relay(
         Ok(identity) => identity,
         Err(refused) => return refused.into_response(),
     };
-    if hub.engine.connections(&identity.client) >= hub.limits.max_connections {
+    let connections = match hub.engine.connections(vec![identity.client.clone()]).await {
+        Ok(counts) => counts[0],
+        Err(e) => return unavailable(&e),
+    };
+    if connections >= hub.limits.max_connections {
         let message = format!(
             "too many connections for client {}: at most {}\n",
             identity.client, hub.limits.max_connections
@@ -70,21 +75,39 @@ async fn relay(
         .options(hub.options.clone())
         .shutdown(&hub.shutdown);
     let mode = Mode::for_protocol(upgrade.selected_protocol());
-    let since = match resume_point(&hub, &identity, mode, &query) {
+    let since = match resume_point(mode, &query) {
         Ok(since) => since,
         Err(refused) => return refused.into_response(),
     };
-    upgrade.on_upgrade_with(|handle| Relay::new(hub.clone(), identity, mode, handle, slot, since))
+    // Before the handshake's answer: a client that sees it succeed is online,
+    // and reachable, on every node.
+    let joined = match hub
+        .engine
+        .connect(identity.client.clone(), mode, since)
+        .await
+    {
+        Ok(joined) => joined,
+        Err(ConnectError::Unavailable(e)) => return unavailable(&e),
+        Err(ahead) => return Refused::BadRequest(ahead.to_string()).into_response(),
+    };
+    upgrade.on_upgrade_with(|handle| Relay::new(hub.clone(), identity, mode, handle, slot, joined))
+}
+
+/// The answer when the cluster's store cannot be reached: try again later.
+fn unavailable(error: &Unavailable) -> Response {
+    let headers = [(header::RETRY_AFTER, "1")];
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        headers,
+        format!("{error}\n"),
+    )
+        .into_response()
 }
 
 /// The inbox position a connection asks to resume from (`?since=EPOCH:OFFSET`,
-/// as its last welcome and deliveries gave them), checked.
-fn resume_point(
-    hub: &Hub,
-    identity: &Identity,
-    mode: Mode,
-    query: &HashMap<String, String>,
-) -> Result<Option<Position>, Refused> {
+/// as its last welcome and deliveries gave them), checked for form (the
+/// engine checks it against the inbox).
+fn resume_point(mode: Mode, query: &HashMap<String, String>) -> Result<Option<Position>, Refused> {
     let Some(since) = query.get("since") else {
         return Ok(None);
     };
@@ -98,9 +121,6 @@ fn resume_point(
             "invalid since {since:?}: expected EPOCH:OFFSET as the welcome and deliveries give them, e.g. since=k3x9ab12:16"
         ))
     })?;
-    hub.engine
-        .check_since(&identity.client, &since)
-        .map_err(|e| Refused::BadRequest(e.to_string()))?;
     Ok(Some(since))
 }
 
@@ -183,13 +203,29 @@ fn bearer_token<'r>(query: &'r HashMap<String, String>, headers: &'r HeaderMap) 
         .or_else(from_protocol)
 }
 
+/// Ready (200) or not (503, with the reason): a load balancer sends no
+/// clients to a node that cannot reach the cluster's store.
 async fn healthz(State(hub): State<Arc<Hub>>) -> Response {
-    let body = serde_json::json!({
-        "status": "ok",
-        "connections": hub.shutdown.connections(),
-        "clients": hub.registry.clients(),
-    });
+    // This node's own connections and client ids (the API's stats count the cluster's).
+    let connections = hub.shutdown.connections();
+    let clients = hub.registry.clients();
+    let (status, body) = match hub.engine.unready() {
+        None => (
+            StatusCode::OK,
+            serde_json::json!({ "status": "ok", "connections": connections, "clients": clients }),
+        ),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({
+                "status": "unavailable",
+                "reason": reason,
+                "connections": connections,
+                "clients": clients,
+            }),
+        ),
+    };
     (
+        status,
         [(header::CONTENT_TYPE, "application/json")],
         body.to_string(),
     )

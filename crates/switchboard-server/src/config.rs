@@ -37,6 +37,16 @@ pub enum Scheduler {
     ThreadPerCore,
 }
 
+/// Where client ids, topics and their streams live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// In this process (one node; history saved to the data directory on a graceful stop).
+    Memory,
+    /// In Redis 7, shared by every node that uses the same Redis: cluster mode (docs/cluster.md).
+    Redis,
+}
+
 /// The settings of `switchboard serve`, each optional so that layers can be merged.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
@@ -194,6 +204,27 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_START_FRESH", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub start_fresh: Option<bool>,
 
+    /// Where client ids, topics and history live: memory (one node) or redis (cluster mode: every
+    /// node on the same Redis behaves as one) [default: memory]
+    #[arg(long, env = "SWITCHBOARD_ENGINE", value_enum)]
+    pub engine: Option<EngineKind>,
+
+    /// Redis for --engine redis: redis://[:password@]host:port/db, or rediss:// for TLS
+    /// [default: redis://127.0.0.1:6379/0]
+    #[arg(long, env = "SWITCHBOARD_REDIS_URL", value_name = "URL")]
+    pub redis_url: Option<String>,
+
+    /// Cluster mode: how long a node's place in the cluster outlives its last heartbeat to Redis
+    /// (one a second). A crashed node's clients count as offline this long after it died; a node
+    /// cut off from Redis this long closes its clients with 1012. 2 to 15 [default: 5]
+    #[arg(long, env = "SWITCHBOARD_NODE_LEASE_SECS", value_name = "SECS")]
+    pub node_lease_secs: Option<u64>,
+
+    /// Cluster mode: messages the $clients topic keeps of client ids going online and offline
+    /// (0: no events) [default: 1000]
+    #[arg(long, env = "SWITCHBOARD_CLIENT_EVENTS_SIZE", value_name = "N")]
+    pub client_events_size: Option<usize>,
+
     /// Most WebSocket connections from one IP address; more get HTTP 429. Behind a reverse proxy
     /// every client has the proxy's address: raise it or set 0 (no limit) [default: 1000]
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP", value_name = "N")]
@@ -349,6 +380,14 @@ pub struct Config {
     pub inbox_size: usize,
     /// How long an inbox keeps a message.
     pub inbox_ttl: Duration,
+    /// Where client ids, topics and history live.
+    pub engine: EngineKind,
+    /// Redis, for the Redis engine.
+    pub redis_url: String,
+    /// A node's lease in cluster mode.
+    pub node_lease: Duration,
+    /// Messages the `$clients` topic keeps (0: no events).
+    pub client_events_size: usize,
     /// History the memory engine holds, in bytes.
     pub history_max_bytes: usize,
     /// Where the snapshot is kept, when history is persisted.
@@ -445,11 +484,23 @@ impl Config {
             max_connections_per_ip: s.max_connections_per_ip.unwrap_or(1000),
             inbox_size: s.inbox_size.unwrap_or(100),
             inbox_ttl: Duration::from_secs(s.inbox_ttl_secs.unwrap_or(600)),
+            engine: s.engine.unwrap_or(EngineKind::Memory),
+            redis_url: s
+                .redis_url
+                .unwrap_or_else(|| "redis://127.0.0.1:6379/0".into()),
+            node_lease: match s.node_lease_secs.unwrap_or(5) {
+                secs @ 2..=15 => Duration::from_secs(secs),
+                other => bail!("node_lease_secs must be 2 to 15, not {other}"),
+            },
+            client_events_size: s.client_events_size.unwrap_or(1000),
             history_max_bytes: s.history_max_bytes.unwrap_or(128 << 20),
-            data_dir: s.persist.unwrap_or(true).then(|| {
-                s.data_dir
-                    .unwrap_or_else(|| PathBuf::from("switchboard-data"))
-            }),
+            // The Redis engine keeps its streams in Redis: nothing to save here.
+            data_dir: (s.persist.unwrap_or(true) && s.engine != Some(EngineKind::Redis)).then(
+                || {
+                    s.data_dir
+                        .unwrap_or_else(|| PathBuf::from("switchboard-data"))
+                },
+            ),
             start_fresh: s.start_fresh.unwrap_or(false),
             api_keys: ApiKeys::new(&s.api_keys.unwrap_or_default()),
             api_listen: s.api_listen,

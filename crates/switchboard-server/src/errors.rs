@@ -49,6 +49,8 @@ pub enum ErrorCode {
     InvalidSince,
     /// History was asked of a topic whose namespace keeps none.
     HistoryDisabled,
+    /// The cluster's store (Redis) cannot be reached: nothing was done; try again.
+    Unavailable,
 
     // The HTTP API's own (docs/api.md).
     /// A request body of the wrong shape, or a value out of range.

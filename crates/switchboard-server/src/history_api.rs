@@ -39,7 +39,8 @@ pub(crate) async fn topic(
     let (page, position) = api
         .hub
         .engine
-        .read_topic(topic, retention, since.as_ref(), limit);
+        .read_topic(topic.into(), retention, since.clone(), limit)
+        .await?;
     answer(Of::Topic(topic), page, &position, since.as_ref())
 }
 
@@ -51,7 +52,11 @@ pub(crate) async fn inbox(
 ) -> Result<Response, ApiError> {
     let id = checked_id(&id)?;
     let (since, limit) = paging(&query)?;
-    let (page, position) = api.hub.engine.read_inbox(&id, since.as_ref(), limit);
+    let (page, position) = api
+        .hub
+        .engine
+        .read_inbox(id.clone(), since.clone(), limit)
+        .await?;
     answer(Of::Client(&id), page, &position, since.as_ref())
 }
 

@@ -6,7 +6,8 @@ use switchboard::{Options, PubSub, ReceiveBudget, Registry, Shutdown, Stats};
 
 use crate::auth::{ApiKeys, JwtVerifier};
 use crate::config::Config;
-use crate::engine::{Engine, InboxRetention, MemoryEngine};
+use crate::config::EngineKind;
+use crate::engine::{Engine, InboxRetention, MemoryEngine, RedisEngine, RedisSettings};
 use crate::idempotency::Idempotency;
 use crate::peers::PeerLimit;
 use crate::snapshot::Loaded;
@@ -31,12 +32,10 @@ pub struct ClientLimits {
 
 /// The server's shared state.
 pub struct Hub {
-    /// Live connections by client id.
+    /// This node's live connections by client id.
     pub registry: Registry,
     /// Routing and inboxes for client ids.
     pub engine: Arc<dyn Engine>,
-    /// Topics.
-    pub pubsub: PubSub,
     /// Topic namespaces.
     pub namespaces: Arc<Namespaces>,
     /// Traffic counters.
@@ -62,7 +61,8 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// The state for `config`, with the in-process registry and topics.
+    /// The state for `config`, with its engine (the Redis engine starts
+    /// connecting in the background: call this on a runtime).
     pub fn new(
         config: &Config,
         shutdown: Shutdown,
@@ -78,20 +78,37 @@ impl Hub {
             .connection_options()
             .stats(stats.clone())
             .receive_budget(Some(receive_budget.clone()));
-        Ok(Self {
-            engine: Arc::new(MemoryEngine::new(
+        let inbox = InboxRetention {
+            size: config.inbox_size,
+            ttl: config.inbox_ttl,
+        };
+        let engine: Arc<dyn Engine> = match config.engine {
+            EngineKind::Memory => Arc::new(MemoryEngine::new(
                 registry.clone(),
-                pubsub.clone(),
-                InboxRetention {
-                    size: config.inbox_size,
-                    ttl: config.inbox_ttl,
-                },
+                pubsub,
+                inbox,
                 config.history_max_bytes,
                 config.max_outbound_bytes / 2,
                 snapshot,
             )),
+            EngineKind::Redis => {
+                let settings = RedisSettings {
+                    url: config.redis_url.clone(),
+                    lease: config.node_lease,
+                    inbox: inbox.retention(),
+                    replay_budget: config.max_outbound_bytes / 2,
+                    client_events: config.client_events_size,
+                };
+                Arc::new(RedisEngine::start(
+                    &settings,
+                    registry.clone(),
+                    namespaces.clone(),
+                )?)
+            }
+        };
+        Ok(Self {
+            engine,
             registry,
-            pubsub,
             namespaces,
             stats,
             options,

@@ -4,10 +4,12 @@
 //! connection) can send again without a message going out twice.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, PoisonError};
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use tokio::sync::OnceCell;
 
 /// How long a key is remembered.
 pub const WINDOW: Duration = Duration::from_secs(300);
@@ -26,10 +28,13 @@ pub struct Idempotency {
     state: Mutex<State>,
 }
 
+/// A key's result: set once, by the first request that completes.
+type Cell = Arc<OnceCell<Value>>;
+
 #[derive(Debug, Default)]
 struct State {
-    /// Each result, and its size as JSON text with its key.
-    results: HashMap<String, (Value, usize)>,
+    /// Each result, and its size as JSON text with its key (0 until set).
+    results: HashMap<String, (Cell, usize)>,
     /// Keys in the order they were stored, for forgetting the oldest.
     order: VecDeque<(Instant, String)>,
     bytes: usize,
@@ -42,12 +47,42 @@ pub fn is_valid(key: &str) -> bool {
 
 impl Idempotency {
     /// The result stored for `key` (scoped by `route`), or `run`'s, stored.
-    /// `run` is called under the lock, so a retry that arrives while the
-    /// first request runs waits for its result instead of running again. The
-    /// lock is one for the server: requests with keys run one at a time (the
-    /// memory engine's sends and publishes take microseconds).
-    pub fn run(&self, route: &str, key: &str, run: impl FnOnce() -> Value) -> Value {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+    /// A retry that arrives while the first request runs waits for its
+    /// result instead of running again. A run that fails stores nothing: the
+    /// next request with the key runs (nothing was done the first time).
+    pub async fn run<E>(
+        &self,
+        route: &str,
+        key: &str,
+        run: impl Future<Output = Result<Value, E>>,
+    ) -> Result<Value, E> {
+        let scoped = format!("{route}\n{key}");
+        let cell = self.cell(&scoped);
+        let mut ran = false;
+        let result = cell
+            .get_or_try_init(|| {
+                ran = true;
+                run
+            })
+            .await?
+            .clone();
+        if ran {
+            let mut state = self.lock();
+            let size = scoped.len() + result.to_string().len();
+            if let Some((held, stored)) = state.results.get_mut(&scoped)
+                && Arc::ptr_eq(held, &cell)
+            {
+                *stored = size;
+                state.bytes += size;
+            }
+        }
+        Ok(result)
+    }
+
+    /// The cell for `scoped`, made if new, after forgetting what is too old
+    /// or past the caps.
+    fn cell(&self, scoped: &str) -> Cell {
+        let mut state = self.lock();
         let now = Instant::now();
         while let Some((at, _)) = state.order.front() {
             let full = state.order.len() >= MAX_KEYS || state.bytes > MAX_BYTES;
@@ -59,16 +94,17 @@ impl Idempotency {
                 state.bytes -= size;
             }
         }
-        let scoped = format!("{route}\n{key}");
-        if let Some((result, _)) = state.results.get(&scoped) {
-            return result.clone();
+        if let Some((cell, _)) = state.results.get(scoped) {
+            return cell.clone();
         }
-        let result = run();
-        let size = scoped.len() + result.to_string().len();
-        state.bytes += size;
-        state.results.insert(scoped.clone(), (result.clone(), size));
-        state.order.push_back((now, scoped));
-        result
+        let cell = Cell::default();
+        state.results.insert(scoped.to_owned(), (cell.clone(), 0));
+        state.order.push_back((now, scoped.to_owned()));
+        cell
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -76,27 +112,41 @@ impl Idempotency {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_key_runs_once_per_route_and_the_oldest_are_forgotten() {
+    #[tokio::test]
+    async fn a_key_runs_once_per_route_and_the_oldest_are_forgotten() {
         let keys = Idempotency::default();
         let mut runs = 0;
-        let mut run = |route: &str, key: &str| {
-            keys.run(route, key, || {
-                runs += 1;
-                Value::from(runs)
-            })
+        let mut run = async |route: &str, key: &str| {
+            runs += 1;
+            let value = Value::from(runs);
+            keys.run(route, key, async { Ok::<_, ()>(value) })
+                .await
+                .unwrap()
         };
-        assert_eq!(run("send", "a"), 1);
-        assert_eq!(run("send", "a"), 1, "the first result, not a second run");
-        assert_eq!(run("publish", "a"), 2, "another route, another key");
+        assert_eq!(run("send", "a").await, 1);
+        assert_eq!(
+            run("send", "a").await,
+            1,
+            "the first result, not a second run"
+        );
+        assert_eq!(run("publish", "a").await, 3, "another route, another key");
         for i in 0..MAX_KEYS {
-            run("send", &i.to_string());
+            run("send", &i.to_string()).await;
         }
         assert_eq!(
-            run("send", "a"),
-            2 + MAX_KEYS as i64 + 1,
+            run("send", "a").await,
+            3 + MAX_KEYS as i64 + 1,
             "forgotten past MAX_KEYS"
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_run_stores_nothing() {
+        let keys = Idempotency::default();
+        let failed = keys.run("send", "k", async { Err::<Value, _>("down") });
+        assert_eq!(failed.await, Err("down"));
+        let again = keys.run("send", "k", async { Ok::<_, &str>(Value::from(7)) });
+        assert_eq!(again.await, Ok(Value::from(7)), "the retry runs");
     }
 
     #[test]

@@ -5,18 +5,21 @@
 //! the payload stays raw JSON and is rendered at most once per wire mode, then
 //! the same frame goes to every recipient.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::value::RawValue;
 use switchboard::{
     ClientId, CloseCode, ConnHandle, Context, Handler, Message, Outcome, Registration,
-    SubscribeError, Subscription, TerminateReason, TimerRef,
+    SubscribeError, TerminateReason, TimerRef,
 };
 
 use crate::auth::{Identity, Permissions};
-use crate::engine::{Direct, SubscribeRefused, Subscribed};
+use crate::engine::{self, Joined, Pending, Subscribe, SubscribeRefused, Subscribed};
 use crate::hub::Hub;
 use crate::ids::TargetList;
 use crate::limits::{RateLimiter, Verdict};
@@ -28,11 +31,24 @@ use crate::wire::{self, At, ErrorCode, Inbound, Mode, Since};
 /// Close code when a client's token expires without a refresh.
 pub const TOKEN_EXPIRED: u16 = 4001;
 
+/// Messages awaiting the engine's answer per connection (a cluster's store
+/// answers over the network); past it, messages are refused as over the rate.
+pub const MAX_IN_FLIGHT: usize = 256;
+
 /// Messages a relay connection sends itself.
 #[derive(Debug)]
 pub enum RelayInfo {
     /// The token of this generation has expired.
     TokenExpired(u64),
+    /// The engine has answered a subscribe.
+    Subscribed {
+        /// The topic.
+        topic: Arc<str>,
+        /// The subscribe's `"id"`, when it asked for an ack.
+        id: Option<Box<RawValue>>,
+        /// The engine's answer.
+        result: Result<Subscribed, SubscribeRefused>,
+    },
 }
 
 /// A refusal: the error code and a message for the client.
@@ -47,7 +63,11 @@ pub struct Relay {
     /// Bumped on each refresh, so a stale expiry timer is ignored.
     token_generation: u64,
     expiry_timer: Option<TimerRef>,
-    subscriptions: HashMap<Arc<str>, Subscription>,
+    subscriptions: HashMap<Arc<str>, Registration>,
+    /// Topics whose subscribe awaits the engine's answer.
+    joining: HashSet<Arc<str>>,
+    /// Messages awaiting the engine's answer.
+    in_flight: Arc<AtomicUsize>,
     limiter: RateLimiter,
     /// Unregisters the connection when the handler is dropped, however it ends.
     _registration: Registration,
@@ -65,14 +85,9 @@ impl Relay {
         mode: Mode,
         handle: &ConnHandle<RelayInfo>,
         peer: Option<PeerSlot>,
-        since: Option<Position>,
+        joined: Box<dyn Joined>,
     ) -> Self {
-        let registration = hub.engine.connect(
-            identity.client.clone(),
-            handle.outbox(),
-            mode,
-            since.as_ref(),
-        );
+        let registration = joined.attach(handle.outbox());
         tracing::debug!(client = %identity.client, conn = %handle.id(), ?mode, "connected");
         let limits = hub.limits;
         let mut relay = Self {
@@ -82,6 +97,8 @@ impl Relay {
             token_generation: 0,
             expiry_timer: None,
             subscriptions: HashMap::new(),
+            joining: HashSet::new(),
+            in_flight: Arc::new(AtomicUsize::new(0)),
             limiter: RateLimiter::new(
                 limits.messages_per_sec,
                 limits.bytes_per_sec,
@@ -125,13 +142,18 @@ impl Relay {
             let message = format!("{kind:?} needs the {} subprotocol", wire::PROTOCOL);
             return self.refuse((ErrorCode::EnvelopeRequired, message), inbound.id);
         }
+        if self.in_flight.load(Ordering::Relaxed) >= MAX_IN_FLIGHT {
+            let message =
+                format!("slow down: {MAX_IN_FLIGHT} messages await the cluster's store already");
+            return self.refuse((ErrorCode::RateLimited, message), inbound.id);
+        }
         let result = match kind {
-            "send" => self.send(&inbound),
+            "send" => self.send(&inbound, ctx),
             "subscribe" => self.subscribe(&inbound, ctx),
             "unsubscribe" => self.unsubscribe(&inbound),
-            "publish" => self.publish(&inbound),
-            "presence" => self.presence(&inbound),
-            "status" => self.status(&inbound),
+            "publish" => self.publish(&inbound, ctx),
+            "presence" => self.presence(&inbound, ctx),
+            "status" => self.status(&inbound, ctx),
             "refresh" => self.refresh(&inbound, ctx),
             other => Err((
                 ErrorCode::UnknownType,
@@ -145,7 +167,11 @@ impl Relay {
         }
     }
 
-    fn send(&self, inbound: &Inbound<'_>) -> Result<Option<String>, Refusal> {
+    fn send(
+        &self,
+        inbound: &Inbound<'_>,
+        ctx: &Context<'_, RelayInfo>,
+    ) -> Result<Option<String>, Refusal> {
         let targets = self.targets(inbound.targets.as_ref(), "targets")?;
         let payload = required(inbound.payload, "payload")?;
         if let Some(forbidden) = targets.iter().find(|t| !self.permissions.may_send(t)) {
@@ -154,14 +180,60 @@ impl Relay {
                 format!("your token does not allow sending to {forbidden:?}"),
             ));
         }
-        let message = Direct {
-            from: Some(&self.id),
-            payload,
-        };
-        let sent = self.hub.engine.send(targets, message);
-        Ok(self.acked(inbound, |id| {
-            wire::ack_send(id, &sent.delivered, &sent.offline, &sent.offsets)
-        }))
+        let targets = targets.into_iter().map(ClientId::from).collect();
+        let pending = self.hub.engine.send(targets, self.message(payload));
+        self.answer(self.ack_id(inbound), ctx, pending, |sent, id| {
+            let delivered: Vec<&str> = sent.delivered.iter().map(|c| &**c).collect();
+            let offline: Vec<&str> = sent.offline.iter().map(|c| &**c).collect();
+            let offsets: Vec<(&str, u64)> = sent.offsets.iter().map(|(c, o)| (&**c, *o)).collect();
+            id.map(|id| wire::ack_send(id, &delivered, &offline, &offsets))
+        })
+    }
+
+    /// A message from this client.
+    fn message(&self, payload: &RawValue) -> engine::Message {
+        engine::Message {
+            from: Some(self.id.clone()),
+            payload: payload.get().into(),
+        }
+    }
+
+    /// Answers a message with what the engine's answer makes of it: at once
+    /// when the answer is ready (the memory engine), or from a task when it
+    /// comes (a cluster's store). An engine that cannot be reached is an
+    /// `unavailable` error, with or without an `"id"`: the message was not
+    /// handled, and the client may send it again.
+    fn answer<T: Send + 'static>(
+        &self,
+        id: Option<&RawValue>,
+        ctx: &Context<'_, RelayInfo>,
+        mut pending: Pending<T>,
+        reply: impl FnOnce(T, Option<&RawValue>) -> Option<String> + Send + 'static,
+    ) -> Result<Option<String>, Refusal> {
+        if let Some(answer) = now(&mut pending) {
+            return answer
+                .map(|value| reply(value, id))
+                .map_err(|e| (ErrorCode::Unavailable, e.to_string()));
+        }
+        let outbox = ctx.handle().outbox();
+        let id = id.map(ToOwned::to_owned);
+        let in_flight = self.in_flight.clone();
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let text = match pending.await {
+                Ok(value) => reply(value, id.as_deref()),
+                Err(e) => Some(wire::error(
+                    ErrorCode::Unavailable,
+                    &e.to_string(),
+                    id.as_deref(),
+                )),
+            };
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+            if let Some(text) = text {
+                let _ = outbox.push(Message::text(text));
+            }
+        });
+        Ok(None)
     }
 
     fn subscribe(
@@ -176,61 +248,87 @@ impl Relay {
                 format!("your token does not allow subscribing to {topic:?}"),
             ));
         }
-        if !self.subscriptions.contains_key(topic) {
-            if self.subscriptions.len() >= self.hub.limits.max_topics {
-                let message = format!(
-                    "at most {} topics per connection",
-                    self.hub.limits.max_topics
-                );
-                return Err((ErrorCode::TooManyTopics, message));
-            }
-            let since = inbound.since.as_ref().map(position).transpose()?;
-            let outbox = ctx.handle().outbox();
-            let subscribed = self.hub.engine.subscribe(
-                topic,
-                self.id.clone(),
-                &outbox,
-                namespace.max_subscribers,
-                namespace.history(),
-                since.as_ref(),
+        if self.subscriptions.contains_key(topic) || self.joining.contains(topic) {
+            return Ok(self.acked(inbound, |id| wire::ack(id, Some(topic))));
+        }
+        if self.subscriptions.len() + self.joining.len() >= self.hub.limits.max_topics {
+            let message = format!(
+                "at most {} topics per connection",
+                self.hub.limits.max_topics
             );
-            match subscribed {
-                Ok(Subscribed {
-                    subscription,
-                    resumed,
-                }) => {
-                    self.subscriptions.insert(Arc::from(topic), subscription);
-                    if let Some((resumed, position)) = resumed {
-                        let at = position.as_ref().map(|p| At {
-                            offset: p.offset,
-                            epoch: &p.epoch,
-                        });
-                        return Ok(
-                            self.acked(inbound, |id| wire::ack_resume(id, topic, resumed, at))
-                        );
-                    }
+            return Err((ErrorCode::TooManyTopics, message));
+        }
+        let since = inbound.since.as_ref().map(position).transpose()?;
+        let topic: Arc<str> = topic.into();
+        let mut pending = self.hub.engine.subscribe(Subscribe {
+            topic: topic.clone(),
+            client: self.id.clone(),
+            outbox: ctx.handle().outbox(),
+            limit: namespace.max_subscribers,
+            history: namespace.history(),
+            since,
+        });
+        let id = self.ack_id(inbound);
+        if let Some(result) = now(&mut pending) {
+            return self.subscribed(topic, result, id);
+        }
+        self.joining.insert(topic.clone());
+        let handle = ctx.handle().clone();
+        let id = id.map(ToOwned::to_owned);
+        tokio::spawn(async move {
+            let result = pending.await;
+            // A connection that has gone drops the subscription with the message.
+            let _ = handle.send(RelayInfo::Subscribed { topic, id, result });
+        });
+        Ok(None)
+    }
+
+    /// Keeps the subscription the engine made, and says how it went.
+    fn subscribed(
+        &mut self,
+        topic: Arc<str>,
+        result: Result<Subscribed, SubscribeRefused>,
+        id: Option<&RawValue>,
+    ) -> Result<Option<String>, Refusal> {
+        match result {
+            Ok(Subscribed {
+                subscription,
+                resumed,
+            }) => {
+                self.subscriptions.insert(topic.clone(), subscription);
+                if let Some((resumed, position)) = resumed {
+                    let at = position.as_ref().map(|p| At {
+                        offset: p.offset,
+                        epoch: &p.epoch,
+                    });
+                    return Ok(id.map(|id| wire::ack_resume(id, &topic, resumed, at)));
                 }
-                Err(SubscribeRefused::PubSub(SubscribeError::Full)) => {
-                    return Err((
-                        ErrorCode::TopicFull,
-                        format!("{topic:?} has reached its subscriber limit"),
-                    ));
-                }
-                Err(SubscribeRefused::PubSub(SubscribeError::AlreadySubscribed)) => {}
-                Err(SubscribeRefused::Ahead { asked, top }) => {
-                    return Err((
-                        ErrorCode::InvalidSince,
-                        format!("since is ahead of {topic:?} (offset {asked} > {top})"),
-                    ));
-                }
+            }
+            Err(SubscribeRefused::PubSub(SubscribeError::Full)) => {
+                return Err((
+                    ErrorCode::TopicFull,
+                    format!("{topic:?} has reached its subscriber limit"),
+                ));
+            }
+            Err(SubscribeRefused::PubSub(SubscribeError::AlreadySubscribed)) => {}
+            Err(SubscribeRefused::Ahead { asked, top }) => {
+                return Err((
+                    ErrorCode::InvalidSince,
+                    format!("since is ahead of {topic:?} (offset {asked} > {top})"),
+                ));
+            }
+            Err(SubscribeRefused::Unavailable(e)) => {
+                return Err((ErrorCode::Unavailable, e.to_string()));
             }
         }
-        Ok(self.acked(inbound, |id| wire::ack(id, Some(topic))))
+        Ok(id.map(|id| wire::ack(id, Some(&topic))))
     }
 
     fn unsubscribe(&mut self, inbound: &Inbound<'_>) -> Result<Option<String>, Refusal> {
         let topic = required(inbound.topic.as_deref(), "topic")?;
-        if self.subscriptions.remove(topic).is_none() {
+        // A subscribe still awaiting the engine is called off: its answer
+        // finds the topic gone from `joining`, and lets the subscription go.
+        if self.subscriptions.remove(topic).is_none() && !self.joining.remove(topic) {
             return Err((
                 ErrorCode::NotSubscribed,
                 format!("not subscribed to {topic:?}"),
@@ -239,7 +337,11 @@ impl Relay {
         Ok(self.acked(inbound, |id| wire::ack(id, Some(topic))))
     }
 
-    fn publish(&self, inbound: &Inbound<'_>) -> Result<Option<String>, Refusal> {
+    fn publish(
+        &self,
+        inbound: &Inbound<'_>,
+        ctx: &Context<'_, RelayInfo>,
+    ) -> Result<Option<String>, Refusal> {
         let (topic, namespace) = self.topic(inbound)?;
         let payload = required(inbound.payload, "payload")?;
         if !namespace.client_publish {
@@ -254,17 +356,21 @@ impl Relay {
                 format!("your token does not allow publishing to {topic:?}"),
             ));
         }
-        let message = Direct {
-            from: Some(&self.id),
-            payload,
-        };
-        let published = self.hub.engine.publish(topic, namespace.history(), message);
-        Ok(self.acked(inbound, |id| {
-            wire::ack_publish(id, topic, published.subscribers, published.offset)
-        }))
+        let topic: Arc<str> = topic.into();
+        let pending =
+            self.hub
+                .engine
+                .publish(topic.clone(), namespace.history(), self.message(payload));
+        self.answer(self.ack_id(inbound), ctx, pending, move |published, id| {
+            id.map(|id| wire::ack_publish(id, &topic, published.subscribers, published.offset))
+        })
     }
 
-    fn presence(&self, inbound: &Inbound<'_>) -> Result<Option<String>, Refusal> {
+    fn presence(
+        &self,
+        inbound: &Inbound<'_>,
+        ctx: &Context<'_, RelayInfo>,
+    ) -> Result<Option<String>, Refusal> {
         let (topic, namespace) = self.topic(inbound)?;
         if !namespace.presence {
             return Err((
@@ -272,18 +378,34 @@ impl Relay {
                 format!("presence is off for {topic:?}"),
             ));
         }
-        let members = self.hub.pubsub.presence(topic);
-        let members: Vec<(&str, usize)> = members.iter().map(|(c, n)| (&**c, *n)).collect();
-        Ok(Some(wire::presence_reply(inbound.id, topic, &members)))
+        let topic: Arc<str> = topic.into();
+        let pending = self.hub.engine.presence(topic.clone());
+        self.answer(inbound.id, ctx, pending, move |presence, id| {
+            let members: Vec<(&str, usize)> =
+                presence.clients.iter().map(|(c, n)| (&**c, *n)).collect();
+            Some(wire::presence_reply(id, &topic, &members))
+        })
     }
 
-    fn status(&self, inbound: &Inbound<'_>) -> Result<Option<String>, Refusal> {
-        let clients = self.targets(inbound.clients.as_ref(), "clients")?;
-        let online: Vec<(&str, bool)> = clients
-            .iter()
-            .map(|c| (*c, self.hub.engine.connections(c) > 0))
+    fn status(
+        &self,
+        inbound: &Inbound<'_>,
+        ctx: &Context<'_, RelayInfo>,
+    ) -> Result<Option<String>, Refusal> {
+        let clients: Vec<ClientId> = self
+            .targets(inbound.clients.as_ref(), "clients")?
+            .into_iter()
+            .map(ClientId::from)
             .collect();
-        Ok(Some(wire::status_reply(inbound.id, &online)))
+        let pending = self.hub.engine.connections(clients.clone());
+        self.answer(inbound.id, ctx, pending, move |connections, id| {
+            let online: Vec<(&str, bool)> = clients
+                .iter()
+                .zip(connections)
+                .map(|(c, n)| (&**c, n > 0))
+                .collect();
+            Some(wire::status_reply(id, &online))
+        })
     }
 
     fn refresh(
@@ -377,6 +499,18 @@ fn position(since: &Since<'_>) -> Result<Position, Refusal> {
     })
 }
 
+/// The engine's answer, if it is ready without waiting.
+fn now<T>(pending: &mut Pin<Box<T>>) -> Option<T::Output>
+where
+    T: std::future::Future + ?Sized,
+{
+    let mut cx = std::task::Context::from_waker(Waker::noop());
+    match pending.as_mut().poll(&mut cx) {
+        Poll::Ready(answer) => Some(answer),
+        Poll::Pending => None,
+    }
+}
+
 /// Whether a message type needs `switchboard.v1` (its answers are typed frames).
 fn is_envelope_only(kind: &str) -> bool {
     matches!(
@@ -453,6 +587,22 @@ impl Handler for Relay {
                 Outcome::stop(CloseCode(TOKEN_EXPIRED), "token expired")
             }
             RelayInfo::TokenExpired(_) => Outcome::Continue,
+            RelayInfo::Subscribed { topic, id, result } => {
+                if !self.joining.remove(&topic) {
+                    // Unsubscribed while it waited: the subscription goes now,
+                    // and the subscribe is answered as it would have been.
+                    let ack = id.filter(|_| result.is_ok());
+                    return match ack {
+                        Some(id) => Outcome::push(Message::text(wire::ack(&id, Some(&topic)))),
+                        None => Outcome::Continue,
+                    };
+                }
+                match self.subscribed(topic, result, id.as_deref()) {
+                    Ok(Some(reply)) => Outcome::push(Message::text(reply)),
+                    Ok(None) => Outcome::Continue,
+                    Err(refusal) => self.refuse(refusal, id.as_deref()),
+                }
+            }
         }
     }
 

@@ -204,9 +204,9 @@ impl<V: Serialize> Serialize for MapOf<'_, V> {
     }
 }
 
-/// A delivery for plain clients: the payload's JSON text, as sent.
-pub fn raw_delivery(payload: &RawValue) -> PreparedMessage {
-    let text = payload.get();
+/// A delivery for plain clients: the payload's JSON text, as sent (checked
+/// when it arrived).
+pub fn raw_delivery(text: &str) -> PreparedMessage {
     PreparedMessage::text_with(text.len(), |buf| buf.extend_from_slice(text.as_bytes()))
         .expect("JSON text is UTF-8")
 }

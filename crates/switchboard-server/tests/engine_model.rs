@@ -11,10 +11,9 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use serde_json::Value;
-use serde_json::value::RawValue;
 use switchboard::testing::Harness;
 use switchboard::{Context, Handler, Message, Outcome, PubSub, Registration, Registry};
-use switchboard_server::engine::{Direct, Engine, InboxRetention, MemoryEngine};
+use switchboard_server::engine::{self, Engine, InboxRetention, MemoryEngine};
 use switchboard_server::snapshot::Loaded;
 use switchboard_server::streams::Position;
 use switchboard_server::wire::Mode;
@@ -49,6 +48,15 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Restart),
         1 => Just(Op::Crash),
     ]
+}
+
+/// The memory engine's answer, which is always ready.
+fn now<F: std::future::Future>(future: F) -> F::Output {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(future).poll(&mut cx) {
+        std::task::Poll::Ready(answer) => answer,
+        std::task::Poll::Pending => panic!("the memory engine answers at once"),
+    }
 }
 
 fn engine(snapshot: Option<Loaded>) -> MemoryEngine {
@@ -118,17 +126,16 @@ fn run(ops: Vec<Op>) {
             Op::Send { to, payload } => {
                 let id = CLIENTS[to];
                 let text = payload.to_string();
-                let raw: &RawValue = serde_json::from_str(&text).unwrap();
-                let message = Direct {
+                let message = engine::Message {
                     from: None,
-                    payload: raw,
+                    payload: text.into(),
                 };
-                let sent = engine.send(vec![id], message);
+                let sent = now(engine.send(vec![id.into()], message)).unwrap();
                 let inbox = model.inboxes.entry(id).or_default();
                 inbox.push(payload);
                 assert_eq!(
                     sent.offsets,
-                    [(id, inbox.len() as u64)],
+                    [(id.into(), inbox.len() as u64)],
                     "offsets count from 1"
                 );
             }
@@ -140,12 +147,8 @@ fn run(ops: Vec<Op>) {
                 }
                 let mut harness = Harness::with_protocol(Quiet, Some("switchboard.v1"));
                 let since = client.seen.clone();
-                let registration = engine.connect(
-                    id.into(),
-                    harness.handle().outbox(),
-                    Mode::Envelope,
-                    since.as_ref(),
-                );
+                let joined = now(engine.connect(id.into(), Mode::Envelope, since.clone()));
+                let registration = joined.unwrap().attach(harness.handle().outbox());
                 let mut got = frames(&mut harness);
                 let welcome = got.remove(0);
                 assert_eq!(welcome["type"], "welcome", "{welcome}");

@@ -1,0 +1,406 @@
+//! The embedded engine: one process, its streams in memory (saved to the
+//! data directory on a graceful stop).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use switchboard::{
+    Broker, ClientId, CloseReason, Format, Outbound, Outbox, PreparedMessage, PubSub, Registration,
+    Registry,
+};
+
+use super::{
+    Answer, ConnectError, Counts, Engine, Joined, Message, Pending, Published, Sent, Subscribe,
+    SubscribeRefused, Subscribed, TopicPresence, ready,
+};
+use crate::snapshot::{self, Loaded};
+use crate::streams::{Page, Position, Resume, Retention, StreamKey, Streams};
+use crate::wire::{self, At, Mode, Resumed};
+
+/// How long and how much inboxes keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboxRetention {
+    /// Messages per inbox.
+    pub size: usize,
+    /// Their age.
+    pub ttl: Duration,
+}
+
+/// The embedded engine: a [`Registry`] of live connections and [`Streams`]
+/// in memory.
+#[derive(Clone)]
+pub struct MemoryEngine(Arc<Core>);
+
+struct Core {
+    registry: Registry,
+    pubsub: PubSub,
+    streams: Streams,
+    inbox: Retention,
+    replay_budget: usize,
+}
+
+impl std::fmt::Debug for MemoryEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryEngine")
+            .field("registry", &self.0.registry)
+            .field("streams", &self.0.streams)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryEngine {
+    /// An engine over `registry`, keeping inboxes as `inbox` says, within
+    /// `max_bytes` of history in all.
+    /// With `snapshot`, the streams start as a graceful stop left them.
+    /// A resume is replayed whole only when its frames fit `replay_budget`
+    /// bytes (see [`super::fits`]).
+    pub fn new(
+        registry: Registry,
+        pubsub: PubSub,
+        inbox: InboxRetention,
+        max_bytes: usize,
+        replay_budget: usize,
+        snapshot: Option<Loaded>,
+    ) -> Self {
+        let streams = match snapshot {
+            Some(loaded) => Streams::restore(max_bytes, loaded.epoch, loaded.streams),
+            None => Streams::new(max_bytes),
+        };
+        Self(Arc::new(Core {
+            registry,
+            pubsub,
+            streams,
+            replay_budget,
+            inbox: inbox.retention(),
+        }))
+    }
+
+    /// Bytes of history held now.
+    pub fn history_bytes(&self) -> usize {
+        self.0.streams.bytes()
+    }
+}
+
+impl InboxRetention {
+    /// As a stream's retention.
+    pub fn retention(self) -> Retention {
+        Retention {
+            max_entries: self.size,
+            ttl: self.ttl,
+        }
+    }
+}
+
+fn inbox(id: &str) -> StreamKey {
+    StreamKey::Inbox(id.into())
+}
+
+/// A connection let in, registered when its outbox is attached.
+struct Admitted {
+    core: Arc<Core>,
+    id: ClientId,
+    mode: Mode,
+    since: Option<Position>,
+}
+
+impl Joined for Admitted {
+    fn attach(self: Box<Self>, outbox: Outbox) -> Registration {
+        let Self {
+            core,
+            id,
+            mode,
+            since,
+        } = *self;
+        let key = StreamKey::Inbox(id.clone());
+        let register = |frames: Vec<PreparedMessage>| {
+            // Under the inbox's lock: nothing appended to it can reach this
+            // connection before these frames, or be among them and after them.
+            for frame in frames {
+                let _ = outbox.push(Outbound::Prepared(frame));
+            }
+            core.registry
+                .register(id.clone(), outbox.clone(), mode.format())
+        };
+        if mode == Mode::Raw {
+            // No welcome and no offsets: nothing to order against the inbox.
+            return core.registry.register(id, outbox, mode.format());
+        }
+        let Some(since) = since else {
+            return core.streams.position(&key, |position| {
+                register(vec![wire::welcome(&id, at(position), Resumed::NotAsked)])
+            });
+        };
+        core.streams
+            .resume(&key, &since, core.inbox, usize::MAX, |resume, position| {
+                let (resumed, missed) = match resume {
+                    // Checked before the upgrade; a stream's top only grows.
+                    Resume::Ahead | Resume::Lost => (Resumed::Lost, Vec::new()),
+                    Resume::Recovered(missed) if !super::fits(&missed, core.replay_budget) => {
+                        (Resumed::Lost, Vec::new())
+                    }
+                    Resume::Recovered(missed) => (Resumed::Recovered(missed.len()), missed),
+                };
+                let mut frames = vec![wire::welcome(&id, at(position), resumed)];
+                frames.extend(
+                    missed
+                        .iter()
+                        .map(|entry| super::inbox_delivery(entry, &position.epoch)),
+                );
+                register(frames)
+            })
+    }
+}
+
+impl Core {
+    fn check_since(&self, id: &str, since: &Position) -> Result<(), ConnectError> {
+        self.streams.position(&inbox(id), |position| {
+            if since.epoch == position.epoch && since.offset > position.offset {
+                Err(ConnectError::Ahead {
+                    asked: since.offset,
+                    top: position.offset,
+                })
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    fn send(&self, targets: Vec<ClientId>, message: &Message) -> Sent {
+        let payload = &*message.payload;
+        let raw_frame = OnceLock::new();
+        let mut sent = Sent::default();
+        for target in targets {
+            let (connections, offset) = self.streams.append(
+                &StreamKey::Inbox(target.clone()),
+                message.from.clone(),
+                message.payload.clone(),
+                self.inbox,
+                |entry, epoch| {
+                    let at = At {
+                        offset: entry.offset,
+                        epoch,
+                    };
+                    let render = |format: Format| {
+                        if format == Mode::Raw.format() {
+                            raw_frame
+                                .get_or_init(|| wire::raw_delivery(payload))
+                                .clone()
+                        } else {
+                            let from = message.from.as_deref();
+                            wire::envelope_delivery(from, None, payload, Some(at))
+                        }
+                    };
+                    (self.registry.push(&target, &render), entry.offset)
+                },
+            );
+            sent.offsets.push((target.clone(), offset));
+            if connections > 0 {
+                sent.delivered.push(target);
+            } else {
+                sent.offline.push(target);
+            }
+        }
+        sent
+    }
+
+    fn publish(&self, topic: &str, history: Option<Retention>, message: &Message) -> Published {
+        let payload = &*message.payload;
+        let from = message.from.as_deref();
+        let Some(retention) = history else {
+            let frame = wire::envelope_delivery(from, Some(topic), payload, None);
+            let subscribers = self.pubsub.publish(topic, &|_| frame.clone());
+            return Published {
+                subscribers,
+                offset: None,
+            };
+        };
+        let key = StreamKey::Topic(topic.into());
+        self.streams.append(
+            &key,
+            message.from.clone(),
+            message.payload.clone(),
+            retention,
+            |entry, epoch| {
+                let at = At {
+                    offset: entry.offset,
+                    epoch,
+                };
+                let frame = wire::envelope_delivery(from, Some(topic), payload, Some(at));
+                Published {
+                    subscribers: self.pubsub.publish(topic, &|_| frame.clone()),
+                    offset: Some(entry.offset),
+                }
+            },
+        )
+    }
+
+    fn subscribe(&self, request: &Subscribe) -> Result<Subscribed, SubscribeRefused> {
+        let Subscribe {
+            topic,
+            client,
+            outbox,
+            limit,
+            history,
+            since,
+        } = request;
+        // Topics are for switchboard.v1 connections only.
+        let format = Mode::Envelope.format();
+        let join = || {
+            let subscription = self
+                .pubsub
+                .subscribe(topic, client.clone(), outbox, format, *limit)
+                .map_err(SubscribeRefused::PubSub)?;
+            Ok(Registration::new(move || drop(subscription)))
+        };
+        let (Some(retention), Some(since)) = (history, since) else {
+            let subscription = join()?;
+            let resumed = since.as_ref().map(|_| (Resumed::Lost, None));
+            return Ok(Subscribed {
+                subscription,
+                resumed,
+            });
+        };
+        let key = StreamKey::Topic(topic.clone());
+        self.streams
+            .resume(&key, since, *retention, usize::MAX, |resume, position| {
+                let (resumed, missed) = match resume {
+                    Resume::Ahead => {
+                        return Err(SubscribeRefused::Ahead {
+                            asked: since.offset,
+                            top: position.offset,
+                        });
+                    }
+                    Resume::Lost => (Resumed::Lost, Vec::new()),
+                    Resume::Recovered(missed) if !super::fits(&missed, self.replay_budget) => {
+                        (Resumed::Lost, Vec::new())
+                    }
+                    Resume::Recovered(missed) => (Resumed::Recovered(missed.len()), missed),
+                };
+                // Under the stream's lock: a publish after this one reaches the
+                // new subscriber after the missed messages, never among them.
+                let subscription = join()?;
+                for entry in &missed {
+                    let frame = super::topic_delivery(topic, entry, &position.epoch);
+                    let _ = outbox.push(Outbound::Prepared(frame));
+                }
+                Ok(Subscribed {
+                    subscription,
+                    resumed: Some((resumed, Some(position.clone()))),
+                })
+            })
+    }
+}
+
+impl Engine for MemoryEngine {
+    fn connect(
+        &self,
+        id: ClientId,
+        mode: Mode,
+        since: Option<Position>,
+    ) -> Answer<Box<dyn Joined>, ConnectError> {
+        let checked = match &since {
+            Some(since) => self.0.check_since(&id, since),
+            None => Ok(()),
+        };
+        let admitted = checked.map(|()| {
+            Box::new(Admitted {
+                core: self.0.clone(),
+                id,
+                mode,
+                since,
+            }) as Box<dyn Joined>
+        });
+        Box::pin(std::future::ready(admitted))
+    }
+
+    fn send(&self, targets: Vec<ClientId>, message: Message) -> Pending<Sent> {
+        ready(self.0.send(targets, &message))
+    }
+
+    fn connections(&self, ids: Vec<ClientId>) -> Pending<Vec<usize>> {
+        ready(
+            ids.iter()
+                .map(|id| self.0.registry.connections(id))
+                .collect(),
+        )
+    }
+
+    fn publish(
+        &self,
+        topic: Arc<str>,
+        history: Option<Retention>,
+        message: Message,
+    ) -> Pending<Published> {
+        ready(self.0.publish(&topic, history, &message))
+    }
+
+    fn subscribe(&self, request: Subscribe) -> Answer<Subscribed, SubscribeRefused> {
+        Box::pin(std::future::ready(self.0.subscribe(&request)))
+    }
+
+    fn presence(&self, topic: Arc<str>) -> Pending<TopicPresence> {
+        ready(TopicPresence {
+            subscribers: self.0.pubsub.subscribers(&topic),
+            clients: self.0.pubsub.presence(&topic),
+        })
+    }
+
+    fn disconnect(&self, id: ClientId, close: CloseReason) -> Pending<usize> {
+        let connections = self.0.registry.lookup(&id);
+        for outbox in &connections {
+            outbox.close(close.clone());
+        }
+        ready(connections.len())
+    }
+
+    fn counts(&self) -> Pending<Counts> {
+        ready(Counts {
+            clients: self.0.registry.clients(),
+            topics: self.0.pubsub.topics(),
+        })
+    }
+
+    fn read_inbox(
+        &self,
+        id: ClientId,
+        since: Option<Position>,
+        limit: usize,
+    ) -> Pending<(Page, Position)> {
+        let key = StreamKey::Inbox(id);
+        ready(
+            self.0
+                .streams
+                .read(&key, since.as_ref(), self.0.inbox, limit),
+        )
+    }
+
+    fn read_topic(
+        &self,
+        topic: Arc<str>,
+        retention: Retention,
+        since: Option<Position>,
+        limit: usize,
+    ) -> Pending<(Page, Position)> {
+        let key = StreamKey::Topic(topic);
+        ready(self.0.streams.read(&key, since.as_ref(), retention, limit))
+    }
+
+    fn unready(&self) -> Option<String> {
+        None
+    }
+
+    fn save(&self, dir: &Path) -> io::Result<Option<PathBuf>> {
+        let (epoch, streams) = self.0.streams.export();
+        snapshot::save(dir, &epoch, &streams).map(Some)
+    }
+}
+
+fn at(position: &Position) -> At<'_> {
+    At {
+        offset: position.offset,
+        epoch: &position.epoch,
+    }
+}

@@ -1,0 +1,268 @@
+//! The engine: where client ids' connections, their inboxes, topics and
+//! their messages live. The relay and the HTTP API call it; neither knows
+//! which engine runs. [`MemoryEngine`] is the embedded one (one process);
+//! [`RedisEngine`] makes several nodes behave as one (docs/cluster.md).
+//!
+//! Every message sent to a client id is appended to that id's inbox stream,
+//! whether or not the id is connected, and handed to its live connections in
+//! offset order. A `switchboard.v1` connection is told its inbox's position
+//! first (the welcome), and one that asks to resume from a position gets
+//! every message after it, or is told that it cannot: never part of them.
+//!
+//! Calls answer with futures, as a store across the network does. What
+//! orders messages is the call, not the answer: an engine fixes the order
+//! of two calls made one after the other before it returns the first's
+//! future, so a client's messages keep their order whenever the acks come.
+
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use switchboard::{ClientId, CloseReason, Outbox, Registration, SubscribeError};
+
+use switchboard::PreparedMessage;
+
+use crate::streams::{Entry, Page, Position, Retention};
+use crate::wire::{self, At, Mode, Resumed};
+
+mod memory;
+pub mod redis;
+
+pub use memory::{InboxRetention, MemoryEngine};
+pub use redis::{RedisEngine, RedisSettings};
+
+/// An engine's answer, when it comes.
+pub type Answer<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'static>>;
+
+/// An answer that fails only when the store is unavailable.
+pub type Pending<T> = Answer<T, Unavailable>;
+
+/// An answer that is ready now.
+pub fn ready<T: Send + 'static>(value: T) -> Pending<T> {
+    Box::pin(std::future::ready(Ok(value)))
+}
+
+/// The engine's store cannot be reached: nothing was done, and the caller
+/// may try again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the cluster's store is unavailable: {0}")]
+pub struct Unavailable(pub String);
+
+/// A message from a client or the API.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// The sender, when a client sent it.
+    pub from: Option<ClientId>,
+    /// The payload's JSON text.
+    pub payload: Arc<str>,
+}
+
+/// What became of a message to client ids.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Sent {
+    /// Targets with a live connection somewhere.
+    pub delivered: Vec<ClientId>,
+    /// Targets with none: it waits in their inboxes.
+    pub offline: Vec<ClientId>,
+    /// The offset each target's inbox gave it.
+    pub offsets: Vec<(ClientId, u64)>,
+}
+
+/// What became of a message published to a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// Subscribed connections it was sent to.
+    pub subscribers: usize,
+    /// Its offset in the topic's stream, when the topic keeps history.
+    pub offset: Option<u64>,
+}
+
+/// A connection asking to subscribe to a topic.
+#[derive(Debug, Clone)]
+pub struct Subscribe {
+    /// The topic.
+    pub topic: Arc<str>,
+    /// The connection's client id.
+    pub client: ClientId,
+    /// Where its messages go.
+    pub outbox: Outbox,
+    /// The most connections the topic may have.
+    pub limit: Option<usize>,
+    /// What the topic keeps, when it keeps history.
+    pub history: Option<Retention>,
+    /// Where to resume from.
+    pub since: Option<Position>,
+}
+
+/// A subscription, and what resuming it found.
+#[derive(Debug)]
+pub struct Subscribed {
+    /// Dropping it unsubscribes.
+    pub subscription: Registration,
+    /// When it asked to resume: whether it did, and the topic's position
+    /// (`None` for a topic that keeps no history: nothing can be recovered).
+    pub resumed: Option<(Resumed, Option<Position>)>,
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubscribeRefused {
+    /// The topic is full, or the connection is subscribed already.
+    PubSub(SubscribeError),
+    /// `since` is past the topic's last offset under its epoch.
+    Ahead {
+        /// The offset asked for.
+        asked: u64,
+        /// The topic's last offset.
+        top: u64,
+    },
+    /// The store cannot be reached.
+    Unavailable(Unavailable),
+}
+
+/// Why a connection was not let in.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    /// It asked to resume from an offset its inbox never reached.
+    #[error("since is ahead of this client's inbox (offset {asked} > {top})")]
+    Ahead {
+        /// The offset asked for.
+        asked: u64,
+        /// The inbox's last offset.
+        top: u64,
+    },
+    /// The store cannot be reached.
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
+}
+
+/// A connection let in, whose socket is about to be served: attaching its
+/// outbox sends the welcome (and what it resumes) and registers it for
+/// live messages. Dropped unattached (the upgrade failed), it leaves again.
+pub trait Joined: Send {
+    /// Registers the connection behind `outbox`; dropping the result removes it.
+    fn attach(self: Box<Self>, outbox: Outbox) -> Registration;
+}
+
+/// Who is subscribed to a topic.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicPresence {
+    /// Subscribed connections.
+    pub subscribers: usize,
+    /// Subscribed client ids, each with its number of connections.
+    pub clients: Vec<(ClientId, usize)>,
+}
+
+/// How many are online, for the stats.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Client ids with a live connection.
+    pub clients: usize,
+    /// Topics with a subscriber.
+    pub topics: usize,
+}
+
+/// Routing, presence and streams for client ids and topics.
+pub trait Engine: Send + Sync + 'static {
+    /// Lets a connection of `id` speaking `mode` in: it counts as online from
+    /// now on. With `since`, checks it against the inbox (a position past
+    /// the inbox's top is refused), and the welcome says whether every
+    /// message after it could be replayed.
+    fn connect(
+        &self,
+        id: ClientId,
+        mode: Mode,
+        since: Option<Position>,
+    ) -> Answer<Box<dyn Joined>, ConnectError>;
+
+    /// Appends `message` to each target's inbox and hands it to the targets'
+    /// live connections.
+    fn send(&self, targets: Vec<ClientId>, message: Message) -> Pending<Sent>;
+
+    /// Live connections of each id, in the order asked.
+    fn connections(&self, ids: Vec<ClientId>) -> Pending<Vec<usize>>;
+
+    /// Publishes `message` to `topic`'s subscribers; with `history`, appends
+    /// it to the topic's stream first, and the deliveries carry its offset.
+    fn publish(
+        &self,
+        topic: Arc<str>,
+        history: Option<Retention>,
+        message: Message,
+    ) -> Pending<Published>;
+
+    /// Subscribes a connection to a topic. With `since` (and a topic that
+    /// keeps history) the messages after it are put in the connection's
+    /// outbox before any live one, all of them or none.
+    fn subscribe(&self, request: Subscribe) -> Answer<Subscribed, SubscribeRefused>;
+
+    /// Who is subscribed to `topic`.
+    fn presence(&self, topic: Arc<str>) -> Pending<TopicPresence>;
+
+    /// Closes every connection of `id`; answers how many there were.
+    fn disconnect(&self, id: ClientId, close: CloseReason) -> Pending<usize>;
+
+    /// Client ids online and topics subscribed.
+    fn counts(&self) -> Pending<Counts>;
+
+    /// Up to `limit` messages of `id`'s inbox: the latest, or those right
+    /// after `since`.
+    fn read_inbox(
+        &self,
+        id: ClientId,
+        since: Option<Position>,
+        limit: usize,
+    ) -> Pending<(Page, Position)>;
+
+    /// Up to `limit` messages of `topic`'s history, kept as `retention` says.
+    fn read_topic(
+        &self,
+        topic: Arc<str>,
+        retention: Retention,
+        since: Option<Position>,
+        limit: usize,
+    ) -> Pending<(Page, Position)>;
+
+    /// Why the engine cannot serve now, if it cannot (for `/healthz`).
+    fn unready(&self) -> Option<String>;
+
+    /// Called once serving has stopped: an engine that holds its streams in
+    /// this process writes them to `dir` (and returns the file); one whose
+    /// streams live elsewhere has nothing to write.
+    fn save(&self, dir: &Path) -> io::Result<Option<PathBuf>>;
+}
+
+/// Whether replaying `missed` fits `budget` bytes of the connection's
+/// outbound queue. A replay goes into the queue at once, and one that
+/// overflowed it would be cut short as a slow consumer after the client was
+/// told it recovered: all or nothing, so it says so instead (engines give
+/// half of `max_outbound_bytes`).
+pub(crate) fn fits(missed: &[Entry], budget: usize) -> bool {
+    // The envelope's own fields, a frame header, and the epoch.
+    const FRAME: usize = 96;
+    let bytes: usize = missed
+        .iter()
+        .map(|e| FRAME + e.payload.len() + e.from.as_deref().map_or(0, str::len))
+        .sum();
+    bytes <= budget
+}
+
+/// A message of a topic's stream, as a `switchboard.v1` delivery.
+pub(crate) fn topic_delivery(topic: &str, entry: &Entry, epoch: &str) -> PreparedMessage {
+    let at = At {
+        offset: entry.offset,
+        epoch,
+    };
+    wire::envelope_delivery(entry.from.as_deref(), Some(topic), &entry.payload, Some(at))
+}
+
+/// A message of an inbox stream, as a `switchboard.v1` delivery.
+pub(crate) fn inbox_delivery(entry: &Entry, epoch: &str) -> PreparedMessage {
+    let at = At {
+        offset: entry.offset,
+        epoch,
+    };
+    wire::envelope_delivery(entry.from.as_deref(), None, &entry.payload, Some(at))
+}

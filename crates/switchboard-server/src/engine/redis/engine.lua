@@ -1,0 +1,234 @@
+-- Switchboard's cluster engine: every change to shared state is one call of
+-- this script, so it is atomic, and a message's append and its notice to the
+-- nodes (PUBLISH) can never be separated. See docs/cluster.md for the keys.
+--
+-- ARGV[1] is the operation. ARGV[2..5] are the same for every call:
+--   2 an epoch for a stream made now (random, from the node),
+--   3 how long a stream's epoch and top offset outlive its last write (ms),
+--   4, 5 what the `$clients` topic keeps (messages, ms; 0 messages: no events).
+-- The operation's own arguments start at ARGV[6].
+-- Time comes from Redis (TIME), never from a node's clock.
+
+local op = ARGV[1]
+local candidate = ARGV[2]
+local meta_ttl = tonumber(ARGV[3])
+local events_size = tonumber(ARGV[4])
+local events_ttl = tonumber(ARGV[5])
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function stream_key(kind, name) return 'sb:s:' .. kind .. ':' .. name end
+local function meta_key(kind, name) return 'sb:m:' .. kind .. ':' .. name end
+local function channel(kind, name) return 'sb:c:' .. kind .. ':' .. name end
+
+-- A stream's epoch and top offset, made (with a new epoch) when missing.
+-- A stream whose meta is gone lost its history: its old entries go too, so
+-- offsets under the new epoch start again from 1.
+local function position(kind, name)
+  local mkey = meta_key(kind, name)
+  local meta = redis.call('HMGET', mkey, 'e', 't')
+  if not meta[1] then
+    redis.call('DEL', stream_key(kind, name))
+    redis.call('HSET', mkey, 'e', candidate, 't', 0)
+    meta = { candidate, 0 }
+  end
+  redis.call('PEXPIRE', mkey, meta_ttl)
+  return meta[1], tonumber(meta[2])
+end
+
+-- Appends a message and tells the nodes, in one step. The entry's id is its
+-- offset, so the stream itself says which offsets it still holds.
+local function append(kind, name, size, ttl, from, payload)
+  local epoch = position(kind, name)
+  local offset = redis.call('HINCRBY', meta_key(kind, name), 't', 1)
+  local skey = stream_key(kind, name)
+  redis.call('XADD', skey, 'MAXLEN', size, offset .. '-0',
+    'p', payload, 'f', from, 'a', now_ms())
+  redis.call('PEXPIRE', skey, ttl)
+  redis.call('PUBLISH', channel(kind, name),
+    'm|' .. epoch .. '|' .. offset .. '|' .. from .. '|' .. payload)
+  return epoch, offset
+end
+
+-- The stream's position, the time, and the entries after `since` (up to
+-- `limit`), or the latest `limit` when `since` is empty.
+local function read(kind, name, since, limit)
+  local epoch, top = position(kind, name)
+  local skey = stream_key(kind, name)
+  local entries
+  if limit == 0 then
+    entries = {}
+  elseif since == '' then
+    entries = redis.call('XREVRANGE', skey, '+', '-', 'COUNT', limit)
+  elseif tonumber(since) >= top then
+    entries = {}
+  else
+    entries = redis.call('XRANGE', skey, (tonumber(since) + 1) .. '-0', '+', 'COUNT', limit)
+  end
+  return { epoch, top, now_ms(), entries }
+end
+
+-- First online / last offline, on the `$clients` topic.
+local function client_event(id, event)
+  if events_size > 0 then
+    append('t', '$clients', events_size, events_ttl, '',
+      '{"client":"' .. id .. '","event":"' .. event .. '"}')
+  end
+end
+
+local function node_clients(node) return 'sb:n:' .. node .. ':c' end
+local function node_topics(node) return 'sb:n:' .. node .. ':t' end
+
+-- Takes `count` connections of `id` off the cluster's count.
+local function clients_down(id, count)
+  local left = redis.call('HINCRBY', 'sb:clients', id, -count)
+  if left <= 0 then
+    redis.call('HDEL', 'sb:clients', id)
+    client_event(id, 'offline')
+  end
+end
+
+-- Takes `count` subscribed connections of `client` off `topic`.
+local function topic_down(topic, client, count)
+  if redis.call('HINCRBY', 'sb:topics', topic, -count) <= 0 then
+    redis.call('HDEL', 'sb:topics', topic)
+  end
+  if redis.call('HINCRBY', 'sb:p:' .. topic, client, -count) <= 0 then
+    redis.call('HDEL', 'sb:p:' .. topic, client)
+    redis.call('PUBLISH', channel('t', topic), 'l|' .. client)
+  end
+end
+
+-- Undoes everything a node counted, once: its indexes go with it, so a
+-- second reaper finds nothing left to undo.
+local function reap(node)
+  local c = redis.call('HGETALL', node_clients(node))
+  for i = 1, #c, 2 do clients_down(c[i], tonumber(c[i + 1])) end
+  local t = redis.call('HGETALL', node_topics(node))
+  for i = 1, #t, 2 do
+    local at = string.find(t[i], '\n', 1, true)
+    topic_down(string.sub(t[i], 1, at - 1), string.sub(t[i], at + 1), tonumber(t[i + 1]))
+  end
+  redis.call('DEL', node_clients(node), node_topics(node))
+  redis.call('ZREM', 'sb:nodes', node)
+end
+
+-- A node whose lease has lapsed was reaped (or is about to be): it must
+-- count nothing more under its id.
+local function alive(node)
+  return redis.call('ZSCORE', 'sb:nodes', node) ~= false
+end
+
+if op == 'send' then
+  -- ARGV: size, ttl, from, payload, id...
+  local size, ttl, from, payload = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+  local out = {}
+  for i = 10, #ARGV do
+    local epoch, offset = append('i', ARGV[i], size, ttl, from, payload)
+    local online = redis.call('HGET', 'sb:clients', ARGV[i]) or 0
+    table.insert(out, epoch)
+    table.insert(out, offset)
+    table.insert(out, tonumber(online))
+  end
+  return out
+elseif op == 'publish' then
+  -- ARGV: topic, size (0: no history), ttl, from, payload
+  local topic, size, ttl, from, payload = ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[9], ARGV[10]
+  local subscribers = tonumber(redis.call('HGET', 'sb:topics', topic) or 0)
+  if size == 0 then
+    redis.call('PUBLISH', channel('t', topic), 'm||0|' .. from .. '|' .. payload)
+    return { '', 0, subscribers }
+  end
+  local epoch, offset = append('t', topic, size, ttl, from, payload)
+  return { epoch, offset, subscribers }
+elseif op == 'connect' then
+  -- ARGV: node, id, since ('' for none), limit
+  local node, id = ARGV[6], ARGV[7]
+  if not alive(node) then return redis.error_reply('REAPED node lease lapsed') end
+  redis.call('HINCRBY', node_clients(node), id, 1)
+  if redis.call('HINCRBY', 'sb:clients', id, 1) == 1 then
+    client_event(id, 'online')
+  end
+  return read('i', id, ARGV[8], tonumber(ARGV[9]))
+elseif op == 'leave' then
+  -- ARGV: node, id
+  local node, id = ARGV[6], ARGV[7]
+  local mine = tonumber(redis.call('HGET', node_clients(node), id) or 0)
+  if mine <= 0 then return 0 end
+  if redis.call('HINCRBY', node_clients(node), id, -1) <= 0 then
+    redis.call('HDEL', node_clients(node), id)
+  end
+  clients_down(id, 1)
+  return 1
+elseif op == 'join' then
+  -- ARGV: node, topic, client, limit (0: none), history (0/1), since ('' for none), count
+  local node, topic, client, limit = ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
+  if not alive(node) then return redis.error_reply('REAPED node lease lapsed') end
+  if limit > 0 and tonumber(redis.call('HGET', 'sb:topics', topic) or 0) >= limit then
+    return { 'full' }
+  end
+  redis.call('HINCRBY', node_topics(node), topic .. '\n' .. client, 1)
+  redis.call('HINCRBY', 'sb:topics', topic, 1)
+  if redis.call('HINCRBY', 'sb:p:' .. topic, client, 1) == 1 then
+    redis.call('PUBLISH', channel('t', topic), 'j|' .. client)
+  end
+  if ARGV[10] == '1' then
+    local epoch, top = position('t', topic)
+    local entries = {}
+    if ARGV[11] ~= '' then entries = read('t', topic, ARGV[11], tonumber(ARGV[12]))[4] end
+    return { 'ok', epoch, top, now_ms(), entries }
+  end
+  return { 'ok' }
+elseif op == 'part' then
+  -- ARGV: node, topic, client
+  local node, topic, client = ARGV[6], ARGV[7], ARGV[8]
+  local field = topic .. '\n' .. client
+  local mine = tonumber(redis.call('HGET', node_topics(node), field) or 0)
+  if mine <= 0 then return 0 end
+  if redis.call('HINCRBY', node_topics(node), field, -1) <= 0 then
+    redis.call('HDEL', node_topics(node), field)
+  end
+  topic_down(topic, client, 1)
+  return 1
+elseif op == 'heartbeat' then
+  -- ARGV: node, lease (ms), first (1 on a node's first beat)
+  local node, lease, first = ARGV[6], tonumber(ARGV[7]), ARGV[8]
+  if first ~= '1' and not alive(node) then
+    return redis.error_reply('REAPED node lease lapsed')
+  end
+  local now = now_ms()
+  redis.call('ZADD', 'sb:nodes', now + lease, node)
+  local dead = redis.call('ZRANGEBYSCORE', 'sb:nodes', '-inf', now, 'LIMIT', 0, 16)
+  for _, n in ipairs(dead) do reap(n) end
+  return #dead
+elseif op == 'leave_cluster' then
+  -- ARGV: node. A node that stops gracefully undoes its counts itself.
+  reap(ARGV[6])
+  return 1
+elseif op == 'read' then
+  -- ARGV: kind, name, since ('' for the latest), limit
+  return read(ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9]))
+elseif op == 'connections' then
+  -- ARGV: id...
+  local out = {}
+  for i = 6, #ARGV do
+    table.insert(out, tonumber(redis.call('HGET', 'sb:clients', ARGV[i]) or 0))
+  end
+  return out
+elseif op == 'presence' then
+  -- ARGV: topic
+  local topic = ARGV[6]
+  return { tonumber(redis.call('HGET', 'sb:topics', topic) or 0),
+    redis.call('HGETALL', 'sb:p:' .. topic) }
+elseif op == 'counts' then
+  return { redis.call('HLEN', 'sb:clients'), redis.call('HLEN', 'sb:topics') }
+elseif op == 'disconnect' then
+  -- ARGV: id, code, reason
+  local id = ARGV[6]
+  redis.call('PUBLISH', channel('i', id), 'x|' .. ARGV[7] .. '|' .. ARGV[8])
+  return tonumber(redis.call('HGET', 'sb:clients', id) or 0)
+end
+return redis.error_reply('ERR unknown switchboard operation ' .. op)

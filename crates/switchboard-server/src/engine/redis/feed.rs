@@ -1,0 +1,655 @@
+//! Pub/sub: the channels this node listens to, and handing what they carry
+//! to its connections.
+//!
+//! A node listens to a client id's channel while it holds a connection of
+//! that id, and to a topic's while it holds a subscriber: only the nodes
+//! that need a message receive it. Pub/sub only says that something is new;
+//! the stream is the truth. Each connection remembers the last offset it was
+//! given, so a message it has is dropped, the next one is delivered, and one
+//! past a gap makes the node read the gap from the stream first. After the
+//! pub/sub connection drops, the node subscribes again and reads every
+//! stream it serves from where its connections are.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use switchboard::{
+    CloseCode, CloseReason, ConnId, Format, Outbox, PreparedMessage, PresenceChange,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use super::link::Link;
+use super::reply::{Read, array};
+use crate::engine::Unavailable;
+use crate::topics::Namespaces;
+use crate::wire::{self, At, Mode};
+
+/// Live messages waiting for the delivery task; past it the pub/sub reader
+/// waits, and Redis buffers (and, past its limit, drops the connection,
+/// which the node then recovers from the streams).
+const LIVE_QUEUE: usize = 8192;
+/// Entries read per gap fill.
+const FILL_BATCH: usize = 1000;
+
+/// The channel of a client id's inbox.
+pub(super) fn inbox_channel(id: &str) -> String {
+    format!("sb:c:i:{id}")
+}
+
+/// The channel of a topic.
+pub(super) fn topic_channel(topic: &str) -> String {
+    format!("sb:c:t:{topic}")
+}
+
+/// A connection on a channel, and where it stands in the channel's stream.
+pub(super) struct Conn {
+    /// Where its messages go.
+    pub outbox: Outbox,
+    /// Its wire format.
+    pub format: Format,
+    /// The stream's epoch it follows (`None`: a topic without history).
+    pub epoch: Option<Arc<str>>,
+    /// The last offset it has been given.
+    pub last: u64,
+}
+
+enum Command {
+    Attach { channel: String, conn: Conn },
+    Detach { channel: String, conn: ConnId },
+    Forget(Vec<String>),
+    Resync,
+    CloseAll(CloseReason),
+}
+
+enum Control {
+    Hold {
+        channel: String,
+        reply: oneshot::Sender<Result<(), Unavailable>>,
+    },
+    Release(String),
+    Lost,
+}
+
+/// The node's pub/sub side.
+#[derive(Clone)]
+pub(super) struct Feed {
+    control: mpsc::UnboundedSender<Control>,
+    commands: mpsc::UnboundedSender<Command>,
+    up: Arc<AtomicBool>,
+}
+
+impl Feed {
+    /// Starts the subscriber and the delivery task on the current runtime.
+    pub(super) fn start(client: redis::Client, link: Link, namespaces: Arc<Namespaces>) -> Self {
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let (live, live_rx) = mpsc::channel(LIVE_QUEUE);
+        let up = Arc::new(AtomicBool::new(false));
+        let delivery = Delivery {
+            streams: HashMap::new(),
+            link,
+            namespaces,
+        };
+        tokio::spawn(delivery.run(commands_rx, live_rx));
+        let subscriber = Subscriber {
+            client,
+            held: HashMap::new(),
+            control: control.clone(),
+            commands: commands.clone(),
+            live,
+            up: up.clone(),
+        };
+        tokio::spawn(subscriber.run(control_rx));
+        Self {
+            control,
+            commands,
+            up,
+        }
+    }
+
+    /// Whether the pub/sub connection is up.
+    pub(super) fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Listens to `channel` (counted: each hold needs a release). Resolves
+    /// once Redis has confirmed the subscription, so anything published
+    /// after that reaches this node.
+    pub(super) async fn hold(&self, channel: String) -> Result<(), Unavailable> {
+        let (reply, answer) = oneshot::channel();
+        self.control
+            .send(Control::Hold { channel, reply })
+            .map_err(|_| Unavailable("the pub/sub task stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| Unavailable("the pub/sub task stopped".into()))?
+    }
+
+    /// Gives back a hold.
+    pub(super) fn release(&self, channel: String) {
+        let _ = self.control.send(Control::Release(channel));
+    }
+
+    /// Starts live delivery to a connection, from the offset it was given.
+    pub(super) fn attach(&self, channel: String, conn: Conn) {
+        let _ = self.commands.send(Command::Attach { channel, conn });
+    }
+
+    /// Stops live delivery to a connection.
+    pub(super) fn detach(&self, channel: String, conn: ConnId) {
+        let _ = self.commands.send(Command::Detach { channel, conn });
+    }
+
+    /// Closes every connection this node serves.
+    pub(super) fn close_all(&self, reason: CloseReason) {
+        let _ = self.commands.send(Command::CloseAll(reason));
+    }
+}
+
+/// Owns the pub/sub connection and the count of holds per channel. One task
+/// does every SUBSCRIBE and UNSUBSCRIBE, in order, batching those that
+/// arrive together.
+struct Subscriber {
+    client: redis::Client,
+    held: HashMap<String, usize>,
+    control: mpsc::UnboundedSender<Control>,
+    commands: mpsc::UnboundedSender<Command>,
+    live: mpsc::Sender<(String, Vec<u8>)>,
+    up: Arc<AtomicBool>,
+}
+
+impl Subscriber {
+    async fn run(mut self, mut control: mpsc::UnboundedReceiver<Control>) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let Some(mut sink) = self.connect(&mut control).await else {
+                // While down, holds fail at once; releases still count.
+                while let Ok(request) = control.try_recv() {
+                    self.refuse(request);
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            };
+            backoff = Duration::from_millis(50);
+            self.up.store(true, Ordering::Relaxed);
+            // Whatever was published while this node was not listening.
+            let _ = self.commands.send(Command::Resync);
+            if self.serve(&mut sink, &mut control).await.is_none() {
+                return;
+            }
+            self.up.store(false, Ordering::Relaxed);
+            tracing::warn!("lost the Redis pub/sub connection; reconnecting");
+        }
+    }
+
+    /// A new pub/sub connection, listening to every held channel, with its
+    /// reader started.
+    async fn connect(
+        &mut self,
+        control: &mut mpsc::UnboundedReceiver<Control>,
+    ) -> Option<redis::aio::PubSubSink> {
+        let pubsub = match self.client.get_async_pubsub().await {
+            Ok(pubsub) => pubsub,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach Redis for pub/sub");
+                return None;
+            }
+        };
+        let (mut sink, mut stream) = pubsub.split();
+        // What queued while down first, so the counts are current; those
+        // holds are answered once every held channel is subscribed.
+        let mut waiting = Vec::new();
+        while let Ok(request) = control.try_recv() {
+            match request {
+                Control::Hold { channel, reply } => {
+                    *self.held.entry(channel.clone()).or_default() += 1;
+                    waiting.push((channel, reply));
+                }
+                other => self.refuse(other),
+            }
+        }
+        let channels: Vec<String> = self.held.keys().cloned().collect();
+        let mut subscribed = Ok(());
+        for chunk in channels.chunks(1000) {
+            if let Err(e) = sink.subscribe(chunk).await {
+                tracing::warn!(error = %e, "subscribing again after a reconnect failed");
+                subscribed = Err(Unavailable(format!("pub/sub failed: {e}")));
+                break;
+            }
+        }
+        for (channel, reply) in waiting {
+            if subscribed.is_err() {
+                self.refuse(Control::Release(channel));
+            }
+            let _ = reply.send(subscribed.clone());
+        }
+        subscribed.ok()?;
+        let live = self.live.clone();
+        let lost = self.control.clone();
+        tokio::spawn(async move {
+            while let Some(message) = stream.next().await {
+                let channel = message.get_channel_name().to_owned();
+                let payload = message.get_payload_bytes().to_vec();
+                if live.send((channel, payload)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = lost.send(Control::Lost);
+        });
+        Some(sink)
+    }
+
+    /// Applies holds and releases until the connection is lost (`Some`) or
+    /// the engine is gone (`None`).
+    async fn serve(
+        &mut self,
+        sink: &mut redis::aio::PubSubSink,
+        control: &mut mpsc::UnboundedReceiver<Control>,
+    ) -> Option<()> {
+        loop {
+            let first = control.recv().await?;
+            let mut batch = vec![first];
+            while let Ok(more) = control.try_recv() {
+                batch.push(more);
+            }
+            let mut lost = false;
+            let mut touched: HashMap<String, bool> = HashMap::new();
+            let mut waiting = Vec::new();
+            for request in batch {
+                match request {
+                    Control::Hold { channel, reply } => {
+                        let count = self.held.entry(channel.clone()).or_default();
+                        touched.entry(channel).or_insert(*count > 0);
+                        *count += 1;
+                        waiting.push(reply);
+                    }
+                    Control::Release(channel) => {
+                        if let Some(count) = self.held.get_mut(&channel) {
+                            touched.entry(channel.clone()).or_insert(*count > 0);
+                            *count -= 1;
+                            if *count == 0 {
+                                self.held.remove(&channel);
+                            }
+                        }
+                    }
+                    Control::Lost => lost = true,
+                }
+            }
+            let (mut subscribe, mut unsubscribe) = (Vec::new(), Vec::new());
+            for (channel, was) in touched {
+                match (was, self.held.contains_key(&channel)) {
+                    (false, true) => subscribe.push(channel),
+                    (true, false) => unsubscribe.push(channel),
+                    _ => {}
+                }
+            }
+            let done = if lost {
+                Err(Unavailable("the pub/sub connection was lost".into()))
+            } else {
+                self.change(sink, &subscribe, &unsubscribe).await
+            };
+            for reply in waiting {
+                let _ = reply.send(done.clone());
+            }
+            if done.is_err() {
+                return Some(());
+            }
+        }
+    }
+
+    async fn change(
+        &self,
+        sink: &mut redis::aio::PubSubSink,
+        subscribe: &[String],
+        unsubscribe: &[String],
+    ) -> Result<(), Unavailable> {
+        let failed = |e: redis::RedisError| Unavailable(format!("pub/sub failed: {e}"));
+        if !subscribe.is_empty() {
+            sink.subscribe(subscribe).await.map_err(failed)?;
+        }
+        if !unsubscribe.is_empty() {
+            sink.unsubscribe(unsubscribe).await.map_err(failed)?;
+            let _ = self.commands.send(Command::Forget(unsubscribe.to_vec()));
+        }
+        Ok(())
+    }
+
+    fn refuse(&mut self, request: Control) {
+        match request {
+            Control::Hold { reply, .. } => {
+                let _ = reply.send(Err(Unavailable("cannot reach Redis for pub/sub".into())));
+            }
+            Control::Release(channel) => {
+                if let Some(count) = self.held.get_mut(&channel) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.held.remove(&channel);
+                    }
+                }
+            }
+            Control::Lost => {}
+        }
+    }
+}
+
+/// What a channel is about, from its name.
+enum Subject<'a> {
+    Inbox(&'a str),
+    Topic(&'a str),
+}
+
+fn subject(channel: &str) -> Option<Subject<'_>> {
+    if let Some(id) = channel.strip_prefix("sb:c:i:") {
+        Some(Subject::Inbox(id))
+    } else {
+        channel.strip_prefix("sb:c:t:").map(Subject::Topic)
+    }
+}
+
+/// A channel's connections on this node, and the newest offset seen on it.
+#[derive(Default)]
+struct Local {
+    conns: Vec<Conn>,
+    seen: Option<(Arc<str>, u64)>,
+}
+
+/// The one task that hands live messages to this node's connections, so
+/// each connection gets them in order, after what it was given at attach.
+struct Delivery {
+    streams: HashMap<String, Local>,
+    link: Link,
+    namespaces: Arc<Namespaces>,
+}
+
+/// A message of a stream, as published: `m|EPOCH|OFFSET|FROM|PAYLOAD`.
+struct Live<'a> {
+    epoch: &'a str,
+    offset: u64,
+    from: Option<&'a str>,
+    payload: &'a str,
+}
+
+fn close_missed() -> CloseReason {
+    CloseReason::new(
+        CloseCode::SERVICE_RESTART,
+        "messages were lost: reconnect and resume",
+    )
+}
+
+impl Delivery {
+    async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        mut live: mpsc::Receiver<(String, Vec<u8>)>,
+    ) {
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.command(command).await,
+                    None => return,
+                },
+                Some((channel, payload)) = live.recv() => self.live(channel, &payload).await,
+            }
+        }
+    }
+
+    async fn command(&mut self, command: Command) {
+        match command {
+            Command::Attach { channel, conn } => {
+                let local = self.streams.entry(channel.clone()).or_default();
+                let behind = match (&local.seen, &conn.epoch) {
+                    (Some((epoch, seen)), Some(at)) => epoch != at || *seen > conn.last,
+                    _ => false,
+                };
+                local.conns.push(conn);
+                if behind {
+                    self.fill(&channel).await;
+                }
+            }
+            Command::Detach { channel, conn } => {
+                if let Some(local) = self.streams.get_mut(&channel) {
+                    local.conns.retain(|c| c.outbox.id() != conn);
+                }
+            }
+            Command::Forget(channels) => {
+                for channel in channels {
+                    if self
+                        .streams
+                        .get(&channel)
+                        .is_some_and(|local| local.conns.is_empty())
+                    {
+                        self.streams.remove(&channel);
+                    }
+                }
+            }
+            Command::Resync => {
+                let channels: Vec<String> = self.streams.keys().cloned().collect();
+                for channel in channels {
+                    self.fill(&channel).await;
+                }
+            }
+            Command::CloseAll(reason) => {
+                for local in self.streams.values_mut() {
+                    for conn in local.conns.drain(..) {
+                        conn.outbox.close(reason.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    async fn live(&mut self, channel: String, payload: &[u8]) {
+        let Ok(text) = std::str::from_utf8(payload) else {
+            return;
+        };
+        let Some(subject) = subject(&channel) else {
+            return;
+        };
+        let (kind, rest) = text.split_at(text.find('|').unwrap_or(0).min(text.len()));
+        let rest = rest.strip_prefix('|').unwrap_or_default();
+        match (kind, &subject) {
+            ("m", _) => {
+                let mut parts = rest.splitn(4, '|');
+                let (Some(epoch), Some(offset), Some(from), Some(payload)) =
+                    (parts.next(), parts.next(), parts.next(), parts.next())
+                else {
+                    return;
+                };
+                let live = Live {
+                    epoch,
+                    offset: offset.parse().unwrap_or(0),
+                    from: Some(from).filter(|f| !f.is_empty()),
+                    payload,
+                };
+                self.message(&channel, &live).await;
+            }
+            ("j" | "l", Subject::Topic(topic)) => {
+                if !self.namespaces.find(topic).is_some_and(|ns| ns.presence) {
+                    return;
+                }
+                let change = if kind == "j" {
+                    PresenceChange::Joined
+                } else {
+                    PresenceChange::Left
+                };
+                let frame = wire::presence_event(topic, rest, change);
+                if let Some(local) = self.streams.get(&channel) {
+                    for conn in &local.conns {
+                        let _ = conn.outbox.push(frame.clone());
+                    }
+                }
+            }
+            ("x", Subject::Inbox(_)) => {
+                let (code, reason) = rest.split_once('|').unwrap_or((rest, ""));
+                let close = CloseReason::new(CloseCode(code.parse().unwrap_or(1000)), reason);
+                if let Some(local) = self.streams.get(&channel) {
+                    for conn in &local.conns {
+                        conn.outbox.close(close.clone());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A live message: to each connection that is right before it; a
+    /// connection further behind has its gap read from the stream first.
+    async fn message(&mut self, channel: &str, live: &Live<'_>) {
+        let Some(subject) = subject(channel) else {
+            return;
+        };
+        let local = self.streams.entry(channel.to_owned()).or_default();
+        let mut render = Render::new(&subject, live);
+        if live.epoch.is_empty() {
+            // A topic without history: no offsets, delivered as it comes.
+            for conn in &local.conns {
+                let _ = conn.outbox.push(render.frame(conn.format));
+            }
+            return;
+        }
+        local.seen = Some((live.epoch.into(), live.offset));
+        let mut behind = false;
+        for conn in &mut local.conns {
+            let same = conn.epoch.as_deref() == Some(live.epoch);
+            if same && conn.last + 1 == live.offset {
+                let _ = conn.outbox.push(render.frame(conn.format));
+                conn.last = live.offset;
+            } else if !same || conn.last + 1 < live.offset {
+                behind = true;
+            }
+        }
+        if behind {
+            self.fill(channel).await;
+        }
+    }
+
+    /// Brings every connection of `channel` up to its stream's top, read
+    /// from Redis; closes those whose gap the stream no longer holds (they
+    /// resume, and are told `recovered:false`).
+    async fn fill(&mut self, channel: &str) {
+        let Some(subject) = subject(channel) else {
+            return;
+        };
+        let (kind, name) = match subject {
+            Subject::Inbox(id) => ("i", id),
+            Subject::Topic(topic) => ("t", topic),
+        };
+        for _ in 0..16 {
+            let Some(local) = self.streams.get(channel) else {
+                return;
+            };
+            let Some(since) = local
+                .conns
+                .iter()
+                .filter(|c| c.epoch.is_some())
+                .map(|c| c.last)
+                .min()
+            else {
+                return;
+            };
+            let args = super::args([kind, name, &since.to_string(), &FILL_BATCH.to_string()]);
+            let read = match self.link.call("read", args).await.and_then(|value| {
+                let mut items = array(value).ok_or(super::reply::malformed("a read"))?;
+                Read::parse(&mut items)
+            }) {
+                Ok(read) => read,
+                Err(e) => {
+                    // Redis is down: the resync after the reconnect fills it.
+                    tracing::debug!(error = %e, channel, "cannot fill a gap now");
+                    return;
+                }
+            };
+            let Some(local) = self.streams.get_mut(channel) else {
+                return;
+            };
+            let complete = apply(local, &subject, &read);
+            local.seen = Some((read.epoch.clone(), read.top));
+            if complete {
+                return;
+            }
+        }
+    }
+}
+
+/// Gives each connection what it lacks of `read`; returns whether every
+/// connection is now at the stream's top.
+fn apply(local: &mut Local, subject: &Subject<'_>, read: &Read) -> bool {
+    let mut complete = true;
+    local.conns.retain_mut(|conn| {
+        if conn.epoch.is_none() {
+            return true;
+        }
+        if conn.epoch.as_deref() != Some(&*read.epoch) {
+            // The stream was made again (Redis lost it): what this connection
+            // missed under the old epoch is gone.
+            conn.outbox.close(close_missed());
+            return false;
+        }
+        let had = conn.last;
+        for entry in read.entries.iter().filter(|e| e.offset > had) {
+            if entry.offset != conn.last + 1 {
+                conn.outbox.close(close_missed());
+                return false;
+            }
+            let live = Live {
+                epoch: &read.epoch,
+                offset: entry.offset,
+                from: entry.from.as_deref(),
+                payload: &entry.payload,
+            };
+            let _ = conn
+                .outbox
+                .push(Render::new(subject, &live).frame(conn.format));
+            conn.last = entry.offset;
+        }
+        if conn.last < read.top {
+            complete = false;
+        }
+        true
+    });
+    complete
+}
+
+/// A message's frames, made at most once per wire format.
+struct Render<'a> {
+    subject: &'a Subject<'a>,
+    live: &'a Live<'a>,
+    raw: Option<PreparedMessage>,
+    envelope: Option<PreparedMessage>,
+}
+
+impl<'a> Render<'a> {
+    fn new(subject: &'a Subject<'a>, live: &'a Live<'a>) -> Self {
+        Self {
+            subject,
+            live,
+            raw: None,
+            envelope: None,
+        }
+    }
+
+    fn frame(&mut self, format: Format) -> PreparedMessage {
+        let live = self.live;
+        if format == Mode::Raw.format() {
+            return self
+                .raw
+                .get_or_insert_with(|| wire::raw_delivery(live.payload))
+                .clone();
+        }
+        let topic = match self.subject {
+            Subject::Inbox(_) => None,
+            Subject::Topic(topic) => Some(*topic),
+        };
+        let at = (!live.epoch.is_empty()).then_some(At {
+            offset: live.offset,
+            epoch: live.epoch,
+        });
+        self.envelope
+            .get_or_insert_with(|| wire::envelope_delivery(live.from, topic, live.payload, at))
+            .clone()
+    }
+}

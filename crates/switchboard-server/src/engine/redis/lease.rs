@@ -1,0 +1,115 @@
+//! The node's lease: a heartbeat to Redis each fifth of the lease, which
+//! also reaps the nodes whose leases have lapsed (their connections and
+//! subscriptions are taken off the counts, once, with their leave events).
+//!
+//! A node that cannot renew its lease for longer than the lease closes its
+//! clients with 1012 (they reconnect to a node that can serve them) rather
+//! than serve a split view; one that finds it was reaped closes them too,
+//! and joins again under a new id.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use switchboard::{CloseCode, CloseReason};
+
+use super::{Core, args, millis};
+
+/// A new node id: random, so a restarted node never takes over the
+/// counts of its previous life (the reaper undoes those).
+pub(super) fn new_node_id() -> std::sync::Arc<str> {
+    crate::streams::new_epoch()
+}
+
+/// When the lease was last renewed, and whether it has lapsed.
+pub(super) struct Health {
+    lease: Duration,
+    started: Instant,
+    /// Milliseconds after `started` of the last renewal (0: never).
+    renewed_ms: AtomicU64,
+    lapsed: AtomicBool,
+}
+
+impl Health {
+    pub(super) fn new(lease: Duration) -> Self {
+        Self {
+            lease,
+            started: Instant::now(),
+            renewed_ms: AtomicU64::new(0),
+            lapsed: AtomicBool::new(false),
+        }
+    }
+
+    /// Why the node is not ready, as far as its lease goes.
+    pub(super) fn unready(&self) -> Option<String> {
+        if self.renewed_ms.load(Ordering::Relaxed) == 0 {
+            Some("not yet part of the cluster (no heartbeat has reached Redis)".into())
+        } else if self.lapsed.load(Ordering::Relaxed) {
+            Some("the node's lease has lapsed: Redis has been unreachable too long".into())
+        } else {
+            None
+        }
+    }
+
+    fn renewed(&self) {
+        let ms = self.started.elapsed().as_millis().max(1);
+        self.renewed_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.lapsed.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether the lease has run out since the last renewal (and had not
+    /// already: the node closes its clients once).
+    fn lapses_now(&self) -> bool {
+        let renewed = Duration::from_millis(self.renewed_ms.load(Ordering::Relaxed));
+        let out = self.started.elapsed().saturating_sub(renewed) >= self.lease;
+        out && !self.lapsed.swap(true, Ordering::Relaxed)
+    }
+}
+
+fn cut_off(why: &str) -> CloseReason {
+    CloseReason::new(CloseCode::SERVICE_RESTART, why)
+}
+
+/// Beats until the engine is dropped.
+pub(super) async fn run(core: Weak<Core>) {
+    let mut first = true;
+    let beat = match core.upgrade() {
+        Some(core) => core.lease.lease / 5,
+        None => return,
+    };
+    let mut ticks = tokio::time::interval(beat);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(core) = core.upgrade() else {
+            return;
+        };
+        let node = core.node();
+        let rest = args([
+            &*node,
+            &millis(core.lease.lease),
+            if first { "1" } else { "0" },
+        ]);
+        match core.link.call("heartbeat", rest).await {
+            Ok(_) => {
+                first = false;
+                core.lease.renewed();
+            }
+            Err(e) if e.0.contains("REAPED") => {
+                tracing::warn!(node = %node, "this node's lease lapsed and the cluster reaped it; closing its clients and joining again");
+                core.feed
+                    .close_all(cut_off("this node lost its place in the cluster"));
+                *core.node.lock().unwrap_or_else(PoisonError::into_inner) = new_node_id();
+                first = true;
+            }
+            Err(e) => {
+                if core.lease.lapses_now() {
+                    tracing::error!(error = %e, "cannot renew this node's lease: closing its clients with 1012");
+                    core.feed
+                        .close_all(cut_off("this node cannot reach the cluster"));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! The command link to Redis: every call of the engine's script goes through
+//! one queue and one connection, in the order the calls were made, and what
+//! arrives together goes as one pipeline (one round trip for the batch).
+//!
+//! Order is fixed when a call is queued, which the engine does before it
+//! returns the call's future: two messages of one client are appended in the
+//! order it sent them, whenever their answers come.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::Unavailable;
+
+/// The engine's script.
+const SCRIPT: &str = include_str!("engine.lua");
+/// Most calls in one pipeline.
+const BATCH: usize = 512;
+/// Calls waiting for the link; past it, calls fail at once as unavailable.
+const QUEUE: usize = 65_536;
+/// The longest a batch may take before the link counts as down.
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// One call of the script: its arguments after the operation's name.
+struct Call {
+    args: Vec<Vec<u8>>,
+    reply: Option<oneshot::Sender<Result<Value, Unavailable>>>,
+    /// Kept and sent again after a reconnect rather than failed (leaves:
+    /// idempotent, and nobody waits for them).
+    retry: bool,
+}
+
+/// What every call passes after its operation's name (engine.lua's header).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Header {
+    /// How long a stream's epoch and top outlive its last write.
+    pub meta_ttl: Duration,
+    /// Messages the `$clients` topic keeps (0: no events).
+    pub events_size: usize,
+    /// How long it keeps them.
+    pub events_ttl: Duration,
+}
+
+/// The sending side of the link.
+#[derive(Clone)]
+pub(super) struct Link {
+    queue: mpsc::Sender<Call>,
+    up: Arc<AtomicBool>,
+    header: Header,
+}
+
+impl Link {
+    /// Starts the link's task on the current runtime.
+    pub(super) fn start(client: redis::Client, header: Header) -> Self {
+        let (queue, calls) = mpsc::channel(QUEUE);
+        let up = Arc::new(AtomicBool::new(false));
+        tokio::spawn(run(client, calls, up.clone()));
+        Self { queue, up, header }
+    }
+
+    /// The script's arguments: the operation, the header, then `rest`.
+    fn args(&self, op: &str, rest: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+        let millis = |d: Duration| d.as_millis().to_string().into_bytes();
+        let mut args = Vec::with_capacity(5 + rest.len());
+        args.push(op.as_bytes().to_vec());
+        // An epoch for a stream this call makes, if it makes one.
+        args.push(crate::streams::new_epoch().as_bytes().to_vec());
+        args.push(millis(self.header.meta_ttl));
+        args.push(self.header.events_size.to_string().into_bytes());
+        args.push(millis(self.header.events_ttl));
+        args.extend(rest);
+        args
+    }
+
+    /// Whether the link is connected now.
+    pub(super) fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Queues a call; the answer comes when Redis gives it.
+    pub(super) fn call(
+        &self,
+        op: &str,
+        rest: Vec<Vec<u8>>,
+    ) -> impl Future<Output = Result<Value, Unavailable>> + Send + 'static {
+        let (reply, answer) = oneshot::channel();
+        let queued = self.queue.try_send(Call {
+            args: self.args(op, rest),
+            reply: Some(reply),
+            retry: false,
+        });
+        async move {
+            queued.map_err(|_| Unavailable("too many calls wait for Redis".into()))?;
+            answer
+                .await
+                .map_err(|_| Unavailable("the Redis link stopped".into()))?
+        }
+    }
+
+    /// Queues a call nobody waits for, sent again after reconnecting until
+    /// Redis has it.
+    pub(super) fn call_and_forget(&self, op: &str, rest: Vec<Vec<u8>>) {
+        let call = Call {
+            args: self.args(op, rest),
+            reply: None,
+            retry: true,
+        };
+        if self.queue.try_send(call).is_err() {
+            tracing::warn!(
+                "the Redis link's queue is full: a leave is dropped (the node's lease undoes it)"
+            );
+        }
+    }
+}
+
+/// Connects, loads the script, and sends batches until the connection
+/// fails; then fails what is in flight (except retries) and connects again
+/// with backoff.
+async fn run(client: redis::Client, mut calls: mpsc::Receiver<Call>, up: Arc<AtomicBool>) {
+    let mut held: Vec<Call> = Vec::new();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let connected = connect(&client).await;
+        let (mut conn, sha) = match connected {
+            Ok(connected) => connected,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach Redis; retrying in {backoff:?}");
+                fail_waiting(&mut calls, &mut held, &e.to_string());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        up.store(true, Ordering::Relaxed);
+        tracing::info!("connected to Redis");
+        loop {
+            let mut batch = std::mem::take(&mut held);
+            if batch.is_empty() {
+                match calls.recv().await {
+                    Some(call) => batch.push(call),
+                    None => return,
+                }
+            }
+            while batch.len() < BATCH {
+                match calls.try_recv() {
+                    Ok(call) => batch.push(call),
+                    Err(_) => break,
+                }
+            }
+            match send(&mut conn, &sha, &batch).await {
+                Ok(answers) => {
+                    for (call, answer) in batch.into_iter().zip(answers) {
+                        if let Some(reply) = call.reply {
+                            let _ = reply.send(answer);
+                        }
+                    }
+                }
+                Err(e) => {
+                    up.store(false, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "lost the Redis link");
+                    held = settle_failed(batch, &e);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn connect(client: &redis::Client) -> redis::RedisResult<(MultiplexedConnection, String)> {
+    let mut conn = tokio::time::timeout(TIMEOUT, client.get_multiplexed_async_connection())
+        .await
+        .map_err(|_| timeout_error())??;
+    let sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(SCRIPT)
+        .query_async(&mut conn)
+        .await?;
+    Ok((conn, sha))
+}
+
+fn timeout_error() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "Redis did not answer in time",
+    ))
+}
+
+/// Sends a batch as one pipeline. Answers each call with its value or its
+/// error; `Err` when the link itself failed (what ran is unknown).
+async fn send(
+    conn: &mut MultiplexedConnection,
+    sha: &str,
+    batch: &[Call],
+) -> redis::RedisResult<Vec<Result<Value, Unavailable>>> {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for call in batch {
+        pipe.cmd("EVALSHA").arg(sha).arg(0).arg(&call.args);
+    }
+    let values: Vec<Value> = tokio::time::timeout(TIMEOUT, pipe.query_async(&mut *conn))
+        .await
+        .map_err(|_| timeout_error())??;
+    let values = if values.iter().any(is_noscript) {
+        // Redis restarted without its script cache: nothing of this batch
+        // ran (every call is the same script, refused before it started).
+        // Load it again and send the batch again, once.
+        redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(SCRIPT)
+            .query_async::<String>(&mut *conn)
+            .await?;
+        tokio::time::timeout(TIMEOUT, pipe.query_async::<Vec<Value>>(conn))
+            .await
+            .map_err(|_| timeout_error())??
+    } else {
+        values
+    };
+    Ok(values
+        .into_iter()
+        .map(|value| match value {
+            Value::ServerError(e) => Err(Unavailable(format!(
+                "Redis refused: {} {}",
+                e.code(),
+                e.details().unwrap_or_default()
+            ))),
+            value => Ok(value),
+        })
+        .collect())
+}
+
+fn is_noscript(value: &Value) -> bool {
+    matches!(value, Value::ServerError(e) if e.code() == "NOSCRIPT")
+}
+
+/// After a failed batch: calls that can be sent again are kept; the others
+/// are told the store is unavailable (they may or may not have run).
+fn settle_failed(batch: Vec<Call>, error: &redis::RedisError) -> Vec<Call> {
+    let mut held = Vec::new();
+    for call in batch {
+        if call.retry {
+            held.push(call);
+        } else if let Some(reply) = call.reply {
+            let _ = reply.send(Err(Unavailable(format!("the Redis link failed: {error}"))));
+        }
+    }
+    held
+}
+
+/// While Redis is unreachable: whoever waits is told at once, rather than
+/// after a reconnect that may never come; retries are kept.
+fn fail_waiting(calls: &mut mpsc::Receiver<Call>, held: &mut Vec<Call>, error: &str) {
+    while let Ok(call) = calls.try_recv() {
+        if call.retry {
+            held.push(call);
+        } else if let Some(reply) = call.reply {
+            let _ = reply.send(Err(Unavailable(format!("cannot reach Redis: {error}"))));
+        }
+    }
+}

@@ -1,0 +1,582 @@
+//! The cluster engine: client ids, topics, presence and streams in Redis 7,
+//! so that every node on the same Redis behaves as one (docs/cluster.md).
+//!
+//! - [`link`]: one ordered, pipelined queue of script calls.
+//! - [`feed`]: pub/sub, and delivery to this node's connections with gap fill.
+//! - [`lease`]: the node's heartbeat, the reaping of dead nodes, readiness.
+//! - `engine.lua`: every change to shared state, atomically.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use switchboard::{
+    ClientId, CloseReason, Outbound, Outbox, PreparedMessage, Registration, Registry,
+    SubscribeError,
+};
+
+use switchboard::Broker;
+
+use super::{
+    Answer, ConnectError, Counts, Engine, Joined, Message, Pending, Published, Sent, Subscribe,
+    SubscribeRefused, Subscribed, TopicPresence, Unavailable, fits,
+};
+use crate::streams::{Entry, Page, Position, Resume, Retention};
+use crate::wire::{self, At, Mode, Resumed};
+use feed::{Conn, Feed, inbox_channel, topic_channel};
+use link::{Header, Link};
+use reply::{Read, array, int, malformed, text};
+
+mod feed;
+mod lease;
+mod link;
+mod reply;
+
+/// How long a stream's epoch and top offset outlive its last write: a
+/// client that resumes later than this is told `recovered:false`.
+const META_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long the `$clients` topic keeps an event.
+const EVENTS_TTL: Duration = Duration::from_secs(3600);
+
+/// What the Redis engine needs to know.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// Redis's address (`redis://...`).
+    pub url: String,
+    /// How long a node's place outlives its last heartbeat.
+    pub lease: Duration,
+    /// What inboxes keep.
+    pub inbox: Retention,
+    /// Bytes a resume may replay at once (see [`super::fits`]).
+    pub replay_budget: usize,
+    /// Messages the `$clients` topic keeps (0: no events).
+    pub client_events: usize,
+}
+
+/// The cluster engine. Cloning shares it.
+#[derive(Clone)]
+pub struct RedisEngine(Arc<Core>);
+
+struct Core {
+    link: Link,
+    feed: Feed,
+    registry: Registry,
+    /// This node's id in the cluster: new on every start, and again after
+    /// the cluster reaped it (its lease lapsed).
+    node: Mutex<Arc<str>>,
+    inbox: Retention,
+    replay_budget: usize,
+    lease: lease::Health,
+}
+
+impl std::fmt::Debug for RedisEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisEngine")
+            .field("node", &self.0.node())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisEngine {
+    /// Connects to Redis (in the background, reconnecting with backoff) and
+    /// starts this node's heartbeat. `registry` counts this node's own
+    /// connections; `namespaces` say which topics have presence events.
+    pub fn start(
+        settings: &RedisSettings,
+        registry: Registry,
+        namespaces: Arc<crate::topics::Namespaces>,
+    ) -> anyhow::Result<Self> {
+        let client = redis::Client::open(settings.url.as_str())
+            .map_err(|e| anyhow::anyhow!("invalid redis_url: {e}"))?;
+        let link = Link::start(
+            client.clone(),
+            Header {
+                meta_ttl: META_TTL,
+                events_size: settings.client_events,
+                events_ttl: EVENTS_TTL,
+            },
+        );
+        let feed = Feed::start(client, link.clone(), namespaces);
+        let core = Arc::new(Core {
+            link,
+            feed,
+            registry,
+            node: Mutex::new(lease::new_node_id()),
+            inbox: settings.inbox,
+            replay_budget: settings.replay_budget,
+            lease: lease::Health::new(settings.lease),
+        });
+        tokio::spawn(lease::run(Arc::downgrade(&core)));
+        Ok(Self(core))
+    }
+}
+
+impl Core {
+    fn node(&self) -> Arc<str> {
+        self.node
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether a resume's replay fits; otherwise it is not recovered.
+    fn resume(&self, read: Read, since: &Position, ttl: Duration) -> (Resume, Position) {
+        let position = read.position();
+        match read.resume(since, ttl) {
+            Resume::Recovered(missed) if !fits(&missed, self.replay_budget) => {
+                (Resume::Lost, position)
+            }
+            other => (other, position),
+        }
+    }
+}
+
+/// Script arguments from strings.
+fn args<'a>(items: impl IntoIterator<Item = &'a str>) -> Vec<Vec<u8>> {
+    items.into_iter().map(|s| s.as_bytes().to_vec()).collect()
+}
+
+fn millis(d: Duration) -> String {
+    d.as_millis().to_string()
+}
+
+/// A script answer as an array.
+fn items(value: redis::Value) -> Result<Vec<redis::Value>, Unavailable> {
+    array(value).ok_or_else(|| malformed("not an array"))
+}
+
+/// Undoes a connection's count when dropped: the leave is sent until Redis
+/// has it, and the node stops listening for the id.
+struct Counted {
+    core: Arc<Core>,
+    node: Arc<str>,
+    id: ClientId,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let core = &self.core;
+        core.link
+            .call_and_forget("leave", args([&*self.node, &*self.id]));
+        core.feed.release(inbox_channel(&self.id));
+    }
+}
+
+/// A connection counted in Redis, with its welcome (and replay) ready.
+struct Admitted {
+    counted: Counted,
+    mode: Mode,
+    frames: Vec<PreparedMessage>,
+    epoch: Arc<str>,
+    top: u64,
+}
+
+impl Joined for Admitted {
+    fn attach(self: Box<Self>, outbox: Outbox) -> Registration {
+        let Self {
+            counted,
+            mode,
+            frames,
+            epoch,
+            top,
+        } = *self;
+        for frame in frames {
+            let _ = outbox.push(Outbound::Prepared(frame));
+        }
+        let local =
+            counted
+                .core
+                .registry
+                .register(counted.id.clone(), outbox.clone(), mode.format());
+        let channel = inbox_channel(&counted.id);
+        let conn = outbox.id();
+        counted.core.feed.attach(
+            channel.clone(),
+            Conn {
+                outbox,
+                format: mode.format(),
+                epoch: Some(epoch),
+                last: top,
+            },
+        );
+        Registration::new(move || {
+            counted.core.feed.detach(channel, conn);
+            drop(local);
+            drop(counted);
+        })
+    }
+}
+
+/// Undoes a subscription's count when dropped.
+struct Member {
+    core: Arc<Core>,
+    node: Arc<str>,
+    topic: Arc<str>,
+    client: ClientId,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let core = &self.core;
+        core.link
+            .call_and_forget("part", args([&*self.node, &*self.topic, &*self.client]));
+        core.feed.release(topic_channel(&self.topic));
+    }
+}
+
+impl Engine for RedisEngine {
+    fn connect(
+        &self,
+        id: ClientId,
+        mode: Mode,
+        since: Option<Position>,
+    ) -> Answer<Box<dyn Joined>, ConnectError> {
+        let core = self.0.clone();
+        Box::pin(async move {
+            core.feed.hold(inbox_channel(&id)).await?;
+            let node = core.node();
+            // Only a resume reads entries; every connect learns the position.
+            let limit = if since.is_some() {
+                core.inbox.max_entries
+            } else {
+                0
+            };
+            let since_arg = since.as_ref().map(|s| s.offset.to_string());
+            let rest = args([
+                &*node,
+                &*id,
+                since_arg.as_deref().unwrap_or(""),
+                &limit.to_string(),
+            ]);
+            let answer = core.link.call("connect", rest).await;
+            let read = match answer.and_then(|value| Read::parse(&mut items(value)?)) {
+                Ok(read) => read,
+                Err(e) => {
+                    core.feed.release(inbox_channel(&id));
+                    return Err(e.into());
+                }
+            };
+            // Counted from here: dropping `counted` undoes it.
+            let counted = Counted {
+                core: core.clone(),
+                node,
+                id: id.clone(),
+            };
+            let (epoch, top) = (read.epoch.clone(), read.top);
+            let frames = match (mode, since) {
+                (Mode::Raw, _) => Vec::new(),
+                (_, None) => {
+                    let at = At {
+                        offset: top,
+                        epoch: &epoch,
+                    };
+                    vec![wire::welcome(&id, at, Resumed::NotAsked)]
+                }
+                (_, Some(since)) => {
+                    let (resume, position) = core.resume(read, &since, core.inbox.ttl);
+                    let (resumed, missed) = match resume {
+                        Resume::Ahead => {
+                            return Err(ConnectError::Ahead {
+                                asked: since.offset,
+                                top,
+                            });
+                        }
+                        Resume::Lost => (Resumed::Lost, Vec::new()),
+                        Resume::Recovered(missed) => (Resumed::Recovered(missed.len()), missed),
+                    };
+                    let at = At {
+                        offset: position.offset,
+                        epoch: &position.epoch,
+                    };
+                    let mut frames = vec![wire::welcome(&id, at, resumed)];
+                    frames.extend(
+                        missed
+                            .iter()
+                            .map(|entry| super::inbox_delivery(entry, &position.epoch)),
+                    );
+                    frames
+                }
+            };
+            Ok(Box::new(Admitted {
+                counted,
+                mode,
+                frames,
+                epoch,
+                top,
+            }) as Box<dyn Joined>)
+        })
+    }
+
+    fn send(&self, targets: Vec<ClientId>, message: Message) -> Pending<Sent> {
+        let inbox = self.0.inbox;
+        let mut rest = args([
+            &*inbox.max_entries.to_string(),
+            &millis(inbox.ttl),
+            message.from.as_deref().unwrap_or(""),
+            &message.payload,
+        ]);
+        rest.extend(targets.iter().map(|t| t.as_bytes().to_vec()));
+        let answer = self.0.link.call("send", rest);
+        Box::pin(async move {
+            let values = items(answer.await?)?;
+            if values.len() != targets.len() * 3 {
+                return Err(malformed("a send"));
+            }
+            let mut sent = Sent::default();
+            for (target, triple) in targets.into_iter().zip(values.chunks(3)) {
+                let offset = int(&triple[1]).ok_or_else(|| malformed("an offset"))?;
+                let online = int(&triple[2]).ok_or_else(|| malformed("a count"))?;
+                sent.offsets.push((target.clone(), offset));
+                if online > 0 {
+                    sent.delivered.push(target);
+                } else {
+                    sent.offline.push(target);
+                }
+            }
+            Ok(sent)
+        })
+    }
+
+    fn connections(&self, ids: Vec<ClientId>) -> Pending<Vec<usize>> {
+        let answer = self
+            .0
+            .link
+            .call("connections", args(ids.iter().map(|id| &**id)));
+        Box::pin(async move {
+            items(answer.await?)?
+                .iter()
+                .map(|v| int(v).map(|n| n as usize))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| malformed("counts"))
+        })
+    }
+
+    fn publish(
+        &self,
+        topic: Arc<str>,
+        history: Option<Retention>,
+        message: Message,
+    ) -> Pending<Published> {
+        let (size, ttl) = history.map_or((0, Duration::ZERO), |r| (r.max_entries, r.ttl));
+        let rest = args([
+            &*topic,
+            &size.to_string(),
+            &millis(ttl),
+            message.from.as_deref().unwrap_or(""),
+            &message.payload,
+        ]);
+        let answer = self.0.link.call("publish", rest);
+        Box::pin(async move {
+            let values = items(answer.await?)?;
+            let [_, offset, subscribers] = values.as_slice() else {
+                return Err(malformed("a publish"));
+            };
+            Ok(Published {
+                subscribers: int(subscribers).ok_or_else(|| malformed("a count"))? as usize,
+                offset: history
+                    .map(|_| int(offset).ok_or_else(|| malformed("an offset")))
+                    .transpose()?,
+            })
+        })
+    }
+
+    fn subscribe(&self, request: Subscribe) -> Answer<Subscribed, SubscribeRefused> {
+        let core = self.0.clone();
+        Box::pin(async move {
+            let unavailable = SubscribeRefused::Unavailable;
+            let Subscribe {
+                topic,
+                client,
+                outbox,
+                limit,
+                history,
+                since,
+            } = request;
+            let channel = topic_channel(&topic);
+            core.feed.hold(channel.clone()).await.map_err(unavailable)?;
+            let node = core.node();
+            let since_arg = since.as_ref().map(|s| s.offset.to_string());
+            let rest = args([
+                &*node,
+                &*topic,
+                &*client,
+                &limit.unwrap_or(0).to_string(),
+                if history.is_some() { "1" } else { "0" },
+                since_arg.as_deref().unwrap_or(""),
+                &history.map_or(0, |h| h.max_entries).to_string(),
+            ]);
+            let answer = core.link.call("join", rest).await.and_then(items);
+            let mut values = match answer {
+                Ok(values) if values.first().and_then(text) == Some("ok") => values,
+                refused => {
+                    core.feed.release(channel);
+                    return Err(match refused {
+                        Ok(_) => SubscribeRefused::PubSub(SubscribeError::Full),
+                        Err(e) => unavailable(e),
+                    });
+                }
+            };
+            let joined = Member {
+                core: core.clone(),
+                node,
+                topic: topic.clone(),
+                client,
+            };
+            values.remove(0);
+            let (mut epoch, mut last) = (None, 0);
+            let mut resumed = since.as_ref().map(|_| (Resumed::Lost, None));
+            let mut missed: Vec<Entry> = Vec::new();
+            if let Some(retention) = history {
+                let read = Read::parse(&mut values).map_err(unavailable)?;
+                epoch = Some(read.epoch.clone());
+                last = read.top;
+                if let Some(since) = &since {
+                    let (resume, position) = core.resume(read, since, retention.ttl);
+                    resumed = Some(match resume {
+                        Resume::Ahead => {
+                            return Err(SubscribeRefused::Ahead {
+                                asked: since.offset,
+                                top: last,
+                            });
+                        }
+                        Resume::Lost => (Resumed::Lost, Some(position)),
+                        Resume::Recovered(entries) => {
+                            missed = entries;
+                            (Resumed::Recovered(missed.len()), Some(position))
+                        }
+                    });
+                }
+            }
+            if let Some(epoch) = &epoch {
+                for entry in &missed {
+                    let frame = super::topic_delivery(&topic, entry, epoch);
+                    let _ = outbox.push(Outbound::Prepared(frame));
+                }
+            }
+            let conn = outbox.id();
+            core.feed.attach(
+                channel.clone(),
+                Conn {
+                    outbox,
+                    format: Mode::Envelope.format(),
+                    epoch,
+                    last,
+                },
+            );
+            let feed = core.feed.clone();
+            Ok(Subscribed {
+                subscription: Registration::new(move || {
+                    feed.detach(channel, conn);
+                    drop(joined);
+                }),
+                resumed,
+            })
+        })
+    }
+
+    fn presence(&self, topic: Arc<str>) -> Pending<TopicPresence> {
+        let answer = self.0.link.call("presence", args([&*topic]));
+        Box::pin(async move {
+            let mut values = items(answer.await?)?;
+            let members = values
+                .pop()
+                .and_then(array)
+                .ok_or_else(|| malformed("members"))?;
+            let subscribers = values
+                .first()
+                .and_then(int)
+                .ok_or_else(|| malformed("a count"))?;
+            let clients = members
+                .chunks(2)
+                .map(|pair| Some((ClientId::from(text(&pair[0])?), int(pair.get(1)?)? as usize)))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| malformed("members"))?;
+            Ok(TopicPresence {
+                subscribers: subscribers as usize,
+                clients,
+            })
+        })
+    }
+
+    fn disconnect(&self, id: ClientId, close: CloseReason) -> Pending<usize> {
+        let rest = args([&*id, &close.code().0.to_string(), close.reason()]);
+        let answer = self.0.link.call("disconnect", rest);
+        Box::pin(async move {
+            int(&answer.await?)
+                .map(|n| n as usize)
+                .ok_or_else(|| malformed("a count"))
+        })
+    }
+
+    fn counts(&self) -> Pending<Counts> {
+        let answer = self.0.link.call("counts", Vec::new());
+        Box::pin(async move {
+            let values = items(answer.await?)?;
+            let count = |i: usize| {
+                values
+                    .get(i)
+                    .and_then(int)
+                    .ok_or_else(|| malformed("counts"))
+            };
+            Ok(Counts {
+                clients: count(0)? as usize,
+                topics: count(1)? as usize,
+            })
+        })
+    }
+
+    fn read_inbox(
+        &self,
+        id: ClientId,
+        since: Option<Position>,
+        limit: usize,
+    ) -> Pending<(Page, Position)> {
+        read(&self.0, "i", &id, since, limit, self.0.inbox.ttl)
+    }
+
+    fn read_topic(
+        &self,
+        topic: Arc<str>,
+        retention: Retention,
+        since: Option<Position>,
+        limit: usize,
+    ) -> Pending<(Page, Position)> {
+        read(&self.0, "t", &topic, since, limit, retention.ttl)
+    }
+
+    fn unready(&self) -> Option<String> {
+        if !self.0.link.is_up() {
+            Some("cannot reach Redis".into())
+        } else if !self.0.feed.is_up() {
+            Some("the Redis pub/sub connection is down".into())
+        } else {
+            self.0.lease.unready()
+        }
+    }
+
+    fn save(&self, _dir: &std::path::Path) -> std::io::Result<Option<std::path::PathBuf>> {
+        Ok(None)
+    }
+}
+
+/// A page of a stream for the history API.
+fn read(
+    core: &Core,
+    kind: &str,
+    name: &str,
+    since: Option<Position>,
+    limit: usize,
+    ttl: Duration,
+) -> Pending<(Page, Position)> {
+    let since_arg = since.as_ref().map(|s| s.offset.to_string());
+    let rest = args([
+        kind,
+        name,
+        since_arg.as_deref().unwrap_or(""),
+        &limit.to_string(),
+    ]);
+    let answer = core.link.call("read", rest);
+    Box::pin(async move {
+        let read = Read::parse(&mut items(answer.await?)?)?;
+        Ok(read.page(since.as_ref(), ttl))
+    })
+}
