@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use switchboard::{ClientId, CloseReason};
 
-use crate::engine::{self, Unavailable};
+use crate::engine::{self, Traffic, Unavailable};
 use crate::errors::ErrorCode;
 use crate::history_api;
 use crate::hub::Hub;
@@ -657,29 +657,20 @@ async fn client(
 
 #[derive(Serialize)]
 struct StatsResult {
-    connections: usize,
     clients: usize,
     topics: usize,
-    messages_in: u64,
-    messages_out: u64,
-    bytes_in: u64,
-    bytes_out: u64,
-    receive_buffered_bytes: usize,
-    accept_errors: u64,
+    #[serde(flatten)]
+    traffic: Traffic,
 }
 
+/// The cluster's figures (one node's, with the memory engine); other nodes'
+/// traffic is as their last heartbeat gave it.
 async fn stats(State(api): State<Api>) -> Result<Json<StatsResult>, ApiError> {
-    let counts = api.hub.stats.snapshot();
     let online = api.hub.engine.counts().await?;
+    let traffic = api.hub.engine.traffic(api.hub.traffic()).await?;
     Ok(Json(StatsResult {
-        connections: api.hub.shutdown.connections(),
         clients: online.clients,
         topics: online.topics,
-        messages_in: counts.messages_in,
-        messages_out: counts.messages_out,
-        bytes_in: counts.bytes_in,
-        bytes_out: counts.bytes_out,
-        receive_buffered_bytes: api.hub.receive_budget.used(),
-        accept_errors: switchboard::accept_errors(),
+        traffic,
     }))
 }

@@ -7,7 +7,7 @@ use switchboard::{Options, PubSub, ReceiveBudget, Registry, Shutdown, Stats};
 use crate::auth::{ApiKeys, JwtVerifier};
 use crate::config::Config;
 use crate::config::EngineKind;
-use crate::engine::{Engine, InboxRetention, MemoryEngine, RedisEngine, RedisSettings};
+use crate::engine::{Engine, InboxRetention, MemoryEngine, RedisEngine, RedisSettings, Traffic};
 use crate::idempotency::Idempotency;
 use crate::peers::PeerLimit;
 use crate::snapshot::Loaded;
@@ -60,7 +60,26 @@ pub struct Hub {
     pub peers: Arc<PeerLimit>,
 }
 
+/// This node's traffic now.
+pub fn local_traffic(stats: &Stats, shutdown: &Shutdown, budget: &ReceiveBudget) -> Traffic {
+    let counts = stats.snapshot();
+    Traffic {
+        connections: shutdown.connections() as u64,
+        messages_in: counts.messages_in,
+        messages_out: counts.messages_out,
+        bytes_in: counts.bytes_in,
+        bytes_out: counts.bytes_out,
+        receive_buffered_bytes: budget.used() as u64,
+        accept_errors: switchboard::accept_errors(),
+    }
+}
+
 impl Hub {
+    /// This node's traffic now.
+    pub fn traffic(&self) -> Traffic {
+        local_traffic(&self.stats, &self.shutdown, &self.receive_budget)
+    }
+
     /// The state for `config`, with its engine (the Redis engine starts
     /// connecting in the background: call this on a runtime).
     pub fn new(
@@ -99,10 +118,14 @@ impl Hub {
                     replay_budget: config.max_outbound_bytes / 2,
                     client_events: config.client_events_size,
                 };
+                let (stats, shutdown, budget) =
+                    (stats.clone(), shutdown.clone(), receive_budget.clone());
+                let traffic = Arc::new(move || local_traffic(&stats, &shutdown, &budget));
                 Arc::new(RedisEngine::start(
                     &settings,
                     registry.clone(),
                     namespaces.clone(),
+                    traffic,
                 )?)
             }
         };

@@ -294,8 +294,14 @@ impl Relay {
             Ok(Subscribed {
                 subscription,
                 resumed,
+                start,
             }) => {
                 self.subscriptions.insert(topic.clone(), subscription);
+                // The answer goes out first (the handler's output is queued
+                // before anything pushed to the outbox in the same turn).
+                if let Some(start) = start {
+                    start();
+                }
                 if let Some((resumed, position)) = resumed {
                     let at = position.as_ref().map(|p| At {
                         offset: p.offset,

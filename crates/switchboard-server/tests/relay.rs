@@ -285,11 +285,14 @@ async fn sigterm_closes_clients_with_1012_and_exits_zero() {
         clients.push(server.connect(id).await);
     }
     server.wait_for_clients(3).await;
-    let status = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    // Every node (one, unless in cluster mode).
+    for child in server.children() {
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
     for client in &mut clients {
         assert_eq!(recv_close(client).await, 1012);
         // Let the client answer the close so the drain completes.
@@ -297,17 +300,19 @@ async fn sigterm_closes_clients_with_1012_and_exits_zero() {
             tokio::time::timeout(TIMEOUT, async { while client.next().await.is_some() {} }).await;
     }
     let deadline = std::time::Instant::now() + TIMEOUT;
-    let exit = loop {
-        if let Some(exit) = server.child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the server did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(exit.success(), "{exit:?}");
+    for child in server.children() {
+        let exit = loop {
+            if let Some(exit) = child.try_wait().unwrap() {
+                break exit;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the server did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(exit.success(), "{exit:?}");
+    }
 }
 
 /// Regression: the id used to be registered only once the driver task started,

@@ -312,7 +312,7 @@ async fn a_thousand_subscribers_each_get_a_publish_exactly_once() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    let (_, before) = server.api("GET", "/api/v1/stats", None, None).await;
+    let before = server.settled_stats().await;
     let (status, body) = server
         .api(
             "POST",
@@ -326,7 +326,7 @@ async fn a_thousand_subscribers_each_get_a_publish_exactly_once() {
         assert_eq!(recv_json(reader).await["payload"], json!({"seq": 1}));
     });
     futures_util::future::join_all(checks).await;
-    let (_, stats) = server.api("GET", "/api/v1/stats", None, None).await;
+    let stats = server.settled_stats().await;
     assert_eq!(
         stats["messages_out"].as_u64().unwrap() - before["messages_out"].as_u64().unwrap(),
         1000,

@@ -14,7 +14,7 @@ use switchboard::{
 
 use super::{
     Answer, ConnectError, Counts, Engine, Joined, Message, Pending, Published, Sent, Subscribe,
-    SubscribeRefused, Subscribed, TopicPresence, ready,
+    SubscribeRefused, Subscribed, TopicPresence, Traffic, ready,
 };
 use crate::snapshot::{self, Loaded};
 use crate::streams::{Page, Position, Resume, Retention, StreamKey, Streams};
@@ -261,6 +261,7 @@ impl Core {
             return Ok(Subscribed {
                 subscription,
                 resumed,
+                start: None,
             });
         };
         let key = StreamKey::Topic(topic.clone());
@@ -289,6 +290,7 @@ impl Core {
                 Ok(Subscribed {
                     subscription,
                     resumed: Some((resumed, Some(position.clone()))),
+                    start: None,
                 })
             })
     }
@@ -361,6 +363,10 @@ impl Engine for MemoryEngine {
             clients: self.0.registry.clients(),
             topics: self.0.pubsub.topics(),
         })
+    }
+
+    fn traffic(&self, local: Traffic) -> Pending<Traffic> {
+        ready(local)
     }
 
     fn read_inbox(

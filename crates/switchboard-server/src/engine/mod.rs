@@ -97,13 +97,25 @@ pub struct Subscribe {
 }
 
 /// A subscription, and what resuming it found.
-#[derive(Debug)]
 pub struct Subscribed {
     /// Dropping it unsubscribes.
     pub subscription: Registration,
     /// When it asked to resume: whether it did, and the topic's position
     /// (`None` for a topic that keeps no history: nothing can be recovered).
     pub resumed: Option<(Resumed, Option<Position>)>,
+    /// For the caller to run once the subscribe's answer is queued: hands
+    /// the subscriber what the engine holds for it (its own join, missed
+    /// messages) and then live messages, so the answer comes first, as it
+    /// does when the engine answers at once.
+    pub start: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl std::fmt::Debug for Subscribed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscribed")
+            .field("resumed", &self.resumed)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a subscription was refused.
@@ -164,6 +176,53 @@ pub struct Counts {
     pub topics: usize,
 }
 
+/// A node's traffic, for the stats: its own, or a cluster's summed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Traffic {
+    /// Open WebSocket connections.
+    pub connections: u64,
+    /// Messages received from clients.
+    pub messages_in: u64,
+    /// Messages sent to clients.
+    pub messages_out: u64,
+    /// Payload bytes received.
+    pub bytes_in: u64,
+    /// Payload bytes sent.
+    pub bytes_out: u64,
+    /// Partly received data held (see `receive_budget_bytes`).
+    pub receive_buffered_bytes: u64,
+    /// Failed accepts.
+    pub accept_errors: u64,
+}
+
+impl Traffic {
+    /// The figures in a fixed order (how the Redis engine stores them).
+    pub fn figures(&self) -> [u64; 7] {
+        [
+            self.connections,
+            self.messages_in,
+            self.messages_out,
+            self.bytes_in,
+            self.bytes_out,
+            self.receive_buffered_bytes,
+            self.accept_errors,
+        ]
+    }
+
+    /// Figures in the order [`Traffic::figures`] gives them.
+    pub fn from_figures(f: [u64; 7]) -> Self {
+        Self {
+            connections: f[0],
+            messages_in: f[1],
+            messages_out: f[2],
+            bytes_in: f[3],
+            bytes_out: f[4],
+            receive_buffered_bytes: f[5],
+            accept_errors: f[6],
+        }
+    }
+}
+
 /// Routing, presence and streams for client ids and topics.
 pub trait Engine: Send + Sync + 'static {
     /// Lets a connection of `id` speaking `mode` in: it counts as online from
@@ -206,6 +265,10 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Client ids online and topics subscribed.
     fn counts(&self) -> Pending<Counts>;
+
+    /// The traffic of every node: `local` (this node's, now) plus, in a
+    /// cluster, the others' as their last heartbeat gave them.
+    fn traffic(&self, local: Traffic) -> Pending<Traffic>;
 
     /// Up to `limit` messages of `id`'s inbox: the latest, or those right
     /// after `since`.

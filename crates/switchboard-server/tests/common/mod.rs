@@ -9,7 +9,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -20,14 +20,34 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+pub mod redis;
+
 pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// With `SWITCHBOARD_TEST_CLUSTER=N`, every server of these suites is N
+/// nodes on one Redis of its own (`--engine redis`), and each connection
+/// and API request goes to the next node in turn: the suites then show that
+/// a cluster behaves as one server. A server started with a fixed
+/// `--listen` or `--api-listen` is one node on Redis.
+fn cluster_size() -> usize {
+    std::env::var("SWITCHBOARD_TEST_CLUSTER")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
 
 pub type Client = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
-/// A running `switchboard serve`, killed on drop.
+/// A running `switchboard serve`, killed on drop (in cluster mode, its
+/// nodes and their Redis).
 pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Every node's address (one unless in cluster mode), taken in turn.
+    nodes: Vec<SocketAddr>,
+    turn: AtomicUsize,
+    others: Vec<Child>,
+    redis: Option<redis::Redis>,
     /// Where the API is served (the main listener unless `--api-listen`), and
     /// the first `--api-key` it was given: for markers sent through the API.
     api_addr: SocketAddr,
@@ -64,6 +84,73 @@ impl Server {
     /// Starts the server; also returns the API listener's address when
     /// `--api-listen` was given.
     pub fn start_with(args: &[&str]) -> (Self, Option<SocketAddr>) {
+        let fixed = args.contains(&"--listen") || args.contains(&"--api-listen");
+        let size = match cluster_size() {
+            0 => return Self::start_node(args),
+            _ if fixed => 1,
+            n => n,
+        };
+        let redis = redis::Redis::start();
+        let url = redis.url();
+        let cluster: Vec<&str> = ["--engine", "redis", "--redis-url", &url]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        let (mut server, api) = Self::start_node(&cluster);
+        for _ in 1..size {
+            let (mut node, _) = Self::start_node(&cluster);
+            server.nodes.push(node.addr);
+            server
+                .others
+                .push(std::mem::replace(&mut node.child, dummy_child()));
+        }
+        server.redis = Some(redis);
+        server.wait_ready();
+        (server, api)
+    }
+
+    /// Waits until every node says it is ready (joined the cluster).
+    fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for node in &self.nodes {
+            loop {
+                // Blocking: tests start servers from inside their runtime.
+                let ready = std::net::TcpStream::connect(node).is_ok_and(|mut stream| {
+                    use std::io::{Read, Write};
+                    let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+                    let mut answer = String::new();
+                    stream.write_all(request).is_ok()
+                        && stream.read_to_string(&mut answer).is_ok()
+                        && answer.starts_with("HTTP/1.1 200")
+                });
+                if ready {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "node {node} never became ready"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// The node to use next.
+    pub fn next_addr(&self) -> SocketAddr {
+        self.nodes[self.turn.fetch_add(1, Ordering::Relaxed) % self.nodes.len()]
+    }
+
+    /// Every node's process.
+    pub fn children(&mut self) -> impl Iterator<Item = &mut Child> {
+        std::iter::once(&mut self.child).chain(&mut self.others)
+    }
+
+    /// Whether this server is several nodes.
+    pub fn is_cluster(&self) -> bool {
+        self.redis.is_some()
+    }
+
+    fn start_node(args: &[&str]) -> (Self, Option<SocketAddr>) {
         let listen: &[&str] = if args.contains(&"--listen") {
             &[]
         } else {
@@ -107,6 +194,10 @@ impl Server {
         let server = Self {
             child,
             addr,
+            nodes: vec![addr],
+            turn: AtomicUsize::new(0),
+            others: Vec::new(),
+            redis: None,
             api_addr: api.unwrap_or(addr),
             api_key,
         };
@@ -141,7 +232,7 @@ impl Server {
         path_and_query: &str,
         headers: &[(&str, &str)],
     ) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
-        let mut request = format!("ws://{}{path_and_query}", self.addr)
+        let mut request = format!("ws://{}{path_and_query}", self.next_addr())
             .into_client_request()
             .unwrap();
         for (name, value) in headers {
@@ -167,7 +258,7 @@ impl Server {
     /// Sends a plain HTTP/1.1 request and returns the status code and body.
     pub async fn http(&self, request_line: &str) -> (u16, String) {
         let request = format!("{request_line} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        raw_http(self.addr, &request).await
+        raw_http(self.next_addr(), &request).await
     }
 
     /// Calls the HTTP API on this server's main listener.
@@ -178,10 +269,35 @@ impl Server {
         key: Option<&str>,
         body: Option<Value>,
     ) -> (u16, Value) {
-        api_call(self.addr, method, path, key, body).await
+        api_call(self.next_addr(), method, path, key, body).await
     }
 
+    /// `GET /api/v1/stats` once every node's figures are current: in
+    /// cluster mode, other nodes' traffic is as of their last heartbeat (one
+    /// a second), so this waits for the next.
+    pub async fn settled_stats(&self) -> Value {
+        if self.is_cluster() {
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+        }
+        let key = self.api_key.as_deref();
+        api_call(self.api_addr, "GET", "/api/v1/stats", key, None)
+            .await
+            .1
+    }
+
+    /// Client ids online: this server's (the cluster's, in cluster mode).
     pub async fn clients(&self) -> u64 {
+        if self.is_cluster() {
+            let (_, body) = api_call(
+                self.api_addr,
+                "GET",
+                "/api/v1/stats",
+                self.api_key.as_deref(),
+                None,
+            )
+            .await;
+            return body["clients"].as_u64().unwrap();
+        }
         let (_, body) = self.http("GET /healthz").await;
         serde_json::from_str::<Value>(&body).unwrap()["clients"]
             .as_u64()
@@ -220,9 +336,16 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in self.children() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
+}
+
+/// A stand-in for a child moved out of a node's `Server`.
+fn dummy_child() -> Child {
+    Command::new("true").spawn().expect("`true` runs")
 }
 
 /// Sends one JSON request to `addr`; returns the status and the JSON body

@@ -112,7 +112,7 @@ local function reap(node)
     local at = string.find(t[i], '\n', 1, true)
     topic_down(string.sub(t[i], 1, at - 1), string.sub(t[i], at + 1), tonumber(t[i + 1]))
   end
-  redis.call('DEL', node_clients(node), node_topics(node))
+  redis.call('DEL', node_clients(node), node_topics(node), 'sb:n:' .. node .. ':s')
   redis.call('ZREM', 'sb:nodes', node)
 end
 
@@ -172,16 +172,18 @@ elseif op == 'join' then
   end
   redis.call('HINCRBY', node_topics(node), topic .. '\n' .. client, 1)
   redis.call('HINCRBY', 'sb:topics', topic, 1)
+  local first = 0
   if redis.call('HINCRBY', 'sb:p:' .. topic, client, 1) == 1 then
     redis.call('PUBLISH', channel('t', topic), 'j|' .. client)
+    first = 1
   end
   if ARGV[10] == '1' then
     local epoch, top = position('t', topic)
     local entries = {}
     if ARGV[11] ~= '' then entries = read('t', topic, ARGV[11], tonumber(ARGV[12]))[4] end
-    return { 'ok', epoch, top, now_ms(), entries }
+    return { 'ok', first, epoch, top, now_ms(), entries }
   end
-  return { 'ok' }
+  return { 'ok', first }
 elseif op == 'part' then
   -- ARGV: node, topic, client
   local node, topic, client = ARGV[6], ARGV[7], ARGV[8]
@@ -194,13 +196,17 @@ elseif op == 'part' then
   topic_down(topic, client, 1)
   return 1
 elseif op == 'heartbeat' then
-  -- ARGV: node, lease (ms), first (1 on a node's first beat)
+  -- ARGV: node, lease (ms), first (1 on a node's first beat), 7 traffic figures
   local node, lease, first = ARGV[6], tonumber(ARGV[7]), ARGV[8]
   if first ~= '1' and not alive(node) then
     return redis.error_reply('REAPED node lease lapsed')
   end
   local now = now_ms()
   redis.call('ZADD', 'sb:nodes', now + lease, node)
+  -- Its traffic, for the other nodes' stats (ARGV[9..15]).
+  local skey = 'sb:n:' .. node .. ':s'
+  for i = 9, 15 do redis.call('HSET', skey, i - 8, ARGV[i]) end
+  redis.call('PEXPIRE', skey, lease * 2)
   local dead = redis.call('ZRANGEBYSCORE', 'sb:nodes', '-inf', now, 'LIMIT', 0, 16)
   for _, n in ipairs(dead) do reap(n) end
   return #dead
@@ -223,6 +229,16 @@ elseif op == 'presence' then
   local topic = ARGV[6]
   return { tonumber(redis.call('HGET', 'sb:topics', topic) or 0),
     redis.call('HGETALL', 'sb:p:' .. topic) }
+elseif op == 'traffic' then
+  -- ARGV: node (left out: it adds its own, current figures)
+  local sum = { 0, 0, 0, 0, 0, 0, 0 }
+  for _, n in ipairs(redis.call('ZRANGE', 'sb:nodes', 0, -1)) do
+    if n ~= ARGV[6] then
+      local f = redis.call('HMGET', 'sb:n:' .. n .. ':s', 1, 2, 3, 4, 5, 6, 7)
+      for i = 1, 7 do sum[i] = sum[i] + tonumber(f[i] or 0) end
+    end
+  end
+  return sum
 elseif op == 'counts' then
   return { redis.call('HLEN', 'sb:clients'), redis.call('HLEN', 'sb:topics') }
 elseif op == 'disconnect' then

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use switchboard::{
-    CloseCode, CloseReason, ConnId, Format, Outbox, PreparedMessage, PresenceChange,
+    ClientId, CloseCode, CloseReason, ConnId, Format, Outbox, PreparedMessage, PresenceChange,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -54,6 +54,9 @@ pub(super) struct Conn {
     pub epoch: Option<Arc<str>>,
     /// The last offset it has been given.
     pub last: u64,
+    /// A topic subscriber whose own join it was given at subscribe: the
+    /// join's notice from pub/sub is not given again.
+    pub joined_as: Option<ClientId>,
 }
 
 enum Command {
@@ -477,8 +480,12 @@ impl Delivery {
                     PresenceChange::Left
                 };
                 let frame = wire::presence_event(topic, rest, change);
-                if let Some(local) = self.streams.get(&channel) {
-                    for conn in &local.conns {
+                if let Some(local) = self.streams.get_mut(&channel) {
+                    for conn in &mut local.conns {
+                        if kind == "j" && conn.joined_as.as_deref() == Some(rest) {
+                            conn.joined_as = None;
+                            continue;
+                        }
                         let _ = conn.outbox.push(frame.clone());
                     }
                 }

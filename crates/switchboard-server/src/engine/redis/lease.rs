@@ -86,11 +86,16 @@ pub(super) async fn run(core: Weak<Core>) {
             return;
         };
         let node = core.node();
-        let rest = args([
-            &*node,
-            &millis(core.lease.lease),
-            if first { "1" } else { "0" },
-        ]);
+        let figures = (core.traffic)().figures().map(|f| f.to_string());
+        let rest = args(
+            [
+                &*node,
+                &millis(core.lease.lease),
+                if first { "1" } else { "0" },
+            ]
+            .into_iter()
+            .chain(figures.iter().map(String::as_str)),
+        );
         match core.link.call("heartbeat", rest).await {
             Ok(_) => {
                 first = false;

@@ -10,17 +10,18 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use switchboard::{
-    ClientId, CloseReason, Outbound, Outbox, PreparedMessage, Registration, Registry,
-    SubscribeError,
+    ClientId, CloseReason, Outbound, Outbox, PreparedMessage, PresenceChange, Registration,
+    Registry, SubscribeError,
 };
 
 use switchboard::Broker;
 
 use super::{
     Answer, ConnectError, Counts, Engine, Joined, Message, Pending, Published, Sent, Subscribe,
-    SubscribeRefused, Subscribed, TopicPresence, Unavailable, fits,
+    SubscribeRefused, Subscribed, TopicPresence, Traffic, Unavailable, fits,
 };
 use crate::streams::{Entry, Page, Position, Resume, Retention};
+use crate::topics::Namespaces;
 use crate::wire::{self, At, Mode, Resumed};
 use feed::{Conn, Feed, inbox_channel, topic_channel};
 use link::{Header, Link};
@@ -52,6 +53,9 @@ pub struct RedisSettings {
     pub client_events: usize,
 }
 
+/// This node's traffic now, for its heartbeat.
+pub type LocalTraffic = Arc<dyn Fn() -> Traffic + Send + Sync>;
+
 /// The cluster engine. Cloning shares it.
 #[derive(Clone)]
 pub struct RedisEngine(Arc<Core>);
@@ -66,6 +70,8 @@ struct Core {
     inbox: Retention,
     replay_budget: usize,
     lease: lease::Health,
+    traffic: LocalTraffic,
+    namespaces: Arc<Namespaces>,
 }
 
 impl std::fmt::Debug for RedisEngine {
@@ -79,11 +85,14 @@ impl std::fmt::Debug for RedisEngine {
 impl RedisEngine {
     /// Connects to Redis (in the background, reconnecting with backoff) and
     /// starts this node's heartbeat. `registry` counts this node's own
-    /// connections; `namespaces` say which topics have presence events.
+    /// connections; `namespaces` say which topics have presence events;
+    /// `traffic` gives this node's figures, which each heartbeat stores for
+    /// the other nodes' stats.
     pub fn start(
         settings: &RedisSettings,
         registry: Registry,
-        namespaces: Arc<crate::topics::Namespaces>,
+        namespaces: Arc<Namespaces>,
+        traffic: LocalTraffic,
     ) -> anyhow::Result<Self> {
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|e| anyhow::anyhow!("invalid redis_url: {e}"))?;
@@ -95,7 +104,7 @@ impl RedisEngine {
                 events_ttl: EVENTS_TTL,
             },
         );
-        let feed = Feed::start(client, link.clone(), namespaces);
+        let feed = Feed::start(client, link.clone(), namespaces.clone());
         let core = Arc::new(Core {
             link,
             feed,
@@ -104,6 +113,8 @@ impl RedisEngine {
             inbox: settings.inbox,
             replay_budget: settings.replay_budget,
             lease: lease::Health::new(settings.lease),
+            traffic,
+            namespaces,
         });
         tokio::spawn(lease::run(Arc::downgrade(&core)));
         Ok(Self(core))
@@ -196,6 +207,7 @@ impl Joined for Admitted {
                 format: mode.format(),
                 epoch: Some(epoch),
                 last: top,
+                joined_as: None,
             },
         );
         Registration::new(move || {
@@ -415,13 +427,28 @@ impl Engine for RedisEngine {
                     });
                 }
             };
+            values.remove(0);
+            // Its own join, first (as the memory engine gives it): the
+            // notice that pub/sub brings may reach this node before the
+            // connection is attached, or after.
+            let first = values.first().and_then(int) == Some(1);
+            values.remove(0);
+            let announced = first && core.namespaces.find(&topic).is_some_and(|ns| ns.presence);
+            let mut frames = Vec::new();
+            if announced {
+                frames.push(wire::presence_event(
+                    &topic,
+                    &client,
+                    PresenceChange::Joined,
+                ));
+            }
+            let joined_as = announced.then(|| client.clone());
             let joined = Member {
                 core: core.clone(),
                 node,
                 topic: topic.clone(),
                 client,
             };
-            values.remove(0);
             let (mut epoch, mut last) = (None, 0);
             let mut resumed = since.as_ref().map(|_| (Resumed::Lost, None));
             let mut missed: Vec<Entry> = Vec::new();
@@ -447,28 +474,35 @@ impl Engine for RedisEngine {
                 }
             }
             if let Some(epoch) = &epoch {
-                for entry in &missed {
-                    let frame = super::topic_delivery(&topic, entry, epoch);
-                    let _ = outbox.push(Outbound::Prepared(frame));
-                }
+                frames.extend(
+                    missed
+                        .iter()
+                        .map(|entry| super::topic_delivery(&topic, entry, epoch)),
+                );
             }
             let conn = outbox.id();
-            core.feed.attach(
-                channel.clone(),
-                Conn {
+            let feed = core.feed.clone();
+            let (attach, detach) = (channel.clone(), feed.clone());
+            let start = move || {
+                for frame in frames {
+                    let _ = outbox.push(Outbound::Prepared(frame));
+                }
+                let conn = Conn {
                     outbox,
                     format: Mode::Envelope.format(),
                     epoch,
                     last,
-                },
-            );
-            let feed = core.feed.clone();
+                    joined_as,
+                };
+                feed.attach(attach, conn);
+            };
             Ok(Subscribed {
                 subscription: Registration::new(move || {
-                    feed.detach(channel, conn);
+                    detach.detach(channel, conn);
                     drop(joined);
                 }),
                 resumed,
+                start: Some(Box::new(start)),
             })
         })
     }
@@ -521,6 +555,22 @@ impl Engine for RedisEngine {
                 clients: count(0)? as usize,
                 topics: count(1)? as usize,
             })
+        })
+    }
+
+    fn traffic(&self, local: Traffic) -> Pending<Traffic> {
+        let node = self.0.node();
+        let answer = self.0.link.call("traffic", args([&*node]));
+        Box::pin(async move {
+            let values = items(answer.await?)?;
+            let mut sum = local.figures();
+            if values.len() != sum.len() {
+                return Err(malformed("traffic"));
+            }
+            for (total, value) in sum.iter_mut().zip(&values) {
+                *total += int(value).ok_or_else(|| malformed("a figure"))?;
+            }
+            Ok(Traffic::from_figures(sum))
         })
     }
 
