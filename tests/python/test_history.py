@@ -53,6 +53,17 @@ def api_send(server, targets, payload):
     return body
 
 
+async def gone(server, client_id):
+    """Waits until `client_id` counts as offline: at once on one node; in a
+    cluster, once its node has told Redis (a round trip after the close)."""
+    for _ in range(100):
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/api/v1/clients/{client_id}", timeout=5) as r:
+            if not json.load(r)["online"]:
+                return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"{client_id} still counts as online")
+
+
 def resume_url(server, client_id, epoch, offset):
     return f"{server.ws_url(client_id)}&since={epoch}:{offset}"
 
@@ -73,6 +84,7 @@ async def test_a_client_away_gets_exactly_what_it_missed_then_live_messages(serv
                 await b.send(msg(["a"], {"n": i}))
             assert await positions(a, 10) == [(i + 1, {"n": i}) for i in range(10)]
             epoch = a.welcome["epoch"]
+        await gone(server, "a")
         # A is away: 50 over the WebSocket, 20 over HTTP.
         for i in range(10, 60):
             await b.send(msg(["a"], {"n": i}, id=i))

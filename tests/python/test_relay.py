@@ -43,10 +43,10 @@ TEST_TIMEOUT = 60.0
 # --------------------------------------------------------------------------
 
 
-class Server:
+class Node:
     """One running `switchboard serve` process."""
 
-    def __init__(self, *args, cpus=None):
+    def __init__(self, args, cpus=None):
         """`cpus`: the set of CPUs the server may run on (its affinity); default all."""
         if not os.access(BIN, os.X_OK):
             pytest.fail(f"switchboard binary not found at {BIN} (set SWITCHBOARD_BIN)")
@@ -80,11 +80,6 @@ class Server:
         finally:
             sel.close()
 
-    def ws_url(self, client_id=None, query=None):
-        if query is None:
-            query = f"id={client_id}"
-        return f"ws://{self.host}:{self.port}/ws?{query}"
-
     def logs(self):
         self.stderr.seek(0)
         return self.stderr.read().decode(errors="replace")[-4000:]
@@ -110,6 +105,84 @@ class Server:
             self.proc.stdout.close()
 
 
+# With SWITCHBOARD_TEST_CLUSTER=N, every server of these tests is N nodes on
+# one Redis of its own (--engine redis), and each connection and HTTP request
+# goes to the next node in turn: the suites then show that a cluster behaves
+# as one server. Tests of one process's own behaviour say so with
+# @single_node. A server given a fixed --listen, a --data-dir (the memory
+# engine's snapshot) or an --engine is one node.
+CLUSTER = int(os.environ.get("SWITCHBOARD_TEST_CLUSTER") or 0)
+
+single_node = pytest.mark.skipif(bool(CLUSTER), reason="about one process, not what a cluster shares")
+
+
+class Server:
+    """A switchboard service under test: one node, or a cluster of nodes."""
+
+    def __init__(self, *args, cpus=None, nodes=None):
+        count = CLUSTER if nodes is None else nodes
+        self.redis = None
+        if count and not any(flag in args for flag in ("--listen", "--data-dir", "--engine")):
+            from cluster import Redis
+
+            self.redis = Redis()
+            args = ("--engine", "redis", "--redis-url", self.redis.url, *args)
+        else:
+            count = 1
+        self.nodes = []
+        for _ in range(count):
+            self.nodes.append(Node(args, cpus))
+        if self.redis:
+            self.wait_ready()
+        self.proc = self.nodes[0].proc
+        self.port = self.nodes[0].port
+        self.host = "127.0.0.1"
+        self._turn = itertools.count()
+
+    def wait_ready(self, timeout=10):
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            while True:
+                try:
+                    if node.http("GET", "/healthz")[0] == 200:
+                        break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"a node never became ready:\n{self.logs()}")
+                time.sleep(0.05)
+
+    def _next(self):
+        return self.nodes[next(self._turn) % len(self.nodes)]
+
+    def ws_url(self, client_id=None, query=None):
+        if query is None:
+            query = f"id={client_id}"
+        return f"ws://{self.host}:{self._next().port}/ws?{query}"
+
+    def logs(self):
+        return "\n".join(node.logs() for node in self.nodes)
+
+    def http(self, method, path, headers=None):
+        return self._next().http(method, path, headers)
+
+    def signal(self, sig):
+        """Sends `sig` to every node."""
+        for node in self.nodes:
+            node.proc.send_signal(sig)
+
+    def wait(self, timeout):
+        """Waits for every node to exit; the worst exit code."""
+        return max(node.proc.wait(timeout) for node in self.nodes)
+
+    def stop(self):
+        for node in self.nodes:
+            node.stop()
+            node.stderr.close()
+        if self.redis:
+            self.redis.stop()
+
+
 @pytest.fixture
 def start_server():
     """A factory: start_server(*flags, cpus=None) starts a server; all are stopped at the end."""
@@ -123,7 +196,6 @@ def start_server():
     yield start
     for s in servers:
         s.stop()
-        s.stderr.close()
 
 
 @pytest.fixture
@@ -454,6 +526,7 @@ def test_demo_page_and_healthz(server):
     assert json.loads(body) == {"status": "ok", "connections": 0, "clients": 0}
 
 
+@single_node  # /healthz counts the node's own connections
 @async_test
 async def test_healthz_counts_connections_and_clients(server):
     def health():
@@ -1185,10 +1258,10 @@ async def test_any_worker_layout_relays_and_shuts_down(start_server, args):
                 assert await recv(receiver) == str(n)
         for _ in range(6):  # HTTP requests land on every thread's socket too
             assert server.http("GET", "/healthz")[0] == 200
-        server.proc.send_signal(signal.SIGTERM)
+        server.signal(signal.SIGTERM)
         for ws in clients:
             assert (await expect_close(ws)).code == 1012
-    assert await asyncio.to_thread(server.proc.wait, 10) == 0, server.logs()
+    assert await asyncio.to_thread(server.wait, 10) == 0, server.logs()
 
 
 async def workers_logged(server):
@@ -1224,12 +1297,12 @@ async def test_sigterm_closes_clients_1012_and_exits_0(server):
         assert await recv(a) == '"ready"'
         assert (await recv_json(b))["payload"] == "ready"
         assert await recv(b2) == '"ready"'
-        server.proc.send_signal(signal.SIGTERM)
+        server.signal(signal.SIGTERM)
         for ws in (a, b, b2):
             rcvd = await expect_close(ws)
             # Service restart: clients are to come back and resume.
             assert (rcvd.code, rcvd.reason) == (1012, "server restarting"), rcvd
-    code = await asyncio.to_thread(server.proc.wait, 10)
+    code = await asyncio.to_thread(server.wait, 10)
     assert code == 0, server.logs()
     # The port no longer accepts connections.
     with pytest.raises(OSError):

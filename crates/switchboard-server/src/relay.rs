@@ -8,7 +8,6 @@
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -30,10 +29,6 @@ use crate::wire::{self, At, ErrorCode, Inbound, Mode, Since};
 
 /// Close code when a client's token expires without a refresh.
 pub const TOKEN_EXPIRED: u16 = 4001;
-
-/// Messages awaiting the engine's answer per connection (a cluster's store
-/// answers over the network); past it, messages are refused as over the rate.
-pub const MAX_IN_FLIGHT: usize = 256;
 
 /// Messages a relay connection sends itself.
 #[derive(Debug)]
@@ -66,8 +61,9 @@ pub struct Relay {
     subscriptions: HashMap<Arc<str>, Registration>,
     /// Topics whose subscribe awaits the engine's answer.
     joining: HashSet<Arc<str>>,
-    /// Messages awaiting the engine's answer.
-    in_flight: Arc<AtomicUsize>,
+    /// The size of the message being handled: what its answer, while the
+    /// engine has it, holds against the connection's outbound budget.
+    handling: usize,
     limiter: RateLimiter,
     /// Unregisters the connection when the handler is dropped, however it ends.
     _registration: Registration,
@@ -98,7 +94,7 @@ impl Relay {
             expiry_timer: None,
             subscriptions: HashMap::new(),
             joining: HashSet::new(),
-            in_flight: Arc::new(AtomicUsize::new(0)),
+            handling: 0,
             limiter: RateLimiter::new(
                 limits.messages_per_sec,
                 limits.bytes_per_sec,
@@ -133,6 +129,8 @@ impl Relay {
     }
 
     fn on_text(&mut self, text: &str, ctx: &mut Context<'_, RelayInfo>) -> Outcome {
+        // What it costs while an answer is pending: its text, and a task.
+        self.handling = text.len() + 256;
         let inbound = match wire::parse(text) {
             Ok(inbound) => inbound,
             Err((code, message)) => return self.refuse((code, message), None),
@@ -141,11 +139,6 @@ impl Relay {
         if kind != "send" && self.mode == Mode::Raw && is_envelope_only(kind) {
             let message = format!("{kind:?} needs the {} subprotocol", wire::PROTOCOL);
             return self.refuse((ErrorCode::EnvelopeRequired, message), inbound.id);
-        }
-        if self.in_flight.load(Ordering::Relaxed) >= MAX_IN_FLIGHT {
-            let message =
-                format!("slow down: {MAX_IN_FLIGHT} messages await the cluster's store already");
-            return self.refuse((ErrorCode::RateLimited, message), inbound.id);
         }
         let result = match kind {
             "send" => self.send(&inbound, ctx),
@@ -217,8 +210,8 @@ impl Relay {
         }
         let outbox = ctx.handle().outbox();
         let id = id.map(ToOwned::to_owned);
-        let in_flight = self.in_flight.clone();
-        in_flight.fetch_add(1, Ordering::Relaxed);
+        // A peer that sends faster than the store answers stops being read.
+        let held = outbox.hold(self.handling);
         tokio::spawn(async move {
             let text = match pending.await {
                 Ok(value) => reply(value, id.as_deref()),
@@ -228,7 +221,7 @@ impl Relay {
                     id.as_deref(),
                 )),
             };
-            in_flight.fetch_sub(1, Ordering::Relaxed);
+            drop(held);
             if let Some(text) = text {
                 let _ = outbox.push(Message::text(text));
             }
@@ -275,8 +268,10 @@ impl Relay {
         self.joining.insert(topic.clone());
         let handle = ctx.handle().clone();
         let id = id.map(ToOwned::to_owned);
+        let held = handle.outbox().hold(self.handling);
         tokio::spawn(async move {
             let result = pending.await;
+            drop(held);
             // A connection that has gone drops the subscription with the message.
             let _ = handle.send(RelayInfo::Subscribed { topic, id, result });
         });

@@ -397,8 +397,10 @@ where
 
     /// Whether to read from the socket: not while more than `max_outbound_bytes`
     /// waits to be written, whoever queued it, so that a peer that sends without
-    /// reading meets TCP's backpressure instead of growing our memory. Notes
-    /// when the pause began, for the slow-consumer timeout.
+    /// reading meets TCP's backpressure instead of growing our memory; nor
+    /// while the application holds more than that of work in flight for it
+    /// ([`crate::Outbox::hold`]). Notes when an outbound pause began, for the
+    /// slow-consumer timeout.
     fn may_read(&mut self) -> bool {
         let over = self.mailbox.over_budget();
         match (over, self.over_budget_since) {
@@ -410,7 +412,8 @@ where
             }
             _ => {}
         }
-        (!over && !self.intake.paused()) || self.phase == Phase::Failing
+        let holding = self.mailbox.holds_too_much();
+        (!over && !holding && !self.intake.paused()) || self.phase == Phase::Failing
     }
 
     /// Whether the mailbox may write to the socket while this task sleeps:

@@ -241,6 +241,8 @@ trait ErasedMailbox: Send + Sync {
     fn push(&self, frame: Outbound) -> Result<(), PushError>;
     fn close(&self, reason: CloseReason);
     fn is_closed(&self) -> bool;
+    fn hold(&self, bytes: usize);
+    fn unhold(&self, bytes: usize);
 }
 
 impl<I: Send> ErasedMailbox for Mailbox<I> {
@@ -255,6 +257,12 @@ impl<I: Send> ErasedMailbox for Mailbox<I> {
     }
     fn is_closed(&self) -> bool {
         Mailbox::is_closed(self)
+    }
+    fn hold(&self, bytes: usize) {
+        Mailbox::hold(self, bytes)
+    }
+    fn unhold(&self, bytes: usize) {
+        Mailbox::unhold(self, bytes)
     }
 }
 
@@ -291,6 +299,40 @@ impl Outbox {
     /// Whether the connection has ended or is closing.
     pub fn is_closed(&self) -> bool {
         self.0.is_closed()
+    }
+
+    /// Counts `bytes` of work the application has in flight for this
+    /// connection (a message waiting for a store's answer) until the
+    /// returned guard is dropped. While more than `max_outbound_bytes` is
+    /// held, the connection reads nothing more: a peer that sends faster
+    /// than the work completes meets TCP's backpressure instead of growing
+    /// the server's memory.
+    pub fn hold(&self, bytes: usize) -> Held {
+        self.0.hold(bytes);
+        Held {
+            mailbox: self.0.clone(),
+            bytes,
+        }
+    }
+}
+
+/// Work in flight for a connection; dropping it lets the connection read
+/// again (see [`Outbox::hold`]).
+#[must_use = "the work counts as done as soon as this is dropped"]
+pub struct Held {
+    mailbox: Arc<dyn ErasedMailbox>,
+    bytes: usize,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held").field("bytes", &self.bytes).finish()
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.mailbox.unhold(self.bytes);
     }
 }
 

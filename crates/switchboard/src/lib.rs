@@ -68,7 +68,7 @@ pub mod testing;
 pub mod upgrade;
 
 pub use budget::ReceiveBudget;
-pub use handle::{ConnHandle, ConnId, Outbound, Outbox, PushError, SendError, TimerRef};
+pub use handle::{ConnHandle, ConnId, Held, Outbound, Outbox, PushError, SendError, TimerRef};
 pub use handler::{Context, Handler, Outcome, TerminateReason};
 pub use options::{Options, SlowConsumerPolicy};
 pub use pubsub::{PresenceChange, PresenceListener, PubSub, SubscribeError, Subscription};

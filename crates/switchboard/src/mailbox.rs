@@ -30,6 +30,9 @@ pub(crate) struct Mailbox<I> {
     state: Mutex<State<I>>,
     /// Bytes pushed but not yet written to the socket.
     queued_bytes: AtomicUsize,
+    /// Bytes of the application's work in flight for this connection (see
+    /// [`crate::Outbox::hold`]).
+    held_bytes: AtomicUsize,
     max_outbound_bytes: usize,
     mailbox_size: usize,
     slow_consumer: SlowConsumerPolicy,
@@ -128,6 +131,7 @@ impl<I> Mailbox<I> {
                 waker: None,
             }),
             queued_bytes: AtomicUsize::new(0),
+            held_bytes: AtomicUsize::new(0),
             max_outbound_bytes: options.max_outbound_bytes,
             mailbox_size: options.mailbox_size,
             slow_consumer: options.slow_consumer,
@@ -313,6 +317,23 @@ impl<I> Mailbox<I> {
     /// Whether more than `max_outbound_bytes` waits to be written.
     pub fn over_budget(&self) -> bool {
         self.queued_bytes() > self.max_outbound_bytes
+    }
+
+    /// Whether the application holds more than `max_outbound_bytes` of work
+    /// in flight for this connection: reading waits until it is done.
+    pub fn holds_too_much(&self) -> bool {
+        self.held_bytes.load(Ordering::Relaxed) > self.max_outbound_bytes
+    }
+
+    /// Counts `bytes` of work in flight.
+    pub fn hold(&self, bytes: usize) {
+        self.held_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Work done: wakes the driver, which may read again.
+    pub fn unhold(&self, bytes: usize) {
+        self.held_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.with_state(|_| {});
     }
 
     /// The close frame the slow-consumer policy sends.

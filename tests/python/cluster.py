@@ -1,0 +1,169 @@
+"""Real processes for cluster tests: redis-server instances on free ports in
+temporary directories, switchboard nodes on them, and a small TCP proxy that
+can cut or delay the link between a node and Redis.
+
+Everything here is owned by the test that made it and stopped at its end.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+REDIS_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
+class Redis:
+    """A redis-server with AOF on (fsync every write, so a restart loses
+    nothing the test wrote), `noeviction`, in a temporary directory."""
+
+    def __init__(self):
+        if not os.access(REDIS_BIN, os.X_OK):
+            raise RuntimeError("redis-server not found (the test command installs Debian's redis-server)")
+        self.dir = tempfile.mkdtemp(prefix="switchboard-redis-")
+        self.port = free_port()
+        self.proc = None
+        self.start()
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        self.log = open(os.path.join(self.dir, "redis.log"), "ab")
+        self.proc = subprocess.Popen(
+            [REDIS_BIN, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+             "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+             "--maxmemory-policy", "noeviction"],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        if not wait_port(self.port):
+            raise RuntimeError(f"redis-server did not listen on {self.port}")
+
+    def kill(self):
+        """kill -9: what was fsynced stays on disk."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=5)
+        self.log.close()
+
+    def restart(self):
+        """Killed and started again on the same port and files (AOF)."""
+        self.kill()
+        self.start()
+
+    def wipe(self):
+        """Killed and started again with no files: every key is gone."""
+        self.kill()
+        for name in os.listdir(self.dir):
+            if name != "redis.log":
+                path = os.path.join(self.dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        self.start()
+
+    def cli(self, *args):
+        out = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, timeout=5)
+        return out.stdout.decode().strip()
+
+    def stop(self):
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Proxy:
+    """A TCP proxy on a free port in front of `target_port`. `cut()` closes
+    every connection through it and refuses new ones until `heal()`."""
+
+    def __init__(self, target_port):
+        self.target = target_port
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        self.open = True
+        self.pairs = []
+        self.stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _accept(self):
+        while not self.stopped:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                if not self.open:
+                    client.close()
+                    continue
+                try:
+                    upstream = socket.create_connection(("127.0.0.1", self.target), timeout=2)
+                except OSError:
+                    client.close()
+                    continue
+                self.pairs.append((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        with self.lock:
+            self.open = False
+            for a, b in self.pairs:
+                for s in (a, b):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                        s.close()
+                    except OSError:
+                        pass
+            self.pairs = []
+
+    def heal(self):
+        with self.lock:
+            self.open = True
+
+    def stop(self):
+        self.stopped = True
+        self.cut()
+        self.listener.close()
