@@ -93,6 +93,12 @@ impl IntoResponse for ApiError {
                 header::HeaderValue::from_static("Bearer"),
             );
         }
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // Redis is expected back within seconds (nodes reconnect with backoff).
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
         response
     }
 }
@@ -342,6 +348,14 @@ impl Api {
     }
 
     fn check_publish<'r>(&self, request: &'r PublishRequest) -> Result<Checked<'r>, ApiError> {
+        if request.topic == crate::topics::CLIENT_EVENTS {
+            let message = format!("only the cluster publishes to {:?}", request.topic);
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                ErrorCode::Forbidden,
+                message,
+            ));
+        }
         Ok(Checked::Publish {
             topic: checked_topic(&self.hub, &request.topic)?,
             from: request.from.as_deref().map(checked_id).transpose()?,

@@ -88,7 +88,13 @@ impl Hub {
         snapshot: Option<Loaded>,
     ) -> anyhow::Result<Self> {
         let registry = Registry::new();
-        let namespaces = Arc::new(Namespaces::new(config.namespaces.clone()));
+        // Client events are the Redis engine's (they need the cluster's counts).
+        let events = match config.engine {
+            EngineKind::Redis => config.client_events_size,
+            EngineKind::Memory => 0,
+        };
+        let namespaces =
+            Arc::new(Namespaces::new(config.namespaces.clone()).with_client_events(events));
         let snapshot = snapshot.map(|loaded| loaded.keeping_history_of(&namespaces));
         let stats = Stats::new();
         let pubsub = PubSub::with_listener(PresenceEvents(namespaces.clone()));

@@ -18,6 +18,15 @@ use crate::wire;
 /// Longest topic name, in bytes.
 pub const MAX_TOPIC_LEN: usize = 200;
 
+/// The topic of client ids going online (their first connection anywhere)
+/// and offline (their last), in cluster mode: the server publishes
+/// `{"client":ID,"event":"online"|"offline"}` there; clients may subscribe
+/// (with history, to resume) but not publish.
+pub const CLIENT_EVENTS: &str = "$clients";
+
+/// How long `$clients` keeps an event.
+pub const CLIENT_EVENTS_TTL: Duration = Duration::from_secs(3600);
+
 /// Why a string is not a topic name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("topics are 1-{MAX_TOPIC_LEN} characters of A-Z a-z 0-9 . _ ~ : @ / -")]
@@ -86,9 +95,13 @@ impl Default for Namespace {
     }
 }
 
-/// The configured namespaces, longest prefix first.
+/// The configured namespaces, longest prefix first, and `$clients`'s.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Namespaces(Vec<Namespace>);
+pub struct Namespaces {
+    list: Vec<Namespace>,
+    /// `$clients`, when client events are on.
+    client_events: Option<Namespace>,
+}
 
 impl Namespaces {
     /// These namespaces, or the catch-all default when `list` is empty.
@@ -97,17 +110,39 @@ impl Namespaces {
             list.push(Namespace::default());
         }
         list.sort_by_key(|ns| std::cmp::Reverse(ns.prefix.len()));
-        Self(list)
+        Self {
+            list,
+            client_events: None,
+        }
+    }
+
+    /// With the `$clients` topic, keeping `size` events.
+    pub fn with_client_events(mut self, size: usize) -> Self {
+        self.client_events = (size > 0).then(|| Namespace {
+            prefix: CLIENT_EVENTS.into(),
+            client_publish: false,
+            presence: false,
+            history_size: size,
+            history_ttl_secs: CLIENT_EVENTS_TTL.as_secs(),
+            ..Namespace::default()
+        });
+        self
     }
 
     /// The namespace of `topic`, if any matches.
     pub fn find(&self, topic: &str) -> Option<&Namespace> {
-        self.0.iter().find(|ns| topic.starts_with(&ns.prefix))
+        if topic == CLIENT_EVENTS {
+            return self.client_events.as_ref();
+        }
+        self.list.iter().find(|ns| topic.starts_with(&ns.prefix))
     }
 
     /// Checks `topic`'s name and finds its namespace: the one rule for the
     /// WebSocket protocol and the HTTP API alike.
     pub fn check(&self, topic: &str) -> Result<&Namespace, (ErrorCode, String)> {
+        if let (CLIENT_EVENTS, Some(events)) = (topic, &self.client_events) {
+            return Ok(events);
+        }
         validate(topic).map_err(|e| {
             (
                 ErrorCode::InvalidTopic,

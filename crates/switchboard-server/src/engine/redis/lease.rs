@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use switchboard::{CloseCode, CloseReason};
 
 use super::{Core, args, millis};
+use crate::engine::Unavailable;
 
 /// A new node id: random, so a restarted node never takes over the
 /// counts of its previous life (the reaper undoes those).
@@ -58,6 +59,11 @@ impl Health {
         self.lapsed.store(false, Ordering::Relaxed);
     }
 
+    /// The cluster forgot this node: not ready until it has joined again.
+    fn reaped(&self) {
+        self.lapsed.store(true, Ordering::Relaxed);
+    }
+
     /// Whether the lease has run out since the last renewal (and had not
     /// already: the node closes its clients once).
     fn lapses_now(&self) -> bool {
@@ -80,11 +86,20 @@ pub(super) async fn run(core: Weak<Core>) {
     };
     let mut ticks = tokio::time::interval(beat);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rejoin = false;
     loop {
-        ticks.tick().await;
+        if !std::mem::take(&mut rejoin) {
+            ticks.tick().await;
+        }
         let Some(core) = core.upgrade() else {
             return;
         };
+        // Checked on every beat, whether or not Redis answers the last.
+        if core.lease.lapses_now() {
+            tracing::error!("cannot renew this node's lease: closing its clients with 1012");
+            core.feed
+                .close_all(cut_off("this node cannot reach the cluster"));
+        }
         let node = core.node();
         let figures = (core.traffic)().figures().map(|f| f.to_string());
         let rest = args(
@@ -96,7 +111,8 @@ pub(super) async fn run(core: Weak<Core>) {
             .into_iter()
             .chain(figures.iter().map(String::as_str)),
         );
-        match core.link.call("heartbeat", rest).await {
+        let answer = tokio::time::timeout(beat, core.link.call("heartbeat", rest)).await;
+        match answer.unwrap_or_else(|_| Err(Unavailable("the heartbeat timed out".into()))) {
             Ok(_) => {
                 first = false;
                 core.lease.renewed();
@@ -106,15 +122,11 @@ pub(super) async fn run(core: Weak<Core>) {
                 core.feed
                     .close_all(cut_off("this node lost its place in the cluster"));
                 *core.node.lock().unwrap_or_else(PoisonError::into_inner) = new_node_id();
+                core.lease.reaped();
                 first = true;
+                rejoin = true;
             }
-            Err(e) => {
-                if core.lease.lapses_now() {
-                    tracing::error!(error = %e, "cannot renew this node's lease: closing its clients with 1012");
-                    core.feed
-                        .close_all(cut_off("this node cannot reach the cluster"));
-                }
-            }
+            Err(e) => tracing::debug!(error = %e, "a heartbeat failed"),
         }
     }
 }

@@ -88,13 +88,20 @@ impl Link {
         rest: Vec<Vec<u8>>,
     ) -> impl Future<Output = Result<Value, Unavailable>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
-        let queued = self.queue.try_send(Call {
-            args: self.args(op, rest),
-            reply: Some(reply),
-            retry: false,
-        });
+        // While the link is down, at once: not after the next reconnect.
+        let queued = if self.is_up() {
+            self.queue
+                .try_send(Call {
+                    args: self.args(op, rest),
+                    reply: Some(reply),
+                    retry: false,
+                })
+                .map_err(|_| Unavailable("too many calls wait for Redis".into()))
+        } else {
+            Err(Unavailable("cannot reach Redis".into()))
+        };
         async move {
-            queued.map_err(|_| Unavailable("too many calls wait for Redis".into()))?;
+            queued?;
             answer
                 .await
                 .map_err(|_| Unavailable("the Redis link stopped".into()))?

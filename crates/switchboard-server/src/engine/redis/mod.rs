@@ -35,8 +35,6 @@ mod reply;
 /// How long a stream's epoch and top offset outlive its last write: a
 /// client that resumes later than this is told `recovered:false`.
 const META_TTL: Duration = Duration::from_secs(24 * 3600);
-/// How long the `$clients` topic keeps an event.
-const EVENTS_TTL: Duration = Duration::from_secs(3600);
 
 /// What the Redis engine needs to know.
 #[derive(Debug, Clone)]
@@ -101,7 +99,7 @@ impl RedisEngine {
             Header {
                 meta_ttl: META_TTL,
                 events_size: settings.client_events,
-                events_ttl: EVENTS_TTL,
+                events_ttl: crate::topics::CLIENT_EVENTS_TTL,
             },
         );
         let feed = Feed::start(client, link.clone(), namespaces.clone());

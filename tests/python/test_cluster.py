@@ -1,0 +1,489 @@
+"""Cluster mode (docs/cluster.md): several real switchboard nodes on a real
+redis-server, with a client that is not written in Rust (Python
+`websockets`). Nodes are killed with SIGKILL, Redis is restarted and wiped,
+and a TCP proxy cuts a node off from Redis.
+
+Leases here are 2 s (heartbeats every 0.4 s) to keep the tests short; the
+default is 5 s.
+"""
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from cluster import Proxy, Redis
+from test_relay import Node, async_test, client, expect_close, msg, nothing_before_marker, recv_json
+
+LEASE = 2
+
+
+class Cluster:
+    """Nodes on one Redis. `port` (for helpers that take a server) is a
+    node's that stays up."""
+
+    def __init__(self, count=3, redis=None, extra=()):
+        self.redis = redis or Redis()
+        self.owns_redis = redis is None
+        self.extra = ("--node-lease-secs", str(LEASE), *extra)
+        self.nodes = [self.start_node() for _ in range(count)]
+        self.host = "127.0.0.1"
+        self.port = self.nodes[-1].port
+
+    def start_node(self, url=None):
+        node = Node(("--engine", "redis", "--redis-url", url or self.redis.url, *self.extra))
+        wait_until(lambda: healthz(node) == 200, f"node on {node.port} never became ready")
+        return node
+
+    def stop(self):
+        for node in self.nodes:
+            node.stop()
+            node.stderr.close()
+        if self.owns_redis:
+            self.redis.stop()
+
+
+@pytest.fixture
+def cluster():
+    made = []
+
+    def make(*args, **kwargs):
+        c = Cluster(*args, **kwargs)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.stop()
+
+
+def url(node, client_id, since=None):
+    query = f"id={client_id}" + (f"&since={since[0]}:{since[1]}" if since else "")
+    return f"ws://127.0.0.1:{node.port}/ws?{query}"
+
+
+def healthz(node):
+    try:
+        return node.http("GET", "/healthz")[0]
+    except OSError:
+        return None
+
+
+def wait_until(check, what, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return time.monotonic()
+        time.sleep(0.05)
+    pytest.fail(what)
+
+
+def api(node, method, path, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{node.port}{path}", data=data, method=method,
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+async def deliveries(ws, count):
+    got = [await recv_json(ws) for _ in range(count)]
+    assert all(m["type"] == "message" for m in got), got
+    return got
+
+
+async def retry_refused(ok, attempts=20):
+    """Retries `ok` while it fails, as a client retries a 503, a few times."""
+    for _ in range(attempts):
+        if ok():
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail("still refused after retries")
+
+
+def config_file(text):
+    f = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
+    f.write(text)
+    f.close()
+    return f.name
+
+
+# --------------------------------------------------------------------------
+# Behaving as one
+# --------------------------------------------------------------------------
+
+
+@async_test
+async def test_a_message_reaches_every_connection_of_an_id_on_every_node_once(cluster):
+    c = cluster(3)
+    n0, n1, n2 = c.nodes
+    async with client(None, "x", envelope=True, uri=url(n0, "x")) as x0, \
+            client(None, "x", envelope=True, uri=url(n1, "x")) as x1, \
+            client(None, "y", envelope=True, uri=url(n2, "y")) as y:
+        # Only the nodes that hold a connection of x listen to its channel.
+        assert c.redis.cli("PUBSUB", "NUMSUB", "sb:c:i:x").split() == ["sb:c:i:x", "2"]
+        for i in range(20):
+            await y.send(msg(["x", "nobody"], i, id=i))
+            ack = await recv_json(y)
+            assert (ack["delivered"], ack["offline"], ack["offsets"]) == (["x"], ["nobody"], {"x": i + 1, "nobody": i + 1}), ack
+        for ws in (x0, x1):
+            got = await deliveries(ws, 20)
+            assert [(m["offset"], m["payload"], m["from"]) for m in got] == [(i + 1, i, "y") for i in range(20)]
+            await nothing_before_marker(c, ws, "x")
+
+
+@async_test
+async def test_a_publish_reaches_every_subscriber_on_every_node_once(cluster):
+    c = cluster(3)
+    n0, n1, n2 = c.nodes
+    async with client(None, "a", envelope=True, uri=url(n0, "a")) as a, \
+            client(None, "b", envelope=True, uri=url(n1, "b")) as b, \
+            client(None, "b", envelope=True, uri=url(n1, "b")) as b2, \
+            client(None, "c", envelope=True, uri=url(n2, "c")) as p:
+        for ws in (a, b, b2):
+            await ws.send(json.dumps({"type": "subscribe", "topic": "room", "id": 1}))
+            assert (await recv_json(ws))["type"] == "ack"
+        status, body = api(n2, "POST", "/api/v1/publish", {"topic": "room", "payload": "from-api"})
+        assert (status, body) == (200, {"subscribers": 3})
+        await p.send(json.dumps({"type": "publish", "topic": "room", "payload": "from-ws", "id": 2}))
+        assert (await recv_json(p))["subscribers"] == 3
+        for ws in (a, b, b2):
+            got = await deliveries(ws, 2)
+            assert [m["payload"] for m in got] == ["from-api", "from-ws"]
+            await nothing_before_marker(c, ws, "a" if ws is a else "b")
+        status, presence = api(n0, "GET", "/api/v1/presence/room")
+        assert presence == {"topic": "room", "subscribers": 3, "clients": {"a": 1, "b": 2}}
+
+
+@async_test
+async def test_presence_and_client_events_fire_once_per_real_transition(cluster):
+    config = config_file('[[namespaces]]\nprefix = "chat:"\npresence = true\n')
+    c = cluster(3, extra=("--config", config))
+    n0, n1, n2 = c.nodes
+    async with client(None, "watcher", envelope=True, uri=url(n0, "watcher")) as w:
+        for topic in ("$clients", "chat:lobby"):
+            await w.send(json.dumps({"type": "subscribe", "topic": topic, "id": topic}))
+            assert (await recv_json(w))["type"] == "ack"
+        assert await recv_json(w) == {"type": "presence", "topic": "chat:lobby", "event": "join", "client": "watcher"}
+        async with client(None, "ann", envelope=True, uri=url(n1, "ann")) as t1:
+            ev = await recv_json(w)
+            assert (ev["topic"], ev["payload"]) == ("$clients", {"client": "ann", "event": "online"}), ev
+            async with client(None, "ann", envelope=True, uri=url(n2, "ann")) as t2:
+                for ws in (t1, t2):
+                    await ws.send(json.dumps({"type": "subscribe", "topic": "chat:lobby", "id": 1}))
+                    assert (await recv_json(ws))["type"] == "ack"
+                assert (await recv_json(w))["event"] == "join"
+                # A second connection, on another node: no second online, no second join.
+                await nothing_before_marker(c, w, "watcher")
+                assert api(n0, "GET", "/api/v1/clients/ann")[1] == {"id": "ann", "online": True, "connections": 2}
+                await w.send(json.dumps({"type": "status", "clients": ["ann", "bob"], "id": 3}))
+                assert (await recv_json(w))["clients"] == {"ann": True, "bob": False}
+            wait_until(lambda: api(n0, "GET", "/api/v1/clients/ann")[1]["connections"] == 1, "t2 never left")
+            await nothing_before_marker(c, w, "watcher")
+        assert await recv_json(w) == {"type": "presence", "topic": "chat:lobby", "event": "leave", "client": "ann"}
+        ev = await recv_json(w)
+        assert ev["payload"] == {"client": "ann", "event": "offline"}, ev
+        await nothing_before_marker(c, w, "watcher")
+    def events():
+        history = api(n2, "GET", "/api/v1/history/$clients")[1]
+        return [(m["payload"]["client"], m["payload"]["event"]) for m in history["messages"]]
+
+    wait_until(lambda: len(events()) == 4, f"the watcher never went offline: {events()}")
+    assert events() == [("watcher", "online"), ("ann", "online"), ("ann", "offline"), ("watcher", "offline")]
+    # Only the cluster publishes client events.
+    status, body = api(n1, "POST", "/api/v1/publish", {"topic": "$clients", "payload": {}})
+    assert (status, body["error"]["code"]) == (403, "forbidden")
+
+
+@async_test
+async def test_a_client_resumes_on_another_node_with_nothing_lost_or_repeated(cluster):
+    c = cluster(3)
+    n0, n1, n2 = c.nodes
+    async with client(None, "s", envelope=True, uri=url(n1, "s")) as s:
+        async with client(None, "a", envelope=True, uri=url(n0, "a")) as a:
+            for i in range(5):
+                await s.send(msg(["a"], i))
+            got = await deliveries(a, 5)
+            since = (a.welcome["epoch"], got[-1]["offset"])
+        for i in range(5, 12):
+            await s.send(msg(["a"], i, id=i))
+            assert (await recv_json(s))["offsets"] == {"a": i + 1}
+        for i in range(12, 15):
+            assert api(n2, "POST", "/api/v1/send", {"targets": ["a"], "payload": i})[0] == 200
+        async with client(None, "a", envelope=True, uri=url(n2, "a", since)) as a:
+            assert (a.welcome["recovered"], a.welcome["missed"], a.welcome["offset"]) == (True, 10, 15)
+            got = await deliveries(a, 10)
+            assert [(m["offset"], m["payload"]) for m in got] == [(i + 1, i) for i in range(5, 15)]
+            await s.send(msg(["a"], "live"))
+            assert (await recv_json(a))["offset"] == 16
+            await nothing_before_marker(c, a, "a")
+
+
+# --------------------------------------------------------------------------
+# Failures
+# --------------------------------------------------------------------------
+
+
+@async_test
+async def test_a_killed_node_s_clients_resume_elsewhere_and_it_leaves_within_a_lease(cluster):
+    c = cluster(3)
+    doomed, n1, n2 = c.nodes
+    ids = [f"c{i}" for i in range(10)]
+    async with client(None, "watcher", envelope=True, uri=url(n1, "watcher")) as w, \
+            client(None, "sender", envelope=True, uri=url(n2, "sender")) as s, \
+            contextlib.AsyncExitStack() as on_doomed:
+        await w.send(json.dumps({"type": "subscribe", "topic": "$clients", "id": 1}))
+        assert (await recv_json(w))["type"] == "ack"
+        positions = {}
+        clients = []
+        for cid in ids:
+            ws = await on_doomed.enter_async_context(client(None, cid, envelope=True, uri=url(doomed, cid)))
+            clients.append(ws)
+            ev = await recv_json(w)
+            assert ev["payload"] == {"client": cid, "event": "online"}
+        await s.send(msg(ids, "before"))
+        for cid, ws in zip(ids, clients):
+            m = await recv_json(ws)
+            positions[cid] = (ws.welcome["epoch"], m["offset"])
+        doomed.proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        doomed.proc.wait(timeout=5)
+        for i in range(3):
+            await s.send(msg(ids, f"while-down-{i}"))
+        # Both survivors reap; each id goes offline once, within the lease.
+        offline = []
+        while len(offline) < len(ids):
+            ev = await recv_json(w, timeout=LEASE + 3)
+            assert ev["payload"]["event"] == "offline", ev
+            offline.append(ev["payload"]["client"])
+        assert sorted(offline) == sorted(ids)
+        assert time.monotonic() - killed < LEASE + 1.5
+        await nothing_before_marker(c, w, "watcher")
+        assert all(not api(n1, "GET", f"/api/v1/clients/{cid}")[1]["online"] for cid in ids)
+        for cid in ids:
+            node = n1 if cid < "c5" else n2
+            async with client(None, cid, envelope=True, uri=url(node, cid, positions[cid])) as ws:
+                assert (ws.welcome["recovered"], ws.welcome["missed"]) == (True, 3), ws.welcome
+                got = await deliveries(ws, 3)
+                assert [m["payload"] for m in got] == [f"while-down-{i}" for i in range(3)]
+                await nothing_before_marker(c, ws, cid)
+
+
+@async_test
+async def test_redis_restart_with_aof_loses_nothing_and_nodes_come_back(cluster):
+    c = cluster(2, extra=())
+    n0, n1 = c.nodes
+    async with client(None, "a", envelope=True, uri=url(n0, "a")) as a, \
+            client(None, "b", envelope=True, uri=url(n1, "b")) as b:
+        await b.send(msg(["a"], "one", id=1))
+        assert (await recv_json(b))["offsets"] == {"a": 1}
+        assert (await recv_json(a))["offset"] == 1
+        c.redis.kill()
+        wait_until(lambda: healthz(n0) == 503 and healthz(n1) == 503, "nodes stayed ready without Redis", 3)
+        await b.send(msg(["a"], "lost?", id=2))
+        err = await recv_json(b)
+        assert (err["type"], err["code"], err["id"]) == ("error", "unavailable", 2), err
+        c.redis.start()
+        wait_until(lambda: healthz(n0) == 200 and healthz(n1) == 200, "nodes never came back", 8)
+        # Down for less than the lease: the clients stayed, and nothing was lost.
+        await b.send(msg(["a"], "two", id=3))
+        assert (await recv_json(b))["offsets"] == {"a": 2}
+        m = await recv_json(a)
+        assert (m["offset"], m["payload"], m["epoch"]) == (2, "two", a.welcome["epoch"])
+        await nothing_before_marker(c, a, "a")
+
+
+@async_test
+async def test_redis_data_loss_is_told_as_recovered_false(cluster):
+    c = cluster(2)
+    n0, n1 = c.nodes
+    async with client(None, "a", envelope=True, uri=url(n0, "a")) as a:
+        api(n1, "POST", "/api/v1/send", {"targets": ["a"], "payload": 1})
+        m = await recv_json(a)
+        since = (a.welcome["epoch"], m["offset"])
+        c.redis.wipe()
+        # The nodes find they were forgotten: their clients come back.
+        closed = await expect_close(a, timeout=LEASE + 5)
+        assert closed.code == 1012, closed
+    wait_until(lambda: healthz(n0) == 200 and healthz(n1) == 200, "nodes never came back", 8)
+    # A node learns that Redis restarted on its next call: that call may be
+    # refused (503, Retry-After), as a client that reconnects expects.
+    await retry_refused(lambda: api(n1, "GET", "/api/v1/stats")[0] == 200)
+    async with client(None, "a", envelope=True, uri=url(n1, "a", since)) as a:
+        assert a.welcome["recovered"] is False, a.welcome
+        assert a.welcome["epoch"] != since[0]
+        await nothing_before_marker(c, a, "a")
+
+
+@async_test
+async def test_a_node_cut_off_from_redis_catches_up_or_stops_serving_within_its_lease(cluster):
+    redis = Redis()
+    proxy = Proxy(redis.port)
+    try:
+        c = cluster(1, redis=redis)
+        cut_node = c.start_node(proxy.url)
+        c.nodes.append(cut_node)
+        (n1,) = c.nodes[:1]
+        async with client(None, "a", envelope=True, uri=url(cut_node, "a")) as a, \
+                client(None, "b", envelope=True, uri=url(n1, "b")) as b:
+            # A short cut: the node misses pub/sub, then fills the gap from the stream.
+            proxy.cut()
+            for i in range(3):
+                await b.send(msg(["a"], i))
+            await asyncio.sleep(LEASE / 3)
+            proxy.heal()
+            got = await deliveries(a, 3)
+            assert [(m["offset"], m["payload"]) for m in got] == [(1, 0), (2, 1), (3, 2)]
+            await nothing_before_marker(c, a, "a")
+            since = (a.welcome["epoch"], 4)
+            # A long cut: within its lease the node stops serving.
+            proxy.cut()
+            cut = time.monotonic()
+            closed = await expect_close(a, timeout=LEASE + 3)
+            assert closed.code == 1012 and time.monotonic() - cut < LEASE + 1.5, closed
+            assert healthz(cut_node) == 503
+            await b.send(msg(["a"], "during"))
+            proxy.heal()
+            wait_until(lambda: healthz(cut_node) == 200, "the node never came back", 8)
+        async with client(None, "a", envelope=True, uri=url(cut_node, "a", since)) as a:
+            assert (a.welcome["recovered"], a.welcome["missed"]) == (True, 1), a.welcome
+            assert (await recv_json(a))["payload"] == "during"
+    finally:
+        proxy.stop()
+        redis.stop()
+
+
+# --------------------------------------------------------------------------
+# A rolling deploy
+# --------------------------------------------------------------------------
+
+DEPLOY_SECONDS = float(os.environ.get("SWITCHBOARD_DEPLOY_SECONDS", "30"))
+
+
+@async_test
+async def test_a_rolling_deploy_loses_and_repeats_nothing(cluster):
+    """100 clients send each other messages and publish to a topic for 30 s
+    while each of 3 nodes is restarted in turn (SIGTERM, then started again).
+    Clients closed with 1012 come back to any live node and resume. Every
+    client's received inbox and topic sequences must be complete, in order,
+    and without duplicates."""
+    config = config_file('[[namespaces]]\nprefix = "deploy:"\nhistory_size = 100000\nhistory_ttl_secs = 600\n')
+    c = cluster(3, extra=("--config", config, "--rate-limit-messages-per-sec", "0"))
+    ids = [f"u{i}" for i in range(100)]
+    inbox = {cid: [] for cid in ids}
+    topic = {cid: [] for cid in ids}
+    stop = asyncio.Event()
+    reconnects = [0]
+    failures = {}
+    joined_at = {}
+
+    def live_nodes():
+        return [n for n in c.nodes if n.proc.poll() is None and healthz(n) == 200]
+
+    async def run(index, cid, topic_since):
+        since = None
+        turn = index
+        while not stop.is_set():
+            nodes = await asyncio.to_thread(live_nodes)
+            if not nodes:
+                await asyncio.sleep(0.1)
+                continue
+            node = nodes[turn % len(nodes)]
+            turn += 1
+            try:
+                async with client(None, cid, envelope=True, uri=url(node, cid, since)) as ws:
+                    if since is not None:
+                        assert ws.welcome["recovered"] is True, ws.welcome
+                    else:
+                        since = (ws.welcome["epoch"], ws.welcome["offset"])
+                        joined_at[cid] = ws.welcome["offset"]
+                    position = {"epoch": topic_since[0], "offset": topic_since[1]}
+                    await ws.send(json.dumps({"type": "subscribe", "topic": "deploy:all", "id": "sub", "since": position}))
+                    sending = asyncio.create_task(chatter(ws, index))
+                    try:
+                        async for text in ws:
+                            m = json.loads(text)
+                            if m["type"] == "ack" and m.get("id") == "sub":
+                                assert m["recovered"] is True, m
+                            elif m["type"] != "message":
+                                # A send refused while a node shuts down.
+                                assert m["type"] == "error" and m["code"] == "unavailable", m
+                            elif "topic" in m:
+                                topic[cid].append(m["offset"])
+                                topic_since = (m["epoch"], m["offset"])
+                            else:
+                                inbox[cid].append(m["offset"])
+                                since = (m["epoch"], m["offset"])
+                    finally:
+                        sending.cancel()
+            except AssertionError:
+                raise
+            except Exception as e:  # noqa: BLE001 (a restart closed it, or refused it mid-handshake)
+                failures[type(e).__name__] = failures.get(type(e).__name__, 0) + 1
+            if not stop.is_set():
+                reconnects[0] += 1
+                await asyncio.sleep(0.05)
+
+    async def chatter(ws, index):
+        n = 0
+        while not stop.is_set():
+            n += 1
+            target = ids[(index + n) % len(ids)]
+            if n % 10 == 0:
+                await ws.send(json.dumps({"type": "publish", "topic": "deploy:all", "payload": [index, n]}))
+            else:
+                await ws.send(msg([target], [index, n]))
+            await asyncio.sleep(0.3)
+
+    # The topic's stream exists from the start, so every subscribe resumes.
+    _, first = api(c.nodes[0], "POST", "/api/v1/publish", {"topic": "deploy:all", "payload": "start"})
+    _, history = api(c.nodes[0], "GET", "/api/v1/history/deploy:all?limit=1")
+    start = (history["epoch"], first["offset"])
+    tasks = [asyncio.create_task(run(i, cid, start)) for i, cid in enumerate(ids)]
+    started = time.monotonic()
+    for i in range(3):
+        await asyncio.sleep(DEPLOY_SECONDS / 4)
+        old = c.nodes[i]
+        old.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(old.proc.wait, 15)
+        old.stderr.close()
+        c.nodes[i] = await asyncio.to_thread(c.start_node)
+    await asyncio.sleep(max(0.0, DEPLOY_SECONDS - (time.monotonic() - started)))
+    # Quiet, then let every client drain what is on its way.
+    stop.set()
+    await asyncio.sleep(2)
+    for t in tasks:
+        t.cancel()
+    for result in await asyncio.gather(*tasks, return_exceptions=True):
+        if not isinstance(result, asyncio.CancelledError) and result is not None:
+            raise result
+    node = c.nodes[0]
+    total_inbox = total_topic = 0
+    for cid in ids:
+        status, page = api(node, "GET", f"/api/v1/clients/{cid}/inbox?limit=1")
+        top = page["offset"]
+        got = inbox[cid]
+        # Everything after the first welcome's offset, each once, in order.
+        assert got == list(range(joined_at[cid] + 1, top + 1)), (cid, joined_at[cid], got[:5], top)
+        total_inbox += len(got)
+        seq = topic[cid]
+        assert seq == list(range(start[1] + 1, start[1] + 1 + len(seq))), (cid, "topic", seq[:5])
+        total_topic += len(seq)
+    _, history = api(node, "GET", "/api/v1/history/deploy:all?limit=1")
+    for cid in ids:
+        assert topic[cid][-1] == history["offset"], (cid, topic[cid][-1], history["offset"])
+    print(f"rolling deploy: {total_inbox} inbox and {total_topic} topic deliveries checked, "
+          f"{reconnects[0]} reconnects ({failures})")
+    assert reconnects[0] >= 100, "the restarts moved the clients"
