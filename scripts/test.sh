@@ -2,10 +2,12 @@
 # The one command that runs every test, on a fresh machine that has Rust:
 #   scripts/test.sh
 # It installs what the tests need: a Python venv (.venv) with pytest, websockets,
-# kosoku and schemathesis; Debian's chromium for the browser test; playwright-core via npm.
+# kosoku and schemathesis; Debian's redis-server for the cluster tests and chromium
+# for the browser test; playwright-core via npm.
 #
-# Steps: Rust unit, property and integration tests; the fuzz targets, briefly;
-# the Python client suite;
+# Steps: Rust unit, property and integration tests (and the relay, topic and API
+# suites again on a 3-node cluster); the fuzz targets, briefly; the Python client
+# suite (with the cluster's failure tests; relay and history again on 3 nodes);
 # schemathesis against the HTTP API; a smoke run of the benchmark harness; the
 # Autobahn conformance cases via kosoku; headless Chromium interop.
 set -euo pipefail
@@ -13,8 +15,18 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+step "Debian packages: redis-server (cluster tests start their own instances)"
+if ! command -v redis-server > /dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq redis-server > /dev/null
+fi
+
 step "Rust tests (unit, property, integration, examples build)"
 cargo test --workspace --all-targets
+
+step "Rust relay, topic and API suites against a 3-node cluster on Redis"
+SWITCHBOARD_TEST_CLUSTER=3 cargo test -p switchboard-server --test relay --test topics --test api
 cargo test --workspace --doc
 # The Python suite runs the binary and the examples themselves.
 cargo build --workspace --bins --examples
@@ -32,6 +44,9 @@ step "Python client tests (websockets)"
 export SWITCHBOARD_BIN="$PWD/target/debug/switchboard"
 export SWITCHBOARD_EXAMPLES="$PWD/target/debug/examples"
 .venv/bin/python -m pytest -q tests/python
+
+step "Python relay and history suites against a 3-node cluster on Redis"
+SWITCHBOARD_TEST_CLUSTER=3 .venv/bin/python -m pytest -q tests/python/test_relay.py tests/python/test_history.py
 
 step "HTTP API contract (schemathesis against docs/openapi.json)"
 scripts/schemathesis.sh

@@ -280,6 +280,31 @@ async fn a_slow_consumer_is_closed_and_its_buffer_stays_bounded() {
 }
 
 #[tokio::test]
+async fn work_held_past_the_budget_pauses_reading_until_it_is_done() {
+    let options = Options::default().max_outbound_bytes(1024);
+    let (upgrade, mut events, mut handles) = common::handing_out_handles(options);
+    let mut client = RawClient::connect(serve(upgrade).await).await;
+    let handle = handles.recv().await.unwrap();
+    assert_eq!(next_event(&mut events).await, Event::Init(None));
+    // Within the budget: messages are read.
+    let small = handle.outbox().hold(512);
+    client
+        .send(&RawClient::frame(true, OpCode::Text, b"one"))
+        .await;
+    assert_eq!(next_event(&mut events).await, Event::In("one".into()));
+    // Past it: nothing more is read while the work is in flight.
+    let big = handle.outbox().hold(1024);
+    client
+        .send(&RawClient::frame(true, OpCode::Text, b"two"))
+        .await;
+    let early = tokio::time::timeout(Duration::from_millis(300), events.recv()).await;
+    assert!(early.is_err(), "read while held past the budget: {early:?}");
+    drop(big);
+    assert_eq!(next_event(&mut events).await, Event::In("two".into()));
+    drop(small);
+}
+
+#[tokio::test]
 async fn a_peer_that_never_reads_is_dropped_at_the_close_timeout() {
     let close_timeout = Duration::from_millis(300);
     let (addr, mut events, mut handles) = slow_consumer_server(close_timeout).await;
