@@ -93,7 +93,8 @@ class Redis:
 
 class Proxy:
     """A TCP proxy on a free port in front of `target_port`. `cut()` closes
-    every connection through it and refuses new ones until `heal()`."""
+    every connection through it and refuses new ones until `heal()`;
+    `delay(seconds)` holds every chunk that long before passing it on."""
 
     def __init__(self, target_port):
         self.target = target_port
@@ -106,6 +107,7 @@ class Proxy:
         self.open = True
         self.pairs = []
         self.stopped = False
+        self.latency = 0.0
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -131,13 +133,14 @@ class Proxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(src, dst):
+    def _pump(self, src, dst):
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if self.latency:
+                    time.sleep(self.latency)
                 dst.sendall(data)
         except OSError:
             pass
@@ -158,6 +161,9 @@ class Proxy:
                     except OSError:
                         pass
             self.pairs = []
+
+    def delay(self, seconds):
+        self.latency = seconds
 
     def heal(self):
         with self.lock:

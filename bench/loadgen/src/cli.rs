@@ -64,12 +64,19 @@ pub enum Command {
 /// What every scenario needs: the server, its label, the timing and the output.
 #[derive(Debug, Args)]
 pub struct Common {
-    /// The server's address.
+    /// The server's address; repeated (a cluster's nodes), connections are
+    /// spread over them in turn.
+    #[arg(long, required = true)]
+    pub addr: Vec<SocketAddr>,
+    /// The server's process id, measured through /proc; repeated (a
+    /// cluster's nodes), their CPU and memory are summed, and each node's CPU
+    /// is recorded too.
+    #[arg(long, required = true)]
+    pub pid: Vec<u32>,
+    /// A process the server needs (a cluster's Redis), repeatable: its CPU in
+    /// the window is recorded apart from the server's.
     #[arg(long)]
-    pub addr: SocketAddr,
-    /// The server's process id, measured through /proc.
-    #[arg(long)]
-    pub pid: u32,
+    pub side_pid: Vec<u32>,
     /// The server's name in the results.
     #[arg(long, default_value = "server")]
     pub server: String,
@@ -109,6 +116,16 @@ pub struct Common {
 }
 
 impl Common {
+    /// The server's processes to measure.
+    pub fn probe(&self) -> crate::measure::Probe {
+        crate::measure::Probe::server(&self.pid, &self.side_pid)
+    }
+
+    /// The address for connection (or worker) number `index`.
+    pub fn addr_for(&self, index: usize) -> SocketAddr {
+        self.addr[index % self.addr.len()]
+    }
+
     /// The source address of connection number `index`.
     pub fn source(&self, index: usize) -> std::net::IpAddr {
         let host = 2 + (index % usize::from(self.sources)) as u8;

@@ -1,8 +1,9 @@
 //! Measuring processes from outside: CPU time and resident memory from `/proc`.
 //!
-//! [`Probe`] reads one process (the server under test, or the load generator
-//! itself); [`Window`] takes CPU readings of both, and of the machine's stolen
-//! time, at the start and end of the measured interval.
+//! [`Probe`] reads the server under test (one process, or a cluster's nodes,
+//! and apart from them the processes it needs, such as Redis) or the load
+//! generator itself; [`Window`] takes CPU readings of them, and of the
+//! machine's stolen time, at the start and end of the measured interval.
 
 use std::time::Instant;
 
@@ -12,24 +13,32 @@ use anyhow::{Context as _, bail};
 /// USER_HZ, which is 100 on every Linux architecture's user-space ABI.
 const USER_HZ: f64 = 100.0;
 
-/// One process to measure.
+/// The processes to measure: the server's, summed, and the side processes
+/// it needs (measured apart).
 #[derive(Debug, Clone)]
 pub struct Probe {
-    dir: String,
+    dirs: Vec<String>,
+    side: Vec<String>,
+}
+
+fn proc_dirs(pids: &[u32]) -> Vec<String> {
+    pids.iter().map(|pid| format!("/proc/{pid}")).collect()
 }
 
 impl Probe {
-    /// The process with this pid.
-    pub fn pid(pid: u32) -> Self {
+    /// The server's processes (a cluster's nodes), and `side` processes.
+    pub fn server(pids: &[u32], side: &[u32]) -> Self {
         Self {
-            dir: format!("/proc/{pid}"),
+            dirs: proc_dirs(pids),
+            side: proc_dirs(side),
         }
     }
 
     /// The load generator itself.
     pub fn own() -> Self {
         Self {
-            dir: "/proc/self".into(),
+            dirs: vec!["/proc/self".into()],
+            side: Vec::new(),
         }
     }
 
@@ -39,20 +48,50 @@ impl Probe {
         self.cpu_times().map(|(user, system)| user + system)
     }
 
-    /// User and system CPU seconds used so far, apart.
+    /// User and system CPU seconds used so far, apart, by the server's
+    /// processes together.
     pub fn cpu_times(&self) -> anyhow::Result<(f64, f64)> {
-        let path = format!("{}/stat", self.dir);
-        let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        let (user, system) = parse_cpu_ticks(&stat)?;
-        Ok((user as f64 / USER_HZ, system as f64 / USER_HZ))
+        let mut sum = (0.0, 0.0);
+        for (user, system) in self.each_cpu_times()? {
+            sum = (sum.0 + user, sum.1 + system);
+        }
+        Ok(sum)
     }
 
-    /// Resident set size in bytes (`VmRSS` of `/proc/PID/status`).
-    pub fn rss_bytes(&self) -> anyhow::Result<u64> {
-        let path = format!("{}/status", self.dir);
-        let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        parse_rss_kib(&status).map(|kib| kib * 1024)
+    /// User and system CPU seconds of each server process.
+    fn each_cpu_times(&self) -> anyhow::Result<Vec<(f64, f64)>> {
+        self.dirs.iter().map(|dir| cpu_times(dir)).collect()
     }
+
+    /// CPU seconds of the side processes together.
+    fn side_cpu_seconds(&self) -> anyhow::Result<f64> {
+        self.side
+            .iter()
+            .map(|dir| cpu_times(dir).map(|(user, system)| user + system))
+            .sum()
+    }
+
+    /// Resident set size in bytes (`VmRSS` of `/proc/PID/status`), of the
+    /// server's processes together.
+    pub fn rss_bytes(&self) -> anyhow::Result<u64> {
+        self.dirs
+            .iter()
+            .map(|dir| {
+                let path = format!("{dir}/status");
+                let status =
+                    std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+                parse_rss_kib(&status).map(|kib| kib * 1024)
+            })
+            .sum()
+    }
+}
+
+/// User and system CPU seconds the process at `dir` has used.
+fn cpu_times(dir: &str) -> anyhow::Result<(f64, f64)> {
+    let path = format!("{dir}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let (user, system) = parse_cpu_ticks(&stat)?;
+    Ok((user as f64 / USER_HZ, system as f64 / USER_HZ))
 }
 
 /// `utime` and `stime` from the text of `/proc/PID/stat`. The command name (field 2)
@@ -108,14 +147,15 @@ fn parse_rss_kib(status: &str) -> anyhow::Result<u64> {
 pub struct Window {
     started: Instant,
     server: Probe,
-    /// The server's user and system CPU seconds.
-    server_cpu: (f64, f64),
+    /// Each server process's user and system CPU seconds.
+    server_cpu: Vec<(f64, f64)>,
+    side_cpu: f64,
     own_cpu: f64,
     machine: (u64, u64),
 }
 
 /// What a window measured.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WindowFigures {
     /// Wall-clock length.
     pub secs: f64,
@@ -123,6 +163,10 @@ pub struct WindowFigures {
     pub server_cpu_s: f64,
     /// The part of `server_cpu_s` spent in the kernel (system time).
     pub server_sys_s: f64,
+    /// `server_cpu_s` of each server process, in the order given.
+    pub server_cpu_each_s: Vec<f64>,
+    /// CPU seconds of the side processes (a cluster's Redis), when there are.
+    pub side_cpu_s: Option<f64>,
     /// Load generator CPU seconds used in the window.
     pub own_cpu_s: f64,
     /// The share of the machine's CPU time (all CPUs) stolen by the hypervisor
@@ -136,7 +180,8 @@ impl Window {
         Ok(Self {
             started: Instant::now(),
             server: server.clone(),
-            server_cpu: server.cpu_times()?,
+            server_cpu: server.each_cpu_times()?,
+            side_cpu: server.side_cpu_seconds()?,
             own_cpu: Probe::own().cpu_seconds()?,
             machine: machine_ticks()?,
         })
@@ -144,13 +189,25 @@ impl Window {
 
     /// Ends the window now.
     pub fn close(self) -> anyhow::Result<WindowFigures> {
-        let (user, system) = self.server.cpu_times()?;
+        let each: Vec<(f64, f64)> = self
+            .server
+            .each_cpu_times()?
+            .iter()
+            .zip(&self.server_cpu)
+            .map(|(now, then)| (now.0 - then.0, now.1 - then.1))
+            .collect();
         let (steal, all) = machine_ticks()?;
         let (stolen, elapsed) = (steal - self.machine.0, all - self.machine.1);
         Ok(WindowFigures {
             secs: self.started.elapsed().as_secs_f64(),
-            server_cpu_s: (user - self.server_cpu.0) + (system - self.server_cpu.1),
-            server_sys_s: system - self.server_cpu.1,
+            server_cpu_s: each.iter().map(|(user, system)| user + system).sum(),
+            server_sys_s: each.iter().map(|(_, system)| system).sum(),
+            server_cpu_each_s: each.iter().map(|(user, system)| user + system).collect(),
+            side_cpu_s: if self.server.side.is_empty() {
+                None
+            } else {
+                Some(self.server.side_cpu_seconds()? - self.side_cpu)
+            },
             own_cpu_s: Probe::own().cpu_seconds()? - self.own_cpu,
             steal_share: stolen as f64 / elapsed.max(1) as f64,
         })

@@ -80,6 +80,15 @@ pub struct Record {
     /// The share of the server's CPU time spent in the kernel (0-1).
     #[serde(default)]
     pub server_kernel_share: Option<f64>,
+    /// Server CPU seconds of each server process (a cluster's nodes).
+    #[serde(default)]
+    pub server_cpu_each_s: Vec<f64>,
+    /// CPU seconds of the side processes (a cluster's Redis), when given.
+    #[serde(default)]
+    pub side_cpu_s: Option<f64>,
+    /// Their CPU microseconds per operation.
+    #[serde(default)]
+    pub side_cpu_us_per_op: Option<f64>,
     /// Server resident memory at the end of the window.
     pub server_rss_bytes: u64,
     /// Server memory per held connection.
@@ -139,6 +148,13 @@ impl Record {
             server_cpu_util: m.window.server_cpu_s / secs,
             server_kernel_share: (m.window.server_cpu_s > 0.0)
                 .then(|| m.window.server_sys_s / m.window.server_cpu_s),
+            server_cpu_each_s: m.window.server_cpu_each_s.clone(),
+            side_cpu_s: m.window.side_cpu_s,
+            side_cpu_us_per_op: m
+                .window
+                .side_cpu_s
+                .filter(|_| per_op)
+                .map(|cpu| cpu * 1e6 / m.ops as f64),
             server_rss_bytes: m.server_rss_bytes,
             rss_per_conn_bytes: m.rss_per_conn_bytes,
             p50_us: quantile(0.5),
@@ -244,6 +260,9 @@ impl Record {
             server_cpu_us_per_op: Some(cpu_us),
             server_cpu_util: cpu_us * 1e-3,
             server_kernel_share: Some(0.5),
+            server_cpu_each_s: vec![cpu_us * 1e-3],
+            side_cpu_s: None,
+            side_cpu_us_per_op: None,
             server_rss_bytes: 1 << 20,
             rss_per_conn_bytes: None,
             p50_us: Some(100.0),

@@ -397,7 +397,7 @@ impl Api {
         checked: Checked<'_>,
     ) -> Result<serde_json::Value, ApiError> {
         let Some(key) = headers.get("idempotency-key") else {
-            return self.run(checked).await;
+            return self.run(checked, None).await;
         };
         let key = key
             .to_str()
@@ -410,13 +410,22 @@ impl Api {
                 );
                 ApiError::bad_request(ErrorCode::InvalidRequest, message)
             })?;
+        // This node remembers the result (and a retry that arrives while the
+        // first runs waits for it); in cluster mode Redis does too, for a
+        // retry that reaches another node.
+        let scoped: Arc<str> = format!("{route}:{key}").into();
         self.hub
             .idempotency
-            .run(route, key, self.run(checked))
+            .run(route, key, self.run(checked, Some(scoped)))
             .await
     }
 
-    async fn run(&self, checked: Checked<'_>) -> Result<serde_json::Value, ApiError> {
+    /// Runs `checked`; `key` is its scoped `Idempotency-Key`, if it has one.
+    async fn run(
+        &self,
+        checked: Checked<'_>,
+        key: Option<Arc<str>>,
+    ) -> Result<serde_json::Value, ApiError> {
         Ok(match checked {
             Checked::Send {
                 targets,
@@ -426,6 +435,7 @@ impl Api {
                 let message = engine::Message {
                     from,
                     payload: payload.get().into(),
+                    key,
                 };
                 let targets = targets.into_iter().map(ClientId::from).collect();
                 let sent = self.hub.engine.send(targets, message).await?;
@@ -448,6 +458,7 @@ impl Api {
                 let message = engine::Message {
                     from,
                     payload: payload.get().into(),
+                    key,
                 };
                 let history = self.hub.namespaces.find(topic).and_then(|ns| ns.history());
                 let published = self
@@ -511,7 +522,9 @@ async fn disconnect(
     State(api): State<Api>,
     ApiJson(request): ApiJson<DisconnectRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    api.run(api.check_disconnect(&request)?).await.map(Json)
+    api.run(api.check_disconnect(&request)?, None)
+        .await
+        .map(Json)
 }
 
 #[derive(Deserialize)]
@@ -620,7 +633,8 @@ async fn batch(
     // In order, each answered before the next starts, as separate requests would be.
     let mut results = Vec::with_capacity(checked.len());
     for (i, checked) in checked.into_iter().enumerate() {
-        results.push(api.run(checked).await.map_err(|e| in_operation(i, e))?);
+        let result = api.run(checked, None).await;
+        results.push(result.map_err(|e| in_operation(i, e))?);
     }
     Ok(Json(serde_json::json!({ "results": results })))
 }

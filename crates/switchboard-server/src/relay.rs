@@ -8,14 +8,16 @@
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::value::RawValue;
 use switchboard::{
-    ClientId, CloseCode, ConnHandle, Context, Handler, Message, Outcome, Registration,
+    ClientId, CloseCode, ConnHandle, Context, Handler, Message, Outbox, Outcome, Registration,
     SubscribeError, TerminateReason, TimerRef,
 };
+use tokio::sync::mpsc;
 
 use crate::auth::{Identity, Permissions};
 use crate::engine::{self, Joined, Pending, Subscribe, SubscribeRefused, Subscribed};
@@ -64,6 +66,8 @@ pub struct Relay {
     /// The size of the message being handled: what its answer, while the
     /// engine has it, holds against the connection's outbound budget.
     handling: usize,
+    /// Answers waiting for the engine, sent in the order of their messages.
+    answers: Answers,
     limiter: RateLimiter,
     /// Unregisters the connection when the handler is dropped, however it ends.
     _registration: Registration,
@@ -95,6 +99,7 @@ impl Relay {
             subscriptions: HashMap::new(),
             joining: HashSet::new(),
             handling: 0,
+            answers: Answers::default(),
             limiter: RateLimiter::new(
                 limits.messages_per_sec,
                 limits.bytes_per_sec,
@@ -154,7 +159,7 @@ impl Relay {
             )),
         };
         match result {
-            Ok(Some(reply)) => Outcome::push(Message::text(reply)),
+            Ok(Some(reply)) => self.answers.reply(reply),
             Ok(None) => Outcome::Continue,
             Err(refusal) => self.refuse(refusal, inbound.id),
         }
@@ -188,6 +193,7 @@ impl Relay {
         engine::Message {
             from: Some(self.id.clone()),
             payload: payload.get().into(),
+            key: None,
         }
     }
 
@@ -212,20 +218,21 @@ impl Relay {
         let id = id.map(ToOwned::to_owned);
         // A peer that sends faster than the store answers stops being read.
         let held = outbox.hold(self.handling);
-        tokio::spawn(async move {
-            let text = match pending.await {
-                Ok(value) => reply(value, id.as_deref()),
-                Err(e) => Some(wire::error(
-                    ErrorCode::Unavailable,
-                    &e.to_string(),
-                    id.as_deref(),
-                )),
-            };
-            drop(held);
-            if let Some(text) = text {
-                let _ = outbox.push(Message::text(text));
-            }
-        });
+        self.answers.later(
+            &outbox,
+            Box::pin(async move {
+                let text = match pending.await {
+                    Ok(value) => reply(value, id.as_deref()),
+                    Err(e) => Some(wire::error(
+                        ErrorCode::Unavailable,
+                        &e.to_string(),
+                        id.as_deref(),
+                    )),
+                };
+                drop(held);
+                text
+            }),
+        );
         Ok(None)
     }
 
@@ -479,7 +486,7 @@ impl Relay {
 
     fn refuse(&self, (code, message): Refusal, id: Option<&RawValue>) -> Outcome {
         tracing::debug!(client = %self.id, ?code, message, "refused a client message");
-        Outcome::push(Message::text(wire::error(code, &message, id)))
+        self.answers.reply(wire::error(code, &message, id))
     }
 }
 
@@ -498,6 +505,59 @@ fn position(since: &Since<'_>) -> Result<Position, Refusal> {
         epoch: Arc::from(&**epoch),
         offset: since.offset,
     })
+}
+
+/// An answer to come: its text, if there is one to send.
+type Later = Pin<Box<dyn std::future::Future<Output = Option<String>> + Send>>;
+
+/// A connection's answers that wait for the engine, sent in the order of
+/// their messages by one task; while any waits, answers that are ready go
+/// behind them, so that a client sees its answers in order. (A subscribe's
+/// answer comes once its subscription is in place, through `handle_info`.)
+#[derive(Default)]
+struct Answers {
+    /// The queue, and the outbox its task sends to.
+    queue: std::cell::OnceCell<(mpsc::UnboundedSender<Later>, Outbox)>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl Answers {
+    /// Sends `text` now, or after the answers still waiting.
+    fn reply(&self, text: String) -> Outcome {
+        let Some((queue, outbox)) = self.queue.get() else {
+            return Outcome::push(Message::text(text));
+        };
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            self.waiting.fetch_add(1, Ordering::AcqRel);
+            let _ = queue.send(Box::pin(std::future::ready(Some(text))));
+        } else {
+            // Behind what the queue's task pushed (the handler's own output
+            // could pass frames pushed since the driver last drained).
+            let _ = outbox.push(Message::text(text));
+        }
+        Outcome::Continue
+    }
+
+    /// Queues an answer to come; the queue's task starts with the first.
+    fn later(&self, outbox: &Outbox, answer: Later) {
+        let waiting = self.waiting.clone();
+        let (queue, _) = self.queue.get_or_init(|| {
+            let (queue, mut answers) = mpsc::unbounded_channel::<Later>();
+            let task_outbox = outbox.clone();
+            let outbox = outbox.clone();
+            tokio::spawn(async move {
+                while let Some(answer) = answers.recv().await {
+                    if let Some(text) = answer.await {
+                        let _ = task_outbox.push(Message::text(text));
+                    }
+                    waiting.fetch_sub(1, Ordering::AcqRel);
+                }
+            });
+            (queue, outbox)
+        });
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _ = queue.send(answer);
+    }
 }
 
 /// The engine's answer, if it is ready without waiting.

@@ -129,6 +129,7 @@ fn run(ops: Vec<Op>) {
                 let message = engine::Message {
                     from: None,
                     payload: text.into(),
+                    key: None,
                 };
                 let sent = now(engine.send(vec![id.into()], message)).unwrap();
                 let inbox = model.inboxes.entry(id).or_default();

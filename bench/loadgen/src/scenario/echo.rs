@@ -10,7 +10,6 @@ use switchboard_proto::Message;
 use super::{Phase, Shared, abort_all, connect_all, measure_window, measured_deliveries};
 use crate::cli::{Common, EchoArgs};
 use crate::conn::{Reader, Writer};
-use crate::measure::Probe;
 use crate::payload::{self, Stamp};
 use crate::record::Measured;
 use crate::tally::Tally;
@@ -21,7 +20,7 @@ pub async fn run(common: &Common, args: &EchoArgs) -> anyhow::Result<Measured> {
         args.connections > 0 && args.window > 0,
         "need at least one connection and a window of one"
     );
-    let server = Probe::pid(common.pid);
+    let server = common.probe();
     let path = args.path.clone();
     let conns = connect_all(common, args.connections, move |_| path.clone(), None).await?;
     let shared = Shared::new(Tally::new(args.connections, 1));

@@ -14,7 +14,6 @@ use super::{
 };
 use crate::cli::{Common, FanoutArgs};
 use crate::conn::{Reader, Writer};
-use crate::measure::Probe;
 use crate::payload::{self, Stamp};
 use crate::record::Measured;
 use crate::tally::Tally;
@@ -32,7 +31,7 @@ pub async fn run(common: &Common, args: &FanoutArgs) -> anyhow::Result<Measured>
         args.subscribers > 0 && args.rate > 0.0,
         "need subscribers and a positive rate"
     );
-    let server = Probe::pid(common.pid);
+    let server = common.probe();
     let subscribers = args.subscribers as usize;
     let subprotocol = args.topic.then_some(V1);
     let mut conns = connect_all(

@@ -12,12 +12,12 @@ use switchboard_proto::Message;
 use super::{abort_all, connect_many};
 use crate::cli::{Common, IdleArgs};
 use crate::conn::{Reader, Writer};
-use crate::measure::{Probe, Window};
+use crate::measure::Window;
 use crate::record::{HELD, Measured};
 
 /// Runs the idle scenario.
 pub async fn run(common: &Common, args: &IdleArgs) -> anyhow::Result<Measured> {
-    let server = Probe::pid(common.pid);
+    let server = common.probe();
     let timing = common.timing();
     let rss_before = server.rss_bytes()?;
     let results = connect_many(

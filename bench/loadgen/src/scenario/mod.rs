@@ -114,11 +114,17 @@ pub async fn connect_many(
     let path = Rc::new(path);
     let sources: Vec<_> = (0..count).map(|i| common.source(i)).collect();
     let sources = Rc::new(sources);
-    let (server, deflate) = (common.addr, common.deflate);
+    let servers: Rc<Vec<_>> = Rc::new((0..count).map(|i| common.addr_for(i)).collect());
+    let deflate = common.deflate;
     let workers: Vec<_> = (0..concurrency.clamp(1, count.max(1)))
         .map(|worker| {
-            let (results, next, path, sources) =
-                (results.clone(), next.clone(), path.clone(), sources.clone());
+            let (results, next, path, sources, servers) = (
+                results.clone(),
+                next.clone(),
+                path.clone(),
+                sources.clone(),
+                servers.clone(),
+            );
             tokio::task::spawn_local(async move {
                 let mut rng = Rng::new(Rng::from_clock().next_u64() ^ worker as u64);
                 loop {
@@ -129,7 +135,7 @@ pub async fn connect_many(
                     next.set(i + 1);
                     let path = path(i);
                     let target = Target {
-                        server,
+                        server: servers[i],
                         path: &path,
                         subprotocol,
                         deflate,

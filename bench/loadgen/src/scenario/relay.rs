@@ -9,7 +9,6 @@ use super::{
     write_relay_message,
 };
 use crate::cli::{Common, RelayArgs};
-use crate::measure::Probe;
 use crate::payload::{self, Stamp};
 use crate::record::Measured;
 use crate::tally::Tally;
@@ -26,7 +25,7 @@ pub async fn run(common: &Common, args: &RelayArgs) -> anyhow::Result<Measured> 
         "need K >= 1 targets and at least 2K+1 clients"
     );
     ensure!(args.rate > 0.0, "the rate must be positive");
-    let server = Probe::pid(common.pid);
+    let server = common.probe();
     let clients = args.clients as usize;
     let conns = connect_all(common, clients, |i| format!("/ws?id={}", i + 1), None).await?;
     let shared = Shared::new(Tally::new(clients, clients));

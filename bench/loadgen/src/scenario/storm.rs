@@ -14,7 +14,7 @@ use super::abort_all;
 use crate::cli::{Common, StormArgs};
 use crate::conn::{self, HANDSHAKE_TIMEOUT, Target};
 use crate::histogram::Histogram;
-use crate::measure::{Probe, Window};
+use crate::measure::Window;
 use crate::record::Measured;
 use crate::rng::Rng;
 
@@ -31,7 +31,7 @@ struct Counts {
 /// Runs the connect-storm scenario.
 pub async fn run(common: &Common, args: &StormArgs) -> anyhow::Result<Measured> {
     ensure!(args.concurrency > 0, "need at least one worker");
-    let server = Probe::pid(common.pid);
+    let server = common.probe();
     let timing = common.timing();
     let counts = Rc::new(RefCell::new(Counts::default()));
     let running = Rc::new(Cell::new(true));
@@ -39,7 +39,7 @@ pub async fn run(common: &Common, args: &StormArgs) -> anyhow::Result<Measured> 
     let tasks: Vec<_> = (0..args.concurrency)
         .map(|worker| {
             let worker = Worker {
-                server: common.addr,
+                server: common.addr_for(worker),
                 deflate: common.deflate,
                 sources: (0..usize::from(common.sources))
                     .map(|i| common.source(i))

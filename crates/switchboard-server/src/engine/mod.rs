@@ -57,6 +57,11 @@ pub struct Message {
     pub from: Option<ClientId>,
     /// The payload's JSON text.
     pub payload: Arc<str>,
+    /// Its `Idempotency-Key` (scoped by route), from the API: within five
+    /// minutes a message with the same key is not sent again, and gets the
+    /// first one's answer. The API's own cache covers one node; an engine
+    /// shared by several nodes checks it too.
+    pub key: Option<Arc<str>>,
 }
 
 /// What became of a message to client ids.

@@ -122,28 +122,50 @@ local function alive(node)
   return redis.call('ZSCORE', 'sb:nodes', node) ~= false
 end
 
+-- An API call's Idempotency-Key: its first answer, if it ran in the last
+-- five minutes (through any node).
+local function remembered(key)
+  if key == '' then return nil end
+  local seen = redis.call('GET', 'sb:idem:' .. key)
+  if seen then return cjson.decode(seen) end
+  return nil
+end
+
+local function remember(key, answer)
+  if key ~= '' then
+    redis.call('SET', 'sb:idem:' .. key, cjson.encode(answer), 'PX', 300000)
+  end
+  return answer
+end
+
 if op == 'send' then
-  -- ARGV: size, ttl, from, payload, id...
-  local size, ttl, from, payload = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+  -- ARGV: key ('' for none), size, ttl, from, payload, id...
+  local key = ARGV[6]
+  local again = remembered(key)
+  if again then return again end
+  local size, ttl, from, payload = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
   local out = {}
-  for i = 10, #ARGV do
+  for i = 11, #ARGV do
     local epoch, offset = append('i', ARGV[i], size, ttl, from, payload)
     local online = redis.call('HGET', 'sb:clients', ARGV[i]) or 0
     table.insert(out, epoch)
     table.insert(out, offset)
     table.insert(out, tonumber(online))
   end
-  return out
+  return remember(key, out)
 elseif op == 'publish' then
-  -- ARGV: topic, size (0: no history), ttl, from, payload
-  local topic, size, ttl, from, payload = ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[9], ARGV[10]
+  -- ARGV: key ('' for none), topic, size (0: no history), ttl, from, payload
+  local key = ARGV[6]
+  local again = remembered(key)
+  if again then return again end
+  local topic, size, ttl, from, payload = ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10], ARGV[11]
   local subscribers = tonumber(redis.call('HGET', 'sb:topics', topic) or 0)
   if size == 0 then
     redis.call('PUBLISH', channel('t', topic), 'm||0|' .. from .. '|' .. payload)
-    return { '', 0, subscribers }
+    return remember(key, { '', 0, subscribers })
   end
   local epoch, offset = append('t', topic, size, ttl, from, payload)
-  return { epoch, offset, subscribers }
+  return remember(key, { epoch, offset, subscribers })
 elseif op == 'connect' then
   -- ARGV: node, id, since ('' for none), limit
   local node, id = ARGV[6], ARGV[7]

@@ -266,9 +266,9 @@ impl Subscriber {
                 match request {
                     Control::Hold { channel, reply } => {
                         let count = self.held.entry(channel.clone()).or_default();
-                        touched.entry(channel).or_insert(*count > 0);
+                        touched.entry(channel.clone()).or_insert(*count > 0);
                         *count += 1;
-                        waiting.push(reply);
+                        waiting.push((channel, reply));
                     }
                     Control::Release(channel) => {
                         if let Some(count) = self.held.get_mut(&channel) {
@@ -295,7 +295,11 @@ impl Subscriber {
             } else {
                 self.change(sink, &subscribe, &unsubscribe).await
             };
-            for reply in waiting {
+            for (channel, reply) in waiting {
+                if done.is_err() {
+                    // Refused: the caller will not release it.
+                    self.refuse(Control::Release(channel));
+                }
                 let _ = reply.send(done.clone());
             }
             if done.is_err() {

@@ -28,6 +28,9 @@ pub(super) struct Health {
     started: Instant,
     /// Milliseconds after `started` of the last renewal (0: never).
     renewed_ms: AtomicU64,
+    /// The link's connection count at the last renewal: on a newer
+    /// connection the node's place is unknown until it has renewed.
+    renewed_on: AtomicU64,
     lapsed: AtomicBool,
 }
 
@@ -37,14 +40,18 @@ impl Health {
             lease,
             started: Instant::now(),
             renewed_ms: AtomicU64::new(0),
+            renewed_on: AtomicU64::new(0),
             lapsed: AtomicBool::new(false),
         }
     }
 
-    /// Why the node is not ready, as far as its lease goes.
-    pub(super) fn unready(&self) -> Option<String> {
+    /// Why the node is not ready, as far as its lease goes, with the link
+    /// on its `connection`th connection to Redis.
+    pub(super) fn unready(&self, connection: u64) -> Option<String> {
         if self.renewed_ms.load(Ordering::Relaxed) == 0 {
             Some("not yet part of the cluster (no heartbeat has reached Redis)".into())
+        } else if self.renewed_on.load(Ordering::Relaxed) != connection {
+            Some("reconnected to Redis; renewing this node's place in the cluster".into())
         } else if self.lapsed.load(Ordering::Relaxed) {
             Some("the node's lease has lapsed: Redis has been unreachable too long".into())
         } else {
@@ -52,7 +59,8 @@ impl Health {
         }
     }
 
-    fn renewed(&self) {
+    fn renewed(&self, connection: u64) {
+        self.renewed_on.store(connection, Ordering::Relaxed);
         let ms = self.started.elapsed().as_millis().max(1);
         self.renewed_ms
             .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
@@ -88,12 +96,21 @@ pub(super) async fn run(core: Weak<Core>) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rejoin = false;
     loop {
+        let Some(link) = core.upgrade().map(|core| core.link.clone()) else {
+            return;
+        };
         if !std::mem::take(&mut rejoin) {
-            ticks.tick().await;
+            // A new connection to Redis: this node may have been forgotten
+            // (a restart without its data); check at once.
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = link.reconnected() => {}
+            }
         }
         let Some(core) = core.upgrade() else {
             return;
         };
+        let connection = link.connections();
         // Checked on every beat, whether or not Redis answers the last.
         if core.lease.lapses_now() {
             tracing::error!("cannot renew this node's lease: closing its clients with 1012");
@@ -115,7 +132,7 @@ pub(super) async fn run(core: Weak<Core>) {
         match answer.unwrap_or_else(|_| Err(Unavailable("the heartbeat timed out".into()))) {
             Ok(_) => {
                 first = false;
-                core.lease.renewed();
+                core.lease.renewed(connection);
             }
             Err(e) if e.0.contains("REAPED") => {
                 tracing::warn!(node = %node, "this node's lease lapsed and the cluster reaped it; closing its clients and joining again");
@@ -126,7 +143,14 @@ pub(super) async fn run(core: Weak<Core>) {
                 first = true;
                 rejoin = true;
             }
-            Err(e) => tracing::debug!(error = %e, "a heartbeat failed"),
+            Err(e) => {
+                tracing::debug!(error = %e, "a heartbeat failed");
+                if first {
+                    // Not in the cluster yet: try again soon, not in a beat.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    rejoin = true;
+                }
+            }
         }
     }
 }

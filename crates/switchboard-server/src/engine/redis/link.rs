@@ -7,12 +7,12 @@
 //! order it sent them, whenever their answers come.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::Value;
 use redis::aio::MultiplexedConnection;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::engine::Unavailable;
 
@@ -51,6 +51,16 @@ pub(super) struct Link {
     queue: mpsc::Sender<Call>,
     up: Arc<AtomicBool>,
     header: Header,
+    connections: Arc<Connections>,
+}
+
+/// Counts the link's connections to Redis, and wakes whoever waits for a
+/// new one: a node checks its place in the cluster after each (Redis may
+/// have restarted, and forgotten it).
+#[derive(Default)]
+struct Connections {
+    made: AtomicU64,
+    new: Notify,
 }
 
 impl Link {
@@ -58,8 +68,25 @@ impl Link {
     pub(super) fn start(client: redis::Client, header: Header) -> Self {
         let (queue, calls) = mpsc::channel(QUEUE);
         let up = Arc::new(AtomicBool::new(false));
-        tokio::spawn(run(client, calls, up.clone()));
-        Self { queue, up, header }
+        let connections = Arc::new(Connections::default());
+        tokio::spawn(run(client, calls, up.clone(), connections.clone()));
+        Self {
+            queue,
+            up,
+            header,
+            connections,
+        }
+    }
+
+    /// How many connections to Redis the link has made so far.
+    pub(super) fn connections(&self) -> u64 {
+        self.connections.made.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when the link has made a new connection (at once if it
+    /// made one since the last call).
+    pub(super) async fn reconnected(&self) {
+        self.connections.new.notified().await;
     }
 
     /// The script's arguments: the operation, the header, then `rest`.
@@ -127,7 +154,12 @@ impl Link {
 /// Connects, loads the script, and sends batches until the connection
 /// fails; then fails what is in flight (except retries) and connects again
 /// with backoff.
-async fn run(client: redis::Client, mut calls: mpsc::Receiver<Call>, up: Arc<AtomicBool>) {
+async fn run(
+    client: redis::Client,
+    mut calls: mpsc::Receiver<Call>,
+    up: Arc<AtomicBool>,
+    connections: Arc<Connections>,
+) {
     let mut held: Vec<Call> = Vec::new();
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -143,7 +175,9 @@ async fn run(client: redis::Client, mut calls: mpsc::Receiver<Call>, up: Arc<Ato
             }
         };
         backoff = Duration::from_millis(50);
+        connections.made.fetch_add(1, Ordering::Relaxed);
         up.store(true, Ordering::Relaxed);
+        connections.new.notify_one();
         tracing::info!("connected to Redis");
         loop {
             let mut batch = std::mem::take(&mut held);

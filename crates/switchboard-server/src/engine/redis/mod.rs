@@ -319,6 +319,7 @@ impl Engine for RedisEngine {
     fn send(&self, targets: Vec<ClientId>, message: Message) -> Pending<Sent> {
         let inbox = self.0.inbox;
         let mut rest = args([
+            message.key.as_deref().unwrap_or(""),
             &*inbox.max_entries.to_string(),
             &millis(inbox.ttl),
             message.from.as_deref().unwrap_or(""),
@@ -368,6 +369,7 @@ impl Engine for RedisEngine {
     ) -> Pending<Published> {
         let (size, ttl) = history.map_or((0, Duration::ZERO), |r| (r.max_entries, r.ttl));
         let rest = args([
+            message.key.as_deref().unwrap_or(""),
             &*topic,
             &size.to_string(),
             &millis(ttl),
@@ -597,7 +599,7 @@ impl Engine for RedisEngine {
         } else if !self.0.feed.is_up() {
             Some("the Redis pub/sub connection is down".into())
         } else {
-            self.0.lease.unready()
+            self.0.lease.unready(self.0.link.connections())
         }
     }
 
