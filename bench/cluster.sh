@@ -12,6 +12,9 @@
 # it reports node CPU per delivery (each node, and together), Redis CPU per
 # delivery (its /proc times in the same window), and Redis commands per message
 # (INFO commandstats over the whole run, divided by the messages sent).
+# Then, once, idle connections (19,500, as bench/ab.sh's idle): the node's
+# memory per connection, single and local, and Redis's (its used_memory_peak
+# over the run, less what it used before, per connection).
 #
 # Options:
 #   --reps N   repetitions (default 3)
@@ -144,9 +147,37 @@ EOF
   done
 done
 
-python3 - "$raw" "$out/results.md" "$command" "$rate" <<'EOF'
+idle_raw="$out/idle.jsonl"
+: > "$idle_raw"
+for variant in single local; do
+  redis_port=""
+  if [ "$variant" = single ]; then
+    start_node
+  else
+    start_redis
+    start_node --engine redis --redis-url "redis://127.0.0.1:$redis_port/0"
+  fi
+  base=0
+  [ -n "$redis_port" ] && base=$(redis-cli -p "$redis_port" info memory | tr -d '\r' | sed -n 's/^used_memory://p')
+  line="$work/line.jsonl"
+  : > "$line"
+  taskset -c 0 target/release/loadgen idle --connections 19500 --concurrency 128 --addr "$addr" --pid "$pid" \
+    --server "$variant" --label idle --out "$line" > /dev/null
+  peak=0
+  [ -n "$redis_port" ] && peak=$(redis-cli -p "$redis_port" info memory | tr -d '\r' | sed -n 's/^used_memory_peak://p')
+  python3 - "$line" "$base" "$peak" >> "$idle_raw" <<'EOF'
+import json, sys
+record = json.loads(open(sys.argv[1]).read())
+base, peak = int(sys.argv[2]), int(sys.argv[3])
+record["redis_bytes_per_conn"] = (peak - base) / record["connections"] if peak else None
+print(json.dumps(record))
+EOF
+  stop_all
+done
+
+python3 - "$raw" "$out/results.md" "$command" "$rate" "$idle_raw" <<'EOF'
 import json, statistics, sys
-raw, path, command, rate = sys.argv[1:]
+raw, path, command, rate, idle_raw = sys.argv[1:]
 runs = [json.loads(line) for line in open(raw) if line.strip()]
 def median(values):
     values = [v for v in values if v is not None]
@@ -185,6 +216,17 @@ for scenario in ("relay-k1", "relay-k10"):
             f"{' / '.join(fmt(e) for e in each)} | {fmt(redis)} | {fmt(both)} | "
             f"{fmt(node / base if base else None)}x | {fmt(scripts)} | {fmt(commands, 1)} | {failed} |"
         )
+idle = [json.loads(line) for line in open(idle_raw) if line.strip()]
+lines += [
+    "",
+    "Idle connections (19,500, one client id each, no subprotocol):",
+    "",
+    "| variant | node RSS per connection, bytes | Redis memory per connection, bytes |",
+    "|---|---|---|",
+]
+for r in idle:
+    redis = r.get("redis_bytes_per_conn")
+    lines.append(f"| {r['server']} | {r['rss_per_conn_bytes']:.0f} | {'-' if redis is None else f'{redis:.0f}'} |")
 open(path, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF

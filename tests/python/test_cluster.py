@@ -222,6 +222,28 @@ async def test_a_client_resumes_on_another_node_with_nothing_lost_or_repeated(cl
             await nothing_before_marker(c, a, "a")
 
 
+@async_test
+async def test_presence_upkeep_is_per_node_not_per_connection(cluster):
+    """Held connections cost Redis nothing while they last: the only calls
+    are the nodes' heartbeats (five per lease each)."""
+    c = cluster(2)
+    async with contextlib.AsyncExitStack() as stack:
+        for i in range(200):
+            node = c.nodes[i % 2]
+            await stack.enter_async_context(client(None, f"idle{i}", uri=url(node, f"idle{i}")))
+
+        def scripts():
+            stats = c.redis.cli("INFO", "commandstats")
+            line = next((l for l in stats.splitlines() if l.startswith("cmdstat_evalsha:")), "calls=0,")
+            return int(line.split("calls=")[1].split(",")[0])
+
+        before = scripts()
+        await asyncio.sleep(2)
+        calls = scripts() - before
+        beats = 2 * 2 * 5 / LEASE  # nodes x seconds x beats per second
+        assert calls <= beats + 2, f"{calls} script calls in 2 s with 200 idle connections"
+
+
 def test_an_idempotency_key_holds_across_nodes(cluster):
     """A backend that retries through another node (its first answer lost)
     gets the first answer again, and nothing is sent twice."""

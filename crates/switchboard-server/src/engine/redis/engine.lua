@@ -15,9 +15,14 @@ local meta_ttl = tonumber(ARGV[3])
 local events_size = tonumber(ARGV[4])
 local events_ttl = tonumber(ARGV[5])
 
+-- Read once per call: a send to ten ids stamps them alike.
+local now
 local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return now
 end
 
 local function stream_key(kind, name) return 'sb:s:' .. kind .. ':' .. name end
@@ -223,13 +228,13 @@ elseif op == 'heartbeat' then
   if first ~= '1' and not alive(node) then
     return redis.error_reply('REAPED node lease lapsed')
   end
-  local now = now_ms()
-  redis.call('ZADD', 'sb:nodes', now + lease, node)
+  local time = now_ms()
+  redis.call('ZADD', 'sb:nodes', time + lease, node)
   -- Its traffic, for the other nodes' stats (ARGV[9..15]).
   local skey = 'sb:n:' .. node .. ':s'
   for i = 9, 15 do redis.call('HSET', skey, i - 8, ARGV[i]) end
   redis.call('PEXPIRE', skey, lease * 2)
-  local dead = redis.call('ZRANGEBYSCORE', 'sb:nodes', '-inf', now, 'LIMIT', 0, 16)
+  local dead = redis.call('ZRANGEBYSCORE', 'sb:nodes', '-inf', time, 'LIMIT', 0, 16)
   for _, n in ipairs(dead) do reap(n) end
   return #dead
 elseif op == 'leave_cluster' then

@@ -27,10 +27,6 @@ use crate::engine::Unavailable;
 use crate::topics::Namespaces;
 use crate::wire::{self, At, Mode};
 
-/// Live messages waiting for the delivery task; past it the pub/sub reader
-/// waits, and Redis buffers (and, past its limit, drops the connection,
-/// which the node then recovers from the streams).
-const LIVE_QUEUE: usize = 8192;
 /// Entries read per gap fill.
 const FILL_BATCH: usize = 1000;
 
@@ -89,20 +85,20 @@ impl Feed {
     pub(super) fn start(client: redis::Client, link: Link, namespaces: Arc<Namespaces>) -> Self {
         let (control, control_rx) = mpsc::unbounded_channel();
         let (commands, commands_rx) = mpsc::unbounded_channel();
-        let (live, live_rx) = mpsc::channel(LIVE_QUEUE);
+        let (listen, listen_rx) = mpsc::unbounded_channel();
         let up = Arc::new(AtomicBool::new(false));
         let delivery = Delivery {
             streams: HashMap::new(),
             link,
             namespaces,
+            lost: control.clone(),
         };
-        tokio::spawn(delivery.run(commands_rx, live_rx));
+        tokio::spawn(delivery.run(commands_rx, listen_rx));
         let subscriber = Subscriber {
             client,
             held: HashMap::new(),
-            control: control.clone(),
             commands: commands.clone(),
-            live,
+            listen,
             up: up.clone(),
         };
         tokio::spawn(subscriber.run(control_rx));
@@ -158,9 +154,9 @@ impl Feed {
 struct Subscriber {
     client: redis::Client,
     held: HashMap<String, usize>,
-    control: mpsc::UnboundedSender<Control>,
     commands: mpsc::UnboundedSender<Command>,
-    live: mpsc::Sender<(String, Vec<u8>)>,
+    /// Hands each new connection's messages to the delivery task.
+    listen: mpsc::UnboundedSender<redis::aio::PubSubStream>,
     up: Arc<AtomicBool>,
 }
 
@@ -202,7 +198,7 @@ impl Subscriber {
                 return None;
             }
         };
-        let (mut sink, mut stream) = pubsub.split();
+        let (mut sink, stream) = pubsub.split();
         // What queued while down first, so the counts are current; those
         // holds are answered once every held channel is subscribed.
         let mut waiting = Vec::new();
@@ -231,18 +227,9 @@ impl Subscriber {
             let _ = reply.send(subscribed.clone());
         }
         subscribed.ok()?;
-        let live = self.live.clone();
-        let lost = self.control.clone();
-        tokio::spawn(async move {
-            while let Some(message) = stream.next().await {
-                let channel = message.get_channel_name().to_owned();
-                let payload = message.get_payload_bytes().to_vec();
-                if live.send((channel, payload)).await.is_err() {
-                    return;
-                }
-            }
-            let _ = lost.send(Control::Lost);
-        });
+        // The delivery task reads the messages (no hop between tasks), and
+        // says when the connection is lost.
+        let _ = self.listen.send(stream);
         Some(sink)
     }
 
@@ -370,6 +357,8 @@ struct Delivery {
     streams: HashMap<String, Local>,
     link: Link,
     namespaces: Arc<Namespaces>,
+    /// Tells the subscriber that its connection's messages ended.
+    lost: mpsc::UnboundedSender<Control>,
 }
 
 /// A message of a stream, as published: `m|EPOCH|OFFSET|FROM|PAYLOAD`.
@@ -391,15 +380,32 @@ impl Delivery {
     async fn run(
         mut self,
         mut commands: mpsc::UnboundedReceiver<Command>,
-        mut live: mpsc::Receiver<(String, Vec<u8>)>,
+        mut listen: mpsc::UnboundedReceiver<redis::aio::PubSubStream>,
     ) {
+        let mut stream: Option<redis::aio::PubSubStream> = None;
         loop {
+            let next = async {
+                match stream.as_mut() {
+                    Some(stream) => stream.next().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 command = commands.recv() => match command {
                     Some(command) => self.command(command).await,
                     None => return,
                 },
-                Some((channel, payload)) = live.recv() => self.live(channel, &payload).await,
+                Some(new) = listen.recv() => stream = Some(new),
+                message = next => match message {
+                    Some(message) => {
+                        let channel = message.get_channel_name();
+                        self.live(channel, message.get_payload_bytes()).await;
+                    }
+                    None => {
+                        stream = None;
+                        let _ = self.lost.send(Control::Lost);
+                    }
+                },
             }
         }
     }
@@ -449,11 +455,11 @@ impl Delivery {
         }
     }
 
-    async fn live(&mut self, channel: String, payload: &[u8]) {
+    async fn live(&mut self, channel: &str, payload: &[u8]) {
         let Ok(text) = std::str::from_utf8(payload) else {
             return;
         };
-        let Some(subject) = subject(&channel) else {
+        let Some(subject) = subject(channel) else {
             return;
         };
         let (kind, rest) = text.split_at(text.find('|').unwrap_or(0).min(text.len()));
@@ -472,7 +478,7 @@ impl Delivery {
                     from: Some(from).filter(|f| !f.is_empty()),
                     payload,
                 };
-                self.message(&channel, &live).await;
+                self.message(channel, &live).await;
             }
             ("j" | "l", Subject::Topic(topic)) => {
                 if !self.namespaces.find(topic).is_some_and(|ns| ns.presence) {
@@ -484,7 +490,7 @@ impl Delivery {
                     PresenceChange::Left
                 };
                 let frame = wire::presence_event(topic, rest, change);
-                if let Some(local) = self.streams.get_mut(&channel) {
+                if let Some(local) = self.streams.get_mut(channel) {
                     for conn in &mut local.conns {
                         if kind == "j" && conn.joined_as.as_deref() == Some(rest) {
                             conn.joined_as = None;
@@ -497,7 +503,7 @@ impl Delivery {
             ("x", Subject::Inbox(_)) => {
                 let (code, reason) = rest.split_once('|').unwrap_or((rest, ""));
                 let close = CloseReason::new(CloseCode(code.parse().unwrap_or(1000)), reason);
-                if let Some(local) = self.streams.get(&channel) {
+                if let Some(local) = self.streams.get(channel) {
                     for conn in &local.conns {
                         conn.outbox.close(close.clone());
                     }
@@ -513,7 +519,11 @@ impl Delivery {
         let Some(subject) = subject(channel) else {
             return;
         };
-        let local = self.streams.entry(channel.to_owned()).or_default();
+        if !self.streams.contains_key(channel) {
+            // Heard before any connection attached: its offset still counts.
+            self.streams.insert(channel.to_owned(), Local::default());
+        }
+        let local = self.streams.get_mut(channel).expect("inserted");
         let mut render = Render::new(&subject, live);
         if live.epoch.is_empty() {
             // A topic without history: no offsets, delivered as it comes.
@@ -522,7 +532,10 @@ impl Delivery {
             }
             return;
         }
-        local.seen = Some((live.epoch.into(), live.offset));
+        match &mut local.seen {
+            Some((epoch, seen)) if **epoch == *live.epoch => *seen = live.offset,
+            seen => *seen = Some((live.epoch.into(), live.offset)),
+        }
         let mut behind = false;
         for conn in &mut local.conns {
             let same = conn.epoch.as_deref() == Some(live.epoch);
