@@ -64,6 +64,23 @@ def cluster():
         c.stop()
 
 
+@pytest.fixture
+def proxied(cluster):
+    """Two nodes on one Redis: the first direct, the second through a TCP
+    proxy that the test can cut or slow down. Yields (cluster, direct node,
+    proxied node, proxy)."""
+    redis = Redis()
+    proxy = Proxy(redis.port)
+    try:
+        c = cluster(1, redis=redis)
+        behind = c.start_node(proxy.url)
+        c.nodes.append(behind)
+        yield c, c.nodes[0], behind, proxy
+    finally:
+        proxy.stop()
+        redis.stop()
+
+
 def url(node, client_id, since=None):
     query = f"id={client_id}" + (f"&since={since[0]}:{since[1]}" if since else "")
     return f"ws://127.0.0.1:{node.port}/ws?{query}"
@@ -244,6 +261,97 @@ async def test_presence_upkeep_is_per_node_not_per_connection(cluster):
         assert calls <= beats + 2, f"{calls} script calls in 2 s with 200 idle connections"
 
 
+SCRIPT = os.path.join(os.path.dirname(__file__), "../../crates/switchboard-server/src/engine/redis/engine.lua")
+
+
+def test_the_script_counts_each_connection_once_whatever_is_sent_twice():
+    """What a lost answer makes a node send again (a connect whose answer
+    never came, a leave resent after a reconnect) counts once: the engine's
+    script, called as the nodes call it, on a real Redis."""
+    redis = Redis()
+    try:
+        script = open(SCRIPT).read()
+
+        def call(op, *rest):
+            # ARGV: op, a new stream's epoch, meta ttl, $clients size and ttl, then the op's own.
+            return redis.cli("EVAL", script, "0", op, "e1", "60000", "100", "60000", *rest)
+
+        call("heartbeat", "n1", "5000", "1", *["0"] * 7)
+        connect = ("n1", "ann", "7", "", "", "0")
+        call("connect", *connect)
+        call("connect", *connect)
+        assert redis.cli("HGET", "sb:clients", "ann") == "1"
+        call("connect", "n1", "ann", "8", "", "", "0")
+        assert redis.cli("HGET", "sb:clients", "ann") == "2"
+        assert call("leave", "n1", "ann", "7") == "1"
+        assert call("leave", "n1", "ann", "7") == "0", "a leave sent twice undoes one connection"
+        assert call("leave", "n1", "ann", "99") == "0", "a leave for what was never counted"
+        assert redis.cli("HGET", "sb:clients", "ann") == "1"
+        call("leave", "n1", "ann", "8")
+        assert redis.cli("HEXISTS", "sb:clients", "ann") == "0"
+        events = redis.cli("XRANGE", "sb:s:t:$clients", "-", "+").split("\n")
+        assert [e for e in events if e.startswith("{")] == [
+            '{"client":"ann","event":"online"}', '{"client":"ann","event":"offline"}',
+        ]
+    finally:
+        redis.stop()
+
+
+@async_test
+async def test_a_refused_resume_counts_nothing(cluster):
+    """A resume past the inbox's top is refused (400) before the cluster
+    counts the connection: no online or offline event for it."""
+    c = cluster(2)
+    n0, n1 = c.nodes
+    async with client(None, "w", envelope=True, uri=url(n0, "w")) as w:
+        await w.send(json.dumps({"type": "subscribe", "topic": "$clients", "id": 1}))
+        assert (await recv_json(w))["type"] == "ack"
+        async with client(None, "z", envelope=True, uri=url(n1, "z")) as z:
+            epoch = z.welcome["epoch"]
+        for event in ("online", "offline"):
+            assert (await recv_json(w))["payload"] == {"client": "z", "event": event}
+        status, _, _ = n1.http("GET", f"/ws?id=z&since={epoch}:99", {
+            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Protocol": "switchboard.v1",
+        })
+        assert status == 400
+        await nothing_before_marker(c, w, "w")
+
+
+@async_test
+async def test_subscribing_again_while_a_subscribe_waits_keeps_the_second(proxied):
+    """Subscribe, unsubscribe and subscribe again (resuming) while the first
+    waits for Redis: the second attempt's answer, with what it resumed, is
+    the one that stands."""
+    c, direct, slow, proxy = proxied
+    _, history = api(direct, "GET", "/api/v1/history/$clients?limit=1")
+    since = {"epoch": history["epoch"], "offset": history["offset"]}
+    async with client(None, "a", envelope=True, uri=url(slow, "a")) as a:
+        proxy.delay(0.1)
+        await a.send(json.dumps({"type": "subscribe", "topic": "$clients", "id": 1}))
+        await a.send(json.dumps({"type": "unsubscribe", "topic": "$clients", "id": 2}))
+        await a.send(json.dumps({"type": "subscribe", "topic": "$clients", "id": 3, "since": since}))
+        answers = {}
+        while len(answers) < 3:
+            m = await recv_json(a)
+            if m["type"] == "ack":
+                answers[m["id"]] = m
+        assert answers[3].get("recovered") is True, answers
+        proxy.delay(0)
+        assert api(direct, "GET", "/api/v1/presence/$clients")[1]["clients"] == {"a": 1}
+        async with client(None, "b", envelope=True, uri=url(direct, "b")):
+            pass
+        # a's own online, replayed by the resume; then b's online and
+        # offline, once each: one subscription stands.
+        events = [(await recv_json(a))["payload"] for _ in range(3)]
+        assert events == [
+            {"client": "a", "event": "online"},
+            {"client": "b", "event": "online"},
+            {"client": "b", "event": "offline"},
+        ]
+        await nothing_before_marker(c, a, "a")
+
+
 def test_an_idempotency_key_holds_across_nodes(cluster):
     """A backend that retries through another node (its first answer lost)
     gets the first answer again, and nothing is sent twice."""
@@ -365,73 +473,55 @@ async def test_redis_data_loss_is_told_as_recovered_false(cluster):
 
 
 @async_test
-async def test_a_node_cut_off_from_redis_catches_up_or_stops_serving_within_its_lease(cluster):
-    redis = Redis()
-    proxy = Proxy(redis.port)
-    try:
-        c = cluster(1, redis=redis)
-        cut_node = c.start_node(proxy.url)
-        c.nodes.append(cut_node)
-        (n1,) = c.nodes[:1]
-        async with client(None, "a", envelope=True, uri=url(cut_node, "a")) as a, \
-                client(None, "b", envelope=True, uri=url(n1, "b")) as b:
-            # A short cut: the node misses pub/sub, then fills the gap from the stream.
-            proxy.cut()
-            for i in range(3):
-                await b.send(msg(["a"], i))
-            await asyncio.sleep(LEASE / 3)
-            proxy.heal()
-            got = await deliveries(a, 3)
-            assert [(m["offset"], m["payload"]) for m in got] == [(1, 0), (2, 1), (3, 2)]
-            await nothing_before_marker(c, a, "a")
-            since = (a.welcome["epoch"], 4)
-            # A long cut: within its lease the node stops serving.
-            proxy.cut()
-            cut = time.monotonic()
-            closed = await expect_close(a, timeout=LEASE + 3)
-            assert closed.code == 1012 and time.monotonic() - cut < LEASE + 1.5, closed
-            assert healthz(cut_node) == 503
-            await b.send(msg(["a"], "during"))
-            proxy.heal()
-            wait_until(lambda: healthz(cut_node) == 200, "the node never came back", 8)
-        async with client(None, "a", envelope=True, uri=url(cut_node, "a", since)) as a:
-            assert (a.welcome["recovered"], a.welcome["missed"]) == (True, 1), a.welcome
-            assert (await recv_json(a))["payload"] == "during"
-    finally:
-        proxy.stop()
-        redis.stop()
+async def test_a_node_cut_off_from_redis_catches_up_or_stops_serving_within_its_lease(proxied):
+    c, n1, cut_node, proxy = proxied
+    async with client(None, "a", envelope=True, uri=url(cut_node, "a")) as a, \
+            client(None, "b", envelope=True, uri=url(n1, "b")) as b:
+        # A short cut: the node misses pub/sub, then fills the gap from the stream.
+        proxy.cut()
+        for i in range(3):
+            await b.send(msg(["a"], i))
+        await asyncio.sleep(LEASE / 3)
+        proxy.heal()
+        got = await deliveries(a, 3)
+        assert [(m["offset"], m["payload"]) for m in got] == [(1, 0), (2, 1), (3, 2)]
+        await nothing_before_marker(c, a, "a")
+        since = (a.welcome["epoch"], 4)
+        # A long cut: within its lease the node stops serving.
+        proxy.cut()
+        cut = time.monotonic()
+        closed = await expect_close(a, timeout=LEASE + 3)
+        assert closed.code == 1012 and time.monotonic() - cut < LEASE + 1.5, closed
+        assert healthz(cut_node) == 503
+        await b.send(msg(["a"], "during"))
+        proxy.heal()
+        wait_until(lambda: healthz(cut_node) == 200, "the node never came back", 8)
+    async with client(None, "a", envelope=True, uri=url(cut_node, "a", since)) as a:
+        assert (a.welcome["recovered"], a.welcome["missed"]) == (True, 1), a.welcome
+        assert (await recv_json(a))["payload"] == "during"
 
 
 @async_test
-async def test_a_slow_link_to_redis_delays_but_loses_and_reorders_nothing(cluster):
-    redis = Redis()
-    proxy = Proxy(redis.port)
-    try:
-        c = cluster(1, redis=redis)
-        slow = c.start_node(proxy.url)
-        c.nodes.append(slow)
-        fast = c.nodes[0]
-        async with client(None, "a", envelope=True, uri=url(slow, "a")) as a, \
-                client(None, "b", envelope=True, uri=url(fast, "b")) as b:
-            proxy.delay(0.1)
-            started = time.monotonic()
-            for i in range(20):
-                await a.send(msg(["b"], i, id=i))
-                await b.send(msg(["a"], i))
-            frames = [await recv_json(a) for _ in range(40)]
-            acks = [f for f in frames if f["type"] == "ack"]
-            got = [f for f in frames if f["type"] == "message"]
-            assert [ack["offsets"]["b"] for ack in acks] == list(range(1, 21)), acks
-            assert time.monotonic() - started >= 0.2, "the delay was not in the path"
-            assert [(m["offset"], m["payload"]) for m in got] == [(i + 1, i) for i in range(20)]
-            got = await deliveries(b, 20)
-            assert [(m["offset"], m["payload"]) for m in got] == [(i + 1, i) for i in range(20)]
-            proxy.delay(0)
-            await nothing_before_marker(c, a, "a")
-            assert healthz(slow) == 200
-    finally:
-        proxy.stop()
-        redis.stop()
+async def test_a_slow_link_to_redis_delays_but_loses_and_reorders_nothing(proxied):
+    c, fast, slow, proxy = proxied
+    async with client(None, "a", envelope=True, uri=url(slow, "a")) as a, \
+            client(None, "b", envelope=True, uri=url(fast, "b")) as b:
+        proxy.delay(0.1)
+        started = time.monotonic()
+        for i in range(20):
+            await a.send(msg(["b"], i, id=i))
+            await b.send(msg(["a"], i))
+        frames = [await recv_json(a) for _ in range(40)]
+        acks = [f for f in frames if f["type"] == "ack"]
+        got = [f for f in frames if f["type"] == "message"]
+        assert [ack["offsets"]["b"] for ack in acks] == list(range(1, 21)), acks
+        assert time.monotonic() - started >= 0.2, "the delay was not in the path"
+        assert [(m["offset"], m["payload"]) for m in got] == [(i + 1, i) for i in range(20)]
+        got = await deliveries(b, 20)
+        assert [(m["offset"], m["payload"]) for m in got] == [(i + 1, i) for i in range(20)]
+        proxy.delay(0)
+        await nothing_before_marker(c, a, "a")
+        assert healthz(slow) == 200
 
 
 # --------------------------------------------------------------------------

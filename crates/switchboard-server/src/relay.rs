@@ -5,7 +5,7 @@
 //! the payload stays raw JSON and is rendered at most once per wire mode, then
 //! the same frame goes to every recipient.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -41,6 +41,8 @@ pub enum RelayInfo {
     Subscribed {
         /// The topic.
         topic: Arc<str>,
+        /// Which attempt to subscribe it answers.
+        attempt: u64,
         /// The subscribe's `"id"`, when it asked for an ack.
         id: Option<Box<RawValue>>,
         /// The engine's answer.
@@ -62,7 +64,10 @@ pub struct Relay {
     expiry_timer: Option<TimerRef>,
     subscriptions: HashMap<Arc<str>, Registration>,
     /// Topics whose subscribe awaits the engine's answer.
-    joining: HashSet<Arc<str>>,
+    /// Each with the number of its attempt: an answer to an attempt called
+    /// off (unsubscribed, then subscribed again) is told from the new one's.
+    joining: HashMap<Arc<str>, u64>,
+    attempts: u64,
     /// The size of the message being handled: what its answer, while the
     /// engine has it, holds against the connection's outbound budget.
     handling: usize,
@@ -97,7 +102,8 @@ impl Relay {
             token_generation: 0,
             expiry_timer: None,
             subscriptions: HashMap::new(),
-            joining: HashSet::new(),
+            joining: HashMap::new(),
+            attempts: 0,
             handling: 0,
             answers: Answers::default(),
             limiter: RateLimiter::new(
@@ -248,7 +254,7 @@ impl Relay {
                 format!("your token does not allow subscribing to {topic:?}"),
             ));
         }
-        if self.subscriptions.contains_key(topic) || self.joining.contains(topic) {
+        if self.subscriptions.contains_key(topic) || self.joining.contains_key(topic) {
             return Ok(self.acked(inbound, |id| wire::ack(id, Some(topic))));
         }
         if self.subscriptions.len() + self.joining.len() >= self.hub.limits.max_topics {
@@ -272,7 +278,9 @@ impl Relay {
         if let Some(result) = now(&mut pending) {
             return self.subscribed(topic, result, id);
         }
-        self.joining.insert(topic.clone());
+        self.attempts += 1;
+        let attempt = self.attempts;
+        self.joining.insert(topic.clone(), attempt);
         let handle = ctx.handle().clone();
         let id = id.map(ToOwned::to_owned);
         let held = handle.outbox().hold(self.handling);
@@ -280,7 +288,13 @@ impl Relay {
             let result = pending.await;
             drop(held);
             // A connection that has gone drops the subscription with the message.
-            let _ = handle.send(RelayInfo::Subscribed { topic, id, result });
+            let info = RelayInfo::Subscribed {
+                topic,
+                attempt,
+                id,
+                result,
+            };
+            let _ = handle.send(info);
         });
         Ok(None)
     }
@@ -336,7 +350,7 @@ impl Relay {
         let topic = required(inbound.topic.as_deref(), "topic")?;
         // A subscribe still awaiting the engine is called off: its answer
         // finds the topic gone from `joining`, and lets the subscription go.
-        if self.subscriptions.remove(topic).is_none() && !self.joining.remove(topic) {
+        if self.subscriptions.remove(topic).is_none() && self.joining.remove(topic).is_none() {
             return Err((
                 ErrorCode::NotSubscribed,
                 format!("not subscribed to {topic:?}"),
@@ -648,18 +662,24 @@ impl Handler for Relay {
                 Outcome::stop(CloseCode(TOKEN_EXPIRED), "token expired")
             }
             RelayInfo::TokenExpired(_) => Outcome::Continue,
-            RelayInfo::Subscribed { topic, id, result } => {
-                if !self.joining.remove(&topic) {
+            RelayInfo::Subscribed {
+                topic,
+                attempt,
+                id,
+                result,
+            } => {
+                if self.joining.get(&topic) != Some(&attempt) {
                     // Unsubscribed while it waited: the subscription goes now,
                     // and the subscribe is answered as it would have been.
                     let ack = id.filter(|_| result.is_ok());
                     return match ack {
-                        Some(id) => Outcome::push(Message::text(wire::ack(&id, Some(&topic)))),
+                        Some(id) => self.answers.reply(wire::ack(&id, Some(&topic))),
                         None => Outcome::Continue,
                     };
                 }
+                self.joining.remove(&topic);
                 match self.subscribed(topic, result, id.as_deref()) {
-                    Ok(Some(reply)) => Outcome::push(Message::text(reply)),
+                    Ok(Some(reply)) => self.answers.reply(reply),
                     Ok(None) => Outcome::Continue,
                     Err(refusal) => self.refuse(refusal, id.as_deref()),
                 }

@@ -129,6 +129,17 @@ impl Namespaces {
         self
     }
 
+    /// The longest time any namespace keeps history (zero when none does).
+    pub fn longest_history_ttl(&self) -> Duration {
+        self.list
+            .iter()
+            .chain(&self.client_events)
+            .filter_map(Namespace::history)
+            .map(|retention| retention.ttl)
+            .max()
+            .unwrap_or_default()
+    }
+
     /// The namespace of `topic`, if any matches.
     pub fn find(&self, topic: &str) -> Option<&Namespace> {
         if topic == CLIENT_EVENTS {

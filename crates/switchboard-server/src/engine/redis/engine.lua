@@ -107,15 +107,32 @@ local function topic_down(topic, client, count)
   end
 end
 
+-- A node's index holds one field per connection (`ID\nTOKEN`) and per
+-- subscription (`TOPIC\nCLIENT\nTOKEN`): counting and undoing are keyed by
+-- the field, so a call sent twice counts once, and a leave for something
+-- never counted (or already reaped) does nothing.
+local function split(field)
+  local first = string.find(field, '\n', 1, true)
+  local last = first
+  while true do
+    local next = string.find(field, '\n', last + 1, true)
+    if not next then break end
+    last = next
+  end
+  return string.sub(field, 1, first - 1), string.sub(field, first + 1, last - 1)
+end
+
 -- Undoes everything a node counted, once: its indexes go with it, so a
 -- second reaper finds nothing left to undo.
 local function reap(node)
-  local c = redis.call('HGETALL', node_clients(node))
-  for i = 1, #c, 2 do clients_down(c[i], tonumber(c[i + 1])) end
-  local t = redis.call('HGETALL', node_topics(node))
-  for i = 1, #t, 2 do
-    local at = string.find(t[i], '\n', 1, true)
-    topic_down(string.sub(t[i], 1, at - 1), string.sub(t[i], at + 1), tonumber(t[i + 1]))
+  local c = redis.call('HKEYS', node_clients(node))
+  for _, field in ipairs(c) do
+    clients_down(string.sub(field, 1, string.find(field, '\n', 1, true) - 1), 1)
+  end
+  local t = redis.call('HKEYS', node_topics(node))
+  for _, field in ipairs(t) do
+    local topic, client = split(field)
+    topic_down(topic, client, 1)
   end
   redis.call('DEL', node_clients(node), node_topics(node), 'sb:n:' .. node .. ':s')
   redis.call('ZREM', 'sb:nodes', node)
@@ -172,53 +189,63 @@ elseif op == 'publish' then
   local epoch, offset = append('t', topic, size, ttl, from, payload)
   return remember(key, { epoch, offset, subscribers })
 elseif op == 'connect' then
-  -- ARGV: node, id, since ('' for none), limit
-  local node, id = ARGV[6], ARGV[7]
+  -- ARGV: node, id, token, since offset and epoch ('' for none), limit
+  local node, id, token, since, since_epoch = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
   if not alive(node) then return redis.error_reply('REAPED node lease lapsed') end
-  redis.call('HINCRBY', node_clients(node), id, 1)
-  if redis.call('HINCRBY', 'sb:clients', id, 1) == 1 then
-    client_event(id, 'online')
+  local epoch, top = position('i', id)
+  if since ~= '' and since_epoch == epoch and tonumber(since) > top then
+    -- Refused before it counts: no online event for a connection refused.
+    return { 'ahead', top }
   end
-  return read('i', id, ARGV[8], tonumber(ARGV[9]))
+  if redis.call('HSET', node_clients(node), id .. '\n' .. token, 1) == 1 then
+    if redis.call('HINCRBY', 'sb:clients', id, 1) == 1 then
+      client_event(id, 'online')
+    end
+  end
+  return read('i', id, since, tonumber(ARGV[11]))
 elseif op == 'leave' then
-  -- ARGV: node, id
-  local node, id = ARGV[6], ARGV[7]
-  local mine = tonumber(redis.call('HGET', node_clients(node), id) or 0)
-  if mine <= 0 then return 0 end
-  if redis.call('HINCRBY', node_clients(node), id, -1) <= 0 then
-    redis.call('HDEL', node_clients(node), id)
-  end
+  -- ARGV: node, id, token
+  local node, id, token = ARGV[6], ARGV[7], ARGV[8]
+  if redis.call('HDEL', node_clients(node), id .. '\n' .. token) == 0 then return 0 end
   clients_down(id, 1)
   return 1
 elseif op == 'join' then
-  -- ARGV: node, topic, client, limit (0: none), history (0/1), since ('' for none), count
-  local node, topic, client, limit = ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
+  -- ARGV: node, topic, client, token, limit (0: none), history (0/1),
+  -- since offset and epoch ('' for none), count
+  local node, topic, client, token = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+  local limit, history, since, since_epoch = tonumber(ARGV[10]), ARGV[11], ARGV[12], ARGV[13]
   if not alive(node) then return redis.error_reply('REAPED node lease lapsed') end
-  if limit > 0 and tonumber(redis.call('HGET', 'sb:topics', topic) or 0) >= limit then
-    return { 'full' }
+  local epoch, top
+  if history == '1' then
+    epoch, top = position('t', topic)
+    if since ~= '' and since_epoch == epoch and tonumber(since) > top then
+      return { 'ahead', top }
+    end
   end
-  redis.call('HINCRBY', node_topics(node), topic .. '\n' .. client, 1)
-  redis.call('HINCRBY', 'sb:topics', topic, 1)
+  local field = topic .. '\n' .. client .. '\n' .. token
   local first = 0
-  if redis.call('HINCRBY', 'sb:p:' .. topic, client, 1) == 1 then
-    redis.call('PUBLISH', channel('t', topic), 'j|' .. client)
-    first = 1
+  if redis.call('HEXISTS', node_topics(node), field) == 0 then
+    if limit > 0 and tonumber(redis.call('HGET', 'sb:topics', topic) or 0) >= limit then
+      return { 'full' }
+    end
+    redis.call('HSET', node_topics(node), field, 1)
+    redis.call('HINCRBY', 'sb:topics', topic, 1)
+    if redis.call('HINCRBY', 'sb:p:' .. topic, client, 1) == 1 then
+      redis.call('PUBLISH', channel('t', topic), 'j|' .. client)
+      first = 1
+    end
   end
-  if ARGV[10] == '1' then
-    local epoch, top = position('t', topic)
+  if history == '1' then
     local entries = {}
-    if ARGV[11] ~= '' then entries = read('t', topic, ARGV[11], tonumber(ARGV[12]))[4] end
+    if since ~= '' then entries = read('t', topic, since, tonumber(ARGV[14]))[4] end
     return { 'ok', first, epoch, top, now_ms(), entries }
   end
   return { 'ok', first }
 elseif op == 'part' then
-  -- ARGV: node, topic, client
-  local node, topic, client = ARGV[6], ARGV[7], ARGV[8]
-  local field = topic .. '\n' .. client
-  local mine = tonumber(redis.call('HGET', node_topics(node), field) or 0)
-  if mine <= 0 then return 0 end
-  if redis.call('HINCRBY', node_topics(node), field, -1) <= 0 then
-    redis.call('HDEL', node_topics(node), field)
+  -- ARGV: node, topic, client, token
+  local node, topic, client, token = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+  if redis.call('HDEL', node_topics(node), topic .. '\n' .. client .. '\n' .. token) == 0 then
+    return 0
   end
   topic_down(topic, client, 1)
   return 1
@@ -237,10 +264,6 @@ elseif op == 'heartbeat' then
   local dead = redis.call('ZRANGEBYSCORE', 'sb:nodes', '-inf', time, 'LIMIT', 0, 16)
   for _, n in ipairs(dead) do reap(n) end
   return #dead
-elseif op == 'leave_cluster' then
-  -- ARGV: node. A node that stops gracefully undoes its counts itself.
-  reap(ARGV[6])
-  return 1
 elseif op == 'read' then
   -- ARGV: kind, name, since ('' for the latest), limit
   return read(ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9]))

@@ -10,7 +10,7 @@
 //! pub/sub connection drops, the node subscribes again and reads every
 //! stream it serves from where its connections are.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -29,6 +29,8 @@ use crate::wire::{self, At, Mode};
 
 /// Entries read per gap fill.
 const FILL_BATCH: usize = 1000;
+/// How soon a gap fill that Redis could not answer is tried again.
+const RETRY: Duration = Duration::from_millis(500);
 
 /// The channel of a client id's inbox.
 pub(super) fn inbox_channel(id: &str) -> String {
@@ -56,9 +58,18 @@ pub(super) struct Conn {
 }
 
 enum Command {
-    Attach { channel: String, conn: Conn },
-    Detach { channel: String, conn: ConnId },
-    Forget(Vec<String>),
+    /// A connection of this channel is coming: its offsets count from now.
+    Expect(String),
+    /// It will not come after all.
+    Abandon(String),
+    Attach {
+        channel: String,
+        conn: Conn,
+    },
+    Detach {
+        channel: String,
+        conn: ConnId,
+    },
     Resync,
     CloseAll(CloseReason),
 }
@@ -92,6 +103,7 @@ impl Feed {
             link,
             namespaces,
             lost: control.clone(),
+            unfilled: HashSet::new(),
         };
         tokio::spawn(delivery.run(commands_rx, listen_rx));
         let subscriber = Subscriber {
@@ -118,6 +130,9 @@ impl Feed {
     /// once Redis has confirmed the subscription, so anything published
     /// after that reaches this node.
     pub(super) async fn hold(&self, channel: String) -> Result<(), Unavailable> {
+        // Before the subscription: the delivery task keeps the channel's
+        // place from the first message it hears.
+        let _ = self.commands.send(Command::Expect(channel.clone()));
         let (reply, answer) = oneshot::channel();
         self.control
             .send(Control::Hold { channel, reply })
@@ -127,9 +142,15 @@ impl Feed {
             .map_err(|_| Unavailable("the pub/sub task stopped".into()))?
     }
 
-    /// Gives back a hold.
+    /// Gives back a hold whose connection was attached (and detached).
     pub(super) fn release(&self, channel: String) {
         let _ = self.control.send(Control::Release(channel));
+    }
+
+    /// Gives back a hold whose connection never attached.
+    pub(super) fn abandon(&self, channel: String) {
+        let _ = self.commands.send(Command::Abandon(channel.clone()));
+        self.release(channel);
     }
 
     /// Starts live delivery to a connection, from the offset it was given.
@@ -307,7 +328,6 @@ impl Subscriber {
         }
         if !unsubscribe.is_empty() {
             sink.unsubscribe(unsubscribe).await.map_err(failed)?;
-            let _ = self.commands.send(Command::Forget(unsubscribe.to_vec()));
         }
         Ok(())
     }
@@ -348,6 +368,8 @@ fn subject(channel: &str) -> Option<Subject<'_>> {
 #[derive(Default)]
 struct Local {
     conns: Vec<Conn>,
+    /// Connections on their way (held, not yet attached).
+    expected: usize,
     seen: Option<(Arc<str>, u64)>,
 }
 
@@ -359,6 +381,8 @@ struct Delivery {
     namespaces: Arc<Namespaces>,
     /// Tells the subscriber that its connection's messages ended.
     lost: mpsc::UnboundedSender<Control>,
+    /// Channels whose gap fill failed, to try again.
+    unfilled: HashSet<String>,
 }
 
 /// A message of a stream, as published: `m|EPOCH|OFFSET|FROM|PAYLOAD`.
@@ -383,6 +407,8 @@ impl Delivery {
         mut listen: mpsc::UnboundedReceiver<redis::aio::PubSubStream>,
     ) {
         let mut stream: Option<redis::aio::PubSubStream> = None;
+        let mut retry = tokio::time::interval(RETRY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = async {
                 match stream.as_mut() {
@@ -391,6 +417,9 @@ impl Delivery {
                 }
             };
             tokio::select! {
+                // Commands first: a connection's expectation is recorded
+                // before any message of its channel is heard.
+                biased;
                 command = commands.recv() => match command {
                     Some(command) => self.command(command).await,
                     None => return,
@@ -406,14 +435,29 @@ impl Delivery {
                         let _ = self.lost.send(Control::Lost);
                     }
                 },
+                _ = retry.tick(), if !self.unfilled.is_empty() => {
+                    for channel in std::mem::take(&mut self.unfilled) {
+                        self.fill(&channel).await;
+                    }
+                }
             }
         }
     }
 
     async fn command(&mut self, command: Command) {
         match command {
+            Command::Expect(channel) => {
+                self.streams.entry(channel).or_default().expected += 1;
+            }
+            Command::Abandon(channel) => {
+                if let Some(local) = self.streams.get_mut(&channel) {
+                    local.expected = local.expected.saturating_sub(1);
+                    self.forget_if_unused(&channel);
+                }
+            }
             Command::Attach { channel, conn } => {
                 let local = self.streams.entry(channel.clone()).or_default();
+                local.expected = local.expected.saturating_sub(1);
                 let behind = match (&local.seen, &conn.epoch) {
                     (Some((epoch, seen)), Some(at)) => epoch != at || *seen > conn.last,
                     _ => false,
@@ -426,17 +470,7 @@ impl Delivery {
             Command::Detach { channel, conn } => {
                 if let Some(local) = self.streams.get_mut(&channel) {
                     local.conns.retain(|c| c.outbox.id() != conn);
-                }
-            }
-            Command::Forget(channels) => {
-                for channel in channels {
-                    if self
-                        .streams
-                        .get(&channel)
-                        .is_some_and(|local| local.conns.is_empty())
-                    {
-                        self.streams.remove(&channel);
-                    }
+                    self.forget_if_unused(&channel);
                 }
             }
             Command::Resync => {
@@ -452,6 +486,17 @@ impl Delivery {
                     }
                 }
             }
+        }
+    }
+
+    /// Drops a channel's state once no connection is on it or coming.
+    fn forget_if_unused(&mut self, channel: &str) {
+        if self
+            .streams
+            .get(channel)
+            .is_some_and(|local| local.conns.is_empty() && local.expected == 0)
+        {
+            self.streams.remove(channel);
         }
     }
 
@@ -519,11 +564,11 @@ impl Delivery {
         let Some(subject) = subject(channel) else {
             return;
         };
-        if !self.streams.contains_key(channel) {
-            // Heard before any connection attached: its offset still counts.
-            self.streams.insert(channel.to_owned(), Local::default());
-        }
-        let local = self.streams.get_mut(channel).expect("inserted");
+        // A channel nobody here expects or holds any more (a message heard
+        // as it was let go) is not kept.
+        let Some(local) = self.streams.get_mut(channel) else {
+            return;
+        };
         let mut render = Render::new(&subject, live);
         if live.epoch.is_empty() {
             // A topic without history: no offsets, delivered as it comes.
@@ -582,8 +627,9 @@ impl Delivery {
             }) {
                 Ok(read) => read,
                 Err(e) => {
-                    // Redis is down: the resync after the reconnect fills it.
+                    // Redis cannot answer now: tried again shortly.
                     tracing::debug!(error = %e, channel, "cannot fill a gap now");
+                    self.unfilled.insert(channel.to_owned());
                     return;
                 }
             };
@@ -600,8 +646,11 @@ impl Delivery {
 }
 
 /// Gives each connection what it lacks of `read`; returns whether every
-/// connection is now at the stream's top.
+/// connection is now at the stream's top. A connection still short of the
+/// top when the read had all there was is closed: the stream no longer
+/// holds what it missed.
 fn apply(local: &mut Local, subject: &Subject<'_>, read: &Read) -> bool {
+    let whole = read.entries.len() < FILL_BATCH;
     let mut complete = true;
     local.conns.retain_mut(|conn| {
         if conn.epoch.is_none() {
@@ -631,6 +680,10 @@ fn apply(local: &mut Local, subject: &Subject<'_>, read: &Read) -> bool {
             conn.last = entry.offset;
         }
         if conn.last < read.top {
+            if whole {
+                conn.outbox.close(close_missed());
+                return false;
+            }
             complete = false;
         }
         true

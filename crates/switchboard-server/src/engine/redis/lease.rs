@@ -59,11 +59,16 @@ impl Health {
         }
     }
 
-    fn renewed(&self, connection: u64) {
+    /// Milliseconds since `started` (at least 1: 0 means never).
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis().max(1)).unwrap_or(u64::MAX)
+    }
+
+    /// Renewed by a beat sent at `sent_ms`: Redis extended the lease after
+    /// that, so counting from the send errs on the safe side.
+    fn renewed(&self, connection: u64, sent_ms: u64) {
         self.renewed_on.store(connection, Ordering::Relaxed);
-        let ms = self.started.elapsed().as_millis().max(1);
-        self.renewed_ms
-            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.renewed_ms.fetch_max(sent_ms, Ordering::Relaxed);
         self.lapsed.store(false, Ordering::Relaxed);
     }
 
@@ -85,6 +90,22 @@ fn cut_off(why: &str) -> CloseReason {
     CloseReason::new(CloseCode::SERVICE_RESTART, why)
 }
 
+/// Closes the node's clients once its lease has run out, checking a few
+/// times a beat, whatever the beats are waiting for.
+async fn watch(core: Weak<Core>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(core) = core.upgrade() else {
+            return;
+        };
+        if core.lease.lapses_now() {
+            tracing::error!("cannot renew this node's lease: closing its clients with 1012");
+            core.feed
+                .close_all(cut_off("this node cannot reach the cluster"));
+        }
+    }
+}
+
 /// Beats until the engine is dropped.
 pub(super) async fn run(core: Weak<Core>) {
     let mut first = true;
@@ -92,6 +113,7 @@ pub(super) async fn run(core: Weak<Core>) {
         Some(core) => core.lease.lease / 5,
         None => return,
     };
+    tokio::spawn(watch(core.clone(), beat / 4));
     let mut ticks = tokio::time::interval(beat);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rejoin = false;
@@ -111,12 +133,6 @@ pub(super) async fn run(core: Weak<Core>) {
             return;
         };
         let connection = link.connections();
-        // Checked on every beat, whether or not Redis answers the last.
-        if core.lease.lapses_now() {
-            tracing::error!("cannot renew this node's lease: closing its clients with 1012");
-            core.feed
-                .close_all(cut_off("this node cannot reach the cluster"));
-        }
         let node = core.node();
         let figures = (core.traffic)().figures().map(|f| f.to_string());
         let rest = args(
@@ -128,11 +144,15 @@ pub(super) async fn run(core: Weak<Core>) {
             .into_iter()
             .chain(figures.iter().map(String::as_str)),
         );
-        let answer = tokio::time::timeout(beat, core.link.call("heartbeat", rest)).await;
+        // A beat may wait behind traffic: half a lease, before it counts as
+        // failed (the lease is checked every beat regardless).
+        let sent_ms = core.lease.now_ms();
+        let patience = core.lease.lease / 2;
+        let answer = tokio::time::timeout(patience, core.link.call("heartbeat", rest)).await;
         match answer.unwrap_or_else(|_| Err(Unavailable("the heartbeat timed out".into()))) {
             Ok(_) => {
                 first = false;
-                core.lease.renewed(connection);
+                core.lease.renewed(connection, sent_ms);
             }
             Err(e) if e.0.contains("REAPED") => {
                 tracing::warn!(node = %node, "this node's lease lapsed and the cluster reaped it; closing its clients and joining again");

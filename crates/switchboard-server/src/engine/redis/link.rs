@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use redis::Value;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -27,7 +28,7 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One call of the script: its arguments after the operation's name.
 struct Call {
-    args: Vec<Vec<u8>>,
+    args: Vec<Bytes>,
     reply: Option<oneshot::Sender<Result<Value, Unavailable>>>,
     /// Kept and sent again after a reconnect rather than failed (leaves:
     /// idempotent, and nobody waits for them).
@@ -49,8 +50,11 @@ pub(super) struct Header {
 #[derive(Clone)]
 pub(super) struct Link {
     queue: mpsc::Sender<Call>,
+    /// Calls owed to Redis whatever happens (leaves): never refused.
+    owed: mpsc::UnboundedSender<Call>,
     up: Arc<AtomicBool>,
-    header: Header,
+    /// The header's arguments, rendered once.
+    header: [Bytes; 3],
     connections: Arc<Connections>,
 }
 
@@ -67,11 +71,23 @@ impl Link {
     /// Starts the link's task on the current runtime.
     pub(super) fn start(client: redis::Client, header: Header) -> Self {
         let (queue, calls) = mpsc::channel(QUEUE);
+        let (owed, owed_calls) = mpsc::unbounded_channel();
         let up = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(Connections::default());
-        tokio::spawn(run(client, calls, up.clone(), connections.clone()));
+        let queues = Queues {
+            calls,
+            owed: owed_calls,
+        };
+        tokio::spawn(run(client, queues, up.clone(), connections.clone()));
+        let millis = |d: Duration| Bytes::from(d.as_millis().to_string());
+        let header = [
+            millis(header.meta_ttl),
+            Bytes::from(header.events_size.to_string()),
+            millis(header.events_ttl),
+        ];
         Self {
             queue,
+            owed,
             up,
             header,
             connections,
@@ -90,16 +106,13 @@ impl Link {
     }
 
     /// The script's arguments: the operation, the header, then `rest`.
-    fn args(&self, op: &str, rest: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
-        let millis = |d: Duration| d.as_millis().to_string().into_bytes();
+    fn args(&self, op: &'static str, rest: Vec<Vec<u8>>) -> Vec<Bytes> {
         let mut args = Vec::with_capacity(5 + rest.len());
-        args.push(op.as_bytes().to_vec());
+        args.push(Bytes::from_static(op.as_bytes()));
         // An epoch for a stream this call makes, if it makes one.
-        args.push(crate::streams::new_epoch().as_bytes().to_vec());
-        args.push(millis(self.header.meta_ttl));
-        args.push(self.header.events_size.to_string().into_bytes());
-        args.push(millis(self.header.events_ttl));
-        args.extend(rest);
+        args.push(Bytes::from(crate::streams::new_epoch().as_bytes().to_vec()));
+        args.extend(self.header.iter().cloned());
+        args.extend(rest.into_iter().map(Bytes::from));
         args
     }
 
@@ -111,7 +124,7 @@ impl Link {
     /// Queues a call; the answer comes when Redis gives it.
     pub(super) fn call(
         &self,
-        op: &str,
+        op: &'static str,
         rest: Vec<Vec<u8>>,
     ) -> impl Future<Output = Result<Value, Unavailable>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
@@ -136,18 +149,41 @@ impl Link {
     }
 
     /// Queues a call nobody waits for, sent again after reconnecting until
-    /// Redis has it.
-    pub(super) fn call_and_forget(&self, op: &str, rest: Vec<Vec<u8>>) {
+    /// Redis has it. Its queue has no bound: a node owes a leave for every
+    /// connection it counted (a mass close sends one per connection at once).
+    pub(super) fn call_and_forget(&self, op: &'static str, rest: Vec<Vec<u8>>) {
         let call = Call {
             args: self.args(op, rest),
             reply: None,
             retry: true,
         };
-        if self.queue.try_send(call).is_err() {
-            tracing::warn!(
-                "the Redis link's queue is full: a leave is dropped (the node's lease undoes it)"
-            );
+        // Fails only once the link's task has ended (the runtime stopping).
+        let _ = self.owed.send(call);
+    }
+}
+
+/// The link's two queues: calls someone waits for, and calls owed.
+struct Queues {
+    calls: mpsc::Receiver<Call>,
+    owed: mpsc::UnboundedReceiver<Call>,
+}
+
+impl Queues {
+    /// The next call, owed ones first; `None` once the link is dropped.
+    async fn next(&mut self) -> Option<Call> {
+        tokio::select! {
+            biased;
+            Some(call) = self.owed.recv() => Some(call),
+            call = self.calls.recv() => call,
         }
+    }
+
+    /// A call that is ready now, owed ones first.
+    fn ready(&mut self) -> Option<Call> {
+        self.owed
+            .try_recv()
+            .ok()
+            .or_else(|| self.calls.try_recv().ok())
     }
 }
 
@@ -156,7 +192,7 @@ impl Link {
 /// with backoff.
 async fn run(
     client: redis::Client,
-    mut calls: mpsc::Receiver<Call>,
+    mut queues: Queues,
     up: Arc<AtomicBool>,
     connections: Arc<Connections>,
 ) {
@@ -168,7 +204,7 @@ async fn run(
             Ok(connected) => connected,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach Redis; retrying in {backoff:?}");
-                fail_waiting(&mut calls, &mut held, &e.to_string());
+                fail_waiting(&mut queues.calls, &e.to_string());
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
@@ -182,15 +218,15 @@ async fn run(
         loop {
             let mut batch = std::mem::take(&mut held);
             if batch.is_empty() {
-                match calls.recv().await {
+                match queues.next().await {
                     Some(call) => batch.push(call),
                     None => return,
                 }
             }
             while batch.len() < BATCH {
-                match calls.try_recv() {
-                    Ok(call) => batch.push(call),
-                    Err(_) => break,
+                match queues.ready() {
+                    Some(call) => batch.push(call),
+                    None => break,
                 }
             }
             match send(&mut conn, &sha, &batch).await {
@@ -213,9 +249,14 @@ async fn run(
 }
 
 async fn connect(client: &redis::Client) -> redis::RedisResult<(MultiplexedConnection, String)> {
-    let mut conn = tokio::time::timeout(TIMEOUT, client.get_multiplexed_async_connection())
-        .await
-        .map_err(|_| timeout_error())??;
+    // The link times its batches itself (TIMEOUT): redis-rs's own response
+    // timeout (500 ms by default) would fail a slow batch whose calls ran.
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(TIMEOUT))
+        .set_response_timeout(None);
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
     let sha: String = redis::cmd("SCRIPT")
         .arg("LOAD")
         .arg(SCRIPT)
@@ -241,7 +282,10 @@ async fn send(
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for call in batch {
-        pipe.cmd("EVALSHA").arg(sha).arg(0).arg(&call.args);
+        let cmd = pipe.cmd("EVALSHA").arg(sha).arg(0);
+        for arg in &call.args {
+            cmd.arg(&arg[..]);
+        }
     }
     let values: Vec<Value> = tokio::time::timeout(TIMEOUT, pipe.query_async(&mut *conn))
         .await
@@ -293,12 +337,10 @@ fn settle_failed(batch: Vec<Call>, error: &redis::RedisError) -> Vec<Call> {
 }
 
 /// While Redis is unreachable: whoever waits is told at once, rather than
-/// after a reconnect that may never come; retries are kept.
-fn fail_waiting(calls: &mut mpsc::Receiver<Call>, held: &mut Vec<Call>, error: &str) {
+/// after a reconnect that may never come (owed calls wait in their queue).
+fn fail_waiting(calls: &mut mpsc::Receiver<Call>, error: &str) {
     while let Ok(call) = calls.try_recv() {
-        if call.retry {
-            held.push(call);
-        } else if let Some(reply) = call.reply {
+        if let Some(reply) = call.reply {
             let _ = reply.send(Err(Unavailable(format!("cannot reach Redis: {error}"))));
         }
     }

@@ -6,6 +6,7 @@
 //! - [`lease`]: the node's heartbeat, the reaping of dead nodes, readiness.
 //! - `engine.lua`: every change to shared state, atomically.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -32,8 +33,9 @@ mod lease;
 mod link;
 mod reply;
 
-/// How long a stream's epoch and top offset outlive its last write: a
-/// client that resumes later than this is told `recovered:false`.
+/// How long a stream's epoch and top offset outlive their last use (or the
+/// longest history ttl, if longer): a client that resumes later than this
+/// is told `recovered:false`.
 const META_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// What the Redis engine needs to know.
@@ -67,6 +69,8 @@ struct Core {
     node: Mutex<Arc<str>>,
     inbox: Retention,
     replay_budget: usize,
+    /// Numbers the node's connections and subscriptions in Redis.
+    tokens: AtomicU64,
     lease: lease::Health,
     traffic: LocalTraffic,
     namespaces: Arc<Namespaces>,
@@ -97,7 +101,11 @@ impl RedisEngine {
         let link = Link::start(
             client.clone(),
             Header {
-                meta_ttl: META_TTL,
+                // At least as long as any stream keeps its messages, so a
+                // stream's position never goes before its entries do.
+                meta_ttl: META_TTL
+                    .max(settings.inbox.ttl)
+                    .max(namespaces.longest_history_ttl()),
                 events_size: settings.client_events,
                 events_ttl: crate::topics::CLIENT_EVENTS_TTL,
             },
@@ -110,6 +118,7 @@ impl RedisEngine {
             node: Mutex::new(lease::new_node_id()),
             inbox: settings.inbox,
             replay_budget: settings.replay_budget,
+            tokens: AtomicU64::new(1),
             lease: lease::Health::new(settings.lease),
             traffic,
             namespaces,
@@ -120,6 +129,11 @@ impl RedisEngine {
 }
 
 impl Core {
+    /// A new connection's or subscription's token, unique on this node.
+    fn token(&self) -> String {
+        self.tokens.fetch_add(1, Ordering::Relaxed).to_string()
+    }
+
     fn node(&self) -> Arc<str> {
         self.node
             .lock()
@@ -148,25 +162,48 @@ fn millis(d: Duration) -> String {
     d.as_millis().to_string()
 }
 
+/// `since` as the script takes it: offset and epoch, or two empty strings.
+fn since_args(since: Option<&Position>) -> (String, String) {
+    since.map_or_else(Default::default, |s| {
+        (s.offset.to_string(), s.epoch.to_string())
+    })
+}
+
+/// The top offset, when the script refused a `since` past it.
+fn ahead(values: &[redis::Value]) -> Option<u64> {
+    match values {
+        [tag, top] if text(tag) == Some("ahead") => int(top),
+        _ => None,
+    }
+}
+
 /// A script answer as an array.
 fn items(value: redis::Value) -> Result<Vec<redis::Value>, Unavailable> {
     array(value).ok_or_else(|| malformed("not an array"))
 }
 
-/// Undoes a connection's count when dropped: the leave is sent until Redis
-/// has it, and the node stops listening for the id.
+/// Undoes a connection's count when dropped: the leave (keyed by the
+/// connection's token, so it undoes this connection's count once or not at
+/// all) is sent until Redis has it, and the node stops listening for the id.
 struct Counted {
     core: Arc<Core>,
     node: Arc<str>,
     id: ClientId,
+    token: String,
+    attached: bool,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
         let core = &self.core;
-        core.link
-            .call_and_forget("leave", args([&*self.node, &*self.id]));
-        core.feed.release(inbox_channel(&self.id));
+        let rest = args([&*self.node, &*self.id, &self.token]);
+        core.link.call_and_forget("leave", rest);
+        let channel = inbox_channel(&self.id);
+        if self.attached {
+            core.feed.release(channel);
+        } else {
+            core.feed.abandon(channel);
+        }
     }
 }
 
@@ -182,12 +219,13 @@ struct Admitted {
 impl Joined for Admitted {
     fn attach(self: Box<Self>, outbox: Outbox) -> Registration {
         let Self {
-            counted,
+            mut counted,
             mode,
             frames,
             epoch,
             top,
         } = *self;
+        counted.attached = true;
         for frame in frames {
             let _ = outbox.push(Outbound::Prepared(frame));
         }
@@ -216,20 +254,29 @@ impl Joined for Admitted {
     }
 }
 
-/// Undoes a subscription's count when dropped.
+/// Undoes a subscription's count when dropped, as [`Counted`] does a
+/// connection's.
 struct Member {
     core: Arc<Core>,
     node: Arc<str>,
     topic: Arc<str>,
     client: ClientId,
+    token: String,
+    /// Set by the subscription's start (its connection attached).
+    started: Arc<AtomicBool>,
 }
 
 impl Drop for Member {
     fn drop(&mut self) {
         let core = &self.core;
-        core.link
-            .call_and_forget("part", args([&*self.node, &*self.topic, &*self.client]));
-        core.feed.release(topic_channel(&self.topic));
+        let rest = args([&*self.node, &*self.topic, &*self.client, &self.token]);
+        core.link.call_and_forget("part", rest);
+        let channel = topic_channel(&self.topic);
+        if self.started.load(Ordering::Acquire) {
+            core.feed.release(channel);
+        } else {
+            core.feed.abandon(channel);
+        }
     }
 }
 
@@ -243,34 +290,36 @@ impl Engine for RedisEngine {
         let core = self.0.clone();
         Box::pin(async move {
             core.feed.hold(inbox_channel(&id)).await?;
-            let node = core.node();
+            // Counted from the call on (whether or not its answer comes):
+            // dropping `counted` undoes it, or does nothing if it never ran.
+            let counted = Counted {
+                core: core.clone(),
+                node: core.node(),
+                id: id.clone(),
+                token: core.token(),
+                attached: false,
+            };
             // Only a resume reads entries; every connect learns the position.
             let limit = if since.is_some() {
                 core.inbox.max_entries
             } else {
                 0
             };
-            let since_arg = since.as_ref().map(|s| s.offset.to_string());
+            let (since_offset, since_epoch) = since_args(since.as_ref());
             let rest = args([
-                &*node,
+                &*counted.node,
                 &*id,
-                since_arg.as_deref().unwrap_or(""),
+                &counted.token,
+                &since_offset,
+                &since_epoch,
                 &limit.to_string(),
             ]);
-            let answer = core.link.call("connect", rest).await;
-            let read = match answer.and_then(|value| Read::parse(&mut items(value)?)) {
-                Ok(read) => read,
-                Err(e) => {
-                    core.feed.release(inbox_channel(&id));
-                    return Err(e.into());
-                }
-            };
-            // Counted from here: dropping `counted` undoes it.
-            let counted = Counted {
-                core: core.clone(),
-                node,
-                id: id.clone(),
-            };
+            let mut values = items(core.link.call("connect", rest).await?)?;
+            if let Some(top) = ahead(&values) {
+                let asked = since.as_ref().map_or(0, |s| s.offset);
+                return Err(ConnectError::Ahead { asked, top });
+            }
+            let read = Read::parse(&mut values)?;
             let (epoch, top) = (read.epoch.clone(), read.top);
             let frames = match (mode, since) {
                 (Mode::Raw, _) => Vec::new(),
@@ -284,13 +333,8 @@ impl Engine for RedisEngine {
                 (_, Some(since)) => {
                     let (resume, position) = core.resume(read, &since, core.inbox.ttl);
                     let (resumed, missed) = match resume {
-                        Resume::Ahead => {
-                            return Err(ConnectError::Ahead {
-                                asked: since.offset,
-                                top,
-                            });
-                        }
-                        Resume::Lost => (Resumed::Lost, Vec::new()),
+                        // Ahead was refused by the script, before it counted.
+                        Resume::Ahead | Resume::Lost => (Resumed::Lost, Vec::new()),
                         Resume::Recovered(missed) => (Resumed::Recovered(missed.len()), missed),
                     };
                     let at = At {
@@ -405,28 +449,36 @@ impl Engine for RedisEngine {
             } = request;
             let channel = topic_channel(&topic);
             core.feed.hold(channel.clone()).await.map_err(unavailable)?;
-            let node = core.node();
-            let since_arg = since.as_ref().map(|s| s.offset.to_string());
+            // Counted from the call on, as a connection is (see connect).
+            let joined = Member {
+                core: core.clone(),
+                node: core.node(),
+                topic: topic.clone(),
+                client: client.clone(),
+                token: core.token(),
+                started: Arc::new(AtomicBool::new(false)),
+            };
+            let (since_offset, since_epoch) = since_args(since.as_ref());
             let rest = args([
-                &*node,
+                &*joined.node,
                 &*topic,
                 &*client,
+                &joined.token,
                 &limit.unwrap_or(0).to_string(),
                 if history.is_some() { "1" } else { "0" },
-                since_arg.as_deref().unwrap_or(""),
+                &since_offset,
+                &since_epoch,
                 &history.map_or(0, |h| h.max_entries).to_string(),
             ]);
             let answer = core.link.call("join", rest).await.and_then(items);
-            let mut values = match answer {
-                Ok(values) if values.first().and_then(text) == Some("ok") => values,
-                refused => {
-                    core.feed.release(channel);
-                    return Err(match refused {
-                        Ok(_) => SubscribeRefused::PubSub(SubscribeError::Full),
-                        Err(e) => unavailable(e),
-                    });
-                }
-            };
+            let mut values = answer.map_err(unavailable)?;
+            if let Some(top) = ahead(&values) {
+                let asked = since.as_ref().map_or(0, |s| s.offset);
+                return Err(SubscribeRefused::Ahead { asked, top });
+            }
+            if values.first().and_then(text) != Some("ok") {
+                return Err(SubscribeRefused::PubSub(SubscribeError::Full));
+            }
             values.remove(0);
             // Its own join, first (as the memory engine gives it): the
             // notice that pub/sub brings may reach this node before the
@@ -443,12 +495,6 @@ impl Engine for RedisEngine {
                 ));
             }
             let joined_as = announced.then(|| client.clone());
-            let joined = Member {
-                core: core.clone(),
-                node,
-                topic: topic.clone(),
-                client,
-            };
             let (mut epoch, mut last) = (None, 0);
             let mut resumed = since.as_ref().map(|_| (Resumed::Lost, None));
             let mut missed: Vec<Entry> = Vec::new();
@@ -459,13 +505,8 @@ impl Engine for RedisEngine {
                 if let Some(since) = &since {
                     let (resume, position) = core.resume(read, since, retention.ttl);
                     resumed = Some(match resume {
-                        Resume::Ahead => {
-                            return Err(SubscribeRefused::Ahead {
-                                asked: since.offset,
-                                top: last,
-                            });
-                        }
-                        Resume::Lost => (Resumed::Lost, Some(position)),
+                        // Refused by the script, before it counted.
+                        Resume::Ahead | Resume::Lost => (Resumed::Lost, Some(position)),
                         Resume::Recovered(entries) => {
                             missed = entries;
                             (Resumed::Recovered(missed.len()), Some(position))
@@ -483,7 +524,9 @@ impl Engine for RedisEngine {
             let conn = outbox.id();
             let feed = core.feed.clone();
             let (attach, detach) = (channel.clone(), feed.clone());
+            let started = joined.started.clone();
             let start = move || {
+                started.store(true, Ordering::Release);
                 for frame in frames {
                     let _ = outbox.push(Outbound::Prepared(frame));
                 }
