@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from websockets.exceptions import InvalidStatus
 
 from cluster import Proxy, Redis
 from test_relay import Node, async_test, client, expect_close, msg, nothing_before_marker, recv_json
@@ -350,6 +351,17 @@ async def test_subscribing_again_while_a_subscribe_waits_keeps_the_second(proxie
             {"client": "b", "event": "offline"},
         ]
         await nothing_before_marker(c, a, "a")
+
+
+@async_test
+async def test_the_connection_limit_per_client_counts_every_node(cluster):
+    c = cluster(2, extra=("--max-connections-per-client", "2"))
+    n0, n1 = c.nodes
+    async with client(None, "x", uri=url(n0, "x")), client(None, "x", uri=url(n1, "x")):
+        with pytest.raises(InvalidStatus) as refused:
+            async with client(None, "x", uri=url(n0, "x")):
+                pass
+        assert refused.value.response.status_code == 429
 
 
 def test_an_idempotency_key_holds_across_nodes(cluster):
