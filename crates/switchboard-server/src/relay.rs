@@ -187,10 +187,14 @@ impl Relay {
         let targets = targets.into_iter().map(ClientId::from).collect();
         let pending = self.hub.engine.send(targets, self.message(payload));
         self.answer(self.ack_id(inbound), ctx, pending, |sent, id| {
-            let delivered: Vec<&str> = sent.delivered.iter().map(|c| &**c).collect();
-            let offline: Vec<&str> = sent.offline.iter().map(|c| &**c).collect();
-            let offsets: Vec<(&str, u64)> = sent.offsets.iter().map(|(c, o)| (&**c, *o)).collect();
-            id.map(|id| wire::ack_send(id, &delivered, &offline, &offsets))
+            // Only a message that asked for an ack pays for rendering one.
+            id.map(|id| {
+                let delivered: Vec<&str> = sent.delivered.iter().map(|c| &**c).collect();
+                let offline: Vec<&str> = sent.offline.iter().map(|c| &**c).collect();
+                let offsets: Vec<(&str, u64)> =
+                    sent.offsets.iter().map(|(c, o)| (&**c, *o)).collect();
+                wire::ack_send(id, &delivered, &offline, &offsets)
+            })
         })
     }
 
