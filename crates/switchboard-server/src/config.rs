@@ -209,13 +209,13 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_ENGINE", value_enum)]
     pub engine: Option<EngineKind>,
 
-    /// Redis for --engine redis: redis://[:password@]host:port/db, or rediss:// for TLS
+    /// Redis for --engine redis: redis://[:password@]host:port/db (plain TCP)
     /// [default: redis://127.0.0.1:6379/0]
     #[arg(long, env = "SWITCHBOARD_REDIS_URL", value_name = "URL")]
     pub redis_url: Option<String>,
 
     /// Cluster mode: how long a node's place in the cluster outlives its last heartbeat to Redis
-    /// (one a second). A crashed node's clients count as offline this long after it died; a node
+    /// (five a lease). A crashed node's clients count as offline this long after it died; a node
     /// cut off from Redis this long closes its clients with 1012. 2 to 15 [default: 5]
     #[arg(long, env = "SWITCHBOARD_NODE_LEASE_SECS", value_name = "SECS")]
     pub node_lease_secs: Option<u64>,
@@ -728,6 +728,19 @@ mod tests {
 
     fn load(flags: &[&str]) -> anyhow::Result<Config> {
         Config::load(&Cli::parse_from(std::iter::once("x").chain(flags.iter().copied())).args)
+    }
+
+    #[test]
+    fn cluster_mode_settings_are_checked_and_keep_no_data_dir() {
+        let config = Config::load(&Cli::parse_from(["x", "--engine", "redis"]).args).unwrap();
+        assert_eq!(config.engine, EngineKind::Redis);
+        assert_eq!(config.data_dir, None, "the streams live in Redis");
+        assert_eq!(config.node_lease, Duration::from_secs(5));
+        for lease in ["1", "16"] {
+            let cli = Cli::parse_from(["x", "--node-lease-secs", lease]);
+            let error = format!("{:#}", Config::load(&cli.args).unwrap_err());
+            assert!(error.contains("node_lease_secs must be 2 to 15"), "{error}");
+        }
     }
 
     #[test]
