@@ -321,7 +321,9 @@ async def test_a_topic_subscriber_away_gets_exactly_what_it_missed_then_live_one
     server = topics_server()
     async with client(server, "b", envelope=True) as b:
         async with client(server, "a", envelope=True) as a:
-            assert await subscribe(a, "news:1") == {"type": "ack", "id": 1, "topic": "news:1"}
+            # A plain subscribe to a topic with history says where the topic is.
+            subscribed = await subscribe(a, "news:1")
+            assert subscribed == {"type": "ack", "id": 1, "topic": "news:1", "offset": 0, "epoch": subscribed["epoch"]}
             for i in range(3):
                 await b.send(json.dumps({"type": "publish", "topic": "news:1", "payload": i, "id": i}))
                 ack = await recv_json(b)
@@ -329,6 +331,7 @@ async def test_a_topic_subscriber_away_gets_exactly_what_it_missed_then_live_one
             got = [await recv_json(a) for _ in range(3)]
             assert [(m["topic"], m["offset"], m["payload"]) for m in got] == [("news:1", i + 1, i) for i in range(3)]
             epoch = got[0]["epoch"]
+            assert epoch == subscribed["epoch"]
         for i in range(3, 8):
             await b.send(json.dumps({"type": "publish", "topic": "news:1", "payload": i}))
         for i in range(8, 11):
@@ -350,6 +353,26 @@ async def test_a_topic_subscriber_away_gets_exactly_what_it_missed_then_live_one
             await b.send(json.dumps({"type": "publish", "topic": "news:1", "payload": "live"}))
             live = await recv_json(a)
             assert (live["offset"], live["payload"]) == (12, "live")
+
+
+@async_test
+async def test_a_subscriber_that_saw_no_message_resumes_from_its_subscribe_ack(topics_server):
+    server = topics_server()
+    await asyncio.to_thread(api_publish, server, "news:4", "before")
+    async with client(server, "a", envelope=True) as a:
+        ack = await subscribe(a, "news:4")
+        assert ack["offset"] == 1, ack
+        # Away before any message reached it.
+    for i in range(2):
+        await asyncio.to_thread(api_publish, server, "news:4", i)
+    async with client(server, "a", envelope=True) as a:
+        resumed = await subscribe(a, "news:4", {"epoch": ack["epoch"], "offset": ack["offset"]}, id=2)
+        assert (resumed["recovered"], resumed["missed"], resumed["offset"]) == (True, 2, 3), resumed
+        missed = [await recv_json(a) for _ in range(2)]
+        assert [(m["offset"], m["payload"]) for m in missed] == [(2, 0), (3, 1)]
+    async with client(server, "c", envelope=True) as c:
+        # No history in chat:, so no position either.
+        assert await subscribe(c, "chat:y") == {"type": "ack", "id": 1, "topic": "chat:y"}
 
 
 @async_test

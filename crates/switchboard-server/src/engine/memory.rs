@@ -255,7 +255,8 @@ impl Core {
                 .map_err(SubscribeRefused::PubSub)?;
             Ok(Registration::new(move || drop(subscription)))
         };
-        let (Some(retention), Some(since)) = (history, since) else {
+        let key = StreamKey::Topic(topic.clone());
+        let Some(retention) = history else {
             let subscription = join()?;
             let resumed = since.as_ref().map(|_| (Resumed::Lost, None));
             return Ok(Subscribed {
@@ -264,7 +265,17 @@ impl Core {
                 start: None,
             });
         };
-        let key = StreamKey::Topic(topic.clone());
+        let Some(since) = since else {
+            // Under the stream's lock: the position names the last message
+            // this subscriber will not be sent, so it can resume from it.
+            return self.streams.position(&key, |position| {
+                Ok(Subscribed {
+                    subscription: join()?,
+                    resumed: Some((Resumed::NotAsked, Some(position.clone()))),
+                    start: None,
+                })
+            });
+        };
         self.streams
             .resume(&key, since, *retention, usize::MAX, |resume, position| {
                 let (resumed, missed) = match resume {

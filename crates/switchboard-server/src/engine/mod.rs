@@ -105,8 +105,10 @@ pub struct Subscribe {
 pub struct Subscribed {
     /// Dropping it unsubscribes.
     pub subscription: Registration,
-    /// When it asked to resume: whether it did, and the topic's position
-    /// (`None` for a topic that keeps no history: nothing can be recovered).
+    /// Whether it resumed (`Resumed::NotAsked` when it did not ask), and the
+    /// topic's position: messages after it reach the subscriber. `None` for a
+    /// plain subscribe to a topic that keeps no history; a position of `None`
+    /// when one that keeps none was asked to resume (nothing can be).
     pub resumed: Option<(Resumed, Option<Position>)>,
     /// For the caller to run once the subscribe's answer is queued: hands
     /// the subscriber what the engine holds for it (its own join, missed

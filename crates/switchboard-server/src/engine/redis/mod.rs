@@ -502,17 +502,25 @@ impl Engine for RedisEngine {
                 let read = Read::parse(&mut values).map_err(unavailable)?;
                 epoch = Some(read.epoch.clone());
                 last = read.top;
-                if let Some(since) = &since {
-                    let (resume, position) = core.resume(read, since, retention.ttl);
-                    resumed = Some(match resume {
+                resumed = Some(match &since {
+                    // Deliveries start after `last`, so the subscriber can
+                    // resume from there.
+                    None => {
+                        let position = Position {
+                            epoch: read.epoch.clone(),
+                            offset: read.top,
+                        };
+                        (Resumed::NotAsked, Some(position))
+                    }
+                    Some(since) => match core.resume(read, since, retention.ttl) {
                         // Refused by the script, before it counted.
-                        Resume::Ahead | Resume::Lost => (Resumed::Lost, Some(position)),
-                        Resume::Recovered(entries) => {
+                        (Resume::Ahead | Resume::Lost, position) => (Resumed::Lost, Some(position)),
+                        (Resume::Recovered(entries), position) => {
                             missed = entries;
                             (Resumed::Recovered(missed.len()), Some(position))
                         }
-                    });
-                }
+                    },
+                });
             }
             if let Some(epoch) = &epoch {
                 frames.extend(
