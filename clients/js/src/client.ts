@@ -1,0 +1,491 @@
+import { BACKOFF, type Backoff, backoffDelay } from "./backoff.js";
+import { Emitter } from "./emitter.js";
+import { SwitchboardError } from "./errors.js";
+import { isNew, type Position } from "./position.js";
+import { type SubscribeAck, Subscription, type SubscriptionHandlers, type TopicFrame } from "./subscription.js";
+import { expiresAt, renewAt } from "./token.js";
+
+const PROTOCOL = "switchboard.v1";
+const CLIENT_ID = /^[A-Za-z0-9._~:@-]{1,128}$/;
+
+/** What a WebSocket implementation must offer: the browser's, Node 22's, or the `ws` package's. */
+export interface WebSocketLike {
+  onopen: ((event: any) => void) | null;
+  onmessage: ((event: { data: any }) => void) | null;
+  onclose: ((event: { code: number; reason: string }) => void) | null;
+  onerror: ((event: any) => void) | null;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+}
+
+/** A WebSocket constructor. */
+export type WebSocketConstructor = new (url: string, protocols?: string | string[]) => WebSocketLike;
+
+/**
+ * Who the client is: a client id (servers without tokens), a JWT, or a function
+ * that returns a fresh JWT. Only `getToken` lets the client renew its token and
+ * reconnect after the server closes an expired one (4001).
+ */
+export type Auth = { id: string } | { token: string } | { getToken: () => string | Promise<string> };
+
+/** Settings; all optional. */
+export interface Options {
+  /** The WebSocket implementation; default `globalThis.WebSocket` (browsers, Node 22). On Node 20 pass the `ws` package's. */
+  WebSocket?: WebSocketConstructor;
+  /** Reconnection waits, in milliseconds (full jitter). */
+  backoff?: Partial<Backoff>;
+  /** Most requests held while offline; more are refused with `queue_full`. Default 100. */
+  maxQueued?: number;
+  /** Milliseconds a connection attempt may take before it is abandoned and retried. Default 10000. */
+  connectTimeout?: number;
+}
+
+/** The `connected` event. */
+export interface ConnectedEvent {
+  /** The client id the server knows this client by (the token's `sub` with tokens). */
+  client: string;
+  /** False on the first connection; true on a reconnect, which resumes the inbox. */
+  resumed: boolean;
+  /**
+   * True when no direct message can have been missed: always on the first
+   * connection, and on a reconnect when the server replayed every message sent
+   * while the client was away. False means some are gone: reload the state.
+   */
+  recovered: boolean;
+  /** How many missed messages follow, when a reconnect recovered. */
+  missed?: number;
+}
+
+/** The `disconnected` event. */
+export interface DisconnectedEvent {
+  /** The close code (1006 when the connection failed without one). */
+  code: number;
+  /** The close reason the server gave, if any. */
+  reason: string;
+  /** Whether the client will reconnect. */
+  reconnect: boolean;
+  /** When it will not: why. */
+  why?: string;
+}
+
+/** The `reconnecting` event, before each wait for another attempt. */
+export interface ReconnectingEvent {
+  /** 1 for the first retry after a disconnect. */
+  attempt: number;
+  /** Milliseconds until the attempt. */
+  delay: number;
+  /** The close code of the connection or attempt that failed. */
+  code: number;
+  /** Its close reason. */
+  reason: string;
+}
+
+/** A direct message, sent to this client's id. */
+export interface Message {
+  /** The sender's client id. */
+  from: string;
+  /** The payload, as the sender sent it. */
+  payload: unknown;
+  /** Its place in this client's inbox. */
+  offset: number;
+}
+
+/** The client's events. */
+export interface Events {
+  connected: ConnectedEvent;
+  disconnected: DisconnectedEvent;
+  reconnecting: ReconnectingEvent;
+  message: Message;
+  /** An error that belongs to no request: a refused token refresh, a failing `getToken`. */
+  error: SwitchboardError;
+}
+
+/** The answer to `send`. */
+export interface SendAck {
+  /** Targets with at least one live connection. */
+  delivered: string[];
+  /** Targets with none: the message waits in their inbox. */
+  offline: string[];
+  /** The offset each target's inbox gave the message. */
+  offsets: Record<string, number>;
+}
+
+/** The answer to `publish`. */
+export interface PublishAck {
+  /** How many subscribed connections it reached. */
+  subscribers: number;
+  /** Its offset, when the topic keeps history. */
+  offset?: number;
+}
+
+interface Request {
+  frame: Record<string, unknown>;
+  resolve(value: any): void;
+  reject(error: SwitchboardError): void;
+}
+
+type State = "idle" | "connecting" | "connected" | "closed";
+
+/** Close codes after which reconnecting would be wrong, and why. */
+function final(code: number, renewable: boolean): string | undefined {
+  if (code === 4001 && !renewable) return "the token expired and there is no getToken to renew it";
+  if (code === 1000) return "the server closed the connection";
+  if (code === 1008) return "the server closed the connection for abuse (1008)";
+  if ((code >= 3500 && code < 4000) || code >= 4500) return `the server closed the connection for good (${code})`;
+  return undefined;
+}
+
+/**
+ * A connection to a Switchboard server that stays up: it reconnects with
+ * backoff, resumes its inbox and topics without loss or duplicates (or says
+ * `recovered: false`), renews its token, and holds requests made while offline.
+ */
+export class Client extends Emitter<Events> {
+  private readonly url: URL;
+  private readonly auth: Auth;
+  private readonly WebSocket?: WebSocketConstructor;
+  private readonly backoff: Backoff;
+  private readonly maxQueued: number;
+  private readonly connectTimeout: number;
+
+  private state: State = "idle";
+  private ws?: WebSocketLike;
+  private attempt = 0;
+  private timer?: ReturnType<typeof setTimeout>;
+  private renewal?: ReturnType<typeof setTimeout>;
+  private token?: string;
+  private nextId = 1;
+  private readonly inflight = new Map<number, Request>();
+  private readonly queue: Request[] = [];
+  private readonly waiting: Array<[() => void, (error: SwitchboardError) => void]> = [];
+  private readonly subscriptions = new Map<string, Subscription>();
+  /** The last inbox message seen. */
+  private inbox?: Position;
+
+  /**
+   * A client of the server at `url` (`ws://host:4000/ws`, `wss://...`; in a page
+   * also `/ws`). It does nothing until `connect()`.
+   */
+  constructor(url: string, options: Auth & Options) {
+    super();
+    this.url = new URL(url, (globalThis as any).location?.href);
+    this.url.protocol = this.url.protocol.replace(/^http/, "ws");
+    if ("id" in options && !CLIENT_ID.test(options.id)) {
+      throw new TypeError(`invalid client id ${JSON.stringify(options.id)}: 1-128 characters of A-Z a-z 0-9 . _ ~ : @ -`);
+    }
+    this.auth = options;
+    this.WebSocket = options.WebSocket;
+    this.backoff = { ...BACKOFF, ...options.backoff };
+    this.maxQueued = options.maxQueued ?? 100;
+    this.connectTimeout = options.connectTimeout ?? 10_000;
+  }
+
+  /**
+   * Connects, and keeps connecting until `close()`. Settles on the next
+   * `connected`; rejects with code `closed` when the client stops first.
+   */
+  connect(): Promise<void> {
+    const settled = new Promise<void>((resolve, reject) => {
+      if (this.state === "connected") resolve();
+      else this.waiting.push([resolve, reject]);
+    });
+    if (this.state === "idle" || this.state === "closed") {
+      this.state = "connecting";
+      this.attempt = 0;
+      void this.open();
+    }
+    return settled;
+  }
+
+  /**
+   * Closes the connection and stops reconnecting. Requests not yet answered
+   * reject with `closed` (held ones) or `disconnected` (sent ones). A later
+   * `connect()` resumes the inbox and the subscriptions where they were.
+   */
+  close(): void {
+    if (this.state === "closed" || this.state === "idle") return;
+    this.stop(1000, "", "closed by the application");
+  }
+
+  /** Sends `payload` to every connection of each target id; settles with the ack. */
+  send(targets: Array<string | number>, payload: unknown): Promise<SendAck> {
+    return this.request({ targets, payload: payload ?? null });
+  }
+
+  /** Publishes `payload` to `topic`'s subscribers. */
+  publish(topic: string, payload: unknown): Promise<PublishAck> {
+    return this.request({ type: "publish", topic, payload: payload ?? null }).then((ack: any) => ({
+      subscribers: ack.subscribers,
+      offset: ack.offset,
+    }));
+  }
+
+  /** Who is subscribed to `topic`: client id to its number of subscribed connections (namespaces with presence). */
+  presence(topic: string): Promise<Record<string, number>> {
+    return this.request({ type: "presence", topic }).then((answer: any) => answer.clients);
+  }
+
+  /** Whether each id has a live connection. */
+  status(ids: Array<string | number>): Promise<Record<string, boolean>> {
+    return this.request({ type: "status", clients: ids }).then((answer: any) => answer.clients);
+  }
+
+  /**
+   * Subscribes to `topic`, now or as soon as the client is connected, and again
+   * after every reconnect, resuming from the last message seen. One
+   * subscription per topic.
+   */
+  subscribe(topic: string, handlers: SubscriptionHandlers = {}): Subscription {
+    if (this.subscriptions.has(topic)) throw new Error(`already subscribed to ${JSON.stringify(topic)}`);
+    const subscription = new Subscription(topic, handlers, (s) => this.unsubscribe(s));
+    this.subscriptions.set(topic, subscription);
+    if (this.state === "connected") this.join(subscription);
+    return subscription;
+  }
+
+  private unsubscribe(subscription: Subscription): Promise<void> {
+    if (this.subscriptions.get(subscription.topic) !== subscription) return Promise.resolve();
+    this.subscriptions.delete(subscription.topic);
+    if (this.state !== "connected") return Promise.resolve();
+    return this.transmit({ type: "unsubscribe", topic: subscription.topic }).then(
+      () => undefined,
+      // Refused or cut off, the subscription is over all the same.
+      () => undefined,
+    );
+  }
+
+  private join(subscription: Subscription): void {
+    const since = subscription.since();
+    const frame = { type: "subscribe", topic: subscription.topic, ...(since && subscription.resuming() ? { since } : {}) };
+    const current = () => this.subscriptions.get(subscription.topic) === subscription;
+    // Answered in the frame's own turn, not a promise's: the messages that
+    // follow the ack may arrive in the same read, and must find it taken.
+    this.write({
+      frame,
+      resolve: (ack: SubscribeAck) => {
+        if (current()) subscription.subscribed(ack);
+      },
+      reject: (error: SwitchboardError) => {
+        // Cut off: the next connection subscribes again.
+        if (error.code === "disconnected" || !current()) return;
+        this.subscriptions.delete(subscription.topic);
+        subscription.refused(error);
+      },
+    });
+  }
+
+  /** Sends `frame` when connected, or holds it until the client is. */
+  private request<T>(frame: Record<string, unknown>): Promise<T> {
+    if (this.state === "connected") return this.transmit(frame);
+    if (this.state === "closed") return Promise.reject(new SwitchboardError("closed", "the client is closed"));
+    if (this.queue.length >= this.maxQueued) {
+      return Promise.reject(new SwitchboardError("queue_full", `offline, and ${this.maxQueued} requests already wait`));
+    }
+    return new Promise((resolve, reject) => this.queue.push({ frame, resolve, reject }));
+  }
+
+  /** Sends `frame` with a fresh id on the live connection. */
+  private transmit<T>(frame: Record<string, unknown>): Promise<T> {
+    return new Promise((resolve, reject) => this.write({ frame, resolve, reject }));
+  }
+
+  private write(request: Request): void {
+    const id = this.nextId++;
+    this.inflight.set(id, request);
+    (this.ws as WebSocketLike).send(JSON.stringify({ ...request.frame, id }));
+  }
+
+  private async open(): Promise<void> {
+    const WebSocket = this.WebSocket ?? (globalThis as any).WebSocket;
+    if (!WebSocket) {
+      this.stop(1006, "", "no WebSocket implementation: on Node 20 pass { WebSocket } from the ws package");
+      return;
+    }
+    const protocols = [PROTOCOL];
+    if (!("id" in this.auth)) {
+      let token: string;
+      try {
+        token = await this.currentToken();
+      } catch (error) {
+        this.emit("error", new SwitchboardError("token", `getToken failed: ${error}`));
+        this.retry(1006, "getToken failed");
+        return;
+      }
+      if (this.state !== "connecting") return;
+      const expires = expiresAt(token);
+      if ("token" in this.auth && expires !== undefined && expires <= Date.now()) {
+        this.stop(4001, "", "the token has expired and there is no getToken to renew it");
+        return;
+      }
+      protocols.push(`bearer.${token}`);
+    }
+    const url = new URL(this.url);
+    if ("id" in this.auth) url.searchParams.set("id", this.auth.id);
+    if (this.inbox) url.searchParams.set("since", `${this.inbox.epoch}:${this.inbox.offset}`);
+    let ws: WebSocketLike;
+    try {
+      ws = new WebSocket(url.href, protocols);
+    } catch (error) {
+      this.stop(1006, "", `cannot open a WebSocket: ${error}`);
+      return;
+    }
+    this.ws = ws;
+    this.timer = setTimeout(() => this.lost(ws, 1006, "connect timeout"), this.connectTimeout);
+    ws.onmessage = (event) => this.receive(ws, event.data);
+    ws.onclose = (event) => this.lost(ws, event.code, event.reason);
+    ws.onerror = () => {};
+  }
+
+  /** The token to connect with: `getToken`'s, fetched again when it is due for renewal. */
+  private async currentToken(): Promise<string> {
+    if ("token" in this.auth) return this.auth.token;
+    const due = this.token === undefined ? 0 : (renewAt(this.token) ?? Infinity);
+    if (Date.now() >= due) this.token = await (this.auth as { getToken: () => string | Promise<string> }).getToken();
+    return this.token as string;
+  }
+
+  private receive(ws: WebSocketLike, data: unknown): void {
+    if (ws !== this.ws) return;
+    let frame: any;
+    try {
+      frame = JSON.parse(String(data));
+    } catch {
+      this.emit("error", new SwitchboardError("invalid_frame", `the server sent a frame that is not JSON: ${String(data).slice(0, 80)}`));
+      return;
+    }
+    switch (frame.type) {
+      case "welcome":
+        return this.welcome(frame);
+      case "message":
+        if (frame.topic === undefined) return this.direct(frame);
+        return this.subscriptions.get(frame.topic)?.receive(frame as TopicFrame);
+      case "presence":
+        if (frame.event !== undefined) return this.subscriptions.get(frame.topic)?.receive(frame as TopicFrame);
+        return this.answer(frame);
+      case "error":
+        return this.refused(frame);
+      default:
+        return this.answer(frame);
+    }
+  }
+
+  private welcome(frame: { client: string; epoch: string; offset: number; recovered?: boolean; missed?: number }): void {
+    clearTimeout(this.timer);
+    const resumed = this.inbox !== undefined;
+    const recovered = !resumed || frame.recovered === true;
+    // On a recovered resume the missed messages follow and move `inbox` on.
+    if (!recovered || !resumed) this.inbox = { epoch: frame.epoch, offset: frame.offset };
+    this.state = "connected";
+    this.attempt = 0;
+    this.scheduleRenewal();
+    // Subscriptions first: a held publish to a topic this client reads then reaches it.
+    for (const subscription of this.subscriptions.values()) this.join(subscription);
+    for (const request of this.queue.splice(0)) this.write(request);
+    for (const [resolve] of this.waiting.splice(0)) resolve();
+    this.emit("connected", { client: frame.client, resumed, recovered, missed: resumed && recovered ? frame.missed : undefined });
+  }
+
+  private direct(frame: { from: string; payload: unknown; offset: number; epoch: string }): void {
+    if (!isNew(this.inbox, frame.epoch, frame.offset)) return;
+    this.inbox = { epoch: frame.epoch, offset: frame.offset };
+    this.emit("message", { from: frame.from, payload: frame.payload, offset: frame.offset });
+  }
+
+  private answer(frame: { id?: number }): void {
+    const request = this.inflight.get(frame.id as number);
+    if (!request) return;
+    this.inflight.delete(frame.id as number);
+    request.resolve(frame);
+  }
+
+  private refused(frame: { id?: number; code: string; message: string }): void {
+    const error = new SwitchboardError(frame.code, frame.message);
+    const request = this.inflight.get(frame.id as number);
+    if (!request) return this.emit("error", error);
+    this.inflight.delete(frame.id as number);
+    request.reject(error);
+  }
+
+  private scheduleRenewal(): void {
+    if (!("getToken" in this.auth) || this.token === undefined) return;
+    const at = renewAt(this.token);
+    if (at === undefined) return;
+    this.renewal = setTimeout(() => void this.renew(), Math.max(0, at - Date.now()));
+  }
+
+  /** Fetches a token and hands it to the server before the current one expires. */
+  private async renew(): Promise<void> {
+    const ws = this.ws;
+    let token: string;
+    try {
+      token = await (this.auth as { getToken: () => string | Promise<string> }).getToken();
+    } catch (error) {
+      this.emit("error", new SwitchboardError("token", `getToken failed: ${error}`));
+      // Try again while there is time; at expiry the server closes with 4001 and the client reconnects.
+      if (ws === this.ws) this.renewal = setTimeout(() => void this.renew(), 1_000);
+      return;
+    }
+    if (ws !== this.ws || this.state !== "connected") return;
+    try {
+      await this.transmit({ type: "refresh", token });
+      this.token = token;
+      this.scheduleRenewal();
+    } catch (error) {
+      const code = (error as SwitchboardError).code;
+      if (code !== "disconnected" && code !== "closed") this.emit("error", error as SwitchboardError);
+    }
+  }
+
+  /** The connection (or attempt) `ws` ended with `code`. */
+  private lost(ws: WebSocketLike, code: number, reason: string): void {
+    if (ws !== this.ws) return;
+    const why = final(code, "getToken" in this.auth);
+    if (why) {
+      this.stop(code, reason, why);
+      return;
+    }
+    const wasConnected = this.state === "connected";
+    this.detach();
+    this.state = "connecting";
+    // A token refused at the handshake, or expired, is fetched again.
+    if (!wasConnected || code === 4001) this.token = undefined;
+    if (wasConnected) this.emit("disconnected", { code, reason, reconnect: true });
+    this.retry(code, reason);
+  }
+
+  private retry(code: number, reason: string): void {
+    const delay = backoffDelay(this.attempt++, this.backoff);
+    this.emit("reconnecting", { attempt: this.attempt, delay, code, reason });
+    this.timer = setTimeout(() => void this.open(), delay);
+  }
+
+  /** Drops the socket and fails what was sent on it. */
+  private detach(): void {
+    clearTimeout(this.timer);
+    clearTimeout(this.renewal);
+    const ws = this.ws;
+    this.ws = undefined;
+    if (ws) {
+      ws.onmessage = ws.onclose = null;
+      try {
+        ws.close(1000);
+      } catch {
+        // Already closed, or never opened.
+      }
+    }
+    const cut = new SwitchboardError("disconnected", "the connection closed before the server answered; it may or may not have acted");
+    for (const request of this.inflight.values()) request.reject(cut);
+    this.inflight.clear();
+  }
+
+  /** Stops for good: closes, fails every held request and `connect()`, and says why. */
+  private stop(code: number, reason: string, why: string): void {
+    const wasConnected = this.state === "connected";
+    this.detach();
+    this.state = "closed";
+    const error = new SwitchboardError("closed", why);
+    for (const request of this.queue.splice(0)) request.reject(error);
+    for (const [, reject] of this.waiting.splice(0)) reject(error);
+    if (wasConnected || code !== 1000) this.emit("disconnected", { code, reason, reconnect: false, why });
+  }
+}

@@ -1,0 +1,78 @@
+// Reconnection timing, measured against TCP listeners that fail every attempt:
+// full-jitter exponential backoff within its bounds, capped; abandoned attempts.
+import assert from "node:assert/strict";
+import { createServer } from "node:net";
+import { test } from "node:test";
+
+import WebSocket from "ws";
+
+import { Client } from "../dist/index.js";
+import { record, until } from "./server.mjs";
+
+/** A TCP listener that records when each connection arrives and then does `handle` with it. */
+async function listener(handle) {
+  const arrivals = [];
+  const sockets = new Set();
+  const server = createServer((socket) => {
+    arrivals.push(performance.now());
+    sockets.add(socket);
+    socket.on("close", () => sockets.delete(socket));
+    socket.on("error", () => {});
+    handle(socket);
+  });
+  await new Promise((r) => server.listen(0, "127.0.0.1", r));
+  const close = () => {
+    for (const s of sockets) s.destroy();
+    return new Promise((r) => server.close(r));
+  };
+  return { url: `ws://127.0.0.1:${server.address().port}/ws`, arrivals, close };
+}
+
+test("reconnects back off exponentially with full jitter, capped: each wait in [0, min(max, initial * 2^n))", async () => {
+  const refusing = await listener((socket) => socket.destroy());
+  const initial = 40;
+  const max = 320;
+  const a = new Client(refusing.url, { WebSocket, id: "backoff", backoff: { initial, max } });
+  const seen = record(a);
+  a.connect().catch(() => {});
+  try {
+    await until(() => refusing.arrivals.length >= 12, 10_000, "12 attempts");
+  } finally {
+    a.close();
+    await refusing.close();
+  }
+  const delays = seen.reconnecting.map((e) => e.delay);
+  seen.reconnecting.forEach((e, n) => {
+    assert.equal(e.attempt, n + 1);
+    const bound = Math.min(max, initial * 2 ** n);
+    assert.ok(e.delay >= 0 && e.delay < bound, `attempt ${n + 1}: ${e.delay} ms not in [0, ${bound})`);
+  });
+  // The waits really are waited: attempt n+1 arrives after the n-th's delay (and not long after).
+  for (let n = 0; n + 1 < refusing.arrivals.length && n < delays.length; n++) {
+    const gap = refusing.arrivals[n + 1] - refusing.arrivals[n];
+    assert.ok(gap >= delays[n] - 2, `gap ${gap.toFixed(1)} ms shorter than the delay ${delays[n]} ms`);
+    assert.ok(gap <= delays[n] + 150, `gap ${gap.toFixed(1)} ms far longer than the delay ${delays[n]} ms`);
+  }
+  // Jitter: the capped waits are not all the same.
+  assert.ok(new Set(delays.slice(4)).size > 1, `no jitter: ${delays}`);
+  // The cap holds: from attempt 4 on, no wait is over max.
+  assert.ok(delays.every((d) => d < max));
+  assert.deepEqual(seen.connected, []);
+});
+
+test("an attempt that never completes is abandoned after connectTimeout and retried", async () => {
+  const silent = await listener(() => {});
+  const a = new Client(silent.url, { WebSocket, id: "patient", connectTimeout: 300, backoff: { initial: 10, max: 10 } });
+  const seen = record(a);
+  const started = performance.now();
+  a.connect().catch(() => {});
+  try {
+    await until(() => seen.reconnecting.length >= 2, 5000, "two abandoned attempts");
+  } finally {
+    a.close();
+    await silent.close();
+  }
+  assert.equal(seen.reconnecting[0].reason, "connect timeout");
+  assert.ok(performance.now() - started >= 600, "each attempt waited connectTimeout");
+  assert.ok(silent.arrivals.length >= 2);
+});

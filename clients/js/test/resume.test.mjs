@@ -1,0 +1,137 @@
+// Restarts in the middle of a stream, on the real server: a graceful restart
+// (SIGTERM; the history snapshot survives) loses nothing, and a crash (SIGKILL;
+// history gone) is reported as recovered: false, for the inbox and for topics.
+import assert from "node:assert/strict";
+import { afterEach, test } from "node:test";
+
+import WebSocket from "ws";
+
+import { Client } from "../dist/index.js";
+import { configFile, record, Server, until } from "./server.mjs";
+
+const NAMESPACES = `
+[[namespaces]]
+prefix = "news:"
+history_size = 1000
+`;
+
+const cleanup = [];
+afterEach(async () => {
+  for (const done of cleanup.splice(0).reverse()) await done();
+});
+
+async function start() {
+  // The producer's held requests go out at once on reconnect: more than the default rate.
+  const server = await Server.start(["--config", configFile(NAMESPACES), "--rate-limit-messages-per-sec", "5000"]);
+  cleanup.push(() => server.close());
+  return server;
+}
+
+function client(server, id) {
+  const c = new Client(server.url, { WebSocket, id, backoff: { initial: 50, max: 400 }, maxQueued: 1000 });
+  cleanup.push(() => c.close());
+  return c;
+}
+
+/** `a` is strictly increasing: in order, nothing twice. */
+function assertInOrder(a, what) {
+  for (let i = 1; i < a.length; i++) assert.ok(a[i - 1] < a[i], `${what} out of order or repeated at ${i}: ${a.slice(i - 2, i + 2)}`);
+}
+
+test("a graceful restart in the middle of a stream: every acked message arrives once, in order (inbox and topic)", async () => {
+  const server = await start();
+  const consumer = client(server, "consumer");
+  const producer = client(server, "producer");
+  const seen = record(consumer);
+  const topic = { got: [], subscribed: [] };
+  consumer.subscribe("news:stream", { message: (m) => topic.got.push(m.payload), subscribed: (e) => topic.subscribed.push(e) });
+  await Promise.all([consumer.connect(), producer.connect()]);
+  await until(() => topic.subscribed.length === 1);
+
+  const TOTAL = 400;
+  const sends = [];
+  const publishes = [];
+  let restarted = null;
+  for (let i = 0; i < TOTAL; i++) {
+    sends.push(producer.send(["consumer"], i).then(() => "acked", (e) => e.code));
+    publishes.push(producer.publish("news:stream", i).then(() => "acked", (e) => e.code));
+    if (i === 150) {
+      restarted = server.stop().then(async (exit) => {
+        assert.equal(exit.code, 0, "a graceful stop exits 0");
+        await server.restart();
+      });
+    }
+    await new Promise((r) => setTimeout(r, 2));
+  }
+  await restarted;
+  const sent = await Promise.all(sends);
+  const published = await Promise.all(publishes);
+  const acked = (results) => results.flatMap((r, i) => (r === "acked" ? [i] : []));
+  // A request cut off by the restart may or may not have been handled; it is never silently dropped.
+  for (const r of [...sent, ...published]) assert.ok(r === "acked" || r === "disconnected", r);
+  const inbox = () => seen.message.map((m) => m.payload);
+  await until(() => acked(sent).every((i) => inbox().includes(i)), 10_000, "every acked message in the inbox");
+  await until(() => acked(published).every((i) => topic.got.includes(i)), 10_000, "every acked publish on the topic");
+  assertInOrder(inbox(), "inbox");
+  assertInOrder(topic.got, "topic");
+  for (const i of inbox()) assert.ok(sent[i] === "acked" || sent[i] === "disconnected");
+  assert.ok(acked(sent).length > TOTAL - 10, `most sends acked: ${acked(sent).length}`);
+  // The restart was seen, and both streams resumed whole.
+  assert.equal(seen.disconnected[0].code, 1012);
+  assert.equal(seen.disconnected[0].reconnect, true);
+  const resumed = seen.connected.at(-1);
+  assert.equal(resumed.resumed, true);
+  assert.equal(resumed.recovered, true);
+  assert.deepEqual(topic.subscribed.at(-1).resumed, true);
+  assert.deepEqual(topic.subscribed.at(-1).recovered, true);
+  // Offsets went on from where they were: no message was given an offset twice.
+  assertInOrder(seen.message.map((m) => m.offset), "inbox offsets");
+});
+
+test("a crash (kill -9) loses the history, and the client says recovered: false for its inbox and its topic", async () => {
+  const server = await start();
+  const consumer = client(server, "crashed");
+  const producer = client(server, "sender");
+  const seen = record(consumer);
+  const topic = { got: [], subscribed: [] };
+  consumer.subscribe("news:crash", { message: (m) => topic.got.push(m.payload), subscribed: (e) => topic.subscribed.push(e) });
+  await Promise.all([consumer.connect(), producer.connect()]);
+  await until(() => topic.subscribed.length === 1);
+  await producer.send(["crashed"], "before");
+  await producer.publish("news:crash", "before");
+  await until(() => seen.message.length === 1 && topic.got.length === 1);
+
+  await server.kill();
+  await until(() => seen.reconnecting.length >= 2, 5000, "reconnect attempts while the server is down");
+  await server.restart();
+  await until(() => seen.connected.length === 2 && topic.subscribed.length === 2, 10_000, "the reconnect");
+  assert.equal(seen.disconnected[0].code, 1006, "a crash closes without a close frame");
+  const { resumed, recovered } = seen.connected[1];
+  assert.deepEqual({ resumed, recovered }, { resumed: true, recovered: false });
+  assert.deepEqual(topic.subscribed[1], { resumed: true, recovered: false, missed: undefined });
+  // The attempt count starts again after a connection: the first retry of the crash was attempt 1.
+  assert.equal(seen.reconnecting[0].attempt, 1);
+
+  // Live again, from the new positions.
+  await producer.send(["crashed"], "after");
+  await producer.publish("news:crash", "after");
+  await until(() => seen.message.length === 2 && topic.got.length === 2, 5000, "messages after the crash");
+  assert.deepEqual(seen.message.map((m) => m.payload), ["before", "after"]);
+  assert.deepEqual(topic.got, ["before", "after"]);
+});
+
+test("a topic without history cannot resume, and the client says so after a reconnect", async () => {
+  const server = await Server.start([]);
+  cleanup.push(() => server.close());
+  const a = client(server, "plain");
+  const subscribed = [];
+  a.subscribe("anything", { subscribed: (e) => subscribed.push(e) });
+  await a.connect();
+  await until(() => subscribed.length === 1);
+  await server.api("disconnect", { id: "plain", code: 4000 });
+  await until(() => subscribed.length === 2, 5000, "the resubscribe");
+  assert.deepEqual(subscribed, [
+    { resumed: false, recovered: true, missed: undefined },
+    { resumed: true, recovered: false, missed: undefined },
+  ]);
+});

@@ -1,0 +1,86 @@
+// Tokens against the real server (HS256, no leeway): a static token's sub is the
+// client id and its expiry ends the client; getToken renews before expiry on the
+// same connection, and brings the client back after a 4001.
+import assert from "node:assert/strict";
+import { after, afterEach, before, test } from "node:test";
+
+import WebSocket from "ws";
+
+import { Client } from "../dist/index.js";
+import { jwt, record, SECRET, Server, until } from "./server.mjs";
+
+let server;
+const clients = [];
+function client(auth) {
+  const c = new Client(server.url, { WebSocket, backoff: { initial: 50, max: 200 }, ...auth });
+  clients.push(c);
+  return c;
+}
+
+before(async () => {
+  server = await Server.start(["--jwt-hs256-secret", SECRET, "--jwt-leeway-secs", "0"]);
+});
+after(() => server.close());
+afterEach(() => {
+  for (const c of clients.splice(0)) c.close();
+});
+
+test("a static token: the client is its sub; at expiry the server closes 4001 and the client stops, saying why", async () => {
+  const a = client({ token: jwt("static", 2) });
+  const seen = record(a);
+  await a.connect();
+  assert.equal(seen.connected[0].client, "static");
+  await until(() => seen.disconnected.length === 1, 5000, "the 4001 close");
+  assert.equal(seen.disconnected[0].code, 4001);
+  assert.equal(seen.disconnected[0].reconnect, false);
+  assert.match(seen.disconnected[0].why, /getToken/);
+  assert.equal(seen.reconnecting.length, 0);
+});
+
+test("an expired static token is not even tried", async () => {
+  const a = client({ token: jwt("late", -5) });
+  const seen = record(a);
+  await assert.rejects(a.connect(), { code: "closed", message: /expired/ });
+  assert.equal(seen.disconnected[0].reconnect, false);
+});
+
+test("getToken: short-lived tokens are renewed before they expire, on the same connection", async () => {
+  let calls = 0;
+  const a = client({
+    getToken: async () => {
+      calls++;
+      return jwt("renewed", 3);
+    },
+  });
+  const seen = record(a);
+  const sender = client({ token: jwt("sender", 60) });
+  await Promise.all([a.connect(), sender.connect()]);
+  // Past two lifetimes of a token: only renewals keep the connection.
+  await new Promise((r) => setTimeout(r, 6500));
+  assert.ok(calls >= 3, `getToken called ${calls} times`);
+  assert.deepEqual(seen.disconnected, []);
+  assert.equal(seen.connected.length, 1);
+  await sender.send(["renewed"], "still here");
+  await until(() => seen.message.length === 1, 5000, "a message on the renewed connection");
+});
+
+test("getToken: a token the server let expire (4001) is replaced, and the client reconnects and resumes", async () => {
+  const started = Date.now();
+  let calls = 0;
+  const a = client({
+    // Renewals fail for the first 2.5 s, so the first token (2 s) runs out.
+    getToken: async () => {
+      calls++;
+      if (calls > 1 && Date.now() - started < 2500) throw new Error("the auth service is down");
+      return jwt("comeback", calls === 1 ? 2 : 30);
+    },
+  });
+  const seen = record(a);
+  await a.connect();
+  await until(() => seen.connected.length === 2, 8000, "the reconnect with a fresh token");
+  assert.equal(seen.disconnected[0].code, 4001);
+  assert.equal(seen.disconnected[0].reconnect, true);
+  assert.ok(seen.error.some((e) => e.code === "token" && /auth service is down/.test(e.message)), "getToken's failures are reported");
+  assert.equal(seen.connected[1].resumed, true);
+  assert.equal(seen.connected[1].recovered, true);
+});
