@@ -3,12 +3,13 @@
 #   scripts/test.sh
 # It installs what the tests need: a Python venv (.venv) with pytest, websockets,
 # kosoku and schemathesis; Debian's redis-server for the cluster tests and chromium
-# for the browser test; playwright-core via npm.
+# for the browser test; playwright-core, and the JS client's build tools, via npm.
 #
 # Steps: Rust unit, property and integration tests (and the relay, topic and API
 # suites again on a 3-node cluster); the fuzz targets, briefly; the Python client
 # suite (with the cluster's failure tests; relay and history again on 3 nodes);
-# schemathesis against the HTTP API; a smoke run of the benchmark harness; the
+# the JavaScript client's build, size check and Node tests; schemathesis against
+# the HTTP API; a smoke run of the benchmark harness; the
 # Autobahn conformance cases via kosoku; headless Chromium interop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +48,9 @@ export SWITCHBOARD_EXAMPLES="$PWD/target/debug/examples"
 
 step "Python relay and history suites against a 3-node cluster on Redis"
 SWITCHBOARD_TEST_CLUSTER=3 .venv/bin/python -m pytest -q tests/python/test_relay.py tests/python/test_history.py
+
+step "JavaScript client (clients/js): build, size budget, node:test against the binary"
+(cd clients/js && npm ci --silent --no-audit --no-fund && npm test)
 
 step "HTTP API contract (schemathesis against docs/openapi.json)"
 scripts/schemathesis.sh

@@ -1,7 +1,8 @@
 // Drives the switchboard relay from a real browser: Debian's headless Chromium
 // through playwright-core. Starts the relay binary on port 0, opens its demo
 // page, talks to /ws from the page (raw and switchboard.v1, compressed), and
-// uses the demo page's own UI. Then runs auth.test.mjs (tokens, topics, origin
+// uses the demo chat (on the JavaScript client) in two tabs, one of which goes
+// offline and comes back. Then runs auth.test.mjs (tokens, topics, origin
 // allowlist; relays of its own) in the same browser.
 //
 //   cd tests/browser && npm ci && node relay.test.mjs
@@ -75,17 +76,6 @@ async function health() {
   return (await fetch(`http://127.0.0.1:${port}/healthz`)).json();
 }
 
-async function waitForHealth(predicate, ms = WAIT_MS) {
-  const started = Date.now();
-  let last;
-  while (Date.now() - started < ms) {
-    last = await health();
-    if (predicate(last)) return last;
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  throw new Error(`/healthz never matched; last: ${JSON.stringify(last)}`);
-}
-
 // ---------------------------------------------------------------------------
 // A tiny test runner
 // ---------------------------------------------------------------------------
@@ -115,13 +105,17 @@ const big = (tag) =>
     rows: Array.from({ length: 1600 }, (_, i) => ({ i, name: "switchboard", text: "compressible text ".repeat(3) })),
   });
 
-test("demo page is served and loads in Chromium", async () => {
+test("demo chat is served, and loads the JavaScript client from /client.js", async () => {
   const response = await page.goto(`http://127.0.0.1:${port}/`, { timeout: 10_000 });
   assert.equal(response.status(), 200);
-  assert.equal(await page.title(), "Switchboard");
-  for (const sel of ["#me", "#envelope", "#connect", "#targets", "#payload", "#send", "#log"]) {
+  assert.equal(await page.title(), "Switchboard chat");
+  for (const sel of ["#me", "#connect", "#targets", "#text", "#send", "#log", "#status"]) {
     assert.equal(await page.locator(sel).count(), 1, `${sel} on the demo page`);
   }
+  const exported = await page.evaluate(async () => Object.keys(await import("/client.js")).sort());
+  assert.deepEqual(exported, ["Client", "Subscription", "SwitchboardError"]);
+  const script = await fetch(`http://127.0.0.1:${port}/client.js`);
+  assert.match(script.headers.get("content-type"), /^text\/javascript/);
   await page.evaluate(installHelpers);
 });
 
@@ -229,54 +223,99 @@ test("binary frame from the browser gets binary_not_supported", async () => {
   assert.equal(JSON.parse(err).code, "binary_not_supported");
 });
 
-test("demo UI: two tabs exchange messages through #connect/#send/#log", async () => {
-  const ui1 = page;
-  const ui2 = await context.newPage();
-  await ui2.goto(`http://127.0.0.1:${port}/`, { timeout: 10_000 });
+// Installed in a tab before its scripts run: every WebSocket the page makes is
+// kept in window.__sockets, and while window.__offline is set new ones go to a
+// port where nothing listens, as if the network were gone.
+function flakyNetwork() {
+  const Native = window.WebSocket;
+  window.__sockets = [];
+  window.__offline = false;
+  window.WebSocket = class extends Native {
+    constructor(url, protocols) {
+      super(window.__offline ? "ws://127.0.0.1:9/" : url, protocols);
+      window.__sockets.push(this);
+    }
+  };
+}
 
-  // Tab 1: carol, with envelopes (the default).
-  await ui1.fill("#me", "carol");
-  await ui1.click("#connect");
-  await ui1.waitForFunction(() => document.querySelector("#log").textContent.includes("connected ("), null, { timeout: WAIT_MS });
-  assert.match(await ui1.textContent("#log"), /connected \(switchboard\.v1, extensions: permessage-deflate/);
+const logOf = (ui) =>
+  ui.evaluate(() => [...document.querySelectorAll("#log li.message")].map((li) => [li.dataset.from, li.dataset.offset, li.textContent]));
 
-  // Tab 2: dave, raw.
-  await ui2.fill("#me", "dave");
-  await ui2.uncheck("#envelope");
-  await ui2.click("#connect");
-  await ui2.waitForFunction(() => document.querySelector("#log").textContent.includes("connected ("), null, { timeout: WAIT_MS });
-  assert.match(await ui2.textContent("#log"), /connected \(raw, extensions: permessage-deflate/);
-  await ui2.waitForSelector("#send:not([disabled])", { timeout: WAIT_MS });
+async function chatAs(ui, name) {
+  await ui.fill("#me", name);
+  await ui.click("#connect");
+  await ui.waitForFunction((name) => document.querySelector("#status").textContent === `connected as ${name}`, name, { timeout: WAIT_MS });
+}
 
-  // The relay registers an id just after the handshake: wait until both are in.
-  await waitForHealth((h) => h.clients === 4 && h.connections === 4);
-  // alice's message reaches both UIs.
-  await page.evaluate(() => window.sb.send("alice", JSON.stringify({ targets: ["carol", "dave"], payload: { hello: "ui" } })));
-  await ui1.waitForFunction(() => /<- \{"type":"message","from":"alice","offset":1,"epoch":"[a-z0-9]+","payload":\{"hello":"ui"\}\}/.test(document.querySelector("#log").textContent), null, { timeout: WAIT_MS });
-  await ui2.waitForFunction(() => document.querySelector("#log").textContent.includes('<- {"hello":"ui"}'), null, { timeout: WAIT_MS });
+test("demo chat: two tabs talk; a tab that goes offline gets every message sent meanwhile, exactly once, when it is back", async () => {
+  const tabs = await browser.newContext();
+  await tabs.addInitScript(flakyNetwork);
+  const carol = await tabs.newPage();
+  const dave = await tabs.newPage();
+  for (const ui of [carol, dave]) await ui.goto(`http://127.0.0.1:${port}/`, { timeout: 10_000 });
+  await chatAs(carol, "carol");
+  await chatAs(dave, "dave");
 
-  // carol -> dave and bob, through the UI.
-  await ui1.fill("#targets", "dave, bob, zed");
-  await ui1.fill("#payload", '{"text":"hello from the UI"}');
-  await ui1.click("#send");
-  await ui1.waitForFunction(() => document.querySelector("#log").textContent.includes('"type":"ack"'), null, { timeout: WAIT_MS });
-  const log1 = await ui1.textContent("#log");
-  assert.match(log1, /-> \{"targets":\["dave","bob","zed"\],"payload":\{"text":"hello from the UI"\},"id":1\}/);
-  assert.match(log1, /<- \{"type":"ack","id":1,"delivered":\["dave","bob"\],"offline":\["zed"\],"offsets":\{"dave":2,"bob":6,"zed":1\}\}/);
-  await ui2.waitForFunction(() => document.querySelector("#log").textContent.includes('<- {"text":"hello from the UI"}'), null, { timeout: WAIT_MS });
-  const atBob = await page.evaluate(() => window.sb.next("bob"));
-  assert.equal(atBob, delivery("carol", '{"text":"hello from the UI"}', 6, await epochOf("bob")));
+  // A raw client (alice, in the first page) reaches both chats.
+  await page.evaluate(() => window.sb.send("alice", JSON.stringify({ targets: ["carol", "dave"], payload: { text: "hi from alice" } })));
+  for (const ui of [carol, dave]) {
+    await ui.waitForFunction(() => document.querySelector("#log").textContent.includes("alice: hi from alice"), null, { timeout: WAIT_MS });
+  }
 
-  // dave -> carol, through the other tab's UI.
-  await ui2.fill("#targets", "carol");
-  await ui2.fill("#payload", '[1, "two", {"three": 3}]');
-  await ui2.click("#send");
-  await ui1.waitForFunction(() => /<- \{"type":"message","from":"dave","offset":2,"epoch":"[a-z0-9]+","payload":\[1,"two",\{"three":3\}\]\}/.test(document.querySelector("#log").textContent), null, { timeout: WAIT_MS });
-  // A raw client gets no ack, so dave's log has only what it sent and received.
-  assert.doesNotMatch(await ui2.textContent("#log"), /"type":"ack"/);
+  // carol writes to dave, bob (switchboard.v1, in the first page) and zed (nobody), from the keyboard.
+  await carol.fill("#targets", "dave, bob, zed");
+  await carol.fill("#text", "hello from the chat");
+  await carol.press("#text", "Enter");
+  await carol.waitForFunction(() => document.querySelector("#log li.mine[data-acked]"), null, { timeout: WAIT_MS });
+  assert.match(await carol.textContent("#log li.mine"), /✓ delivered to dave, bob; waiting for zed \(offline\)/);
+  await dave.waitForFunction(() => document.querySelector("#log").textContent.includes("carol: hello from the chat"), null, { timeout: WAIT_MS });
+  const atBob = JSON.parse(await page.evaluate(() => window.sb.next("bob")));
+  assert.deepEqual([atBob.from, atBob.payload], ["carol", { text: "hello from the chat" }]);
 
-  await ui1.screenshot({ path: SCREENSHOT, fullPage: true });
-  await ui2.close();
+  // dave's network goes: its socket closes and new ones cannot connect.
+  await dave.evaluate(() => {
+    window.__offline = true;
+    for (const ws of window.__sockets) ws.close(4000, "test: offline");
+  });
+  await dave.waitForFunction(() => document.querySelector("#status").textContent.startsWith("reconnecting"), null, { timeout: WAIT_MS });
+  await dave.waitForFunction(() => window.__sockets.length >= 2, null, { timeout: WAIT_MS });
+  const missed = [];
+  for (let i = 1; i <= 5; i++) {
+    missed.push(`while you were away ${i}`);
+    await carol.fill("#targets", "dave");
+    await carol.fill("#text", missed.at(-1));
+    await carol.click("#send");
+  }
+  await page.evaluate(() => window.sb.send("alice", JSON.stringify({ targets: ["dave"], payload: { text: "and one from alice" } })));
+  await carol.waitForFunction(() => document.querySelectorAll("#log li.mine[data-acked]").length === 6, null, { timeout: WAIT_MS });
+  assert.equal((await logOf(dave)).length, 2, "nothing reached dave while offline");
+
+  // Back: the chat resumes from the last message it saw.
+  await dave.evaluate(() => {
+    window.__offline = false;
+  });
+  await dave.waitForFunction(() => document.querySelector("#status").textContent === "connected as dave", null, { timeout: 30_000 });
+  await dave.waitForFunction(() => document.querySelectorAll("#log li.message").length >= 8, null, { timeout: WAIT_MS });
+  await new Promise((r) => setTimeout(r, 300));
+  const log = await logOf(dave);
+  assert.deepEqual(
+    log.map(([from, , text]) => `${from}|${text}`),
+    [
+      "alice|alice: hi from alice",
+      "carol|carol: hello from the chat",
+      ...missed.map((text) => `carol|carol: ${text}`),
+      "alice|alice: and one from alice",
+    ],
+  );
+  const offsets = log.map(([, offset]) => Number(offset));
+  assert.deepEqual(offsets, offsets.map((_, i) => i + 1), "every inbox offset once, in order");
+  const notes = await dave.textContent("#log");
+  assert.match(notes, /Back online: 6 missed message\(s\) follow\./);
+  assert.doesNotMatch(notes, /could not be recovered/);
+
+  await carol.screenshot({ path: SCREENSHOT.replace(/\.png$/, "-carol.png"), fullPage: true });
+  await dave.screenshot({ path: SCREENSHOT, fullPage: true });
+  await tabs.close();
 });
 
 test("SIGTERM: the browser's sockets close with 1012 (service restart) and the relay exits 0", async () => {
@@ -284,7 +323,6 @@ test("SIGTERM: the browser's sockets close with 1012 (service restart) and the r
   const [alice, bob] = await page.evaluate(() => Promise.all([window.sb.closed("alice"), window.sb.closed("bob")]));
   assert.equal(alice.code, 1012);
   assert.equal(bob.code, 1012);
-  await page.waitForFunction(() => document.querySelector("#log").textContent.includes("closed 1012"), null, { timeout: WAIT_MS });
   const exit = await withTimeout(serverExit, 10_000, "relay exit after SIGTERM");
   assert.deepEqual(exit, { code: 0, signal: null });
 });

@@ -1,4 +1,5 @@
-//! The HTTP routes: `/ws` (the relay), `/healthz`, and `/` (a demo page).
+//! The HTTP routes: `/ws` (the relay), `/healthz`, `/` (a demo chat) and
+//! `/client.js` (the JavaScript client it runs on).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,6 +29,7 @@ pub const TOKEN_PROTOCOL_PREFIX: &str = "bearer.";
 pub fn router(hub: Arc<Hub>, echo_path: Option<&str>) -> Router {
     let router = Router::new()
         .route("/", get(demo_page))
+        .route("/client.js", get(client_js))
         .route("/ws", get(relay))
         .route("/healthz", get(healthz));
     let router = match echo_path {
@@ -232,6 +234,20 @@ async fn healthz(State(hub): State<Arc<Hub>>) -> Response {
         .into_response()
 }
 
+/// The browser chat of `examples/browser-chat`, on the JavaScript client.
 async fn demo_page() -> Html<&'static str> {
-    Html(include_str!("../assets/index.html"))
+    Html(include_str!("../../../examples/browser-chat/index.html"))
+}
+
+/// `@switchboard/client`, minified (built by `clients/js/build.mjs`, which checks
+/// that this copy is its output). Any origin may load it: it is public code.
+async fn client_js() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("../assets/client.js"),
+    )
 }
