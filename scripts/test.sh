@@ -49,8 +49,8 @@ export SWITCHBOARD_EXAMPLES="$PWD/target/debug/examples"
 step "Python relay and history suites against a 3-node cluster on Redis"
 SWITCHBOARD_TEST_CLUSTER=3 .venv/bin/python -m pytest -q tests/python/test_relay.py tests/python/test_history.py
 
-step "JavaScript client (clients/js): build, size budget, node:test against the binary"
-(cd clients/js && npm ci --silent --no-audit --no-fund && npm test)
+step "JavaScript client (clients/js): build, size budget, node:test against the binary, then on a 3-node cluster"
+(cd clients/js && npm ci --silent --no-audit --no-fund && npm test && npm run test:cluster)
 
 step "HTTP API contract (schemathesis against docs/openapi.json)"
 scripts/schemathesis.sh

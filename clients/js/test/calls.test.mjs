@@ -7,7 +7,7 @@ import { after, afterEach, before, test } from "node:test";
 import WebSocket from "ws";
 
 import { Client, SwitchboardError } from "../dist/index.js";
-import { configFile, record, Server, until } from "./server.mjs";
+import { CLUSTER, configFile, record, Server, until } from "./server.mjs";
 
 const NAMESPACES = `
 [[namespaces]]
@@ -193,7 +193,10 @@ test("a client closed for abuse (1008) does not reconnect", async () => {
     await a.connect();
     const results = await Promise.allSettled(Array.from({ length: 8 }, (_, i) => a.send(["flood"], i)));
     const codes = results.map((r) => (r.status === "fulfilled" ? "ok" : r.reason.code));
-    assert.ok(codes.includes("rate_limited"), codes.join());
+    // Refused ones are answered rate_limited; in a cluster the answers that wait on
+    // Redis may be overtaken by the close, and those reject with disconnected.
+    assert.ok(codes.every((code) => ["ok", "rate_limited", "disconnected"].includes(code)), codes.join());
+    if (!CLUSTER) assert.ok(codes.includes("rate_limited"), codes.join());
     await until(() => seen.disconnected.length === 1, 5000, "the 1008 close");
     assert.equal(seen.disconnected[0].code, 1008);
     assert.equal(seen.disconnected[0].reconnect, false);

@@ -1,13 +1,15 @@
 // Restarts in the middle of a stream, on the real server: a graceful restart
 // (SIGTERM; the history snapshot survives) loses nothing, and a crash (SIGKILL;
 // history gone) is reported as recovered: false, for the inbox and for topics.
+// In a cluster (SWITCHBOARD_TEST_CLUSTER) the history is in Redis: a crash of
+// every node loses nothing either, and it is gone only when Redis is wiped.
 import assert from "node:assert/strict";
 import { afterEach, test } from "node:test";
 
 import WebSocket from "ws";
 
 import { Client } from "../dist/index.js";
-import { configFile, record, Server, until } from "./server.mjs";
+import { CLUSTER, configFile, record, Server, until } from "./server.mjs";
 
 const NAMESPACES = `
 [[namespaces]]
@@ -38,7 +40,12 @@ function assertInOrder(a, what) {
   for (let i = 1; i < a.length; i++) assert.ok(a[i - 1] < a[i], `${what} out of order or repeated at ${i}: ${a.slice(i - 2, i + 2)}`);
 }
 
-test("a graceful restart in the middle of a stream: every acked message arrives once, in order (inbox and topic)", async () => {
+/**
+ * Streams 400 direct messages and 400 publishes from one client to another,
+ * and halts the server (`"stop"`: SIGTERM, `"kill"`: SIGKILL) and starts it
+ * again a third of the way in. Every acked message must arrive once, in order.
+ */
+async function streamThrough(halt) {
   const server = await start();
   const consumer = client(server, "consumer");
   const producer = client(server, "producer");
@@ -56,8 +63,8 @@ test("a graceful restart in the middle of a stream: every acked message arrives 
     sends.push(producer.send(["consumer"], i).then(() => "acked", (e) => e.code));
     publishes.push(producer.publish("news:stream", i).then(() => "acked", (e) => e.code));
     if (i === 150) {
-      restarted = server.stop().then(async (exit) => {
-        assert.equal(exit.code, 0, "a graceful stop exits 0");
+      restarted = server[halt]().then(async (exits) => {
+        if (halt === "stop") assert.ok(exits.every((exit) => exit.code === 0), "a graceful stop exits 0");
         await server.restart();
       });
     }
@@ -77,7 +84,7 @@ test("a graceful restart in the middle of a stream: every acked message arrives 
   for (const i of inbox()) assert.ok(sent[i] === "acked" || sent[i] === "disconnected");
   assert.ok(acked(sent).length > TOTAL - 10, `most sends acked: ${acked(sent).length}`);
   // The restart was seen, and both streams resumed whole.
-  assert.equal(seen.disconnected[0].code, 1012);
+  assert.equal(seen.disconnected[0].code, halt === "stop" ? 1012 : 1006);
   assert.equal(seen.disconnected[0].reconnect, true);
   const resumed = seen.connected.at(-1);
   assert.equal(resumed.resumed, true);
@@ -86,9 +93,15 @@ test("a graceful restart in the middle of a stream: every acked message arrives 
   assert.deepEqual(topic.subscribed.at(-1).recovered, true);
   // Offsets went on from where they were: no message was given an offset twice.
   assertInOrder(seen.message.map((m) => m.offset), "inbox offsets");
-});
+}
 
-test("a crash (kill -9) loses the history, and the client says recovered: false for its inbox and its topic", async () => {
+test("a graceful restart in the middle of a stream: every acked message arrives once, in order (inbox and topic)", () =>
+  streamThrough("stop"));
+
+test("cluster: a crash of every node in the middle of a stream loses nothing either (Redis keeps it)", { skip: !CLUSTER && "one node" }, () =>
+  streamThrough("kill"));
+
+test("history lost (kill -9; in a cluster, Redis wiped too): the client says recovered: false for its inbox and its topic", async () => {
   const server = await start();
   const consumer = client(server, "crashed");
   const producer = client(server, "sender");
@@ -102,6 +115,7 @@ test("a crash (kill -9) loses the history, and the client says recovered: false 
   await until(() => seen.message.length === 1 && topic.got.length === 1);
 
   await server.kill();
+  if (server.redis) assert.equal(await server.redis.command("FLUSHALL"), "+OK");
   await until(() => seen.reconnecting.length >= 2, 5000, "reconnect attempts while the server is down");
   await server.restart();
   await until(() => seen.connected.length === 2 && topic.subscribed.length === 2, 10_000, "the reconnect");
