@@ -517,8 +517,16 @@ def test_demo_page_and_healthz(server):
     status, headers, body = server.http("GET", "/")
     assert status == 200
     assert headers.get("content-type", "").startswith("text/html")
-    for element in (b'id="me"', b'id="connect"', b'id="targets"', b'id="payload"', b'id="send"', b'id="log"'):
+    for element in (b'id="me"', b'id="connect"', b'id="targets"', b'id="text"', b'id="send"', b'id="log"'):
         assert element in body
+    assert b'import { Client } from "/client.js"' in body
+
+    # The JavaScript client the page runs on, for any origin.
+    status, headers, body = server.http("GET", "/client.js")
+    assert status == 200
+    assert headers.get("content-type", "").startswith("text/javascript")
+    assert headers.get("access-control-allow-origin") == "*"
+    assert b"export{" in body and b"SwitchboardError" in body
 
     status, headers, body = server.http("GET", "/healthz")
     assert status == 200

@@ -7,6 +7,12 @@ import { expiresAt, renewAt } from "./token.js";
 
 const PROTOCOL = "switchboard.v1";
 const CLIENT_ID = /^[A-Za-z0-9._~:@-]{1,128}$/;
+/** A connection up this long resets the backoff; a shorter one (welcomed, then closed) does not. */
+const STABLE_MS = 10_000;
+/** The least wait between renewals, whatever the token's dates say. */
+const RENEW_FLOOR_MS = 1_000;
+/** Server errors after which a subscribe is sent again. */
+const TRANSIENT = ["rate_limited", "unavailable"];
 
 /** What a WebSocket implementation must offer: the browser's, Node 22's, or the `ws` package's. */
 export interface WebSocketLike {
@@ -149,11 +155,16 @@ export class Client extends Emitter<Events> {
   private readonly connectTimeout: number;
 
   private state: State = "idle";
+  /** Counts connection attempts and stops: work begun for an older one finds it changed and gives up. */
+  private generation = 0;
   private ws?: WebSocketLike;
   private attempt = 0;
+  private connectedAt = 0;
   private timer?: ReturnType<typeof setTimeout>;
   private renewal?: ReturnType<typeof setTimeout>;
   private token?: string;
+  /** When `token` is due for renewal (local clock). */
+  private renewTokenAt = 0;
   private nextId = 1;
   private readonly inflight = new Map<number, Request>();
   private readonly queue: Request[] = [];
@@ -182,7 +193,8 @@ export class Client extends Emitter<Events> {
 
   /**
    * Connects, and keeps connecting until `close()`. Settles on the next
-   * `connected`; rejects with code `closed` when the client stops first.
+   * `connected`; rejects with code `closed` when the client stops first, by a
+   * close that means "stay away" or by `close()`.
    */
   connect(): Promise<void> {
     const settled = new Promise<void>((resolve, reject) => {
@@ -192,7 +204,7 @@ export class Client extends Emitter<Events> {
     if (this.state === "idle" || this.state === "closed") {
       this.state = "connecting";
       this.attempt = 0;
-      void this.open();
+      void this.open(++this.generation);
     }
     return settled;
   }
@@ -203,8 +215,7 @@ export class Client extends Emitter<Events> {
    * `connect()` resumes the inbox and the subscriptions where they were.
    */
   close(): void {
-    if (this.state === "closed" || this.state === "idle") return;
-    this.stop(1000, "", "closed by the application");
+    if (this.state !== "closed") this.stop(1000, "", "closed by the application");
   }
 
   /** Sends `payload` to every connection of each target id; settles with the ack. */
@@ -268,8 +279,18 @@ export class Client extends Emitter<Events> {
       reject: (error: SwitchboardError) => {
         // Cut off: the next connection subscribes again.
         if (error.code === "disconnected" || !current()) return;
-        this.subscriptions.delete(subscription.topic);
-        subscription.refused(error);
+        const ws = this.ws;
+        if (TRANSIENT.includes(error.code)) {
+          setTimeout(() => ws === this.ws && current() && this.join(subscription), RENEW_FLOOR_MS);
+        } else if (error.code === "invalid_since") {
+          // The server's stream is behind the client's position: start over, and say so.
+          subscription.restart();
+          this.join(subscription);
+        } else {
+          this.subscriptions.delete(subscription.topic);
+          subscription.refused(error);
+          this.emit("error", error);
+        }
       },
     });
   }
@@ -295,25 +316,30 @@ export class Client extends Emitter<Events> {
     (this.ws as WebSocketLike).send(JSON.stringify({ ...request.frame, id }));
   }
 
-  private async open(): Promise<void> {
+  private async open(generation: number): Promise<void> {
     const WebSocket = this.WebSocket ?? (globalThis as any).WebSocket;
     if (!WebSocket) {
       this.stop(1006, "", "no WebSocket implementation: on Node 20 pass { WebSocket } from the ws package");
       return;
     }
+    // The whole attempt, getToken included, has connectTimeout.
+    this.timer = setTimeout(() => this.abandon(generation), this.connectTimeout);
     const protocols = [PROTOCOL];
     if (!("id" in this.auth)) {
       let token: string;
       try {
         token = await this.currentToken();
       } catch (error) {
+        if (generation !== this.generation) return;
+        clearTimeout(this.timer);
         this.emit("error", new SwitchboardError("token", `getToken failed: ${error}`));
         this.retry(1006, "getToken failed");
         return;
       }
-      if (this.state !== "connecting") return;
+      if (generation !== this.generation) return;
       const expires = expiresAt(token);
-      if ("token" in this.auth && expires !== undefined && expires <= Date.now()) {
+      // A minute's grace for a client clock that runs fast; the server has the last word.
+      if ("token" in this.auth && expires !== undefined && expires + 60_000 <= Date.now()) {
         this.stop(4001, "", "the token has expired and there is no getToken to renew it");
         return;
       }
@@ -330,18 +356,37 @@ export class Client extends Emitter<Events> {
       return;
     }
     this.ws = ws;
-    this.timer = setTimeout(() => this.lost(ws, 1006, "connect timeout"), this.connectTimeout);
     ws.onmessage = (event) => this.receive(ws, event.data);
     ws.onclose = (event) => this.lost(ws, event.code, event.reason);
     ws.onerror = () => {};
   }
 
+  /** Attempt `generation` took longer than connectTimeout (its socket, or getToken). */
+  private abandon(generation: number): void {
+    if (generation !== this.generation || this.state !== "connecting") return;
+    if (this.ws) {
+      this.lost(this.ws, 1006, "connect timeout");
+      return;
+    }
+    this.generation++;
+    this.retry(1006, "connect timeout");
+  }
+
   /** The token to connect with: `getToken`'s, fetched again when it is due for renewal. */
   private async currentToken(): Promise<string> {
     if ("token" in this.auth) return this.auth.token;
-    const due = this.token === undefined ? 0 : (renewAt(this.token) ?? Infinity);
-    if (Date.now() >= due) this.token = await (this.auth as { getToken: () => string | Promise<string> }).getToken();
+    if (this.token === undefined || Date.now() >= this.renewTokenAt) this.take(await this.fetchToken());
     return this.token as string;
+  }
+
+  private fetchToken(): Promise<string> {
+    return Promise.resolve((this.auth as { getToken: () => string | Promise<string> }).getToken());
+  }
+
+  /** Keeps `token`, and when to renew it, dated by this client's clock. */
+  private take(token: string): void {
+    this.token = token;
+    this.renewTokenAt = renewAt(token, Date.now()) ?? Infinity;
   }
 
   private receive(ws: WebSocketLike, data: unknown): void {
@@ -371,12 +416,12 @@ export class Client extends Emitter<Events> {
 
   private welcome(frame: { client: string; epoch: string; offset: number; recovered?: boolean; missed?: number }): void {
     clearTimeout(this.timer);
+    this.connectedAt = Date.now();
     const resumed = this.inbox !== undefined;
     const recovered = !resumed || frame.recovered === true;
     // On a recovered resume the missed messages follow and move `inbox` on.
     if (!recovered || !resumed) this.inbox = { epoch: frame.epoch, offset: frame.offset };
     this.state = "connected";
-    this.attempt = 0;
     this.scheduleRenewal();
     // Subscriptions first: a held publish to a topic this client reads then reaches it.
     for (const subscription of this.subscriptions.values()) this.join(subscription);
@@ -407,33 +452,42 @@ export class Client extends Emitter<Events> {
   }
 
   private scheduleRenewal(): void {
-    if (!("getToken" in this.auth) || this.token === undefined) return;
-    const at = renewAt(this.token);
-    if (at === undefined) return;
-    this.renewal = setTimeout(() => void this.renew(), Math.max(0, at - Date.now()));
+    clearTimeout(this.renewal);
+    if (!("getToken" in this.auth) || this.renewTokenAt === Infinity) return;
+    const wait = Math.max(RENEW_FLOOR_MS, this.renewTokenAt - Date.now());
+    this.renewal = setTimeout(() => void this.renew(), wait);
   }
 
   /** Fetches a token and hands it to the server before the current one expires. */
   private async renew(): Promise<void> {
     const ws = this.ws;
+    const live = () => ws === this.ws && this.state === "connected";
     let token: string;
     try {
-      token = await (this.auth as { getToken: () => string | Promise<string> }).getToken();
+      token = await this.fetchToken();
     } catch (error) {
+      if (!live()) return;
       this.emit("error", new SwitchboardError("token", `getToken failed: ${error}`));
-      // Try again while there is time; at expiry the server closes with 4001 and the client reconnects.
-      if (ws === this.ws) this.renewal = setTimeout(() => void this.renew(), 1_000);
+      // Again while there is time; at expiry the server closes with 4001 and the client reconnects.
+      if (live()) this.renewal = setTimeout(() => void this.renew(), RENEW_FLOOR_MS);
       return;
     }
-    if (ws !== this.ws || this.state !== "connected") return;
+    if (!live()) return;
+    // The same token again (a cache) gains nothing: ask later.
+    if ((expiresAt(token) ?? Infinity) <= (expiresAt(this.token as string) ?? -Infinity)) {
+      this.renewal = setTimeout(() => void this.renew(), RENEW_FLOOR_MS);
+      return;
+    }
     try {
       await this.transmit({ type: "refresh", token });
-      this.token = token;
-      this.scheduleRenewal();
     } catch (error) {
       const code = (error as SwitchboardError).code;
-      if (code !== "disconnected" && code !== "closed") this.emit("error", error as SwitchboardError);
+      if (code !== "disconnected") this.emit("error", error as SwitchboardError);
+      return;
     }
+    if (!live()) return;
+    this.take(token);
+    this.scheduleRenewal();
   }
 
   /** The connection (or attempt) `ws` ended with `code`. */
@@ -447,16 +501,23 @@ export class Client extends Emitter<Events> {
     const wasConnected = this.state === "connected";
     this.detach();
     this.state = "connecting";
+    const generation = ++this.generation;
     // A token refused at the handshake, or expired, is fetched again.
     if (!wasConnected || code === 4001) this.token = undefined;
+    // Only a connection that stayed up resets the backoff: one that a server
+    // welcomes and closes at once must not be retried at once, forever.
+    if (wasConnected && Date.now() - this.connectedAt >= STABLE_MS) this.attempt = 0;
     if (wasConnected) this.emit("disconnected", { code, reason, reconnect: true });
-    this.retry(code, reason);
+    // A handler may have closed the client.
+    if (generation === this.generation) this.retry(code, reason);
   }
 
   private retry(code: number, reason: string): void {
+    const generation = this.generation;
     const delay = backoffDelay(this.attempt++, this.backoff);
     this.emit("reconnecting", { attempt: this.attempt, delay, code, reason });
-    this.timer = setTimeout(() => void this.open(), delay);
+    if (generation !== this.generation) return;
+    this.timer = setTimeout(() => generation === this.generation && void this.open(++this.generation), delay);
   }
 
   /** Drops the socket and fails what was sent on it. */
@@ -483,6 +544,7 @@ export class Client extends Emitter<Events> {
     const wasConnected = this.state === "connected";
     this.detach();
     this.state = "closed";
+    this.generation++;
     const error = new SwitchboardError("closed", why);
     for (const request of this.queue.splice(0)) request.reject(error);
     for (const [, reject] of this.waiting.splice(0)) reject(error);

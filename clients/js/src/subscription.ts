@@ -107,6 +107,11 @@ export class Subscription {
     call(this.handlers.subscribed, { resumed, recovered, missed: recovered && resumed ? ack.missed : undefined });
   }
 
+  /** Forgets the position: the next subscribe starts afresh, and reports `recovered: false`. */
+  restart(): void {
+    this.seen = undefined;
+  }
+
   /** The server refused the subscribe. */
   refused(error: SwitchboardError): void {
     call(this.handlers.error, error);
@@ -114,6 +119,8 @@ export class Subscription {
 
   /** A message or a presence event of the topic. */
   receive(frame: TopicFrame): void {
+    // Before its first ack, a frame can only be one an earlier subscription to the topic was owed.
+    if (!this.accepted) return;
     if (frame.event === "join" || frame.event === "leave") {
       call(this.handlers[frame.event], frame.client as string);
       return;

@@ -1,22 +1,28 @@
 /**
- * When a JWT should be replaced, in milliseconds since the Unix epoch: a fifth
- * of its remaining life before it expires, and at most 30 s before. Undefined
- * for a token with no readable `exp`. The client only reads the claim; the
- * server verifies the token.
+ * When a JWT just received should be replaced, by this client's clock, in
+ * milliseconds since the Unix epoch: a fifth of its life before it ends, and at
+ * most 30 s before. Its life is `exp - iat` counted from `now`, so a client
+ * clock that is off does not matter; without `iat`, it is `exp` read against
+ * the local clock. Undefined for a token with no readable `exp`. The client only
+ * reads the claims; the server verifies the token.
  */
-export function renewAt(token: string, now: number = Date.now()): number | undefined {
-  const expires = expiresAt(token);
-  if (expires === undefined) return undefined;
-  return expires - Math.min(30_000, Math.max(0, expires - now) / 5);
+export function renewAt(token: string, now: number): number | undefined {
+  const { exp, iat } = claims(token);
+  if (typeof exp !== "number") return undefined;
+  const ends = typeof iat === "number" ? now + (exp - iat) * 1000 : exp * 1000;
+  return ends - Math.min(30_000, Math.max(0, ends - now) / 5);
 }
 
 /** A JWT's `exp` claim, in milliseconds since the Unix epoch. */
 export function expiresAt(token: string): number | undefined {
+  const { exp } = claims(token);
+  return typeof exp === "number" ? exp * 1000 : undefined;
+}
+
+function claims(token: string): { exp?: unknown; iat?: unknown } {
   try {
-    const claims = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
-    const exp = JSON.parse(atob(claims)).exp;
-    return typeof exp === "number" ? exp * 1000 : undefined;
+    return JSON.parse(atob(token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/"))) ?? {};
   } catch {
-    return undefined;
+    return {};
   }
 }

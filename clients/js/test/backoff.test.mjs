@@ -76,3 +76,20 @@ test("an attempt that never completes is abandoned after connectTimeout and retr
   assert.ok(performance.now() - started >= 600, "each attempt waited connectTimeout");
   assert.ok(silent.arrivals.length >= 2);
 });
+
+test("the waits grow: at the top of each range they double up to the cap", async () => {
+  const refusing = await listener((socket) => socket.destroy());
+  const random = Math.random;
+  Math.random = () => 0.999;
+  const a = new Client(refusing.url, { WebSocket, id: "growth", backoff: { initial: 20, max: 160 } });
+  const seen = record(a);
+  a.connect().catch(() => {});
+  try {
+    await until(() => seen.reconnecting.length >= 6, 5000, "6 retries");
+  } finally {
+    Math.random = random;
+    a.close();
+    await refusing.close();
+  }
+  assert.deepEqual(seen.reconnecting.slice(0, 6).map((e) => e.delay), [19, 39, 79, 159, 159, 159]);
+});

@@ -146,6 +146,31 @@ test("close(): one disconnected event, and held or later requests reject with cl
   assert.deepEqual(seen.disconnected, [{ code: 1000, reason: "", reconnect: false, why: "closed by the application" }]);
   await assert.rejects(a.send(["closer"], 1), { code: "closed" });
   assert.equal(seen.reconnecting.length, 0);
+  // Held before connect(), and held while an attempt cannot connect: both rejected by close().
+  const idle = client({ id: "idle" });
+  const heldIdle = idle.send(["x"], 1);
+  idle.close();
+  await assert.rejects(heldIdle, { code: "closed" });
+  const stuck = client({ id: "stuck" }, {}, "ws://127.0.0.1:9/ws");
+  const connecting = stuck.connect();
+  const heldConnecting = stuck.send(["x"], 1);
+  stuck.close();
+  await assert.rejects(heldConnecting, { code: "closed" });
+  await assert.rejects(connecting, { code: "closed" });
+});
+
+test("close() from a disconnected handler stops the reconnect it would have made", async () => {
+  const a = client({ id: "handler-closes" });
+  const seen = record(a);
+  a.on("disconnected", () => a.close());
+  await a.connect();
+  await server.api("disconnect", { id: "handler-closes", code: 4000 });
+  await until(() => seen.disconnected.length >= 1, 5000, "the close");
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(seen.connected.length, 1, "no second connection");
+  assert.equal(seen.reconnecting.length, 0);
+  await assert.rejects(a.send(["x"], 1), { code: "closed" });
+  assert.equal((await server.get("clients/handler-closes")).connections, 0);
 });
 
 test("client ids are checked at once; a missing WebSocket implementation is named", async () => {

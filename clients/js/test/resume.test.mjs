@@ -123,8 +123,6 @@ test("history lost (kill -9; in a cluster, Redis wiped too): the client says rec
   const { resumed, recovered } = seen.connected[1];
   assert.deepEqual({ resumed, recovered }, { resumed: true, recovered: false });
   assert.deepEqual(topic.subscribed[1], { resumed: true, recovered: false, missed: undefined });
-  // The attempt count starts again after a connection: the first retry of the crash was attempt 1.
-  assert.equal(seen.reconnecting[0].attempt, 1);
 
   // Live again, from the new positions.
   await producer.send(["crashed"], "after");

@@ -129,6 +129,14 @@ export class Server {
     return JSON.parse(text);
   }
 
+  /** GETs `path` of the HTTP API from the next node; the parsed answer. */
+  async get(path) {
+    const response = await fetch(`http://127.0.0.1:${this.next().port}/api/v1/${path}`, {
+      headers: { authorization: `Bearer ${API_KEY}` },
+    });
+    return response.json();
+  }
+
   /** SIGTERM to every node (a graceful stop); resolves with their exits. */
   stop() {
     return Promise.all(this.nodes.map((node) => node.signal("SIGTERM")));

@@ -38,7 +38,8 @@ test("a static token: the client is its sub; at expiry the server closes 4001 an
 });
 
 test("an expired static token is not even tried", async () => {
-  const a = client({ token: jwt("late", -5) });
+  // Past exp by more than the minute of grace the client allows a fast clock.
+  const a = client({ token: jwt("late", -120) });
   const seen = record(a);
   await assert.rejects(a.connect(), { code: "closed", message: /expired/ });
   assert.equal(seen.disconnected[0].reconnect, false);
@@ -83,4 +84,48 @@ test("getToken: a token the server let expire (4001) is replaced, and the client
   assert.ok(seen.error.some((e) => e.code === "token" && /auth service is down/.test(e.message)), "getToken's failures are reported");
   assert.equal(seen.connected[1].resumed, true);
   assert.equal(seen.connected[1].recovered, true);
+});
+
+test("connect(), close(), connect() while getToken is pending makes one connection, not two", async () => {
+  const a = client({ getToken: async () => jwt("strict-mode", 60) });
+  const seen = record(a);
+  a.connect().catch(() => {});
+  a.close();
+  await a.connect();
+  await new Promise((r) => setTimeout(r, 200));
+  assert.equal(seen.connected.length, 1);
+  assert.equal((await server.get("clients/strict-mode")).connections, 1);
+});
+
+test("close() while getToken is pending: nothing opens and nothing retries, whether it resolves or throws", async () => {
+  for (const outcome of ["resolve", "throw"]) {
+    let settle;
+    const pending = (ok, fail) => {
+      settle = outcome === "resolve" ? () => ok(jwt("late-token", 60)) : () => fail(new Error("no"));
+    };
+    const a = client({ getToken: () => new Promise(pending) });
+    const seen = record(a);
+    a.connect().catch(() => {});
+    await until(() => settle, 1000, "getToken's call");
+    a.close();
+    settle();
+    await new Promise((r) => setTimeout(r, 300));
+    assert.deepEqual([seen.connected.length, seen.reconnecting.length, seen.error.length], [0, 0, 0], outcome);
+    assert.equal((await server.get("clients/late-token")).connections, 0);
+  }
+});
+
+test("a getToken that hangs is abandoned after connectTimeout, and the next attempt calls it again", async () => {
+  let calls = 0;
+  const a = new Client(server.url, {
+    WebSocket,
+    backoff: { initial: 10, max: 10 },
+    connectTimeout: 300,
+    getToken: () => (++calls === 1 ? new Promise(() => {}) : jwt("hung", 60)),
+  });
+  clients.push(a);
+  const seen = record(a);
+  await a.connect();
+  assert.equal(calls, 2);
+  assert.equal(seen.reconnecting[0].reason, "connect timeout");
 });

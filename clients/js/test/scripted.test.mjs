@@ -1,0 +1,140 @@
+// What the client does with answers the real server gives only in rare states,
+// from a scripted server: a replay that overlaps what was already delivered (the
+// client's own guard drops it by offset; the real server never sends one, its
+// tests say so), refused resubscribes, and a server that welcomes and then
+// closes at once.
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import WebSocket, { WebSocketServer } from "ws";
+
+import { Client } from "../dist/index.js";
+import { record, until } from "./server.mjs";
+
+test("a replay that overlaps what was delivered is dropped by offset, for the inbox and a topic", async () => {
+  const wss = new WebSocketServer({ port: 0, host: "127.0.0.1", handleProtocols: () => "switchboard.v1" });
+  const urls = [];
+  const subscribes = [];
+  wss.on("connection", (ws, request) => {
+    const n = urls.push(request.url);
+    const send = (frame) => ws.send(JSON.stringify(frame));
+    const message = (offset) => send({ type: "message", from: "x", offset, epoch: "e1", payload: offset });
+    const topic = (offset) => send({ type: "message", topic: "t", offset, epoch: "t1", payload: offset });
+    if (n === 1) {
+      send({ type: "welcome", client: "d", offset: 0, epoch: "e1" });
+      message(1);
+      message(2);
+    } else {
+      send({ type: "welcome", client: "d", recovered: true, missed: 2, offset: 3, epoch: "e1" });
+      message(2);
+      message(3);
+    }
+    ws.on("message", (data) => {
+      const frame = JSON.parse(data);
+      subscribes.push(frame);
+      if (n === 1) {
+        send({ type: "ack", id: frame.id, topic: "t", offset: 0, epoch: "t1" });
+        topic(1);
+        topic(2);
+        setTimeout(() => ws.close(1012, "restart"), 50);
+      } else {
+        send({ type: "ack", id: frame.id, topic: "t", recovered: true, missed: 2, offset: 3, epoch: "t1" });
+        topic(2);
+        topic(3);
+      }
+    });
+  });
+  await new Promise((r) => wss.once("listening", r));
+  const a = new Client(`ws://127.0.0.1:${wss.address().port}/ws`, { WebSocket, id: "d", backoff: { initial: 10, max: 10 } });
+  const seen = record(a);
+  const got = [];
+  a.subscribe("t", { message: (m) => got.push(m.offset) });
+  try {
+    await a.connect();
+    await until(() => seen.connected.length === 2 && got.length >= 3 && seen.message.length >= 3, 5000, "the resumed streams");
+    await new Promise((r) => setTimeout(r, 100));
+  } finally {
+    a.close();
+    await new Promise((r) => wss.close(r));
+  }
+  assert.deepEqual(seen.message.map((m) => m.offset), [1, 2, 3]);
+  assert.deepEqual(got, [1, 2, 3]);
+  assert.equal(urls[0], "/ws?id=d");
+  assert.equal(urls[1], "/ws?id=d&since=e1%3A2");
+  assert.deepEqual(subscribes[0], { type: "subscribe", topic: "t", id: 1 });
+  assert.deepEqual(subscribes[1], { type: "subscribe", topic: "t", since: { epoch: "t1", offset: 2 }, id: 2 });
+  assert.equal(seen.connected[1].missed, 2);
+});
+
+/** A WebSocket server speaking switchboard.v1 that runs `script(ws, n, request)` for its n-th connection. */
+async function scripted(script) {
+  const wss = new WebSocketServer({ port: 0, host: "127.0.0.1", handleProtocols: () => "switchboard.v1" });
+  let n = 0;
+  wss.on("connection", (ws, request) => script(ws, ++n, request));
+  await new Promise((r) => wss.once("listening", r));
+  return { url: `ws://127.0.0.1:${wss.address().port}/ws`, close: () => new Promise((r) => wss.close(r)) };
+}
+
+const json = (ws, frame) => ws.send(JSON.stringify(frame));
+
+test("a resubscribe refused for now (rate_limited) is sent again; one refused for its since starts over with recovered: false", async () => {
+  const asked = [];
+  const server = await scripted((ws, n) => {
+    json(ws, { type: "welcome", client: "s", offset: 0, epoch: "e" });
+    ws.on("message", (data) => {
+      const frame = JSON.parse(data);
+      asked.push([n, frame.topic, frame.since ?? null]);
+      const tries = asked.filter(([m, topic]) => m === n && topic === frame.topic).length;
+      const ack = { type: "ack", id: frame.id, topic: frame.topic, offset: 5, epoch: "t" };
+      if (n === 1) {
+        json(ws, ack);
+        json(ws, { type: "message", topic: frame.topic, offset: 6, epoch: "t", payload: "first" });
+        if (frame.topic === "busy") setTimeout(() => ws.close(1012), 50);
+      } else if (frame.topic === "busy" && tries === 1) {
+        json(ws, { type: "error", id: frame.id, code: "rate_limited", message: "slow down" });
+      } else if (frame.topic === "ahead" && frame.since) {
+        json(ws, { type: "error", id: frame.id, code: "invalid_since", message: "since is ahead" });
+      } else {
+        json(ws, { ...ack, ...(frame.since ? { recovered: true, missed: 0, offset: 6 } : {}) });
+        json(ws, { type: "message", topic: frame.topic, offset: 7, epoch: "t", payload: "second" });
+      }
+    });
+  });
+  const a = new Client(server.url, { WebSocket, id: "s", backoff: { initial: 10, max: 10 } });
+  const events = { busy: [], ahead: [] };
+  const got = { busy: [], ahead: [] };
+  const errors = [];
+  a.on("error", (e) => errors.push(e));
+  for (const topic of ["busy", "ahead"]) {
+    a.subscribe(topic, { subscribed: (e) => events[topic].push(e), message: (m) => got[topic].push(m.payload), error: (e) => errors.push(e) });
+  }
+  try {
+    await a.connect();
+    await until(() => got.busy.length === 2 && got.ahead.length === 2, 5000, "both topics back");
+  } finally {
+    a.close();
+    await server.close();
+  }
+  assert.deepEqual(asked.filter(([n, topic]) => n === 2 && topic === "busy"), [[2, "busy", { epoch: "t", offset: 6 }], [2, "busy", { epoch: "t", offset: 6 }]]);
+  assert.deepEqual(events.busy.at(-1), { resumed: true, recovered: true, missed: 0 });
+  assert.deepEqual(asked.filter(([n, topic]) => n === 2 && topic === "ahead"), [[2, "ahead", { epoch: "t", offset: 6 }], [2, "ahead", null]]);
+  assert.deepEqual(events.ahead.at(-1), { resumed: true, recovered: false, missed: undefined });
+  assert.deepEqual(errors, [], "nothing was refused for good");
+});
+
+test("a server that welcomes and closes at once is retried with growing waits, not at once forever", async () => {
+  const server = await scripted((ws) => {
+    json(ws, { type: "welcome", client: "w", offset: 0, epoch: "e" });
+    ws.close(1013, "try again later");
+  });
+  const a = new Client(server.url, { WebSocket, id: "w", backoff: { initial: 10, max: 80 } });
+  const seen = record(a);
+  try {
+    await a.connect();
+    await until(() => seen.reconnecting.length >= 5, 5000, "5 retries");
+  } finally {
+    a.close();
+    await server.close();
+  }
+  assert.deepEqual(seen.reconnecting.slice(0, 5).map((e) => e.attempt), [1, 2, 3, 4, 5]);
+});
