@@ -9,8 +9,12 @@ const PROTOCOL = "switchboard.v1";
 const CLIENT_ID = /^[A-Za-z0-9._~:@-]{1,128}$/;
 /** A connection up this long resets the backoff; a shorter one (welcomed, then closed) does not. */
 const STABLE_MS = 10_000;
-/** The least wait between renewals, whatever the token's dates say. */
-const RENEW_FLOOR_MS = 1_000;
+/**
+ * How long before trying again what failed for now (a subscribe refused as
+ * rate_limited, a renewal), and the least wait between renewals whatever the
+ * token's dates say.
+ */
+const AGAIN_MS = 1_000;
 /** Server errors after which a subscribe is sent again. */
 const TRANSIENT = ["rate_limited", "unavailable"];
 
@@ -281,7 +285,7 @@ export class Client extends Emitter<Events> {
         if (error.code === "disconnected" || !current()) return;
         const ws = this.ws;
         if (TRANSIENT.includes(error.code)) {
-          setTimeout(() => ws === this.ws && current() && this.join(subscription), RENEW_FLOOR_MS);
+          setTimeout(() => ws === this.ws && current() && this.join(subscription), AGAIN_MS);
         } else if (error.code === "invalid_since") {
           // The server's stream is behind the client's position: start over, and say so.
           subscription.restart();
@@ -454,7 +458,7 @@ export class Client extends Emitter<Events> {
   private scheduleRenewal(): void {
     clearTimeout(this.renewal);
     if (!("getToken" in this.auth) || this.renewTokenAt === Infinity) return;
-    const wait = Math.max(RENEW_FLOOR_MS, this.renewTokenAt - Date.now());
+    const wait = Math.max(AGAIN_MS, this.renewTokenAt - Date.now());
     this.renewal = setTimeout(() => void this.renew(), wait);
   }
 
@@ -469,13 +473,13 @@ export class Client extends Emitter<Events> {
       if (!live()) return;
       this.emit("error", new SwitchboardError("token", `getToken failed: ${error}`));
       // Again while there is time; at expiry the server closes with 4001 and the client reconnects.
-      if (live()) this.renewal = setTimeout(() => void this.renew(), RENEW_FLOOR_MS);
+      if (live()) this.renewal = setTimeout(() => void this.renew(), AGAIN_MS);
       return;
     }
     if (!live()) return;
     // The same token again (a cache) gains nothing: ask later.
     if ((expiresAt(token) ?? Infinity) <= (expiresAt(this.token as string) ?? -Infinity)) {
-      this.renewal = setTimeout(() => void this.renew(), RENEW_FLOOR_MS);
+      this.renewal = setTimeout(() => void this.renew(), AGAIN_MS);
       return;
     }
     try {
