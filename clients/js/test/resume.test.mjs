@@ -59,7 +59,13 @@ async function streamThrough(halt) {
   const sends = [];
   const publishes = [];
   let restarted = null;
+  // Sends made while the producer is offline are held, and settle after its reconnect.
+  let offline = false;
+  const heldOffline = [];
+  producer.on("disconnected", () => (offline = true));
+  producer.on("connected", () => (offline = false));
   for (let i = 0; i < TOTAL; i++) {
+    if (offline) heldOffline.push(i);
     sends.push(producer.send(["consumer"], i).then(() => "acked", (e) => e.code));
     publishes.push(producer.publish("news:stream", i).then(() => "acked", (e) => e.code));
     if (i === 150) {
@@ -83,6 +89,8 @@ async function streamThrough(halt) {
   assertInOrder(topic.got, "topic");
   for (const i of inbox()) assert.ok(sent[i] === "acked" || sent[i] === "disconnected");
   assert.ok(acked(sent).length > TOTAL - 10, `most sends acked: ${acked(sent).length}`);
+  assert.ok(heldOffline.length > 0, "some sends were made while the producer was offline");
+  for (const i of heldOffline) assert.equal(sent[i], "acked", `send ${i}, made offline, settled with its ack`);
   // The restart was seen, and both streams resumed whole.
   assert.equal(seen.disconnected[0].code, halt === "stop" ? 1012 : 1006);
   assert.equal(seen.disconnected[0].reconnect, true);
