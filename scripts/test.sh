@@ -2,8 +2,9 @@
 # The one command that runs every test, on a fresh machine that has Rust:
 #   scripts/test.sh
 # It installs what the tests need: a Python venv (.venv) with pytest, websockets,
-# kosoku and schemathesis; Debian's redis-server for the cluster tests and chromium
-# for the browser test; playwright-core, and the JS client's build tools, via npm.
+# kosoku and schemathesis; Debian's redis-server for the cluster tests, prometheus
+# for promtool, and chromium for the browser test; playwright-core, and the JS
+# client's build tools, via npm.
 #
 # Steps: Rust unit, property and integration tests (and the relay, topic and API
 # suites again on a 3-node cluster); the fuzz targets, briefly; the Python client
@@ -16,11 +17,11 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "Debian packages: redis-server (cluster tests start their own instances)"
-if ! command -v redis-server > /dev/null; then
+step "Debian packages: redis-server (cluster tests start their own instances), prometheus (promtool checks /metrics)"
+if ! command -v redis-server > /dev/null || ! command -v promtool > /dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq redis-server > /dev/null
+  apt-get install -y -qq redis-server prometheus > /dev/null
 fi
 
 step "Rust tests (unit, property, integration, examples build)"

@@ -288,6 +288,13 @@ async def test_a_compressed_receiver_that_never_reads_is_closed_as_a_slow_consum
             ]
     finally:
         receiver.close()
+    # The metrics count the close once the connection's task has ended
+    # (docs/operations.md, "Metrics").
+    expected = {"switchboard_slow_consumer_closes_total 1", f'switchboard_connections_closed_total{{code="{expected_code}"}} 1'}
+    deadline = time.monotonic() + 5
+    while not expected <= set(lines := server.http("GET", "/metrics")[2].decode().splitlines()):
+        assert time.monotonic() < deadline, [line for line in lines if "close" in line]
+        await asyncio.sleep(0.05)
 
 
 # --------------------------------------------------------------------------

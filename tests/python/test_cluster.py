@@ -662,3 +662,31 @@ async def test_a_rolling_deploy_loses_and_repeats_nothing(cluster):
     print(f"rolling deploy: {total_inbox} inbox and {total_topic} topic deliveries checked, "
           f"{reconnects[0]} reconnects ({failures})")
     assert reconnects[0] >= 100, "the restarts moved the clients"
+
+
+def metric(node, name):
+    """A sample of a node's /metrics (no API key: loopback, none configured)."""
+    status, _, body = node.http("GET", "/metrics")
+    assert status == 200, body
+    for line in body.decode().splitlines():
+        if line.startswith(f"switchboard_{name} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@async_test
+async def test_each_node_reports_the_cluster_and_its_link_to_redis_in_its_metrics(cluster):
+    c = cluster(2)
+    n0, n1 = c.nodes
+    wait_until(lambda: metric(n0, "nodes") == 2 and metric(n1, "nodes") == 2, "both nodes in the metrics")
+    async with client(None, "a", uri=url(n0, "a")), client(None, "b", uri=url(n1, "b")):
+        # The cluster's client ids on every node; connections are each node's own.
+        assert (metric(n0, "client_ids"), metric(n1, "client_ids")) == (2, 2)
+        assert (metric(n0, "connections"), metric(n1, "connections")) == (1, 1)
+    commands = metric(n0, "redis_command_duration_seconds_count")
+    assert commands > 0
+    assert metric(n0, "redis_reconnects_total") == 0
+    # Redis restarts: the link connects again, once, and says so.
+    c.redis.restart()
+    wait_until(lambda: metric(n0, "redis_reconnects_total") == 1, "the reconnect counted")
+    assert metric(n0, "redis_command_duration_seconds_count") > commands

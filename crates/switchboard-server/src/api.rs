@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use switchboard::{ClientId, CloseReason};
 
+use crate::config::MetricsAuth;
 use crate::engine::{self, Traffic, Unavailable};
 use crate::errors::ErrorCode;
 use crate::history_api;
@@ -216,12 +217,18 @@ pub fn router(hub: Arc<Hub>, body: BodyRules, loopback: bool) -> Router {
         .route("/api/v1/clients/{id}", get(client))
         .route("/api/v1/clients/{id}/inbox", get(history_api::inbox))
         .route("/api/v1/history/{topic}", get(history_api::topic))
-        .route("/api/v1/stats", get(stats))
-        .route_layer(middleware::from_fn_with_state(api.clone(), require_key));
+        .route("/api/v1/stats", get(stats));
+    let metrics = Router::new().route("/metrics", get(metrics));
+    let (protected, metrics) = match api.hub.metrics_auth {
+        MetricsAuth::ApiKey => (protected.merge(metrics), Router::new()),
+        MetricsAuth::None => (protected, metrics),
+    };
+    let protected = protected.route_layer(middleware::from_fn_with_state(api.clone(), require_key));
     Router::new()
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/{*rest}", any(not_found))
         .merge(protected)
+        .merge(metrics)
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -257,13 +264,23 @@ async fn require_key(State(api): State<Api>, request: Request, next: Next) -> Re
     let presented = crate::auth::bearer(request.headers());
     match presented {
         Some(key) if api.hub.api_keys.accepts(key) => next.run(request).await,
-        _ => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            ErrorCode::Unauthorized,
-            "send Authorization: Bearer <api key>",
-        )
-        .into_response(),
+        _ => {
+            api.hub.metrics.auth_failed("api_key");
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                "send Authorization: Bearer <api key>",
+            )
+            .into_response()
+        }
     }
+}
+
+/// `GET /metrics`: this node's metrics in the Prometheus text format.
+async fn metrics(State(api): State<Api>) -> Response {
+    let text = api.hub.metrics_text().await;
+    let content_type = "text/plain; version=0.0.4; charset=utf-8";
+    ([(header::CONTENT_TYPE, content_type)], text).into_response()
 }
 
 async fn openapi() -> Response {

@@ -39,6 +39,7 @@ pub fn router(hub: Arc<Hub>, echo_path: Option<&str>) -> Router {
     router.with_state(hub)
 }
 
+/// `/ws`: the handshake, counted in the metrics when it is refused.
 async fn relay(
     State(hub): State<Arc<Hub>>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
@@ -46,12 +47,31 @@ async fn relay(
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, UpgradeError>,
 ) -> Response {
-    if !origin_allowed(&hub, &headers) {
+    let response = handshake(&hub, peer, &query, &headers, upgrade).await;
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        hub.metrics.handshake_failed(response.status());
+    }
+    response
+}
+
+async fn handshake(
+    hub: &Arc<Hub>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    upgrade: Result<WebSocketUpgrade, UpgradeError>,
+) -> Response {
+    if !origin_allowed(hub, headers) {
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
     }
-    let identity = match identify(&hub, &query, &headers) {
+    let identity = match identify(hub, query, headers) {
         Ok(identity) => identity,
-        Err(refused) => return refused.into_response(),
+        Err(refused) => {
+            if let Refused::Unauthorized(e) = &refused {
+                hub.metrics.auth_failed(e.reason());
+            }
+            return refused.into_response();
+        }
     };
     let connections = match hub.engine.connections(vec![identity.client.clone()]).await {
         Ok(counts) => counts[0],
@@ -77,7 +97,7 @@ async fn relay(
         .options(hub.options.clone())
         .shutdown(&hub.shutdown);
     let mode = Mode::for_protocol(upgrade.selected_protocol());
-    let since = match resume_point(mode, &query) {
+    let since = match resume_point(mode, query) {
         Ok(since) => since,
         Err(refused) => return refused.into_response(),
     };

@@ -126,6 +126,21 @@ pub enum TokenError {
     Malformed(String),
 }
 
+impl TokenError {
+    /// A short word for the reason, as metrics label it.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::BadSignature => "bad_signature",
+            Self::WrongAudience => "wrong_audience",
+            Self::WrongIssuer => "wrong_issuer",
+            Self::Malformed(_) => "malformed",
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct Claims {
     sub: String,

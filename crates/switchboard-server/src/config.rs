@@ -47,6 +47,16 @@ pub enum EngineKind {
     Redis,
 }
 
+/// Who may read `GET /metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum MetricsAuth {
+    /// Whoever may call the HTTP API: an API key (none needed on a loopback listener without keys).
+    ApiKey,
+    /// Anyone who reaches the API listener (keep it on a private network).
+    None,
+}
+
 /// The settings of `switchboard serve`, each optional so that layers can be merged.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
@@ -244,6 +254,12 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_API_LISTEN", value_name = "ADDR")]
     pub api_listen: Option<SocketAddr>,
 
+    /// Who may scrape GET /metrics (Prometheus text, on the API listener): api-key (as the HTTP
+    /// API: Authorization: Bearer <api key>) or none (anyone who reaches the listener)
+    /// [default: api-key]
+    #[arg(long, env = "SWITCHBOARD_METRICS_AUTH", value_enum)]
+    pub metrics_auth: Option<MetricsAuth>,
+
     /// Largest HTTP API request body, in bytes; larger gets 413 [default: 1048576]
     #[arg(long, env = "SWITCHBOARD_API_MAX_BODY_BYTES", value_name = "BYTES")]
     pub api_max_body_bytes: Option<usize>,
@@ -398,6 +414,8 @@ pub struct Config {
     pub api_keys: ApiKeys,
     /// Separate API listener, if any.
     pub api_listen: Option<SocketAddr>,
+    /// Who may read the metrics.
+    pub metrics_auth: MetricsAuth,
     /// API body limit.
     pub api_max_body_bytes: usize,
     /// How long an API request body may take to arrive.
@@ -504,6 +522,7 @@ impl Config {
             start_fresh: s.start_fresh.unwrap_or(false),
             api_keys: ApiKeys::new(&s.api_keys.unwrap_or_default()),
             api_listen: s.api_listen,
+            metrics_auth: s.metrics_auth.unwrap_or(MetricsAuth::ApiKey),
             api_max_body_bytes: s.api_max_body_bytes.unwrap_or(1 << 20),
             api_body_timeout: Duration::from_secs(s.api_body_timeout_secs.unwrap_or(10).max(1)),
             jwt: JwtConfig {
@@ -741,6 +760,26 @@ mod tests {
             let error = format!("{:#}", Config::load(&cli.args).unwrap_err());
             assert!(error.contains("node_lease_secs must be 2 to 15"), "{error}");
         }
+    }
+
+    #[test]
+    fn metrics_auth_is_the_api_key_unless_none_in_a_flag_or_the_file() {
+        assert_eq!(load(&[]).unwrap().metrics_auth, MetricsAuth::ApiKey);
+        let open = load(&["--metrics-auth", "none"]).unwrap();
+        assert_eq!(open.metrics_auth, MetricsAuth::None);
+        let dir = std::env::temp_dir().join(format!("sb-metrics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("switchboard.toml");
+        for (text, expected) in [
+            ("metrics_auth = \"none\"\n", MetricsAuth::None),
+            ("metrics_auth = \"api-key\"\n", MetricsAuth::ApiKey),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let config = load(&["--config", path.to_str().unwrap()]).unwrap();
+            assert_eq!(config.metrics_auth, expected, "{text}");
+        }
+        std::fs::write(&path, "metrics_auth = \"open\"\n").unwrap();
+        assert!(load(&["--config", path.to_str().unwrap()]).is_err());
     }
 
     #[test]

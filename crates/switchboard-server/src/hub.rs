@@ -6,9 +6,10 @@ use switchboard::{Options, PubSub, ReceiveBudget, Registry, Shutdown, Stats};
 
 use crate::auth::{ApiKeys, JwtVerifier};
 use crate::config::Config;
-use crate::config::EngineKind;
+use crate::config::{EngineKind, MetricsAuth};
 use crate::engine::{Engine, InboxRetention, MemoryEngine, RedisEngine, RedisSettings, Traffic};
 use crate::idempotency::Idempotency;
+use crate::metrics::{Live, Metrics};
 use crate::peers::PeerLimit;
 use crate::snapshot::Loaded;
 use crate::topics::{Namespaces, PresenceEvents};
@@ -58,6 +59,10 @@ pub struct Hub {
     pub idempotency: Idempotency,
     /// WebSocket connections per client address.
     pub peers: Arc<PeerLimit>,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Who may read them.
+    pub metrics_auth: MetricsAuth,
 }
 
 /// This node's traffic now.
@@ -75,6 +80,19 @@ pub fn local_traffic(stats: &Stats, shutdown: &Shutdown, budget: &ReceiveBudget)
 }
 
 impl Hub {
+    /// The Prometheus text of this node's metrics. The engine's counts may
+    /// wait for Redis; when Redis cannot be reached they are left out, and the
+    /// node's own figures are still there: that is when they are wanted.
+    pub async fn metrics_text(&self) -> String {
+        let counts = self.engine.counts().await.ok();
+        let live = Live {
+            connections: self.shutdown.connections() as u64,
+            traffic: self.stats.snapshot(),
+            counts: counts.map(|c| [c.clients, c.topics, c.nodes].map(|n| n as u64)),
+        };
+        self.metrics.render(&live)
+    }
+
     /// This node's traffic now.
     pub fn traffic(&self) -> Traffic {
         local_traffic(&self.stats, &self.shutdown, &self.receive_budget)
@@ -97,6 +115,7 @@ impl Hub {
             Arc::new(Namespaces::new(config.namespaces.clone()).with_client_events(events));
         let snapshot = snapshot.map(|loaded| loaded.keeping_history_of(&namespaces));
         let stats = Stats::new();
+        let metrics = Arc::new(Metrics::new());
         let pubsub = PubSub::with_listener(PresenceEvents(namespaces.clone()));
         let receive_budget = config.receive_budget();
         let options = config
@@ -115,6 +134,7 @@ impl Hub {
                 config.history_max_bytes,
                 config.max_outbound_bytes / 2,
                 snapshot,
+                metrics.clone(),
             )),
             EngineKind::Redis => {
                 let settings = RedisSettings {
@@ -132,6 +152,7 @@ impl Hub {
                     registry.clone(),
                     namespaces.clone(),
                     traffic,
+                    metrics.clone(),
                 )?)
             }
         };
@@ -156,6 +177,8 @@ impl Hub {
             receive_budget,
             idempotency: Idempotency::default(),
             peers: PeerLimit::new(config.max_connections_per_ip),
+            metrics,
+            metrics_auth: config.metrics_auth,
         })
     }
 }

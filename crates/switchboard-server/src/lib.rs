@@ -33,6 +33,7 @@ pub mod idempotency;
 pub mod ids;
 pub mod limits;
 pub mod logging;
+pub mod metrics;
 pub mod peers;
 pub mod relay;
 pub mod server;

@@ -24,6 +24,7 @@ use crate::engine::{self, Joined, Pending, Subscribe, SubscribeRefused, Subscrib
 use crate::hub::Hub;
 use crate::ids::TargetList;
 use crate::limits::{RateLimiter, Verdict};
+use crate::metrics::Counted;
 use crate::peers::PeerSlot;
 use crate::streams::Position;
 use crate::topics::Namespace;
@@ -62,7 +63,8 @@ pub struct Relay {
     /// Bumped on each refresh, so a stale expiry timer is ignored.
     token_generation: u64,
     expiry_timer: Option<TimerRef>,
-    subscriptions: HashMap<Arc<str>, Registration>,
+    /// Each counted in the metrics' subscriptions while it lives.
+    subscriptions: HashMap<Arc<str>, (Registration, Counted)>,
     /// Topics whose subscribe awaits the engine's answer.
     /// Each with the number of its attempt: an answer to an attempt called
     /// off (unsubscribed, then subscribed again) is told from the new one's.
@@ -93,6 +95,7 @@ impl Relay {
         joined: Box<dyn Joined>,
     ) -> Self {
         let registration = joined.attach(handle.outbox());
+        hub.metrics.opened.add(1);
         tracing::debug!(client = %identity.client, conn = %handle.id(), ?mode, "connected");
         let limits = hub.limits;
         let mut relay = Self {
@@ -316,13 +319,20 @@ impl Relay {
                 resumed,
                 start,
             }) => {
-                self.subscriptions.insert(topic.clone(), subscription);
+                let counted = Counted::new(&self.hub.metrics.subscriptions);
+                self.subscriptions
+                    .insert(topic.clone(), (subscription, counted));
                 // The answer goes out first (the handler's output is queued
                 // before anything pushed to the outbox in the same turn).
                 if let Some(start) = start {
                     start();
                 }
                 if let Some((resumed, position)) = resumed {
+                    match resumed {
+                        wire::Resumed::Recovered(_) => self.hub.metrics.recovery(true),
+                        wire::Resumed::Lost => self.hub.metrics.recovery(false),
+                        wire::Resumed::NotAsked => {}
+                    }
                     let at = position.as_ref().map(|p| At {
                         offset: p.offset,
                         epoch: &p.epoch,
@@ -446,9 +456,10 @@ impl Relay {
                 "this server does not use tokens".into(),
             ));
         };
-        let identity = jwt
-            .verify(token)
-            .map_err(|e| (ErrorCode::InvalidToken, e.to_string()))?;
+        let identity = jwt.verify(token).map_err(|e| {
+            self.hub.metrics.auth_failed(e.reason());
+            (ErrorCode::InvalidToken, e.to_string())
+        })?;
         if identity.client != self.id {
             return Err((
                 ErrorCode::InvalidToken,
@@ -619,6 +630,7 @@ impl Handler for Relay {
         match self.limiter.check(len) {
             Verdict::Accept => {}
             Verdict::Refuse => {
+                self.hub.metrics.rate_limited();
                 let refusal = (
                     ErrorCode::RateLimited,
                     "slow down: over the message or byte rate".into(),
@@ -692,6 +704,7 @@ impl Handler for Relay {
     }
 
     fn terminate(&mut self, reason: &TerminateReason) {
+        self.hub.metrics.closed(reason);
         tracing::debug!(client = %self.id, ?reason, "disconnected");
     }
 }

@@ -7,6 +7,7 @@
 //! really lost (a crash).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
@@ -14,6 +15,7 @@ use serde_json::Value;
 use switchboard::testing::Harness;
 use switchboard::{Context, Handler, Message, Outcome, PubSub, Registration, Registry};
 use switchboard_server::engine::{self, Engine, InboxRetention, MemoryEngine};
+use switchboard_server::metrics::Metrics;
 use switchboard_server::snapshot::Loaded;
 use switchboard_server::streams::Position;
 use switchboard_server::wire::Mode;
@@ -71,6 +73,7 @@ fn engine(snapshot: Option<Loaded>) -> MemoryEngine {
         64 << 20,
         64 << 20,
         snapshot,
+        Arc::new(Metrics::new()),
     )
 }
 

@@ -75,7 +75,7 @@ pub use pubsub::{PresenceChange, PresenceListener, PubSub, SubscribeError, Subsc
 pub use registry::{Broker, ClientId, Format, Registration, Registry};
 pub use serve::{accept_errors, serve};
 pub use shutdown::Shutdown;
-pub use stats::{Stats, StatsSnapshot};
+pub use stats::{ShardedCounter, Stats, StatsSnapshot};
 pub use switchboard_proto as proto;
 pub use switchboard_proto::{CloseCode, CloseReason, Message, PreparedMessage, Utf8Bytes};
 pub use upgrade::{UpgradeError, UpgradeFailed, WebSocketUpgrade};

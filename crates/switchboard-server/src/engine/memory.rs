@@ -16,6 +16,7 @@ use super::{
     Answer, ConnectError, Counts, Engine, Joined, Message, Pending, Published, Sent, Subscribe,
     SubscribeRefused, Subscribed, TopicPresence, Traffic, ready,
 };
+use crate::metrics::Metrics;
 use crate::snapshot::{self, Loaded};
 use crate::streams::{Page, Position, Resume, Retention, StreamKey, Streams};
 use crate::wire::{self, At, Mode, Resumed};
@@ -40,6 +41,7 @@ struct Core {
     streams: Streams,
     inbox: Retention,
     replay_budget: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for MemoryEngine {
@@ -56,7 +58,7 @@ impl MemoryEngine {
     /// `max_bytes` of history in all.
     /// With `snapshot`, the streams start as a graceful stop left them.
     /// A resume is replayed whole only when its frames fit `replay_budget`
-    /// bytes (see [`super::fits`]).
+    /// bytes (see [`super::fits`]). `metrics` counts appends and resumes.
     pub fn new(
         registry: Registry,
         pubsub: PubSub,
@@ -64,6 +66,7 @@ impl MemoryEngine {
         max_bytes: usize,
         replay_budget: usize,
         snapshot: Option<Loaded>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let streams = match snapshot {
             Some(loaded) => Streams::restore(max_bytes, loaded.epoch, loaded.streams),
@@ -75,6 +78,7 @@ impl MemoryEngine {
             streams,
             replay_budget,
             inbox: inbox.retention(),
+            metrics,
         }))
     }
 
@@ -143,6 +147,8 @@ impl Joined for Admitted {
                     }
                     Resume::Recovered(missed) => (Resumed::Recovered(missed.len()), missed),
                 };
+                core.metrics
+                    .recovery(matches!(resumed, Resumed::Recovered(_)));
                 let mut frames = vec![wire::welcome(&id, at(position), resumed)];
                 frames.extend(
                     missed
@@ -197,6 +203,7 @@ impl Core {
                 },
             );
             sent.offsets.push((target.clone(), offset));
+            self.metrics.appends.add(1);
             if connections > 0 {
                 sent.delivered.push(target);
             } else {
@@ -218,6 +225,7 @@ impl Core {
             };
         };
         let key = StreamKey::Topic(topic.into());
+        self.metrics.appends.add(1);
         self.streams.append(
             &key,
             message.from.clone(),
@@ -373,6 +381,7 @@ impl Engine for MemoryEngine {
         ready(Counts {
             clients: self.0.registry.clients(),
             topics: self.0.pubsub.topics(),
+            nodes: 1,
         })
     }
 

@@ -181,6 +181,8 @@ pub struct Counts {
     pub clients: usize,
     /// Topics with a subscriber.
     pub topics: usize,
+    /// Nodes serving (1 with the memory engine).
+    pub nodes: usize,
 }
 
 /// A node's traffic, for the stats: its own, or a cluster's summed.

@@ -290,7 +290,8 @@ elseif op == 'traffic' then
   end
   return sum
 elseif op == 'counts' then
-  return { redis.call('HLEN', 'sb:clients'), redis.call('HLEN', 'sb:topics') }
+  return { redis.call('HLEN', 'sb:clients'), redis.call('HLEN', 'sb:topics'),
+    redis.call('ZCARD', 'sb:nodes') }
 elseif op == 'disconnect' then
   -- ARGV: id, code, reason
   local id = ARGV[6]

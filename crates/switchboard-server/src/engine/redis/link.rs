@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use redis::Value;
@@ -16,6 +16,7 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::engine::Unavailable;
+use crate::metrics::Metrics;
 
 /// The engine's script.
 const SCRIPT: &str = include_str!("engine.lua");
@@ -69,7 +70,7 @@ struct Connections {
 
 impl Link {
     /// Starts the link's task on the current runtime.
-    pub(super) fn start(client: redis::Client, header: Header) -> Self {
+    pub(super) fn start(client: redis::Client, header: Header, metrics: Arc<Metrics>) -> Self {
         let (queue, calls) = mpsc::channel(QUEUE);
         let (owed, owed_calls) = mpsc::unbounded_channel();
         let up = Arc::new(AtomicBool::new(false));
@@ -78,7 +79,13 @@ impl Link {
             calls,
             owed: owed_calls,
         };
-        tokio::spawn(run(client, queues, up.clone(), connections.clone()));
+        tokio::spawn(run(
+            client,
+            queues,
+            up.clone(),
+            connections.clone(),
+            metrics,
+        ));
         let millis = |d: Duration| Bytes::from(d.as_millis().to_string());
         let header = [
             millis(header.meta_ttl),
@@ -195,6 +202,7 @@ async fn run(
     mut queues: Queues,
     up: Arc<AtomicBool>,
     connections: Arc<Connections>,
+    metrics: Arc<Metrics>,
 ) {
     let mut held: Vec<Call> = Vec::new();
     let mut backoff = Duration::from_millis(50);
@@ -211,7 +219,9 @@ async fn run(
             }
         };
         backoff = Duration::from_millis(50);
-        connections.made.fetch_add(1, Ordering::Relaxed);
+        if connections.made.fetch_add(1, Ordering::Relaxed) > 0 {
+            metrics.redis_reconnected();
+        }
         up.store(true, Ordering::Relaxed);
         connections.new.notify_one();
         tracing::info!("connected to Redis");
@@ -229,8 +239,11 @@ async fn run(
                     None => break,
                 }
             }
+            let sent = Instant::now();
             match send(&mut conn, &sha, &batch).await {
                 Ok(answers) => {
+                    // Each call of a pipelined batch waits for the whole batch.
+                    metrics.redis_commands(sent.elapsed(), batch.len());
                     for (call, answer) in batch.into_iter().zip(answers) {
                         if let Some(reply) = call.reply {
                             let _ = reply.send(answer);

@@ -21,6 +21,7 @@ use super::{
     Answer, ConnectError, Counts, Engine, Joined, Message, Pending, Published, Sent, Subscribe,
     SubscribeRefused, Subscribed, TopicPresence, Traffic, Unavailable, fits,
 };
+use crate::metrics::Metrics;
 use crate::streams::{Entry, Page, Position, Resume, Retention};
 use crate::topics::Namespaces;
 use crate::wire::{self, At, Mode, Resumed};
@@ -74,6 +75,7 @@ struct Core {
     lease: lease::Health,
     traffic: LocalTraffic,
     namespaces: Arc<Namespaces>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for RedisEngine {
@@ -89,12 +91,14 @@ impl RedisEngine {
     /// starts this node's heartbeat. `registry` counts this node's own
     /// connections; `namespaces` say which topics have presence events;
     /// `traffic` gives this node's figures, which each heartbeat stores for
-    /// the other nodes' stats.
+    /// the other nodes' stats. `metrics` counts appends, resumes and the
+    /// link's commands.
     pub fn start(
         settings: &RedisSettings,
         registry: Registry,
         namespaces: Arc<Namespaces>,
         traffic: LocalTraffic,
+        metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|e| anyhow::anyhow!("invalid redis_url: {e}"))?;
@@ -109,6 +113,7 @@ impl RedisEngine {
                 events_size: settings.client_events,
                 events_ttl: crate::topics::CLIENT_EVENTS_TTL,
             },
+            metrics.clone(),
         );
         let feed = Feed::start(client, link.clone(), namespaces.clone());
         let core = Arc::new(Core {
@@ -122,6 +127,7 @@ impl RedisEngine {
             lease: lease::Health::new(settings.lease),
             traffic,
             namespaces,
+            metrics,
         });
         tokio::spawn(lease::run(Arc::downgrade(&core)));
         Ok(Self(core))
@@ -337,6 +343,8 @@ impl Engine for RedisEngine {
                         Resume::Ahead | Resume::Lost => (Resumed::Lost, Vec::new()),
                         Resume::Recovered(missed) => (Resumed::Recovered(missed.len()), missed),
                     };
+                    core.metrics
+                        .recovery(matches!(resumed, Resumed::Recovered(_)));
                     let at = At {
                         offset: position.offset,
                         epoch: &position.epoch,
@@ -371,6 +379,7 @@ impl Engine for RedisEngine {
         ]);
         rest.extend(targets.iter().map(|t| t.as_bytes().to_vec()));
         let answer = self.0.link.call("send", rest);
+        let metrics = self.0.metrics.clone();
         Box::pin(async move {
             let values = items(answer.await?)?;
             if values.len() != targets.len() * 3 {
@@ -387,6 +396,7 @@ impl Engine for RedisEngine {
                     sent.offline.push(target);
                 }
             }
+            metrics.appends.add(sent.offsets.len() as u64);
             Ok(sent)
         })
     }
@@ -421,11 +431,15 @@ impl Engine for RedisEngine {
             &message.payload,
         ]);
         let answer = self.0.link.call("publish", rest);
+        let metrics = self.0.metrics.clone();
         Box::pin(async move {
             let values = items(answer.await?)?;
             let [_, offset, subscribers] = values.as_slice() else {
                 return Err(malformed("a publish"));
             };
+            if history.is_some() {
+                metrics.appends.add(1);
+            }
             Ok(Published {
                 subscribers: int(subscribers).ok_or_else(|| malformed("a count"))? as usize,
                 offset: history
@@ -605,6 +619,7 @@ impl Engine for RedisEngine {
             Ok(Counts {
                 clients: count(0)? as usize,
                 topics: count(1)? as usize,
+                nodes: count(2)? as usize,
             })
         })
     }

@@ -1,0 +1,299 @@
+//! Prometheus metrics, served as text at `GET /metrics` (docs/operations.md).
+//!
+//! Two kinds of figures. Counters of events a connection has a few of (opens,
+//! closes, refusals) are the `prometheus` crate's, registered here. Figures on
+//! the message path (messages, deliveries, bytes, history appends) are kept in
+//! sharded counters ([`ShardedCounter`], [`switchboard::Stats`]) that no two
+//! cores write in one cache line, and are read only when scraped, with the
+//! gauges, into families of their own ([`Live`]).
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use prometheus::core::Collector;
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use switchboard::{ShardedCounter, StatsSnapshot, TerminateReason};
+
+/// Every metric's name starts with this.
+const PREFIX: &str = "switchboard";
+
+/// The node's metrics that are counted as events happen.
+pub struct Metrics {
+    registry: Registry,
+    /// Connections opened (upgraded).
+    pub opened: ShardedCounter,
+    /// Messages appended to inboxes and topic streams.
+    pub appends: ShardedCounter,
+    /// Subscriptions held now (a gauge: added to and taken from).
+    pub subscriptions: ShardedCounter,
+    closed: IntCounterVec,
+    handshake_failures: IntCounterVec,
+    slow_consumer_closes: IntCounter,
+    rate_limited: IntCounter,
+    auth_failures: IntCounterVec,
+    recoveries: IntCounterVec,
+    redis_command_seconds: Histogram,
+    redis_reconnects: IntCounter,
+}
+
+/// What a scrape reads at that moment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Live {
+    /// Open WebSocket connections on this node.
+    pub connections: u64,
+    /// This node's traffic counters.
+    pub traffic: StatsSnapshot,
+    /// The engine's counts: client ids with a live connection, topics with a
+    /// subscriber, nodes (the cluster's, in cluster mode); `None` when Redis
+    /// cannot be reached.
+    pub counts: Option<[u64; 3]>,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace(PREFIX)
+}
+
+impl Metrics {
+    /// Every metric at zero.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str| {
+            let counter = IntCounter::with_opts(opts(name, help)).expect("a valid metric");
+            registry
+                .register(Box::new(counter.clone()))
+                .expect("registered once");
+            counter
+        };
+        let family = |name: &str, help: &str, label: &str| {
+            let family =
+                IntCounterVec::new(opts(name, help), &[label]).expect("a valid metric family");
+            registry
+                .register(Box::new(family.clone()))
+                .expect("registered once");
+            family
+        };
+        // From 0.5 ms to 2 s: a pipelined round trip on one host to a store in trouble.
+        let buckets = prometheus::exponential_buckets(0.000_5, 2.0, 13).expect("valid buckets");
+        let redis_command_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "redis_command_duration_seconds",
+                "Time from sending a command to Redis to its answer (cluster mode).",
+            )
+            .namespace(PREFIX)
+            .buckets(buckets),
+        )
+        .expect("a valid histogram");
+        registry
+            .register(Box::new(redis_command_seconds.clone()))
+            .expect("registered once");
+        Self {
+            opened: ShardedCounter::new(),
+            appends: ShardedCounter::new(),
+            subscriptions: ShardedCounter::new(),
+            closed: family(
+                "connections_closed_total",
+                "Connections closed, by close code (`error` for a protocol or I/O error).",
+                "code",
+            ),
+            handshake_failures: family(
+                "handshake_failures_total",
+                "WebSocket handshakes refused, by HTTP status.",
+                "status",
+            ),
+            slow_consumer_closes: counter(
+                "slow_consumer_closes_total",
+                "Connections closed because they did not read what was sent to them.",
+            ),
+            rate_limited: counter("rate_limited_total", "Messages refused with rate_limited."),
+            auth_failures: family(
+                "auth_failures_total",
+                "Refused tokens and API keys, by reason.",
+                "reason",
+            ),
+            recoveries: family(
+                "recoveries_total",
+                "Resumes of an inbox or a topic, by whether every missed message was recovered.",
+                "recovered",
+            ),
+            redis_command_seconds,
+            redis_reconnects: counter(
+                "redis_reconnects_total",
+                "Connections to Redis made again after one was lost (cluster mode).",
+            ),
+            registry,
+        }
+    }
+
+    /// A connection ended for `reason`.
+    pub fn closed(&self, reason: &TerminateReason) {
+        let code = match reason {
+            TerminateReason::Normal(close) | TerminateReason::Remote(Some(close)) => {
+                close.code().0.to_string()
+            }
+            TerminateReason::SlowConsumer(close) => {
+                self.slow_consumer_closes.inc();
+                close.code().0.to_string()
+            }
+            TerminateReason::Remote(None) => "1005".into(),
+            TerminateReason::ConnectionLost => "1006".into(),
+            TerminateReason::Shutdown | TerminateReason::Timeout => "1001".into(),
+            // Protocol violations, I/O errors, handler failures, and what may come.
+            _ => "error".into(),
+        };
+        self.closed.with_label_values(&[&code]).inc();
+    }
+
+    /// A handshake was answered with `status` instead of 101.
+    pub fn handshake_failed(&self, status: StatusCode) {
+        self.handshake_failures
+            .with_label_values(&[status.as_str()])
+            .inc();
+    }
+
+    /// A message was refused with `rate_limited`.
+    pub fn rate_limited(&self) {
+        self.rate_limited.inc();
+    }
+
+    /// A token or API key was refused, for `reason` (a short word).
+    pub fn auth_failed(&self, reason: &str) {
+        self.auth_failures.with_label_values(&[reason]).inc();
+    }
+
+    /// An inbox or topic resume was `recovered`, or not.
+    pub fn recovery(&self, recovered: bool) {
+        let label = if recovered { "true" } else { "false" };
+        self.recoveries.with_label_values(&[label]).inc();
+    }
+
+    /// `count` Redis commands, sent together, were answered after `elapsed`.
+    pub fn redis_commands(&self, elapsed: Duration, count: usize) {
+        for _ in 0..count {
+            self.redis_command_seconds.observe(elapsed.as_secs_f64());
+        }
+    }
+
+    /// The link to Redis was made again.
+    pub fn redis_reconnected(&self) {
+        self.redis_reconnects.inc();
+    }
+
+    /// The Prometheus text format (version 0.0.4) of every metric, with `live`.
+    pub fn render(&self, live: &Live) -> String {
+        let mut families = self.registry.gather();
+        families.extend(self.live(live));
+        families.sort_by(|a, b| a.name().cmp(b.name()));
+        let mut text = Vec::new();
+        TextEncoder::new()
+            .encode(&families, &mut text)
+            .expect("text encoding into memory");
+        String::from_utf8(text).expect("the text format is UTF-8")
+    }
+
+    fn live(&self, live: &Live) -> Vec<MetricFamily> {
+        let counter = |name: &str, help: &str, value: u64| {
+            let counter = IntCounter::with_opts(opts(name, help)).expect("a valid metric");
+            counter.inc_by(value);
+            counter.collect()
+        };
+        let gauge = |name: &str, help: &str, value: u64| {
+            let gauge = IntGauge::with_opts(opts(name, help)).expect("a valid metric");
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+            gauge.collect()
+        };
+        let figures = live.traffic;
+        let traffic = [
+            gauge(
+                "connections",
+                "Open WebSocket connections.",
+                live.connections,
+            ),
+            counter(
+                "connections_opened_total",
+                "WebSocket connections opened.",
+                self.opened.get(),
+            ),
+            counter(
+                "messages_received_total",
+                "Text and binary messages received from clients.",
+                figures.messages_in,
+            ),
+            counter(
+                "deliveries_total",
+                "Text and binary frames sent to clients: deliveries of messages and presence events, and the server's answers (welcomes, acks, errors).",
+                figures.messages_out,
+            ),
+            counter(
+                "bytes_received_total",
+                "Payload bytes of the messages received (after decompression).",
+                figures.bytes_in,
+            ),
+            counter(
+                "bytes_sent_total",
+                "Bytes of the frames sent, headers included (after compression).",
+                figures.bytes_out,
+            ),
+            counter(
+                "history_appends_total",
+                "Messages appended to inboxes and topic streams.",
+                self.appends.get(),
+            ),
+            gauge(
+                "subscriptions",
+                "Topic subscriptions of this node's connections.",
+                self.subscriptions.get(),
+            ),
+        ];
+        let counts = live.counts.map(|[clients, topics, nodes]| {
+            [
+                gauge(
+                    "client_ids",
+                    "Client ids with a live connection (the cluster's, in cluster mode).",
+                    clients,
+                ),
+                gauge(
+                    "topics",
+                    "Topics with a subscriber (the cluster's, in cluster mode).",
+                    topics,
+                ),
+                gauge(
+                    "nodes",
+                    "Nodes in the cluster (1 with the memory engine).",
+                    nodes,
+                ),
+            ]
+        });
+        traffic
+            .into_iter()
+            .chain(counts.into_iter().flatten())
+            .flatten()
+            .collect()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Counts one subscription in [`Metrics::subscriptions`] while it lives.
+pub struct Counted(ShardedCounter);
+
+impl Counted {
+    /// One more in `gauge`, until this is dropped.
+    pub fn new(gauge: &ShardedCounter) -> Self {
+        gauge.add(1);
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.sub(1);
+    }
+}
