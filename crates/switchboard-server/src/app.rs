@@ -97,6 +97,15 @@ async fn handshake(
         .options(hub.options.clone())
         .shutdown(&hub.shutdown);
     let mode = Mode::for_protocol(upgrade.selected_protocol());
+    // Every event of the connection carries these (docs/operations.md, "Logs").
+    let span = tracing::info_span!(
+        "connection",
+        conn = tracing::field::Empty,
+        client = %identity.client,
+        peer = peer.as_ref().map(|Extension(ConnectInfo(addr))| tracing::field::display(addr)),
+        protocol = upgrade.selected_protocol().unwrap_or("none"),
+    );
+    let upgrade = upgrade.span(span);
     let since = match resume_point(mode, query) {
         Ok(since) => since,
         Err(refused) => return refused.into_response(),

@@ -130,20 +130,12 @@ impl Metrics {
 
     /// A connection ended for `reason`.
     pub fn closed(&self, reason: &TerminateReason) {
-        let code = match reason {
-            TerminateReason::Normal(close) | TerminateReason::Remote(Some(close)) => {
-                close.code().0.to_string()
-            }
-            TerminateReason::SlowConsumer(close) => {
-                self.slow_consumer_closes.inc();
-                close.code().0.to_string()
-            }
-            TerminateReason::Remote(None) => "1005".into(),
-            TerminateReason::ConnectionLost => "1006".into(),
-            TerminateReason::Shutdown | TerminateReason::Timeout => "1001".into(),
-            // Protocol violations, I/O errors, handler failures, and what may come.
-            _ => "error".into(),
-        };
+        if matches!(reason, TerminateReason::SlowConsumer(_)) {
+            self.slow_consumer_closes.inc();
+        }
+        let code = reason
+            .close_code()
+            .map_or_else(|| "error".to_owned(), |code| code.to_string());
         self.closed.with_label_values(&[&code]).inc();
     }
 

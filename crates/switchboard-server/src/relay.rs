@@ -96,7 +96,6 @@ impl Relay {
     ) -> Self {
         let registration = joined.attach(handle.outbox());
         hub.metrics.opened.add(1);
-        tracing::debug!(client = %identity.client, conn = %handle.id(), ?mode, "connected");
         let limits = hub.limits;
         let mut relay = Self {
             id: identity.client,
@@ -705,6 +704,5 @@ impl Handler for Relay {
 
     fn terminate(&mut self, reason: &TerminateReason) {
         self.hub.metrics.closed(reason);
-        tracing::debug!(client = %self.id, ?reason, "disconnected");
     }
 }

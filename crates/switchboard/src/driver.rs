@@ -31,6 +31,7 @@ use crate::options::Options;
 use crate::shutdown::Signal;
 use crate::socket::Socket;
 use crate::stats::Stats;
+use crate::telemetry::{self, Counts};
 use crate::upgrade::{FailedUpgradeCallback, UpgradeFailed};
 
 mod intake;
@@ -233,6 +234,10 @@ pub(crate) struct Driver<H: Handler, S> {
     direct: bool,
     /// What the peer may make us hold and inflate.
     intake: Intake,
+    /// For the close event: when it opened, and its traffic (but for what
+    /// the mailbox wrote directly, which it counts).
+    opened: Instant,
+    counts: Counts,
 }
 
 impl<H, S> Driver<H, S>
@@ -303,6 +308,8 @@ where
                 options.max_inflate_rate,
                 setup.peer_context.is_some(),
             ),
+            opened: Instant::now(),
+            counts: Counts::default(),
         }
     }
 
@@ -321,16 +328,20 @@ where
     }
 
     fn init(&mut self) {
+        telemetry::opened();
         self.call(|handler, ctx| handler.init(ctx));
     }
 
     fn finish(&mut self) {
         self.mailbox.shut();
+        let reason = self
+            .reason
+            .take()
+            .unwrap_or(TerminateReason::ConnectionLost);
+        let (messages, bytes) = self.mailbox.written_directly();
+        self.counts.sent(messages, bytes);
+        telemetry::closed(&reason, self.opened, self.counts);
         if !self.poisoned {
-            let reason = self
-                .reason
-                .take()
-                .unwrap_or(TerminateReason::ConnectionLost);
             let handler = &mut self.handler;
             if catch_unwind(AssertUnwindSafe(|| handler.terminate(&reason))).is_err() {
                 tracing::error!(conn = %self.handle.id(), "handler panicked in terminate");
@@ -435,7 +446,7 @@ where
         }
         let close = signal.close().clone();
         self.shutdown = None;
-        self.start_close(close, TerminateReason::Shutdown);
+        self.start_close(close.clone(), TerminateReason::Shutdown(close));
         true
     }
 
@@ -561,8 +572,10 @@ where
     fn on_message(&mut self, message: Message) {
         match message {
             Message::Text(_) | Message::Binary(_) => {
+                let len = message_len(&message);
+                self.counts.received(len);
                 if let Some(stats) = &self.stats {
-                    stats.received(message_len(&message));
+                    stats.received(len);
                 }
                 if self.phase == Phase::Open {
                     self.call(|handler, ctx| handler.handle_in(message, ctx));
@@ -807,14 +820,20 @@ where
             }
             Outbound::Message(message) => {
                 let len = self.push_frame(message);
-                if let (true, Some(stats)) = (data, &self.stats) {
-                    stats.sent(len);
+                if data {
+                    self.counts.sent(1, len as u64);
+                    if let Some(stats) = &self.stats {
+                        stats.sent(len);
+                    }
                 }
                 return;
             }
         };
-        if let (true, Some(stats)) = (data, &self.stats) {
-            stats.sent(bytes.len());
+        if data {
+            self.counts.sent(1, bytes.len() as u64);
+            if let Some(stats) = &self.stats {
+                stats.sent(bytes.len());
+            }
         }
         bytes.advance(sent);
         self.mailbox.charge(bytes.len());

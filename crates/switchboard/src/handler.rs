@@ -105,8 +105,9 @@ pub enum TerminateReason {
     Remote(Option<CloseReason>),
     /// The peer went away without a close frame (TCP reset or EOF).
     ConnectionLost,
-    /// The server is shutting down ([`crate::Shutdown`]); the peer was sent 1001.
-    Shutdown,
+    /// The server is shutting down ([`crate::Shutdown`]); the peer was sent
+    /// this close frame (the shutdown's).
+    Shutdown(CloseReason),
     /// Nothing arrived within the idle timeout; the peer was sent 1001.
     Timeout,
     /// The slow-consumer policy closed it, with this close frame: a push would
@@ -116,6 +117,25 @@ pub enum TerminateReason {
     /// A protocol violation, an I/O error, a handler that panicked, or an
     /// [`Outcome::Fail`].
     Error(String),
+}
+
+impl TerminateReason {
+    /// The close code of the connection's end: the one this side sent or the
+    /// peer's, 1005 for a close frame without one (RFC 6455 §7.1.5), 1006 for a
+    /// connection that ended without a close frame, and `None` for an error,
+    /// where the code depends on the error (1002, 1007, 1009, 1011, or none).
+    pub fn close_code(&self) -> Option<u16> {
+        match self {
+            Self::Normal(close)
+            | Self::Remote(Some(close))
+            | Self::SlowConsumer(close)
+            | Self::Shutdown(close) => Some(close.code().0),
+            Self::Remote(None) => Some(1005),
+            Self::ConnectionLost => Some(1006),
+            Self::Timeout => Some(1001),
+            Self::Error(_) => None,
+        }
+    }
 }
 
 /// What a callback can reach: its own handle, and a queue of frames to send.

@@ -64,6 +64,7 @@ mod sharded;
 pub mod shutdown;
 mod socket;
 pub mod stats;
+mod telemetry;
 pub mod testing;
 pub mod upgrade;
 

@@ -52,6 +52,9 @@ struct State<I> {
     /// The socket, for direct writes (plain TCP connections only). Inline
     /// rather than boxed: it is smaller than an allocation's overhead.
     direct: Option<Direct>,
+    /// Frames written directly, and their bytes, for the connection's close
+    /// event (the driver counts the rest).
+    written_directly: (u64, u64),
     waker: Option<Waker>,
 }
 
@@ -63,16 +66,17 @@ pub(crate) struct Direct {
 }
 
 impl Direct {
-    /// Writes `message`'s frame without blocking. `Err(n)`: only `n` bytes
-    /// (perhaps none) went out, and the frame must be queued.
-    fn write(&self, message: &PreparedMessage) -> Result<(), usize> {
+    /// Writes `message`'s frame without blocking: `Ok(n)`, all its `n` bytes
+    /// went out. `Err(n)`: only `n` bytes (perhaps none) did, and the frame
+    /// must be queued.
+    fn write(&self, message: &PreparedMessage) -> Result<usize, usize> {
         let frame = self.framing.frame(message);
         match self.stream.try_write(&frame) {
             Ok(n) if n == frame.len() => {
                 if let Some(stats) = &self.stats {
                     stats.sent(n);
                 }
-                Ok(())
+                Ok(n)
             }
             Ok(n) => Err(n),
             // WouldBlock, or an error the driver will meet on its own write.
@@ -128,6 +132,7 @@ impl<I> Mailbox<I> {
                 idle: false,
                 partial: 0,
                 direct: None,
+                written_directly: (0, 0),
                 waker: None,
             }),
             queued_bytes: AtomicUsize::new(0),
@@ -198,9 +203,11 @@ impl<I> Mailbox<I> {
                 && let (Some(direct), Outbound::Prepared(message)) = (&state.direct, &frame)
             {
                 match direct.write(message) {
-                    Ok(()) => {
+                    Ok(written) => {
                         // Written whole: the driver may go on sleeping.
                         state.idle = true;
+                        state.written_directly.0 += 1;
+                        state.written_directly.1 += written as u64;
                         return Ok(());
                     }
                     Err(written) => state.partial = written,
@@ -227,6 +234,11 @@ impl<I> Mailbox<I> {
                 });
             }
         });
+    }
+
+    /// Frames written directly so far, and their bytes.
+    pub fn written_directly(&self) -> (u64, u64) {
+        self.lock().written_directly
     }
 
     pub fn is_closed(&self) -> bool {

@@ -16,6 +16,7 @@ use hyper::upgrade::OnUpgrade;
 use switchboard_proto::Role;
 use switchboard_proto::deflate::{DeflateParams, negotiate};
 use switchboard_proto::handshake::{accept_key, has_token, is_valid_key};
+use tracing::{Instrument, Span};
 
 use crate::driver::{self, Setup};
 use crate::handle::{ConnHandle, ConnId};
@@ -86,6 +87,7 @@ pub struct WebSocketUpgrade {
     options: Options,
     shutdown: Option<Shutdown>,
     on_failed: Option<FailedUpgradeCallback>,
+    span: Option<Span>,
 }
 
 /// What [`WebSocketUpgrade::on_failed_upgrade`] keeps.
@@ -159,6 +161,7 @@ impl WebSocketUpgrade {
             options: Options::default(),
             shutdown: None,
             on_failed: None,
+            span: None,
         })
     }
 
@@ -229,6 +232,37 @@ impl WebSocketUpgrade {
         self
     }
 
+    /// The connection's span: the handler is made, and its task runs, inside
+    /// it, so every event of the connection carries its fields (with JSON logs,
+    /// as fields of the event). The connection's id goes in a field named
+    /// `conn`, when the span declares one (`conn = tracing::field::Empty`).
+    /// Without one the connection gets `info_span!("websocket", conn)`.
+    ///
+    /// The connection logs one info event when it opens, and one when it
+    /// closes with its close code, reason, duration, and messages and bytes
+    /// each way; each message it receives at debug. Payloads are never logged.
+    ///
+    /// ```no_run
+    /// use axum::response::Response;
+    /// use switchboard::{Context, Handler, Message, Outcome, WebSocketUpgrade};
+    /// # struct Echo;
+    /// # impl Handler for Echo {
+    /// #     type Info = ();
+    /// #     fn handle_in(&mut self, message: Message, _: &mut Context<'_, ()>) -> Outcome {
+    /// #         Outcome::push(message)
+    /// #     }
+    /// # }
+    ///
+    /// async fn ws(upgrade: WebSocketUpgrade) -> Response {
+    ///     let span = tracing::info_span!("chat", conn = tracing::field::Empty, user = "ann");
+    ///     upgrade.span(span).on_upgrade(Echo)
+    /// }
+    /// ```
+    pub fn span(mut self, span: Span) -> Self {
+        self.span = Some(span);
+        self
+    }
+
     /// Finishes the handshake: returns the 101 response and, once hyper hands
     /// over the connection, runs `handler` in a task of its own.
     ///
@@ -263,7 +297,7 @@ impl WebSocketUpgrade {
     /// pushed waits for the socket), so a connection registered here is reachable
     /// as soon as the client sees the handshake succeed; `init` runs only later.
     #[must_use = "the handshake only completes when this response is sent"]
-    pub fn on_upgrade_with<H, F>(self, make: F) -> Response
+    pub fn on_upgrade_with<H, F>(mut self, make: F) -> Response
     where
         H: Handler,
         F: FnOnce(&ConnHandle<H::Info>) -> H,
@@ -273,8 +307,14 @@ impl WebSocketUpgrade {
             _ => None,
         };
         let response = self.response(deflate.as_ref());
-        let mailbox = Arc::new(Mailbox::new(ConnId::next(), &self.options));
-        let handler = make(&ConnHandle::new(mailbox.clone()));
+        let id = ConnId::next();
+        let span = self
+            .span
+            .take()
+            .unwrap_or_else(|| tracing::info_span!("websocket", conn = tracing::field::Empty));
+        span.record("conn", tracing::field::display(id));
+        let mailbox = Arc::new(Mailbox::new(id, &self.options));
+        let handler = span.in_scope(|| make(&ConnHandle::new(mailbox.clone())));
         let setup = Setup {
             role: Role::Server,
             peer_context: deflate.as_ref().map(DeflateParams::client_context),
@@ -284,7 +324,8 @@ impl WebSocketUpgrade {
             options: self.options,
             on_failed: self.on_failed,
         };
-        let task = driver::Connection::new(self.on_upgrade, handler, mailbox, setup);
+        let task =
+            driver::Connection::new(self.on_upgrade, handler, mailbox, setup).instrument(span);
         match &self.shutdown {
             Some(shutdown) => shutdown.spawn(task),
             None => drop(tokio::spawn(task)),

@@ -502,7 +502,10 @@ async fn shutdown_closes_everyone_with_1001_and_drains() {
     assert_eq!(shutdown.connections(), 0);
     let mut shutdowns = 0;
     while let Ok(event) = events.try_recv() {
-        shutdowns += usize::from(event == Event::Terminate(TerminateReason::Shutdown));
+        shutdowns += usize::from(matches!(
+            event,
+            Event::Terminate(TerminateReason::Shutdown(_))
+        ));
     }
     assert_eq!(shutdowns, 3);
 }
