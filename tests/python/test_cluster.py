@@ -382,9 +382,12 @@ def test_an_idempotency_key_holds_across_nodes(cluster):
         with urllib.request.urlopen(request, timeout=5) as response:
             return json.load(response)
 
+    appends = [metric(node, "history_appends_total") for node in (n0, n1)]
     first = post(n0, "/api/v1/send", {"targets": ["a", "b"], "payload": 1}, "order-7")
     again = post(n1, "/api/v1/send", {"targets": ["a", "b"], "payload": 1}, "order-7")
     assert first == again == {"delivered": [], "offline": ["a", "b"], "offsets": {"a": 1, "b": 1}}
+    # Two appends, by the node that made them; the replay appended nothing.
+    assert [metric(node, "history_appends_total") - was for node, was in zip((n0, n1), appends)] == [2, 0]
     _, inbox = api(n1, "GET", "/api/v1/clients/a/inbox")
     assert [m["payload"] for m in inbox["messages"]] == [1]
     config_free = post(n1, "/api/v1/publish", {"topic": "t", "payload": 2}, "order-7")
@@ -665,13 +668,14 @@ async def test_a_rolling_deploy_loses_and_repeats_nothing(cluster):
 
 
 def metric(node, name):
-    """A sample of a node's /metrics (no API key: loopback, none configured)."""
+    """A sample of a node's /metrics (no API key: loopback, none configured); a
+    sample that is not there fails."""
     status, _, body = node.http("GET", "/metrics")
     assert status == 200, body
     for line in body.decode().splitlines():
         if line.startswith(f"switchboard_{name} "):
             return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    pytest.fail(f"no {name} in the metrics of the node on {node.port}")
 
 
 @async_test

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from websockets.exceptions import InvalidStatus
 
 from test_relay import (  # noqa: F401 (start_server is a fixture)
     RECV_TIMEOUT,
@@ -108,9 +109,10 @@ async def test_no_token_api_key_secret_or_payload_is_ever_logged_even_at_trace(s
         await by_protocol.send(json.dumps({"targets": ["user0"], "payload": payload}))
         assert payload in await recv(by_query)
     # A refused token, and the API with its key and with a wrong one.
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidStatus) as refused:
         async with client(None, "late", uri=f"{base}?token={expired}"):
             pass
+    assert refused.value.response.status_code == 401
     for presented, status in ((key, 200), (wrong_key, 401)):
         request = urllib.request.Request(
             f"http://127.0.0.1:{server.port}/api/v1/stats", headers={"Authorization": f"Bearer {presented}"}

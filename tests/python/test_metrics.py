@@ -57,7 +57,12 @@ def scrape(server, key=KEY):
 
 
 def value(samples, name, **labels):
-    return samples.get((f"switchboard_{name}", tuple(sorted(labels.items()))), 0.0)
+    """A sample's value. A labelled series appears with its first event (0 before);
+    an unlabelled one is always there, and missing is a failure."""
+    series = (f"switchboard_{name}", tuple(sorted(labels.items())))
+    if not labels:
+        assert series in samples, f"{name} is missing"
+    return samples.get(series, 0.0)
 
 
 def promtool_check(text):
@@ -213,7 +218,8 @@ def jwt(claims, secret):
 
 
 @single_node
-def test_refused_tokens_are_counted_by_reason(start_server):
+@async_test
+async def test_refused_tokens_are_counted_by_reason(start_server):
     secret = "a-metrics-test-secret-of-32-bytes!!"
     server = start_server("--jwt-hs256-secret", secret, "--jwt-leeway-secs", "0", "--api-key", KEY)
     _, before = scrape(server)
@@ -229,7 +235,13 @@ def test_refused_tokens_are_counted_by_reason(start_server):
         headers = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
         assert server.http("GET", path, headers)[0] == 401
+    # A refresh with another client's (valid) token.
+    uri = f"ws://127.0.0.1:{server.port}/ws?token={jwt({'sub': 'x', 'exp': now + 60}, secret)}"
+    async with client(None, "x", uri=uri, envelope=True) as x:
+        await x.send(json.dumps({"type": "refresh", "token": jwt({"sub": "y", "exp": now + 60}, secret), "id": 1}))
+        assert json.loads(await recv(x))["code"] == "invalid_token"
     _, after = scrape(server)
+    tokens["wrong_subject"] = None
     for reason in tokens:
         assert value(after, "auth_failures_total", reason=reason) - value(before, "auth_failures_total", reason=reason) == 1, reason
     assert value(after, "handshake_failures_total", status="401") - value(before, "handshake_failures_total", status="401") == 4

@@ -33,7 +33,8 @@ pub struct Metrics {
     closed: IntCounterVec,
     handshake_failures: IntCounterVec,
     slow_consumer_closes: IntCounter,
-    rate_limited: IntCounter,
+    /// Sharded: a flood of refused messages is a hot path too.
+    rate_limited: ShardedCounter,
     auth_failures: IntCounterVec,
     recoveries: IntCounterVec,
     redis_command_seconds: Histogram,
@@ -76,8 +77,9 @@ impl Metrics {
                 .expect("registered once");
             family
         };
-        // From 0.5 ms to 2 s: a pipelined round trip on one host to a store in trouble.
-        let buckets = prometheus::exponential_buckets(0.000_5, 2.0, 13).expect("valid buckets");
+        // From 0.5 ms to 4 s: a pipelined round trip on one host, to a store
+        // in trouble, past the link's 3 s timeout.
+        let buckets = prometheus::exponential_buckets(0.000_5, 2.0, 14).expect("valid buckets");
         let redis_command_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "redis_command_duration_seconds",
@@ -108,7 +110,7 @@ impl Metrics {
                 "slow_consumer_closes_total",
                 "Connections closed because they did not read what was sent to them.",
             ),
-            rate_limited: counter("rate_limited_total", "Messages refused with rate_limited."),
+            rate_limited: ShardedCounter::new(),
             auth_failures: family(
                 "auth_failures_total",
                 "Refused tokens and API keys, by reason.",
@@ -139,6 +141,11 @@ impl Metrics {
         self.closed.with_label_values(&[&code]).inc();
     }
 
+    /// A connection ended with `code`, its handler not told why (it panicked).
+    pub fn closed_with_code(&self, code: u16) {
+        self.closed.with_label_values(&[&code.to_string()]).inc();
+    }
+
     /// A handshake was answered with `status` instead of 101.
     pub fn handshake_failed(&self, status: StatusCode) {
         self.handshake_failures
@@ -148,7 +155,7 @@ impl Metrics {
 
     /// A message was refused with `rate_limited`.
     pub fn rate_limited(&self) {
-        self.rate_limited.inc();
+        self.rate_limited.add(1);
     }
 
     /// A token or API key was refused, for `reason` (a short word).
@@ -228,6 +235,11 @@ impl Metrics {
                 "bytes_sent_total",
                 "Bytes of the frames sent, headers included (after compression).",
                 figures.bytes_out,
+            ),
+            counter(
+                "rate_limited_total",
+                "Messages refused with rate_limited.",
+                self.rate_limited.get(),
             ),
             counter(
                 "history_appends_total",

@@ -80,6 +80,8 @@ pub struct Relay {
     _registration: Registration,
     /// Its place among its address's connections, given back the same way.
     _peer: Option<PeerSlot>,
+    /// Counted open (the upgrade went through) and closed, in the metrics.
+    counted: (bool, bool),
 }
 
 impl Relay {
@@ -95,7 +97,6 @@ impl Relay {
         joined: Box<dyn Joined>,
     ) -> Self {
         let registration = joined.attach(handle.outbox());
-        hub.metrics.opened.add(1);
         let limits = hub.limits;
         let mut relay = Self {
             id: identity.client,
@@ -115,6 +116,7 @@ impl Relay {
             ),
             _registration: registration,
             _peer: peer,
+            counted: (false, false),
             hub,
         };
         relay.schedule_expiry(identity.expires_at, handle);
@@ -460,6 +462,7 @@ impl Relay {
             (ErrorCode::InvalidToken, e.to_string())
         })?;
         if identity.client != self.id {
+            self.hub.metrics.auth_failed("wrong_subject");
             return Err((
                 ErrorCode::InvalidToken,
                 "the token is for another client".into(),
@@ -617,8 +620,26 @@ fn required<T>(value: Option<T>, field: &str) -> Result<T, Refusal> {
     })
 }
 
+impl Drop for Relay {
+    /// A handler that panicked is not told how its connection ended: the
+    /// driver closed it with 1011.
+    fn drop(&mut self) {
+        if self.counted == (true, false) {
+            self.hub.metrics.closed_with_code(1011);
+        }
+    }
+}
+
 impl Handler for Relay {
     type Info = RelayInfo;
+
+    /// The upgrade went through: the connection counts as opened (a relay
+    /// made for an upgrade that failed after the 101 never gets here).
+    fn init(&mut self, _ctx: &mut Context<'_, RelayInfo>) -> Outcome {
+        self.hub.metrics.opened.add(1);
+        self.counted.0 = true;
+        Outcome::Continue
+    }
 
     fn handle_in(&mut self, message: Message, ctx: &mut Context<'_, RelayInfo>) -> Outcome {
         let len = match &message {
@@ -704,5 +725,6 @@ impl Handler for Relay {
 
     fn terminate(&mut self, reason: &TerminateReason) {
         self.hub.metrics.closed(reason);
+        self.counted.1 = true;
     }
 }

@@ -85,8 +85,8 @@ impl Stats {
 }
 
 /// A counter for events on hot paths, sharded as [`Stats`] is. It serves as a
-/// gauge too: [`ShardedCounter::sub`] takes away (a shard may go below zero; the
-/// sum does not).
+/// gauge too: [`ShardedCounter::sub`] takes away (one thread may add and
+/// another take away, so a shard may go below zero).
 #[derive(Debug, Clone, Default)]
 pub struct ShardedCounter(Arc<[Cell; SHARDS]>);
 
@@ -110,11 +110,14 @@ impl ShardedCounter {
         self.0[shard_index()].0.fetch_sub(n, Ordering::Relaxed);
     }
 
-    /// The sum of every shard (shards wrap, and so does the sum, back into range).
+    /// The sum of every shard, read as signed numbers, and at least 0: shards
+    /// are read one after another while they change, so a gauge near zero can
+    /// sum below it (a take-away seen, its add not yet).
     pub fn get(&self) -> u64 {
-        self.0.iter().fold(0, |sum, cell| {
-            sum.wrapping_add(cell.0.load(Ordering::Relaxed))
-        })
+        let sum = self.0.iter().fold(0i64, |sum, cell| {
+            sum.wrapping_add(cell.0.load(Ordering::Relaxed) as i64)
+        });
+        sum.max(0) as u64
     }
 }
 

@@ -149,7 +149,12 @@ end
 local function remembered(key)
   if key == '' then return nil end
   local seen = redis.call('GET', 'sb:idem:' .. key)
-  if seen then return cjson.decode(seen) end
+  if seen then
+    -- Marked, so the node does not count it as appended again.
+    local answer = cjson.decode(seen)
+    table.insert(answer, 'again')
+    return answer
+  end
   return nil
 end
 

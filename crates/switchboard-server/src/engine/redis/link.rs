@@ -251,6 +251,8 @@ async fn run(
                     }
                 }
                 Err(e) => {
+                    // A batch that failed or timed out is when the times matter.
+                    metrics.redis_commands(sent.elapsed(), batch.len());
                     up.store(false, Ordering::Relaxed);
                     tracing::warn!(error = %e, "lost the Redis link");
                     held = settle_failed(batch, &e);

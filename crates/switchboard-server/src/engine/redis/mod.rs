@@ -184,6 +184,16 @@ fn ahead(values: &[redis::Value]) -> Option<u64> {
 }
 
 /// A script answer as an array.
+/// An answer, and whether it is one the script had saved for an
+/// `Idempotency-Key` (marked `again` at its end): nothing was appended.
+fn replayed(mut values: Vec<redis::Value>) -> (Vec<redis::Value>, bool) {
+    let again = values.last().and_then(text) == Some("again");
+    if again {
+        values.pop();
+    }
+    (values, again)
+}
+
 fn items(value: redis::Value) -> Result<Vec<redis::Value>, Unavailable> {
     array(value).ok_or_else(|| malformed("not an array"))
 }
@@ -381,7 +391,7 @@ impl Engine for RedisEngine {
         let answer = self.0.link.call("send", rest);
         let metrics = self.0.metrics.clone();
         Box::pin(async move {
-            let values = items(answer.await?)?;
+            let (values, again) = replayed(items(answer.await?)?);
             if values.len() != targets.len() * 3 {
                 return Err(malformed("a send"));
             }
@@ -396,7 +406,9 @@ impl Engine for RedisEngine {
                     sent.offline.push(target);
                 }
             }
-            metrics.appends.add(sent.offsets.len() as u64);
+            if !again {
+                metrics.appends.add(sent.offsets.len() as u64);
+            }
             Ok(sent)
         })
     }
@@ -433,11 +445,11 @@ impl Engine for RedisEngine {
         let answer = self.0.link.call("publish", rest);
         let metrics = self.0.metrics.clone();
         Box::pin(async move {
-            let values = items(answer.await?)?;
+            let (values, again) = replayed(items(answer.await?)?);
             let [_, offset, subscribers] = values.as_slice() else {
                 return Err(malformed("a publish"));
             };
-            if history.is_some() {
+            if history.is_some() && !again {
                 metrics.appends.add(1);
             }
             Ok(Published {
