@@ -64,7 +64,7 @@ async fn handshake(
     if !origin_allowed(hub, headers) {
         return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
     }
-    let identity = match identify(hub, query, headers) {
+    let identity = match identify(hub, query, headers).await {
         Ok(identity) => identity,
         Err(refused) => {
             if let Refused::Unauthorized(e) = &refused {
@@ -194,7 +194,7 @@ impl IntoResponse for Refused {
 
 /// Who is connecting: the token's `sub` when tokens are configured (`?id=` is
 /// then ignored), otherwise `?id=`.
-fn identify(
+async fn identify(
     hub: &Hub,
     query: &HashMap<String, String>,
     headers: &HeaderMap,
@@ -212,9 +212,10 @@ fn identify(
             permissions: Permissions::default(),
         });
     };
-    let token = bearer_token(query, headers).ok_or(TokenError::Missing);
-    token
-        .and_then(|t| jwt.verify(t))
+    let token = bearer_token(query, headers).ok_or(Refused::Unauthorized(TokenError::Missing))?;
+    // A key id the JWKS URL's set lacks is fetched for before refusing.
+    jwt.verify_fresh(token, &hub.metrics)
+        .await
         .map_err(Refused::Unauthorized)
 }
 

@@ -14,6 +14,7 @@
 //! list allows everything. Tokens are never logged.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
@@ -23,6 +24,8 @@ use subtle::ConstantTimeEq;
 use switchboard::ClientId;
 
 use crate::ids;
+use crate::jwks::{JwksUrl, RemoteKeys};
+use crate::metrics::Metrics;
 
 /// A `*` glob over topic names or client ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +127,9 @@ pub enum TokenError {
     /// Not a JWT, or its claims are malformed (including a `sub` that is not a valid id).
     #[error("malformed token: {0}")]
     Malformed(String),
+    /// Its `kid` names no key of the JWKS URL's set, even fetched again.
+    #[error("the token's key id is not one of the issuer's keys")]
+    UnknownKey,
 }
 
 impl TokenError {
@@ -137,6 +143,7 @@ impl TokenError {
             Self::WrongAudience => "wrong_audience",
             Self::WrongIssuer => "wrong_issuer",
             Self::Malformed(_) => "malformed",
+            Self::UnknownKey => "unknown_key",
         }
     }
 }
@@ -162,8 +169,8 @@ struct PermissionClaims {
 }
 
 /// One key a token may be signed with.
-struct VerifyKey {
-    kid: Option<String>,
+pub(crate) struct VerifyKey {
+    pub(crate) kid: Option<String>,
     algorithm: Algorithm,
     key: DecodingKey,
 }
@@ -177,6 +184,8 @@ pub struct JwtConfig {
     pub public_keys: Vec<std::path::PathBuf>,
     /// A JWKS file.
     pub jwks: Option<std::path::PathBuf>,
+    /// A JWKS URL, fetched and refetched.
+    pub jwks_url: Option<JwksUrl>,
     /// Required `aud`, if any.
     pub audience: Option<String>,
     /// Required `iss`, if any.
@@ -194,6 +203,7 @@ impl std::fmt::Debug for JwtConfig {
             )
             .field("public_keys", &self.public_keys)
             .field("jwks", &self.jwks)
+            .field("jwks_url", &self.jwks_url)
             .field("audience", &self.audience)
             .field("issuer", &self.issuer)
             .field("leeway_secs", &self.leeway_secs)
@@ -204,6 +214,8 @@ impl std::fmt::Debug for JwtConfig {
 /// Verifies client tokens.
 pub struct JwtVerifier {
     keys: Vec<VerifyKey>,
+    /// Keys from a JWKS URL, as last fetched.
+    remote: Option<Arc<RemoteKeys>>,
     audience: Option<String>,
     issuer: Option<String>,
     leeway_secs: u64,
@@ -239,13 +251,20 @@ impl JwtVerifier {
             keys.push(pem_key(path)?);
         }
         if let Some(path) = &config.jwks {
-            keys.extend(jwks_keys(path)?);
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading JWKS {}", path.display()))?;
+            keys.extend(jwks_keys(&text, &path.display().to_string())?);
         }
-        if keys.is_empty() {
+        let remote = match &config.jwks_url {
+            Some(url) => Some(Arc::new(RemoteKeys::new(url.clone())?)),
+            None => None,
+        };
+        if keys.is_empty() && remote.is_none() {
             return Ok(None);
         }
         Ok(Some(Self {
             keys,
+            remote,
             audience: config.audience.clone(),
             issuer: config.issuer.clone(),
             leeway_secs: config.leeway_secs,
@@ -257,13 +276,45 @@ impl JwtVerifier {
         self.leeway_secs
     }
 
+    /// Starts fetching the keys of a JWKS URL, if there is one (on the
+    /// current runtime).
+    pub fn start(&self, metrics: Arc<Metrics>) {
+        if let Some(remote) = &self.remote {
+            remote.start(metrics);
+        }
+    }
+
+    /// Checks `token` as [`JwtVerifier::verify`] does, after fetching the JWKS
+    /// URL's keys again if the token names a key id they lack (at most once
+    /// per [`crate::jwks::REFETCH_GAP`]).
+    pub async fn verify_fresh(
+        &self,
+        token: &str,
+        metrics: &Metrics,
+    ) -> Result<Identity, TokenError> {
+        if let (Some(remote), Ok(header)) = (&self.remote, decode_header(token))
+            && let Some(kid) = &header.kid
+            && !remote.has(kid)
+        {
+            remote.refetch_for(kid, metrics).await;
+        }
+        self.verify(token)
+    }
+
     /// Checks `token` and returns who it names.
     pub fn verify(&self, token: &str) -> Result<Identity, TokenError> {
         let header = decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
-        let candidates = self.keys.iter().filter(|k| {
-            k.algorithm == header.alg
-                && (header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
-        });
+        let remote = self.remote.as_ref().map(|r| r.keys());
+        let keys = self.keys.iter().chain(remote.iter().flat_map(|k| k.iter()));
+        let mut candidates = keys
+            .filter(|k| {
+                k.algorithm == header.alg
+                    && (header.kid.is_none() || k.kid.is_none() || k.kid == header.kid)
+            })
+            .peekable();
+        if header.kid.is_some() && self.remote.is_some() && candidates.peek().is_none() {
+            return Err(TokenError::UnknownKey);
+        }
         let mut last = TokenError::BadSignature;
         for key in candidates {
             match decode::<Claims>(token, &key.key, &self.validation(key.algorithm)) {
@@ -348,11 +399,10 @@ fn pem_key(path: &Path) -> anyhow::Result<VerifyKey> {
     })
 }
 
-fn jwks_keys(path: &Path) -> anyhow::Result<Vec<VerifyKey>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading JWKS {}", path.display()))?;
+/// The RSA and EC keys of a JWKS document (`text`, from `source`).
+pub(crate) fn jwks_keys(text: &str, source: &str) -> anyhow::Result<Vec<VerifyKey>> {
     let set: JwkSet =
-        serde_json::from_str(&text).with_context(|| format!("parsing JWKS {}", path.display()))?;
+        serde_json::from_str(text).with_context(|| format!("parsing JWKS {source}"))?;
     let mut keys = Vec::new();
     for jwk in &set.keys {
         let algorithm = match &jwk.algorithm {
@@ -360,8 +410,7 @@ fn jwks_keys(path: &Path) -> anyhow::Result<Vec<VerifyKey>> {
             AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
             _ => continue,
         };
-        let key =
-            DecodingKey::from_jwk(jwk).with_context(|| format!("a key in {}", path.display()))?;
+        let key = DecodingKey::from_jwk(jwk).with_context(|| format!("a key in {source}"))?;
         keys.push(VerifyKey {
             kid: jwk.common.key_id.clone(),
             algorithm,
@@ -369,7 +418,7 @@ fn jwks_keys(path: &Path) -> anyhow::Result<Vec<VerifyKey>> {
         });
     }
     if keys.is_empty() {
-        bail!("{} holds no RSA or EC key", path.display());
+        bail!("{source} holds no RSA or EC key");
     }
     Ok(keys)
 }

@@ -294,6 +294,20 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_JWT_JWKS", value_name = "FILE")]
     pub jwt_jwks: Option<PathBuf>,
 
+    /// JWKS URL (http:// or https://) with RSA or EC public keys, fetched at start, every
+    /// --jwt-jwks-refresh-secs, and when a token names a key id it lacks (at most every 10 s);
+    /// a failed fetch keeps the last good keys
+    #[arg(long, env = "SWITCHBOARD_JWT_JWKS_URL", value_name = "URL")]
+    pub jwt_jwks_url: Option<String>,
+
+    /// How often the JWKS URL is fetched again [default: 300]
+    #[arg(long, env = "SWITCHBOARD_JWT_JWKS_REFRESH_SECS", value_name = "SECS")]
+    pub jwt_jwks_refresh_secs: Option<u64>,
+
+    /// PEM certificates to trust for an https:// JWKS URL, besides Mozilla's roots (a private CA)
+    #[arg(long, env = "SWITCHBOARD_JWT_JWKS_CA_FILE", value_name = "FILE")]
+    pub jwt_jwks_ca_file: Option<PathBuf>,
+
     /// Required `aud` claim
     #[arg(long, env = "SWITCHBOARD_JWT_AUDIENCE", value_name = "AUD")]
     pub jwt_audience: Option<String>,
@@ -541,6 +555,14 @@ impl Config {
                 },
                 public_keys: s.jwt_public_keys.unwrap_or_default(),
                 jwks: s.jwt_jwks,
+                jwks_url: match s.jwt_jwks_url {
+                    Some(url) => Some(crate::jwks::JwksUrl::parse(
+                        &url,
+                        Duration::from_secs(s.jwt_jwks_refresh_secs.unwrap_or(300).max(1)),
+                        s.jwt_jwks_ca_file,
+                    )?),
+                    None => None,
+                },
                 audience: s.jwt_audience,
                 issuer: s.jwt_issuer,
                 leeway_secs: s.jwt_leeway_secs.unwrap_or(30),
@@ -602,6 +624,7 @@ impl Config {
         self.jwt.hs256_secret.is_some()
             || !self.jwt.public_keys.is_empty()
             || self.jwt.jwks.is_some()
+            || self.jwt.jwks_url.is_some()
     }
 
     /// Refuses to expose unauthenticated clients ids on a non-loopback address.
@@ -609,8 +632,8 @@ impl Config {
         if !self.listen.ip().is_loopback() && !self.has_client_auth() && !self.allow_insecure {
             bail!(
                 "refusing to listen on {} without client authentication: anyone who can reach it \
-                 could connect as any id. Configure --jwt-hs256-secret, --jwt-public-key or \
-                 --jwt-jwks, or pass --allow-insecure if that is what you want",
+                 could connect as any id. Configure --jwt-hs256-secret, --jwt-public-key, \
+                 --jwt-jwks or --jwt-jwks-url, or pass --allow-insecure if that is what you want",
                 self.listen
             );
         }
@@ -760,6 +783,23 @@ mod tests {
             let error = format!("{:#}", Config::load(&cli.args).unwrap_err());
             assert!(error.contains("node_lease_secs must be 2 to 15"), "{error}");
         }
+    }
+
+    #[test]
+    fn a_jwks_url_must_be_http_or_https_and_counts_as_client_auth() {
+        for bad in ["ftp://issuer/keys", "/keys", "not a url"] {
+            let error = format!("{:#}", load(&["--jwt-jwks-url", bad]).unwrap_err());
+            assert!(error.contains("jwt_jwks_url"), "{bad}: {error}");
+        }
+        let config = load(&["--jwt-jwks-url", "https://issuer.example/keys"]).unwrap();
+        assert!(config.has_client_auth());
+        let missing_ca = load(&[
+            "--jwt-jwks-url",
+            "https://issuer.example/keys",
+            "--jwt-jwks-ca-file",
+            "/nonexistent/ca.pem",
+        ]);
+        assert!(format!("{:#}", missing_ca.unwrap_err()).contains("jwt_jwks_ca_file"));
     }
 
     #[test]

@@ -170,7 +170,13 @@ impl Hub {
                 bytes_per_sec: config.rate_limit_bytes_per_sec,
                 strikes: config.rate_limit_strikes,
             },
-            jwt: JwtVerifier::from_config(&config.jwt)?,
+            jwt: {
+                let jwt = JwtVerifier::from_config(&config.jwt)?;
+                if let Some(jwt) = &jwt {
+                    jwt.start(metrics.clone());
+                }
+                jwt
+            },
             api_keys: config.api_keys.clone(),
             allowed_origins: config.allowed_origins.clone(),
             shutdown,

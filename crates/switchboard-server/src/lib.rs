@@ -31,6 +31,7 @@ mod history_api;
 pub mod hub;
 pub mod idempotency;
 pub mod ids;
+pub mod jwks;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

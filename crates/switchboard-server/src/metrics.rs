@@ -39,6 +39,7 @@ pub struct Metrics {
     recoveries: IntCounterVec,
     redis_command_seconds: Histogram,
     redis_reconnects: IntCounter,
+    jwks_fetches: IntCounterVec,
 }
 
 /// What a scrape reads at that moment.
@@ -122,6 +123,11 @@ impl Metrics {
                 "recovered",
             ),
             redis_command_seconds,
+            jwks_fetches: family(
+                "jwks_fetches_total",
+                "Fetches of the JWKS URL's keys, by result (ok or error: the last good keys stay).",
+                "result",
+            ),
             redis_reconnects: counter(
                 "redis_reconnects_total",
                 "Connections to Redis made again after one was lost (cluster mode).",
@@ -174,6 +180,12 @@ impl Metrics {
         for _ in 0..count {
             self.redis_command_seconds.observe(elapsed.as_secs_f64());
         }
+    }
+
+    /// The JWKS URL was fetched, or failed to be.
+    pub fn jwks_fetched(&self, ok: bool) {
+        let label = if ok { "ok" } else { "error" };
+        self.jwks_fetches.with_label_values(&[label]).inc();
     }
 
     /// The link to Redis was made again.

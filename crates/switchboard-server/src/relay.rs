@@ -19,7 +19,7 @@ use switchboard::{
 };
 use tokio::sync::mpsc;
 
-use crate::auth::{Identity, Permissions};
+use crate::auth::{Identity, Permissions, TokenError};
 use crate::engine::{self, Joined, Pending, Subscribe, SubscribeRefused, Subscribed};
 use crate::hub::Hub;
 use crate::ids::TargetList;
@@ -459,6 +459,16 @@ impl Relay {
         };
         let identity = jwt.verify(token).map_err(|e| {
             self.hub.metrics.auth_failed(e.reason());
+            if e == TokenError::UnknownKey {
+                // The issuer may have rotated its keys: fetch them, so that
+                // the client's next refresh with this token is accepted.
+                let (hub, token) = (self.hub.clone(), token.to_owned());
+                tokio::spawn(async move {
+                    if let Some(jwt) = &hub.jwt {
+                        let _ = jwt.verify_fresh(&token, &hub.metrics).await;
+                    }
+                });
+            }
             (ErrorCode::InvalidToken, e.to_string())
         })?;
         if identity.client != self.id {
