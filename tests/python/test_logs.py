@@ -4,9 +4,6 @@ closes with its traffic, and no token, API key, secret or payload in the logs at
 level, trace included."""
 
 import asyncio
-import base64
-import hashlib
-import hmac
 import json
 import signal
 import time
@@ -16,6 +13,7 @@ import urllib.request
 import pytest
 from websockets.exceptions import InvalidStatus
 
+from test_claims import jwt_hs256
 from test_relay import (  # noqa: F401 (start_server is a fixture)
     RECV_TIMEOUT,
     async_test,
@@ -72,16 +70,6 @@ async def test_each_connection_logs_its_open_and_close_with_its_span_and_traffic
     assert not [e for e in logged if e["fields"]["message"] == "message received"]
 
 
-def jwt(claims, secret):
-    def b64(data):
-        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    body = b64(json.dumps(claims).encode())
-    signature = hmac.new(secret.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
-    return f"{head}.{body}.{b64(signature)}"
-
-
 @single_node
 @async_test
 async def test_no_token_api_key_secret_or_payload_is_ever_logged_even_at_trace(start_server):
@@ -93,10 +81,10 @@ async def test_no_token_api_key_secret_or_payload_is_ever_logged_even_at_trace(s
         "--jwt-hs256-secret", secret, "--jwt-leeway-secs", "0", "--api-key", key,
     )  # fmt: skip
     now = int(time.time())
-    tokens = [jwt({"sub": f"user{i}", "exp": now + 60, "iat": now}, secret) for i in range(3)]
+    tokens = [jwt_hs256({"sub": f"user{i}", "exp": now + 60, "iat": now}, secret) for i in range(3)]
     # The refresh's token is user0's too, and another token.
-    tokens.append(jwt({"sub": "user0", "exp": now + 120, "iat": now}, secret))
-    expired = jwt({"sub": "late", "exp": now - 60}, secret)
+    tokens.append(jwt_hs256({"sub": "user0", "exp": now + 120, "iat": now}, secret))
+    expired = jwt_hs256({"sub": "late", "exp": now - 60}, secret)
     payload = "a-payload-that-must-never-be-logged-4"
 
     base = f"ws://127.0.0.1:{server.port}/ws"

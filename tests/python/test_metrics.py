@@ -7,18 +7,16 @@ made; the cluster's metrics (nodes, Redis commands and reconnects) in test_clust
 """
 
 import asyncio
-import hashlib
-import hmac
 import json
 import shutil
 import subprocess
 import time
 import urllib.error
 import urllib.request
-import base64
 
 import pytest
 
+from test_claims import jwt_hs256
 from test_relay import (  # noqa: F401 (start_server is a fixture)
     RECV_TIMEOUT,
     async_test,
@@ -207,16 +205,6 @@ async def test_a_known_exchange_moves_each_counter_by_exactly_what_it_did(start_
     assert value(after, "client_ids") == 0
 
 
-def jwt(claims, secret):
-    def b64(data):
-        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    body = b64(json.dumps(claims).encode())
-    signature = hmac.new(secret.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
-    return f"{head}.{body}.{b64(signature)}"
-
-
 @single_node
 @async_test
 async def test_refused_tokens_are_counted_by_reason(start_server):
@@ -225,8 +213,8 @@ async def test_refused_tokens_are_counted_by_reason(start_server):
     _, before = scrape(server)
     now = int(time.time())
     tokens = {
-        "expired": jwt({"sub": "x", "exp": now - 10}, secret),
-        "bad_signature": jwt({"sub": "x", "exp": now + 60}, "another-secret-of-at-least-32-bytes"),
+        "expired": jwt_hs256({"sub": "x", "exp": now - 10}, secret),
+        "bad_signature": jwt_hs256({"sub": "x", "exp": now + 60}, "another-secret-of-at-least-32-bytes"),
         "malformed": "not.a.jwt",
         "missing": None,
     }
@@ -236,9 +224,9 @@ async def test_refused_tokens_are_counted_by_reason(start_server):
                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
         assert server.http("GET", path, headers)[0] == 401
     # A refresh with another client's (valid) token.
-    uri = f"ws://127.0.0.1:{server.port}/ws?token={jwt({'sub': 'x', 'exp': now + 60}, secret)}"
+    uri = f"ws://127.0.0.1:{server.port}/ws?token={jwt_hs256({'sub': 'x', 'exp': now + 60}, secret)}"
     async with client(None, "x", uri=uri, envelope=True) as x:
-        await x.send(json.dumps({"type": "refresh", "token": jwt({"sub": "y", "exp": now + 60}, secret), "id": 1}))
+        await x.send(json.dumps({"type": "refresh", "token": jwt_hs256({"sub": "y", "exp": now + 60}, secret), "id": 1}))
         assert json.loads(await recv(x))["code"] == "invalid_token"
     _, after = scrape(server)
     tokens["wrong_subject"] = None
