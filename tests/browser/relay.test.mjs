@@ -313,6 +313,19 @@ test("demo chat: two tabs talk; a tab that goes offline gets every message sent 
   assert.match(notes, /Back online: 6 missed message\(s\) follow\./);
   assert.doesNotMatch(notes, /could not be recovered/);
 
+  // dave's page reloads: it kept its place in sessionStorage, so what was sent
+  // while it reloaded is there, once, and nothing from before.
+  await dave.reload();
+  await carol.fill("#targets", "dave");
+  await carol.fill("#text", "during the reload");
+  await carol.click("#send");
+  await carol.waitForFunction(() => document.querySelectorAll("#log li.mine[data-acked]").length === 7, null, { timeout: WAIT_MS });
+  await chatAs(dave, "dave");
+  await dave.waitForFunction(() => document.querySelectorAll("#log li.message").length >= 1, null, { timeout: WAIT_MS });
+  await new Promise((r) => setTimeout(r, 300));
+  assert.deepEqual(await logOf(dave), [["carol", "9", "carol: during the reload"]]);
+  assert.match(await dave.textContent("#log"), /Back online: 1 missed message\(s\) follow\./);
+
   await carol.screenshot({ path: SCREENSHOT.replace(/\.png$/, "-carol.png"), fullPage: true });
   await dave.screenshot({ path: SCREENSHOT, fullPage: true });
   await tabs.close();

@@ -48,6 +48,12 @@ export interface Options {
   maxQueued?: number;
   /** Milliseconds a connection attempt may take before it is abandoned and retried. Default 10000. */
   connectTimeout?: number;
+  /**
+   * Where to resume the inbox from, as `client.inbox` gave it before (kept in
+   * `sessionStorage` across a page reload, say). The first connection then
+   * resumes: `connected` says whether it recovered.
+   */
+  inbox?: Position;
 }
 
 /** The `connected` event. */
@@ -175,7 +181,7 @@ export class Client extends Emitter<Events> {
   private readonly waiting: Array<[() => void, (error: SwitchboardError) => void]> = [];
   private readonly subscriptions = new Map<string, Subscription>();
   /** The last inbox message seen. */
-  private inbox?: Position;
+  private seen?: Position;
 
   /**
    * A client of the server at `url` (`ws://host:4000/ws`, `wss://...`; in a page
@@ -193,6 +199,12 @@ export class Client extends Emitter<Events> {
     this.backoff = { ...BACKOFF, ...options.backoff };
     this.maxQueued = options.maxQueued ?? 100;
     this.connectTimeout = options.connectTimeout ?? 10_000;
+    this.seen = options.inbox;
+  }
+
+  /** Where the inbox is: its last message this client saw (or the server's position when it connected). */
+  get inbox(): Position | undefined {
+    return this.seen && { ...this.seen };
   }
 
   /**
@@ -248,11 +260,12 @@ export class Client extends Emitter<Events> {
   /**
    * Subscribes to `topic`, now or as soon as the client is connected, and again
    * after every reconnect, resuming from the last message seen. One
-   * subscription per topic.
+   * subscription per topic. With `since` (a subscription's `position` kept
+   * from before, across a page reload say) the first subscribe resumes too.
    */
-  subscribe(topic: string, handlers: SubscriptionHandlers = {}): Subscription {
+  subscribe(topic: string, handlers: SubscriptionHandlers = {}, since?: Position): Subscription {
     if (this.subscriptions.has(topic)) throw new Error(`already subscribed to ${JSON.stringify(topic)}`);
-    const subscription = new Subscription(topic, handlers, (s) => this.unsubscribe(s));
+    const subscription = new Subscription(topic, handlers, (s) => this.unsubscribe(s), since);
     this.subscriptions.set(topic, subscription);
     if (this.state === "connected") this.join(subscription);
     return subscription;
@@ -351,7 +364,7 @@ export class Client extends Emitter<Events> {
     }
     const url = new URL(this.url);
     if ("id" in this.auth) url.searchParams.set("id", this.auth.id);
-    if (this.inbox) url.searchParams.set("since", `${this.inbox.epoch}:${this.inbox.offset}`);
+    if (this.seen) url.searchParams.set("since", `${this.seen.epoch}:${this.seen.offset}`);
     let ws: WebSocketLike;
     try {
       ws = new WebSocket(url.href, protocols);
@@ -421,10 +434,10 @@ export class Client extends Emitter<Events> {
   private welcome(frame: { client: string; epoch: string; offset: number; recovered?: boolean; missed?: number }): void {
     clearTimeout(this.timer);
     this.connectedAt = Date.now();
-    const resumed = this.inbox !== undefined;
+    const resumed = this.seen !== undefined;
     const recovered = !resumed || frame.recovered === true;
     // On a recovered resume the missed messages follow and move `inbox` on.
-    if (!recovered || !resumed) this.inbox = { epoch: frame.epoch, offset: frame.offset };
+    if (!recovered || !resumed) this.seen = { epoch: frame.epoch, offset: frame.offset };
     this.state = "connected";
     this.scheduleRenewal();
     // Subscriptions first: a held publish to a topic this client reads then reaches it.
@@ -435,8 +448,8 @@ export class Client extends Emitter<Events> {
   }
 
   private direct(frame: { from: string; payload: unknown; offset: number; epoch: string }): void {
-    if (!isNew(this.inbox, frame.epoch, frame.offset)) return;
-    this.inbox = { epoch: frame.epoch, offset: frame.offset };
+    if (!isNew(this.seen, frame.epoch, frame.offset)) return;
+    this.seen = { epoch: frame.epoch, offset: frame.offset };
     this.emit("message", { from: frame.from, payload: frame.payload, offset: frame.offset });
   }
 

@@ -70,13 +70,25 @@ export class Subscription {
   /** Whether a subscribe of it was ever accepted: a later one resumes. */
   private accepted = false;
 
-  /** Made by the client, which `leave` tells when the application unsubscribes. */
+  /**
+   * Made by the client, which `leave` tells when the application
+   * unsubscribes. With `since` (a `position` kept from before), the first
+   * subscribe resumes from there.
+   */
   constructor(
     topic: string,
     private readonly handlers: SubscriptionHandlers,
     private readonly leave: (subscription: Subscription) => Promise<void>,
+    since?: Position,
   ) {
     this.topic = topic;
+    this.seen = since;
+    this.accepted = since !== undefined;
+  }
+
+  /** Where the topic's stream is for this subscription (in a namespace that keeps history). */
+  get position(): Position | undefined {
+    return this.seen && { ...this.seen };
   }
 
   /** Stops the subscription; settles when the server has acted on it (at once when offline). */

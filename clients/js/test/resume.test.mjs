@@ -155,3 +155,34 @@ test("a topic without history cannot resume, and the client says so after a reco
     { resumed: true, recovered: false, missed: undefined },
   ]);
 });
+
+test("a new client resumes from a position an earlier one kept (a page reload): inbox and topic", async () => {
+  const server = await start();
+  const producer = client(server, "writer");
+  const first = client(server, "reloader");
+  const got = [];
+  const room = first.subscribe("news:reload", { message: (m) => got.push(m.payload) });
+  const seen = record(first);
+  await Promise.all([producer.connect(), first.connect()]);
+  await producer.send(["reloader"], "before");
+  await producer.publish("news:reload", "before");
+  await until(() => got.length === 1 && seen.message.length === 1);
+  await until(() => first.inbox?.offset === 1);
+  // What a page would keep in sessionStorage, then the page goes.
+  const kept = { inbox: first.inbox, room: room.position };
+  first.close();
+  await producer.send(["reloader"], "while away");
+  await producer.publish("news:reload", "while away");
+
+  const second = new Client(server.url, { WebSocket, id: "reloader", inbox: kept.inbox });
+  cleanup.push(() => second.close());
+  const again = record(second);
+  const topic = { got: [], subscribed: [] };
+  second.subscribe("news:reload", { message: (m) => topic.got.push(m.payload), subscribed: (e) => topic.subscribed.push(e) }, kept.room);
+  await second.connect();
+  await until(() => again.message.length === 1 && topic.got.length === 1, 5000, "the missed messages");
+  assert.deepEqual({ resumed: again.connected[0].resumed, recovered: again.connected[0].recovered }, { resumed: true, recovered: true });
+  assert.deepEqual(topic.subscribed[0], { resumed: true, recovered: true, missed: 1 });
+  assert.deepEqual(again.message.map((m) => m.payload), ["while away"]);
+  assert.deepEqual(topic.got, ["while away"]);
+});
