@@ -24,7 +24,10 @@ afterEach(async () => {
 
 async function start() {
   // The producer's held requests go out at once on reconnect: more than the default rate.
-  const server = await Server.start(["--config", configFile(NAMESPACES), "--rate-limit-messages-per-sec", "5000"]);
+  // They may all land before the consumer is back, more than the default inbox of 100
+  // keeps (then the consumer is told recovered: false, and this test wants no loss).
+  const args = ["--rate-limit-messages-per-sec", "5000", "--inbox-size", "1000"];
+  const server = await Server.start(["--config", configFile(NAMESPACES), ...args]);
   cleanup.push(() => server.close());
   return server;
 }

@@ -203,13 +203,14 @@ impl Core {
                 },
             );
             sent.offsets.push((target.clone(), offset));
-            self.metrics.appends.add(1);
             if connections > 0 {
                 sent.delivered.push(target);
             } else {
                 sent.offline.push(target);
             }
         }
+        // Once per message, not per target, as the Redis engine counts.
+        self.metrics.appends.add(sent.offsets.len() as u64);
         sent
     }
 
