@@ -37,6 +37,7 @@ cargo build --release --quiet -p switchboard-loadgen
 mkdir -p "$out"
 raw="$out/raw.jsonl"
 : > "$raw"
+bench_log="$out/server.out"
 for rep in $(seq "$reps"); do
   for which in old new; do
     bin=$new
@@ -48,20 +49,7 @@ for rep in $(seq "$reps"); do
         idle) args=(idle --connections 19500 --concurrency 128) ;;
         *) usage >&2; exit 2 ;;
       esac
-      log="$out/server.out"
-      : > "$log"
-      taskset -c 1 "$bin" serve "${bench_serve_flags[@]}" --compression false > "$log" 2> /dev/null &
-      pid=$!
-      addr=""
-      for _ in $(seq 100); do
-        addr=$(sed -n 's/^listening on //p' "$log")
-        [ -n "$addr" ] && break
-        sleep 0.1
-      done
-      taskset -c 0 target/release/loadgen "${args[@]}" --addr "$addr" --pid "$pid" --server "$which" \
-        --label "$scenario" --rep "$rep" --out "$raw" > /dev/null
-      kill "$pid"
-      wait "$pid" 2> /dev/null || true
+      bench_run_once "$bin" -- "${args[@]}" --server "$which" --label "$scenario" --rep "$rep" --out "$raw"
     done
   done
 done

@@ -15,3 +15,27 @@ bench_serve_flags=(--listen 127.0.0.1:0 --persist false --log-level warn
 usage() {
   awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"
 }
+
+# One run of the load generator against a fresh `switchboard serve` on CPU 1
+# (the load generator on CPU 0), appended to a raw.jsonl:
+#   bench_run_once SERVER_CMD... -- LOADGEN_ARGS...
+# SERVER_CMD is the binary and its flags (bench_serve_flags and --compression
+# come first); LOADGEN_ARGS follow the scenario's subcommand and end with
+# --server/--label/--rep/--out. The server's stdout goes to $bench_log.
+bench_run_once() {
+  local server=()
+  while [ "$1" != -- ]; do server+=("$1"); shift; done
+  shift
+  : > "$bench_log"
+  taskset -c 1 "${server[0]}" serve "${bench_serve_flags[@]}" --compression false "${server[@]:1}" \
+    > "$bench_log" 2> /dev/null &
+  local pid=$! addr=""
+  for _ in $(seq 100); do
+    addr=$(sed -n 's/^listening on //p' "$bench_log")
+    [ -n "$addr" ] && break
+    sleep 0.1
+  done
+  taskset -c 0 target/release/loadgen "$@" --addr "$addr" --pid "$pid" > /dev/null
+  kill "$pid"
+  wait "$pid" 2> /dev/null || true
+}

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The one command that runs every test, on a fresh machine that has Rust:
 #   scripts/test.sh
-# It installs what the tests need: a Python venv (.venv) with pytest, websockets,
+# It installs what the tests need: a Python venv (.venv) with pytest, websockets, trustme,
 # kosoku and schemathesis; Debian's redis-server for the cluster tests, prometheus
-# for promtool, and chromium for the browser test; playwright-core, and the JS
+# for promtool, chromium, libnss3-tools and openssl for the browser tests; playwright-core, and the JS
 # client's build tools, via npm.
 #
 # Steps: Rust unit, property and integration tests (and the relay, topic and API
@@ -62,10 +62,10 @@ bench/run.sh --smoke
 step "Autobahn conformance (kosoku)"
 scripts/autobahn.sh
 
-step "Browser interop (headless Chromium)"
-if [ ! -x /usr/bin/chromium ]; then
+step "Browser interop (headless Chromium; over TLS with a test CA that openssl makes and certutil trusts)"
+if [ ! -x /usr/bin/chromium ] || ! command -v certutil > /dev/null || ! command -v openssl > /dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq chromium > /dev/null
+  apt-get install -y -qq chromium libnss3-tools openssl > /dev/null
 fi
-(cd tests/browser && npm ci --silent --no-audit --no-fund && node relay.test.mjs)
+(cd tests/browser && npm ci --silent --no-audit --no-fund && node relay.test.mjs && node tls.test.mjs)

@@ -13,91 +13,16 @@
 // Env: SWITCHBOARD_BIN (default: ../../target/debug/switchboard), CHROMIUM.
 
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { createHmac, randomBytes } from "node:crypto";
-import { existsSync } from "node:fs";
 import { createServer as createHttpServer, request as httpRequest } from "node:http";
-import { createServer as createNetServer } from "node:net";
-import { dirname, resolve } from "node:path";
-import { createInterface } from "node:readline";
-import { fileURLToPath, pathToFileURL } from "node:url";
+import { pathToFileURL } from "node:url";
 
 import { launchChromium } from "./chromium.mjs";
+import { freePort, startRelay, stopAllRelays, stopRelay } from "./relays.mjs";
 import { installHelpers } from "./page.mjs";
 import { withTimeout } from "./wait.mjs";
 
-const here = dirname(fileURLToPath(import.meta.url));
-const BIN = process.env.SWITCHBOARD_BIN || resolve(here, "../../target/debug/switchboard");
 const WAIT_MS = 5000;
-
-// ---------------------------------------------------------------------------
-// Relay processes: every one started here is stopped here
-// ---------------------------------------------------------------------------
-
-const running = new Set();
-
-function startRelay(args, listen = "127.0.0.1:0") {
-  if (!existsSync(BIN)) throw new Error(`switchboard binary not found at ${BIN} (set SWITCHBOARD_BIN)`);
-  const proc = spawn(
-    BIN,
-    ["serve", "--listen", listen, "--persist", "false", "--idle-timeout-secs", "120", "--shutdown-drain-secs", "2", ...args],
-    { stdio: ["ignore", "pipe", "pipe"] },
-  );
-  const relay = { proc, port: null, stderr: "" };
-  running.add(relay);
-  proc.stderr.on("data", (d) => {
-    relay.stderr = (relay.stderr + d.toString()).slice(-4000);
-  });
-  relay.exit = new Promise((done) =>
-    proc.on("exit", (code, signal) => {
-      running.delete(relay);
-      done({ code, signal });
-    }),
-  );
-  relay.ready = new Promise((resolvePort, reject) => {
-    const timer = setTimeout(() => reject(new Error(`no listening line in 15s; stderr:\n${relay.stderr}`)), 15_000);
-    createInterface({ input: proc.stdout }).once("line", (line) => {
-      clearTimeout(timer);
-      const m = /^listening on 127\.0\.0\.1:(\d+)$/.exec(line);
-      if (m) resolvePort((relay.port = Number(m[1])));
-      else reject(new Error(`unexpected first stdout line ${JSON.stringify(line)}`));
-    });
-    relay.exit.then(({ code, signal }) => {
-      clearTimeout(timer);
-      reject(new Error(`relay exited early (${code ?? signal}); stderr:\n${relay.stderr}`));
-    });
-  });
-  relay.ready.catch(() => {});
-  return relay;
-}
-
-// SIGTERM, then SIGKILL if it has not exited within 5 s.
-async function stopRelay(relay) {
-  if (!relay || !running.has(relay)) return relay && relay.exit;
-  relay.proc.kill("SIGTERM");
-  const timer = setTimeout(() => relay.proc.kill("SIGKILL"), 5000);
-  const exit = await relay.exit;
-  clearTimeout(timer);
-  return exit;
-}
-
-function killAllRelays() {
-  for (const relay of running) relay.proc.kill("SIGKILL");
-}
-process.on("exit", killAllRelays);
-
-// A port that was free a moment ago (the allowlist names the relay's own
-// origin, so the port must be known before it starts).
-function freePort() {
-  return new Promise((resolvePort, reject) => {
-    const s = createNetServer();
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", () => {
-      const { port } = s.address();
-      s.close(() => resolvePort(port));
-    });
-  });
-}
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
@@ -453,8 +378,7 @@ export async function cleanup() {
     origin.other.close();
     origin.other = null;
   }
-  await Promise.all([...running].map(stopRelay));
-  killAllRelays();
+  await stopAllRelays();
 }
 
 /**

@@ -18,6 +18,8 @@ export const CHROMIUM_ARGS = [
   "--disable-sync",
 ];
 
-export function launchChromium() {
-  return chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, timeout: 30_000 });
+// `env`: the browser's environment (tls.test.mjs gives it a HOME whose NSS
+// database trusts a test CA); default: this process's.
+export function launchChromium({ env } = {}) {
+  return chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, timeout: 30_000, env });
 }

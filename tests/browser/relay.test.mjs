@@ -3,7 +3,8 @@
 // page, talks to /ws from the page (raw and switchboard.v1, compressed), and
 // uses the demo chat (on the JavaScript client) in two tabs, one of which goes
 // offline and comes back. Then runs auth.test.mjs (tokens, topics, origin
-// allowlist; relays of its own) in the same browser.
+// allowlist; relays of its own) and admin.test.mjs (the /admin dashboard; a
+// relay of its own) in the same browser.
 //
 //   cd tests/browser && npm ci && node relay.test.mjs
 //
@@ -20,6 +21,7 @@ import { dirname, resolve } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 
+import * as admin from "./admin.test.mjs";
 import * as auth from "./auth.test.mjs";
 import { launchChromium } from "./chromium.mjs";
 import { installHelpers } from "./page.mjs";
@@ -353,6 +355,7 @@ async function cleanup() {
     server.kill("SIGKILL");
   }
   await auth.cleanup();
+  await admin.cleanup();
 }
 
 async function main() {
@@ -366,7 +369,7 @@ async function main() {
   } catch (e) {
     console.error(`setup failed: ${e.stack || e}`);
     await cleanup();
-    console.log(`0 passed, ${tests.length + auth.tests.length} failed`);
+    console.log(`0 passed, ${tests.length + auth.tests.length + admin.tests.length} failed`);
     process.exit(1);
   }
 
@@ -398,6 +401,15 @@ async function main() {
   } catch (e) {
     failed += auth.tests.length;
     console.log(`not ok - auth.test.mjs did not run: ${e.stack || e}`);
+  }
+  // admin.test.mjs: likewise independent.
+  try {
+    const counts = await admin.run(browser);
+    passed += counts.passed;
+    failed += counts.failed;
+  } catch (e) {
+    failed += admin.tests.length;
+    console.log(`not ok - admin.test.mjs did not run: ${e.stack || e}`);
   }
   await cleanup();
   console.log(`${passed} passed, ${failed} failed`);

@@ -9,6 +9,7 @@ default is 5 s.
 
 import asyncio
 import contextlib
+import http.client
 import json
 import os
 import signal
@@ -694,3 +695,63 @@ async def test_each_node_reports_the_cluster_and_its_link_to_redis_in_its_metric
     c.redis.restart()
     wait_until(lambda: metric(n0, "redis_reconnects_total") == 1, "the reconnect counted")
     assert metric(n0, "redis_command_duration_seconds_count") > commands
+
+
+def admin_states(node, until, limit=15):
+    """Reads the admin stream of `node` (one state a second) until a state
+    satisfies `until`; returns it, or fails after `limit` states."""
+    conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=5)
+    try:
+        conn.request("GET", "/api/v1/admin/stream")
+        response = conn.getresponse()
+        assert response.status == 200 and response.getheader("content-type") == "text/event-stream"
+        seen = []
+        while len(seen) < limit:
+            line = response.readline().decode()
+            if line.startswith("data:"):
+                seen.append(json.loads(line[len("data:"):]))
+                if until(seen[-1]):
+                    return seen[-1]
+        pytest.fail(f"no state of the admin stream matched; the last: {seen[-1]}")
+    finally:
+        conn.close()
+
+
+@async_test
+async def test_the_admin_stream_shows_the_whole_cluster_and_each_node(cluster):
+    c = cluster(2)
+    n0, n1 = c.nodes
+    subscribe = {"type": "subscribe", "topic": "room", "id": 1}
+    async with client(None, "ann", envelope=True, uri=url(n0, "ann")) as ann, client(
+        None, "bob", envelope=True, uri=url(n1, "bob")
+    ) as bob, client(None, "cy", uri=url(n1, "cy")):
+        for ws in (ann, bob):
+            await ws.send(json.dumps(subscribe))
+            assert (await recv_json(ws))["type"] == "ack"
+        await ann.send(json.dumps({"type": "publish", "topic": "room", "payload": 1, "id": 2}))
+
+        def whole(state):
+            by_node = {n["id"]: n for n in state.get("nodes", [])}
+            return (
+                state["cluster"]["nodes"] == 2
+                and len(by_node) == 2
+                and sorted(n["connections"] for n in by_node.values()) == [1, 2]
+                and state["cluster"]["messages_in"] >= 3
+            )
+
+        for node, own in ((n0, 1), (n1, 2)):
+            state = await asyncio.to_thread(admin_states, node, whole)
+            # The serving node comes first, with its own connections now.
+            assert state["nodes"][0]["id"] == state["node"] and state["nodes"][0]["connections"] == own
+            cluster_view = state["cluster"]
+            assert (cluster_view["connections"], cluster_view["client_ids"], cluster_view["topics"]) == (3, 3, 1)
+            assert cluster_view["messages_in"] == sum(n["messages_in"] for n in state["nodes"])
+            assert state["topics_total"] == 1
+            [room] = state["topics"]
+            assert (room["topic"], room["subscribers"]) == ("room", 2)
+            assert sorted((m["id"], m["connections"]) for m in room["clients"]) == [("ann", 1), ("bob", 1)]
+        await ann.close()
+    # Each node lists its own closes.
+    state = await asyncio.to_thread(admin_states, n0, lambda s: s["recent_closes"])
+    assert [(c["client"], c["code"]) for c in state["recent_closes"]] == [("ann", 1000)]
+    assert state["closes"] == {"1000": 1}

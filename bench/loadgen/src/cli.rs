@@ -103,6 +103,10 @@ pub struct Common {
     /// declines it (to measure what compression costs).
     #[arg(long)]
     pub deflate: bool,
+    /// Connect over TLS (wss://), trusting only the PEM CA certificate(s) in
+    /// this file; the server is named by its IP address.
+    #[arg(long, value_name = "FILE", value_parser = tls_trusting)]
+    pub tls_ca: Option<crate::conn::Tls>,
     /// Appends the result as one JSON line to this file.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -113,6 +117,10 @@ pub struct Common {
     /// corrupted anything is never discarded.
     #[arg(long, value_name = "PERCENT")]
     pub max_steal: Option<f64>,
+}
+
+fn tls_trusting(ca_file: &str) -> Result<crate::conn::Tls, String> {
+    crate::conn::Tls::trusting(ca_file.as_ref()).map_err(|e| format!("{e:#}"))
 }
 
 impl Common {

@@ -16,9 +16,12 @@ use switchboard_proto::deflate::{self, DeflateOptions, DeflateParams, PeerContex
 use switchboard_proto::handshake::{accept_key, client_key};
 use switchboard_proto::message::MessageEncoder;
 use switchboard_proto::{Limits, Message, MessageDecoder, Role};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpSocket;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 use crate::rng::Rng;
 
@@ -45,12 +48,44 @@ pub struct Target<'a> {
     pub subprotocol: Option<&'a str>,
     /// Offer permessage-deflate, and fail unless the server accepts it.
     pub deflate: bool,
+    /// Speak TLS (wss://), trusting what this trusts.
+    pub tls: Option<&'a Tls>,
 }
 
+/// How to speak TLS to the server: trust one CA (the bench makes its own), and
+/// name the server by its IP address.
+#[derive(Clone)]
+pub struct Tls(TlsConnector);
+
+impl Tls {
+    /// Trusts the PEM certificates in `ca_file` only.
+    pub fn trusting(ca_file: &std::path::Path) -> anyhow::Result<Self> {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca_file)
+            .with_context(|| format!("reading {}", ca_file.display()))?
+        {
+            roots.add(cert?)?;
+        }
+        let config = ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Self(TlsConnector::from(std::sync::Arc::new(config))))
+    }
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls")
+    }
+}
+
+/// Either half of a plain or a TLS stream.
+type ReadHalf = Box<dyn AsyncRead + Unpin>;
+type WriteHalf = Box<dyn AsyncWrite + Unpin>;
+
 /// The receiving half: socket, input buffer and decoder.
-#[derive(Debug)]
 pub struct Reader {
-    half: OwnedReadHalf,
+    half: ReadHalf,
     buf: BytesMut,
     /// Free space to have before the next read.
     chunk: usize,
@@ -58,9 +93,8 @@ pub struct Reader {
 }
 
 /// The sending half: socket, encoder (masking) and output buffer.
-#[derive(Debug)]
 pub struct Writer {
-    half: OwnedWriteHalf,
+    half: WriteHalf,
     encoder: MessageEncoder,
     buf: BytesMut,
 }
@@ -92,9 +126,58 @@ async fn handshake(
     socket
         .bind(SocketAddr::new(source, 0))
         .with_context(|| format!("binding {source}"))?;
-    let mut stream = socket.connect(target.server).await.context("connecting")?;
-    stream.set_nodelay(true)?;
+    let mut tcp = socket.connect(target.server).await.context("connecting")?;
+    tcp.set_nodelay(true)?;
+    // A plain stream is split into its owned halves, as before TLS came: no
+    // lock between the reading and the writing task.
+    let (read_half, write_half, (buf, deflate)): (ReadHalf, WriteHalf, _) = match target.tls {
+        Some(Tls(connector)) => {
+            let name = ServerName::IpAddress(target.server.ip().into());
+            let mut tls = connector
+                .connect(name, tcp)
+                .await
+                .context("TLS handshake")?;
+            let upgraded = upgrade(&mut tls, target, rng).await?;
+            let (read, write) = tokio::io::split(tls);
+            (Box::new(read), Box::new(write), upgraded)
+        }
+        None => {
+            let upgraded = upgrade(&mut tcp, target, rng).await?;
+            let (read, write) = tcp.into_split();
+            (Box::new(read), Box::new(write), upgraded)
+        }
+    };
+    let limits = Limits {
+        max_frame_size: 64 << 20,
+        max_message_size: 64 << 20,
+    };
+    let reader = Reader {
+        half: read_half,
+        buf,
+        chunk: MIN_READ_CHUNK,
+        decoder: MessageDecoder::new(
+            Role::Client,
+            limits,
+            // Whatever the server answered, a compressor that keeps its context
+            // is read correctly by an inflater that keeps it too.
+            deflate.map(|_| PeerContext::Kept),
+        ),
+    };
+    let writer = Writer {
+        half: write_half,
+        encoder: MessageEncoder::new(Role::Client, deflate),
+        buf: BytesMut::new(),
+    };
+    Ok((reader, writer))
+}
 
+/// The opening handshake over `stream`: returns whatever followed the
+/// response's head (WebSocket data already) and the agreed compression.
+async fn upgrade(
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    target: Target<'_>,
+    rng: &mut Rng,
+) -> anyhow::Result<(BytesMut, Option<DeflateParams>)> {
     let key = client_key(rng.bytes16());
     let mut request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -110,6 +193,7 @@ async fn handshake(
     }
     request.push_str("\r\n");
     stream.write_all(request.as_bytes()).await?;
+    stream.flush().await?;
 
     let mut buf = BytesMut::with_capacity(1024);
     let head_len = loop {
@@ -140,31 +224,7 @@ async fn handshake(
             "declined it"
         }
     );
-
-    // Whatever followed the head is already WebSocket data: the decoder gets it.
-    let (read_half, write_half) = stream.into_split();
-    let limits = Limits {
-        max_frame_size: 64 << 20,
-        max_message_size: 64 << 20,
-    };
-    let reader = Reader {
-        half: read_half,
-        buf,
-        chunk: MIN_READ_CHUNK,
-        decoder: MessageDecoder::new(
-            Role::Client,
-            limits,
-            // Whatever the server answered, a compressor that keeps its context
-            // is read correctly by an inflater that keeps it too.
-            deflate.map(|_| PeerContext::Kept),
-        ),
-    };
-    let writer = Writer {
-        half: write_half,
-        encoder: MessageEncoder::new(Role::Client, deflate),
-        buf: BytesMut::new(),
-    };
-    Ok((reader, writer))
+    Ok((buf, deflate))
 }
 
 /// Checks the status line and `Sec-WebSocket-Accept` of a handshake response, and
@@ -271,6 +331,8 @@ impl Writer {
     pub async fn flush(&mut self) -> std::io::Result<()> {
         if !self.buf.is_empty() {
             self.half.write_all(&self.buf).await?;
+            // A TLS stream holds the last record until flushed; TCP's flush is free.
+            self.half.flush().await?;
             self.buf.clear();
         }
         Ok(())

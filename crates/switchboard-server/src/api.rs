@@ -217,7 +217,8 @@ pub fn router(hub: Arc<Hub>, body: BodyRules, loopback: bool) -> Router {
         .route("/api/v1/clients/{id}", get(client))
         .route("/api/v1/clients/{id}/inbox", get(history_api::inbox))
         .route("/api/v1/history/{topic}", get(history_api::topic))
-        .route("/api/v1/stats", get(stats));
+        .route("/api/v1/stats", get(stats))
+        .route("/api/v1/admin/stream", get(admin_stream));
     let metrics = Router::new().route("/metrics", get(metrics));
     let (protected, metrics) = match api.hub.metrics_auth {
         MetricsAuth::ApiKey => (protected.merge(metrics), Router::new()),
@@ -225,6 +226,7 @@ pub fn router(hub: Arc<Hub>, body: BodyRules, loopback: bool) -> Router {
     };
     let protected = protected.route_layer(middleware::from_fn_with_state(api.clone(), require_key));
     Router::new()
+        .merge(crate::admin::pages())
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/{*rest}", any(not_found))
         .merge(protected)
@@ -708,14 +710,19 @@ struct StatsResult {
     traffic: Traffic,
 }
 
+/// The dashboard's stream of the cluster's state.
+async fn admin_stream(State(api): State<Api>) -> Response {
+    crate::admin::stream(api.hub)
+}
+
 /// The cluster's figures (one node's, with the memory engine); other nodes'
 /// traffic is as their last heartbeat gave it.
 async fn stats(State(api): State<Api>) -> Result<Json<StatsResult>, ApiError> {
     let online = api.hub.engine.counts().await?;
-    let traffic = api.hub.engine.traffic(api.hub.traffic()).await?;
+    let nodes = api.hub.engine.nodes(api.hub.traffic()).await?;
     Ok(Json(StatsResult {
         clients: online.clients,
         topics: online.topics,
-        traffic,
+        traffic: crate::engine::total(&nodes),
     }))
 }

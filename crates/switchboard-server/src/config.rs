@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
@@ -14,6 +15,7 @@ use switchboard::proto::deflate::DeflateOptions;
 use switchboard::{CloseCode, Options, ReceiveBudget, SlowConsumerPolicy};
 
 use crate::auth::{ApiKeys, JwtConfig};
+use crate::tls::Certificate;
 use crate::topics::Namespace;
 
 /// Log output format.
@@ -254,6 +256,15 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_API_LISTEN", value_name = "ADDR")]
     pub api_listen: Option<SocketAddr>,
 
+    /// PEM certificate chain (leaf first): serve TLS (wss://, https://) on the client and API
+    /// listeners. Needs --tls-key. SIGHUP reads both files again; live connections stay
+    #[arg(long, env = "SWITCHBOARD_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert
+    #[arg(long, env = "SWITCHBOARD_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
     /// Who may scrape GET /metrics (Prometheus text, on the API listener): api-key (as the HTTP
     /// API: Authorization: Bearer <api key>) or none (anyone who reaches the listener)
     /// [default: api-key]
@@ -428,6 +439,8 @@ pub struct Config {
     pub api_keys: ApiKeys,
     /// Separate API listener, if any.
     pub api_listen: Option<SocketAddr>,
+    /// The TLS certificate both listeners serve, if they speak TLS.
+    pub tls: Option<Arc<Certificate>>,
     /// Who may read the metrics.
     pub metrics_auth: MetricsAuth,
     /// API body limit.
@@ -536,6 +549,11 @@ impl Config {
             start_fresh: s.start_fresh.unwrap_or(false),
             api_keys: ApiKeys::new(&s.api_keys.unwrap_or_default()),
             api_listen: s.api_listen,
+            tls: match (s.tls_cert, s.tls_key) {
+                (Some(cert), Some(key)) => Some(Certificate::load(cert, key)?),
+                (None, None) => None,
+                _ => bail!("give tls_cert and tls_key together, or neither"),
+            },
             metrics_auth: s.metrics_auth.unwrap_or(MetricsAuth::ApiKey),
             api_max_body_bytes: s.api_max_body_bytes.unwrap_or(1 << 20),
             api_body_timeout: Duration::from_secs(s.api_body_timeout_secs.unwrap_or(10).max(1)),

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use switchboard::{Options, PubSub, ReceiveBudget, Registry, Shutdown, Stats};
 
 use crate::auth::{ApiKeys, JwtVerifier};
+use crate::closes::RecentCloses;
 use crate::config::Config;
 use crate::config::{EngineKind, MetricsAuth};
 use crate::engine::{Engine, InboxRetention, MemoryEngine, RedisEngine, RedisSettings, Traffic};
@@ -63,6 +64,8 @@ pub struct Hub {
     pub metrics: Arc<Metrics>,
     /// Who may read them.
     pub metrics_auth: MetricsAuth,
+    /// The latest connection closes, for the admin dashboard.
+    pub closes: RecentCloses,
 }
 
 /// This node's traffic now.
@@ -185,6 +188,7 @@ impl Hub {
             peers: PeerLimit::new(config.max_connections_per_ip),
             metrics,
             metrics_auth: config.metrics_auth,
+            closes: RecentCloses::default(),
         })
     }
 }

@@ -20,9 +20,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod closes;
 pub mod config;
 pub mod echo;
 pub mod engine;
@@ -40,6 +42,7 @@ pub mod relay;
 pub mod server;
 pub mod snapshot;
 pub mod streams;
+pub mod tls;
 pub mod topics;
 pub mod wire;
 pub mod workers;

@@ -95,10 +95,11 @@ fn serve(config: &Config) -> anyhow::Result<()> {
             if let Some(api) = &api_listener {
                 println!("api listening on {}", api.local_addr()?);
             }
+            let scheme = if config.tls.is_some() { "wss" } else { "ws" };
             tracing::info!(
                 %addr,
                 workers = layout.threads(),
-                "switchboard listening; clients connect to ws://{addr}/ws"
+                "switchboard listening; clients connect to {scheme}://{addr}/ws"
             );
             let listeners = server::Listeners {
                 main: listener,

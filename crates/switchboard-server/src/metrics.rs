@@ -7,6 +7,7 @@
 //! cores write in one cache line, and are read only when scraped, with the
 //! gauges, into families of their own ([`Live`]).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -40,6 +41,7 @@ pub struct Metrics {
     redis_command_seconds: Histogram,
     redis_reconnects: IntCounter,
     jwks_fetches: IntCounterVec,
+    tls_reloads: IntCounterVec,
 }
 
 /// What a scrape reads at that moment.
@@ -53,6 +55,11 @@ pub struct Live {
     /// subscriber, nodes (the cluster's, in cluster mode); `None` when Redis
     /// cannot be reached.
     pub counts: Option<[u64; 3]>,
+}
+
+/// The `result` label of an attempt that keeps the last good state on failure.
+fn result(ok: bool) -> &'static str {
+    if ok { "ok" } else { "error" }
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -128,6 +135,11 @@ impl Metrics {
                 "Fetches of the JWKS URL's keys, by result (ok or error: the last good keys stay).",
                 "result",
             ),
+            tls_reloads: family(
+                "tls_reloads_total",
+                "Reloads of the TLS certificate on SIGHUP, by result (ok or error: the last good one stays).",
+                "result",
+            ),
             redis_reconnects: counter(
                 "redis_reconnects_total",
                 "Connections to Redis made again after one was lost (cluster mode).",
@@ -150,6 +162,20 @@ impl Metrics {
     /// A connection ended with `code`, its handler not told why (it panicked).
     pub fn closed_with_code(&self, code: u16) {
         self.closed.with_label_values(&[&code.to_string()]).inc();
+    }
+
+    /// This node's closes since it started, by code (`error`: an error
+    /// without one), as `connections_closed_total` counts them.
+    pub fn closes_by_code(&self) -> BTreeMap<String, u64> {
+        self.closed
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .filter_map(|metric| {
+                let code = metric.get_label().first()?.value().to_owned();
+                Some((code, metric.get_counter().get_value() as u64))
+            })
+            .collect()
     }
 
     /// A handshake was answered with `status` instead of 101.
@@ -184,8 +210,12 @@ impl Metrics {
 
     /// The JWKS URL was fetched, or failed to be.
     pub fn jwks_fetched(&self, ok: bool) {
-        let label = if ok { "ok" } else { "error" };
-        self.jwks_fetches.with_label_values(&[label]).inc();
+        self.jwks_fetches.with_label_values(&[result(ok)]).inc();
+    }
+
+    /// The TLS certificate was reloaded, or failed to be.
+    pub fn tls_reloaded(&self, ok: bool) {
+        self.tls_reloads.with_label_values(&[result(ok)]).inc();
     }
 
     /// The link to Redis was made again.

@@ -636,6 +636,7 @@ impl Drop for Relay {
     fn drop(&mut self) {
         if self.counted == (true, false) {
             self.hub.metrics.closed_with_code(1011);
+            self.hub.closes.record_code(&self.id, 1011);
         }
     }
 }
@@ -735,6 +736,7 @@ impl Handler for Relay {
 
     fn terminate(&mut self, reason: &TerminateReason) {
         self.hub.metrics.closed(reason);
+        self.hub.closes.record(&self.id, reason);
         self.counted.1 = true;
     }
 }

@@ -3,8 +3,10 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use axum::Router;
 use switchboard::{CloseCode, CloseReason, Shutdown};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -45,6 +47,14 @@ pub async fn serve(
         "server restarting",
     ));
     let hub = Arc::new(Hub::new(config, shutdown.clone(), snapshot)?);
+    let tls = match &config.tls {
+        Some(certificate) => {
+            #[cfg(unix)]
+            certificate.clone().reload_on_sighup(hub.metrics.clone())?;
+            Some(certificate.acceptor())
+        }
+        None => None,
+    };
     let stopping = CancellationToken::new();
     let main_loopback = listener.local_addr()?.ip().is_loopback();
     let body = api::BodyRules {
@@ -58,9 +68,10 @@ pub async fn serve(
             let loopback = api_listener.local_addr()?.ip().is_loopback();
             let router = api_routes(loopback).fallback(api::not_found);
             let stopped = stopping.clone().cancelled_owned();
-            Some(tokio::spawn(switchboard::serve(
+            Some(tokio::spawn(serve_listener(
                 api_listener,
                 router,
+                tls.clone(),
                 stopped,
             )))
         }
@@ -84,10 +95,13 @@ pub async fn serve(
     let threads = workers
         .into_iter()
         .enumerate()
-        .map(|(i, worker)| worker.spawn(i + 1, main.clone(), stopping.clone(), finished.clone()))
+        .map(|(i, worker)| {
+            let stop = stopping.clone();
+            worker.spawn(i + 1, main.clone(), tls.clone(), stop, finished.clone())
+        })
         .collect::<std::io::Result<Vec<_>>>()?;
     let serving = async {
-        switchboard::serve(listener, main, stopping.clone().cancelled_owned()).await;
+        serve_listener(listener, main, tls, stopping.clone().cancelled_owned()).await;
         if let Some(api_server) = api_server {
             // A panic in the API server's task is not this shutdown's business.
             let _ = api_server.await;
@@ -129,6 +143,19 @@ pub async fn serve(
     })
     .await?;
     Ok(hub.engine.clone())
+}
+
+/// Serves `router` on `listener` until `stop`, over TLS when given an acceptor.
+pub async fn serve_listener(
+    listener: TcpListener,
+    router: Router,
+    tls: Option<TlsAcceptor>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) {
+    match tls {
+        Some(tls) => switchboard::serve_tls(listener, router, tls, stop).await,
+        None => switchboard::serve(listener, router, stop).await,
+    }
 }
 
 /// Writes the engine's streams to the data directory, if history persists.

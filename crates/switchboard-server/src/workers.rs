@@ -16,6 +16,7 @@ use std::thread::JoinHandle;
 use axum::Router;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::runtime::Runtime;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Scheduler;
@@ -106,6 +107,7 @@ impl Worker {
         self,
         index: usize,
         router: Router,
+        tls: Option<TlsAcceptor>,
         stop: CancellationToken,
         finished: CancellationToken,
     ) -> io::Result<JoinHandle<()>> {
@@ -117,7 +119,13 @@ impl Worker {
                     // Ends when the main thread says so, even if a request is
                     // still stalled here: its drain time is the limit.
                     let serving = async {
-                        switchboard::serve(listener, router, stop.cancelled_owned()).await;
+                        crate::server::serve_listener(
+                            listener,
+                            router,
+                            tls,
+                            stop.cancelled_owned(),
+                        )
+                        .await;
                         finished.cancelled().await;
                     };
                     tokio::select! {

@@ -136,6 +136,21 @@ impl TerminateReason {
             Self::Error(_) => None,
         }
     }
+
+    /// Why, in words: the close frame's reason (empty when it had none),
+    /// "connection lost", "idle timeout", or the error.
+    pub fn reason(&self) -> &str {
+        match self {
+            Self::Normal(close)
+            | Self::Remote(Some(close))
+            | Self::SlowConsumer(close)
+            | Self::Shutdown(close) => close.reason(),
+            Self::Remote(None) => "",
+            Self::ConnectionLost => "connection lost",
+            Self::Timeout => "idle timeout",
+            Self::Error(error) => error,
+        }
+    }
 }
 
 /// What a callback can reach: its own handle, and a queue of frames to send.

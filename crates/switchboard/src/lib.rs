@@ -19,7 +19,8 @@
 //! - [`testing`]: [`testing::Harness`], which drives a handler without a socket, for unit tests.
 //! - [`shutdown`]: [`Shutdown`], which closes every connection with 1001 and waits for them.
 //! - [`serve()`]: an HTTP/1.1 server for an axum `Router` under which pushed frames
-//!   can bypass the connection's task (see docs/architecture.md).
+//!   can bypass the connection's task (see docs/architecture.md), and
+//!   [`serve_tls()`], the same over TLS.
 //!
 //! The protocol itself lives in [`switchboard_proto`], re-exported as [`proto`].
 //!
@@ -72,9 +73,11 @@ pub use budget::ReceiveBudget;
 pub use handle::{ConnHandle, ConnId, Held, Outbound, Outbox, PushError, SendError, TimerRef};
 pub use handler::{Context, Handler, Outcome, TerminateReason};
 pub use options::{Options, SlowConsumerPolicy};
-pub use pubsub::{PresenceChange, PresenceListener, PubSub, SubscribeError, Subscription};
+pub use pubsub::{
+    PresenceChange, PresenceListener, PubSub, SubscribeError, Subscription, TopicSummary,
+};
 pub use registry::{Broker, ClientId, Format, Registration, Registry};
-pub use serve::{accept_errors, serve};
+pub use serve::{TLS_HANDSHAKE_TIMEOUT, accept_errors, serve, serve_tls};
 pub use shutdown::Shutdown;
 pub use stats::{ShardedCounter, Stats, StatsSnapshot};
 pub use switchboard_proto as proto;

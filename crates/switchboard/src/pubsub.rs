@@ -7,7 +7,8 @@
 //! hears each join and leave. A [`Subscription`] unsubscribes when dropped, so a
 //! connection's subscriptions end with it, however it ends.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use switchboard_proto::PreparedMessage;
@@ -305,6 +306,54 @@ impl PubSub {
     pub fn topics(&self) -> usize {
         self.inner.topics.len()
     }
+
+    /// The `limit` topics with the most subscribers (on equal counts, by name),
+    /// biggest first, each with up to `members` of its client ids. Visits every
+    /// topic but keeps only `limit` of them: for an operator's overview, not
+    /// for the message path.
+    pub fn biggest(&self, limit: usize, members: usize) -> Vec<TopicSummary> {
+        // A min-heap of the best so far: its top is the first to give way.
+        let mut best: BinaryHeap<Reverse<(usize, Reverse<Arc<str>>)>> = BinaryHeap::new();
+        self.inner.topics.for_each(|name, topic| {
+            let entry = Reverse((topic.subscribers.len(), Reverse(name.clone())));
+            if best.len() < limit {
+                best.push(entry);
+            } else if best.peek().is_some_and(|worst| entry < *worst) {
+                best.pop();
+                best.push(entry);
+            }
+        });
+        best.into_sorted_vec()
+            .into_iter()
+            .map(|Reverse((subscribers, Reverse(topic)))| {
+                let shard = self.inner.topics.read(&topic);
+                let members = shard.get(&topic).map_or_else(Vec::new, |t| {
+                    t.members
+                        .iter()
+                        .take(members)
+                        .map(|(c, n)| (c.clone(), *n))
+                        .collect()
+                });
+                drop(shard);
+                TopicSummary {
+                    topic,
+                    subscribers,
+                    members,
+                }
+            })
+            .collect()
+    }
+}
+
+/// A topic as [`PubSub::biggest`] sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSummary {
+    /// Its name.
+    pub topic: Arc<str>,
+    /// Connections subscribed.
+    pub subscribers: usize,
+    /// Some of its client ids, with their connection counts.
+    pub members: Vec<(ClientId, usize)>,
 }
 
 /// Keeps a connection subscribed; dropping it unsubscribes.

@@ -1,4 +1,5 @@
-//! Serving an axum [`Router`] over HTTP/1.1, keeping each socket a plain `TcpStream`.
+//! Serving an axum [`Router`] over HTTP/1.1, keeping each socket a plain
+//! `TcpStream` ([`serve()`]) or over TLS ([`serve_tls()`]).
 //!
 //! [`WebSocketUpgrade`](crate::WebSocketUpgrade) works under any hyper server,
 //! `axum::serve` included. Under this one, an upgraded connection keeps its
@@ -22,7 +23,9 @@ use http::Request;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -71,6 +74,54 @@ pub async fn serve(
     router: Router,
     signal: impl Future<Output = ()> + Send + 'static,
 ) {
+    run(listener, router, signal, |stream| async { Ok(stream) }).await;
+}
+
+/// As [`serve()`], over TLS: each accepted socket first completes a TLS
+/// handshake with `tls`, within [`TLS_HANDSHAKE_TIMEOUT`], and is dropped if
+/// it does not. The acceptor's certificate resolver is asked at each
+/// handshake, so one that can be swapped (as `switchboard serve` does on
+/// SIGHUP) changes the certificate for new connections while live ones keep
+/// theirs. Only HTTP/1.1 is served: give `tls` an ALPN list of
+/// `http/1.1` (or none).
+///
+/// An upgraded connection's socket is then a TLS stream, so frames pushed to it
+/// always go through its driver: direct writes (see [`serve()`]) need the
+/// plain socket, because a TLS record is sealed by the one holding the
+/// session's state.
+pub async fn serve_tls(
+    listener: TcpListener,
+    router: Router,
+    tls: TlsAcceptor,
+    signal: impl Future<Output = ()> + Send + 'static,
+) {
+    run(listener, router, signal, move |stream| {
+        let handshake = tls.accept(stream);
+        async move {
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
+                Ok(done) => done,
+                Err(_) => Err(io::ErrorKind::TimedOut.into()),
+            }
+        }
+    })
+    .await;
+}
+
+/// How long an accepted socket has to complete its TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The accept loop of [`serve()`] and [`serve_tls()`]; `open` turns an
+/// accepted socket into the stream HTTP is spoken over, in its own task.
+async fn run<O, F, S>(
+    listener: TcpListener,
+    router: Router,
+    signal: impl Future<Output = ()> + Send + 'static,
+    open: O,
+) where
+    O: Fn(TcpStream) -> F,
+    F: Future<Output = io::Result<S>> + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let stop = CancellationToken::new();
     let connections = TaskTracker::new();
     let mut signal = pin!(signal);
@@ -87,7 +138,18 @@ pub async fn serve(
             peer,
         });
         let stop = stop.clone();
+        let opening = open(stream);
         connections.spawn(async move {
+            let stream = tokio::select! {
+                opened = opening => match opened {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        tracing::debug!(%error, %peer, "TLS handshake failed");
+                        return;
+                    }
+                },
+                () = stop.cancelled() => return,
+            };
             let mut connection = pin!(
                 http1::Builder::new()
                     .timer(TokioTimer::new())

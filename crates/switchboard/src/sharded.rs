@@ -37,6 +37,16 @@ impl<V> ShardedMap<V> {
         self.shard(key).write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Calls `visit` with every entry, holding one shard's read lock at a time.
+    pub fn for_each(&self, mut visit: impl FnMut(&Arc<str>, &V)) {
+        for shard in &*self.shards {
+            let shard = shard.read().unwrap_or_else(|e| e.into_inner());
+            for (key, value) in shard.iter() {
+                visit(key, value);
+            }
+        }
+    }
+
     /// How many keys there are in all.
     pub fn len(&self) -> usize {
         self.shards

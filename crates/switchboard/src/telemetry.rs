@@ -35,19 +35,9 @@ pub(crate) fn opened() {
 }
 
 pub(crate) fn closed(reason: &TerminateReason, opened: Instant, counts: Counts) {
-    let why = match reason {
-        TerminateReason::Normal(close)
-        | TerminateReason::Remote(Some(close))
-        | TerminateReason::SlowConsumer(close)
-        | TerminateReason::Shutdown(close) => close.reason(),
-        TerminateReason::Remote(None) => "",
-        TerminateReason::ConnectionLost => "connection lost",
-        TerminateReason::Timeout => "idle timeout",
-        TerminateReason::Error(error) => error,
-    };
     tracing::info!(
         code = reason.close_code(),
-        reason = why,
+        reason = reason.reason(),
         duration_ms = opened.elapsed().as_millis() as u64,
         messages_in = counts.messages_in,
         bytes_in = counts.bytes_in,

@@ -11,8 +11,6 @@ use axum::http::HeaderMap;
 use axum::routing::get;
 use common::{Event, Probe};
 use http::{HeaderName, HeaderValue};
-use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use switchboard::client::{ConnectError, Connector, rustls};
 use switchboard::{
     CloseCode, CloseReason, Context, Handler, Message, Outcome, TerminateReason, WebSocketUpgrade,
@@ -246,29 +244,22 @@ fn test_pki() -> (
     (ca.der().clone(), server)
 }
 
-/// The toolkit's upgrade under hyper, over TLS.
+/// The toolkit's upgrade under its own TLS server.
 async fn tls_server(config: rustls::ServerConfig) -> std::net::SocketAddr {
-    let (events, _events_rx) = mpsc::unbounded_channel();
+    let (events, events_rx) = mpsc::unbounded_channel();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let app = app(events);
-    tokio::spawn(async move {
-        // Keeps the probes' event receiver alive with the server.
-        let _events_rx = _events_rx;
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, app) = (acceptor.clone(), app.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app))
-                    .with_upgrades()
-                    .await;
-            });
-        }
-    });
+    // The probes' event receiver lives as long as the server.
+    tokio::spawn(switchboard::serve_tls(
+        listener,
+        app(events),
+        acceptor,
+        async move {
+            std::future::pending::<()>().await;
+            drop(events_rx);
+        },
+    ));
     addr
 }
 

@@ -197,6 +197,16 @@ impl switchboard::PresenceListener for History {
     }
 }
 
+/// A handler that does nothing: a connection to subscribe.
+struct Quiet;
+
+impl Handler for Quiet {
+    type Info = ();
+    fn handle_in(&mut self, _m: Message, _ctx: &mut Context<'_, ()>) -> Outcome {
+        Outcome::Continue
+    }
+}
+
 /// Regression (issue 14: 12 to 56 of 3,000 flips out of order per run): two
 /// tabs of one client flip their subscription on two threads; the joins and
 /// leaves the listener hears must alternate, as the transitions did. Without
@@ -205,14 +215,6 @@ impl switchboard::PresenceListener for History {
 fn presence_events_come_out_in_the_order_of_the_transitions() {
     use switchboard::PresenceChange::{Joined, Left};
     use switchboard::testing::Harness;
-
-    struct Quiet;
-    impl Handler for Quiet {
-        type Info = ();
-        fn handle_in(&mut self, _m: Message, _ctx: &mut Context<'_, ()>) -> Outcome {
-            Outcome::Continue
-        }
-    }
 
     let history = Arc::new(Mutex::new(Vec::new()));
     let pubsub = PubSub::with_listener(History(history.clone()));
@@ -244,4 +246,39 @@ fn presence_events_come_out_in_the_order_of_the_transitions() {
         .filter(|(i, change)| **change != if i % 2 == 0 { Joined } else { Left })
         .count();
     assert_eq!(out_of_order, 0, "of {} events", history.len());
+}
+
+#[test]
+fn biggest_gives_the_topics_with_most_subscribers_first_then_by_name() {
+    use switchboard::testing::Harness;
+
+    let pubsub = PubSub::new();
+    let conns: Vec<_> = (0..4)
+        .map(|_| Harness::new(Quiet).handle().outbox())
+        .collect();
+    // Topic "t{n}" gets n subscribers (4 is capped at the 4 connections), two ids.
+    let mut held = Vec::new();
+    for (topic, subscribers) in [("a", 1), ("b", 3), ("c", 2), ("d", 3), ("e", 1), ("f", 4)] {
+        for (i, outbox) in conns.iter().take(subscribers).enumerate() {
+            let client = ClientId::from(if i % 2 == 0 { "ann" } else { "bob" });
+            held.push(
+                pubsub
+                    .subscribe(topic, client, outbox, Format::default(), None)
+                    .unwrap(),
+            );
+        }
+    }
+    let biggest = pubsub.biggest(4, 1);
+    let names: Vec<(&str, usize)> = biggest
+        .iter()
+        .map(|t| (&*t.topic, t.subscribers))
+        .collect();
+    assert_eq!(names, [("f", 4), ("b", 3), ("d", 3), ("c", 2)]);
+    assert!(biggest.iter().all(|t| t.members.len() == 1));
+    let f = pubsub.biggest(1, 10);
+    let mut members = f[0].members.clone();
+    members.sort();
+    assert_eq!(members, [(ClientId::from("ann"), 2), (ClientId::from("bob"), 2)]);
+    assert!(pubsub.biggest(0, 10).is_empty());
+    assert_eq!(pubsub.biggest(100, 0).len(), 6);
 }

@@ -116,14 +116,16 @@ pub async fn connect_many(
     let sources = Rc::new(sources);
     let servers: Rc<Vec<_>> = Rc::new((0..count).map(|i| common.addr_for(i)).collect());
     let deflate = common.deflate;
+    let tls = Rc::new(common.tls_ca.clone());
     let workers: Vec<_> = (0..concurrency.clamp(1, count.max(1)))
         .map(|worker| {
-            let (results, next, path, sources, servers) = (
+            let (results, next, path, sources, servers, tls) = (
                 results.clone(),
                 next.clone(),
                 path.clone(),
                 sources.clone(),
                 servers.clone(),
+                tls.clone(),
             );
             tokio::task::spawn_local(async move {
                 let mut rng = Rng::new(Rng::from_clock().next_u64() ^ worker as u64);
@@ -139,6 +141,7 @@ pub async fn connect_many(
                         path: &path,
                         subprotocol,
                         deflate,
+                        tls: tls.as_ref().as_ref(),
                     };
                     let result = conn::connect(target, sources[i], &mut rng).await;
                     results.borrow_mut()[i] =

@@ -12,7 +12,7 @@ use switchboard_proto::{CloseReason, Message};
 
 use super::abort_all;
 use crate::cli::{Common, StormArgs};
-use crate::conn::{self, HANDSHAKE_TIMEOUT, Target};
+use crate::conn::{self, HANDSHAKE_TIMEOUT, Target, Tls};
 use crate::histogram::Histogram;
 use crate::measure::Window;
 use crate::record::Measured;
@@ -41,6 +41,7 @@ pub async fn run(common: &Common, args: &StormArgs) -> anyhow::Result<Measured> 
             let worker = Worker {
                 server: common.addr_for(worker),
                 deflate: common.deflate,
+                tls: common.tls_ca.clone(),
                 sources: (0..usize::from(common.sources))
                     .map(|i| common.source(i))
                     .collect(),
@@ -89,6 +90,7 @@ pub async fn run(common: &Common, args: &StormArgs) -> anyhow::Result<Measured> 
 struct Worker {
     server: std::net::SocketAddr,
     deflate: bool,
+    tls: Option<Tls>,
     sources: Vec<std::net::IpAddr>,
     counts: Rc<RefCell<Counts>>,
     running: Rc<Cell<bool>>,
@@ -107,6 +109,7 @@ impl Worker {
                 path: &path,
                 subprotocol: None,
                 deflate: self.deflate,
+                tls: self.tls.as_ref(),
             };
             let started = Instant::now();
             let source = self.sources[attempt % self.sources.len()];

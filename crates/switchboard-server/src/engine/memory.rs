@@ -13,8 +13,8 @@ use switchboard::{
 };
 
 use super::{
-    Answer, ConnectError, Counts, Engine, Joined, Message, Pending, Published, Sent, Subscribe,
-    SubscribeRefused, Subscribed, TopicPresence, Traffic, ready,
+    Answer, ConnectError, Counts, Engine, Joined, Message, NodeTraffic, Pending, Published, Sent,
+    Subscribe, SubscribeRefused, Subscribed, TopicList, TopicPresence, Traffic, ready,
 };
 use crate::metrics::Metrics;
 use crate::snapshot::{self, Loaded};
@@ -386,8 +386,30 @@ impl Engine for MemoryEngine {
         })
     }
 
-    fn traffic(&self, local: Traffic) -> Pending<Traffic> {
-        ready(local)
+    fn nodes(&self, local: Traffic) -> Pending<Vec<NodeTraffic>> {
+        ready(vec![NodeTraffic {
+            id: "local".into(),
+            traffic: local,
+        }])
+    }
+
+    fn topics(&self, limit: usize, members: usize) -> Pending<TopicList> {
+        let pubsub = &self.0.pubsub;
+        let topics = pubsub
+            .biggest(limit, members)
+            .into_iter()
+            .map(|summary| {
+                let presence = TopicPresence {
+                    subscribers: summary.subscribers,
+                    clients: summary.members,
+                };
+                (summary.topic, presence)
+            })
+            .collect();
+        ready(TopicList {
+            total: pubsub.topics(),
+            topics,
+        })
     }
 
     fn read_inbox(

@@ -232,6 +232,37 @@ impl Traffic {
     }
 }
 
+/// One node's traffic, by the node's id.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeTraffic {
+    /// The node (`local` with the memory engine).
+    pub id: Arc<str>,
+    /// Its figures.
+    #[serde(flatten)]
+    pub traffic: Traffic,
+}
+
+/// The cluster's traffic: every node's summed.
+pub fn total(nodes: &[NodeTraffic]) -> Traffic {
+    let mut sum = [0; 7];
+    for node in nodes {
+        for (total, figure) in sum.iter_mut().zip(node.traffic.figures()) {
+            *total += figure;
+        }
+    }
+    Traffic::from_figures(sum)
+}
+
+/// Some of the topics, for a look at what is in use.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicList {
+    /// How many topics have a subscriber.
+    pub total: usize,
+    /// The biggest (most subscribers first, then by name), each with some of
+    /// its client ids and their connection counts.
+    pub topics: Vec<(Arc<str>, TopicPresence)>,
+}
+
 /// Routing, presence and streams for client ids and topics.
 pub trait Engine: Send + Sync + 'static {
     /// Lets a connection of `id` speaking `mode` in: it counts as online from
@@ -275,9 +306,13 @@ pub trait Engine: Send + Sync + 'static {
     /// Client ids online and topics subscribed.
     fn counts(&self) -> Pending<Counts>;
 
-    /// The traffic of every node: `local` (this node's, now) plus, in a
+    /// Every node's traffic: this one's first (`local`, now), then, in a
     /// cluster, the others' as their last heartbeat gave them.
-    fn traffic(&self, local: Traffic) -> Pending<Traffic>;
+    fn nodes(&self, local: Traffic) -> Pending<Vec<NodeTraffic>>;
+
+    /// The topics with the most subscribers, up to `limit`, each with up to
+    /// `members` of its client ids, and how many topics there are.
+    fn topics(&self, limit: usize, members: usize) -> Pending<TopicList>;
 
     /// Up to `limit` messages of `id`'s inbox: the latest, or those right
     /// after `since`.

@@ -284,16 +284,40 @@ elseif op == 'presence' then
   local topic = ARGV[6]
   return { tonumber(redis.call('HGET', 'sb:topics', topic) or 0),
     redis.call('HGETALL', 'sb:p:' .. topic) }
-elseif op == 'traffic' then
+elseif op == 'nodes' then
   -- ARGV: node (left out: it adds its own, current figures)
-  local sum = { 0, 0, 0, 0, 0, 0, 0 }
+  -- Answers each other node's id and its 7 figures, one after another.
+  local out = {}
   for _, n in ipairs(redis.call('ZRANGE', 'sb:nodes', 0, -1)) do
     if n ~= ARGV[6] then
+      table.insert(out, n)
       local f = redis.call('HMGET', 'sb:n:' .. n .. ':s', 1, 2, 3, 4, 5, 6, 7)
-      for i = 1, 7 do sum[i] = sum[i] + tonumber(f[i] or 0) end
+      for i = 1, 7 do table.insert(out, tonumber(f[i] or 0)) end
     end
   end
-  return sum
+  return out
+elseif op == 'topics' then
+  -- ARGV: most topics, most client ids each
+  -- Reads one HSCAN page of the topics (about 1000: all of them, up to
+  -- there), so a cluster with many topics costs Redis one bounded step; the
+  -- biggest of that page are answered: HLEN, then each topic's name,
+  -- subscribers, and its ids with their connections (flattened).
+  local limit, members = tonumber(ARGV[6]), tonumber(ARGV[7])
+  local page = redis.call('HSCAN', 'sb:topics', 0, 'COUNT', 1000)[2]
+  local topics = {}
+  for i = 1, #page, 2 do table.insert(topics, { page[i], tonumber(page[i + 1]) }) end
+  table.sort(topics, function(a, b)
+    if a[2] ~= b[2] then return a[2] > b[2] end
+    return a[1] < b[1]
+  end)
+  local out = { redis.call('HLEN', 'sb:topics') }
+  for i = 1, math.min(limit, #topics) do
+    local ids = redis.call('HSCAN', 'sb:p:' .. topics[i][1], 0, 'COUNT', members)[2]
+    local flat = {}
+    for j = 1, math.min(#ids, members * 2) do flat[j] = ids[j] end
+    table.insert(out, { topics[i][1], topics[i][2], flat })
+  end
+  return out
 elseif op == 'counts' then
   return { redis.call('HLEN', 'sb:clients'), redis.call('HLEN', 'sb:topics'),
     redis.call('ZCARD', 'sb:nodes') }

@@ -18,8 +18,8 @@ use switchboard::{
 use switchboard::Broker;
 
 use super::{
-    Answer, ConnectError, Counts, Engine, Joined, Message, Pending, Published, Sent, Subscribe,
-    SubscribeRefused, Subscribed, TopicPresence, Traffic, Unavailable, fits,
+    Answer, ConnectError, Counts, Engine, Joined, Message, NodeTraffic, Pending, Published, Sent,
+    Subscribe, SubscribeRefused, Subscribed, TopicList, TopicPresence, Traffic, Unavailable, fits,
 };
 use crate::metrics::Metrics;
 use crate::streams::{Entry, Page, Position, Resume, Retention};
@@ -192,6 +192,13 @@ fn replayed(mut values: Vec<redis::Value>) -> (Vec<redis::Value>, bool) {
         values.pop();
     }
     (values, again)
+}
+
+/// A topic's client ids and their connection counts, from a flattened hash.
+fn presence(flat: &[redis::Value]) -> Option<Vec<(ClientId, usize)>> {
+    flat.chunks(2)
+        .map(|pair| Some((ClientId::from(text(&pair[0])?), int(pair.get(1)?)? as usize)))
+        .collect()
 }
 
 fn items(value: redis::Value) -> Result<Vec<redis::Value>, Unavailable> {
@@ -596,11 +603,7 @@ impl Engine for RedisEngine {
                 .first()
                 .and_then(int)
                 .ok_or_else(|| malformed("a count"))?;
-            let clients = members
-                .chunks(2)
-                .map(|pair| Some((ClientId::from(text(&pair[0])?), int(pair.get(1)?)? as usize)))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| malformed("members"))?;
+            let clients = presence(&members).ok_or_else(|| malformed("members"))?;
             Ok(TopicPresence {
                 subscribers: subscribers as usize,
                 clients,
@@ -636,19 +639,63 @@ impl Engine for RedisEngine {
         })
     }
 
-    fn traffic(&self, local: Traffic) -> Pending<Traffic> {
+    fn nodes(&self, local: Traffic) -> Pending<Vec<NodeTraffic>> {
         let node = self.0.node();
-        let answer = self.0.link.call("traffic", args([&*node]));
+        let answer = self.0.link.call("nodes", args([&*node]));
         Box::pin(async move {
             let values = items(answer.await?)?;
-            let mut sum = local.figures();
-            if values.len() != sum.len() {
-                return Err(malformed("traffic"));
+            let mut nodes = vec![NodeTraffic {
+                id: node,
+                traffic: local,
+            }];
+            for other in values.chunks(8) {
+                let id = other
+                    .first()
+                    .and_then(text)
+                    .ok_or_else(|| malformed("a node"))?;
+                let mut figures = [0; 7];
+                for (figure, value) in figures.iter_mut().zip(&other[1..]) {
+                    *figure = int(value).ok_or_else(|| malformed("a figure"))?;
+                }
+                nodes.push(NodeTraffic {
+                    id: id.into(),
+                    traffic: Traffic::from_figures(figures),
+                });
             }
-            for (total, value) in sum.iter_mut().zip(&values) {
-                *total += int(value).ok_or_else(|| malformed("a figure"))?;
-            }
-            Ok(Traffic::from_figures(sum))
+            Ok(nodes)
+        })
+    }
+
+    fn topics(&self, limit: usize, members: usize) -> Pending<TopicList> {
+        let (limit, members) = (limit.to_string(), members.to_string());
+        let answer = self.0.link.call("topics", args([&*limit, &*members]));
+        Box::pin(async move {
+            let mut values = items(answer.await?)?.into_iter();
+            let total = values
+                .next()
+                .as_ref()
+                .and_then(int)
+                .ok_or_else(|| malformed("HLEN"))?;
+            let topics = values
+                .map(|topic| {
+                    let mut fields = array(topic)?.into_iter();
+                    let name: Arc<str> = text(&fields.next()?)?.into();
+                    let subscribers = int(&fields.next()?)? as usize;
+                    let clients = presence(&array(fields.next()?)?)?;
+                    Some((
+                        name,
+                        TopicPresence {
+                            subscribers,
+                            clients,
+                        },
+                    ))
+                })
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| malformed("topics"))?;
+            Ok(TopicList {
+                total: total as usize,
+                topics,
+            })
         })
     }
 

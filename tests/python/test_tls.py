@@ -1,0 +1,255 @@
+"""TLS (docs/operations.md, "TLS"): --tls-cert and --tls-key serve wss:// and https://
+on the client and API listeners, and SIGHUP swaps the certificate for new connections
+while the live ones go on. Each test makes its own CAs (trustme) and trusts only them."""
+
+import asyncio
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import trustme
+from websockets.asyncio.client import connect
+
+from test_relay import (  # noqa: F401 (start_server is a fixture)
+    BIN,
+    RECV_TIMEOUT,
+    async_test,
+    recv,
+    single_node,
+    start_server,
+)
+
+KEY = "tls-test-api-key"
+
+
+class Pki:
+    """A CA of the test's own and a server certificate it signed for 127.0.0.1, as files."""
+
+    def __init__(self, directory, name):
+        self.ca = trustme.CA(organization_name=f"switchboard test CA {name}")
+        self.leaf = self.ca.issue_cert("127.0.0.1", "localhost")
+        self.cert = directory / f"{name}-cert.pem"
+        self.key = directory / f"{name}-key.pem"
+        self.leaf.cert_chain_pems[0].write_to_path(str(self.cert))
+        self.leaf.private_key_pem.write_to_path(str(self.key))
+
+    def context(self):
+        """A client context that trusts this CA only."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies, and trusts nothing yet
+        self.ca.configure_trust(context)
+        return context
+
+    def leaf_der(self):
+        return ssl.PEM_cert_to_DER_cert(self.leaf.cert_chain_pems[0].bytes().decode())
+
+
+@pytest.fixture
+def pki(tmp_path):
+    return lambda name: Pki(tmp_path, name)
+
+
+def start_tls(start_server, first, *args):
+    return start_server("--tls-cert", str(first.cert), "--tls-key", str(first.key), "--api-key", KEY, *args)
+
+
+def wss(server, client_id):
+    return f"wss://127.0.0.1:{server.port}/ws?id={client_id}"
+
+
+def wss_client(server, client_id, context):
+    return connect(wss(server, client_id), ssl=context, open_timeout=5, close_timeout=2, ping_interval=None, proxy=None)
+
+
+async def registered(ws):
+    """Waits until the server runs the connection (and so knows its id)."""
+    await asyncio.wait_for(await ws.ping(), RECV_TIMEOUT)
+    return ws
+
+
+def https(server, path, context, body=None):
+    request = urllib.request.Request(
+        f"https://127.0.0.1:{server.port}{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=RECV_TIMEOUT, context=context) as response:
+        return response.status, response.read().decode()
+
+
+def served_certificate(server, context):
+    """The DER certificate a new TLS connection is answered with."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=RECV_TIMEOUT) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def metric(text, name):
+    found = re.search(rf"^{re.escape(name)} (\d+)$", text, re.M)
+    return int(found.group(1)) if found else 0
+
+
+@single_node
+@pytest.mark.parametrize("scheduler", ["work-stealing", "thread-per-core"])
+@async_test
+async def test_clients_relay_over_wss_and_backends_push_over_https(start_server, pki, scheduler):
+    first = pki("first")
+    server = start_tls(start_server, first, "--workers", "2", "--scheduler", scheduler)
+    context = first.context()
+    # As a browser may: offer HTTP/2 first. The server picks HTTP/1.1, the
+    # only protocol it serves (a WebSocket over HTTP/2 is another handshake).
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    async with wss_client(server, "ann", context) as ann, wss_client(server, "bob", context) as bob:
+        await registered(ann)
+        await registered(bob)
+        # bob is idle while ann's message reaches him: under TLS it goes
+        # through his connection's task (no direct write), and arrives all the same.
+        await ann.send(json.dumps({"targets": ["bob"], "payload": {"n": 1}}))
+        assert json.loads(await recv(bob)) == {"n": 1}
+        status, _ = await asyncio.to_thread(https, server, "/api/v1/send", context, {"targets": ["ann"], "payload": "hi"})
+        assert status == 200
+        assert json.loads(await recv(ann)) == "hi"
+        assert bob.transport.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+    status, text = await asyncio.to_thread(https, server, "/metrics", context)
+    assert status == 200 and metric(text, "switchboard_connections_opened_total") == 2
+
+
+@single_node
+@async_test
+async def test_a_separate_api_listener_speaks_tls_too(start_server, pki):
+    first = pki("first")
+    api_port = free_port()
+    server = start_tls(start_server, first, "--api-listen", f"127.0.0.1:{api_port}")
+    context = first.context()
+
+    class Api:
+        port = api_port
+
+    async with wss_client(server, "ann", context) as ann:
+        await registered(ann)
+        status, _ = await asyncio.to_thread(https, Api, "/api/v1/send", context, {"targets": ["ann"], "payload": 7})
+        assert status == 200
+        assert json.loads(await recv(ann)) == 7
+    with pytest.raises(NOT_HTTP):
+        await asyncio.to_thread(plain_http, api_port)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# What a plain-HTTP request to a TLS listener gets: a TLS alert (not an HTTP
+# status line), or the connection closed.
+NOT_HTTP = (OSError, http.client.HTTPException)
+
+
+def plain_http(port):
+    """A plain-HTTP request, which a TLS listener refuses."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=RECV_TIMEOUT) as response:
+        return response.status
+
+
+@single_node
+@async_test
+async def test_clients_that_do_not_speak_tls_or_stall_in_the_handshake_harm_no_one(start_server, pki):
+    first = pki("first")
+    server = start_tls(start_server, first)
+    context = first.context()
+    # Ten sockets that never start a handshake, and a plain HTTP request.
+    stalled = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(10)]
+    try:
+        with pytest.raises(NOT_HTTP):
+            await asyncio.to_thread(plain_http, server.port)
+        async with wss_client(server, "ann", context) as ann:
+            await registered(ann)
+            await ann.send(json.dumps({"targets": ["ann"], "payload": 1}))
+            assert json.loads(await recv(ann)) == 1
+    finally:
+        for s in stalled:
+            s.close()
+    assert server.proc.poll() is None
+
+
+@single_node
+@async_test
+async def test_sighup_swaps_the_certificate_for_new_connections_and_keeps_live_ones(start_server, pki):
+    first, second = pki("first"), pki("second")
+    server = start_tls(start_server, first)
+    old, new = first.context(), second.context()
+    async with wss_client(server, "ann", old) as ann:
+        await registered(ann)
+        # The same files, now holding a certificate from another CA.
+        os.replace(second.cert, first.cert)
+        os.replace(second.key, first.key)
+        server.signal(signal.SIGHUP)
+        await wait_for(lambda: served_certificate_or_none(server, new) == second.leaf_der())
+        # New connections get the new certificate: a client that trusts only
+        # the old CA is refused, one that trusts the new one connects.
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await asyncio.to_thread(served_certificate, server, old)
+        async with wss_client(server, "bob", new) as bob:
+            await registered(bob)
+            # ann's connection, made under the old certificate, goes on both ways.
+            await bob.send(json.dumps({"targets": ["ann"], "payload": "after"}))
+            assert json.loads(await recv(ann)) == "after"
+            await ann.send(json.dumps({"targets": ["bob"], "payload": "still here"}))
+            assert json.loads(await recv(bob)) == "still here"
+        _, text = await asyncio.to_thread(https, server, "/metrics", new)
+        assert metric(text, 'switchboard_tls_reloads_total{result="ok"}') == 1
+
+        # A reload that fails (a key that is not PEM) keeps the last good certificate.
+        first.key.write_text("not a key\n")
+        server.signal(signal.SIGHUP)
+        await wait_for(lambda: "TLS certificate not reloaded" in server.logs())
+        assert await asyncio.to_thread(served_certificate, server, new) == second.leaf_der()
+        _, text = await asyncio.to_thread(https, server, "/metrics", new)
+        assert metric(text, 'switchboard_tls_reloads_total{result="error"}') == 1
+        await ann.send(json.dumps({"targets": ["ann"], "payload": "last"}))
+        assert json.loads(await recv(ann)) == "last"
+
+
+def served_certificate_or_none(server, context):
+    try:
+        return served_certificate(server, context)
+    except ssl.SSLError:
+        return None
+
+
+async def wait_for(condition, timeout=RECV_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while not await asyncio.to_thread(condition):
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (lambda p: ["--tls-cert", str(p.cert)], "give tls_cert and tls_key together"),
+        (lambda p: ["--tls-key", str(p.key)], "give tls_cert and tls_key together"),
+        (lambda p: ["--tls-cert", str(p.cert), "--tls-key", str(p.other_key)], "does not fit tls_cert"),
+        (lambda p: ["--tls-cert", str(p.key), "--tls-key", str(p.key)], "holds no PEM certificate"),
+        (lambda p: ["--tls-cert", "/nonexistent.pem", "--tls-key", str(p.key)], "reading tls_cert /nonexistent.pem"),
+    ],
+)
+def test_certificate_files_that_cannot_serve_stop_the_start_with_a_clear_error(pki, flags, expected):
+    first, other = pki("first"), pki("other")
+    first.other_key = other.key
+    run = subprocess.run(
+        [BIN, "serve", "--listen", "127.0.0.1:0", "--persist", "false", *flags(first)],
+        capture_output=True,
+        timeout=10,
+        text=True,
+    )
+    assert run.returncode == 2, run
+    assert expected in run.stderr, run.stderr
