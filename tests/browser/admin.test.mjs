@@ -28,12 +28,9 @@ const ARTIFACTS = process.env.ARTIFACTS || "/tmp/switchboard-artifacts";
 const WAIT_MS = 5000;
 const KEY = `admin-suite-${randomBytes(16).toString("hex")}`;
 
-// Node 22 has a WebSocket global; Node 20 only behind a flag. Then the `ws`
-// that playwright-core bundles (and exports as lib/utilsBundle) serves, rather
-// than a dependency of our own. Both give the same onopen/onmessage/onclose API.
-const NodeWebSocket =
-  globalThis.WebSocket ??
-  (await import("playwright-core/lib/utilsBundle").then((bundle) => bundle.ws ?? bundle.default.ws));
+// Node 22 has a WebSocket global; Node 20 only behind a flag, so the `ws`
+// package stands in. Both give the same onopen/onmessage/onclose API.
+const NodeWebSocket = globalThis.WebSocket ?? (await import("ws")).WebSocket;
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
