@@ -269,16 +269,16 @@ fn biggest_gives_the_topics_with_most_subscribers_first_then_by_name() {
         }
     }
     let biggest = pubsub.biggest(4, 1);
-    let names: Vec<(&str, usize)> = biggest
-        .iter()
-        .map(|t| (&*t.topic, t.subscribers))
-        .collect();
+    let names: Vec<(&str, usize)> = biggest.iter().map(|t| (&*t.topic, t.subscribers)).collect();
     assert_eq!(names, [("f", 4), ("b", 3), ("d", 3), ("c", 2)]);
     assert!(biggest.iter().all(|t| t.members.len() == 1));
     let f = pubsub.biggest(1, 10);
     let mut members = f[0].members.clone();
     members.sort();
-    assert_eq!(members, [(ClientId::from("ann"), 2), (ClientId::from("bob"), 2)]);
+    assert_eq!(
+        members,
+        [(ClientId::from("ann"), 2), (ClientId::from("bob"), 2)]
+    );
     assert!(pubsub.biggest(0, 10).is_empty());
     assert_eq!(pubsub.biggest(100, 0).len(), 6);
 }
