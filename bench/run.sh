@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run with `bench/run.sh` from a clean clone: every scenario against Switchboard
-# and each peer (Bun, Node + ws, axum + tokio-tungstenite), servers alternating
+# and each peer (Bun, Node + ws, axum + tokio-tungstenite, and the floor: the least
+# work a relay can do, bench/peers/floor-relay), servers alternating
 # within each repetition, 5 repetitions, 25 minutes or more (see --max-steal). It writes
 # bench/results/results.md (medians, ratios, the command, the machine) and PNG
 # charts. `bench/run.sh --smoke` runs every scenario for about a second against
@@ -11,7 +12,7 @@
 #   --smoke            short runs, one repetition, debug builds, no peer install
 #   --reps N           repetitions (full run: at least 3; default 5, with which the
 #                      report's p can fall below 0.01; with 3 it never falls below 0.1)
-#   --servers "A B"    subset of: switchboard bun node axum (default: all)
+#   --servers "A B"    subset of: switchboard bun node axum floor (default: all)
 #   --scenarios "A B"  subset of: echo relay-k1 relay-k10 fanout fanout-topic idle storm
 #                      echo-deflate fanout-deflate
 #   --release          smoke with release builds (full runs always use them)
@@ -35,7 +36,7 @@ source bench/lib.sh
 
 mode=full
 reps=5
-servers="switchboard bun node axum"
+servers="switchboard bun node axum floor"
 scenarios="echo relay-k1 relay-k10 fanout fanout-topic idle storm echo-deflate fanout-deflate"
 release=""
 switchboard_args=""
@@ -123,14 +124,14 @@ fi
 # Other processes skew the figures; the report states how busy the machine was.
 load_at_start=$(cut -d' ' -f1-3 /proc/loadavg)
 
-step "Build ($profile): switchboard, the echo example, loadgen, axum-relay"
+step "Build ($profile): switchboard, the echo example, loadgen, axum-relay, floor-relay"
 build=(cargo build --quiet)
 [ "$profile" = release ] && build+=(--release)
 # Separate invocations, so that Switchboard's binary is built with exactly its own
 # dependency features, as `cargo build -p switchboard-server` builds it.
 nice -n 10 "${build[@]}" -p switchboard-server
 nice -n 10 "${build[@]}" -p switchboard --example echo
-nice -n 10 "${build[@]}" -p switchboard-loadgen -p axum-relay
+nice -n 10 "${build[@]}" -p switchboard-loadgen -p axum-relay -p floor-relay
 
 if [ "$mode" = full ]; then
   step "Peers (bench/peers/install.sh)"
@@ -140,7 +141,7 @@ fi
 bun=bench/peers/node_modules/.bin/bun
 available() {
   case "$1" in
-    switchboard|axum) return 0 ;;
+    switchboard|axum|floor) return 0 ;;
     bun) [ -x "$bun" ] && "$bun" --version > /dev/null 2>&1 ;;
     node) command -v node > /dev/null && [ -f bench/peers/node_modules/ws/package.json ] ;;
     *) echo "run.sh: unknown server $1" >&2; return 1 ;;
@@ -171,11 +172,12 @@ server_command() {
     bun/*) echo "$bun bench/peers/bun-relay.js 127.0.0.1:0$flag" ;;
     node/*) echo "node bench/peers/node-relay.mjs 127.0.0.1:0$flag" ;;
     axum/*) echo "$bin/axum-relay 127.0.0.1:0" ;;
+    floor/*) echo "$bin/floor-relay 127.0.0.1:0" ;;
   esac
 }
 
-# tokio-tungstenite has no permessage-deflate.
-supports_deflate() { [ "$1" != axum ]; }
+# tokio-tungstenite has no permessage-deflate, and the floor does no more than it must.
+supports_deflate() { [ "$1" != axum ] && [ "$1" != floor ]; }
 
 # Starts a server in the background; sets server_pid and server_addr.
 start_server() {
