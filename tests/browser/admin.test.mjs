@@ -21,7 +21,7 @@ import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 
 import { launchChromium } from "./chromium.mjs";
-import { startRelay, stopRelay } from "./relays.mjs";
+import { freePort, startRelay, stopRelay } from "./relays.mjs";
 import { withTimeout } from "./wait.mjs";
 
 const ARTIFACTS = process.env.ARTIFACTS || "/tmp/switchboard-artifacts";
@@ -159,7 +159,8 @@ export const tests = [];
 const test = (name, fn) => tests.push({ name, fn });
 
 test("admin: the relay serves /admin and its assets without a key, the page under a self-only CSP", async () => {
-  relay = startRelay(["--api-key", KEY]);
+  // A long drain: the last test shows that an open admin stream does not hold a stop.
+  relay = startRelay(["--api-key", KEY, "--shutdown-drain-secs", "30"]);
   http = `http://127.0.0.1:${await relay.ready}`;
   const types = { "/admin": /^text\/html/, "/admin/admin.js": /^(text|application)\/javascript/, "/admin/admin.css": /^text\/css/ };
   for (const [path, type] of Object.entries(types)) {
@@ -387,11 +388,38 @@ test("admin: no request left 127.0.0.1", async () => {
   assert.deepEqual(state.offHost, []);
 });
 
-test("admin: the relay exits 0 on SIGTERM, closing the clients with 1012", async () => {
+test("admin: on SIGTERM an open admin stream ends, the clients get 1012, and the relay exits 0 at once", async () => {
   const alice = state.alice;
+  const response = await api("/api/v1/admin/stream");
+  const reader = response.body.getReader();
+  assert.equal((await reader.read()).done, false, "a first state");
+  const stopped = Date.now();
   relay.proc.kill("SIGTERM");
   assert.equal((await closed(alice, 10_000)).code, 1012);
-  assert.deepEqual(await withTimeout(relay.exit, 10_000, "relay exit"), { code: 0, signal: null });
+  // Drained to its end, which must come although the drain time is 30 s.
+  while (!(await withTimeout(reader.read(), 5_000, "the stream's end")).done);
+  assert.deepEqual(await withTimeout(relay.exit, 5_000, "relay exit"), { code: 0, signal: null });
+  assert.ok(Date.now() - stopped < 5_000, `the stop took ${Date.now() - stopped} ms`);
+});
+
+test("admin: with Redis unreachable the page says so, and holds one stream, not one per retry", async () => {
+  // A cluster node whose Redis is not there: it serves, but every state is an error.
+  const down = startRelay(["--api-key", KEY, "--engine", "redis", "--redis-url", `redis://127.0.0.1:${await freePort()}/0`]);
+  try {
+    const page = await state.context.newPage();
+    await page.goto(`http://127.0.0.1:${await down.ready}/admin`);
+    await page.getByLabel("API key").fill(KEY);
+    await page.getByLabel("API key").press("Enter");
+    await page.waitForFunction(() => /state is unavailable/.test(document.body.textContent), null, { timeout: WAIT_MS });
+    // Long enough for four retries: had each left its stream open, Chromium's
+    // six connections to this host would be spent and this request would wait.
+    await sleep(9000);
+    const status = await withTimeout(page.evaluate(async () => (await fetch("/healthz")).status), 3000, "a request beside the stream");
+    assert.equal(status, 503, "not ready without Redis");
+    await page.close();
+  } finally {
+    await stopRelay(down);
+  }
 });
 
 // ---------------------------------------------------------------------------

@@ -16,11 +16,18 @@ const BIN = process.env.SWITCHBOARD_BIN || resolve(here, "../../target/debug/swi
 
 const running = new Set();
 
+// What every relay here runs with, unless `args` sets it: clients idle for
+// long test steps stay, and a stop takes at most 2 s.
+function defaults(args) {
+  const flags = { "--idle-timeout-secs": "120", "--shutdown-drain-secs": "2" };
+  return Object.entries(flags).flatMap(([flag, value]) => (args.includes(flag) ? [] : [flag, value]));
+}
+
 export function startRelay(args, listen = "127.0.0.1:0") {
   if (!existsSync(BIN)) throw new Error(`switchboard binary not found at ${BIN} (set SWITCHBOARD_BIN)`);
   const proc = spawn(
     BIN,
-    ["serve", "--listen", listen, "--persist", "false", "--idle-timeout-secs", "120", "--shutdown-drain-secs", "2", ...args],
+    ["serve", "--listen", listen, "--persist", "false", ...defaults(args), ...args],
     { stdio: ["ignore", "pipe", "pipe"] },
   );
   const relay = { proc, port: null, stderr: "" };

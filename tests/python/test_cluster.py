@@ -712,7 +712,7 @@ def admin_states(node, until, limit=15):
                 seen.append(json.loads(line[len("data:"):]))
                 if until(seen[-1]):
                     return seen[-1]
-        pytest.fail(f"no state of the admin stream matched; the last: {seen[-1]}")
+        pytest.fail(f"no state of the admin stream matched; the last: {seen[-1] if seen else 'none came'}")
     finally:
         conn.close()
 

@@ -181,6 +181,16 @@ async def test_clients_that_do_not_speak_tls_or_stall_in_the_handshake_harm_no_o
 
 
 @single_node
+def test_a_socket_that_never_finishes_its_tls_handshake_is_dropped_after_10_seconds(start_server, pki):
+    server = start_tls(start_server, pki("first"))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as stalled:
+        started = time.monotonic()
+        assert stalled.recv(1) == b"", "the server closes it without a word"
+        waited = time.monotonic() - started
+    assert 9.5 < waited < 12, waited
+
+
+@single_node
 @async_test
 async def test_sighup_swaps_the_certificate_for_new_connections_and_keeps_live_ones(start_server, pki):
     first, second = pki("first"), pki("second")

@@ -5,20 +5,22 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use axum::Router;
 use axum::http::header;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use futures_util::Stream;
 use serde::Serialize;
+use tokio::sync::watch;
+use tokio::time::MissedTickBehavior;
 
 use crate::closes::Close;
 use crate::engine::{NodeTraffic, Unavailable, total};
 use crate::hub::Hub;
+use crate::streams::now_ms;
 
 /// How often the stream sends the state.
 const EVERY: Duration = Duration::from_secs(1);
@@ -77,31 +79,72 @@ pub fn pages<S: Clone + Send + Sync + 'static>() -> Router<S> {
 
 /// `GET /api/v1/admin/stream`: the state now, then again every second, as
 /// server-sent events, until the client goes or the server shuts down.
-pub fn stream(hub: Arc<Hub>) -> Response {
-    Sse::new(states(hub))
+pub fn stream(hub: &Arc<Hub>) -> Response {
+    let feed = hub.admin.subscribe(hub);
+    let events = futures_util::stream::unfold(feed, |mut feed| async move {
+        // Ends when the feed does: at shutdown (a stream that never ended
+        // would hold the graceful stop for its whole drain time).
+        loop {
+            feed.changed().await.ok()?;
+            // None: the feed has only just started, and has no state yet.
+            let state = feed.borrow_and_update().clone();
+            if let Some(state) = state {
+                return Some((Ok::<_, Infallible>(Event::default().data(&*state)), feed));
+            }
+        }
+    });
+    Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response()
 }
 
-fn states(hub: Arc<Hub>) -> impl Stream<Item = Result<Event, Infallible>> {
-    let ticks = tokio::time::interval(EVERY);
-    futures_util::stream::unfold((hub, ticks), |(hub, mut ticks)| async move {
-        ticks.tick().await;
-        // A stream that never ended would hold the graceful shutdown for its
-        // whole drain time.
-        if hub.shutdown.is_triggered() {
-            return None;
+/// The state, computed once a second for all the open streams, and only
+/// while one is open: a dashboard left open in ten tabs costs the node (and
+/// Redis) what one does.
+#[derive(Debug, Default)]
+pub struct Feed(Mutex<Option<watch::Receiver<Option<Arc<str>>>>>);
+
+impl Feed {
+    /// A receiver of the states, the latest one (if any) marked as new.
+    fn subscribe(&self, hub: &Arc<Hub>) -> watch::Receiver<Option<Arc<str>>> {
+        let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(feed) = slot.as_ref() {
+            let mut feed = feed.clone();
+            feed.mark_changed();
+            return feed;
         }
-        let event = match state(&hub).await {
-            Ok(state) => Event::default().json_data(state),
-            Err(unavailable) => Event::default().json_data(Failed {
+        let (states, feed) = watch::channel(None);
+        tokio::spawn(produce(hub.clone(), states));
+        *slot = Some(feed.clone());
+        feed
+    }
+}
+
+async fn produce(hub: Arc<Hub>, states: watch::Sender<Option<Arc<str>>>) {
+    let mut ticks = tokio::time::interval(EVERY);
+    // After a slow Redis call, the next state comes a second later, not in a burst.
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    loop {
+        ticks.tick().await;
+        {
+            // Under the lock that subscribing takes, so no stream joins a
+            // feed that is ending. The one receiver left is the slot's own.
+            let mut slot = hub.admin.0.lock().unwrap_or_else(PoisonError::into_inner);
+            if hub.shutdown.is_triggered() || states.receiver_count() <= 1 {
+                *slot = None;
+                return;
+            }
+        }
+        let json = match state(&hub).await {
+            Ok(state) => serde_json::to_string(&state),
+            Err(unavailable) => serde_json::to_string(&Failed {
                 at: now_ms(),
                 error: format!("the cluster's state is unavailable: {unavailable}"),
             }),
         }
         .expect("the state serializes");
-        Some((Ok(event), (hub, ticks)))
-    })
+        states.send_replace(Some(json.into()));
+    }
 }
 
 /// What the dashboard shows, as one event.
@@ -152,11 +195,14 @@ struct Failed {
 }
 
 async fn state(hub: &Hub) -> Result<Overview, Unavailable> {
-    let (counts, nodes, topics) = tokio::try_join!(
-        hub.engine.counts(),
-        hub.engine.nodes(hub.traffic()),
-        hub.engine.topics(TOPICS, MEMBERS),
-    )?;
+    // The memory engine visits every topic to find the biggest: off the
+    // threads that serve connections.
+    let engine = hub.engine.clone();
+    let topics = tokio::task::spawn_blocking(move || engine.topics(TOPICS, MEMBERS))
+        .await
+        .map_err(|e| Unavailable(format!("listing the topics failed: {e}")))?;
+    let (counts, nodes, topics) =
+        tokio::try_join!(hub.engine.counts(), hub.engine.nodes(hub.traffic()), topics,)?;
     let topics_total = topics.total;
     let topics = topics
         .topics
@@ -189,10 +235,4 @@ async fn state(hub: &Hub) -> Result<Overview, Unavailable> {
         closes: hub.metrics.closes_by_code(),
         recent_closes: hub.closes.latest(),
     })
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| since.as_millis() as u64)
 }

@@ -712,7 +712,7 @@ struct StatsResult {
 
 /// The dashboard's stream of the cluster's state.
 async fn admin_stream(State(api): State<Api>) -> Response {
-    crate::admin::stream(api.hub)
+    crate::admin::stream(&api.hub)
 }
 
 /// The cluster's figures (one node's, with the memory engine); other nodes'

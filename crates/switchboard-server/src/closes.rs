@@ -2,8 +2,7 @@
 //! with what code and why. The counts by code are the metrics'.
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Mutex, PoisonError, TryLockError};
 
 use serde::Serialize;
 use switchboard::{ClientId, TerminateReason};
@@ -24,7 +23,7 @@ pub struct Close {
     pub reason: String,
 }
 
-/// The last [`KEPT`] closes, newest last.
+/// The last [`KEPT`] closes, newest last (some may be missing: see `push`).
 #[derive(Debug, Default)]
 pub struct RecentCloses(Mutex<VecDeque<Close>>);
 
@@ -39,17 +38,22 @@ impl RecentCloses {
         self.push(client, Some(code), "handler panicked");
     }
 
+    /// A close that finds the ring in use by another thread is not kept:
+    /// when many connections close at once (a restart, a network blip) they
+    /// must not queue on one lock across every core. The counts by code (the
+    /// metrics') miss none.
     fn push(&self, client: &ClientId, code: Option<u16>, reason: &str) {
-        let at = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| since.as_millis() as u64);
+        let mut ring = match self.0.try_lock() {
+            Ok(ring) => ring,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return,
+        };
         let close = Close {
-            at,
+            at: crate::streams::now_ms(),
             client: client.to_string(),
             code,
             reason: reason.to_owned(),
         };
-        let mut ring = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if ring.len() == KEPT {
             ring.pop_front();
         }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use switchboard::{Options, PubSub, ReceiveBudget, Registry, Shutdown, Stats};
 
+use crate::admin::Feed;
 use crate::auth::{ApiKeys, JwtVerifier};
 use crate::closes::RecentCloses;
 use crate::config::Config;
@@ -66,6 +67,8 @@ pub struct Hub {
     pub metrics_auth: MetricsAuth,
     /// The latest connection closes, for the admin dashboard.
     pub closes: RecentCloses,
+    /// The admin dashboard's state, while a dashboard is open.
+    pub admin: Feed,
 }
 
 /// This node's traffic now.
@@ -189,6 +192,7 @@ impl Hub {
             metrics,
             metrics_auth: config.metrics_auth,
             closes: RecentCloses::default(),
+            admin: Feed::default(),
         })
     }
 }

@@ -471,7 +471,8 @@ fn prune(stream: &mut Stream, retention: Retention, now: u64) -> (usize, usize) 
     (count, freed)
 }
 
-fn now_ms() -> u64 {
+/// The wall clock, in milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
     let since = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();

@@ -315,12 +315,18 @@ impl PubSub {
         // A min-heap of the best so far: its top is the first to give way.
         let mut best: BinaryHeap<Reverse<(usize, Reverse<Arc<str>>)>> = BinaryHeap::new();
         self.inner.topics.for_each(|name, topic| {
-            let entry = Reverse((topic.subscribers.len(), Reverse(name.clone())));
+            let subscribers = topic.subscribers.len();
             if best.len() < limit {
-                best.push(entry);
-            } else if best.peek().is_some_and(|worst| entry < *worst) {
+                best.push(Reverse((subscribers, Reverse(name.clone()))));
+                return;
+            }
+            // The name is cloned only for a topic that makes the list.
+            let better = best.peek().is_some_and(|Reverse((least, Reverse(last)))| {
+                (subscribers, Reverse(&**name)) > (*least, Reverse(&**last))
+            });
+            if better {
                 best.pop();
-                best.push(entry);
+                best.push(Reverse((subscribers, Reverse(name.clone()))));
             }
         });
         best.into_sorted_vec()

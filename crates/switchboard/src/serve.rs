@@ -144,7 +144,7 @@ async fn run<O, F, S>(
                 opened = opening => match opened {
                     Ok(stream) => stream,
                     Err(error) => {
-                        tracing::debug!(%error, %peer, "TLS handshake failed");
+                        tracing::debug!(%error, %peer, "connection not opened (TLS handshake)");
                         return;
                     }
                 },

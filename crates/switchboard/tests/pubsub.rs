@@ -256,7 +256,7 @@ fn biggest_gives_the_topics_with_most_subscribers_first_then_by_name() {
     let conns: Vec<_> = (0..4)
         .map(|_| Harness::new(Quiet).handle().outbox())
         .collect();
-    // Topic "t{n}" gets n subscribers (4 is capped at the 4 connections), two ids.
+    // Each topic gets its number of subscribers, connections of two ids.
     let mut held = Vec::new();
     for (topic, subscribers) in [("a", 1), ("b", 3), ("c", 2), ("d", 3), ("e", 1), ("f", 4)] {
         for (i, outbox) in conns.iter().take(subscribers).enumerate() {
@@ -279,6 +279,10 @@ fn biggest_gives_the_topics_with_most_subscribers_first_then_by_name() {
         members,
         [(ClientId::from("ann"), 2), (ClientId::from("bob"), 2)]
     );
+    // "a" and "e" tie for the last place: the name decides.
+    let five = pubsub.biggest(5, 0);
+    let five: Vec<&str> = five.iter().map(|t| &*t.topic).collect();
+    assert_eq!(five, ["f", "b", "d", "c", "a"]);
     assert!(pubsub.biggest(0, 10).is_empty());
     assert_eq!(pubsub.biggest(100, 0).len(), 6);
 }

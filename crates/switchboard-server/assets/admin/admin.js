@@ -4,8 +4,9 @@
 // and acts through the same /api/v1 endpoints as any backend.
 //
 // The server's Content-Security-Policy allows only this origin's scripts and
-// styles (src/admin.rs): no inline script or style, so nothing here sets `element.style`; looks are classes in
-// admin.css, and the chart is SVG attributes.
+// styles (src/admin.rs): no inline script or style, so nothing here sets
+// `element.style`; looks are classes in admin.css, and the chart is SVG
+// attributes.
 
 const KEY_ITEM = "switchboard.admin.key";
 const WINDOW_MS = 5 * 60_000; // how much traffic history the chart keeps
@@ -147,9 +148,13 @@ async function follow() {
       for (const event of events) receive(event);
     }
   } catch {
-    // Aborted, refused or cut: retried below unless logged out meanwhile.
+    // Aborted, refused, cut, or a state that would not render: retried below
+    // unless logged out meanwhile.
   } finally {
     clearTimeout(stale);
+    // Whatever ended this loop, the request ends too: a stream left open
+    // holds one of the browser's few connections to this host.
+    controller.abort();
   }
   if (controller === stream && key) {
     setStatus("reconnecting…", "waiting");
@@ -166,6 +171,13 @@ function receive(event) {
     .join("\n");
   if (!data) return;
   const snapshot = JSON.parse(data);
+  if (snapshot.error) {
+    // The node answers, but cannot read the cluster's state (Redis is down):
+    // the last state stays on screen, marked stale.
+    setStatus(`${snapshot.error}; showing the last state`, "waiting");
+    if (!live) $("login-error").textContent = snapshot.error;
+    return;
+  }
   if (!live) {
     live = true;
     sessionStorage.setItem(KEY_ITEM, key);
