@@ -566,6 +566,7 @@ impl Engine for RedisEngine {
             let feed = core.feed.clone();
             let (attach, detach) = (channel.clone(), feed.clone());
             let started = joined.started.clone();
+            let attached = started.clone();
             let start = move || {
                 started.store(true, Ordering::Release);
                 for frame in frames {
@@ -582,7 +583,15 @@ impl Engine for RedisEngine {
             };
             Ok(Subscribed {
                 subscription: Registration::new(move || {
-                    detach.detach(channel, conn);
+                    // Only a started attempt is on the channel. One called off
+                    // before it started must not detach: the connection may
+                    // have subscribed again meanwhile, and the feed knows
+                    // connections by id (the cluster test
+                    // test_subscribing_again_while_a_subscribe_waits_keeps_the_second
+                    // lost its second subscription's deliveries so).
+                    if attached.load(Ordering::Acquire) {
+                        detach.detach(channel, conn);
+                    }
                     drop(joined);
                 }),
                 resumed,
