@@ -557,19 +557,20 @@ type Later = Pin<Box<dyn std::future::Future<Output = Option<String>> + Send>>;
 /// answer comes once its subscription is in place, through `handle_info`.)
 #[derive(Default)]
 struct Answers {
-    /// The queue, and the outbox its task sends to.
-    queue: std::cell::OnceCell<(mpsc::UnboundedSender<Later>, Outbox)>,
-    waiting: Arc<AtomicUsize>,
+    /// The queue, the outbox its task sends to, and how many answers wait in
+    /// it. Made with the first answer that waits: most connections never
+    /// have one, and an idle connection should hold as little as it can.
+    queue: std::cell::OnceCell<(mpsc::UnboundedSender<Later>, Outbox, Arc<AtomicUsize>)>,
 }
 
 impl Answers {
     /// Sends `text` now, or after the answers still waiting.
     fn reply(&self, text: String) -> Outcome {
-        let Some((queue, outbox)) = self.queue.get() else {
+        let Some((queue, outbox, waiting)) = self.queue.get() else {
             return Outcome::push(Message::text(text));
         };
-        if self.waiting.load(Ordering::Acquire) > 0 {
-            self.waiting.fetch_add(1, Ordering::AcqRel);
+        if waiting.load(Ordering::Acquire) > 0 {
+            waiting.fetch_add(1, Ordering::AcqRel);
             let _ = queue.send(Box::pin(std::future::ready(Some(text))));
         } else {
             // Behind what the queue's task pushed (the handler's own output
@@ -581,22 +582,21 @@ impl Answers {
 
     /// Queues an answer to come; the queue's task starts with the first.
     fn later(&self, outbox: &Outbox, answer: Later) {
-        let waiting = self.waiting.clone();
-        let (queue, _) = self.queue.get_or_init(|| {
+        let (queue, _, waiting) = self.queue.get_or_init(|| {
             let (queue, mut answers) = mpsc::unbounded_channel::<Later>();
-            let task_outbox = outbox.clone();
-            let outbox = outbox.clone();
+            let waiting = Arc::new(AtomicUsize::new(0));
+            let (task_outbox, task_waiting) = (outbox.clone(), waiting.clone());
             tokio::spawn(async move {
                 while let Some(answer) = answers.recv().await {
                     if let Some(text) = answer.await {
                         let _ = task_outbox.push(Message::text(text));
                     }
-                    waiting.fetch_sub(1, Ordering::AcqRel);
+                    task_waiting.fetch_sub(1, Ordering::AcqRel);
                 }
             });
-            (queue, outbox)
+            (queue, outbox.clone(), waiting)
         });
-        self.waiting.fetch_add(1, Ordering::AcqRel);
+        waiting.fetch_add(1, Ordering::AcqRel);
         let _ = queue.send(answer);
     }
 }
