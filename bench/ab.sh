@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run with `bench/ab.sh --old BIN --new BIN [--reps N] [--scenarios "A B"] [--out DIR]`:
 # the relay's server CPU per delivery (relay-k1 and relay-k10, as bench/run.sh's
-# full run drives them; `idle` too on request) of two `switchboard` binaries, alternating within each
+# full run drives them; `idle` and `echo` too on request) of two `switchboard` binaries, alternating within each
 # repetition, with the same load generator (target/release/loadgen). It writes
 # DIR/results.md with `new`'s medians divided by `old`'s and their p, for a
 # change's before and after. Build the old binary from a worktree, e.g.
@@ -12,8 +12,9 @@
 #   --old BIN   the binary before the change
 #   --new BIN   the binary after it (default: target/release/switchboard)
 #   --reps N    repetitions (default 6)
-#   --scenarios "A B"  subset of: relay-k1 relay-k10 idle (default: relay-k1 relay-k10;
-#               idle holds 19,500 connections, as the full run does)
+#   --scenarios "A B"  subset of: relay-k1 relay-k10 idle echo (default: relay-k1 relay-k10;
+#               idle holds 19,500 connections, as the full run does; echo is the
+#               service's --echo-path, with the full run's echo load)
 #   --out DIR   where the report goes (default: target/bench-ab)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,9 +48,11 @@ for rep in $(seq "$reps"); do
         relay-k1) args=(relay --clients 1000 --targets 1 --rate 10000 --size 128) ;;
         relay-k10) args=(relay --clients 1000 --targets 10 --rate 2000 --size 128) ;;
         idle) args=(idle --connections 19500 --concurrency 128) ;;
+        echo) args=(echo --connections 50 --window 10 --size 64 --path /echo) ;;
         *) usage >&2; exit 2 ;;
       esac
-      bench_run_once "$bin" -- "${args[@]}" --server "$which" --label "$scenario" --rep "$rep" --out "$raw"
+      bench_run_once "$bin" --echo-path /echo -- "${args[@]}" --server "$which" --label "$scenario" \
+        --rep "$rep" --out "$raw"
     done
   done
 done

@@ -398,12 +398,6 @@ where
                 if self.poll_timers(cx, true) {
                     continue;
                 }
-                // Asleep with nothing to write: an idle connection keeps no
-                // write queue (its slots were 128 B of every idle connection,
-                // once it had written anything through its task).
-                if self.write_queue.is_empty() && self.write_queue.capacity() > 0 {
-                    self.write_queue = VecDeque::new();
-                }
                 return Poll::Pending;
             }
         }
