@@ -15,11 +15,10 @@
 import assert from "node:assert/strict";
 import { createHmac, randomBytes } from "node:crypto";
 import { createServer as createHttpServer, request as httpRequest } from "node:http";
-import { pathToFileURL } from "node:url";
 
-import { launchChromium } from "./chromium.mjs";
 import { freePort, startRelay, stopAllRelays, stopRelay } from "./relays.mjs";
 import { installHelpers } from "./page.mjs";
+import { isMain, runAlone } from "./standalone.mjs";
 import { withTimeout } from "./wait.mjs";
 
 const WAIT_MS = 5000;
@@ -411,23 +410,4 @@ export async function run(browser) {
 }
 
 // `node auth.test.mjs`: these tests alone, with their own browser.
-if (import.meta.url === pathToFileURL(process.argv[1]).href) {
-  const watchdog = setTimeout(() => {
-    console.error("FATAL: auth browser tests took longer than 120s");
-    cleanup().finally(() => process.exit(1));
-  }, 120_000);
-  watchdog.unref();
-  let browser;
-  let counts = { passed: 0, failed: tests.length };
-  try {
-    browser = await withTimeout(launchChromium(), 40_000, "launching Chromium");
-    counts = await run(browser);
-  } catch (e) {
-    console.error(`setup failed: ${e.stack || e}`);
-  } finally {
-    if (browser) await withTimeout(browser.close(), 10_000, "browser close").catch((e) => console.error(e.message));
-    await cleanup();
-  }
-  console.log(`${counts.passed} passed, ${counts.failed} failed`);
-  process.exit(counts.failed ? 1 : 0);
-}
+if (isMain(import.meta.url)) await runAlone("auth", { tests, run, cleanup });
