@@ -60,33 +60,41 @@ fn glob(pattern: &[u8], text: &[u8]) -> bool {
     pattern[p..].iter().all(|b| *b == b'*')
 }
 
-/// What a token allows; `None` lists allow everything.
+/// What a token allows. One pointer, null for a token without the
+/// `switchboard` claim (most of them): every connection keeps its permissions.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Permissions {
+pub struct Permissions(Option<Box<Lists>>);
+
+/// The claim's lists; `None` lists allow everything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Lists {
     subscribe: Option<Vec<Pattern>>,
     publish: Option<Vec<Pattern>>,
     send: Option<Vec<Pattern>>,
 }
 
-fn allowed(list: &Option<Vec<Pattern>>, name: &str) -> bool {
-    list.as_ref()
-        .is_none_or(|patterns| patterns.iter().any(|p| p.matches(name)))
-}
-
 impl Permissions {
+    /// Whether `name` is allowed by the list `pick` takes from the claim.
+    fn allows(&self, pick: impl Fn(&Lists) -> &Option<Vec<Pattern>>, name: &str) -> bool {
+        self.0
+            .as_deref()
+            .and_then(|lists| pick(lists).as_ref())
+            .is_none_or(|patterns| patterns.iter().any(|p| p.matches(name)))
+    }
+
     /// May the client subscribe to `topic`?
     pub fn may_subscribe(&self, topic: &str) -> bool {
-        allowed(&self.subscribe, topic)
+        self.allows(|lists| &lists.subscribe, topic)
     }
 
     /// May the client publish to `topic`?
     pub fn may_publish(&self, topic: &str) -> bool {
-        allowed(&self.publish, topic)
+        self.allows(|lists| &lists.publish, topic)
     }
 
     /// May the client send to `target`?
     pub fn may_send(&self, target: &str) -> bool {
-        allowed(&self.send, target)
+        self.allows(|lists| &lists.send, target)
     }
 }
 
@@ -350,14 +358,13 @@ impl JwtVerifier {
 fn identity(claims: Claims) -> Result<Identity, TokenError> {
     let client = ids::parse(&claims.sub).map_err(|e| TokenError::Malformed(format!("sub: {e}")))?;
     let patterns = |list: Option<Vec<String>>| list.map(|l| l.into_iter().map(Pattern).collect());
-    let permissions = match claims.switchboard {
-        Some(p) => Permissions {
+    let permissions = Permissions(claims.switchboard.map(|p| {
+        Box::new(Lists {
             subscribe: patterns(p.subscribe),
             publish: patterns(p.publish),
             send: patterns(p.send),
-        },
-        None => Permissions::default(),
-    };
+        })
+    }));
     Ok(Identity {
         client,
         expires_at: claims.exp,

@@ -63,13 +63,9 @@ pub struct Relay {
     /// Bumped on each refresh, so a stale expiry timer is ignored.
     token_generation: u64,
     expiry_timer: Option<TimerRef>,
-    /// Each counted in the metrics' subscriptions while it lives.
-    subscriptions: HashMap<Arc<str>, (Registration, Counted)>,
-    /// Topics whose subscribe awaits the engine's answer.
-    /// Each with the number of its attempt: an answer to an attempt called
-    /// off (unsubscribed, then subscribed again) is told from the new one's.
-    joining: HashMap<Arc<str>, u64>,
-    attempts: u64,
+    /// Made with the first subscribe: a connection that never subscribes
+    /// (and every idle one until it does) holds one pointer, not two maps.
+    topics: Option<Box<Topics>>,
     /// The size of the message being handled: what its answer, while the
     /// engine has it, holds against the connection's outbound budget.
     handling: usize,
@@ -104,16 +100,10 @@ impl Relay {
             permissions: identity.permissions,
             token_generation: 0,
             expiry_timer: None,
-            subscriptions: HashMap::new(),
-            joining: HashMap::new(),
-            attempts: 0,
+            topics: None,
             handling: 0,
             answers: Answers::default(),
-            limiter: RateLimiter::new(
-                limits.messages_per_sec,
-                limits.bytes_per_sec,
-                limits.strikes,
-            ),
+            limiter: RateLimiter::new(&limits),
             _registration: registration,
             _peer: peer,
             counted: (false, false),
@@ -121,6 +111,11 @@ impl Relay {
         };
         relay.schedule_expiry(identity.expires_at, handle);
         relay
+    }
+
+    /// The connection's topics, made with the first subscribe.
+    fn topics(&mut self) -> &mut Topics {
+        self.topics.get_or_insert_default()
     }
 
     fn schedule_expiry(&mut self, expires_at: Option<u64>, handle: &ConnHandle<RelayInfo>) {
@@ -262,10 +257,11 @@ impl Relay {
                 format!("your token does not allow subscribing to {topic:?}"),
             ));
         }
-        if self.subscriptions.contains_key(topic) || self.joining.contains_key(topic) {
+        let topics = self.topics.as_deref();
+        if topics.is_some_and(|topics| topics.has(topic)) {
             return Ok(self.acked(inbound, |id| wire::ack(id, Some(topic))));
         }
-        if self.subscriptions.len() + self.joining.len() >= self.hub.limits.max_topics {
+        if topics.map_or(0, Topics::len) >= self.hub.limits.max_topics {
             let message = format!(
                 "at most {} topics per connection",
                 self.hub.limits.max_topics
@@ -286,9 +282,7 @@ impl Relay {
         if let Some(result) = now(&mut pending) {
             return self.subscribed(topic, result, id);
         }
-        self.attempts += 1;
-        let attempt = self.attempts;
-        self.joining.insert(topic.clone(), attempt);
+        let attempt = self.topics().join(topic.clone());
         let handle = ctx.handle().clone();
         let id = id.map(ToOwned::to_owned);
         let held = handle.outbox().hold(self.handling);
@@ -321,7 +315,8 @@ impl Relay {
                 start,
             }) => {
                 let counted = Counted::new(&self.hub.metrics.subscriptions);
-                self.subscriptions
+                self.topics()
+                    .subscribed
                     .insert(topic.clone(), (subscription, counted));
                 // The answer goes out first (the handler's output is queued
                 // before anything pushed to the outbox in the same turn).
@@ -365,7 +360,11 @@ impl Relay {
         let topic = required(inbound.topic.as_deref(), "topic")?;
         // A subscribe still awaiting the engine is called off: its answer
         // finds the topic gone from `joining`, and lets the subscription go.
-        if self.subscriptions.remove(topic).is_none() && self.joining.remove(topic).is_none() {
+        let left = self
+            .topics
+            .as_deref_mut()
+            .is_some_and(|topics| topics.leave(topic));
+        if !left {
             return Err((
                 ErrorCode::NotSubscribed,
                 format!("not subscribed to {topic:?}"),
@@ -548,6 +547,55 @@ fn position(since: &Since<'_>) -> Result<Position, Refusal> {
     })
 }
 
+/// A connection's topics: those it is subscribed to, and those whose
+/// subscribe awaits the engine's answer.
+#[derive(Default)]
+struct Topics {
+    /// Each counted in the metrics' subscriptions while it lives.
+    subscribed: HashMap<Arc<str>, (Registration, Counted)>,
+    /// Each with the number of its attempt: an answer to an attempt called
+    /// off (unsubscribed, then subscribed again) is told from the new one's.
+    joining: HashMap<Arc<str>, u64>,
+    attempts: u64,
+}
+
+impl Topics {
+    /// Subscribed, or about to be.
+    fn has(&self, topic: &str) -> bool {
+        self.subscribed.contains_key(topic) || self.joining.contains_key(topic)
+    }
+
+    /// How many topics count against the connection's limit.
+    fn len(&self) -> usize {
+        self.subscribed.len() + self.joining.len()
+    }
+
+    /// Notes a subscribe that waits for the engine; returns its attempt.
+    fn join(&mut self, topic: Arc<str>) -> u64 {
+        self.attempts += 1;
+        self.joining.insert(topic, self.attempts);
+        self.attempts
+    }
+
+    /// Whether the engine's answer is to the live attempt for `topic`; it
+    /// stops waiting if so.
+    fn answered(&mut self, topic: &str, attempt: u64) -> bool {
+        let live = self.joining.get(topic) == Some(&attempt);
+        if live {
+            self.joining.remove(topic);
+        }
+        live
+    }
+
+    /// Drops the subscription, or calls off the subscribe; false if neither was there.
+    fn leave(&mut self, topic: &str) -> bool {
+        self.subscribed.remove(topic).is_some() || self.joining.remove(topic).is_some()
+    }
+}
+
+/// The queue of answers, the outbox its task sends to, and how many wait in it.
+type AnswerQueue = (mpsc::UnboundedSender<Later>, Outbox, Arc<AtomicUsize>);
+
 /// An answer to come: its text, if there is one to send.
 type Later = Pin<Box<dyn std::future::Future<Output = Option<String>> + Send>>;
 
@@ -560,13 +608,14 @@ struct Answers {
     /// The queue, the outbox its task sends to, and how many answers wait in
     /// it. Made with the first answer that waits: most connections never
     /// have one, and an idle connection should hold as little as it can.
-    queue: std::cell::OnceCell<(mpsc::UnboundedSender<Later>, Outbox, Arc<AtomicUsize>)>,
+    /// Boxed, so that it is one pointer until then.
+    queue: std::cell::OnceCell<Box<AnswerQueue>>,
 }
 
 impl Answers {
     /// Sends `text` now, or after the answers still waiting.
     fn reply(&self, text: String) -> Outcome {
-        let Some((queue, outbox, waiting)) = self.queue.get() else {
+        let Some((queue, outbox, waiting)) = self.queue.get().map(Box::as_ref) else {
             return Outcome::push(Message::text(text));
         };
         if waiting.load(Ordering::Acquire) > 0 {
@@ -582,7 +631,7 @@ impl Answers {
 
     /// Queues an answer to come; the queue's task starts with the first.
     fn later(&self, outbox: &Outbox, answer: Later) {
-        let (queue, _, waiting) = self.queue.get_or_init(|| {
+        let (queue, _, waiting) = &**self.queue.get_or_init(|| {
             let (queue, mut answers) = mpsc::unbounded_channel::<Later>();
             let waiting = Arc::new(AtomicUsize::new(0));
             let (task_outbox, task_waiting) = (outbox.clone(), waiting.clone());
@@ -594,7 +643,7 @@ impl Answers {
                     task_waiting.fetch_sub(1, Ordering::AcqRel);
                 }
             });
-            (queue, outbox.clone(), waiting)
+            Box::new((queue, outbox.clone(), waiting))
         });
         waiting.fetch_add(1, Ordering::AcqRel);
         let _ = queue.send(answer);
@@ -658,7 +707,7 @@ impl Handler for Relay {
             Message::Binary(data) => data.len(),
             _ => 0,
         };
-        match self.limiter.check(len) {
+        match self.limiter.check(&self.hub.limits, len) {
             Verdict::Accept => {}
             Verdict::Refuse => {
                 self.hub.metrics.rate_limited();
@@ -697,7 +746,7 @@ impl Handler for Relay {
             Message::Ping(data) | Message::Pong(data) => data.len(),
             _ => 0,
         };
-        match self.limiter.check(len) {
+        match self.limiter.check(&self.hub.limits, len) {
             Verdict::Accept | Verdict::Refuse => Outcome::Continue,
             Verdict::Disconnect => Outcome::stop(CloseCode::POLICY, "rate limit exceeded"),
         }
@@ -715,7 +764,8 @@ impl Handler for Relay {
                 id,
                 result,
             } => {
-                if self.joining.get(&topic) != Some(&attempt) {
+                let topics = self.topics.as_deref_mut();
+                if !topics.is_some_and(|topics| topics.answered(&topic, attempt)) {
                     // Unsubscribed while it waited: the subscription goes now,
                     // and the subscribe is answered as it would have been.
                     let ack = id.filter(|_| result.is_ok());
@@ -724,7 +774,6 @@ impl Handler for Relay {
                         None => Outcome::Continue,
                     };
                 }
-                self.joining.remove(&topic);
                 match self.subscribed(topic, result, id.as_deref()) {
                     Ok(Some(reply)) => self.answers.reply(reply),
                     Ok(None) => Outcome::Continue,
