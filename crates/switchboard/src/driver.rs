@@ -2,27 +2,29 @@
 //!
 //! The driver owns the socket and the [`Handler`]. Each time it is polled it
 //! takes what the mailbox holds, reads and decodes what the socket has, runs
-//! timers, and writes queued frames with vectored writes. It never parses
-//! bytes itself (that is [`switchboard_proto`]'s job) and never awaits while
-//! holding a lock: everything happens in one `poll` function, so reads, writes
-//! and the mailbox make progress together without splitting the socket.
+//! timers, and writes what is queued. It never parses bytes itself (that is
+//! [`switchboard_proto`]'s job) and never awaits while holding a lock:
+//! everything happens in one `poll` function, so reads, writes and the mailbox
+//! make progress together without splitting the socket.
+//!
+//! Its parts live beside it: the write side in `writer`, the deadlines in
+//! `timers`, the close handshake in `close`, the receive limits in `intake`.
+//! Every idle connection carries a driver, so each field is kept small (rare
+//! states are boxed, periods are milliseconds).
 
-use std::collections::VecDeque;
 use std::future::Future;
-use std::io::IoSlice;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll, ready};
-use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::upgrade::OnUpgrade;
 use switchboard_proto::deflate::{DeflateParams, PeerContext};
 use switchboard_proto::message::MessageEncoder;
-use switchboard_proto::{CloseCode, CloseReason, Message, MessageDecoder, ProtocolError, Role};
+use switchboard_proto::{CloseCode, CloseReason, Message, MessageDecoder, Role};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::{Instant, Sleep, sleep_until};
+use tokio::time::Instant;
 
 use crate::handle::{ConnHandle, Outbound};
 use crate::handler::{Context, Handler, Outcome, TerminateReason};
@@ -34,33 +36,21 @@ use crate::stats::Stats;
 use crate::telemetry::{self, Counts};
 use crate::upgrade::{FailedUpgradeCallback, UpgradeFailed};
 
+mod close;
 mod intake;
+mod timers;
+mod writer;
+use close::Phase;
 use intake::Intake;
+use timers::{Due, Timers};
+use writer::Writer;
 
 /// Size of the per-thread buffer that reads land in.
 const LANDING_SIZE: usize = 16 * 1024;
 /// With at least this much room left, a connection reads into its own buffer.
 const MIN_IN_PLACE: usize = 4096;
-/// Most buffers handed to one vectored write.
-const MAX_IOVECS: usize = 64;
-/// Initial size of the buffer where the connection's own frames gather before a write.
-const SCRATCH_START: usize = 1024;
 /// Rounds of work before yielding to other tasks, so one busy peer cannot starve the rest.
 const BUDGET: usize = 32;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Messages flow both ways.
-    Open,
-    /// We sent a close frame and wait for the peer's.
-    Closing,
-    /// We sent a close frame after a protocol error: flush it, half-close, and
-    /// discard input until the peer closes or the close timeout passes, so that
-    /// unread input does not turn our close frame into a TCP reset.
-    Failing,
-    /// The close handshake is over, or the connection failed: flush and end.
-    Done,
-}
 
 /// Everything the driver needs besides the socket and the handler.
 pub(crate) struct Setup {
@@ -186,50 +176,22 @@ impl<H: Handler> Future for Connection<H> {
 pub(crate) struct Driver<H: Handler, S> {
     io: S,
     handler: H,
+    /// The connection's mailbox, behind the handle its callbacks see.
     handle: ConnHandle<H::Info>,
-    mailbox: Arc<Mailbox<H::Info>>,
     decoder: MessageDecoder,
-    encoder: MessageEncoder,
-    protocol: Option<String>,
+    writer: Writer,
+    protocol: Option<Box<str>>,
     read_buf: BytesMut,
-    write_queue: VecDeque<Bytes>,
-    scratch: BytesMut,
-    staged: Vec<Outbound>,
     /// Reused between mailbox drains so their queues keep their allocations.
     inbox: Drained<H::Info>,
     phase: Phase,
-    reason: Option<TerminateReason>,
+    /// Boxed: it is set once, as the connection ends.
+    reason: Option<Box<TerminateReason>>,
     /// A callback panicked: call the handler no more.
     poisoned: bool,
-    last_read: Instant,
-    idle_timeout: Option<Duration>,
-    ping_interval: Option<Duration>,
-    next_ping: Option<Instant>,
-    /// One timer per connection, set to the earliest of the idle deadline, the
-    /// next ping and the close deadline.
-    timer: Option<Pin<Box<Sleep>>>,
-    close_timeout: Duration,
+    timers: Timers,
     stats: Option<Stats>,
-    close_deadline: Option<Instant>,
     shutdown: Option<Signal>,
-    flushed: bool,
-    /// Our side of the TCP connection is shut down.
-    write_closed: bool,
-    /// Since when more than `max_outbound_bytes` has waited to be written, and
-    /// reading is paused; past the slow-consumer timeout the connection is closed.
-    over_budget_since: Option<Instant>,
-    slow_consumer_timeout: Duration,
-    /// Bytes to write until our latest pong is out (those queued before it, and
-    /// itself); 0 when it is.
-    pong_unwritten: usize,
-    /// A write began while that pong waited: it is stuck behind a full socket.
-    pong_tried: bool,
-    /// The latest ping that arrived while our pong to an earlier one was stuck
-    /// unwritten: only it gets answered (RFC 6455 §5.5.3), so a ping flood
-    /// queues one read's worth of pongs at most. Pings that arrive together,
-    /// before a write, each get their pong, as peers (and Autobahn 2.10) expect.
-    /// Boxed: it is rare, and every idle connection carries the field.
-    pending_pong: Option<Box<Bytes>>,
     /// The mailbox may write prepared frames to the socket while we are parked.
     direct: bool,
     /// What the peer may make us hold and inflate.
@@ -273,41 +235,24 @@ where
         Self {
             io,
             handler,
-            handle: ConnHandle::new(mailbox.clone()),
-            mailbox,
+            handle: ConnHandle::new(mailbox),
             decoder: MessageDecoder::new(setup.role, options.limits, setup.peer_context),
-            encoder: MessageEncoder::new(setup.role, setup.deflate),
-            protocol: setup.protocol,
+            writer: Writer::new(MessageEncoder::new(setup.role, setup.deflate)),
+            protocol: setup.protocol.map(String::into_boxed_str),
             read_buf: BytesMut::new(),
-            write_queue: VecDeque::new(),
-            scratch: BytesMut::new(),
-            staged: Vec::new(),
             inbox: Drained::default(),
             phase: Phase::Open,
             reason: None,
             poisoned: false,
-            last_read: Instant::now(),
-            idle_timeout: options.idle_timeout,
-            ping_interval: options.ping_interval,
-            next_ping: options.ping_interval.map(|period| Instant::now() + period),
-            timer: None,
-            close_timeout: options.close_timeout,
-            stats: options.stats,
-            close_deadline: None,
+            timers: Timers::new(&options),
             shutdown: setup.shutdown,
-            flushed: true,
-            write_closed: false,
-            over_budget_since: None,
-            slow_consumer_timeout: options.slow_consumer_timeout,
-            pong_unwritten: 0,
-            pong_tried: false,
-            pending_pong: None,
             direct: false,
             intake: Intake::new(
                 options.receive_budget,
                 options.max_inflate_rate,
                 setup.peer_context.is_some(),
             ),
+            stats: options.stats,
             opened: Instant::now(),
             counts: Counts::default(),
         }
@@ -317,8 +262,8 @@ where
     /// driver is parked, when this connection's frames need no state of its own
     /// (no compression, or compression without context takeover).
     fn allow_direct_writes(&mut self, stream: Arc<tokio::net::TcpStream>) {
-        if let Some(framing) = self.encoder.shared_framing() {
-            self.mailbox.attach(Direct {
+        if let Some(framing) = self.writer.encoder().shared_framing() {
+            self.handle.mailbox().attach(Direct {
                 stream,
                 framing,
                 stats: self.stats.clone(),
@@ -333,12 +278,12 @@ where
     }
 
     fn finish(&mut self) {
-        self.mailbox.shut();
+        self.handle.mailbox().shut();
         let reason = self
             .reason
             .take()
-            .unwrap_or(TerminateReason::ConnectionLost);
-        let (messages, bytes) = self.mailbox.written_directly();
+            .map_or(TerminateReason::ConnectionLost, |reason| *reason);
+        let (messages, bytes) = self.handle.mailbox().written_directly();
         self.counts.sent(messages, bytes);
         telemetry::closed(&reason, self.opened, self.counts);
         if !self.poisoned {
@@ -370,27 +315,21 @@ where
                 progress |= read;
             }
             progress |= self.poll_timers(cx, false);
-            match self.poll_write(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => {
-                    self.fail(TerminateReason::Error(format!("write failed: {e}")));
-                    return Poll::Ready(());
-                }
-                Poll::Pending => {}
+            let written = self
+                .writer
+                .poll_write(&mut self.io, cx, self.handle.mailbox());
+            if let Poll::Ready(Err(e)) = written {
+                self.fail(TerminateReason::Error(format!("write failed: {e}")));
+                return Poll::Ready(());
             }
-            let ending = matches!(self.phase, Phase::Done | Phase::Failing);
-            if ending && !self.write_closed && self.write_queue.is_empty() && self.flushed {
-                // We close the TCP connection first, as RFC 6455 §7.1.1 asks of servers.
-                if Pin::new(&mut self.io).poll_shutdown(cx).is_ready() {
-                    self.write_closed = true;
-                    progress = true;
-                }
+            if matches!(self.phase, Phase::Done | Phase::Failing) {
+                progress |= self.writer.poll_shut(&mut self.io, cx);
             }
-            if self.phase == Phase::Done && self.write_closed {
+            if self.phase == Phase::Done && self.writer.is_shut() {
                 return Poll::Ready(());
             }
             if !progress {
-                if self.can_park() && !self.mailbox.park() {
+                if self.can_park() && !self.handle.mailbox().park() {
                     // Something arrived since the mailbox was last drained.
                     mailbox_waiting = false;
                     continue;
@@ -413,28 +352,16 @@ where
     /// ([`crate::Outbox::hold`]). Notes when an outbound pause began, for the
     /// slow-consumer timeout.
     fn may_read(&mut self) -> bool {
-        let over = self.mailbox.over_budget();
-        match (over, self.over_budget_since) {
-            (true, None) => self.over_budget_since = Some(Instant::now()),
-            (false, Some(_)) => {
-                self.over_budget_since = None;
-                // The peer was not idle while we did not read.
-                self.last_read = Instant::now();
-            }
-            _ => {}
-        }
-        let holding = self.mailbox.holds_too_much();
+        let over = self.handle.mailbox().over_budget();
+        self.timers.over_budget(over);
+        let holding = self.handle.mailbox().holds_too_much();
         (!over && !holding && !self.intake.paused()) || self.phase == Phase::Failing
     }
 
     /// Whether the mailbox may write to the socket while this task sleeps:
     /// nothing of ours is queued or half-written, and the connection is open.
     fn can_park(&self) -> bool {
-        self.direct
-            && self.phase == Phase::Open
-            && self.write_queue.is_empty()
-            && self.scratch.is_empty()
-            && self.flushed
+        self.direct && self.phase == Phase::Open && self.writer.is_idle()
     }
 
     fn poll_shutdown_signal(&mut self, cx: &mut TaskContext<'_>) -> bool {
@@ -455,7 +382,7 @@ where
             return false;
         }
         let mut drained = std::mem::take(&mut self.inbox);
-        if self.mailbox.drain(cx, &mut drained).is_pending() {
+        if self.handle.mailbox().drain(cx, &mut drained).is_pending() {
             self.inbox = drained;
             return false;
         }
@@ -480,20 +407,8 @@ where
         for frame in drained.frames.drain(..) {
             let charge = frame.charge();
             self.enqueue(frame, std::mem::take(&mut sent));
-            self.mailbox.release(charge);
+            self.handle.mailbox().release(charge);
         }
-    }
-
-    /// The peer sent its FIN: nothing more is accepted, and the frames the
-    /// mailbox already took are queued before the connection ends. A pusher
-    /// was told they were queued (the relay acks them as delivered): they
-    /// must not be dropped because the FIN was read before the mailbox.
-    fn queue_accepted_frames(&mut self) {
-        self.mailbox.refuse_new();
-        let mut drained = std::mem::take(&mut self.inbox);
-        self.mailbox.take_frames(&mut drained);
-        self.enqueue_drained_frames(&mut drained);
-        self.inbox = drained;
     }
 
     fn poll_read(&mut self, cx: &mut TaskContext<'_>) -> bool {
@@ -522,15 +437,14 @@ where
                 true
             }
             Poll::Ready(Ok(_)) => {
-                self.last_read = Instant::now();
+                self.timers.read();
                 self.decode_messages();
                 self.account_received();
                 true
             }
             Poll::Ready(Err(e)) => {
                 self.fail(TerminateReason::Error(format!("read failed: {e}")));
-                self.write_queue.clear();
-                self.scratch.clear();
+                self.writer.discard();
                 true
             }
         }
@@ -583,11 +497,7 @@ where
             }
             Message::Ping(ref payload) => {
                 if self.phase == Phase::Open {
-                    if self.pong_unwritten > 0 && self.pong_tried {
-                        self.pending_pong = Some(Box::new(payload.clone()));
-                    } else {
-                        self.push_pong(payload.clone());
-                    }
+                    self.writer.answer_ping(payload, self.handle.mailbox());
                     self.call(|handler, ctx| handler.handle_control(message, ctx));
                 }
             }
@@ -597,121 +507,21 @@ where
                     // Echo the peer's code (RFC 6455 §5.5.1); an empty close gets an empty one.
                     let echo = reason.as_ref().map(|r| CloseReason::new(r.code(), ""));
                     self.push_frame(Message::Close(echo));
-                    self.reason = Some(TerminateReason::Remote(reason));
+                    self.reason = Some(Box::new(TerminateReason::Remote(reason)));
                 }
-                self.mailbox.refuse_new();
+                self.handle.mailbox().refuse_new();
                 self.phase = Phase::Done;
                 self.arm_close_deadline();
             }
         }
     }
 
-    fn on_protocol_error(&mut self, error: ProtocolError) {
-        let close = CloseReason::new(error.close_code(), error.to_string());
-        self.fail_with_close(close, error.to_string());
-    }
-
-    /// Sends `close` and discards all further input: what was half-received
-    /// is dropped at once, and given back to the receive budget.
-    fn fail_with_close(&mut self, close: CloseReason, error: String) {
-        tracing::debug!(conn = %self.handle.id(), %error, "failing connection");
-        if self.phase == Phase::Open {
-            self.push_frame(Message::Close(Some(close)));
-        }
-        self.mailbox.refuse_new();
-        if self.reason.is_none() {
-            self.reason = Some(TerminateReason::Error(error));
-        }
-        self.phase = Phase::Failing;
-        self.read_buf = BytesMut::new();
-        self.decoder.discard_partial();
-        let _ = self.intake.hold(0);
-        self.arm_close_deadline();
-    }
-
-    /// Ends the connection without a close handshake (keeping an earlier reason).
-    fn fail(&mut self, reason: TerminateReason) {
-        self.mailbox.refuse_new();
-        if self.reason.is_none() {
-            self.reason = Some(reason);
-        }
-        self.phase = Phase::Done;
-        self.arm_close_deadline();
-    }
-
-    /// Bounds how long the connection may take to end from here: past the close
-    /// timeout, what is still queued is dropped (see `poll_timers`).
-    fn arm_close_deadline(&mut self) {
-        self.close_deadline
-            .get_or_insert_with(|| Instant::now() + self.close_timeout);
-    }
-
-    /// Sends a close frame and waits (up to the close timeout) for the peer's.
-    fn start_close(&mut self, close: CloseReason, reason: TerminateReason) {
-        if self.phase != Phase::Open {
-            return;
-        }
-        // What the mailbox accepted before now goes out before the close frame:
-        // its pushers were told it was queued, and the relay acks it as delivered.
-        self.queue_accepted_frames();
-        self.push_frame(Message::Close(Some(close)));
-        self.reason = Some(reason);
-        self.phase = Phase::Closing;
-        self.arm_close_deadline();
-    }
-
-    fn push_pong(&mut self, payload: Bytes) {
-        self.push_frame(Message::Pong(payload));
-        self.pong_unwritten =
-            self.write_queue.iter().map(Bytes::len).sum::<usize>() + self.scratch.len();
-        self.pong_tried = false;
-    }
-
-    /// When the timer must next fire: the close deadline while closing, else the
-    /// earliest of the idle deadline (not while reading is paused: the peer is
-    /// not idle, we are not reading), the next ping and the slow-consumer deadline.
-    fn next_deadline(&self) -> Option<Instant> {
-        let resume = self.intake.resume_at();
-        if self.phase != Phase::Open {
-            return [self.close_deadline, resume].into_iter().flatten().min();
-        }
-        let idle = match self.over_budget_since {
-            Some(_) => None,
-            None => self.idle_timeout.map(|period| self.last_read + period),
-        };
-        let slow = self
-            .over_budget_since
-            .map(|since| since + self.slow_consumer_timeout);
-        [idle, self.next_ping, slow, resume]
-            .into_iter()
-            .flatten()
-            .min()
-    }
-
-    /// Fires the timer if it is due. It is created only when `arm` is set, which
-    /// `poll_run` does just before the task yields: a timer earlier than any the
-    /// runtime holds wakes the runtime's driver (a write to its eventfd, and one
-    /// more epoll_wait), and a connection that ends within this poll, as one
-    /// whose peer sent a close usually does, never needs its close deadline.
+    /// Fires the timer if it is due, and acts on what is (see [`Timers::poll`]).
     fn poll_timers(&mut self, cx: &mut TaskContext<'_>, arm: bool) -> bool {
-        let Some(want) = self.next_deadline() else {
-            self.timer = None;
-            return false;
-        };
-        match &mut self.timer {
-            // Reads push the idle deadline later without touching the timer (no
-            // timer-wheel work per read); it fires early and is set again then.
-            Some(timer) if want < timer.deadline() => timer.as_mut().reset(want),
-            Some(_) => {}
-            None if arm => self.timer = Some(Box::pin(sleep_until(want))),
-            None => return false,
-        }
-        let timer = self.timer.as_mut().expect("set above");
-        if timer.as_mut().poll(cx).is_pending() {
+        let open = self.phase == Phase::Open;
+        if !self.timers.poll(cx, open, self.intake.resume_at(), arm) {
             return false;
         }
-        // Fired: it is set again, from the new state, before the task next yields.
-        self.timer = None;
         let now = Instant::now();
         if self.intake.resume_if_due(now) {
             // What was read before the pause is decoded before reading more.
@@ -719,150 +529,61 @@ where
             self.account_received();
         }
         match self.phase {
-            Phase::Open => {
-                if self
-                    .over_budget_since
-                    .is_some_and(|since| since + self.slow_consumer_timeout <= now)
-                {
-                    let close = self.mailbox.slow_consumer_close();
+            Phase::Open => match self.timers.due(now) {
+                Due::SlowConsumer => {
+                    let close = self.handle.mailbox().slow_consumer_close();
                     self.start_close(close.clone(), TerminateReason::SlowConsumer(close));
-                } else if self.over_budget_since.is_none()
-                    && self
-                        .idle_timeout
-                        .is_some_and(|period| self.last_read + period <= now)
-                {
-                    self.start_close(
-                        CloseReason::new(CloseCode::GOING_AWAY, "idle timeout"),
-                        TerminateReason::Timeout,
-                    );
-                } else if self.next_ping.is_some_and(|at| at <= now) {
-                    self.next_ping = self.ping_interval.map(|period| now + period);
+                }
+                Due::Idle => self.start_close(
+                    CloseReason::new(CloseCode::GOING_AWAY, "idle timeout"),
+                    TerminateReason::Timeout,
+                ),
+                Due::Ping => {
                     self.push_frame(Message::Ping(Bytes::new()));
                 }
-            }
-            _ if self.close_deadline.is_some_and(|at| at <= now) => {
+                Due::Nothing => {}
+            },
+            _ if self.timers.close_due(now) => {
                 // Whatever the peer has not taken by now it will not take: a peer
                 // that stopped reading must not hold the connection open forever.
                 self.phase = Phase::Done;
-                self.write_queue.clear();
-                self.scratch.clear();
+                self.writer.discard();
             }
             _ => {}
         }
         true
     }
 
-    fn poll_write(&mut self, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        loop {
-            // The pong held back for a later ping goes out once the one before it has.
-            if self.pong_unwritten == 0
-                && let Some(payload) = self.pending_pong.take()
-            {
-                self.push_pong(*payload);
-            }
-            self.queue_scratch();
-            self.pong_tried |= self.pong_unwritten > 0;
-            if self.write_queue.is_empty() {
-                break;
-            }
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let count = self.write_queue.len().min(MAX_IOVECS);
-            for (slice, bytes) in slices.iter_mut().zip(self.write_queue.iter()) {
-                *slice = IoSlice::new(bytes);
-            }
-            let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]))?;
-            if written == 0 {
-                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
-            }
-            self.mailbox.release(written);
-            self.pong_unwritten = self.pong_unwritten.saturating_sub(written);
-            self.consume_written(written);
-            self.flushed = false;
-        }
-        if !self.flushed {
-            ready!(Pin::new(&mut self.io).poll_flush(cx))?;
-            self.flushed = true;
-            // Everything is written: give back what encoding and queueing held.
-            self.scratch = BytesMut::new();
-            if self.write_queue.capacity() > MAX_IOVECS {
-                self.write_queue = VecDeque::new();
-            }
-        }
-        Poll::Ready(Ok(()))
-    }
-
-    fn consume_written(&mut self, mut written: usize) {
-        while written > 0 {
-            let front = self
-                .write_queue
-                .front_mut()
-                .expect("wrote more than was queued");
-            if front.len() <= written {
-                written -= front.len();
-                self.write_queue.pop_front();
-            } else {
-                front.advance(written);
-                written = 0;
-            }
-        }
-    }
-
     /// Encodes a frame onto the write queue, charging it to the outbound budget.
     /// `sent` bytes of it already went out in a direct write.
     fn enqueue(&mut self, frame: Outbound, sent: usize) {
         let data = !frame.is_control();
-        let mut bytes = match frame {
-            Outbound::Prepared(message) => self.encoder.encode_prepared(&message),
+        let len = match frame {
+            Outbound::Prepared(message) => {
+                let mut bytes = self.writer.encoder().encode_prepared(&message);
+                let len = bytes.len();
+                bytes.advance(sent);
+                self.writer.push_encoded(bytes, self.handle.mailbox());
+                len
+            }
             Outbound::Message(Message::Close(close)) => {
                 let close = close.unwrap_or_else(|| CloseReason::new(CloseCode::NORMAL, ""));
                 self.start_close(close.clone(), TerminateReason::Normal(close));
                 return;
             }
-            Outbound::Message(message) => {
-                let len = self.push_frame(message);
-                if data {
-                    self.counts.sent(1, len as u64);
-                    if let Some(stats) = &self.stats {
-                        stats.sent(len);
-                    }
-                }
-                return;
-            }
+            Outbound::Message(message) => self.push_frame(message),
         };
         if data {
-            self.counts.sent(1, bytes.len() as u64);
+            self.counts.sent(1, len as u64);
             if let Some(stats) = &self.stats {
-                stats.sent(bytes.len());
+                stats.sent(len);
             }
         }
-        bytes.advance(sent);
-        self.mailbox.charge(bytes.len());
-        self.queue_scratch();
-        self.write_queue.push_back(bytes);
     }
 
-    /// Encodes a frame after those already in the scratch buffer, where frames
-    /// gather until the next write (one buffer for a burst of replies, not one
-    /// allocation each). Returns the frame's length.
+    /// Encodes a frame after those gathered for the next write; returns its length.
     fn push_frame(&mut self, message: Message) -> usize {
-        if self.scratch.capacity() == 0 {
-            // Room for a burst of small frames without regrowing; it is given
-            // back once written.
-            self.scratch.reserve(SCRATCH_START);
-        }
-        let before = self.scratch.len();
-        self.encoder.encode(&message, &mut self.scratch);
-        let len = self.scratch.len() - before;
-        self.mailbox.charge(len);
-        len
-    }
-
-    /// Moves the frames gathered in the scratch buffer onto the write queue.
-    fn queue_scratch(&mut self) {
-        if !self.scratch.is_empty() {
-            let frames = self.scratch.split().freeze();
-            self.write_queue.push_back(frames);
-        }
+        self.writer.push_frame(&message, self.handle.mailbox())
     }
 
     /// Runs one callback, catching a panic so it closes only this connection (1011).
@@ -870,7 +591,13 @@ where
         if self.poisoned || self.phase != Phase::Open {
             return;
         }
-        let mut staged = std::mem::take(&mut self.staged);
+        thread_local! {
+            /// What callbacks push through their context, gathered here rather
+            /// than in each connection (callbacks never nest): an idle
+            /// connection should not carry the vector, nor keep its allocation.
+            static STAGED: std::cell::Cell<Vec<Outbound>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        let mut staged = STAGED.take();
         let outcome = {
             let mut ctx = Context {
                 handle: &self.handle,
@@ -883,7 +610,7 @@ where
         for frame in staged.drain(..) {
             self.enqueue(frame, 0);
         }
-        self.staged = staged;
+        STAGED.set(staged);
         match outcome {
             Ok(Outcome::Continue) => {}
             Ok(Outcome::Push(frames)) => frames.into_iter().for_each(|f| self.enqueue(f, 0)),

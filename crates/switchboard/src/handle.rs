@@ -118,6 +118,13 @@ impl<I> std::fmt::Debug for ConnHandle<I> {
     }
 }
 
+impl<I> ConnHandle<I> {
+    /// The mailbox behind this handle.
+    pub(crate) fn mailbox(&self) -> &Arc<Mailbox<I>> {
+        &self.mailbox
+    }
+}
+
 impl<I: Send + 'static> ConnHandle<I> {
     pub(crate) fn new(mailbox: Arc<Mailbox<I>>) -> Self {
         Self { mailbox }

@@ -41,7 +41,9 @@ pub(crate) struct Mailbox<I> {
 struct State<I> {
     infos: VecDeque<I>,
     frames: VecDeque<Outbound>,
-    close: Option<Close>,
+    /// Boxed, in the mailbox and in each [`Drained`]: a close is asked once
+    /// at most, and every connection carries both.
+    close: Option<Box<Close>>,
     /// The driver has sent its close frame or finished: refuse everything.
     closed: bool,
     /// The driver waits with nothing queued or unwritten: a prepared frame may
@@ -106,7 +108,7 @@ pub(crate) struct Drained<I> {
     pub frames: VecDeque<Outbound>,
     /// How much of the first frame a direct write already sent.
     pub partial: usize,
-    pub close: Option<Close>,
+    pub close: Option<Box<Close>>,
 }
 
 impl<I> Default for Drained<I> {
@@ -193,10 +195,10 @@ impl<I> Mailbox<I> {
         }
         let queued = self.queued_bytes.load(Ordering::Relaxed);
         let result = if !control && queued + charge > self.max_outbound_bytes {
-            state.close = Some(Close {
+            state.close = Some(Box::new(Close {
                 reason: self.slow_consumer_close(),
                 cause: CloseCause::SlowConsumer,
-            });
+            }));
             Err(PushError::SlowConsumer)
         } else {
             if std::mem::take(&mut state.idle)
@@ -228,10 +230,10 @@ impl<I> Mailbox<I> {
     pub fn close(&self, reason: CloseReason) {
         self.with_state(|state| {
             if !state.closed && state.close.is_none() {
-                state.close = Some(Close {
+                state.close = Some(Box::new(Close {
                     reason,
                     cause: CloseCause::Requested,
-                });
+                }));
             }
         });
     }

@@ -153,12 +153,15 @@ impl Registry {
 impl Broker for Registry {
     fn register(&self, id: ClientId, outbox: Outbox, format: Format) -> Registration {
         let conn = outbox.id();
-        self.inner
-            .clients
-            .write(&id)
-            .entry(id.clone())
-            .or_default()
-            .push((outbox, format));
+        let mut shard = self.inner.clients.write(&id);
+        let list = shard.entry(id.clone()).or_default();
+        // Most ids have one connection: room for exactly one (24 bytes, where
+        // the first push would make room for four); a second grows it as usual.
+        if list.capacity() == 0 {
+            list.reserve_exact(1);
+        }
+        list.push((outbox, format));
+        drop(shard);
         let registry = self.clone();
         Registration::new(move || registry.remove(&id, conn))
     }

@@ -1,14 +1,11 @@
 //! Graceful shutdown for every connection started with the same [`Shutdown`].
 
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::Context;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use switchboard_proto::{CloseCode, CloseReason};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 
 /// Tracks connection tasks and tells them to close.
@@ -18,18 +15,35 @@ use tokio_util::task::TaskTracker;
 /// [`Shutdown::drain`] waits until they have all ended, or a timeout passes.
 #[derive(Debug, Clone)]
 pub struct Shutdown {
-    token: CancellationToken,
     state: Arc<State>,
     tracker: TaskTracker,
 }
 
 #[derive(Debug)]
 struct State {
-    /// Set before the token is cancelled. Connections read it on every wake-up
-    /// instead of polling the token, whose every poll takes a mutex shared by
-    /// all of them.
+    /// Set before the waiting connections are woken. Connections read it on
+    /// every wake-up; only the first takes the lock, to leave their waker.
     triggered: AtomicBool,
     close: CloseReason,
+    waiters: Mutex<Waiters>,
+}
+
+/// The wakers of the connections waiting for the trigger. A connection keeps
+/// only its slot's index, where a cancellation token's wait (boxed, as it must
+/// stay pinned) cost every connection, idle or not, 72 bytes more. The list
+/// keeps the size of its busiest moment, 20 bytes a connection.
+#[derive(Debug, Default)]
+struct Waiters {
+    slots: Vec<Option<Waker>>,
+    /// Slots given back, to be reused.
+    free: Vec<u32>,
+}
+
+impl State {
+    fn waiters(&self) -> MutexGuard<'_, Waiters> {
+        // A waker list stays consistent even if a holder panicked.
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Default for Shutdown {
@@ -51,10 +65,10 @@ impl Shutdown {
     /// example 1012 (service restart), which tells clients to come back.
     pub fn closing_with(close: CloseReason) -> Self {
         Self {
-            token: CancellationToken::new(),
             state: Arc::new(State {
                 triggered: AtomicBool::new(false),
                 close,
+                waiters: Mutex::default(),
             }),
             tracker: TaskTracker::new(),
         }
@@ -63,7 +77,16 @@ impl Shutdown {
     /// Tells every connection to close.
     pub fn trigger(&self) {
         self.state.triggered.store(true, Ordering::Release);
-        self.token.cancel();
+        // Taken under the lock, woken after it: a connection that wakes at once
+        // and drops its signal must not wait here.
+        let wakers: Vec<Waker> = self
+            .state
+            .waiters()
+            .slots
+            .iter_mut()
+            .filter_map(Option::take)
+            .collect();
+        wakers.into_iter().for_each(Waker::wake);
     }
 
     /// Whether [`Self::trigger`] was called.
@@ -117,8 +140,7 @@ impl Shutdown {
     pub(crate) fn signal(&self) -> Signal {
         Signal {
             state: self.state.clone(),
-            cancelled: Box::pin(self.token.clone().cancelled_owned()),
-            registered: false,
+            slot: None,
         }
     }
 
@@ -133,9 +155,9 @@ impl Shutdown {
 /// One connection's view of a [`Shutdown`].
 pub(crate) struct Signal {
     state: Arc<State>,
-    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
-    /// The first poll left the task's waker with the token.
-    registered: bool,
+    /// Where the task's waker waits, once the first poll left it there
+    /// (32 bits: fewer connections than that are open at once).
+    slot: Option<u32>,
 }
 
 impl Signal {
@@ -143,15 +165,100 @@ impl Signal {
     /// later calls only read the flag, which is enough because a connection is
     /// always its own spawned task, whose waker stays the same across polls.
     pub(crate) fn poll_triggered(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.registered && !self.state.triggered.load(Ordering::Acquire) {
-            return false;
+        if self.state.triggered.load(Ordering::Acquire) {
+            return true;
         }
-        self.registered = true;
-        self.cancelled.as_mut().poll(cx).is_ready()
+        if self.slot.is_none() {
+            let mut waiters = self.state.waiters();
+            // Read again under the lock: `trigger` sets the flag before it
+            // takes the lock, so either it sees this waker or this sees the flag.
+            if self.state.triggered.load(Ordering::Acquire) {
+                return true;
+            }
+            let waker = Some(cx.waker().clone());
+            let slot = match waiters.free.pop() {
+                Some(slot) => {
+                    waiters.slots[slot as usize] = waker;
+                    slot
+                }
+                None => {
+                    waiters.slots.push(waker);
+                    u32::try_from(waiters.slots.len() - 1).expect("fewer than 2^32 connections")
+                }
+            };
+            self.slot = Some(slot);
+        }
+        false
     }
 
     /// The close frame connections are sent.
     pub(crate) fn close(&self) -> &CloseReason {
         &self.state.close
+    }
+}
+
+impl Drop for Signal {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot {
+            let mut waiters = self.state.waiters();
+            waiters.slots[slot as usize] = None;
+            waiters.free.push(slot);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Wake;
+
+    use super::*;
+
+    /// Counts its wakes.
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn trigger_wakes_each_waiting_connection_once_and_slots_are_reused() {
+        let shutdown = Shutdown::new();
+        let counts: Vec<Arc<Count>> = (0..3)
+            .map(|_| Arc::new(Count(AtomicUsize::new(0))))
+            .collect();
+        let wakers: Vec<Waker> = counts.iter().map(|c| Waker::from(c.clone())).collect();
+        let mut signals: Vec<Signal> = (0..3).map(|_| shutdown.signal()).collect();
+        for (signal, waker) in signals.iter_mut().zip(&wakers) {
+            let mut cx = Context::from_waker(waker);
+            assert!(!signal.poll_triggered(&mut cx));
+            // A second poll only reads the flag.
+            assert!(!signal.poll_triggered(&mut cx));
+        }
+        // A connection that ended gives its slot back, and is not woken.
+        drop(signals.remove(0));
+        let mut late = shutdown.signal();
+        assert!(!late.poll_triggered(&mut Context::from_waker(&wakers[0])));
+        assert_eq!(
+            shutdown.state.waiters().slots.len(),
+            3,
+            "the freed slot is reused"
+        );
+        shutdown.trigger();
+        let woken: Vec<usize> = counts.iter().map(|c| c.0.load(Ordering::SeqCst)).collect();
+        assert_eq!(
+            woken,
+            [1, 1, 1],
+            "the late signal took the first one's slot and waker"
+        );
+        for signal in signals.iter_mut().chain([&mut late]) {
+            assert!(signal.poll_triggered(&mut Context::from_waker(&wakers[1])));
+        }
+        // After the trigger, a new connection sees it at once and leaves no waker.
+        let mut after = shutdown.signal();
+        assert!(after.poll_triggered(&mut Context::from_waker(&wakers[2])));
+        assert_eq!(counts[2].0.load(Ordering::SeqCst), 1);
     }
 }

@@ -24,8 +24,9 @@ use tokio::net::TcpStream;
 pub(crate) enum Socket {
     /// A TCP stream the mailbox may also write to while the driver waits.
     Tcp(Arc<TcpStream>),
-    /// Whatever hyper upgraded, written only by the driver.
-    Upgraded(TokioIo<Upgraded>),
+    /// Whatever hyper upgraded (TLS, for one), written only by the driver.
+    /// Boxed, so that a plain TCP connection's socket is two words, not six.
+    Upgraded(Box<TokioIo<Upgraded>>),
 }
 
 impl Socket {
@@ -34,7 +35,10 @@ impl Socket {
     pub fn new(upgraded: Upgraded) -> (Self, Bytes) {
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => (Self::Tcp(Arc::new(parts.io.into_inner())), parts.read_buf),
-            Err(upgraded) => (Self::Upgraded(TokioIo::new(upgraded)), Bytes::new()),
+            Err(upgraded) => (
+                Self::Upgraded(Box::new(TokioIo::new(upgraded))),
+                Bytes::new(),
+            ),
         }
     }
 
@@ -65,7 +69,7 @@ impl AsyncRead for Socket {
                     return Poll::Ready(Ok(()));
                 }
             },
-            Self::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
+            Self::Upgraded(io) => Pin::new(&mut **io).poll_read(cx, buf),
         }
     }
 }
@@ -94,7 +98,7 @@ impl AsyncWrite for Socket {
                     return Poll::Ready(Ok(n));
                 }
             },
-            Self::Upgraded(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Self::Upgraded(io) => Pin::new(&mut **io).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -105,7 +109,7 @@ impl AsyncWrite for Socket {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(_) => Poll::Ready(Ok(())),
-            Self::Upgraded(io) => Pin::new(io).poll_flush(cx),
+            Self::Upgraded(io) => Pin::new(&mut **io).poll_flush(cx),
         }
     }
 
@@ -118,7 +122,7 @@ impl AsyncWrite for Socket {
                 Some(stream) => Pin::new(stream).poll_shutdown(cx),
                 None => Poll::Ready(Ok(())),
             },
-            Self::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
+            Self::Upgraded(io) => Pin::new(&mut **io).poll_shutdown(cx),
         }
     }
 }

@@ -1,0 +1,203 @@
+//! The connection's clocks. One timer serves them all: it is set to the
+//! earliest of the idle deadline, the next ping, the slow-consumer deadline,
+//! the close deadline and the end of an inflate pause.
+
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::task::Context as TaskContext;
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep, sleep_until};
+
+use crate::options::Options;
+
+/// The deadlines of one connection, and the timer that waits for the next.
+pub(super) struct Timers {
+    /// When the peer last sent something (or we last paused reading for it).
+    last_read: Instant,
+    next_ping: Option<Instant>,
+    /// Past it, what is still queued is dropped and the connection ends.
+    close_deadline: Option<Instant>,
+    /// Since when more than `max_outbound_bytes` has waited to be written, and
+    /// reading is paused; past the slow-consumer timeout the connection is closed.
+    over_budget_since: Option<Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
+    periods: Periods,
+}
+
+/// The options' periods in whole milliseconds, rounded up: four bytes each
+/// rather than a `Duration`'s sixteen, since every connection carries them.
+#[derive(Clone, Copy)]
+struct Periods {
+    idle: Option<NonZeroU32>,
+    ping: Option<NonZeroU32>,
+    close: NonZeroU32,
+    slow_consumer: NonZeroU32,
+}
+
+/// `period` in milliseconds, rounded up to at least one, at most `u32::MAX`
+/// (about 49 days).
+fn millis(period: Duration) -> NonZeroU32 {
+    let ms = period.as_nanos().div_ceil(1_000_000);
+    let ms = u32::try_from(ms).unwrap_or(u32::MAX);
+    NonZeroU32::new(ms).unwrap_or(NonZeroU32::MIN)
+}
+
+fn after(at: Instant, period: NonZeroU32) -> Instant {
+    at + Duration::from_millis(period.get().into())
+}
+
+/// What a fired timer found due, in the order it is acted on.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Due {
+    /// The peer has not read for the slow-consumer timeout.
+    SlowConsumer,
+    /// The peer has sent nothing for the idle timeout.
+    Idle,
+    /// Time to ping the peer.
+    Ping,
+    Nothing,
+}
+
+impl Timers {
+    pub(super) fn new(options: &Options) -> Self {
+        let periods = Periods {
+            idle: options.idle_timeout.map(millis),
+            ping: options.ping_interval.map(millis),
+            close: millis(options.close_timeout),
+            slow_consumer: millis(options.slow_consumer_timeout),
+        };
+        let now = Instant::now();
+        Self {
+            last_read: now,
+            next_ping: periods.ping.map(|period| after(now, period)),
+            close_deadline: None,
+            over_budget_since: None,
+            timer: None,
+            periods,
+        }
+    }
+
+    /// The peer sent something: it is not idle. The timer is not touched
+    /// (no timer-wheel work per read); it fires early and is set again then.
+    pub(super) fn read(&mut self) {
+        self.last_read = Instant::now();
+    }
+
+    /// Notes whether reading is paused because too much waits to be written.
+    pub(super) fn over_budget(&mut self, over: bool) {
+        match (over, self.over_budget_since) {
+            (true, None) => self.over_budget_since = Some(Instant::now()),
+            (false, Some(_)) => {
+                self.over_budget_since = None;
+                // The peer was not idle while we did not read.
+                self.last_read = Instant::now();
+            }
+            _ => {}
+        }
+    }
+
+    /// Bounds how long the connection may take to end from now (an earlier
+    /// bound stays).
+    pub(super) fn arm_close_deadline(&mut self) {
+        let close = self.periods.close;
+        self.close_deadline
+            .get_or_insert_with(|| after(Instant::now(), close));
+    }
+
+    /// When the timer must next fire: while `open`, the earliest of the idle
+    /// deadline (not while reading is paused: the peer is not idle, we are not
+    /// reading), the next ping and the slow-consumer deadline; otherwise the
+    /// close deadline. `resume` is when an inflate pause ends.
+    fn next_deadline(&self, open: bool, resume: Option<Instant>) -> Option<Instant> {
+        if !open {
+            return [self.close_deadline, resume].into_iter().flatten().min();
+        }
+        let idle = match self.over_budget_since {
+            Some(_) => None,
+            None => self
+                .periods
+                .idle
+                .map(|period| after(self.last_read, period)),
+        };
+        let slow = self
+            .over_budget_since
+            .map(|since| after(since, self.periods.slow_consumer));
+        [idle, self.next_ping, slow, resume]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Whether the timer has fired. It is created only when `arm` is set, which
+    /// the driver does just before its task yields: a timer earlier than any the
+    /// runtime holds wakes the runtime's driver (a write to its eventfd, and one
+    /// more epoll_wait), and a connection that ends within this poll, as one
+    /// whose peer sent a close usually does, never needs its close deadline.
+    pub(super) fn poll(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        open: bool,
+        resume: Option<Instant>,
+        arm: bool,
+    ) -> bool {
+        let Some(want) = self.next_deadline(open, resume) else {
+            self.timer = None;
+            return false;
+        };
+        match &mut self.timer {
+            Some(timer) if want < timer.deadline() => timer.as_mut().reset(want),
+            Some(_) => {}
+            None if arm => self.timer = Some(Box::pin(sleep_until(want))),
+            None => return false,
+        }
+        let timer = self.timer.as_mut().expect("set above");
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        // Fired: it is set again, from the new state, before the task next yields.
+        self.timer = None;
+        true
+    }
+
+    /// What is due at `now` on an open connection. A ping that is due is
+    /// counted as sent, and the next one scheduled.
+    pub(super) fn due(&mut self, now: Instant) -> Due {
+        if let Some(since) = self.over_budget_since {
+            if after(since, self.periods.slow_consumer) <= now {
+                return Due::SlowConsumer;
+            }
+        } else if self
+            .periods
+            .idle
+            .is_some_and(|period| after(self.last_read, period) <= now)
+        {
+            return Due::Idle;
+        }
+        if self.next_ping.is_some_and(|at| at <= now) {
+            self.next_ping = self.periods.ping.map(|period| after(now, period));
+            return Due::Ping;
+        }
+        Due::Nothing
+    }
+
+    /// Whether the close deadline has passed.
+    pub(super) fn close_due(&self, now: Instant) -> bool {
+        self.close_deadline.is_some_and(|at| at <= now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_round_up_to_whole_milliseconds_and_saturate() {
+        assert_eq!(millis(Duration::ZERO).get(), 1);
+        assert_eq!(millis(Duration::from_micros(1)).get(), 1);
+        assert_eq!(millis(Duration::from_micros(1_001)).get(), 2);
+        assert_eq!(millis(Duration::from_secs(30)).get(), 30_000);
+        assert_eq!(millis(Duration::from_secs(u64::MAX)).get(), u32::MAX);
+    }
+}
