@@ -86,7 +86,8 @@ struct Partial {
 #[derive(Debug)]
 pub struct MessageDecoder {
     frames: FrameDecoder,
-    limits: Limits,
+    /// Largest message accepted (the frame limit is the frame decoder's).
+    max_message_size: usize,
     /// How the peer compresses, when permessage-deflate was negotiated.
     peer_context: Option<PeerContext>,
     // Boxed: most connections never compress or fragment, and every idle
@@ -111,7 +112,7 @@ impl MessageDecoder {
     pub fn new(role: Role, limits: Limits, compression: Option<PeerContext>) -> Self {
         Self {
             frames: FrameDecoder::new(role, limits.max_frame_size, compression.is_some()),
-            limits,
+            max_message_size: limits.max_message_size,
             peer_context: compression,
             inflater: None,
             partial: None,
@@ -276,7 +277,7 @@ impl MessageDecoder {
         partial: &mut Partial,
         input: Option<&[u8]>,
     ) -> Result<(), ProtocolError> {
-        let limit = self.limits.max_message_size;
+        let limit = self.max_message_size;
         debug_assert!(
             self.peer_context.is_some(),
             "RSV1 is only accepted with deflate"
@@ -315,7 +316,7 @@ impl MessageDecoder {
     }
 
     fn check_size(&self, have: usize, more: usize) -> Result<(), ProtocolError> {
-        let limit = self.limits.max_message_size;
+        let limit = self.max_message_size;
         if have + more > limit {
             return Err(ProtocolError::MessageTooLarge { limit });
         }

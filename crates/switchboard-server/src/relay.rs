@@ -37,7 +37,7 @@ pub const TOKEN_EXPIRED: u16 = 4001;
 #[derive(Debug)]
 pub enum RelayInfo {
     /// The token of this generation has expired.
-    TokenExpired(u64),
+    TokenExpired(u32),
     /// The engine has answered a subscribe.
     Subscribed {
         /// The topic.
@@ -61,14 +61,14 @@ pub struct Relay {
     mode: Mode,
     permissions: Permissions,
     /// Bumped on each refresh, so a stale expiry timer is ignored.
-    token_generation: u64,
+    token_generation: u32,
     expiry_timer: Option<TimerRef>,
     /// Made with the first subscribe: a connection that never subscribes
     /// (and every idle one until it does) holds one pointer, not two maps.
     topics: Option<Box<Topics>>,
     /// The size of the message being handled: what its answer, while the
     /// engine has it, holds against the connection's outbound budget.
-    handling: usize,
+    handling: u32,
     /// Answers waiting for the engine, sent in the order of their messages.
     answers: Answers,
     limiter: RateLimiter,
@@ -122,7 +122,8 @@ impl Relay {
         if let Some(timer) = self.expiry_timer.take() {
             timer.cancel();
         }
-        self.token_generation += 1;
+        // Wrapping: only equality with the latest generation matters.
+        self.token_generation = self.token_generation.wrapping_add(1);
         if let Some(expires_at) = expires_at {
             // The same clock skew the handshake allowed, or a token accepted a few
             // seconds after its `exp` would be cut off at once.
@@ -140,7 +141,7 @@ impl Relay {
 
     fn on_text(&mut self, text: &str, ctx: &mut Context<'_, RelayInfo>) -> Outcome {
         // What it costs while an answer is pending: its text, and a task.
-        self.handling = text.len() + 256;
+        self.handling = u32::try_from(text.len() + 256).unwrap_or(u32::MAX);
         let inbound = match wire::parse(text) {
             Ok(inbound) => inbound,
             Err((code, message)) => return self.refuse((code, message), None),
@@ -226,7 +227,7 @@ impl Relay {
         let outbox = ctx.handle().outbox();
         let id = id.map(ToOwned::to_owned);
         // A peer that sends faster than the store answers stops being read.
-        let held = outbox.hold(self.handling);
+        let held = outbox.hold(self.handling as usize);
         self.answers.later(
             &outbox,
             Box::pin(async move {
@@ -285,7 +286,7 @@ impl Relay {
         let attempt = self.topics().join(topic.clone());
         let handle = ctx.handle().clone();
         let id = id.map(ToOwned::to_owned);
-        let held = handle.outbox().hold(self.handling);
+        let held = handle.outbox().hold(self.handling as usize);
         tokio::spawn(async move {
             let result = pending.await;
             drop(held);

@@ -355,7 +355,7 @@ impl<I> Mailbox<I> {
         self.slow_consumer.close_reason()
     }
 
-    /// Bytes put on the write queue count against the outbound budget.
+    /// Bytes handed to the writer count against the outbound budget.
     pub fn charge(&self, bytes: usize) {
         self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
     }

@@ -28,6 +28,9 @@ impl SlowConsumerPolicy {
 
 /// Options for one connection, built with methods from [`Options::default`].
 ///
+/// The timeouts and the ping interval are kept in whole milliseconds, rounded
+/// up (at least 1 ms, at most about 49 days), since every connection carries them.
+///
 /// # Examples
 ///
 /// ```

@@ -32,11 +32,22 @@ struct State {
 /// only its slot's index, where a cancellation token's wait (boxed, as it must
 /// stay pinned) cost every connection, idle or not, 72 bytes more. The list
 /// keeps the size of its busiest moment, 20 bytes a connection.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Waiters {
     slots: Vec<Option<Waker>>,
     /// Slots given back, to be reused.
     free: Vec<u32>,
+}
+
+impl std::fmt::Debug for Waiters {
+    /// How many wait, not their wakers: `Shutdown`'s `Debug` should not list
+    /// every connection.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let waiting = self.slots.len() - self.free.len();
+        f.debug_struct("Waiters")
+            .field("registered", &waiting)
+            .finish()
+    }
 }
 
 impl State {

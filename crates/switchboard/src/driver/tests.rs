@@ -163,3 +163,36 @@ async fn a_peer_that_sends_and_never_reads_meets_backpressure_then_the_slow_cons
         )))
     );
 }
+
+#[tokio::test]
+async fn a_reply_left_half_written_goes_out_whole_before_a_frame_pushed_behind_it() {
+    let (mut client, mailbox, _) = start(Options::default().ping_interval(None));
+    // The echo is larger than the pipe: the first write takes what fits, and
+    // the rest waits in the scratch buffer while the pipe is full.
+    let big = vec![b'a'; PIPE + PIPE / 2];
+    client
+        .write_all(&client_frame(OpCode::Text, &big))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let behind = crate::PreparedMessage::text("behind");
+    mailbox.push(Outbound::Prepared(behind)).unwrap();
+    let mut buf = BytesMut::new();
+    let mut decoder = FrameDecoder::new(Role::Client, 1 << 20, false);
+    let mut frames = Vec::new();
+    while frames.len() < 2 {
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read_buf(&mut buf));
+        assert!(
+            read.await.unwrap().unwrap() > 0,
+            "the server stopped writing"
+        );
+        while let Some(frame) = decoder.decode(&mut buf).unwrap() {
+            frames.push((frame.opcode, frame.payload));
+        }
+    }
+    assert_eq!(frames[0], (OpCode::Text, Bytes::from(big)));
+    assert_eq!(frames[1], (OpCode::Text, Bytes::from_static(b"behind")));
+    // Everything charged to the outbound budget was given back as it was written.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(mailbox.queued_bytes(), 0);
+}

@@ -14,7 +14,8 @@ use crate::options::Options;
 
 /// The deadlines of one connection, and the timer that waits for the next.
 pub(super) struct Timers {
-    /// When the peer last sent something (or we last paused reading for it).
+    /// When the peer last sent something, or reading last resumed after a
+    /// pause for a full outbound queue.
     last_read: Instant,
     next_ping: Option<Instant>,
     /// Past it, what is still queued is dropped and the connection ends.

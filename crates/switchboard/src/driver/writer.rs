@@ -23,8 +23,9 @@ const SCRATCH_START: usize = 1024;
 /// What waits to be written, and how.
 pub(super) struct Writer {
     encoder: MessageEncoder,
-    /// Written in order, after nothing: allocated only when a write falls
-    /// behind or a shared frame arrives while the connection's task runs.
+    /// Written in order, before the scratch buffer: allocated only for shared
+    /// frames (those the mailbox holds when the task runs), and for frames
+    /// gathered behind them.
     queue: VecDeque<Bytes>,
     /// The connection's own frames, gathered until the next write (one buffer
     /// for a burst of replies, not one allocation each). Always after the queue.
