@@ -11,7 +11,10 @@
 #   bench/callgrind.sh fanout  fanout-topic: one publisher, 2,000 subscribers, 15/s, 128 B
 #
 # The server runs under callgrind with instrumentation off; it is switched on for
-# 5 s after a 4 s warm-up, while the load generator measures the same 5 s. The
+# 5 s after a 4 s warm-up, while the load generator measures the same 5 s. As in
+# bench/run.sh, the server is pinned to CPU 1 and the load generator to CPU 0, so
+# the server runs the scheduler it runs there (one worker: tokio's single-threaded
+# one; unpinned, two workers of the multi-threaded one cost about 8% more). The
 # profile is left in target/callgrind/ for `callgrind_annotate`. Needs valgrind
 # (Debian: apt-get install valgrind).
 set -euo pipefail
@@ -42,13 +45,13 @@ else
   [ "$scenario" = echo-deflate ] && load=(echo --connections 10 --window 4 --size 1024 --deflate --path /)
 fi
 
-valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out/$scenario.out" \
+taskset -c 1 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out/$scenario.out" \
   "${server[@]}" > "$out/$scenario.log" 2> "$out/$scenario.err" &
 pid=$!
 trap 'kill "$pid" 2> /dev/null || true' EXIT
 addr=$(wait_listening "$out/$scenario.log" "$pid")
 (sleep 4; callgrind_control -i on "$pid" > /dev/null; sleep 5; callgrind_control -i off "$pid" > /dev/null) &
-summary=$(target/release/loadgen "${load[@]}" --warmup 4 --duration 5 --drain 3 --addr "$addr" \
+summary=$(taskset -c 0 target/release/loadgen "${load[@]}" --warmup 4 --duration 5 --drain 3 --addr "$addr" \
   --pid "$pid" --server switchboard --label "callgrind-$scenario" --rep 1 \
   --out "$out/raw.jsonl" 2>&1 | grep -E "^loadgen: callgrind")
 wait %2
