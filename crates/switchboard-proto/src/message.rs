@@ -360,6 +360,17 @@ impl SharedFraming {
             _ => message.plain_frame(),
         }
     }
+
+    /// `write` with the frame for `message`, borrowed: a write that takes the
+    /// bytes at once needs no clone of them.
+    pub fn with_frame<R>(self, message: &PreparedMessage, write: impl FnOnce(&[u8]) -> R) -> R {
+        match self {
+            Self::Deflated { level, min_size } if message.payload().len() >= min_size as usize => {
+                message.with_deflated_frame(level, |frame| write(frame))
+            }
+            _ => write(message.plain_bytes()),
+        }
+    }
 }
 
 /// Encodes outgoing messages for one connection: compression state and masking.

@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 use crate::deflate::compress_standalone;
 use crate::error::ProtocolError;
@@ -15,22 +15,41 @@ use crate::frame::{OpCode, encode_frame, encode_header};
 use crate::message::Message;
 use crate::utf8::Utf8Bytes;
 
+/// Room kept in front of a frame written whole, for the largest unmasked
+/// server header (2 + 8 bytes).
+const ROOM: usize = 10;
+
 /// A text or binary message ready to be written to many connections.
 #[derive(Clone)]
 pub struct PreparedMessage(Arc<Inner>);
 
 struct Inner {
     opcode: OpCode,
-    payload: Bytes,
-    plain: OnceLock<Bytes>,
+    body: Body,
     deflated: OnceLock<(u32, Bytes)>,
+}
+
+/// The message's bytes: a payload whose frame is encoded on first use, or a
+/// frame written whole ([`PreparedMessage::text_with`]), whose payload is the
+/// part after the header. The latter is never sliced when it is built: the
+/// first clone of bytes made from a `Vec` allocates their shared count, and a
+/// frame written directly to every socket is never cloned at all.
+enum Body {
+    Payload {
+        payload: Bytes,
+        plain: OnceLock<Bytes>,
+    },
+    Frame {
+        frame: Bytes,
+        header: u8,
+    },
 }
 
 impl std::fmt::Debug for PreparedMessage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PreparedMessage")
             .field("opcode", &self.0.opcode)
-            .field("len", &self.0.payload.len())
+            .field("len", &self.payload().len())
             .finish()
     }
 }
@@ -39,8 +58,10 @@ impl PreparedMessage {
     fn new(opcode: OpCode, payload: Bytes) -> Self {
         Self(Arc::new(Inner {
             opcode,
-            payload,
-            plain: OnceLock::new(),
+            body: Body::Payload {
+                payload,
+                plain: OnceLock::new(),
+            },
             deflated: OnceLock::new(),
         }))
     }
@@ -59,12 +80,24 @@ impl PreparedMessage {
         size_hint: usize,
         write: impl FnOnce(&mut Vec<u8>),
     ) -> Result<Self, ProtocolError> {
-        // Room for the largest unmasked server header (2 + 8 bytes).
-        const ROOM: usize = 10;
         let mut buf = Vec::with_capacity(ROOM + size_hint);
         buf.extend_from_slice(&[0; ROOM]);
         write(&mut buf);
         simdutf8::basic::from_utf8(&buf[ROOM..]).map_err(|_| ProtocolError::InvalidUtf8)?;
+        Ok(Self::text_frame(buf))
+    }
+
+    /// A text message of `text`, copied once into its frame (as [`Self::text_with`],
+    /// without checking again what a `&str` already is).
+    pub fn text_copied(text: &str) -> Self {
+        let mut buf = Vec::with_capacity(ROOM + text.len());
+        buf.extend_from_slice(&[0; ROOM]);
+        buf.extend_from_slice(text.as_bytes());
+        Self::text_frame(buf)
+    }
+
+    /// The message whose UTF-8 text follows `ROOM` bytes kept for the header.
+    fn text_frame(mut buf: Vec<u8>) -> Self {
         let mut header = [0u8; ROOM];
         let mut unused = &mut header[..];
         encode_header(
@@ -78,13 +111,17 @@ impl PreparedMessage {
         let header_len = ROOM - unused.len();
         let start = ROOM - header_len;
         buf[start..ROOM].copy_from_slice(&header[..header_len]);
-        let frame = Bytes::from(buf).slice(start..);
-        Ok(Self(Arc::new(Inner {
+        let mut frame = Bytes::from(buf);
+        // Advanced, not sliced: a slice is a clone.
+        frame.advance(start);
+        Self(Arc::new(Inner {
             opcode: OpCode::Text,
-            payload: frame.slice(header_len..),
-            plain: OnceLock::from(frame),
+            body: Body::Frame {
+                frame,
+                header: header_len as u8,
+            },
             deflated: OnceLock::new(),
-        })))
+        }))
     }
 
     /// A binary message.
@@ -98,35 +135,53 @@ impl PreparedMessage {
     }
 
     /// The payload.
-    pub fn payload(&self) -> &Bytes {
-        &self.0.payload
+    pub fn payload(&self) -> &[u8] {
+        match &self.0.body {
+            Body::Payload { payload, .. } => payload,
+            Body::Frame { frame, header } => &frame[usize::from(*header)..],
+        }
     }
 
     /// The uncompressed server frame, encoded on first use.
     pub fn plain_frame(&self) -> Bytes {
-        self.0
-            .plain
-            .get_or_init(|| {
+        self.plain().clone()
+    }
+
+    /// The uncompressed server frame, borrowed: for a write that takes it at
+    /// once, with no clone of the bytes to pay for.
+    pub fn plain_bytes(&self) -> &[u8] {
+        self.plain()
+    }
+
+    fn plain(&self) -> &Bytes {
+        match &self.0.body {
+            Body::Payload { payload, plain } => plain.get_or_init(|| {
                 let mut out = BytesMut::new();
-                encode_frame(&mut out, true, false, self.0.opcode, &self.0.payload, None);
+                encode_frame(&mut out, true, false, self.0.opcode, payload, None);
                 out.freeze()
-            })
-            .clone()
+            }),
+            Body::Frame { frame, .. } => frame,
+        }
     }
 
     /// The compressed server frame for connections without context takeover,
     /// compressed on first use at `level` (a later, different level is compressed anew).
     pub fn deflated_frame(&self, level: u32) -> Bytes {
+        self.with_deflated_frame(level, Bytes::clone)
+    }
+
+    /// `use_frame` of the compressed frame, borrowed when it is the one cached.
+    pub fn with_deflated_frame<R>(&self, level: u32, use_frame: impl FnOnce(&Bytes) -> R) -> R {
         let (cached_level, frame) = self.0.deflated.get_or_init(|| (level, self.deflate(level)));
         if *cached_level == level {
-            frame.clone()
+            use_frame(frame)
         } else {
-            self.deflate(level)
+            use_frame(&self.deflate(level))
         }
     }
 
     fn deflate(&self, level: u32) -> Bytes {
-        let compressed = compress_standalone(&self.0.payload, level);
+        let compressed = compress_standalone(self.payload(), level);
         let mut out = BytesMut::new();
         encode_frame(&mut out, true, true, self.0.opcode, &compressed, None);
         out.freeze()
@@ -134,11 +189,15 @@ impl PreparedMessage {
 
     /// The message as a plain [`Message`] (for encoders that must mask).
     pub fn to_message(&self) -> Message {
+        let payload = match &self.0.body {
+            Body::Payload { payload, .. } => payload.clone(),
+            Body::Frame { frame, header } => frame.slice(usize::from(*header)..),
+        };
         match self.0.opcode {
-            OpCode::Text => Message::Text(
-                Utf8Bytes::try_from_bytes(self.0.payload.clone()).expect("built from UTF-8 text"),
-            ),
-            _ => Message::Binary(self.0.payload.clone()),
+            OpCode::Text => {
+                Message::Text(Utf8Bytes::try_from_bytes(payload).expect("built from UTF-8 text"))
+            }
+            _ => Message::Binary(payload),
         }
     }
 }
@@ -149,15 +208,21 @@ mod tests {
     use crate::frame::{FrameDecoder, Role};
 
     #[test]
-    fn text_with_builds_the_same_frame_as_text() {
+    fn text_with_and_text_copied_build_the_same_frame_as_text() {
         for len in [0, 5, 125, 126, 300, 70_000] {
             let text = "é".repeat(len / 2);
             let direct =
                 PreparedMessage::text_with(len, |buf| buf.extend_from_slice(text.as_bytes()))
                     .unwrap();
+            let copied = PreparedMessage::text_copied(&text);
             let classic = PreparedMessage::text(text.clone());
-            assert_eq!(direct.plain_frame(), classic.plain_frame(), "len {len}");
-            assert_eq!(direct.payload(), classic.payload());
+            for built in [&direct, &copied] {
+                assert_eq!(built.plain_frame(), classic.plain_frame(), "len {len}");
+                assert_eq!(built.plain_bytes(), classic.plain_bytes(), "len {len}");
+                assert_eq!(built.payload(), classic.payload());
+                assert_eq!(built.to_message(), classic.to_message());
+                assert_eq!(built.deflated_frame(6), classic.deflated_frame(6));
+            }
             let mut wire = BytesMut::from(&direct.plain_frame()[..]);
             let frame = FrameDecoder::new(Role::Client, usize::MAX, false)
                 .decode(&mut wire)

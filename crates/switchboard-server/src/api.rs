@@ -459,13 +459,13 @@ impl Api {
                 let targets = targets.into_iter().map(ClientId::from).collect();
                 let sent = self.hub.engine.send(targets, message).await?;
                 let offsets: serde_json::Map<_, _> = sent
-                    .offsets
-                    .iter()
-                    .map(|(target, offset)| (target.to_string(), (*offset).into()))
+                    .offsets()
+                    .into_iter()
+                    .map(|(target, offset)| (target.to_owned(), offset.into()))
                     .collect();
                 serde_json::json!({
-                    "delivered": sent.delivered.iter().map(|c| &**c).collect::<Vec<_>>(),
-                    "offline": sent.offline.iter().map(|c| &**c).collect::<Vec<_>>(),
+                    "delivered": sent.delivered(),
+                    "offline": sent.offline(),
                     "offsets": offsets,
                 })
             }

@@ -188,13 +188,7 @@ impl Relay {
         let pending = self.hub.engine.send(targets, self.message(payload));
         self.answer(self.ack_id(inbound), ctx, pending, |sent, id| {
             // Only a message that asked for an ack pays for rendering one.
-            id.map(|id| {
-                let delivered: Vec<&str> = sent.delivered.iter().map(|c| &**c).collect();
-                let offline: Vec<&str> = sent.offline.iter().map(|c| &**c).collect();
-                let offsets: Vec<(&str, u64)> =
-                    sent.offsets.iter().map(|(c, o)| (&**c, *o)).collect();
-                wire::ack_send(id, &delivered, &offline, &offsets)
-            })
+            id.map(|id| wire::ack_send(id, &sent.delivered(), &sent.offline(), &sent.offsets()))
         })
     }
 

@@ -207,8 +207,7 @@ impl<V: Serialize> Serialize for MapOf<'_, V> {
 /// A delivery for plain clients: the payload's JSON text, as sent (checked
 /// when it arrived).
 pub fn raw_delivery(text: &str) -> PreparedMessage {
-    PreparedMessage::text_with(text.len(), |buf| buf.extend_from_slice(text.as_bytes()))
-        .expect("JSON text is UTF-8")
+    PreparedMessage::text_copied(text)
 }
 
 /// Where a message stands in its stream: offset and epoch.
@@ -447,7 +446,7 @@ mod tests {
         };
         let m = envelope_delivery(Some("1"), None, payload, Some(at));
         assert_eq!(
-            &m.payload()[..],
+            m.payload(),
             br#"{"type":"message","from":"1","offset":17,"epoch":"k3x9ab12","payload":{"x": 1}}"#
         );
         let id = RawValue::from_string("7".into()).unwrap();
@@ -457,17 +456,17 @@ mod tests {
         );
         let fresh = welcome("42", at, Resumed::NotAsked);
         assert_eq!(
-            &fresh.payload()[..],
+            fresh.payload(),
             br#"{"type":"welcome","client":"42","offset":17,"epoch":"k3x9ab12"}"#
         );
         let resumed = welcome("42", at, Resumed::Recovered(3));
         assert_eq!(
-            &resumed.payload()[..],
+            resumed.payload(),
             br#"{"type":"welcome","client":"42","recovered":true,"missed":3,"offset":17,"epoch":"k3x9ab12"}"#
         );
         let lost = welcome("42", at, Resumed::Lost);
         assert_eq!(
-            &lost.payload()[..],
+            lost.payload(),
             br#"{"type":"welcome","client":"42","recovered":false,"offset":17,"epoch":"k3x9ab12"}"#
         );
         assert_eq!(
@@ -476,7 +475,7 @@ mod tests {
         );
         let topic = envelope_delivery(Some("1"), Some("chat:x"), payload, None);
         assert_eq!(
-            &topic.payload()[..],
+            topic.payload(),
             br#"{"type":"message","topic":"chat:x","from":"1","payload":{"x": 1}}"#
         );
         assert_eq!(
@@ -489,7 +488,7 @@ mod tests {
         );
         let join = presence_event("chat:x", "9", PresenceChange::Joined);
         assert_eq!(
-            &join.payload()[..],
+            join.payload(),
             br#"{"type":"presence","topic":"chat:x","event":"join","client":"9"}"#
         );
     }

@@ -138,8 +138,8 @@ fn run(ops: Vec<Op>) {
                 let inbox = model.inboxes.entry(id).or_default();
                 inbox.push(payload);
                 assert_eq!(
-                    sent.offsets,
-                    [(id.into(), inbox.len() as u64)],
+                    sent.offsets(),
+                    [(id, inbox.len() as u64)],
                     "offsets count from 1"
                 );
             }

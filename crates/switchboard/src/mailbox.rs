@@ -72,9 +72,11 @@ impl Direct {
     /// went out. `Err(n)`: only `n` bytes (perhaps none) did, and the frame
     /// must be queued.
     fn write(&self, message: &PreparedMessage) -> Result<usize, usize> {
-        let frame = self.framing.frame(message);
-        match self.stream.try_write(&frame) {
-            Ok(n) if n == frame.len() => {
+        let (written, len) = self
+            .framing
+            .with_frame(message, |frame| (self.stream.try_write(frame), frame.len()));
+        match written {
+            Ok(n) if n == len => {
                 if let Some(stats) = &self.stats {
                     stats.sent(n);
                 }

@@ -10,20 +10,31 @@ const SHARDS: usize = 16;
 type Map<V> = HashMap<Arc<str>, V>;
 
 pub(crate) struct ShardedMap<V> {
-    hasher: RandomState,
+    /// Where this map's keys start their walk to a shard.
+    seed: u64,
     shards: Box<[RwLock<Map<V>>]>,
 }
 
 impl<V> ShardedMap<V> {
     pub fn new() -> Self {
         Self {
-            hasher: RandomState::new(),
+            seed: RandomState::new().hash_one(SHARDS),
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
         }
     }
 
+    /// The shard of `key`, by FNV-1a from a random seed, mixed: a lookup then hashes
+    /// the key once with SipHash (the shard's map), not twice. The map's hash
+    /// is the one that must resist chosen keys (ids are the clients' to pick);
+    /// keys driven into one shard only contend for its lock.
     fn shard(&self, key: &str) -> &RwLock<Map<V>> {
-        &self.shards[self.hasher.hash_one(key) as usize % SHARDS]
+        let hash = key.bytes().fold(self.seed, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+        // FNV leaves the last bytes in the low bits only: one multiply and
+        // shift more (MurmurHash3's finisher) spreads them to the top.
+        let mixed = (hash ^ (hash >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+        &self.shards[(mixed >> 32) as usize % SHARDS]
     }
 
     /// The shard holding `key`, for reading. Every update is one call under the
@@ -53,5 +64,26 @@ impl<V> ShardedMap<V> {
             .iter()
             .map(|s| s.read().unwrap_or_else(|e| e.into_inner()).len())
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_spread_over_every_shard() {
+        let map = ShardedMap::<()>::new();
+        for i in 0..4_000 {
+            // Ids as clients pick them: numbers, and names sharing a prefix.
+            for key in [i.to_string(), format!("user-{i}")] {
+                map.write(&key).insert(key.as_str().into(), ());
+            }
+        }
+        let sizes: Vec<usize> = map.shards.iter().map(|s| s.read().unwrap().len()).collect();
+        let (least, most) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+        // 500 a shard on average.
+        assert!(*least > 350 && *most < 650, "shard sizes {sizes:?}");
+        assert_eq!(map.len(), 8_000);
     }
 }

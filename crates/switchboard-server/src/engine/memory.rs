@@ -13,8 +13,9 @@ use switchboard::{
 };
 
 use super::{
-    Answer, ConnectError, Counts, Engine, Joined, Message, NodeTraffic, Pending, Published, Sent,
-    Subscribe, SubscribeRefused, Subscribed, TopicList, TopicPresence, Traffic, ready,
+    Answer, ConnectError, Counts, Engine, Joined, Message, NodeTraffic, Pending, Published,
+    Receipt, Sent, Subscribe, SubscribeRefused, Subscribed, TopicList, TopicPresence, Traffic,
+    ready,
 };
 use crate::metrics::Metrics;
 use crate::snapshot::{self, Loaded};
@@ -177,7 +178,7 @@ impl Core {
     fn send(&self, targets: Vec<ClientId>, message: &Message) -> Sent {
         let payload = &*message.payload;
         let raw_frame = OnceLock::new();
-        let mut sent = Sent::default();
+        let mut sent = Sent::with_capacity(targets.len());
         for target in targets {
             let (connections, offset) = self.streams.append(
                 &StreamKey::Inbox(target.clone()),
@@ -202,15 +203,14 @@ impl Core {
                     (self.registry.push(&target, &render), entry.offset)
                 },
             );
-            sent.offsets.push((target.clone(), offset));
-            if connections > 0 {
-                sent.delivered.push(target);
-            } else {
-                sent.offline.push(target);
-            }
+            sent.0.push(Receipt {
+                client: target,
+                offset,
+                delivered: connections > 0,
+            });
         }
         // Once per message, not per target, as the Redis engine counts.
-        self.metrics.appends.add(sent.offsets.len() as u64);
+        self.metrics.appends.add(sent.0.len() as u64);
         sent
     }
 

@@ -64,15 +64,51 @@ pub struct Message {
     pub key: Option<Arc<str>>,
 }
 
-/// What became of a message to client ids.
+/// What became of a message to client ids: a receipt per target, in the
+/// targets' order (one list, made once, where three grew on every send).
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Sent {
+pub struct Sent(pub Vec<Receipt>);
+
+/// What became of a message for one target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The target.
+    pub client: ClientId,
+    /// The offset the target's inbox gave the message.
+    pub offset: u64,
+    /// The target had a live connection somewhere; otherwise the message
+    /// waits in its inbox.
+    pub delivered: bool,
+}
+
+impl Sent {
+    /// Room for `targets` receipts.
+    pub fn with_capacity(targets: usize) -> Self {
+        Self(Vec::with_capacity(targets))
+    }
+
     /// Targets with a live connection somewhere.
-    pub delivered: Vec<ClientId>,
-    /// Targets with none: it waits in their inboxes.
-    pub offline: Vec<ClientId>,
-    /// The offset each target's inbox gave it.
-    pub offsets: Vec<(ClientId, u64)>,
+    pub fn delivered(&self) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|r| r.delivered)
+            .map(|r| &*r.client)
+            .collect()
+    }
+
+    /// Targets with none: the message waits in their inboxes.
+    pub fn offline(&self) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|r| !r.delivered)
+            .map(|r| &*r.client)
+            .collect()
+    }
+
+    /// The offset each target's inbox gave the message.
+    pub fn offsets(&self) -> Vec<(&str, u64)> {
+        self.0.iter().map(|r| (&*r.client, r.offset)).collect()
+    }
 }
 
 /// What became of a message published to a topic.

@@ -18,8 +18,9 @@ use switchboard::{
 use switchboard::Broker;
 
 use super::{
-    Answer, ConnectError, Counts, Engine, Joined, Message, NodeTraffic, Pending, Published, Sent,
-    Subscribe, SubscribeRefused, Subscribed, TopicList, TopicPresence, Traffic, Unavailable, fits,
+    Answer, ConnectError, Counts, Engine, Joined, Message, NodeTraffic, Pending, Published,
+    Receipt, Sent, Subscribe, SubscribeRefused, Subscribed, TopicList, TopicPresence, Traffic,
+    Unavailable, fits,
 };
 use crate::metrics::Metrics;
 use crate::streams::{Entry, Page, Position, Resume, Retention};
@@ -402,19 +403,18 @@ impl Engine for RedisEngine {
             if values.len() != targets.len() * 3 {
                 return Err(malformed("a send"));
             }
-            let mut sent = Sent::default();
+            let mut sent = Sent::with_capacity(targets.len());
             for (target, triple) in targets.into_iter().zip(values.chunks(3)) {
                 let offset = int(&triple[1]).ok_or_else(|| malformed("an offset"))?;
                 let online = int(&triple[2]).ok_or_else(|| malformed("a count"))?;
-                sent.offsets.push((target.clone(), offset));
-                if online > 0 {
-                    sent.delivered.push(target);
-                } else {
-                    sent.offline.push(target);
-                }
+                sent.0.push(Receipt {
+                    client: target,
+                    offset,
+                    delivered: online > 0,
+                });
             }
             if !again {
-                metrics.appends.add(sent.offsets.len() as u64);
+                metrics.appends.add(sent.0.len() as u64);
             }
             Ok(sent)
         })
