@@ -1,9 +1,11 @@
 //! Server messages encoded once and shared by every recipient.
 //!
 //! A server frame is never masked, so its bytes are the same for every
-//! connection: [`PreparedMessage`] encodes the frame on first use and hands out
-//! clones of the same [`Bytes`]. With permessage-deflate and no context takeover,
-//! the compressed frame is shared the same way.
+//! connection: [`PreparedMessage`] holds the frame (written whole when it is
+//! built, or encoded on first use) and lends it to writes that take it at once,
+//! or hands out clones of the same [`Bytes`] to those that queue it. With
+//! permessage-deflate and no context takeover, the compressed frame is shared
+//! the same way.
 
 use std::sync::{Arc, OnceLock};
 
@@ -32,8 +34,10 @@ struct Inner {
 /// The message's bytes: a payload whose frame is encoded on first use, or a
 /// frame written whole ([`PreparedMessage::text_with`]), whose payload is the
 /// part after the header. The latter is never sliced when it is built: the
-/// first clone of bytes made from a `Vec` allocates their shared count, and a
-/// frame written directly to every socket is never cloned at all.
+/// first clone of bytes made from a `Vec` whose length is its capacity (as
+/// [`PreparedMessage::text_copied`] makes them) allocates their shared count,
+/// and a frame written directly to every socket is never cloned at all. (A
+/// `Vec` with room to spare gets its count when it becomes `Bytes`.)
 enum Body {
     Payload {
         payload: Bytes,
@@ -142,7 +146,8 @@ impl PreparedMessage {
         }
     }
 
-    /// The uncompressed server frame, encoded on first use.
+    /// The uncompressed server frame (encoded on first use, unless it was
+    /// written whole when the message was built).
     pub fn plain_frame(&self) -> Bytes {
         self.plain().clone()
     }
