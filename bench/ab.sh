@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run with `bench/ab.sh --old BIN --new BIN [--reps N] [--scenarios "A B"] [--out DIR]`:
 # the relay's server CPU per delivery (relay-k1 and relay-k10, as bench/run.sh's
-# full run drives them; `idle` and `echo` too on request) of two `switchboard` binaries, alternating within each
+# full run drives them; `idle`, `echo`, `fanout` and `fanout-topic` too on request) of two `switchboard` binaries, alternating within each
 # repetition, with the same load generator (target/release/loadgen). It writes
 # DIR/results.md with `new`'s medians divided by `old`'s and their p, for a
 # change's before and after. Build the old binary from a worktree, e.g.
@@ -12,7 +12,7 @@
 #   --old BIN   the binary before the change
 #   --new BIN   the binary after it (default: target/release/switchboard)
 #   --reps N    repetitions (default 6)
-#   --scenarios "A B"  subset of: relay-k1 relay-k10 idle echo (default: relay-k1 relay-k10;
+#   --scenarios "A B"  subset of: relay-k1 relay-k10 idle echo fanout fanout-topic (default: relay-k1 relay-k10;
 #               idle holds 19,500 connections, as the full run does; echo is the
 #               service's --echo-path, with the full run's echo load)
 #   --out DIR   where the report goes (default: target/bench-ab)
@@ -49,6 +49,8 @@ for rep in $(seq "$reps"); do
         relay-k10) args=(relay --clients 1000 --targets 10 --rate 2000 --size 128) ;;
         idle) args=(idle --connections 19500 --concurrency 128) ;;
         echo) args=(echo --connections 50 --window 10 --size 64 --path /echo) ;;
+        fanout) args=(fanout --subscribers 2000 --rate 15 --size 128) ;;
+        fanout-topic) args=(fanout --subscribers 2000 --rate 15 --size 128 --topic) ;;
         *) usage >&2; exit 2 ;;
       esac
       bench_run_once "$bin" --echo-path /echo -- "${args[@]}" --server "$which" --label "$scenario" \
