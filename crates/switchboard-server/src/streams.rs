@@ -22,9 +22,10 @@
 //! appends to one stream cannot pass each other on the way out.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use switchboard::Spread;
 
 /// Which stream: a client id's inbox or a topic's history.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -130,7 +131,8 @@ const SHARDS: usize = 16;
 #[derive(Debug)]
 pub struct Streams {
     shards: Box<[Mutex<Shard>]>,
-    hasher: RandomState,
+    /// Picks a key's shard; the shard's map hashes the key (with SipHash) once.
+    spread: Spread,
     shard_cap: usize,
     /// The epoch of streams made from now on, and of those never made.
     epoch: RwLock<Arc<str>>,
@@ -204,7 +206,7 @@ impl Streams {
     pub fn new(max_bytes: usize) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: RandomState::new(),
+            spread: Spread::new(),
             shard_cap: max_bytes / SHARDS,
             epoch: RwLock::new(new_epoch()),
         }
@@ -443,7 +445,7 @@ impl Streams {
     }
 
     fn shard(&self, key: &StreamKey) -> MutexGuard<'_, Shard> {
-        let index = self.hasher.hash_one(key) as usize % self.shards.len();
+        let index = self.spread.shard(key.name().as_bytes(), self.shards.len());
         lock(&self.shards[index])
     }
 }

@@ -78,6 +78,7 @@ pub use pubsub::{
 };
 pub use registry::{Broker, ClientId, Format, Registration, Registry};
 pub use serve::{TLS_HANDSHAKE_TIMEOUT, accept_errors, serve, serve_tls};
+pub use sharded::Spread;
 pub use shutdown::Shutdown;
 pub use stats::{ShardedCounter, Stats, StatsSnapshot};
 pub use switchboard_proto as proto;

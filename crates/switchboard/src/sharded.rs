@@ -10,37 +10,75 @@ const SHARDS: usize = 16;
 type Map<V> = HashMap<Arc<str>, V>;
 
 pub(crate) struct ShardedMap<V> {
-    /// Where this map's keys start their walk to a shard.
-    seed: u64,
+    spread: Spread,
     shards: Box<[RwLock<Map<V>>]>,
+}
+
+/// Picks a shard for a key: seeded FNV-1a, then the first step of MurmurHash3's
+/// 64-bit finisher (plain FNV mixes the last bytes into few of the high bits:
+/// it failed `keys_spread_over_every_shard`). Cheaper than SipHash, so that a
+/// sharded map hashes a key with SipHash once, in the shard's own map, and not
+/// a second time to find the shard.
+///
+/// It is no keyed function: keys chosen to land in one shard can be found by
+/// someone who learns the seed. Use it only where that costs lock contention
+/// and nothing worse, that is in front of maps that resist chosen keys
+/// themselves (std's `HashMap`, each with its own SipHash key).
+#[derive(Clone, Copy)]
+pub struct Spread {
+    seed: u64,
+}
+
+impl Spread {
+    /// A spread with a random seed.
+    pub fn new() -> Self {
+        Self::with_seed(RandomState::new().hash_one(0x5eed_u64))
+    }
+
+    /// A spread with this seed: the same keys go to the same shards.
+    pub fn with_seed(seed: u64) -> Self {
+        Self { seed }
+    }
+
+    /// The shard of `key`, out of `shards`.
+    pub fn shard(&self, key: &[u8], shards: usize) -> usize {
+        let hash = key.iter().fold(self.seed, |hash, byte| {
+            (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let mixed = (hash ^ (hash >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
+        // The high bits are the best mixed.
+        (mixed >> 32) as usize % shards
+    }
+}
+
+impl Default for Spread {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for Spread {
+    /// Without the seed, which should stay secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Spread")
+    }
 }
 
 impl<V> ShardedMap<V> {
     pub fn new() -> Self {
-        Self::with_seed(RandomState::new().hash_one(SHARDS))
+        Self::with_spread(Spread::new())
     }
 
-    fn with_seed(seed: u64) -> Self {
+    fn with_spread(spread: Spread) -> Self {
         Self {
-            seed,
+            spread,
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
         }
     }
 
-    /// The shard of `key`, by FNV-1a from a secret random seed, mixed: a lookup
-    /// then hashes the key once with SipHash (the shard's map), not twice. The
-    /// map's hash is the one that must resist chosen keys (ids are the clients'
-    /// to pick), and each shard's map has its own SipHash key: keys driven into
-    /// one shard (FNV is no keyed function) only make its lock the map's one lock.
+    /// The shard of `key` (see [`Spread`]).
     fn shard(&self, key: &str) -> &RwLock<Map<V>> {
-        let hash = key.bytes().fold(self.seed, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-        });
-        // FNV mixes the last bytes into few of the high bits: a shift and a
-        // multiply more (the first step of MurmurHash3's 64-bit finisher)
-        // spread them (plain FNV failed the test below).
-        let mixed = (hash ^ (hash >> 33)).wrapping_mul(0xff51_afd7_ed55_8ccd);
-        &self.shards[(mixed >> 32) as usize % SHARDS]
+        &self.shards[self.spread.shard(key.as_bytes(), SHARDS)]
     }
 
     /// The shard holding `key`, for reading. Every update is one call under the
@@ -81,7 +119,7 @@ mod tests {
     fn keys_spread_over_every_shard() {
         // Fixed seeds, so that a failure can be reproduced.
         for seed in [0, 1, 0x9e37_79b9_7f4a_7c15, u64::MAX] {
-            let map = ShardedMap::<()>::with_seed(seed);
+            let map = ShardedMap::<()>::with_spread(Spread::with_seed(seed));
             for i in 0..4_000 {
                 // Ids as clients pick them: numbers, and names sharing a prefix.
                 for key in [i.to_string(), format!("user-{i}")] {
