@@ -246,3 +246,34 @@ def test_metrics_need_the_api_key_unless_metrics_auth_is_none(start_server):
     promtool_check(text)
     # The rest of the API still needs the key.
     assert open_server.http("GET", "/api/v1/stats")[0] == 401
+
+
+async def hibernating_count(server, expected, timeout=5):
+    """Waits until the node reports `expected` hibernating connections; returns the samples."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, samples = scrape(server)
+        if value(samples, "connections_hibernating") == expected:
+            return samples
+        assert time.monotonic() < deadline, f"hibernating: {value(samples, 'connections_hibernating')}, not {expected}"
+        await asyncio.sleep(0.05)
+
+
+@single_node
+@async_test
+async def test_quiet_connections_hibernate_and_wake_for_what_reaches_them(start_server):
+    # docs/operations.md, "Hibernation": quiet connections give up their task, and a
+    # message to or from one wakes it, with nothing lost.
+    server = start_server("--api-key", KEY, "--compression", "false", "--hibernate-after-secs", "1")
+    async with client(server, "a", compression=None) as a, client(server, "b", compression=None) as b:
+        await hibernating_count(server, 2)
+        # To a sleeping connection, from a sleeping connection: both wake.
+        for n in range(20):
+            await a.send(json.dumps({"targets": ["b"], "payload": {"n": n}}))
+        assert [json.loads(await recv(b)) for _ in range(20)] == [{"n": n} for n in range(20)]
+        samples = await hibernating_count(server, 2)
+        assert value(samples, "hibernations_total") >= 4
+        await b.send(json.dumps({"targets": ["a"], "payload": "back"}))
+        assert json.loads(await recv(a)) == "back"
+        # Pings are answered while asleep too (the first wakes it).
+        await asyncio.wait_for(await b.ping(), RECV_TIMEOUT)

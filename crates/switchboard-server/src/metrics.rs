@@ -278,6 +278,16 @@ impl Metrics {
                 "Bytes of the frames sent, headers included (after compression).",
                 figures.bytes_out,
             ),
+            gauge(
+                "connections_hibernating",
+                "Open connections hibernating: quiet for hibernate_after_secs, held without a task until they next send or get something.",
+                figures.hibernations.saturating_sub(figures.wakes),
+            ),
+            counter(
+                "hibernations_total",
+                "Times a connection hibernated.",
+                figures.hibernations,
+            ),
             counter(
                 "rate_limited_total",
                 "Messages refused with rate_limited.",

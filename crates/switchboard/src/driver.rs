@@ -37,6 +37,7 @@ use crate::telemetry::{self, Counts};
 use crate::upgrade::{FailedUpgradeCallback, UpgradeFailed};
 
 mod close;
+mod hibernate;
 mod intake;
 mod timers;
 mod writer;
@@ -70,11 +71,8 @@ pub(crate) struct Setup {
 /// socket, then driving it. Written as a state machine rather than an `async`
 /// block because the compiler lays out an async block's captured values and its
 /// awaited future side by side: this way the task is as large as the driver
-/// alone, about half of what each idle connection cost before.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "the task is meant to be exactly as large as its running state, which it becomes in place"
-)]
+/// alone, about half of what each idle connection cost before. A connection
+/// that hibernates ends its task and comes back in a new one, `Waking`.
 pub(crate) enum Connection<H: Handler> {
     /// The 101 response is on its way; the socket is not ours yet.
     Upgrading {
@@ -83,6 +81,8 @@ pub(crate) enum Connection<H: Handler> {
     },
     /// The handshake is done.
     Running(Driver<H, Socket>),
+    /// Woken from hibernation: the driver is rebuilt on the first poll.
+    Waking(hibernate::Asleep<H>),
     /// The connection has ended.
     Ended,
 }
@@ -122,7 +122,8 @@ pub(crate) async fn run<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
     early: Bytes,
 ) {
     let mut driver = Driver::start(io, handler, mailbox, setup, None, &early);
-    std::future::poll_fn(|cx| driver.poll_run(cx)).await;
+    // A client never hibernates (see `Driver::watch_for_quiet`).
+    std::future::poll_fn(|cx| driver.poll_run(cx).map(drop)).await;
     driver.finish();
 }
 
@@ -162,10 +163,29 @@ impl<H: Handler> Future for Connection<H> {
                     }
                 },
                 Self::Running(driver) => {
-                    ready!(driver.poll_run(cx));
+                    if ready!(driver.poll_run(cx)) == Exit::Hibernate {
+                        let Self::Running(driver) = std::mem::replace(this, Self::Ended) else {
+                            unreachable!("matched above")
+                        };
+                        match driver.hibernate() {
+                            // Something arrived meanwhile: run on.
+                            Some(driver) => *this = Self::Running(driver),
+                            None => return Poll::Ready(()),
+                        }
+                        continue;
+                    }
                     driver.finish();
                     *this = Self::Ended;
                     return Poll::Ready(());
+                }
+                Self::Waking(_) => {
+                    let Self::Waking(asleep) = std::mem::replace(this, Self::Ended) else {
+                        unreachable!("matched above")
+                    };
+                    match asleep.into_driver() {
+                        Some(driver) => *this = Self::Running(driver),
+                        None => return Poll::Ready(()),
+                    }
                 }
                 Self::Ended => return Poll::Ready(()),
             }
@@ -204,6 +224,21 @@ pub(crate) struct Driver<H: Handler, S> {
     /// the mailbox wrote directly, which it counts).
     opened: Instant,
     counts: Counts,
+    /// Messages in and out when the connection was last found active: the
+    /// same count a period later means it was quiet (see `hibernate`).
+    quiet_mark: u64,
+    /// Quiet for a period: hibernate as soon as nothing is in flight.
+    sleepy: bool,
+}
+
+/// Why [`Driver::poll_run`] returned.
+#[derive(Debug, PartialEq, Eq)]
+enum Exit {
+    /// The connection has ended: finish it.
+    Ended,
+    /// The connection has been quiet for `hibernate_after` and holds nothing
+    /// in flight.
+    Hibernate,
 }
 
 impl<H, S> Driver<H, S>
@@ -221,11 +256,15 @@ where
         direct: Option<Arc<tokio::net::TcpStream>>,
         early: &[u8],
     ) -> Self {
+        let compressed = setup.deflate.is_some() || setup.peer_context.is_some();
         let mut driver = Self::new(io, handler, mailbox, setup);
         if let Some(stream) = direct {
             driver.allow_direct_writes(stream);
         }
         driver.init();
+        if driver.direct && !compressed {
+            driver.watch_for_quiet();
+        }
         if !early.is_empty() {
             driver.read_buf.extend_from_slice(early);
             driver.decode_messages();
@@ -260,7 +299,24 @@ where
             stats: options.stats,
             opened: Instant::now(),
             counts: Counts::default(),
+            quiet_mark: 0,
+            sleepy: false,
         }
+    }
+
+    /// Looks a period from now whether the connection has been quiet, to
+    /// hibernate it (a no-op without `hibernate_after`). Only plain TCP
+    /// connections without compression are watched: their socket can be
+    /// handed over and their state rebuilt.
+    fn watch_for_quiet(&mut self) {
+        self.quiet_mark = self.activity();
+        self.timers.check_hibernation();
+    }
+
+    /// Messages received and sent so far, written directly or not.
+    fn activity(&self) -> u64 {
+        let direct = self.handle.mailbox().written_directly().0;
+        self.counts.messages_in + self.counts.messages_out + direct
     }
 
     /// Lets the mailbox write prepared frames straight to `stream` while this
@@ -283,23 +339,21 @@ where
     }
 
     fn finish(&mut self) {
-        self.handle.mailbox().shut();
         let reason = self
             .reason
             .take()
             .map_or(TerminateReason::ConnectionLost, |reason| *reason);
-        let (messages, bytes) = self.handle.mailbox().written_directly();
-        self.counts.sent(messages, bytes);
-        telemetry::closed(&reason, self.opened, self.counts);
-        if !self.poisoned {
-            let handler = &mut self.handler;
-            if catch_unwind(AssertUnwindSafe(|| handler.terminate(&reason))).is_err() {
-                tracing::error!(conn = %self.handle.id(), "handler panicked in terminate");
-            }
-        }
+        conclude(
+            &mut self.handler,
+            &self.handle,
+            reason,
+            self.opened,
+            self.counts,
+            self.poisoned,
+        );
     }
 
-    fn poll_run(&mut self, cx: &mut TaskContext<'_>) -> Poll<()> {
+    fn poll_run(&mut self, cx: &mut TaskContext<'_>) -> Poll<Exit> {
         // A source that had nothing has registered this task's waker, so anything
         // new there wakes the task again: later rounds of this poll skip it
         // (registering again costs a lock in the mailbox and in tokio's reactor).
@@ -325,19 +379,22 @@ where
                 .poll_write(&mut self.io, cx, self.handle.mailbox());
             if let Poll::Ready(Err(e)) = written {
                 self.fail(TerminateReason::Error(format!("write failed: {e}")));
-                return Poll::Ready(());
+                return Poll::Ready(Exit::Ended);
             }
             if matches!(self.phase, Phase::Done | Phase::Failing) {
                 progress |= self.writer.poll_shut(&mut self.io, cx);
             }
             if self.phase == Phase::Done && self.writer.is_shut() {
-                return Poll::Ready(());
+                return Poll::Ready(Exit::Ended);
             }
             if !progress {
                 if self.can_park() && !self.handle.mailbox().park() {
                     // Something arrived since the mailbox was last drained.
                     mailbox_waiting = false;
                     continue;
+                }
+                if self.sleepy && self.may_hibernate() {
+                    return Poll::Ready(Exit::Hibernate);
                 }
                 if self.poll_timers(cx, true) {
                     continue;
@@ -546,6 +603,12 @@ where
                 Due::Ping => {
                     self.push_frame(Message::Ping(Bytes::new()));
                 }
+                Due::Hibernate => {
+                    let activity = self.activity();
+                    self.sleepy = activity == self.quiet_mark;
+                    self.quiet_mark = activity;
+                    self.timers.check_hibernation();
+                }
                 Due::Nothing => {}
             },
             _ if self.timers.close_due(now) => {
@@ -632,6 +695,25 @@ where
                 );
             }
         }
+    }
+}
+
+/// Ends a connection: the mailbox refuses what comes, the close event is
+/// logged and, unless a callback panicked before, `terminate` runs.
+fn conclude<H: Handler>(
+    handler: &mut H,
+    handle: &ConnHandle<H::Info>,
+    reason: TerminateReason,
+    opened: Instant,
+    mut counts: Counts,
+    poisoned: bool,
+) {
+    handle.mailbox().shut();
+    let (messages, bytes) = handle.mailbox().written_directly();
+    counts.sent(messages, bytes);
+    telemetry::closed(&reason, opened, counts);
+    if !poisoned && catch_unwind(AssertUnwindSafe(|| handler.terminate(&reason))).is_err() {
+        tracing::error!(conn = %handle.id(), "handler panicked in terminate");
     }
 }
 

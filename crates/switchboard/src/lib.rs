@@ -56,6 +56,7 @@ pub mod client;
 mod driver;
 pub mod handle;
 pub mod handler;
+mod lot;
 mod mailbox;
 pub mod options;
 pub mod pubsub;

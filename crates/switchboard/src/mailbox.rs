@@ -295,6 +295,23 @@ impl<I> Mailbox<I> {
         true
     }
 
+    /// The driver hibernates: unless something arrived since the last drain,
+    /// direct writes stop (the socket leaves tokio) and `waker` is woken by
+    /// whatever comes next. Returns `false`, and changes nothing, if something
+    /// did arrive or the mailbox is closed.
+    pub fn hibernate(&self, waker: &Waker) -> bool {
+        let mut state = self.lock();
+        if !(state.infos.is_empty() && state.frames.is_empty() && state.close.is_none())
+            || state.closed
+        {
+            return false;
+        }
+        state.idle = false;
+        state.direct = None;
+        state.waker = Some(waker.clone());
+        true
+    }
+
     /// The driver is closing: refuse what comes, keep what is queued.
     pub fn refuse_new(&self) {
         let mut state = self.lock();

@@ -57,6 +57,7 @@ pub struct Options {
     pub(crate) stats: Option<Stats>,
     pub(crate) receive_budget: Option<ReceiveBudget>,
     pub(crate) max_inflate_rate: Option<u64>,
+    pub(crate) hibernate_after: Option<Duration>,
 }
 
 impl Default for Options {
@@ -80,6 +81,7 @@ impl Default for Options {
             stats: None,
             receive_budget: None,
             max_inflate_rate: None,
+            hibernate_after: None,
         }
     }
 }
@@ -167,6 +169,20 @@ impl Options {
     /// sends say little about the work it asks for. `None` is no cap.
     pub fn max_inflate_rate(mut self, bytes_per_sec: Option<u64>) -> Self {
         self.max_inflate_rate = bytes_per_sec;
+        self
+    }
+
+    /// Hibernates a connection that has sent and received no message for this
+    /// long: its task ends and what it keeps (handler, deadlines, counters)
+    /// waits in one record, its socket watched by one thread for the whole
+    /// process instead of by tokio's reactor, until the peer sends something,
+    /// the mailbox gets something, a deadline (ping, idle timeout) or shutdown
+    /// comes. That is about half of an idle connection's memory, for one new
+    /// task (a few microseconds) when it wakes. Pings and pongs do not count as
+    /// messages. Only connections served by [`crate::serve`] over plain TCP
+    /// without compression hibernate. `None` (the default) never.
+    pub fn hibernate_after(mut self, after: Option<Duration>) -> Self {
+        self.hibernate_after = after;
         self
     }
 

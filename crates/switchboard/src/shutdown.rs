@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use switchboard_proto::{CloseCode, CloseReason};
 use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 /// Tracks connection tasks and tells them to close.
 ///
@@ -16,7 +17,6 @@ use tokio_util::task::TaskTracker;
 #[derive(Debug, Clone)]
 pub struct Shutdown {
     state: Arc<State>,
-    tracker: TaskTracker,
 }
 
 #[derive(Debug)]
@@ -26,6 +26,8 @@ struct State {
     triggered: AtomicBool,
     close: CloseReason,
     waiters: Mutex<Waiters>,
+    /// The connections' tasks, and tokens for those hibernating.
+    tracker: TaskTracker,
 }
 
 /// The wakers of the connections waiting for the trigger. A connection keeps
@@ -80,8 +82,8 @@ impl Shutdown {
                 triggered: AtomicBool::new(false),
                 close,
                 waiters: Mutex::default(),
+                tracker: TaskTracker::new(),
             }),
-            tracker: TaskTracker::new(),
         }
     }
 
@@ -107,7 +109,7 @@ impl Shutdown {
 
     /// Connections still running.
     pub fn connections(&self) -> usize {
-        self.tracker.len()
+        self.state.tracker.len()
     }
 
     /// Triggers shutdown and waits up to `timeout` for every connection to end.
@@ -142,8 +144,8 @@ impl Shutdown {
     /// closing; a later `drain` waits for the rest.
     pub async fn drain(&self, timeout: Duration) -> bool {
         self.trigger();
-        self.tracker.close();
-        tokio::time::timeout(timeout, self.tracker.wait())
+        self.state.tracker.close();
+        tokio::time::timeout(timeout, self.state.tracker.wait())
             .await
             .is_ok()
     }
@@ -159,7 +161,7 @@ impl Shutdown {
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        self.tracker.spawn(task);
+        self.state.tracker.spawn(task);
     }
 }
 
@@ -206,15 +208,27 @@ impl Signal {
     pub(crate) fn close(&self) -> &CloseReason {
         &self.state.close
     }
-}
 
-impl Drop for Signal {
-    fn drop(&mut self) {
-        if let Some(slot) = self.slot {
+    /// Gives the slot back: the connection's task is changing (it hibernates
+    /// or wakes), and the next [`Self::poll_triggered`] leaves the new waker.
+    pub(crate) fn unregister(&mut self) {
+        if let Some(slot) = self.slot.take() {
             let mut waiters = self.state.waiters();
             waiters.slots[slot as usize] = None;
             waiters.free.push(slot);
         }
+    }
+
+    /// Counts the connection as running while it has no task (it hibernates),
+    /// so that [`Shutdown::drain`] waits for it.
+    pub(crate) fn track(&self) -> TaskTrackerToken {
+        self.state.tracker.token()
+    }
+}
+
+impl Drop for Signal {
+    fn drop(&mut self) {
+        self.unregister();
     }
 }
 

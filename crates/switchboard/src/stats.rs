@@ -25,6 +25,8 @@ struct Shard {
     bytes_in: AtomicU64,
     messages_out: AtomicU64,
     bytes_out: AtomicU64,
+    hibernations: AtomicU64,
+    wakes: AtomicU64,
 }
 
 /// The counts at one moment.
@@ -38,6 +40,10 @@ pub struct StatsSnapshot {
     pub messages_out: u64,
     /// Their bytes on the wire (headers included, after compression).
     pub bytes_out: u64,
+    /// Times a connection hibernated (see [`crate::Options::hibernate_after`]).
+    pub hibernations: u64,
+    /// Times a hibernating connection woke: `hibernations - wakes` hibernate now.
+    pub wakes: u64,
 }
 
 /// The shard of the calling thread: threads are numbered as they first count.
@@ -71,6 +77,14 @@ impl Stats {
         shard.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
+    pub(crate) fn hibernated(&self) {
+        self.shard().hibernations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn woke(&self) {
+        self.shard().wakes.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The current counts.
     pub fn snapshot(&self) -> StatsSnapshot {
         self.0
@@ -80,6 +94,8 @@ impl Stats {
                 bytes_in: sum.bytes_in + shard.bytes_in.load(Ordering::Relaxed),
                 messages_out: sum.messages_out + shard.messages_out.load(Ordering::Relaxed),
                 bytes_out: sum.bytes_out + shard.bytes_out.load(Ordering::Relaxed),
+                hibernations: sum.hibernations + shard.hibernations.load(Ordering::Relaxed),
+                wakes: sum.wakes + shard.wakes.load(Ordering::Relaxed),
             })
     }
 }
@@ -138,6 +154,7 @@ mod tests {
                     for _ in 0..1000 {
                         stats.received(3);
                         stats.sent(5);
+                        stats.hibernated();
                         counter.add(2);
                     }
                     gauge.sub(1);
@@ -150,6 +167,8 @@ mod tests {
             bytes_in: threads * 3000,
             messages_out: threads * 1000,
             bytes_out: threads * 5000,
+            hibernations: threads * 1000,
+            wakes: 0,
         };
         assert_eq!(stats.snapshot(), expected);
         assert_eq!(counter.get(), threads * 2000);

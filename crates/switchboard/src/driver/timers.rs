@@ -1,6 +1,7 @@
 //! The connection's clocks. One timer serves them all: it is set to the
 //! earliest of the idle deadline, the next ping, the slow-consumer deadline,
-//! the close deadline and the end of an inflate pause.
+//! the close deadline, the end of an inflate pause and the next look at
+//! whether to hibernate.
 
 use std::future::Future;
 use std::num::NonZeroU32;
@@ -23,6 +24,9 @@ pub(super) struct Timers {
     /// Since when more than `max_outbound_bytes` has waited to be written, and
     /// reading is paused; past the slow-consumer timeout the connection is closed.
     over_budget_since: Option<Instant>,
+    /// When next to look whether the connection has been quiet long enough
+    /// to hibernate.
+    next_hibernate: Option<Instant>,
     timer: Option<Pin<Box<Sleep>>>,
     periods: Periods,
 }
@@ -35,6 +39,7 @@ struct Periods {
     ping: Option<NonZeroU32>,
     close: NonZeroU32,
     slow_consumer: NonZeroU32,
+    hibernate: Option<NonZeroU32>,
 }
 
 /// `period` in milliseconds, rounded up to at least one, at most `u32::MAX`
@@ -58,6 +63,8 @@ pub(super) enum Due {
     Idle,
     /// Time to ping the peer.
     Ping,
+    /// Time to look whether the connection may hibernate.
+    Hibernate,
     Nothing,
 }
 
@@ -68,6 +75,7 @@ impl Timers {
             ping: options.ping_interval.map(millis),
             close: millis(options.close_timeout),
             slow_consumer: millis(options.slow_consumer_timeout),
+            hibernate: options.hibernate_after.map(millis),
         };
         let now = Instant::now();
         Self {
@@ -75,6 +83,7 @@ impl Timers {
             next_ping: periods.ping.map(|period| after(now, period)),
             close_deadline: None,
             over_budget_since: None,
+            next_hibernate: None,
             timer: None,
             periods,
         }
@@ -125,7 +134,7 @@ impl Timers {
         let slow = self
             .over_budget_since
             .map(|since| after(since, self.periods.slow_consumer));
-        [idle, self.next_ping, slow, resume]
+        [idle, self.next_ping, slow, resume, self.next_hibernate]
             .into_iter()
             .flatten()
             .min()
@@ -180,7 +189,46 @@ impl Timers {
             self.next_ping = self.periods.ping.map(|period| after(now, period));
             return Due::Ping;
         }
+        if self.next_hibernate.is_some_and(|at| at <= now) {
+            self.next_hibernate = None;
+            return Due::Hibernate;
+        }
         Due::Nothing
+    }
+
+    /// Looks whether to hibernate one `hibernate_after` period from now, if
+    /// the connection may.
+    pub(super) fn check_hibernation(&mut self) {
+        self.next_hibernate = self
+            .periods
+            .hibernate
+            .map(|period| after(Instant::now(), period));
+    }
+
+    /// Looks at once: a connection that woke from hibernation for a ping, a
+    /// pong or a deadline goes back to sleep without waiting a whole period.
+    pub(super) fn check_hibernation_now(&mut self) {
+        self.next_hibernate = Some(Instant::now());
+    }
+
+    /// The earliest deadline a hibernating connection must wake for: the
+    /// next ping or the idle timeout (nothing else is pending when it sleeps).
+    pub(super) fn wake_at(&self) -> Option<Instant> {
+        let idle = self
+            .periods
+            .idle
+            .map(|period| after(self.last_read, period));
+        idle.into_iter().chain(self.next_ping).min()
+    }
+
+    /// Whether the connection is closing or paused over its budget: it stays awake.
+    pub(super) fn busy(&self) -> bool {
+        self.close_deadline.is_some() || self.over_budget_since.is_some()
+    }
+
+    /// Drops the timer, which belongs to the task that made it.
+    pub(super) fn disarm(&mut self) {
+        self.timer = None;
     }
 
     /// Whether the close deadline has passed.

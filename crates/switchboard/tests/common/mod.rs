@@ -292,11 +292,18 @@ impl RawClient {
     /// The next frame from the server, skipping pings; `None` at EOF.
     pub async fn recv(&mut self) -> Option<(OpCode, Vec<u8>)> {
         loop {
+            let frame = self.recv_frame().await?;
+            if frame.0 != OpCode::Ping {
+                return Some(frame);
+            }
+        }
+    }
+
+    /// The next frame from the server, pings included; `None` at EOF.
+    pub async fn recv_frame(&mut self) -> Option<(OpCode, Vec<u8>)> {
+        loop {
             if let Some(frame) = self.decoder.decode(&mut self.buf).unwrap() {
-                if frame.opcode != OpCode::Ping {
-                    return Some((frame.opcode, frame.payload.to_vec()));
-                }
-                continue;
+                return Some((frame.opcode, frame.payload.to_vec()));
             }
             let n = tokio::time::timeout(TIMEOUT, self.stream.read_buf(&mut self.buf))
                 .await

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# What hibernation saves on idle connections: the figures behind "Hibernation"
+# in docs/performance.md.
+#
+#   bench/hibernation.sh [--reps N] [--connections N]
+#
+# For each repetition, the service (bench/lib.sh's flags, compression off) holds
+# N idle relay connections (default 19,500) for 20 s, once with
+# --hibernate-after-secs 15 and once without (the default, 0), alternating. Printed per run: the RSS
+# growth per connection (as bench/run.sh's idle scenario measures it), and the
+# heap in use per connection (glibc's malloc_stats, read through gdb at the end
+# of the hold): what the connections hold, whether or not the allocator has
+# given freed pages back to the system. Needs gdb (Debian: apt-get install gdb);
+# builds nothing (run bench/run.sh or cargo build --release first).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source bench/lib.sh
+
+reps=3
+connections=19500
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --reps) reps=$2; shift 2 ;;
+    --connections) connections=$2; shift 2 ;;
+    -h | --help) usage; exit 0 ;;
+    *) echo "unknown option: $1" >&2; exit 2 ;;
+  esac
+done
+command -v gdb > /dev/null || { echo "needs gdb" >&2; exit 1; }
+bin=target/release/switchboard
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+
+# One hold: prints "RSS B/conn, heap B/conn" for the server started with "$@".
+hold() {
+  taskset -c 1 "$bin" serve "${bench_serve_flags[@]}" --compression false "$@" \
+    > "$out/server.log" 2> "$out/server.err" &
+  local pid=$! addr=""
+  for _ in $(seq 100); do
+    addr=$(sed -n 's/^listening on //p' "$out/server.log")
+    [ -n "$addr" ] && break
+    sleep 0.1
+  done
+  taskset -c 0 target/release/loadgen idle --addr "$addr" --pid "$pid" \
+    --connections "$connections" --warmup 20 --duration 2 --out "$out/idle.jsonl" > /dev/null 2>&1 &
+  local loadgen=$!
+  # The connections are open from about 2 s on; read the heap near the end of the hold.
+  sleep 21
+  gdb -p "$pid" -batch -ex "call (void)malloc_stats()" > /dev/null 2>&1
+  wait "$loadgen"
+  kill "$pid"
+  wait "$pid" 2> /dev/null || true
+  local rss heap
+  rss=$(tail -1 "$out/idle.jsonl" | sed -n 's/.*"rss_per_conn_bytes":\([0-9.]*\).*/\1/p')
+  heap=$(grep -A2 '^Total' "$out/server.err" | awk -v n="$connections" '/in use bytes/ {print $5 / n}')
+  printf '%.0f B RSS, %.0f B heap per connection' "$rss" "$heap"
+}
+
+for rep in $(seq "$reps"); do
+  echo "rep $rep: hibernating (--hibernate-after-secs 15): $(hold --hibernate-after-secs 15) | awake: $(hold)"
+done

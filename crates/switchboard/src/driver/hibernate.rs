@@ -1,0 +1,279 @@
+//! Hibernation: a connection quiet for `hibernate_after` gives up its task.
+//!
+//! An idle connection's task is most of its memory: the task cell (tokio's
+//! header, the driver, the handler), tokio's readiness record for the socket
+//! and the socket's shared pointer. A hibernating connection keeps one record
+//! instead ([`Asleep`]: the handler, its decoder, deadlines and counters, the
+//! bare socket), inside the waker that brings it back ([`Sleeper`]). That
+//! waker is left with the mailbox, the shutdown signal and the process's
+//! [`crate::lot`], which watches the socket and the next deadline. The first
+//! of them to fire spawns a task that rebuilds the driver around the record.
+//!
+//! A connection hibernates only when nothing is in flight: no partial frame or
+//! message, nothing queued or half-written, open, not paused, no compression
+//! (its state is not rebuilt).
+
+use std::net::TcpStream as StdTcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context as TaskContext, Wake, Waker};
+
+use bytes::BytesMut;
+use switchboard_proto::message::MessageEncoder;
+use switchboard_proto::{MessageDecoder, Role};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+use tracing::{Instrument, Span};
+
+use super::close::Phase;
+use super::intake::Intake;
+use super::timers::Timers;
+use super::writer::Writer;
+use super::{Connection, Driver, conclude};
+use crate::handle::ConnHandle;
+use crate::handler::{Handler, TerminateReason};
+use crate::lot::{Ticket, lot};
+use crate::mailbox::Drained;
+use crate::shutdown::Signal;
+use crate::socket::Socket;
+use crate::stats::Stats;
+use crate::telemetry::Counts;
+
+/// What a hibernating connection keeps.
+pub(crate) struct Asleep<H: Handler> {
+    stream: StdTcpStream,
+    handler: H,
+    handle: ConnHandle<H::Info>,
+    decoder: MessageDecoder,
+    protocol: Option<Box<str>>,
+    timers: Timers,
+    stats: Option<Stats>,
+    shutdown: Option<Signal>,
+    intake: Intake,
+    opened: Instant,
+    counts: Counts,
+    /// Messages in and out when it fell asleep.
+    quiet_mark: u64,
+    /// The connection's span, which its next task runs in.
+    span: Span,
+    /// Keeps the connection counted by its [`crate::Shutdown`] while it has no task.
+    tracked: Option<TaskTrackerToken>,
+    runtime: tokio::runtime::Handle,
+    /// Its place in the lot, if it got one.
+    ticket: Option<Ticket>,
+}
+
+/// The waker of a hibernating connection: its first wake spawns the task.
+struct Sleeper<H: Handler> {
+    asleep: Mutex<Option<Asleep<H>>>,
+}
+
+impl<H: Handler> Sleeper<H> {
+    fn lock(&self) -> MutexGuard<'_, Option<Asleep<H>>> {
+        self.asleep.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl<H: Handler> Wake for Sleeper<H> {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let Some(mut asleep) = self.lock().take() else {
+            // Woken already.
+            return;
+        };
+        if let (Some(ticket), Ok(lot)) = (asleep.ticket, lot()) {
+            lot.remove(ticket);
+        }
+        let span = asleep.span.clone();
+        let runtime = asleep.runtime.clone();
+        let tracked = asleep.tracked.take();
+        let task = Connection::Waking(asleep).instrument(span);
+        // A runtime that has shut down drops the task, and the connection
+        // with it, as it dropped every task it had.
+        drop(match &tracked {
+            Some(token) => token.task_tracker().spawn_on(task, &runtime),
+            None => runtime.spawn(task),
+        });
+    }
+}
+
+impl<H: Handler, S: AsyncRead + AsyncWrite + Unpin> Driver<H, S> {
+    /// Whether the connection may hibernate now: it has been quiet for a
+    /// whole period and holds nothing in flight.
+    pub(super) fn may_hibernate(&mut self) -> bool {
+        if !std::mem::take(&mut self.sleepy) {
+            return false;
+        }
+        self.direct
+            && self.phase == Phase::Open
+            && !self.poisoned
+            && self.writer.is_idle()
+            && self.read_buf.is_empty()
+            && self.staged.is_empty()
+            && !self.decoder.in_message()
+            && !self.intake.paused()
+            && !self.timers.busy()
+            && self.activity() == self.quiet_mark
+    }
+}
+
+impl<H: Handler> Driver<H, Socket> {
+    /// Hibernates the connection: its task may end. Gives the driver back
+    /// when something arrived in the mailbox meanwhile.
+    pub(super) fn hibernate(mut self) -> Option<Self> {
+        let Socket::Tcp(stream) = &self.io else {
+            return Some(self);
+        };
+        let sleeper = Arc::new(Sleeper {
+            asleep: Mutex::new(None),
+        });
+        let waker = Waker::from(sleeper.clone());
+        // Held until the record is in place: whoever wakes it meanwhile waits.
+        let mut slot = sleeper.lock();
+        if !self.handle.mailbox().hibernate(&waker) {
+            return Some(self);
+        }
+        // The mailbox dropped its pointer to the socket: it is ours alone.
+        if Arc::strong_count(stream) != 1 {
+            self.allow_direct_writes(stream.clone());
+            return Some(self);
+        }
+        let Self {
+            io,
+            handler,
+            handle,
+            decoder,
+            protocol,
+            mut timers,
+            stats,
+            mut shutdown,
+            intake,
+            opened,
+            counts,
+            quiet_mark,
+            ..
+        } = self;
+        timers.disarm();
+        let mut wake_now = false;
+        let tracked = shutdown.as_mut().map(|signal| {
+            signal.unregister();
+            wake_now |= signal.poll_triggered(&mut TaskContext::from_waker(&waker));
+            signal.track()
+        });
+        let Socket::Tcp(stream) = io else {
+            unreachable!("matched above")
+        };
+        let stream = Arc::into_inner(stream).expect("counted above").into_std();
+        let mut asleep = Asleep {
+            stream: match stream {
+                Ok(stream) => stream,
+                Err(e) => {
+                    let reason = TerminateReason::Error(format!("hibernation failed: {e}"));
+                    let mut handler = handler;
+                    conclude(&mut handler, &handle, reason, opened, counts, false);
+                    return None;
+                }
+            },
+            handler,
+            handle,
+            decoder,
+            protocol,
+            timers,
+            stats,
+            shutdown,
+            intake,
+            opened,
+            counts,
+            quiet_mark,
+            span: Span::current(),
+            tracked,
+            runtime: tokio::runtime::Handle::current(),
+            ticket: None,
+        };
+        let deadline = asleep.timers.wake_at().map(Instant::into_std);
+        match lot().and_then(|lot| lot.add(asleep.stream.as_raw_fd(), deadline, waker.clone())) {
+            Ok(ticket) => asleep.ticket = Some(ticket),
+            Err(error) => {
+                tracing::warn!(%error, "cannot hibernate; staying awake");
+                wake_now = true;
+            }
+        }
+        if let Some(stats) = &asleep.stats {
+            stats.hibernated();
+        }
+        *slot = Some(asleep);
+        drop(slot);
+        if wake_now {
+            waker.wake();
+        }
+        None
+    }
+}
+
+impl<H: Handler> Asleep<H> {
+    /// The driver again, around a socket registered with this task's runtime;
+    /// `None` if that failed (the connection has ended).
+    pub(super) fn into_driver(self) -> Option<Driver<H, Socket>> {
+        let Self {
+            stream,
+            handler,
+            handle,
+            decoder,
+            protocol,
+            timers,
+            stats,
+            mut shutdown,
+            intake,
+            opened,
+            counts,
+            quiet_mark,
+            ..
+        } = self;
+        if let Some(stats) = &stats {
+            stats.woke();
+        }
+        let stream = match tokio::net::TcpStream::from_std(stream) {
+            Ok(stream) => Arc::new(stream),
+            Err(e) => {
+                let reason = TerminateReason::Error(format!("waking failed: {e}"));
+                let mut handler = handler;
+                conclude(&mut handler, &handle, reason, opened, counts, false);
+                return None;
+            }
+        };
+        if let Some(signal) = shutdown.as_mut() {
+            // The slot holds the sleeper's waker; this task leaves its own.
+            signal.unregister();
+        }
+        let mut driver = Driver {
+            io: Socket::Tcp(stream.clone()),
+            handler,
+            handle,
+            decoder,
+            writer: Writer::new(MessageEncoder::new(Role::Server, None)),
+            protocol,
+            read_buf: BytesMut::new(),
+            staged: Vec::new(),
+            inbox: Drained::default(),
+            phase: Phase::Open,
+            reason: None,
+            poisoned: false,
+            timers,
+            stats,
+            shutdown,
+            direct: false,
+            intake,
+            opened,
+            counts,
+            quiet_mark,
+            sleepy: false,
+        };
+        driver.allow_direct_writes(stream);
+        driver.timers.check_hibernation_now();
+        Some(driver)
+    }
+}

@@ -1,0 +1,198 @@
+//! Where hibernating connections wait: one thread, one epoll set, and a
+//! deadline list, shared by every runtime in the process.
+//!
+//! A hibernating connection has no task (see `driver::hibernate`). Its socket
+//! is watched here instead of by tokio's reactor, which would keep 256 bytes of
+//! readiness state per socket, and its next deadline (a ping, the idle
+//! timeout) waits in a heap. When the socket becomes readable (data, a close,
+//! an error) or the deadline passes, the entry is removed and its waker is
+//! woken, which gives the connection a task again. Its mailbox and the
+//! shutdown signal wake the same waker directly; whichever comes first wins,
+//! and the others find the entry gone.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token};
+
+/// The token that interrupts the thread's wait when an earlier deadline arrives.
+const WAKE: Token = Token(usize::MAX);
+/// Readiness events taken per wait.
+const EVENTS: usize = 256;
+
+/// A connection's place in the lot: its slot and the slot's generation, so
+/// that a stale event or deadline for a slot since reused is ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Ticket {
+    slot: u32,
+    generation: u32,
+}
+
+impl Ticket {
+    fn token(self) -> Token {
+        Token(((self.generation as usize) << 32) | self.slot as usize)
+    }
+
+    fn of(token: Token) -> Self {
+        Self {
+            slot: token.0 as u32,
+            generation: (token.0 >> 32) as u32,
+        }
+    }
+}
+
+/// The lot: the registry of its epoll set and the waiting connections.
+pub(crate) struct Lot {
+    registry: Registry,
+    interrupt: mio::Waker,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// By slot: the waiting connection's socket and waker.
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// Deadlines by time; an entry whose ticket no longer waits is skipped.
+    deadlines: BinaryHeap<Reverse<(Instant, Ticket)>>,
+    /// What the thread's current wait is bounded by.
+    waiting_until: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Slot {
+    generation: u32,
+    waiting: Option<(RawFd, Waker)>,
+}
+
+/// The process's lot, its thread started on first use.
+pub(crate) fn lot() -> io::Result<&'static Lot> {
+    static LOT: OnceLock<Result<&'static Lot, String>> = OnceLock::new();
+    LOT.get_or_init(|| start().map_err(|e| e.to_string()))
+        .as_ref()
+        .copied()
+        .map_err(|e| io::Error::other(e.clone()))
+}
+
+fn start() -> io::Result<&'static Lot> {
+    let poll = Poll::new()?;
+    let lot: &'static Lot = Box::leak(Box::new(Lot {
+        registry: poll.registry().try_clone()?,
+        interrupt: mio::Waker::new(poll.registry(), WAKE)?,
+        inner: Mutex::new(Inner::default()),
+    }));
+    std::thread::Builder::new()
+        .name("switchboard-lot".into())
+        .spawn(move || lot.run(poll))?;
+    Ok(lot)
+}
+
+impl Lot {
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        // Every change to the slots is completed before anything can panic.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Watches `fd` for reading, and `deadline`, waking `waker` on the first
+    /// of them. If `fd` is readable already, that is reported at once.
+    pub(crate) fn add(
+        &self,
+        fd: RawFd,
+        deadline: Option<Instant>,
+        waker: Waker,
+    ) -> io::Result<Ticket> {
+        let mut inner = self.inner();
+        let slot = match inner.free.pop() {
+            Some(slot) => slot,
+            None => {
+                inner.slots.push(Slot::default());
+                u32::try_from(inner.slots.len() - 1).expect("fewer than 2^32 connections")
+            }
+        };
+        let ticket = Ticket {
+            slot,
+            generation: inner.slots[slot as usize].generation,
+        };
+        if let Err(e) =
+            self.registry
+                .register(&mut SourceFd(&fd), ticket.token(), Interest::READABLE)
+        {
+            inner.free.push(slot);
+            return Err(e);
+        }
+        inner.slots[slot as usize].waiting = Some((fd, waker));
+        if let Some(at) = deadline {
+            inner.deadlines.push(Reverse((at, ticket)));
+            if inner.waiting_until.is_none_or(|until| at < until) {
+                // The thread sleeps past this deadline: make it look again.
+                inner.waiting_until = Some(at);
+                drop(inner);
+                self.interrupt.wake()?;
+            }
+        }
+        Ok(ticket)
+    }
+
+    /// Stops watching `ticket`'s socket; returns whether it was still waiting
+    /// (false when an event or its deadline took it first).
+    pub(crate) fn remove(&self, ticket: Ticket) -> bool {
+        self.take(&mut self.inner(), ticket).is_some()
+    }
+
+    /// Takes `ticket`'s entry out of `inner`, deregistering its socket.
+    fn take(&self, inner: &mut Inner, ticket: Ticket) -> Option<Waker> {
+        let slot = inner.slots.get_mut(ticket.slot as usize)?;
+        if slot.generation != ticket.generation {
+            return None;
+        }
+        let (fd, waker) = slot.waiting.take()?;
+        slot.generation = slot.generation.wrapping_add(1);
+        inner.free.push(ticket.slot);
+        // Fails only if the socket is gone, which also took it out of the set.
+        let _ = self.registry.deregister(&mut SourceFd(&fd));
+        Some(waker)
+    }
+
+    /// The thread: waits for readiness or the next deadline, and wakes those
+    /// whose turn it is, outside the lock.
+    fn run(&self, mut poll: Poll) {
+        let mut events = Events::with_capacity(EVENTS);
+        let mut due = Vec::new();
+        loop {
+            let timeout = {
+                let mut inner = self.inner();
+                let next = inner.deadlines.peek().map(|Reverse((at, _))| *at);
+                inner.waiting_until = next;
+                next.map(|at| at.saturating_duration_since(Instant::now()))
+            };
+            if let Err(e) = poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!(error = %e, "hibernation wait failed");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                continue;
+            }
+            {
+                let mut inner = self.inner();
+                for event in events.iter().filter(|event| event.token() != WAKE) {
+                    due.extend(self.take(&mut inner, Ticket::of(event.token())));
+                }
+                let now = Instant::now();
+                while let Some(Reverse((at, ticket))) = inner.deadlines.peek().copied() {
+                    if at > now {
+                        break;
+                    }
+                    inner.deadlines.pop();
+                    due.extend(self.take(&mut inner, ticket));
+                }
+            }
+            due.drain(..).for_each(Waker::wake);
+        }
+    }
+}

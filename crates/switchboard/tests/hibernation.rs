@@ -1,0 +1,228 @@
+//! Hibernation over real sockets: a quiet connection gives up its task, and
+//! everything that can reach it (a push, an info, its peer, a deadline, a
+//! close, shutdown) wakes it with nothing lost. The counters of
+//! [`switchboard::Stats`] show when it sleeps and wakes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Event, Probe, RawClient, TIMEOUT, next_event, serve};
+use switchboard::proto::OpCode;
+use switchboard::{
+    CloseReason, ConnHandle, Options, PreparedMessage, Shutdown, Stats, TerminateReason,
+    WebSocketUpgrade,
+};
+use tokio::sync::mpsc;
+
+const QUIET: Duration = Duration::from_millis(100);
+
+/// Options that hibernate after [`QUIET`], counting into `stats`, and end a
+/// connection 200 ms after sending a close the client (which never answers
+/// one) leaves unanswered.
+fn hibernating(stats: &Stats) -> Options {
+    Options::default()
+        .hibernate_after(Some(QUIET))
+        .stats(stats.clone())
+        .close_timeout(Duration::from_millis(200))
+}
+
+/// Waits until `stats` has counted `n` hibernations, and returns its wakes.
+async fn hibernated(stats: &Stats, n: u64) -> u64 {
+    tokio::time::timeout(TIMEOUT, async {
+        loop {
+            let snapshot = stats.snapshot();
+            if snapshot.hibernations >= n {
+                return snapshot.wakes;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the connection hibernates")
+}
+
+/// A server of probes with `options` (and `shutdown`, if given); a connected
+/// client that has read the probe's greeting, the probe's events and the
+/// connection's handle.
+async fn connected(
+    options: Options,
+    shutdown: Option<Shutdown>,
+) -> (
+    RawClient,
+    mpsc::UnboundedReceiver<Event>,
+    ConnHandle<String>,
+) {
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (handles_tx, mut handles) = mpsc::unbounded_channel();
+    let upgrade = move |ws: WebSocketUpgrade| {
+        let mut probe = Probe::new(events_tx.clone());
+        probe.handles = Some(handles_tx.clone());
+        let ws = ws.options(options.clone());
+        match &shutdown {
+            Some(shutdown) => ws.shutdown(shutdown).on_upgrade(probe),
+            None => ws.on_upgrade(probe),
+        }
+    };
+    let mut client = RawClient::connect(serve(upgrade).await).await;
+    let handle = handles.recv().await.unwrap();
+    assert_eq!(next_event(&mut events).await, Event::Init(None));
+    assert_eq!(client.recv().await, Some((OpCode::Text, b"hello".to_vec())));
+    (client, events, handle)
+}
+
+fn text(s: &str) -> Option<(OpCode, Vec<u8>)> {
+    Some((OpCode::Text, s.as_bytes().to_vec()))
+}
+
+#[tokio::test]
+async fn pushes_and_infos_wake_a_hibernating_connection_in_order() {
+    let stats = Stats::new();
+    let (mut client, mut events, handle) = connected(hibernating(&stats), None).await;
+    assert_eq!(hibernated(&stats, 1).await, 0, "asleep, not woken yet");
+    // A burst pushed to a sleeping connection: the first wakes it, none is lost
+    // or reordered.
+    for i in 0..200 {
+        handle
+            .push(PreparedMessage::text(format!("frame {i}")))
+            .unwrap();
+    }
+    for i in 0..200 {
+        assert_eq!(client.recv().await, text(&format!("frame {i}")));
+    }
+    assert!(stats.snapshot().wakes >= 1);
+    // Quiet again, it sleeps again, and an info wakes it.
+    hibernated(&stats, 2).await;
+    handle.send("knock".into()).unwrap();
+    assert_eq!(next_event(&mut events).await, Event::Info("knock".into()));
+    assert_eq!(client.recv().await, text("info:knock"));
+}
+
+#[tokio::test]
+async fn its_peer_wakes_a_hibernating_connection() {
+    let stats = Stats::new();
+    let (mut client, mut events, _handle) = connected(hibernating(&stats), None).await;
+    hibernated(&stats, 1).await;
+    client
+        .send(&RawClient::frame(true, OpCode::Text, b"anyone?"))
+        .await;
+    assert_eq!(next_event(&mut events).await, Event::In("anyone?".into()));
+    assert_eq!(client.recv().await, text("anyone?"));
+    assert_eq!(stats.snapshot().wakes, 1);
+}
+
+#[tokio::test]
+async fn a_hibernating_connection_is_pinged_and_times_out() {
+    let stats = Stats::new();
+    let options = hibernating(&stats)
+        .ping_interval(Some(Duration::from_millis(300)))
+        .idle_timeout(Some(Duration::from_millis(1500)));
+    let (mut client, mut events, _handle) = connected(options, None).await;
+    // This client never answers pings: it gets them, then the idle timeout's close.
+    let mut pings = 0;
+    let close = loop {
+        match client.recv_frame().await {
+            Some((OpCode::Ping, _)) => pings += 1,
+            Some((OpCode::Close, payload)) => break u16::from_be_bytes([payload[0], payload[1]]),
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(close, 1001);
+    assert!(pings >= 3, "{pings} pings in 1.5 s at one per 300 ms");
+    // It went back to sleep between pings.
+    assert!(stats.snapshot().hibernations >= 3, "{:?}", stats.snapshot());
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Terminate(TerminateReason::Timeout)
+    );
+}
+
+#[tokio::test]
+async fn a_peer_that_closes_or_vanishes_while_it_hibernates_ends_it() {
+    let stats = Stats::new();
+    let (mut client, mut events, _handle) = connected(hibernating(&stats), None).await;
+    hibernated(&stats, 1).await;
+    client
+        .send(&RawClient::frame(
+            true,
+            OpCode::Close,
+            &4000u16.to_be_bytes(),
+        ))
+        .await;
+    assert_eq!(client.close_code().await, Some(4000));
+    let Event::Terminate(TerminateReason::Remote(Some(reason))) = next_event(&mut events).await
+    else {
+        panic!("terminate with the peer's close")
+    };
+    assert_eq!(reason.code(), switchboard::CloseCode(4000));
+
+    let stats = Stats::new();
+    let (client, mut events, _handle) = connected(hibernating(&stats), None).await;
+    hibernated(&stats, 1).await;
+    drop(client);
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Terminate(TerminateReason::ConnectionLost)
+    );
+}
+
+#[tokio::test]
+async fn closing_its_handle_closes_a_hibernating_connection() {
+    let stats = Stats::new();
+    let (mut client, mut events, handle) = connected(hibernating(&stats), None).await;
+    hibernated(&stats, 1).await;
+    handle.close(CloseReason::new(4001, "later"));
+    assert_eq!(client.close_code().await, Some(4001));
+    assert!(matches!(
+        next_event(&mut events).await,
+        Event::Terminate(TerminateReason::Normal(_))
+    ));
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_and_closes_hibernating_connections() {
+    let stats = Stats::new();
+    let shutdown = Shutdown::new();
+    let (mut client, mut events, _handle) =
+        connected(hibernating(&stats), Some(shutdown.clone())).await;
+    hibernated(&stats, 1).await;
+    // No task, but still counted: drain must wait for it.
+    assert_eq!(shutdown.connections(), 1);
+    let drain = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { shutdown.drain(TIMEOUT).await }
+    });
+    assert_eq!(client.close_code().await, Some(1001));
+    assert!(drain.await.unwrap(), "every connection ended");
+    assert!(matches!(
+        next_event(&mut events).await,
+        Event::Terminate(TerminateReason::Shutdown(_))
+    ));
+    assert_eq!(shutdown.connections(), 0);
+}
+
+#[tokio::test]
+async fn a_connection_that_keeps_talking_does_not_hibernate() {
+    let stats = Stats::new();
+    let (mut client, _events, _handle) = connected(hibernating(&stats), None).await;
+    // A message every half period, for four periods.
+    for i in 0..8 {
+        let message = format!("still here {i}");
+        client
+            .send(&RawClient::frame(true, OpCode::Text, message.as_bytes()))
+            .await;
+        assert_eq!(client.recv().await, text(&message));
+        tokio::time::sleep(QUIET / 2).await;
+    }
+    assert_eq!(stats.snapshot().hibernations, 0);
+}
+
+#[tokio::test]
+async fn without_hibernate_after_a_quiet_connection_keeps_its_task() {
+    let stats = Stats::new();
+    let options = Options::default().stats(stats.clone());
+    let (_client, _events, handle) = connected(options, None).await;
+    tokio::time::sleep(QUIET * 3).await;
+    assert_eq!(stats.snapshot().hibernations, 0);
+    handle.push(PreparedMessage::text("x")).unwrap();
+}
