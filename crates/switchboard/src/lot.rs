@@ -14,6 +14,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io;
 use std::os::fd::RawFd;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::task::Waker;
 use std::time::{Duration, Instant};
@@ -35,14 +36,17 @@ pub(crate) struct Ticket {
 }
 
 impl Ticket {
+    // On a 32-bit target the generation does not fit and is lost: a stale
+    // event then wakes the slot's next connection, which finds nothing to read.
     fn token(self) -> Token {
-        Token(((self.generation as usize) << 32) | self.slot as usize)
+        Token((u64::from(self.generation) << 32 | u64::from(self.slot)) as usize)
     }
 
     fn of(token: Token) -> Self {
+        let token = token.0 as u64;
         Self {
-            slot: token.0 as u32,
-            generation: (token.0 >> 32) as u32,
+            slot: token as u32,
+            generation: (token >> 32) as u32,
         }
     }
 }
@@ -63,6 +67,23 @@ struct Inner {
     deadlines: BinaryHeap<Reverse<(Instant, Ticket)>>,
     /// What the thread's current wait is bounded by.
     waiting_until: Option<Instant>,
+}
+
+impl Inner {
+    /// Drops the deadlines of connections that woke before them once they are
+    /// more than half the heap: a connection woken by its peer's pings would
+    /// otherwise leave one behind per wake until its idle timeout.
+    fn forget_stale_deadlines(&mut self) {
+        let waiting = self.slots.len() - self.free.len();
+        if self.deadlines.len() <= 2 * waiting + 64 {
+            return;
+        }
+        let slots = &self.slots;
+        self.deadlines.retain(|Reverse((_, ticket))| {
+            let slot = &slots[ticket.slot as usize];
+            slot.generation == ticket.generation && slot.waiting.is_some()
+        });
+    }
 }
 
 #[derive(Default)]
@@ -129,11 +150,16 @@ impl Lot {
         inner.slots[slot as usize].waiting = Some((fd, waker));
         if let Some(at) = deadline {
             inner.deadlines.push(Reverse((at, ticket)));
+            inner.forget_stale_deadlines();
             if inner.waiting_until.is_none_or(|until| at < until) {
                 // The thread sleeps past this deadline: make it look again.
                 inner.waiting_until = Some(at);
                 drop(inner);
-                self.interrupt.wake()?;
+                if let Err(error) = self.interrupt.wake() {
+                    // Only a broken eventfd fails; the deadline is still kept,
+                    // and met when the thread next wakes.
+                    tracing::error!(%error, "cannot wake the hibernation thread");
+                }
             }
         }
         Ok(ticket)
@@ -192,7 +218,14 @@ impl Lot {
                     due.extend(self.take(&mut inner, ticket));
                 }
             }
-            due.drain(..).for_each(Waker::wake);
+            for waker in due.drain(..) {
+                // A connection's code runs here (dropping a task the runtime
+                // refuses runs its handler's `Drop`): a panic must not end the
+                // thread every hibernating connection waits on.
+                if catch_unwind(AssertUnwindSafe(|| waker.wake())).is_err() {
+                    tracing::error!("panic while waking a hibernating connection");
+                }
+            }
         }
     }
 }

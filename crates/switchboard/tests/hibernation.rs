@@ -226,3 +226,22 @@ async fn without_hibernate_after_a_quiet_connection_keeps_its_task() {
     assert_eq!(stats.snapshot().hibernations, 0);
     handle.push(PreparedMessage::text("x")).unwrap();
 }
+
+#[tokio::test]
+async fn a_connection_waiting_on_held_work_stays_awake() {
+    let stats = Stats::new();
+    let options = hibernating(&stats).max_outbound_bytes(1024);
+    let (mut client, mut events, handle) = connected(options, None).await;
+    // Reading waits for the application's work: the peer's bytes stay unread,
+    // and the socket stays readable. Asleep, the connection would wake at once,
+    // find it may not read, and sleep again, over and over.
+    let held = handle.outbox().hold(4096);
+    client
+        .send(&RawClient::frame(true, OpCode::Text, b"later"))
+        .await;
+    tokio::time::sleep(QUIET * 5).await;
+    assert_eq!(stats.snapshot().hibernations, 0);
+    drop(held);
+    assert_eq!(next_event(&mut events).await, Event::In("later".into()));
+    assert_eq!(client.recv().await, text("later"));
+}

@@ -60,8 +60,8 @@ pub(crate) struct Asleep<H: Handler> {
     /// Keeps the connection counted by its [`crate::Shutdown`] while it has no task.
     tracked: Option<TaskTrackerToken>,
     runtime: tokio::runtime::Handle,
-    /// Its place in the lot, if it got one.
-    ticket: Option<Ticket>,
+    /// Its place in the lot.
+    ticket: Ticket,
 }
 
 /// The waker of a hibernating connection: its first wake spawns the task.
@@ -85,8 +85,8 @@ impl<H: Handler> Wake for Sleeper<H> {
             // Woken already.
             return;
         };
-        if let (Some(ticket), Ok(lot)) = (asleep.ticket, lot()) {
-            lot.remove(ticket);
+        if let Ok(lot) = lot() {
+            lot.remove(asleep.ticket);
         }
         let span = asleep.span.clone();
         let runtime = asleep.runtime.clone();
@@ -117,6 +117,9 @@ impl<H: Handler, S: AsyncRead + AsyncWrite + Unpin> Driver<H, S> {
             && !self.decoder.in_message()
             && !self.intake.paused()
             && !self.timers.busy()
+            // Reading waits for the application: woken at once by the readable
+            // socket, it could not read, and would sleep and wake again and again.
+            && !self.handle.mailbox().holds_too_much()
             && self.activity() == self.quiet_mark
     }
 }
@@ -138,10 +141,25 @@ impl<H: Handler> Driver<H, Socket> {
             return Some(self);
         }
         // The mailbox dropped its pointer to the socket: it is ours alone.
-        if Arc::strong_count(stream) != 1 {
-            self.allow_direct_writes(stream.clone());
-            return Some(self);
-        }
+        // The socket joins the lot while tokio still watches it (an fd may be
+        // in two epoll sets), so that a failure leaves the driver as it was:
+        // it stays awake until the next period, and its first drain replaces
+        // the sleeper's waker in the mailbox.
+        let deadline = self.timers.wake_at().map(Instant::into_std);
+        let joined = lot().and_then(|lot| lot.add(stream.as_raw_fd(), deadline, waker.clone()));
+        let ticket = match joined {
+            Ok(ticket) if Arc::strong_count(stream) == 1 => ticket,
+            joined => {
+                if let Err(error) = joined {
+                    tracing::warn!(%error, "cannot hibernate; staying awake");
+                } else if let (Ok(ticket), Ok(lot)) = (joined, lot()) {
+                    lot.remove(ticket);
+                }
+                let stream = stream.clone();
+                self.allow_direct_writes(stream);
+                return Some(self);
+            }
+        };
         let Self {
             io,
             handler,
@@ -168,10 +186,13 @@ impl<H: Handler> Driver<H, Socket> {
             unreachable!("matched above")
         };
         let stream = Arc::into_inner(stream).expect("counted above").into_std();
-        let mut asleep = Asleep {
+        let asleep = Asleep {
             stream: match stream {
                 Ok(stream) => stream,
                 Err(e) => {
+                    if let Ok(lot) = lot() {
+                        lot.remove(ticket);
+                    }
                     let reason = TerminateReason::Error(format!("hibernation failed: {e}"));
                     let mut handler = handler;
                     conclude(&mut handler, &handle, reason, opened, counts, false);
@@ -192,16 +213,8 @@ impl<H: Handler> Driver<H, Socket> {
             span: Span::current(),
             tracked,
             runtime: tokio::runtime::Handle::current(),
-            ticket: None,
+            ticket,
         };
-        let deadline = asleep.timers.wake_at().map(Instant::into_std);
-        match lot().and_then(|lot| lot.add(asleep.stream.as_raw_fd(), deadline, waker.clone())) {
-            Ok(ticket) => asleep.ticket = Some(ticket),
-            Err(error) => {
-                tracing::warn!(%error, "cannot hibernate; staying awake");
-                wake_now = true;
-            }
-        }
         if let Some(stats) = &asleep.stats {
             stats.hibernated();
         }
