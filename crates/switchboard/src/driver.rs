@@ -42,6 +42,7 @@ mod intake;
 mod timers;
 mod writer;
 use close::Phase;
+use hibernate::Quiet;
 use intake::Intake;
 use timers::{Due, Timers};
 use writer::Writer;
@@ -122,7 +123,7 @@ pub(crate) async fn run<H: Handler, S: AsyncRead + AsyncWrite + Unpin>(
     early: Bytes,
 ) {
     let mut driver = Driver::start(io, handler, mailbox, setup, None, &early);
-    // A client never hibernates (see `Driver::watch_for_quiet`).
+    // A client never hibernates (it has no `Quiet`: see `Driver::start`).
     std::future::poll_fn(|cx| driver.poll_run(cx).map(drop)).await;
     driver.finish();
 }
@@ -224,11 +225,9 @@ pub(crate) struct Driver<H: Handler, S> {
     /// the mailbox wrote directly, which it counts).
     opened: Instant,
     counts: Counts,
-    /// Messages in and out when the connection was last found active: the
-    /// same count a period later means it was quiet (see `hibernate`).
-    quiet_mark: u64,
-    /// Quiet for a period: hibernate as soon as nothing is in flight.
-    sleepy: bool,
+    /// Watches for quiet, to hibernate (see `hibernate`): boxed, so that a
+    /// connection without `hibernate_after` carries a null pointer.
+    quiet: Option<Box<Quiet>>,
 }
 
 /// Why [`Driver::poll_run`] returned.
@@ -257,13 +256,16 @@ where
         early: &[u8],
     ) -> Self {
         let compressed = setup.deflate.is_some() || setup.peer_context.is_some();
+        let hibernate_after = setup.options.hibernate_after;
         let mut driver = Self::new(io, handler, mailbox, setup);
         if let Some(stream) = direct {
             driver.allow_direct_writes(stream);
         }
         driver.init();
-        if driver.direct && !compressed {
-            driver.watch_for_quiet();
+        // Only plain TCP connections without compression hibernate: their
+        // socket can be handed over and their state rebuilt.
+        if let Some(period) = hibernate_after.filter(|_| driver.direct && !compressed) {
+            driver.quiet = Some(Box::new(Quiet::new(period, driver.activity())));
         }
         if !early.is_empty() {
             driver.read_buf.extend_from_slice(early);
@@ -299,18 +301,8 @@ where
             stats: options.stats,
             opened: Instant::now(),
             counts: Counts::default(),
-            quiet_mark: 0,
-            sleepy: false,
+            quiet: None,
         }
-    }
-
-    /// Looks a period from now whether the connection has been quiet, to
-    /// hibernate it (a no-op without `hibernate_after`). Only plain TCP
-    /// connections without compression are watched: their socket can be
-    /// handed over and their state rebuilt.
-    fn watch_for_quiet(&mut self) {
-        self.quiet_mark = self.activity();
-        self.timers.check_hibernation();
     }
 
     /// Messages received and sent so far, written directly or not.
@@ -393,7 +385,7 @@ where
                     mailbox_waiting = false;
                     continue;
                 }
-                if self.sleepy && self.may_hibernate() {
+                if self.may_hibernate() {
                     return Poll::Ready(Exit::Hibernate);
                 }
                 if self.poll_timers(cx, true) {
@@ -581,7 +573,15 @@ where
     /// Fires the timer if it is due, and acts on what is (see [`Timers::poll`]).
     fn poll_timers(&mut self, cx: &mut TaskContext<'_>, arm: bool) -> bool {
         let open = self.phase == Phase::Open;
-        if !self.timers.poll(cx, open, self.intake.resume_at(), arm) {
+        // Only an open connection looks for quiet: a closing one would find
+        // the look overdue on every wake-up.
+        let look = self
+            .quiet
+            .as_ref()
+            .filter(|_| open)
+            .map(|quiet| quiet.next_look());
+        let other = self.intake.resume_at().into_iter().chain(look).min();
+        if !self.timers.poll(cx, open, other, arm) {
             return false;
         }
         let now = Instant::now();
@@ -589,6 +589,12 @@ where
             // What was read before the pause is decoded before reading more.
             self.decode_messages();
             self.account_received();
+        }
+        if look.is_some_and(|at| at <= now) {
+            let activity = self.activity();
+            if let Some(quiet) = self.quiet.as_mut() {
+                quiet.look(activity, now);
+            }
         }
         match self.phase {
             Phase::Open => match self.timers.due(now) {
@@ -602,12 +608,6 @@ where
                 ),
                 Due::Ping => {
                     self.push_frame(Message::Ping(Bytes::new()));
-                }
-                Due::Hibernate => {
-                    let activity = self.activity();
-                    self.sleepy = activity == self.quiet_mark;
-                    self.quiet_mark = activity;
-                    self.timers.check_hibernation();
                 }
                 Due::Nothing => {}
             },

@@ -17,6 +17,7 @@ use std::net::TcpStream as StdTcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context as TaskContext, Wake, Waker};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use switchboard_proto::message::MessageEncoder;
@@ -53,8 +54,8 @@ pub(crate) struct Asleep<H: Handler> {
     intake: Intake,
     opened: Instant,
     counts: Counts,
-    /// Messages in and out when it fell asleep.
-    quiet_mark: u64,
+    /// Its watch for quiet, which wakes with it.
+    quiet: Box<Quiet>,
     /// The connection's span, which its next task runs in.
     span: Span,
     /// Keeps the connection counted by its [`crate::Shutdown`] while it has no task.
@@ -101,13 +102,57 @@ impl<H: Handler> Wake for Sleeper<H> {
     }
 }
 
+/// Whether a connection has been quiet: no message in or out (pings and
+/// pongs are not messages) from one look to the next, a period apart.
+pub(super) struct Quiet {
+    period: Duration,
+    next_look: Instant,
+    /// Messages in and out at the last look.
+    mark: u64,
+    /// Found quiet at the last look: hibernate once nothing is in flight.
+    sleepy: bool,
+}
+
+impl Quiet {
+    /// Looks first a period from now; `activity` is the count so far.
+    pub(super) fn new(period: Duration, activity: u64) -> Self {
+        Self {
+            period,
+            next_look: Instant::now() + period,
+            mark: activity,
+            sleepy: false,
+        }
+    }
+
+    pub(super) fn next_look(&self) -> Instant {
+        self.next_look
+    }
+
+    /// Looks at once: a connection woken for a ping, a pong or a deadline
+    /// goes back to sleep without waiting a whole period.
+    fn look_now(&mut self) {
+        self.next_look = Instant::now();
+    }
+
+    /// The look, at `now`, with `activity` the count now.
+    pub(super) fn look(&mut self, activity: u64, now: Instant) {
+        self.sleepy = activity == self.mark;
+        self.mark = activity;
+        self.next_look = now + self.period;
+    }
+}
+
 impl<H: Handler, S: AsyncRead + AsyncWrite + Unpin> Driver<H, S> {
     /// Whether the connection may hibernate now: it has been quiet for a
     /// whole period and holds nothing in flight.
     pub(super) fn may_hibernate(&mut self) -> bool {
-        if !std::mem::take(&mut self.sleepy) {
+        let Some(quiet) = self.quiet.as_mut() else {
+            return false;
+        };
+        if !std::mem::take(&mut quiet.sleepy) {
             return false;
         }
+        let mark = quiet.mark;
         self.direct
             && self.phase == Phase::Open
             && !self.poisoned
@@ -120,7 +165,7 @@ impl<H: Handler, S: AsyncRead + AsyncWrite + Unpin> Driver<H, S> {
             // Reading waits for the application: woken at once by the readable
             // socket, it could not read, and would sleep and wake again and again.
             && !self.handle.mailbox().holds_too_much()
-            && self.activity() == self.quiet_mark
+            && self.activity() == mark
     }
 }
 
@@ -172,9 +217,12 @@ impl<H: Handler> Driver<H, Socket> {
             intake,
             opened,
             counts,
-            quiet_mark,
+            quiet,
             ..
         } = self;
+        let Some(quiet) = quiet else {
+            unreachable!("only a watched connection is found quiet")
+        };
         timers.disarm();
         let mut wake_now = false;
         let tracked = shutdown.as_mut().map(|signal| {
@@ -209,7 +257,7 @@ impl<H: Handler> Driver<H, Socket> {
             intake,
             opened,
             counts,
-            quiet_mark,
+            quiet,
             span: Span::current(),
             tracked,
             runtime: tokio::runtime::Handle::current(),
@@ -243,9 +291,10 @@ impl<H: Handler> Asleep<H> {
             intake,
             opened,
             counts,
-            quiet_mark,
+            mut quiet,
             ..
         } = self;
+        quiet.look_now();
         if let Some(stats) = &stats {
             stats.woke();
         }
@@ -282,11 +331,9 @@ impl<H: Handler> Asleep<H> {
             intake,
             opened,
             counts,
-            quiet_mark,
-            sleepy: false,
+            quiet: Some(quiet),
         };
         driver.allow_direct_writes(stream);
-        driver.timers.check_hibernation_now();
         Some(driver)
     }
 }

@@ -1,7 +1,7 @@
 //! The connection's clocks. One timer serves them all: it is set to the
 //! earliest of the idle deadline, the next ping, the slow-consumer deadline,
-//! the close deadline, the end of an inflate pause and the next look at
-//! whether to hibernate.
+//! the close deadline, and one more the driver keeps (the end of an inflate
+//! pause, the next look for quiet).
 
 use std::future::Future;
 use std::num::NonZeroU32;
@@ -24,9 +24,6 @@ pub(super) struct Timers {
     /// Since when more than `max_outbound_bytes` has waited to be written, and
     /// reading is paused; past the slow-consumer timeout the connection is closed.
     over_budget_since: Option<Instant>,
-    /// When next to look whether the connection has been quiet long enough
-    /// to hibernate.
-    next_hibernate: Option<Instant>,
     timer: Option<Pin<Box<Sleep>>>,
     periods: Periods,
 }
@@ -39,7 +36,6 @@ struct Periods {
     ping: Option<NonZeroU32>,
     close: NonZeroU32,
     slow_consumer: NonZeroU32,
-    hibernate: Option<NonZeroU32>,
 }
 
 /// `period` in milliseconds, rounded up to at least one, at most `u32::MAX`
@@ -63,8 +59,6 @@ pub(super) enum Due {
     Idle,
     /// Time to ping the peer.
     Ping,
-    /// Time to look whether the connection may hibernate.
-    Hibernate,
     Nothing,
 }
 
@@ -75,7 +69,6 @@ impl Timers {
             ping: options.ping_interval.map(millis),
             close: millis(options.close_timeout),
             slow_consumer: millis(options.slow_consumer_timeout),
-            hibernate: options.hibernate_after.map(millis),
         };
         let now = Instant::now();
         Self {
@@ -83,7 +76,6 @@ impl Timers {
             next_ping: periods.ping.map(|period| after(now, period)),
             close_deadline: None,
             over_budget_since: None,
-            next_hibernate: None,
             timer: None,
             periods,
         }
@@ -119,10 +111,11 @@ impl Timers {
     /// When the timer must next fire: while `open`, the earliest of the idle
     /// deadline (not while reading is paused: the peer is not idle, we are not
     /// reading), the next ping and the slow-consumer deadline; otherwise the
-    /// close deadline. `resume` is when an inflate pause ends.
-    fn next_deadline(&self, open: bool, resume: Option<Instant>) -> Option<Instant> {
+    /// close deadline. `other` is the driver's own (the end of an inflate
+    /// pause, the next look for quiet).
+    fn next_deadline(&self, open: bool, other: Option<Instant>) -> Option<Instant> {
         if !open {
-            return [self.close_deadline, resume].into_iter().flatten().min();
+            return [self.close_deadline, other].into_iter().flatten().min();
         }
         let idle = match self.over_budget_since {
             Some(_) => None,
@@ -134,7 +127,7 @@ impl Timers {
         let slow = self
             .over_budget_since
             .map(|since| after(since, self.periods.slow_consumer));
-        [idle, self.next_ping, slow, resume, self.next_hibernate]
+        [idle, self.next_ping, slow, other]
             .into_iter()
             .flatten()
             .min()
@@ -149,10 +142,10 @@ impl Timers {
         &mut self,
         cx: &mut TaskContext<'_>,
         open: bool,
-        resume: Option<Instant>,
+        other: Option<Instant>,
         arm: bool,
     ) -> bool {
-        let Some(want) = self.next_deadline(open, resume) else {
+        let Some(want) = self.next_deadline(open, other) else {
             self.timer = None;
             return false;
         };
@@ -189,26 +182,7 @@ impl Timers {
             self.next_ping = self.periods.ping.map(|period| after(now, period));
             return Due::Ping;
         }
-        if self.next_hibernate.is_some_and(|at| at <= now) {
-            self.next_hibernate = None;
-            return Due::Hibernate;
-        }
         Due::Nothing
-    }
-
-    /// Looks whether to hibernate one `hibernate_after` period from now, if
-    /// the connection may.
-    pub(super) fn check_hibernation(&mut self) {
-        self.next_hibernate = self
-            .periods
-            .hibernate
-            .map(|period| after(Instant::now(), period));
-    }
-
-    /// Looks at once: a connection that woke from hibernation for a ping, a
-    /// pong or a deadline goes back to sleep without waiting a whole period.
-    pub(super) fn check_hibernation_now(&mut self) {
-        self.next_hibernate = Some(Instant::now());
     }
 
     /// The earliest deadline a hibernating connection must wake for: the
