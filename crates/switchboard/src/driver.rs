@@ -221,9 +221,8 @@ pub(crate) struct Driver<H: Handler, S> {
     direct: bool,
     /// What the peer may make us hold and inflate.
     intake: Intake,
-    /// For the close event: when it opened, and its traffic (but for what
-    /// the mailbox wrote directly, which it counts).
-    opened: Instant,
+    /// For the close event: its traffic (but for what the mailbox wrote
+    /// directly, which it counts). When it opened is kept by the timers.
     counts: Counts,
     /// Watches for quiet, to hibernate (see `hibernate`): boxed, so that a
     /// connection without `hibernate_after` carries a null pointer.
@@ -299,7 +298,6 @@ where
                 setup.peer_context.is_some(),
             ),
             stats: options.stats,
-            opened: Instant::now(),
             counts: Counts::default(),
             quiet: None,
         }
@@ -339,7 +337,7 @@ where
             &mut self.handler,
             &self.handle,
             reason,
-            self.opened,
+            self.timers.opened(),
             self.counts,
             self.poisoned,
         );

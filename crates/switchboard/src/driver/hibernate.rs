@@ -52,7 +52,6 @@ pub(crate) struct Asleep<H: Handler> {
     stats: Option<Stats>,
     shutdown: Option<Signal>,
     intake: Intake,
-    opened: Instant,
     counts: Counts,
     /// Its watch for quiet, which wakes with it.
     quiet: Box<Quiet>,
@@ -215,7 +214,6 @@ impl<H: Handler> Driver<H, Socket> {
             stats,
             mut shutdown,
             intake,
-            opened,
             counts,
             quiet,
             ..
@@ -243,7 +241,14 @@ impl<H: Handler> Driver<H, Socket> {
                     }
                     let reason = TerminateReason::Error(format!("hibernation failed: {e}"));
                     let mut handler = handler;
-                    conclude(&mut handler, &handle, reason, opened, counts, false);
+                    conclude(
+                        &mut handler,
+                        &handle,
+                        reason,
+                        timers.opened(),
+                        counts,
+                        false,
+                    );
                     return None;
                 }
             },
@@ -255,7 +260,6 @@ impl<H: Handler> Driver<H, Socket> {
             stats,
             shutdown,
             intake,
-            opened,
             counts,
             quiet,
             span: Span::current(),
@@ -289,7 +293,6 @@ impl<H: Handler> Asleep<H> {
             stats,
             mut shutdown,
             intake,
-            opened,
             counts,
             mut quiet,
             ..
@@ -303,7 +306,14 @@ impl<H: Handler> Asleep<H> {
             Err(e) => {
                 let reason = TerminateReason::Error(format!("waking failed: {e}"));
                 let mut handler = handler;
-                conclude(&mut handler, &handle, reason, opened, counts, false);
+                conclude(
+                    &mut handler,
+                    &handle,
+                    reason,
+                    timers.opened(),
+                    counts,
+                    false,
+                );
                 return None;
             }
         };
@@ -329,7 +339,6 @@ impl<H: Handler> Asleep<H> {
             shutdown,
             direct: false,
             intake,
-            opened,
             counts,
             quiet: Some(quiet),
         };

@@ -15,9 +15,13 @@ use crate::options::Options;
 
 /// The deadlines of one connection, and the timer that waits for the next.
 pub(super) struct Timers {
+    /// When the connection opened: for the close event, and the zero of `last_read`.
+    opened: Instant,
     /// When the peer last sent something, or reading last resumed after a
-    /// pause for a full outbound queue.
-    last_read: Instant,
+    /// pause for a full outbound queue, in milliseconds from `opened`: eight
+    /// bytes where an `Instant` takes sixteen, which kept the connection's
+    /// task within tokio's 128-byte rounding (see `Driver`'s size test).
+    last_read: u64,
     next_ping: Option<Instant>,
     /// Past it, what is still queued is dropped and the connection ends.
     close_deadline: Option<Instant>,
@@ -72,7 +76,8 @@ impl Timers {
         };
         let now = Instant::now();
         Self {
-            last_read: now,
+            opened: now,
+            last_read: 0,
             next_ping: periods.ping.map(|period| after(now, period)),
             close_deadline: None,
             over_budget_since: None,
@@ -84,7 +89,23 @@ impl Timers {
     /// The peer sent something: it is not idle. The timer is not touched
     /// (no timer-wheel work per read); it fires early and is set again then.
     pub(super) fn read(&mut self) {
-        self.last_read = Instant::now();
+        self.last_read = self.since_opened(Instant::now());
+    }
+
+    /// When the connection opened.
+    pub(super) fn opened(&self) -> Instant {
+        self.opened
+    }
+
+    /// Whole milliseconds from `opened` to `at`.
+    fn since_opened(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.opened);
+        since.as_secs() * 1000 + u64::from(since.subsec_millis())
+    }
+
+    /// When the peer last sent something.
+    fn last_read_at(&self) -> Instant {
+        self.opened + Duration::from_millis(self.last_read)
     }
 
     /// Notes whether reading is paused because too much waits to be written.
@@ -94,7 +115,7 @@ impl Timers {
             (false, Some(_)) => {
                 self.over_budget_since = None;
                 // The peer was not idle while we did not read.
-                self.last_read = Instant::now();
+                self.last_read = self.since_opened(Instant::now());
             }
             _ => {}
         }
@@ -122,7 +143,7 @@ impl Timers {
             None => self
                 .periods
                 .idle
-                .map(|period| after(self.last_read, period)),
+                .map(|period| after(self.last_read_at(), period)),
         };
         let slow = self
             .over_budget_since
@@ -174,7 +195,7 @@ impl Timers {
         } else if self
             .periods
             .idle
-            .is_some_and(|period| after(self.last_read, period) <= now)
+            .is_some_and(|period| after(self.last_read_at(), period) <= now)
         {
             return Due::Idle;
         }
@@ -191,7 +212,7 @@ impl Timers {
         let idle = self
             .periods
             .idle
-            .map(|period| after(self.last_read, period));
+            .map(|period| after(self.last_read_at(), period));
         idle.into_iter().chain(self.next_ping).min()
     }
 
