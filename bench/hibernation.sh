@@ -2,11 +2,15 @@
 # What hibernation saves on idle connections: the figures behind "Hibernation"
 # in docs/performance.md.
 #
-#   bench/hibernation.sh [--reps N] [--connections N]
+#   bench/hibernation.sh [--reps N] [--connections N] [--period SECS] [--pings]
 #
 # For each repetition, the service (bench/lib.sh's flags, compression off) holds
 # N idle relay connections (default 19,500) for 20 s, once with
-# --hibernate-after-secs 15 and once without (the default, 0), alternating. Printed per run: the RSS
+# --hibernate-after-secs SECS (default 15) and once without (the default, 0),
+# alternating. A period longer than the hold (--period 600) measures what awake
+# connections pay for hibernation being on. --pings keeps the service's default
+# ping interval (25 s) and idle timeout (60 s), which bench/lib.sh turns off.
+# Printed per run: the RSS
 # growth per connection (as bench/run.sh's idle scenario measures it), and the
 # heap in use per connection (glibc's malloc_stats, read through gdb at the end
 # of the hold): what the connections hold, whether or not the allocator has
@@ -18,14 +22,30 @@ source bench/lib.sh
 
 reps=3
 connections=19500
+period=15
+pings=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --reps) reps=$2; shift 2 ;;
     --connections) connections=$2; shift 2 ;;
+    --period) period=$2; shift 2 ;;
+    --pings) pings=1; shift ;;
     -h | --help) usage; exit 0 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
 done
+if [ "$pings" = 1 ]; then
+  # Each of the two flags is followed by its value: replace both.
+  flags=()
+  for ((i = 0; i < ${#bench_serve_flags[@]}; i++)); do
+    case "${bench_serve_flags[i]}" in
+      --idle-timeout-secs) flags+=(--idle-timeout-secs 60); i=$((i + 1)) ;;
+      --ping-interval-secs) flags+=(--ping-interval-secs 25); i=$((i + 1)) ;;
+      *) flags+=("${bench_serve_flags[i]}") ;;
+    esac
+  done
+  bench_serve_flags=("${flags[@]}")
+fi
 command -v gdb > /dev/null || { echo "needs gdb" >&2; exit 1; }
 bin=target/release/switchboard
 out=$(mktemp -d)
@@ -57,5 +77,5 @@ hold() {
 }
 
 for rep in $(seq "$reps"); do
-  echo "rep $rep: hibernating (--hibernate-after-secs 15): $(hold --hibernate-after-secs 15) | awake: $(hold)"
+  echo "rep $rep: --hibernate-after-secs $period: $(hold --hibernate-after-secs "$period") | off: $(hold)"
 done
