@@ -9,6 +9,7 @@
 #   bench/callgrind.sh echo-deflate   the same with permessage-deflate: C=10, W=4, 1 KiB
 #   bench/callgrind.sh storm   handshakes (connect, upgrade, close): 8 workers
 #   bench/callgrind.sh fanout  fanout-topic: one publisher, 2,000 subscribers, 15/s, 128 B
+#   bench/callgrind.sh fanout-targets   the same through a list of 2,000 targets
 #
 # The server runs under callgrind with instrumentation off; it is switched on for
 # 5 s after a 4 s warm-up, while the load generator measures the same 5 s. As in
@@ -24,7 +25,7 @@ source bench/lib.sh
 
 scenario=${1:-}
 case "$scenario" in
-  relay | echo | echo-deflate | storm | fanout) ;;
+  relay | echo | echo-deflate | storm | fanout | fanout-targets) ;;
   *) usage; exit 2 ;;
 esac
 command -v valgrind > /dev/null || { echo "callgrind.sh: valgrind is not installed" >&2; exit 1; }
@@ -39,6 +40,7 @@ if [[ "$scenario" != echo* ]]; then
   load=(relay --clients 1000 --targets 1 --rate 1000 --size 128)
   [ "$scenario" = storm ] && load=(storm --concurrency 8)
   [ "$scenario" = fanout ] && load=(fanout --subscribers 2000 --rate 15 --size 128 --topic)
+  [ "$scenario" = fanout-targets ] && load=(fanout --subscribers 2000 --rate 15 --size 128)
 else
   server=(target/release/examples/echo 127.0.0.1:0)
   load=(echo --connections 50 --window 10 --size 64 --path /)

@@ -456,8 +456,7 @@ impl Api {
                     payload: payload.get().into(),
                     key,
                 };
-                let targets = targets.into_iter().map(ClientId::from).collect();
-                let sent = self.hub.engine.send(targets, message).await?;
+                let sent = self.hub.engine.send(&targets, message).await?;
                 let offsets: serde_json::Map<_, _> = sent
                     .offsets()
                     .into_iter()

@@ -150,8 +150,10 @@ const EXPECTED: &str = "a client id (string or integer)";
 /// A zero fraction is allowed (`2.0` is the integer 2 to JSON Schema); an
 /// exponent is not.
 fn integer_text(json: &str) -> Option<&str> {
-    let (integer, fraction) = match json.split_once('.') {
-        Some((integer, fraction)) => (integer, Some(fraction)),
+    // A byte scan: `split_once` sets up a searcher that costs more than the
+    // few digits of an id (5% of the instructions of a delivery by targets).
+    let (integer, fraction) = match json.bytes().position(|b| b == b'.') {
+        Some(dot) => (&json[..dot], Some(&json[dot + 1..])),
         None => (json, None),
     };
     let digits = integer.strip_prefix('-').unwrap_or(integer);
@@ -165,10 +167,13 @@ pub fn unique<'t>(
     targets: impl ExactSizeIterator<Item = Result<&'t str, &'t str>>,
 ) -> Result<Vec<&'t str>, &'t str> {
     // Most messages name a few targets: a linear scan beats hashing them, and
-    // saves the set's allocation on the hot path. Long lists use a set.
+    // saves the set's allocation on the hot path. Long lists use a set, with
+    // foldhash rather than SipHash (far fewer instructions for short ids): the
+    // set lives for one message and is seeded afresh, so no client can learn
+    // the seed and choose ids that collide, as it might for a long-lived map.
     const SCAN_UP_TO: usize = 16;
-    let mut seen = (targets.len() > SCAN_UP_TO)
-        .then(|| std::collections::HashSet::with_capacity(targets.len()));
+    let mut seen =
+        (targets.len() > SCAN_UP_TO).then(|| hashbrown::HashSet::with_capacity(targets.len()));
     let mut ids: Vec<&str> = Vec::with_capacity(targets.len());
     for target in targets {
         let id = target?;
@@ -277,7 +282,15 @@ mod tests {
 
     #[test]
     fn a_target_list_refuses_what_targets_refuse() {
-        for json in [r#"[[1]]"#, r#"[{"a":1}]"#, r#""2""#, "2"] {
+        for json in [
+            r#"[[1]]"#,
+            r#"[1, [2]]"#,
+            r#"[{"a":1}]"#,
+            r#""2""#,
+            "2",
+            "{}",
+            "true",
+        ] {
             assert!(
                 serde_json::from_str::<TargetList<'_>>(json).is_err(),
                 "{json}"
@@ -333,9 +346,10 @@ mod tests {
         /// The borrowing list reads every list as single targets do.
         #[test]
         fn a_target_list_reads_every_list_like_targets(
-            items in proptest::collection::vec(scalar(), 0..12)
+            items in proptest::collection::vec(scalar(), 0..12),
+            space in "[ \t\n\r]{0,2}",
         ) {
-            let json = format!("[{}]", items.join(", "));
+            let json = format!("[{space}{}{space}]", items.join(&format!("{space},{space}")));
             let general: Vec<Target> = serde_json::from_str(&json).unwrap();
             let list: TargetList<'_> = serde_json::from_str(&json).unwrap();
             proptest::prop_assert_eq!(list.len(), general.len());

@@ -184,8 +184,7 @@ impl Relay {
                 format!("your token does not allow sending to {forbidden:?}"),
             ));
         }
-        let targets = targets.into_iter().map(ClientId::from).collect();
-        let pending = self.hub.engine.send(targets, self.message(payload));
+        let pending = self.hub.engine.send(&targets, self.message(payload));
         self.answer(self.ack_id(inbound), ctx, pending, |sent, id| {
             // Only a message that asked for an ack pays for rendering one.
             id.map(|id| wire::ack_send(id, &sent.delivered(), &sent.offline(), &sent.offsets()))

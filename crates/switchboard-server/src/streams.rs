@@ -21,14 +21,17 @@
 //! caller can hand the message to live connections in offset order: two
 //! appends to one stream cannot pass each other on the way out.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::hash::{Hash, Hasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hashbrown::Equivalent;
+use hashbrown::hash_map::{HashMap, RawEntryMut};
 use switchboard::Spread;
 
 /// Which stream: a client id's inbox or a topic's history.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamKey {
     /// Messages sent to a client id.
     Inbox(Arc<str>),
@@ -38,9 +41,54 @@ pub enum StreamKey {
 
 impl StreamKey {
     fn name(&self) -> &str {
+        self.borrow().name()
+    }
+
+    /// The key, borrowed.
+    pub fn borrow(&self) -> StreamRef<'_> {
+        match self {
+            Self::Inbox(name) => StreamRef::Inbox(name),
+            Self::Topic(name) => StreamRef::Topic(name),
+        }
+    }
+}
+
+impl Hash for StreamKey {
+    /// As its [`StreamRef`] hashes, so that either finds the stream.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.borrow().hash(state);
+    }
+}
+
+/// A [`StreamKey`] that borrows its name: appending to a stream that exists
+/// makes no key (a message to 2,000 targets would otherwise allocate 2,000).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StreamRef<'a> {
+    /// A client id's inbox.
+    Inbox(&'a str),
+    /// A topic's history.
+    Topic(&'a str),
+}
+
+impl<'a> StreamRef<'a> {
+    fn name(self) -> &'a str {
         match self {
             Self::Inbox(name) | Self::Topic(name) => name,
         }
+    }
+
+    /// The owned key, for a stream made now.
+    fn to_key(self) -> StreamKey {
+        match self {
+            Self::Inbox(name) => StreamKey::Inbox(name.into()),
+            Self::Topic(name) => StreamKey::Topic(name.into()),
+        }
+    }
+}
+
+impl Equivalent<StreamKey> for StreamRef<'_> {
+    fn equivalent(&self, key: &StreamKey) -> bool {
+        *self == key.borrow()
     }
 }
 
@@ -140,7 +188,9 @@ pub struct Streams {
 
 #[derive(Debug, Default)]
 struct Shard {
-    streams: HashMap<StreamKey, Stream>,
+    /// SipHash (std's keyed `RandomState`): the keys are client ids and topic
+    /// names that clients choose, held for as long as the process runs.
+    streams: HashMap<StreamKey, Stream, RandomState>,
     /// Entries in the order they were appended, for evicting the oldest;
     /// places of entries pruned since are skipped, and swept now and then.
     order: VecDeque<(StreamKey, u64)>,
@@ -218,7 +268,7 @@ impl Streams {
         let store = Self::new(max_bytes);
         *store.epoch.write().unwrap_or_else(PoisonError::into_inner) = epoch;
         for restored in streams {
-            let mut guard = store.shard(&restored.key);
+            let mut guard = store.shard(restored.key.name());
             let shard = &mut *guard;
             shard.bytes += STREAM_OVERHEAD + restored.key.name().len();
             for entry in &restored.entries {
@@ -232,7 +282,7 @@ impl Streams {
                 entries: restored.entries.into(),
             };
             shard.streams.insert(restored.key.clone(), stream);
-            store.evict(shard, &restored.key);
+            store.evict(shard, restored.key.borrow());
         }
         store
     }
@@ -267,26 +317,32 @@ impl Streams {
         self.shards.iter().map(|shard| lock(shard).bytes).sum()
     }
 
-    /// Appends a message to `key`'s stream (made if missing) and runs `then`
-    /// with the new entry and its epoch, under the stream's lock: what `then`
-    /// hands on goes out in offset order.
+    /// Appends a message to `key`'s stream (made if missing), as appended at
+    /// `at_ms` (ms since the Unix epoch, [`now_ms`]: a message sent to many
+    /// streams has one time), and runs `then` with the new entry, the
+    /// stream's epoch and its key, under the stream's lock: what `then` hands
+    /// on goes out in offset order.
     pub fn append<R>(
         &self,
-        key: &StreamKey,
+        key: StreamRef<'_>,
         from: Option<Arc<str>>,
         payload: Arc<str>,
         retention: Retention,
-        then: impl FnOnce(&Entry, &Arc<str>) -> R,
+        at_ms: u64,
+        then: impl FnOnce(&Entry, &Arc<str>, &StreamKey) -> R,
     ) -> R {
-        let mut guard = self.shard(key);
+        let mut guard = self.shard(key.name());
         let shard = &mut *guard;
-        let now = now_ms();
-        let stream = match shard.streams.get_mut(key) {
-            Some(stream) => stream,
-            None => {
+        let (stored, stream) = match shard.streams.raw_entry_mut().from_key(&key) {
+            RawEntryMut::Occupied(found) => {
+                let (stored, stream) = found.into_key_value();
+                (&*stored, stream)
+            }
+            RawEntryMut::Vacant(vacant) => {
                 shard.bytes += STREAM_OVERHEAD + key.name().len();
-                let stream = Stream::new(self.current_epoch());
-                shard.streams.entry(key.clone()).or_insert(stream)
+                let (stored, stream) =
+                    vacant.insert(key.to_key(), Stream::new(self.current_epoch()));
+                (&*stored, stream)
             }
         };
         stream.top += 1;
@@ -294,18 +350,18 @@ impl Streams {
             offset: stream.top,
             from,
             payload,
-            at_ms: now,
+            at_ms,
         };
         shard.bytes += entry.cost();
         // A clone is two reference counts: the entry is handed on even when
         // the retention keeps none (history off).
         stream.entries.push_back(entry.clone());
-        shard.order.push_back((key.clone(), stream.top));
-        let (count, bytes) = prune(stream, retention, now);
+        shard.order.push_back((stored.clone(), stream.top));
+        let (count, bytes) = prune(stream, retention, at_ms);
         shard.held = shard.held + 1 - count;
         shard.bytes -= bytes;
         let epoch = stream.epoch.clone();
-        let result = then(&entry, &epoch);
+        let result = then(&entry, &epoch, stored);
         self.evict(shard, key);
         result
     }
@@ -313,7 +369,7 @@ impl Streams {
     /// Where `key`'s stream is now, and `then` run with it under the stream's
     /// lock. Nothing is made for a stream never written.
     pub fn position<R>(&self, key: &StreamKey, then: impl FnOnce(&Position) -> R) -> R {
-        let shard = self.shard(key);
+        let shard = self.shard(key.name());
         let position = match shard.streams.get(key) {
             Some(stream) => stream.position(),
             None => Position {
@@ -359,7 +415,7 @@ impl Streams {
         retention: Retention,
         then: impl FnOnce(&Stream) -> R,
     ) -> R {
-        let mut guard = self.shard(key);
+        let mut guard = self.shard(key.name());
         let shard = &mut *guard;
         match shard.streams.get_mut(key) {
             Some(stream) => {
@@ -376,7 +432,7 @@ impl Streams {
     /// streams that hold no entries (not `keep`, the one in use). Dropping a
     /// stream changes the current epoch: a stream made again never reuses
     /// the old one, so no position in it is ever recovered wrongly.
-    fn evict(&self, shard: &mut Shard, keep: &StreamKey) {
+    fn evict(&self, shard: &mut Shard, keep: StreamRef<'_>) {
         let cap = self.shard_cap;
         while shard.bytes > cap {
             let Some((key, offset)) = shard.order.pop_front() else {
@@ -394,7 +450,7 @@ impl Streams {
         if shard.bytes > cap {
             let mut freed = 0;
             shard.streams.retain(|key, stream| {
-                let drop = key != keep && stream.entries.is_empty();
+                let drop = key.borrow() != keep && stream.entries.is_empty();
                 if drop {
                     freed += STREAM_OVERHEAD + key.name().len();
                 }
@@ -444,8 +500,9 @@ impl Streams {
         })
     }
 
-    fn shard(&self, key: &StreamKey) -> MutexGuard<'_, Shard> {
-        let index = self.spread.shard(key.name().as_bytes(), self.shards.len());
+    /// The shard of the stream named `name`.
+    fn shard(&self, name: &str) -> MutexGuard<'_, Shard> {
+        let index = self.spread.shard(name.as_bytes(), self.shards.len());
         lock(&self.shards[index])
     }
 }
@@ -510,9 +567,15 @@ mod tests {
     }
 
     fn append(streams: &Streams, key: &StreamKey, payload: &str) -> (u64, Arc<str>) {
-        streams.append(key, None, payload.into(), KEEP_ALL, |entry, epoch| {
-            (entry.offset, epoch.clone())
-        })
+        let at = now_ms();
+        streams.append(
+            key.borrow(),
+            None,
+            payload.into(),
+            KEEP_ALL,
+            at,
+            |entry, epoch, _| (entry.offset, epoch.clone()),
+        )
     }
 
     fn resume(streams: &Streams, key: &StreamKey, since: &Position) -> Resume {
@@ -580,7 +643,9 @@ mod tests {
             ttl: KEEP_ALL.ttl,
         };
         let key = inbox("a");
-        let handed = streams.append(&key, None, "1".into(), none, |e, _| e.payload.clone());
+        let handed = streams.append(key.borrow(), None, "1".into(), none, now_ms(), |e, _, _| {
+            e.payload.clone()
+        });
         assert_eq!(&*handed, "1");
         let at_zero = streams.position(&key, |p| Position {
             offset: 0,
@@ -602,7 +667,14 @@ mod tests {
             max_entries: 100,
             ttl: Duration::ZERO,
         };
-        streams.append(&key, None, "1".into(), KEEP_ALL, |_, _| ());
+        streams.append(
+            key.borrow(),
+            None,
+            "1".into(),
+            KEEP_ALL,
+            now_ms(),
+            |_, _, _| (),
+        );
         let since = streams.position(&key, |p| Position {
             epoch: p.epoch.clone(),
             offset: 0,
@@ -621,11 +693,12 @@ mod tests {
         for i in 0..2000 {
             let key = inbox(&format!("client-{}", i % 300));
             streams.append(
-                &key,
+                key.borrow(),
                 Some("sender".into()),
                 payload.clone(),
                 KEEP_ALL,
-                |_, _| (),
+                now_ms(),
+                |_, _, _| (),
             );
             assert!(streams.bytes() <= cap, "{} over {cap}", streams.bytes());
         }

@@ -134,7 +134,7 @@ fn run(ops: Vec<Op>) {
                     payload: text.into(),
                     key: None,
                 };
-                let sent = now(engine.send(vec![id.into()], message)).unwrap();
+                let sent = now(engine.send(&[id], message)).unwrap();
                 let inbox = model.inboxes.entry(id).or_default();
                 inbox.push(payload);
                 assert_eq!(

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::metrics::Metrics;
 use crate::snapshot::{self, Loaded};
-use crate::streams::{Page, Position, Resume, Retention, StreamKey, Streams};
+use crate::streams::{Page, Position, Resume, Retention, StreamKey, StreamRef, Streams, now_ms};
 use crate::wire::{self, At, Mode, Resumed};
 
 /// How long and how much inboxes keep.
@@ -175,17 +175,19 @@ impl Core {
         })
     }
 
-    fn send(&self, targets: Vec<ClientId>, message: &Message) -> Sent {
+    fn send(&self, targets: &[&str], message: &Message) -> Sent {
         let payload = &*message.payload;
         let raw_frame = OnceLock::new();
         let mut sent = Sent::with_capacity(targets.len());
-        for target in targets {
-            let (connections, offset) = self.streams.append(
-                &StreamKey::Inbox(target.clone()),
+        let at_ms = now_ms();
+        for &target in targets {
+            let (client, connections, offset) = self.streams.append(
+                StreamRef::Inbox(target),
                 message.from.clone(),
                 message.payload.clone(),
                 self.inbox,
-                |entry, epoch| {
+                at_ms,
+                |entry, epoch, key| {
                     let at = At {
                         offset: entry.offset,
                         epoch,
@@ -200,11 +202,14 @@ impl Core {
                             wire::envelope_delivery(from, None, payload, Some(at))
                         }
                     };
-                    (self.registry.push(&target, &render), entry.offset)
+                    // The inbox's own key names the target: no id is made per target.
+                    let (StreamKey::Inbox(client) | StreamKey::Topic(client)) = key;
+                    let connections = self.registry.push(target, &render);
+                    (client.clone(), connections, entry.offset)
                 },
             );
             sent.0.push(Receipt {
-                client: target,
+                client,
                 offset,
                 delivered: connections > 0,
             });
@@ -225,14 +230,14 @@ impl Core {
                 offset: None,
             };
         };
-        let key = StreamKey::Topic(topic.into());
         self.metrics.appends.add(1);
         self.streams.append(
-            &key,
+            StreamRef::Topic(topic),
             message.from.clone(),
             message.payload.clone(),
             retention,
-            |entry, epoch| {
+            now_ms(),
+            |entry, epoch, _| {
                 let at = At {
                     offset: entry.offset,
                     epoch,
@@ -338,7 +343,7 @@ impl Engine for MemoryEngine {
         Box::pin(std::future::ready(admitted))
     }
 
-    fn send(&self, targets: Vec<ClientId>, message: Message) -> Pending<Sent> {
+    fn send(&self, targets: &[&str], message: Message) -> Pending<Sent> {
         ready(self.0.send(targets, &message))
     }
 

@@ -314,7 +314,7 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Appends `message` to each target's inbox and hands it to the targets'
     /// live connections.
-    fn send(&self, targets: Vec<ClientId>, message: Message) -> Pending<Sent>;
+    fn send(&self, targets: &[&str], message: Message) -> Pending<Sent>;
 
     /// Live connections of each id, in the order asked.
     fn connections(&self, ids: Vec<ClientId>) -> Pending<Vec<usize>>;

@@ -386,7 +386,7 @@ impl Engine for RedisEngine {
         })
     }
 
-    fn send(&self, targets: Vec<ClientId>, message: Message) -> Pending<Sent> {
+    fn send(&self, targets: &[&str], message: Message) -> Pending<Sent> {
         let inbox = self.0.inbox;
         let mut rest = args([
             message.key.as_deref().unwrap_or(""),
@@ -396,6 +396,7 @@ impl Engine for RedisEngine {
             &message.payload,
         ]);
         rest.extend(targets.iter().map(|t| t.as_bytes().to_vec()));
+        let targets: Vec<ClientId> = targets.iter().map(|&t| t.into()).collect();
         let answer = self.0.link.call("send", rest);
         let metrics = self.0.metrics.clone();
         Box::pin(async move {
