@@ -92,7 +92,7 @@ pub struct Settings {
     pub ping_interval_secs: Option<u64>,
 
     /// Hibernate connections that send and receive no message for this long:
-    /// their task ends, holding 38% less heap, until something reaches them
+    /// their task ends, holding 31% less heap, until something reaches them
     /// (plain TCP without compression only; see docs/operations.md); 0 never [default: 0]
     #[arg(long, env = "SWITCHBOARD_HIBERNATE_AFTER_SECS", value_name = "SECS")]
     pub hibernate_after_secs: Option<u64>,
