@@ -41,11 +41,11 @@ pub enum StreamKey {
 
 impl StreamKey {
     fn name(&self) -> &str {
-        self.borrow().name()
+        self.borrowed().name()
     }
 
     /// The key, borrowed.
-    pub fn borrow(&self) -> StreamRef<'_> {
+    pub fn borrowed(&self) -> StreamRef<'_> {
         match self {
             Self::Inbox(name) => StreamRef::Inbox(name),
             Self::Topic(name) => StreamRef::Topic(name),
@@ -56,7 +56,7 @@ impl StreamKey {
 impl Hash for StreamKey {
     /// As its [`StreamRef`] hashes, so that either finds the stream.
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.borrow().hash(state);
+        self.borrowed().hash(state);
     }
 }
 
@@ -88,7 +88,7 @@ impl<'a> StreamRef<'a> {
 
 impl Equivalent<StreamKey> for StreamRef<'_> {
     fn equivalent(&self, key: &StreamKey) -> bool {
-        *self == key.borrow()
+        *self == key.borrowed()
     }
 }
 
@@ -282,7 +282,7 @@ impl Streams {
                 entries: restored.entries.into(),
             };
             shard.streams.insert(restored.key.clone(), stream);
-            store.evict(shard, restored.key.borrow());
+            store.evict(shard, restored.key.borrowed());
         }
         store
     }
@@ -450,7 +450,7 @@ impl Streams {
         if shard.bytes > cap {
             let mut freed = 0;
             shard.streams.retain(|key, stream| {
-                let drop = key.borrow() != keep && stream.entries.is_empty();
+                let drop = key.borrowed() != keep && stream.entries.is_empty();
                 if drop {
                     freed += STREAM_OVERHEAD + key.name().len();
                 }
@@ -569,7 +569,7 @@ mod tests {
     fn append(streams: &Streams, key: &StreamKey, payload: &str) -> (u64, Arc<str>) {
         let at = now_ms();
         streams.append(
-            key.borrow(),
+            key.borrowed(),
             None,
             payload.into(),
             KEEP_ALL,
@@ -643,9 +643,14 @@ mod tests {
             ttl: KEEP_ALL.ttl,
         };
         let key = inbox("a");
-        let handed = streams.append(key.borrow(), None, "1".into(), none, now_ms(), |e, _, _| {
-            e.payload.clone()
-        });
+        let handed = streams.append(
+            key.borrowed(),
+            None,
+            "1".into(),
+            none,
+            now_ms(),
+            |e, _, _| e.payload.clone(),
+        );
         assert_eq!(&*handed, "1");
         let at_zero = streams.position(&key, |p| Position {
             offset: 0,
@@ -668,7 +673,7 @@ mod tests {
             ttl: Duration::ZERO,
         };
         streams.append(
-            key.borrow(),
+            key.borrowed(),
             None,
             "1".into(),
             KEEP_ALL,
@@ -693,7 +698,7 @@ mod tests {
         for i in 0..2000 {
             let key = inbox(&format!("client-{}", i % 300));
             streams.append(
-                key.borrow(),
+                key.borrowed(),
                 Some("sender".into()),
                 payload.clone(),
                 KEEP_ALL,
