@@ -36,18 +36,24 @@ pub(crate) struct Ticket {
 }
 
 impl Ticket {
-    // On a 32-bit target the generation does not fit and is lost: a stale
-    // event then wakes the slot's next connection, which finds nothing to read.
+    // On a 32-bit target the generation does not fit and is lost (see `of`).
     fn token(self) -> Token {
         Token((u64::from(self.generation) << 32 | u64::from(self.slot)) as usize)
     }
 
-    fn of(token: Token) -> Self {
+    /// The ticket an event's token names. On a 32-bit target the token holds
+    /// only the slot, and the event goes to the slot's current connection: a
+    /// stale one then wakes it for nothing (it finds nothing to read and
+    /// sleeps again), where matching generation 0 would drop its own events.
+    fn of(token: Token, inner: &Inner) -> Self {
         let token = token.0 as u64;
-        Self {
-            slot: token as u32,
-            generation: (token >> 32) as u32,
-        }
+        let slot = token as u32;
+        let generation = if usize::BITS < 64 {
+            inner.slots.get(slot as usize).map_or(0, |s| s.generation)
+        } else {
+            (token >> 32) as u32
+        };
+        Self { slot, generation }
     }
 }
 
@@ -84,6 +90,18 @@ impl Inner {
             slot.generation == ticket.generation && slot.waiting.is_some()
         });
     }
+}
+
+/// Frees `ticket`'s slot if it still holds that connection; returns what it held.
+fn vacate(inner: &mut Inner, ticket: Ticket) -> Option<(RawFd, Waker)> {
+    let slot = inner.slots.get_mut(ticket.slot as usize)?;
+    if slot.generation != ticket.generation {
+        return None;
+    }
+    let waiting = slot.waiting.take()?;
+    slot.generation = slot.generation.wrapping_add(1);
+    inner.free.push(ticket.slot);
+    Some(waiting)
 }
 
 #[derive(Default)]
@@ -171,15 +189,16 @@ impl Lot {
         self.take(&mut self.inner(), ticket).is_some()
     }
 
+    /// Drops `ticket`'s entry whose socket is already closed, without
+    /// deregistering it: closing took it out of the set, and its fd number
+    /// may name another socket by now.
+    pub(crate) fn forget(&self, ticket: Ticket) {
+        vacate(&mut self.inner(), ticket);
+    }
+
     /// Takes `ticket`'s entry out of `inner`, deregistering its socket.
     fn take(&self, inner: &mut Inner, ticket: Ticket) -> Option<Waker> {
-        let slot = inner.slots.get_mut(ticket.slot as usize)?;
-        if slot.generation != ticket.generation {
-            return None;
-        }
-        let (fd, waker) = slot.waiting.take()?;
-        slot.generation = slot.generation.wrapping_add(1);
-        inner.free.push(ticket.slot);
+        let (fd, waker) = vacate(inner, ticket)?;
         // Fails only if the socket is gone, which also took it out of the set.
         let _ = self.registry.deregister(&mut SourceFd(&fd));
         Some(waker)
@@ -207,7 +226,8 @@ impl Lot {
             {
                 let mut inner = self.inner();
                 for event in events.iter().filter(|event| event.token() != WAKE) {
-                    due.extend(self.take(&mut inner, Ticket::of(event.token())));
+                    let ticket = Ticket::of(event.token(), &inner);
+                    due.extend(self.take(&mut inner, ticket));
                 }
                 let now = Instant::now();
                 while let Some(Reverse((at, ticket))) = inner.deadlines.peek().copied() {

@@ -236,9 +236,14 @@ impl<H: Handler> Driver<H, Socket> {
             stream: match stream {
                 Ok(stream) => stream,
                 Err(e) => {
+                    // tokio closed the socket when it could not deregister
+                    // it, which also took it out of the lot's set.
                     if let Ok(lot) = lot() {
-                        lot.remove(ticket);
+                        lot.forget(ticket);
                     }
+                    // A wake the lot gave meanwhile finds no record, instead
+                    // of holding up the lot's thread through `terminate`.
+                    drop(slot);
                     let reason = TerminateReason::Error(format!("hibernation failed: {e}"));
                     let mut handler = handler;
                     conclude(
