@@ -244,15 +244,12 @@ impl<H: Handler> Driver<H, Socket> {
                     // A wake the lot gave meanwhile finds no record, instead
                     // of holding up the lot's thread through `terminate`.
                     drop(slot);
-                    let reason = TerminateReason::Error(format!("hibernation failed: {e}"));
-                    let mut handler = handler;
-                    conclude(
-                        &mut handler,
+                    end(
+                        handler,
                         &handle,
-                        reason,
-                        timers.opened(),
+                        &timers,
                         counts,
-                        false,
+                        format!("hibernation failed: {e}"),
                     );
                     return None;
                 }
@@ -309,15 +306,12 @@ impl<H: Handler> Asleep<H> {
         let stream = match tokio::net::TcpStream::from_std(stream) {
             Ok(stream) => Arc::new(stream),
             Err(e) => {
-                let reason = TerminateReason::Error(format!("waking failed: {e}"));
-                let mut handler = handler;
-                conclude(
-                    &mut handler,
+                end(
+                    handler,
                     &handle,
-                    reason,
-                    timers.opened(),
+                    &timers,
                     counts,
-                    false,
+                    format!("waking failed: {e}"),
                 );
                 return None;
             }
@@ -350,4 +344,16 @@ impl<H: Handler> Asleep<H> {
         driver.allow_direct_writes(stream);
         Some(driver)
     }
+}
+
+/// Ends a connection whose socket was lost on its way into or out of the lot.
+fn end<H: Handler>(
+    mut handler: H,
+    handle: &ConnHandle<H::Info>,
+    timers: &Timers,
+    counts: Counts,
+    why: String,
+) {
+    let reason = TerminateReason::Error(why);
+    conclude(&mut handler, handle, reason, timers.opened(), counts, false);
 }
