@@ -55,12 +55,8 @@ trap 'rm -rf "$out"' EXIT
 hold() {
   taskset -c 1 "$bin" serve "${bench_serve_flags[@]}" --compression false "$@" \
     > "$out/server.log" 2> "$out/server.err" &
-  local pid=$! addr=""
-  for _ in $(seq 100); do
-    addr=$(sed -n 's/^listening on //p' "$out/server.log")
-    [ -n "$addr" ] && break
-    sleep 0.1
-  done
+  local pid=$! addr
+  addr=$(wait_listening "$out/server.log" "$pid") || addr=""
   taskset -c 0 target/release/loadgen idle --addr "$addr" --pid "$pid" \
     --connections "$connections" --warmup 20 --duration 2 --out "$out/idle.jsonl" > /dev/null 2>&1 &
   local loadgen=$!

@@ -1,5 +1,8 @@
 # Shared by the bench scripts; source it, do not run it.
 
+# wait_listening, which every script that starts a server needs.
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
+
 # `switchboard serve`'s flags in every benchmark, less `--compression`: the
 # peers have no rate limits, idle timeouts or pings, so Switchboard runs
 # without them too, with room for every load generator client under one id
@@ -29,12 +32,9 @@ bench_run_once() {
   : > "$bench_log"
   taskset -c 1 "${server[0]}" serve "${bench_serve_flags[@]}" --compression false "${server[@]:1}" \
     > "$bench_log" 2> /dev/null &
-  local pid=$! addr=""
-  for _ in $(seq 100); do
-    addr=$(sed -n 's/^listening on //p' "$bench_log")
-    [ -n "$addr" ] && break
-    sleep 0.1
-  done
+  local pid=$! addr
+  # A server that never listens leaves addr empty, and the load generator says so.
+  addr=$(wait_listening "$bench_log" "$pid") || addr=""
   taskset -c 0 target/release/loadgen "$@" --addr "$addr" --pid "$pid" > /dev/null
   kill "$pid"
   wait "$pid" 2> /dev/null || true
