@@ -155,7 +155,14 @@ impl FrameDecoder {
         // Advancing moves the start; a split would share the buffer (an atomic
         // increment and decrement) only to drop the header at once.
         buf.advance(header.header_len);
-        let payload = buf.split_to(header.payload_len).freeze();
+        let payload = if buf.len() == header.payload_len {
+            // The frame is all the buffer holds (a small message read whole):
+            // the payload takes the buffer itself. A split would allocate the
+            // count that shares it, for a buffer nobody else will use.
+            std::mem::take(buf).freeze()
+        } else {
+            buf.split_to(header.payload_len).freeze()
+        };
         Ok(Some(Frame {
             fin: header.fin,
             rsv1: header.rsv1,

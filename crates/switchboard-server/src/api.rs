@@ -334,7 +334,7 @@ fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Er
 /// A request that passed every check, ready to run.
 enum Checked<'r> {
     Send {
-        targets: Vec<&'r str>,
+        targets: ids::Targets<'r>,
         from: Option<ClientId>,
         payload: &'r RawValue,
     },

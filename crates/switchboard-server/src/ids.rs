@@ -6,13 +6,28 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::marker::PhantomData;
 
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde_json::value::RawValue;
+use smallvec::SmallVec;
 use switchboard::ClientId;
 
 /// Longest id, in bytes.
 pub const MAX_ID_LEN: usize = 128;
+
+/// A message's targets, each once, in order: most messages name one or a
+/// few, kept on the stack (every message's list is checked for repeats).
+pub type Targets<'t> = SmallVec<[&'t str; 4]>;
+
+/// Targets a [`TargetList`] holds inline. Few: the parsed message that holds
+/// it is moved several times on its way out of the parser, and a long inline
+/// array would be copied each time (16 of them cost more than the allocation
+/// they save).
+const LISTED_INLINE: usize = 2;
+/// Room made at once when a list outgrows its inline room, rather than
+/// doubling from 2.
+const LISTED_SPILL: usize = 16;
 
 /// Why a string is not a client id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -69,7 +84,7 @@ impl Target {
 /// from the message; anything else is read as a [`Target`]. Only for
 /// `serde_json`, whose raw values this borrows.
 #[derive(Debug, Default)]
-pub struct TargetList<'a>(Vec<Result<Cow<'a, str>, String>>);
+pub struct TargetList<'a>(SmallVec<[Result<Cow<'a, str>, String>; LISTED_INLINE]>);
 
 impl TargetList<'_> {
     /// How many targets the list names, repeats included.
@@ -90,25 +105,30 @@ impl TargetList<'_> {
 
 impl<'de: 'a, 'a> serde::Deserialize<'de> for TargetList<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct ListVisitor;
+        // Made for the list's own lifetime, not the input's: a `SmallVec`
+        // cannot be shortened afterwards, as a `Vec` could.
+        struct ListVisitor<'a>(PhantomData<&'a str>);
 
-        impl<'de> Visitor<'de> for ListVisitor {
-            type Value = TargetList<'de>;
+        impl<'de: 'a, 'a> Visitor<'de> for ListVisitor<'a> {
+            type Value = TargetList<'a>;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a list of client ids")
             }
 
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                let mut list = Vec::with_capacity(seq.size_hint().unwrap_or(1).min(64));
+                let mut list = SmallVec::new();
                 while let Some(raw) = seq.next_element::<&'de RawValue>()? {
+                    if list.len() == LISTED_INLINE && !list.spilled() {
+                        list.reserve_exact(LISTED_SPILL - LISTED_INLINE);
+                    }
                     list.push(read_target(raw.get()).map_err(de::Error::custom)?);
                 }
                 Ok(TargetList(list))
             }
         }
 
-        deserializer.deserialize_seq(ListVisitor)
+        deserializer.deserialize_seq(ListVisitor(PhantomData))
     }
 }
 
@@ -165,7 +185,7 @@ fn integer_text(json: &str) -> Option<&str> {
 /// The valid ids of `targets`, each once, in order; or the first invalid one.
 pub fn unique<'t>(
     targets: impl ExactSizeIterator<Item = Result<&'t str, &'t str>>,
-) -> Result<Vec<&'t str>, &'t str> {
+) -> Result<Targets<'t>, &'t str> {
     // Most messages name a few targets: a linear scan beats hashing them, and
     // saves the set's allocation on the hot path. Long lists use a set, with
     // foldhash rather than SipHash (far fewer instructions for short ids): the
@@ -174,7 +194,7 @@ pub fn unique<'t>(
     const SCAN_UP_TO: usize = 16;
     let mut seen =
         (targets.len() > SCAN_UP_TO).then(|| hashbrown::HashSet::with_capacity(targets.len()));
-    let mut ids: Vec<&str> = Vec::with_capacity(targets.len());
+    let mut ids = Targets::with_capacity(targets.len());
     for target in targets {
         let id = target?;
         let new = match &mut seen {
@@ -206,8 +226,8 @@ mod tests {
     fn unique_keeps_the_first_of_each_and_names_the_first_invalid() {
         let targets: Vec<Target> = serde_json::from_str(r#"[2, "2", "b", 2, "b"]"#).unwrap();
         assert_eq!(
-            unique(targets.iter().map(Target::as_result)),
-            Ok(vec!["2", "b"])
+            unique(targets.iter().map(Target::as_result)).as_deref(),
+            Ok(&["2", "b"][..])
         );
         let targets: Vec<Target> = serde_json::from_str(r#"["a", "x y", null]"#).unwrap();
         assert_eq!(unique(targets.iter().map(Target::as_result)), Err("x y"));
@@ -215,7 +235,7 @@ mod tests {
         let many: Vec<Target> = (0..40).map(|i| Target(Ok((i % 20).to_string()))).collect();
         let expected: Vec<String> = (0..20).map(|i: i32| i.to_string()).collect();
         assert_eq!(
-            unique(many.iter().map(Target::as_result)).unwrap(),
+            unique(many.iter().map(Target::as_result)).unwrap()[..],
             expected
         );
     }
@@ -346,7 +366,7 @@ mod tests {
         /// The borrowing list reads every list as single targets do.
         #[test]
         fn a_target_list_reads_every_list_like_targets(
-            items in proptest::collection::vec(scalar(), 0..12),
+            items in proptest::collection::vec(scalar(), 0..24),
             space in "[ \t\n\r]{0,2}",
         ) {
             let json = format!("[{space}{}{space}]", items.join(&format!("{space},{space}")));

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::value::RawValue;
@@ -212,7 +211,7 @@ impl Relay {
         mut pending: Pending<T>,
         reply: impl FnOnce(T, Option<&RawValue>) -> Option<String> + Send + 'static,
     ) -> Result<Option<String>, Refusal> {
-        if let Some(answer) = now(&mut pending) {
+        if let Some(answer) = pending.ready_now() {
             return answer
                 .map(|value| reply(value, id))
                 .map_err(|e| (ErrorCode::Unavailable, e.to_string()));
@@ -273,7 +272,7 @@ impl Relay {
             since,
         });
         let id = self.ack_id(inbound);
-        if let Some(result) = now(&mut pending) {
+        if let Some(result) = pending.ready_now() {
             return self.subscribed(topic, result, id);
         }
         let attempt = self.topics().join(topic.clone());
@@ -482,7 +481,7 @@ impl Relay {
         &self,
         list: Option<&'t TargetList<'_>>,
         field: &str,
-    ) -> Result<Vec<&'t str>, Refusal> {
+    ) -> Result<crate::ids::Targets<'t>, Refusal> {
         let list = required(list, field)?;
         if list.len() > self.hub.limits.max_targets {
             let message = format!(
@@ -641,18 +640,6 @@ impl Answers {
         });
         waiting.fetch_add(1, Ordering::AcqRel);
         let _ = queue.send(answer);
-    }
-}
-
-/// The engine's answer, if it is ready without waiting.
-fn now<T>(pending: &mut Pin<Box<T>>) -> Option<T::Output>
-where
-    T: std::future::Future + ?Sized,
-{
-    let mut cx = std::task::Context::from_waker(Waker::noop());
-    match pending.as_mut().poll(&mut cx) {
-        Poll::Ready(answer) => Some(answer),
-        Poll::Pending => None,
     }
 }
 

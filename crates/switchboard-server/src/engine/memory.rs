@@ -340,7 +340,7 @@ impl Engine for MemoryEngine {
                 since,
             }) as Box<dyn Joined>
         });
-        Box::pin(std::future::ready(admitted))
+        Answer::now(admitted)
     }
 
     fn send(&self, targets: &[&str], message: Message) -> Pending<Sent> {
@@ -365,7 +365,7 @@ impl Engine for MemoryEngine {
     }
 
     fn subscribe(&self, request: Subscribe) -> Answer<Subscribed, SubscribeRefused> {
-        Box::pin(std::future::ready(self.0.subscribe(&request)))
+        Answer::now(self.0.subscribe(&request))
     }
 
     fn presence(&self, topic: Arc<str>) -> Pending<TopicPresence> {

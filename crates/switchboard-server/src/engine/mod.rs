@@ -33,15 +33,66 @@ pub mod redis;
 pub use memory::{InboxRetention, MemoryEngine};
 pub use redis::{RedisEngine, RedisSettings};
 
-/// An engine's answer, when it comes.
-pub type Answer<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'static>>;
+/// An engine's answer, when it comes: at once (the memory engine's, with
+/// nothing allocated for it), or from a future that a store across the network
+/// completes. Awaiting it gives the result either way.
+#[must_use = "an answer says whether the call succeeded"]
+pub struct Answer<T, E>(Due<T, E>);
+
+enum Due<T, E> {
+    /// Taken by the first poll that sees it.
+    Now(Option<Result<T, E>>),
+    Later(Pin<Box<dyn Future<Output = Result<T, E>> + Send + 'static>>),
+}
 
 /// An answer that fails only when the store is unavailable.
 pub type Pending<T> = Answer<T, Unavailable>;
 
 /// An answer that is ready now.
-pub fn ready<T: Send + 'static>(value: T) -> Pending<T> {
-    Box::pin(std::future::ready(Ok(value)))
+pub fn ready<T>(value: T) -> Pending<T> {
+    Answer::now(Ok(value))
+}
+
+impl<T, E> Answer<T, E> {
+    /// An answer that is ready now.
+    pub fn now(result: Result<T, E>) -> Self {
+        Self(Due::Now(Some(result)))
+    }
+
+    /// An answer that `future` gives when it completes.
+    pub fn later(future: impl Future<Output = Result<T, E>> + Send + 'static) -> Self {
+        Self(Due::Later(Box::pin(future)))
+    }
+
+    /// The result if it is ready without waiting (a future is polled once,
+    /// with a waker that does nothing); `None` leaves it to be awaited.
+    pub fn ready_now(&mut self) -> Option<Result<T, E>> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match Pin::new(self).poll(&mut cx) {
+            std::task::Poll::Ready(result) => Some(result),
+            std::task::Poll::Pending => None,
+        }
+    }
+}
+
+// The result is moved out, never pinned in place: nothing here relies on
+// `Answer` staying where it is.
+impl<T, E> Unpin for Answer<T, E> {}
+
+impl<T, E> Future for Answer<T, E> {
+    type Output = Result<T, E>;
+
+    fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match &mut self.get_mut().0 {
+            Due::Now(result) => {
+                std::task::Poll::Ready(result.take().expect("an answer is awaited once"))
+            }
+            Due::Later(future) => future.as_mut().poll(cx),
+        }
+    }
 }
 
 /// The engine's store cannot be reached: nothing was done, and the caller
@@ -408,4 +459,22 @@ pub(crate) fn inbox_delivery(entry: &Entry, epoch: &str) -> PreparedMessage {
         epoch,
     };
     wire::envelope_delivery(entry.from.as_deref(), None, &entry.payload, Some(at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_answer_is_ready_now_or_when_its_future_completes() {
+        let mut now: Pending<u32> = ready(7);
+        assert_eq!(now.ready_now(), Some(Ok(7)));
+
+        let (tell, told) = tokio::sync::oneshot::channel::<u32>();
+        let mut later: Pending<u32> =
+            Answer::later(async move { told.await.map_err(|e| Unavailable(e.to_string())) });
+        assert_eq!(later.ready_now(), None, "nothing has been told yet");
+        tell.send(9).unwrap();
+        assert_eq!(later.await, Ok(9));
+    }
 }

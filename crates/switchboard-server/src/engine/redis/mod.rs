@@ -312,7 +312,7 @@ impl Engine for RedisEngine {
         since: Option<Position>,
     ) -> Answer<Box<dyn Joined>, ConnectError> {
         let core = self.0.clone();
-        Box::pin(async move {
+        Answer::later(async move {
             core.feed.hold(inbox_channel(&id)).await?;
             // Counted from the call on (whether or not its answer comes):
             // dropping `counted` undoes it, or does nothing if it never ran.
@@ -399,7 +399,7 @@ impl Engine for RedisEngine {
         let targets: Vec<ClientId> = targets.iter().map(|&t| t.into()).collect();
         let answer = self.0.link.call("send", rest);
         let metrics = self.0.metrics.clone();
-        Box::pin(async move {
+        Answer::later(async move {
             let (values, again) = replayed(items(answer.await?)?);
             if values.len() != targets.len() * 3 {
                 return Err(malformed("a send"));
@@ -426,7 +426,7 @@ impl Engine for RedisEngine {
             .0
             .link
             .call("connections", args(ids.iter().map(|id| &**id)));
-        Box::pin(async move {
+        Answer::later(async move {
             items(answer.await?)?
                 .iter()
                 .map(|v| int(v).map(|n| n as usize))
@@ -452,7 +452,7 @@ impl Engine for RedisEngine {
         ]);
         let answer = self.0.link.call("publish", rest);
         let metrics = self.0.metrics.clone();
-        Box::pin(async move {
+        Answer::later(async move {
             let (values, again) = replayed(items(answer.await?)?);
             let [_, offset, subscribers] = values.as_slice() else {
                 return Err(malformed("a publish"));
@@ -471,7 +471,7 @@ impl Engine for RedisEngine {
 
     fn subscribe(&self, request: Subscribe) -> Answer<Subscribed, SubscribeRefused> {
         let core = self.0.clone();
-        Box::pin(async move {
+        Answer::later(async move {
             let unavailable = SubscribeRefused::Unavailable;
             let Subscribe {
                 topic,
@@ -603,7 +603,7 @@ impl Engine for RedisEngine {
 
     fn presence(&self, topic: Arc<str>) -> Pending<TopicPresence> {
         let answer = self.0.link.call("presence", args([&*topic]));
-        Box::pin(async move {
+        Answer::later(async move {
             let mut values = items(answer.await?)?;
             let members = values
                 .pop()
@@ -624,7 +624,7 @@ impl Engine for RedisEngine {
     fn disconnect(&self, id: ClientId, close: CloseReason) -> Pending<usize> {
         let rest = args([&*id, &close.code().0.to_string(), close.reason()]);
         let answer = self.0.link.call("disconnect", rest);
-        Box::pin(async move {
+        Answer::later(async move {
             int(&answer.await?)
                 .map(|n| n as usize)
                 .ok_or_else(|| malformed("a count"))
@@ -633,7 +633,7 @@ impl Engine for RedisEngine {
 
     fn counts(&self) -> Pending<Counts> {
         let answer = self.0.link.call("counts", Vec::new());
-        Box::pin(async move {
+        Answer::later(async move {
             let values = items(answer.await?)?;
             let count = |i: usize| {
                 values
@@ -652,7 +652,7 @@ impl Engine for RedisEngine {
     fn nodes(&self, local: Traffic) -> Pending<Vec<NodeTraffic>> {
         let node = self.0.node();
         let answer = self.0.link.call("nodes", args([&*node]));
-        Box::pin(async move {
+        Answer::later(async move {
             let values = items(answer.await?)?;
             let mut nodes = vec![NodeTraffic {
                 id: node,
@@ -679,7 +679,7 @@ impl Engine for RedisEngine {
     fn topics(&self, limit: usize, members: usize) -> Pending<TopicList> {
         let (limit, members) = (limit.to_string(), members.to_string());
         let answer = self.0.link.call("topics", args([&*limit, &*members]));
-        Box::pin(async move {
+        Answer::later(async move {
             let mut values = items(answer.await?)?.into_iter();
             let total = values
                 .next()
@@ -760,7 +760,7 @@ fn read(
         &limit.to_string(),
     ]);
     let answer = core.link.call("read", rest);
-    Box::pin(async move {
+    Answer::later(async move {
         let read = Read::parse(&mut items(answer.await?)?)?;
         Ok(read.page(since.as_ref(), ttl))
     })
