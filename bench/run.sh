@@ -12,7 +12,9 @@
 #   --smoke            short runs, one repetition, debug builds, no peer install
 #   --reps N           repetitions (full run: at least 3; default 5, with which the
 #                      report's p can fall below 0.01; with 3 it never falls below 0.1)
-#   --servers "A B"    subset of: switchboard bun node axum floor (default: all)
+#   --servers "A B"    subset of: switchboard bun node axum floor (default: all), and
+#                      floor-uring (the floor sending each message to all its
+#                      recipients in one io_uring submission; not in the default set)
 #   --scenarios "A B"  subset of: echo relay-k1 relay-k10 fanout fanout-topic idle storm
 #                      echo-deflate fanout-deflate
 #   --release          smoke with release builds (full runs always use them)
@@ -141,7 +143,7 @@ fi
 bun=bench/peers/node_modules/.bin/bun
 available() {
   case "$1" in
-    switchboard|axum|floor) return 0 ;;
+    switchboard|axum|floor|floor-uring) return 0 ;;
     bun) [ -x "$bun" ] && "$bun" --version > /dev/null 2>&1 ;;
     node) command -v node > /dev/null && [ -f bench/peers/node_modules/ws/package.json ] ;;
     *) echo "run.sh: unknown server $1" >&2; return 1 ;;
@@ -173,11 +175,12 @@ server_command() {
     node/*) echo "node bench/peers/node-relay.mjs 127.0.0.1:0$flag" ;;
     axum/*) echo "$bin/axum-relay 127.0.0.1:0" ;;
     floor/*) echo "$bin/floor-relay 127.0.0.1:0" ;;
+    floor-uring/*) echo "$bin/floor-relay 127.0.0.1:0 --uring" ;;
   esac
 }
 
 # tokio-tungstenite has no permessage-deflate, and the floor does no more than it must.
-supports_deflate() { [ "$1" != axum ] && [ "$1" != floor ]; }
+supports_deflate() { [ "$1" != axum ] && [ "$1" != floor ] && [ "$1" != floor-uring ]; }
 
 # Starts a server in the background; sets server_pid and server_addr.
 start_server() {

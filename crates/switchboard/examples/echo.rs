@@ -33,8 +33,21 @@ async fn echo(upgrade: WebSocketUpgrade) -> Response {
     upgrade.options(options).on_upgrade(Echo)
 }
 
-#[tokio::main]
-async fn main() -> std::io::Result<()> {
+fn main() -> std::io::Result<()> {
+    // With one CPU to run on (bench/run.sh pins servers to one), tokio's
+    // single-threaded scheduler, as the `switchboard` service picks: the
+    // multi-threaded one with a single worker still pays for handing tasks
+    // between threads.
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut runtime = if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    runtime.enable_all().build()?.block_on(serve())
+}
+
+async fn serve() -> std::io::Result<()> {
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:9001".into());

@@ -15,7 +15,12 @@
 //!             "from":ID,"payload":P}`.
 //!   /echo     every message comes back; the replies to one read leave in one
 //!             write, as Bun's do.
+//!
+//! With `--uring` (`floor-relay 127.0.0.1:0 --uring`), a message's sends to
+//! its recipients go to the kernel in one io_uring submission instead of one
+//! `send` each (src/batch.rs): to measure what batching the system calls saves.
 
+mod batch;
 mod frame;
 mod handshake;
 mod message;
@@ -27,6 +32,7 @@ use std::net::SocketAddr;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
+use crate::batch::Batch;
 use crate::handshake::Route;
 
 const LISTENER: Token = Token(usize::MAX);
@@ -72,14 +78,24 @@ struct Server {
     replies: Vec<u8>,
     /// A topic delivery's JSON, before framing.
     text: Vec<u8>,
+    /// The connections the current message goes to.
+    recipients: Vec<usize>,
+    /// With `--uring`: the ring their sends go through together.
+    batch: Option<Batch>,
 }
 
 fn main() -> io::Result<()> {
-    let addr: SocketAddr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:0".into())
-        .parse()
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut addr: SocketAddr = "127.0.0.1:0".parse().expect("an address");
+    let mut batch = None;
+    for arg in std::env::args().skip(1) {
+        if arg == "--uring" {
+            batch = Some(Batch::new()?);
+        } else {
+            addr = arg
+                .parse()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        }
+    }
     let mut poll = Poll::new()?;
     let mut listener = TcpListener::bind(addr)?;
     poll.registry()
@@ -88,7 +104,10 @@ fn main() -> io::Result<()> {
     io::stdout().flush()?;
     let mut events = Events::with_capacity(1024);
     let mut scratch = vec![0; READ_CHUNK];
-    let mut server = Server::default();
+    let mut server = Server {
+        batch,
+        ..Server::default()
+    };
     loop {
         if let Err(e) = poll.poll(&mut events, None) {
             if e.kind() == io::ErrorKind::Interrupted {
@@ -260,6 +279,32 @@ impl Server {
         send(&mut self.conns, &mut self.dead, index, &backlog);
     }
 
+    /// Sends the message's frame to every recipient gathered for it: one
+    /// `send` each, or with `--uring` one submission for them all.
+    fn deliver(&mut self) {
+        let Self {
+            conns,
+            dead,
+            frame,
+            recipients,
+            batch,
+            ..
+        } = self;
+        match batch {
+            Some(batch) => {
+                if let Err(e) = batch.send_all(conns, dead, recipients, frame) {
+                    panic!("io_uring submission failed: {e}");
+                }
+            }
+            None => {
+                for &to in recipients.iter() {
+                    send(conns, dead, to, frame);
+                }
+            }
+        }
+        recipients.clear();
+    }
+
     /// Drops the connections that ended, and their places in ids and topics.
     fn reap(&mut self) {
         while let Some(index) = self.dead.pop() {
@@ -303,9 +348,15 @@ fn send(conns: &mut [Option<Conn>], dead: &mut Vec<usize>, index: usize, bytes: 
         0
     };
     if written < bytes.len() {
-        conn.backlog.extend_from_slice(&bytes[written..]);
-        if conn.backlog.len() > MAX_BACKLOG {
-            dead.push(index);
-        }
+        hold(conn, dead, index, &bytes[written..]);
+    }
+}
+
+/// Keeps what connection `index`'s socket did not take, to write once it
+/// drains; drops the connection whose backlog grows past the limit.
+fn hold(conn: &mut Conn, dead: &mut Vec<usize>, index: usize, rest: &[u8]) {
+    conn.backlog.extend_from_slice(rest);
+    if conn.backlog.len() > MAX_BACKLOG {
+        dead.push(index);
     }
 }

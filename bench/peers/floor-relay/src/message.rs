@@ -5,7 +5,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde_json::value::RawValue;
 
 use crate::frame::{self, TEXT};
-use crate::{Server, State, send};
+use crate::{Server, State};
 
 /// What a client may send; strings are borrowed from the frame.
 #[derive(Deserialize)]
@@ -63,11 +63,10 @@ pub fn handle(server: &mut Server, from: usize, text: &[u8], replies: &mut Vec<u
                     Target::Text(id) => id,
                 };
                 if let Some(conns) = server.clients.get(id) {
-                    for &to in conns {
-                        send(&mut server.conns, &mut server.dead, to, &server.frame);
-                    }
+                    server.recipients.extend_from_slice(conns);
                 }
             }
+            server.deliver();
         }
         (Some("subscribe"), _, Some(topic)) => {
             let conn = server.conns[from].as_mut().expect("a live connection");
@@ -97,10 +96,9 @@ pub fn handle(server: &mut Server, from: usize, text: &[u8], replies: &mut Vec<u
             server.frame.clear();
             frame::encode(TEXT, &server.text, &mut server.frame);
             if let Some(subscribers) = server.topics.get(topic) {
-                for &to in subscribers {
-                    send(&mut server.conns, &mut server.dead, to, &server.frame);
-                }
+                server.recipients.extend_from_slice(subscribers);
             }
+            server.deliver();
         }
         _ => {}
     }
