@@ -31,6 +31,9 @@ impl Batch {
     /// Sends `frame` to every connection in `recipients` (what a socket does not
     /// take waits on its backlog, as with `send`), with one submission per
     /// `RING` recipients. Every send has completed when this returns.
+    /// `recipients` names each connection once, as the bench's scenarios do:
+    /// two sends to one socket in one submission could put the second's bytes
+    /// after part of the first's.
     pub fn send_all(
         &mut self,
         conns: &mut [Option<Conn>],
