@@ -80,7 +80,13 @@ impl AsyncWrite for Socket {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+        match self.get_mut() {
+            // `send`, as tokio's own `poll_write` makes, not a one-buffer
+            // `writev`, which reaches the socket through the file layer's
+            // vectored write.
+            Self::Tcp(stream) => poll_tcp_write(stream, cx, buf.len(), || stream.try_write(buf)),
+            Self::Upgraded(io) => Pin::new(&mut **io).poll_write(cx, buf),
+        }
     }
 
     fn poll_write_vectored(
@@ -88,16 +94,14 @@ impl AsyncWrite for Socket {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let [one] = bufs {
+            return self.poll_write(cx, one);
+        }
         match self.get_mut() {
-            Self::Tcp(stream) => loop {
-                ready!(stream.poll_write_ready(cx))?;
+            Self::Tcp(stream) => {
                 let asked = bufs.iter().map(|b| b.len()).sum();
-                if let Some(n) = transfer(stream, Interest::WRITABLE, asked, || {
-                    stream.try_write_vectored(bufs)
-                })? {
-                    return Poll::Ready(Ok(n));
-                }
-            },
+                poll_tcp_write(stream, cx, asked, || stream.try_write_vectored(bufs))
+            }
             Self::Upgraded(io) => Pin::new(&mut **io).poll_write_vectored(cx, bufs),
         }
     }
@@ -123,6 +127,21 @@ impl AsyncWrite for Socket {
                 None => Poll::Ready(Ok(())),
             },
             Self::Upgraded(io) => Pin::new(&mut **io).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Writes `asked` bytes with `write` once the socket is writable.
+fn poll_tcp_write(
+    stream: &TcpStream,
+    cx: &mut Context<'_>,
+    asked: usize,
+    write: impl Fn() -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(stream.poll_write_ready(cx))?;
+        if let Some(n) = transfer(stream, Interest::WRITABLE, asked, &write)? {
+            return Poll::Ready(Ok(n));
         }
     }
 }
