@@ -125,6 +125,16 @@ impl FrameDecoder {
         }
     }
 
+    /// The largest frame payload accepted.
+    pub fn max_frame_size(&self) -> usize {
+        self.max_frame_size
+    }
+
+    /// Whether no frame is partly received.
+    pub fn at_rest(&self) -> bool {
+        self.pending.is_none()
+    }
+
     /// Decodes the next complete frame from `buf`, consuming its bytes.
     /// `Ok(None)` means more input is needed.
     ///

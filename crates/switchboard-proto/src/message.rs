@@ -127,6 +127,26 @@ impl MessageDecoder {
         self.partial.is_some()
     }
 
+    /// The limits the decoder was made with.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_frame_size: self.frames.max_frame_size(),
+            max_message_size: self.max_message_size,
+        }
+    }
+
+    /// Whether the decoder is between messages and holds nothing a new one
+    /// made with the same limits would not: no partial message or frame, no
+    /// inflater, nothing inflated. Such a decoder can be dropped and made again
+    /// (a connection that hibernates keeps its limits instead of its decoder).
+    pub fn at_rest(&self) -> bool {
+        self.partial.is_none()
+            && self.inflater.is_none()
+            && self.inflated == 0
+            && self.prevalidated == 0
+            && self.frames.at_rest()
+    }
+
     /// Bytes held for the message partly received (inflated, when it is
     /// compressed): what a peer makes us keep by not finishing a message.
     pub fn buffered(&self) -> usize {

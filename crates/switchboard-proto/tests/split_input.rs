@@ -30,7 +30,23 @@ fn decode_with(
     compression: Option<PeerContext>,
     limits: Limits,
 ) -> (Vec<Message>, Option<ProtocolError>) {
+    let (messages, error, _) = decode_renewing(input, cuts, compression, limits, false);
+    (messages, error)
+}
+
+/// [`decode_with`], which, when `renew` is set, replaces the decoder with a
+/// new one made from its limits wherever the input so far is used up and the
+/// decoder says it is at rest, as a hibernating connection does; also returns
+/// how many times it did.
+fn decode_renewing(
+    input: &[u8],
+    cuts: &[usize],
+    compression: Option<PeerContext>,
+    limits: Limits,
+    renew: bool,
+) -> (Vec<Message>, Option<ProtocolError>, usize) {
     let mut decoder = MessageDecoder::new(Role::Server, limits, compression);
+    let mut renewed = 0;
     let mut buf = BytesMut::new();
     let mut messages = Vec::new();
     let mut start = 0;
@@ -44,15 +60,20 @@ fn decode_with(
             match decoder.next(&mut buf) {
                 Ok(Some(Message::Close(reason))) => {
                     messages.push(Message::Close(reason));
-                    return (messages, None);
+                    return (messages, None, renewed);
                 }
                 Ok(Some(message)) => messages.push(message),
                 Ok(None) => break,
-                Err(e) => return (messages, Some(e)),
+                Err(e) => return (messages, Some(e), renewed),
             }
         }
+        if renew && buf.is_empty() && decoder.at_rest() {
+            assert_eq!(decoder.limits(), limits);
+            decoder = MessageDecoder::new(Role::Server, decoder.limits(), compression);
+            renewed += 1;
+        }
     }
-    (messages, None)
+    (messages, None, renewed)
 }
 
 /// A byte stream of plausible client frames, some of them broken.
@@ -271,6 +292,30 @@ proptest! {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// A decoder that says it is at rest holds nothing a new one would not:
+    /// replacing it there (between fragments too, if it said so wrongly)
+    /// changes nothing that is decoded, however the stream is split.
+    #[test]
+    fn a_decoder_at_rest_can_be_made_again_from_its_limits(
+        plan in prop::collection::vec(planned(), 1..5),
+        cuts in prop::collection::vec(any::<usize>(), 0..12),
+    ) {
+        let plan: Vec<Planned> = plan
+            .into_iter()
+            .map(|p| Planned { compressed: false, ..p })
+            .collect();
+        let (input, expected) = encode(&plan);
+        let (decoded, error, renewed) = decode_renewing(&input, &cuts, None, ROOMY, true);
+        prop_assert_eq!(error, None);
+        prop_assert_eq!(decoded, expected);
+        // The stream ends after a whole message: at rest there at least.
+        prop_assert!(renewed >= 1);
+    }
+}
+
+proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
     #[test]
@@ -337,6 +382,49 @@ fn byte_at_a_time_equals_whole_for_a_mixed_stream() {
     assert_eq!(whole, decode_in_pieces(&input, &every_byte, None));
     assert_eq!(whole.0.len(), 3);
     assert_eq!(whole.0[1], Message::text("héllo wörld"));
+}
+
+/// Between the fragments of a message, or inside a frame, a decoder is not at
+/// rest, even when all that arrived has been taken from the buffer.
+#[test]
+fn a_decoder_is_not_at_rest_inside_a_message_or_a_frame() {
+    let mut decoder = MessageDecoder::new(Role::Server, Limits::default(), None);
+    assert!(decoder.at_rest());
+    let mut buf = BytesMut::new();
+    encode_frame(
+        &mut buf,
+        false,
+        false,
+        OpCode::Text,
+        b"half",
+        Some([1, 2, 3, 4]),
+    );
+    assert_eq!(decoder.next(&mut buf), Ok(None));
+    assert!(buf.is_empty());
+    assert!(!decoder.at_rest());
+    encode_frame(
+        &mut buf,
+        true,
+        false,
+        OpCode::Continuation,
+        b"!",
+        Some([1, 2, 3, 4]),
+    );
+    assert_eq!(decoder.next(&mut buf), Ok(Some(Message::text("half!"))));
+    assert!(decoder.at_rest());
+    // A text frame whose payload has partly arrived (and been checked).
+    let mut frame = BytesMut::new();
+    encode_frame(
+        &mut frame,
+        true,
+        false,
+        OpCode::Text,
+        b"partly",
+        Some([1, 2, 3, 4]),
+    );
+    buf.extend_from_slice(&frame[..frame.len() - 2]);
+    assert_eq!(decoder.next(&mut buf), Ok(None));
+    assert!(!decoder.at_rest());
 }
 
 /// Found by `fuzz/decode`: RSV1 on a continuation frame was only rejected once the

@@ -74,6 +74,11 @@ pub(crate) struct Setup {
 /// awaited future side by side: this way the task is as large as the driver
 /// alone, about half of what each idle connection cost before. A connection
 /// that hibernates ends its task and comes back in a new one, `Waking`.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "the task is as large as the driver whichever state it is in; \
+              boxing the driver would add an allocation to every connection"
+)]
 pub(crate) enum Connection<H: Handler> {
     /// The 101 response is on its way; the socket is not ours yet.
     Upgrading {

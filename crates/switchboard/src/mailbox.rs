@@ -34,12 +34,15 @@ pub(crate) struct Mailbox<I> {
     /// [`crate::Outbox::hold`]).
     held_bytes: AtomicUsize,
     max_outbound_bytes: usize,
-    mailbox_size: usize,
+    /// Infos queued at most: 32 bits, which with the policy beside it keeps
+    /// the mailbox within 192 bytes, one of jemalloc's size classes (see the
+    /// size test below).
+    mailbox_size: u32,
     slow_consumer: SlowConsumerPolicy,
 }
 
 struct State<I> {
-    infos: VecDeque<I>,
+    infos: Infos<I>,
     frames: VecDeque<Outbound>,
     /// Boxed, in the mailbox and in each [`Drained`]: a close is asked once
     /// at most, and every connection carries both.
@@ -58,6 +61,42 @@ struct State<I> {
     /// event (the driver counts the rest).
     written_directly: (u64, u64),
     waker: Option<Waker>,
+}
+
+/// The infos queued for the driver: boxed, made with the first one, since
+/// most connections never get one and every connection carries a mailbox
+/// (8 bytes where a queue takes 32).
+#[expect(
+    clippy::box_collection,
+    reason = "the box is the point: 8 bytes in every mailbox, not a queue's 32"
+)]
+struct Infos<I>(Option<Box<VecDeque<I>>>);
+
+impl<I> Infos<I> {
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |infos| infos.len())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push_back(&mut self, info: I) {
+        self.0.get_or_insert_default().push_back(info);
+    }
+
+    /// Swaps the queue with `other`, so that both keep their allocations.
+    fn swap(&mut self, other: &mut VecDeque<I>) {
+        match &mut self.0 {
+            Some(infos) => std::mem::swap(&mut **infos, other),
+            None if other.is_empty() => {}
+            None => self.0 = Some(Box::new(std::mem::take(other))),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.0 = None;
+    }
 }
 
 /// What writing a prepared frame straight to the socket needs.
@@ -129,7 +168,7 @@ impl<I> Mailbox<I> {
         Self {
             id,
             state: Mutex::new(State {
-                infos: VecDeque::new(),
+                infos: Infos(None),
                 frames: VecDeque::new(),
                 close: None,
                 closed: false,
@@ -142,7 +181,7 @@ impl<I> Mailbox<I> {
             queued_bytes: AtomicUsize::new(0),
             held_bytes: AtomicUsize::new(0),
             max_outbound_bytes: options.max_outbound_bytes,
-            mailbox_size: options.mailbox_size,
+            mailbox_size: u32::try_from(options.mailbox_size).unwrap_or(u32::MAX),
             slow_consumer: options.slow_consumer,
         }
     }
@@ -176,7 +215,7 @@ impl<I> Mailbox<I> {
         if state.closed {
             return Err(SendError::Closed(info));
         }
-        if state.infos.len() >= self.mailbox_size {
+        if state.infos.len() >= self.mailbox_size as usize {
             return Err(SendError::Full(info));
         }
         state.infos.push_back(info);
@@ -267,7 +306,7 @@ impl<I> Mailbox<I> {
             state.waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
-        std::mem::swap(&mut state.infos, &mut into.infos);
+        state.infos.swap(&mut into.infos);
         std::mem::swap(&mut state.frames, &mut into.frames);
         into.partial = std::mem::take(&mut state.partial);
         into.close = state.close.take();
@@ -336,10 +375,9 @@ impl<I> Mailbox<I> {
     /// which has no driver to drain them.
     pub fn take_for_test(&self) -> (VecDeque<I>, VecDeque<Outbound>) {
         let mut state = self.lock();
-        (
-            std::mem::take(&mut state.infos),
-            std::mem::take(&mut state.frames),
-        )
+        let mut infos = VecDeque::new();
+        state.infos.swap(&mut infos);
+        (infos, std::mem::take(&mut state.frames))
     }
 
     /// Bytes waiting to be written, whoever queued them.
@@ -382,5 +420,20 @@ impl<I> Mailbox<I> {
     /// Bytes written to the socket leave the outbound budget.
     pub fn release(&self, bytes: usize) {
         self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Mailbox;
+
+    /// Every connection has a mailbox, in an `Arc` (two counts, 16 bytes):
+    /// 176 + 16 = 192 bytes, one of jemalloc's size classes (the service's
+    /// allocator); one byte more and it takes 224 (docs/performance.md,
+    /// "Hibernation").
+    #[test]
+    fn the_mailbox_stays_within_its_size_class() {
+        let size = std::mem::size_of::<Mailbox<String>>();
+        assert!(size <= 176, "the mailbox grew to {size} bytes");
     }
 }

@@ -202,9 +202,30 @@ async fn shutdown_waits_for_and_closes_hibernating_connections() {
 }
 
 #[tokio::test]
+async fn a_new_connection_that_says_nothing_hibernates_without_waiting_a_period() {
+    let stats = Stats::new();
+    let options = hibernating(&stats).hibernate_after(Some(Duration::from_secs(600)));
+    let (mut client, mut events, _handle) = connected(options, None).await;
+    // Within the test's timeout, a hundredth of the period (the first look is
+    // after a second).
+    assert_eq!(hibernated(&stats, 1).await, 0, "asleep, not woken yet");
+    client
+        .send(&RawClient::frame(true, OpCode::Text, b"first words"))
+        .await;
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::In("first words".into())
+    );
+    assert_eq!(client.recv().await, text("first words"));
+    assert_eq!(stats.snapshot().wakes, 1);
+}
+
+#[tokio::test]
 async fn a_connection_that_keeps_talking_does_not_hibernate() {
     let stats = Stats::new();
     let (mut client, _events, _handle) = connected(hibernating(&stats), None).await;
+    // New and silent, it sleeps at once; its first message wakes it.
+    hibernated(&stats, 1).await;
     // A message every half period, for four periods.
     for i in 0..8 {
         let message = format!("still here {i}");
@@ -214,7 +235,7 @@ async fn a_connection_that_keeps_talking_does_not_hibernate() {
         assert_eq!(client.recv().await, text(&message));
         tokio::time::sleep(QUIET / 2).await;
     }
-    assert_eq!(stats.snapshot().hibernations, 0);
+    assert_eq!(stats.snapshot().hibernations, 1);
 }
 
 #[tokio::test]
@@ -232,6 +253,7 @@ async fn a_connection_waiting_on_held_work_stays_awake() {
     let stats = Stats::new();
     let options = hibernating(&stats).max_outbound_bytes(1024);
     let (mut client, mut events, handle) = connected(options, None).await;
+    hibernated(&stats, 1).await;
     // Reading waits for the application's work: the peer's bytes stay unread,
     // and the socket stays readable. Asleep, the connection would wake at once,
     // find it may not read, and sleep again, over and over.
@@ -240,7 +262,7 @@ async fn a_connection_waiting_on_held_work_stays_awake() {
         .send(&RawClient::frame(true, OpCode::Text, b"later"))
         .await;
     tokio::time::sleep(QUIET * 5).await;
-    assert_eq!(stats.snapshot().hibernations, 0);
+    assert_eq!(stats.snapshot().hibernations, 1);
     drop(held);
     assert_eq!(next_event(&mut events).await, Event::In("later".into()));
     assert_eq!(client.recv().await, text("later"));

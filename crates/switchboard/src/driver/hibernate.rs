@@ -14,6 +14,7 @@
 //! (its state is not rebuilt).
 
 use std::net::TcpStream as StdTcpStream;
+use std::num::NonZeroU32;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context as TaskContext, Wake, Waker};
@@ -21,7 +22,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use switchboard_proto::message::MessageEncoder;
-use switchboard_proto::{MessageDecoder, Role};
+use switchboard_proto::{Limits, MessageDecoder, Role};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -29,7 +30,7 @@ use tracing::{Instrument, Span};
 
 use super::close::Phase;
 use super::intake::Intake;
-use super::timers::Timers;
+use super::timers::{Resting, after, millis};
 use super::writer::Writer;
 use super::{Connection, Driver, conclude};
 use crate::handle::ConnHandle;
@@ -46,15 +47,16 @@ pub(crate) struct Asleep<H: Handler> {
     stream: StdTcpStream,
     handler: H,
     handle: ConnHandle<H::Info>,
-    decoder: MessageDecoder,
+    /// The decoder's limits: a decoder at rest is made again from them.
+    limits: Limits,
     protocol: Option<Box<str>>,
-    timers: Timers,
+    timers: Resting,
     stats: Option<Stats>,
     shutdown: Option<Signal>,
     intake: Intake,
     counts: Counts,
     /// Its watch for quiet, which wakes with it.
-    quiet: Box<Quiet>,
+    quiet: QuietRest,
     /// The connection's span, which its next task runs in.
     span: Span,
     /// Keeps the connection counted by its [`crate::Shutdown`] while it has no task.
@@ -101,10 +103,24 @@ impl<H: Handler> Wake for Sleeper<H> {
     }
 }
 
+/// How soon a new connection is first looked at, unless its period is shorter.
+///
+/// One that has exchanged no message by then hibernates without a whole period
+/// awake: connections that open and wait hold their tasks for a second, not a
+/// period, so a burst of them never holds all its tasks at once, to give them
+/// back together as holes between what stays (see docs/performance.md,
+/// "Hibernation"). Not at once: a connection that hibernated between its
+/// handshake and its client's first frame would pay a sleep and a wake, which
+/// made handshakes cost 1.6 times as much CPU.
+const FIRST_LOOK: Duration = Duration::from_millis(5);
+
 /// Whether a connection has been quiet: no message in or out (pings and
-/// pongs are not messages) from one look to the next, a period apart.
+/// pongs are not messages) from one look to the next, a period apart (the
+/// first one sooner: [`FIRST_LOOK`]).
 pub(super) struct Quiet {
-    period: Duration,
+    /// The period in whole milliseconds (see [`millis`]): the watch is
+    /// 32 bytes, and what a hibernating connection keeps of it 16.
+    period: NonZeroU32,
     next_look: Instant,
     /// Messages in and out at the last look.
     mark: u64,
@@ -113,13 +129,22 @@ pub(super) struct Quiet {
 }
 
 impl Quiet {
-    /// Looks first a period from now; `activity` is the count so far.
+    /// Looks first [`FIRST_LOOK`] from now, or a period if that is shorter;
+    /// `activity` is the count so far.
     pub(super) fn new(period: Duration, activity: u64) -> Self {
         Self {
-            period,
-            next_look: Instant::now() + period,
+            period: millis(period),
+            next_look: Instant::now() + period.min(FIRST_LOOK),
             mark: activity,
             sleepy: false,
+        }
+    }
+
+    /// What a hibernating connection keeps of its watch.
+    fn rest(&self) -> QuietRest {
+        QuietRest {
+            period: self.period,
+            mark: self.mark,
         }
     }
 
@@ -127,17 +152,31 @@ impl Quiet {
         self.next_look
     }
 
-    /// Looks at once: a connection woken for a ping, a pong or a deadline
-    /// goes back to sleep without waiting a whole period.
-    fn look_now(&mut self) {
-        self.next_look = Instant::now();
-    }
-
     /// The look, at `now`, with `activity` the count now.
     pub(super) fn look(&mut self, activity: u64, now: Instant) {
         self.sleepy = activity == self.mark;
         self.mark = activity;
-        self.next_look = now + self.period;
+        self.next_look = after(now, self.period);
+    }
+}
+
+/// What a hibernating connection keeps of its watch for quiet: its period
+/// and the count at the last look, without the watch's own allocation.
+struct QuietRest {
+    period: NonZeroU32,
+    mark: u64,
+}
+
+impl QuietRest {
+    /// The watch again, looking at once: a connection woken for a ping, a
+    /// pong or a deadline goes back to sleep without waiting a whole period.
+    fn wake(self) -> Box<Quiet> {
+        Box::new(Quiet {
+            period: self.period,
+            next_look: Instant::now(),
+            mark: self.mark,
+            sleepy: false,
+        })
     }
 }
 
@@ -158,7 +197,7 @@ impl<H: Handler, S: AsyncRead + AsyncWrite + Unpin> Driver<H, S> {
             && self.writer.is_idle()
             && self.read_buf.is_empty()
             && self.staged.is_empty()
-            && !self.decoder.in_message()
+            && self.decoder.at_rest()
             && !self.intake.paused()
             && !self.timers.busy()
             // Reading waits for the application: woken at once by the readable
@@ -210,7 +249,7 @@ impl<H: Handler> Driver<H, Socket> {
             handle,
             decoder,
             protocol,
-            mut timers,
+            timers,
             stats,
             mut shutdown,
             intake,
@@ -221,7 +260,7 @@ impl<H: Handler> Driver<H, Socket> {
         let Some(quiet) = quiet else {
             unreachable!("only a watched connection is found quiet")
         };
-        timers.disarm();
+        let timers = timers.rest();
         let mut wake_now = false;
         let tracked = shutdown.as_mut().map(|signal| {
             signal.unregister();
@@ -247,7 +286,7 @@ impl<H: Handler> Driver<H, Socket> {
                     end(
                         handler,
                         &handle,
-                        &timers,
+                        timers.opened(),
                         counts,
                         format!("hibernation failed: {e}"),
                     );
@@ -256,14 +295,14 @@ impl<H: Handler> Driver<H, Socket> {
             },
             handler,
             handle,
-            decoder,
+            limits: decoder.limits(),
             protocol,
             timers,
             stats,
             shutdown,
             intake,
             counts,
-            quiet,
+            quiet: quiet.rest(),
             span: Span::current(),
             tracked,
             runtime: tokio::runtime::Handle::current(),
@@ -289,17 +328,17 @@ impl<H: Handler> Asleep<H> {
             stream,
             handler,
             handle,
-            decoder,
+            limits,
             protocol,
             timers,
             stats,
             mut shutdown,
             intake,
             counts,
-            mut quiet,
+            quiet,
             ..
         } = self;
-        quiet.look_now();
+        let timers = timers.wake();
         if let Some(stats) = &stats {
             stats.woke();
         }
@@ -309,7 +348,7 @@ impl<H: Handler> Asleep<H> {
                 end(
                     handler,
                     &handle,
-                    &timers,
+                    timers.opened(),
                     counts,
                     format!("waking failed: {e}"),
                 );
@@ -324,7 +363,7 @@ impl<H: Handler> Asleep<H> {
             io: Socket::Tcp(stream.clone()),
             handler,
             handle,
-            decoder,
+            decoder: MessageDecoder::new(Role::Server, limits, None),
             writer: Writer::new(MessageEncoder::new(Role::Server, None)),
             protocol,
             read_buf: BytesMut::new(),
@@ -339,7 +378,7 @@ impl<H: Handler> Asleep<H> {
             direct: false,
             intake,
             counts,
-            quiet: Some(quiet),
+            quiet: Some(quiet.wake()),
         };
         driver.allow_direct_writes(stream);
         Some(driver)
@@ -350,10 +389,10 @@ impl<H: Handler> Asleep<H> {
 fn end<H: Handler>(
     mut handler: H,
     handle: &ConnHandle<H::Info>,
-    timers: &Timers,
+    opened: Instant,
     counts: Counts,
     why: String,
 ) {
     let reason = TerminateReason::Error(why);
-    conclude(&mut handler, handle, reason, timers.opened(), counts, false);
+    conclude(&mut handler, handle, reason, opened, counts, false);
 }

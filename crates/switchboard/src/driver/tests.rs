@@ -209,3 +209,17 @@ fn the_driver_stays_within_its_share_of_the_task() {
     let driver = std::mem::size_of::<Driver<Echo, Socket>>();
     assert!(driver <= 592, "the driver grew to {driver} bytes");
 }
+
+/// A hibernating connection keeps one allocation of its own: this record with
+/// the lock and the `Arc` around it (24 bytes). With the `Relay` handler in
+/// place of `Echo` (152 bytes more) that is 24 + 272 + 152 = 448 bytes, one of
+/// jemalloc's size classes (the service's allocator); one byte more and it
+/// takes 512 (docs/performance.md, "Hibernation").
+#[test]
+fn the_hibernation_record_stays_within_its_size_class() {
+    let asleep = std::mem::size_of::<super::hibernate::Asleep<Echo>>();
+    assert!(
+        asleep <= 272,
+        "the hibernation record grew to {asleep} bytes"
+    );
+}

@@ -4,7 +4,7 @@
 //! pause, the next look for quiet).
 
 use std::future::Future;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroU64};
 use std::pin::Pin;
 use std::task::Context as TaskContext;
 use std::time::Duration;
@@ -32,6 +32,41 @@ pub(super) struct Timers {
     periods: Periods,
 }
 
+/// What a hibernating connection keeps of its clocks: 48 bytes of the
+/// timers' 96. It has no timer (a timer belongs to a task), and none of the
+/// deadlines of a connection that is closing or paused over its budget (such
+/// a connection stays awake).
+pub(super) struct Resting {
+    opened: Instant,
+    last_read: u64,
+    /// The next ping, in whole milliseconds from `opened`, rounded down (it
+    /// comes at most a millisecond early).
+    next_ping: Option<NonZeroU64>,
+    periods: Periods,
+}
+
+impl Resting {
+    /// When the connection opened.
+    pub(super) fn opened(&self) -> Instant {
+        self.opened
+    }
+
+    /// The timers again, as they were.
+    pub(super) fn wake(self) -> Timers {
+        Timers {
+            opened: self.opened,
+            last_read: self.last_read,
+            next_ping: self
+                .next_ping
+                .map(|ms| self.opened + Duration::from_millis(ms.get())),
+            close_deadline: None,
+            over_budget_since: None,
+            timer: None,
+            periods: self.periods,
+        }
+    }
+}
+
 /// The options' periods in whole milliseconds, rounded up: four bytes each
 /// rather than a `Duration`'s sixteen, since every connection carries them.
 #[derive(Clone, Copy)]
@@ -44,13 +79,14 @@ struct Periods {
 
 /// `period` in milliseconds, rounded up to at least one, at most `u32::MAX`
 /// (about 49 days).
-fn millis(period: Duration) -> NonZeroU32 {
+pub(super) fn millis(period: Duration) -> NonZeroU32 {
     let ms = period.as_nanos().div_ceil(1_000_000);
     let ms = u32::try_from(ms).unwrap_or(u32::MAX);
     NonZeroU32::new(ms).unwrap_or(NonZeroU32::MIN)
 }
 
-fn after(at: Instant, period: NonZeroU32) -> Instant {
+/// `period` milliseconds after `at`.
+pub(super) fn after(at: Instant, period: NonZeroU32) -> Instant {
     at + Duration::from_millis(period.get().into())
 }
 
@@ -221,9 +257,18 @@ impl Timers {
         self.close_deadline.is_some() || self.over_budget_since.is_some()
     }
 
-    /// Drops the timer, which belongs to the task that made it.
-    pub(super) fn disarm(&mut self) {
-        self.timer = None;
+    /// What a hibernating connection keeps of the timers. Only one that is
+    /// not [`Timers::busy`] hibernates.
+    pub(super) fn rest(self) -> Resting {
+        debug_assert!(!self.busy(), "a busy connection stays awake");
+        Resting {
+            opened: self.opened,
+            last_read: self.last_read,
+            next_ping: self
+                .next_ping
+                .map(|at| NonZeroU64::new(self.since_opened(at)).unwrap_or(NonZeroU64::MIN)),
+            periods: self.periods,
+        }
     }
 
     /// Whether the close deadline has passed.
@@ -235,6 +280,25 @@ impl Timers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn resting_timers_wake_with_the_same_deadlines() {
+        let options = Options::default()
+            .idle_timeout(Some(Duration::from_secs(60)))
+            .ping_interval(Some(Duration::from_secs(25)));
+        let mut timers = Timers::new(&options);
+        tokio::time::advance(Duration::from_millis(1_500)).await;
+        timers.read();
+        let (opened, wake_at) = (timers.opened(), timers.wake_at());
+        let next_ping = timers.next_ping.expect("pings are on");
+        let woken = timers.rest().wake();
+        assert_eq!(woken.opened(), opened);
+        assert_eq!(woken.last_read, 1_500);
+        let ping = woken.next_ping.expect("still pinging");
+        assert!(ping <= next_ping && next_ping - ping < Duration::from_millis(1));
+        assert_eq!(woken.wake_at(), Some(ping).min(wake_at));
+        assert!(!woken.busy());
+    }
 
     #[test]
     fn periods_round_up_to_whole_milliseconds_and_saturate() {
