@@ -12,9 +12,10 @@
 #   --old BIN   the binary before the change
 #   --new BIN   the binary after it (default: target/release/switchboard)
 #   --reps N    repetitions (default 6)
-#   --scenarios "A B"  subset of: relay-k1 relay-k10 idle echo fanout fanout-topic (default: relay-k1 relay-k10;
+#   --scenarios "A B"  subset of: relay-k1 relay-k10 idle echo fanout fanout-topic storm (default: relay-k1 relay-k10;
 #               idle holds 19,500 connections, as the full run does; echo is the
-#               service's --echo-path, with the full run's echo load)
+#               service's --echo-path, with the full run's echo load; storm is
+#               the full run's connect storm)
 #   --out DIR   where the report goes (default: target/bench-ab)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +52,7 @@ for rep in $(seq "$reps"); do
         echo) args=(echo --connections 50 --window 10 --size 64 --path /echo) ;;
         fanout) args=(fanout --subscribers 2000 --rate 15 --size 128) ;;
         fanout-topic) args=(fanout --subscribers 2000 --rate 15 --size 128 --topic) ;;
+        storm) args=(storm --concurrency 32) ;;
         *) usage >&2; exit 2 ;;
       esac
       bench_run_once "$bin" --echo-path /echo -- "${args[@]}" --server "$which" --label "$scenario" \

@@ -8,6 +8,13 @@ use switchboard_server::config::{Config, ServeArgs};
 use switchboard_server::workers::{self, Layout};
 use switchboard_server::{logging, server, snapshot};
 
+/// jemalloc rather than glibc's malloc: it keeps each size of allocation on
+/// pages of its own, so what connections give back (a hibernating one's task)
+/// is reused for the same thing or returned to the system, instead of being
+/// split into holes between what stays (docs/performance.md, "Hibernation").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Switchboard: a WebSocket relay. Clients connect to /ws?id=<id> and send
 /// {"targets":[...],"payload":...}; the payload reaches every connection of every target.
 ///
