@@ -11,11 +11,10 @@
 # connections pay for hibernation being on. --pings keeps the service's default
 # ping interval (25 s) and idle timeout (60 s), which bench/lib.sh turns off.
 # Printed per run: the RSS
-# growth per connection (as bench/run.sh's idle scenario measures it), and the
-# heap in use per connection (glibc's malloc_stats, read through gdb at the end
-# of the hold): what the connections hold, whether or not the allocator has
-# given freed pages back to the system. Needs gdb (Debian: apt-get install gdb);
-# builds nothing (run bench/run.sh or cargo build --release first).
+# growth per connection, as bench/run.sh's idle scenario measures it. (Until the
+# service took jemalloc as its allocator this also read glibc's heap in use
+# through gdb; jemalloc is built without statistics.) Builds nothing (run
+# bench/run.sh or cargo build --release first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib.sh
@@ -46,30 +45,23 @@ if [ "$pings" = 1 ]; then
   done
   bench_serve_flags=("${flags[@]}")
 fi
-command -v gdb > /dev/null || { echo "needs gdb" >&2; exit 1; }
 bin=target/release/switchboard
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
-# One hold: prints "RSS B/conn, heap B/conn" for the server started with "$@".
+# One hold: prints "RSS B/conn" for the server started with "$@".
 hold() {
   taskset -c 1 "$bin" serve "${bench_serve_flags[@]}" --compression false "$@" \
     > "$out/server.log" 2> "$out/server.err" &
   local pid=$! addr
   addr=$(wait_listening "$out/server.log" "$pid") || addr=""
   taskset -c 0 target/release/loadgen idle --addr "$addr" --pid "$pid" \
-    --connections "$connections" --warmup 20 --duration 2 --out "$out/idle.jsonl" > /dev/null 2>&1 &
-  local loadgen=$!
-  # The connections are open from about 2 s on; read the heap near the end of the hold.
-  sleep 21
-  gdb -p "$pid" -batch -ex "call (void)malloc_stats()" > /dev/null 2>&1
-  wait "$loadgen"
+    --connections "$connections" --warmup 20 --duration 2 --out "$out/idle.jsonl" > /dev/null 2>&1
   kill "$pid"
   wait "$pid" 2> /dev/null || true
-  local rss heap
+  local rss
   rss=$(tail -1 "$out/idle.jsonl" | sed -n 's/.*"rss_per_conn_bytes":\([0-9.]*\).*/\1/p')
-  heap=$(grep -A2 '^Total' "$out/server.err" | awk -v n="$connections" '/in use bytes/ {print $5 / n}')
-  printf '%.0f B RSS, %.0f B heap per connection' "$rss" "$heap"
+  printf '%.0f B RSS per connection' "$rss"
 }
 
 for rep in $(seq "$reps"); do

@@ -173,13 +173,14 @@ impl Options {
     }
 
     /// Hibernates a connection that has sent and received no message for this
-    /// long: its task ends and what it keeps (handler, deadlines, counters)
+    /// long (a new connection is first looked at after 5 ms, or this long if
+    /// shorter): its task ends and what it keeps (handler, deadlines, counters)
     /// waits in one record, its socket watched by one thread for the whole
     /// process instead of by tokio's reactor, until the peer sends something,
     /// the mailbox gets something, a deadline (ping, idle timeout) or shutdown
-    /// comes. That is about half of an idle connection's memory, for one new
-    /// task (a few microseconds) when it wakes. Pings and pongs do not count as
-    /// messages. Only connections served by [`crate::serve`] over plain TCP
+    /// comes. That is about 40% of an idle connection's resident memory with
+    /// the service's allocator (jemalloc), for one new task (a few
+    /// microseconds) when it wakes. Pings and pongs do not count as messages. Only connections served by [`crate::serve`] over plain TCP
     /// without compression hibernate. `None` (the default) never.
     pub fn hibernate_after(mut self, after: Option<Duration>) -> Self {
         self.hibernate_after = after;
