@@ -261,6 +261,22 @@ async def hibernating_count(server, expected, timeout=5):
 
 @single_node
 @async_test
+async def test_a_new_connection_hibernates_within_moments_its_welcome_aside(start_server):
+    # docs/operations.md, "Hibernation": a new connection whose client has said
+    # nothing is looked at after 5 ms, not after a whole period (here ten
+    # minutes); the welcome the server sent it does not keep it awake.
+    server = start_server("--api-key", KEY, "--compression", "false", "--hibernate-after-secs", "600")
+    async with client(server, "a", envelope=True, compression=None) as a:
+        await hibernating_count(server, 1)
+        async with client(server, "b", compression=None) as b:
+            await hibernating_count(server, 2)
+            await b.send(json.dumps({"targets": ["a"], "payload": "hi"}))
+            delivery = json.loads(await recv(a))
+            assert (delivery["type"], delivery["payload"]) == ("message", "hi"), delivery
+
+
+@single_node
+@async_test
 async def test_quiet_connections_hibernate_and_wake_for_what_reaches_them(start_server):
     # docs/operations.md, "Hibernation": quiet connections give up their task, and a
     # message to or from one wakes it, with nothing lost.

@@ -269,7 +269,7 @@ where
         // Only plain TCP connections without compression hibernate: their
         // socket can be handed over and their state rebuilt.
         if let Some(period) = hibernate_after.filter(|_| driver.direct && !compressed) {
-            driver.quiet = Some(Box::new(Quiet::new(period, driver.activity())));
+            driver.quiet = Some(Box::new(Quiet::new(period)));
         }
         if !early.is_empty() {
             driver.read_buf.extend_from_slice(early);
@@ -594,9 +594,9 @@ where
             self.account_received();
         }
         if look.is_some_and(|at| at <= now) {
-            let activity = self.activity();
+            let (activity, heard) = (self.activity(), self.counts.messages_in);
             if let Some(quiet) = self.quiet.as_mut() {
-                quiet.look(activity, now);
+                quiet.look(activity, heard, now);
             }
         }
         match self.phase {

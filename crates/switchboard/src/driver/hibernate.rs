@@ -105,13 +105,14 @@ impl<H: Handler> Wake for Sleeper<H> {
 
 /// How soon a new connection is first looked at, unless its period is shorter.
 ///
-/// One that has exchanged no message by then hibernates without a whole period
-/// awake: connections that open and wait hold their tasks for a second, not a
-/// period, so a burst of them never holds all its tasks at once, to give them
-/// back together as holes between what stays (see docs/performance.md,
-/// "Hibernation"). Not at once: a connection that hibernated between its
-/// handshake and its client's first frame would pay a sleep and a wake, which
-/// made handshakes cost 1.6 times as much CPU.
+/// One whose peer has sent no message by then hibernates without a whole
+/// period awake (what the connection sent as it opened, a greeting or a
+/// replay, does not keep it awake): connections that open and wait hold their
+/// tasks for milliseconds, not a period, so a burst of them never holds all
+/// its tasks at once, to give them back together as holes between what stays
+/// (see docs/performance.md, "Hibernation"). Not at once: a connection that
+/// hibernated between its handshake and its client's first frame would pay a
+/// sleep and a wake, which made handshakes cost 1.6 times as much CPU.
 const FIRST_LOOK: Duration = Duration::from_millis(5);
 
 /// Whether a connection has been quiet: no message in or out (pings and
@@ -126,17 +127,19 @@ pub(super) struct Quiet {
     mark: u64,
     /// Found quiet at the last look: hibernate once nothing is in flight.
     sleepy: bool,
+    /// The next look is the first (see [`FIRST_LOOK`]).
+    first: bool,
 }
 
 impl Quiet {
-    /// Looks first [`FIRST_LOOK`] from now, or a period if that is shorter;
-    /// `activity` is the count so far.
-    pub(super) fn new(period: Duration, activity: u64) -> Self {
+    /// Looks first [`FIRST_LOOK`] from now, or a period if that is shorter.
+    pub(super) fn new(period: Duration) -> Self {
         Self {
             period: millis(period),
             next_look: Instant::now() + period.min(FIRST_LOOK),
-            mark: activity,
+            mark: 0,
             sleepy: false,
+            first: true,
         }
     }
 
@@ -152,9 +155,14 @@ impl Quiet {
         self.next_look
     }
 
-    /// The look, at `now`, with `activity` the count now.
-    pub(super) fn look(&mut self, activity: u64, now: Instant) {
-        self.sleepy = activity == self.mark;
+    /// The look, at `now`: `activity` is the count of messages in and out
+    /// now, `heard` of those in, which alone count at the first look.
+    pub(super) fn look(&mut self, activity: u64, heard: u64, now: Instant) {
+        self.sleepy = if std::mem::take(&mut self.first) {
+            heard == 0
+        } else {
+            activity == self.mark
+        };
         self.mark = activity;
         self.next_look = after(now, self.period);
     }
@@ -176,6 +184,7 @@ impl QuietRest {
             next_look: Instant::now(),
             mark: self.mark,
             sleepy: false,
+            first: false,
         })
     }
 }
