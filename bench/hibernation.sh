@@ -2,16 +2,19 @@
 # What hibernation saves on idle connections: the figures behind "Hibernation"
 # in docs/performance.md.
 #
-#   bench/hibernation.sh [--reps N] [--connections N] [--period SECS] [--pings]
+#   bench/hibernation.sh [--reps N] [--connections N] [--period SECS] [--pings [--ping-secs N]]
 #
 # For each repetition, the service (bench/lib.sh's flags, compression off) holds
 # N idle relay connections (default 19,500) for 20 s, once with
 # --hibernate-after-secs SECS (default 15) and once without (the default, 0),
 # alternating. A period longer than the hold (--period 600) measures what awake
 # connections pay for hibernation being on. --pings keeps the service's default
-# ping interval (25 s) and idle timeout (60 s), which bench/lib.sh turns off.
+# ping interval (25 s) and idle timeout (60 s), which bench/lib.sh turns off;
+# --ping-secs N pings every N seconds instead, and then holds 32 s, measuring
+# the last 20 (every connection is pinged within them when N is at most 10).
 # Printed per run: the RSS
-# growth per connection, as bench/run.sh's idle scenario measures it. (Until the
+# growth per connection, as bench/run.sh's idle scenario measures it, and the
+# server's CPU time in the measured window. (Until the
 # service took jemalloc as its allocator this also read glibc's heap in use
 # through gdb; jemalloc is built without statistics.) Builds nothing (run
 # bench/run.sh or cargo build --release first).
@@ -23,12 +26,15 @@ reps=3
 connections=19500
 period=15
 pings=0
+ping_secs=25
+timing=(--warmup 20 --duration 2)
 while [ $# -gt 0 ]; do
   case "$1" in
     --reps) reps=$2; shift 2 ;;
     --connections) connections=$2; shift 2 ;;
     --period) period=$2; shift 2 ;;
     --pings) pings=1; shift ;;
+    --ping-secs) pings=1; ping_secs=$2; timing=(--warmup 12 --duration 20); shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) echo "unknown option: $1" >&2; exit 2 ;;
   esac
@@ -39,7 +45,7 @@ if [ "$pings" = 1 ]; then
   for ((i = 0; i < ${#bench_serve_flags[@]}; i++)); do
     case "${bench_serve_flags[i]}" in
       --idle-timeout-secs) flags+=(--idle-timeout-secs 60); i=$((i + 1)) ;;
-      --ping-interval-secs) flags+=(--ping-interval-secs 25); i=$((i + 1)) ;;
+      --ping-interval-secs) flags+=(--ping-interval-secs "$ping_secs"); i=$((i + 1)) ;;
       *) flags+=("${bench_serve_flags[i]}") ;;
     esac
   done
@@ -49,19 +55,20 @@ bin=target/release/switchboard
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
-# One hold: prints "RSS B/conn" for the server started with "$@".
+# One hold: prints "RSS B/conn, CPU s" for the server started with "$@".
 hold() {
   taskset -c 1 "$bin" serve "${bench_serve_flags[@]}" --compression false "$@" \
     > "$out/server.log" 2> "$out/server.err" &
   local pid=$! addr
   addr=$(wait_listening "$out/server.log" "$pid") || addr=""
   taskset -c 0 target/release/loadgen idle --addr "$addr" --pid "$pid" \
-    --connections "$connections" --warmup 20 --duration 2 --out "$out/idle.jsonl" > /dev/null 2>&1
+    --connections "$connections" "${timing[@]}" --out "$out/idle.jsonl" > /dev/null 2>&1
   kill "$pid"
   wait "$pid" 2> /dev/null || true
-  local rss
+  local rss cpu
   rss=$(tail -1 "$out/idle.jsonl" | sed -n 's/.*"rss_per_conn_bytes":\([0-9.]*\).*/\1/p')
-  printf '%.0f B RSS per connection' "$rss"
+  cpu=$(tail -1 "$out/idle.jsonl" | sed -n 's/.*"server_cpu_s":\([0-9.]*\).*/\1/p')
+  printf '%.0f B RSS per connection, %.2f s CPU' "$rss" "$cpu"
 }
 
 for rep in $(seq "$reps"); do
