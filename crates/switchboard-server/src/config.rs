@@ -93,7 +93,8 @@ pub struct Settings {
 
     /// Hibernate connections that send and receive no message for this long
     /// (new ones after 5 ms): their task ends and an idle connection holds
-    /// about 40% less memory until something reaches it (plain TCP without
+    /// about 40% less memory until something reaches it. Pays where pings are
+    /// off or minutes apart: each ping and pong wakes it (plain TCP without
     /// compression only; see docs/operations.md); 0 never [default: 0]
     #[arg(long, env = "SWITCHBOARD_HIBERNATE_AFTER_SECS", value_name = "SECS")]
     pub hibernate_after_secs: Option<u64>,
