@@ -5,18 +5,19 @@
 //! is watched here instead of by tokio's reactor, which would keep 256 bytes of
 //! readiness state per socket, and its next deadline (a ping, the idle
 //! timeout) waits in a heap. When the socket becomes readable (data, a close,
-//! an error) or the deadline passes, the entry is removed and its waker is
-//! woken, which gives the connection a task again. Its mailbox and the
-//! shutdown signal wake the same waker directly; whichever comes first wins,
-//! and the others find the entry gone.
+//! an error) or the deadline passes, the connection is first asked to tend to
+//! it without a task ([`Dormant::tend`]: a due ping is sent, the peer's pong
+//! taken); what it cannot do that way, it is woken for: the entry is removed
+//! and the connection gets a task again. Its mailbox and the shutdown signal
+//! wake it directly; whichever comes first wins, and the others find the
+//! entry gone.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io;
 use std::os::fd::RawFd;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Mutex, MutexGuard, OnceLock};
-use std::task::Waker;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
@@ -26,6 +27,27 @@ use mio::{Events, Interest, Poll, Registry, Token};
 const WAKE: Token = Token(usize::MAX);
 /// Readiness events taken per wait.
 const EVENTS: usize = 256;
+
+/// A hibernating connection, as the lot sees it.
+pub(crate) trait Dormant: Send + Sync {
+    /// Does what needs no task at `now`: its socket is `readable`, or
+    /// (if not) its deadline has passed. Runs on the lot's thread, which
+    /// every hibernating connection waits on: it must not block.
+    fn tend(&self, readable: bool, now: Instant) -> Tended;
+
+    /// Gives the connection a task again.
+    fn wake(self: Arc<Self>);
+}
+
+/// What [`Dormant::tend`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Tended {
+    /// It sleeps on; with a new deadline, if it has one (a deadline that
+    /// passed is gone, an earlier one stays).
+    Asleep(Option<Instant>),
+    /// It needs its task.
+    Wake,
+}
 
 /// A connection's place in the lot: its slot and the slot's generation, so
 /// that a stale event or deadline for a slot since reused is ignored.
@@ -93,7 +115,7 @@ impl Inner {
 }
 
 /// Frees `ticket`'s slot if it still holds that connection; returns what it held.
-fn vacate(inner: &mut Inner, ticket: Ticket) -> Option<(RawFd, Waker)> {
+fn vacate(inner: &mut Inner, ticket: Ticket) -> Option<(RawFd, Arc<dyn Dormant>)> {
     let slot = inner.slots.get_mut(ticket.slot as usize)?;
     if slot.generation != ticket.generation {
         return None;
@@ -107,7 +129,22 @@ fn vacate(inner: &mut Inner, ticket: Ticket) -> Option<(RawFd, Waker)> {
 #[derive(Default)]
 struct Slot {
     generation: u32,
-    waiting: Option<(RawFd, Waker)>,
+    waiting: Option<(RawFd, Arc<dyn Dormant>)>,
+}
+
+impl Inner {
+    /// The connection `ticket` names, if it still waits.
+    fn waiting(&self, ticket: Ticket) -> Option<&Arc<dyn Dormant>> {
+        let slot = self.slots.get(ticket.slot as usize)?;
+        let (_, dormant) = slot.waiting.as_ref()?;
+        (slot.generation == ticket.generation).then_some(dormant)
+    }
+
+    /// Keeps `at` as a deadline of `ticket`'s connection.
+    fn schedule(&mut self, ticket: Ticket, at: Instant) {
+        self.deadlines.push(Reverse((at, ticket)));
+        self.forget_stale_deadlines();
+    }
 }
 
 /// The process's lot, its thread started on first use.
@@ -138,13 +175,13 @@ impl Lot {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Watches `fd` for reading, and `deadline`, waking `waker` on the first
-    /// of them. If `fd` is readable already, that is reported at once.
+    /// Watches `fd` for reading, and `deadline`, for `dormant` to tend to.
+    /// If `fd` is readable already, that is reported at once.
     pub(crate) fn add(
         &self,
         fd: RawFd,
         deadline: Option<Instant>,
-        waker: Waker,
+        dormant: Arc<dyn Dormant>,
     ) -> io::Result<Ticket> {
         let mut inner = self.inner();
         let slot = match inner.free.pop() {
@@ -165,10 +202,9 @@ impl Lot {
             inner.free.push(slot);
             return Err(e);
         }
-        inner.slots[slot as usize].waiting = Some((fd, waker));
+        inner.slots[slot as usize].waiting = Some((fd, dormant));
         if let Some(at) = deadline {
-            inner.deadlines.push(Reverse((at, ticket)));
-            inner.forget_stale_deadlines();
+            inner.schedule(ticket, at);
             if inner.waiting_until.is_none_or(|until| at < until) {
                 // The thread sleeps past this deadline: make it look again.
                 inner.waiting_until = Some(at);
@@ -197,18 +233,20 @@ impl Lot {
     }
 
     /// Takes `ticket`'s entry out of `inner`, deregistering its socket.
-    fn take(&self, inner: &mut Inner, ticket: Ticket) -> Option<Waker> {
-        let (fd, waker) = vacate(inner, ticket)?;
+    fn take(&self, inner: &mut Inner, ticket: Ticket) -> Option<Arc<dyn Dormant>> {
+        let (fd, dormant) = vacate(inner, ticket)?;
         // Fails only if the socket is gone, which also took it out of the set.
         let _ = self.registry.deregister(&mut SourceFd(&fd));
-        Some(waker)
+        Some(dormant)
     }
 
-    /// The thread: waits for readiness or the next deadline, and wakes those
-    /// whose turn it is, outside the lock.
+    /// The thread: waits for readiness or the next deadline, has the
+    /// connections whose turn it is tend to it, and wakes those that need a
+    /// task. Connections' code runs outside the lock: a connection waking
+    /// meanwhile takes the lock to leave.
     fn run(&self, mut poll: Poll) {
         let mut events = Events::with_capacity(EVENTS);
-        let mut due = Vec::new();
+        let (mut turns, mut tended, mut due) = (Vec::new(), Vec::new(), Vec::new());
         loop {
             let timeout = {
                 let mut inner = self.inner();
@@ -223,26 +261,49 @@ impl Lot {
                 }
                 continue;
             }
+            let now = Instant::now();
             {
                 let mut inner = self.inner();
                 for event in events.iter().filter(|event| event.token() != WAKE) {
                     let ticket = Ticket::of(event.token(), &inner);
-                    due.extend(self.take(&mut inner, ticket));
+                    if let Some(dormant) = inner.waiting(ticket) {
+                        turns.push((ticket, true, dormant.clone()));
+                    }
                 }
-                let now = Instant::now();
                 while let Some(Reverse((at, ticket))) = inner.deadlines.peek().copied() {
                     if at > now {
                         break;
                     }
                     inner.deadlines.pop();
-                    due.extend(self.take(&mut inner, ticket));
+                    if let Some(dormant) = inner.waiting(ticket) {
+                        turns.push((ticket, false, dormant.clone()));
+                    }
                 }
             }
-            for waker in due.drain(..) {
-                // A connection's code runs here (dropping a task the runtime
-                // refuses runs its handler's `Drop`): a panic must not end the
-                // thread every hibernating connection waits on.
-                if catch_unwind(AssertUnwindSafe(|| waker.wake())).is_err() {
+            tended.extend(turns.drain(..).map(|(ticket, readable, dormant)| {
+                // A panic must not end the thread every hibernating
+                // connection waits on: the connection is woken instead.
+                let done = catch_unwind(AssertUnwindSafe(|| dormant.tend(readable, now)));
+                (ticket, done.unwrap_or(Tended::Wake))
+            }));
+            {
+                let mut inner = self.inner();
+                for (ticket, tended) in tended.drain(..) {
+                    match tended {
+                        Tended::Asleep(None) => {}
+                        Tended::Asleep(Some(at)) => {
+                            if inner.waiting(ticket).is_some() {
+                                inner.schedule(ticket, at);
+                            }
+                        }
+                        Tended::Wake => due.extend(self.take(&mut inner, ticket)),
+                    }
+                }
+            }
+            for dormant in due.drain(..) {
+                // A connection's code runs here too (dropping a task the
+                // runtime refuses runs its handler's `Drop`).
+                if catch_unwind(AssertUnwindSafe(|| dormant.wake())).is_err() {
                     tracing::error!("panic while waking a hibernating connection");
                 }
             }

@@ -112,29 +112,116 @@ async fn its_peer_wakes_a_hibernating_connection() {
 }
 
 #[tokio::test]
-async fn a_hibernating_connection_is_pinged_and_times_out() {
+async fn a_hibernating_connection_is_pinged_and_times_out_without_waking_for_pings() {
     let stats = Stats::new();
     let options = hibernating(&stats)
         .ping_interval(Some(Duration::from_millis(300)))
         .idle_timeout(Some(Duration::from_millis(1500)));
     let (mut client, mut events, _handle) = connected(options, None).await;
+    hibernated(&stats, 1).await;
     // This client never answers pings: it gets them, then the idle timeout's close.
     let mut pings = 0;
     let close = loop {
         match client.recv_frame().await {
-            Some((OpCode::Ping, _)) => pings += 1,
+            Some((OpCode::Ping, payload)) => {
+                assert!(payload.is_empty());
+                pings += 1;
+            }
             Some((OpCode::Close, payload)) => break u16::from_be_bytes([payload[0], payload[1]]),
             other => panic!("unexpected {other:?}"),
         }
     };
     assert_eq!(close, 1001);
     assert!(pings >= 3, "{pings} pings in 1.5 s at one per 300 ms");
-    // It went back to sleep between pings.
-    assert!(stats.snapshot().hibernations >= 3, "{:?}", stats.snapshot());
+    // The pings went out while it slept: only the idle timeout woke it.
+    let snapshot = stats.snapshot();
+    assert_eq!(
+        (snapshot.hibernations, snapshot.wakes),
+        (1, 1),
+        "{snapshot:?}"
+    );
     assert_eq!(
         next_event(&mut events).await,
         Event::Terminate(TerminateReason::Timeout)
     );
+}
+
+/// Answers every ping `client` gets for `span` with a pong (whose payload is
+/// the ping's), as a browser does; returns how many.
+async fn answer_pings(client: &mut RawClient, span: Duration) -> usize {
+    let mut pongs = 0;
+    let until = tokio::time::Instant::now() + span;
+    while let Ok(frame) = tokio::time::timeout_at(until, client.recv_frame()).await {
+        let Some((OpCode::Ping, payload)) = frame else {
+            panic!("unexpected {frame:?}")
+        };
+        client
+            .send(&RawClient::frame(true, OpCode::Pong, &payload))
+            .await;
+        pongs += 1;
+    }
+    pongs
+}
+
+#[tokio::test]
+async fn pongs_keep_a_hibernating_connection_alive_without_waking_it() {
+    let stats = Stats::new();
+    let options = hibernating(&stats)
+        .ping_interval(Some(Duration::from_millis(200)))
+        .idle_timeout(Some(Duration::from_millis(500)));
+    let (mut client, mut events, _handle) = connected(options, None).await;
+    hibernated(&stats, 1).await;
+    // Three idle timeouts' worth: each pong counts as hearing from the peer.
+    let pongs = answer_pings(&mut client, Duration::from_millis(1500)).await;
+    assert!(pongs >= 5, "{pongs} pongs in 1.5 s at one ping per 200 ms");
+    let snapshot = stats.snapshot();
+    assert_eq!(
+        (snapshot.hibernations, snapshot.wakes),
+        (1, 0),
+        "{snapshot:?}"
+    );
+    // Still open, and its first message wakes it.
+    client
+        .send(&RawClient::frame(true, OpCode::Text, b"still here"))
+        .await;
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::In("still here".into())
+    );
+    assert_eq!(client.recv().await, text("still here"));
+    assert_eq!(stats.snapshot().wakes, 1);
+}
+
+#[tokio::test]
+async fn what_comes_with_a_pong_wakes_a_hibernating_connection() {
+    let stats = Stats::new();
+    let (mut client, mut events, _handle) = connected(hibernating(&stats), None).await;
+    hibernated(&stats, 1).await;
+    // A pong and a message in one segment: the message is not lost behind the
+    // pong, which the woken task passes to the handler as an awake one does.
+    let mut bytes = RawClient::frame(true, OpCode::Pong, b"unasked");
+    bytes.extend(RawClient::frame(true, OpCode::Text, b"after the pong"));
+    client.send(&bytes).await;
+    assert_eq!(
+        tokio::time::timeout(TIMEOUT, events.recv()).await.unwrap(),
+        Some(Event::Control("pong"))
+    );
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::In("after the pong".into())
+    );
+    assert_eq!(client.recv().await, text("after the pong"));
+    assert_eq!(stats.snapshot().wakes, 1);
+    // A ping from the peer wakes it too, to be answered.
+    hibernated(&stats, 2).await;
+    client
+        .send(&RawClient::frame(true, OpCode::Ping, b"there?"))
+        .await;
+    assert_eq!(
+        client.recv_frame().await,
+        Some((OpCode::Pong, b"there?".to_vec()))
+    );
+    assert_eq!(stats.snapshot().wakes, 2);
 }
 
 #[tokio::test]

@@ -12,7 +12,13 @@
 //! A connection hibernates only when nothing is in flight: no partial frame or
 //! message, nothing queued or half-written, open, not paused, no compression
 //! (its state is not rebuilt).
+//!
+//! Pings do not wake it: the lot's thread sends a due ping on the bare socket
+//! and takes the peer's pong ([`Dormant::tend`]), so that hibernation fits
+//! the service's default pings. Those pongs are not passed to
+//! [`Handler::handle_control`]; anything else the peer sends wakes it.
 
+use std::io::{self, Read, Write};
 use std::net::TcpStream as StdTcpStream;
 use std::num::NonZeroU32;
 use std::os::fd::AsRawFd;
@@ -20,9 +26,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context as TaskContext, Wake, Waker};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use switchboard_proto::frame::{FrameDecoder, encode_header};
 use switchboard_proto::message::MessageEncoder;
-use switchboard_proto::{Limits, MessageDecoder, Role};
+use switchboard_proto::{Limits, MessageDecoder, OpCode, Role};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -30,12 +37,12 @@ use tracing::{Instrument, Span};
 
 use super::close::Phase;
 use super::intake::Intake;
-use super::timers::{Resting, after, millis};
+use super::timers::{Due, Resting, after, millis};
 use super::writer::Writer;
 use super::{Connection, Driver, conclude};
 use crate::handle::ConnHandle;
 use crate::handler::{Handler, TerminateReason};
-use crate::lot::{Ticket, lot};
+use crate::lot::{Dormant, Tended, Ticket, lot};
 use crate::mailbox::Drained;
 use crate::shutdown::Signal;
 use crate::socket::Socket;
@@ -64,6 +71,9 @@ pub(crate) struct Asleep<H: Handler> {
     runtime: tokio::runtime::Handle,
     /// Its place in the lot.
     ticket: Ticket,
+    /// The lot's thread wrote only the first byte of a ping: the task
+    /// writes the second before anything else.
+    ping_tail: bool,
 }
 
 /// The waker of a hibernating connection: its first wake spawns the task.
@@ -74,6 +84,93 @@ struct Sleeper<H: Handler> {
 impl<H: Handler> Sleeper<H> {
     fn lock(&self) -> MutexGuard<'_, Option<Asleep<H>>> {
         self.asleep.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A ping as the server sends it while the connection sleeps: empty, unmasked.
+const PING_LEN: usize = 2;
+
+fn ping_frame() -> [u8; PING_LEN] {
+    let mut frame = [0; PING_LEN];
+    encode_header(&mut &mut frame[..], true, false, OpCode::Ping, 0, None);
+    frame
+}
+
+/// How much of what a peer sent the lot looks at: more than a few pongs
+/// (a pong is at most 131 bytes) is something for the task.
+const PEEK: usize = 512;
+
+/// Whether `bytes` are whole pongs and nothing else, as a client sends them
+/// (masked, 125 bytes of payload at most).
+fn only_pongs(bytes: &[u8]) -> bool {
+    let mut decoder = FrameDecoder::new(Role::Server, 125, false);
+    let mut buf = BytesMut::from(bytes);
+    while !buf.is_empty() {
+        match decoder.decode(&mut buf) {
+            Ok(Some(frame)) if frame.opcode == OpCode::Pong => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+impl<H: Handler> Asleep<H> {
+    /// Its deadline passed at `now`: sends a due ping itself; the idle
+    /// timeout, and a ping the socket will not take whole, need the task.
+    fn tend_deadline(&mut self, now: Instant) -> Tended {
+        match self.timers.due(now) {
+            Due::Nothing => {}
+            Due::Ping => match (&self.stream).write(&ping_frame()) {
+                Ok(PING_LEN) => self.timers.pinged(now),
+                Ok(1) => {
+                    self.timers.pinged(now);
+                    self.ping_tail = true;
+                    return Tended::Wake;
+                }
+                // Full (or failing): the task pings as an awake connection does.
+                _ => return Tended::Wake,
+            },
+            Due::Idle | Due::SlowConsumer => return Tended::Wake,
+        }
+        Tended::Asleep(self.timers.wake_at().map(Instant::into_std))
+    }
+
+    /// Its socket is readable at `now`: takes pongs, and only pongs, itself.
+    fn tend_readable(&mut self, now: Instant) -> Tended {
+        let mut peeked = [0; PEEK];
+        match self.stream.peek(&mut peeked) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Tended::Asleep(None),
+            Ok(n) if n > 0 && n < PEEK && only_pongs(&peeked[..n]) => {
+                // The peeked bytes are in the socket: reading them cannot fall short.
+                if self.stream.read_exact(&mut peeked[..n]).is_err() {
+                    return Tended::Wake;
+                }
+                self.timers.read(now);
+                Tended::Asleep(None)
+            }
+            // Data, the end of the stream, an error: for the task.
+            _ => Tended::Wake,
+        }
+    }
+}
+
+impl<H: Handler> Dormant for Sleeper<H> {
+    fn tend(&self, readable: bool, now: std::time::Instant) -> Tended {
+        let mut asleep = self.lock();
+        let Some(asleep) = asleep.as_mut() else {
+            // Woken already.
+            return Tended::Asleep(None);
+        };
+        let now = Instant::from_std(now);
+        if readable {
+            asleep.tend_readable(now)
+        } else {
+            asleep.tend_deadline(now)
+        }
+    }
+
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
     }
 }
 
@@ -238,7 +335,8 @@ impl<H: Handler> Driver<H, Socket> {
         // it stays awake until the next period, and its first drain replaces
         // the sleeper's waker in the mailbox.
         let deadline = self.timers.wake_at().map(Instant::into_std);
-        let joined = lot().and_then(|lot| lot.add(stream.as_raw_fd(), deadline, waker.clone()));
+        let dormant: Arc<dyn Dormant> = sleeper.clone();
+        let joined = lot().and_then(|lot| lot.add(stream.as_raw_fd(), deadline, dormant));
         let ticket = match joined {
             Ok(ticket) if Arc::strong_count(stream) == 1 => ticket,
             joined => {
@@ -316,6 +414,7 @@ impl<H: Handler> Driver<H, Socket> {
             tracked,
             runtime: tokio::runtime::Handle::current(),
             ticket,
+            ping_tail: false,
         };
         if let Some(stats) = &asleep.stats {
             stats.hibernated();
@@ -345,6 +444,7 @@ impl<H: Handler> Asleep<H> {
             intake,
             counts,
             quiet,
+            ping_tail,
             ..
         } = self;
         let timers = timers.wake();
@@ -389,6 +489,10 @@ impl<H: Handler> Asleep<H> {
             counts,
             quiet: Some(quiet.wake()),
         };
+        if ping_tail {
+            let tail = Bytes::copy_from_slice(&ping_frame()[1..]);
+            driver.writer.push_encoded(tail, driver.handle.mailbox());
+        }
         driver.allow_direct_writes(stream);
         Some(driver)
     }

@@ -51,14 +51,48 @@ impl Resting {
         self.opened
     }
 
+    fn next_ping_at(&self) -> Option<Instant> {
+        self.next_ping
+            .map(|ms| self.opened + Duration::from_millis(ms.get()))
+    }
+
+    /// The earliest deadline the sleeping connection has: the next ping or
+    /// the idle timeout (nothing else is pending while it sleeps).
+    pub(super) fn wake_at(&self) -> Option<Instant> {
+        let idle = self.periods.idle_deadline(self.opened, self.last_read);
+        idle.into_iter().chain(self.next_ping_at()).min()
+    }
+
+    /// What is due at `now`. Unlike [`Timers::due`], a due ping is not
+    /// counted as sent: whoever sends it says so with [`Self::pinged`].
+    pub(super) fn due(&self, now: Instant) -> Due {
+        let idle = self.periods.idle_deadline(self.opened, self.last_read);
+        if idle.is_some_and(|at| at <= now) {
+            Due::Idle
+        } else if self.next_ping_at().is_some_and(|at| at <= now) {
+            Due::Ping
+        } else {
+            Due::Nothing
+        }
+    }
+
+    /// A ping went out at `now`: the next one is a period later.
+    pub(super) fn pinged(&mut self, now: Instant) {
+        let next = self.periods.ping.map(|period| after(now, period));
+        self.next_ping = next.map(|at| rest_millis(self.opened, at));
+    }
+
+    /// The peer sent something at `now`: it is not idle.
+    pub(super) fn read(&mut self, now: Instant) {
+        self.last_read = since(self.opened, now);
+    }
+
     /// The timers again, as they were.
     pub(super) fn wake(self) -> Timers {
         Timers {
             opened: self.opened,
             last_read: self.last_read,
-            next_ping: self
-                .next_ping
-                .map(|ms| self.opened + Duration::from_millis(ms.get())),
+            next_ping: self.next_ping_at(),
             close_deadline: None,
             over_budget_since: None,
             timer: None,
@@ -88,6 +122,27 @@ pub(super) fn millis(period: Duration) -> NonZeroU32 {
 /// `period` milliseconds after `at`.
 pub(super) fn after(at: Instant, period: NonZeroU32) -> Instant {
     at + Duration::from_millis(period.get().into())
+}
+
+/// Whole milliseconds from `opened` to `at`.
+fn since(opened: Instant, at: Instant) -> u64 {
+    let since = at.saturating_duration_since(opened);
+    since.as_secs() * 1000 + u64::from(since.subsec_millis())
+}
+
+/// `at` as a resting connection keeps it: whole milliseconds from `opened`,
+/// rounded down, at least one (it comes at most a millisecond early).
+fn rest_millis(opened: Instant, at: Instant) -> NonZeroU64 {
+    NonZeroU64::new(since(opened, at)).unwrap_or(NonZeroU64::MIN)
+}
+
+impl Periods {
+    /// When a peer last heard from `last_read` milliseconds after `opened`
+    /// is idle, if there is an idle timeout.
+    fn idle_deadline(&self, opened: Instant, last_read: u64) -> Option<Instant> {
+        let last_read = opened + Duration::from_millis(last_read);
+        self.idle.map(|period| after(last_read, period))
+    }
 }
 
 /// What a fired timer found due, in the order it is acted on.
@@ -135,13 +190,12 @@ impl Timers {
 
     /// Whole milliseconds from `opened` to `at`.
     fn since_opened(&self, at: Instant) -> u64 {
-        let since = at.saturating_duration_since(self.opened);
-        since.as_secs() * 1000 + u64::from(since.subsec_millis())
+        since(self.opened, at)
     }
 
-    /// When the peer last sent something.
-    fn last_read_at(&self) -> Instant {
-        self.opened + Duration::from_millis(self.last_read)
+    /// When the peer counts as idle, if there is an idle timeout.
+    fn idle_deadline(&self) -> Option<Instant> {
+        self.periods.idle_deadline(self.opened, self.last_read)
     }
 
     /// Notes whether reading is paused because too much waits to be written.
@@ -176,10 +230,7 @@ impl Timers {
         }
         let idle = match self.over_budget_since {
             Some(_) => None,
-            None => self
-                .periods
-                .idle
-                .map(|period| after(self.last_read_at(), period)),
+            None => self.idle_deadline(),
         };
         let slow = self
             .over_budget_since
@@ -228,11 +279,7 @@ impl Timers {
             if after(since, self.periods.slow_consumer) <= now {
                 return Due::SlowConsumer;
             }
-        } else if self
-            .periods
-            .idle
-            .is_some_and(|period| after(self.last_read_at(), period) <= now)
-        {
+        } else if self.idle_deadline().is_some_and(|at| at <= now) {
             return Due::Idle;
         }
         if self.next_ping.is_some_and(|at| at <= now) {
@@ -242,14 +289,10 @@ impl Timers {
         Due::Nothing
     }
 
-    /// The earliest deadline a hibernating connection must wake for: the
-    /// next ping or the idle timeout (nothing else is pending when it sleeps).
+    /// The earliest deadline a hibernating connection has: the next ping or
+    /// the idle timeout (nothing else is pending when it sleeps).
     pub(super) fn wake_at(&self) -> Option<Instant> {
-        let idle = self
-            .periods
-            .idle
-            .map(|period| after(self.last_read_at(), period));
-        idle.into_iter().chain(self.next_ping).min()
+        self.idle_deadline().into_iter().chain(self.next_ping).min()
     }
 
     /// Whether the connection is closing or paused over its budget: it stays awake.
@@ -264,9 +307,7 @@ impl Timers {
         Resting {
             opened: self.opened,
             last_read: self.last_read,
-            next_ping: self
-                .next_ping
-                .map(|at| NonZeroU64::new(self.since_opened(at)).unwrap_or(NonZeroU64::MIN)),
+            next_ping: self.next_ping.map(|at| rest_millis(self.opened, at)),
             periods: self.periods,
         }
     }
@@ -289,15 +330,43 @@ mod tests {
         let mut timers = Timers::new(&options);
         tokio::time::advance(Duration::from_millis(1_500)).await;
         timers.read();
-        let (opened, wake_at) = (timers.opened(), timers.wake_at());
+        let opened = timers.opened();
         let next_ping = timers.next_ping.expect("pings are on");
-        let woken = timers.rest().wake();
+        let resting = timers.rest();
+        let wake_at = resting.wake_at().expect("pings are on");
+        assert!(wake_at <= next_ping && next_ping - wake_at < Duration::from_millis(1));
+        let woken = resting.wake();
         assert_eq!(woken.opened(), opened);
         assert_eq!(woken.last_read, 1_500);
-        let ping = woken.next_ping.expect("still pinging");
-        assert!(ping <= next_ping && next_ping - ping < Duration::from_millis(1));
-        assert_eq!(woken.wake_at(), Some(ping).min(wake_at));
+        assert_eq!(woken.next_ping, Some(wake_at));
         assert!(!woken.busy());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resting_connection_pings_on_time_and_goes_idle_without_reads() {
+        let options = Options::default()
+            .idle_timeout(Some(Duration::from_secs(60)))
+            .ping_interval(Some(Duration::from_secs(25)));
+        let mut resting = Timers::new(&options).rest();
+        let opened = resting.opened();
+        let at = |secs| opened + Duration::from_secs(secs);
+        assert_eq!(resting.due(at(24)), Due::Nothing);
+        let ping = resting.wake_at().expect("pings are on");
+        assert!(at(25) - ping < Duration::from_millis(1));
+        assert_eq!(resting.due(at(25)), Due::Ping, "not sent until it says so");
+        assert_eq!(resting.due(at(25)), Due::Ping);
+        resting.pinged(at(25));
+        assert_eq!(resting.due(at(26)), Due::Nothing);
+        assert_eq!(resting.wake_at(), Some(at(50)));
+        // Pinged at 50 and answered: the idle deadline moves to a minute after the answer.
+        resting.pinged(at(50));
+        resting.read(at(51));
+        assert_eq!(resting.wake_at(), Some(at(75)));
+        resting.pinged(at(75));
+        assert_eq!(resting.wake_at(), Some(at(100)));
+        resting.pinged(at(100));
+        assert_eq!(resting.wake_at(), Some(at(111)));
+        assert_eq!(resting.due(at(111)), Due::Idle, "nothing read since 51 s");
     }
 
     #[test]
