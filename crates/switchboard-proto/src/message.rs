@@ -99,7 +99,8 @@ pub struct MessageDecoder {
     utf8: Utf8Validator,
     /// Payload bytes of the frame in flight already checked by fail-fast validation.
     prevalidated: usize,
-    /// Bytes inflated over the connection's life, for a cap on decompression work.
+    /// Bytes inflated and not yet taken ([`Self::take_inflated`]), for a cap
+    /// on decompression work.
     inflated: u64,
 }
 
@@ -136,9 +137,12 @@ impl MessageDecoder {
     }
 
     /// Whether the decoder is between messages and holds nothing a new one
-    /// made with the same limits would not: no partial message or frame, no
-    /// inflater, nothing inflated. Such a decoder can be dropped and made again
-    /// (a connection that hibernates keeps its limits instead of its decoder).
+    /// made with the same limits and peer context would not: no partial
+    /// message or frame, no inflater (a peer that keeps its compression
+    /// context has one from its first compressed message on), nothing
+    /// inflated that was not taken. Such a decoder can be dropped and made
+    /// again (a connection that hibernates keeps its limits and the peer's
+    /// context instead of its decoder).
     pub fn at_rest(&self) -> bool {
         self.partial.is_none()
             && self.inflater.is_none()
@@ -155,11 +159,16 @@ impl MessageDecoder {
             .map_or(0, |partial| partial.data.len())
     }
 
-    /// Bytes inflated since the decoder was made. A compressed message can
-    /// inflate a thousandfold, so this, not the bytes received, measures the
-    /// work a peer asks of us.
-    pub fn inflated(&self) -> u64 {
-        self.inflated
+    /// Bytes inflated since the last call (since the decoder was made, at
+    /// first). A compressed message can inflate a thousandfold, so this, not
+    /// the bytes received, measures the work a peer asks of us.
+    pub fn take_inflated(&mut self) -> u64 {
+        std::mem::take(&mut self.inflated)
+    }
+
+    /// How the peer compresses, as given to [`Self::new`].
+    pub fn peer_context(&self) -> Option<PeerContext> {
+        self.peer_context
     }
 
     /// Drops the message partly received, for a connection that is being
@@ -444,6 +453,11 @@ impl MessageEncoder {
             }
             _ => message.plain_frame(),
         }
+    }
+
+    /// Whether permessage-deflate was negotiated for this encoder.
+    pub fn compresses(&self) -> bool {
+        self.deflater.is_some()
     }
 
     /// How this connection frames prepared messages, when that needs no state of

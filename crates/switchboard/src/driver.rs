@@ -259,16 +259,17 @@ where
         direct: Option<Arc<tokio::net::TcpStream>>,
         early: &[u8],
     ) -> Self {
-        let compressed = setup.deflate.is_some() || setup.peer_context.is_some();
         let hibernate_after = setup.options.hibernate_after;
         let mut driver = Self::new(io, handler, mailbox, setup);
         if let Some(stream) = direct {
             driver.allow_direct_writes(stream);
         }
         driver.init();
-        // Only plain TCP connections without compression hibernate: their
-        // socket can be handed over and their state rebuilt.
-        if let Some(period) = hibernate_after.filter(|_| driver.direct && !compressed) {
+        // Only plain TCP connections whose frames need no compression state of
+        // their own (those the mailbox may write to directly) hibernate: their
+        // socket can be handed over and their state rebuilt. A peer that keeps
+        // its compression context keeps its decoder from being at rest.
+        if let Some(period) = hibernate_after.filter(|_| driver.direct) {
             driver.quiet = Some(Box::new(Quiet::new(period)));
         }
         if !early.is_empty() {
@@ -510,7 +511,7 @@ where
     fn decode_messages(&mut self) {
         while matches!(self.phase, Phase::Open | Phase::Closing) && !self.intake.paused() {
             let decoded = self.decoder.next(&mut self.read_buf);
-            self.intake.charge(&self.decoder);
+            self.intake.charge(&mut self.decoder);
             match decoded {
                 Ok(Some(message)) => self.on_message(message),
                 Ok(None) => break,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::http::HeaderMap;
 use axum::routing::get;
-use common::{Event, Probe};
+use common::{Event, Probe, collect};
 use http::{HeaderName, HeaderValue};
 use switchboard::client::{ConnectError, Connector, rustls};
 use switchboard::{
@@ -18,28 +18,6 @@ use switchboard::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-
-/// A client handler that forwards what arrives and why it ended.
-struct Collect(mpsc::UnboundedSender<Result<Message, TerminateReason>>);
-
-impl Handler for Collect {
-    type Info = ();
-    fn handle_in(&mut self, message: Message, _ctx: &mut Context<'_, ()>) -> Outcome {
-        let _ = self.0.send(Ok(message));
-        Outcome::Continue
-    }
-    fn terminate(&mut self, reason: &TerminateReason) {
-        let _ = self.0.send(Err(reason.clone()));
-    }
-}
-
-fn collect() -> (
-    Collect,
-    mpsc::UnboundedReceiver<Result<Message, TerminateReason>>,
-) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    (Collect(tx), rx)
-}
 
 async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
     tokio::time::timeout(common::TIMEOUT, rx.recv())

@@ -7,10 +7,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Event, Probe, RawClient, TIMEOUT, next_event, serve};
+use common::{Event, Probe, RawClient, TIMEOUT, collect, next_event, serve};
+use switchboard::client::Connector;
 use switchboard::proto::OpCode;
 use switchboard::{
-    CloseReason, ConnHandle, Options, PreparedMessage, Shutdown, Stats, TerminateReason,
+    CloseReason, ConnHandle, Message, Options, PreparedMessage, Shutdown, Stats, TerminateReason,
     WebSocketUpgrade,
 };
 use tokio::sync::mpsc;
@@ -353,4 +354,53 @@ async fn a_connection_waiting_on_held_work_stays_awake() {
     drop(held);
     assert_eq!(next_event(&mut events).await, Event::In("later".into()));
     assert_eq!(client.recv().await, text("later"));
+}
+
+/// The next message a [`collect`]ed client got.
+async fn received(got: &mut mpsc::UnboundedReceiver<Result<Message, TerminateReason>>) -> Message {
+    let next = tokio::time::timeout(TIMEOUT, got.recv()).await;
+    next.expect("in time").expect("open").expect("a message")
+}
+
+#[tokio::test]
+async fn a_compressed_connection_with_a_subprotocol_hibernates_and_wakes_intact() {
+    let stats = Stats::new();
+    let options = hibernating(&stats);
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let addr = serve(move |ws: WebSocketUpgrade| {
+        ws.options(options.clone())
+            .protocols(["proto.v1"])
+            .on_upgrade(Probe::new(events_tx.clone()))
+    })
+    .await;
+    let (handler, mut got) = collect();
+    let client = Connector::new()
+        .protocol("proto.v1")
+        .connect(&format!("ws://{addr}/ws"), handler)
+        .await
+        .unwrap();
+    assert!(client.compressed(), "both sides offer permessage-deflate");
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::Init(Some("proto.v1".into()))
+    );
+    assert_eq!(received(&mut got).await, Message::text("hello"));
+    for round in 1..=2 {
+        hibernated(&stats, round).await;
+        // Compressed by the client: a decoder rebuilt without the peer's
+        // compression would refuse it. Echoed compressed: what went out is
+        // a fraction of the text.
+        let big = format!("echo me, round {round}. ").repeat(1_000);
+        let sent_before = stats.snapshot().bytes_out;
+        client.handle().push(Message::text(big.clone())).unwrap();
+        assert_eq!(next_event(&mut events).await, Event::In(big.clone()));
+        assert_eq!(received(&mut got).await, Message::text(big.clone()));
+        let sent = stats.snapshot().bytes_out - sent_before;
+        assert!(
+            sent < big.len() as u64 / 10,
+            "{sent} bytes for {}",
+            big.len()
+        );
+        assert_eq!(stats.snapshot().wakes, round);
+    }
 }

@@ -46,9 +46,12 @@ impl Intake {
     /// overdraws the connection's rate, decoding and reading pause until
     /// [`Intake::resume_at`]: the next compressed frame is not inflated before
     /// the rate has paid for the last one.
-    pub(super) fn charge(&mut self, decoder: &MessageDecoder) {
+    pub(super) fn charge(&mut self, decoder: &mut MessageDecoder) {
+        // Taken even without a meter: a decoder holding an untaken count is
+        // not at rest, and its connection would never hibernate.
+        let fresh = decoder.take_inflated();
         if let Some(meter) = &mut self.meter {
-            meter.charge(decoder.inflated());
+            meter.charge(fresh);
         }
     }
 
@@ -82,8 +85,6 @@ struct InflateMeter {
     rate: f64,
     tokens: f64,
     last: Instant,
-    /// The decoder's inflated total at the last charge.
-    seen: u64,
     resume_at: Option<Instant>,
 }
 
@@ -94,17 +95,15 @@ impl InflateMeter {
             rate,
             tokens: rate,
             last: Instant::now(),
-            seen: 0,
             resume_at: None,
         }
     }
 
-    fn charge(&mut self, inflated: u64) {
-        let fresh = inflated - self.seen;
+    /// Charges `fresh` bytes inflated.
+    fn charge(&mut self, fresh: u64) {
         if fresh == 0 {
             return;
         }
-        self.seen = inflated;
         let now = Instant::now();
         let earned = now.saturating_duration_since(self.last).as_secs_f64() * self.rate;
         self.last = now;
@@ -125,16 +124,16 @@ mod tests {
         meter.charge(1000);
         assert_eq!(meter.resume_at, None, "a second's worth is saved up");
         let start = Instant::now();
-        meter.charge(1500);
+        meter.charge(500);
         assert_eq!(meter.resume_at, Some(start + Duration::from_millis(500)));
         meter.resume_at = None;
         tokio::time::advance(Duration::from_millis(500)).await;
-        meter.charge(1500);
+        meter.charge(0);
         assert_eq!(
             meter.resume_at, None,
             "nothing new inflated, nothing charged"
         );
-        meter.charge(1600);
+        meter.charge(100);
         assert_eq!(
             meter.resume_at,
             Some(start + Duration::from_millis(600)),

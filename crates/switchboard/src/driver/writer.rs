@@ -61,6 +61,11 @@ impl Writer {
         }
     }
 
+    /// The encoder, for a connection that hibernates (its writer is idle).
+    pub(super) fn into_encoder(self) -> MessageEncoder {
+        self.encoder
+    }
+
     pub(super) fn encoder(&mut self) -> &mut MessageEncoder {
         &mut self.encoder
     }

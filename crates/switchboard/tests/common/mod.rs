@@ -180,6 +180,29 @@ impl Handler for Probe {
     }
 }
 
+/// A client handler that forwards what arrives and why it ended.
+pub struct Collect(mpsc::UnboundedSender<Result<Message, TerminateReason>>);
+
+impl Handler for Collect {
+    type Info = ();
+    fn handle_in(&mut self, message: Message, _ctx: &mut Context<'_, ()>) -> Outcome {
+        let _ = self.0.send(Ok(message));
+        Outcome::Continue
+    }
+    fn terminate(&mut self, reason: &TerminateReason) {
+        let _ = self.0.send(Err(reason.clone()));
+    }
+}
+
+/// A [`Collect`] and what it forwards.
+pub fn collect() -> (
+    Collect,
+    mpsc::UnboundedReceiver<Result<Message, TerminateReason>>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Collect(tx), rx)
+}
+
 /// Waits for the next event that is not a control frame.
 pub async fn next_event(events: &mut mpsc::UnboundedReceiver<Event>) -> Event {
     loop {
