@@ -293,3 +293,30 @@ async def test_quiet_connections_hibernate_and_wake_for_what_reaches_them(start_
         assert json.loads(await recv(a)) == "back"
         # Pings are answered while asleep too (the first wakes it).
         await asyncio.wait_for(await b.ping(), RECV_TIMEOUT)
+
+
+@single_node
+@async_test
+async def test_compressed_connections_sleep_through_pings_and_wake_for_messages(start_server):
+    # docs/operations.md, "Hibernation": the server's pings and the clients'
+    # pongs do not wake a hibernating connection (one thread sends the pings and
+    # takes the pongs), and the pongs keep it alive past the idle timeout.
+    # Compression on, as browsers and this client (websockets) offer it.
+    server = start_server(
+        "--api-key", KEY, "--hibernate-after-secs", "1",
+        "--ping-interval-secs", "1", "--idle-timeout-secs", "3",
+    )
+    async with client(server, "a") as a, client(server, "b") as b:
+        assert a.protocol.extensions and b.protocol.extensions, "permessage-deflate agreed"
+        samples = await hibernating_count(server, 2)
+        slept = value(samples, "hibernations_total")
+        # Four pings each, and longer than the idle timeout.
+        await asyncio.sleep(4.5)
+        samples = await hibernating_count(server, 2)
+        assert value(samples, "hibernations_total") == slept, "no wake for pings or pongs"
+        # Compressed both ways, each wakes.
+        text = "all quiet on the wire " * 200
+        await a.send(json.dumps({"targets": ["b"], "payload": text}))
+        assert json.loads(await recv(b)) == text
+        await b.send(json.dumps({"targets": ["a"], "payload": "ack"}))
+        assert json.loads(await recv(a)) == "ack"
