@@ -6,8 +6,8 @@
 #
 # For each repetition, the service (bench/lib.sh's flags, compression off) holds
 # N idle relay connections (default 19,500) for 20 s, once with
-# --hibernate-after-secs SECS (default 15) and once without (the default, 0),
-# alternating. A period longer than the hold (--period 600) measures what awake
+# --hibernate-after-secs SECS (default 15, the service's default) and once with
+# it off (0), alternating. A period longer than the hold (--period 600) measures what awake
 # connections pay for hibernation being on. --pings keeps the service's default
 # ping interval (25 s) and idle timeout (60 s), which bench/lib.sh turns off;
 # --ping-secs N pings every N seconds instead, and then holds 32 s, measuring
@@ -72,5 +72,5 @@ hold() {
 }
 
 for rep in $(seq "$reps"); do
-  echo "rep $rep: --hibernate-after-secs $period: $(hold --hibernate-after-secs "$period") | off: $(hold)"
+  echo "rep $rep: --hibernate-after-secs $period: $(hold --hibernate-after-secs "$period") | off: $(hold --hibernate-after-secs 0)"
 done

@@ -16,9 +16,9 @@
 #                      floor-uring (the floor sending each message to all its
 #                      recipients in one io_uring submission; not in the default set)
 #   --scenarios "A B"  subset of: echo relay-k1 relay-k10 fanout fanout-topic idle
-#                      idle-hibernating storm echo-deflate fanout-deflate
-#                      (idle-hibernating is idle with Switchboard's
-#                      --hibernate-after-secs 15, against the floor only: the
+#                      idle-awake storm echo-deflate fanout-deflate
+#                      (idle-awake is idle with Switchboard's hibernation off,
+#                      --hibernate-after-secs 0, against the floor only: the
 #                      other peers have no such setting)
 #   --release          smoke with release builds (full runs always use them)
 #   --switchboard-args "FLAGS"  extra flags for `switchboard serve`, e.g. "--workers 1"
@@ -42,7 +42,7 @@ source bench/lib.sh
 mode=full
 reps=5
 servers="switchboard bun node axum floor"
-scenarios="echo relay-k1 relay-k10 fanout fanout-topic idle idle-hibernating storm echo-deflate fanout-deflate"
+scenarios="echo relay-k1 relay-k10 fanout fanout-topic idle idle-awake storm echo-deflate fanout-deflate"
 release=""
 switchboard_args=""
 out_dir=""
@@ -164,8 +164,8 @@ for server in $servers; do
   fi
 done
 
-# The command that serves the relay (kind=relay, or kind=hibernating: the relay
-# with Switchboard's hibernation on) or the echo route (kind=echo), with
+# The command that serves the relay (kind=relay, or kind=awake: the relay with
+# Switchboard's hibernation off) or the echo route (kind=echo), with
 # permessage-deflate accepted when deflate=true (and otherwise off).
 server_command() {
   local server=$1 kind=$2 deflate=$3 flag=""
@@ -173,8 +173,8 @@ server_command() {
   case "$server/$kind" in
     switchboard/relay)
       echo "$bin/switchboard serve ${bench_serve_flags[*]} --compression $deflate $switchboard_args" ;;
-    switchboard/hibernating)
-      echo "$bin/switchboard serve ${bench_serve_flags[*]} --compression $deflate --hibernate-after-secs 15 $switchboard_args" ;;
+    switchboard/awake)
+      echo "$bin/switchboard serve ${bench_serve_flags[*]} --compression $deflate --hibernate-after-secs 0 $switchboard_args" ;;
     # The toolkit example always accepts compression, but only when offered.
     switchboard/echo) echo "$bin/examples/echo 127.0.0.1:0" ;;
     bun/*) echo "$bun bench/peers/bun-relay.js 127.0.0.1:0$flag" ;;
@@ -237,9 +237,9 @@ run_one() {
     fanout) args=(fanout "${fanout_args[@]}") ;;
     fanout-topic) args=(fanout "${fanout_args[@]}" --topic) ;;
     idle) args=(idle "${idle_args[@]}") ;;
-    idle-hibernating)
+    idle-awake)
       case "$server" in
-        switchboard) kind=hibernating ;;
+        switchboard) kind=awake ;;
         floor|floor-uring) ;;
         *) echo "run.sh: $scenario skips $server (no hibernation; the floor is the yardstick)" >&2
            return 0 ;;

@@ -320,3 +320,6 @@ async def test_compressed_connections_sleep_through_pings_and_wake_for_messages(
         assert json.loads(await recv(b)) == text
         await b.send(json.dumps({"targets": ["a"], "payload": "ack"}))
         assert json.loads(await recv(a)) == "ack"
+        # Compressed messages leave no state behind: both sleep again.
+        samples = await hibernating_count(server, 2)
+        assert value(samples, "hibernations_total") >= slept + 2

@@ -93,9 +93,9 @@ pub struct Settings {
 
     /// Hibernate connections that send and receive no message for this long
     /// (new ones after 5 ms): their task ends and an idle connection holds
-    /// about 40% less memory until something reaches it. Pays where pings are
-    /// off or minutes apart: each ping and pong wakes it (plain TCP without
-    /// compression only; see docs/operations.md); 0 never [default: 0]
+    /// about 40% less memory until a message reaches it. Pings and pongs do
+    /// not wake it. Plain TCP only, and with compression only when neither
+    /// side keeps a context (see docs/operations.md); 0 never [default: 15]
     #[arg(long, env = "SWITCHBOARD_HIBERNATE_AFTER_SECS", value_name = "SECS")]
     pub hibernate_after_secs: Option<u64>,
 
@@ -515,7 +515,7 @@ impl Config {
             max_targets: s.max_targets.unwrap_or(1000),
             idle_timeout: secs(s.idle_timeout_secs, 60),
             ping_interval: secs(s.ping_interval_secs, 25),
-            hibernate_after: secs(s.hibernate_after_secs, 0),
+            hibernate_after: secs(s.hibernate_after_secs, 15),
             compression: s.compression.unwrap_or(true),
             mailbox_size: s.mailbox_size.unwrap_or(1024),
             max_outbound_bytes: s.max_outbound_bytes.unwrap_or(4 << 20),
