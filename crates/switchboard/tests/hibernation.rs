@@ -194,7 +194,7 @@ async fn pongs_keep_a_hibernating_connection_alive_without_waking_it() {
 }
 
 #[tokio::test]
-async fn what_comes_with_a_pong_wakes_a_hibernating_connection() {
+async fn what_comes_with_a_pong_or_without_a_ping_wakes_a_hibernating_connection() {
     let stats = Stats::new();
     let (mut client, mut events, _handle) = connected(hibernating(&stats), None).await;
     hibernated(&stats, 1).await;
@@ -213,8 +213,18 @@ async fn what_comes_with_a_pong_wakes_a_hibernating_connection() {
     );
     assert_eq!(client.recv().await, text("after the pong"));
     assert_eq!(stats.snapshot().wakes, 1);
-    // A ping from the peer wakes it too, to be answered.
+    // So does a pong it did not ask for (one per ping is taken asleep).
     hibernated(&stats, 2).await;
+    client
+        .send(&RawClient::frame(true, OpCode::Pong, b"unasked"))
+        .await;
+    assert_eq!(
+        tokio::time::timeout(TIMEOUT, events.recv()).await.unwrap(),
+        Some(Event::Control("pong"))
+    );
+    assert_eq!(stats.snapshot().wakes, 2);
+    // A ping from the peer wakes it too, to be answered.
+    hibernated(&stats, 3).await;
     client
         .send(&RawClient::frame(true, OpCode::Ping, b"there?"))
         .await;
@@ -222,7 +232,7 @@ async fn what_comes_with_a_pong_wakes_a_hibernating_connection() {
         client.recv_frame().await,
         Some((OpCode::Pong, b"there?".to_vec()))
     );
-    assert_eq!(stats.snapshot().wakes, 2);
+    assert_eq!(stats.snapshot().wakes, 3);
 }
 
 #[tokio::test]

@@ -15,9 +15,9 @@
 //! keeps no context; a peer that keeps its context keeps an inflater).
 //!
 //! Pings do not wake it: the lot's thread sends a due ping on the bare socket
-//! and takes the peer's pong ([`Dormant::tend`]), so that hibernation fits
-//! the service's default pings. Those pongs are not passed to
-//! [`Handler::handle_control`]; anything else the peer sends wakes it.
+//! and takes the peer's pong ([`Dormant::tend`]), one per ping, so that
+//! hibernation fits the service's default pings. Those pongs are not passed
+//! to [`Handler::handle_control`]; anything else the peer sends wakes it.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream as StdTcpStream;
@@ -79,6 +79,11 @@ pub(crate) struct Asleep<H: Handler> {
     /// The lot's thread wrote only the first byte of a ping: the task
     /// writes the second before anything else.
     ping_tail: bool,
+    /// The lot's thread sent a ping whose pong it has not taken: it takes
+    /// one reply per ping, so a client that floods pongs wakes the
+    /// connection, whose handler sees them (the service's counts them
+    /// against its rate limit), instead of keeping the lot's thread busy.
+    pong_due: bool,
 }
 
 /// What only some hibernating connections keep, in one box: 8 bytes of the
@@ -149,7 +154,10 @@ impl<H: Handler> Asleep<H> {
         match self.timers.due(now) {
             Due::Nothing => {}
             Due::Ping => match (&self.stream).write(&ping_frame()) {
-                Ok(PING_LEN) => self.timers.pinged(now),
+                Ok(PING_LEN) => {
+                    self.timers.pinged(now);
+                    self.pong_due = true;
+                }
                 Ok(1) => {
                     self.timers.pinged(now);
                     self.ping_tail = true;
@@ -163,17 +171,19 @@ impl<H: Handler> Asleep<H> {
         Tended::Asleep(self.timers.wake_at().map(Instant::into_std))
     }
 
-    /// Its socket is readable at `now`: takes pongs, and only pongs, itself.
+    /// Its socket is readable at `now`: takes the reply to its ping, if it
+    /// is all the socket holds.
     fn tend_readable(&mut self, now: Instant) -> Tended {
         let mut peeked = [0; PEEK];
         match self.stream.peek(&mut peeked) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Tended::Asleep(None),
-            Ok(n) if n > 0 && n < PEEK && only_pongs(&peeked[..n]) => {
+            Ok(n) if self.pong_due && n > 0 && n < PEEK && only_pongs(&peeked[..n]) => {
                 // The peeked bytes are in the socket: reading them cannot fall short.
                 if self.stream.read_exact(&mut peeked[..n]).is_err() {
                     return Tended::Wake;
                 }
                 self.timers.read(now);
+                self.pong_due = false;
                 Tended::Asleep(None)
             }
             // Data, the end of the stream, an error: for the task.
@@ -445,6 +455,7 @@ impl<H: Handler> Driver<H, Socket> {
             runtime: tokio::runtime::Handle::current(),
             ticket,
             ping_tail: false,
+            pong_due: false,
         };
         if let Some(stats) = &asleep.stats {
             stats.hibernated();
