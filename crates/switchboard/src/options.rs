@@ -177,11 +177,16 @@ impl Options {
     /// shorter): its task ends and what it keeps (handler, deadlines, counters)
     /// waits in one record, its socket watched by one thread for the whole
     /// process instead of by tokio's reactor, until the peer sends something,
-    /// the mailbox gets something, a deadline (ping, idle timeout) or shutdown
-    /// comes. That is about 40% of an idle connection's resident memory with
-    /// the service's allocator (jemalloc), for one new task (a few
-    /// microseconds) when it wakes. Pings and pongs do not count as messages. Only connections served by [`crate::serve`] over plain TCP
-    /// without compression hibernate. `None` (the default) never.
+    /// the mailbox gets something, the idle timeout or shutdown comes. That is
+    /// about 40% of an idle connection's resident memory with the service's
+    /// allocator (jemalloc), for one new task (a few microseconds) when it
+    /// wakes. Pings and pongs are not messages, and do not wake it: that
+    /// thread sends its pings and takes one pong per ping, which then does not
+    /// reach [`crate::Handler::handle_control`] (other pongs wake it and do).
+    /// Only connections served by [`crate::serve`] over plain TCP, whose
+    /// frames need no compression state of their own (no compression, or none
+    /// with a context kept by either side) hibernate. `None` (the default)
+    /// never.
     pub fn hibernate_after(mut self, after: Option<Duration>) -> Self {
         self.hibernate_after = after;
         self
