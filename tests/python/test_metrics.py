@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 
 from test_claims import jwt_hs256
 from test_relay import (  # noqa: F401 (start_server is a fixture)
@@ -323,3 +324,23 @@ async def test_compressed_connections_sleep_through_pings_and_wake_for_messages(
         # Compressed messages leave no state behind: both sleep again.
         samples = await hibernating_count(server, 2)
         assert value(samples, "hibernations_total") >= slept + 2
+
+
+@single_node
+@async_test
+async def test_a_client_that_narrows_the_servers_window_stays_awake(start_server):
+    # docs/operations.md, "Hibernation", which connections: a frame compressed
+    # once for every subscriber has the full window, so a client that asks for
+    # a smaller server_max_window_bits gets frames compressed for it alone, and
+    # its connection keeps its compressor and its task.
+    server = start_server("--api-key", KEY, "--hibernate-after-secs", "1")
+    narrow = ClientPerMessageDeflateFactory(server_max_window_bits=10)
+    async with client(server, "a") as a, client(server, "n", extensions=[narrow]) as n:
+        assert a.protocol.extensions and n.protocol.extensions, "permessage-deflate agreed"
+        await hibernating_count(server, 1)
+        # Past three periods, still one: the default client sleeps, the narrow one does not.
+        await asyncio.sleep(3)
+        await hibernating_count(server, 1)
+        text = "narrow window " * 300
+        await a.send(json.dumps({"targets": ["n"], "payload": text}))
+        assert json.loads(await recv(n)) == text

@@ -93,9 +93,11 @@ pub struct Settings {
 
     /// Hibernate connections that send and receive no message for this long
     /// (new ones after 5 ms): their task ends and an idle connection holds
-    /// about 40% less memory until a message reaches it. Pings and pongs do
-    /// not wake it. Plain TCP only, and with compression only when neither
-    /// side keeps a context (see docs/operations.md); 0 never [default: 15]
+    /// about 40% less memory until a message reaches it. The server's pings
+    /// and the pongs that answer them do not wake it. Plain TCP only, and with
+    /// compression only when neither side keeps a context and the client
+    /// leaves the server's window whole (see docs/operations.md); 0 never
+    /// [default: 15]
     #[arg(long, env = "SWITCHBOARD_HIBERNATE_AFTER_SECS", value_name = "SECS")]
     pub hibernate_after_secs: Option<u64>,
 

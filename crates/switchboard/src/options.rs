@@ -181,12 +181,13 @@ impl Options {
     /// about 40% of an idle connection's resident memory with the service's
     /// allocator (jemalloc), for one new task (a few microseconds) when it
     /// wakes. Pings and pongs are not messages, and do not wake it: that
-    /// thread sends its pings and takes one pong per ping, which then does not
-    /// reach [`crate::Handler::handle_control`] (other pongs wake it and do).
+    /// thread sends its pings and takes the empty pong that answers each, when
+    /// it comes alone, which then does not reach
+    /// [`crate::Handler::handle_control`] (any other pong wakes it and does).
     /// Only connections served by [`crate::serve`] over plain TCP, whose
-    /// frames need no compression state of their own (no compression, or none
-    /// with a context kept by either side) hibernate. `None` (the default)
-    /// never.
+    /// frames need no compression state of their own (no compression, or
+    /// neither side keeping a context and the server's window whole)
+    /// hibernate. `None` (the default) never.
     pub fn hibernate_after(mut self, after: Option<Duration>) -> Self {
         self.hibernate_after = after;
         self

@@ -235,6 +235,65 @@ async fn what_comes_with_a_pong_or_without_a_ping_wakes_a_hibernating_connection
     assert_eq!(stats.snapshot().wakes, 3);
 }
 
+/// The next event, a control frame's included.
+async fn control(events: &mut mpsc::UnboundedReceiver<Event>) -> Option<Event> {
+    tokio::time::timeout(TIMEOUT, events.recv()).await.unwrap()
+}
+
+/// Waits for the lot's next ping, and sends `reply` to it in one write.
+async fn reply_to_its_ping(client: &mut RawClient, reply: &[&[u8]]) {
+    assert_eq!(client.recv_frame().await, Some((OpCode::Ping, Vec::new())));
+    client.send(&reply.concat()).await;
+}
+
+#[tokio::test]
+async fn only_the_empty_pong_alone_is_taken_asleep() {
+    let stats = Stats::new();
+    // Pings far apart against the time a connection stays awake (a period
+    // after its last message): every ping is the lot's, and asks for a pong.
+    let options = hibernating(&stats)
+        .ping_interval(Some(Duration::from_millis(700)))
+        .idle_timeout(Some(Duration::from_secs(10)));
+    let (mut client, mut events, _handle) = connected(options, None).await;
+    let pong = RawClient::frame(true, OpCode::Pong, b"");
+    // The pong, and a message behind it: both reach the woken task.
+    hibernated(&stats, 1).await;
+    let text_frame = RawClient::frame(true, OpCode::Text, b"after the pong");
+    reply_to_its_ping(&mut client, &[&pong, &text_frame]).await;
+    assert_eq!(control(&mut events).await, Some(Event::Control("pong")));
+    assert_eq!(
+        next_event(&mut events).await,
+        Event::In("after the pong".into())
+    );
+    assert_eq!(client.recv().await, text("after the pong"));
+    assert_eq!(stats.snapshot().wakes, 1);
+    // Two pongs for one ping: the task gets both.
+    hibernated(&stats, 2).await;
+    reply_to_its_ping(&mut client, &[&pong, &pong]).await;
+    assert_eq!(control(&mut events).await, Some(Event::Control("pong")));
+    assert_eq!(control(&mut events).await, Some(Event::Control("pong")));
+    assert_eq!(stats.snapshot().wakes, 2);
+    // A pong with a payload answers some other ping.
+    hibernated(&stats, 3).await;
+    let other = RawClient::frame(true, OpCode::Pong, b"not yours");
+    reply_to_its_ping(&mut client, &[&other]).await;
+    assert_eq!(control(&mut events).await, Some(Event::Control("pong")));
+    assert_eq!(stats.snapshot().wakes, 3);
+    // The empty pong alone is taken asleep, for pings on end.
+    hibernated(&stats, 4).await;
+    for _ in 0..2 {
+        reply_to_its_ping(&mut client, &[&pong]).await;
+    }
+    // A ping later, the last pong has long been read.
+    assert_eq!(client.recv_frame().await, Some((OpCode::Ping, Vec::new())));
+    let snapshot = stats.snapshot();
+    assert_eq!(
+        (snapshot.hibernations, snapshot.wakes),
+        (4, 3),
+        "{snapshot:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_peer_that_closes_or_vanishes_while_it_hibernates_ends_it() {
     let stats = Stats::new();

@@ -129,22 +129,22 @@ fn ping_frame() -> [u8; PING_LEN] {
     frame
 }
 
-/// How much of what a peer sent the lot looks at: more than a few pongs
-/// (a pong is at most 131 bytes) is something for the task.
-const PEEK: usize = 512;
+/// How much of what a peer sent the lot looks at: one byte more than the
+/// reply to its ping (an empty masked pong, 6 bytes), so that anything after
+/// the reply shows.
+const PEEK: usize = 7;
 
-/// Whether `bytes` are whole pongs and nothing else, as a client sends them
-/// (masked, 125 bytes of payload at most).
-fn only_pongs(bytes: &[u8]) -> bool {
-    let mut decoder = FrameDecoder::new(Role::Server, 125, false);
+/// Whether `bytes` are the reply to the lot's ping and nothing else: one
+/// whole pong, masked as a client sends it, empty as the ping was. A second
+/// pong, or one with a payload, answers something else: for the task (and
+/// the handler's `handle_control`, and the service's rate limit).
+fn only_its_pong(bytes: &[u8]) -> bool {
+    let mut decoder = FrameDecoder::new(Role::Server, 0, false);
     let mut buf = BytesMut::from(bytes);
-    while !buf.is_empty() {
-        match decoder.decode(&mut buf) {
-            Ok(Some(frame)) if frame.opcode == OpCode::Pong => {}
-            _ => return false,
-        }
-    }
-    true
+    matches!(
+        decoder.decode(&mut buf),
+        Ok(Some(frame)) if frame.opcode == OpCode::Pong && frame.payload.is_empty()
+    ) && buf.is_empty()
 }
 
 impl<H: Handler> Asleep<H> {
@@ -177,14 +177,18 @@ impl<H: Handler> Asleep<H> {
         let mut peeked = [0; PEEK];
         match self.stream.peek(&mut peeked) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Tended::Asleep(None),
-            Ok(n) if self.pong_due && n > 0 && n < PEEK && only_pongs(&peeked[..n]) => {
+            Ok(n) if self.pong_due && only_its_pong(&peeked[..n]) => {
                 // The peeked bytes are in the socket: reading them cannot fall short.
                 if self.stream.read_exact(&mut peeked[..n]).is_err() {
                     return Tended::Wake;
                 }
                 self.timers.read(now);
                 self.pong_due = false;
-                Tended::Asleep(None)
+                // Readiness is reported on edges: what came with the pong (the
+                // end of the stream, a message since the peek) may bring no
+                // event of its own, so the socket is looked at again. No pong
+                // is due now: anything there wakes the task.
+                self.tend_readable(now)
             }
             // Data, the end of the stream, an error: for the task.
             _ => Tended::Wake,

@@ -247,10 +247,10 @@ impl Timers {
     /// more epoll_wait), and a connection that ends within this poll, as one
     /// whose peer sent a close usually does, never needs its close deadline.
     ///
-    /// The timer is polled once, as it is made, which leaves this task's waker
-    /// with it (a reset keeps it); after that, whether it fired is one atomic
-    /// load. Polling it on every wake-up registered the waker again each time:
-    /// about 550 instructions per relayed message with pings on
+    /// The timer is polled once as it is made, and again after a reset, which
+    /// leaves this task's waker with it; otherwise whether it fired is one
+    /// atomic load. Polling it on every wake-up registered the waker again
+    /// each time: about 550 instructions per relayed message with pings on
     /// (`bench/callgrind.sh relay`). The connection is its own task (the
     /// service's and the client's both are), so its waker never changes.
     pub(super) fn poll(
@@ -265,17 +265,20 @@ impl Timers {
             return false;
         };
         match &mut self.timer {
-            Some(timer) => {
-                if want < timer.deadline() {
-                    timer.as_mut().reset(want);
+            Some(timer) if want < timer.deadline() => {
+                timer.as_mut().reset(want);
+                if register(timer.as_mut(), cx).is_pending() {
+                    return false;
                 }
+            }
+            Some(timer) => {
                 if !timer.is_elapsed() {
                     return false;
                 }
             }
             None if arm => {
                 let mut timer = Box::pin(sleep_until(want));
-                if timer.as_mut().poll(cx).is_pending() {
+                if register(timer.as_mut(), cx).is_pending() {
                     self.timer = Some(timer);
                     return false;
                 }
@@ -333,9 +336,70 @@ impl Timers {
     }
 }
 
+/// Polls `timer` so that it holds this task's waker, whatever is left of the
+/// task's cooperative budget: a `Sleep` polled with the budget spent returns
+/// `Pending` without taking the waker, or even making its timer, and is
+/// never elapsed after that. The driver's I/O spends the budget, and the
+/// timer is made just before the task yields, when it is most likely spent.
+fn register(timer: Pin<&mut Sleep>, cx: &mut TaskContext<'_>) -> std::task::Poll<()> {
+    std::pin::pin!(tokio::task::unconstrained(timer)).poll(cx)
+}
+
 #[cfg(test)]
 mod tests {
+    use std::task::Poll;
+
     use super::*;
+
+    /// Spends what is left of the task's cooperative budget, as a burst of
+    /// reads and writes does before the driver arms its timer.
+    fn spend_budget(cx: &mut TaskContext<'_>) {
+        for _ in 0..10_000 {
+            if std::pin::pin!(tokio::task::consume_budget())
+                .poll(cx)
+                .is_pending()
+            {
+                return;
+            }
+        }
+        panic!("the budget never ran out");
+    }
+
+    #[tokio::test]
+    async fn a_timer_made_or_moved_with_the_budget_spent_still_fires() {
+        let mut timers = Timers::new(&Options::default());
+        let early = Instant::now() + Duration::from_millis(20);
+        let later = early + Duration::from_millis(30);
+        let mut polls = 0;
+        let fired = std::future::poll_fn(|cx| {
+            polls += 1;
+            // Made on the first poll, moved earlier on the second, each
+            // time with the budget spent.
+            let want = match polls {
+                1 => later,
+                _ => early,
+            };
+            if polls <= 2 {
+                spend_budget(cx);
+            }
+            match timers.poll(cx, true, Some(want), true) {
+                true => Poll::Ready(Instant::now()),
+                false => Poll::Pending,
+            }
+        });
+        let at = tokio::time::timeout(Duration::from_secs(5), fired)
+            .await
+            .expect("the timer fired and woke the task");
+        // Not woken by the timer, the task would be polled only by the
+        // timeout's own wake, 5 s on, and find the timer fired then.
+        assert!(at >= early);
+        assert!(
+            at - early < Duration::from_secs(1),
+            "woken {:?} late",
+            at - early
+        );
+        assert!(polls >= 3, "polled {polls} times");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn resting_timers_wake_with_the_same_deadlines() {
