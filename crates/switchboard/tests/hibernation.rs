@@ -76,6 +76,21 @@ fn text(s: &str) -> Option<(OpCode, Vec<u8>)> {
     Some((OpCode::Text, s.as_bytes().to_vec()))
 }
 
+/// Checks that the probe got `words` and echoed them: the connection is (or
+/// was woken) awake.
+async fn heard(client: &mut RawClient, events: &mut mpsc::UnboundedReceiver<Event>, words: &str) {
+    assert_eq!(next_event(events).await, Event::In(words.into()));
+    assert_eq!(client.recv().await, text(words));
+}
+
+/// Sends `words`, and checks that they were heard.
+async fn say(client: &mut RawClient, events: &mut mpsc::UnboundedReceiver<Event>, words: &str) {
+    client
+        .send(&RawClient::frame(true, OpCode::Text, words.as_bytes()))
+        .await;
+    heard(client, events, words).await;
+}
+
 #[tokio::test]
 async fn pushes_and_infos_wake_a_hibernating_connection_in_order() {
     let stats = Stats::new();
@@ -104,11 +119,7 @@ async fn its_peer_wakes_a_hibernating_connection() {
     let stats = Stats::new();
     let (mut client, mut events, _handle) = connected(hibernating(&stats), None).await;
     hibernated(&stats, 1).await;
-    client
-        .send(&RawClient::frame(true, OpCode::Text, b"anyone?"))
-        .await;
-    assert_eq!(next_event(&mut events).await, Event::In("anyone?".into()));
-    assert_eq!(client.recv().await, text("anyone?"));
+    say(&mut client, &mut events, "anyone?").await;
     assert_eq!(stats.snapshot().wakes, 1);
 }
 
@@ -182,14 +193,7 @@ async fn pongs_keep_a_hibernating_connection_alive_without_waking_it() {
         "{snapshot:?}"
     );
     // Still open, and its first message wakes it.
-    client
-        .send(&RawClient::frame(true, OpCode::Text, b"still here"))
-        .await;
-    assert_eq!(
-        next_event(&mut events).await,
-        Event::In("still here".into())
-    );
-    assert_eq!(client.recv().await, text("still here"));
+    say(&mut client, &mut events, "still here").await;
     assert_eq!(stats.snapshot().wakes, 1);
 }
 
@@ -203,25 +207,15 @@ async fn what_comes_with_a_pong_or_without_a_ping_wakes_a_hibernating_connection
     let mut bytes = RawClient::frame(true, OpCode::Pong, b"unasked");
     bytes.extend(RawClient::frame(true, OpCode::Text, b"after the pong"));
     client.send(&bytes).await;
-    assert_eq!(
-        tokio::time::timeout(TIMEOUT, events.recv()).await.unwrap(),
-        Some(Event::Control("pong"))
-    );
-    assert_eq!(
-        next_event(&mut events).await,
-        Event::In("after the pong".into())
-    );
-    assert_eq!(client.recv().await, text("after the pong"));
+    assert_eq!(control(&mut events).await, Some(Event::Control("pong")));
+    heard(&mut client, &mut events, "after the pong").await;
     assert_eq!(stats.snapshot().wakes, 1);
-    // So does a pong it did not ask for (one per ping is taken asleep).
+    // So does a pong it did not ask for (only the reply to its ping is taken asleep).
     hibernated(&stats, 2).await;
     client
         .send(&RawClient::frame(true, OpCode::Pong, b"unasked"))
         .await;
-    assert_eq!(
-        tokio::time::timeout(TIMEOUT, events.recv()).await.unwrap(),
-        Some(Event::Control("pong"))
-    );
+    assert_eq!(control(&mut events).await, Some(Event::Control("pong")));
     assert_eq!(stats.snapshot().wakes, 2);
     // A ping from the peer wakes it too, to be answered.
     hibernated(&stats, 3).await;
@@ -261,11 +255,7 @@ async fn only_the_empty_pong_alone_is_taken_asleep() {
     let text_frame = RawClient::frame(true, OpCode::Text, b"after the pong");
     reply_to_its_ping(&mut client, &[&pong, &text_frame]).await;
     assert_eq!(control(&mut events).await, Some(Event::Control("pong")));
-    assert_eq!(
-        next_event(&mut events).await,
-        Event::In("after the pong".into())
-    );
-    assert_eq!(client.recv().await, text("after the pong"));
+    heard(&mut client, &mut events, "after the pong").await;
     assert_eq!(stats.snapshot().wakes, 1);
     // Two pongs for one ping: the task gets both.
     hibernated(&stats, 2).await;
@@ -366,14 +356,7 @@ async fn a_new_connection_that_says_nothing_hibernates_without_waiting_a_period(
     // Within the test's timeout, a hundredth of the period (the first look is
     // after a second).
     assert_eq!(hibernated(&stats, 1).await, 0, "asleep, not woken yet");
-    client
-        .send(&RawClient::frame(true, OpCode::Text, b"first words"))
-        .await;
-    assert_eq!(
-        next_event(&mut events).await,
-        Event::In("first words".into())
-    );
-    assert_eq!(client.recv().await, text("first words"));
+    say(&mut client, &mut events, "first words").await;
     assert_eq!(stats.snapshot().wakes, 1);
 }
 
@@ -421,8 +404,7 @@ async fn a_connection_waiting_on_held_work_stays_awake() {
     tokio::time::sleep(QUIET * 5).await;
     assert_eq!(stats.snapshot().hibernations, 1);
     drop(held);
-    assert_eq!(next_event(&mut events).await, Event::In("later".into()));
-    assert_eq!(client.recv().await, text("later"));
+    heard(&mut client, &mut events, "later").await;
 }
 
 /// The next message a [`collect`]ed client got.
