@@ -5,7 +5,7 @@
 #
 #   bench/kernel-share.sh SCENARIO SERVER
 #     SCENARIO: relay-k1 | fanout-topic | echo   (bench/run.sh's full-run parameters)
-#     SERVER:   switchboard | bun
+#     SERVER:   switchboard | bun | floor
 #
 # As in bench/run.sh, the server runs on CPU 1 and the load generator on CPU 0.
 # `perf record -g` samples the server for 4 s after a 2 s warm-up. Sampling slows
@@ -29,12 +29,13 @@ case "$server/$scenario" in
   switchboard/echo) command=(target/release/examples/echo 127.0.0.1:0); path=/ ;;
   switchboard/*) command=(target/release/switchboard serve "${bench_serve_flags[@]}" --compression false) ;;
   bun/*) command=(bench/peers/node_modules/.bin/bun bench/peers/bun-relay.js 127.0.0.1:0); path=/echo ;;
+  floor/*) command=(target/release/floor-relay 127.0.0.1:0); path=/echo ;;
   *) usage; exit 2 ;;
 esac
 [ "$scenario" = echo ] && load+=(--path "$path")
 command -v perf > /dev/null || { echo "kernel-share.sh: perf is not installed" >&2; exit 1; }
 
-cargo build --quiet --release -p switchboard-server -p switchboard-loadgen
+cargo build --quiet --release -p switchboard-server -p switchboard-loadgen -p floor-relay
 cargo build --quiet --release -p switchboard --example echo
 out=target/kernel-share
 mkdir -p "$out"
