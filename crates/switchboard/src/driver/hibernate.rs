@@ -376,7 +376,8 @@ impl<H: Handler> Driver<H, Socket> {
         // in two epoll sets), so that a failure leaves the driver as it was:
         // it stays awake until the next period, and its first drain replaces
         // the sleeper's waker in the mailbox.
-        let deadline = self.timers.wake_at().map(Instant::into_std);
+        let timers = self.timers.rest();
+        let deadline = timers.wake_at().map(Instant::into_std);
         let dormant: Arc<dyn Dormant> = sleeper.clone();
         let joined = lot().and_then(|lot| lot.add(stream.as_raw_fd(), deadline, dormant));
         let ticket = match joined {
@@ -399,7 +400,6 @@ impl<H: Handler> Driver<H, Socket> {
             decoder,
             writer,
             protocol,
-            timers,
             stats,
             mut shutdown,
             intake,
@@ -410,7 +410,6 @@ impl<H: Handler> Driver<H, Socket> {
         let Some(quiet) = quiet else {
             unreachable!("only a watched connection is found quiet")
         };
-        let timers = timers.rest();
         let mut wake_now = false;
         let tracked = shutdown.as_mut().map(|signal| {
             signal.unregister();

@@ -307,12 +307,6 @@ impl Timers {
         Due::Nothing
     }
 
-    /// The earliest deadline a hibernating connection has: the next ping or
-    /// the idle timeout (nothing else is pending when it sleeps).
-    pub(super) fn wake_at(&self) -> Option<Instant> {
-        self.idle_deadline().into_iter().chain(self.next_ping).min()
-    }
-
     /// Whether the connection is closing or paused over its budget: it stays awake.
     pub(super) fn busy(&self) -> bool {
         self.close_deadline.is_some() || self.over_budget_since.is_some()
@@ -320,7 +314,7 @@ impl Timers {
 
     /// What a hibernating connection keeps of the timers. Only one that is
     /// not [`Timers::busy`] hibernates.
-    pub(super) fn rest(self) -> Resting {
+    pub(super) fn rest(&self) -> Resting {
         debug_assert!(!self.busy(), "a busy connection stays awake");
         Resting {
             opened: self.opened,
