@@ -187,7 +187,7 @@ test("jwt: two tabs exchange messages; 'from' is the token's sub, not the forged
   assertOpened(await connect(tabA, "alice", `${jwt.ws}?id=bob`, withToken(tokenFor("alice"))), "alice");
   assertOpened(await connect(tabB, "bob", `${jwt.ws}?id=alice`, withToken(tokenFor("bob"))), "bob");
 
-  const epoch = (tab, name) => tab.evaluate((name) => window.sb.welcome(name).epoch, name);
+  const epoch = (tab, name) => tab.evaluate(async (name) => (await window.sb.welcome(name)).epoch, name);
   await send(tabA, "alice", { targets: ["bob"], payload: { text: "hi bob" }, id: "a1" });
   const toBob = `{"type":"message","from":"alice","offset":1,"epoch":"${await epoch(tabB, "bob")}","payload":{"text":"hi bob"}}`;
   assert.equal(await next(tabB, "bob"), toBob);
@@ -332,7 +332,7 @@ test("origin: the relay's own demo page (same origin) connects", async (context)
   assertOpened(await connect(page, "home", `${origin.ws}?id=home`, ["switchboard.v1"]), "same-origin page");
   await send(page, "home", { targets: ["home"], payload: "echo", id: 1 });
   const frames = [await next(page, "home"), await next(page, "home")].sort();
-  const epoch = await page.evaluate(() => window.sb.welcome("home").epoch);
+  const epoch = await page.evaluate(async () => (await window.sb.welcome("home")).epoch);
   const ack = '{"type":"ack","id":1,"delivered":["home"],"offline":[],"offsets":{"home":1}}';
   const echo = `{"type":"message","from":"home","offset":1,"epoch":"${epoch}","payload":"echo"}`;
   assert.deepEqual(frames, [ack, echo].sort());

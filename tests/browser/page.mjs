@@ -8,7 +8,7 @@
 // connects to this page's relay as client `id` and rejects unless it opens.
 // Every message is recorded: window.sb.next(name) waits for the next one. The
 // first frame of a switchboard.v1 connection, its welcome, is kept apart:
-// window.sb.welcome(name) returns it.
+// window.sb.welcome(name) waits for it.
 export function installHelpers() {
   const conns = {};
   const snapshot = (c) => ({
@@ -63,8 +63,18 @@ export function installHelpers() {
     state(name) {
       return snapshot(conns[name]);
     },
-    welcome(name) {
-      return conns[name].welcome;
+    // The welcome comes after the open event, as the first message: it waits.
+    welcome(name, ms = 5000) {
+      const c = conns[name];
+      return new Promise((resolveWelcome, reject) => {
+        const started = Date.now();
+        const poll = () => {
+          if (c.welcome) resolveWelcome(c.welcome);
+          else if (Date.now() - started > ms) reject(new Error(`no welcome for ${name} within ${ms}ms`));
+          else setTimeout(poll, 10);
+        };
+        poll();
+      });
     },
     // Text and binary data go as they are; anything else as its JSON text.
     send(name, message) {
