@@ -462,6 +462,11 @@ impl Delivery {
                     (Some((epoch, seen)), Some(at)) => epoch != at || *seen > conn.last,
                     _ => false,
                 };
+                if local.conns.capacity() == 0 {
+                    // Most channels are one client's inbox, with one connection:
+                    // room for it alone, not the four a first push makes.
+                    local.conns.reserve_exact(1);
+                }
                 local.conns.push(conn);
                 if behind {
                     self.fill(&channel).await;
