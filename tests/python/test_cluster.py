@@ -13,6 +13,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import tempfile
 import time
 import urllib.error
@@ -362,6 +363,47 @@ async def test_subscribing_again_while_a_subscribe_waits_keeps_the_second(proxie
             {"client": "b", "event": "offline"},
         ]
         await nothing_before_marker(c, a, "a")
+
+
+def resp(sock, *args):
+    """One command on a raw connection to Redis; its reply's first line."""
+    sock.sendall(b"".join([f"*{len(args)}\r\n".encode()]
+                          + [f"${len(a)}\r\n{a}\r\n".encode() for a in map(str, args)]))
+    return sock.recv(65536).split(b"\r\n")[0]
+
+
+@async_test
+async def test_connects_refused_while_pubsub_is_down_leave_no_channel_state(cluster):
+    """While the node cannot open its pub/sub connection to Redis, connects
+    are refused (503); each leaves nothing behind in the node's delivery
+    state (it did: the channel a refused connect was expected on stayed for
+    good, one per client id that ever tried)."""
+    c = cluster(1)
+    node = c.nodes[0]
+    admin = socket.create_connection(("127.0.0.1", c.redis.port))
+    try:
+        # A client, so that the node's pub/sub connection listens to a
+        # channel (CLIENT KILL TYPE pubsub finds only those).
+        async with client(None, "held", uri=url(node, "held")):
+            # Counted with this query's own connection, which then closes.
+            clients = int(c.redis.cli("INFO", "clients").split("connected_clients:")[1].split()[0])
+            # Room for the connections open now less the pub/sub one,
+            # killed next: it cannot come back.
+            assert resp(admin, "CONFIG", "SET", "maxclients", clients - 2) == b"+OK"
+            assert resp(admin, "CLIENT", "KILL", "TYPE", "pubsub") == b":1"
+            wait_until(lambda: healthz(node) == 503, "the node never saw its pub/sub go")
+            for i in range(3):
+                with pytest.raises(InvalidStatus) as refused:
+                    async with client(None, f"refused{i}", uri=url(node, f"refused{i}")):
+                        pass
+                assert refused.value.response.status_code == 503
+    finally:
+        resp(admin, "CONFIG", "SET", "maxclients", 10000)
+        admin.close()
+    wait_until(lambda: healthz(node) == 200, "the pub/sub connection never came back")
+    async with client(None, "later", uri=url(node, "later")):
+        assert metric(node, "redis_channels") == 1
+    wait_until(lambda: metric(node, "redis_channels") == 0, "channel state left behind", 5)
 
 
 @async_test

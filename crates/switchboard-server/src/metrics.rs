@@ -40,6 +40,8 @@ pub struct Metrics {
     recoveries: IntCounterVec,
     redis_command_seconds: Histogram,
     redis_reconnects: IntCounter,
+    /// Cluster mode: the channels the node's delivery task keeps state for.
+    pub redis_channels: IntGauge,
     jwks_fetches: IntCounterVec,
     tls_reloads: IntCounterVec,
 }
@@ -144,6 +146,17 @@ impl Metrics {
                 "redis_reconnects_total",
                 "Connections to Redis made again after one was lost (cluster mode).",
             ),
+            redis_channels: {
+                let gauge = IntGauge::with_opts(opts(
+                    "redis_channels",
+                    "Pub/sub channels (client ids and topics) this node keeps delivery state for: those with a connection here or on its way (cluster mode).",
+                ))
+                .expect("a valid metric");
+                registry
+                    .register(Box::new(gauge.clone()))
+                    .expect("registered once");
+                gauge
+            },
             registry,
         }
     }

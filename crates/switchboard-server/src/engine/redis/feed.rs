@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use prometheus::IntGauge;
 use switchboard::{
     ClientId, CloseCode, CloseReason, ConnId, Format, Outbox, PreparedMessage, PresenceChange,
 };
@@ -92,8 +93,14 @@ pub(super) struct Feed {
 }
 
 impl Feed {
-    /// Starts the subscriber and the delivery task on the current runtime.
-    pub(super) fn start(client: redis::Client, link: Link, namespaces: Arc<Namespaces>) -> Self {
+    /// Starts the subscriber and the delivery task on the current runtime;
+    /// `channels` shows how many channels the delivery task keeps state for.
+    pub(super) fn start(
+        client: redis::Client,
+        link: Link,
+        namespaces: Arc<Namespaces>,
+        channels: IntGauge,
+    ) -> Self {
         let (control, control_rx) = mpsc::unbounded_channel();
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (listen, listen_rx) = mpsc::unbounded_channel();
@@ -104,11 +111,13 @@ impl Feed {
             namespaces,
             lost: control.clone(),
             unfilled: HashSet::new(),
+            channels,
         };
         tokio::spawn(delivery.run(commands_rx, listen_rx));
         let subscriber = Subscriber {
             client,
             held: HashMap::new(),
+            orphans: Vec::new(),
             commands: commands.clone(),
             listen,
             up: up.clone(),
@@ -128,7 +137,9 @@ impl Feed {
 
     /// Listens to `channel` (counted: each hold needs a release). Resolves
     /// once Redis has confirmed the subscription, so anything published
-    /// after that reaches this node.
+    /// after that reaches this node. A refused hold needs no release; nor
+    /// does one whose future is dropped before it resolves (the subscriber
+    /// gives it back itself).
     pub(super) async fn hold(&self, channel: String) -> Result<(), Unavailable> {
         // Before the subscription: the delivery task keeps the channel's
         // place from the first message it hears.
@@ -175,6 +186,9 @@ impl Feed {
 struct Subscriber {
     client: redis::Client,
     held: HashMap<String, usize>,
+    /// Holds granted to callers that had gone by then (a connect dropped
+    /// while it waited): released at the next turn, as nobody else will.
+    orphans: Vec<String>,
     commands: mpsc::UnboundedSender<Command>,
     /// Hands each new connection's messages to the delivery task.
     listen: mpsc::UnboundedSender<redis::aio::PubSubStream>,
@@ -219,6 +233,9 @@ impl Subscriber {
                 return None;
             }
         };
+        for channel in std::mem::take(&mut self.orphans) {
+            self.refuse(Control::Release(channel));
+        }
         let (mut sink, stream) = pubsub.split();
         // What queued while down first, so the counts are current; those
         // holds are answered once every held channel is subscribed.
@@ -242,10 +259,7 @@ impl Subscriber {
             }
         }
         for (channel, reply) in waiting {
-            if subscribed.is_err() {
-                self.refuse(Control::Release(channel));
-            }
-            let _ = reply.send(subscribed.clone());
+            self.answer(channel, reply, subscribed.clone());
         }
         subscribed.ok()?;
         // The delivery task reads the messages (no hop between tasks), and
@@ -262,8 +276,10 @@ impl Subscriber {
         control: &mut mpsc::UnboundedReceiver<Control>,
     ) -> Option<()> {
         loop {
-            let first = control.recv().await?;
-            let mut batch = vec![first];
+            let mut batch: Vec<Control> = self.orphans.drain(..).map(Control::Release).collect();
+            if batch.is_empty() {
+                batch.push(control.recv().await?);
+            }
             while let Ok(more) = control.try_recv() {
                 batch.push(more);
             }
@@ -304,11 +320,7 @@ impl Subscriber {
                 self.change(sink, &subscribe, &unsubscribe).await
             };
             for (channel, reply) in waiting {
-                if done.is_err() {
-                    // Refused: the caller will not release it.
-                    self.refuse(Control::Release(channel));
-                }
-                let _ = reply.send(done.clone());
+                self.answer(channel, reply, done.clone());
             }
             if done.is_err() {
                 return Some(());
@@ -332,10 +344,34 @@ impl Subscriber {
         Ok(())
     }
 
+    /// Answers a hold that was counted. A refused one is uncounted here (its
+    /// caller will not release it); so is a granted one whose caller has
+    /// gone, at the next turn. Either way the delivery task stops expecting
+    /// its connection.
+    fn answer(
+        &mut self,
+        channel: String,
+        reply: oneshot::Sender<Result<(), Unavailable>>,
+        result: Result<(), Unavailable>,
+    ) {
+        let granted = result.is_ok();
+        if reply.send(result).is_ok() && granted {
+            return;
+        }
+        let _ = self.commands.send(Command::Abandon(channel.clone()));
+        if granted {
+            self.orphans.push(channel);
+        } else {
+            self.refuse(Control::Release(channel));
+        }
+    }
+
     fn refuse(&mut self, request: Control) {
         match request {
-            Control::Hold { reply, .. } => {
+            Control::Hold { channel, reply } => {
+                // Not counted: only the delivery task's expectation is undone.
                 let _ = reply.send(Err(Unavailable("cannot reach Redis for pub/sub".into())));
+                let _ = self.commands.send(Command::Abandon(channel));
             }
             Control::Release(channel) => {
                 if let Some(count) = self.held.get_mut(&channel) {
@@ -369,7 +405,11 @@ fn subject(channel: &str) -> Option<Subject<'_>> {
 struct Local {
     conns: Vec<Conn>,
     /// Connections on their way (held, not yet attached).
-    expected: usize,
+    expected: u32,
+    /// Pub/sub was lost while connections were on their way: what was
+    /// published meanwhile reached no node, so the next to attach reads its
+    /// stream (a fill finds nothing missing if nothing was).
+    missed: bool,
     seen: Option<(Arc<str>, u64)>,
 }
 
@@ -383,6 +423,8 @@ struct Delivery {
     lost: mpsc::UnboundedSender<Control>,
     /// Channels whose gap fill failed, to try again.
     unfilled: HashSet<String>,
+    /// The metric of how many channels `streams` holds.
+    channels: IntGauge,
 }
 
 /// A message of a stream, as published: `m|EPOCH|OFFSET|FROM|PAYLOAD`.
@@ -441,6 +483,7 @@ impl Delivery {
                     }
                 }
             }
+            self.channels.set(self.streams.len() as i64);
         }
     }
 
@@ -458,10 +501,11 @@ impl Delivery {
             Command::Attach { channel, conn } => {
                 let local = self.streams.entry(channel.clone()).or_default();
                 local.expected = local.expected.saturating_sub(1);
-                let behind = match (&local.seen, &conn.epoch) {
-                    (Some((epoch, seen)), Some(at)) => epoch != at || *seen > conn.last,
-                    _ => false,
-                };
+                let behind = std::mem::take(&mut local.missed)
+                    || match (&local.seen, &conn.epoch) {
+                        (Some((epoch, seen)), Some(at)) => epoch != at || *seen > conn.last,
+                        _ => false,
+                    };
                 if local.conns.capacity() == 0 {
                     // Most channels are one client's inbox, with one connection:
                     // room for it alone, not the four a first push makes.
@@ -479,6 +523,9 @@ impl Delivery {
                 }
             }
             Command::Resync => {
+                for local in self.streams.values_mut() {
+                    local.missed = local.expected > 0;
+                }
                 let channels: Vec<String> = self.streams.keys().cloned().collect();
                 for channel in channels {
                     self.fill(&channel).await;

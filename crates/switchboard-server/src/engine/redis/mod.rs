@@ -116,7 +116,12 @@ impl RedisEngine {
             },
             metrics.clone(),
         );
-        let feed = Feed::start(client, link.clone(), namespaces.clone());
+        let feed = Feed::start(
+            client,
+            link.clone(),
+            namespaces.clone(),
+            metrics.redis_channels.clone(),
+        );
         let core = Arc::new(Core {
             link,
             feed,
