@@ -129,7 +129,12 @@ impl Relay {
             let leeway = self.hub.jwt.as_ref().map_or(0, |jwt| jwt.leeway_secs());
             // To the sub-second: whole seconds let a connection outlive its
             // token by up to one.
-            let deadline = UNIX_EPOCH + Duration::from_secs(expires_at.saturating_add(leeway));
+            let Some(deadline) =
+                UNIX_EPOCH.checked_add(Duration::from_secs(expires_at.saturating_add(leeway)))
+            else {
+                // Past what the system clock can name: the token outlives the process.
+                return;
+            };
             let delay = deadline
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO);

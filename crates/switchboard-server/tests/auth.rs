@@ -348,6 +348,31 @@ fn help_never_prints_secret_values() {
 /// Regression: the expiry delay was whole seconds, so a connection outlived
 /// its token by the fraction of a second at which it connected.
 #[tokio::test]
+async fn a_token_that_expires_past_the_clocks_range_is_taken_and_refreshed() {
+    // The largest `exp` a u64 holds: the deadline is past what the system
+    // clock can name (it panicked the handshake's task, and a refresh's).
+    let server = jwt_server(&[]);
+    let forever = |sub: &str| token(json!({"sub": sub, "exp": u64::MAX}));
+    let mut client = server
+        .connect_request(
+            &format!("/ws?token={}", forever("far")),
+            &[("sec-websocket-protocol", "switchboard.v1")],
+        )
+        .await
+        .unwrap();
+    recv_welcome(&mut client, "far").await;
+    send(
+        &mut client,
+        json!({"type": "refresh", "token": forever("far"), "id": 1}),
+    )
+    .await;
+    assert_eq!(
+        recv_json(&mut client).await,
+        json!({"type": "ack", "id": 1})
+    );
+}
+
+#[tokio::test]
 async fn a_connection_ends_at_its_tokens_expiry_not_up_to_a_second_later() {
     use std::time::{SystemTime, UNIX_EPOCH};
     let server = jwt_server(&[]);
