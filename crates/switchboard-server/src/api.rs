@@ -116,6 +116,13 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         let Json(raw) = Json::<Box<RawValue>>::from_request(req, state)
             .await
             .map_err(rejection)?;
+        // serde's derive would also read an array, as the fields in order.
+        if !raw.get().starts_with('{') {
+            return Err(ApiError::bad_request(
+                ErrorCode::InvalidRequest,
+                "the body must be a JSON object",
+            ));
+        }
         let Json(value) = Json::<T>::from_bytes(raw.get().as_bytes()).map_err(rejection)?;
         Ok(Self(value))
     }

@@ -72,7 +72,7 @@ pub struct Inbound<'a> {
     #[serde(default, borrow)]
     pub token: Option<Cow<'a, str>>,
     /// Where to resume a topic from (`subscribe`).
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "object")]
     pub since: Option<Since<'a>>,
 }
 
@@ -85,6 +85,18 @@ pub struct Since<'a> {
     pub epoch: Cow<'a, str>,
     /// The last offset the client saw.
     pub offset: u64,
+}
+
+/// A struct read only from a JSON object: serde's derive also takes an array
+/// of its fields in order (`["k3x9ab12",9]`), which is not the protocol.
+fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    let raw = <&RawValue>::deserialize(d)?;
+    if !raw.get().starts_with('{') {
+        return Err(de::Error::custom("expected a JSON object"));
+    }
+    serde_json::from_str(raw.get())
+        .map(Some)
+        .map_err(de::Error::custom)
 }
 
 /// Keeps a field that is present, even as `null`, apart from a missing one.
@@ -107,6 +119,16 @@ pub fn id_of(text: &str) -> Option<&RawValue> {
 
 /// Parses a client message, mapping failures to their error code.
 pub fn parse(text: &str) -> Result<Inbound<'_>, (ErrorCode, String)> {
+    if text.trim_start().starts_with('[') {
+        // serde's derive would read an array as the fields in order.
+        return Err(match serde_json::from_str::<de::IgnoredAny>(text) {
+            Ok(_) => (
+                ErrorCode::InvalidMessage,
+                "a message is a JSON object".into(),
+            ),
+            Err(syntax) => (ErrorCode::InvalidJson, syntax.to_string()),
+        });
+    }
     serde_json::from_str(text).map_err(|e| {
         if e.classify() != serde_json::error::Category::Data {
             return (ErrorCode::InvalidJson, e.to_string());
@@ -541,6 +563,18 @@ mod tests {
             }),
             any::<String>(),
         ]
+    }
+
+    #[test]
+    fn an_array_of_the_fields_is_not_a_message() {
+        // serde's derive reads a struct from an array of its fields in order.
+        let send = r#"[null,null,["2"],{"text":"hi"}]"#;
+        assert_eq!(parse(send).unwrap_err().0, ErrorCode::InvalidMessage);
+        assert_eq!(parse("[1,").unwrap_err().0, ErrorCode::InvalidJson);
+        let since = r#"{"type":"subscribe","topic":"t","since":["k3x9ab12",9]}"#;
+        assert_eq!(parse(since).unwrap_err().0, ErrorCode::InvalidMessage);
+        let since = r#"{"type":"subscribe","topic":"t","since":{"epoch":"k3x9ab12","offset":9}}"#;
+        assert_eq!(parse(since).unwrap().since.unwrap().offset, 9);
     }
 
     proptest::proptest! {

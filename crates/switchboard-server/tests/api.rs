@@ -198,6 +198,14 @@ async fn errors_are_json_with_stable_codes() {
             400,
             "invalid_request",
         ),
+        // The fields in order, as an array: serde's derive alone would take it.
+        (
+            "POST",
+            "/api/v1/send",
+            Some(json!([["1"], {"x": 1}])),
+            400,
+            "invalid_request",
+        ),
         (
             "POST",
             "/api/v1/publish",
