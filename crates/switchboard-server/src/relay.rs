@@ -406,6 +406,13 @@ impl Relay {
         ctx: &Context<'_, RelayInfo>,
     ) -> Result<Option<String>, Refusal> {
         let (topic, namespace) = self.topic(inbound)?;
+        // Who is in a topic is for those who may be in it.
+        if !self.permissions.may_subscribe(topic) {
+            return Err((
+                ErrorCode::Forbidden,
+                format!("your token does not allow subscribing to {topic:?}"),
+            ));
+        }
         if !namespace.presence {
             return Err((
                 ErrorCode::PresenceDisabled,
@@ -426,11 +433,15 @@ impl Relay {
         inbound: &Inbound<'_>,
         ctx: &Context<'_, RelayInfo>,
     ) -> Result<Option<String>, Refusal> {
-        let clients: Vec<ClientId> = self
-            .targets(inbound.clients.as_ref(), "clients")?
-            .into_iter()
-            .map(ClientId::from)
-            .collect();
+        let clients = self.targets(inbound.clients.as_ref(), "clients")?;
+        // Whether a client is online is for those who may send to it.
+        if let Some(forbidden) = clients.iter().find(|c| !self.permissions.may_send(c)) {
+            return Err((
+                ErrorCode::Forbidden,
+                format!("your token does not allow sending to {forbidden:?}"),
+            ));
+        }
+        let clients: Vec<ClientId> = clients.into_iter().map(ClientId::from).collect();
         let pending = self.hub.engine.connections(clients.clone());
         self.answer(inbound.id, ctx, pending, move |connections, id| {
             let online: Vec<(&str, bool)> = clients

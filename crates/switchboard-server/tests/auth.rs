@@ -207,14 +207,26 @@ async fn claims_restrict_topics_and_targets() {
             json!({"targets": ["support", "ceo"], "payload": 1, "id": 5}),
             "forbidden",
         ),
+        // Who is in a topic, and who is online, follow the same claims.
+        (
+            json!({"type": "presence", "topic": "admin:x", "id": 6}),
+            "forbidden",
+        ),
+        (
+            json!({"type": "status", "clients": ["support"], "id": 7}),
+            "status",
+        ),
+        (
+            json!({"type": "status", "clients": ["support", "ceo"], "id": 8}),
+            "forbidden",
+        ),
     ];
     for (message, expected) in cases {
         send(&mut client, message.clone()).await;
         let reply = recv_json(&mut client).await;
-        let got = if reply["type"] == "ack" {
-            "ack"
-        } else {
-            reply["code"].as_str().unwrap()
+        let got = match reply["type"].as_str() {
+            Some(kind @ ("ack" | "status")) => kind,
+            _ => reply["code"].as_str().unwrap(),
         };
         assert_eq!(got, expected, "{message} -> {reply}");
     }
