@@ -280,11 +280,16 @@ def test_the_script_counts_each_connection_once_whatever_is_sent_twice():
             return redis.cli("EVAL", script, "0", op, "e1", "60000", "100", "60000", *rest)
 
         call("heartbeat", "n1", "5000", "1", *["0"] * 7)
-        connect = ("n1", "ann", "7", "", "", "0")
+        # The last: the id's connection limit.
+        connect = ("n1", "ann", "7", "", "", "0", "2")
         call("connect", *connect)
         call("connect", *connect)
         assert redis.cli("HGET", "sb:clients", "ann") == "1"
-        call("connect", "n1", "ann", "8", "", "", "0")
+        call("connect", "n1", "ann", "8", "", "", "0", "2")
+        assert redis.cli("HGET", "sb:clients", "ann") == "2"
+        # At the limit: a new connection is refused, one sent again is not.
+        assert call("connect", "n1", "ann", "9", "", "", "0", "2") == "full"
+        call("connect", *connect)
         assert redis.cli("HGET", "sb:clients", "ann") == "2"
         assert call("leave", "n1", "ann", "7") == "1"
         assert call("leave", "n1", "ann", "7") == "0", "a leave sent twice undoes one connection"
@@ -415,6 +420,26 @@ async def test_the_connection_limit_per_client_counts_every_node(cluster):
             async with client(None, "x", uri=url(n0, "x")):
                 pass
         assert refused.value.response.status_code == 429
+
+
+@async_test
+async def test_handshakes_racing_on_two_nodes_do_not_pass_the_connection_limit(cluster):
+    """Twelve handshakes for one id at once, half on each node, with a limit
+    of two: two get in. Each node checked the count before any of them was
+    counted (a round trip to Redis apart), so all got in."""
+    c = cluster(2, extra=("--max-connections-per-client", "2"))
+    held, refused = [], 0
+    async with contextlib.AsyncExitStack() as stack:
+        attempts = [stack.enter_async_context(client(None, "crowd", uri=url(c.nodes[i % 2], "crowd")))
+                    for i in range(12)]
+        for result in await asyncio.gather(*attempts, return_exceptions=True):
+            if isinstance(result, InvalidStatus):
+                assert result.response.status_code == 429
+                refused += 1
+            else:
+                assert not isinstance(result, BaseException), result
+                held.append(result)
+        assert (len(held), refused) == (2, 10)
 
 
 def test_an_idempotency_key_holds_across_nodes(cluster):

@@ -73,17 +73,6 @@ async fn handshake(
             return refused.into_response();
         }
     };
-    let connections = match hub.engine.connections(vec![identity.client.clone()]).await {
-        Ok(counts) => counts[0],
-        Err(e) => return unavailable(&e),
-    };
-    if connections >= hub.limits.max_connections {
-        let message = format!(
-            "too many connections for client {}: at most {}\n",
-            identity.client, hub.limits.max_connections
-        );
-        return (StatusCode::TOO_MANY_REQUESTS, message).into_response();
-    }
     let slot = match hub.peers.admit_request(peer) {
         Ok(slot) => slot,
         Err(full) => return full.into_response(),
@@ -114,11 +103,23 @@ async fn handshake(
     // and reachable, on every node.
     let joined = match hub
         .engine
-        .connect(identity.client.clone(), mode, since)
+        .connect(
+            identity.client.clone(),
+            mode,
+            since,
+            hub.limits.max_connections,
+        )
         .await
     {
         Ok(joined) => joined,
         Err(ConnectError::Unavailable(e)) => return unavailable(&e),
+        Err(ConnectError::Full { limit }) => {
+            let message = format!(
+                "too many connections for client {}: at most {limit}\n",
+                identity.client
+            );
+            return (StatusCode::TOO_MANY_REQUESTS, message).into_response();
+        }
         Err(ahead) => return Refused::BadRequest(ahead.to_string()).into_response(),
     };
     upgrade.on_upgrade_with(|handle| Relay::new(hub.clone(), identity, mode, handle, slot, joined))

@@ -335,6 +335,25 @@ async fn a_client_id_holds_at_most_its_connection_limit() {
     assert!(server.connect_request("/ws?id=other", &[]).await.is_ok());
 }
 
+#[tokio::test]
+async fn handshakes_in_flight_together_do_not_pass_the_connection_limit() {
+    // End to end, with the refusal's status: the engine counts those on
+    // their way (engine_model's connections_on_their_way_count_against_the_
+    // limit; cluster mode: test_cluster.py's racing handshakes).
+    let server = Server::start(&["--max-connections-per-client", "2"]);
+    let attempts = (0..12).map(|_| server.connect_request("/ws?id=crowd", &[]));
+    let results = futures_util::future::join_all(attempts).await;
+    let (held, refused): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
+    assert_eq!((held.len(), refused.len()), (2, 10));
+    drop(held);
+    // Given back as they close.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while server.connect_request("/ws?id=crowd", &[]).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "never let in again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[test]
 fn help_never_prints_secret_values() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))

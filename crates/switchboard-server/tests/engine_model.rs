@@ -151,7 +151,8 @@ fn run(ops: Vec<Op>) {
                 }
                 let mut harness = Harness::with_protocol(Quiet, Some("switchboard.v1"));
                 let since = client.seen.clone();
-                let joined = now(engine.connect(id.into(), Mode::Envelope, since.clone()));
+                let joined =
+                    now(engine.connect(id.into(), Mode::Envelope, since.clone(), usize::MAX));
                 let registration = joined.unwrap().attach(harness.handle().outbox());
                 let mut got = frames(&mut harness);
                 let welcome = got.remove(0);
@@ -231,6 +232,26 @@ fn run(ops: Vec<Op>) {
             }
         }
     }
+}
+
+#[test]
+fn connections_on_their_way_count_against_the_limit() {
+    let engine = engine(None);
+    let connect = || now(engine.connect("crowd".into(), Mode::Envelope, None, 2));
+    let first = connect().unwrap();
+    let second = connect().unwrap();
+    // Neither is registered yet: a third is over the limit all the same.
+    assert!(matches!(
+        connect(),
+        Err(engine::ConnectError::Full { limit: 2 })
+    ));
+    // One given up before it attached frees its place; one attached keeps it.
+    drop(first);
+    let harness = Harness::with_protocol(Quiet, Some("switchboard.v1"));
+    let _registration = second.attach(harness.handle().outbox());
+    let third = connect().unwrap();
+    assert!(connect().is_err());
+    drop(third);
 }
 
 proptest! {

@@ -1,10 +1,10 @@
 //! The embedded engine: one process, its streams in memory (saved to the
 //! data directory on a graceful stop).
 
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use switchboard::{
@@ -38,6 +38,9 @@ pub struct MemoryEngine(Arc<Core>);
 
 struct Core {
     registry: Registry,
+    /// Connections let in and not yet registered, by client id: counted
+    /// with the registered ones against the limit.
+    connecting: Mutex<HashMap<ClientId, usize>>,
     pubsub: PubSub,
     streams: Streams,
     inbox: Retention,
@@ -75,6 +78,7 @@ impl MemoryEngine {
         };
         Self(Arc::new(Core {
             registry,
+            connecting: Mutex::default(),
             pubsub,
             streams,
             replay_budget,
@@ -103,12 +107,53 @@ fn inbox(id: &str) -> StreamKey {
     StreamKey::Inbox(id.into())
 }
 
+impl Core {
+    /// Counts a connection of `id` as on its way, unless it has `max` already.
+    fn reserve(self: &Arc<Self>, id: &ClientId, max: usize) -> Result<Reserved, ConnectError> {
+        let mut connecting = self.connecting.lock().unwrap_or_else(|e| e.into_inner());
+        let coming = connecting.get(id).copied().unwrap_or(0);
+        // A connection that registers is counted twice until its
+        // reservation goes: a refusal at the limit then, never one too many.
+        if self.registry.connections(id) + coming >= max {
+            return Err(ConnectError::Full { limit: max });
+        }
+        *connecting.entry(id.clone()).or_default() += 1;
+        Ok(Reserved {
+            core: self.clone(),
+            id: id.clone(),
+        })
+    }
+}
+
+/// A connection counted as on its way, until it is registered or given up.
+struct Reserved {
+    core: Arc<Core>,
+    id: ClientId,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        let mut connecting = self
+            .core
+            .connecting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(coming) = connecting.get_mut(&self.id) {
+            *coming -= 1;
+            if *coming == 0 {
+                connecting.remove(&self.id);
+            }
+        }
+    }
+}
+
 /// A connection let in, registered when its outbox is attached.
 struct Admitted {
     core: Arc<Core>,
     id: ClientId,
     mode: Mode,
     since: Option<Position>,
+    reserved: Reserved,
 }
 
 impl Joined for Admitted {
@@ -118,47 +163,62 @@ impl Joined for Admitted {
             id,
             mode,
             since,
+            reserved,
         } = *self;
-        let key = StreamKey::Inbox(id.clone());
-        let register = |frames: Vec<PreparedMessage>| {
-            // Under the inbox's lock: nothing appended to it can reach this
-            // connection before these frames, or be among them and after them.
-            for frame in frames {
-                let _ = outbox.push(Outbound::Prepared(frame));
-            }
-            core.registry
-                .register(id.clone(), outbox.clone(), mode.format())
-        };
-        if mode == Mode::Raw {
-            // No welcome and no offsets: nothing to order against the inbox.
-            return core.registry.register(id, outbox, mode.format());
-        }
-        let Some(since) = since else {
-            return core.streams.position(&key, |position| {
-                register(vec![wire::welcome(&id, at(position), Resumed::NotAsked)])
-            });
-        };
-        core.streams
-            .resume(&key, &since, core.inbox, usize::MAX, |resume, position| {
-                let (resumed, missed) = match resume {
-                    // Checked before the upgrade; a stream's top only grows.
-                    Resume::Ahead | Resume::Lost => (Resumed::Lost, Vec::new()),
-                    Resume::Recovered(missed) if !super::fits(&missed, core.replay_budget) => {
-                        (Resumed::Lost, Vec::new())
-                    }
-                    Resume::Recovered(missed) => (Resumed::Recovered(missed.len()), missed),
-                };
-                core.metrics
-                    .recovery(matches!(resumed, Resumed::Recovered(_)));
-                let mut frames = vec![wire::welcome(&id, at(position), resumed)];
-                frames.extend(
-                    missed
-                        .iter()
-                        .map(|entry| super::inbox_delivery(entry, &position.epoch)),
-                );
-                register(frames)
-            })
+        let registration = register(&core, id, mode, since, outbox);
+        // Registered first, so it is never counted by neither.
+        drop(reserved);
+        registration
     }
+}
+
+/// Registers a connection let in, with its welcome (and what it resumes).
+fn register(
+    core: &Arc<Core>,
+    id: ClientId,
+    mode: Mode,
+    since: Option<Position>,
+    outbox: Outbox,
+) -> Registration {
+    let key = StreamKey::Inbox(id.clone());
+    let register = |frames: Vec<PreparedMessage>| {
+        // Under the inbox's lock: nothing appended to it can reach this
+        // connection before these frames, or be among them and after them.
+        for frame in frames {
+            let _ = outbox.push(Outbound::Prepared(frame));
+        }
+        core.registry
+            .register(id.clone(), outbox.clone(), mode.format())
+    };
+    if mode == Mode::Raw {
+        // No welcome and no offsets: nothing to order against the inbox.
+        return core.registry.register(id, outbox, mode.format());
+    }
+    let Some(since) = since else {
+        return core.streams.position(&key, |position| {
+            register(vec![wire::welcome(&id, at(position), Resumed::NotAsked)])
+        });
+    };
+    core.streams
+        .resume(&key, &since, core.inbox, usize::MAX, |resume, position| {
+            let (resumed, missed) = match resume {
+                // Checked before the upgrade; a stream's top only grows.
+                Resume::Ahead | Resume::Lost => (Resumed::Lost, Vec::new()),
+                Resume::Recovered(missed) if !super::fits(&missed, core.replay_budget) => {
+                    (Resumed::Lost, Vec::new())
+                }
+                Resume::Recovered(missed) => (Resumed::Recovered(missed.len()), missed),
+            };
+            core.metrics
+                .recovery(matches!(resumed, Resumed::Recovered(_)));
+            let mut frames = vec![wire::welcome(&id, at(position), resumed)];
+            frames.extend(
+                missed
+                    .iter()
+                    .map(|entry| super::inbox_delivery(entry, &position.epoch)),
+            );
+            register(frames)
+        })
 }
 
 impl Core {
@@ -327,19 +387,21 @@ impl Engine for MemoryEngine {
         id: ClientId,
         mode: Mode,
         since: Option<Position>,
+        max_connections: usize,
     ) -> Answer<Box<dyn Joined>, ConnectError> {
-        let checked = match &since {
-            Some(since) => self.0.check_since(&id, since),
-            None => Ok(()),
-        };
-        let admitted = checked.map(|()| {
-            Box::new(Admitted {
+        let admitted = (|| {
+            if let Some(since) = &since {
+                self.0.check_since(&id, since)?;
+            }
+            let reserved = self.0.reserve(&id, max_connections)?;
+            Ok(Box::new(Admitted {
                 core: self.0.clone(),
                 id,
                 mode,
                 since,
-            }) as Box<dyn Joined>
-        });
+                reserved,
+            }) as Box<dyn Joined>)
+        })();
         Answer::now(admitted)
     }
 

@@ -239,6 +239,12 @@ pub enum ConnectError {
         /// The inbox's last offset.
         top: u64,
     },
+    /// The id has as many connections as it may.
+    #[error("too many connections for this client: at most {limit}")]
+    Full {
+        /// The limit.
+        limit: usize,
+    },
     /// The store cannot be reached.
     #[error(transparent)]
     Unavailable(#[from] Unavailable),
@@ -353,14 +359,17 @@ pub struct TopicList {
 /// Routing, presence and streams for client ids and topics.
 pub trait Engine: Send + Sync + 'static {
     /// Lets a connection of `id` speaking `mode` in: it counts as online from
-    /// now on. With `since`, checks it against the inbox (a position past
-    /// the inbox's top is refused), and the welcome says whether every
-    /// message after it could be replayed.
+    /// now on. Refused when `id` has `max_connections` already, those still
+    /// being let in counted (so that handshakes in flight together cannot
+    /// all pass the limit). With `since`, checks it against the inbox (a
+    /// position past the inbox's top is refused), and the welcome says
+    /// whether every message after it could be replayed.
     fn connect(
         &self,
         id: ClientId,
         mode: Mode,
         since: Option<Position>,
+        max_connections: usize,
     ) -> Answer<Box<dyn Joined>, ConnectError>;
 
     /// Appends `message` to each target's inbox and hands it to the targets'

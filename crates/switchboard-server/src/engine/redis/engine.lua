@@ -195,6 +195,7 @@ elseif op == 'publish' then
   return remember(key, { epoch, offset, subscribers })
 elseif op == 'connect' then
   -- ARGV: node, id, token, since offset and epoch ('' for none), limit
+  -- (entries read), the id's connection limit
   local node, id, token, since, since_epoch = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
   if not alive(node) then return redis.error_reply('REAPED node lease lapsed') end
   local epoch, top = position('i', id)
@@ -202,7 +203,14 @@ elseif op == 'connect' then
     -- Refused before it counts: no online event for a connection refused.
     return { 'ahead', top }
   end
-  if redis.call('HSET', node_clients(node), id .. '\n' .. token, 1) == 1 then
+  local field = id .. '\n' .. token
+  if redis.call('HEXISTS', node_clients(node), field) == 0 then
+    -- Checked and counted at once: connects racing on several nodes cannot
+    -- all pass the limit. A call sent again is counted already.
+    if tonumber(redis.call('HGET', 'sb:clients', id) or 0) >= tonumber(ARGV[12]) then
+      return { 'full' }
+    end
+    redis.call('HSET', node_clients(node), field, 1)
     if redis.call('HINCRBY', 'sb:clients', id, 1) == 1 then
       client_event(id, 'online')
     end

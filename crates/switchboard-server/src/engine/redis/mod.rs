@@ -189,6 +189,11 @@ fn ahead(values: &[redis::Value]) -> Option<u64> {
     }
 }
 
+/// Whether a script refused a connect or join for its limit.
+fn full(values: &[redis::Value]) -> bool {
+    matches!(values, [tag] if text(tag) == Some("full"))
+}
+
 /// A script answer as an array.
 /// An answer, and whether it is one the script had saved for an
 /// `Idempotency-Key` (marked `again` at its end): nothing was appended.
@@ -315,6 +320,7 @@ impl Engine for RedisEngine {
         id: ClientId,
         mode: Mode,
         since: Option<Position>,
+        max_connections: usize,
     ) -> Answer<Box<dyn Joined>, ConnectError> {
         let core = self.0.clone();
         Answer::later(async move {
@@ -342,11 +348,17 @@ impl Engine for RedisEngine {
                 &since_offset,
                 &since_epoch,
                 &limit.to_string(),
+                &max_connections.to_string(),
             ]);
             let mut values = items(core.link.call("connect", rest).await?)?;
             if let Some(top) = ahead(&values) {
                 let asked = since.as_ref().map_or(0, |s| s.offset);
                 return Err(ConnectError::Ahead { asked, top });
+            }
+            if full(&values) {
+                return Err(ConnectError::Full {
+                    limit: max_connections,
+                });
             }
             let read = Read::parse(&mut values)?;
             let (epoch, top) = (read.epoch.clone(), read.top);
