@@ -188,6 +188,11 @@ impl Options {
     /// frames need no compression state of their own (no compression, or
     /// neither side keeping a context and the server's window whole)
     /// hibernate. `None` (the default) never.
+    ///
+    /// A hibernating connection has no task for a dropped runtime to end:
+    /// that thread keeps answering its pings until the peer sends or leaves.
+    /// Drain with [`crate::Shutdown`] (which wakes every one) before dropping
+    /// the runtime that served them.
     pub fn hibernate_after(mut self, after: Option<Duration>) -> Self {
         self.hibernate_after = after;
         self
