@@ -182,12 +182,7 @@ impl Relay {
     ) -> Result<Option<String>, Refusal> {
         let targets = self.targets(inbound.targets.as_ref(), "targets")?;
         let payload = required(inbound.payload, "payload")?;
-        if let Some(forbidden) = targets.iter().find(|t| !self.permissions.may_send(t)) {
-            return Err((
-                ErrorCode::Forbidden,
-                format!("your token does not allow sending to {forbidden:?}"),
-            ));
-        }
+        self.may_send(&targets)?;
         let pending = self.hub.engine.send(&targets, self.message(payload));
         self.answer(self.ack_id(inbound), ctx, pending, |sent, id| {
             // Only a message that asked for an ack pays for rendering one.
@@ -249,12 +244,7 @@ impl Relay {
         ctx: &mut Context<'_, RelayInfo>,
     ) -> Result<Option<String>, Refusal> {
         let (topic, namespace) = self.topic(inbound)?;
-        if !self.permissions.may_subscribe(topic) {
-            return Err((
-                ErrorCode::Forbidden,
-                format!("your token does not allow subscribing to {topic:?}"),
-            ));
-        }
+        self.may_subscribe(topic)?;
         let topics = self.topics.as_deref();
         if topics.is_some_and(|topics| topics.has(topic)) {
             return Ok(self.acked(inbound, |id| wire::ack(id, Some(topic))));
@@ -407,12 +397,7 @@ impl Relay {
     ) -> Result<Option<String>, Refusal> {
         let (topic, namespace) = self.topic(inbound)?;
         // Who is in a topic is for those who may be in it.
-        if !self.permissions.may_subscribe(topic) {
-            return Err((
-                ErrorCode::Forbidden,
-                format!("your token does not allow subscribing to {topic:?}"),
-            ));
-        }
+        self.may_subscribe(topic)?;
         if !namespace.presence {
             return Err((
                 ErrorCode::PresenceDisabled,
@@ -435,12 +420,7 @@ impl Relay {
     ) -> Result<Option<String>, Refusal> {
         let clients = self.targets(inbound.clients.as_ref(), "clients")?;
         // Whether a client is online is for those who may send to it.
-        if let Some(forbidden) = clients.iter().find(|c| !self.permissions.may_send(c)) {
-            return Err((
-                ErrorCode::Forbidden,
-                format!("your token does not allow sending to {forbidden:?}"),
-            ));
-        }
+        self.may_send(&clients)?;
         let clients: Vec<ClientId> = clients.into_iter().map(ClientId::from).collect();
         let pending = self.hub.engine.connections(clients.clone());
         self.answer(inbound.id, ctx, pending, move |connections, id| {
@@ -493,6 +473,28 @@ impl Relay {
     }
 
     /// Checks a list of client ids: present, not too long, each valid, deduplicated.
+    /// Refuses unless the token allows sending to every one of `ids`.
+    fn may_send(&self, ids: &[&str]) -> Result<(), Refusal> {
+        match ids.iter().find(|id| !self.permissions.may_send(id)) {
+            Some(forbidden) => Err((
+                ErrorCode::Forbidden,
+                format!("your token does not allow sending to {forbidden:?}"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses unless the token allows subscribing to `topic`.
+    fn may_subscribe(&self, topic: &str) -> Result<(), Refusal> {
+        if self.permissions.may_subscribe(topic) {
+            return Ok(());
+        }
+        Err((
+            ErrorCode::Forbidden,
+            format!("your token does not allow subscribing to {topic:?}"),
+        ))
+    }
+
     fn targets<'t>(
         &self,
         list: Option<&'t TargetList<'_>>,

@@ -166,7 +166,8 @@ impl Joined for Admitted {
             reserved,
         } = *self;
         let registration = register(&core, id, mode, since, outbox);
-        // Registered first, so it is never counted by neither.
+        // Given back only once registered: at no moment is the connection
+        // left out of both counts.
         drop(reserved);
         registration
     }
