@@ -189,7 +189,7 @@ fn ahead(values: &[redis::Value]) -> Option<u64> {
     }
 }
 
-/// Whether a script refused a connect or join for its limit.
+/// Whether the script refused a connect for the id's connection limit.
 fn full(values: &[redis::Value]) -> bool {
     matches!(values, [tag] if text(tag) == Some("full"))
 }
