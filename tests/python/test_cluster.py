@@ -412,6 +412,46 @@ async def test_connects_refused_while_pubsub_is_down_leave_no_channel_state(clus
 
 
 @async_test
+async def test_a_node_behind_on_pub_sub_holds_its_bound_and_loses_no_message(cluster):
+    """A node whose delivery falls behind (here: paused with SIGSTOP while a
+    client on another node sends it 300 messages of 1 KB) holds at most
+    `redis_pubsub_backlog_bytes` (4 KB here) of pub/sub notices. It drops the
+    rest, counts them, and reads their messages from the streams instead:
+    the receiver gets every message once, in order. Before the bound,
+    redis-rs queued everything in the node's memory. A message whose notice
+    alone is over the bound is dropped whatever the timing, and reaches the
+    receiver all the same."""
+    c = cluster(2, extra=("--redis-pubsub-backlog-bytes", "4096", "--inbox-size", "1000",
+                          "--rate-limit-messages-per-sec", "0", "--rate-limit-bytes-per-sec", "0"))
+    slow, other = c.nodes
+    count = 300
+    async with client(None, "r", envelope=True, uri=url(slow, "r")) as receiver, \
+            client(None, "s", envelope=True, uri=url(other, "s")) as sender:
+        assert metric(slow, "redis_pubsub_dropped_total") == 0
+        slow.proc.send_signal(signal.SIGSTOP)
+        try:
+            for i in range(count):
+                await sender.send(msg(["r"], {"n": i, "pad": "p" * 1000}, id=i))
+            acks = [await recv_json(sender) for _ in range(count)]
+            assert sorted(a["offsets"]["r"] for a in acks) == list(range(1, count + 1)), acks[:3]
+        finally:
+            # Well within the 2 s lease: the node is not taken for dead.
+            slow.proc.send_signal(signal.SIGCONT)
+        got = await deliveries(receiver, count)
+        assert [(m["offset"], m["payload"]["n"]) for m in got] == [(i + 1, i) for i in range(count)]
+        dropped = metric(slow, "redis_pubsub_dropped_total")
+        assert dropped > 0, "the backlog never reached its bound: the test proves nothing"
+        # No later message shows this one's gap: only the dropped channel's
+        # own read brings it.
+        await sender.send(msg(["r"], {"n": count, "pad": "p" * 5000}))
+        got = await deliveries(receiver, 1)
+        assert (got[0]["offset"], got[0]["payload"]["n"]) == (count + 1, count)
+        assert metric(slow, "redis_pubsub_dropped_total") == dropped + 1
+        await nothing_before_marker(c, receiver, "r")
+        assert metric(other, "redis_pubsub_dropped_total") == 0
+
+
+@async_test
 async def test_the_connection_limit_per_client_counts_every_node(cluster):
     c = cluster(2, extra=("--max-connections-per-client", "2"))
     n0, n1 = c.nodes

@@ -247,6 +247,17 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_CLIENT_EVENTS_SIZE", value_name = "N")]
     pub client_events_size: Option<usize>,
 
+    /// Cluster mode: most bytes of pub/sub notices a node holds while its delivery falls behind.
+    /// Past it notices are dropped (counted in switchboard_redis_pubsub_dropped_total): messages
+    /// with offsets are then read from their streams, join and leave events are lost. At least
+    /// 4096 [default: 33554432, Redis's own pub/sub output limit]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REDIS_PUBSUB_BACKLOG_BYTES",
+        value_name = "BYTES"
+    )]
+    pub redis_pubsub_backlog_bytes: Option<usize>,
+
     /// Most WebSocket connections from one IP address; more get HTTP 429. Behind a reverse proxy
     /// every client has the proxy's address: raise it or set 0 (no limit) [default: 1000]
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP", value_name = "N")]
@@ -441,6 +452,8 @@ pub struct Config {
     pub node_lease: Duration,
     /// Messages the `$clients` topic keeps (0: no events).
     pub client_events_size: usize,
+    /// Most bytes of pub/sub notices a node holds for its delivery task.
+    pub redis_pubsub_backlog_bytes: usize,
     /// History the memory engine holds, in bytes.
     pub history_max_bytes: usize,
     /// Where the snapshot is kept, when history is persisted.
@@ -551,6 +564,10 @@ impl Config {
                 other => bail!("node_lease_secs must be 2 to 15, not {other}"),
             },
             client_events_size: s.client_events_size.unwrap_or(1000),
+            redis_pubsub_backlog_bytes: match s.redis_pubsub_backlog_bytes.unwrap_or(32 << 20) {
+                bytes @ 4096.. => bytes,
+                other => bail!("redis_pubsub_backlog_bytes must be at least 4096, not {other}"),
+            },
             history_max_bytes: s.history_max_bytes.unwrap_or(128 << 20),
             // The Redis engine keeps its streams in Redis: nothing to save here.
             data_dir: (s.persist.unwrap_or(true) && s.engine != Some(EngineKind::Redis)).then(
@@ -815,6 +832,14 @@ mod tests {
             let error = format!("{:#}", Config::load(&cli.args).unwrap_err());
             assert!(error.contains("node_lease_secs must be 2 to 15"), "{error}");
         }
+        assert_eq!(config.redis_pubsub_backlog_bytes, 32 << 20);
+        let error = format!(
+            "{:#}",
+            load(&["--redis-pubsub-backlog-bytes", "4095"]).unwrap_err()
+        );
+        assert!(error.contains("at least 4096, not 4095"), "{error}");
+        let config = load(&["--redis-pubsub-backlog-bytes", "4096"]).unwrap();
+        assert_eq!(config.redis_pubsub_backlog_bytes, 4096);
     }
 
     #[test]

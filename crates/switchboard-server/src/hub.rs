@@ -149,6 +149,7 @@ impl Hub {
                     inbox: inbox.retention(),
                     replay_budget: config.max_outbound_bytes / 2,
                     client_events: config.client_events_size,
+                    pubsub_backlog: config.redis_pubsub_backlog_bytes,
                 };
                 let (stats, shutdown, budget) =
                     (stats.clone(), shutdown.clone(), receive_budget.clone());

@@ -42,6 +42,8 @@ pub struct Metrics {
     redis_reconnects: IntCounter,
     /// Cluster mode: the channels the node's delivery task keeps state for.
     pub redis_channels: IntGauge,
+    /// Cluster mode: pub/sub notices dropped over the node's backlog bound.
+    pub redis_pubsub_dropped: IntCounter,
     jwks_fetches: IntCounterVec,
     tls_reloads: IntCounterVec,
 }
@@ -145,6 +147,10 @@ impl Metrics {
             redis_reconnects: counter(
                 "redis_reconnects_total",
                 "Connections to Redis made again after one was lost (cluster mode).",
+            ),
+            redis_pubsub_dropped: counter(
+                "redis_pubsub_dropped_total",
+                "Pub/sub notices dropped because the node's delivery task was redis_pubsub_backlog_bytes behind (cluster mode). Messages with offsets are read back from their streams; join and leave events, and messages of topics without history, are lost.",
             ),
             redis_channels: {
                 let gauge = IntGauge::with_opts(opts(

@@ -8,20 +8,24 @@
 //! given, so a message it has is dropped, the next one is delivered, and one
 //! past a gap makes the node read the gap from the stream first. After the
 //! pub/sub connection drops, the node subscribes again and reads every
-//! stream it serves from where its connections are.
+//! stream it serves from where its connections are; after notices were
+//! dropped over the backlog's bound (`backlog`), it reads the streams of
+//! their channels.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use prometheus::IntGauge;
+use prometheus::{IntCounter, IntGauge};
+use redis::AsyncConnectionConfig;
+use redis::aio::MultiplexedConnection;
 use switchboard::{
     ClientId, CloseCode, CloseReason, ConnId, Format, Outbox, PreparedMessage, PresenceChange,
 };
 use tokio::sync::{mpsc, oneshot};
 
+use super::backlog::{Backlog, Heard, Hearing};
 use super::link::Link;
 use super::reply::{Read, array};
 use crate::engine::Unavailable;
@@ -32,6 +36,9 @@ use crate::wire::{self, At, Mode};
 const FILL_BATCH: usize = 1000;
 /// How soon a gap fill that Redis could not answer is tried again.
 const RETRY: Duration = Duration::from_millis(500);
+/// How long a SUBSCRIBE or UNSUBSCRIBE may wait for Redis before the
+/// connection counts as lost (and is made again).
+const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The channel of a client id's inbox.
 pub(super) fn inbox_channel(id: &str) -> String {
@@ -84,6 +91,16 @@ enum Control {
     Lost,
 }
 
+/// How the feed holds what pub/sub brings, and what it reports.
+pub(super) struct FeedSettings {
+    /// Most bytes of notices held for the delivery task (see `backlog`).
+    pub backlog: usize,
+    /// How many channels the delivery task keeps state for.
+    pub channels: IntGauge,
+    /// Notices dropped over the backlog's bound.
+    pub dropped: IntCounter,
+}
+
 /// The node's pub/sub side.
 #[derive(Clone)]
 pub(super) struct Feed {
@@ -93,13 +110,13 @@ pub(super) struct Feed {
 }
 
 impl Feed {
-    /// Starts the subscriber and the delivery task on the current runtime;
-    /// `channels` shows how many channels the delivery task keeps state for.
+    /// Starts the subscriber and the delivery task on the current runtime.
+    /// `client` must speak RESP3 (pub/sub on a multiplexed connection).
     pub(super) fn start(
         client: redis::Client,
         link: Link,
         namespaces: Arc<Namespaces>,
-        channels: IntGauge,
+        settings: FeedSettings,
     ) -> Self {
         let (control, control_rx) = mpsc::unbounded_channel();
         let (commands, commands_rx) = mpsc::unbounded_channel();
@@ -111,7 +128,7 @@ impl Feed {
             namespaces,
             lost: control.clone(),
             unfilled: HashSet::new(),
-            channels,
+            channels: settings.channels,
         };
         tokio::spawn(delivery.run(commands_rx, listen_rx));
         let subscriber = Subscriber {
@@ -121,6 +138,8 @@ impl Feed {
             commands: commands.clone(),
             listen,
             up: up.clone(),
+            backlog: settings.backlog,
+            dropped: settings.dropped,
         };
         tokio::spawn(subscriber.run(control_rx));
         Self {
@@ -190,9 +209,12 @@ struct Subscriber {
     /// while it waited): released at the next turn, as nobody else will.
     orphans: Vec<String>,
     commands: mpsc::UnboundedSender<Command>,
-    /// Hands each new connection's messages to the delivery task.
-    listen: mpsc::UnboundedSender<redis::aio::PubSubStream>,
+    /// Hands each new connection's notices to the delivery task.
+    listen: mpsc::UnboundedSender<Arc<Backlog>>,
     up: Arc<AtomicBool>,
+    /// The bound of each connection's backlog, in bytes.
+    backlog: usize,
+    dropped: IntCounter,
 }
 
 impl Subscriber {
@@ -225,9 +247,17 @@ impl Subscriber {
     async fn connect(
         &mut self,
         control: &mut mpsc::UnboundedReceiver<Control>,
-    ) -> Option<redis::aio::PubSubSink> {
-        let pubsub = match self.client.get_async_pubsub().await {
-            Ok(pubsub) => pubsub,
+    ) -> Option<MultiplexedConnection> {
+        let backlog = Backlog::new(self.backlog, self.dropped.clone());
+        let config = AsyncConnectionConfig::new()
+            .set_push_sender(Hearing(backlog.clone()))
+            .set_response_timeout(Some(SUBSCRIBE_TIMEOUT));
+        let mut sink = match self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+        {
+            Ok(connection) => connection,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach Redis for pub/sub");
                 return None;
@@ -236,7 +266,6 @@ impl Subscriber {
         for channel in std::mem::take(&mut self.orphans) {
             self.refuse(Control::Release(channel));
         }
-        let (mut sink, stream) = pubsub.split();
         // What queued while down first, so the counts are current; those
         // holds are answered once every held channel is subscribed.
         let mut waiting = Vec::new();
@@ -262,9 +291,9 @@ impl Subscriber {
             self.answer(channel, reply, subscribed.clone());
         }
         subscribed.ok()?;
-        // The delivery task reads the messages (no hop between tasks), and
-        // says when the connection is lost.
-        let _ = self.listen.send(stream);
+        // The delivery task reads the notices, and says when the connection
+        // is lost.
+        let _ = self.listen.send(backlog);
         Some(sink)
     }
 
@@ -272,7 +301,7 @@ impl Subscriber {
     /// the engine is gone (`None`).
     async fn serve(
         &mut self,
-        sink: &mut redis::aio::PubSubSink,
+        sink: &mut MultiplexedConnection,
         control: &mut mpsc::UnboundedReceiver<Control>,
     ) -> Option<()> {
         loop {
@@ -330,7 +359,7 @@ impl Subscriber {
 
     async fn change(
         &self,
-        sink: &mut redis::aio::PubSubSink,
+        sink: &mut MultiplexedConnection,
         subscribe: &[String],
         unsubscribe: &[String],
     ) -> Result<(), Unavailable> {
@@ -446,15 +475,15 @@ impl Delivery {
     async fn run(
         mut self,
         mut commands: mpsc::UnboundedReceiver<Command>,
-        mut listen: mpsc::UnboundedReceiver<redis::aio::PubSubStream>,
+        mut listen: mpsc::UnboundedReceiver<Arc<Backlog>>,
     ) {
-        let mut stream: Option<redis::aio::PubSubStream> = None;
+        let mut heard: Option<Arc<Backlog>> = None;
         let mut retry = tokio::time::interval(RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = async {
-                match stream.as_mut() {
-                    Some(stream) => stream.next().await,
+                match heard.as_ref() {
+                    Some(backlog) => backlog.next().await,
                     None => std::future::pending().await,
                 }
             };
@@ -466,14 +495,12 @@ impl Delivery {
                     Some(command) => self.command(command).await,
                     None => return,
                 },
-                Some(new) = listen.recv() => stream = Some(new),
-                message = next => match message {
-                    Some(message) => {
-                        let channel = message.get_channel_name();
-                        self.live(channel, message.get_payload_bytes()).await;
-                    }
-                    None => {
-                        stream = None;
+                Some(new) = listen.recv() => heard = Some(new),
+                next = next => match next {
+                    Heard::Notice(notice) => self.live(&notice.channel, &notice.payload).await,
+                    Heard::Dropped(channels) => self.catch_up(channels).await,
+                    Heard::Ended => {
+                        heard = None;
                         let _ = self.lost.send(Control::Lost);
                     }
                 },
@@ -523,13 +550,8 @@ impl Delivery {
                 }
             }
             Command::Resync => {
-                for local in self.streams.values_mut() {
-                    local.missed = local.expected > 0;
-                }
-                let channels: Vec<String> = self.streams.keys().cloned().collect();
-                for channel in channels {
-                    self.fill(&channel).await;
-                }
+                let channels = self.streams.keys().cloned().collect();
+                self.catch_up(channels).await;
             }
             Command::CloseAll(reason) => {
                 for local in self.streams.values_mut() {
@@ -538,6 +560,20 @@ impl Delivery {
                     }
                 }
             }
+        }
+    }
+
+    /// Reads the streams of `channels`, whose notices this node may have
+    /// missed (pub/sub was lost, or a notice was dropped), for the
+    /// connections on them and for those on their way.
+    async fn catch_up(&mut self, channels: Vec<String>) {
+        for channel in &channels {
+            if let Some(local) = self.streams.get_mut(channel) {
+                local.missed |= local.expected > 0;
+            }
+        }
+        for channel in channels {
+            self.fill(&channel).await;
         }
     }
 
@@ -630,7 +666,8 @@ impl Delivery {
             return;
         }
         match &mut local.seen {
-            Some((epoch, seen)) if **epoch == *live.epoch => *seen = live.offset,
+            // Never lowered: a fill may have read past notices still queued.
+            Some((epoch, seen)) if **epoch == *live.epoch => *seen = (*seen).max(live.offset),
             seen => *seen = Some((live.epoch.into(), live.offset)),
         }
         let mut behind = false;

@@ -15,6 +15,7 @@ use switchboard::{
     Registry, SubscribeError,
 };
 
+use redis::ProtocolVersion;
 use switchboard::Broker;
 
 use super::{
@@ -26,10 +27,11 @@ use crate::metrics::Metrics;
 use crate::streams::{Entry, Page, Position, Resume, Retention};
 use crate::topics::Namespaces;
 use crate::wire::{self, At, Mode, Resumed};
-use feed::{Conn, Feed, inbox_channel, topic_channel};
+use feed::{Conn, Feed, FeedSettings, inbox_channel, topic_channel};
 use link::{Header, Link};
 use reply::{Read, array, int, malformed, text};
 
+mod backlog;
 mod feed;
 mod lease;
 mod link;
@@ -53,6 +55,8 @@ pub struct RedisSettings {
     pub replay_budget: usize,
     /// Messages the `$clients` topic keeps (0: no events).
     pub client_events: usize,
+    /// Most bytes of pub/sub notices a node holds for its delivery task.
+    pub pubsub_backlog: usize,
 }
 
 /// This node's traffic now, for its heartbeat.
@@ -116,11 +120,24 @@ impl RedisEngine {
             },
             metrics.clone(),
         );
+        // Pub/sub on a multiplexed connection (RESP3), whose pushes come to
+        // a sender of ours: the only way to bound what redis-rs holds.
+        let info = client.get_connection_info().clone();
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let pubsub = redis::Client::open(info.set_redis_settings(resp3))
+            .map_err(|e| anyhow::anyhow!("invalid redis_url: {e}"))?;
         let feed = Feed::start(
-            client,
+            pubsub,
             link.clone(),
             namespaces.clone(),
-            metrics.redis_channels.clone(),
+            FeedSettings {
+                backlog: settings.pubsub_backlog,
+                channels: metrics.redis_channels.clone(),
+                dropped: metrics.redis_pubsub_dropped.clone(),
+            },
         );
         let core = Arc::new(Core {
             link,
