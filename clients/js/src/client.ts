@@ -304,9 +304,7 @@ export class Client extends Emitter<Events> {
           subscription.restart();
           this.join(subscription);
         } else {
-          this.subscriptions.delete(subscription.topic);
-          subscription.refused(error);
-          this.emit("error", error);
+          this.end(subscription, error);
         }
       },
     });
@@ -426,6 +424,8 @@ export class Client extends Emitter<Events> {
         return this.answer(frame);
       case "error":
         return this.refused(frame);
+      case "unsubscribed":
+        return this.revoked(frame);
       default:
         return this.answer(frame);
     }
@@ -458,6 +458,19 @@ export class Client extends Emitter<Events> {
     if (!request) return;
     this.inflight.delete(frame.id as number);
     request.resolve(frame);
+  }
+
+  /** The server ended a subscription (a refreshed token no longer allows its topic). */
+  private revoked(frame: { topic: string; code: string; message: string }): void {
+    const subscription = this.subscriptions.get(frame.topic);
+    if (subscription) this.end(subscription, new SwitchboardError(frame.code, frame.message));
+  }
+
+  /** A subscription refused or ended by the server is over: its `error` handler and the `error` event say why. */
+  private end(subscription: Subscription, error: SwitchboardError): void {
+    this.subscriptions.delete(subscription.topic);
+    subscription.refused(error);
+    this.emit("error", error);
   }
 
   private refused(frame: { id?: number; code: string; message: string }): void {

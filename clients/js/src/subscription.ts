@@ -38,7 +38,10 @@ export interface SubscriptionHandlers {
   leave?(client: string): void;
   /** The server accepted the subscribe, on the first connection and on every reconnect. */
   subscribed?(event: SubscribedEvent): void;
-  /** The server refused the subscribe (`forbidden`, `topic_full`, ...); the subscription is over. */
+  /**
+   * The server refused the subscribe (`forbidden`, `topic_full`, ...), or ended the
+   * subscription (`forbidden`: a refreshed token no longer allows the topic); it is over.
+   */
   error?(error: SwitchboardError): void;
 }
 
@@ -124,7 +127,7 @@ export class Subscription {
     this.seen = undefined;
   }
 
-  /** The server refused the subscribe. */
+  /** The server refused the subscribe, or ended the subscription. */
   refused(error: SwitchboardError): void {
     call(this.handlers.error, error);
   }

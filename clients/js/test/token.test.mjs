@@ -65,6 +65,39 @@ test("getToken: short-lived tokens are renewed before they expire, on the same c
   await until(() => seen.message.length === 1, 5000, "a message on the renewed connection");
 });
 
+test("getToken: a renewed token that no longer allows a topic ends that subscription; the others go on", async () => {
+  let calls = 0;
+  const a = client({
+    getToken: async () =>
+      jwt("narrowed", 3, { switchboard: { subscribe: ++calls === 1 ? ["chat:*", "news:*"] : ["chat:*"] } }),
+  });
+  const sender = client({ token: jwt("publisher", 60) });
+  await Promise.all([a.connect(), sender.connect()]);
+  const errors = [];
+  const got = [];
+  const subscribed = [];
+  for (const topic of ["news:1", "chat:1"]) {
+    a.subscribe(topic, {
+      subscribed: () => subscribed.push(topic),
+      error: (e) => errors.push(e),
+      message: (m) => got.push(m.payload),
+    });
+  }
+  await until(() => subscribed.length === 2);
+  await until(() => errors.length === 1, 6000, "the end of the news subscription");
+  assert.equal(calls, 2, "ended by the first renewal");
+  assert.equal(errors[0].code, "forbidden");
+  assert.match(errors[0].message, /no longer allows subscribing to "news:1"/);
+  await sender.publish("news:1", "news");
+  await sender.publish("chat:1", "chat");
+  await until(() => got.length === 1);
+  assert.deepEqual(got, ["chat"]);
+  // Over on the client too: subscribing again is asked of the server, which refuses.
+  a.subscribe("news:1", { error: (e) => errors.push(e) });
+  await until(() => errors.length === 2);
+  assert.equal(errors[1].code, "forbidden");
+});
+
 test("getToken: a token the server let expire (4001) is replaced, and the client reconnects and resumes", async () => {
   const started = Date.now();
   let calls = 0;

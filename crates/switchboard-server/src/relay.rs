@@ -469,7 +469,36 @@ impl Relay {
         self.permissions = identity.permissions;
         let handle = ctx.handle().clone();
         self.schedule_expiry(identity.expires_at, &handle);
+        // A token is what a connection may do now, not what it once could:
+        // subscriptions the new one does not allow end, before the ack.
+        for topic in self.revoke_subscriptions() {
+            let message = format!("your token no longer allows subscribing to {topic:?}");
+            ctx.push(Message::text(wire::unsubscribed(
+                &topic,
+                ErrorCode::Forbidden,
+                &message,
+            )));
+        }
         Ok(self.acked(inbound, |id| wire::ack(id, None)))
+    }
+
+    /// Ends the subscriptions, and calls off the subscribes still waiting,
+    /// whose topics the token does not allow; returns their topics.
+    fn revoke_subscriptions(&mut self) -> Vec<Arc<str>> {
+        let Some(topics) = self.topics.as_deref_mut() else {
+            return Vec::new();
+        };
+        let revoked: Vec<Arc<str>> = topics
+            .subscribed
+            .keys()
+            .chain(topics.joining.keys())
+            .filter(|topic| !self.permissions.may_subscribe(topic))
+            .cloned()
+            .collect();
+        for topic in &revoked {
+            topics.leave(topic);
+        }
+        revoked
     }
 
     /// Checks a list of client ids: present, not too long, each valid, deduplicated.

@@ -416,6 +416,18 @@ pub fn error(code: ErrorCode, message: &str, id: Option<&RawValue>) -> String {
     .render()
 }
 
+/// A subscription the server ended: its topic, why (`code`), and a message
+/// for people.
+pub fn unsubscribed(topic: &str, code: ErrorCode, message: &str) -> String {
+    Frame {
+        topic: Some(topic),
+        code: Some(code),
+        message: Some(message),
+        ..Frame::new("unsubscribed")
+    }
+    .render()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -233,6 +233,72 @@ async fn claims_restrict_topics_and_targets() {
 }
 
 #[tokio::test]
+async fn a_refresh_ends_the_subscriptions_the_new_token_does_not_allow() {
+    let server = jwt_server(&[]);
+    let claims = |subscribe: Value| {
+        token(json!({
+            "sub": "narrowed", "exp": get_current_timestamp() + 60,
+            "switchboard": {"subscribe": subscribe}
+        }))
+    };
+    let wide = claims(json!(["chat:*", "news:*"]));
+    let mut client = server
+        .connect_request(
+            &format!("/ws?token={wide}"),
+            &[("sec-websocket-protocol", "switchboard.v1")],
+        )
+        .await
+        .unwrap();
+    recv_welcome(&mut client, "narrowed").await;
+    for (id, topic) in [(1, "chat:lobby"), (2, "news:world")] {
+        send(
+            &mut client,
+            json!({"type": "subscribe", "topic": topic, "id": id}),
+        )
+        .await;
+        assert_eq!(recv_json(&mut client).await["type"], "ack");
+    }
+    send(
+        &mut client,
+        json!({"type": "refresh", "token": claims(json!(["chat:*"])), "id": 3}),
+    )
+    .await;
+    assert_eq!(
+        recv_json(&mut client).await,
+        json!({"type": "unsubscribed", "topic": "news:world", "code": "forbidden",
+               "message": "your token no longer allows subscribing to \"news:world\""})
+    );
+    assert_eq!(
+        recv_json(&mut client).await,
+        json!({"type": "ack", "id": 3})
+    );
+    // The ended subscription gets nothing more; the one still allowed does.
+    for topic in ["news:world", "chat:lobby"] {
+        let body = json!({"topic": topic, "payload": topic});
+        let (status, answer) = server
+            .api("POST", "/api/v1/publish", None, Some(body))
+            .await;
+        let expected = u64::from(topic == "chat:lobby");
+        assert_eq!(
+            (status, &answer["subscribers"]),
+            (200, &json!(expected)),
+            "{topic}"
+        );
+    }
+    assert_eq!(recv_json(&mut client).await["payload"], "chat:lobby");
+    // A refresh that narrows nothing ends nothing.
+    send(
+        &mut client,
+        json!({"type": "refresh", "token": claims(json!(["chat:*"])), "id": 4}),
+    )
+    .await;
+    assert_eq!(
+        recv_json(&mut client).await,
+        json!({"type": "ack", "id": 4})
+    );
+}
+
+#[tokio::test]
 async fn only_allowed_browser_origins_may_connect() {
     let server = Server::start(&["--allowed-origin", "https://app.example"]);
     assert_eq!(
