@@ -297,6 +297,14 @@ impl Relay {
         id: Option<&RawValue>,
     ) -> Result<Option<String>, Refusal> {
         match result {
+            // The token was refreshed while the subscribe waited, and no
+            // longer allows it: the subscription goes as it came.
+            Ok(_) if !self.permissions.may_subscribe(&topic) => {
+                return Err((
+                    ErrorCode::Forbidden,
+                    format!("your token no longer allows subscribing to {topic:?}"),
+                ));
+            }
             Ok(Subscribed {
                 subscription,
                 resumed,
@@ -470,7 +478,8 @@ impl Relay {
         let handle = ctx.handle().clone();
         self.schedule_expiry(identity.expires_at, &handle);
         // A token is what a connection may do now, not what it once could:
-        // subscriptions the new one does not allow end, before the ack.
+        // subscriptions the new one does not allow end, before the ack (a
+        // subscribe still waiting is refused when its answer comes).
         for topic in self.revoke_subscriptions() {
             let message = format!("your token no longer allows subscribing to {topic:?}");
             ctx.push(Message::text(wire::unsubscribed(
@@ -482,8 +491,8 @@ impl Relay {
         Ok(self.acked(inbound, |id| wire::ack(id, None)))
     }
 
-    /// Ends the subscriptions, and calls off the subscribes still waiting,
-    /// whose topics the token does not allow; returns their topics.
+    /// Ends the subscriptions whose topics the token does not allow; returns
+    /// their topics.
     fn revoke_subscriptions(&mut self) -> Vec<Arc<str>> {
         let Some(topics) = self.topics.as_deref_mut() else {
             return Vec::new();
@@ -491,7 +500,6 @@ impl Relay {
         let revoked: Vec<Arc<str>> = topics
             .subscribed
             .keys()
-            .chain(topics.joining.keys())
             .filter(|topic| !self.permissions.may_subscribe(topic))
             .cloned()
             .collect();

@@ -119,7 +119,8 @@ impl Backlog {
         }
     }
 
-    fn take(&self) -> Option<Heard> {
+    /// What to handle next, if anything is there now.
+    pub(super) fn take(&self) -> Option<Heard> {
         let mut queue = self.lock();
         // Read the dropped channels' streams once there is room again, not
         // before: each read holds up the delivery task, which is behind.
@@ -140,10 +141,15 @@ impl Backlog {
     }
 }
 
-/// The sender redis-rs hands a connection's pushes to.
-pub(super) struct Hearing(pub Arc<Backlog>);
+/// The sender redis-rs hands a connection's pushes to. When the connection
+/// ends it also calls `lost` at once, not once the backlog is worked
+/// through: the node reconnects while its delivery catches up.
+pub(super) struct Hearing<F> {
+    pub backlog: Arc<Backlog>,
+    pub lost: F,
+}
 
-impl AsyncPushSender for Hearing {
+impl<F: Fn() + Send + Sync + 'static> AsyncPushSender for Hearing<F> {
     fn send(&self, info: PushInfo) -> Result<(), SendError> {
         match info.kind {
             PushKind::Message => {
@@ -151,10 +157,13 @@ impl AsyncPushSender for Hearing {
                     <[Value; 2]>::try_from(info.data)
                     && let Ok(channel) = String::from_utf8(channel)
                 {
-                    self.0.push(Notice { channel, payload });
+                    self.backlog.push(Notice { channel, payload });
                 }
             }
-            PushKind::Disconnection => self.0.end(),
+            PushKind::Disconnection => {
+                self.backlog.end();
+                (self.lost)();
+            }
             // Confirmations of SUBSCRIBE and UNSUBSCRIBE: their commands'
             // own answers say what they need to.
             _ => {}
@@ -226,12 +235,24 @@ mod tests {
     #[test]
     fn messages_and_the_end_come_from_what_redis_pushes() {
         let (backlog, _) = backlog(1 << 20);
-        let hearing = Hearing(backlog.clone());
+        let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let hearing = Hearing {
+            backlog: backlog.clone(),
+            lost: {
+                let lost = lost.clone();
+                move || lost.store(true, std::sync::atomic::Ordering::Relaxed)
+            },
+        };
         let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
         let push = |kind, data| hearing.send(PushInfo { kind, data }).unwrap();
         push(PushKind::Subscribe, vec![bulk("sb:c:t:x"), Value::Int(1)]);
         push(PushKind::Message, vec![bulk("sb:c:t:x"), bulk("m|e|1||{}")]);
+        assert!(!lost.load(std::sync::atomic::Ordering::Relaxed));
         push(PushKind::Disconnection, vec![]);
+        assert!(
+            lost.load(std::sync::atomic::Ordering::Relaxed),
+            "told at once"
+        );
         assert_eq!(taken(&backlog)[..2], ["sb:c:t:x m|e|1||{}", "ended"]);
     }
 

@@ -26,7 +26,7 @@ use switchboard::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::backlog::{Backlog, Heard, Hearing};
-use super::link::Link;
+use super::link::{Link, TIMEOUT};
 use super::reply::{Read, array};
 use crate::engine::Unavailable;
 use crate::topics::Namespaces;
@@ -36,9 +36,6 @@ use crate::wire::{self, At, Mode};
 const FILL_BATCH: usize = 1000;
 /// How soon a gap fill that Redis could not answer is tried again.
 const RETRY: Duration = Duration::from_millis(500);
-/// How long a SUBSCRIBE or UNSUBSCRIBE may wait for Redis before the
-/// connection counts as lost (and is made again).
-const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The channel of a client id's inbox.
 pub(super) fn inbox_channel(id: &str) -> String {
@@ -88,7 +85,9 @@ enum Control {
         reply: oneshot::Sender<Result<(), Unavailable>>,
     },
     Release(String),
-    Lost,
+    /// The pub/sub connection of this generation ended (an older one's end
+    /// is not news).
+    Lost(u64),
 }
 
 /// How the feed holds what pub/sub brings, and what it reports.
@@ -126,7 +125,6 @@ impl Feed {
             streams: HashMap::new(),
             link,
             namespaces,
-            lost: control.clone(),
             unfilled: HashSet::new(),
             channels: settings.channels,
         };
@@ -140,6 +138,8 @@ impl Feed {
             up: up.clone(),
             backlog: settings.backlog,
             dropped: settings.dropped,
+            generation: 0,
+            control: control.downgrade(),
         };
         tokio::spawn(subscriber.run(control_rx));
         Self {
@@ -215,6 +215,11 @@ struct Subscriber {
     /// The bound of each connection's backlog, in bytes.
     backlog: usize,
     dropped: IntCounter,
+    /// Counts the pub/sub connections made.
+    generation: u64,
+    /// Where each connection says it ended. Weak: the subscriber ends once
+    /// the engine has gone.
+    control: mpsc::WeakUnboundedSender<Control>,
 }
 
 impl Subscriber {
@@ -248,10 +253,23 @@ impl Subscriber {
         &mut self,
         control: &mut mpsc::UnboundedReceiver<Control>,
     ) -> Option<MultiplexedConnection> {
+        self.generation += 1;
+        let (generation, control_tx) = (self.generation, self.control.clone());
         let backlog = Backlog::new(self.backlog, self.dropped.clone());
+        let hearing = Hearing {
+            backlog: backlog.clone(),
+            lost: move || {
+                if let Some(control) = control_tx.upgrade() {
+                    let _ = control.send(Control::Lost(generation));
+                }
+            },
+        };
+        // No response timeout, as on the RESP2 connection before: a SUBSCRIBE
+        // waits for Redis, however slow; a closed connection ends it.
         let config = AsyncConnectionConfig::new()
-            .set_push_sender(Hearing(backlog.clone()))
-            .set_response_timeout(Some(SUBSCRIBE_TIMEOUT));
+            .set_push_sender(hearing)
+            .set_response_timeout(None)
+            .set_connection_timeout(Some(TIMEOUT));
         let mut sink = match self
             .client
             .get_multiplexed_async_connection_with_config(&config)
@@ -291,8 +309,8 @@ impl Subscriber {
             self.answer(channel, reply, subscribed.clone());
         }
         subscribed.ok()?;
-        // The delivery task reads the notices, and says when the connection
-        // is lost.
+        // The delivery task reads the notices; the connection's end comes
+        // here (`Hearing`).
         let _ = self.listen.send(backlog);
         Some(sink)
     }
@@ -332,7 +350,7 @@ impl Subscriber {
                             }
                         }
                     }
-                    Control::Lost => lost = true,
+                    Control::Lost(generation) => lost |= generation == self.generation,
                 }
             }
             let (mut subscribe, mut unsubscribe) = (Vec::new(), Vec::new());
@@ -410,7 +428,7 @@ impl Subscriber {
                     }
                 }
             }
-            Control::Lost => {}
+            Control::Lost(_) => {}
         }
     }
 }
@@ -448,8 +466,6 @@ struct Delivery {
     streams: HashMap<String, Local>,
     link: Link,
     namespaces: Arc<Namespaces>,
-    /// Tells the subscriber that its connection's messages ended.
-    lost: mpsc::UnboundedSender<Control>,
     /// Channels whose gap fill failed, to try again.
     unfilled: HashSet<String>,
     /// The metric of how many channels `streams` holds.
@@ -495,15 +511,23 @@ impl Delivery {
                     Some(command) => self.command(command).await,
                     None => return,
                 },
-                Some(new) = listen.recv() => heard = Some(new),
-                next = next => match next {
-                    Heard::Notice(notice) => self.live(&notice.channel, &notice.payload).await,
-                    Heard::Dropped(channels) => self.catch_up(channels).await,
-                    Heard::Ended => {
-                        heard = None;
-                        let _ = self.lost.send(Control::Lost);
+                Some(new) = listen.recv() => {
+                    // What the last connection heard before it ended is
+                    // handled first: its messages would be read back from
+                    // the streams, but its disconnect requests would not.
+                    if let Some(old) = heard.replace(new) {
+                        while let Some(next) = old.take() {
+                            if !self.heard(next).await {
+                                break;
+                            }
+                        }
                     }
-                },
+                }
+                next = next => {
+                    if !self.heard(next).await {
+                        heard = None;
+                    }
+                }
                 _ = retry.tick(), if !self.unfilled.is_empty() => {
                     for channel in std::mem::take(&mut self.unfilled) {
                         self.fill(&channel).await;
@@ -512,6 +536,16 @@ impl Delivery {
             }
             self.channels.set(self.streams.len() as i64);
         }
+    }
+
+    /// Handles what pub/sub brought; false once the connection has ended.
+    async fn heard(&mut self, heard: Heard) -> bool {
+        match heard {
+            Heard::Notice(notice) => self.live(&notice.channel, &notice.payload).await,
+            Heard::Dropped(channels) => self.catch_up(channels).await,
+            Heard::Ended => return false,
+        }
+        true
     }
 
     async fn command(&mut self, command: Command) {

@@ -24,8 +24,9 @@ const SCRIPT: &str = include_str!("engine.lua");
 const BATCH: usize = 512;
 /// Calls waiting for the link; past it, calls fail at once as unavailable.
 const QUEUE: usize = 65_536;
-/// The longest a batch may take before the link counts as down.
-const TIMEOUT: Duration = Duration::from_secs(3);
+/// The longest a batch may take before the link counts as down; also how
+/// long the pub/sub connection may take to open.
+pub(super) const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One call of the script: its arguments after the operation's name.
 struct Call {
