@@ -292,6 +292,12 @@ impl JwtVerifier {
         }
     }
 
+    /// Whether a token with an unknown key id would make the keys be
+    /// fetched again now (see [`crate::jwks::RemoteKeys::would_refetch`]).
+    pub fn would_refetch(&self) -> bool {
+        self.remote.as_ref().is_some_and(|r| r.would_refetch())
+    }
+
     /// Checks `token` as [`JwtVerifier::verify`] does, after fetching the JWKS
     /// URL's keys again if the token names a key id they lack (at most once
     /// per [`crate::jwks::REFETCH_GAP`]).

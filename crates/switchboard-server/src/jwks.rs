@@ -126,6 +126,15 @@ impl RemoteKeys {
         tokio::spawn(refresh(keys, metrics));
     }
 
+    /// Whether [`RemoteKeys::refetch_for`] would fetch now: none is under
+    /// way and none began within [`REFETCH_GAP`]. A caller that would only
+    /// wait, then give up, need not start (each such wait holds its token).
+    pub(crate) fn would_refetch(&self) -> bool {
+        self.refetched
+            .try_lock()
+            .is_ok_and(|last| !last.is_some_and(|at| at.elapsed() < REFETCH_GAP))
+    }
+
     /// Fetches again for a key id the set lacks, unless a fetch for one began
     /// less than [`REFETCH_GAP`] ago. Whether the set now has `kid`.
     pub(crate) async fn refetch_for(&self, kid: &str, metrics: &Metrics) -> bool {
@@ -221,5 +230,25 @@ async fn refresh(keys: Weak<RemoteKeys>, metrics: Arc<Metrics>) {
         };
         drop(remote);
         tokio::time::sleep(wait).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refetch_is_wanted_only_when_none_runs_or_ran_within_the_gap() {
+        let source = JwksUrl::parse("http://127.0.0.1:9/keys", REFETCH_GAP, None).unwrap();
+        let keys = RemoteKeys::new(source).unwrap();
+        assert!(keys.would_refetch(), "none has run");
+        {
+            let _fetching = keys.refetched.lock().await;
+            assert!(!keys.would_refetch(), "one is under way");
+        }
+        *keys.refetched.lock().await = Some(Instant::now());
+        assert!(!keys.would_refetch(), "one began within the gap");
+        *keys.refetched.lock().await = Some(Instant::now() - REFETCH_GAP);
+        assert!(keys.would_refetch(), "the gap has passed");
     }
 }

@@ -172,9 +172,15 @@ impl Metrics {
         if matches!(reason, TerminateReason::SlowConsumer(_)) {
             self.slow_consumer_closes.inc();
         }
-        let code = reason
-            .close_code()
-            .map_or_else(|| "error".to_owned(), |code| code.to_string());
+        let code = match reason.close_code() {
+            // A client picks its own codes from 3000 to 4999: one series for
+            // them all, so that clients cannot make two thousand.
+            Some(3000..=4999) if matches!(reason, TerminateReason::Remote(_)) => {
+                "client-3000-4999".to_owned()
+            }
+            Some(code) => code.to_string(),
+            None => "error".to_owned(),
+        };
         self.closed.with_label_values(&[&code]).inc();
     }
 
@@ -370,5 +376,29 @@ impl Counted {
 impl Drop for Counted {
     fn drop(&mut self) {
         self.0.sub(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use switchboard::{CloseCode, CloseReason};
+
+    use super::*;
+
+    #[test]
+    fn the_codes_a_client_picks_for_itself_share_one_series() {
+        let metrics = Metrics::new();
+        let remote = |code| TerminateReason::Remote(Some(CloseReason::new(CloseCode(code), "")));
+        for code in [3000, 3999, 4001, 4999, 1000] {
+            metrics.closed(&remote(code));
+        }
+        // The server's own 4001 (a token's expiry) keeps its code.
+        metrics.closed(&TerminateReason::Normal(CloseReason::new(
+            CloseCode(4001),
+            "",
+        )));
+        let closes = metrics.closes_by_code();
+        let expected = [("1000", 1), ("4001", 1), ("client-3000-4999", 4)];
+        assert_eq!(closes, expected.map(|(c, n)| (c.to_owned(), n)).into());
     }
 }

@@ -455,9 +455,11 @@ impl Relay {
         };
         let identity = jwt.verify(token).map_err(|e| {
             self.hub.metrics.auth_failed(e.reason());
-            if e == TokenError::UnknownKey {
+            if e == TokenError::UnknownKey && jwt.would_refetch() {
                 // The issuer may have rotated its keys: fetch them, so that
-                // the client's next refresh with this token is accepted.
+                // the client's next refresh with this token is accepted. Not
+                // when that fetch would not run: a flood of forged key ids
+                // would only pile up tasks, each holding its token.
                 let (hub, token) = (self.hub.clone(), token.to_owned());
                 tokio::spawn(async move {
                     if let Some(jwt) = &hub.jwt {
@@ -668,7 +670,14 @@ impl Answers {
         };
         if waiting.load(Ordering::Acquire) > 0 {
             waiting.fetch_add(1, Ordering::AcqRel);
-            let _ = queue.send(Box::pin(std::future::ready(Some(text))));
+            // Held until it is pushed, as the answers it waits behind are: a
+            // client that floods refusals behind a slow answer stops being
+            // read instead of piling them up.
+            let held = outbox.hold(text.len());
+            let _ = queue.send(Box::pin(async move {
+                drop(held);
+                Some(text)
+            }));
         } else {
             // Behind what the queue's task pushed (the handler's own output
             // could pass frames pushed since the driver last drained).

@@ -273,12 +273,18 @@ async fn connect(client: &redis::Client) -> redis::RedisResult<(MultiplexedConne
     let mut conn = client
         .get_multiplexed_async_connection_with_config(&config)
         .await?;
-    let sha: String = redis::cmd("SCRIPT")
-        .arg("LOAD")
-        .arg(SCRIPT)
-        .query_async(&mut conn)
-        .await?;
+    let sha = load_script(&mut conn).await?;
     Ok((conn, sha))
+}
+
+/// Loads the script, within [`TIMEOUT`] like every batch: a Redis that
+/// stalls here must not hold up the link, and every call queued on it, for
+/// as long as TCP takes to give up.
+async fn load_script(conn: &mut MultiplexedConnection) -> redis::RedisResult<String> {
+    let load = redis::cmd("SCRIPT").arg("LOAD").arg(SCRIPT).to_owned();
+    tokio::time::timeout(TIMEOUT, load.query_async(conn))
+        .await
+        .map_err(|_| timeout_error())?
 }
 
 fn timeout_error() -> redis::RedisError {
@@ -310,11 +316,7 @@ async fn send(
         // Redis restarted without its script cache: nothing of this batch
         // ran (every call is the same script, refused before it started).
         // Load it again and send the batch again, once.
-        redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(SCRIPT)
-            .query_async::<String>(&mut *conn)
-            .await?;
+        load_script(conn).await?;
         tokio::time::timeout(TIMEOUT, pipe.query_async::<Vec<Value>>(conn))
             .await
             .map_err(|_| timeout_error())??
