@@ -370,6 +370,44 @@ async def test_subscribing_again_while_a_subscribe_waits_keeps_the_second(proxie
         await nothing_before_marker(c, a, "a")
 
 
+@async_test
+async def test_a_refresh_refuses_a_subscribe_that_waits_for_redis_when_it_no_longer_allows_it(cluster):
+    """docs/protocol.md, refresh: a subscribe still waiting for its answer
+    when a fresh token disallows its topic is answered `forbidden`, and no
+    subscription stays. Redis is slowed behind a proxy so that the refresh
+    (checked on the node) is handled while the subscribe waits."""
+    from test_claims import SECRET, bearer, jwt_hs256
+
+    redis = Redis()
+    proxy = Proxy(redis.port)
+    try:
+        c = cluster(1, redis=redis, extra=("--jwt-hs256-secret", SECRET))
+        slow = c.start_node(proxy.url)
+        c.nodes.append(slow)
+
+        def token(topics):
+            return jwt_hs256({"sub": "w", "exp": int(time.time()) + 60, "switchboard": {"subscribe": topics}})
+
+        async with client(None, "w", envelope=True, uri=f"ws://127.0.0.1:{slow.port}/ws",
+                          **bearer(token(["chat:*", "news:*"]))) as w:
+            proxy.delay(0.3)
+            await w.send(json.dumps({"type": "subscribe", "topic": "news:1", "id": 1}))
+            await w.send(json.dumps({"type": "refresh", "token": token(["chat:*"]), "id": 2}))
+            assert await recv_json(w) == {"type": "ack", "id": 2}
+            refused = await recv_json(w)
+            assert (refused["type"], refused["id"], refused["code"]) == ("error", 1, "forbidden"), refused
+            proxy.delay(0)
+            # The subscription the engine made went as it came.
+            deadline = time.monotonic() + 3
+            while api(c.nodes[0], "POST", "/api/v1/publish", {"topic": "news:1", "payload": 1})[1]["subscribers"]:
+                assert time.monotonic() < deadline, "the refused subscription stayed"
+                await asyncio.sleep(0.05)
+            await nothing_before_marker(c, w, "w")
+    finally:
+        proxy.stop()
+        redis.stop()
+
+
 def resp(sock, *args):
     """One command on a raw connection to Redis; its reply's first line."""
     sock.sendall(b"".join([f"*{len(args)}\r\n".encode()]
