@@ -293,7 +293,8 @@ impl JwtVerifier {
     }
 
     /// Whether a token with an unknown key id would make the keys be
-    /// fetched again now (see [`crate::jwks::RemoteKeys::would_refetch`]).
+    /// fetched again now: no fetch is under way, and none began within
+    /// `jwks::REFETCH_GAP`.
     pub fn would_refetch(&self) -> bool {
         self.remote.as_ref().is_some_and(|r| r.would_refetch())
     }

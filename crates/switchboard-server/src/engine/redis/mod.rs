@@ -3,6 +3,7 @@
 //!
 //! - [`link`]: one ordered, pipelined queue of script calls.
 //! - [`feed`]: pub/sub, and delivery to this node's connections with gap fill.
+//! - `backlog`: what pub/sub brought and delivery has not handled, bounded.
 //! - [`lease`]: the node's heartbeat, the reaping of dead nodes, readiness.
 //! - `engine.lua`: every change to shared state, atomically.
 
@@ -10,12 +11,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use redis::ProtocolVersion;
 use switchboard::{
     ClientId, CloseReason, Outbound, Outbox, PreparedMessage, PresenceChange, Registration,
     Registry, SubscribeError,
 };
 
-use redis::ProtocolVersion;
 use switchboard::Broker;
 
 use super::{
