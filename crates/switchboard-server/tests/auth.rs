@@ -243,6 +243,7 @@ async fn a_refresh_ends_the_subscriptions_the_new_token_does_not_allow() {
             "switchboard": {"subscribe": subscribe}
         }))
     };
+    let refresh = |subscribe: Value, id: u64| json!({"type": "refresh", "token": claims(subscribe), "id": id});
     let wide = claims(json!(["chat:*", "news:*"]));
     let mut client = server
         .connect_request(
@@ -260,11 +261,7 @@ async fn a_refresh_ends_the_subscriptions_the_new_token_does_not_allow() {
         .await;
         assert_eq!(recv_json(&mut client).await["type"], "ack");
     }
-    send(
-        &mut client,
-        json!({"type": "refresh", "token": claims(json!(["chat:*"])), "id": 3}),
-    )
-    .await;
+    send(&mut client, refresh(json!(["chat:*"]), 3)).await;
     assert_eq!(
         recv_json(&mut client).await,
         json!({"type": "unsubscribed", "topic": "news:world", "code": "forbidden",
@@ -289,11 +286,7 @@ async fn a_refresh_ends_the_subscriptions_the_new_token_does_not_allow() {
     }
     assert_eq!(recv_json(&mut client).await["payload"], "chat:lobby");
     // A refresh that narrows nothing ends nothing.
-    send(
-        &mut client,
-        json!({"type": "refresh", "token": claims(json!(["chat:*"])), "id": 4}),
-    )
-    .await;
+    send(&mut client, refresh(json!(["chat:*"]), 4)).await;
     assert_eq!(
         recv_json(&mut client).await,
         json!({"type": "ack", "id": 4})
@@ -302,16 +295,11 @@ async fn a_refresh_ends_the_subscriptions_the_new_token_does_not_allow() {
     // engine answers the subscribe at once, so the refresh ends it; in
     // cluster mode the refresh can come first, and the subscribe's answer is
     // then `forbidden` (not tested here: the auth tests run on one node).
-    let wide_again = claims(json!(["chat:*", "news:*"]));
-    send(
-        &mut client,
-        json!({"type": "refresh", "token": wide_again, "id": 5}),
-    )
-    .await;
+    send(&mut client, refresh(json!(["chat:*", "news:*"]), 5)).await;
     assert_eq!(recv_json(&mut client).await["id"], 5);
     for message in [
         json!({"type": "subscribe", "topic": "news:late", "id": 6}),
-        json!({"type": "refresh", "token": claims(json!(["chat:*"])), "id": 7}),
+        refresh(json!(["chat:*"]), 7),
     ] {
         client
             .feed(Message::text(message.to_string()))
