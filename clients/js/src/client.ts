@@ -247,9 +247,24 @@ export class Client extends Emitter<Events> {
     }));
   }
 
-  /** Who is subscribed to `topic`: client id to its number of subscribed connections (namespaces with presence). */
-  presence(topic: string): Promise<Record<string, number>> {
-    return this.request({ type: "presence", topic }).then((answer: any) => answer.clients);
+  /**
+   * Who is subscribed to `topic`: client id to its number of subscribed connections (namespaces with presence).
+   * The server answers in pages (at most 1,000 ids each, `pageSize` to ask for fewer); this asks for each
+   * page in turn and merges them. An id subscribed throughout is listed; one that joins or leaves meanwhile
+   * may or may not be.
+   */
+  async presence(topic: string, options: { pageSize?: number } = {}): Promise<Record<string, number>> {
+    const clients: Record<string, number> = {};
+    let cursor: string | undefined;
+    do {
+      const ask: Record<string, unknown> = { type: "presence", topic };
+      if (options.pageSize !== undefined) ask.limit = options.pageSize;
+      if (cursor !== undefined) ask.cursor = cursor;
+      const page: any = await this.request(ask);
+      Object.assign(clients, page.clients);
+      cursor = page.next;
+    } while (cursor !== undefined);
+    return clients;
   }
 
   /** Whether each id has a live connection. */

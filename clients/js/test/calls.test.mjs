@@ -77,6 +77,9 @@ test("subscribe: messages, join and leave reach the handlers; presence; unsubscr
   const benRoom = ben.subscribe("room:1", handlers(b));
   await until(() => a.join.includes("ben"), 5000, "ben's join");
   assert.deepEqual(await ann.presence("room:1"), { ann: 1, ben: 1 });
+  // One id a page: two pages, merged.
+  assert.deepEqual(await ann.presence("room:1", { pageSize: 1 }), { ann: 1, ben: 1 });
+  await assert.rejects(ann.presence("room:1", { pageSize: 0 }), { code: "invalid_message" });
   const ack = await ben.publish("room:1", { n: 1 });
   assert.equal(ack.subscribers, 2);
   assert.equal(ack.offset, undefined, "room: keeps no history");

@@ -5,10 +5,11 @@
 //! `Authorization: Bearer <api key>`, except `GET /api/v1/openapi.json`; with no
 //! keys configured the API is open on a loopback listener and closed elsewhere.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -20,7 +21,7 @@ use serde_json::value::RawValue;
 use switchboard::{ClientId, CloseReason};
 
 use crate::config::MetricsAuth;
-use crate::engine::{self, Traffic, Unavailable};
+use crate::engine::{self, PageRefused, PresencePage, Traffic, Unavailable};
 use crate::errors::ErrorCode;
 use crate::history_api;
 use crate::hub::Hub;
@@ -669,14 +670,18 @@ struct PresenceResult {
     topic: String,
     subscribers: usize,
     clients: std::collections::BTreeMap<String, usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
 }
 
 async fn presence(
     State(api): State<Api>,
     Path(topic): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<PresenceResult>, ApiError> {
     let topic = checked_topic(&api.hub, &topic)?;
-    let presence = api.hub.engine.presence(topic.into()).await?;
+    let page = presence_page(&api.hub, &query)?;
+    let presence = api.hub.engine.presence(topic.into(), page).await?;
     Ok(Json(PresenceResult {
         topic: topic.to_owned(),
         subscribers: presence.subscribers,
@@ -685,7 +690,25 @@ async fn presence(
             .into_iter()
             .map(|(client, n)| (client.to_string(), n))
             .collect(),
+        next: presence.next,
     }))
+}
+
+/// `cursor` and `limit` from a presence query, checked.
+fn presence_page(hub: &Hub, query: &HashMap<String, String>) -> Result<PresencePage, ApiError> {
+    let limit = query
+        .get("limit")
+        .map(|text| {
+            let limit_error = || engine::limit_out_of_range(format_args!("{text:?}"));
+            text.parse::<u64>()
+                .map_err(|_| ApiError::bad_request(ErrorCode::InvalidRequest, limit_error()))
+        })
+        .transpose()?;
+    let cursor = query.get("cursor").map(String::as_str);
+    PresencePage::asked(&*hub.engine, cursor, limit).map_err(|e| match e {
+        PageRefused::Limit(message) => ApiError::bad_request(ErrorCode::InvalidRequest, message),
+        PageRefused::Cursor(message) => ApiError::bad_request(ErrorCode::InvalidCursor, message),
+    })
 }
 
 #[derive(Serialize)]

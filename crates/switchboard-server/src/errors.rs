@@ -47,6 +47,8 @@ pub enum ErrorCode {
     InvalidToken,
     /// A `since` that is not a position this stream gave (ahead of its last).
     InvalidSince,
+    /// A `cursor` that is not one a page gave as its `next`.
+    InvalidCursor,
     /// History was asked of a topic whose namespace keeps none.
     HistoryDisabled,
     /// The cluster's store (Redis) cannot be reached: nothing was done; try again.

@@ -19,7 +19,9 @@ use switchboard::{
 use tokio::sync::mpsc;
 
 use crate::auth::{Identity, Permissions, TokenError};
-use crate::engine::{self, Joined, Pending, Subscribe, SubscribeRefused, Subscribed};
+use crate::engine::{
+    self, Joined, PageRefused, Pending, PresencePage, Subscribe, SubscribeRefused, Subscribed,
+};
 use crate::hub::Hub;
 use crate::ids::TargetList;
 use crate::limits::{RateLimiter, Verdict};
@@ -412,12 +414,23 @@ impl Relay {
                 format!("presence is off for {topic:?}"),
             ));
         }
+        let page = self.presence_page(inbound)?;
         let topic: Arc<str> = topic.into();
-        let pending = self.hub.engine.presence(topic.clone());
+        let pending = self.hub.engine.presence(topic.clone(), page);
         self.answer(inbound.id, ctx, pending, move |presence, id| {
             let members: Vec<(&str, usize)> =
                 presence.clients.iter().map(|(c, n)| (&**c, *n)).collect();
-            Some(wire::presence_reply(id, &topic, &members))
+            let next = presence.next.as_deref();
+            Some(wire::presence_reply(id, &topic, &members, next))
+        })
+    }
+
+    /// The page a presence query asks for: `cursor` and `limit`, checked.
+    fn presence_page(&self, inbound: &Inbound<'_>) -> Result<PresencePage, Refusal> {
+        let cursor = inbound.cursor.as_deref();
+        PresencePage::asked(&*self.hub.engine, cursor, inbound.limit).map_err(|e| match e {
+            PageRefused::Limit(message) => (ErrorCode::InvalidMessage, message),
+            PageRefused::Cursor(message) => (ErrorCode::InvalidCursor, message),
         })
     }
 

@@ -74,6 +74,12 @@ pub struct Inbound<'a> {
     /// Where to resume a topic from (`subscribe`).
     #[serde(default, borrow, deserialize_with = "object")]
     pub since: Option<Since<'a>>,
+    /// Where a page starts: the `next` of the page before (`presence`).
+    #[serde(default, borrow)]
+    pub cursor: Option<Cow<'a, str>>,
+    /// The most items to answer (`presence`).
+    #[serde(default)]
+    pub limit: Option<u64>,
 }
 
 /// A stream position as a client sends it: `{"epoch":"k3x9ab12","offset":9}`.
@@ -185,6 +191,8 @@ struct Frame<'a> {
     epoch: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     payload: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<&'a str>,
 }
 
 impl<'a> Frame<'a> {
@@ -209,6 +217,7 @@ impl<'a> Frame<'a> {
             offset: None,
             epoch: None,
             payload: None,
+            next: None,
         }
     }
 
@@ -384,12 +393,19 @@ pub fn presence_event(topic: &str, client: &str, change: PresenceChange) -> Prep
     PreparedMessage::text(frame.render())
 }
 
-/// The answer to a `presence` query: client ids and their connection counts.
-pub fn presence_reply(id: Option<&RawValue>, topic: &str, members: &[(&str, usize)]) -> String {
+/// The answer to a `presence` query: client ids and their connection counts,
+/// and where the next page starts when more may follow.
+pub fn presence_reply(
+    id: Option<&RawValue>,
+    topic: &str,
+    members: &[(&str, usize)],
+    next: Option<&str>,
+) -> String {
     Frame {
         id,
         topic: Some(topic),
         counts: Some(MapOf(members)),
+        next,
         ..Frame::new("presence")
     }
     .render()
@@ -513,8 +529,12 @@ mod tests {
             br#"{"type":"message","topic":"chat:x","from":"1","payload":{"x": 1}}"#
         );
         assert_eq!(
-            presence_reply(Some(&id), "chat:x", &[("1", 2)]),
+            presence_reply(Some(&id), "chat:x", &[("1", 2)], None),
             r#"{"type":"presence","id":7,"topic":"chat:x","clients":{"1":2}}"#
+        );
+        assert_eq!(
+            presence_reply(Some(&id), "chat:x", &[("1", 2)], Some("1")),
+            r#"{"type":"presence","id":7,"topic":"chat:x","clients":{"1":2},"next":"1"}"#
         );
         assert_eq!(
             status_reply(None, &[("1", true), ("2", false)]),

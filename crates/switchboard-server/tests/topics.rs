@@ -254,6 +254,110 @@ async fn presence_counts_clients_not_connections() {
     assert_eq!(recv_json(&mut watcher).await["code"], "presence_disabled");
 }
 
+/// Walks a topic's presence in pages of `limit` over the WebSocket and over
+/// the API, checking each page's size; answers the members and the pages.
+async fn walk_presence(
+    server: &Server,
+    asker: &mut Client,
+    topic: &str,
+    limit: usize,
+) -> (serde_json::Map<String, Value>, usize) {
+    let mut seen = serde_json::Map::new();
+    let (mut cursor, mut pages) = (None::<String>, 0);
+    loop {
+        let mut ask = json!({"type": "presence", "topic": topic, "id": pages, "limit": limit});
+        let mut path = format!("/api/v1/presence/{topic}?limit={limit}");
+        if let Some(cursor) = &cursor {
+            ask["cursor"] = json!(cursor);
+            path.push_str(&format!("&cursor={cursor}"));
+        }
+        send(asker, ask).await;
+        let page = recv_json(asker).await;
+        let (_, http) = server.api("GET", &path, None, None).await;
+        // Nobody joins or leaves during the walk: both surfaces give the same page.
+        assert_eq!(page["clients"], http["clients"], "page {pages}");
+        assert_eq!(page["next"], http["next"], "page {pages}");
+        let clients = page["clients"].as_object().unwrap();
+        assert!(clients.len() <= limit, "page {pages}: {}", clients.len());
+        for (id, count) in clients {
+            assert!(
+                seen.insert(id.clone(), count.clone()).is_none(),
+                "{id} twice"
+            );
+        }
+        pages += 1;
+        match page.get("next") {
+            Some(next) => cursor = Some(next.as_str().unwrap().to_owned()),
+            None => return (seen, pages),
+        }
+        assert!(pages < 100, "the walk does not end");
+    }
+}
+
+#[tokio::test]
+async fn presence_answers_in_pages_that_walk_every_member() {
+    let config = namespaces_config();
+    let server = Server::start(&["--config", config.arg()]);
+    let mut asker = server.connect_envelope("asker").await;
+    // 600 ids (beyond the 512 that Redis 7.0 as Debian builds it keeps in a
+    // small hash, which it gives whole), every tenth with two connections.
+    let mut members = Vec::new();
+    let mut expected = serde_json::Map::new();
+    for n in 0..600 {
+        let id = format!("m{n}");
+        let tabs = if n % 10 == 0 { 2 } else { 1 };
+        for _ in 0..tabs {
+            let mut member = server.connect_envelope(&id).await;
+            assert_eq!(subscribe(&mut member, "chat:crowd").await["type"], "ack");
+            members.push(member);
+        }
+        expected.insert(id, json!(tabs));
+    }
+
+    let (walked, pages) = walk_presence(&server, &mut asker, "chat:crowd", 150).await;
+    assert_eq!(walked, expected);
+    assert!(pages >= 4, "{pages} pages of at most 150 for 600 ids");
+    // Without a limit, one answer holds up to 1,000 ids: these all, and no `next`.
+    let (walked, pages) = walk_presence(&server, &mut asker, "chat:crowd", 1000).await;
+    assert_eq!((walked, pages), (expected, 1));
+    send(
+        &mut asker,
+        json!({"type": "presence", "topic": "chat:crowd", "id": 1}),
+    )
+    .await;
+    let whole = recv_json(&mut asker).await;
+    assert_eq!(whole["clients"].as_object().unwrap().len(), 600);
+    assert!(whole.get("next").is_none(), "{whole}");
+
+    // Bad pages get their codes, on both surfaces.
+    for (field, value, code) in [
+        ("limit", json!(0), "invalid_message"),
+        ("limit", json!(1001), "invalid_message"),
+        ("limit", json!("ten"), "invalid_message"),
+        ("cursor", json!("not a cursor!"), "invalid_cursor"),
+        ("cursor", json!("x".repeat(200)), "invalid_cursor"),
+    ] {
+        let mut ask = json!({"type": "presence", "topic": "chat:crowd", "id": 2});
+        ask[field] = value.clone();
+        send(&mut asker, ask).await;
+        let answer = recv_json(&mut asker).await;
+        assert_eq!(answer["code"], code, "{field} {value}: {answer}");
+    }
+    for (query, code) in [
+        ("limit=0", "invalid_request"),
+        ("limit=ten", "invalid_request"),
+        ("cursor=not%20a%20cursor!", "invalid_cursor"),
+    ] {
+        let path = format!("/api/v1/presence/chat:crowd?{query}");
+        let (status, answer) = server.api("GET", &path, None, None).await;
+        assert_eq!(
+            (status, &answer["error"]["code"]),
+            (400, &json!(code)),
+            "{query}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn status_says_who_is_online() {
     let server = Server::start(&[]);

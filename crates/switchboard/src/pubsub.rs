@@ -293,6 +293,45 @@ impl PubSub {
         entry.members.iter().map(|(c, n)| (c.clone(), *n)).collect()
     }
 
+    /// Up to `limit` of the client ids subscribed to `topic` that sort after
+    /// `after` (byte order), in that order, with their connection counts; and
+    /// whether more follow. Passing a page's last id as the next `after` walks
+    /// the members in pages: an id subscribed throughout the walk is listed
+    /// exactly once. Each page visits every member (keeping only `limit`), so a
+    /// walk of `n` members costs about `n * n / limit`.
+    pub fn presence_page(
+        &self,
+        topic: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<(ClientId, usize)>, bool) {
+        let shard = self.inner.topics.read(topic);
+        let Some(entry) = shard.get(topic) else {
+            return (Vec::new(), false);
+        };
+        // A max-heap of the smallest ids so far: its top is the first to give way.
+        let mut page: BinaryHeap<(&ClientId, usize)> =
+            BinaryHeap::with_capacity(limit.min(1024) + 1);
+        let mut more = false;
+        let later = entry
+            .members
+            .iter()
+            .filter(|(c, _)| after.is_none_or(|after| &***c > after));
+        for (client, &count) in later {
+            page.push((client, count));
+            if page.len() > limit {
+                page.pop();
+                more = true;
+            }
+        }
+        let ids = page
+            .into_sorted_vec()
+            .into_iter()
+            .map(|(id, count)| (id.clone(), count))
+            .collect();
+        (ids, more)
+    }
+
     /// How many connections are subscribed to `topic`.
     pub fn subscribers(&self, topic: &str) -> usize {
         self.inner

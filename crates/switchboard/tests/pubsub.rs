@@ -286,3 +286,63 @@ fn biggest_gives_the_topics_with_most_subscribers_first_then_by_name() {
     assert!(pubsub.biggest(0, 10).is_empty());
     assert_eq!(pubsub.biggest(100, 0).len(), 6);
 }
+
+#[test]
+fn presence_pages_walk_every_member_once_in_order() {
+    use switchboard::testing::Harness;
+
+    let pubsub = PubSub::new();
+    // 250 ids, every fifth with a second connection.
+    let mut held = Vec::new();
+    let mut expected = Vec::new();
+    for n in 0..250 {
+        let client = ClientId::from(format!("id{n:03}"));
+        let tabs = if n % 5 == 0 { 2 } else { 1 };
+        for _ in 0..tabs {
+            let outbox = Harness::new(Quiet).handle().outbox();
+            held.push(
+                pubsub
+                    .subscribe("room", client.clone(), &outbox, Format::default(), None)
+                    .unwrap(),
+            );
+        }
+        expected.push((client, tabs));
+    }
+    let mut walked = Vec::new();
+    let mut after: Option<ClientId> = None;
+    let mut pages = 0;
+    loop {
+        let (page, more) = pubsub.presence_page("room", after.as_deref(), 40);
+        pages += 1;
+        assert!(page.len() <= 40);
+        assert_eq!(more, walked.len() + page.len() < 250, "page {pages}");
+        after = page.last().map(|(id, _)| id.clone());
+        walked.extend(page);
+        if !more {
+            break;
+        }
+    }
+    assert_eq!(pages, 7);
+    assert_eq!(walked, expected);
+
+    // An id that joins behind the cursor is not listed; one ahead of it is.
+    let (first, _) = pubsub.presence_page("room", None, 10);
+    let cursor = first.last().unwrap().0.clone();
+    for late in ["id000a", "zz"] {
+        let outbox = Harness::new(Quiet).handle().outbox();
+        held.push(
+            pubsub
+                .subscribe("room", late.into(), &outbox, Format::default(), None)
+                .unwrap(),
+        );
+    }
+    let (rest, more) = pubsub.presence_page("room", Some(&cursor), 1000);
+    assert!(!more);
+    assert_eq!(rest.len(), 250 - 10 + 1);
+    assert_eq!(rest.last().unwrap().0.as_ref(), "zz");
+    assert!(rest.iter().all(|(id, _)| id.as_ref() != "id000a"));
+    assert_eq!(
+        pubsub.presence_page("nowhere", None, 10),
+        (Vec::new(), false)
+    );
+}

@@ -13,10 +13,11 @@ use switchboard::{
 };
 
 use super::{
-    Answer, ConnectError, Counts, Engine, Joined, Message, NodeTraffic, Pending, Published,
-    Receipt, Sent, Subscribe, SubscribeRefused, Subscribed, TopicList, TopicPresence, Traffic,
-    ready,
+    Answer, ConnectError, Counts, Engine, Joined, Message, NodeTraffic, Pending, PresencePage,
+    Published, Receipt, Sent, Subscribe, SubscribeRefused, Subscribed, TopicList, TopicPresence,
+    Traffic, ready,
 };
+use crate::ids;
 use crate::metrics::Metrics;
 use crate::snapshot::{self, Loaded};
 use crate::streams::{Page, Position, Resume, Retention, StreamKey, StreamRef, Streams, now_ms};
@@ -431,11 +432,22 @@ impl Engine for MemoryEngine {
         Answer::now(self.0.subscribe(&request))
     }
 
-    fn presence(&self, topic: Arc<str>) -> Pending<TopicPresence> {
+    fn presence(&self, topic: Arc<str>, page: PresencePage) -> Pending<TopicPresence> {
+        let pubsub = &self.0.pubsub;
+        // Pages go by client id: the cursor is the last id of the page before.
+        let (clients, more) = pubsub.presence_page(&topic, page.cursor.as_deref(), page.limit);
+        let next = more
+            .then(|| clients.last().map(|(id, _)| id.to_string()))
+            .flatten();
         ready(TopicPresence {
-            subscribers: self.0.pubsub.subscribers(&topic),
-            clients: self.0.pubsub.presence(&topic),
+            subscribers: pubsub.subscribers(&topic),
+            clients,
+            next,
         })
+    }
+
+    fn is_presence_cursor(&self, text: &str) -> bool {
+        ids::is_valid(text)
     }
 
     fn disconnect(&self, id: ClientId, close: CloseReason) -> Pending<usize> {
@@ -470,6 +482,7 @@ impl Engine for MemoryEngine {
                 let presence = TopicPresence {
                     subscribers: summary.subscribers,
                     clients: summary.members,
+                    next: None,
                 };
                 (summary.topic, presence)
             })

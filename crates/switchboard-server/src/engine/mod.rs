@@ -14,6 +14,7 @@
 //! of two calls made one after the other before it returns the first's
 //! future, so a client's messages keep their order whenever the acks come.
 
+use std::fmt;
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -258,13 +259,72 @@ pub trait Joined: Send {
     fn attach(self: Box<Self>, outbox: Outbox) -> Registration;
 }
 
+/// The most client ids one presence answer holds, and the page size when a
+/// query names none: an answer about a topic of any size stays a bounded
+/// reply, and a bounded step for the store.
+pub const PRESENCE_PAGE: usize = 1000;
+
+/// Which page of a topic's members a presence query asks for.
+#[derive(Debug, Clone)]
+pub struct PresencePage {
+    /// Where it starts: the `next` of the page before, checked with
+    /// [`Engine::is_presence_cursor`]; `None` for the first page.
+    pub cursor: Option<Arc<str>>,
+    /// The most client ids to answer, 1 to [`PRESENCE_PAGE`].
+    pub limit: usize,
+}
+
+impl PresencePage {
+    /// The page a query asks for with its `cursor` and `limit`, checked
+    /// (`engine` knows its cursors): without them, the first page of
+    /// [`PRESENCE_PAGE`] ids.
+    pub fn asked(
+        engine: &dyn Engine,
+        cursor: Option<&str>,
+        limit: Option<u64>,
+    ) -> Result<Self, PageRefused> {
+        let limit = match limit {
+            None => PRESENCE_PAGE,
+            Some(n) if (1..=PRESENCE_PAGE as u64).contains(&n) => n as usize,
+            Some(n) => return Err(PageRefused::Limit(limit_out_of_range(n))),
+        };
+        let cursor = match cursor {
+            None => None,
+            Some(text) if engine.is_presence_cursor(text) => Some(text.into()),
+            Some(text) => {
+                let message =
+                    format!("{text:?} is not a cursor: pass the `next` of the page before");
+                return Err(PageRefused::Cursor(message));
+            }
+        };
+        Ok(Self { cursor, limit })
+    }
+}
+
+/// The message for a page `limit` out of range.
+pub fn limit_out_of_range(limit: impl fmt::Display) -> String {
+    format!("limit {limit} is out of range: 1 to {PRESENCE_PAGE}")
+}
+
+/// Why a presence query's page cannot be served; each surface answers it with
+/// its own code for a bad field (the cursor's is `invalid_cursor` on both).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PageRefused {
+    /// `limit` is not 1 to [`PRESENCE_PAGE`].
+    Limit(String),
+    /// `cursor` is not one this engine gives.
+    Cursor(String),
+}
+
 /// Who is subscribed to a topic.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TopicPresence {
-    /// Subscribed connections.
+    /// Subscribed connections (all of them, whatever the page).
     pub subscribers: usize,
     /// Subscribed client ids, each with its number of connections.
     pub clients: Vec<(ClientId, usize)>,
+    /// Where the next page starts, when more may follow.
+    pub next: Option<String>,
 }
 
 /// How many are online, for the stats.
@@ -393,8 +453,14 @@ pub trait Engine: Send + Sync + 'static {
     /// outbox before any live one, all of them or none.
     fn subscribe(&self, request: Subscribe) -> Answer<Subscribed, SubscribeRefused>;
 
-    /// Who is subscribed to `topic`.
-    fn presence(&self, topic: Arc<str>) -> Pending<TopicPresence>;
+    /// Who is subscribed to `topic`: one page of its client ids. A client id
+    /// subscribed for the whole walk from the first page to the last is
+    /// listed at least once; one that joins or leaves meanwhile may or may not be.
+    fn presence(&self, topic: Arc<str>, page: PresencePage) -> Pending<TopicPresence>;
+
+    /// Whether `text` has the shape of a cursor this engine's presence pages
+    /// give as `next`.
+    fn is_presence_cursor(&self, text: &str) -> bool;
 
     /// Closes every connection of `id`; answers how many there were.
     fn disconnect(&self, id: ClientId, close: CloseReason) -> Pending<usize>;

@@ -288,10 +288,25 @@ elseif op == 'connections' then
   end
   return out
 elseif op == 'presence' then
-  -- ARGV: topic
-  local topic = ARGV[6]
-  return { tonumber(redis.call('HGET', 'sb:topics', topic) or 0),
-    redis.call('HGETALL', 'sb:p:' .. topic) }
+  -- ARGV: topic, cursor ('0': the first page), most client ids
+  -- Answers the topic's subscribers, the next page's cursor ('0': none) and
+  -- up to `most` ids with their connections, flattened: a bounded step
+  -- however big the topic. An HSCAN step gathers whole buckets until it has
+  -- COUNT ids, so it may overshoot; each asks for half the room left, and a
+  -- step that would still overfill the page is left for the next page (from
+  -- the same cursor). Only a first step can hold more than `most`: a small
+  -- hash, which Redis gives whole, or a page of one id.
+  local topic, cursor, most = ARGV[6], ARGV[7], tonumber(ARGV[8])
+  local key, flat = 'sb:p:' .. topic, {}
+  for _ = 1, 64 do
+    local room = most - #flat / 2
+    local step = redis.call('HSCAN', key, cursor, 'COUNT', math.max(1, math.floor(room / 2)))
+    if #flat > 0 and #step[2] > room * 2 then break end
+    for _, v in ipairs(step[2]) do flat[#flat + 1] = v end
+    cursor = step[1]
+    if cursor == '0' or #flat >= most * 2 then break end
+  end
+  return { tonumber(redis.call('HGET', 'sb:topics', topic) or 0), cursor, flat }
 elseif op == 'nodes' then
   -- ARGV: node (left out: it adds its own, current figures)
   -- Answers each other node's id and its 7 figures, one after another.

@@ -20,9 +20,9 @@ use switchboard::{
 use switchboard::Broker;
 
 use super::{
-    Answer, ConnectError, Counts, Engine, Joined, Message, NodeTraffic, Pending, Published,
-    Receipt, Sent, Subscribe, SubscribeRefused, Subscribed, TopicList, TopicPresence, Traffic,
-    Unavailable, fits,
+    Answer, ConnectError, Counts, Engine, Joined, Message, NodeTraffic, Pending, PresencePage,
+    Published, Receipt, Sent, Subscribe, SubscribeRefused, Subscribed, TopicList, TopicPresence,
+    Traffic, Unavailable, fits,
 };
 use crate::metrics::Metrics;
 use crate::streams::{Entry, Page, Position, Resume, Retention};
@@ -636,24 +636,38 @@ impl Engine for RedisEngine {
         })
     }
 
-    fn presence(&self, topic: Arc<str>) -> Pending<TopicPresence> {
-        let answer = self.0.link.call("presence", args([&*topic]));
+    fn presence(&self, topic: Arc<str>, page: PresencePage) -> Pending<TopicPresence> {
+        let cursor = page.cursor.as_deref().unwrap_or("0");
+        let limit = page.limit.to_string();
+        let answer = self
+            .0
+            .link
+            .call("presence", args([&*topic, cursor, &limit]));
         Answer::later(async move {
-            let mut values = items(answer.await?)?;
-            let members = values
-                .pop()
-                .and_then(array)
-                .ok_or_else(|| malformed("members"))?;
-            let subscribers = values
-                .first()
-                .and_then(int)
-                .ok_or_else(|| malformed("a count"))?;
-            let clients = presence(&members).ok_or_else(|| malformed("members"))?;
+            let mut values = items(answer.await?)?.into_iter();
+            let (Some(subscribers), Some(next), Some(members), None) =
+                (values.next(), values.next(), values.next(), values.next())
+            else {
+                return Err(malformed("a presence page"));
+            };
+            let subscribers = int(&subscribers).ok_or_else(|| malformed("a count"))?;
+            let next = text(&next).ok_or_else(|| malformed("a cursor"))?;
+            let members = array(members).ok_or_else(|| malformed("members"))?;
+            let mut clients = presence(&members).ok_or_else(|| malformed("members"))?;
+            // HSCAN may give an id twice (the hash rehashed between its steps).
+            clients.sort_unstable();
+            clients.dedup_by(|a, b| a.0 == b.0);
             Ok(TopicPresence {
                 subscribers: subscribers as usize,
                 clients,
+                next: (next != "0").then(|| next.to_owned()),
             })
         })
+    }
+
+    fn is_presence_cursor(&self, text: &str) -> bool {
+        // HSCAN's cursors: unsigned 64-bit numbers.
+        text.len() <= 20 && text.bytes().all(|b| b.is_ascii_digit()) && text.parse::<u64>().is_ok()
     }
 
     fn disconnect(&self, id: ClientId, close: CloseReason) -> Pending<usize> {
@@ -732,6 +746,7 @@ impl Engine for RedisEngine {
                         TopicPresence {
                             subscribers,
                             clients,
+                            next: None,
                         },
                     ))
                 })
