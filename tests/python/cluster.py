@@ -94,7 +94,11 @@ class Redis:
 class Proxy:
     """A TCP proxy on a free port in front of `target_port`. `cut()` closes
     every connection through it and refuses new ones until `heal()`;
-    `delay(seconds)` holds every chunk that long before passing it on."""
+    `swallow(marker)` makes new connections stop passing on what the client
+    sends from the first chunk that holds `marker` on (a Redis that hangs
+    at that command, or a path that stops passing data), never answering
+    it, until `heal()` (the connections swallowed stay so); `delay(seconds)`
+    holds every chunk that long before passing it on."""
 
     def __init__(self, target_port):
         self.target = target_port
@@ -105,6 +109,8 @@ class Proxy:
         self.port = self.listener.getsockname()[1]
         self.lock = threading.Lock()
         self.open = True
+        self.swallowing = None
+        self.swallowed = 0
         self.pairs = []
         self.stopped = False
         self.latency = 0.0
@@ -129,16 +135,26 @@ class Proxy:
                 except OSError:
                     client.close()
                     continue
+                # The timeout is for the connect: a quiet link (pub/sub) is not cut.
+                upstream.settimeout(None)
                 self.pairs.append((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                marker = self.swallowing
+            for a, b, m in ((client, upstream, marker), (upstream, client, None)):
+                threading.Thread(target=self._pump, args=(a, b, m), daemon=True).start()
 
-    def _pump(self, src, dst):
+    def _pump(self, src, dst, marker=None):
+        swallowing = False
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if marker is not None and not swallowing and marker in data:
+                    swallowing = True
+                    with self.lock:
+                        self.swallowed += 1
+                if swallowing:
+                    continue
                 if self.latency:
                     time.sleep(self.latency)
                 dst.sendall(data)
@@ -149,6 +165,10 @@ class Proxy:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def swallow(self, marker):
+        with self.lock:
+            self.swallowing = marker
 
     def cut(self):
         with self.lock:
@@ -168,6 +188,7 @@ class Proxy:
     def heal(self):
         with self.lock:
             self.open = True
+            self.swallowing = None
 
     def stop(self):
         self.stopped = True

@@ -370,6 +370,33 @@ async def test_subscribing_again_while_a_subscribe_waits_keeps_the_second(proxie
         await nothing_before_marker(c, a, "a")
 
 
+def test_a_redis_that_stops_answering_at_the_script_load_does_not_hold_up_a_node():
+    """A node whose Redis connects but never answers its SCRIPT LOAD (the
+    link's first command after the connection's own setup, which redis-rs
+    bounds) says it is not ready and tries again, rather than waiting on that
+    connection for as long as TCP keeps it: the load is bounded by the link's
+    3 s too (docs/cluster.md, "Failures"). Once Redis answers, the node is ready."""
+    redis = Redis()
+    proxy = Proxy(redis.port)
+    node = None
+    try:
+        proxy.swallow(b"SCRIPT")
+        node = Node(("--engine", "redis", "--redis-url", proxy.url, "--node-lease-secs", str(LEASE)))
+        wait_until(lambda: proxy.swallowed >= 1, "the node never loaded its script")
+        time.sleep(1.0)
+        assert healthz(node) == 503
+        proxy.heal()
+        # Swallowed connections stay silent: only a new one can answer.
+        wait_until(lambda: healthz(node) == 200, "the node never gave up on the silent connection",
+                   timeout=15)
+        assert "Redis did not answer in time" in node.logs()
+    finally:
+        if node is not None:
+            node.stop()
+        proxy.stop()
+        redis.stop()
+
+
 @async_test
 async def test_a_refresh_refuses_a_subscribe_that_waits_for_redis_when_it_no_longer_allows_it(cluster):
     """docs/protocol.md, refresh: a subscribe still waiting for its answer
