@@ -398,6 +398,50 @@ def test_a_redis_that_stops_answering_at_the_script_load_does_not_hold_up_a_node
 
 
 @async_test
+async def test_replies_queued_behind_a_slow_answer_count_against_the_budget_and_pause_reading(cluster):
+    """docs/protocol.md: answers come in the order of their messages, so while
+    one waits for Redis, the replies that are ready wait behind it; they hold
+    their size against the connection's `max_outbound_bytes`, as queued frames
+    do, so a client that floods refusals behind a slow answer stops being read
+    (TCP's backpressure) instead of piling them up in the node's memory. Seen
+    here by a ping: a node that still read would answer it at once. Once the
+    answer comes, every reply follows it, in order: answers to a client's own
+    messages are not refused for the budget (the client reads them all; it is
+    not closed as a slow consumer for replies released in a burst)."""
+    redis = Redis()
+    proxy = Proxy(redis.port)
+    try:
+        c = cluster(1, redis=redis, extra=("--rate-limit-messages-per-sec", "0",
+                                           "--max-message-size", "4096", "--max-outbound-bytes", "16384"))
+        slow = c.start_node(proxy.url)
+        c.nodes.append(slow)
+        # The client buffers every frame it is sent, so that it reads the pong
+        # whatever waits before it.
+        async with client(None, "f", envelope=True, uri=url(slow, "f"), max_queue=None) as f:
+            # Each way 0.4 s: well within the nodes' 2 s lease.
+            proxy.delay(0.4)
+            started = time.monotonic()
+            await f.send(json.dumps({"type": "status", "clients": ["x"], "id": "slow"}))
+            # About 60 KB of ready refusals, over the 16 KiB budget.
+            for i in range(600):
+                await f.send(json.dumps({"type": "teleport", "id": i}))
+            pong = await f.ping()
+            await asyncio.wait_for(pong, 10)
+            ponged = time.monotonic() - started
+            first = await recv_json(f)
+            assert (first["type"], first["id"]) == ("status", "slow"), first
+            # The status crossed the delayed link twice: reading resumed only then.
+            assert ponged >= 0.7, f"the pong came {ponged:.2f} s in: the node kept reading"
+            for i in range(600):
+                refusal = await recv_json(f)
+                assert (refusal["code"], refusal["id"]) == ("unknown_type", i), refusal
+            proxy.delay(0)
+    finally:
+        proxy.stop()
+        redis.stop()
+
+
+@async_test
 async def test_a_refresh_refuses_a_subscribe_that_waits_for_redis_when_it_no_longer_allows_it(cluster):
     """docs/protocol.md, refresh: a subscribe still waiting for its answer
     when a fresh token disallows its topic is answered `forbidden`, and no

@@ -694,7 +694,7 @@ impl Answers {
         } else {
             // Behind what the queue's task pushed (the handler's own output
             // could pass frames pushed since the driver last drained).
-            let _ = outbox.push(Message::text(text));
+            let _ = outbox.reply(Message::text(text));
         }
         Outcome::Continue
     }
@@ -708,7 +708,7 @@ impl Answers {
             tokio::spawn(async move {
                 while let Some(answer) = answers.recv().await {
                     if let Some(text) = answer.await {
-                        let _ = task_outbox.push(Message::text(text));
+                        let _ = task_outbox.reply(Message::text(text));
                     }
                     task_waiting.fetch_sub(1, Ordering::AcqRel);
                 }

@@ -246,6 +246,7 @@ impl<I: Send + 'static> ConnHandle<I> {
 trait ErasedMailbox: Send + Sync {
     fn id(&self) -> ConnId;
     fn push(&self, frame: Outbound) -> Result<(), PushError>;
+    fn reply(&self, frame: Outbound) -> Result<(), PushError>;
     fn close(&self, reason: CloseReason);
     fn is_closed(&self) -> bool;
     fn hold(&self, bytes: usize);
@@ -258,6 +259,9 @@ impl<I: Send> ErasedMailbox for Mailbox<I> {
     }
     fn push(&self, frame: Outbound) -> Result<(), PushError> {
         Mailbox::push(self, frame)
+    }
+    fn reply(&self, frame: Outbound) -> Result<(), PushError> {
+        Mailbox::reply(self, frame)
     }
     fn close(&self, reason: CloseReason) {
         Mailbox::close(self, reason)
@@ -296,6 +300,21 @@ impl Outbox {
     /// As [`ConnHandle::push`].
     pub fn push(&self, frame: impl Into<Outbound>) -> Result<(), PushError> {
         self.0.push(frame.into())
+    }
+
+    /// Queues a frame that answers the peer's own message, from outside the
+    /// handler (an answer that waited for a store): like the handler's own
+    /// output, it is never refused for `max_outbound_bytes`. A peer that asks
+    /// faster than it reads is not read meanwhile (what waits counts against
+    /// the budget) and is closed by the slow-consumer timeout if it stays over
+    /// it; closing it at once would punish it for answers it has not yet had
+    /// the time to read. Deliveries it did not ask for go through [`Self::push`].
+    ///
+    /// # Errors
+    ///
+    /// [`PushError::Closed`] when the connection has ended or is closing.
+    pub fn reply(&self, frame: impl Into<Outbound>) -> Result<(), PushError> {
+        self.0.reply(frame.into())
     }
 
     /// Closes the connection.

@@ -228,6 +228,18 @@ impl<I> Mailbox<I> {
     }
 
     pub fn push(&self, frame: Outbound) -> Result<(), PushError> {
+        self.push_within(frame, true)
+    }
+
+    /// A frame that answers the peer's own message: queued whatever the
+    /// budget, as the handler's own output is (reading pauses over it).
+    pub fn reply(&self, frame: Outbound) -> Result<(), PushError> {
+        self.push_within(frame, false)
+    }
+
+    /// Queues `frame`; with `budgeted`, one that would take what waits over
+    /// `max_outbound_bytes` closes the connection as a slow consumer instead.
+    fn push_within(&self, frame: Outbound, budgeted: bool) -> Result<(), PushError> {
         let charge = frame.charge();
         let control = frame.is_control();
         let mut state = self.lock();
@@ -235,7 +247,7 @@ impl<I> Mailbox<I> {
             return Err(PushError::Closed);
         }
         let queued = self.queued_bytes.load(Ordering::Relaxed);
-        let result = if !control && queued + charge > self.max_outbound_bytes {
+        let result = if budgeted && !control && queued + charge > self.max_outbound_bytes {
             state.close = Some(Box::new(Close {
                 reason: self.slow_consumer_close(),
                 cause: CloseCause::SlowConsumer,
@@ -425,7 +437,26 @@ impl<I> Mailbox<I> {
 
 #[cfg(test)]
 mod tests {
+    use switchboard_proto::Message;
+
     use super::Mailbox;
+    use crate::handle::{ConnId, Outbound, PushError};
+    use crate::options::Options;
+
+    #[test]
+    fn a_push_over_the_budget_closes_and_a_reply_is_queued_and_counted() {
+        let options = Options::default().max_outbound_bytes(100);
+        let frame = || Outbound::Message(Message::text("x".repeat(60)));
+        let replied = Mailbox::<()>::new(ConnId::next(), &options);
+        assert_eq!(replied.reply(frame()), Ok(()));
+        assert_eq!(replied.reply(frame()), Ok(()));
+        assert!(replied.over_budget(), "{}", replied.queued_bytes());
+        assert!(!replied.is_closed());
+        // A delivery the peer did not ask for is refused, and closes it.
+        assert_eq!(replied.push(frame()), Err(PushError::SlowConsumer));
+        assert!(replied.is_closed());
+        assert_eq!(replied.reply(frame()), Err(PushError::Closed));
+    }
 
     /// Every connection has a mailbox, in an `Arc` (two counts, 16 bytes):
     /// 176 + 16 = 192 bytes, one of jemalloc's size classes (the service's
