@@ -24,7 +24,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
 
-command="bench/ab.sh $*"
+command="bench/ab.sh $(printf '%q ' "$@")"
 old="" new=target/release/switchboard new_args="" reps=6 out=target/bench-ab scenarios="relay-k1 relay-k10"
 while [ $# -gt 0 ]; do
   case "$1" in

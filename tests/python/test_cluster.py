@@ -23,6 +23,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from cluster import Proxy, Redis
+from test_amplification import OP_TEXT, frame
 from test_relay import Node, async_test, client, expect_close, msg, nothing_before_marker, recv_json
 
 LEASE = 2
@@ -411,7 +412,10 @@ async def test_replies_queued_behind_a_slow_answer_count_against_the_budget_and_
     redis = Redis()
     proxy = Proxy(redis.port)
     try:
-        c = cluster(1, redis=redis, extra=("--rate-limit-messages-per-sec", "0",
+        # One worker: the answer task queues what it releases before the
+        # connection's task can write any of it, so a queue taken over the
+        # budget by answers would close the client every time.
+        c = cluster(1, redis=redis, extra=("--rate-limit-messages-per-sec", "0", "--workers", "1",
                                            "--max-message-size", "4096", "--max-outbound-bytes", "16384"))
         slow = c.start_node(proxy.url)
         c.nodes.append(slow)
@@ -422,9 +426,13 @@ async def test_replies_queued_behind_a_slow_answer_count_against_the_budget_and_
             proxy.delay(0.4)
             started = time.monotonic()
             await f.send(json.dumps({"type": "status", "clients": ["x"], "id": "slow"}))
-            # About 60 KB of ready refusals, over the 16 KiB budget.
-            for i in range(600):
-                await f.send(json.dumps({"type": "teleport", "id": i}))
+            # 600 refusals of about 1 KB each (each names the unknown type),
+            # sent in one write: the node reads up to 16 KiB at once and refuses
+            # all of it before it looks at the budget, so what it holds, and then
+            # queues in one go when the status is answered, is over the budget.
+            kind = "teleport" * 125
+            refused = (frame(OP_TEXT, json.dumps({"type": kind, "id": i}).encode()) for i in range(600))
+            f.transport.write(b"".join(refused))
             pong = await f.ping()
             await asyncio.wait_for(pong, 10)
             ponged = time.monotonic() - started

@@ -21,6 +21,7 @@ from websockets.exceptions import InvalidStatus
 
 from test_relay import (  # noqa: F401 (server and start_server are fixtures)
     BIN,
+    CLUSTER,
     RECV_TIMEOUT,
     async_test,
     client,
@@ -502,6 +503,52 @@ async def test_a_resume_too_large_for_the_outbound_queue_is_not_recovered_rather
     async with client(server, "a", envelope=True, uri=resume_url(server, "a", epoch, 15)) as a:
         assert (a.welcome["recovered"], a.welcome["missed"]) == (True, 5), a.welcome
         assert [m[0] for m in await positions(a, 5)] == [16, 17, 18, 19, 20]
+
+
+@async_test
+async def test_resumes_of_several_topics_at_once_share_the_outbound_queue_and_none_is_cut(topics_server):
+    """Each resume's replay fits half of max_outbound_bytes, but three at once
+    do not fit it: a replay is checked against the room the connection has
+    left (what waits to be written, and replays admitted but not yet queued),
+    and one that does not fit says recovered:false. None is cut short, and
+    the client is not closed as a slow consumer, however the subscribes
+    arrive (here all four in one write, so that they are read together). One
+    node handles the four in that read, one after another, and can give the
+    room to two at most; in a cluster each waits for Redis, and the replays
+    written meanwhile may leave room for more."""
+    from test_amplification import OP_TEXT, frame
+
+    server = topics_server("--max-message-size", "16384", "--max-outbound-bytes", "65536")
+    topics = [f"news:r{i}" for i in range(4)]
+    async with client(server, "a", envelope=True) as a:
+        positions = {t: await subscribe(a, t, id=t) for t in topics}
+    for topic in topics:  # 7 x 4 KB each: about 29 KB a replay, under the 32 KiB budget
+        for i in range(7):
+            await asyncio.to_thread(api_publish, server, topic, "x" * 4000)
+    async with client(server, "a", envelope=True, max_queue=None) as a:
+        asks = [
+            {"type": "subscribe", "topic": t, "id": t,
+             "since": {"epoch": positions[t]["epoch"], "offset": positions[t]["offset"]}}
+            for t in topics
+        ]
+        a.transport.write(b"".join(frame(OP_TEXT, json.dumps(m).encode()) for m in asks))
+        acks, replayed = {}, {t: [] for t in topics}
+        while len(acks) < 4 or any(len(replayed[t]) < 7 for t, ack in acks.items() if ack["recovered"]):
+            m = await recv_json(a)
+            if m["type"] == "ack":
+                acks[m["topic"]] = m
+            else:
+                assert m["type"] == "message", m
+                replayed[m["topic"]].append(m["offset"])
+        recovered = [t for t in topics if acks[t]["recovered"]]
+        assert 1 <= len(recovered) <= (4 if CLUSTER else 2), acks
+        for t in topics:
+            top = positions[t]["offset"] + 7
+            expected = list(range(top - 6, top + 1)) if t in recovered else []
+            assert replayed[t] == expected, (t, acks[t], replayed[t])
+            assert acks[t]["offset"] == top, acks[t]
+        # Still open: the connection answers.
+        assert (await subscribe(a, "news:r9", id="last"))["id"] == "last"
 
 
 def test_the_history_api_gives_payloads_byte_for_byte(topics_server):

@@ -21,7 +21,7 @@ use serde_json::value::RawValue;
 use switchboard::{ClientId, CloseReason};
 
 use crate::config::MetricsAuth;
-use crate::engine::{self, PageRefused, PresencePage, Traffic, Unavailable};
+use crate::engine::{self, PRESENCE_PAGE, PageRefused, PresencePage, Traffic, Unavailable};
 use crate::errors::ErrorCode;
 use crate::history_api;
 use crate::hub::Hub;
@@ -696,16 +696,9 @@ async fn presence(
 
 /// `cursor` and `limit` from a presence query, checked.
 fn presence_page(hub: &Hub, query: &HashMap<String, String>) -> Result<PresencePage, ApiError> {
-    let limit = query
-        .get("limit")
-        .map(|text| {
-            let limit_error = || engine::limit_out_of_range(format_args!("{text:?}"));
-            text.parse::<u64>()
-                .map_err(|_| ApiError::bad_request(ErrorCode::InvalidRequest, limit_error()))
-        })
-        .transpose()?;
+    let limit = history_api::limit(query, PRESENCE_PAGE, PRESENCE_PAGE)?;
     let cursor = query.get("cursor").map(String::as_str);
-    PresencePage::asked(&*hub.engine, cursor, limit).map_err(|e| match e {
+    PresencePage::asked(&*hub.engine, cursor, Some(limit as u64)).map_err(|e| match e {
         PageRefused::Limit(message) => ApiError::bad_request(ErrorCode::InvalidRequest, message),
         PageRefused::Cursor(message) => ApiError::bad_request(ErrorCode::InvalidCursor, message),
     })

@@ -47,7 +47,7 @@ pub enum ErrorCode {
     InvalidToken,
     /// A `since` that is not a position this stream gave (ahead of its last).
     InvalidSince,
-    /// A `cursor` that is not one a page gave as its `next`.
+    /// A `cursor` not of the shape the engine's pages give as `next`.
     InvalidCursor,
     /// History was asked of a topic whose namespace keeps none.
     HistoryDisabled,

@@ -75,20 +75,26 @@ fn paging(query: &HashMap<String, String>) -> Result<(Option<Position>, usize), 
             })
         })
         .transpose()?;
-    let limit = match query.get("limit") {
-        None => DEFAULT_LIMIT,
-        Some(text) => text
-            .parse()
-            .ok()
-            .filter(|n| (1..=MAX_LIMIT).contains(n))
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    ErrorCode::InvalidRequest,
-                    format!("invalid limit {text:?}: 1 to {MAX_LIMIT}"),
-                )
-            })?,
-    };
+    let limit = limit(query, DEFAULT_LIMIT, MAX_LIMIT)?;
     Ok((since, limit))
+}
+
+/// `?limit=` from the query: 1 to `max`, `default` when absent.
+pub(crate) fn limit(
+    query: &HashMap<String, String>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ApiError> {
+    let Some(text) = query.get("limit") else {
+        return Ok(default);
+    };
+    text.parse()
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| {
+            let message = format!("invalid limit {text:?}: 1 to {max}");
+            ApiError::bad_request(ErrorCode::InvalidRequest, message)
+        })
 }
 
 /// `EPOCH:OFFSET`, as `?since=` on `/ws` takes it.

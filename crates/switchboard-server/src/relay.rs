@@ -401,7 +401,7 @@ impl Relay {
     }
 
     fn presence(
-        &self,
+        &mut self,
         inbound: &Inbound<'_>,
         ctx: &Context<'_, RelayInfo>,
     ) -> Result<Option<String>, Refusal> {
@@ -415,6 +415,12 @@ impl Relay {
             ));
         }
         let page = self.presence_page(inbound)?;
+        // The answer, not the question, is what a presence query may weigh:
+        // up to a page of ids. It holds that much against the budget while it
+        // waits, so that queries piled up behind a slow store stop the
+        // reading before their answers can outgrow it.
+        let most = page.limit * engine::PRESENCE_ID_BYTES;
+        self.handling = self.handling.max(u32::try_from(most).unwrap_or(u32::MAX));
         let topic: Arc<str> = topic.into();
         let pending = self.hub.engine.presence(topic.clone(), page);
         self.answer(inbound.id, ctx, pending, move |presence, id| {
@@ -425,10 +431,24 @@ impl Relay {
         })
     }
 
-    /// The page a presence query asks for: `cursor` and `limit`, checked.
+    /// The page a presence query asks for: `cursor` (a string) and `limit`
+    /// (an integer), checked.
     fn presence_page(&self, inbound: &Inbound<'_>) -> Result<PresencePage, Refusal> {
-        let cursor = inbound.cursor.as_deref();
-        PresencePage::asked(&*self.hub.engine, cursor, inbound.limit).map_err(|e| match e {
+        let wrong = |field: &str, what: &str| {
+            let message = format!("\"{field}\" must be {what}");
+            (ErrorCode::InvalidMessage, message)
+        };
+        let limit = inbound
+            .limit
+            .map(|raw| serde_json::from_str::<u64>(raw.get()))
+            .transpose()
+            .map_err(|_| wrong("limit", "an integer"))?;
+        let cursor = inbound
+            .cursor
+            .map(|raw| serde_json::from_str::<String>(raw.get()))
+            .transpose()
+            .map_err(|_| wrong("cursor", "a string"))?;
+        PresencePage::asked(&*self.hub.engine, cursor.as_deref(), limit).map_err(|e| match e {
             PageRefused::Limit(message) => (ErrorCode::InvalidMessage, message),
             PageRefused::Cursor(message) => (ErrorCode::InvalidCursor, message),
         })

@@ -75,11 +75,13 @@ pub struct Inbound<'a> {
     #[serde(default, borrow, deserialize_with = "object")]
     pub since: Option<Since<'a>>,
     /// Where a page starts: the `next` of the page before (`presence`).
-    #[serde(default, borrow)]
-    pub cursor: Option<Cow<'a, str>>,
+    /// Kept raw, as `limit` is: checked only by the messages that take it, so
+    /// that other messages still ignore fields they do not know.
+    #[serde(default, borrow, deserialize_with = "present")]
+    pub cursor: Option<&'a RawValue>,
     /// The most items to answer (`presence`).
-    #[serde(default)]
-    pub limit: Option<u64>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    pub limit: Option<&'a RawValue>,
 }
 
 /// A stream position as a client sends it: `{"epoch":"k3x9ab12","offset":9}`.

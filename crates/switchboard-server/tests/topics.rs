@@ -334,6 +334,8 @@ async fn presence_answers_in_pages_that_walk_every_member() {
         ("limit", json!(0), "invalid_message"),
         ("limit", json!(1001), "invalid_message"),
         ("limit", json!("ten"), "invalid_message"),
+        ("limit", json!(2.5), "invalid_message"),
+        ("cursor", json!(5), "invalid_message"),
         ("cursor", json!("not a cursor!"), "invalid_cursor"),
         ("cursor", json!("x".repeat(200)), "invalid_cursor"),
     ] {
@@ -341,8 +343,17 @@ async fn presence_answers_in_pages_that_walk_every_member() {
         ask[field] = value.clone();
         send(&mut asker, ask).await;
         let answer = recv_json(&mut asker).await;
-        assert_eq!(answer["code"], code, "{field} {value}: {answer}");
+        assert_eq!(
+            (&answer["code"], &answer["id"]),
+            (&json!(code), &json!(2)),
+            "{field} {value}: {answer}"
+        );
     }
+    // Other messages still ignore the fields, whatever their values.
+    let send_with_page =
+        json!({"targets": ["m1"], "payload": 1, "limit": "x", "cursor": 5, "id": 3});
+    send(&mut asker, send_with_page).await;
+    assert_eq!(recv_json(&mut asker).await["type"], "ack");
     for (query, code) in [
         ("limit=0", "invalid_request"),
         ("limit=ten", "invalid_request"),

@@ -251,6 +251,7 @@ trait ErasedMailbox: Send + Sync {
     fn is_closed(&self) -> bool;
     fn hold(&self, bytes: usize);
     fn unhold(&self, bytes: usize);
+    fn room(&self) -> usize;
 }
 
 impl<I: Send> ErasedMailbox for Mailbox<I> {
@@ -274,6 +275,9 @@ impl<I: Send> ErasedMailbox for Mailbox<I> {
     }
     fn unhold(&self, bytes: usize) {
         Mailbox::unhold(self, bytes)
+    }
+    fn room(&self) -> usize {
+        Mailbox::room(self)
     }
 }
 
@@ -325,6 +329,15 @@ impl Outbox {
     /// Whether the connection has ended or is closing.
     pub fn is_closed(&self) -> bool {
         self.0.is_closed()
+    }
+
+    /// How many more bytes may wait for this connection before its
+    /// `max_outbound_bytes` is reached: the budget less what waits to be
+    /// written and what is held ([`Self::hold`]). For work that must fit
+    /// whole or not be done (a replay): check it here, then hold its size
+    /// until it is queued.
+    pub fn room(&self) -> usize {
+        self.0.room()
     }
 
     /// Counts `bytes` of work the application has in flight for this

@@ -397,6 +397,13 @@ impl<I> Mailbox<I> {
         self.queued_bytes.load(Ordering::Relaxed)
     }
 
+    /// How many more bytes fit the budget: `max_outbound_bytes` less what
+    /// waits to be written and what is held.
+    pub fn room(&self) -> usize {
+        let used = self.queued_bytes() + self.held_bytes.load(Ordering::Relaxed);
+        self.max_outbound_bytes.saturating_sub(used)
+    }
+
     /// Whether more than `max_outbound_bytes` waits to be written.
     pub fn over_budget(&self) -> bool {
         self.queued_bytes() > self.max_outbound_bytes
@@ -456,6 +463,20 @@ mod tests {
         assert_eq!(replied.push(frame()), Err(PushError::SlowConsumer));
         assert!(replied.is_closed());
         assert_eq!(replied.reply(frame()), Err(PushError::Closed));
+    }
+
+    #[test]
+    fn the_room_left_is_the_budget_less_what_is_queued_and_held() {
+        let mailbox =
+            Mailbox::<()>::new(ConnId::next(), &Options::default().max_outbound_bytes(100));
+        assert_eq!(mailbox.room(), 100);
+        mailbox.hold(30);
+        let frame = Outbound::Message(Message::text("x".repeat(20)));
+        let charge = frame.charge();
+        assert_eq!(mailbox.reply(frame), Ok(()));
+        assert_eq!(mailbox.room(), 70 - charge);
+        mailbox.hold(1000);
+        assert_eq!(mailbox.room(), 0);
     }
 
     /// Every connection has a mailbox, in an `Arc` (two counts, 16 bytes):

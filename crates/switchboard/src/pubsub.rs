@@ -8,7 +8,8 @@
 //! connection's subscriptions end with it, however it ends.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::ops::Bound;
 use std::sync::{Arc, Mutex};
 
 use switchboard_proto::PreparedMessage;
@@ -58,8 +59,9 @@ struct Subscriber {
 #[derive(Default)]
 struct Topic {
     subscribers: HashMap<ConnId, Subscriber>,
-    /// Connections per client id: presence.
-    members: HashMap<ClientId, usize>,
+    /// Connections per client id: presence. Ordered, so that a page of it
+    /// after a given id is a range, not a scan of every member.
+    members: BTreeMap<ClientId, usize>,
 }
 
 /// Topics and their subscribers.
@@ -284,7 +286,8 @@ impl PubSub {
         reached
     }
 
-    /// The client ids subscribed to `topic`, with their connection counts.
+    /// The client ids subscribed to `topic`, with their connection counts:
+    /// all of them, in one list (see [`Self::presence_page`] for big topics).
     pub fn presence(&self, topic: &str) -> Vec<(ClientId, usize)> {
         let shard = self.inner.topics.read(topic);
         let Some(entry) = shard.get(topic) else {
@@ -297,8 +300,8 @@ impl PubSub {
     /// `after` (byte order), in that order, with their connection counts; and
     /// whether more follow. Passing a page's last id as the next `after` walks
     /// the members in pages: an id subscribed throughout the walk is listed
-    /// exactly once. Each page visits every member (keeping only `limit`), so a
-    /// walk of `n` members costs about `n * n / limit`.
+    /// exactly once. A page costs its own length, however many members the
+    /// topic has.
     pub fn presence_page(
         &self,
         topic: &str,
@@ -309,27 +312,13 @@ impl PubSub {
         let Some(entry) = shard.get(topic) else {
             return (Vec::new(), false);
         };
-        // A max-heap of the smallest ids so far: its top is the first to give way.
-        let mut page: BinaryHeap<(&ClientId, usize)> =
-            BinaryHeap::with_capacity(limit.min(1024) + 1);
-        let mut more = false;
-        let later = entry
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut later = entry
             .members
-            .iter()
-            .filter(|(c, _)| after.is_none_or(|after| &***c > after));
-        for (client, &count) in later {
-            page.push((client, count));
-            if page.len() > limit {
-                page.pop();
-                more = true;
-            }
-        }
-        let ids = page
-            .into_sorted_vec()
-            .into_iter()
-            .map(|(id, count)| (id.clone(), count))
-            .collect();
-        (ids, more)
+            .range::<str, _>((from, Bound::Unbounded))
+            .map(|(id, count)| (id.clone(), *count));
+        let ids: Vec<_> = later.by_ref().take(limit).collect();
+        (ids, later.next().is_some())
     }
 
     /// How many connections are subscribed to `topic`.

@@ -362,7 +362,11 @@ impl Core {
                         });
                     }
                     Resume::Lost => (Resumed::Lost, Vec::new()),
-                    Resume::Recovered(missed) if !super::fits(&missed, self.replay_budget) => {
+                    // Within the room the connection has left, too: several
+                    // resumes at once must not take it over its budget.
+                    Resume::Recovered(missed)
+                        if !super::fits(&missed, self.replay_budget.min(outbox.room())) =>
+                    {
                         (Resumed::Lost, Vec::new())
                     }
                     Resume::Recovered(missed) => (Resumed::Recovered(missed.len()), missed),
@@ -372,7 +376,9 @@ impl Core {
                 let subscription = join()?;
                 for entry in &missed {
                     let frame = super::topic_delivery(topic, entry, &position.epoch);
-                    let _ = outbox.push(Outbound::Prepared(frame));
+                    // Admitted whole above: a delivery pushed meanwhile must not
+                    // make the rest of it close the connection.
+                    let _ = outbox.reply(Outbound::Prepared(frame));
                 }
                 Ok(Subscribed {
                     subscription,

@@ -14,7 +14,6 @@
 //! of two calls made one after the other before it returns the first's
 //! future, so a client's messages keep their order whenever the acks come.
 
-use std::fmt;
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -264,6 +263,10 @@ pub trait Joined: Send {
 /// reply, and a bounded step for the store.
 pub const PRESENCE_PAGE: usize = 1000;
 
+/// The most bytes one client id takes in a presence answer: the id (at most
+/// [`crate::ids::MAX_ID_LEN`]), its quotes, colon, count and comma.
+pub const PRESENCE_ID_BYTES: usize = crate::ids::MAX_ID_LEN + 16;
+
 /// Which page of a topic's members a presence query asks for.
 #[derive(Debug, Clone)]
 pub struct PresencePage {
@@ -286,7 +289,10 @@ impl PresencePage {
         let limit = match limit {
             None => PRESENCE_PAGE,
             Some(n) if (1..=PRESENCE_PAGE as u64).contains(&n) => n as usize,
-            Some(n) => return Err(PageRefused::Limit(limit_out_of_range(n))),
+            Some(n) => {
+                let message = format!("limit {n} is out of range: 1 to {PRESENCE_PAGE}");
+                return Err(PageRefused::Limit(message));
+            }
         };
         let cursor = match cursor {
             None => None,
@@ -299,11 +305,6 @@ impl PresencePage {
         };
         Ok(Self { cursor, limit })
     }
-}
-
-/// The message for a page `limit` out of range.
-pub fn limit_out_of_range(limit: impl fmt::Display) -> String {
-    format!("limit {limit} is out of range: 1 to {PRESENCE_PAGE}")
 }
 
 /// Why a presence query's page cannot be served; each surface answers it with
@@ -509,13 +510,17 @@ pub trait Engine: Send + Sync + 'static {
 /// told it recovered: all or nothing, so it says so instead (engines give
 /// half of `max_outbound_bytes`).
 pub(crate) fn fits(missed: &[Entry], budget: usize) -> bool {
+    replayed_bytes(missed) <= budget
+}
+
+/// About how many bytes replaying `missed` queues (at least as many as it does).
+pub(crate) fn replayed_bytes(missed: &[Entry]) -> usize {
     // The envelope's own fields, a frame header, and the epoch.
     const FRAME: usize = 96;
-    let bytes: usize = missed
+    missed
         .iter()
         .map(|e| FRAME + e.payload.len() + e.from.as_deref().map_or(0, str::len))
-        .sum();
-    bytes <= budget
+        .sum()
 }
 
 /// A message of a topic's stream, as a `switchboard.v1` delivery.

@@ -294,8 +294,9 @@ elseif op == 'presence' then
   -- however big the topic. An HSCAN step gathers whole buckets until it has
   -- COUNT ids, so it may overshoot; each asks for half the room left, and a
   -- step that would still overfill the page is left for the next page (from
-  -- the same cursor). Only a first step can hold more than `most`: a small
-  -- hash, which Redis gives whole, or a page of one id.
+  -- the same cursor). Only a page's first step is taken whatever its size: a
+  -- compact (listpack) hash, which Redis gives whole, or, for a `most` of a
+  -- few ids, a bucket holding more than half of them.
   local topic, cursor, most = ARGV[6], ARGV[7], tonumber(ARGV[8])
   local key, flat = 'sb:p:' .. topic, {}
   for _ = 1, 64 do

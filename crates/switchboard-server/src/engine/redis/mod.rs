@@ -22,7 +22,7 @@ use switchboard::Broker;
 use super::{
     Answer, ConnectError, Counts, Engine, Joined, Message, NodeTraffic, Pending, PresencePage,
     Published, Receipt, Sent, Subscribe, SubscribeRefused, Subscribed, TopicList, TopicPresence,
-    Traffic, Unavailable, fits,
+    Traffic, Unavailable, fits, replayed_bytes,
 };
 use crate::metrics::Metrics;
 use crate::streams::{Entry, Page, Position, Resume, Retention};
@@ -171,11 +171,18 @@ impl Core {
             .clone()
     }
 
-    /// Whether a resume's replay fits; otherwise it is not recovered.
-    fn resume(&self, read: Read, since: &Position, ttl: Duration) -> (Resume, Position) {
+    /// Whether a resume's replay fits, within `room` as well as the replay
+    /// budget; otherwise it is not recovered.
+    fn resume(
+        &self,
+        read: Read,
+        since: &Position,
+        ttl: Duration,
+        room: usize,
+    ) -> (Resume, Position) {
         let position = read.position();
         match read.resume(since, ttl) {
-            Resume::Recovered(missed) if !fits(&missed, self.replay_budget) => {
+            Resume::Recovered(missed) if !fits(&missed, self.replay_budget.min(room)) => {
                 (Resume::Lost, position)
             }
             other => (other, position),
@@ -390,7 +397,8 @@ impl Engine for RedisEngine {
                     vec![wire::welcome(&id, at, Resumed::NotAsked)]
                 }
                 (_, Some(since)) => {
-                    let (resume, position) = core.resume(read, &since, core.inbox.ttl);
+                    // A new connection has queued nothing: the budget bounds it.
+                    let (resume, position) = core.resume(read, &since, core.inbox.ttl, usize::MAX);
                     let (resumed, missed) = match resume {
                         // Ahead was refused by the script, before it counted.
                         Resume::Ahead | Resume::Lost => (Resumed::Lost, Vec::new()),
@@ -581,7 +589,10 @@ impl Engine for RedisEngine {
                         };
                         (Resumed::NotAsked, Some(position))
                     }
-                    Some(since) => match core.resume(read, since, retention.ttl) {
+                    // Within the room the connection has left: several
+                    // resumes at once must not take it over its budget (each
+                    // holds its replay's size until `start` queues it).
+                    Some(since) => match core.resume(read, since, retention.ttl, outbox.room()) {
                         // Refused by the script, before it counted.
                         (Resume::Ahead | Resume::Lost, position) => (Resumed::Lost, Some(position)),
                         (Resume::Recovered(entries), position) => {
@@ -591,6 +602,7 @@ impl Engine for RedisEngine {
                     },
                 });
             }
+            let replay = outbox.hold(replayed_bytes(&missed));
             if let Some(epoch) = &epoch {
                 frames.extend(
                     missed
@@ -605,9 +617,13 @@ impl Engine for RedisEngine {
             let attached = started.clone();
             let start = move || {
                 started.store(true, Ordering::Release);
+                // The join event and the replay were admitted whole, within the
+                // room held for them: deliveries pushed since must not make
+                // them close the connection.
                 for frame in frames {
-                    let _ = outbox.push(Outbound::Prepared(frame));
+                    let _ = outbox.reply(Outbound::Prepared(frame));
                 }
+                drop(replay);
                 let conn = Conn {
                     outbox,
                     format: Mode::Envelope.format(),
@@ -654,7 +670,8 @@ impl Engine for RedisEngine {
             let next = text(&next).ok_or_else(|| malformed("a cursor"))?;
             let members = array(members).ok_or_else(|| malformed("members"))?;
             let mut clients = presence(&members).ok_or_else(|| malformed("members"))?;
-            // HSCAN may give an id twice (the hash rehashed between its steps).
+            // HSCAN may give an id twice (the hash rehashed between its steps);
+            // one of its counts is kept.
             clients.sort_unstable();
             clients.dedup_by(|a, b| a.0 == b.0);
             Ok(TopicPresence {
@@ -666,8 +683,8 @@ impl Engine for RedisEngine {
     }
 
     fn is_presence_cursor(&self, text: &str) -> bool {
-        // HSCAN's cursors: unsigned 64-bit numbers.
-        text.len() <= 20 && text.bytes().all(|b| b.is_ascii_digit()) && text.parse::<u64>().is_ok()
+        // HSCAN's cursors: unsigned 64-bit numbers, in digits alone (no sign).
+        text.bytes().all(|b| b.is_ascii_digit()) && text.parse::<u64>().is_ok()
     }
 
     fn disconnect(&self, id: ClientId, close: CloseReason) -> Pending<usize> {
