@@ -450,6 +450,38 @@ async def test_replies_queued_behind_a_slow_answer_count_against_the_budget_and_
 
 
 @async_test
+async def test_a_presence_query_waiting_for_redis_holds_a_whole_page_of_the_budget(cluster):
+    """A presence answer can be a page of 1,000 ids (about 144 KB) whatever
+    the query's size, so a query waiting for Redis holds that much of the
+    connection's budget: with a 64 KiB budget, one waiting query stops the
+    reading, and a ping behind it is answered only after it."""
+    redis = Redis()
+    proxy = Proxy(redis.port)
+    try:
+        config = config_file('[[namespaces]]\nprefix = "chat:"\npresence = true\n')
+        c = cluster(1, redis=redis, extra=("--config", config, "--max-message-size", "4096",
+                                           "--max-outbound-bytes", "65536"))
+        slow = c.start_node(proxy.url)
+        c.nodes.append(slow)
+        async with client(None, "p", envelope=True, uri=url(slow, "p"), max_queue=None) as p:
+            proxy.delay(0.4)
+            started = time.monotonic()
+            await p.send(json.dumps({"type": "presence", "topic": "chat:x", "id": "who", "limit": 1}))
+            # Read apart from the query: frames read together are handled together.
+            await asyncio.sleep(0.1)
+            pong = await p.ping()
+            await asyncio.wait_for(pong, 10)
+            ponged = time.monotonic() - started
+            answer = await recv_json(p)
+            assert (answer["type"], answer["id"], answer["clients"]) == ("presence", "who", {}), answer
+            assert ponged >= 0.7, f"the pong came {ponged:.2f} s in: the node kept reading"
+            proxy.delay(0)
+    finally:
+        proxy.stop()
+        redis.stop()
+
+
+@async_test
 async def test_a_refresh_refuses_a_subscribe_that_waits_for_redis_when_it_no_longer_allows_it(cluster):
     """docs/protocol.md, refresh: a subscribe still waiting for its answer
     when a fresh token disallows its topic is answered `forbidden`, and no

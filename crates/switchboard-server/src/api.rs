@@ -696,9 +696,17 @@ async fn presence(
 
 /// `cursor` and `limit` from a presence query, checked.
 fn presence_page(hub: &Hub, query: &HashMap<String, String>) -> Result<PresencePage, ApiError> {
-    let limit = history_api::limit(query, PRESENCE_PAGE, PRESENCE_PAGE)?;
+    let limit = query
+        .get("limit")
+        .map(|text| {
+            text.parse::<u64>().map_err(|_| {
+                let message = format!("invalid limit {text:?}: 1 to {PRESENCE_PAGE}");
+                ApiError::bad_request(ErrorCode::InvalidRequest, message)
+            })
+        })
+        .transpose()?;
     let cursor = query.get("cursor").map(String::as_str);
-    PresencePage::asked(&*hub.engine, cursor, Some(limit as u64)).map_err(|e| match e {
+    PresencePage::asked(&*hub.engine, cursor, limit).map_err(|e| match e {
         PageRefused::Limit(message) => ApiError::bad_request(ErrorCode::InvalidRequest, message),
         PageRefused::Cursor(message) => ApiError::bad_request(ErrorCode::InvalidCursor, message),
     })

@@ -80,11 +80,7 @@ fn paging(query: &HashMap<String, String>) -> Result<(Option<Position>, usize), 
 }
 
 /// `?limit=` from the query: 1 to `max`, `default` when absent.
-pub(crate) fn limit(
-    query: &HashMap<String, String>,
-    default: usize,
-    max: usize,
-) -> Result<usize, ApiError> {
+fn limit(query: &HashMap<String, String>, default: usize, max: usize) -> Result<usize, ApiError> {
     let Some(text) = query.get("limit") else {
         return Ok(default);
     };

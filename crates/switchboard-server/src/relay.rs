@@ -416,10 +416,12 @@ impl Relay {
         }
         let page = self.presence_page(inbound)?;
         // The answer, not the question, is what a presence query may weigh:
-        // up to a page of ids. It holds that much against the budget while it
+        // a page of ids, and with Redis a page can exceed its limit (a compact
+        // hash comes whole: docs/cluster.md asks for hash-max-listpack-entries
+        // of at most 1,000). It holds a full page against the budget while it
         // waits, so that queries piled up behind a slow store stop the
         // reading before their answers can outgrow it.
-        let most = page.limit * engine::PRESENCE_ID_BYTES;
+        let most = engine::PRESENCE_PAGE * engine::PRESENCE_ID_BYTES;
         self.handling = self.handling.max(u32::try_from(most).unwrap_or(u32::MAX));
         let topic: Arc<str> = topic.into();
         let pending = self.hub.engine.presence(topic.clone(), page);
@@ -434,17 +436,19 @@ impl Relay {
     /// The page a presence query asks for: `cursor` (a string) and `limit`
     /// (an integer), checked.
     fn presence_page(&self, inbound: &Inbound<'_>) -> Result<PresencePage, Refusal> {
+        // `null` is as good as absent.
+        fn given(raw: Option<&RawValue>) -> Option<&RawValue> {
+            raw.filter(|raw| raw.get() != "null")
+        }
         let wrong = |field: &str, what: &str| {
             let message = format!("\"{field}\" must be {what}");
             (ErrorCode::InvalidMessage, message)
         };
-        let limit = inbound
-            .limit
+        let limit = given(inbound.limit)
             .map(|raw| serde_json::from_str::<u64>(raw.get()))
             .transpose()
             .map_err(|_| wrong("limit", "an integer"))?;
-        let cursor = inbound
-            .cursor
+        let cursor = given(inbound.cursor)
             .map(|raw| serde_json::from_str::<String>(raw.get()))
             .transpose()
             .map_err(|_| wrong("cursor", "a string"))?;

@@ -349,6 +349,14 @@ async fn presence_answers_in_pages_that_walk_every_member() {
             "{field} {value}: {answer}"
         );
     }
+    // `null` is as good as absent.
+    send(
+        &mut asker,
+        json!({"type": "presence", "topic": "chat:crowd", "id": 4, "limit": null, "cursor": null}),
+    )
+    .await;
+    let whole = recv_json(&mut asker).await;
+    assert_eq!(whole["clients"].as_object().unwrap().len(), 600, "{whole}");
     // Other messages still ignore the fields, whatever their values.
     let send_with_page =
         json!({"targets": ["m1"], "payload": 1, "limit": "x", "cursor": 5, "id": 3});

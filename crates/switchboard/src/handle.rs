@@ -251,7 +251,7 @@ trait ErasedMailbox: Send + Sync {
     fn is_closed(&self) -> bool;
     fn hold(&self, bytes: usize);
     fn unhold(&self, bytes: usize);
-    fn room(&self) -> usize;
+    fn reserve(&self, bytes: usize, within: usize) -> bool;
 }
 
 impl<I: Send> ErasedMailbox for Mailbox<I> {
@@ -276,8 +276,8 @@ impl<I: Send> ErasedMailbox for Mailbox<I> {
     fn unhold(&self, bytes: usize) {
         Mailbox::unhold(self, bytes)
     }
-    fn room(&self) -> usize {
-        Mailbox::room(self)
+    fn reserve(&self, bytes: usize, within: usize) -> bool {
+        Mailbox::reserve(self, bytes, within)
     }
 }
 
@@ -331,13 +331,15 @@ impl Outbox {
         self.0.is_closed()
     }
 
-    /// How many more bytes may wait for this connection before its
-    /// `max_outbound_bytes` is reached: the budget less what waits to be
-    /// written and what is held ([`Self::hold`]). For work that must fit
-    /// whole or not be done (a replay): check it here, then hold its size
-    /// until it is queued.
-    pub fn room(&self) -> usize {
-        self.0.room()
+    /// Holds `bytes`, as [`Self::hold`] does, only if what waits to be
+    /// written and what is held, with them, stays within `within` bytes; `None`
+    /// otherwise. For work that must be queued whole or not be done (a
+    /// replay): reservations made at once never share the same room.
+    pub fn reserve(&self, bytes: usize, within: usize) -> Option<Held> {
+        self.0.reserve(bytes, within).then(|| Held {
+            mailbox: self.0.clone(),
+            bytes,
+        })
     }
 
     /// Counts `bytes` of work the application has in flight for this

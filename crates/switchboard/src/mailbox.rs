@@ -397,11 +397,16 @@ impl<I> Mailbox<I> {
         self.queued_bytes.load(Ordering::Relaxed)
     }
 
-    /// How many more bytes fit the budget: `max_outbound_bytes` less what
-    /// waits to be written and what is held.
-    pub fn room(&self) -> usize {
-        let used = self.queued_bytes() + self.held_bytes.load(Ordering::Relaxed);
-        self.max_outbound_bytes.saturating_sub(used)
+    /// Holds `bytes` if what waits to be written and what is held, with
+    /// them, stays within `within`; otherwise holds nothing. Atomic against
+    /// other holders: two reservations cannot both take the same room.
+    pub fn reserve(&self, bytes: usize, within: usize) -> bool {
+        let queued = self.queued_bytes();
+        self.held_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                (queued + held + bytes <= within).then_some(held + bytes)
+            })
+            .is_ok()
     }
 
     /// Whether more than `max_outbound_bytes` waits to be written.
@@ -466,17 +471,35 @@ mod tests {
     }
 
     #[test]
-    fn the_room_left_is_the_budget_less_what_is_queued_and_held() {
-        let mailbox =
-            Mailbox::<()>::new(ConnId::next(), &Options::default().max_outbound_bytes(100));
-        assert_eq!(mailbox.room(), 100);
+    fn a_reservation_is_all_or_nothing_within_what_is_queued_and_held() {
+        let mailbox = Mailbox::<()>::new(ConnId::next(), &Options::default());
         mailbox.hold(30);
         let frame = Outbound::Message(Message::text("x".repeat(20)));
-        let charge = frame.charge();
         assert_eq!(mailbox.reply(frame), Ok(()));
-        assert_eq!(mailbox.room(), 70 - charge);
-        mailbox.hold(1000);
-        assert_eq!(mailbox.room(), 0);
+        // 30 held and 20 queued: 50 more fit within 100, 51 do not.
+        assert!(!mailbox.reserve(51, 100));
+        assert!(mailbox.reserve(50, 100));
+        assert!(!mailbox.reserve(1, 100));
+        mailbox.unhold(80);
+        assert!(mailbox.reserve(80, 100));
+    }
+
+    #[test]
+    fn reservations_made_at_once_never_share_the_room() {
+        let mailbox = Mailbox::<()>::new(ConnId::next(), &Options::default());
+        let granted = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..10_000 {
+                        if mailbox.reserve(7, 70_000) {
+                            granted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(granted.into_inner(), 10_000);
     }
 
     /// Every connection has a mailbox, in an `Arc` (two counts, 16 bytes):

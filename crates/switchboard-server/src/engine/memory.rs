@@ -206,7 +206,9 @@ fn register(
             let (resumed, missed) = match resume {
                 // Checked before the upgrade; a stream's top only grows.
                 Resume::Ahead | Resume::Lost => (Resumed::Lost, Vec::new()),
-                Resume::Recovered(missed) if !super::fits(&missed, core.replay_budget) => {
+                Resume::Recovered(missed)
+                    if !super::fits(&missed, None, &position.epoch, core.replay_budget) =>
+                {
                     (Resumed::Lost, Vec::new())
                 }
                 Resume::Recovered(missed) => (Resumed::Recovered(missed.len()), missed),
@@ -354,32 +356,30 @@ impl Core {
         };
         self.streams
             .resume(&key, since, *retention, usize::MAX, |resume, position| {
-                let (resumed, missed) = match resume {
+                let (resumed, missed, held) = match resume {
                     Resume::Ahead => {
                         return Err(SubscribeRefused::Ahead {
                             asked: since.offset,
                             top: position.offset,
                         });
                     }
-                    Resume::Lost => (Resumed::Lost, Vec::new()),
-                    // Within the room the connection has left, too: several
-                    // resumes at once must not take it over its budget.
-                    Resume::Recovered(missed)
-                        if !super::fits(&missed, self.replay_budget.min(outbox.room())) =>
-                    {
-                        (Resumed::Lost, Vec::new())
+                    Resume::Lost => (Resumed::Lost, Vec::new(), None),
+                    Resume::Recovered(missed) => {
+                        let budget = self.replay_budget;
+                        match super::admit_replay(outbox, &missed, topic, &position.epoch, budget) {
+                            Some(held) => (Resumed::Recovered(missed.len()), missed, Some(held)),
+                            None => (Resumed::Lost, Vec::new(), None),
+                        }
                     }
-                    Resume::Recovered(missed) => (Resumed::Recovered(missed.len()), missed),
                 };
                 // Under the stream's lock: a publish after this one reaches the
                 // new subscriber after the missed messages, never among them.
                 let subscription = join()?;
                 for entry in &missed {
                     let frame = super::topic_delivery(topic, entry, &position.epoch);
-                    // Admitted whole above: a delivery pushed meanwhile must not
-                    // make the rest of it close the connection.
                     let _ = outbox.reply(Outbound::Prepared(frame));
                 }
+                drop(held);
                 Ok(Subscribed {
                     subscription,
                     resumed: Some((resumed, Some(position.clone()))),

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use switchboard::{ClientId, CloseReason, Outbox, Registration, SubscribeError};
+use switchboard::{ClientId, CloseReason, Held, Outbox, Registration, SubscribeError};
 
 use switchboard::PreparedMessage;
 
@@ -504,22 +504,39 @@ pub trait Engine: Send + Sync + 'static {
     fn save(&self, dir: &Path) -> io::Result<Option<PathBuf>>;
 }
 
-/// Whether replaying `missed` fits `budget` bytes of the connection's
-/// outbound queue. A replay goes into the queue at once, and one that
-/// overflowed it would be cut short as a slow consumer after the client was
-/// told it recovered: all or nothing, so it says so instead (engines give
-/// half of `max_outbound_bytes`).
-pub(crate) fn fits(missed: &[Entry], budget: usize) -> bool {
-    replayed_bytes(missed) <= budget
+/// Whether replaying `missed` (of `topic`, or of an inbox) fits `budget`
+/// bytes of a new connection's outbound queue. A replay goes into the queue
+/// at once, and one that overflowed it would be cut short as a slow consumer
+/// after the client was told it recovered: all or nothing, so it says so
+/// instead (engines give half of `max_outbound_bytes`).
+pub(crate) fn fits(missed: &[Entry], topic: Option<&str>, epoch: &str, budget: usize) -> bool {
+    replayed_bytes(missed, topic, epoch) <= budget
 }
 
-/// About how many bytes replaying `missed` queues (at least as many as it does).
-pub(crate) fn replayed_bytes(missed: &[Entry]) -> usize {
-    // The envelope's own fields, a frame header, and the epoch.
+/// A topic resume's replay, admitted whole or not at all (`None`: not
+/// recovered). Its size is held against `outbox` within `budget`, counting
+/// what already waits to be written and what other replays hold: several
+/// resumes at once (a client reconnecting) never take more than `budget`
+/// together, and live deliveries keep the rest of the queue. The frames are
+/// then queued with [`Outbox::reply`], and the guard dropped.
+pub(crate) fn admit_replay(
+    outbox: &Outbox,
+    missed: &[Entry],
+    topic: &str,
+    epoch: &str,
+    budget: usize,
+) -> Option<Held> {
+    outbox.reserve(replayed_bytes(missed, Some(topic), epoch), budget)
+}
+
+/// At least as many bytes as replaying `missed` queues.
+fn replayed_bytes(missed: &[Entry], topic: Option<&str>, epoch: &str) -> usize {
+    // The envelope's own fields (up to 20 digits of offset); then its texts.
     const FRAME: usize = 96;
+    let per_frame = FRAME + topic.map_or(0, str::len) + epoch.len();
     missed
         .iter()
-        .map(|e| FRAME + e.payload.len() + e.from.as_deref().map_or(0, str::len))
+        .map(|e| per_frame + e.payload.len() + e.from.as_deref().map_or(0, str::len))
         .sum()
 }
 

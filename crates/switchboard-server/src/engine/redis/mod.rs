@@ -22,7 +22,7 @@ use switchboard::Broker;
 use super::{
     Answer, ConnectError, Counts, Engine, Joined, Message, NodeTraffic, Pending, PresencePage,
     Published, Receipt, Sent, Subscribe, SubscribeRefused, Subscribed, TopicList, TopicPresence,
-    Traffic, Unavailable, fits, replayed_bytes,
+    Traffic, Unavailable, fits,
 };
 use crate::metrics::Metrics;
 use crate::streams::{Entry, Page, Position, Resume, Retention};
@@ -171,18 +171,14 @@ impl Core {
             .clone()
     }
 
-    /// Whether a resume's replay fits, within `room` as well as the replay
-    /// budget; otherwise it is not recovered.
-    fn resume(
-        &self,
-        read: Read,
-        since: &Position,
-        ttl: Duration,
-        room: usize,
-    ) -> (Resume, Position) {
+    /// Whether an inbox resume's replay fits a new connection; otherwise it
+    /// is not recovered.
+    fn resume(&self, read: Read, since: &Position, ttl: Duration) -> (Resume, Position) {
         let position = read.position();
         match read.resume(since, ttl) {
-            Resume::Recovered(missed) if !fits(&missed, self.replay_budget.min(room)) => {
+            Resume::Recovered(missed)
+                if !fits(&missed, None, &position.epoch, self.replay_budget) =>
+            {
                 (Resume::Lost, position)
             }
             other => (other, position),
@@ -397,8 +393,7 @@ impl Engine for RedisEngine {
                     vec![wire::welcome(&id, at, Resumed::NotAsked)]
                 }
                 (_, Some(since)) => {
-                    // A new connection has queued nothing: the budget bounds it.
-                    let (resume, position) = core.resume(read, &since, core.inbox.ttl, usize::MAX);
+                    let (resume, position) = core.resume(read, &since, core.inbox.ttl);
                     let (resumed, missed) = match resume {
                         // Ahead was refused by the script, before it counted.
                         Resume::Ahead | Resume::Lost => (Resumed::Lost, Vec::new()),
@@ -575,6 +570,7 @@ impl Engine for RedisEngine {
             let (mut epoch, mut last) = (None, 0);
             let mut resumed = since.as_ref().map(|_| (Resumed::Lost, None));
             let mut missed: Vec<Entry> = Vec::new();
+            let mut replay = None;
             if let Some(retention) = history {
                 let read = Read::parse(&mut values).map_err(unavailable)?;
                 epoch = Some(read.epoch.clone());
@@ -589,20 +585,29 @@ impl Engine for RedisEngine {
                         };
                         (Resumed::NotAsked, Some(position))
                     }
-                    // Within the room the connection has left: several
-                    // resumes at once must not take it over its budget (each
-                    // holds its replay's size until `start` queues it).
-                    Some(since) => match core.resume(read, since, retention.ttl, outbox.room()) {
-                        // Refused by the script, before it counted.
-                        (Resume::Ahead | Resume::Lost, position) => (Resumed::Lost, Some(position)),
-                        (Resume::Recovered(entries), position) => {
-                            missed = entries;
-                            (Resumed::Recovered(missed.len()), Some(position))
+                    Some(since) => {
+                        let position = read.position();
+                        match read.resume(since, retention.ttl) {
+                            // Refused by the script, before it counted.
+                            Resume::Ahead | Resume::Lost => (Resumed::Lost, Some(position)),
+                            Resume::Recovered(entries) => {
+                                let budget = core.replay_budget;
+                                let epoch = &position.epoch;
+                                // Held until `start` queues it.
+                                match super::admit_replay(&outbox, &entries, &topic, epoch, budget)
+                                {
+                                    Some(held) => {
+                                        replay = Some(held);
+                                        missed = entries;
+                                        (Resumed::Recovered(missed.len()), Some(position))
+                                    }
+                                    None => (Resumed::Lost, Some(position)),
+                                }
+                            }
                         }
-                    },
+                    }
                 });
             }
-            let replay = outbox.hold(replayed_bytes(&missed));
             if let Some(epoch) = &epoch {
                 frames.extend(
                     missed
@@ -617,9 +622,9 @@ impl Engine for RedisEngine {
             let attached = started.clone();
             let start = move || {
                 started.store(true, Ordering::Release);
-                // The join event and the replay were admitted whole, within the
-                // room held for them: deliveries pushed since must not make
-                // them close the connection.
+                // The replay was admitted whole, within the room reserved for
+                // it (and the join event is one small frame): deliveries pushed
+                // since must not make them close the connection.
                 for frame in frames {
                     let _ = outbox.reply(Outbound::Prepared(frame));
                 }
@@ -683,8 +688,8 @@ impl Engine for RedisEngine {
     }
 
     fn is_presence_cursor(&self, text: &str) -> bool {
-        // HSCAN's cursors: unsigned 64-bit numbers, in digits alone (no sign).
-        text.bytes().all(|b| b.is_ascii_digit()) && text.parse::<u64>().is_ok()
+        // HSCAN's cursors: unsigned 64-bit numbers, in at most 20 digits alone.
+        text.len() <= 20 && text.bytes().all(|b| b.is_ascii_digit()) && text.parse::<u64>().is_ok()
     }
 
     fn disconnect(&self, id: ClientId, close: CloseReason) -> Pending<usize> {
