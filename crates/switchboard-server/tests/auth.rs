@@ -21,6 +21,20 @@ fn token(claims: Value) -> String {
     .unwrap()
 }
 
+/// A `switchboard.v1` connection of `id`, authenticated by `token` in the
+/// query, once its welcome has come.
+async fn envelope_with_token(server: &Server, token: &str, id: &str) -> Client {
+    let mut client = server
+        .connect_request(
+            &format!("/ws?token={token}"),
+            &[("sec-websocket-protocol", "switchboard.v1")],
+        )
+        .await
+        .unwrap();
+    recv_welcome(&mut client, id).await;
+    client
+}
+
 fn token_for(sub: &str, lifetime_secs: u64) -> String {
     token(json!({"sub": sub, "exp": get_current_timestamp() + lifetime_secs}))
 }
@@ -86,14 +100,7 @@ async fn a_forged_id_is_ignored_when_tokens_are_on() {
         )
         .await
         .unwrap();
-    let mut sender = server
-        .connect_request(
-            &format!("/ws?token={}", token_for("sender", 60)),
-            &[("sec-websocket-protocol", "switchboard.v1")],
-        )
-        .await
-        .unwrap();
-    recv_welcome(&mut sender, "sender").await;
+    let mut sender = envelope_with_token(&server, &token_for("sender", 60), "sender").await;
     server.wait_for_clients(2).await;
     send(
         &mut sender,
@@ -180,14 +187,7 @@ async fn claims_restrict_topics_and_targets() {
         "sub": "limited", "exp": get_current_timestamp() + 60,
         "switchboard": {"subscribe": ["chat:*"], "publish": [], "send": ["support"]}
     }));
-    let mut client = server
-        .connect_request(
-            &format!("/ws?token={limited}"),
-            &[("sec-websocket-protocol", "switchboard.v1")],
-        )
-        .await
-        .unwrap();
-    recv_welcome(&mut client, "limited").await;
+    let mut client = envelope_with_token(&server, &limited, "limited").await;
     let cases = [
         (
             json!({"type": "subscribe", "topic": "chat:lobby", "id": 1}),
@@ -245,14 +245,7 @@ async fn a_refresh_ends_the_subscriptions_the_new_token_does_not_allow() {
     };
     let refresh = |subscribe: Value, id: u64| json!({"type": "refresh", "token": claims(subscribe), "id": id});
     let wide = claims(json!(["chat:*", "news:*"]));
-    let mut client = server
-        .connect_request(
-            &format!("/ws?token={wide}"),
-            &[("sec-websocket-protocol", "switchboard.v1")],
-        )
-        .await
-        .unwrap();
-    recv_welcome(&mut client, "narrowed").await;
+    let mut client = envelope_with_token(&server, &wide, "narrowed").await;
     for (id, topic) in [(1, "chat:lobby"), (2, "news:world")] {
         send(
             &mut client,
@@ -483,14 +476,7 @@ async fn a_token_that_expires_past_the_clocks_range_is_taken_and_refreshed() {
     // clock can name (it panicked the handshake's task, and a refresh's).
     let server = jwt_server(&[]);
     let forever = |sub: &str| token(json!({"sub": sub, "exp": u64::MAX}));
-    let mut client = server
-        .connect_request(
-            &format!("/ws?token={}", forever("far")),
-            &[("sec-websocket-protocol", "switchboard.v1")],
-        )
-        .await
-        .unwrap();
-    recv_welcome(&mut client, "far").await;
+    let mut client = envelope_with_token(&server, &forever("far"), "far").await;
     send(
         &mut client,
         json!({"type": "refresh", "token": forever("far"), "id": 1}),
