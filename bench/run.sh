@@ -12,9 +12,11 @@
 #   --smoke            short runs, one repetition, debug builds, no peer install
 #   --reps N           repetitions (full run: at least 3; default 5, with which the
 #                      report's p can fall below 0.01; with 3 it never falls below 0.1)
-#   --servers "A B"    subset of: switchboard bun node axum floor (default: all), and
-#                      floor-uring (the floor sending each message to all its
-#                      recipients in one io_uring submission; not in the default set)
+#   --servers "A B"    subset of: switchboard bun node axum floor (default: all), and,
+#                      not in the default set, floor-uring (the floor sending each
+#                      message to all its recipients in one io_uring submission) and
+#                      floor-tokio (the floor's relay on tokio's single-threaded
+#                      runtime, a task per connection, as Switchboard runs)
 #   --scenarios "A B"  subset of: echo relay-k1 relay-k10 fanout fanout-topic idle
 #                      idle-awake storm echo-deflate fanout-deflate
 #                      (idle-awake is idle with Switchboard's hibernation off,
@@ -146,7 +148,7 @@ fi
 bun=bench/peers/node_modules/.bin/bun
 available() {
   case "$1" in
-    switchboard|axum|floor|floor-uring) return 0 ;;
+    switchboard|axum|floor|floor-uring|floor-tokio) return 0 ;;
     bun) [ -x "$bun" ] && "$bun" --version > /dev/null 2>&1 ;;
     node) command -v node > /dev/null && [ -f bench/peers/node_modules/ws/package.json ] ;;
     *) echo "run.sh: unknown server $1" >&2; return 1 ;;
@@ -182,11 +184,12 @@ server_command() {
     axum/*) echo "$bin/axum-relay 127.0.0.1:0" ;;
     floor/*) echo "$bin/floor-relay 127.0.0.1:0" ;;
     floor-uring/*) echo "$bin/floor-relay 127.0.0.1:0 --uring" ;;
+    floor-tokio/*) echo "$bin/floor-relay 127.0.0.1:0 --tokio" ;;
   esac
 }
 
 # tokio-tungstenite has no permessage-deflate, and the floor does no more than it must.
-supports_deflate() { [ "$1" != axum ] && [ "$1" != floor ] && [ "$1" != floor-uring ]; }
+supports_deflate() { case "$1" in axum|floor*) return 1 ;; esac; }
 
 # Starts a server in the background; sets server_pid and server_addr.
 start_server() {
@@ -240,7 +243,7 @@ run_one() {
     idle-awake)
       case "$server" in
         switchboard) kind=awake ;;
-        floor|floor-uring) ;;
+        floor*) ;;
         *) echo "run.sh: $scenario skips $server (no hibernation; the floor is the yardstick)" >&2
            return 0 ;;
       esac

@@ -52,7 +52,7 @@ impl Batch {
                     hold(conn, dead, to, frame);
                     continue;
                 }
-                let fd = types::Fd(conn.stream.as_raw_fd());
+                let fd = types::Fd(conn.socket.as_raw_fd());
                 let len = u32::try_from(frame.len()).expect("frames under 4 GiB");
                 let send = opcode::Send::new(fd, frame.as_ptr(), len)
                     // A send that would block completes at once with EAGAIN

@@ -19,21 +19,29 @@
 //! With `--uring` (`floor-relay 127.0.0.1:0 --uring`), a message's sends to
 //! its recipients go to the kernel in one io_uring submission instead of one
 //! `send` each (src/batch.rs): to measure what batching the system calls saves.
+//!
+//! With `--tokio`, the same relay runs on tokio's single-threaded runtime with
+//! a task per connection (src/on_tokio.rs), as Switchboard does: to measure
+//! what the runtime costs a relay, apart from what Switchboard does in it.
 
 mod batch;
 mod frame;
 mod handshake;
 mod message;
+mod on_tokio;
+mod socket;
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::task::Waker;
 
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::batch::Batch;
 use crate::handshake::Route;
+use crate::socket::Socket;
 
 const LISTENER: Token = Token(usize::MAX);
 
@@ -45,7 +53,10 @@ const READ_CHUNK: usize = 64 * 1024;
 
 /// One client.
 struct Conn {
-    stream: TcpStream,
+    socket: Socket,
+    /// With `--tokio`: the task reading this connection, woken when its backlog
+    /// starts (to wait for the socket to drain) and when it is dropped.
+    task: Option<Waker>,
     state: State,
     /// Received bytes not yet a whole frame (or head). Empty, and unallocated,
     /// for an idle connection.
@@ -87,21 +98,26 @@ struct Server {
 fn main() -> io::Result<()> {
     let mut addr: SocketAddr = "127.0.0.1:0".parse().expect("an address");
     let mut batch = None;
+    let mut tokio = false;
     for arg in std::env::args().skip(1) {
         if arg == "--uring" {
             batch = Some(Batch::new()?);
+        } else if arg == "--tokio" {
+            tokio = true;
         } else {
             addr = arg
                 .parse()
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         }
     }
+    if tokio {
+        return on_tokio::run(addr, Server::default());
+    }
     let mut poll = Poll::new()?;
     let mut listener = TcpListener::bind(addr)?;
     poll.registry()
         .register(&mut listener, LISTENER, Interest::READABLE)?;
-    println!("listening on {}", listener.local_addr()?);
-    io::stdout().flush()?;
+    announce(listener.local_addr()?)?;
     let mut events = Events::with_capacity(1024);
     let mut scratch = vec![0; READ_CHUNK];
     let mut server = Server {
@@ -132,6 +148,12 @@ fn main() -> io::Result<()> {
     }
 }
 
+/// Tells bench/run.sh where to connect.
+fn announce(addr: SocketAddr) -> io::Result<()> {
+    println!("listening on {addr}");
+    io::stdout().flush()
+}
+
 impl Server {
     fn accept(&mut self, listener: &TcpListener, poll: &Poll) -> io::Result<()> {
         loop {
@@ -142,59 +164,79 @@ impl Server {
                 Err(_) => return Ok(()),
             };
             stream.set_nodelay(true)?;
-            let index = self.free.pop().unwrap_or_else(|| {
-                self.conns.push(None);
-                self.conns.len() - 1
-            });
             // Edge-triggered both ways: a writable edge comes only after a full socket drains.
+            let index = self.free.last().copied().unwrap_or(self.conns.len());
             poll.registry().register(
                 &mut stream,
                 Token(index),
                 Interest::READABLE | Interest::WRITABLE,
             )?;
-            self.conns[index] = Some(Conn {
-                stream,
-                state: State::Handshake,
-                input: Vec::new(),
-                backlog: Vec::new(),
-                topics: Vec::new(),
-            });
+            self.insert(Socket::Mio(stream));
         }
+    }
+
+    /// Takes a new connection in; returns its index.
+    fn insert(&mut self, socket: Socket) -> usize {
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            self.conns.len() - 1
+        });
+        self.conns[index] = Some(Conn {
+            socket,
+            task: None,
+            state: State::Handshake,
+            input: Vec::new(),
+            backlog: Vec::new(),
+            topics: Vec::new(),
+        });
+        index
     }
 
     /// Reads everything the socket has (mio is edge-triggered) and handles it.
     fn read(&mut self, index: usize, scratch: &mut [u8]) {
         loop {
-            let Some(conn) = self.conns[index].as_mut() else {
+            let Some(Conn {
+                socket: Socket::Mio(stream),
+                ..
+            }) = self.conns[index].as_mut()
+            else {
                 return;
             };
-            let n = match conn.stream.read(scratch) {
+            let n = match stream.read(scratch) {
                 Ok(0) => return self.dead.push(index),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return self.dead.push(index),
             };
-            // Whole frames are handled straight from the shared buffer; only a
-            // partial one is copied into the connection's own.
-            let mut input = std::mem::take(&mut conn.input);
-            if input.is_empty() {
-                let used = self.handle(index, &mut scratch[..n]);
-                input.extend_from_slice(&scratch[used..n]);
-            } else {
-                input.extend_from_slice(&scratch[..n]);
-                let used = self.handle(index, &mut input);
-                input.drain(..used);
-            }
-            if input.is_empty() {
-                input = Vec::new();
-            }
-            if let Some(conn) = self.conns[index].as_mut() {
-                conn.input = input;
-            }
+            self.received(index, scratch, n);
             if n < scratch.len() {
                 return;
             }
+        }
+    }
+
+    /// Handles the `n` bytes just read into `scratch` for connection `index`.
+    fn received(&mut self, index: usize, scratch: &mut [u8], n: usize) {
+        let Some(conn) = self.conns[index].as_mut() else {
+            return;
+        };
+        // Whole frames are handled straight from the shared buffer; only a
+        // partial one is copied into the connection's own.
+        let mut input = std::mem::take(&mut conn.input);
+        if input.is_empty() {
+            let used = self.handle(index, &mut scratch[..n]);
+            input.extend_from_slice(&scratch[used..n]);
+        } else {
+            input.extend_from_slice(&scratch[..n]);
+            let used = self.handle(index, &mut input);
+            input.drain(..used);
+        }
+        if input.is_empty() {
+            input = Vec::new();
+        }
+        if let Some(conn) = self.conns[index].as_mut() {
+            conn.input = input;
         }
     }
 
@@ -311,13 +353,20 @@ impl Server {
             let Some(conn) = self.conns[index].take() else {
                 continue;
             };
+            if let Some(task) = &conn.task {
+                task.wake_by_ref();
+            }
             if let State::Relay { id } = &conn.state {
                 leave(&mut self.clients, id, index);
             }
             for topic in &conn.topics {
                 leave(&mut self.topics, topic, index);
             }
-            self.free.push(index);
+            // A task's index is freed by the task as it ends: until then it may
+            // still look at its place, which must not hold a newer connection.
+            if conn.task.is_none() {
+                self.free.push(index);
+            }
         }
     }
 }
@@ -339,7 +388,7 @@ fn send(conns: &mut [Option<Conn>], dead: &mut Vec<usize>, index: usize, bytes: 
         return;
     };
     let written = if conn.backlog.is_empty() {
-        match conn.stream.write(bytes) {
+        match conn.socket.write(bytes) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(_) => return dead.push(index),
@@ -355,6 +404,11 @@ fn send(conns: &mut [Option<Conn>], dead: &mut Vec<usize>, index: usize, bytes: 
 /// Keeps what connection `index`'s socket did not take, to write once it
 /// drains; drops the connection whose backlog grows past the limit.
 fn hold(conn: &mut Conn, dead: &mut Vec<usize>, index: usize, rest: &[u8]) {
+    if conn.backlog.is_empty()
+        && let Some(task) = &conn.task
+    {
+        task.wake_by_ref();
+    }
     conn.backlog.extend_from_slice(rest);
     if conn.backlog.len() > MAX_BACKLOG {
         dead.push(index);
