@@ -11,6 +11,12 @@
 #   bench/callgrind.sh fanout  fanout-topic: one publisher, 2,000 subscribers, 15/s, 128 B
 #   bench/callgrind.sh fanout-targets   the same through a list of 2,000 targets
 #
+# `--server floor` or `--server floor-tokio` after relay, fanout or fanout-targets
+# counts the floor (bench/peers/floor-relay) instead, on its own epoll loop or on
+# tokio's runtime: the same relay code under both, so their difference is what
+# the runtime costs. The floor has no function that runs once per operation, so
+# its operations are its `send` calls (one per delivery in these scenarios).
+#
 # The server runs under callgrind with instrumentation off; it is switched on for
 # 5 s after a 4 s warm-up, and the instructions counted are divided by the
 # operations counted in the profile (calls of a function that runs once per
@@ -30,33 +36,44 @@ case "$scenario" in
   relay | echo | echo-deflate | storm | fanout | fanout-targets) ;;
   *) usage; exit 2 ;;
 esac
+name=switchboard
+if [ $# -gt 1 ]; then
+  case "$scenario ${2:-} ${3:-}" in
+    "relay --server floor" | "relay --server floor-tokio" | "fanout"*" --server floor" | "fanout"*" --server floor-tokio") name=$3 ;;
+    *) usage; exit 2 ;;
+  esac
+fi
 command -v valgrind > /dev/null || { echo "callgrind.sh: valgrind is not installed" >&2; exit 1; }
 
-cargo build --quiet --release -p switchboard-server -p switchboard-loadgen
+cargo build --quiet --release -p switchboard-server -p switchboard-loadgen -p floor-relay
 cargo build --quiet --release -p switchboard --example echo
 out=target/callgrind
 mkdir -p "$out"
-rm -f "$out/$scenario.out"*
+label=$scenario
+[ "$name" != switchboard ] && label=$scenario-$name
+rm -f "$out/$label.out"*
 if [[ "$scenario" != echo* ]]; then
   server=(target/release/switchboard serve "${bench_serve_flags[@]}" --compression false)
   load=(relay --clients 1000 --targets 1 --rate 1000 --size 128)
   [ "$scenario" = storm ] && load=(storm --concurrency 8)
   [ "$scenario" = fanout ] && load=(fanout --subscribers 2000 --rate 15 --size 128 --topic)
   [ "$scenario" = fanout-targets ] && load=(fanout --subscribers 2000 --rate 15 --size 128)
+  [ "$name" = floor ] && server=(target/release/floor-relay 127.0.0.1:0)
+  [ "$name" = floor-tokio ] && server=(target/release/floor-relay 127.0.0.1:0 --tokio)
 else
   server=(target/release/examples/echo 127.0.0.1:0)
   load=(echo --connections 50 --window 10 --size 64 --path /)
   [ "$scenario" = echo-deflate ] && load=(echo --connections 10 --window 4 --size 1024 --deflate --path /)
 fi
 
-taskset -c 1 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out/$scenario.out" \
-  "${server[@]}" > "$out/$scenario.log" 2> "$out/$scenario.err" &
+taskset -c 1 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out/$label.out" \
+  "${server[@]}" > "$out/$label.log" 2> "$out/$label.err" &
 pid=$!
 trap 'kill "$pid" 2> /dev/null || true' EXIT
-addr=$(wait_listening "$out/$scenario.log" "$pid")
+addr=$(wait_listening "$out/$label.log" "$pid")
 (sleep 4; callgrind_control -i on "$pid" > /dev/null; sleep 5; callgrind_control -i off "$pid" > /dev/null) &
 summary=$(taskset -c 0 target/release/loadgen "${load[@]}" --warmup 4 --duration 5 --drain 3 --addr "$addr" \
-  --pid "$pid" --server switchboard --label "callgrind-$scenario" --rep 1 \
+  --pid "$pid" --server "$name" --label "callgrind-$label" --rep 1 \
   --out "$out/raw.jsonl" 2>&1 | grep -E "^loadgen: callgrind")
 wait %2
 kill "$pid"
@@ -71,7 +88,8 @@ case "$scenario" in
   fanout*) per_op='ErasedMailbox>::push$' ;;                             # one per delivery
   storm) per_op='^switchboard::telemetry::opened$' ;;                    # one per connection
 esac
-profile="$out/$scenario.out"
+[ "$name" != switchboard ] && per_op='^(__libc_)?send$'                   # one per delivery
+profile="$out/$label.out"
 ops=$(awk -v pattern="$per_op" '
   /^c?fn=\(/ {
     id = $1; sub(/^c?fn=/, "", id)
@@ -88,4 +106,4 @@ if [ "$ops" -eq 0 ]; then
   echo "callgrind.sh: no calls of $per_op in the profile (inlined?)" >&2
   exit 1
 fi
-echo "$scenario: $((total / ops)) instructions per operation ($total over $ops operations)"
+echo "$label: $((total / ops)) instructions per operation ($total over $ops operations)"
