@@ -91,14 +91,27 @@ class Redis:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class Head:
+    """What a proxied connection's client sent first, and whether the proxy
+    has frozen the connection."""
+
+    def __init__(self):
+        self.sent = bytearray()
+        self.frozen = False
+
+
 class Proxy:
     """A TCP proxy on a free port in front of `target_port`. `cut()` closes
     every connection through it and refuses new ones until `heal()`;
     `swallow(marker)` makes new connections stop passing on what the client
     sends from the first chunk that holds `marker` on (a Redis that hangs
     at that command, or a path that stops passing data), never answering
-    it, until `heal()` (the connections swallowed stay so); `delay(seconds)`
-    holds every chunk that long before passing it on."""
+    it, until `heal()` (the connections swallowed stay so); `freeze(marker)`
+    makes the connections open now whose client has sent `marker` (in its
+    first 64 KiB) pass nothing more either way and stay open, a link gone
+    silent without a reset (new connections pass, and `heal()` does not thaw
+    these); `delay(seconds)` holds every
+    chunk that long before passing it on."""
 
     def __init__(self, target_port):
         self.target = target_port
@@ -111,6 +124,8 @@ class Proxy:
         self.open = True
         self.swallowing = None
         self.swallowed = 0
+        # Per connection: what its client sent first, and whether it is frozen.
+        self.heads = []
         self.pairs = []
         self.stopped = False
         self.latency = 0.0
@@ -139,16 +154,23 @@ class Proxy:
                 upstream.settimeout(None)
                 self.pairs.append((client, upstream))
                 marker = self.swallowing
-            for a, b, m in ((client, upstream, marker), (upstream, client, None)):
-                threading.Thread(target=self._pump, args=(a, b, m), daemon=True).start()
+            # What the client sent first, shared by both directions' pumps.
+            head = Head()
+            self.heads.append(head)
+            for a, b, m, sent in ((client, upstream, marker, True), (upstream, client, None, False)):
+                threading.Thread(target=self._pump, args=(a, b, m, head, sent), daemon=True).start()
 
-    def _pump(self, src, dst, marker=None):
+    def _pump(self, src, dst, marker, head, sent):
         swallowing = False
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if sent and len(head.sent) < 65536:
+                    head.sent += data[:65536 - len(head.sent)]
+                if head.frozen:
+                    continue
                 if marker is not None and not swallowing and marker in data:
                     swallowing = True
                     with self.lock:
@@ -169,6 +191,13 @@ class Proxy:
     def swallow(self, marker):
         with self.lock:
             self.swallowing = marker
+
+    def freeze(self, marker):
+        with self.lock:
+            frozen = [h for h in self.heads if marker in h.sent]
+        for head in frozen:
+            head.frozen = True
+        return len(frozen)
 
     def cut(self):
         with self.lock:

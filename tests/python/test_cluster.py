@@ -784,6 +784,45 @@ async def test_a_node_cut_off_from_redis_catches_up_or_stops_serving_within_its_
 
 
 @async_test
+async def test_a_pub_sub_connection_gone_silent_is_replaced_and_nothing_is_lost(proxied):
+    c, n1, behind, proxy = proxied
+    async with client(None, "a", envelope=True, uri=url(behind, "a")) as a, \
+            client(None, "b", envelope=True, uri=url(n1, "b")) as b:
+        await b.send(msg(["a"], "before"))
+        assert (await deliveries(a, 1))[0]["payload"] == "before"
+        # The node's pub/sub connection (the one that sent SUBSCRIBE) stops
+        # passing anything and stays open: no reset, so no read notices. Its
+        # commands and heartbeat go on, so the node stays in the cluster.
+        assert proxy.freeze(b"SUBSCRIBE") == 1
+        frozen = time.monotonic()
+        for i in range(3):
+            await b.send(msg(["a"], i))
+        # A connect now sends its SUBSCRIBE on the silent connection: it is
+        # answered within a lease (refused, or granted on the connection that
+        # replaces it if the node's ping found the silence first), not left
+        # waiting for ever.
+        try:
+            async with client(None, "c", uri=url(behind, "c")):
+                outcome = "granted"
+        except InvalidStatus as refused:
+            outcome = refused.response.status_code
+        assert outcome in ("granted", 503), outcome
+        assert time.monotonic() - frozen < LEASE * 1.2 + 1.5
+        # Within a fifth of a lease the node pings (or its SUBSCRIBE waits),
+        # within a lease more it gives up on the connection, subscribes on a
+        # new one, and reads the stream for what pub/sub did not bring.
+        # Unprobed and untimed, none came.
+        got = await asyncio.wait_for(deliveries(a, 3), timeout=LEASE * 3)
+        took = time.monotonic() - frozen
+        assert [(m["offset"], m["payload"]) for m in got] == [(2, 0), (3, 1), (4, 2)], got
+        assert LEASE < took < LEASE * 1.2 + 1.5, took
+        assert healthz(behind) == 200
+        await b.send(msg(["a"], "after"))
+        assert [m["payload"] for m in await deliveries(a, 1)] == ["after"]
+        await nothing_before_marker(c, a, "a")
+
+
+@async_test
 async def test_a_slow_link_to_redis_delays_but_loses_and_reorders_nothing(proxied):
     c, fast, slow, proxy = proxied
     async with client(None, "a", envelope=True, uri=url(slow, "a")) as a, \

@@ -238,7 +238,8 @@ pub struct Settings {
 
     /// Cluster mode: how long a node's place in the cluster outlives its last heartbeat to Redis
     /// (five a lease). A crashed node's clients count as offline this long after it died; a node
-    /// cut off from Redis this long closes its clients with 1012. 2 to 15 [default: 5]
+    /// cut off from Redis this long closes its clients with 1012; a pub/sub connection that
+    /// leaves a command unanswered this long is replaced. 2 to 15 [default: 5]
     #[arg(long, env = "SWITCHBOARD_NODE_LEASE_SECS", value_name = "SECS")]
     pub node_lease_secs: Option<u64>,
 

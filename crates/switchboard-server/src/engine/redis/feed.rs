@@ -10,7 +10,10 @@
 //! pub/sub connection drops, the node subscribes again and reads every
 //! stream it serves from where its connections are; after notices were
 //! dropped over the backlog's bound (`backlog`), it reads the streams of
-//! their channels.
+//! their channels. A pub/sub connection that stays open but stops answering
+//! (a link gone silent, with no reset to end it) counts as dropped once a
+//! command on it has waited for a lease: the node is pinged each fifth of
+//! the lease while nothing else is asked of it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -18,8 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge};
-use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, RedisResult};
 use switchboard::{
     ClientId, CloseCode, CloseReason, ConnId, Format, Outbox, PreparedMessage, PresenceChange,
 };
@@ -98,6 +101,9 @@ pub(super) struct FeedSettings {
     pub channels: IntGauge,
     /// Notices dropped over the backlog's bound.
     pub dropped: IntCounter,
+    /// The node's lease: the longest a pub/sub command may wait for Redis
+    /// before the connection counts as lost.
+    pub lease: Duration,
 }
 
 /// The node's pub/sub side.
@@ -138,6 +144,7 @@ impl Feed {
             up: up.clone(),
             backlog: settings.backlog,
             dropped: settings.dropped,
+            lease: settings.lease,
             generation: 0,
             control: control.downgrade(),
         };
@@ -215,6 +222,8 @@ struct Subscriber {
     /// The bound of each connection's backlog, in bytes.
     backlog: usize,
     dropped: IntCounter,
+    /// How long a command may wait for an answer (see [`Self::answered`]).
+    lease: Duration,
     /// Counts the pub/sub connections made.
     generation: u64,
     /// Where each connection says it ended. Weak: the subscriber ends once
@@ -264,8 +273,8 @@ impl Subscriber {
                 }
             },
         };
-        // No response timeout, as on the RESP2 connection before: a SUBSCRIBE
-        // waits for Redis, however slow; a closed connection ends it.
+        // No response timeout of redis-rs's: each command is timed by
+        // `answered`, which ends the connection rather than one command.
         let config = AsyncConnectionConfig::new()
             .set_push_sender(hearing)
             .set_response_timeout(None)
@@ -299,9 +308,9 @@ impl Subscriber {
         let channels: Vec<String> = self.held.keys().cloned().collect();
         let mut subscribed = Ok(());
         for chunk in channels.chunks(1000) {
-            if let Err(e) = sink.subscribe(chunk).await {
-                tracing::warn!(error = %e, "subscribing again after a reconnect failed");
-                subscribed = Err(Unavailable(format!("pub/sub failed: {e}")));
+            if let Err(e) = self.answered(sink.subscribe(chunk)).await {
+                tracing::warn!(error = %e.0, "subscribing again after a reconnect failed");
+                subscribed = Err(e);
                 break;
             }
         }
@@ -322,10 +331,25 @@ impl Subscriber {
         sink: &mut MultiplexedConnection,
         control: &mut mpsc::UnboundedReceiver<Control>,
     ) -> Option<()> {
+        // Pings only while nothing else is asked: any answer shows the
+        // connection alive, and a command that waits is timed anyway.
+        let every = self.lease / 5;
+        let mut probe = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let mut batch: Vec<Control> = self.orphans.drain(..).map(Control::Release).collect();
             if batch.is_empty() {
-                batch.push(control.recv().await?);
+                tokio::select! {
+                    request = control.recv() => batch.push(request?),
+                    _ = probe.tick() => {
+                        let ping = redis::cmd("PING");
+                        if let Err(e) = self.answered(ping.query_async::<()>(sink)).await {
+                            tracing::warn!(error = %e.0, "the Redis pub/sub connection did not answer a ping");
+                            return Some(());
+                        }
+                        continue;
+                    }
+                }
             }
             while let Ok(more) = control.try_recv() {
                 batch.push(more);
@@ -361,11 +385,15 @@ impl Subscriber {
                     _ => {}
                 }
             }
+            let asked = !(subscribe.is_empty() && unsubscribe.is_empty());
             let done = if lost {
                 Err(Unavailable("the pub/sub connection was lost".into()))
             } else {
                 self.change(sink, &subscribe, &unsubscribe).await
             };
+            if asked {
+                probe.reset();
+            }
             for (channel, reply) in waiting {
                 self.answer(channel, reply, done.clone());
             }
@@ -381,14 +409,30 @@ impl Subscriber {
         subscribe: &[String],
         unsubscribe: &[String],
     ) -> Result<(), Unavailable> {
-        let failed = |e: redis::RedisError| Unavailable(format!("pub/sub failed: {e}"));
         if !subscribe.is_empty() {
-            sink.subscribe(subscribe).await.map_err(failed)?;
+            self.answered(sink.subscribe(subscribe)).await?;
         }
         if !unsubscribe.is_empty() {
-            sink.unsubscribe(unsubscribe).await.map_err(failed)?;
+            self.answered(sink.unsubscribe(unsubscribe)).await?;
         }
         Ok(())
+    }
+
+    /// Waits for Redis to answer a command on the pub/sub connection. One
+    /// left unanswered for a lease fails, and the caller then drops the
+    /// connection: Redis is slow past what the node's heartbeat allows, or
+    /// the link went silent without a reset (which no read would notice).
+    async fn answered<T>(
+        &self,
+        command: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T, Unavailable> {
+        match tokio::time::timeout(self.lease, command).await {
+            Ok(answer) => answer.map_err(|e| Unavailable(format!("pub/sub failed: {e}"))),
+            Err(_) => Err(Unavailable(format!(
+                "Redis did not answer on the pub/sub connection for {:?}",
+                self.lease
+            ))),
+        }
     }
 
     /// Answers a hold that was counted. A refused one is uncounted here (its

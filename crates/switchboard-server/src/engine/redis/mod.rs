@@ -138,6 +138,7 @@ impl RedisEngine {
                 backlog: settings.pubsub_backlog,
                 channels: metrics.redis_channels.clone(),
                 dropped: metrics.redis_pubsub_dropped.clone(),
+                lease: settings.lease,
             },
         );
         let core = Arc::new(Core {
