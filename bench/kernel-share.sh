@@ -5,7 +5,7 @@
 #
 #   bench/kernel-share.sh SCENARIO SERVER
 #     SCENARIO: relay-k1 | fanout-topic | echo   (bench/run.sh's full-run parameters)
-#     SERVER:   switchboard | bun | floor
+#     SERVER:   switchboard | bun | floor | floor-tokio (the floor's relay on tokio)
 #
 # As in bench/run.sh, the server runs on CPU 1 and the load generator on CPU 0.
 # `perf record -g` samples the server for 4 s after a 2 s warm-up. Sampling slows
@@ -30,6 +30,7 @@ case "$server/$scenario" in
   switchboard/*) command=(target/release/switchboard serve "${bench_serve_flags[@]}" --compression false) ;;
   bun/*) command=(bench/peers/node_modules/.bin/bun bench/peers/bun-relay.js 127.0.0.1:0); path=/echo ;;
   floor/*) command=(target/release/floor-relay 127.0.0.1:0); path=/echo ;;
+  floor-tokio/*) command=(target/release/floor-relay 127.0.0.1:0 --tokio); path=/echo ;;
   *) usage; exit 2 ;;
 esac
 [ "$scenario" = echo ] && load+=(--path "$path")
