@@ -858,6 +858,7 @@ async def test_a_pub_sub_connection_gone_silent_is_replaced_and_nothing_is_lost(
             client(None, "b", envelope=True, uri=url(n1, "b")) as b:
         await b.send(msg(["a"], "before"))
         assert (await deliveries(a, 1))[0]["payload"] == "before"
+        assert metric(behind, "redis_pubsub_reconnects_total") == 0
         # The node's pub/sub connection (the one that sent SUBSCRIBE) stops
         # passing anything and stays open: no reset, so no read notices. Its
         # commands and heartbeat go on, so the node stays in the cluster.
@@ -885,6 +886,7 @@ async def test_a_pub_sub_connection_gone_silent_is_replaced_and_nothing_is_lost(
         assert [(m["offset"], m["payload"]) for m in got] == [(2, 0), (3, 1), (4, 2)], got
         assert LEASE < took < LEASE * 1.2 + 1.5, took
         assert healthz(behind) == 200
+        assert metric(behind, "redis_pubsub_reconnects_total") == 1
         await b.send(msg(["a"], "after"))
         assert [m["payload"] for m in await deliveries(a, 1)] == ["after"]
         await nothing_before_marker(c, a, "a")

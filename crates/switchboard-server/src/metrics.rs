@@ -44,6 +44,8 @@ pub struct Metrics {
     pub redis_channels: IntGauge,
     /// Cluster mode: pub/sub notices dropped over the node's backlog bound.
     pub redis_pubsub_dropped: IntCounter,
+    /// Pub/sub connections made again after one was lost or went silent.
+    pub redis_pubsub_reconnects: IntCounter,
     jwks_fetches: IntCounterVec,
     tls_reloads: IntCounterVec,
 }
@@ -146,7 +148,11 @@ impl Metrics {
             ),
             redis_reconnects: counter(
                 "redis_reconnects_total",
-                "Connections to Redis made again after one was lost (cluster mode).",
+                "The link's connections to Redis (commands, heartbeats) made again after one was lost (cluster mode); the pub/sub connection has redis_pubsub_reconnects_total.",
+            ),
+            redis_pubsub_reconnects: counter(
+                "redis_pubsub_reconnects_total",
+                "Pub/sub connections to Redis made again after one was lost, or left a command unanswered for a lease (cluster mode). Each is followed by a read of every stream the node serves, so live messages come late, not never.",
             ),
             redis_pubsub_dropped: counter(
                 "redis_pubsub_dropped_total",

@@ -104,6 +104,8 @@ pub(super) struct FeedSettings {
     /// The node's lease: the longest a pub/sub command may wait for Redis
     /// before the connection counts as lost.
     pub lease: Duration,
+    /// Counts the connections made again after one was lost.
+    pub reconnects: IntCounter,
 }
 
 /// The node's pub/sub side.
@@ -145,6 +147,7 @@ impl Feed {
             backlog: settings.backlog,
             dropped: settings.dropped,
             lease: settings.lease,
+            reconnects: settings.reconnects,
             generation: 0,
             control: control.downgrade(),
         };
@@ -224,6 +227,7 @@ struct Subscriber {
     dropped: IntCounter,
     /// How long a command may wait for an answer (see [`Self::answered`]).
     lease: Duration,
+    reconnects: IntCounter,
     /// Counts the pub/sub connections made.
     generation: u64,
     /// Where each connection says it ended. Weak: the subscriber ends once
@@ -234,6 +238,7 @@ struct Subscriber {
 impl Subscriber {
     async fn run(mut self, mut control: mpsc::UnboundedReceiver<Control>) {
         let mut backoff = Duration::from_millis(50);
+        let mut connected_before = false;
         loop {
             let Some(mut sink) = self.connect(&mut control).await else {
                 // While down, holds fail at once; releases still count.
@@ -245,6 +250,9 @@ impl Subscriber {
                 continue;
             };
             backoff = Duration::from_millis(50);
+            if std::mem::replace(&mut connected_before, true) {
+                self.reconnects.inc();
+            }
             self.up.store(true, Ordering::Relaxed);
             // Whatever was published while this node was not listening.
             let _ = self.commands.send(Command::Resync);

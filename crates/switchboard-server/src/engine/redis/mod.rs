@@ -139,6 +139,7 @@ impl RedisEngine {
                 channels: metrics.redis_channels.clone(),
                 dropped: metrics.redis_pubsub_dropped.clone(),
                 lease: settings.lease,
+                reconnects: metrics.redis_pubsub_reconnects.clone(),
             },
         );
         let core = Arc::new(Core {
