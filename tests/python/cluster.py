@@ -98,6 +98,7 @@ class Head:
     def __init__(self):
         self.sent = bytearray()
         self.frozen = False
+        self.closed = False
 
 
 class Proxy:
@@ -110,7 +111,7 @@ class Proxy:
     makes the connections open now whose client has sent `marker` (in its
     first 64 KiB) pass nothing more either way and stay open, a link gone
     silent without a reset (new connections pass, and `heal()` does not thaw
-    these); `delay(seconds)` holds every
+    these), and answers how many it froze; `delay(seconds)` holds every
     chunk that long before passing it on."""
 
     def __init__(self, target_port):
@@ -182,6 +183,7 @@ class Proxy:
                 dst.sendall(data)
         except OSError:
             pass
+        head.closed = True
         for s in (src, dst):
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -194,7 +196,7 @@ class Proxy:
 
     def freeze(self, marker):
         with self.lock:
-            frozen = [h for h in self.heads if marker in h.sent]
+            frozen = [h for h in self.heads if marker in h.sent and not (h.frozen or h.closed)]
         for head in frozen:
             head.frozen = True
         return len(frozen)

@@ -304,6 +304,12 @@ elseif op == 'heartbeat' then
   if first ~= '1' and not alive(node) then
     return redis.error_reply('REAPED node lease lapsed')
   end
+  -- A first beat that counted in Redis but whose answer was lost, then a
+  -- lease without a beat: the id is being reaped, and would keep losing
+  -- what it counts from now on. It takes a new id.
+  if first == '1' and redis.call('SISMEMBER', 'sb:reaping', node) == 1 then
+    return redis.error_reply('REAPED node lease lapsed')
+  end
   local time = now_ms()
   redis.call('ZADD', 'sb:nodes', time + lease, node)
   -- Its traffic, for the other nodes' stats (ARGV[9..15]).

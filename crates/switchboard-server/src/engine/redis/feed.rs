@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge};
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, RedisResult};
+use redis::{AsyncConnectionConfig, ErrorKind, RedisResult};
 use switchboard::{
     ClientId, CloseCode, CloseReason, ConnId, Format, Outbox, PreparedMessage, PresenceChange,
 };
@@ -350,8 +350,7 @@ impl Subscriber {
                 tokio::select! {
                     request = control.recv() => batch.push(request?),
                     _ = probe.tick() => {
-                        let ping = redis::cmd("PING");
-                        if let Err(e) = self.answered(ping.query_async::<()>(sink)).await {
+                        if let Err(e) = self.ping(sink).await {
                             tracing::warn!(error = %e.0, "the Redis pub/sub connection did not answer a ping");
                             return Some(());
                         }
@@ -434,13 +433,39 @@ impl Subscriber {
         &self,
         command: impl Future<Output = RedisResult<T>>,
     ) -> Result<T, Unavailable> {
-        match tokio::time::timeout(self.lease, command).await {
-            Ok(answer) => answer.map_err(|e| Unavailable(format!("pub/sub failed: {e}"))),
-            Err(_) => Err(Unavailable(format!(
-                "Redis did not answer on the pub/sub connection for {:?}",
-                self.lease
-            ))),
+        self.within_lease(command)
+            .await?
+            .map_err(|e| Unavailable(format!("pub/sub failed: {e}")))
+    }
+
+    /// Checks that the connection still carries answers. An error reply is
+    /// an answer (a user whose ACL denies PING, a Redis still loading): only
+    /// silence for a lease, or a failure of the connection itself, fails.
+    async fn ping(&self, sink: &mut MultiplexedConnection) -> Result<(), Unavailable> {
+        match self
+            .within_lease(redis::cmd("PING").query_async::<()>(sink))
+            .await?
+        {
+            Err(e) if !matches!(e.kind(), ErrorKind::Server(_) | ErrorKind::Extension) => {
+                Err(Unavailable(format!("pub/sub failed: {e}")))
+            }
+            _ => Ok(()),
         }
+    }
+
+    /// `command`'s outcome, or a failure if it takes longer than a lease.
+    async fn within_lease<T>(
+        &self,
+        command: impl Future<Output = RedisResult<T>>,
+    ) -> Result<RedisResult<T>, Unavailable> {
+        tokio::time::timeout(self.lease, command)
+            .await
+            .map_err(|_| {
+                Unavailable(format!(
+                    "Redis did not answer on the pub/sub connection for {:?}",
+                    self.lease
+                ))
+            })
     }
 
     /// Answers a hold that was counted. A refused one is uncounted here (its
