@@ -141,7 +141,7 @@ end
 -- left of the budget. Each index is walked with HSCAN from where the last
 -- step stopped (`sb:reaping:at`), and each field goes from it as it is
 -- undone, by the call that deletes it, so nothing is undone twice. The node
--- leaves `sb:reaping` once both indexes are empty.
+-- leaves `sb:reaping` in the call that empties both indexes.
 local function reap(node, budget)
   for _, key in ipairs({ node_clients(node), node_topics(node) }) do
     while budget > 0 and redis.call('EXISTS', key) == 1 do
@@ -167,7 +167,7 @@ local function reap(node, budget)
       end
     end
   end
-  if budget > 0 then
+  if redis.call('EXISTS', node_clients(node), node_topics(node)) == 0 then
     redis.call('SREM', 'sb:reaping', node)
     redis.call('HDEL', 'sb:reaping:at', node_clients(node), node_topics(node))
   end
