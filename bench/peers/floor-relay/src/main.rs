@@ -157,21 +157,27 @@ fn announce(addr: SocketAddr) -> io::Result<()> {
 impl Server {
     fn accept(&mut self, listener: &TcpListener, poll: &Poll) -> io::Result<()> {
         loop {
-            let (mut stream, _) = match listener.accept() {
+            let (stream, _) = match listener.accept() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 // Out of descriptors, or a reset before accept: try at the next event.
                 Err(_) => return Ok(()),
             };
             stream.set_nodelay(true)?;
+            let index = self.insert(Socket::Mio(stream));
+            let Some(Conn {
+                socket: Socket::Mio(stream),
+                ..
+            }) = self.conns[index].as_mut()
+            else {
+                unreachable!("just inserted");
+            };
             // Edge-triggered both ways: a writable edge comes only after a full socket drains.
-            let index = self.free.last().copied().unwrap_or(self.conns.len());
             poll.registry().register(
-                &mut stream,
+                stream,
                 Token(index),
                 Interest::READABLE | Interest::WRITABLE,
             )?;
-            self.insert(Socket::Mio(stream));
         }
     }
 
