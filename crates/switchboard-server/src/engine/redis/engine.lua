@@ -125,8 +125,8 @@ end
 -- Index fields a heartbeat undoes at most, over every dead node: Redis runs
 -- nothing else while a script runs, and undoing a node of 100,000 connections
 -- and 50,000 subscriptions in one call held it for 1.5 s, past the heartbeats
--- of every other node. A beat of 2,000 takes about 23 ms (10 ms without
--- `$clients` events); a bigger index takes more beats (docs/cluster.md).
+-- of every other node. A beat of 2,000 takes about 24 ms (10 ms without
+-- `$clients` events; bench/reap.sh); a bigger index takes more beats.
 local REAP_BATCH = 2000
 
 -- A node whose lease has lapsed leaves `sb:nodes` at once (it may count
