@@ -430,7 +430,8 @@ where
             return false;
         }
         let close = signal.close().clone();
-        self.shutdown = None;
+        // Kept, not dropped: the signal counts the connection until it ends.
+        signal.heard();
         self.start_close(close.clone(), TerminateReason::Shutdown(close));
         true
     }

@@ -1,13 +1,12 @@
 //! Graceful shutdown for every connection started with the same [`Shutdown`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Waker};
 use std::time::Duration;
 
 use switchboard_proto::{CloseCode, CloseReason};
-use tokio_util::task::TaskTracker;
-use tokio_util::task::task_tracker::TaskTrackerToken;
+use tokio::sync::Notify;
 
 /// Tracks connection tasks and tells them to close.
 ///
@@ -26,8 +25,13 @@ struct State {
     triggered: AtomicBool,
     close: CloseReason,
     waiters: Mutex<Waiters>,
-    /// The connections' tasks, and tokens for those hibernating.
-    tracker: TaskTracker,
+    /// Connections not yet ended: one per [`Signal`], which each connection
+    /// keeps from its upgrade to its end, awake or hibernating. Counted by
+    /// connection rather than by task: a connection that hibernates or wakes
+    /// has two tasks for a moment, which `/healthz` once showed.
+    open: AtomicUsize,
+    /// Told when `open` falls to zero.
+    ended: Notify,
 }
 
 /// The wakers of the connections waiting for the trigger. A connection keeps
@@ -82,7 +86,8 @@ impl Shutdown {
                 triggered: AtomicBool::new(false),
                 close,
                 waiters: Mutex::default(),
-                tracker: TaskTracker::new(),
+                open: AtomicUsize::new(0),
+                ended: Notify::new(),
             }),
         }
     }
@@ -107,9 +112,10 @@ impl Shutdown {
         self.state.triggered.load(Ordering::Acquire)
     }
 
-    /// Connections still running.
+    /// Connections still running: upgraded (or upgrading) and not yet ended,
+    /// hibernating ones included.
     pub fn connections(&self) -> usize {
-        self.state.tracker.len()
+        self.state.open.load(Ordering::Acquire)
     }
 
     /// Triggers shutdown and waits up to `timeout` for every connection to end.
@@ -144,44 +150,65 @@ impl Shutdown {
     /// closing; a later `drain` waits for the rest.
     pub async fn drain(&self, timeout: Duration) -> bool {
         self.trigger();
-        self.state.tracker.close();
-        tokio::time::timeout(timeout, self.state.tracker.wait())
-            .await
-            .is_ok()
+        tokio::time::timeout(timeout, self.ended()).await.is_ok()
     }
 
-    pub(crate) fn signal(&self) -> Signal {
-        Signal {
-            state: self.state.clone(),
-            slot: None,
+    /// Returns once no connection is left.
+    async fn ended(&self) {
+        loop {
+            let mut ended = std::pin::pin!(self.state.ended.notified());
+            // Listening before the count is read: a last connection that ends
+            // in between still reaches this wait.
+            ended.as_mut().enable();
+            if self.connections() == 0 {
+                return;
+            }
+            ended.await;
         }
     }
 
-    pub(crate) fn spawn<F>(&self, task: F)
-    where
-        F: std::future::Future<Output = ()> + Send + 'static,
-    {
-        self.state.tracker.spawn(task);
+    /// A new connection's signal: it counts the connection until dropped.
+    pub(crate) fn signal(&self) -> Signal {
+        self.state.open.fetch_add(1, Ordering::AcqRel);
+        Signal {
+            state: self.state.clone(),
+            slot: Slot::Unregistered,
+        }
     }
 }
 
-/// One connection's view of a [`Shutdown`].
+/// One connection's view of a [`Shutdown`], kept for its whole life: while
+/// it exists, the connection is counted.
 pub(crate) struct Signal {
     state: Arc<State>,
-    /// Where the task's waker waits, once the first poll left it there
-    /// (32 bits: fewer connections than that are open at once).
-    slot: Option<u32>,
+    slot: Slot,
+}
+
+/// Where a connection stands with the waiters.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// No waker left yet.
+    Unregistered,
+    /// Its task's waker waits at this index (32 bits: fewer connections than
+    /// that are open at once).
+    At(u32),
+    /// It has heard the trigger and is closing: nothing more to wait for.
+    Heard,
 }
 
 impl Signal {
-    /// Whether shutdown was triggered. The first call registers `cx`'s waker;
-    /// later calls only read the flag, which is enough because a connection is
-    /// always its own spawned task, whose waker stays the same across polls.
+    /// Whether shutdown was triggered and not yet [`Self::heard`]. The first
+    /// call registers `cx`'s waker; later calls only read the flag, which is
+    /// enough because a connection is always its own spawned task, whose
+    /// waker stays the same across polls.
     pub(crate) fn poll_triggered(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.slot == Slot::Heard {
+            return false;
+        }
         if self.state.triggered.load(Ordering::Acquire) {
             return true;
         }
-        if self.slot.is_none() {
+        if self.slot == Slot::Unregistered {
             let mut waiters = self.state.waiters();
             // Read again under the lock: `trigger` sets the flag before it
             // takes the lock, so either it sees this waker or this sees the flag.
@@ -199,9 +226,16 @@ impl Signal {
                     u32::try_from(waiters.slots.len() - 1).expect("fewer than 2^32 connections")
                 }
             };
-            self.slot = Some(slot);
+            self.slot = Slot::At(slot);
         }
         false
+    }
+
+    /// The connection has started its close: later polls return `false`, and
+    /// its waker leaves the list. It stays counted until it ends.
+    pub(crate) fn heard(&mut self) {
+        self.unregister();
+        self.slot = Slot::Heard;
     }
 
     /// The close frame connections are sent.
@@ -212,23 +246,22 @@ impl Signal {
     /// Gives the slot back: the connection's task is changing (it hibernates
     /// or wakes), and the next [`Self::poll_triggered`] leaves the new waker.
     pub(crate) fn unregister(&mut self) {
-        if let Some(slot) = self.slot.take() {
+        if let Slot::At(slot) = self.slot {
+            self.slot = Slot::Unregistered;
             let mut waiters = self.state.waiters();
             waiters.slots[slot as usize] = None;
             waiters.free.push(slot);
         }
     }
-
-    /// Counts the connection as running while it has no task (it hibernates),
-    /// so that [`Shutdown::drain`] waits for it.
-    pub(crate) fn track(&self) -> TaskTrackerToken {
-        self.state.tracker.token()
-    }
 }
 
 impl Drop for Signal {
+    /// The connection has ended.
     fn drop(&mut self) {
         self.unregister();
+        if self.state.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.state.ended.notify_waiters();
+        }
     }
 }
 

@@ -326,10 +326,7 @@ impl WebSocketUpgrade {
         };
         let task =
             driver::Connection::new(self.on_upgrade, handler, mailbox, setup).instrument(span);
-        match &self.shutdown {
-            Some(shutdown) => shutdown.spawn(task),
-            None => drop(tokio::spawn(task)),
-        }
+        drop(tokio::spawn(task));
         response
     }
 

@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::{Event, Probe, RawClient, TIMEOUT, collect, next_event, serve};
@@ -346,6 +348,40 @@ async fn shutdown_waits_for_and_closes_hibernating_connections() {
         Event::Terminate(TerminateReason::Shutdown(_))
     ));
     assert_eq!(shutdown.connections(), 0);
+}
+
+/// Regression: a connection was counted by its tasks, and for a moment as it
+/// hibernated (the old task ending, a token taken) or woke it had two, so a
+/// client's `/healthz` once read three connections for two. A thread reads
+/// the count without pause while one connection sleeps and wakes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_counted_once_as_it_hibernates_and_wakes() {
+    const CYCLES: u64 = 20;
+    let stats = Stats::new();
+    let shutdown = Shutdown::new();
+    let options = hibernating(&stats).hibernate_after(Some(Duration::from_millis(20)));
+    let (mut client, mut events, _handle) = connected(options, Some(shutdown.clone())).await;
+    let reading = Arc::new(AtomicBool::new(true));
+    let reader = std::thread::spawn({
+        let (shutdown, reading) = (shutdown.clone(), reading.clone());
+        move || {
+            let (mut most, mut reads) = (0, 0_u64);
+            while reading.load(Ordering::Relaxed) {
+                most = most.max(shutdown.connections());
+                reads += 1;
+            }
+            (most, reads)
+        }
+    });
+    for cycle in 1..=CYCLES {
+        hibernated(&stats, cycle).await;
+        say(&mut client, &mut events, &format!("wake {cycle}")).await;
+    }
+    reading.store(false, Ordering::Relaxed);
+    let (most, reads) = reader.join().unwrap();
+    assert!(stats.snapshot().wakes >= CYCLES);
+    assert!(reads > 1_000, "the count was read {reads} times");
+    assert_eq!(most, 1, "one connection, counted at most {most} times");
 }
 
 #[tokio::test]

@@ -34,7 +34,6 @@ use switchboard_proto::message::MessageEncoder;
 use switchboard_proto::{Limits, MessageDecoder, OpCode, Role};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
-use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{Instrument, Span};
 
 use super::close::Phase;
@@ -71,8 +70,6 @@ pub(crate) struct Asleep<H: Handler> {
     quiet: QuietRest,
     /// The connection's span, which its next task runs in.
     span: Span,
-    /// Keeps the connection counted by its [`crate::Shutdown`] while it has no task.
-    tracked: Option<TaskTrackerToken>,
     runtime: tokio::runtime::Handle,
     /// Its place in the lot.
     ticket: Ticket,
@@ -222,7 +219,7 @@ impl<H: Handler> Wake for Sleeper<H> {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        let Some(mut asleep) = self.lock().take() else {
+        let Some(asleep) = self.lock().take() else {
             // Woken already.
             return;
         };
@@ -231,14 +228,10 @@ impl<H: Handler> Wake for Sleeper<H> {
         }
         let span = asleep.span.clone();
         let runtime = asleep.runtime.clone();
-        let tracked = asleep.tracked.take();
         let task = Connection::Waking(asleep).instrument(span);
         // A runtime that has shut down drops the task, and the connection
         // with it, as it dropped every task it had.
-        drop(match &tracked {
-            Some(token) => token.task_tracker().spawn_on(task, &runtime),
-            None => runtime.spawn(task),
-        });
+        drop(runtime.spawn(task));
     }
 }
 
@@ -410,11 +403,9 @@ impl<H: Handler> Driver<H, Socket> {
         let Some(quiet) = quiet else {
             unreachable!("only a watched connection is found quiet")
         };
-        let mut wake_now = false;
-        let tracked = shutdown.as_mut().map(|signal| {
+        let wake_now = shutdown.as_mut().is_some_and(|signal| {
             signal.unregister();
-            wake_now |= signal.poll_triggered(&mut TaskContext::from_waker(&waker));
-            signal.track()
+            signal.poll_triggered(&mut TaskContext::from_waker(&waker))
         });
         let Socket::Tcp(stream) = io else {
             unreachable!("matched above")
@@ -454,7 +445,6 @@ impl<H: Handler> Driver<H, Socket> {
             counts,
             quiet: quiet.rest(),
             span: Span::current(),
-            tracked,
             runtime: tokio::runtime::Handle::current(),
             ticket,
             ping_tail: false,

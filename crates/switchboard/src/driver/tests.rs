@@ -212,7 +212,7 @@ fn the_driver_stays_within_its_share_of_the_task() {
 
 /// A hibernating connection keeps one allocation of its own: this record with
 /// the lock and the `Arc` around it (24 bytes). With the `Relay` handler in
-/// place of `Echo` (152 bytes more) that is 24 + 272 + 152 = 448 bytes, one of
+/// place of `Echo` (152 bytes more) that is at most 24 + 272 + 152 = 448 bytes, one of
 /// jemalloc's size classes (the service's allocator); one byte more and it
 /// takes 512 (docs/performance.md, "Hibernation").
 #[test]
