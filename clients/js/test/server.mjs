@@ -225,9 +225,16 @@ export function record(client, events = ["connected", "disconnected", "reconnect
   return seen;
 }
 
-/** A TOML config file with `text`, in a temp dir; returns its path. */
+// The temp dirs of `configFile`, removed as the test process exits.
+const configDirs = [];
+process.on("exit", () => {
+  for (const dir of configDirs) rmSync(dir, { recursive: true, force: true });
+});
+
+/** A TOML config file with `text`, in a temp dir removed at exit; returns its path. */
 export function configFile(text) {
   const dir = mkdtempSync(join(tmpdir(), "switchboard-js-config-"));
+  configDirs.push(dir);
   const path = join(dir, "switchboard.toml");
   writeFileSync(path, text);
   return path;

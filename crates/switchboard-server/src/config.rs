@@ -770,9 +770,8 @@ mod tests {
 
     #[test]
     fn flags_override_the_file() {
-        let dir = std::env::temp_dir().join(format!("sb-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("switchboard.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("switchboard.toml");
         std::fs::write(
             &path,
             "listen = \"127.0.0.1:5000\"\nmax_targets = 5\nidle_timeout_secs = 0\n",
@@ -807,9 +806,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_errors() {
-        let dir = std::env::temp_dir().join(format!("sb-config-bad-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("bad.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
         std::fs::write(&path, "max_targetz = 5\n").unwrap();
         let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap()]);
         let error = format!("{:#}", Config::load(&cli.args).unwrap_err());
@@ -865,9 +863,8 @@ mod tests {
         assert_eq!(load(&[]).unwrap().metrics_auth, MetricsAuth::ApiKey);
         let open = load(&["--metrics-auth", "none"]).unwrap();
         assert_eq!(open.metrics_auth, MetricsAuth::None);
-        let dir = std::env::temp_dir().join(format!("sb-metrics-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("switchboard.toml");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("switchboard.toml");
         for (text, expected) in [
             ("metrics_auth = \"none\"\n", MetricsAuth::None),
             ("metrics_auth = \"api-key\"\n", MetricsAuth::ApiKey),

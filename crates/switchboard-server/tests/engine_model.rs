@@ -212,12 +212,12 @@ fn run(ops: Vec<Op>) {
                         check_deliveries(client, &model, CLIENTS[i], &got);
                     }
                 }
-                let dir = std::env::temp_dir().join(format!("sb-model-{}", std::process::id()));
-                engine.save(&dir).unwrap().unwrap();
-                let loaded = switchboard_server::snapshot::open(&dir, false)
+                let dir = tempfile::tempdir().unwrap();
+                engine.save(dir.path()).unwrap().unwrap();
+                let loaded = switchboard_server::snapshot::open(dir.path(), false)
                     .unwrap()
                     .unwrap();
-                switchboard_server::snapshot::consume(&dir).unwrap();
+                switchboard_server::snapshot::consume(dir.path()).unwrap();
                 engine = self::engine(Some(loaded));
             }
             Op::Crash => {
