@@ -921,6 +921,50 @@ async def test_a_pub_sub_connection_gone_silent_is_replaced_and_nothing_is_lost(
 
 
 @async_test
+async def test_a_connect_given_up_while_its_call_waits_leaves_nothing_counted(proxied):
+    """A client that gives up on its handshake while the node's calls for it
+    wait on a slow link. The node may drop the connect right after queuing
+    its count (hyper drops the handler once it sees the client gone), and
+    the leave that undoes the count must reach Redis after it, not before
+    (where it undid nothing, and the id stayed online for as long as the
+    node lived, holding one of its connection slots). The subscription it
+    was granted is given back too. Whether the connect is dropped then, and
+    whether the link is busy, depends on timing: without the mend this
+    failed about one run in three; the link's unit test
+    `a_leave_queued_after_a_call_goes_after_it` pins the order itself."""
+    c, n1, behind, proxy = proxied
+    async with client(None, "a", envelope=True, uri=url(behind, "a")) as a:
+        assert metric(behind, "redis_channels") == 1
+        proxy.delay(0.5)
+        gone = socket.create_connection(("127.0.0.1", behind.port))
+        gone.sendall(
+            b"GET /ws?id=gone HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        # The node expects the connection, and sends SUBSCRIBE (slowed by the proxy).
+        wait_until(lambda: metric(behind, "redis_channels") == 2, "the connect never began", 5)
+        gone.close()
+        # Redis grants the subscription after the client left; the node then
+        # queues the connect's count.
+        wait_until(
+            lambda: c.redis.cli("PUBSUB", "NUMSUB", "sb:c:i:gone").split() == ["sb:c:i:gone", "1"],
+            "the SUBSCRIBE never reached Redis", 5,
+        )
+        proxy.delay(0)
+        wait_until(
+            lambda: c.redis.cli("PUBSUB", "NUMSUB", "sb:c:i:gone").split() == ["sb:c:i:gone", "0"],
+            "the node still listens for a connection that never came", 5,
+        )
+        assert metric(behind, "redis_channels") == 1
+        wait_until(
+            lambda: api(n1, "GET", "/api/v1/clients/gone")[1]["online"] is False,
+            "the connection that never started is still counted", 5,
+        )
+        api(n1, "POST", "/api/v1/send", {"targets": ["a"], "payload": "still here"})
+        assert [m["payload"] for m in await deliveries(a, 1)] == ["still here"]
+
+
+@async_test
 async def test_a_ping_refused_by_redis_does_not_count_as_a_silent_connection(cluster):
     """An error reply to the pub/sub ping is an answer: a Redis user whose ACL
     denies PING must not make the node replace its connection every beat."""

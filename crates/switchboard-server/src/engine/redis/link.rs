@@ -4,10 +4,13 @@
 //!
 //! Order is fixed when a call is queued, which the engine does before it
 //! returns the call's future: two messages of one client are appended in the
-//! order it sent them, whenever their answers come.
+//! order it sent them, whenever their answers come. The calls nobody waits
+//! for (leaves, parts) share the queue rather than jump it: a connect dropped
+//! while its call waited sends its leave behind that call, where a leave
+//! that went first would undo nothing and leave the connection counted.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,7 +25,8 @@ use crate::metrics::Metrics;
 const SCRIPT: &str = include_str!("engine.lua");
 /// Most calls in one pipeline.
 const BATCH: usize = 512;
-/// Calls waiting for the link; past it, calls fail at once as unavailable.
+/// Calls someone waits for, queued for the link; past it, calls fail at once
+/// as unavailable (owed calls are never refused).
 const QUEUE: usize = 65_536;
 /// The longest a batch may take before the link counts as down; also how
 /// long the pub/sub connection may take to open.
@@ -51,9 +55,11 @@ pub(super) struct Header {
 /// The sending side of the link.
 #[derive(Clone)]
 pub(super) struct Link {
-    queue: mpsc::Sender<Call>,
-    /// Calls owed to Redis whatever happens (leaves): never refused.
-    owed: mpsc::UnboundedSender<Call>,
+    /// Every call, in the order made. Unbounded: calls owed to Redis
+    /// whatever happens (leaves) are never refused; the others are counted
+    /// in `waiting` and bounded by [`QUEUE`].
+    queue: mpsc::UnboundedSender<Call>,
+    waiting: Arc<AtomicUsize>,
     up: Arc<AtomicBool>,
     /// The header's arguments, rendered once.
     header: [Bytes; 3],
@@ -72,34 +78,35 @@ struct Connections {
 impl Link {
     /// Starts the link's task on the current runtime.
     pub(super) fn start(client: redis::Client, header: Header, metrics: Arc<Metrics>) -> Self {
-        let (queue, calls) = mpsc::channel(QUEUE);
-        let (owed, owed_calls) = mpsc::unbounded_channel();
-        let up = Arc::new(AtomicBool::new(false));
-        let connections = Arc::new(Connections::default());
-        let queues = Queues {
-            calls,
-            owed: owed_calls,
-        };
+        let (link, calls) = Self::new(header);
         tokio::spawn(run(
             client,
-            queues,
-            up.clone(),
-            connections.clone(),
+            calls,
+            link.up.clone(),
+            link.connections.clone(),
             metrics,
         ));
+        link
+    }
+
+    /// The link, and the queue its task takes calls from.
+    fn new(header: Header) -> (Self, Calls) {
+        let (queue, calls) = mpsc::unbounded_channel();
+        let waiting = Arc::new(AtomicUsize::new(0));
         let millis = |d: Duration| Bytes::from(d.as_millis().to_string());
         let header = [
             millis(header.meta_ttl),
             Bytes::from(header.events_size.to_string()),
             millis(header.events_ttl),
         ];
-        Self {
+        let link = Self {
             queue,
-            owed,
-            up,
+            waiting: waiting.clone(),
+            up: Arc::new(AtomicBool::new(false)),
             header,
-            connections,
-        }
+            connections: Arc::new(Connections::default()),
+        };
+        (link, Calls { calls, waiting })
     }
 
     /// How many connections to Redis the link has made so far.
@@ -137,16 +144,21 @@ impl Link {
     ) -> impl Future<Output = Result<Value, Unavailable>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
         // While the link is down, at once: not after the next reconnect.
-        let queued = if self.is_up() {
-            self.queue
-                .try_send(Call {
-                    args: self.args(op, rest),
-                    reply: Some(reply),
-                    retry: false,
-                })
-                .map_err(|_| Unavailable("too many calls wait for Redis".into()))
-        } else {
+        let queued = if !self.is_up() {
             Err(Unavailable("cannot reach Redis".into()))
+        } else if self.waiting.fetch_add(1, Ordering::AcqRel) >= QUEUE {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            Err(Unavailable("too many calls wait for Redis".into()))
+        } else {
+            let call = Call {
+                args: self.args(op, rest),
+                reply: Some(reply),
+                retry: false,
+            };
+            // Fails only once the link's task has ended; the answer's
+            // sender goes with the call, which the await below reports.
+            let _ = self.queue.send(call);
+            Ok(())
         };
         async move {
             queued?;
@@ -166,32 +178,36 @@ impl Link {
             retry: true,
         };
         // Fails only once the link's task has ended (the runtime stopping).
-        let _ = self.owed.send(call);
+        let _ = self.queue.send(call);
     }
 }
 
-/// The link's two queues: calls someone waits for, and calls owed.
-struct Queues {
-    calls: mpsc::Receiver<Call>,
-    owed: mpsc::UnboundedReceiver<Call>,
+/// The link task's end of the queue.
+struct Calls {
+    calls: mpsc::UnboundedReceiver<Call>,
+    waiting: Arc<AtomicUsize>,
 }
 
-impl Queues {
-    /// The next call, owed ones first; `None` once the link is dropped.
+impl Calls {
+    /// The next call; `None` once the link is dropped.
     async fn next(&mut self) -> Option<Call> {
-        tokio::select! {
-            biased;
-            Some(call) = self.owed.recv() => Some(call),
-            call = self.calls.recv() => call,
-        }
+        let call = self.calls.recv().await?;
+        Some(self.taken(call))
     }
 
-    /// A call that is ready now, owed ones first.
+    /// A call that is ready now.
     fn ready(&mut self) -> Option<Call> {
-        self.owed
-            .try_recv()
-            .ok()
-            .or_else(|| self.calls.try_recv().ok())
+        let call = self.calls.try_recv().ok()?;
+        Some(self.taken(call))
+    }
+
+    /// A call leaves the queue: one someone waits for no longer counts
+    /// against its bound.
+    fn taken(&self, call: Call) -> Call {
+        if !call.retry {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+        call
     }
 }
 
@@ -200,7 +216,7 @@ impl Queues {
 /// with backoff.
 async fn run(
     client: redis::Client,
-    mut queues: Queues,
+    mut calls: Calls,
     up: Arc<AtomicBool>,
     connections: Arc<Connections>,
     metrics: Arc<Metrics>,
@@ -213,7 +229,7 @@ async fn run(
             Ok(connected) => connected,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach Redis; retrying in {backoff:?}");
-                fail_waiting(&mut queues.calls, &e.to_string());
+                fail_waiting(&mut calls, &mut held, &e.to_string());
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 continue;
@@ -229,13 +245,13 @@ async fn run(
         loop {
             let mut batch = std::mem::take(&mut held);
             if batch.is_empty() {
-                match queues.next().await {
+                match calls.next().await {
                     Some(call) => batch.push(call),
                     None => return,
                 }
             }
             while batch.len() < BATCH {
-                match queues.ready() {
+                match calls.ready() {
                     Some(call) => batch.push(call),
                     None => break,
                 }
@@ -355,11 +371,75 @@ fn settle_failed(batch: Vec<Call>, error: &redis::RedisError) -> Vec<Call> {
 }
 
 /// While Redis is unreachable: whoever waits is told at once, rather than
-/// after a reconnect that may never come (owed calls wait in their queue).
-fn fail_waiting(calls: &mut mpsc::Receiver<Call>, error: &str) {
-    while let Ok(call) = calls.try_recv() {
-        if let Some(reply) = call.reply {
+/// after a reconnect that may never come; owed calls join `held`, in order,
+/// to go first once connected.
+fn fail_waiting(calls: &mut Calls, held: &mut Vec<Call>, error: &str) {
+    while let Some(call) = calls.ready() {
+        if call.retry {
+            held.push(call);
+        } else if let Some(reply) = call.reply {
             let _ = reply.send(Err(Unavailable(format!("cannot reach Redis: {error}"))));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link() -> (Link, Calls) {
+        let header = Header {
+            meta_ttl: Duration::from_secs(1),
+            events_size: 0,
+            events_ttl: Duration::from_secs(1),
+        };
+        let (link, calls) = Link::new(header);
+        link.up.store(true, Ordering::Relaxed);
+        (link, calls)
+    }
+
+    fn op(call: Option<Call>) -> Bytes {
+        call.expect("a call is queued").args[0].clone()
+    }
+
+    /// Regression: leaves had a queue of their own that the link served
+    /// first, so a connect dropped while its call waited for the link sent
+    /// a leave that Redis ran before the count it was to undo (found by
+    /// `test_a_connect_given_up_while_its_call_waits_leaves_nothing_counted`).
+    #[test]
+    fn a_leave_queued_after_a_call_goes_after_it() {
+        let (link, mut calls) = link();
+        let connect = link.call("connect", vec![b"n".to_vec(), b"ann".to_vec()]);
+        link.call_and_forget("leave", vec![b"n".to_vec(), b"ann".to_vec()]);
+        drop(connect);
+        assert_eq!(op(calls.ready()), "connect");
+        assert_eq!(op(calls.ready()), "leave");
+        assert!(calls.ready().is_none());
+    }
+
+    #[test]
+    fn calls_someone_waits_for_are_bounded_and_owed_ones_are_not() {
+        let (link, mut calls) = link();
+        let waiting: Vec<_> = (0..QUEUE).map(|_| link.call("send", Vec::new())).collect();
+        let refused = link.call("send", Vec::new());
+        let refused = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(refused);
+        assert!(refused.is_err_and(|e| e.0.contains("too many calls")));
+        link.call_and_forget("leave", Vec::new());
+        // Taking one makes room for one.
+        assert_eq!(op(calls.ready()), "send");
+        let _room = link.call("send", Vec::new());
+        let mut ops = std::iter::from_fn(|| calls.ready()).map(|call| call.args[0].clone());
+        assert_eq!(
+            ops.by_ref()
+                .take(QUEUE - 1)
+                .filter(|op| op != "send")
+                .count(),
+            0
+        );
+        assert_eq!(ops.collect::<Vec<_>>(), ["leave", "send"]);
+        drop(waiting);
     }
 }
