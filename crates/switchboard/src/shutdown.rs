@@ -8,7 +8,7 @@ use std::time::Duration;
 use switchboard_proto::{CloseCode, CloseReason};
 use tokio::sync::Notify;
 
-/// Tracks connection tasks and tells them to close.
+/// Counts connections and tells them to close.
 ///
 /// [`Shutdown::trigger`] makes every connection send its close frame (1001,
 /// "going away", unless made with [`Shutdown::closing_with`]);
@@ -279,6 +279,34 @@ mod tests {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
+    }
+
+    #[tokio::test]
+    async fn drain_returns_at_once_with_no_connection_and_when_the_last_ends() {
+        let shutdown = Shutdown::new();
+        assert!(shutdown.drain(Duration::ZERO).await, "nothing to wait for");
+        let signals: Vec<Signal> = (0..2).map(|_| shutdown.signal()).collect();
+        assert_eq!(shutdown.connections(), 2);
+        let drain = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { shutdown.drain(Duration::from_secs(10)).await }
+        });
+        let mut signals = signals.into_iter();
+        drop(signals.next());
+        tokio::task::yield_now().await;
+        assert!(!drain.is_finished(), "one connection is still open");
+        drop(signals);
+        assert!(drain.await.unwrap(), "the last connection ended");
+        assert_eq!(shutdown.connections(), 0);
+        // A connection that hears the trigger stays counted until it ends.
+        let mut late = shutdown.signal();
+        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        assert!(late.poll_triggered(&mut Context::from_waker(&waker)));
+        late.heard();
+        assert!(!late.poll_triggered(&mut Context::from_waker(&waker)));
+        assert!(!shutdown.drain(Duration::from_millis(20)).await);
+        drop(late);
+        assert!(shutdown.drain(Duration::ZERO).await);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! while its call waited sends its leave behind that call, where a leave
 //! that went first would undo nothing and leave the connection counted.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -157,7 +158,9 @@ impl Link {
             };
             // Fails only once the link's task has ended; the answer's
             // sender goes with the call, which the await below reports.
-            let _ = self.queue.send(call);
+            if self.queue.send(call).is_err() {
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+            }
             Ok(())
         };
         async move {
@@ -169,8 +172,8 @@ impl Link {
     }
 
     /// Queues a call nobody waits for, sent again after reconnecting until
-    /// Redis has it. Its queue has no bound: a node owes a leave for every
-    /// connection it counted (a mass close sends one per connection at once).
+    /// Redis has it. Never refused: a node owes a leave for every connection
+    /// it counted (a mass close sends one per connection at once).
     pub(super) fn call_and_forget(&self, op: &'static str, rest: Vec<Vec<u8>>) {
         let call = Call {
             args: self.args(op, rest),
@@ -221,7 +224,9 @@ async fn run(
     connections: Arc<Connections>,
     metrics: Arc<Metrics>,
 ) {
-    let mut held: Vec<Call> = Vec::new();
+    // Owed calls kept through a failure or an outage, older than anything
+    // still queued: sent first, a batch at a time.
+    let mut held: VecDeque<Call> = VecDeque::new();
     let mut backoff = Duration::from_millis(50);
     loop {
         let connected = connect(&client).await;
@@ -243,18 +248,14 @@ async fn run(
         connections.new.notify_one();
         tracing::info!("connected to Redis");
         loop {
-            let mut batch = std::mem::take(&mut held);
+            let mut batch = Vec::new();
+            fill(&mut batch, &mut held, &mut calls);
             if batch.is_empty() {
                 match calls.next().await {
                     Some(call) => batch.push(call),
                     None => return,
                 }
-            }
-            while batch.len() < BATCH {
-                match calls.ready() {
-                    Some(call) => batch.push(call),
-                    None => break,
-                }
+                fill(&mut batch, &mut held, &mut calls);
             }
             let sent = Instant::now();
             match send(&mut conn, &sha, &batch).await {
@@ -272,10 +273,26 @@ async fn run(
                     metrics.redis_commands(sent.elapsed(), batch.len());
                     up.store(false, Ordering::Relaxed);
                     tracing::warn!(error = %e, "lost the Redis link");
-                    held = settle_failed(batch, &e);
+                    // Those that can go again, before the rest of what was held.
+                    for call in settle_failed(batch, &e).into_iter().rev() {
+                        held.push_front(call);
+                    }
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Fills `batch` up to [`BATCH`] calls: what is held first, then what is
+/// queued, which is newer (it is taken only once nothing is held).
+fn fill(batch: &mut Vec<Call>, held: &mut VecDeque<Call>, calls: &mut Calls) {
+    let room = BATCH.saturating_sub(batch.len());
+    batch.extend(held.drain(..held.len().min(room)));
+    while batch.len() < BATCH {
+        match calls.ready() {
+            Some(call) => batch.push(call),
+            None => break,
         }
     }
 }
@@ -373,10 +390,10 @@ fn settle_failed(batch: Vec<Call>, error: &redis::RedisError) -> Vec<Call> {
 /// While Redis is unreachable: whoever waits is told at once, rather than
 /// after a reconnect that may never come; owed calls join `held`, in order,
 /// to go first once connected.
-fn fail_waiting(calls: &mut Calls, held: &mut Vec<Call>, error: &str) {
+fn fail_waiting(calls: &mut Calls, held: &mut VecDeque<Call>, error: &str) {
     while let Some(call) = calls.ready() {
         if call.retry {
-            held.push(call);
+            held.push_back(call);
         } else if let Some(reply) = call.reply {
             let _ = reply.send(Err(Unavailable(format!("cannot reach Redis: {error}"))));
         }
@@ -415,6 +432,41 @@ mod tests {
         assert_eq!(op(calls.ready()), "connect");
         assert_eq!(op(calls.ready()), "leave");
         assert!(calls.ready().is_none());
+    }
+
+    /// While Redis is unreachable the waiting calls fail at once and the
+    /// owed ones are held; after it, what was held goes first, a batch at a
+    /// time (an outage closes every connection: tens of thousands of leaves,
+    /// which as one pipeline could outlast the batch's timeout for ever).
+    #[test]
+    fn owed_calls_held_through_an_outage_go_first_a_batch_at_a_time() {
+        let (link, mut calls) = link();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let waiting = link.call("connect", Vec::new());
+        for _ in 0..BATCH + 88 {
+            link.call_and_forget("leave", Vec::new());
+        }
+        let mut held = VecDeque::new();
+        fail_waiting(&mut calls, &mut held, "down");
+        let failed = runtime.block_on(waiting);
+        assert!(failed.is_err_and(|e| e.0.contains("cannot reach Redis: down")));
+        assert_eq!(link.waiting.load(Ordering::Acquire), 0);
+        assert_eq!(held.len(), BATCH + 88);
+        let after = link.call("send", Vec::new());
+        let mut batch = Vec::new();
+        fill(&mut batch, &mut held, &mut calls);
+        assert_eq!(batch.len(), BATCH);
+        assert!(batch.iter().all(|call| call.args[0] == "leave"));
+        let mut batch = Vec::new();
+        fill(&mut batch, &mut held, &mut calls);
+        let ops: Vec<Bytes> = batch.iter().map(|call| call.args[0].clone()).collect();
+        assert_eq!(
+            (ops.len(), ops.last().map(|op| &op[..])),
+            (89, Some(&b"send"[..]))
+        );
+        drop(after);
     }
 
     #[test]
