@@ -8,6 +8,7 @@ default is 5 s.
 """
 
 import asyncio
+import atexit
 import contextlib
 import http.client
 import json
@@ -128,9 +129,11 @@ async def deliveries(ws, count):
 
 
 def config_file(text):
+    """A TOML file with `text`, removed when the test process exits."""
     f = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
     f.write(text)
     f.close()
+    atexit.register(os.remove, f.name)
     return f.name
 
 
