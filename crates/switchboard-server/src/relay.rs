@@ -763,8 +763,13 @@ fn required<T>(value: Option<T>, field: &str) -> Result<T, Refusal> {
 
 impl Drop for Relay {
     /// A handler that panicked is not told how its connection ended: the
-    /// driver closed it with 1011.
+    /// driver closed it with 1011. Its token's expiry timer goes with it, or
+    /// its task would sleep until the token expires, once per connection
+    /// ended (its upgrade failed, or it closed) before then.
     fn drop(&mut self) {
+        if let Some(timer) = self.expiry_timer.take() {
+            timer.cancel();
+        }
         if self.counted == (true, false) {
             self.hub.metrics.closed_with_code(1011);
             self.hub.closes.record_code(&self.id, 1011);

@@ -174,7 +174,8 @@ impl<I: Send + 'static> ConnHandle<I> {
 
     /// Sends `info` after `delay` (Elixir's `Process.send_after`). Dropping the
     /// [`TimerRef`] does not cancel it; [`TimerRef::cancel`] does. A message
-    /// that finds the connection gone, or its mailbox full, is dropped.
+    /// that finds the connection gone, or its mailbox full, is dropped; a
+    /// pending timer does not keep an ended connection's mailbox alive.
     ///
     /// # Panics
     ///
@@ -205,11 +206,15 @@ impl<I: Send + 'static> ConnHandle<I> {
     /// }
     /// ```
     pub fn send_after(&self, info: I, delay: Duration) -> TimerRef {
-        let handle = self.clone();
+        // Weak: a timer must not keep an ended connection's mailbox, and what
+        // waits in it, alive until it fires (a token's expiry may be hours away).
+        let mailbox = Arc::downgrade(&self.mailbox);
         let task = tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             // The connection may be gone by now; then the message has no one to go to.
-            let _ = handle.send(info);
+            if let Some(mailbox) = mailbox.upgrade() {
+                let _ = mailbox.send_info(info);
+            }
         });
         TimerRef(task.abort_handle())
     }
@@ -385,5 +390,40 @@ impl TimerRef {
     /// Cancels the message if it has not been sent yet.
     pub fn cancel(self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Options;
+
+    /// Regression: the timer's task held a clone of the handle, so a
+    /// connection that ended kept its mailbox (and what waited in it) until
+    /// the timer fired: the relay sets one for its token's expiry, often
+    /// hours away.
+    #[tokio::test]
+    async fn a_pending_timer_does_not_keep_an_ended_connection_s_mailbox() {
+        let mailbox = Arc::new(Mailbox::<()>::new(ConnId::next(), &Options::default()));
+        let handle = ConnHandle::new(mailbox);
+        let kept = Arc::downgrade(&handle.mailbox);
+        let timer = handle.send_after((), Duration::from_secs(3600));
+        drop(handle);
+        assert!(kept.upgrade().is_none(), "the timer kept the mailbox");
+        // The timer still fires into nothing, and can still be cancelled.
+        timer.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_still_reaches_a_live_connection() {
+        let mailbox = Arc::new(Mailbox::<u8>::new(ConnId::next(), &Options::default()));
+        let handle = ConnHandle::new(mailbox.clone());
+        let _timer = handle.send_after(7, Duration::from_secs(3600));
+        tokio::time::sleep(Duration::from_secs(3601)).await;
+        let mut drained = crate::mailbox::Drained::default();
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        assert!(mailbox.drain(&mut cx, &mut drained).is_ready());
+        assert_eq!(drained.infos.drain(..).collect::<Vec<_>>(), [7]);
     }
 }
