@@ -305,7 +305,7 @@ impl JwtVerifier {
     pub async fn verify_fresh(
         &self,
         token: &str,
-        metrics: &Metrics,
+        metrics: &Arc<Metrics>,
     ) -> Result<Identity, TokenError> {
         if let (Some(remote), Ok(header)) = (&self.remote, decode_header(token))
             && let Some(kid) = &header.kid

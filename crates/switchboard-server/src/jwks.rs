@@ -95,7 +95,8 @@ pub(crate) struct RemoteKeys {
     keys: RwLock<Arc<[VerifyKey]>>,
     /// When the last fetch for an unknown key id began; held while it runs,
     /// so that handshakes waiting for the same new key share one fetch.
-    refetched: Mutex<Option<Instant>>,
+    /// Shared with the fetch's own task, which holds it (see `refetch_for`).
+    refetched: Arc<Mutex<Option<Instant>>>,
 }
 
 impl RemoteKeys {
@@ -105,7 +106,7 @@ impl RemoteKeys {
             tls: source.tls()?,
             source,
             keys: RwLock::new(Arc::from([])),
-            refetched: Mutex::new(None),
+            refetched: Arc::default(),
         })
     }
 
@@ -137,8 +138,8 @@ impl RemoteKeys {
 
     /// Fetches again for a key id the set lacks, unless a fetch for one began
     /// less than [`REFETCH_GAP`] ago. Whether the set now has `kid`.
-    pub(crate) async fn refetch_for(&self, kid: &str, metrics: &Metrics) -> bool {
-        let mut last = self.refetched.lock().await;
+    pub(crate) async fn refetch_for(self: &Arc<Self>, kid: &str, metrics: &Arc<Metrics>) -> bool {
+        let mut last = self.refetched.clone().lock_owned().await;
         // Another handshake's fetch may have brought it while this one waited.
         if self.has(kid) {
             return true;
@@ -147,7 +148,17 @@ impl RemoteKeys {
             return false;
         }
         *last = Some(Instant::now());
-        self.fetch(metrics).await;
+        // In a task of its own, which holds the lock: the handshake that
+        // began it may be dropped while it waits (its client gave up), and a
+        // fetch cancelled with it left the gap begun and no keys fetched, so
+        // that tokens of a new key were refused until the gap passed.
+        let (keys, metrics) = (self.clone(), metrics.clone());
+        let fetch = tokio::spawn(async move {
+            keys.fetch(&metrics).await;
+            drop(last);
+        });
+        // A fetch that panicked left the keys as they were.
+        let _ = fetch.await;
         self.has(kid)
     }
 

@@ -38,9 +38,13 @@ fn token(sub: &str, kid: &str) -> String {
     encode(&header, &claims, &EncodingKey::from_rsa_pem(&pem).unwrap()).unwrap()
 }
 
-/// What the issuer answers (status and body), and how many requests it had.
+/// What the issuer answers (status and body), and how many requests it had;
+/// and whether it holds back the end of its answers (see [`Issuer::stall`]).
 #[derive(Clone)]
-struct Issuer(Arc<Mutex<(u16, String, usize)>>);
+struct Issuer(
+    Arc<Mutex<(u16, String, usize)>>,
+    Arc<tokio::sync::watch::Sender<bool>>,
+);
 
 impl Issuer {
     fn answer(&self, status: u16, body: String) {
@@ -50,6 +54,12 @@ impl Issuer {
 
     fn requests(&self) -> usize {
         self.0.lock().unwrap().2
+    }
+
+    /// While `stalled`, answers send their head and half their body, then
+    /// wait; once released, the rest comes in two parts 200 ms apart.
+    fn stall(&self, stalled: bool) {
+        self.1.send_replace(stalled);
     }
 
     async fn serve<S: AsyncRead + AsyncWrite + Unpin>(&self, mut stream: S) {
@@ -70,14 +80,28 @@ impl Issuer {
             "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
-        let _ = stream.write_all(response.as_bytes()).await;
+        let mut stalled = self.1.subscribe();
+        if *stalled.borrow_and_update() {
+            let (head, rest) = response.split_at(response.len() - body.len() / 2);
+            let _ = stream.write_all(head.as_bytes()).await;
+            let _ = stalled.wait_for(|stalled| !stalled).await;
+            let (middle, end) = rest.split_at(rest.len() / 2);
+            let _ = stream.write_all(middle.as_bytes()).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let _ = stream.write_all(end.as_bytes()).await;
+        } else {
+            let _ = stream.write_all(response.as_bytes()).await;
+        }
         let _ = stream.shutdown().await;
     }
 }
 
 /// A plain-HTTP issuer on a free port.
 async fn issuer(set: String) -> (Issuer, SocketAddr) {
-    let issuer = Issuer(Arc::new(Mutex::new((200, set, 0))));
+    let issuer = Issuer(
+        Arc::new(Mutex::new((200, set, 0))),
+        Arc::new(tokio::sync::watch::channel(false).0),
+    );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let serving = issuer.clone();
@@ -182,6 +206,43 @@ async fn a_rotated_key_is_fetched_for_and_forged_key_ids_cannot_hammer_the_issue
     );
 }
 
+/// Regression: the fetch for a new key id ran in the handshake that asked
+/// for it, and hyper drops a handshake whose client has gone: the fetch was
+/// cancelled with it, after the refetch gap had begun, so every token of the
+/// new key was refused for the next 10 s (and a client doing this every 10 s
+/// held off a rotation until the periodic refresh).
+#[tokio::test]
+async fn a_fetch_for_a_new_key_finishes_though_the_handshake_that_began_it_is_gone() {
+    let (issuer, addr) = issuer(key_set("key-1")).await;
+    let server = start(&format!("http://{addr}/keys"), &[]);
+    until("the first fetch", async || issuer.requests() == 1).await;
+    issuer.answer(200, key_set("key-2"));
+    issuer.stall(true);
+    let mut gone = tokio::net::TcpStream::connect(server.next_addr())
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /ws?token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token("gone", "key-2")
+    );
+    gone.write_all(request.as_bytes()).await.unwrap();
+    until("the fetch for key-2", async || issuer.requests() == 2).await;
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    issuer.stall(false);
+    // Well within the refetch gap (10 s): the fetch went on, and key-2 is known.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while !connects(&server, &token("ann", "key-2")).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new key was never fetched"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(issuer.requests(), 2, "one fetch, finished");
+}
+
 #[tokio::test]
 async fn a_failing_issuer_keeps_the_last_good_keys_and_is_counted() {
     let (issuer, addr) = issuer(key_set("key-1")).await;
@@ -232,7 +293,10 @@ async fn an_https_issuer_is_trusted_through_a_private_ca() {
         )
         .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let issuer = Issuer(Arc::new(Mutex::new((200, key_set("key-1"), 0))));
+    let issuer = Issuer(
+        Arc::new(Mutex::new((200, key_set("key-1"), 0))),
+        Arc::new(tokio::sync::watch::channel(false).0),
+    );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let serving = issuer.clone();
