@@ -168,16 +168,24 @@ impl Feed {
     /// once Redis has confirmed the subscription, so anything published
     /// after that reaches this node. A refused hold needs no release; nor
     /// does one whose future is dropped before it resolves (the subscriber
-    /// gives it back itself).
+    /// gives it back itself, or, if the grant came first, the future does).
     pub(super) async fn hold(&self, channel: String) -> Result<(), Unavailable> {
         // Before the subscription: the delivery task keeps the channel's
         // place from the first message it hears.
         let _ = self.commands.send(Command::Expect(channel.clone()));
         let (reply, answer) = oneshot::channel();
         self.control
-            .send(Control::Hold { channel, reply })
+            .send(Control::Hold {
+                channel: channel.clone(),
+                reply,
+            })
             .map_err(|_| Unavailable("the pub/sub task stopped".into()))?;
-        answer
+        let mut waiting = Waiting {
+            feed: self,
+            channel,
+            answer,
+        };
+        (&mut waiting.answer)
             .await
             .map_err(|_| Unavailable("the pub/sub task stopped".into()))?
     }
@@ -206,6 +214,26 @@ impl Feed {
     /// Closes every connection this node serves.
     pub(super) fn close_all(&self, reason: CloseReason) {
         let _ = self.commands.send(Command::CloseAll(reason));
+    }
+}
+
+/// A hold's answer, until it is taken. A hold dropped first (its connect was
+/// dropped: the client gave up on its handshake) gives back what was granted
+/// to nobody: either the subscriber finds the caller gone as it answers (and
+/// gives the hold back itself, an orphan), or the answer is here, unread.
+struct Waiting<'f> {
+    feed: &'f Feed,
+    channel: String,
+    answer: oneshot::Receiver<Result<(), Unavailable>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        // Closed first, so that an answer comes here or finds nobody, never both.
+        self.answer.close();
+        if let Ok(Ok(())) = self.answer.try_recv() {
+            self.feed.abandon(std::mem::take(&mut self.channel));
+        }
     }
 }
 
@@ -928,5 +956,106 @@ impl<'a> Render<'a> {
         self.envelope
             .get_or_insert_with(|| wire::envelope_delivery(live.from, topic, live.payload, at))
             .clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::Poll;
+
+    use super::*;
+
+    /// A feed over bare queues: what its calls send is read here.
+    fn feed() -> (
+        Feed,
+        mpsc::UnboundedReceiver<Control>,
+        mpsc::UnboundedReceiver<Command>,
+    ) {
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let feed = Feed {
+            control,
+            commands,
+            up: Arc::default(),
+        };
+        (feed, control_rx, commands_rx)
+    }
+
+    async fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
+        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *future).poll(cx))).await
+    }
+
+    /// What was queued, by kind and channel.
+    fn queued(
+        control: &mut mpsc::UnboundedReceiver<Control>,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+    ) -> Vec<String> {
+        let mut seen = Vec::new();
+        while let Ok(command) = commands.try_recv() {
+            seen.push(match command {
+                Command::Expect(c) => format!("expect {c}"),
+                Command::Abandon(c) => format!("abandon {c}"),
+                _ => "other".into(),
+            });
+        }
+        while let Ok(request) = control.try_recv() {
+            seen.push(match request {
+                Control::Release(c) => format!("release {c}"),
+                Control::Hold { channel, .. } => format!("hold {channel}"),
+                Control::Lost(_) => "lost".into(),
+            });
+        }
+        seen
+    }
+
+    /// Regression: a hold whose answer came while its caller was still
+    /// there, and which was dropped before reading it (the client's handshake
+    /// was dropped in between), counted as taken: nobody gave it back, and
+    /// the node listened to the channel for as long as it ran.
+    #[tokio::test]
+    async fn a_hold_granted_and_dropped_unread_is_given_back() {
+        let (feed, mut control, mut commands) = feed();
+        let mut hold = Box::pin(feed.hold("ch".into()));
+        assert!(poll_once(&mut hold).await.is_pending());
+        let Some(Control::Hold { reply, .. }) = control.recv().await else {
+            panic!("no hold asked")
+        };
+        assert!(reply.send(Ok(())).is_ok(), "the caller was there");
+        drop(hold);
+        assert_eq!(
+            queued(&mut control, &mut commands),
+            ["expect ch", "abandon ch", "release ch"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hold_taken_or_refused_or_left_before_its_answer_gives_nothing_back() {
+        let (feed, mut control, mut commands) = feed();
+        for answer in [Some(Ok(())), Some(Err(Unavailable("down".into()))), None] {
+            let mut hold = Box::pin(feed.hold("ch".into()));
+            assert!(poll_once(&mut hold).await.is_pending());
+            let Some(Control::Hold { reply, .. }) = control.recv().await else {
+                panic!("no hold asked")
+            };
+            match answer {
+                Some(answer) => {
+                    let granted = answer.is_ok();
+                    reply.send(answer).unwrap();
+                    assert_eq!(
+                        poll_once(&mut hold).await.map(|r| r.is_ok()),
+                        Poll::Ready(granted)
+                    );
+                    drop(hold);
+                }
+                // Left first: the subscriber finds it gone (and frees it, an orphan).
+                None => {
+                    drop(hold);
+                    assert!(reply.send(Ok(())).is_err());
+                }
+            }
+            assert_eq!(queued(&mut control, &mut commands), ["expect ch"]);
+        }
     }
 }
