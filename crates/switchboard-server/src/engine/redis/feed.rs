@@ -870,6 +870,10 @@ impl Delivery {
                 return;
             }
         }
+        // Still behind after 16 reads: the rest at the next retry, so that
+        // one long gap does not hold up every other channel's deliveries,
+        // and is not left until the channel's next message.
+        self.unfilled.insert(channel.to_owned());
     }
 }
 
