@@ -563,6 +563,21 @@ struct Local {
     /// stream (a fill finds nothing missing if nothing was).
     missed: bool,
     seen: Option<(Arc<str>, u64)>,
+    /// An API disconnect came while connections were on their way: those
+    /// were counted too (the answer's count includes them), so they are
+    /// closed as they attach. Boxed: most channels never see one.
+    closing: Option<Box<CloseReason>>,
+}
+
+impl Local {
+    /// A connection on its way has attached, or will not come: once none is
+    /// on its way, a disconnect no longer reaches those that come next.
+    fn arrived(&mut self) {
+        self.expected = self.expected.saturating_sub(1);
+        if self.expected == 0 {
+            self.closing = None;
+        }
+    }
 }
 
 /// The one task that hands live messages to this node's connections, so
@@ -660,13 +675,16 @@ impl Delivery {
             }
             Command::Abandon(channel) => {
                 if let Some(local) = self.streams.get_mut(&channel) {
-                    local.expected = local.expected.saturating_sub(1);
+                    local.arrived();
                     self.forget_if_unused(&channel);
                 }
             }
             Command::Attach { channel, conn } => {
                 let local = self.streams.entry(channel.clone()).or_default();
-                local.expected = local.expected.saturating_sub(1);
+                if let Some(close) = &local.closing {
+                    conn.outbox.close((**close).clone());
+                }
+                local.arrived();
                 let behind = std::mem::take(&mut local.missed)
                     || match (&local.seen, &conn.epoch) {
                         (Some((epoch, seen)), Some(at)) => epoch != at || *seen > conn.last,
@@ -775,9 +793,12 @@ impl Delivery {
             ("x", Subject::Inbox(_)) => {
                 let (code, reason) = rest.split_once('|').unwrap_or((rest, ""));
                 let close = CloseReason::new(CloseCode(code.parse().unwrap_or(1000)), reason);
-                if let Some(local) = self.streams.get(channel) {
+                if let Some(local) = self.streams.get_mut(channel) {
                     for conn in &local.conns {
                         conn.outbox.close(close.clone());
+                    }
+                    if local.expected > 0 {
+                        local.closing = Some(Box::new(close));
                     }
                 }
             }
@@ -969,6 +990,8 @@ mod tests {
     use std::pin::Pin;
     use std::task::Poll;
 
+    use switchboard::testing::Harness;
+
     use super::*;
 
     /// A feed over bare queues: what its calls send is read here.
@@ -1012,6 +1035,69 @@ mod tests {
             });
         }
         seen
+    }
+
+    /// Quiet: handles no callback.
+    struct Quiet;
+
+    impl switchboard::Handler for Quiet {
+        type Info = ();
+        fn handle_in(
+            &mut self,
+            _: switchboard::Message,
+            _: &mut switchboard::Context<'_, ()>,
+        ) -> switchboard::Outcome {
+            switchboard::Outcome::Continue
+        }
+    }
+
+    fn delivery() -> Delivery {
+        Delivery {
+            streams: HashMap::new(),
+            link: Link::idle(),
+            namespaces: Arc::new(Namespaces::new(Vec::new())),
+            unfilled: HashSet::new(),
+            channels: IntGauge::new("channels", "channels").unwrap(),
+        }
+    }
+
+    fn conn(harness: &Harness<Quiet>) -> Conn {
+        Conn {
+            outbox: harness.handle().outbox(),
+            format: crate::wire::Mode::Raw.format(),
+            epoch: Some("e".into()),
+            last: 0,
+            joined_as: None,
+        }
+    }
+
+    /// Regression: an API disconnect closed only the connections attached
+    /// when its notice came, though its count (the API's answer) included
+    /// those counted and still on their way, which then stayed open.
+    #[tokio::test]
+    async fn a_disconnect_closes_the_connections_on_their_way_as_they_attach() {
+        let mut delivery = delivery();
+        let channel = "sb:c:i:ann".to_owned();
+        let [open, coming, later] = [(); 3].map(|()| Harness::new(Quiet));
+        for _ in 0..2 {
+            delivery.command(Command::Expect(channel.clone())).await;
+        }
+        let attach = |harness| Command::Attach {
+            channel: channel.clone(),
+            conn: conn(harness),
+        };
+        delivery.command(attach(&open)).await;
+        delivery.live(&channel, b"x|4000|bye").await;
+        assert!(open.handle().is_closed(), "an attached connection");
+        delivery.command(attach(&coming)).await;
+        assert!(coming.handle().is_closed(), "a connection on its way");
+        // None is on its way now: one that comes later is not closed.
+        delivery.command(Command::Expect(channel.clone())).await;
+        delivery.command(attach(&later)).await;
+        assert!(
+            !later.handle().is_closed(),
+            "a connection after the disconnect"
+        );
     }
 
     /// Regression: a hold whose answer came while its caller was still

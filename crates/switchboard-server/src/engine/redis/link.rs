@@ -53,6 +53,17 @@ pub(super) struct Header {
     pub events_ttl: Duration,
 }
 
+#[cfg(test)]
+impl Header {
+    fn for_tests() -> Self {
+        Self {
+            meta_ttl: Duration::from_secs(1),
+            events_size: 0,
+            events_ttl: Duration::from_secs(1),
+        }
+    }
+}
+
 /// The sending side of the link.
 #[derive(Clone)]
 pub(super) struct Link {
@@ -88,6 +99,13 @@ impl Link {
             metrics,
         ));
         link
+    }
+
+    /// A link with no task: its calls wait for ever (for tests of what uses
+    /// it without calling).
+    #[cfg(test)]
+    pub(super) fn idle() -> Self {
+        Self::new(Header::for_tests()).0
     }
 
     /// The link, and the queue its task takes calls from.
@@ -405,12 +423,7 @@ mod tests {
     use super::*;
 
     fn link() -> (Link, Calls) {
-        let header = Header {
-            meta_ttl: Duration::from_secs(1),
-            events_size: 0,
-            events_ttl: Duration::from_secs(1),
-        };
-        let (link, calls) = Link::new(header);
+        let (link, calls) = Link::new(Header::for_tests());
         link.up.store(true, Ordering::Relaxed);
         (link, calls)
     }
