@@ -101,8 +101,8 @@ impl Link {
         link
     }
 
-    /// A link with no task: its calls wait for ever (for tests of what uses
-    /// it without calling).
+    /// A link that never connects: its calls fail at once as unavailable
+    /// (for tests of what holds a link without calling it).
     #[cfg(test)]
     pub(super) fn idle() -> Self {
         Self::new(Header::for_tests()).0
