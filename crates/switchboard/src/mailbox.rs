@@ -322,6 +322,10 @@ impl<I> Mailbox<I> {
         std::mem::swap(&mut state.frames, &mut into.frames);
         into.partial = std::mem::take(&mut state.partial);
         into.close = state.close.take();
+        // The driver closes on it: refused from now, as before the drain.
+        // Left open until the driver's own `refuse_new`, a push in between was
+        // taken (and acked as delivered) by a connection already closing.
+        state.closed |= into.close.is_some();
         Poll::Ready(())
     }
 
@@ -468,6 +472,25 @@ mod tests {
         assert_eq!(replied.push(frame()), Err(PushError::SlowConsumer));
         assert!(replied.is_closed());
         assert_eq!(replied.reply(frame()), Err(PushError::Closed));
+    }
+
+    /// Regression: the drain that took a close left the mailbox open until
+    /// the driver started its close, and a push in that moment was accepted
+    /// (`test_a_compressed_receiver_that_never_reads_is_closed_as_a_slow_consumer`
+    /// once saw a late message acked as delivered).
+    #[test]
+    fn a_close_taken_by_the_driver_still_refuses_what_comes() {
+        let options = Options::default().max_outbound_bytes(100);
+        let frame = || Outbound::Message(Message::text("x".repeat(60)));
+        let mailbox = Mailbox::<()>::new(ConnId::next(), &options);
+        assert_eq!(mailbox.push(frame()), Ok(()));
+        assert_eq!(mailbox.push(frame()), Err(PushError::SlowConsumer));
+        let mut drained = super::Drained::default();
+        let waker = std::task::Waker::noop();
+        let poll = mailbox.drain(&mut std::task::Context::from_waker(waker), &mut drained);
+        assert!(poll.is_ready() && drained.close.is_some());
+        assert!(mailbox.is_closed());
+        assert_eq!(mailbox.push(frame()), Err(PushError::Closed));
     }
 
     #[test]
