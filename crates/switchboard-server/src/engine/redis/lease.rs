@@ -7,8 +7,8 @@
 //! than serve a split view; one that finds it was reaped closes them too,
 //! and joins again under a new id.
 
+use std::sync::Weak;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use switchboard::{CloseCode, CloseReason};
@@ -90,6 +90,11 @@ fn cut_off(why: &str) -> CloseReason {
     CloseReason::new(CloseCode::SERVICE_RESTART, why)
 }
 
+/// How a node's clients are closed once the cluster has reaped it.
+pub(super) fn lost_place() -> CloseReason {
+    cut_off("this node lost its place in the cluster")
+}
+
 /// Closes the node's clients once its lease has run out, checking a few
 /// times a beat, whatever the beats are waiting for.
 async fn watch(core: Weak<Core>, every: Duration) {
@@ -156,9 +161,7 @@ pub(super) async fn run(core: Weak<Core>) {
             }
             Err(e) if e.0.contains("REAPED") => {
                 tracing::warn!(node = %node, "this node's lease lapsed and the cluster reaped it; closing its clients and joining again");
-                core.feed
-                    .close_all(cut_off("this node lost its place in the cluster"));
-                *core.node.lock().unwrap_or_else(PoisonError::into_inner) = new_node_id();
+                core.rejoin();
                 core.lease.reaped();
                 first = true;
                 rejoin = true;

@@ -173,6 +173,28 @@ impl Core {
             .clone()
     }
 
+    /// The cluster reaped this node: its connections are closed, and it
+    /// joins again under a new id. Under the id's lock, as [`Self::attach`]
+    /// reads it: a connection counted under the old id is closed either here
+    /// or as it attaches, never missed.
+    fn rejoin(&self) {
+        let mut node = self.node.lock().unwrap_or_else(PoisonError::into_inner);
+        self.feed.close_all(lease::lost_place());
+        *node = lease::new_node_id();
+    }
+
+    /// Hands a connection counted under `counted_under` to the delivery
+    /// task. One whose handshake was under way as the cluster reaped that id
+    /// is no longer counted anywhere, and the reap's close did not reach it:
+    /// it is closed here, as the others were.
+    fn attach(&self, counted_under: &str, channel: String, conn: Conn) {
+        let node = self.node.lock().unwrap_or_else(PoisonError::into_inner);
+        if **node != *counted_under {
+            conn.outbox.close(lease::lost_place());
+        }
+        self.feed.attach(channel, conn);
+    }
+
     /// Whether an inbox resume's replay fits a new connection; otherwise it
     /// is not recovered.
     fn resume(&self, read: Read, since: &Position, ttl: Duration) -> (Resume, Position) {
@@ -293,7 +315,8 @@ impl Joined for Admitted {
                 .register(counted.id.clone(), outbox.clone(), mode.format());
         let channel = inbox_channel(&counted.id);
         let conn = outbox.id();
-        counted.core.feed.attach(
+        counted.core.attach(
+            &counted.node,
             channel.clone(),
             Conn {
                 outbox,

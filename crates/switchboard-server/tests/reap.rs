@@ -1,0 +1,110 @@
+//! The Redis engine in-process, on a real `redis-server`, where a test must
+//! stand between two steps of a handshake: here, a node reaped by the
+//! cluster while a connection's handshake is under way.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use switchboard::testing::Harness;
+use switchboard::{Context, Handler, Message, Outcome, Registry};
+use switchboard_server::engine::redis::{RedisEngine, RedisSettings};
+use switchboard_server::engine::{Engine, Traffic};
+use switchboard_server::metrics::Metrics;
+use switchboard_server::streams::Retention;
+use switchboard_server::topics::Namespaces;
+use switchboard_server::wire::Mode;
+
+use common::redis::Redis;
+
+struct Quiet;
+
+impl Handler for Quiet {
+    type Info = ();
+    fn handle_in(&mut self, _message: Message, _ctx: &mut Context<'_, ()>) -> Outcome {
+        Outcome::Continue
+    }
+}
+
+fn engine(redis: &Redis) -> RedisEngine {
+    let settings = RedisSettings {
+        url: redis.url(),
+        lease: Duration::from_secs(1),
+        inbox: Retention {
+            max_entries: 100,
+            ttl: Duration::from_secs(60),
+        },
+        replay_budget: 1 << 20,
+        client_events: 0,
+        pubsub_backlog: 1 << 20,
+    };
+    RedisEngine::start(
+        &settings,
+        Registry::new(),
+        Arc::new(Namespaces::new(Vec::new())),
+        Arc::new(Traffic::default),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap()
+}
+
+/// The ids of the nodes in the cluster, once `ready` holds of them.
+async fn nodes_once(
+    redis: &mut redis::aio::MultiplexedConnection,
+    ready: impl Fn(&[String]) -> bool,
+) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let nodes: Vec<String> = redis::cmd("ZRANGE")
+            .arg("sb:nodes")
+            .arg(0)
+            .arg(-1)
+            .query_async(redis)
+            .await
+            .unwrap();
+        if ready(&nodes) {
+            return nodes;
+        }
+        assert!(Instant::now() < deadline, "the nodes stayed {nodes:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Regression: a connection counted under the node's old id, whose
+/// handshake was still under way when the cluster reaped the node, missed
+/// the close the reap sent to every connection, and stayed open, counted
+/// nowhere (the reaper had undone its count).
+#[tokio::test]
+async fn a_handshake_under_way_as_the_node_is_reaped_is_closed_as_it_attaches() {
+    let redis = Redis::start();
+    let mut admin = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let engine = engine(&redis);
+    let first = nodes_once(&mut admin, |nodes| nodes.len() == 1).await;
+    let counted = engine
+        .connect("ann".into(), Mode::Envelope, None, 10)
+        .await
+        .unwrap();
+    // Redis forgets the node (as after losing its data): its next beat is
+    // told it was reaped, and it joins again under a new id.
+    let () = redis::cmd("FLUSHALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    nodes_once(&mut admin, |nodes| nodes.len() == 1 && nodes != first).await;
+    let late = Harness::new(Quiet);
+    let _late = counted.attach(late.handle().outbox());
+    assert!(late.handle().is_closed(), "counted under the reaped id");
+    // One counted under the new id stays open.
+    let now = engine
+        .connect("ann".into(), Mode::Envelope, None, 10)
+        .await
+        .unwrap();
+    let open = Harness::new(Quiet);
+    let _open = now.attach(open.handle().outbox());
+    assert!(!open.handle().is_closed(), "counted under the current id");
+}
