@@ -99,6 +99,9 @@ class Head:
         self.sent = bytearray()
         self.frozen = False
         self.closed = False
+        # What `hold` kept back, until `release`.
+        self.held = None
+        self.released = threading.Event()
 
 
 class Proxy:
@@ -111,8 +114,12 @@ class Proxy:
     makes the connections open now whose client has sent `marker` (in its
     first 64 KiB) pass nothing more either way and stay open, a link gone
     silent without a reset (new connections pass, and `heal()` does not thaw
-    these), and answers how many it froze; `delay(seconds)` holds every
-    chunk that long before passing it on."""
+    these), and answers how many it froze; `hold(marker)` keeps back, from
+    the next chunk a client sends that holds `marker`, everything that
+    client sends on that connection; once the client has closed it and
+    `release()` is called, what was kept goes on (packets of a connection
+    given up that reach the server late); `delay(seconds)` holds every chunk that long before passing it
+    on."""
 
     def __init__(self, target_port):
         self.target = target_port
@@ -125,6 +132,7 @@ class Proxy:
         self.open = True
         self.swallowing = None
         self.swallowed = 0
+        self.holding = None
         # Per connection: what its client sent first, and whether it is frozen.
         self.heads = []
         self.pairs = []
@@ -172,6 +180,11 @@ class Proxy:
                     head.sent += data[:65536 - len(head.sent)]
                 if head.frozen:
                     continue
+                if sent and head.held is None and self._holds(data):
+                    head.held = bytearray()
+                if head.held is not None and not head.released.is_set():
+                    head.held += data
+                    continue
                 if marker is not None and not swallowing and marker in data:
                     swallowing = True
                     with self.lock:
@@ -181,6 +194,8 @@ class Proxy:
                 if self.latency:
                     time.sleep(self.latency)
                 dst.sendall(data)
+            if sent and head.held is not None and head.released.wait(30):
+                dst.sendall(head.held)
         except OSError:
             pass
         head.closed = True
@@ -193,6 +208,21 @@ class Proxy:
     def swallow(self, marker):
         with self.lock:
             self.swallowing = marker
+
+    def _holds(self, data):
+        with self.lock:
+            if self.holding is None or self.holding not in data:
+                return False
+            self.holding = None
+            return True
+
+    def hold(self, marker):
+        with self.lock:
+            self.holding = marker
+
+    def release(self):
+        for head in self.heads:
+            head.released.set()
 
     def freeze(self, marker):
         with self.lock:

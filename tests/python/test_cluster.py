@@ -924,6 +924,47 @@ async def test_a_pub_sub_connection_gone_silent_is_replaced_and_nothing_is_lost(
 
 
 @async_test
+async def test_a_connect_that_reaches_redis_after_its_leave_counts_nothing():
+    """The link's connection goes silent with a connect on it (its packets
+    held on the way, as in a partition); the link gives up on it after its
+    timeout, the handshake is refused, and the leave that undoes the
+    connect's count goes on the link's next connection, finding nothing to
+    undo. The held packets then reach Redis. Without a fence the connect
+    counted then, with no leave left to undo it: the id stayed online, in a
+    connection slot, for as long as the node lived. The lease outlasts the
+    link's 3 s timeout here, so the node is not reaped meanwhile (which
+    would refuse the late connect for another reason)."""
+    redis = Redis()
+    proxy = Proxy(redis.port)
+    node = None
+    try:
+        node = Node(("--engine", "redis", "--redis-url", proxy.url, "--node-lease-secs", "10"))
+        wait_until(lambda: healthz(node) == 200, "the node never became ready")
+        proxy.hold(b"\r\nconnect\r\n")
+        with pytest.raises(InvalidStatus) as refused:
+            async with client(None, "a", envelope=True, uri=url(node, "a")):
+                pass
+        assert refused.value.response.status_code == 503
+        # Answered on the link's next connection, behind the leave.
+        wait_until(lambda: api(node, "GET", "/api/v1/clients/a")[0] == 200, "the link never came back", 8)
+        [held] = [head for head in proxy.heads if head.held is not None]
+        assert b"\r\nleave\r\n" not in held.held
+        proxy.release()
+        wait_until(lambda: held.closed, "the held packets never went on", 5)
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            assert redis.cli("HGET", "sb:clients", "a") == "", "counted after its leave"
+            time.sleep(0.05)
+        assert api(node, "GET", "/api/v1/clients/a")[1]["online"] is False
+    finally:
+        if node is not None:
+            node.stop()
+            node.stderr.close()
+        proxy.stop()
+        redis.stop()
+
+
+@async_test
 async def test_a_connect_given_up_while_its_call_waits_leaves_nothing_counted(proxied):
     """A client that gives up on its handshake while the node's calls for it
     wait on a slow link. The node may drop the connect right after queuing

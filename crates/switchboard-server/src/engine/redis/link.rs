@@ -8,6 +8,7 @@
 //! for (leaves, parts) share the queue rather than jump it: a connect dropped
 //! while its call waited sends its leave behind that call, where a leave
 //! that went first would undo nothing and leave the connection counted.
+//! Across connections, [`super::fence`] keeps that order.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use redis::Value;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use super::fence::{Known, fence};
 use crate::engine::Unavailable;
 use crate::metrics::Metrics;
 
@@ -246,8 +248,10 @@ async fn run(
     // still queued: sent first, a batch at a time.
     let mut held: VecDeque<Call> = VecDeque::new();
     let mut backoff = Duration::from_millis(50);
+    // The last connection, for the next to end (see `fence`).
+    let (mut previous, mut warned) = (None, false);
     loop {
-        let connected = connect(&client).await;
+        let connected = connect(&client, &mut previous, &mut warned).await;
         let (mut conn, sha) = match connected {
             Ok(connected) => connected,
             Err(e) => {
@@ -315,7 +319,11 @@ fn fill(batch: &mut Vec<Call>, held: &mut VecDeque<Call>, calls: &mut Calls) {
     }
 }
 
-async fn connect(client: &redis::Client) -> redis::RedisResult<(MultiplexedConnection, String)> {
+async fn connect(
+    client: &redis::Client,
+    previous: &mut Option<Known>,
+    warned: &mut bool,
+) -> redis::RedisResult<(MultiplexedConnection, String)> {
     // The link times its batches itself (TIMEOUT): redis-rs's own response
     // timeout (500 ms by default) would fail a slow batch whose calls ran.
     let config = redis::AsyncConnectionConfig::new()
@@ -324,6 +332,7 @@ async fn connect(client: &redis::Client) -> redis::RedisResult<(MultiplexedConne
     let mut conn = client
         .get_multiplexed_async_connection_with_config(&config)
         .await?;
+    fence(&mut conn, previous, warned).await?;
     let sha = load_script(&mut conn).await?;
     Ok((conn, sha))
 }
@@ -338,7 +347,7 @@ async fn load_script(conn: &mut MultiplexedConnection) -> redis::RedisResult<Str
         .map_err(|_| timeout_error())?
 }
 
-fn timeout_error() -> redis::RedisError {
+pub(super) fn timeout_error() -> redis::RedisError {
     redis::RedisError::from(std::io::Error::new(
         std::io::ErrorKind::TimedOut,
         "Redis did not answer in time",

@@ -3,6 +3,7 @@
 //!
 //! - [`link`]: one ordered, pipelined queue of script calls.
 //! - [`feed`]: pub/sub, and delivery to this node's connections with gap fill.
+//! - [`fence`]: ends the link's given-up connection before a new one carries calls.
 //! - `backlog`: what pub/sub brought and delivery has not handled, bounded.
 //! - [`lease`]: the node's heartbeat, the reaping of dead nodes, readiness.
 //! - `engine.lua`: every change to shared state, atomically.
@@ -34,6 +35,7 @@ use reply::{Read, array, int, malformed, text};
 
 mod backlog;
 mod feed;
+mod fence;
 mod lease;
 mod link;
 mod reply;
