@@ -1100,6 +1100,31 @@ mod tests {
         );
     }
 
+    /// Pub/sub was lost while a connection was on its way: what was
+    /// published meanwhile reached no node, and the offset the connection
+    /// was given may be behind it, so it reads its stream as it attaches
+    /// (here the link cannot answer: the fill is left to the retry). One
+    /// that attaches with nothing missed reads nothing.
+    #[tokio::test]
+    async fn a_connection_on_its_way_while_pub_sub_was_lost_reads_its_stream_as_it_attaches() {
+        let mut delivery = delivery();
+        let channel = "sb:c:i:ann".to_owned();
+        let [calm, missed] = [(); 2].map(|()| Harness::new(Quiet));
+        let attach = |harness| Command::Attach {
+            channel: channel.clone(),
+            conn: conn(harness),
+        };
+        delivery.command(Command::Expect(channel.clone())).await;
+        delivery.command(attach(&calm)).await;
+        assert!(delivery.unfilled.is_empty(), "nothing was missed");
+        delivery.command(Command::Expect(channel.clone())).await;
+        delivery.command(Command::Resync).await;
+        delivery.unfilled.clear();
+        delivery.command(attach(&missed)).await;
+        assert!(delivery.unfilled.contains(&channel), "no fill was tried");
+        assert!(!delivery.streams[&channel].missed, "read once, not again");
+    }
+
     /// Regression: a hold whose answer came while its caller was still
     /// there, and which was dropped before reading it (the client's handshake
     /// was dropped in between), counted as taken: nobody gave it back, and
