@@ -58,6 +58,7 @@ pub mod handle;
 pub mod handler;
 mod lot;
 mod mailbox;
+mod members;
 pub mod options;
 pub mod pubsub;
 pub mod registry;

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use switchboard_proto::PreparedMessage;
 
 use crate::handle::{ConnId, Outbound, Outbox};
+use crate::members::Members;
 use crate::registry::{ClientId, Format};
 use crate::sharded::ShardedMap;
 
@@ -58,10 +59,8 @@ struct Subscriber {
 #[derive(Default)]
 struct Topic {
     subscribers: HashMap<ConnId, Subscriber>,
-    /// Connections per client id: presence. A hash map, not an ordered one:
-    /// a topic of one member (a topic per user) takes about 128 bytes here,
-    /// where a B-tree's first node takes about 280; a presence page scans it.
-    members: HashMap<ClientId, usize>,
+    /// Connections per client id: presence.
+    members: Members,
 }
 
 /// Topics and their subscribers.
@@ -186,9 +185,7 @@ impl PubSub {
                 client: client.clone(),
             };
             entry.subscribers.insert(conn, subscriber);
-            let count = entry.members.entry(client.clone()).or_default();
-            *count += 1;
-            if *count == 1 {
+            if entry.members.join(&client) {
                 self.queue_event(&topic, client, PresenceChange::Joined);
             }
         }
@@ -209,13 +206,7 @@ impl PubSub {
             let Some(subscriber) = entry.subscribers.remove(&conn) else {
                 return;
             };
-            let count = entry
-                .members
-                .get_mut(&subscriber.client)
-                .expect("members mirror subscribers");
-            *count -= 1;
-            if *count == 0 {
-                entry.members.remove(&subscriber.client);
+            if entry.members.leave(&subscriber.client) {
                 self.queue_event(topic, subscriber.client, PresenceChange::Left);
             }
             if entry.subscribers.is_empty() {
@@ -293,16 +284,15 @@ impl PubSub {
         let Some(entry) = shard.get(topic) else {
             return Vec::new();
         };
-        entry.members.iter().map(|(c, n)| (c.clone(), *n)).collect()
+        entry.members.some(usize::MAX)
     }
 
     /// Up to `limit` of the client ids subscribed to `topic` that sort after
     /// `after` (byte order), in that order, with their connection counts; and
     /// whether more follow. Passing a page's last id as the next `after` walks
     /// the members in pages: an id subscribed throughout the walk is listed
-    /// exactly once. Each page visits every member, keeping the `limit`
-    /// smallest (a walk of `n` members in pages of `limit` costs about
-    /// `n * n / limit`): for a query, not for the message path.
+    /// exactly once. A page of a big topic is a range read; one of a small
+    /// topic scans its members (see `members`).
     pub fn presence_page(
         &self,
         topic: &str,
@@ -313,27 +303,7 @@ impl PubSub {
         let Some(entry) = shard.get(topic) else {
             return (Vec::new(), false);
         };
-        // A max-heap of the smallest ids so far: its top is the first to give way.
-        let mut page: BinaryHeap<(&ClientId, usize)> =
-            BinaryHeap::with_capacity(limit.min(1024) + 1);
-        let mut more = false;
-        let later = entry
-            .members
-            .iter()
-            .filter(|(id, _)| after.is_none_or(|after| &***id > after));
-        for (id, &count) in later {
-            page.push((id, count));
-            if page.len() > limit {
-                page.pop();
-                more = true;
-            }
-        }
-        let ids = page
-            .into_sorted_vec()
-            .into_iter()
-            .map(|(id, count)| (id.clone(), count))
-            .collect();
-        (ids, more)
+        entry.members.page(after, limit)
     }
 
     /// How many connections are subscribed to `topic`.
@@ -376,13 +346,9 @@ impl PubSub {
             .into_iter()
             .map(|Reverse((subscribers, Reverse(topic)))| {
                 let shard = self.inner.topics.read(&topic);
-                let members = shard.get(&topic).map_or_else(Vec::new, |t| {
-                    t.members
-                        .iter()
-                        .take(members)
-                        .map(|(c, n)| (c.clone(), *n))
-                        .collect()
-                });
+                let members = shard
+                    .get(&topic)
+                    .map_or_else(Vec::new, |t| t.members.some(members));
                 drop(shard);
                 TopicSummary {
                     topic,
