@@ -333,6 +333,33 @@ async def test_a_refused_resume_counts_nothing(cluster):
 
 
 @async_test
+async def test_a_subscribe_after_an_answer_that_waited_is_acked_before_its_frames(cluster):
+    """Once a connection has had an answer that waited for Redis (any send),
+    its later answers go through a queue, in order. A subscribe's ack must
+    still come before the frames of its subscription: its own join event and
+    what a resume replays (the JS client drops a topic's frames until the
+    ack, and docs/protocol.md says the missed messages follow the ack). They
+    came first, and the JS client lost the replay without a word."""
+    config = config_file('[[namespaces]]\nprefix = "chat:"\npresence = true\n')
+    c = cluster(1, extra=("--config", config))
+    [node] = c.nodes
+    _, history = api(node, "GET", "/api/v1/history/$clients?limit=1")
+    since = {"epoch": history["epoch"], "offset": history["offset"]}
+    async with client(None, "a", envelope=True, uri=url(node, "a")) as a:
+        await a.send(msg(["nobody"], "hi", id=1))
+        assert (await recv_json(a))["offsets"] == {"nobody": 1}
+        await a.send(json.dumps({"type": "subscribe", "topic": "chat:lobby", "id": 2}))
+        assert (await recv_json(a))["id"] == 2
+        assert await recv_json(a) == {"type": "presence", "topic": "chat:lobby", "event": "join", "client": "a"}
+        await a.send(json.dumps({"type": "subscribe", "topic": "$clients", "id": 3, "since": since}))
+        ack = await recv_json(a)
+        assert (ack["type"], ack["id"], ack.get("recovered"), ack.get("missed")) == ("ack", 3, True, 1), ack
+        missed = await recv_json(a)
+        assert (missed["topic"], missed["payload"]) == ("$clients", {"client": "a", "event": "online"}), missed
+        await nothing_before_marker(c, a, "a")
+
+
+@async_test
 async def test_subscribing_again_while_a_subscribe_waits_keeps_the_second(proxied):
     """Subscribe, unsubscribe and subscribe again (resuming) while the first
     waits for Redis: the second attempt's answer, with what it resumed, is

@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+mod answers;
 pub mod api;
 pub mod app;
 pub mod auth;

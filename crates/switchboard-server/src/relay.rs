@@ -6,9 +6,7 @@
 //! the same frame goes to every recipient.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::value::RawValue;
@@ -16,8 +14,8 @@ use switchboard::{
     ClientId, CloseCode, ConnHandle, Context, Handler, Message, Outbox, Outcome, Registration,
     SubscribeError, TerminateReason, TimerRef,
 };
-use tokio::sync::mpsc;
 
+use crate::answers::Answers;
 use crate::auth::{Identity, Permissions, TokenError};
 use crate::engine::{
     self, Joined, PageRefused, Pending, PresencePage, Subscribe, SubscribeRefused, Subscribed,
@@ -270,7 +268,7 @@ impl Relay {
         });
         let id = self.ack_id(inbound);
         if let Some(result) = pending.ready_now() {
-            return self.subscribed(topic, result, id);
+            return self.subscribed(&ctx.handle().outbox(), topic, result, id);
         }
         let attempt = self.topics().join(topic.clone());
         let handle = ctx.handle().clone();
@@ -294,6 +292,7 @@ impl Relay {
     /// Keeps the subscription the engine made, and says how it went.
     fn subscribed(
         &mut self,
+        outbox: &Outbox,
         topic: Arc<str>,
         result: Result<Subscribed, SubscribeRefused>,
         id: Option<&RawValue>,
@@ -316,23 +315,34 @@ impl Relay {
                 self.topics()
                     .subscribed
                     .insert(topic.clone(), (subscription, counted));
-                // The answer goes out first (the handler's output is queued
-                // before anything pushed to the outbox in the same turn).
-                if let Some(start) = start {
-                    start();
-                }
-                if let Some((resumed, position)) = resumed {
-                    match resumed {
-                        wire::Resumed::Recovered(_) => self.hub.metrics.recovery(true),
-                        wire::Resumed::Lost => self.hub.metrics.recovery(false),
-                        wire::Resumed::NotAsked => {}
+                let ack = match resumed {
+                    Some((resumed, position)) => {
+                        match resumed {
+                            wire::Resumed::Recovered(_) => self.hub.metrics.recovery(true),
+                            wire::Resumed::Lost => self.hub.metrics.recovery(false),
+                            wire::Resumed::NotAsked => {}
+                        }
+                        let at = position.as_ref().map(|p| At {
+                            offset: p.offset,
+                            epoch: &p.epoch,
+                        });
+                        id.map(|id| wire::ack_resume(id, &topic, resumed, at))
                     }
-                    let at = position.as_ref().map(|p| At {
-                        offset: p.offset,
-                        epoch: &p.epoch,
-                    });
-                    return Ok(id.map(|id| wire::ack_resume(id, &topic, resumed, at)));
-                }
+                    None => id.map(|id| wire::ack(id, Some(&topic))),
+                };
+                // The answer goes out before the subscription's frames: its
+                // own join, what it replays, live messages.
+                return Ok(match (ack, start) {
+                    (ack, None) => ack,
+                    (Some(ack), Some(start)) => {
+                        self.answers.reply_then(outbox, ack, start);
+                        None
+                    }
+                    (None, Some(start)) => {
+                        start();
+                        None
+                    }
+                });
             }
             Err(SubscribeRefused::PubSub(SubscribeError::Full)) => {
                 return Err((
@@ -680,70 +690,6 @@ impl Topics {
     }
 }
 
-/// The queue of answers, the outbox its task sends to, and how many wait in it.
-type AnswerQueue = (mpsc::UnboundedSender<Later>, Outbox, Arc<AtomicUsize>);
-
-/// An answer to come: its text, if there is one to send.
-type Later = Pin<Box<dyn std::future::Future<Output = Option<String>> + Send>>;
-
-/// A connection's answers that wait for the engine, sent in the order of
-/// their messages by one task; while any waits, answers that are ready go
-/// behind them, so that a client sees its answers in order. (A subscribe's
-/// answer comes once its subscription is in place, through `handle_info`.)
-#[derive(Default)]
-struct Answers {
-    /// The queue, the outbox its task sends to, and how many answers wait in
-    /// it. Made with the first answer that waits: most connections never
-    /// have one, and an idle connection should hold as little as it can.
-    /// Boxed, so that it is one pointer until then.
-    queue: std::cell::OnceCell<Box<AnswerQueue>>,
-}
-
-impl Answers {
-    /// Sends `text` now, or after the answers still waiting.
-    fn reply(&self, text: String) -> Outcome {
-        let Some((queue, outbox, waiting)) = self.queue.get().map(Box::as_ref) else {
-            return Outcome::push(Message::text(text));
-        };
-        if waiting.load(Ordering::Acquire) > 0 {
-            waiting.fetch_add(1, Ordering::AcqRel);
-            // Held until it is pushed, as the answers it waits behind are: a
-            // client that floods refusals behind a slow answer stops being
-            // read instead of piling them up.
-            let held = outbox.hold(text.len());
-            let _ = queue.send(Box::pin(async move {
-                drop(held);
-                Some(text)
-            }));
-        } else {
-            // Behind what the queue's task pushed (the handler's own output
-            // could pass frames pushed since the driver last drained).
-            let _ = outbox.reply(Message::text(text));
-        }
-        Outcome::Continue
-    }
-
-    /// Queues an answer to come; the queue's task starts with the first.
-    fn later(&self, outbox: &Outbox, answer: Later) {
-        let (queue, _, waiting) = &**self.queue.get_or_init(|| {
-            let (queue, mut answers) = mpsc::unbounded_channel::<Later>();
-            let waiting = Arc::new(AtomicUsize::new(0));
-            let (task_outbox, task_waiting) = (outbox.clone(), waiting.clone());
-            tokio::spawn(async move {
-                while let Some(answer) = answers.recv().await {
-                    if let Some(text) = answer.await {
-                        let _ = task_outbox.reply(Message::text(text));
-                    }
-                    task_waiting.fetch_sub(1, Ordering::AcqRel);
-                }
-            });
-            Box::new((queue, outbox.clone(), waiting))
-        });
-        waiting.fetch_add(1, Ordering::AcqRel);
-        let _ = queue.send(answer);
-    }
-}
-
 /// Whether a message type needs `switchboard.v1` (its answers are typed frames).
 fn is_envelope_only(kind: &str) -> bool {
     matches!(
@@ -839,7 +785,7 @@ impl Handler for Relay {
         }
     }
 
-    fn handle_info(&mut self, info: RelayInfo, _ctx: &mut Context<'_, RelayInfo>) -> Outcome {
+    fn handle_info(&mut self, info: RelayInfo, ctx: &mut Context<'_, RelayInfo>) -> Outcome {
         match info {
             RelayInfo::TokenExpired(generation) if generation == self.token_generation => {
                 Outcome::stop(CloseCode(TOKEN_EXPIRED), "token expired")
@@ -861,7 +807,7 @@ impl Handler for Relay {
                         None => Outcome::Continue,
                     };
                 }
-                match self.subscribed(topic, result, id.as_deref()) {
+                match self.subscribed(&ctx.handle().outbox(), topic, result, id.as_deref()) {
                     Ok(Some(reply)) => self.answers.reply(reply),
                     Ok(None) => Outcome::Continue,
                     Err(refusal) => self.refuse(refusal, id.as_deref()),

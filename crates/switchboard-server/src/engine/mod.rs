@@ -200,7 +200,9 @@ pub struct Subscribed {
     /// For the caller to run once the subscribe's answer is queued: hands
     /// the subscriber what the engine holds for it (its own join, missed
     /// messages) and then live messages, so the answer comes first, as it
-    /// does when the engine answers at once.
+    /// does when the engine answers at once. The answer may wait behind the
+    /// connection's earlier ones, and the start with it: one that runs after
+    /// the subscription was dropped does nothing.
     pub start: Option<Box<dyn FnOnce() + Send>>,
 }
 

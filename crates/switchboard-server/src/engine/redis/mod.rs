@@ -8,7 +8,7 @@
 //! - [`lease`]: the node's heartbeat, the reaping of dead nodes, readiness.
 //! - `engine.lua`: every change to shared state, atomically.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -344,8 +344,19 @@ struct Member {
     topic: Arc<str>,
     client: ClientId,
     token: String,
-    /// Set by the subscription's start (its connection attached).
-    started: Arc<AtomicBool>,
+    /// Whether the subscription's start ran (its connection attached).
+    stage: Arc<Mutex<Stage>>,
+}
+
+/// Where a subscription stands. Its start may run after its answer waited
+/// behind others (so after the subscription was dropped), or never: the
+/// two decide under one lock, so that the feed is told of an attach before
+/// its detach, or of neither.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Waiting,
+    Started,
+    CalledOff,
 }
 
 impl Drop for Member {
@@ -354,7 +365,7 @@ impl Drop for Member {
         let rest = args([&*self.node, &*self.topic, &*self.client, &self.token]);
         core.link.call_and_forget("part", rest);
         let channel = topic_channel(&self.topic);
-        if self.started.load(Ordering::Acquire) {
+        if *self.stage.lock().unwrap_or_else(PoisonError::into_inner) == Stage::Started {
             core.feed.release(channel);
         } else {
             core.feed.abandon(channel);
@@ -555,7 +566,7 @@ impl Engine for RedisEngine {
                 topic: topic.clone(),
                 client: client.clone(),
                 token: core.token(),
-                started: Arc::new(AtomicBool::new(false)),
+                stage: Arc::new(Mutex::new(Stage::Waiting)),
             };
             let (since_offset, since_epoch) = since_args(since.as_ref());
             let rest = args([
@@ -645,10 +656,15 @@ impl Engine for RedisEngine {
             let conn = outbox.id();
             let feed = core.feed.clone();
             let (attach, detach) = (channel.clone(), feed.clone());
-            let started = joined.started.clone();
-            let attached = started.clone();
+            let stage = joined.stage.clone();
+            let attached = stage.clone();
             let start = move || {
-                started.store(true, Ordering::Release);
+                let mut stage = stage.lock().unwrap_or_else(PoisonError::into_inner);
+                if *stage != Stage::Waiting {
+                    // Dropped while its answer waited behind others.
+                    return;
+                }
+                *stage = Stage::Started;
                 // The replay was admitted whole, within the room reserved for
                 // it (and the join event is one small frame): deliveries pushed
                 // since must not make them close the connection.
@@ -673,9 +689,13 @@ impl Engine for RedisEngine {
                     // connections by id (the cluster test
                     // test_subscribing_again_while_a_subscribe_waits_keeps_the_second
                     // lost its second subscription's deliveries so).
-                    if attached.load(Ordering::Acquire) {
+                    let mut stage = attached.lock().unwrap_or_else(PoisonError::into_inner);
+                    if *stage == Stage::Started {
                         detach.detach(channel, conn);
+                    } else {
+                        *stage = Stage::CalledOff;
                     }
+                    drop(stage);
                     drop(joined);
                 }),
                 resumed,

@@ -1,6 +1,7 @@
 //! The Redis engine in-process, on a real `redis-server`, where a test must
-//! stand between two steps of a handshake: here, a node reaped by the
-//! cluster while a connection's handshake is under way.
+//! stand between two steps the relay takes: a node reaped by the cluster
+//! while a connection's handshake is under way; a subscription dropped
+//! before its start runs.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use switchboard::testing::Harness;
 use switchboard::{Context, Handler, Message, Outcome, Registry};
 use switchboard_server::engine::redis::{RedisEngine, RedisSettings};
-use switchboard_server::engine::{Engine, Traffic};
+use switchboard_server::engine::{Engine, Message as Sent, Subscribe, Traffic};
 use switchboard_server::metrics::Metrics;
 use switchboard_server::streams::Retention;
 use switchboard_server::topics::Namespaces;
@@ -107,4 +108,63 @@ async fn a_handshake_under_way_as_the_node_is_reaped_is_closed_as_it_attaches() 
     let open = Harness::new(Quiet);
     let _open = now.attach(open.handle().outbox());
     assert!(!open.handle().is_closed(), "counted under the current id");
+}
+
+/// A subscribe's answer that waits behind the connection's earlier answers
+/// holds back its start (the answer comes first), so the start may run after
+/// the subscription was dropped (an unsubscribe came meanwhile). Without the
+/// subscription's stage, it attached the connection to the topic's channel
+/// all the same, with nothing left to detach it: the connection got the
+/// topic's messages, unsubscribed, for as long as it lived.
+#[tokio::test]
+async fn a_start_that_runs_after_its_subscription_was_dropped_does_nothing() {
+    let redis = Redis::start();
+    let mut admin = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let engine = engine(&redis);
+    nodes_once(&mut admin, |nodes| nodes.len() == 1).await;
+    let subscribe = |harness: &Harness<Quiet>| {
+        engine.subscribe(Subscribe {
+            topic: "room".into(),
+            client: "ann".into(),
+            outbox: harness.handle().outbox(),
+            limit: None,
+            history: None,
+            since: None,
+        })
+    };
+    let (mut gone, mut kept) = (Harness::new(Quiet), Harness::new(Quiet));
+    let late = subscribe(&gone).await.unwrap();
+    drop(late.subscription);
+    (late.start.expect("a start to run"))();
+    let now = subscribe(&kept).await.unwrap();
+    let _subscription = now.subscription;
+    (now.start.expect("a start to run"))();
+    let message = Sent {
+        from: None,
+        payload: "\"hi\"".into(),
+        key: None,
+    };
+    engine.publish("room".into(), None, message).await.unwrap();
+    // Both would be on the channel, and given the message in one pass.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        kept.deliver_infos();
+        if !kept.take_pushed().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the kept subscription got nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gone.deliver_infos();
+    assert!(
+        gone.take_pushed().is_empty(),
+        "a dropped subscription got a message"
+    );
 }
