@@ -189,3 +189,26 @@ test("a new client resumes from a position an earlier one kept (a page reload): 
   assert.deepEqual(again.message.map((m) => m.payload), ["while away"]);
   assert.deepEqual(topic.got, ["while away"]);
 });
+
+test("a kept position past the inbox's last (the store lost what it gave) connects, says recovered: false, and goes on from the inbox", async () => {
+  const server = await start();
+  const producer = client(server, "writer");
+  const first = client(server, "ahead");
+  await Promise.all([producer.connect(), first.connect()]);
+  await until(() => first.inbox !== undefined);
+  const last = first.inbox.offset;
+  const kept = { epoch: first.inbox.epoch, offset: last + 7 };
+  first.close();
+
+  // The server used to refuse such a handshake with 400, which a WebSocket cannot
+  // read: the client retried for ever and never connected.
+  const second = new Client(server.url, { WebSocket, id: "ahead", inbox: kept, backoff: { initial: 50, max: 400 } });
+  cleanup.push(() => second.close());
+  const again = record(second);
+  second.connect().catch(() => {});
+  await until(() => again.connected.length === 1, 5000, "a connection");
+  assert.deepEqual({ resumed: again.connected[0].resumed, recovered: again.connected[0].recovered }, { resumed: true, recovered: false });
+  await producer.send(["ahead"], "next");
+  await until(() => again.message.length === 1, 5000, "the next message");
+  assert.deepEqual(again.message.map((m) => [m.payload, m.offset]), [["next", last + 1]]);
+});

@@ -120,7 +120,6 @@ async fn handshake(
             );
             return (StatusCode::TOO_MANY_REQUESTS, message).into_response();
         }
-        Err(ahead) => return Refused::BadRequest(ahead.to_string()).into_response(),
     };
     upgrade.on_upgrade_with(|handle| Relay::new(hub.clone(), identity, mode, handle, slot, joined))
 }

@@ -104,10 +104,6 @@ impl InboxRetention {
     }
 }
 
-fn inbox(id: &str) -> StreamKey {
-    StreamKey::Inbox(id.into())
-}
-
 impl Core {
     /// Counts a connection of `id` as on its way, unless it has `max` already.
     fn reserve(self: &Arc<Self>, id: &ClientId, max: usize) -> Result<Reserved, ConnectError> {
@@ -204,7 +200,8 @@ fn register(
     core.streams
         .resume(&key, &since, core.inbox, usize::MAX, |resume, position| {
             let (resumed, missed) = match resume {
-                // Checked before the upgrade; a stream's top only grows.
+                // Ahead: history restored from an older copy than the
+                // client saw, or a position from another store.
                 Resume::Ahead | Resume::Lost => (Resumed::Lost, Vec::new()),
                 Resume::Recovered(missed)
                     if !super::fits(&missed, None, &position.epoch, core.replay_budget) =>
@@ -226,19 +223,6 @@ fn register(
 }
 
 impl Core {
-    fn check_since(&self, id: &str, since: &Position) -> Result<(), ConnectError> {
-        self.streams.position(&inbox(id), |position| {
-            if since.epoch == position.epoch && since.offset > position.offset {
-                Err(ConnectError::Ahead {
-                    asked: since.offset,
-                    top: position.offset,
-                })
-            } else {
-                Ok(())
-            }
-        })
-    }
-
     fn send(&self, targets: &[&str], message: &Message) -> Sent {
         let payload = &*message.payload;
         let raw_frame = OnceLock::new();
@@ -398,9 +382,6 @@ impl Engine for MemoryEngine {
         max_connections: usize,
     ) -> Answer<Box<dyn Joined>, ConnectError> {
         let admitted = (|| {
-            if let Some(since) = &since {
-                self.0.check_since(&id, since)?;
-            }
             let reserved = self.0.reserve(&id, max_connections)?;
             Ok(Box::new(Admitted {
                 core: self.0.clone(),

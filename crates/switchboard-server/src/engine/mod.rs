@@ -233,14 +233,6 @@ pub enum SubscribeRefused {
 /// Why a connection was not let in.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConnectError {
-    /// It asked to resume from an offset its inbox never reached.
-    #[error("since is ahead of this client's inbox (offset {asked} > {top})")]
-    Ahead {
-        /// The offset asked for.
-        asked: u64,
-        /// The inbox's last offset.
-        top: u64,
-    },
     /// The id has as many connections as it may.
     #[error("too many connections for this client: at most {limit}")]
     Full {

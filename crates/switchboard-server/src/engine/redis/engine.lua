@@ -234,11 +234,8 @@ elseif op == 'connect' then
   -- (entries read), the id's connection limit
   local node, id, token, since, since_epoch = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
   if not alive(node) then return redis.error_reply('REAPED node lease lapsed') end
-  local epoch, top = position('i', id)
-  if since ~= '' and since_epoch == epoch and tonumber(since) > top then
-    -- Refused before it counts: no online event for a connection refused.
-    return { 'ahead', top }
-  end
+  -- A `since` past the top under the inbox's epoch (Redis lost writes it
+  -- had acknowledged) reads nothing: the node answers recovered:false.
   local field = id .. '\n' .. token
   if redis.call('HEXISTS', node_clients(node), field) == 0 then
     -- Checked and counted at once: connects racing on several nodes cannot

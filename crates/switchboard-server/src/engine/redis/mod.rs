@@ -410,10 +410,6 @@ impl Engine for RedisEngine {
                 &max_connections.to_string(),
             ]);
             let mut values = items(core.link.call("connect", rest).await?)?;
-            if let Some(top) = ahead(&values) {
-                let asked = since.as_ref().map_or(0, |s| s.offset);
-                return Err(ConnectError::Ahead { asked, top });
-            }
             if full(&values) {
                 return Err(ConnectError::Full {
                     limit: max_connections,
@@ -433,7 +429,7 @@ impl Engine for RedisEngine {
                 (_, Some(since)) => {
                     let (resume, position) = core.resume(read, &since, core.inbox.ttl);
                     let (resumed, missed) = match resume {
-                        // Ahead was refused by the script, before it counted.
+                        // Ahead: Redis lost messages it had given.
                         Resume::Ahead | Resume::Lost => (Resumed::Lost, Vec::new()),
                         Resume::Recovered(missed) => (Resumed::Recovered(missed.len()), missed),
                     };
