@@ -232,7 +232,13 @@ pub fn router(hub: Arc<Hub>, body: BodyRules, loopback: bool) -> Router {
         MetricsAuth::ApiKey => (protected.merge(metrics), Router::new()),
         MetricsAuth::None => (protected, metrics),
     };
-    let protected = protected.route_layer(middleware::from_fn_with_state(api.clone(), require_key));
+    // The key is checked before the body is read: a caller without one
+    // gets its 401 at once, and holds no buffered body meanwhile.
+    let protected = protected
+        .route_layer(middleware::from_fn(move |request, next| {
+            read_body(body, request, next)
+        }))
+        .route_layer(middleware::from_fn_with_state(api.clone(), require_key));
     Router::new()
         .merge(crate::admin::pages())
         .route("/api/v1/openapi.json", get(openapi))
@@ -247,9 +253,6 @@ pub fn router(hub: Arc<Hub>, body: BodyRules, loopback: bool) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(body.max_bytes))
-        .layer(middleware::from_fn(move |request, next| {
-            read_body(body, request, next)
-        }))
         .with_state(api)
 }
 

@@ -54,6 +54,18 @@ async fn a_stalled_body_gets_408_at_the_body_timeout() {
     );
 }
 
+/// Regression: the body was read before the API key was checked, so a
+/// caller with no key could have the server buffer up to
+/// `api_max_body_bytes` per request for up to `api_body_timeout_secs`.
+#[tokio::test]
+async fn a_request_without_the_api_key_is_refused_before_its_body_is_read() {
+    let server = Server::start(&["--api-key", "the-key"]);
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    // 1,000 bytes declared, one sent: the 401 does not wait for the rest.
+    let (status, _) = status_after(&mut stream, &format!("{}{{", post_head(1000))).await;
+    assert!(status.starts_with("HTTP/1.1 401"), "{status}");
+}
+
 /// Waits for the process to exit, up to `limit` after `since`; returns its exit
 /// code and when it exited.
 fn exit_within(server: &mut Server, since: Instant, limit: Duration) -> (Option<i32>, Duration) {
