@@ -312,9 +312,10 @@ def test_the_script_counts_each_connection_once_whatever_is_sent_twice():
 
 
 @async_test
-async def test_a_refused_resume_counts_nothing(cluster):
-    """A resume past the inbox's top is refused (400) before the cluster
-    counts the connection: no online or offline event for it."""
+async def test_a_resume_past_the_inbox_top_is_counted_and_not_recovered(cluster):
+    """A resume past the inbox's top under its epoch (Redis lost writes it
+    had acknowledged) is a connection like any other, counted once (its
+    online and offline events), and told recovered:false."""
     c = cluster(2)
     n0, n1 = c.nodes
     async with client(None, "w", envelope=True, uri=url(n0, "w")) as w:
@@ -324,11 +325,10 @@ async def test_a_refused_resume_counts_nothing(cluster):
             epoch = z.welcome["epoch"]
         for event in ("online", "offline"):
             assert (await recv_json(w))["payload"] == {"client": "z", "event": event}
-        status, _, _ = n1.http("GET", f"/ws?id=z&since={epoch}:99", {
-            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Protocol": "switchboard.v1",
-        })
-        assert status == 400
+        async with client(None, "z", envelope=True, uri=url(n1, "z", (epoch, 99))) as z:
+            assert (z.welcome["recovered"], z.welcome["epoch"], z.welcome["offset"]) == (False, epoch, 0)
+        for event in ("online", "offline"):
+            assert (await recv_json(w))["payload"] == {"client": "z", "event": event}
         await nothing_before_marker(c, w, "w")
 
 
