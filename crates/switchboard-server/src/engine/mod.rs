@@ -416,9 +416,9 @@ pub trait Engine: Send + Sync + 'static {
     /// Lets a connection of `id` speaking `mode` in: it counts as online from
     /// now on. Refused when `id` has `max_connections` already, those still
     /// being let in counted (so that handshakes in flight together cannot
-    /// all pass the limit). With `since`, checks it against the inbox (a
-    /// position past the inbox's top is refused), and the welcome says
-    /// whether every message after it could be replayed.
+    /// all pass the limit). With `since`, the welcome says whether every
+    /// message after it could be replayed (not for a position past the
+    /// inbox's top: the store lost what it had given).
     fn connect(
         &self,
         id: ClientId,
