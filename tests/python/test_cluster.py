@@ -311,6 +311,47 @@ def test_the_script_counts_each_connection_once_whatever_is_sent_twice():
         redis.stop()
 
 
+def test_a_resume_the_node_would_refuse_moves_no_entries_out_of_redis():
+    """A resume's read stops once its entries pass the replay budget the node
+    passes (the node refuses a replay that big: it would say
+    recovered:false whatever came), and reads nothing under another epoch.
+    Both used to carry every entry asked for to the node, only to be thrown
+    away there: an inbox of 100 messages of 1 MiB was 100 MiB per handshake,
+    for anyone able to resume it. The engine's script, called as the nodes
+    call it, on a real Redis."""
+    redis = Redis()
+    try:
+        script = open(SCRIPT).read()
+
+        def call(op, *rest):
+            # ARGV: op, a new stream's epoch, meta ttl, $clients size and ttl, then the op's own.
+            return redis.cli("EVAL", script, "0", op, "e1", "60000", "100", "60000", *rest).split("\n")
+
+        call("heartbeat", "n1", "5000", "1", *["0"] * 7)
+        payload = json.dumps("x" * 998)
+        for _ in range(5):
+            call("send", "", "100", "60000", "", payload, "ann")
+            call("publish", "", "news", "100", "60000", "", payload)
+
+        def replayed(op, since_epoch, budget):
+            if op == "connect":
+                # node, id, token, since offset and epoch, entries, connection limit, budget
+                answer = call("connect", "n1", "ann", "t1", "0", since_epoch, "100", "10", str(budget))
+            else:
+                # node, topic, client, token, limit, history, since offset and epoch, entries, budget
+                answer = call("join", "n1", "news", "ann", "t2", "0", "1", "0", since_epoch, "100", str(budget))
+            return answer.count(payload)
+
+        for op in ("connect", "join"):
+            assert replayed(op, "e1", 1_000_000) == 5, op
+            # Five entries of about 1,015 bytes of fields each.
+            assert replayed(op, "e1", 5_200) == 5, op
+            assert replayed(op, "e1", 4_000) == 0, op
+            assert replayed(op, "zz", 1_000_000) == 0, op
+    finally:
+        redis.stop()
+
+
 @async_test
 async def test_a_resume_past_the_inbox_top_is_counted_and_not_recovered(cluster):
     """A resume past the inbox's top under its epoch (Redis lost writes it

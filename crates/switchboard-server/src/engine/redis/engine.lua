@@ -76,6 +76,34 @@ local function read(kind, name, since, limit)
   return { epoch, top, now_ms(), entries }
 end
 
+-- What a resume from `since` under `since_epoch` replays, as `read` answers
+-- it. Nothing under another epoch (the resume is lost whatever is read), and
+-- nothing once the entries' fields pass `budget` bytes: the node refuses a
+-- replay of more than its budget (and counts its frames, which are bigger),
+-- so a resume that would be refused anyway moves no entries. Read in chunks
+-- that grow, so that big entries pass the budget before many are held.
+local function resume(kind, name, since, since_epoch, limit, budget)
+  local epoch, top = position(kind, name)
+  local entries = {}
+  if since_epoch ~= epoch or limit == 0 or tonumber(since) >= top then
+    return { epoch, top, now_ms(), entries }
+  end
+  local skey, from, count, bytes = stream_key(kind, name), (tonumber(since) + 1) .. '-0', 8, 0
+  while #entries < limit do
+    local want = math.min(count, limit - #entries)
+    local chunk = redis.call('XRANGE', skey, from, '+', 'COUNT', want)
+    for _, entry in ipairs(chunk) do
+      for i = 2, #entry[2], 2 do bytes = bytes + #entry[2][i] end
+      if bytes > budget then return { epoch, top, now_ms(), {} } end
+      entries[#entries + 1] = entry
+    end
+    if #chunk < want then break end
+    from = '(' .. chunk[#chunk][1]
+    count = math.min(count * 2, 1024)
+  end
+  return { epoch, top, now_ms(), entries }
+end
+
 -- First online / last offline, on the `$clients` topic.
 local function client_event(id, event)
   if events_size > 0 then
@@ -231,7 +259,7 @@ elseif op == 'publish' then
   return remember(key, { epoch, offset, subscribers })
 elseif op == 'connect' then
   -- ARGV: node, id, token, since offset and epoch ('' for none), limit
-  -- (entries read), the id's connection limit
+  -- (entries read), the id's connection limit, the replay's budget in bytes
   local node, id, token, since, since_epoch = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
   if not alive(node) then return redis.error_reply('REAPED node lease lapsed') end
   -- A `since` past the top under the inbox's epoch (Redis lost writes it
@@ -248,7 +276,8 @@ elseif op == 'connect' then
       client_event(id, 'online')
     end
   end
-  return read('i', id, since, tonumber(ARGV[11]))
+  if since == '' then return read('i', id, since, tonumber(ARGV[11])) end
+  return resume('i', id, since, since_epoch, tonumber(ARGV[11]), tonumber(ARGV[13]))
 elseif op == 'leave' then
   -- ARGV: node, id, token
   local node, id, token = ARGV[6], ARGV[7], ARGV[8]
@@ -257,7 +286,7 @@ elseif op == 'leave' then
   return 1
 elseif op == 'join' then
   -- ARGV: node, topic, client, token, limit (0: none), history (0/1),
-  -- since offset and epoch ('' for none), count
+  -- since offset and epoch ('' for none), count, the replay's budget in bytes
   local node, topic, client, token = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
   local limit, history, since, since_epoch = tonumber(ARGV[10]), ARGV[11], ARGV[12], ARGV[13]
   if not alive(node) then return redis.error_reply('REAPED node lease lapsed') end
@@ -283,7 +312,9 @@ elseif op == 'join' then
   end
   if history == '1' then
     local entries = {}
-    if since ~= '' then entries = read('t', topic, since, tonumber(ARGV[14]))[4] end
+    if since ~= '' then
+      entries = resume('t', topic, since, since_epoch, tonumber(ARGV[14]), tonumber(ARGV[15]))[4]
+    end
     return { 'ok', first, epoch, top, now_ms(), entries }
   end
   return { 'ok', first }

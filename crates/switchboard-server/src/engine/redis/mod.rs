@@ -408,6 +408,7 @@ impl Engine for RedisEngine {
                 &since_epoch,
                 &limit.to_string(),
                 &max_connections.to_string(),
+                &core.replay_budget.to_string(),
             ]);
             let mut values = items(core.link.call("connect", rest).await?)?;
             if full(&values) {
@@ -575,6 +576,7 @@ impl Engine for RedisEngine {
                 &since_offset,
                 &since_epoch,
                 &history.map_or(0, |h| h.max_entries).to_string(),
+                &core.replay_budget.to_string(),
             ]);
             let answer = core.link.call("join", rest).await.and_then(items);
             let mut values = answer.map_err(unavailable)?;
