@@ -224,6 +224,9 @@ pub(crate) struct Driver<H: Handler, S> {
     shutdown: Option<Signal>,
     /// The mailbox may write prepared frames to the socket while we are parked.
     direct: bool,
+    /// Messages read are waiting in `read_buf`, undecoded, because answers
+    /// queued past the outbound budget: decoded before reading more.
+    held_back: bool,
     /// What the peer may make us hold and inflate.
     intake: Intake,
     /// For the close event: its traffic (but for what the mailbox wrote
@@ -298,6 +301,7 @@ where
             timers: Timers::new(&options),
             shutdown: setup.shutdown,
             direct: false,
+            held_back: false,
             intake: Intake::new(
                 options.receive_budget,
                 options.max_inflate_rate,
@@ -377,6 +381,9 @@ where
                 self.fail(TerminateReason::Error(format!("write failed: {e}")));
                 return Poll::Ready(Exit::Ended);
             }
+            // What was held back for a full queue goes on once the write has
+            // drained it: nothing on the socket would wake this task for it.
+            progress |= self.held_back && !self.outbound_full();
             if matches!(self.phase, Phase::Done | Phase::Failing) {
                 progress |= self.writer.poll_shut(&mut self.io, cx);
             }
@@ -414,6 +421,13 @@ where
         self.timers.over_budget(over);
         let holding = self.handle.mailbox().holds_too_much();
         (!over && !holding && !self.intake.paused()) || self.phase == Phase::Failing
+    }
+
+    /// Whether what waits to be written, or the work held for this
+    /// connection, is past `max_outbound_bytes` (see [`Self::may_read`]).
+    fn outbound_full(&self) -> bool {
+        let mailbox = self.handle.mailbox();
+        mailbox.over_budget() || mailbox.holds_too_much()
     }
 
     /// Whether the mailbox may write to the socket while this task sleeps:
@@ -474,6 +488,12 @@ where
         if self.phase == Phase::Done {
             return false;
         }
+        if std::mem::take(&mut self.held_back) {
+            // What was read while the queue was full, before reading more.
+            self.decode_messages();
+            self.account_received();
+            return true;
+        }
         let read = poll_read_landing(&mut self.io, cx, &mut self.read_buf);
         if self.phase == Phase::Failing {
             self.read_buf.clear();
@@ -511,6 +531,13 @@ where
 
     fn decode_messages(&mut self) {
         while matches!(self.phase, Phase::Open | Phase::Closing) && !self.intake.paused() {
+            if self.phase == Phase::Open && self.outbound_full() {
+                // One read can hold many small messages, each asking for a
+                // big answer: the rest wait until the queue is back within
+                // its budget (they count against the receive budget meanwhile).
+                self.held_back = !self.read_buf.is_empty();
+                break;
+            }
             let decoded = self.decoder.next(&mut self.read_buf);
             self.intake.charge(&mut self.decoder);
             match decoded {

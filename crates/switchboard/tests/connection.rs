@@ -304,6 +304,41 @@ async fn work_held_past_the_budget_pauses_reading_until_it_is_done() {
     drop(small);
 }
 
+/// Regression: messages that arrived in one read were all handled, however
+/// much their answers queued past `max_outbound_bytes` (one small message
+/// can ask for a big answer: a presence page), so one read could queue many
+/// times the budget. Now handling pauses once the queue is over it, and
+/// what was read waits, counted against the receive budget.
+#[tokio::test]
+async fn messages_read_together_wait_while_an_answer_is_over_the_budget() {
+    let options = Options::default()
+        .max_outbound_bytes(1024)
+        .max_message_size(16 << 20);
+    let (upgrade, mut events, _handles) = common::handing_out_handles(options);
+    let addr = serve(upgrade).await;
+    let mut client = RawClient::connect_with_receive_buffer(addr, CLIENT_RECEIVE_BUFFER).await;
+    assert_eq!(next_event(&mut events).await, Event::Init(None));
+    // Its echo is more than the kernel holds for a client that does not read.
+    let big = "a".repeat(kernel_buffers() + 64 * 1024);
+    let mut both = RawClient::frame(true, OpCode::Text, big.as_bytes());
+    both.extend(RawClient::frame(true, OpCode::Text, b"two"));
+    client.send(&both).await;
+    assert_eq!(next_event(&mut events).await, Event::In(big.clone()));
+    let early = tokio::time::timeout(Duration::from_millis(300), events.recv()).await;
+    assert!(
+        early.is_err(),
+        "handled with the queue over the budget: {early:?}"
+    );
+    // The client reads the greeting and the echo: the queue drains, and what
+    // waited is handled.
+    assert_eq!(client.recv().await, Some((OpCode::Text, b"hello".to_vec())));
+    assert_eq!(
+        client.recv().await.map(|(_, payload)| payload.len()),
+        Some(big.len())
+    );
+    assert_eq!(next_event(&mut events).await, Event::In("two".into()));
+}
+
 #[tokio::test]
 async fn a_peer_that_never_reads_is_dropped_at_the_close_timeout() {
     let close_timeout = Duration::from_millis(300);

@@ -521,6 +521,7 @@ impl<H: Handler> Asleep<H> {
             stats,
             shutdown,
             direct: false,
+            held_back: false,
             intake,
             counts,
             quiet: Some(quiet.wake()),
