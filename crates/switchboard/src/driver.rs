@@ -516,9 +516,16 @@ where
                 true
             }
             Poll::Ready(Ok(_)) => {
-                self.timers.read();
+                let (heard, begun) = (self.counts.messages_in, self.holds_part());
                 self.decode_messages();
                 self.account_received();
+                // Bytes that only add to a message begun earlier are not
+                // activity: it must come whole within the idle timeout of its
+                // start, or a peer could hold its share of the receive budget
+                // for ever with a byte (or a ping) now and then.
+                if !begun || self.counts.messages_in != heard || !self.holds_part() {
+                    self.timers.read();
+                }
                 true
             }
             Poll::Ready(Err(e)) => {
@@ -549,6 +556,11 @@ where
                 }
             }
         }
+    }
+
+    /// Whether part of a frame or message has been received, and not the rest.
+    fn holds_part(&self) -> bool {
+        !self.read_buf.is_empty() || self.decoder.buffered() > 0
     }
 
     /// Counts what is left half-received against the receive budget, and

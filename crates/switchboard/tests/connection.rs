@@ -339,6 +339,53 @@ async fn messages_read_together_wait_while_an_answer_is_over_the_budget() {
     assert_eq!(next_event(&mut events).await, Event::In("two".into()));
 }
 
+/// Regression: bytes that completed nothing counted as activity, so a peer
+/// could hold the start of a message (and its part of the receive budget:
+/// up to what a first compressed fragment inflates to) for ever, with a
+/// ping now and then. A message begun must now come whole within the idle
+/// timeout of its start; pings still keep a connection holding nothing open.
+#[tokio::test]
+async fn a_message_begun_must_come_whole_within_the_idle_timeout() {
+    let idle = Duration::from_millis(600);
+    let options = Options::default()
+        .idle_timeout(Some(idle))
+        .ping_interval(None);
+    let (upgrade, mut events, _handles) = common::handing_out_handles(options);
+    let mut client = RawClient::connect(serve(upgrade).await).await;
+    assert_eq!(next_event(&mut events).await, Event::Init(None));
+    assert_eq!(client.recv().await, Some((OpCode::Text, b"hello".to_vec())));
+    let ping = RawClient::frame(true, OpCode::Ping, b"");
+    // Holding nothing: its pings keep it open past the timeout.
+    for _ in 0..5 {
+        tokio::time::sleep(idle / 3).await;
+        client.send(&ping).await;
+        assert_eq!(client.recv().await, Some((OpCode::Pong, Vec::new())));
+    }
+    // A message begun, then only pings: closed once the timeout has run
+    // from the message's start.
+    client
+        .send(&RawClient::frame(false, OpCode::Text, b"the start"))
+        .await;
+    let began = tokio::time::Instant::now();
+    let closed = loop {
+        tokio::time::sleep(idle / 3).await;
+        assert!(began.elapsed() < idle * 4, "still open, pinging");
+        client.send(&ping).await;
+        match client.recv().await {
+            Some((OpCode::Pong, _)) => {}
+            other => break other,
+        }
+    };
+    let (opcode, payload) = closed.expect("a close frame");
+    assert_eq!(opcode, OpCode::Close);
+    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1001);
+    assert!(
+        began.elapsed() >= idle,
+        "closed early: {:?}",
+        began.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn a_peer_that_never_reads_is_dropped_at_the_close_timeout() {
     let close_timeout = Duration::from_millis(300);
