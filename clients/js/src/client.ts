@@ -7,6 +7,7 @@ import { expiresAt, renewAt } from "./token.js";
 
 const PROTOCOL = "switchboard.v1";
 const CLIENT_ID = /^[A-Za-z0-9._~:@-]{1,128}$/;
+const EPOCH = /^[A-Za-z0-9]{1,32}$/;
 /** A connection up this long resets the backoff; a shorter one (welcomed, then closed) does not. */
 const STABLE_MS = 10_000;
 /**
@@ -15,7 +16,7 @@ const STABLE_MS = 10_000;
  * token's dates say.
  */
 const AGAIN_MS = 1_000;
-/** Server errors after which a subscribe is sent again. */
+/** Server errors after which a subscribe, an unsubscribe or a token refresh is sent again. */
 const TRANSIENT = ["rate_limited", "unavailable"];
 
 /** What a WebSocket implementation must offer: the browser's, Node 22's, or the `ws` package's. */
@@ -182,6 +183,8 @@ export class Client extends Emitter<Events> {
   private readonly subscriptions = new Map<string, Subscription>();
   /** The last inbox message seen. */
   private seen?: Position;
+  /** Whose inbox `seen` is in, once known. */
+  private seenFor?: string;
 
   /**
    * A client of the server at `url` (`ws://host:4000/ws`, `wss://...`; in a page
@@ -199,12 +202,23 @@ export class Client extends Emitter<Events> {
     this.backoff = { ...BACKOFF, ...options.backoff };
     this.maxQueued = options.maxQueued ?? 100;
     this.connectTimeout = options.connectTimeout ?? 10_000;
-    this.seen = options.inbox;
+    if (options.inbox !== undefined) {
+      const { epoch, offset, client } = options.inbox;
+      // The server refuses a malformed `since` at the handshake, which a WebSocket cannot tell apart from a network error.
+      if (typeof epoch !== "string" || !EPOCH.test(epoch) || !Number.isSafeInteger(offset) || offset < 0) {
+        throw new TypeError(`invalid inbox position ${JSON.stringify(options.inbox)}: an epoch of 1-32 letters and digits, an offset from 0`);
+      }
+      this.seen = { epoch, offset };
+      this.seenFor = client;
+    }
   }
 
-  /** Where the inbox is: its last message this client saw (or the server's position when it connected). */
+  /**
+   * Where the inbox is: its last message this client saw (or the server's
+   * position when it connected), and whose inbox it is, once connected.
+   */
   get inbox(): Position | undefined {
-    return this.seen && { ...this.seen };
+    return this.seen && { ...this.seen, ...(this.seenFor !== undefined ? { client: this.seenFor } : {}) };
   }
 
   /**
@@ -289,11 +303,24 @@ export class Client extends Emitter<Events> {
   private unsubscribe(subscription: Subscription): Promise<void> {
     if (this.subscriptions.get(subscription.topic) !== subscription) return Promise.resolve();
     this.subscriptions.delete(subscription.topic);
+    return this.leave(subscription.topic);
+  }
+
+  /** Tells the server to unsubscribe from `topic`, again while it refuses for now. */
+  private leave(topic: string): Promise<void> {
     if (this.state !== "connected") return Promise.resolve();
-    return this.transmit({ type: "unsubscribe", topic: subscription.topic }).then(
+    const ws = this.ws;
+    return this.transmit({ type: "unsubscribe", topic }).then(
       () => undefined,
-      // Refused or cut off, the subscription is over all the same.
-      () => undefined,
+      (error: SwitchboardError) => {
+        // Not acted on (the server still sends the topic, and counts this
+        // connection in its presence): again, unless the connection went
+        // (the next one does not subscribe) or the topic was subscribed anew.
+        if (!TRANSIENT.includes(error.code)) return;
+        return new Promise<void>((resolve) => setTimeout(resolve, AGAIN_MS)).then(() =>
+          ws === this.ws && !this.subscriptions.has(topic) ? this.leave(topic) : undefined,
+        );
+      },
     );
   }
 
@@ -342,8 +369,16 @@ export class Client extends Emitter<Events> {
 
   private write(request: Request): void {
     const id = this.nextId++;
+    let text: string;
+    try {
+      text = JSON.stringify({ ...request.frame, id });
+    } catch (error) {
+      // This request alone: those sent with it go on.
+      request.reject(new SwitchboardError("invalid_message", `the request cannot be sent as JSON: ${error}`));
+      return;
+    }
     this.inflight.set(id, request);
-    (this.ws as WebSocketLike).send(JSON.stringify({ ...request.frame, id }));
+    (this.ws as WebSocketLike).send(text);
   }
 
   private async open(generation: number): Promise<void> {
@@ -363,10 +398,13 @@ export class Client extends Emitter<Events> {
         if (generation !== this.generation) return;
         clearTimeout(this.timer);
         this.emit("error", new SwitchboardError("token", `getToken failed: ${error}`));
-        this.retry(1006, "getToken failed");
+        // A handler may have closed the client.
+        if (generation === this.generation) this.retry(1006, "getToken failed");
         return;
       }
       if (generation !== this.generation) return;
+      // Kept only now: a token fetched for an attempt given up meanwhile is not this client's.
+      if ("getToken" in this.auth && token !== this.token) this.take(token);
       const expires = expiresAt(token);
       // A minute's grace for a client clock that runs fast; the server has the last word.
       if ("token" in this.auth && expires !== undefined && expires + 60_000 <= Date.now()) {
@@ -405,8 +443,8 @@ export class Client extends Emitter<Events> {
   /** The token to connect with: `getToken`'s, fetched again when it is due for renewal. */
   private async currentToken(): Promise<string> {
     if ("token" in this.auth) return this.auth.token;
-    if (this.token === undefined || Date.now() >= this.renewTokenAt) this.take(await this.fetchToken());
-    return this.token as string;
+    if (this.token === undefined || Date.now() >= this.renewTokenAt) return this.fetchToken();
+    return this.token;
   }
 
   private fetchToken(): Promise<string> {
@@ -450,9 +488,14 @@ export class Client extends Emitter<Events> {
     clearTimeout(this.timer);
     this.connectedAt = Date.now();
     const resumed = this.seen !== undefined;
-    const recovered = !resumed || frame.recovered === true;
+    // A position kept for another id (a token that now names another user, a
+    // stored position of another user) says nothing of this inbox, whatever
+    // the server could replay after it: start from the server's position.
+    const same = this.seenFor === undefined || this.seenFor === frame.client;
+    const recovered = !resumed || (same && frame.recovered === true);
     // On a recovered resume the missed messages follow and move `inbox` on.
     if (!recovered || !resumed) this.seen = { epoch: frame.epoch, offset: frame.offset };
+    this.seenFor = frame.client;
     this.state = "connected";
     this.scheduleRenewal();
     // Subscriptions first: a held publish to a topic this client reads then reaches it.
@@ -527,7 +570,10 @@ export class Client extends Emitter<Events> {
       await this.transmit({ type: "refresh", token });
     } catch (error) {
       const code = (error as SwitchboardError).code;
-      if (code !== "disconnected") this.emit("error", error as SwitchboardError);
+      if (code === "disconnected") return;
+      this.emit("error", error as SwitchboardError);
+      // Refused for now: again while there is time, as for a failing getToken.
+      if (TRANSIENT.includes(code) && live()) this.renewal = setTimeout(() => void this.renew(), AGAIN_MS);
       return;
     }
     if (!live()) return;

@@ -4,6 +4,11 @@ export interface Position {
   epoch: string;
   /** The offset of the last message seen; 1 is a stream's first. */
   offset: number;
+  /**
+   * An inbox position's client id, once the client has connected: a position
+   * kept for another id is not resumed from (the client says `recovered: false`).
+   */
+  client?: string;
 }
 
 /**

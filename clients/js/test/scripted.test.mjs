@@ -9,7 +9,7 @@ import { test } from "node:test";
 import WebSocket, { WebSocketServer } from "ws";
 
 import { Client } from "../dist/index.js";
-import { record, until } from "./server.mjs";
+import { jwt, record, until } from "./server.mjs";
 
 test("a replay that overlaps what was delivered is dropped by offset, for the inbox and a topic", async () => {
   const wss = new WebSocketServer({ port: 0, host: "127.0.0.1", handleProtocols: () => "switchboard.v1" });
@@ -137,4 +137,68 @@ test("a server that welcomes and closes at once is retried with growing waits, n
     await server.close();
   }
   assert.deepEqual(seen.reconnecting.slice(0, 5).map((e) => e.attempt), [1, 2, 3, 4, 5]);
+});
+
+test("a token refresh or an unsubscribe refused for now (rate_limited) is sent again", async () => {
+  const tries = { refresh: 0, unsubscribe: 0 };
+  const server = await scripted((ws) => {
+    json(ws, { type: "welcome", client: "r", offset: 0, epoch: "e" });
+    ws.on("message", (data) => {
+      const frame = JSON.parse(data);
+      if (frame.type === "subscribe") return json(ws, { type: "ack", id: frame.id, topic: frame.topic });
+      if (++tries[frame.type] === 1) return json(ws, { type: "error", id: frame.id, code: "rate_limited", message: "slow down" });
+      json(ws, { type: "ack", id: frame.id, ...(frame.topic ? { topic: frame.topic } : {}) });
+    });
+  });
+  // Each token lives a little longer than the last, so each renewal gains something.
+  let calls = 0;
+  const a = new Client(server.url, { WebSocket, getToken: () => jwt("r", 2 + ++calls), backoff: { initial: 10, max: 10 } });
+  const errors = [];
+  a.on("error", (e) => errors.push(e.code));
+  try {
+    let acked = false;
+    const room = a.subscribe("room", { subscribed: () => (acked = true) });
+    await a.connect();
+    await until(() => acked, 5000, "the subscribe's ack");
+    const left = room.unsubscribe();
+    await until(() => tries.refresh === 2 && tries.unsubscribe === 2, 8000, "each sent again");
+    await left;
+  } finally {
+    a.close();
+    await server.close();
+  }
+  // The refresh's refusal is reported (as a failing getToken's is); the unsubscribe's is not the application's to handle.
+  assert.deepEqual(errors, ["rate_limited"]);
+});
+
+test("a request that cannot be sent as JSON is refused alone; those held with it go out", async () => {
+  const sent = [];
+  const server = await scripted((ws) => {
+    json(ws, { type: "welcome", client: "j", offset: 0, epoch: "e" });
+    ws.on("message", (data) => {
+      const frame = JSON.parse(data);
+      sent.push(frame.payload);
+      json(ws, { type: "ack", id: frame.id, delivered: [], offline: [], offsets: {} });
+    });
+  });
+  const a = new Client(server.url, { WebSocket, id: "j" });
+  try {
+    // Held while offline, sent at the welcome.
+    const held = [a.send(["x"], "before"), a.send(["x"], 1n), a.send(["x"], "after")];
+    await a.connect();
+    const settled = await Promise.allSettled(held);
+    assert.deepEqual(settled.map((s) => s.status), ["fulfilled", "rejected", "fulfilled"]);
+    assert.equal(settled[1].reason.code, "invalid_message");
+    assert.deepEqual(sent, ["before", "after"]);
+  } finally {
+    a.close();
+    await server.close();
+  }
+});
+
+test("a malformed inbox position is refused at once, not retried for ever", () => {
+  for (const inbox of [{ epoch: "no spaces", offset: 1 }, { epoch: "e", offset: -1 }, { epoch: "e", offset: 1.5 }, { offset: 1 }]) {
+    assert.throws(() => new Client("ws://127.0.0.1:1/ws", { WebSocket, id: "p", inbox }), TypeError, JSON.stringify(inbox));
+  }
+  assert.deepEqual(new Client("ws://127.0.0.1:1/ws", { WebSocket, id: "p", inbox: { epoch: "e1", offset: 0 } }).inbox, { epoch: "e1", offset: 0 });
 });

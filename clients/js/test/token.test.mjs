@@ -162,3 +162,41 @@ test("a getToken that hangs is abandoned after connectTimeout, and the next atte
   assert.equal(calls, 2);
   assert.equal(seen.reconnecting[0].reason, "connect timeout");
 });
+
+test("close() from the error handler of a failing getToken stops the client: nothing reconnects", async () => {
+  let calls = 0;
+  const a = client({
+    getToken: async () => {
+      calls++;
+      throw new Error("signed out");
+    },
+  });
+  const seen = record(a);
+  // The application gives up when the user has signed out.
+  a.on("error", () => a.close());
+  await assert.rejects(a.connect(), { code: "closed" });
+  await new Promise((r) => setTimeout(r, 300));
+  assert.deepEqual([calls, seen.reconnecting.length, seen.connected.length], [1, 0, 0]);
+});
+
+test("a token that names another user: the inbox position kept is not resumed from, and the client says recovered: false", async () => {
+  let user = "first-user";
+  const a = client({ getToken: async () => jwt(user, 60) });
+  const seen = record(a);
+  const sender = client({ token: jwt("sender-of-both", 60) });
+  await Promise.all([a.connect(), sender.connect()]);
+  for (const n of [1, 2, 3]) await sender.send(["first-user"], n);
+  for (const n of [1, 2, 3, 4, 5]) await sender.send(["second-user"], n);
+  await until(() => seen.message.length === 3, 5000, "the first user's messages");
+  // The next token names another user; the server ends this one's (4001).
+  user = "second-user";
+  await server.api("disconnect", { id: "first-user", code: 4001, reason: "token expired" });
+  await until(() => seen.connected.length === 2, 5000, "the reconnect");
+  assert.equal(seen.connected[1].client, "second-user");
+  assert.deepEqual([seen.connected[1].resumed, seen.connected[1].recovered], [true, false]);
+  await new Promise((r) => setTimeout(r, 300));
+  // The second user's messages after the first user's offset are not shown as
+  // if the inbox went on from there (its first three would be missing, unsaid).
+  assert.deepEqual(seen.message.map((m) => m.payload), [1, 2, 3]);
+  assert.deepEqual(a.inbox, { ...a.inbox, client: "second-user", offset: 5 });
+});
