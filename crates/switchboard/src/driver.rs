@@ -391,6 +391,13 @@ where
                 return Poll::Ready(Exit::Ended);
             }
             if !progress {
+                // Timers first: one already due runs now (a ping, a close), and
+                // nothing may take output once parked, as pushers may then write
+                // to the socket, and a frame of ours could land inside one of
+                // theirs that went out in part.
+                if self.poll_timers(cx, true) {
+                    continue;
+                }
                 if self.can_park() && !self.handle.mailbox().park() {
                     // Something arrived since the mailbox was last drained.
                     mailbox_waiting = false;
@@ -398,9 +405,6 @@ where
                 }
                 if self.may_hibernate() {
                     return Poll::Ready(Exit::Hibernate);
-                }
-                if self.poll_timers(cx, true) {
-                    continue;
                 }
                 return Poll::Pending;
             }

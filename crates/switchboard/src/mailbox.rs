@@ -350,6 +350,13 @@ impl<I> Mailbox<I> {
         true
     }
 
+    /// Whether the driver is parked, pushers writing to the socket: it must
+    /// take no output until its next drain (see [`Mailbox::park`]).
+    #[cfg(debug_assertions)]
+    pub(crate) fn is_parked(&self) -> bool {
+        self.lock().idle
+    }
+
     /// The driver hibernates: unless something arrived since the last drain,
     /// direct writes stop (the socket leaves tokio) and `waker` is woken by
     /// whatever comes next. Returns `false`, and changes nothing, if something

@@ -89,6 +89,7 @@ impl Writer {
     /// Encodes `message` after the frames already gathered, charging it to the
     /// outbound budget. Returns the frame's length.
     pub(super) fn push_frame<I>(&mut self, message: &Message, mailbox: &Mailbox<I>) -> usize {
+        debug_assert!(!mailbox.is_parked(), "output taken while pushers write");
         if self.scratch.capacity() == 0 {
             // Room for a burst of small frames without regrowing; it is given
             // back once written.
@@ -104,6 +105,7 @@ impl Writer {
     /// Queues an encoded frame after everything before it, charging it to the
     /// outbound budget.
     pub(super) fn push_encoded<I>(&mut self, bytes: Bytes, mailbox: &Mailbox<I>) {
+        debug_assert!(!mailbox.is_parked(), "output taken while pushers write");
         mailbox.charge(bytes.len());
         self.queue_scratch();
         self.queue.push_back(bytes);
