@@ -220,6 +220,8 @@ impl<I: Send + 'static> ConnHandle<I> {
     }
 
     /// Queues a frame to be written, bypassing the handler. It never waits.
+    /// A close frame is taken as [`ConnHandle::close`]: frames pushed after it
+    /// are refused.
     ///
     /// # Errors
     ///

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use switchboard_proto::message::SharedFraming;
-use switchboard_proto::{CloseReason, PreparedMessage};
+use switchboard_proto::{CloseCode, CloseReason, Message, PreparedMessage};
 use tokio::net::TcpStream;
 
 use crate::handle::{ConnId, Outbound, PushError, SendError};
@@ -240,6 +240,15 @@ impl<I> Mailbox<I> {
     /// Queues `frame`; with `budgeted`, one that would take what waits over
     /// `max_outbound_bytes` closes the connection as a slow consumer instead.
     fn push_within(&self, frame: Outbound, budgeted: bool) -> Result<(), PushError> {
+        if let Outbound::Message(Message::Close(close)) = frame {
+            // A close pushed is a close asked for: queued as a frame, it let
+            // frames pushed after it through, to be written after the close.
+            if self.is_closed() {
+                return Err(PushError::Closed);
+            }
+            self.close(close.unwrap_or_else(|| CloseReason::new(CloseCode::NORMAL, "")));
+            return Ok(());
+        }
         let charge = frame.charge();
         let control = frame.is_control();
         let mut state = self.lock();
@@ -460,7 +469,7 @@ impl<I> Mailbox<I> {
 
 #[cfg(test)]
 mod tests {
-    use switchboard_proto::Message;
+    use switchboard_proto::{CloseCode, CloseReason, Message};
 
     use super::Mailbox;
     use crate::handle::{ConnId, Outbound, PushError};
@@ -498,6 +507,32 @@ mod tests {
         assert!(poll.is_ready() && drained.close.is_some());
         assert!(mailbox.is_closed());
         assert_eq!(mailbox.push(frame()), Err(PushError::Closed));
+    }
+
+    /// Found by a review: a close frame pushed like any frame left the
+    /// mailbox open, so a frame pushed after it was accepted (and acked as
+    /// delivered by the server) and written after the close.
+    #[test]
+    fn a_close_pushed_refuses_what_comes_after_it() {
+        let mailbox = Mailbox::<()>::new(ConnId::next(), &Options::default());
+        let text = || Outbound::Message(Message::text("x"));
+        assert_eq!(mailbox.push(text()), Ok(()));
+        let close = CloseReason::new(CloseCode::NORMAL, "bye");
+        assert_eq!(
+            mailbox.push(Outbound::Message(Message::Close(Some(close)))),
+            Ok(())
+        );
+        assert_eq!(mailbox.push(text()), Err(PushError::Closed));
+        // The frame before it goes out, then the close.
+        let mut drained = super::Drained::default();
+        let waker = std::task::Waker::noop();
+        let poll = mailbox.drain(&mut std::task::Context::from_waker(waker), &mut drained);
+        assert!(poll.is_ready());
+        assert_eq!(drained.frames.len(), 1);
+        assert_eq!(
+            drained.close.map(|c| c.reason.reason().to_owned()),
+            Some("bye".into())
+        );
     }
 
     #[test]
