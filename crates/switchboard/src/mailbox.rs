@@ -243,11 +243,17 @@ impl<I> Mailbox<I> {
         if let Outbound::Message(Message::Close(close)) = frame {
             // A close pushed is a close asked for: queued as a frame, it let
             // frames pushed after it through, to be written after the close.
-            if self.is_closed() {
-                return Err(PushError::Closed);
-            }
-            self.close(close.unwrap_or_else(|| CloseReason::new(CloseCode::NORMAL, "")));
-            return Ok(());
+            let reason = close.unwrap_or_else(|| CloseReason::new(CloseCode::NORMAL, ""));
+            return self.with_state(|state| {
+                if state.closed || state.close.is_some() {
+                    return Err(PushError::Closed);
+                }
+                state.close = Some(Box::new(Close {
+                    reason,
+                    cause: CloseCause::Requested,
+                }));
+                Ok(())
+            });
         }
         let charge = frame.charge();
         let control = frame.is_control();
@@ -360,8 +366,8 @@ impl<I> Mailbox<I> {
     }
 
     /// Whether the driver is parked, pushers writing to the socket: it must
-    /// take no output until its next drain (see [`Mailbox::park`]).
-    #[cfg(debug_assertions)]
+    /// take no output until its next drain (see [`Mailbox::park`]). For the
+    /// driver's debug assertions.
     pub(crate) fn is_parked(&self) -> bool {
         self.lock().idle
     }
