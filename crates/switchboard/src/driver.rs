@@ -383,7 +383,7 @@ where
             }
             // What was held back for a full queue goes on once the write has
             // drained it: nothing on the socket would wake this task for it.
-            progress |= self.held_back && !self.outbound_full();
+            progress |= self.held_back && !self.outbound_full() && !self.intake.paused();
             if matches!(self.phase, Phase::Done | Phase::Failing) {
                 progress |= self.writer.poll_shut(&mut self.io, cx);
             }
@@ -489,15 +489,18 @@ where
     }
 
     fn poll_read(&mut self, cx: &mut TaskContext<'_>) -> bool {
-        if self.phase == Phase::Done {
-            return false;
-        }
         if std::mem::take(&mut self.held_back) {
-            // What was read while the queue was full, before reading more.
+            // What was read while the queue was full, before reading more (a
+            // connection ending meanwhile decodes nothing more, and drops it).
             self.decode_messages();
             self.account_received();
             return true;
         }
+        if self.phase == Phase::Done {
+            return false;
+        }
+        // Whether a message was begun before this read (see below).
+        let begun = self.holds_part();
         let read = poll_read_landing(&mut self.io, cx, &mut self.read_buf);
         if self.phase == Phase::Failing {
             self.read_buf.clear();
@@ -520,7 +523,7 @@ where
                 true
             }
             Poll::Ready(Ok(_)) => {
-                let (heard, begun) = (self.counts.messages_in, self.holds_part());
+                let heard = self.counts.messages_in;
                 self.decode_messages();
                 self.account_received();
                 // Bytes that only add to a message begun earlier are not
