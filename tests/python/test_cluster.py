@@ -314,7 +314,9 @@ def test_the_script_counts_each_connection_once_whatever_is_sent_twice():
 def test_a_resume_the_node_would_refuse_moves_no_entries_out_of_redis():
     """A resume's read stops once its entries pass the replay budget the node
     passes (the node refuses a replay that big: it would say
-    recovered:false whatever came), and reads nothing under another epoch.
+    recovered:false whatever came), and reads nothing under another epoch,
+    for more missed than the node asks for, or when the stream no longer
+    holds the entry after `since`.
     Both used to carry every entry asked for to the node, only to be thrown
     away there: an inbox of 100 messages of 1 MiB was 100 MiB per handshake,
     for anyone able to resume it. The engine's script, called as the nodes
@@ -332,22 +334,28 @@ def test_a_resume_the_node_would_refuse_moves_no_entries_out_of_redis():
         for _ in range(5):
             call("send", "", "100", "60000", "", payload, "ann")
             call("publish", "", "news", "100", "60000", "", payload)
+            # Streams that keep 3: their first two entries are trimmed.
+            call("send", "", "3", "60000", "", payload, "bob")
+            call("publish", "", "short", "3", "60000", "", payload)
 
-        def replayed(op, since_epoch, budget):
+        def replayed(op, since_epoch, budget, limit=100, name=None):
             if op == "connect":
                 # node, id, token, since offset and epoch, entries, connection limit, budget
-                answer = call("connect", "n1", "ann", "t1", "0", since_epoch, "100", "10", str(budget))
+                answer = call("connect", "n1", name or "ann", "t1", "0", since_epoch, str(limit), "10", str(budget))
             else:
                 # node, topic, client, token, limit, history, since offset and epoch, entries, budget
-                answer = call("join", "n1", "news", "ann", "t2", "0", "1", "0", since_epoch, "100", str(budget))
+                answer = call("join", "n1", name or "news", "ann", "t2", "0", "1", "0", since_epoch, str(limit), str(budget))
             return answer.count(payload)
 
-        for op in ("connect", "join"):
+        for op, trimmed in (("connect", "bob"), ("join", "short")):
             assert replayed(op, "e1", 1_000_000) == 5, op
             # Five entries of about 1,015 bytes of fields each.
             assert replayed(op, "e1", 5_200) == 5, op
             assert replayed(op, "e1", 4_000) == 0, op
             assert replayed(op, "zz", 1_000_000) == 0, op
+            # More missed than the node asks for, or no longer all held.
+            assert replayed(op, "e1", 1_000_000, limit=4) == 0, op
+            assert replayed(op, "e1", 1_000_000, name=trimmed) == 0, op
     finally:
         redis.stop()
 

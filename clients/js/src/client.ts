@@ -202,7 +202,7 @@ export class Client extends Emitter<Events> {
     this.backoff = { ...BACKOFF, ...options.backoff };
     this.maxQueued = options.maxQueued ?? 100;
     this.connectTimeout = options.connectTimeout ?? 10_000;
-    if (options.inbox !== undefined) {
+    if (options.inbox != null) {
       const { epoch, offset, client } = options.inbox;
       // The server refuses a malformed `since` at the handshake, which a WebSocket cannot tell apart from a network error.
       if (typeof epoch !== "string" || !EPOCH.test(epoch) || !Number.isSafeInteger(offset) || offset < 0) {

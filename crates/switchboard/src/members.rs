@@ -6,7 +6,7 @@
 //! first node alone takes about 280. A page of such a topic is a scan of
 //! every member. A topic grown past [`ORDERED`] members moves to a B-tree,
 //! where a page is a range read: walking `n` members in pages of `limit`
-//! then costs about `n log n` rather than `n * n / limit`.
+//! then costs about `n + (n / limit) log n` rather than `n * n / limit`.
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::ops::Bound;

@@ -77,21 +77,26 @@ local function read(kind, name, since, limit)
 end
 
 -- What a resume from `since` under `since_epoch` replays, as `read` answers
--- it. Nothing under another epoch (the resume is lost whatever is read), and
--- nothing once the entries' fields pass `budget` bytes: the node refuses a
--- replay of more than its budget (and counts its frames, which are bigger),
--- so a resume that would be refused anyway moves no entries. Read in chunks
--- that grow, so that big entries pass the budget before many are held.
+-- it. The node recovers a resume only with every entry after `since`, within
+-- its budget; so that one it would refuse moves no entries, this answers
+-- none under another epoch, for more missed than `limit`, when the stream no
+-- longer holds the entry right after `since`, or once the entries' fields
+-- pass `budget` bytes (fewer than the node counts of their frames). Read in
+-- chunks that grow, so that big entries pass the budget before many are held.
 local function resume(kind, name, since, since_epoch, limit, budget)
   local epoch, top = position(kind, name)
   local entries = {}
-  if since_epoch ~= epoch or limit == 0 or tonumber(since) >= top then
+  since = tonumber(since)
+  if since_epoch ~= epoch or since >= top or top - since > limit then
     return { epoch, top, now_ms(), entries }
   end
-  local skey, from, count, bytes = stream_key(kind, name), (tonumber(since) + 1) .. '-0', 8, 0
+  local skey, from, count, bytes = stream_key(kind, name), (since + 1) .. '-0', 8, 0
   while #entries < limit do
     local want = math.min(count, limit - #entries)
     local chunk = redis.call('XRANGE', skey, from, '+', 'COUNT', want)
+    if #entries == 0 and #chunk > 0 and chunk[1][1] ~= (since + 1) .. '-0' then
+      return { epoch, top, now_ms(), {} }
+    end
     for _, entry in ipairs(chunk) do
       for i = 2, #entry[2], 2 do bytes = bytes + #entry[2][i] end
       if bytes > budget then return { epoch, top, now_ms(), {} } end

@@ -43,7 +43,9 @@ pub(super) async fn fence(
     previous: &mut Option<Known>,
     warned: &mut bool,
 ) -> RedisResult<()> {
-    if let Some(old) = previous.take() {
+    // Kept until the kill is done: a kill that fails (this connection too is
+    // lost) is tried again by the next one.
+    if let Some(old) = previous.as_ref() {
         let kill = redis::cmd("CLIENT")
             .arg("KILL")
             .arg("ID")
@@ -53,6 +55,7 @@ pub(super) async fn fence(
             .to_owned();
         refused(timed(kill.query_async::<u64>(conn)).await, warned)?;
     }
+    *previous = None;
     let info = redis::cmd("CLIENT").arg("INFO").to_owned();
     if let Some(info) = refused(timed(info.query_async::<String>(conn)).await, warned)? {
         *previous = Known::parse(&info);

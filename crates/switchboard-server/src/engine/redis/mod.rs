@@ -344,7 +344,8 @@ struct Member {
     topic: Arc<str>,
     client: ClientId,
     token: String,
-    /// Whether the subscription's start ran (its connection attached).
+    /// Whether the subscription's start ran (its connection attached), is
+    /// still to run, or will not.
     stage: Arc<Mutex<Stage>>,
 }
 
