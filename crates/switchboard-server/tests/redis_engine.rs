@@ -72,12 +72,14 @@ async fn nodes_once(
     }
 }
 
-/// Regression: a connection counted under the node's old id, whose
-/// handshake was still under way when the cluster reaped the node, missed
-/// the close the reap sent to every connection, and stayed open, counted
-/// nowhere (the reaper had undone its count).
-#[tokio::test]
-async fn a_handshake_under_way_as_the_node_is_reaped_is_closed_as_it_attaches() {
+/// A Redis, a connection to it for the test, and an engine on it that has
+/// joined the cluster (its id is the one node listed).
+async fn in_the_cluster() -> (
+    Redis,
+    redis::aio::MultiplexedConnection,
+    RedisEngine,
+    Vec<String>,
+) {
     let redis = Redis::start();
     let mut admin = redis::Client::open(redis.url())
         .unwrap()
@@ -85,7 +87,17 @@ async fn a_handshake_under_way_as_the_node_is_reaped_is_closed_as_it_attaches() 
         .await
         .unwrap();
     let engine = engine(&redis);
-    let first = nodes_once(&mut admin, |nodes| nodes.len() == 1).await;
+    let nodes = nodes_once(&mut admin, |nodes| nodes.len() == 1).await;
+    (redis, admin, engine, nodes)
+}
+
+/// Regression: a connection counted under the node's old id, whose
+/// handshake was still under way when the cluster reaped the node, missed
+/// the close the reap sent to every connection, and stayed open, counted
+/// nowhere (the reaper had undone its count).
+#[tokio::test]
+async fn a_handshake_under_way_as_the_node_is_reaped_is_closed_as_it_attaches() {
+    let (_redis, mut admin, engine, first) = in_the_cluster().await;
     let counted = engine
         .connect("ann".into(), Mode::Envelope, None, 10)
         .await
@@ -118,14 +130,7 @@ async fn a_handshake_under_way_as_the_node_is_reaped_is_closed_as_it_attaches() 
 /// topic's messages, unsubscribed, for as long as it lived.
 #[tokio::test]
 async fn a_start_that_runs_after_its_subscription_was_dropped_does_nothing() {
-    let redis = Redis::start();
-    let mut admin = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let engine = engine(&redis);
-    nodes_once(&mut admin, |nodes| nodes.len() == 1).await;
+    let (_redis, _admin, engine, _) = in_the_cluster().await;
     let subscribe = |harness: &Harness<Quiet>| {
         engine.subscribe(Subscribe {
             topic: "room".into(),
