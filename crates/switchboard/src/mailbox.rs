@@ -240,20 +240,8 @@ impl<I> Mailbox<I> {
     /// Queues `frame`; with `budgeted`, one that would take what waits over
     /// `max_outbound_bytes` closes the connection as a slow consumer instead.
     fn push_within(&self, frame: Outbound, budgeted: bool) -> Result<(), PushError> {
-        if let Outbound::Message(Message::Close(close)) = frame {
-            // A close pushed is a close asked for: queued as a frame, it let
-            // frames pushed after it through, to be written after the close.
-            let reason = close.unwrap_or_else(|| CloseReason::new(CloseCode::NORMAL, ""));
-            return self.with_state(|state| {
-                if state.closed || state.close.is_some() {
-                    return Err(PushError::Closed);
-                }
-                state.close = Some(Box::new(Close {
-                    reason,
-                    cause: CloseCause::Requested,
-                }));
-                Ok(())
-            });
+        if let Outbound::Message(Message::Close(close)) = &frame {
+            return self.push_close(close.as_ref());
         }
         let charge = frame.charge();
         let control = frame.is_control();
@@ -293,6 +281,26 @@ impl<I> Mailbox<I> {
             waker.wake();
         }
         result
+    }
+
+    /// A close pushed is a close asked for: queued as a frame, it let frames
+    /// pushed after it through, to be written after the close. Out of line:
+    /// the push of every delivery checks for it.
+    #[cold]
+    fn push_close(&self, close: Option<&CloseReason>) -> Result<(), PushError> {
+        let reason = close
+            .cloned()
+            .unwrap_or_else(|| CloseReason::new(CloseCode::NORMAL, ""));
+        self.with_state(|state| {
+            if state.closed || state.close.is_some() {
+                return Err(PushError::Closed);
+            }
+            state.close = Some(Box::new(Close {
+                reason,
+                cause: CloseCause::Requested,
+            }));
+            Ok(())
+        })
     }
 
     pub fn close(&self, reason: CloseReason) {
