@@ -16,6 +16,12 @@ const STABLE_MS = 10_000;
  * token's dates say.
  */
 const AGAIN_MS = 1_000;
+/**
+ * How long a resubscribe refused as `topic_full` is sent again: the slot may be
+ * held by this client's own connection that died without a word, which the
+ * server notices within its idle timeout (60 s by default).
+ */
+const FULL_GRACE_MS = 90_000;
 /** Server errors after which a subscribe, an unsubscribe or a token refresh is sent again. */
 const TRANSIENT = ["rate_limited", "unavailable"];
 
@@ -339,7 +345,8 @@ export class Client extends Emitter<Events> {
         // Cut off: the next connection subscribes again.
         if (error.code === "disconnected" || !current()) return;
         const ws = this.ws;
-        if (TRANSIENT.includes(error.code)) {
+        const full = error.code === "topic_full" && subscription.resuming();
+        if (TRANSIENT.includes(error.code) || (full && subscription.fullFor(Date.now()) < FULL_GRACE_MS)) {
           setTimeout(() => ws === this.ws && current() && this.join(subscription), AGAIN_MS);
         } else if (error.code === "invalid_since") {
           // The server's stream is behind the client's position: start over, and say so.

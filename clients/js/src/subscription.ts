@@ -72,6 +72,8 @@ export class Subscription {
   private seen?: Position;
   /** Whether a subscribe of it was ever accepted: a later one resumes. */
   private accepted = false;
+  /** Since when its resubscribes have been refused as `topic_full`. */
+  private fullSince?: number;
 
   /**
    * Made by the client, which `leave` tells when the application
@@ -109,8 +111,15 @@ export class Subscription {
     return this.accepted;
   }
 
+  /** How long its resubscribes have been refused as `topic_full`, counting one at `now`. */
+  fullFor(now: number): number {
+    this.fullSince ??= now;
+    return now - this.fullSince;
+  }
+
   /** Takes the server's answer to a subscribe sent with `since()` (or none). */
   subscribed(ack: SubscribeAck): void {
+    this.fullSince = undefined;
     const resumed = this.accepted;
     // No history means no resume: a reconnect may have missed messages.
     const recovered = !resumed || ack.recovered === true;

@@ -202,3 +202,34 @@ test("a malformed inbox position is refused at once, not retried for ever", () =
   }
   assert.deepEqual(new Client("ws://127.0.0.1:1/ws", { WebSocket, id: "p", inbox: { epoch: "e1", offset: 0 } }).inbox, { epoch: "e1", offset: 0 });
 });
+
+test("a resubscribe refused as topic_full is sent again for a while: the slot may be this client's own dead connection", async () => {
+  const tries = [];
+  const server = await scripted((ws, n) => {
+    json(ws, { type: "welcome", client: "f", offset: 0, epoch: "e" });
+    ws.on("message", (data) => {
+      const frame = JSON.parse(data);
+      tries.push(n);
+      if (n === 2 && tries.filter((m) => m === 2).length <= 2) {
+        return json(ws, { type: "error", id: frame.id, code: "topic_full", message: "full" });
+      }
+      json(ws, { type: "ack", id: frame.id, topic: frame.topic });
+      if (n === 1) setTimeout(() => ws.close(1012), 50);
+      else json(ws, { type: "message", topic: frame.topic, payload: "back" });
+    });
+  });
+  const a = new Client(server.url, { WebSocket, id: "f", backoff: { initial: 10, max: 10 } });
+  const errors = [];
+  const got = [];
+  a.on("error", (e) => errors.push(e.code));
+  a.subscribe("room", { message: (m) => got.push(m.payload), error: (e) => errors.push(e.code) });
+  try {
+    await a.connect();
+    await until(() => got.length === 1, 8000, "the subscription back");
+  } finally {
+    a.close();
+    await server.close();
+  }
+  assert.deepEqual(tries, [1, 2, 2, 2]);
+  assert.deepEqual(errors, []);
+});
