@@ -28,9 +28,14 @@ use crate::metrics::Metrics;
 const SCRIPT: &str = include_str!("engine.lua");
 /// Most calls in one pipeline.
 const BATCH: usize = 512;
+/// Arguments' bytes past which a pipeline takes no more calls: a batch of
+/// big sends (a 1 MiB payload to many ids) must not outlast its timeout.
+const BATCH_BYTES: usize = 4 << 20;
 /// Calls someone waits for, queued for the link; past it, calls fail at once
 /// as unavailable (owed calls are never refused).
 const QUEUE: usize = 65_536;
+/// Their arguments' bytes, bounded the same way.
+const QUEUE_BYTES: usize = 64 << 20;
 /// The longest a batch may take before the link counts as down; also how
 /// long the pub/sub connection may take to open.
 pub(super) const TIMEOUT: Duration = Duration::from_secs(3);
@@ -38,6 +43,8 @@ pub(super) const TIMEOUT: Duration = Duration::from_secs(3);
 /// One call of the script: its arguments after the operation's name.
 struct Call {
     args: Vec<Bytes>,
+    /// The arguments' bytes.
+    bytes: usize,
     reply: Option<oneshot::Sender<Result<Value, Unavailable>>>,
     /// Kept and sent again after a reconnect rather than failed (leaves:
     /// idempotent, and nobody waits for them).
@@ -73,11 +80,39 @@ pub(super) struct Link {
     /// whatever happens (leaves) are never refused; the others are counted
     /// in `waiting` and bounded by [`QUEUE`].
     queue: mpsc::UnboundedSender<Call>,
-    waiting: Arc<AtomicUsize>,
+    waiting: Arc<Waiting>,
     up: Arc<AtomicBool>,
     /// The header's arguments, rendered once.
     header: [Bytes; 3],
     connections: Arc<Connections>,
+}
+
+/// The calls someone waits for that are queued, and their arguments' bytes.
+#[derive(Default)]
+struct Waiting {
+    calls: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl Waiting {
+    /// Counts a call of `bytes`, if both bounds allow it.
+    fn take(&self, bytes: usize) -> Result<(), Unavailable> {
+        if self.calls.fetch_add(1, Ordering::AcqRel) >= QUEUE {
+            self.calls.fetch_sub(1, Ordering::AcqRel);
+            return Err(Unavailable("too many calls wait for Redis".into()));
+        }
+        if self.bytes.fetch_add(bytes, Ordering::AcqRel) + bytes > QUEUE_BYTES {
+            self.give_back(bytes);
+            return Err(Unavailable("too many bytes wait for Redis".into()));
+        }
+        Ok(())
+    }
+
+    /// A call counted by [`Self::take`] has left the queue.
+    fn give_back(&self, bytes: usize) {
+        self.calls.fetch_sub(1, Ordering::AcqRel);
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
 }
 
 /// Counts the link's connections to Redis, and wakes whoever waits for a
@@ -113,7 +148,7 @@ impl Link {
     /// The link, and the queue its task takes calls from.
     fn new(header: Header) -> (Self, Calls) {
         let (queue, calls) = mpsc::unbounded_channel();
-        let waiting = Arc::new(AtomicUsize::new(0));
+        let waiting = Arc::new(Waiting::default());
         let millis = |d: Duration| Bytes::from(d.as_millis().to_string());
         let header = [
             millis(header.meta_ttl),
@@ -141,6 +176,23 @@ impl Link {
         self.connections.new.notified().await;
     }
 
+    /// A call of `op` with `rest`; one nobody waits for (no `reply`) is sent
+    /// again after a reconnect until Redis has it.
+    fn make(
+        &self,
+        op: &'static str,
+        rest: Vec<Vec<u8>>,
+        reply: Option<oneshot::Sender<Result<Value, Unavailable>>>,
+    ) -> Call {
+        let bytes = rest.iter().map(Vec::len).sum();
+        Call {
+            args: self.args(op, rest),
+            bytes,
+            retry: reply.is_none(),
+            reply,
+        }
+    }
+
     /// The script's arguments: the operation, the header, then `rest`.
     fn args(&self, op: &'static str, rest: Vec<Vec<u8>>) -> Vec<Bytes> {
         let mut args = Vec::with_capacity(5 + rest.len());
@@ -165,24 +217,20 @@ impl Link {
     ) -> impl Future<Output = Result<Value, Unavailable>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
         // While the link is down, at once: not after the next reconnect.
-        let queued = if !self.is_up() {
-            Err(Unavailable("cannot reach Redis".into()))
-        } else if self.waiting.fetch_add(1, Ordering::AcqRel) >= QUEUE {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
-            Err(Unavailable("too many calls wait for Redis".into()))
+        let bytes = rest.iter().map(Vec::len).sum();
+        let queued = if self.is_up() {
+            self.waiting.take(bytes)
         } else {
-            let call = Call {
-                args: self.args(op, rest),
-                reply: Some(reply),
-                retry: false,
-            };
+            Err(Unavailable("cannot reach Redis".into()))
+        };
+        if queued.is_ok() {
+            let call = self.make(op, rest, Some(reply));
             // Fails only once the link's task has ended; the answer's
             // sender goes with the call, which the await below reports.
             if self.queue.send(call).is_err() {
-                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                self.waiting.give_back(bytes);
             }
-            Ok(())
-        };
+        }
         async move {
             queued?;
             answer
@@ -195,11 +243,7 @@ impl Link {
     /// Redis has it. Never refused: a node owes a leave for every connection
     /// it counted (a mass close sends one per connection at once).
     pub(super) fn call_and_forget(&self, op: &'static str, rest: Vec<Vec<u8>>) {
-        let call = Call {
-            args: self.args(op, rest),
-            reply: None,
-            retry: true,
-        };
+        let call = self.make(op, rest, None);
         // Fails only once the link's task has ended (the runtime stopping).
         let _ = self.queue.send(call);
     }
@@ -208,7 +252,7 @@ impl Link {
 /// The link task's end of the queue.
 struct Calls {
     calls: mpsc::UnboundedReceiver<Call>,
-    waiting: Arc<AtomicUsize>,
+    waiting: Arc<Waiting>,
 }
 
 impl Calls {
@@ -228,7 +272,7 @@ impl Calls {
     /// against its bound.
     fn taken(&self, call: Call) -> Call {
         if !call.retry {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            self.waiting.give_back(call.bytes);
         }
         call
     }
@@ -309,13 +353,14 @@ async fn run(
 /// Fills `batch` up to [`BATCH`] calls: what is held first, then what is
 /// queued, which is newer (it is taken only once nothing is held).
 fn fill(batch: &mut Vec<Call>, held: &mut VecDeque<Call>, calls: &mut Calls) {
-    let room = BATCH.saturating_sub(batch.len());
-    batch.extend(held.drain(..held.len().min(room)));
-    while batch.len() < BATCH {
-        match calls.ready() {
-            Some(call) => batch.push(call),
-            None => break,
-        }
+    let mut bytes: usize = batch.iter().map(|call| call.bytes).sum();
+    // A call is taken while there is room: the last may pass `BATCH_BYTES`.
+    while batch.len() < BATCH && bytes < BATCH_BYTES {
+        let Some(call) = held.pop_front().or_else(|| calls.ready()) else {
+            break;
+        };
+        bytes += call.bytes;
+        batch.push(call);
     }
 }
 
@@ -474,7 +519,7 @@ mod tests {
         fail_waiting(&mut calls, &mut held, "down");
         let failed = runtime.block_on(waiting);
         assert!(failed.is_err_and(|e| e.0.contains("cannot reach Redis: down")));
-        assert_eq!(link.waiting.load(Ordering::Acquire), 0);
+        assert_eq!(link.waiting.calls.load(Ordering::Acquire), 0);
         assert_eq!(held.len(), BATCH + 88);
         let after = link.call("send", Vec::new());
         let mut batch = Vec::new();
@@ -489,6 +534,35 @@ mod tests {
             (89, Some(&b"send"[..]))
         );
         drop(after);
+    }
+
+    /// Sends of a big payload to many ids: a pipeline of 512 of them could
+    /// outlast the batch's timeout, and 65,536 of them waiting could hold
+    /// gigabytes.
+    #[test]
+    fn big_calls_are_bounded_in_bytes_waiting_and_in_a_batch() {
+        let (link, mut calls) = link();
+        let mib = || vec![vec![7u8; 1 << 20]];
+        let waiting: Vec<_> = (0..QUEUE_BYTES >> 20)
+            .map(|_| link.call("send", mib()))
+            .collect();
+        // Refused at once: the answer is there at the first poll.
+        let refused = std::pin::pin!(link.call("send", mib()))
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+        assert!(
+            matches!(&refused, std::task::Poll::Ready(Err(e)) if e.0.contains("too many bytes")),
+            "{refused:?}"
+        );
+        let mut batch = Vec::new();
+        fill(&mut batch, &mut VecDeque::new(), &mut calls);
+        assert_eq!(batch.len(), BATCH_BYTES >> 20);
+        // What the batch took makes room again.
+        let _room = link.call("send", mib());
+        assert_eq!(
+            link.waiting.bytes.load(Ordering::Acquire) >> 20,
+            ((QUEUE_BYTES - BATCH_BYTES) >> 20) + 1
+        );
+        drop(waiting);
     }
 
     #[test]
