@@ -143,6 +143,27 @@ async def test_a_position_that_cannot_be_recovered_is_said_so_and_nothing_is_rep
         assert a.welcome["recovered"] is False and a.welcome["epoch"] == epoch
 
 
+@async_test
+async def test_a_position_given_for_one_id_is_not_recovered_for_another(server):
+    """Each inbox has its own epoch: a client that presents a position of
+    another id (a token that switched users, a shared device) is told
+    recovered:false, never handed that id's later messages as the ones it
+    missed."""
+    await asyncio.to_thread(api_send, server, ["a"], "for a")
+    async with client(server, "a", envelope=True) as a:
+        epoch, offset = a.welcome["epoch"], a.welcome["offset"]
+    assert offset == 1
+    for i in range(3):
+        await asyncio.to_thread(api_send, server, ["b"], i)
+    async with client(server, "b", envelope=True, uri=resume_url(server, "b", epoch, offset)) as b:
+        assert b.welcome == {"type": "welcome", "client": "b", "recovered": False, "offset": 3, "epoch": b.welcome["epoch"]}
+        assert b.welcome["epoch"] != epoch
+        await nothing_before_marker(server, b, "b")
+    # Nor in an inbox never written, from its start under a's epoch.
+    async with client(server, "c", envelope=True, uri=resume_url(server, "c", epoch, 0)) as c:
+        assert c.welcome["recovered"] is False and c.welcome["epoch"] != epoch, c.welcome
+
+
 @pytest.mark.parametrize(
     "since,reason",
     [
@@ -227,6 +248,9 @@ async def test_history_survives_a_graceful_restart_and_a_crash_is_said_so(start_
     resuming says recovered:false (never offsets reused under an old epoch)."""
     data = str(tmp_path / "data")
     server = start_server("--data-dir", data)
+    # An inbox never written keeps its epoch across the graceful restart too.
+    async with client(server, "idle", envelope=True) as idle:
+        idle_epoch = idle.welcome["epoch"]
     async with client(server, "a", envelope=True) as a:
         epoch = a.welcome["epoch"]
         for i in range(5):
@@ -252,6 +276,8 @@ async def test_history_survives_a_graceful_restart_and_a_crash_is_said_so(start_
             "epoch": epoch,
         }
         assert await positions(a, 3) == [(6, 5), (7, 6), (8, 7)]
+    async with client(server, "idle", envelope=True, uri=resume_url(server, "idle", idle_epoch, 0)) as idle:
+        assert (idle.welcome["recovered"], idle.welcome["missed"]) == (True, 0), idle.welcome
 
     # More traffic, then a crash: no snapshot is written, and none is left.
     for i in range(8, 10):

@@ -29,6 +29,7 @@ pub mod closes;
 pub mod config;
 pub mod echo;
 pub mod engine;
+pub mod epochs;
 pub mod errors;
 mod history_api;
 pub mod hub;

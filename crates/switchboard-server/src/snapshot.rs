@@ -11,9 +11,13 @@
 //! (`open` reads it before the service binds its ports; `consume` removes it
 //! once they are bound.)
 //!
-//! The file is JSON lines: a header with the format, version and the store's
-//! current epoch; one line per stream; and an end line with the count, so a
-//! truncated file is told from a whole one. A file that cannot be read whole
+//! The file is JSON lines: a header with the format, the version, and the
+//! seed and drop counts the epochs of streams not yet made come from (see
+//! [`crate::epochs`]); one line per stream; and an end line with the count,
+//! so a truncated file is told from a whole one. A version 1 file (whose
+//! header held one epoch for every stream not yet made) is read too: its
+//! epoch becomes the seed, so streams never written get new epochs, and
+//! clients that resume them are told `recovered:false` once. A file that cannot be read whole
 //! stops the start with the reason; `--start-fresh` moves it aside (never
 //! deletes it) and starts with empty history.
 
@@ -27,13 +31,14 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::epochs::{BUCKETS, Epochs, Kept};
 use crate::streams::{Entry, Restored, StreamKey};
 use crate::topics::Namespaces;
 
 /// The snapshot's file name in the data directory.
 pub const FILE_NAME: &str = "streams.snapshot";
 const FORMAT: &str = "switchboard-streams";
-const VERSION: u64 = 1;
+const VERSION: u64 = 2;
 
 /// A snapshot that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -93,10 +98,10 @@ pub fn lock(dir: &Path) -> anyhow::Result<File> {
     }
 }
 
-/// Writes `streams` and the store's current `epoch` to `dir`, atomically.
-/// The file is readable by this user only: it holds every payload kept.
-/// Returns the snapshot's path.
-pub fn save(dir: &Path, epoch: &str, streams: &[Restored]) -> io::Result<PathBuf> {
+/// Writes `streams`, and the epochs' seed and drop counts, to `dir`,
+/// atomically. The file is readable by this user only: it holds every
+/// payload kept. Returns the snapshot's path.
+pub fn save(dir: &Path, epochs: &Kept, streams: &[Restored]) -> io::Result<PathBuf> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -110,7 +115,12 @@ pub fn save(dir: &Path, epoch: &str, streams: &[Restored]) -> io::Result<PathBuf
         .mode(0o600)
         .open(&temporary)?;
     let mut out = BufWriter::new(file);
-    let header = serde_json::json!({"format": FORMAT, "version": VERSION, "epoch": epoch});
+    let header = serde_json::json!({
+        "format": FORMAT,
+        "version": VERSION,
+        "epoch": epochs.seed,
+        "drops": epochs.drops,
+    });
     writeln!(out, "{header}")?;
     let mut line = String::new();
     for stream in streams {
@@ -161,31 +171,34 @@ fn write_stream(line: &mut String, stream: &Restored) {
     line.push_str("]}");
 }
 
-/// What a snapshot held: the store's current epoch and its streams.
+/// What a snapshot held: the epochs of streams not yet made and the streams.
 #[derive(Debug)]
 pub struct Loaded {
-    /// The epoch of streams not yet made.
-    pub epoch: Arc<str>,
+    /// The epochs of streams not yet made.
+    pub epochs: Epochs,
     /// Every stream.
     pub streams: Vec<Restored>,
 }
 
 impl Loaded {
     /// Without the topic streams whose namespace keeps no history now (the
-    /// configuration changed across the restart). Dropping one changes the
-    /// current epoch, as the cap's dropping does: were history turned on
-    /// again, the topic's new stream must not reuse the old one's epoch.
+    /// configuration changed across the restart). Each one dropped counts in
+    /// the epochs, as the cap's dropping does: were history turned on again,
+    /// the topic's new stream must not reuse the old one's epoch.
     pub fn keeping_history_of(mut self, namespaces: &Namespaces) -> Self {
-        let before = self.streams.len();
-        self.streams.retain(|stream| match &stream.key {
-            StreamKey::Inbox(_) => true,
-            StreamKey::Topic(topic) => namespaces
-                .find(topic)
-                .is_some_and(|ns| ns.history().is_some()),
+        let epochs = &self.epochs;
+        self.streams.retain(|stream| {
+            let keep = match &stream.key {
+                StreamKey::Inbox(_) => true,
+                StreamKey::Topic(topic) => namespaces
+                    .find(topic)
+                    .is_some_and(|ns| ns.history().is_some()),
+            };
+            if !keep {
+                epochs.dropped(stream.key.borrowed());
+            }
+            keep
         });
-        if self.streams.len() != before {
-            self.epoch = crate::streams::new_epoch();
-        }
         self
     }
 }
@@ -242,7 +255,11 @@ pub fn consume(dir: &Path) -> Result<(), SnapshotError> {
 struct Header {
     format: String,
     version: u64,
+    /// The epochs' seed (in version 1, the epoch of streams not yet made).
     epoch: String,
+    /// Drops per bucket (none in version 1).
+    #[serde(default)]
+    drops: Vec<(usize, u64)>,
 }
 
 #[derive(Deserialize)]
@@ -286,10 +303,19 @@ fn read(input: impl BufRead) -> Result<Loaded, (usize, String)> {
     };
     let (n, text) = next("header")?;
     let header: Header = serde_json::from_str(&text).map_err(|e| (n, e.to_string()))?;
-    if header.format != FORMAT || header.version != VERSION {
-        return Err((n, format!("not a {FORMAT} snapshot of version {VERSION}")));
+    if header.format != FORMAT || !(1..=VERSION).contains(&header.version) {
+        return Err((
+            n,
+            format!("not a {FORMAT} snapshot of version 1 to {VERSION}"),
+        ));
     }
     check_epoch(&header.epoch).map_err(|reason| (n, reason))?;
+    if let Some((bucket, _)) = header.drops.iter().find(|(b, _)| *b >= BUCKETS) {
+        return Err((
+            n,
+            format!("drop bucket {bucket} is past the last, {}", BUCKETS - 1),
+        ));
+    }
     let mut streams: Vec<Restored> = Vec::new();
     let mut keys = std::collections::HashSet::new();
     loop {
@@ -312,7 +338,7 @@ fn read(input: impl BufRead) -> Result<Loaded, (usize, String)> {
         return Err((n, "lines after the end line".into()));
     }
     Ok(Loaded {
-        epoch: header.epoch.into(),
+        epochs: Epochs::new(header.epoch.into(), &header.drops),
         streams,
     })
 }
@@ -404,6 +430,13 @@ mod tests {
         ]
     }
 
+    fn kept() -> Kept {
+        Kept {
+            seed: "epoch001".into(),
+            drops: vec![(5, 2)],
+        }
+    }
+
     fn temp_dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("sb-snapshot-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
@@ -413,10 +446,14 @@ mod tests {
     #[test]
     fn a_snapshot_round_trips_and_is_used_once() {
         let dir = temp_dir("round");
-        let path = save(&dir, "epoch001", &restored()).unwrap();
+        let kept = Kept {
+            seed: "epoch001".into(),
+            drops: vec![(5, 2), (4095, 1)],
+        };
+        let path = save(&dir, &kept, &restored()).unwrap();
         assert!(!dir.join(format!("{FILE_NAME}.tmp")).exists());
         let loaded = open(&dir, false).unwrap().expect("a snapshot");
-        assert_eq!(&*loaded.epoch, "epoch001");
+        assert_eq!(loaded.epochs.export(), kept);
         assert_eq!(loaded.streams, restored(), "payloads byte for byte");
         assert!(path.exists(), "kept until the start is sure");
         consume(&dir).unwrap();
@@ -426,9 +463,24 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_snapshot_is_read_with_its_epoch_as_the_seed() {
+        let dir = temp_dir("version1");
+        let path = save(&dir, &kept(), &restored()).unwrap();
+        let whole = fs::read_to_string(&path).unwrap();
+        assert!(whole.starts_with(r#"{"drops":[[5,2]],"epoch":"epoch001","format""#));
+        let old = whole.replacen(r#"{"drops":[[5,2]],"#, "{", 1);
+        fs::write(&path, old.replacen(r#""version":2"#, r#""version":1"#, 1)).unwrap();
+        let loaded = open(&dir, false).unwrap().expect("a snapshot");
+        let epochs = loaded.epochs.export();
+        assert_eq!((&*epochs.seed, epochs.drops.len()), ("epoch001", 0));
+        assert_eq!(loaded.streams, restored());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn a_damaged_snapshot_is_refused_and_kept_or_moved_aside() {
         let dir = temp_dir("damaged");
-        let path = save(&dir, "epoch001", &restored()).unwrap();
+        let path = save(&dir, &kept(), &restored()).unwrap();
         let whole = fs::read_to_string(&path).unwrap();
         let damaged = [
             whole[..whole.len() - 30].to_owned(),
@@ -437,6 +489,8 @@ mod tests {
             whole.replacen("inbox", "outbox", 1),
             whole.replace(r#""payload":"1e999999""#, r#""payload":"1e99999x""#),
             whole.replace(r#""epoch":"k3x9ab12""#, r#""epoch":"k3 x9""#),
+            whole.replace("[[5,2]]", "[[4096,2]]"),
+            whole.replace(r#""version":2"#, r#""version":3"#),
             String::new(),
         ];
         for text in &damaged {

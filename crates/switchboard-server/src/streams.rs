@@ -2,15 +2,13 @@
 //! keeps one, in memory (the memory engine's store).
 //!
 //! Every message appended to a stream gets the next offset: a u64,
-//! contiguous per stream, from 1. A stream has an epoch, a short random
-//! string, so (epoch, offset) never names two different messages: a stream
-//! is made (by its first message) with the store's current epoch, and the
-//! current epoch changes whenever the cap drops a stream, so a stream made
-//! again never reuses its old epoch. A stream that was never written holds
-//! nothing at all: its position is the current epoch at offset 0, which is
-//! what a client that has seen nothing resumes from. Resuming is all or
-//! nothing: a position is recovered only when every message after it is
-//! still held.
+//! contiguous per stream, from 1. A stream has an epoch, a short string of
+//! its own (see [`crate::epochs`]), so (epoch, offset) never names two
+//! different messages: a stream made again after the cap dropped it gets
+//! another epoch. A stream that was never written holds nothing at all: its
+//! position is the epoch it will be made with at offset 0, which is what a
+//! client that has seen nothing resumes from. Resuming is all or nothing: a
+//! position is recovered only when every message after it is still held.
 //!
 //! What the store holds is bounded by one byte cap, whatever clients do: the
 //! streams are split over shards, each with its share of the cap, and a shard
@@ -23,12 +21,14 @@
 
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher, RandomState};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hashbrown::Equivalent;
 use hashbrown::hash_map::{HashMap, RawEntryMut};
 use switchboard::Spread;
+
+use crate::epochs::{Epochs, Kept};
 
 /// Which stream: a client id's inbox or a topic's history.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,8 +182,8 @@ pub struct Streams {
     /// Picks a key's shard; the shard's map hashes the key (with SipHash) once.
     spread: Spread,
     shard_cap: usize,
-    /// The epoch of streams made from now on, and of those never made.
-    epoch: RwLock<Arc<str>>,
+    /// The epoch each stream is made with.
+    epochs: Epochs,
 }
 
 #[derive(Debug, Default)]
@@ -258,15 +258,17 @@ impl Streams {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             spread: Spread::new(),
             shard_cap: max_bytes / SHARDS,
-            epoch: RwLock::new(new_epoch()),
+            epochs: Epochs::default(),
         }
     }
 
-    /// A store with `streams` in it (a snapshot's), whose current epoch
-    /// is `epoch`; the cap applies from the start.
-    pub fn restore(max_bytes: usize, epoch: Arc<str>, streams: Vec<Restored>) -> Self {
-        let store = Self::new(max_bytes);
-        *store.epoch.write().unwrap_or_else(PoisonError::into_inner) = epoch;
+    /// A store with `streams` in it (a snapshot's), whose streams not yet
+    /// made get their epochs from `epochs`; the cap applies from the start.
+    pub fn restore(max_bytes: usize, epochs: Epochs, streams: Vec<Restored>) -> Self {
+        let store = Self {
+            epochs,
+            ..Self::new(max_bytes)
+        };
         for restored in streams {
             let mut guard = store.shard(restored.key.name());
             let shard = &mut *guard;
@@ -287,9 +289,9 @@ impl Streams {
         store
     }
 
-    /// Every stream as it is now, for a snapshot, and the current epoch.
-    /// Each shard is copied under its lock, one at a time.
-    pub fn export(&self) -> (Arc<str>, Vec<Restored>) {
+    /// Every stream as it is now, for a snapshot, and the epochs' seed and
+    /// drop counts. Each shard is copied under its lock, one at a time.
+    pub fn export(&self) -> (Kept, Vec<Restored>) {
         let mut streams = Vec::new();
         for shard in &self.shards {
             let shard = lock(shard);
@@ -301,15 +303,8 @@ impl Streams {
             }));
         }
         // Read last: a stream dropped while the shards were copied has
-        // changed it, and its next incarnation must not reuse the old one.
-        (self.current_epoch(), streams)
-    }
-
-    fn current_epoch(&self) -> Arc<str> {
-        self.epoch
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        // counted its drop, and its next incarnation must not reuse its epoch.
+        (self.epochs.export(), streams)
     }
 
     /// Bytes held now, counted as the cap counts them.
@@ -341,7 +336,7 @@ impl Streams {
             RawEntryMut::Vacant(vacant) => {
                 shard.bytes += STREAM_OVERHEAD + key.name().len();
                 let (stored, stream) =
-                    vacant.insert(key.to_key(), Stream::new(self.current_epoch()));
+                    vacant.insert(key.to_key(), Stream::new(self.epochs.of(key)));
                 (&*stored, stream)
             }
         };
@@ -373,7 +368,7 @@ impl Streams {
         let position = match shard.streams.get(key) {
             Some(stream) => stream.position(),
             None => Position {
-                epoch: self.current_epoch(),
+                epoch: self.epochs.of(key.borrowed()),
                 offset: 0,
             },
         };
@@ -407,8 +402,8 @@ impl Streams {
     }
 
     /// Runs `then` under the lock with `key`'s stream, pruned to `retention`,
-    /// or with an empty one in the current epoch (a stream never written is
-    /// not made for being read).
+    /// or with an empty one in the epoch it would be made with (a stream
+    /// never written is not made for being read).
     fn with_stream<R>(
         &self,
         key: &StreamKey,
@@ -424,14 +419,14 @@ impl Streams {
                 shard.bytes -= bytes;
                 then(stream)
             }
-            None => then(&Stream::new(self.current_epoch())),
+            None => then(&Stream::new(self.epochs.of(key.borrowed()))),
         }
     }
 
     /// Drops the shard's oldest entries while it is over its cap, then
-    /// streams that hold no entries (not `keep`, the one in use). Dropping a
-    /// stream changes the current epoch: a stream made again never reuses
-    /// the old one, so no position in it is ever recovered wrongly.
+    /// streams that hold no entries (not `keep`, the one in use). A dropped
+    /// stream counts in [`Epochs`]: made again, it never reuses its old
+    /// epoch, so no position in it is ever recovered wrongly.
     fn evict(&self, shard: &mut Shard, keep: StreamRef<'_>) {
         let cap = self.shard_cap;
         while shard.bytes > cap {
@@ -453,13 +448,11 @@ impl Streams {
                 let drop = key.borrowed() != keep && stream.entries.is_empty();
                 if drop {
                     freed += STREAM_OVERHEAD + key.name().len();
+                    self.epochs.dropped(key.borrowed());
                 }
                 !drop
             });
-            if freed > 0 {
-                shard.bytes -= freed;
-                *self.epoch.write().unwrap_or_else(PoisonError::into_inner) = new_epoch();
-            }
+            shard.bytes -= freed;
         }
         // Stale places (entries already pruned) would otherwise pile up in a
         // shard whose streams are pruned by count or age before the cap.
@@ -536,21 +529,6 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Eight random characters of `a-z0-9`.
-pub fn new_epoch() -> Arc<str> {
-    const ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let bytes = [
-        switchboard::proto::mask::random_key(),
-        switchboard::proto::mask::random_key(),
-    ]
-    .concat();
-    let epoch: String = bytes
-        .iter()
-        .map(|b| char::from(ALPHABET[usize::from(*b) % ALPHABET.len()]))
-        .collect();
-    epoch.into()
 }
 
 #[cfg(test)]
@@ -737,6 +715,68 @@ mod tests {
         };
         assert_eq!(resume(&streams, &key, &old), Resume::Lost);
         assert_eq!(append(&streams, &key, "2"), (1, again.epoch));
+    }
+
+    #[test]
+    fn a_position_in_one_stream_is_never_recovered_in_another() {
+        let streams = Streams::new(1 << 20);
+        let (a, b) = (inbox("a"), inbox("b"));
+        append(&streams, &a, "1");
+        append(&streams, &b, "1");
+        append(&streams, &b, "2");
+        let in_a = streams.position(&a, |p| p.clone());
+        assert_eq!(in_a.offset, 1);
+        assert_eq!(
+            resume(&streams, &b, &in_a),
+            Resume::Lost,
+            "b's own 2 is not a's"
+        );
+        let never = inbox("c");
+        let at_zero_in_c = streams.position(&never, |p| p.clone());
+        let at_zero_in_a = Position {
+            offset: 0,
+            ..in_a.clone()
+        };
+        assert_eq!(resume(&streams, &never, &at_zero_in_a), Resume::Lost);
+        assert_eq!(resume(&streams, &a, &at_zero_in_c), Resume::Lost);
+        assert!(
+            matches!(resume(&streams, &a, &at_zero_in_a), Resume::Recovered(m) if m.len() == 1)
+        );
+    }
+
+    #[test]
+    fn dropping_a_stream_leaves_the_streams_never_written_of_other_buckets_alone() {
+        let streams = Streams::new(SHARDS * (STREAM_OVERHEAD + ENTRY_OVERHEAD + 16));
+        let idle: Vec<StreamKey> = (0..50).map(|i| inbox(&format!("idle-{i}"))).collect();
+        let seen: Vec<Position> = idle
+            .iter()
+            .map(|k| streams.position(k, Position::clone))
+            .collect();
+        let first = inbox("first");
+        append(&streams, &first, "1");
+        let mut dropped = vec![first.clone()];
+        for i in 0..200 {
+            let key = inbox(&format!("other-{i}"));
+            append(&streams, &key, "1");
+            dropped.push(key);
+        }
+        assert_eq!(
+            streams.position(&first, |p| p.offset),
+            0,
+            "the cap dropped it"
+        );
+        let buckets: std::collections::HashSet<usize> = dropped
+            .iter()
+            .map(|k| streams.epochs.bucket(k.borrowed()))
+            .collect();
+        let mut untouched = 0;
+        for (key, seen) in idle.iter().zip(&seen) {
+            if !buckets.contains(&streams.epochs.bucket(key.borrowed())) {
+                untouched += 1;
+                assert_eq!(resume(&streams, key, seen), Resume::Recovered(vec![]));
+            }
+        }
+        assert!(untouched > 40, "{untouched} of 50 in other buckets");
     }
 
     #[test]

@@ -74,7 +74,7 @@ impl MemoryEngine {
         metrics: Arc<Metrics>,
     ) -> Self {
         let streams = match snapshot {
-            Some(loaded) => Streams::restore(max_bytes, loaded.epoch, loaded.streams),
+            Some(loaded) => Streams::restore(max_bytes, loaded.epochs, loaded.streams),
             None => Streams::new(max_bytes),
         };
         Self(Arc::new(Core {
@@ -510,8 +510,8 @@ impl Engine for MemoryEngine {
     }
 
     fn save(&self, dir: &Path) -> io::Result<Option<PathBuf>> {
-        let (epoch, streams) = self.0.streams.export();
-        snapshot::save(dir, &epoch, &streams).map(Some)
+        let (epochs, streams) = self.0.streams.export();
+        snapshot::save(dir, &epochs, &streams).map(Some)
     }
 }
 

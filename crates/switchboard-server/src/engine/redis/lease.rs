@@ -19,7 +19,7 @@ use crate::engine::Unavailable;
 /// A new node id: random, so a restarted node never takes over the
 /// counts of its previous life (the reaper undoes those).
 pub(super) fn new_node_id() -> std::sync::Arc<str> {
-    crate::streams::new_epoch()
+    crate::epochs::new_epoch()
 }
 
 /// When the lease was last renewed, and whether it has lapsed.

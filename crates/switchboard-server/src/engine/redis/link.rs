@@ -198,7 +198,7 @@ impl Link {
         let mut args = Vec::with_capacity(5 + rest.len());
         args.push(Bytes::from_static(op.as_bytes()));
         // An epoch for a stream this call makes, if it makes one.
-        args.push(Bytes::from(crate::streams::new_epoch().as_bytes().to_vec()));
+        args.push(Bytes::from(crate::epochs::new_epoch().as_bytes().to_vec()));
         args.extend(self.header.iter().cloned());
         args.extend(rest.into_iter().map(Bytes::from));
         args
