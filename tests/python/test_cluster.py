@@ -890,6 +890,11 @@ async def test_redis_restart_with_aof_loses_nothing_and_nodes_come_back(cluster)
         await b.send(msg(["a"], "lost?", id=2))
         err = await recv_json(b)
         assert (err["type"], err["code"], err["id"]) == ("error", "unavailable", 2), err
+        # A batch's operation that meets Redis down is 503 too, not a 400.
+        batch = {"operations": [{"op": "send", "targets": ["a"], "payload": "lost?"}]}
+        status, body = api(n0, "POST", "/api/v1/batch", batch)
+        assert (status, body["error"]["code"]) == (503, "unavailable"), body
+        assert body["error"]["message"].startswith("operations[0]: "), body
         c.redis.start()
         wait_until(lambda: healthz(n0) == 200 and healthz(n1) == 200, "nodes never came back", 8)
         # Down for less than the lease: the clients stayed, and nothing was lost.
@@ -1058,7 +1063,7 @@ async def test_a_connect_given_up_while_its_call_waits_leaves_nothing_counted(pr
         proxy.delay(0.5)
         gone = socket.create_connection(("127.0.0.1", behind.port))
         gone.sendall(
-            b"GET /ws?id=gone HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"GET /ws?id=gone HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         )
         # The node expects the connection, and sends SUBSCRIBE (slowed by the proxy).

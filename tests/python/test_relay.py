@@ -447,6 +447,40 @@ def test_bad_id_is_400_with_plain_text_reason(server, query):
     assert "upgrade" not in {k.lower() for k in headers}
 
 
+UPGRADE = {
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    "Sec-WebSocket-Version": "13",
+}
+
+
+@pytest.mark.parametrize(
+    "elsewhere",
+    [{"X-Forwarded-For": "203.0.113.9"}, {"Forwarded": "for=203.0.113.9"}, {"Host": "rebound.example:4000"}],
+    ids=["x-forwarded-for", "forwarded", "host"],
+)
+def test_without_credentials_a_loopback_listener_serves_this_host_only(start_server, elsewhere):
+    """With no tokens and no API keys, a loopback listener takes ids chosen by
+    clients and serves the API without a key, but only to this host: a request
+    a reverse proxy on this host forwarded, or one naming another host (DNS
+    rebinding), is refused with the reason. --allow-insecure lets such clients
+    choose their ids; the API still needs a key for them."""
+    server = start_server()
+    status, _, body = server.http("GET", "/ws?id=a", {**UPGRADE, **elsewhere})
+    assert status == 403 and b"this host only" in body and b"--allow-insecure" in body, (status, body)
+    status, _, body = server.http("GET", "/api/v1/stats", elsewhere)
+    error = json.loads(body)["error"]
+    assert (status, error["code"]) == (401, "unauthorized") and "--api-key" in error["message"], body
+    # From this host, both are served.
+    assert server.http("GET", "/ws?id=a", UPGRADE)[0] == 101
+    assert server.http("GET", "/api/v1/stats", {"Host": f"localhost:{server.port}"})[0] == 200
+
+    insecure = start_server("--allow-insecure")
+    assert insecure.http("GET", "/ws?id=a", {**UPGRADE, **elsewhere})[0] == 101
+    assert insecure.http("GET", "/api/v1/stats", elsewhere)[0] == 401
+
+
 def test_bad_id_without_upgrade_headers_is_400(server):
     status, _, body = server.http("GET", "/ws")
     assert status == 400 and b"id" in body
@@ -1296,6 +1330,19 @@ async def test_the_default_worker_count_follows_the_cpus_the_server_may_use(star
     async with client(pinned, "a") as a, client(pinned, "b") as b:
         await a.send(msg(["b"], "pinned"))
         assert await recv(b) == '"pinned"'
+
+
+@async_test
+async def test_sighup_without_tls_leaves_the_server_and_its_clients_alone(server):
+    """A reload signal (log rotation, a service manager's reload) must not
+    kill the process, as SIGHUP's default action would."""
+    async with client(server, "a") as a:
+        server.signal(signal.SIGHUP)
+        await asyncio.sleep(0.3)
+        assert all(node.proc.poll() is None for node in server.nodes), server.logs()
+        await a.send(msg(["a"], "still here"))
+        assert await recv(a) == '"still here"'
+    assert server.http("GET", "/healthz")[0] == 200
 
 
 @async_test

@@ -3,7 +3,8 @@
 //! JSON in and out. Every error is `{"error":{"code":"...","message":"..."}}`
 //! with a stable code and the matching status. Requests need
 //! `Authorization: Bearer <api key>`, except `GET /api/v1/openapi.json`; with no
-//! keys configured the API is open on a loopback listener and closed elsewhere.
+//! keys configured the API is open on a loopback listener to requests from this
+//! host ([`crate::local`]) and closed elsewhere.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -155,7 +156,8 @@ fn rejection(refused: JsonRejection) -> ApiError {
 #[derive(Clone)]
 pub(crate) struct Api {
     pub(crate) hub: Arc<Hub>,
-    /// No keys are configured and the listener is loopback: no key needed.
+    /// No keys are configured and the listener is loopback: no key needed
+    /// from this host ([`crate::local`]).
     open: bool,
 }
 
@@ -267,7 +269,18 @@ pub async fn not_found() -> ApiError {
 
 async fn require_key(State(api): State<Api>, request: Request, next: Next) -> Response {
     if api.open {
-        return next.run(request).await;
+        return match crate::local::from_this_host(request.headers()) {
+            Ok(()) => next.run(request).await,
+            Err(reason) => {
+                api.hub.metrics.auth_failed("api_key");
+                let message = format!(
+                    "without API keys the API is open to this host only, and this request \
+                     {reason}: configure --api-key"
+                );
+                ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message)
+                    .into_response()
+            }
+        };
     }
     if api.hub.api_keys.is_empty() {
         let message = "the API is off on this listener: configure --api-key";
@@ -635,8 +648,9 @@ async fn batch(
         let message = format!("at most {MAX_BATCH} operations per batch");
         return Err(ApiError::bad_request(ErrorCode::TooManyOperations, message));
     }
+    // The operation's own status: a refusal is 400 or 403, Redis down 503.
     let in_operation = |i: usize, e: ApiError| {
-        ApiError::bad_request(e.code, format!("operations[{i}]: {}", e.message))
+        ApiError::new(e.status, e.code, format!("operations[{i}]: {}", e.message))
     };
     let operations = request
         .operations
@@ -662,8 +676,15 @@ async fn batch(
     // In order, each answered before the next starts, as separate requests would be.
     let mut results = Vec::with_capacity(checked.len());
     for (i, checked) in checked.into_iter().enumerate() {
-        let result = api.run(checked, None).await;
-        results.push(result.map_err(|e| in_operation(i, e))?);
+        let result = api.run(checked, None).await.map_err(|e| {
+            let ran = ApiError::new(
+                e.status,
+                e.code,
+                format!("{} ({i} before it ran)", e.message),
+            );
+            in_operation(i, ran)
+        });
+        results.push(result?);
     }
     Ok(Json(serde_json::json!({ "results": results })))
 }

@@ -171,6 +171,8 @@ fn origin_allowed(hub: &Hub, headers: &HeaderMap) -> bool {
 enum Refused {
     /// A missing or invalid `?id=`.
     BadRequest(String),
+    /// An id chosen by a client that is not on this host.
+    NotLocal(String),
     /// A missing or invalid token.
     Unauthorized(TokenError),
 }
@@ -180,6 +182,14 @@ impl IntoResponse for Refused {
         match self {
             Self::BadRequest(message) => {
                 (StatusCode::BAD_REQUEST, format!("{message}\n")).into_response()
+            }
+            Self::NotLocal(reason) => {
+                let message = format!(
+                    "client ids chosen with ?id= are taken from this host only, and this request \
+                     {reason}: configure client tokens (--jwt-hs256-secret-file, \
+                     --jwt-public-key, --jwt-jwks-url), or --allow-insecure\n"
+                );
+                (StatusCode::FORBIDDEN, message).into_response()
             }
             Self::Unauthorized(error) => {
                 let mut response = (StatusCode::UNAUTHORIZED, format!("{error}\n")).into_response();
@@ -193,13 +203,17 @@ impl IntoResponse for Refused {
 }
 
 /// Who is connecting: the token's `sub` when tokens are configured (`?id=` is
-/// then ignored), otherwise `?id=`.
+/// then ignored), otherwise `?id=`, from this host only unless
+/// `--allow-insecure`.
 async fn identify(
     hub: &Hub,
     query: &HashMap<String, String>,
     headers: &HeaderMap,
 ) -> Result<Identity, Refused> {
     let Some(jwt) = &hub.jwt else {
+        if hub.chosen_ids_from_this_host_only {
+            crate::local::from_this_host(headers).map_err(Refused::NotLocal)?;
+        }
         let Some(id) = query.get("id") else {
             return Err(Refused::BadRequest(
                 "missing id: connect to /ws?id=<client id>".into(),

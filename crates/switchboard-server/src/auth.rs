@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
-use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
@@ -159,10 +159,26 @@ impl TokenError {
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
-    #[serde(default)]
+    /// RFC 7519 dates may have a fraction (`Date.now() / 1000 + 3600`).
+    #[serde(default, deserialize_with = "whole_seconds")]
     exp: Option<u64>,
     #[serde(default)]
     switchboard: Option<PermissionClaims>,
+}
+
+/// A NumericDate as whole seconds (a fraction dropped).
+fn whole_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let Some(number) = Option::<serde_json::Number>::deserialize(d)? else {
+        return Ok(None);
+    };
+    let whole = number.as_u64().or_else(|| {
+        let float = number.as_f64()?;
+        // Saturating: a date past u64 is as good as never.
+        (float >= 0.0).then(|| float.floor() as u64)
+    });
+    whole
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom(format_args!("exp {number} is not a date")))
 }
 
 #[derive(Deserialize)]
@@ -413,28 +429,64 @@ fn pem_key(path: &Path) -> anyhow::Result<VerifyKey> {
     })
 }
 
-/// The RSA and EC keys of a JWKS document (`text`, from `source`).
+/// The RSA and EC P-256 keys of a JWKS document (`text`, from `source`).
+/// A key this server cannot use (another type or curve, a malformed one) is
+/// skipped with a warning: issuers publish sets with keys for other
+/// verifiers, and one of them must not make the whole set unusable.
 pub(crate) fn jwks_keys(text: &str, source: &str) -> anyhow::Result<Vec<VerifyKey>> {
-    let set: JwkSet =
-        serde_json::from_str(text).with_context(|| format!("parsing JWKS {source}"))?;
+    /// The set with each key left unparsed, to be read one by one.
+    #[derive(Deserialize)]
+    struct Set {
+        keys: Vec<Box<serde_json::value::RawValue>>,
+    }
+    let set: Set = serde_json::from_str(text).with_context(|| format!("parsing JWKS {source}"))?;
     let mut keys = Vec::new();
-    for jwk in &set.keys {
-        let algorithm = match &jwk.algorithm {
-            AlgorithmParameters::RSA(_) => Algorithm::RS256,
-            AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
-            _ => continue,
-        };
-        let key = DecodingKey::from_jwk(jwk).with_context(|| format!("a key in {source}"))?;
-        keys.push(VerifyKey {
-            kid: jwk.common.key_id.clone(),
-            algorithm,
-            key,
-        });
+    let mut skipped = Vec::new();
+    for (i, raw) in set.keys.iter().enumerate() {
+        match jwk_key(raw.get()) {
+            Ok(key) => keys.push(key),
+            Err(reason) => skipped.push(format!("keys[{i}]: {reason}")),
+        }
     }
     if keys.is_empty() {
-        bail!("{source} holds no RSA or EC key");
+        bail!(
+            "{source} holds no RSA or EC P-256 key this server can use{}",
+            if skipped.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", skipped.join("; "))
+            }
+        );
+    }
+    if !skipped.is_empty() {
+        tracing::warn!(
+            source,
+            skipped = skipped.join("; "),
+            "keys of the JWKS skipped"
+        );
     }
     Ok(keys)
+}
+
+/// One JWK as a key, or why it cannot be used.
+fn jwk_key(text: &str) -> Result<VerifyKey, String> {
+    let jwk: Jwk = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let algorithm = match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => Algorithm::RS256,
+        AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => {
+            Algorithm::ES256
+        }
+        AlgorithmParameters::EllipticCurve(ec) => {
+            return Err(format!("curve {:?}: ES256 needs P-256", ec.curve));
+        }
+        _ => return Err("not an RSA or EC key".into()),
+    };
+    let key = DecodingKey::from_jwk(&jwk).map_err(|e| e.to_string())?;
+    Ok(VerifyKey {
+        kid: jwk.common.key_id.clone(),
+        algorithm,
+        key,
+    })
 }
 
 /// The API keys backends present as `Authorization: Bearer <key>`.

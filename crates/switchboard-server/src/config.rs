@@ -18,6 +18,13 @@ use crate::auth::{ApiKeys, JwtConfig};
 use crate::tls::Certificate;
 use crate::topics::Namespace;
 
+/// The most clock skew `jwt_leeway_secs` may allow: a day.
+const MAX_LEEWAY_SECS: u64 = 86_400;
+
+/// Settings that say one thing two ways: one given in a layer (env or
+/// flags) overrides the other from the file below, as a single setting would.
+const EITHER_OF: [[&str; 2]; 1] = [["jwt_hs256_secret", "jwt_hs256_secret_file"]];
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -362,7 +369,8 @@ pub struct Settings {
     )]
     pub allowed_origins: Option<Vec<String>>,
 
-    /// Allow a non-loopback listen address without client authentication (ids chosen by clients)
+    /// Without client authentication (ids chosen by clients): allow a non-loopback listen address,
+    /// and requests forwarded by a proxy or naming another Host (otherwise refused with 403)
     #[arg(long, env = "SWITCHBOARD_ALLOW_INSECURE", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub allow_insecure: Option<bool>,
 
@@ -503,7 +511,15 @@ impl Config {
             None => toml::Table::new(),
         };
         // Unset options serialise to nothing, so only what was given overrides the file.
-        table.extend(toml::Table::try_from(&args.settings)?);
+        let given = toml::Table::try_from(&args.settings)?;
+        for pair in EITHER_OF {
+            for (this, other) in [(pair[0], pair[1]), (pair[1], pair[0])] {
+                if given.contains_key(this) {
+                    table.remove(other);
+                }
+            }
+        }
+        table.extend(given);
         let settings: Settings = table
             .try_into()
             .map_err(|e| anyhow::anyhow!("invalid configuration: {}", one_line(&e, "")))?;
@@ -578,7 +594,14 @@ impl Config {
                 },
             ),
             start_fresh: s.start_fresh.unwrap_or(false),
-            api_keys: ApiKeys::new(&s.api_keys.unwrap_or_default()),
+            // `SWITCHBOARD_API_KEYS="old, new"` means the key `new`.
+            api_keys: ApiKeys::new(
+                &s.api_keys
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|key| key.trim().to_owned())
+                    .collect::<Vec<_>>(),
+            ),
             api_listen: s.api_listen,
             tls: match (s.tls_cert, s.tls_key) {
                 (Some(cert), Some(key)) => Some(Certificate::load(cert, key)?),
@@ -614,7 +637,13 @@ impl Config {
                 },
                 audience: s.jwt_audience,
                 issuer: s.jwt_issuer,
-                leeway_secs: s.jwt_leeway_secs.unwrap_or(30),
+                leeway_secs: match s.jwt_leeway_secs.unwrap_or(30) {
+                    leeway @ 0..=MAX_LEEWAY_SECS => leeway,
+                    leeway => bail!(
+                        "jwt_leeway_secs is {leeway}, and may be at most {MAX_LEEWAY_SECS} (a \
+                         day): it allows for clocks that disagree, and tokens should expire"
+                    ),
+                },
             },
             allowed_origins: s
                 .allowed_origins
@@ -628,6 +657,23 @@ impl Config {
         };
         if config.max_message_size == 0 || config.max_targets == 0 || config.mailbox_size == 0 {
             bail!("max_message_size, max_targets and mailbox_size must be at least 1");
+        }
+        let most_bytes = config.rate_limit_bytes_per_sec.saturating_mul(2);
+        if config.rate_limit_bytes_per_sec > 0 && most_bytes < config.max_message_size as u64 {
+            bail!(
+                "rate_limit_bytes_per_sec must be at least half of max_message_size (the \
+                 allowance holds two seconds' worth, {most_bytes} bytes), or no message over \
+                 that could ever be sent"
+            );
+        }
+        if let (Some(ping), Some(idle)) = (config.ping_interval, config.idle_timeout)
+            && ping >= idle
+        {
+            bail!(
+                "ping_interval_secs must be less than idle_timeout_secs: a browser sends \
+                 nothing of itself, so an idle one is kept only by answering pings, which must \
+                 come before the timeout"
+            );
         }
         if config.max_outbound_bytes < config.max_message_size {
             bail!(
@@ -746,7 +792,15 @@ fn normalize_origin(origin: &str) -> anyhow::Result<String> {
     if rest.is_empty() || rest.contains('/') {
         bail!("allowed origin {origin:?} must be scheme://host[:port], without a path");
     }
-    Ok(origin)
+    // Browsers leave the scheme's own port out of `Origin`.
+    let default_port = if origin.starts_with("https://") {
+        ":443"
+    } else {
+        ":80"
+    };
+    Ok(origin
+        .strip_suffix(default_port)
+        .map_or(origin.clone(), str::to_owned))
 }
 
 #[cfg(test)]
@@ -800,6 +854,18 @@ mod tests {
             normalize_origin("http://127.0.0.1:4000").unwrap(),
             "http://127.0.0.1:4000"
         );
+        assert_eq!(
+            normalize_origin("https://app.example:443").unwrap(),
+            "https://app.example"
+        );
+        assert_eq!(
+            normalize_origin("http://app.example:80").unwrap(),
+            "http://app.example"
+        );
+        assert_eq!(
+            normalize_origin("http://app.example:443").unwrap(),
+            "http://app.example:443"
+        );
         assert!(normalize_origin("app.example").is_err());
         assert!(normalize_origin("https://app.example/path").is_err());
     }
@@ -818,6 +884,72 @@ mod tests {
 
     fn load(flags: &[&str]) -> anyhow::Result<Config> {
         Config::load(&Cli::parse_from(std::iter::once("x").chain(flags.iter().copied())).args)
+    }
+
+    #[test]
+    fn settings_that_could_never_work_are_refused_with_the_reason() {
+        let cases: [(&[&str], &str); 4] = [
+            (&["--jwt-leeway-secs", "9999999999"], "at most 86400"),
+            (
+                &["--rate-limit-bytes-per-sec", "262144"],
+                "half of max_message_size",
+            ),
+            (
+                &["--ping-interval-secs", "60"],
+                "less than idle_timeout_secs",
+            ),
+            (
+                &["--ping-interval-secs", "20", "--idle-timeout-secs", "20"],
+                "less than",
+            ),
+        ];
+        for (flags, reason) in cases {
+            let error = format!("{:#}", load(flags).unwrap_err());
+            assert!(error.contains(reason), "{flags:?}: {error}");
+        }
+        assert!(load(&["--rate-limit-bytes-per-sec", "524288"]).is_ok());
+        assert!(
+            load(&["--rate-limit-bytes-per-sec", "0"]).is_ok(),
+            "unlimited"
+        );
+        assert!(load(&["--ping-interval-secs", "0"]).is_ok(), "no pings");
+        assert!(load(&["--ping-interval-secs", "90", "--idle-timeout-secs", "0"]).is_ok());
+        assert!(load(&["--jwt-leeway-secs", "86400"]).is_ok());
+    }
+
+    #[test]
+    fn api_keys_are_trimmed() {
+        let config = load(&["--api-key", " old , new"]).unwrap();
+        assert!(config.api_keys.accepts("old") && config.api_keys.accepts("new"));
+        assert!(!config.api_keys.accepts(" new"));
+    }
+
+    #[test]
+    fn a_secret_given_one_way_overrides_the_other_way_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, format!("{}\n", "f".repeat(32))).unwrap();
+        let path = dir.path().join("switchboard.toml");
+        let file = format!("jwt_hs256_secret_file = {:?}\n", secret.to_str().unwrap());
+        std::fs::write(&path, &file).unwrap();
+        let config = load(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(config.jwt.hs256_secret, Some("f".repeat(32)));
+        let flag = "e".repeat(32);
+        let cli = [
+            "--config",
+            path.to_str().unwrap(),
+            "--jwt-hs256-secret",
+            &flag,
+        ];
+        assert_eq!(load(&cli).unwrap().jwt.hs256_secret, Some(flag.clone()));
+        // Both in one layer still say one thing two ways.
+        let both = format!("jwt_hs256_secret = {flag:?}\n{file}");
+        std::fs::write(&path, both).unwrap();
+        let error = format!(
+            "{:#}",
+            load(&["--config", path.to_str().unwrap()]).unwrap_err()
+        );
+        assert!(error.contains("not both"), "{error}");
     }
 
     #[test]

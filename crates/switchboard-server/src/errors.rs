@@ -51,7 +51,8 @@ pub enum ErrorCode {
     InvalidCursor,
     /// History was asked of a topic whose namespace keeps none.
     HistoryDisabled,
-    /// The cluster's store (Redis) cannot be reached: nothing was done; try again.
+    /// The cluster's store (Redis) cannot be reached, or did not answer in
+    /// time; try again (an answer lost may hide a call that ran).
     Unavailable,
 
     // The HTTP API's own (docs/api.md).

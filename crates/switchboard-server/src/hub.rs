@@ -53,6 +53,9 @@ pub struct Hub {
     pub api_keys: ApiKeys,
     /// Browser origins allowed to connect; empty allows any.
     pub allowed_origins: Vec<String>,
+    /// Without tokens: whether ids chosen by clients are taken from this host
+    /// only ([`crate::local`]), as they are unless `--allow-insecure`.
+    pub chosen_ids_from_this_host_only: bool,
     /// Closes every connection on shutdown.
     pub shutdown: Shutdown,
     /// What connections hold of partly received data, all together.
@@ -186,6 +189,7 @@ impl Hub {
             },
             api_keys: config.api_keys.clone(),
             allowed_origins: config.allowed_origins.clone(),
+            chosen_ids_from_this_host_only: !config.allow_insecure,
             shutdown,
             receive_budget,
             idempotency: Idempotency::default(),

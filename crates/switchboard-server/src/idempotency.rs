@@ -49,7 +49,8 @@ impl Idempotency {
     /// The result stored for `key` (scoped by `route`), or `run`'s, stored.
     /// A retry that arrives while the first request runs waits for its
     /// result instead of running again. A run that fails stores nothing: the
-    /// next request with the key runs (nothing was done the first time).
+    /// next request with the key runs (in the cluster a run whose answer was
+    /// lost may have been done: Redis keeps the key's first answer too).
     pub async fn run<E>(
         &self,
         route: &str,

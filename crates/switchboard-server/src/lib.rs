@@ -37,6 +37,7 @@ pub mod idempotency;
 pub mod ids;
 pub mod jwks;
 pub mod limits;
+pub mod local;
 pub mod logging;
 pub mod metrics;
 pub mod peers;

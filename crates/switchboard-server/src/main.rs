@@ -97,16 +97,15 @@ fn serve(config: &Config) -> anyhow::Result<()> {
     runtime
         .block_on(async {
             let addr = listener.local_addr()?;
-            // Before saying it listens: a SIGHUP from then on (a renewal hook)
-            // must reload the certificate, never kill the process with the
-            // default action. tokio keeps a handler for good once installed,
-            // so this one holds until the reload task listens.
+            // Before saying it listens: a SIGHUP from then on (a renewal hook,
+            // or a log rotation's or a service manager's reload) must reload
+            // the certificate, or do nothing without TLS, and never kill the
+            // process with the default action. tokio keeps a handler for good
+            // once installed, so this one holds until the reload task listens.
             #[cfg(unix)]
-            if config.tls.is_some() {
-                drop(tokio::signal::unix::signal(
-                    tokio::signal::unix::SignalKind::hangup(),
-                )?);
-            }
+            drop(tokio::signal::unix::signal(
+                tokio::signal::unix::SignalKind::hangup(),
+            )?);
             // Tests and scripts read these lines to find port-0 listeners.
             println!("listening on {addr}");
             if let Some(api) = &api_listener {

@@ -245,7 +245,7 @@ async fn errors_are_json_with_stable_codes() {
         );
     }
     let request = format!(
-        "POST /api/v1/send HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {KEY}\r\n\
+        "POST /api/v1/send HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: Bearer {KEY}\r\n\
          Content-Length: 2\r\n\r\n{{}}"
     );
     let (status, body) = raw_http(server.addr, &request).await;
@@ -253,7 +253,7 @@ async fn errors_are_json_with_stable_codes() {
     // Bodies that are not JSON, with and without a wrong type before the end.
     for bad in ["{nope", r#"{"targets":"1","#] {
         let request = format!(
-            "POST /api/v1/send HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {KEY}\r\n\
+            "POST /api/v1/send HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: Bearer {KEY}\r\n\
              Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{bad}",
             bad.len()
         );
@@ -402,7 +402,7 @@ async fn batch_operations_refuse_duplicate_keys_as_send_does() {
     let mut reader = server.connect_envelope("reader").await;
     let post = |path: &str, body: &str| {
         format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
              Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n\
              Content-Length: {}\r\n\r\n{body}",
             body.len()

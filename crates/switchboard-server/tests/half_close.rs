@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 async fn three_then_fin(server: &Server, id: &str) -> Vec<serde_json::Value> {
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     let request = format!(
-        "GET /ws?id={id} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET /ws?id={id} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
          Sec-WebSocket-Protocol: switchboard.v1\r\n\r\n"
     );

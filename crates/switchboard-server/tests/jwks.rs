@@ -142,7 +142,7 @@ async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
 /// A sample of the server's /metrics (0 when the series has not appeared).
 async fn metric(server: &Server, series: &str) -> f64 {
     let request = format!(
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nConnection: close\r\n\r\n"
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {API_KEY}\r\nConnection: close\r\n\r\n"
     );
     let (status, text) = raw_http(server.next_addr(), &request).await;
     assert_eq!(status, 200, "{text}");
@@ -222,7 +222,7 @@ async fn a_fetch_for_a_new_key_finishes_though_the_handshake_that_began_it_is_go
         .await
         .unwrap();
     let request = format!(
-        "GET /ws?token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET /ws?token={} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
         token("gone", "key-2")
     );

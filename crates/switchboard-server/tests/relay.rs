@@ -182,7 +182,7 @@ async fn oversize_messages_close_with_1009() {
 /// Connects over raw TCP and sends `frame` after the handshake; returns the close code.
 async fn raw_close_code(server: &Server, frame: &[u8]) -> u16 {
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    let request = "GET /ws?id=raw HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+    let request = "GET /ws?id=raw HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut head = Vec::new();

@@ -26,7 +26,7 @@ async fn status_after(stream: &mut TcpStream, head: &str) -> (String, Duration) 
 
 fn post_head(length: usize) -> String {
     format!(
-        "POST /api/v1/send HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+        "POST /api/v1/send HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
          Content-Length: {length}\r\n\r\n"
     )
 }
@@ -94,13 +94,13 @@ async fn sigterm_ends_the_process_within_the_drain_time_whatever_clients_do() {
         .unwrap();
     let mut half_header = TcpStream::connect(server.addr).await.unwrap();
     half_header
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow:")
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow:")
         .await
         .unwrap();
     let mut silent_ws = TcpStream::connect(server.addr).await.unwrap();
     silent_ws
         .write_all(
-            b"GET /ws?id=silent HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+            b"GET /ws?id=silent HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
               Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
         )
         .await

@@ -41,7 +41,7 @@ async fn a_request_whose_headers_never_end_is_dropped_after_30_s() {
     let (addr, _events) = probe_server(Options::default()).await;
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
-        .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .unwrap();
     let started = tokio::time::Instant::now();
@@ -64,30 +64,30 @@ async fn bad_upgrade_requests_get_clear_http_errors() {
     let cases = [
         (
             format!(
-                "POST /ws HTTP/1.1\r\nHost: x\r\n{good}Sec-WebSocket-Version: 13\r\nContent-Length: 0\r\n\r\n"
+                "POST /ws HTTP/1.1\r\nHost: localhost\r\n{good}Sec-WebSocket-Version: 13\r\nContent-Length: 0\r\n\r\n"
             ),
             "405",
         ),
-        ("GET /ws HTTP/1.1\r\nHost: x\r\n\r\n".to_string(), "426"),
+        ("GET /ws HTTP/1.1\r\nHost: localhost\r\n\r\n".to_string(), "426"),
         (
-            format!("GET /ws HTTP/1.1\r\nHost: x\r\n{good}Sec-WebSocket-Version: 8\r\n\r\n"),
+            format!("GET /ws HTTP/1.1\r\nHost: localhost\r\n{good}Sec-WebSocket-Version: 8\r\n\r\n"),
             "426",
         ),
         (
             format!(
-                "GET /ws HTTP/1.1\r\nHost: x\r\n{good}Sec-WebSocket-Version: 13\r\n\
+                "GET /ws HTTP/1.1\r\nHost: localhost\r\n{good}Sec-WebSocket-Version: 13\r\n\
                  Sec-WebSocket-Version: 8\r\n\r\n"
             ),
             "426",
         ),
         (
-            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive\r\n\
+            "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: keep-alive\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
                 .to_string(),
             "400",
         ),
         (
-            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+            "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n"
                 .to_string(),
             "400",

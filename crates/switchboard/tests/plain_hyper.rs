@@ -59,7 +59,7 @@ async fn a_plain_hyper_service_can_upgrade() {
         (OpCode::Text, b"through hyper".to_vec())
     );
 
-    let (head, _) = RawClient::request(addr, "GET /ws HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (head, _) = RawClient::request(addr, "GET /ws HTTP/1.1\r\nHost: localhost\r\n\r\n").await;
     assert!(head.starts_with("HTTP/1.1 426"), "{head}");
 }
 

@@ -199,6 +199,50 @@ fn rs256_es256_and_jwks_keys_verify_their_tokens() {
 }
 
 #[test]
+fn keys_of_a_jwks_that_cannot_be_used_are_skipped_not_fatal() {
+    let good: Value =
+        serde_json::from_str(&std::fs::read_to_string(keys_dir().join("jwks.json")).unwrap())
+            .unwrap();
+    let good = &good["keys"][0];
+    let padded = json!({"kty": "RSA", "kid": "padded", "n": "AQAB==", "e": "AQAB"});
+    let others = [
+        padded,
+        json!({"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}),
+        json!({"kty": "OKP", "crv": "X25519", "x": "hSDwCYkwp1R0i33ctD73Wg2_Og0mOBr066SpjqqbTmo"}),
+        json!({"kty": "EC", "crv": "P-384", "kid": "p384",
+               "x": "iA7lWQLzVrKGEFjfGMfMHfTEZ2KnLCKATkuTR4Ff26mRX_Qkm4pERx0_7vWx1qEI",
+               "y": "4o2N3oXQzWWQt0hXvxXlEHBtcvUSP_CmDyhwhN1a5pXcMm3qI8JEyxGcTCAk3xSW"}),
+        json!({"kty": "AKP", "alg": "ML-DSA-44", "pub": "AAAA"}),
+        json!({"no": "kty"}),
+    ];
+    let set =
+        json!({"keys": [others[0], others[1], good, others[2], others[3], others[4], others[5]]});
+    let keys = jwks_keys(&set.to_string(), "test").unwrap();
+    assert_eq!(keys.len(), 1, "the one usable key");
+    assert_eq!(keys[0].kid.as_deref(), Some("test-rsa-1"));
+    let none = json!({"keys": others});
+    let Err(error) = jwks_keys(&none.to_string(), "test") else {
+        panic!("no key to use");
+    };
+    let error = error.to_string();
+    assert!(error.contains("no RSA or EC P-256 key"), "{error}");
+    assert!(
+        error.contains("keys[0]") && error.contains("P-256"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_token_whose_exp_has_a_fraction_is_read_as_whole_seconds() {
+    let exp = now() + 60;
+    let token = hs256(json!({"sub": "42", "exp": exp as f64 + 0.75}));
+    let identity = hs256_verifier().verify(&token).unwrap();
+    assert_eq!(identity.expires_at, Some(exp));
+    let expired = hs256(json!({"sub": "42", "exp": (now() - 10) as f64 + 0.5}));
+    assert_eq!(hs256_verifier().verify(&expired), Err(TokenError::Expired));
+}
+
+#[test]
 fn a_sub_that_is_not_a_valid_id_is_malformed() {
     let token = hs256(json!({"sub": "has space", "exp": now() + 60}));
     assert!(matches!(

@@ -95,8 +95,9 @@ impl<T, E> Future for Answer<T, E> {
     }
 }
 
-/// The engine's store cannot be reached: nothing was done, and the caller
-/// may try again.
+/// The engine's store cannot be reached, or did not answer in time. Most
+/// often nothing was done, but a call whose answer was lost may have run:
+/// a caller that must not repeat it retries with an idempotency key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("the cluster's store is unavailable: {0}")]
 pub struct Unavailable(pub String);

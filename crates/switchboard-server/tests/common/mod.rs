@@ -117,7 +117,8 @@ impl Server {
                 // Blocking: tests start servers from inside their runtime.
                 let ready = std::net::TcpStream::connect(node).is_ok_and(|mut stream| {
                     use std::io::{Read, Write};
-                    let request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+                    let request =
+                        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
                     let mut answer = String::new();
                     stream.write_all(request).is_ok()
                         && stream.read_to_string(&mut answer).is_ok()
@@ -257,7 +258,8 @@ impl Server {
 
     /// Sends a plain HTTP/1.1 request and returns the status code and body.
     pub async fn http(&self, request_line: &str) -> (u16, String) {
-        let request = format!("{request_line} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let request =
+            format!("{request_line} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         raw_http(self.next_addr(), &request).await
     }
 
@@ -362,7 +364,7 @@ pub async fn api_call(
         .map(|k| format!("Authorization: Bearer {k}\r\n"))
         .unwrap_or_default();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
