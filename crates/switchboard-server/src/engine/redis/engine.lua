@@ -240,10 +240,13 @@ if op == 'send' then
   local again = remembered(key)
   if again then return again end
   local size, ttl, from, payload = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+  -- Each target is named in the answer: a retry replays it whatever its
+  -- own targets (their order, or their number) are.
   local out = {}
   for i = 11, #ARGV do
     local epoch, offset = append('i', ARGV[i], size, ttl, from, payload)
     local online = redis.call('HGET', 'sb:clients', ARGV[i]) or 0
+    table.insert(out, ARGV[i])
     table.insert(out, epoch)
     table.insert(out, offset)
     table.insert(out, tonumber(online))

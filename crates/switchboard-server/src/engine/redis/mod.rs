@@ -470,20 +470,22 @@ impl Engine for RedisEngine {
             &message.payload,
         ]);
         rest.extend(targets.iter().map(|t| t.as_bytes().to_vec()));
-        let targets: Vec<ClientId> = targets.iter().map(|&t| t.into()).collect();
         let answer = self.0.link.call("send", rest);
         let metrics = self.0.metrics.clone();
         Answer::later(async move {
+            // (target, epoch, offset, online) each: a replayed answer names
+            // the first request's targets, which the retry may list otherwise.
             let (values, again) = replayed(items(answer.await?)?);
-            if values.len() != targets.len() * 3 {
+            if values.len() % 4 != 0 {
                 return Err(malformed("a send"));
             }
-            let mut sent = Sent::with_capacity(targets.len());
-            for (target, triple) in targets.into_iter().zip(values.chunks(3)) {
-                let offset = int(&triple[1]).ok_or_else(|| malformed("an offset"))?;
-                let online = int(&triple[2]).ok_or_else(|| malformed("a count"))?;
+            let mut sent = Sent::with_capacity(values.len() / 4);
+            for receipt in values.chunks(4) {
+                let target = text(&receipt[0]).ok_or_else(|| malformed("a target"))?;
+                let offset = int(&receipt[2]).ok_or_else(|| malformed("an offset"))?;
+                let online = int(&receipt[3]).ok_or_else(|| malformed("a count"))?;
                 sent.0.push(Receipt {
-                    client: target,
+                    client: target.into(),
                     offset,
                     delivered: online > 0,
                 });
