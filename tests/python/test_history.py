@@ -503,6 +503,22 @@ def test_history_pages_through_a_topic_and_an_inbox(topics_server):
         assert (status, body["error"]["code"]) == (400, code), (path, body)
 
 
+def test_topics_with_a_slash_are_reachable_and_bad_paths_get_json_errors(topics_server):
+    """A topic may hold `/`: the rest of the path names it, as is or
+    percent-encoded. A path segment that is not UTF-8 gets the API's JSON
+    error, like every other refusal."""
+    server = topics_server()
+    api_publish(server, "news:eu/west", "hello")
+    for path in ("news:eu/west", "news:eu%2Fwest"):
+        status, page = api_get(server, f"/api/v1/history/{path}")
+        assert (status, page["topic"], page["offset"]) == (200, "news:eu/west", 1), page
+        status, presence = api_get(server, f"/api/v1/presence/{path}")
+        assert (status, presence["topic"], presence["subscribers"]) == (200, "news:eu/west", 0), presence
+    for path in ("/api/v1/clients/%FF", "/api/v1/clients/%FF/inbox", "/api/v1/history/news:%FF"):
+        status, body = api_get(server, path)
+        assert (status, body["error"]["code"]) == (400, "invalid_request"), (path, body)
+
+
 def test_an_idempotency_key_makes_a_retry_append_nothing(topics_server):
     server = topics_server()
     first = api_post(server, "/api/v1/send", {"targets": ["ada"], "payload": 1}, key="order-1")

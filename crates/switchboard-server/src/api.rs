@@ -10,7 +10,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, Query, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State,
+};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -130,6 +133,21 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
     }
 }
 
+/// A path parameter whose rejection (a segment that is not UTF-8 once
+/// decoded) is an [`ApiError`], not axum's plain text.
+pub(crate) struct ApiPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ApiPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(value)| Self(value))
+            .map_err(|e| ApiError::bad_request(ErrorCode::InvalidRequest, e.body_text()))
+    }
+}
+
 /// The API's error for each way a JSON body can be refused.
 fn rejection(refused: JsonRejection) -> ApiError {
     match refused {
@@ -223,10 +241,11 @@ pub fn router(hub: Arc<Hub>, body: BodyRules, loopback: bool) -> Router {
         .route("/api/v1/publish", post(publish))
         .route("/api/v1/disconnect", post(disconnect))
         .route("/api/v1/batch", post(batch))
-        .route("/api/v1/presence/{topic}", get(presence))
+        // Topics may hold `/`: the rest of the path is the topic.
+        .route("/api/v1/presence/{*topic}", get(presence))
         .route("/api/v1/clients/{id}", get(client))
         .route("/api/v1/clients/{id}/inbox", get(history_api::inbox))
-        .route("/api/v1/history/{topic}", get(history_api::topic))
+        .route("/api/v1/history/{*topic}", get(history_api::topic))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/admin/stream", get(admin_stream));
     let metrics = Router::new().route("/metrics", get(metrics));
@@ -700,7 +719,7 @@ struct PresenceResult {
 
 async fn presence(
     State(api): State<Api>,
-    Path(topic): Path<String>,
+    ApiPath(topic): ApiPath,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<PresenceResult>, ApiError> {
     let topic = checked_topic(&api.hub, &topic)?;
@@ -745,7 +764,7 @@ struct ClientResult {
 
 async fn client(
     State(api): State<Api>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
 ) -> Result<Json<ClientResult>, ApiError> {
     let id = checked_id(&id)?;
     let connections = api.hub.engine.connections(vec![id.clone()]).await?[0];

@@ -8,13 +8,13 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::api::{Api, ApiError, checked_id, checked_topic};
+use crate::api::{Api, ApiError, ApiPath, checked_id, checked_topic};
 use crate::errors::ErrorCode;
 use crate::streams::{Page, Position};
 
@@ -26,7 +26,7 @@ pub(crate) const MAX_LIMIT: usize = 1000;
 /// `GET /api/v1/history/{topic}`.
 pub(crate) async fn topic(
     State(api): State<Api>,
-    Path(topic): Path<String>,
+    ApiPath(topic): ApiPath,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let topic = checked_topic(&api.hub, &topic)?;
@@ -47,7 +47,7 @@ pub(crate) async fn topic(
 /// `GET /api/v1/clients/{id}/inbox`.
 pub(crate) async fn inbox(
     State(api): State<Api>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let id = checked_id(&id)?;
