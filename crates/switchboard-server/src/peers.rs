@@ -1,8 +1,10 @@
 //! Connections per client IP address, so that one address cannot take every
-//! connection the server can hold (and the memory each may use).
+//! connection the server can hold (and the memory each may use). An IPv6
+//! address counts as its /64: one host is usually given a whole /64, and
+//! could otherwise take a fresh allowance from each of its addresses.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::Extension;
@@ -42,12 +44,13 @@ impl PeerLimit {
 
     /// A place for one more connection from `ip`: `Ok(None)` when nothing is
     /// limited, [`PeerFull`] when the address has its fill. An IPv4 address
-    /// mapped into IPv6 counts as the IPv4 address it is.
+    /// mapped into IPv6 counts as the IPv4 address it is, and an IPv6 one as
+    /// its /64.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Option<PeerSlot>, PeerFull> {
         if self.max == 0 {
             return Ok(None);
         }
-        let ip = ip.to_canonical();
+        let ip = counted_as(ip);
         let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
         let count = counts.entry(ip).or_insert(0);
         if *count >= self.max {
@@ -76,7 +79,15 @@ impl PeerLimit {
     /// Connections `ip` holds now.
     pub fn count(&self, ip: IpAddr) -> usize {
         let counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        counts.get(&ip.to_canonical()).copied().unwrap_or(0)
+        counts.get(&counted_as(ip)).copied().unwrap_or(0)
+    }
+}
+
+/// The address `ip` is counted under.
+fn counted_as(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        v4 => v4,
     }
 }
 
@@ -110,9 +121,21 @@ impl Drop for PeerSlot {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv6Addr;
-
     use super::*;
+
+    #[test]
+    fn the_addresses_of_one_ipv6_64_count_together() {
+        let limit = PeerLimit::new(2);
+        let one: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let two: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
+        let _held = [limit.admit(one).unwrap(), limit.admit(two).unwrap()];
+        assert!(limit.admit("2001:db8:1:2::77".parse().unwrap()).is_err());
+        assert_eq!(limit.count("2001:db8:1:2::1234".parse().unwrap()), 2);
+        assert!(
+            limit.admit("2001:db8:1:3::1".parse().unwrap()).is_ok(),
+            "another /64"
+        );
+    }
 
     #[test]
     fn an_address_holds_at_most_max_and_gets_its_places_back() {
