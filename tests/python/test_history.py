@@ -503,6 +503,31 @@ def test_history_pages_through_a_topic_and_an_inbox(topics_server):
         assert (status, body["error"]["code"]) == (400, code), (path, body)
 
 
+def test_a_history_page_stops_at_4_mib_of_payloads_and_pages_on(topics_server):
+    """1,000 messages of 1 MiB would make one answer of a gigabyte: a page
+    holds the messages that fit 4 MiB (the latest, or those after `since`),
+    and the caller pages on from the last one it got."""
+    server = topics_server()
+    big = "x" * 900_000
+    for i in range(6):
+        api_publish(server, "news:big", f"{i}{big}")
+    status, latest = api_get(server, "/api/v1/history/news:big?limit=100")
+    assert status == 200 and latest["offset"] == 6, latest
+    assert [m["offset"] for m in latest["messages"]] == [3, 4, 5, 6]
+    epoch = latest["epoch"]
+    offsets = []
+    since = 0
+    for _ in range(4):
+        status, page = api_get(server, f"/api/v1/history/news:big?since={epoch}:{since}&limit=100")
+        got = [m["offset"] for m in page["messages"]]
+        if not got:
+            break
+        offsets.append(got)
+        assert all(m["payload"] == f"{m['offset'] - 1}{big}" for m in page["messages"])
+        since = got[-1]
+    assert offsets == [[1, 2, 3, 4], [5, 6]], offsets
+
+
 def test_topics_with_a_slash_are_reachable_and_bad_paths_get_json_errors(topics_server):
     """A topic may hold `/`: the rest of the path names it, as is or
     percent-encoded. A path segment that is not UTF-8 gets the API's JSON

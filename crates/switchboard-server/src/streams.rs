@@ -468,28 +468,31 @@ impl Streams {
     }
 
     /// Up to `limit` messages of `key`'s stream for reading (the history
-    /// API): with no `since`, the latest; with one, those right after it,
-    /// oldest first (`Page::Lost` when the stream no longer holds the message
-    /// right after it, or has another epoch).
+    /// API), fewer when their payloads and senders pass `max_bytes` (but
+    /// never none): with no `since`, the latest; with one, those right after
+    /// it, oldest first (`Page::Lost` when the stream no longer holds the
+    /// message right after it, or has another epoch).
     pub fn read(
         &self,
         key: &StreamKey,
         since: Option<&Position>,
         retention: Retention,
         limit: usize,
+        max_bytes: usize,
     ) -> (Page, Position) {
         self.with_stream(key, retention, |stream| {
-            let skip = match since.map(|since| stream.place(since)) {
-                None => stream.entries.len().saturating_sub(limit),
-                Some(Place::After(skip)) => skip,
+            let held = &stream.entries;
+            let page = match since.map(|since| stream.place(since)) {
+                None => {
+                    let mut newest = within(held.iter().rev().take(limit), max_bytes);
+                    newest.reverse();
+                    newest
+                }
+                Some(Place::After(skip)) => within(held.iter().skip(skip).take(limit), max_bytes),
                 Some(Place::Lost) => return (Page::Lost, stream.position()),
                 Some(Place::Ahead) => return (Page::Ahead, stream.position()),
             };
-            let entries = stream.entries.iter().skip(skip).take(limit);
-            (
-                Page::Messages(entries.cloned().collect()),
-                stream.position(),
-            )
+            (Page::Messages(page), stream.position())
         })
     }
 
@@ -502,6 +505,20 @@ impl Streams {
 
 fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     shard.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The first of `entries` while their payloads and senders stay within
+/// `max_bytes`, and always the first one.
+fn within<'a>(entries: impl Iterator<Item = &'a Entry>, max_bytes: usize) -> Vec<Entry> {
+    let mut bytes = 0;
+    entries
+        .take_while(|entry| {
+            let first = bytes == 0;
+            bytes += entry.payload.len() + entry.from.as_deref().map_or(0, str::len);
+            first || bytes <= max_bytes
+        })
+        .cloned()
+        .collect()
 }
 
 /// Drops what `stream` keeps beyond its retention; returns how many entries

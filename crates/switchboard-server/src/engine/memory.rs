@@ -13,9 +13,9 @@ use switchboard::{
 };
 
 use super::{
-    Answer, ConnectError, Counts, Engine, Joined, Message, NodeTraffic, Pending, PresencePage,
-    Published, Receipt, Sent, Subscribe, SubscribeRefused, Subscribed, TopicList, TopicPresence,
-    Traffic, ready,
+    Answer, ConnectError, Counts, Engine, Joined, Message, NodeTraffic, PAGE_BYTES, Pending,
+    PresencePage, Published, Receipt, Sent, Subscribe, SubscribeRefused, Subscribed, TopicList,
+    TopicPresence, Traffic, ready,
 };
 use crate::ids;
 use crate::metrics::Metrics;
@@ -490,7 +490,7 @@ impl Engine for MemoryEngine {
         ready(
             self.0
                 .streams
-                .read(&key, since.as_ref(), self.0.inbox, limit),
+                .read(&key, since.as_ref(), self.0.inbox, limit, PAGE_BYTES),
         )
     }
 
@@ -502,7 +502,11 @@ impl Engine for MemoryEngine {
         limit: usize,
     ) -> Pending<(Page, Position)> {
         let key = StreamKey::Topic(topic);
-        ready(self.0.streams.read(&key, since.as_ref(), retention, limit))
+        let read = self
+            .0
+            .streams
+            .read(&key, since.as_ref(), retention, limit, PAGE_BYTES);
+        ready(read)
     }
 
     fn unready(&self) -> Option<String> {

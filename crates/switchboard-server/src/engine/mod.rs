@@ -95,6 +95,12 @@ impl<T, E> Future for Answer<T, E> {
     }
 }
 
+/// The most a page of history for the API holds in payloads (and senders),
+/// but for its first message: 1,000 messages of up to `max_message_size`
+/// each could otherwise make one answer of a gigabyte (and, in the cluster,
+/// one script's reply on the link every node call shares).
+pub const PAGE_BYTES: usize = 4 << 20;
+
 /// The engine's store cannot be reached, or did not answer in time. Most
 /// often nothing was done, but a call whose answer was lost may have run:
 /// a caller that must not repeat it retries with an idempotency key.
@@ -473,7 +479,7 @@ pub trait Engine: Send + Sync + 'static {
     fn topics(&self, limit: usize, members: usize) -> Pending<TopicList>;
 
     /// Up to `limit` messages of `id`'s inbox: the latest, or those right
-    /// after `since`.
+    /// after `since`; fewer when they pass [`PAGE_BYTES`].
     fn read_inbox(
         &self,
         id: ClientId,
@@ -481,7 +487,8 @@ pub trait Engine: Send + Sync + 'static {
         limit: usize,
     ) -> Pending<(Page, Position)>;
 
-    /// Up to `limit` messages of `topic`'s history, kept as `retention` says.
+    /// Up to `limit` messages of `topic`'s history, kept as `retention` says;
+    /// fewer when they pass [`PAGE_BYTES`].
     fn read_topic(
         &self,
         topic: Arc<str>,

@@ -59,19 +59,38 @@ local function append(kind, name, size, ttl, from, payload)
 end
 
 -- The stream's position, the time, and the entries after `since` (up to
--- `limit`), or the latest `limit` when `since` is empty.
-local function read(kind, name, since, limit)
+-- `limit`), or the latest `limit` (newest first) when `since` is empty;
+-- fewer once their fields pass `budget` bytes, but never none. Read in
+-- chunks that grow, so that big entries pass the budget before many are held.
+local function read(kind, name, since, limit, budget)
   local epoch, top = position(kind, name)
-  local skey = stream_key(kind, name)
-  local entries
-  if limit == 0 then
-    entries = {}
-  elseif since == '' then
-    entries = redis.call('XREVRANGE', skey, '+', '-', 'COUNT', limit)
-  elseif tonumber(since) >= top then
-    entries = {}
-  else
-    entries = redis.call('XRANGE', skey, (tonumber(since) + 1) .. '-0', '+', 'COUNT', limit)
+  local entries = {}
+  if limit == 0 or (since ~= '' and tonumber(since) >= top) then
+    return { epoch, top, now_ms(), entries }
+  end
+  local skey, count, bytes = stream_key(kind, name), 8, 0
+  local newest = since == ''
+  local from = newest and '+' or (tonumber(since) + 1) .. '-0'
+  while #entries < limit do
+    local want = math.min(count, limit - #entries)
+    local chunk
+    if newest then
+      chunk = redis.call('XREVRANGE', skey, from, '-', 'COUNT', want)
+    else
+      chunk = redis.call('XRANGE', skey, from, '+', 'COUNT', want)
+    end
+    for _, entry in ipairs(chunk) do
+      local size = 0
+      for i = 2, #entry[2], 2 do size = size + #entry[2][i] end
+      if #entries > 0 and bytes + size > budget then
+        return { epoch, top, now_ms(), entries }
+      end
+      bytes = bytes + size
+      entries[#entries + 1] = entry
+    end
+    if #chunk < want then break end
+    from = '(' .. chunk[#chunk][1]
+    count = math.min(count * 2, 1024)
   end
   return { epoch, top, now_ms(), entries }
 end
@@ -284,7 +303,7 @@ elseif op == 'connect' then
       client_event(id, 'online')
     end
   end
-  if since == '' then return read('i', id, since, tonumber(ARGV[11])) end
+  if since == '' then return read('i', id, since, tonumber(ARGV[11]), 0) end
   return resume('i', id, since, since_epoch, tonumber(ARGV[11]), tonumber(ARGV[13]))
 elseif op == 'leave' then
   -- ARGV: node, id, token
@@ -361,8 +380,8 @@ elseif op == 'heartbeat' then
   end
   return #dead
 elseif op == 'read' then
-  -- ARGV: kind, name, since ('' for the latest), limit
-  return read(ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9]))
+  -- ARGV: kind, name, since ('' for the latest), limit, bytes at most
+  return read(ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10]))
 elseif op == 'connections' then
   -- ARGV: id...
   local out = {}

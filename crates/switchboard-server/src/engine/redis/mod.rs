@@ -21,9 +21,9 @@ use switchboard::{
 use switchboard::Broker;
 
 use super::{
-    Answer, ConnectError, Counts, Engine, Joined, Message, NodeTraffic, Pending, PresencePage,
-    Published, Receipt, Sent, Subscribe, SubscribeRefused, Subscribed, TopicList, TopicPresence,
-    Traffic, Unavailable, fits,
+    Answer, ConnectError, Counts, Engine, Joined, Message, NodeTraffic, PAGE_BYTES, Pending,
+    PresencePage, Published, Receipt, Sent, Subscribe, SubscribeRefused, Subscribed, TopicList,
+    TopicPresence, Traffic, Unavailable, fits,
 };
 use crate::metrics::Metrics;
 use crate::streams::{Entry, Page, Position, Resume, Retention};
@@ -878,6 +878,7 @@ fn read(
         name,
         since_arg.as_deref().unwrap_or(""),
         &limit.to_string(),
+        &PAGE_BYTES.to_string(),
     ]);
     let answer = core.link.call("read", rest);
     Answer::later(async move {
