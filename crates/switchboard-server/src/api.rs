@@ -455,9 +455,9 @@ impl Api {
         headers: &HeaderMap,
         route: &str,
         checked: Checked<'_>,
-    ) -> Result<serde_json::Value, ApiError> {
+    ) -> Result<Response, ApiError> {
         let Some(key) = headers.get("idempotency-key") else {
-            return self.run(checked, None).await;
+            return Ok(Json(self.run(checked, None).await?).into_response());
         };
         let key = key
             .to_str()
@@ -474,10 +474,11 @@ impl Api {
         // first runs waits for it); in cluster mode Redis does too, for a
         // retry that reaches another node.
         let scoped: Arc<str> = format!("{route}:{key}").into();
-        self.hub
+        let result = self
+            .hub
             .idempotency
-            .run(route, key, self.run(checked, Some(scoped)))
-            .await
+            .run(route, key, self.run(checked, Some(scoped)));
+        Ok(Json(result.await?).into_response())
     }
 
     /// Runs `checked`; `key` is its scoped `Idempotency-Key`, if it has one.
@@ -563,18 +564,18 @@ async fn send(
     State(api): State<Api>,
     headers: HeaderMap,
     ApiJson(request): ApiJson<SendRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let checked = api.check_send(&request)?;
-    api.run_once(&headers, "send", checked).await.map(Json)
+    api.run_once(&headers, "send", checked).await
 }
 
 async fn publish(
     State(api): State<Api>,
     headers: HeaderMap,
     ApiJson(request): ApiJson<PublishRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let checked = api.check_publish(&request)?;
-    api.run_once(&headers, "publish", checked).await.map(Json)
+    api.run_once(&headers, "publish", checked).await
 }
 
 async fn disconnect(

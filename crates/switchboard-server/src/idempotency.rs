@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::sync::OnceCell;
 
 /// How long a key is remembered.
@@ -17,8 +18,12 @@ pub const WINDOW: Duration = Duration::from_secs(300);
 /// oldest are forgotten first.
 pub const MAX_KEYS: usize = 10_000;
 /// The most bytes of results remembered (a send to 1,000 targets answers with
-/// tens of kilobytes); past it the oldest are forgotten first.
+/// tens of kilobytes), counted as held: the JSON text, the key twice and
+/// [`KEY_OVERHEAD`]; past it the oldest are forgotten first.
 pub const MAX_BYTES: usize = 16 << 20;
+/// Bytes counted for a key beyond its text and result: its map slot, its
+/// place in the order and its cell.
+const KEY_OVERHEAD: usize = 128;
 /// The longest key, in bytes.
 pub const MAX_KEY_LEN: usize = 128;
 
@@ -28,12 +33,13 @@ pub struct Idempotency {
     state: Mutex<State>,
 }
 
-/// A key's result: set once, by the first request that completes.
-type Cell = Arc<OnceCell<Value>>;
+/// A key's result, as JSON text (it is held as sent, and counts what it
+/// holds): set once, by the first request that completes.
+type Cell = Arc<OnceCell<Arc<RawValue>>>;
 
 #[derive(Debug, Default)]
 struct State {
-    /// Each result, and its size as JSON text with its key (0 until set).
+    /// Each result, and the bytes it counts (0 until set).
     results: HashMap<String, (Cell, usize)>,
     /// Keys in the order they were stored, for forgetting the oldest.
     order: VecDeque<(Instant, String)>,
@@ -56,20 +62,24 @@ impl Idempotency {
         route: &str,
         key: &str,
         run: impl Future<Output = Result<Value, E>>,
-    ) -> Result<Value, E> {
+    ) -> Result<Arc<RawValue>, E> {
         let scoped = format!("{route}\n{key}");
         let cell = self.cell(&scoped);
         let mut ran = false;
         let result = cell
             .get_or_try_init(|| {
                 ran = true;
-                run
+                async {
+                    let value = run.await?;
+                    let text = serde_json::value::to_raw_value(&value).expect("a Value serialises");
+                    Ok(Arc::from(text))
+                }
             })
             .await?
             .clone();
         if ran {
             let mut state = self.lock();
-            let size = scoped.len() + result.to_string().len();
+            let size = 2 * scoped.len() + result.get().len() + KEY_OVERHEAD;
             if let Some((held, stored)) = state.results.get_mut(&scoped)
                 && Arc::ptr_eq(held, &cell)
             {
@@ -120,9 +130,8 @@ mod tests {
         let mut run = async |route: &str, key: &str| {
             runs += 1;
             let value = Value::from(runs);
-            keys.run(route, key, async { Ok::<_, ()>(value) })
-                .await
-                .unwrap()
+            let text = keys.run(route, key, async { Ok::<_, ()>(value) });
+            text.await.unwrap().get().parse::<i64>().unwrap()
         };
         assert_eq!(run("send", "a").await, 1);
         assert_eq!(
@@ -145,9 +154,27 @@ mod tests {
     async fn a_failed_run_stores_nothing() {
         let keys = Idempotency::default();
         let failed = keys.run("send", "k", async { Err::<Value, _>("down") });
-        assert_eq!(failed.await, Err("down"));
+        assert_eq!(failed.await.unwrap_err(), "down");
         let again = keys.run("send", "k", async { Ok::<_, &str>(Value::from(7)) });
-        assert_eq!(again.await, Ok(Value::from(7)), "the retry runs");
+        assert_eq!(again.await.unwrap().get(), "7", "the retry runs");
+    }
+
+    #[tokio::test]
+    async fn big_results_are_forgotten_past_the_byte_cap() {
+        let keys = Idempotency::default();
+        let big = Value::from("x".repeat(1 << 20));
+        for i in 0..40 {
+            let key = i.to_string();
+            let stored = keys.run("send", &key, async { Ok::<_, ()>(big.clone()) });
+            stored.await.unwrap();
+            assert!(
+                keys.lock().bytes <= MAX_BYTES + (2 << 20),
+                "{}",
+                keys.lock().bytes
+            );
+        }
+        let kept = keys.lock().results.len();
+        assert!((15..=17).contains(&kept), "{kept} of 1 MiB each");
     }
 
     #[test]
