@@ -100,7 +100,9 @@ impl Connector {
         self
     }
 
-    /// Offers a subprotocol, after those offered before.
+    /// Offers a subprotocol, after those offered before. A name that is not
+    /// an RFC 6455 token (visible ASCII without separators such as `,`) fails
+    /// the connect with [`ConnectError::Protocol`].
     pub fn protocol(mut self, protocol: impl Into<String>) -> Self {
         self.protocols.push(protocol.into());
         self
@@ -146,6 +148,9 @@ impl Connector {
         handler: H,
     ) -> Result<Client<H::Info>, ConnectError> {
         let target = Target::parse(url)?;
+        if let Some(bad) = self.protocols.iter().find(|p| !is_token(p)) {
+            return Err(ConnectError::Protocol(bad.clone()));
+        }
         let handshake = async {
             let mut io = self.open(&target).await?;
             let agreed = self.handshake(&mut io, &target).await?;
@@ -359,6 +364,17 @@ pub enum ConnectError {
     /// Connecting and the handshake took longer than [`Connector::timeout`].
     #[error("no handshake within {0:?}")]
     Timeout(Duration),
+    /// A subprotocol name that is not an RFC 6455 token.
+    #[error("invalid subprotocol {0:?}: visible ASCII without separators (RFC 6455 §4.1)")]
+    Protocol(String),
+}
+
+/// Whether `name` is an RFC 7230 token, as RFC 6455 asks of subprotocols.
+fn is_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
 }
 
 impl From<ProtocolError> for ConnectError {
@@ -381,7 +397,8 @@ impl Target {
     fn parse(url: &str) -> Result<Self, ConnectError> {
         let bad = |why| ConnectError::Url(url.to_owned(), why);
         let uri: Uri = url.parse().map_err(|_| bad("not a URL"))?;
-        let tls = match uri.scheme_str() {
+        // Schemes are case-insensitive (RFC 3986 §3.1).
+        let tls = match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
             Some("ws") => false,
             Some("wss") => true,
             _ => return Err(bad("the scheme must be ws or wss")),
@@ -391,14 +408,28 @@ impl Target {
             return Err(bad("user information is not allowed"));
         }
         let host = authority.host().to_owned();
-        let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        // Read here: `http` gives no port for one out of range, which would
+        // then connect to the default port.
+        let written = authority.as_str().strip_prefix(authority.host());
+        let port = match written.and_then(|rest| rest.strip_prefix(':')) {
+            None if tls => 443,
+            None => 80,
+            Some(port) => match port.parse::<u16>() {
+                Ok(port) if port > 0 => port,
+                _ => return Err(bad("the port must be 1 to 65535")),
+            },
+        };
+        // `ws://host?x=1` has a query and no path: the request line needs `/`.
+        let path = match uri.path_and_query().map(|p| p.as_str()) {
+            Some(path) if path.starts_with('/') => path.to_owned(),
+            Some(query) => format!("/{query}"),
+            None => "/".to_owned(),
+        };
         Ok(Self {
             url: url.to_owned(),
             tls,
             host_header: authority.as_str().to_owned(),
-            path: uri
-                .path_and_query()
-                .map_or("/".to_owned(), |p| p.as_str().to_owned()),
+            path,
             host,
             port,
         })
@@ -453,4 +484,44 @@ impl Response {
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_give_the_request_line_host_and_port_or_a_reason() {
+        let target = Target::parse("ws://127.0.0.1:4000?token=abc").unwrap();
+        assert_eq!((target.path.as_str(), target.port), ("/?token=abc", 4000));
+        let target = Target::parse("WSS://Example.com/ws?id=1").unwrap();
+        assert!(target.tls);
+        assert_eq!((target.path.as_str(), target.port), ("/ws?id=1", 443));
+        let target = Target::parse("ws://[::1]/").unwrap();
+        assert_eq!(
+            (target.connect_host(), target.port, target.path.as_str()),
+            ("::1", 80, "/")
+        );
+        assert_eq!(Target::parse("ws://h").unwrap().path, "/");
+        for (url, reason) in [
+            ("ws://example.com:65536/ws", "port"),
+            ("wss://example.com:8443x/", "port"),
+            ("ws://example.com:0/", "port"),
+            ("http://example.com/", "scheme"),
+            ("ws://user@example.com/", "user"),
+        ] {
+            let Err(ConnectError::Url(_, why)) = Target::parse(url) else {
+                panic!("{url} was taken");
+            };
+            assert!(why.contains(reason), "{url}: {why}");
+        }
+    }
+
+    #[test]
+    fn subprotocols_must_be_tokens() {
+        assert!(is_token("switchboard.v1") && is_token("bearer.abc-_~!"));
+        for bad in ["", "a, b", "chat\r\nX-Injected: 1", "a b", "é"] {
+            assert!(!is_token(bad), "{bad:?}");
+        }
+    }
 }

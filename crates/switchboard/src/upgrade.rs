@@ -108,6 +108,19 @@ impl std::fmt::Debug for WebSocketUpgrade {
     }
 }
 
+/// The values of a list header given on one line or several, as one.
+fn joined(headers: &http::HeaderMap, name: header::HeaderName) -> Option<HeaderValue> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    let mut line = first.as_bytes().to_vec();
+    for value in values {
+        line.extend_from_slice(b", ");
+        line.extend_from_slice(value.as_bytes());
+    }
+    // Made of header values and ", ": a header value still.
+    HeaderValue::from_bytes(&line).ok()
+}
+
 impl WebSocketUpgrade {
     /// Validates the request head and takes hyper's upgrade handle out of it:
     /// the entry point under plain hyper (axum calls it as an extractor).
@@ -118,18 +131,20 @@ impl WebSocketUpgrade {
     /// (RFC 6455 §4.2.1); each is an HTTP response (400, 405 or 426).
     pub fn from_parts(parts: &mut Parts) -> Result<Self, UpgradeError> {
         let headers = &parts.headers;
-        let header_str = |name| {
+        // A list may come on several header lines (RFC 9110 §5.3).
+        let any_has = |name, token| {
             headers
-                .get(name)
-                .and_then(|v: &HeaderValue| v.to_str().ok())
+                .get_all(name)
+                .iter()
+                .any(|v: &HeaderValue| v.to_str().is_ok_and(|v| has_token(v, token)))
         };
         if parts.method != Method::GET {
             return Err(UpgradeError::MethodNotGet);
         }
-        if !header_str(header::UPGRADE).is_some_and(|v| has_token(v, "websocket")) {
+        if !any_has(header::UPGRADE, "websocket") {
             return Err(UpgradeError::NotWebSocket);
         }
-        if !header_str(header::CONNECTION).is_some_and(|v| has_token(v, "upgrade")) {
+        if !any_has(header::CONNECTION, "upgrade") {
             return Err(UpgradeError::BadConnectionHeader);
         }
         // Every Sec-WebSocket-Version the request carries must say 13: a second,
@@ -141,13 +156,15 @@ impl WebSocketUpgrade {
         if versions.iter().next().is_none() || !all_13 {
             return Err(UpgradeError::UnsupportedVersion);
         }
-        let key = headers
-            .get(header::SEC_WEBSOCKET_KEY)
-            .filter(|k| is_valid_key(k.as_bytes()))
+        // One key only (RFC 6455 §11.3.1): two are no request to pick from.
+        let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+        let key = keys
+            .next()
+            .filter(|k| is_valid_key(k.as_bytes()) && keys.next().is_none())
             .cloned()
             .ok_or(UpgradeError::BadKey)?;
-        let offered_protocols = headers.get(header::SEC_WEBSOCKET_PROTOCOL).cloned();
-        let offered_extensions = headers.get(header::SEC_WEBSOCKET_EXTENSIONS).cloned();
+        let offered_protocols = joined(headers, header::SEC_WEBSOCKET_PROTOCOL);
+        let offered_extensions = joined(headers, header::SEC_WEBSOCKET_EXTENSIONS);
         let on_upgrade = parts
             .extensions
             .remove::<OnUpgrade>()

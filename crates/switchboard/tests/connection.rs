@@ -92,6 +92,13 @@ async fn bad_upgrade_requests_get_clear_http_errors() {
                 .to_string(),
             "400",
         ),
+        (
+            format!(
+                "GET /ws HTTP/1.1\r\nHost: localhost\r\n{good}Sec-WebSocket-Key: \
+                 AQIDBAUGBwgJCgsMDQ4PEA==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ),
+            "400",
+        ),
     ];
     for (request, status) in cases {
         let (head, _) = RawClient::request(addr, &request).await;
@@ -107,6 +114,23 @@ async fn bad_upgrade_requests_get_clear_http_errors() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn list_headers_may_come_on_several_lines() {
+    let (addr, _events) = probe_server(Options::default()).await;
+    let request = "GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+                   Connection: keep-alive\r\nConnection: Upgrade\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+                   Sec-WebSocket-Extensions: x-unknown\r\n\
+                   Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n";
+    let (head, _) = RawClient::request(addr, request).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-extensions: permessage-deflate"),
+        "the offer on the second line is taken: {head}"
+    );
 }
 
 #[tokio::test]
