@@ -14,6 +14,7 @@ count and a wall-clock bound.
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import http.client
@@ -309,6 +310,8 @@ BYTE_LIMITS = (
     "--rate-limit-bytes-per-sec", "1000",
     "--rate-limit-strikes", "3",
     "--ping-interval-secs", "0",
+    # At most twice the byte rate, or the start refuses it (docs/configuration.md).
+    "--max-message-size", "2000",
 )  # fmt: skip
 
 
@@ -351,6 +354,43 @@ async def test_byte_rate_burst_then_rate_limited_then_1008_after_the_strikes(sta
 
 
 @async_test
+async def test_a_sender_over_the_byte_rate_is_closed_whatever_it_sends_in_between(start_server):
+    """A refused message was read all the same: it is charged, and pongs do not
+    start the strike count again. So a client that sends big messages over the
+    rate with pongs (or small messages) in between, which once reset its strikes
+    for ever while the server read many times its byte rate, is closed with 1008
+    after a few refusals."""
+    server = start_server(*BYTE_LIMITS)
+
+    async def until_closed(s):
+        """The frames before the close (each a rate_limited error), and the close."""
+        errors = []
+        with pytest.raises(ConnectionClosed) as closed:
+            for _ in range(20):
+                errors.append(await recv_json(s))
+        assert all(e["type"] == "error" and e["code"] == "rate_limited" for e in errors), errors
+        return closed.value.rcvd
+
+    async with client(server, "r", compression=None) as r:
+        for between in ("pong", "small"):
+            async with client(server, "s", envelope=True, compression=None) as s:
+                await s.send(sized(1, 1500))
+                await expect_ack(s, 1, offset=1 if between == "pong" else 2)
+                with contextlib.suppress(ConnectionClosed):
+                    for i in range(2, 12):
+                        await s.send(sized(i, 1500))
+                        if between == "pong":
+                            await s.pong(b"")
+                        else:
+                            await s.send(sized(100 + i, 60))
+                        await asyncio.sleep(0.05)
+                rcvd = await until_closed(s)
+                assert rcvd is not None and rcvd.code == 1008, rcvd
+        assert [json.loads(await recv(r))["n"] for _ in range(2)] == [1, 1]
+        await nothing_before_marker(server, r, "r")
+
+
+@async_test
 async def test_rate_limited_error_echoes_the_message_id(start_server):
     """docs/protocol.md: `id` "is echoed in errors"; `switchboard.v1` "errors carry the
     message id". A message refused by the byte rate carried an id."""
@@ -371,16 +411,17 @@ async def test_an_accepted_message_resets_the_strike_count(start_server):
     """docs/protocol.md: the connection closes after `rate_limit_strikes` refusals
     *in a row*, and the byte bucket refills at `rate_limit_bytes_per_sec`.
 
-    Three 600-byte messages fit the burst; two more are refused (two strikes of three).
-    After a 1 s wait the bucket holds at least 196 + 1000 bytes, so a 600-byte message
-    is accepted, which resets the strikes; after it the bucket holds at most
-    2000 - 600 = 1400 bytes (about 600 at a 1 s wait), so three 1500-byte messages sent
-    back to back are all over the limit: without the reset the first would close the
-    connection; with it, two get `rate_limited` and the third closes with 1008."""
+    Three 600-byte messages fit the burst; two more are refused (two strikes of three),
+    and charged all the same (they were read): the bucket owes about 1000 bytes.
+    After a 2 s wait it holds at least 1000, so a 600-byte message is accepted, which
+    resets the strikes; after it the bucket holds at most 2000 - 600 = 1400 bytes, so
+    three 1500-byte messages sent back to back are all over the limit: without the
+    reset the first would close the connection; with it, two get `rate_limited` and
+    the third closes with 1008."""
     server = start_server(*BYTE_LIMITS)
     async with client(server, "r", compression=None) as r, client(server, "s", envelope=True, compression=None) as s:
         await spend_the_burst(s, 5)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(2.0)
         await s.send(sized(6, 600))
         await expect_ack(s, 6, offset=4)
         for i in (7, 8, 9):

@@ -859,6 +859,10 @@ async def test_envelope_self_delivery_and_ack(server):
         ('{"id":5,"targets":["b"]}', "invalid_message"),
         ('{"id":5,"payload":1}', "invalid_message"),
         ('{"id":5,"targets":' + json.dumps(["b"] * 1001) + ',"payload":1}', "too_many_targets"),
+        # Messages serde refuses whole still name their id.
+        ('{"id":5,"type":"status","clients":"42"}', "invalid_message"),
+        ('{"id":5,"targets":["b"],"targets":["a"],"payload":1}', "invalid_message"),
+        ('{"id":5,"targets":"b","payload":1}', "invalid_message"),
     ],
 )
 @async_test

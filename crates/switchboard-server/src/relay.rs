@@ -22,7 +22,7 @@ use crate::engine::{
 };
 use crate::hub::Hub;
 use crate::ids::TargetList;
-use crate::limits::{RateLimiter, Verdict};
+use crate::limits::{Frame, RateLimiter, Verdict};
 use crate::metrics::Counted;
 use crate::peers::PeerSlot;
 use crate::streams::Position;
@@ -148,7 +148,8 @@ impl Relay {
         self.handling = u32::try_from(text.len() + 256).unwrap_or(u32::MAX);
         let inbound = match wire::parse(text) {
             Ok(inbound) => inbound,
-            Err((code, message)) => return self.refuse((code, message), None),
+            // The id of a message of the wrong shape is still named.
+            Err(refusal) => return self.refuse(refusal, wire::id_of(text)),
         };
         let kind = inbound.kind.as_deref().unwrap_or("send");
         if kind != "send" && self.mode == Mode::Raw && is_envelope_only(kind) {
@@ -740,7 +741,7 @@ impl Handler for Relay {
             Message::Binary(data) => data.len(),
             _ => 0,
         };
-        match self.limiter.check(&self.hub.limits, len) {
+        match self.limiter.check(&self.hub.limits, Frame::Message, len) {
             Verdict::Accept => {}
             Verdict::Refuse => {
                 self.hub.metrics.rate_limited();
@@ -779,7 +780,7 @@ impl Handler for Relay {
             Message::Ping(data) | Message::Pong(data) => data.len(),
             _ => 0,
         };
-        match self.limiter.check(&self.hub.limits, len) {
+        match self.limiter.check(&self.hub.limits, Frame::Control, len) {
             Verdict::Accept | Verdict::Refuse => Outcome::Continue,
             Verdict::Disconnect => Outcome::stop(CloseCode::POLICY, "rate limit exceeded"),
         }
