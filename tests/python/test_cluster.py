@@ -225,6 +225,32 @@ async def test_presence_and_client_events_fire_once_per_real_transition(cluster)
 
 
 @async_test
+async def test_client_events_need_a_token_that_may_send_to_every_id(cluster):
+    """`$clients` tells every id's online status, which `status` tells only of
+    ids the token may send to: subscribing needs `send` to allow every id."""
+    from test_claims import SECRET, bearer, jwt_hs256
+
+    c = cluster(1, extra=("--jwt-hs256-secret", SECRET))
+    [node] = c.nodes
+
+    def token(sub, send):
+        claims = {"sub": sub, "exp": int(time.time()) + 60, "switchboard": {"subscribe": ["*"]}}
+        if send is not None:
+            claims["switchboard"]["send"] = send
+        return jwt_hs256(claims)
+
+    for sub, send, allowed in (("u1", ["support"], False), ("u2", ["*"], True), ("u3", None, True)):
+        async with client(None, sub, envelope=True, uri=f"ws://127.0.0.1:{node.port}/ws", **bearer(token(sub, send))) as ws:
+            await ws.send(json.dumps({"type": "subscribe", "topic": "$clients", "id": 1}))
+            got = await recv_json(ws)
+            if allowed:
+                assert (got["type"], got["id"]) == ("ack", 1), got
+            else:
+                assert (got["type"], got["id"], got["code"]) == ("error", 1, "forbidden"), got
+                assert "send" in got["message"], got
+
+
+@async_test
 async def test_a_client_resumes_on_another_node_with_nothing_lost_or_repeated(cluster):
     c = cluster(3)
     n0, n1, n2 = c.nodes

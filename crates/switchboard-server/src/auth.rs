@@ -96,6 +96,12 @@ impl Permissions {
     pub fn may_send(&self, target: &str) -> bool {
         self.allows(|lists| &lists.send, target)
     }
+
+    /// May the client send to every id (no `send` list, or a `*` in it)?
+    /// No id holds a `*`, so only a pattern of stars alone matches the text.
+    pub fn may_send_to_anyone(&self) -> bool {
+        self.allows(|lists| &lists.send, "*")
+    }
 }
 
 /// Who a verified token says the client is.

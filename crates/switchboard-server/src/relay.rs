@@ -26,7 +26,7 @@ use crate::limits::{Frame, RateLimiter, Verdict};
 use crate::metrics::Counted;
 use crate::peers::PeerSlot;
 use crate::streams::Position;
-use crate::topics::Namespace;
+use crate::topics::{CLIENT_EVENTS, Namespace};
 use crate::wire::{self, At, ErrorCode, Inbound, Mode, Since};
 
 /// Close code when a client's token expires without a refresh.
@@ -571,15 +571,25 @@ impl Relay {
         }
     }
 
-    /// Refuses unless the token allows subscribing to `topic`.
+    /// Refuses unless the token allows subscribing to `topic`. The client
+    /// events (`$clients`) tell every id's status, so they need `send` to
+    /// allow every id as well, as a `status` of every id would.
     fn may_subscribe(&self, topic: &str) -> Result<(), Refusal> {
-        if self.permissions.may_subscribe(topic) {
-            return Ok(());
+        if !self.permissions.may_subscribe(topic) {
+            return Err((
+                ErrorCode::Forbidden,
+                format!("your token does not allow subscribing to {topic:?}"),
+            ));
         }
-        Err((
-            ErrorCode::Forbidden,
-            format!("your token does not allow subscribing to {topic:?}"),
-        ))
+        if topic == CLIENT_EVENTS && !self.permissions.may_send_to_anyone() {
+            return Err((
+                ErrorCode::Forbidden,
+                format!(
+                    "{CLIENT_EVENTS} tells every client id's status: your token's send claim must allow every id (\"*\")"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn targets<'t>(
