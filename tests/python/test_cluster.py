@@ -626,6 +626,61 @@ async def test_a_refresh_refuses_a_subscribe_that_waits_for_redis_when_it_no_lon
         redis.stop()
 
 
+@async_test
+async def test_a_subscribe_called_off_while_it_waits_is_answered_when_refused(cluster):
+    """A subscribe to a full topic, unsubscribed while it waits for Redis, is
+    still answered (`topic_full`): a client library waits for every answer.
+    Redis is slowed behind a proxy so that the unsubscribe comes first."""
+    config = config_file('[[namespaces]]\nprefix = "chat:"\nmax_subscribers = 1\n')
+    redis = Redis()
+    proxy = Proxy(redis.port)
+    try:
+        c = cluster(1, redis=redis, extra=("--config", config))
+        slow = c.start_node(proxy.url)
+        c.nodes.append(slow)
+        async with client(None, "a", envelope=True, uri=url(c.nodes[0], "a")) as a:
+            await a.send(json.dumps({"type": "subscribe", "topic": "chat:full", "id": 1}))
+            assert (await recv_json(a))["type"] == "ack"
+            async with client(None, "b", envelope=True, uri=url(slow, "b")) as b:
+                proxy.delay(0.3)
+                await b.send(json.dumps({"type": "subscribe", "topic": "chat:full", "id": 1}))
+                await b.send(json.dumps({"type": "unsubscribe", "topic": "chat:full", "id": 2}))
+                got = {m["id"]: m for m in [await recv_json(b), await recv_json(b)]}
+                proxy.delay(0)
+                assert got[2]["type"] == "ack", got
+                assert (got[1]["type"], got[1]["code"]) == ("error", "topic_full"), got
+                await nothing_before_marker(c, b, "b")
+    finally:
+        proxy.stop()
+        redis.stop()
+
+
+@async_test
+async def test_a_raw_send_redis_never_answers_is_refused_with_its_id():
+    """docs/protocol.md: errors carry the message's id in raw mode too. A send
+    whose call Redis never answers fails when the link gives up on it (3 s),
+    and that error names the id as one refused at once does."""
+    redis = Redis()
+    proxy = Proxy(redis.port)
+    node = None
+    try:
+        # The lease outlasts the 3 s the link waits, so the node is not reaped.
+        node = Node(("--engine", "redis", "--redis-url", proxy.url, "--node-lease-secs", "10"))
+        wait_until(lambda: healthz(node) == 200, "the node never became ready")
+        async with client(None, "r", uri=url(node, "r")) as r:
+            proxy.hold(b"\r\nsend\r\n")
+            await r.send('{"id":"x1","targets":["r"],"payload":1}')
+            err = await recv_json(r, timeout=10)
+            assert (err["type"], err["code"], err["id"]) == ("error", "unavailable", "x1"), err
+        proxy.release()
+    finally:
+        if node:
+            node.stop()
+            node.stderr.close()
+        proxy.stop()
+        redis.stop()
+
+
 def resp(sock, *args):
     """One command on a raw connection to Redis; its reply's first line."""
     sock.sendall(b"".join([f"*{len(args)}\r\n".encode()]

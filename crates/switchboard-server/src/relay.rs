@@ -185,9 +185,17 @@ impl Relay {
         let payload = required(inbound.payload, "payload")?;
         self.may_send(&targets)?;
         let pending = self.hub.engine.send(&targets, self.message(payload));
-        self.answer(self.ack_id(inbound), ctx, pending, |sent, id| {
+        // Raw clients get no ack, but their errors name the id too.
+        let acks = self.ack_id(inbound).is_some();
+        self.answer(inbound.id, ctx, pending, move |sent, id| {
             // Only a message that asked for an ack pays for rendering one.
-            id.map(|id| wire::ack_send(id, &sent.delivered(), &sent.offline(), &sent.offsets()))
+            let id = id.filter(|_| acks)?;
+            Some(wire::ack_send(
+                id,
+                &sent.delivered(),
+                &sent.offline(),
+                &sent.offsets(),
+            ))
         })
     }
 
@@ -345,21 +353,10 @@ impl Relay {
                     }
                 });
             }
-            Err(SubscribeRefused::PubSub(SubscribeError::Full)) => {
-                return Err((
-                    ErrorCode::TopicFull,
-                    format!("{topic:?} has reached its subscriber limit"),
-                ));
-            }
-            Err(SubscribeRefused::PubSub(SubscribeError::AlreadySubscribed)) => {}
-            Err(SubscribeRefused::Ahead { asked, top }) => {
-                return Err((
-                    ErrorCode::InvalidSince,
-                    format!("since is ahead of {topic:?} (offset {asked} > {top})"),
-                ));
-            }
-            Err(SubscribeRefused::Unavailable(e)) => {
-                return Err((ErrorCode::Unavailable, e.to_string()));
+            Err(refused) => {
+                if let Some(refusal) = refusal(&topic, &refused) {
+                    return Err(refusal);
+                }
             }
         }
         Ok(id.map(|id| wire::ack(id, Some(&topic))))
@@ -638,6 +635,23 @@ impl Relay {
     }
 }
 
+/// What a client is told of a subscribe the engine refused (`None`: it was
+/// subscribed already, which is acked as a subscribe).
+fn refusal(topic: &str, refused: &SubscribeRefused) -> Option<Refusal> {
+    Some(match refused {
+        SubscribeRefused::PubSub(SubscribeError::Full) => (
+            ErrorCode::TopicFull,
+            format!("{topic:?} has reached its subscriber limit"),
+        ),
+        SubscribeRefused::PubSub(SubscribeError::AlreadySubscribed) => return None,
+        SubscribeRefused::Ahead { asked, top } => (
+            ErrorCode::InvalidSince,
+            format!("since is ahead of {topic:?} (offset {asked} > {top})"),
+        ),
+        SubscribeRefused::Unavailable(e) => (ErrorCode::Unavailable, e.to_string()),
+    })
+}
+
 /// A position a client sent, checked: an epoch of 1-32 letters and digits.
 fn position(since: &Since<'_>) -> Result<Position, Refusal> {
     let epoch = &since.epoch;
@@ -812,8 +826,12 @@ impl Handler for Relay {
                 if !topics.is_some_and(|topics| topics.answered(&topic, attempt)) {
                     // Unsubscribed while it waited: the subscription goes now,
                     // and the subscribe is answered as it would have been.
-                    let ack = id.filter(|_| result.is_ok());
-                    return match ack {
+                    if let Err(refused) = &result
+                        && let Some(refusal) = refusal(&topic, refused)
+                    {
+                        return self.refuse(refusal, id.as_deref());
+                    }
+                    return match id {
                         Some(id) => self.answers.reply(wire::ack(&id, Some(&topic))),
                         None => Outcome::Continue,
                     };
