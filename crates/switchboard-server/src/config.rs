@@ -697,8 +697,16 @@ impl Config {
         if config.receive_budget_bytes < config.receive_budget_per_connection_bytes {
             bail!("receive_budget_bytes must be at least receive_budget_per_connection_bytes");
         }
-        if !matches!(config.slow_consumer_close_code.0, 1008 | 1013 | 4000..=4999) {
-            bail!("slow_consumer_close_code must be 1008, 1013 or 4000-4999");
+        // Not 4001, the token's expiry; and not 4500 up, which clients
+        // (the JS one among them) take as "do not reconnect".
+        if !matches!(
+            config.slow_consumer_close_code.0,
+            1008 | 1013 | 4000 | 4002..=4499
+        ) {
+            bail!(
+                "slow_consumer_close_code must be 1008, 1013, 4000 or 4002-4499 (4001 says the \
+                 token expired; from 4500 on, clients stop reconnecting)"
+            );
         }
         if config.max_connections_per_client == 0 || config.max_topics_per_connection == 0 {
             bail!("max_connections_per_client and max_topics_per_connection must be at least 1");
@@ -878,8 +886,12 @@ mod tests {
         let cli = Cli::parse_from(["x", "--config", path.to_str().unwrap()]);
         let error = format!("{:#}", Config::load(&cli.args).unwrap_err());
         assert!(error.contains("max_targetz"), "{error}");
-        let cli = Cli::parse_from(["x", "--slow-consumer-close-code", "1000"]);
-        assert!(Config::load(&cli.args).is_err());
+        for code in ["1000", "4001", "4500"] {
+            let cli = Cli::parse_from(["x", "--slow-consumer-close-code", code]);
+            assert!(Config::load(&cli.args).is_err(), "{code}");
+        }
+        let cli = Cli::parse_from(["x", "--slow-consumer-close-code", "4499"]);
+        assert!(Config::load(&cli.args).is_ok());
     }
 
     fn load(flags: &[&str]) -> anyhow::Result<Config> {
