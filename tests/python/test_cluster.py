@@ -1208,6 +1208,36 @@ async def test_a_gap_longer_than_sixteen_reads_is_filled_without_waiting_for_ano
 
 
 @async_test
+async def test_a_gap_of_big_messages_is_filled_in_reads_of_4_mib(cluster):
+    """A gap fill reads at most 4 MiB of entries at a time (one reply of 1,000
+    big entries would hold up the link every call shares), and a read cut
+    short by its bytes is no sign that the stream lost the rest: every missed
+    message arrives, in order, and the connection stays."""
+    redis = Redis()
+    proxy = Proxy(redis.port)
+    try:
+        config = config_file('[[namespaces]]\nprefix = "big:"\nhistory_size = 100\n')
+        c = cluster(1, redis=redis, extra=("--config", config, "--max-outbound-bytes", str(64 << 20)))
+        behind = c.start_node(proxy.url)
+        c.nodes.append(behind)
+        async with client(None, "s", envelope=True, uri=url(behind, "s"), max_size=None) as s:
+            await s.send(json.dumps({"type": "subscribe", "topic": "big:t", "id": 1}))
+            assert (await recv_json(s))["type"] == "ack"
+            assert proxy.freeze(b"SUBSCRIBE") == 1
+            total, pad = 12, "x" * 700_000
+            sha = redis.cli("SCRIPT", "LOAD", open(SCRIPT).read())
+            pipe(redis, [("EVALSHA", sha, 0, "publish", "e1", 86400000, 0, 3600000,
+                          "", "big:t", 100, 300000, "", json.dumps(f"{i}{pad}")) for i in range(1, total + 1)])
+            got = [await asyncio.wait_for(recv_json(s), LEASE * 5) for _ in range(total)]
+            assert [m["payload"] for m in got] == [f"{i}{pad}" for i in range(1, total + 1)]
+            assert [m["offset"] for m in got] == list(range(1, total + 1))
+            await nothing_before_marker(c, s, "s")
+    finally:
+        proxy.stop()
+        redis.stop()
+
+
+@async_test
 async def test_a_ping_refused_by_redis_does_not_count_as_a_silent_connection(cluster):
     """An error reply to the pub/sub ping is an answer: a Redis user whose ACL
     denies PING must not make the node replace its connection every beat."""

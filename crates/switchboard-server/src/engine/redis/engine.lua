@@ -380,7 +380,8 @@ elseif op == 'heartbeat' then
   end
   return #dead
 elseif op == 'read' then
-  -- ARGV: kind, name, since ('' for the latest), limit, bytes at most
+  -- ARGV: kind, name, since ('' for the latest), limit, bytes at most (a
+  -- page of the history API, or a node's gap fill)
   return read(ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10]))
 elseif op == 'connections' then
   -- ARGV: id...

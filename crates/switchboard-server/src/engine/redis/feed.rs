@@ -37,6 +37,9 @@ use crate::wire::{self, At, Mode};
 
 /// Entries read per gap fill.
 const FILL_BATCH: usize = 1000;
+/// Bytes of entries read per gap fill, but for the first: 1,000 big entries
+/// in one reply would hold up the link every call shares.
+const FILL_BYTES: usize = 4 << 20;
 /// How soon a gap fill that Redis could not answer is tried again.
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -869,7 +872,13 @@ impl Delivery {
             else {
                 return;
             };
-            let args = super::args([kind, name, &since.to_string(), &FILL_BATCH.to_string()]);
+            let args = super::args([
+                kind,
+                name,
+                &since.to_string(),
+                &FILL_BATCH.to_string(),
+                &FILL_BYTES.to_string(),
+            ]);
             let read = match self.link.call("read", args).await.and_then(|value| {
                 let mut items = array(value).ok_or(super::reply::malformed("a read"))?;
                 Read::parse(&mut items)
@@ -903,7 +912,10 @@ impl Delivery {
 /// top when the read had all there was is closed: the stream no longer
 /// holds what it missed.
 fn apply(local: &mut Local, subject: &Subject<'_>, read: &Read) -> bool {
-    let whole = read.entries.len() < FILL_BATCH;
+    // A read stops at the top, at FILL_BATCH entries or at FILL_BYTES: it
+    // had all there was when it reached the top, or found nothing after
+    // `since` (the script gives at least one entry when there is any).
+    let whole = read.entries.last().is_none_or(|e| e.offset >= read.top);
     let mut complete = true;
     local.conns.retain_mut(|conn| {
         if conn.epoch.is_none() {
