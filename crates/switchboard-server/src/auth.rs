@@ -321,21 +321,25 @@ impl JwtVerifier {
         self.remote.as_ref().is_some_and(|r| r.would_refetch())
     }
 
-    /// Checks `token` as [`JwtVerifier::verify`] does, after fetching the JWKS
-    /// URL's keys again if the token names a key id they lack (at most once
-    /// per [`crate::jwks::REFETCH_GAP`]).
+    /// Checks `token` as [`JwtVerifier::verify`] does, and when no key it has
+    /// verifies it and it names a key id the JWKS URL's keys lack, again
+    /// after fetching them (at most once per [`crate::jwks::REFETCH_GAP`]).
+    /// A token a configured key verifies waits for no fetch.
     pub async fn verify_fresh(
         &self,
         token: &str,
         metrics: &Arc<Metrics>,
     ) -> Result<Identity, TokenError> {
-        if let (Some(remote), Ok(header)) = (&self.remote, decode_header(token))
+        let verified = self.verify(token);
+        if let Err(TokenError::UnknownKey | TokenError::BadSignature) = verified
+            && let (Some(remote), Ok(header)) = (&self.remote, decode_header(token))
             && let Some(kid) = &header.kid
             && !remote.has(kid)
         {
             remote.refetch_for(kid, metrics).await;
+            return self.verify(token);
         }
-        self.verify(token)
+        verified
     }
 
     /// Checks `token` and returns who it names.
@@ -356,6 +360,9 @@ impl JwtVerifier {
         for key in candidates {
             match decode::<Claims>(token, &key.key, &self.validation(key.algorithm)) {
                 Ok(data) => return identity(data.claims),
+                // A key that cannot verify this algorithm (an EC key of
+                // another curve) is not the one: the next may be.
+                Err(e) if is_unusable_key(&e) => continue,
                 Err(e) => last = token_error(e),
             }
             if last != TokenError::BadSignature {
@@ -399,6 +406,14 @@ fn identity(claims: Claims) -> Result<Identity, TokenError> {
         expires_at: claims.exp,
         permissions,
     })
+}
+
+fn is_unusable_key(error: &jsonwebtoken::errors::Error) -> bool {
+    use jsonwebtoken::errors::ErrorKind;
+    matches!(
+        error.kind(),
+        ErrorKind::InvalidEcdsaKey | ErrorKind::InvalidRsaKey(_) | ErrorKind::InvalidKeyFormat
+    )
 }
 
 fn token_error(error: jsonwebtoken::errors::Error) -> TokenError {

@@ -330,3 +330,30 @@ async fn an_https_issuer_is_trusted_through_a_private_ca() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test]
+async fn a_token_a_configured_key_verifies_waits_for_no_fetch() {
+    let (issuer, addr) = issuer(key_set("key-1")).await;
+    let public = keys_dir().join("rsa_public.pem");
+    let server = start(
+        &format!("http://{addr}/keys"),
+        &["--jwt-public-key", public.to_str().unwrap()],
+    );
+    until("the first fetch", async || issuer.requests() == 1).await;
+    // Signed with the PEM key, naming a key id the set lacks (an issuer's
+    // own scheme): the PEM key verifies it, so the set is not fetched again.
+    assert!(connects(&server, &token("ann", "not-in-the-set")).await);
+    assert_eq!(
+        issuer.requests(),
+        1,
+        "no fetch for a token already verified"
+    );
+    // A token no key verifies (ES256, which neither has) still is fetched for.
+    let pem = std::fs::read(keys_dir().join("ec_private.pem")).unwrap();
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("key-9".into());
+    let claims = json!({"sub": "bob", "exp": get_current_timestamp() + 60});
+    let es = encode(&header, &claims, &EncodingKey::from_ec_pem(&pem).unwrap()).unwrap();
+    assert!(!connects(&server, &es).await);
+    assert_eq!(issuer.requests(), 2);
+}

@@ -233,6 +233,26 @@ fn keys_of_a_jwks_that_cannot_be_used_are_skipped_not_fatal() {
 }
 
 #[test]
+fn an_ec_key_of_another_curve_does_not_stop_the_p256_key_verifying() {
+    let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p384.pem");
+    std::fs::write(&path, p384.public_key_pem()).unwrap();
+    let ec_private = std::fs::read(keys_dir().join("ec_private.pem")).unwrap();
+    let es = encode(
+        &Header::new(Algorithm::ES256),
+        &json!({"sub": "7", "exp": now() + 60}),
+        &EncodingKey::from_ec_pem(&ec_private).unwrap(),
+    )
+    .unwrap();
+    let both = verifier(JwtConfig {
+        public_keys: vec![path, keys_dir().join("ec_public.pem")],
+        ..JwtConfig::default()
+    });
+    assert_eq!(&*both.verify(&es).unwrap().client, "7");
+}
+
+#[test]
 fn a_token_whose_exp_has_a_fraction_is_read_as_whole_seconds() {
     let exp = now() + 60;
     let token = hs256(json!({"sub": "42", "exp": exp as f64 + 0.75}));
