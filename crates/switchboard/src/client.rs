@@ -116,9 +116,13 @@ impl Connector {
 
     /// The TLS configuration for `wss://` URLs: its root certificates decide
     /// which servers are trusted. Without one, `wss://` fails with
-    /// [`ConnectError::TlsNotConfigured`].
+    /// [`ConnectError::TlsNotConfigured`]. Its ALPN list is replaced by
+    /// `http/1.1` alone: a config shared with an HTTP client may offer `h2`,
+    /// and a server that chose it could not take the upgrade.
     pub fn tls(mut self, config: Arc<rustls::ClientConfig>) -> Self {
-        self.tls = Some(config);
+        let mut config = Arc::unwrap_or_clone(config);
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        self.tls = Some(Arc::new(config));
         self
     }
 
@@ -515,6 +519,17 @@ mod tests {
             };
             assert!(why.contains(reason), "{url}: {why}");
         }
+    }
+
+    #[test]
+    fn a_tls_config_offers_http_1_1_alone() {
+        let mut config = rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let connector = Connector::new().tls(Arc::new(config));
+        let alpn = &connector.tls.as_ref().unwrap().alpn_protocols;
+        assert_eq!(alpn, &[b"http/1.1".to_vec()]);
     }
 
     #[test]
