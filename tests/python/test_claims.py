@@ -357,7 +357,7 @@ async def test_byte_rate_burst_then_rate_limited_then_1008_after_the_strikes(sta
 async def test_a_sender_over_the_byte_rate_is_closed_whatever_it_sends_in_between(start_server):
     """A refused message was read all the same: it is charged, and pongs do not
     start the strike count again. So a client that sends big messages over the
-    rate with pongs (or small messages) in between, which once reset its strikes
+    rate with pongs (or small or binary messages) in between, which once reset its strikes
     for ever while the server read many times its byte rate, is closed with 1008
     after a few refusals."""
     server = start_server(*BYTE_LIMITS)
@@ -368,25 +368,28 @@ async def test_a_sender_over_the_byte_rate_is_closed_whatever_it_sends_in_betwee
         with pytest.raises(ConnectionClosed) as closed:
             for _ in range(20):
                 errors.append(await recv_json(s))
-        assert all(e["type"] == "error" and e["code"] == "rate_limited" for e in errors), errors
+        codes = {"rate_limited", "binary_not_supported"}
+        assert all(e["type"] == "error" and e["code"] in codes for e in errors), errors
         return closed.value.rcvd
 
     async with client(server, "r", compression=None) as r:
-        for between in ("pong", "small"):
+        for offset, between in enumerate(("pong", "small", "binary"), start=1):
             async with client(server, "s", envelope=True, compression=None) as s:
                 await s.send(sized(1, 1500))
-                await expect_ack(s, 1, offset=1 if between == "pong" else 2)
+                await expect_ack(s, 1, offset=offset)
                 with contextlib.suppress(ConnectionClosed):
                     for i in range(2, 12):
                         await s.send(sized(i, 1500))
                         if between == "pong":
                             await s.pong(b"")
+                        elif between == "binary":
+                            await s.send(b"x")
                         else:
                             await s.send(sized(100 + i, 60))
                         await asyncio.sleep(0.05)
                 rcvd = await until_closed(s)
                 assert rcvd is not None and rcvd.code == 1008, rcvd
-        assert [json.loads(await recv(r))["n"] for _ in range(2)] == [1, 1]
+        assert [json.loads(await recv(r))["n"] for _ in range(3)] == [1, 1, 1]
         await nothing_before_marker(server, r, "r")
 
 

@@ -248,6 +248,14 @@ async def test_client_events_need_a_token_that_may_send_to_every_id(cluster):
             else:
                 assert (got["type"], got["id"], got["code"]) == ("error", 1, "forbidden"), got
                 assert "send" in got["message"], got
+    # A refresh to a token that may send to some ids only ends the subscription.
+    async with client(None, "u4", envelope=True, uri=f"ws://127.0.0.1:{node.port}/ws", **bearer(token("u4", ["*"]))) as ws:
+        await ws.send(json.dumps({"type": "subscribe", "topic": "$clients", "id": 1}))
+        assert (await recv_json(ws))["type"] == "ack"
+        await ws.send(json.dumps({"type": "refresh", "token": token("u4", ["support"]), "id": 2}))
+        ended = await recv_json(ws)
+        assert (ended["type"], ended["topic"], ended["code"]) == ("unsubscribed", "$clients", "forbidden"), ended
+        assert await recv_json(ws) == {"type": "ack", "id": 2}
 
 
 @async_test

@@ -457,8 +457,13 @@ UPGRADE = {
 
 @pytest.mark.parametrize(
     "elsewhere",
-    [{"X-Forwarded-For": "203.0.113.9"}, {"Forwarded": "for=203.0.113.9"}, {"Host": "rebound.example:4000"}],
-    ids=["x-forwarded-for", "forwarded", "host"],
+    [
+        {"X-Forwarded-For": "203.0.113.9"},
+        {"Forwarded": "for=203.0.113.9"},
+        {"Host": "rebound.example:4000"},
+        {"Origin": "https://another.example"},
+    ],
+    ids=["x-forwarded-for", "forwarded", "host", "origin"],
 )
 def test_without_credentials_a_loopback_listener_serves_this_host_only(start_server, elsewhere):
     """With no tokens and no API keys, a loopback listener takes ids chosen by

@@ -656,8 +656,9 @@ impl<'de> Deserialize<'de> for Fields {
     }
 }
 
-/// Checks every operation first: if one is invalid the request fails with 400
-/// naming it, and none runs. Then runs them in order.
+/// Checks every operation first: if one is refused the request fails with
+/// its status (400, or 403 for a publish to `$clients`) naming it, and none
+/// runs. Then runs them in order.
 async fn batch(
     State(api): State<Api>,
     ApiJson(request): ApiJson<BatchRequest>,

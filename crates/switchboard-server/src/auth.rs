@@ -26,6 +26,7 @@ use switchboard::ClientId;
 use crate::ids;
 use crate::jwks::{JwksUrl, RemoteKeys};
 use crate::metrics::Metrics;
+use crate::topics::CLIENT_EVENTS;
 
 /// A `*` glob over topic names or client ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,9 +83,12 @@ impl Permissions {
             .is_none_or(|patterns| patterns.iter().any(|p| p.matches(name)))
     }
 
-    /// May the client subscribe to `topic`?
+    /// May the client subscribe to `topic`? The client events
+    /// ([`CLIENT_EVENTS`]) tell every id's status, so they need `send` to
+    /// allow every id as well, as a `status` of every id would.
     pub fn may_subscribe(&self, topic: &str) -> bool {
         self.allows(|lists| &lists.subscribe, topic)
+            && (topic != CLIENT_EVENTS || self.may_send_to_anyone())
     }
 
     /// May the client publish to `topic`?
@@ -99,7 +103,7 @@ impl Permissions {
 
     /// May the client send to every id (no `send` list, or a `*` in it)?
     /// No id holds a `*`, so only a pattern of stars alone matches the text.
-    pub fn may_send_to_anyone(&self) -> bool {
+    fn may_send_to_anyone(&self) -> bool {
         self.allows(|lists| &lists.send, "*")
     }
 }
@@ -172,7 +176,8 @@ struct Claims {
     switchboard: Option<PermissionClaims>,
 }
 
-/// A NumericDate as whole seconds (a fraction dropped).
+/// A NumericDate as whole seconds, rounded as the JWT library rounds it when
+/// it checks the token: the connection's expiry is the one it checked.
 fn whole_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     let Some(number) = Option::<serde_json::Number>::deserialize(d)? else {
         return Ok(None);
@@ -180,7 +185,7 @@ fn whole_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, 
     let whole = number.as_u64().or_else(|| {
         let float = number.as_f64()?;
         // Saturating: a date past u64 is as good as never.
-        (float >= 0.0).then(|| float.floor() as u64)
+        (float >= 0.0).then(|| float.round() as u64)
     });
     whole
         .map(Some)

@@ -9,7 +9,8 @@ use crate::hub::ClientLimits;
 /// refused message is charged too, down to two seconds' worth of debt: it
 /// was read all the same, and a client that sends over the rate must not get
 /// its reading for free while small messages in between reset its strikes.
-/// Only accepted messages (not pings or pongs) reset the strikes. The rates
+/// Only accepted text messages (not pings, pongs or the binary messages the
+/// relay refuses) reset the strikes. The rates
 /// live once in [`ClientLimits`]; each connection keeps only its levels (40
 /// bytes of every connection, idle or not).
 #[derive(Debug, Clone)]
@@ -24,14 +25,15 @@ pub struct RateLimiter {
     strikes: u32,
 }
 
-/// What is being checked: a message, or a ping or pong (which counts against
-/// the rates but, accepted, does not reset the strikes).
+/// What is being checked: a message the relay acts on, or a frame it does
+/// not (a ping, a pong, a binary message it refuses), which counts against
+/// the rates but, accepted, does not reset the strikes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Frame {
-    /// A text or binary message.
+    /// A text message.
     Message,
-    /// A ping or pong.
-    Control,
+    /// A ping, a pong or a binary message.
+    Other,
 }
 
 /// What to do with a message.
@@ -188,9 +190,9 @@ mod tests {
         };
         assert_eq!(check(Frame::Message, 150, 0), Verdict::Accept);
         assert_eq!(check(Frame::Message, 150, 0), Verdict::Refuse);
-        assert_eq!(check(Frame::Control, 0, 1000), Verdict::Accept);
+        assert_eq!(check(Frame::Other, 0, 1000), Verdict::Accept);
         assert_eq!(check(Frame::Message, 150, 1000), Verdict::Refuse);
-        assert_eq!(check(Frame::Control, 0, 2500), Verdict::Accept);
+        assert_eq!(check(Frame::Other, 0, 2500), Verdict::Accept);
         assert_eq!(check(Frame::Message, 250, 2500), Verdict::Disconnect);
     }
 

@@ -5,18 +5,22 @@
 //! A loopback listener alone does not make a request local: a reverse proxy
 //! on the same host (the usual way to terminate TLS) relays the whole
 //! network's requests over loopback, and a web page whose name was rebound to
-//! 127.0.0.1 (DNS rebinding) reaches it from the user's browser. So a request
-//! that carries a proxy's forwarding headers, or names another host in
-//! `Host`, is not local.
+//! 127.0.0.1 (DNS rebinding), or any web page at all, reaches it from the
+//! user's browser. So a request that carries a proxy's forwarding headers,
+//! names another host in `Host`, or comes from a page of another site
+//! (`Origin`, which browsers send with every WebSocket handshake) is not
+//! local. A proxy that rewrites `Host` to loopback and adds nothing cannot be
+//! told from a local client: the docs say to configure credentials behind one.
 
 use axum::http::{HeaderMap, header};
 
 /// Headers that proxies add when they forward a request.
-const FORWARDING: [&str; 4] = [
+const FORWARDING: [&str; 5] = [
     "forwarded",
     "x-forwarded-for",
     "x-forwarded-host",
     "x-real-ip",
+    "via",
 ];
 
 /// `Ok` when `headers` show a request from this host; otherwise why not, to
@@ -25,13 +29,29 @@ pub fn from_this_host(headers: &HeaderMap) -> Result<(), String> {
     if let Some(name) = FORWARDING.iter().find(|name| headers.contains_key(**name)) {
         return Err(format!("was forwarded by a proxy (it carries {name})"));
     }
-    match headers.get(header::HOST).map(|host| host.to_str()) {
-        // HTTP/1.0 has no Host; a browser always sends one.
-        None => Ok(()),
-        Some(Ok(host)) if names_this_host(host) => Ok(()),
-        Some(Ok(host)) => Err(format!("names another host ({host:?}) in Host")),
-        Some(Err(_)) => Err("has a Host that is not text".into()),
+    // HTTP/1.0 has no Host; a browser always sends one.
+    if let Some(host) = headers.get(header::HOST) {
+        match host.to_str() {
+            Ok(host) if names_this_host(host) => {}
+            Ok(host) => return Err(format!("names another host ({host:?}) in Host")),
+            Err(_) => return Err("has a Host that is not text".into()),
+        }
     }
+    match headers.get(header::ORIGIN).map(|origin| origin.to_str()) {
+        None => Ok(()),
+        Some(Ok(origin)) if origin_on_this_host(origin) => Ok(()),
+        Some(Ok(origin)) => Err(format!("comes from a page of another site ({origin:?})")),
+        Some(Err(_)) => Err("has an Origin that is not text".into()),
+    }
+}
+
+/// Whether a browser's `Origin` (`scheme://host[:port]`) is a page of this
+/// host; `null` (a file, a sandboxed frame) is not.
+fn origin_on_this_host(origin: &str) -> bool {
+    origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .is_some_and(names_this_host)
 }
 
 /// Whether a `Host` value (a name or address, with or without a port) names
@@ -97,6 +117,19 @@ mod tests {
         for name in FORWARDING {
             let refused = from_this_host(&headers(&[("host", "127.0.0.1"), (name, "1.2.3.4")]));
             assert!(refused.unwrap_err().contains(name), "{name}");
+        }
+        for origin in [
+            "http://127.0.0.1:4000",
+            "http://localhost:3000",
+            "https://[::1]",
+        ] {
+            let local = from_this_host(&headers(&[("host", "127.0.0.1:4000"), ("origin", origin)]));
+            assert_eq!(local, Ok(()), "{origin}");
+        }
+        for origin in ["https://evil.example", "null", "http://10.0.0.1"] {
+            let refused =
+                from_this_host(&headers(&[("host", "127.0.0.1:4000"), ("origin", origin)]));
+            assert!(refused.unwrap_err().contains("another site"), "{origin}");
         }
     }
 }

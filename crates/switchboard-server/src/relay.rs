@@ -568,25 +568,17 @@ impl Relay {
         }
     }
 
-    /// Refuses unless the token allows subscribing to `topic`. The client
-    /// events (`$clients`) tell every id's status, so they need `send` to
-    /// allow every id as well, as a `status` of every id would.
+    /// Refuses unless the token allows subscribing to `topic`.
     fn may_subscribe(&self, topic: &str) -> Result<(), Refusal> {
-        if !self.permissions.may_subscribe(topic) {
-            return Err((
-                ErrorCode::Forbidden,
-                format!("your token does not allow subscribing to {topic:?}"),
-            ));
+        if self.permissions.may_subscribe(topic) {
+            return Ok(());
         }
-        if topic == CLIENT_EVENTS && !self.permissions.may_send_to_anyone() {
-            return Err((
-                ErrorCode::Forbidden,
-                format!(
-                    "{CLIENT_EVENTS} tells every client id's status: your token's send claim must allow every id (\"*\")"
-                ),
-            ));
+        let mut message = format!("your token does not allow subscribing to {topic:?}");
+        if topic == CLIENT_EVENTS {
+            message += ": it tells every client id's status, so the token's send claim must \
+                        allow every id (\"*\") too";
         }
-        Ok(())
+        Err((ErrorCode::Forbidden, message))
     }
 
     fn targets<'t>(
@@ -760,12 +752,13 @@ impl Handler for Relay {
     }
 
     fn handle_in(&mut self, message: Message, ctx: &mut Context<'_, RelayInfo>) -> Outcome {
-        let len = match &message {
-            Message::Text(text) => text.len(),
-            Message::Binary(data) => data.len(),
-            _ => 0,
+        let (frame, len) = match &message {
+            Message::Text(text) => (Frame::Message, text.len()),
+            // Refused below: it counts, but starts no count of strikes again.
+            Message::Binary(data) => (Frame::Other, data.len()),
+            _ => (Frame::Other, 0),
         };
-        match self.limiter.check(&self.hub.limits, Frame::Message, len) {
+        match self.limiter.check(&self.hub.limits, frame, len) {
             Verdict::Accept => {}
             Verdict::Refuse => {
                 self.hub.metrics.rate_limited();
@@ -804,7 +797,7 @@ impl Handler for Relay {
             Message::Ping(data) | Message::Pong(data) => data.len(),
             _ => 0,
         };
-        match self.limiter.check(&self.hub.limits, Frame::Control, len) {
+        match self.limiter.check(&self.hub.limits, Frame::Other, len) {
             Verdict::Accept | Verdict::Refuse => Outcome::Continue,
             Verdict::Disconnect => Outcome::stop(CloseCode::POLICY, "rate limit exceeded"),
         }
