@@ -212,7 +212,9 @@ async fn identify(
 ) -> Result<Identity, Refused> {
     let Some(jwt) = &hub.jwt else {
         if hub.chosen_ids_from_this_host_only {
-            crate::local::from_this_host(headers).map_err(Refused::NotLocal)?;
+            // An origin the operator listed passed `origin_allowed` already.
+            let vetted = !hub.allowed_origins.is_empty();
+            crate::local::from_this_host(headers, vetted).map_err(Refused::NotLocal)?;
         }
         let Some(id) = query.get("id") else {
             return Err(Refused::BadRequest(
