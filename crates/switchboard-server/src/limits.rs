@@ -10,9 +10,9 @@ use crate::hub::ClientLimits;
 /// was read all the same, and a client that sends over the rate must not get
 /// its reading for free while small messages in between reset its strikes.
 /// Only accepted text messages (not pings, pongs or the binary messages the
-/// relay refuses) reset the strikes. The rates
-/// live once in [`ClientLimits`]; each connection keeps only its levels (40
-/// bytes of every connection, idle or not).
+/// relay refuses) reset the strikes. The rates live once in [`ClientLimits`];
+/// each connection keeps only its levels (40 bytes of every connection, idle
+/// or not).
 #[derive(Debug, Clone)]
 pub struct RateLimiter {
     /// Tokens in the message bucket.
