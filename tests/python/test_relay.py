@@ -447,14 +447,6 @@ def test_bad_id_is_400_with_plain_text_reason(server, query):
     assert "upgrade" not in {k.lower() for k in headers}
 
 
-UPGRADE = {
-    "Upgrade": "websocket",
-    "Connection": "Upgrade",
-    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-    "Sec-WebSocket-Version": "13",
-}
-
-
 @pytest.mark.parametrize(
     "elsewhere",
     [

@@ -58,21 +58,14 @@ local function append(kind, name, size, ttl, from, payload)
   return epoch, offset
 end
 
--- The stream's position, the time, and the entries after `since` (up to
--- `limit`), or the latest `limit` (newest first) when `since` is empty;
--- fewer once their fields pass `budget` bytes, but never none. Read in
--- chunks that grow, so that big entries pass the budget before many are held.
-local function read(kind, name, since, limit, budget)
-  local epoch, top = position(kind, name)
-  local entries = {}
-  if limit == 0 or (since ~= '' and tonumber(since) >= top) then
-    return { epoch, top, now_ms(), entries }
-  end
-  local skey, count, bytes = stream_key(kind, name), 8, 0
-  local newest = since == ''
-  local from = newest and '+' or (tonumber(since) + 1) .. '-0'
-  while #entries < limit do
-    local want = math.min(count, limit - #entries)
+-- Passes the entries of stream `skey` from `from` on (newest first with
+-- `newest`, from `+`), at most `limit`, to `take` until it returns false.
+-- Read in chunks that grow, so that big entries stop a caller's budget
+-- before many are held.
+local function scan(skey, from, newest, limit, take)
+  local count, seen = 8, 0
+  while seen < limit do
+    local want = math.min(count, limit - seen)
     local chunk
     if newest then
       chunk = redis.call('XREVRANGE', skey, from, '-', 'COUNT', want)
@@ -80,18 +73,41 @@ local function read(kind, name, since, limit, budget)
       chunk = redis.call('XRANGE', skey, from, '+', 'COUNT', want)
     end
     for _, entry in ipairs(chunk) do
-      local size = 0
-      for i = 2, #entry[2], 2 do size = size + #entry[2][i] end
-      if #entries > 0 and bytes + size > budget then
-        return { epoch, top, now_ms(), entries }
-      end
-      bytes = bytes + size
-      entries[#entries + 1] = entry
+      seen = seen + 1
+      if not take(entry) then return end
     end
-    if #chunk < want then break end
+    if #chunk < want then return end
     from = '(' .. chunk[#chunk][1]
     count = math.min(count * 2, 1024)
   end
+end
+
+-- An entry's bytes, as budgets count them: its fields' values.
+local function size_of(entry)
+  local size = 0
+  for i = 2, #entry[2], 2 do size = size + #entry[2][i] end
+  return size
+end
+
+-- The stream's position, the time, and the entries after `since` (up to
+-- `limit`), or the latest `limit` (newest first) when `since` is empty;
+-- fewer once their fields pass `budget` bytes, but never none.
+local function read(kind, name, since, limit, budget)
+  local epoch, top = position(kind, name)
+  local entries = {}
+  if limit == 0 or (since ~= '' and tonumber(since) >= top) then
+    return { epoch, top, now_ms(), entries }
+  end
+  local newest = since == ''
+  local from = newest and '+' or (tonumber(since) + 1) .. '-0'
+  local bytes = 0
+  scan(stream_key(kind, name), from, newest, limit, function(entry)
+    local size = size_of(entry)
+    if #entries > 0 and bytes + size > budget then return false end
+    bytes = bytes + size
+    entries[#entries + 1] = entry
+    return true
+  end)
   return { epoch, top, now_ms(), entries }
 end
 
@@ -100,31 +116,22 @@ end
 -- its budget; so that one it would refuse moves no entries, this answers
 -- none under another epoch, for more missed than `limit`, when the stream no
 -- longer holds the entry right after `since`, or once the entries' fields
--- pass `budget` bytes (fewer than the node counts of their frames). Read in
--- chunks that grow, so that big entries pass the budget before many are held.
+-- pass `budget` bytes (fewer than the node counts of their frames).
 local function resume(kind, name, since, since_epoch, limit, budget)
   local epoch, top = position(kind, name)
-  local entries = {}
   since = tonumber(since)
   if since_epoch ~= epoch or since >= top or top - since > limit then
-    return { epoch, top, now_ms(), entries }
+    return { epoch, top, now_ms(), {} }
   end
-  local skey, from, count, bytes = stream_key(kind, name), (since + 1) .. '-0', 8, 0
-  while #entries < limit do
-    local want = math.min(count, limit - #entries)
-    local chunk = redis.call('XRANGE', skey, from, '+', 'COUNT', want)
-    if #entries == 0 and #chunk > 0 and chunk[1][1] ~= (since + 1) .. '-0' then
-      return { epoch, top, now_ms(), {} }
-    end
-    for _, entry in ipairs(chunk) do
-      for i = 2, #entry[2], 2 do bytes = bytes + #entry[2][i] end
-      if bytes > budget then return { epoch, top, now_ms(), {} } end
-      entries[#entries + 1] = entry
-    end
-    if #chunk < want then break end
-    from = '(' .. chunk[#chunk][1]
-    count = math.min(count * 2, 1024)
-  end
+  local first = (since + 1) .. '-0'
+  local entries, bytes, whole = {}, 0, true
+  scan(stream_key(kind, name), first, false, limit, function(entry)
+    bytes = bytes + size_of(entry)
+    whole = (#entries > 0 or entry[1] == first) and bytes <= budget
+    if whole then entries[#entries + 1] = entry end
+    return whole
+  end)
+  if not whole then entries = {} end
   return { epoch, top, now_ms(), entries }
 end
 
