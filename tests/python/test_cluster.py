@@ -88,6 +88,26 @@ def proxied(cluster):
         redis.stop()
 
 
+@contextlib.contextmanager
+def node_behind_a_proxy(lease=10):
+    """One node on a Redis of its own, reached through a TCP proxy the test
+    can hold: yields (redis, proxy, node). The default lease outlasts the
+    link's 3 s timeout, so a held call does not get the node reaped."""
+    redis = Redis()
+    proxy = Proxy(redis.port)
+    node = None
+    try:
+        node = Node(("--engine", "redis", "--redis-url", proxy.url, "--node-lease-secs", str(lease)))
+        wait_until(lambda: healthz(node) == 200, "the node never became ready")
+        yield redis, proxy, node
+    finally:
+        if node is not None:
+            node.stop()
+            node.stderr.close()
+        proxy.stop()
+        redis.stop()
+
+
 def url(node, client_id, since=None):
     query = f"id={client_id}" + (f"&since={since[0]}:{since[1]}" if since else "")
     return f"ws://127.0.0.1:{node.port}/ws?{query}"
@@ -668,25 +688,13 @@ async def test_a_raw_send_redis_never_answers_is_refused_with_its_id():
     """docs/protocol.md: errors carry the message's id in raw mode too. A send
     whose call Redis never answers fails when the link gives up on it (3 s),
     and that error names the id as one refused at once does."""
-    redis = Redis()
-    proxy = Proxy(redis.port)
-    node = None
-    try:
-        # The lease outlasts the 3 s the link waits, so the node is not reaped.
-        node = Node(("--engine", "redis", "--redis-url", proxy.url, "--node-lease-secs", "10"))
-        wait_until(lambda: healthz(node) == 200, "the node never became ready")
+    with node_behind_a_proxy() as (_, proxy, node):
         async with client(None, "r", uri=url(node, "r")) as r:
             proxy.hold(b"\r\nsend\r\n")
             await r.send('{"id":"x1","targets":["r"],"payload":1}')
             err = await recv_json(r, timeout=10)
             assert (err["type"], err["code"], err["id"]) == ("error", "unavailable", "x1"), err
         proxy.release()
-    finally:
-        if node:
-            node.stop()
-            node.stderr.close()
-        proxy.stop()
-        redis.stop()
 
 
 def resp(sock, *args):
@@ -1107,12 +1115,7 @@ async def test_a_connect_that_reaches_redis_after_its_leave_counts_nothing():
     connection slot, for as long as the node lived. The lease outlasts the
     link's 3 s timeout here, so the node is not reaped meanwhile (which
     would refuse the late connect for another reason)."""
-    redis = Redis()
-    proxy = Proxy(redis.port)
-    node = None
-    try:
-        node = Node(("--engine", "redis", "--redis-url", proxy.url, "--node-lease-secs", "10"))
-        wait_until(lambda: healthz(node) == 200, "the node never became ready")
+    with node_behind_a_proxy() as (redis, proxy, node):
         proxy.hold(b"\r\nconnect\r\n")
         with pytest.raises(InvalidStatus) as refused:
             async with client(None, "a", envelope=True, uri=url(node, "a")):
@@ -1129,12 +1132,6 @@ async def test_a_connect_that_reaches_redis_after_its_leave_counts_nothing():
             assert redis.cli("HGET", "sb:clients", "a") == "", "counted after its leave"
             time.sleep(0.05)
         assert api(node, "GET", "/api/v1/clients/a")[1]["online"] is False
-    finally:
-        if node is not None:
-            node.stop()
-            node.stderr.close()
-        proxy.stop()
-        redis.stop()
 
 
 @async_test
