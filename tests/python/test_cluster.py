@@ -684,6 +684,43 @@ async def test_a_subscribe_called_off_while_it_waits_is_answered_when_refused(cl
 
 
 @async_test
+async def test_a_subscribe_sent_again_while_the_first_waits_gets_the_first_ones_outcome(cluster):
+    """The same subscribe, sent again while the first waits for Redis, is
+    answered with the first's outcome, after it: it was acked at once, and
+    so told a client it was subscribed to a topic the first then found full.
+    Redis is slowed behind a proxy so that both are sent before it answers."""
+    config = config_file('[[namespaces]]\nprefix = "chat:"\nmax_subscribers = 1\n')
+    redis = Redis()
+    proxy = Proxy(redis.port)
+    try:
+        c = cluster(1, redis=redis, extra=("--config", config))
+        slow = c.start_node(proxy.url)
+        c.nodes.append(slow)
+        async with client(None, "a", envelope=True, uri=url(c.nodes[0], "a")) as a:
+            await a.send(json.dumps({"type": "subscribe", "topic": "chat:full", "id": 1}))
+            assert (await recv_json(a))["type"] == "ack"
+            async with client(None, "b", envelope=True, uri=url(slow, "b")) as b:
+                proxy.delay(0.3)
+                for id_, topic in [(1, "chat:full"), (2, "chat:full"), (3, "chat:open"), (4, "chat:open")]:
+                    await b.send(json.dumps({"type": "subscribe", "topic": topic, "id": id_}))
+                got = [await recv_json(b) for _ in range(4)]
+                proxy.delay(0)
+                answers = {m["id"]: (m["type"], m.get("code")) for m in got}
+                assert answers == {1: ("error", "topic_full"), 2: ("error", "topic_full"),
+                                   3: ("ack", None), 4: ("ack", None)}, got
+                # Each after the first it repeats.
+                assert [m["id"] for m in got if m["id"] in (1, 2)] == [1, 2], got
+                assert [m["id"] for m in got if m["id"] in (3, 4)] == [3, 4], got
+                # Subscribed once: one publish, one delivery.
+                assert api(c.nodes[0], "POST", "/api/v1/publish", {"topic": "chat:open", "payload": "x"})[0] == 200
+                assert (await recv_json(b))["payload"] == "x"
+                await nothing_before_marker(c, b, "b")
+    finally:
+        proxy.stop()
+        redis.stop()
+
+
+@async_test
 async def test_a_raw_send_redis_never_answers_is_refused_with_its_id():
     """docs/protocol.md: errors carry the message's id in raw mode too. A send
     whose call Redis never answers fails when the link gives up on it (3 s),

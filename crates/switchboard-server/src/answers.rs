@@ -41,6 +41,12 @@ impl Answers {
         Outcome::Continue
     }
 
+    /// Sends `text` through `outbox`, behind the answers still waiting: for
+    /// answers that must follow what the handler pushed through it.
+    pub(crate) fn send(&self, outbox: &Outbox, text: String) {
+        self.in_turn(outbox, text, None);
+    }
+
     /// Sends `text` as [`Self::reply`] does, then runs `then`, whose frames
     /// must follow it. Behind answers that wait, both wait: the queue's task
     /// pushes the answer and runs `then`.

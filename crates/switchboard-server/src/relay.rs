@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::value::RawValue;
 use switchboard::{
-    ClientId, CloseCode, ConnHandle, Context, Handler, Message, Outbox, Outcome, Registration,
-    SubscribeError, TerminateReason, TimerRef,
+    ClientId, CloseCode, ConnHandle, Context, Handler, Held, Message, Outbox, Outcome,
+    Registration, SubscribeError, TerminateReason, TimerRef,
 };
 
 use crate::answers::Answers;
@@ -252,12 +252,28 @@ impl Relay {
         inbound: &Inbound<'_>,
         ctx: &mut Context<'_, RelayInfo>,
     ) -> Result<Option<String>, Refusal> {
-        let (topic, namespace) = self.topic(inbound)?;
+        // Its own handle on the hub: the namespace is read while the topics change.
+        let hub = Arc::clone(&self.hub);
+        let topic = required(inbound.topic.as_deref(), "topic")?;
+        let namespace = hub.namespaces.check(topic)?;
         self.may_subscribe(topic)?;
-        let topics = self.topics.as_deref();
-        if topics.is_some_and(|topics| topics.has(topic)) {
-            return Ok(self.acked(inbound, |id| wire::ack(id, Some(topic))));
+        let id = self.ack_id(inbound);
+        if let Some(topics) = self.topics.as_deref_mut() {
+            if topics.subscribed.contains_key(topic) {
+                return Ok(id.map(|id| wire::ack(id, Some(topic))));
+            }
+            if let Some(&attempt) = topics.joining.get(topic) {
+                // Answered with the waiting subscribe's outcome, when it
+                // comes: acked now, it would be wrong if that one is refused.
+                if let Some(id) = id {
+                    let held = ctx.handle().outbox().hold(self.handling as usize);
+                    let again = topics.again.entry(attempt).or_default();
+                    again.push((id.to_owned(), held));
+                }
+                return Ok(None);
+            }
         }
+        let topics = self.topics.as_deref();
         if topics.map_or(0, Topics::len) >= self.hub.limits.max_topics {
             let message = format!(
                 "at most {} topics per connection",
@@ -275,7 +291,6 @@ impl Relay {
             history: namespace.history(),
             since,
         });
-        let id = self.ack_id(inbound);
         if let Some(result) = pending.ready_now() {
             return self.subscribed(&ctx.handle().outbox(), topic, result, id);
         }
@@ -293,7 +308,7 @@ impl Relay {
                 id,
                 result,
             };
-            let _ = handle.send(info);
+            let _ = handle.send_own(info);
         });
         Ok(None)
     }
@@ -360,6 +375,52 @@ impl Relay {
             }
         }
         Ok(id.map(|id| wire::ack(id, Some(&topic))))
+    }
+
+    /// The engine's answer to a subscribe that waited: kept, or let go if the
+    /// subscribe was called off while it waited (then it is answered as it
+    /// would have been). The same subscribe sent again meanwhile gets the
+    /// same outcome, after it.
+    fn on_subscribed(
+        &mut self,
+        outbox: &Outbox,
+        topic: Arc<str>,
+        attempt: u64,
+        id: Option<Box<RawValue>>,
+        result: Result<Subscribed, SubscribeRefused>,
+    ) -> Outcome {
+        let (live, again) = self
+            .topics
+            .as_deref_mut()
+            .map_or_else(Default::default, |topics| {
+                let again = topics.again.remove(&attempt).unwrap_or_default();
+                (topics.answered(&topic, attempt), again)
+            });
+        let outcome = if live {
+            self.subscribed(outbox, topic.clone(), result, id.as_deref())
+        } else {
+            match &result {
+                Err(refused) => refusal(&topic, refused).map_or(Ok(()), Err),
+                Ok(_) => Ok(()),
+            }
+            .map(|()| id.as_deref().map(|id| wire::ack(id, Some(&topic))))
+        };
+        let (first, refused) = match outcome {
+            Ok(reply) => (reply, None),
+            Err(refusal) => {
+                let error = self.refusal_text(&refusal, id.as_deref());
+                (Some(error), Some(refusal))
+            }
+        };
+        let again = again.into_iter().map(|(id, _held)| match &refused {
+            Some(refusal) => self.refusal_text(refusal, Some(&id)),
+            None => wire::ack(&id, Some(&topic)),
+        });
+        // Through the outbox, as a subscription's start goes: behind it.
+        for text in first.into_iter().chain(again) {
+            self.answers.send(outbox, text);
+        }
+        Outcome::Continue
     }
 
     fn unsubscribe(&mut self, inbound: &Inbound<'_>) -> Result<Option<String>, Refusal> {
@@ -621,9 +682,14 @@ impl Relay {
         self.ack_id(inbound).map(ack)
     }
 
-    fn refuse(&self, (code, message): Refusal, id: Option<&RawValue>) -> Outcome {
+    fn refuse(&self, refusal: Refusal, id: Option<&RawValue>) -> Outcome {
+        self.answers.reply(self.refusal_text(&refusal, id))
+    }
+
+    /// The error frame's text for `refusal` of the message `id`.
+    fn refusal_text(&self, (code, message): &Refusal, id: Option<&RawValue>) -> String {
         tracing::debug!(client = %self.id, ?code, message, "refused a client message");
-        self.answers.reply(wire::error(code, &message, id))
+        wire::error(*code, message, id)
     }
 }
 
@@ -670,15 +736,13 @@ struct Topics {
     /// Each with the number of its attempt: an answer to an attempt called
     /// off (unsubscribed, then subscribed again) is told from the new one's.
     joining: HashMap<Arc<str>, u64>,
+    /// The ids of subscribes sent again while an attempt waited, by attempt:
+    /// each held against the outbound budget until it is answered.
+    again: HashMap<u64, Vec<(Box<RawValue>, Held)>>,
     attempts: u64,
 }
 
 impl Topics {
-    /// Subscribed, or about to be.
-    fn has(&self, topic: &str) -> bool {
-        self.subscribed.contains_key(topic) || self.joining.contains_key(topic)
-    }
-
     /// How many topics count against the connection's limit.
     fn len(&self) -> usize {
         self.subscribed.len() + self.joining.len()
@@ -814,27 +878,7 @@ impl Handler for Relay {
                 attempt,
                 id,
                 result,
-            } => {
-                let topics = self.topics.as_deref_mut();
-                if !topics.is_some_and(|topics| topics.answered(&topic, attempt)) {
-                    // Unsubscribed while it waited: the subscription goes now,
-                    // and the subscribe is answered as it would have been.
-                    if let Err(refused) = &result
-                        && let Some(refusal) = refusal(&topic, refused)
-                    {
-                        return self.refuse(refusal, id.as_deref());
-                    }
-                    return match id {
-                        Some(id) => self.answers.reply(wire::ack(&id, Some(&topic))),
-                        None => Outcome::Continue,
-                    };
-                }
-                match self.subscribed(&ctx.handle().outbox(), topic, result, id.as_deref()) {
-                    Ok(Some(reply)) => self.answers.reply(reply),
-                    Ok(None) => Outcome::Continue,
-                    Err(refusal) => self.refuse(refusal, id.as_deref()),
-                }
-            }
+            } => self.on_subscribed(&ctx.handle().outbox(), topic, attempt, id, result),
         }
     }
 

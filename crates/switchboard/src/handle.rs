@@ -172,10 +172,25 @@ impl<I: Send + 'static> ConnHandle<I> {
         self.mailbox.send_info(info)
     }
 
+    /// Sends `info` as [`Self::send`] does, but never refuses it for a full
+    /// mailbox: for the connection's own follow-ups (a store's answer to a
+    /// request of its peer), which must not be lost. `mailbox_size` bounds
+    /// what others send; the caller bounds how many of these there can be
+    /// (holding what each stands for with [`Outbox::hold`], for instance).
+    ///
+    /// # Errors
+    ///
+    /// [`SendError::Closed`] when the connection has ended.
+    pub fn send_own(&self, info: I) -> Result<(), SendError<I>> {
+        self.mailbox.send_own_info(info)
+    }
+
     /// Sends `info` after `delay` (Elixir's `Process.send_after`). Dropping the
     /// [`TimerRef`] does not cancel it; [`TimerRef::cancel`] does. A message
-    /// that finds the connection gone, or its mailbox full, is dropped; a
-    /// pending timer does not keep an ended connection's mailbox alive.
+    /// that finds the connection gone is dropped; one that finds its mailbox
+    /// full is not (the handler set the timer: a token's expiry must come,
+    /// however busy the connection). A pending timer does not keep an ended
+    /// connection's mailbox alive.
     ///
     /// # Panics
     ///
@@ -213,7 +228,7 @@ impl<I: Send + 'static> ConnHandle<I> {
             tokio::time::sleep(delay).await;
             // The connection may be gone by now; then the message has no one to go to.
             if let Some(mailbox) = mailbox.upgrade() {
-                let _ = mailbox.send_info(info);
+                let _ = mailbox.send_own_info(info);
             }
         });
         TimerRef(task.abort_handle())

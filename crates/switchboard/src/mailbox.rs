@@ -211,11 +211,21 @@ impl<I> Mailbox<I> {
     }
 
     pub fn send_info(&self, info: I) -> Result<(), SendError<I>> {
+        self.queue_info(info, true)
+    }
+
+    /// Queues `info` past `mailbox_size`: the connection's own messages
+    /// (timers, answers to its own work), as many as its handler made.
+    pub fn send_own_info(&self, info: I) -> Result<(), SendError<I>> {
+        self.queue_info(info, false)
+    }
+
+    fn queue_info(&self, info: I, bounded: bool) -> Result<(), SendError<I>> {
         let mut state = self.lock();
         if state.closed {
             return Err(SendError::Closed(info));
         }
-        if state.infos.len() >= self.mailbox_size as usize {
+        if bounded && state.infos.len() >= self.mailbox_size as usize {
             return Err(SendError::Full(info));
         }
         state.infos.push_back(info);
@@ -502,6 +512,30 @@ mod tests {
         assert_eq!(replied.push(frame()), Err(PushError::SlowConsumer));
         assert!(replied.is_closed());
         assert_eq!(replied.reply(frame()), Err(PushError::Closed));
+    }
+
+    /// Regression: a relay's answer to its own subscribe, and its token's
+    /// expiry, were dropped when others had filled its mailbox (the
+    /// subscribe was never answered, the connection outlived its token).
+    #[tokio::test]
+    async fn the_connections_own_messages_pass_a_full_mailbox() {
+        let mailbox = std::sync::Arc::new(Mailbox::<u32>::new(
+            ConnId::next(),
+            &Options::default().mailbox_size(1),
+        ));
+        let handle = crate::ConnHandle::new(mailbox.clone());
+        assert!(handle.send(1).is_ok());
+        assert!(matches!(handle.send(2), Err(crate::SendError::Full(2))));
+        assert!(handle.send_own(3).is_ok());
+        let _timer = handle.send_after(4, std::time::Duration::ZERO);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let (infos, _) = mailbox.take_for_test();
+        assert_eq!(infos, [1, 3, 4]);
+        mailbox.shut();
+        assert!(matches!(
+            handle.send_own(5),
+            Err(crate::SendError::Closed(5))
+        ));
     }
 
     /// Regression: the drain that took a close left the mailbox open until
