@@ -83,7 +83,7 @@ async fn handshake(
     };
     let upgrade = upgrade
         .protocols([PROTOCOL])
-        .options(hub.options.clone())
+        .options(hub.options_for(slot.as_ref()))
         .shutdown(&hub.shutdown);
     let mode = Mode::for_protocol(upgrade.selected_protocol());
     // Every event of the connection carries these (docs/operations.md, "Logs").

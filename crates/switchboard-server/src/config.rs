@@ -15,6 +15,7 @@ use switchboard::proto::deflate::DeflateOptions;
 use switchboard::{CloseCode, Options, ReceiveBudget, SlowConsumerPolicy};
 
 use crate::auth::{ApiKeys, JwtConfig};
+use crate::peers::PeerLimit;
 use crate::tls::Certificate;
 use crate::topics::Namespace;
 
@@ -203,6 +204,17 @@ pub struct Settings {
         value_name = "BYTES"
     )]
     pub receive_budget_per_connection_bytes: Option<usize>,
+
+    /// Most of receive_budget_bytes the connections of one IP address may hold together (as
+    /// max_connections_per_ip counts them; not applied when that is 0); a connection that finds
+    /// its address's share spent is closed with 1013. 0: no share [default: a quarter of
+    /// receive_budget_bytes, at least receive_budget_per_connection_bytes]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_RECEIVE_BUDGET_PER_IP_BYTES",
+        value_name = "BYTES"
+    )]
+    pub receive_budget_per_ip_bytes: Option<usize>,
 
     /// Messages each client id's inbox keeps for it while it is offline (or to resume from) [default: 100]
     #[arg(long, env = "SWITCHBOARD_INBOX_SIZE", value_name = "N")]
@@ -447,6 +459,8 @@ pub struct Config {
     pub receive_budget_bytes: usize,
     /// Partly received bytes, one connection.
     pub receive_budget_per_connection_bytes: usize,
+    /// Partly received bytes, the connections of one IP address (0: no share).
+    pub receive_budget_per_ip_bytes: usize,
     /// WebSocket connections per IP address (0: no limit).
     pub max_connections_per_ip: usize,
     /// Messages per inbox.
@@ -537,6 +551,13 @@ impl Config {
                 .filter(|s| *s > 0)
                 .map(Duration::from_secs)
         };
+        let receive_budget_bytes = s.receive_budget_bytes.unwrap_or(256 << 20);
+        let receive_budget_per_connection_bytes = s.receive_budget_per_connection_bytes.unwrap_or(
+            s.max_message_size
+                .unwrap_or(1 << 20)
+                .saturating_mul(2)
+                .saturating_add(64 << 10),
+        );
         let config = Self {
             listen: s
                 .listen
@@ -562,13 +583,11 @@ impl Config {
             rate_limit_bytes_per_sec: s.rate_limit_bytes_per_sec.unwrap_or(1 << 20),
             rate_limit_strikes: s.rate_limit_strikes.unwrap_or(20).max(1),
             max_inflate_bytes_per_sec: s.max_inflate_bytes_per_sec.unwrap_or(2 << 20),
-            receive_budget_bytes: s.receive_budget_bytes.unwrap_or(256 << 20),
-            receive_budget_per_connection_bytes: s.receive_budget_per_connection_bytes.unwrap_or(
-                s.max_message_size
-                    .unwrap_or(1 << 20)
-                    .saturating_mul(2)
-                    .saturating_add(64 << 10),
-            ),
+            receive_budget_bytes,
+            receive_budget_per_connection_bytes,
+            receive_budget_per_ip_bytes: s
+                .receive_budget_per_ip_bytes
+                .unwrap_or((receive_budget_bytes / 4).max(receive_budget_per_connection_bytes)),
             max_connections_per_ip: s.max_connections_per_ip.unwrap_or(1000),
             inbox_size: s.inbox_size.unwrap_or(100),
             inbox_ttl: Duration::from_secs(s.inbox_ttl_secs.unwrap_or(600)),
@@ -697,6 +716,13 @@ impl Config {
         if config.receive_budget_bytes < config.receive_budget_per_connection_bytes {
             bail!("receive_budget_bytes must be at least receive_budget_per_connection_bytes");
         }
+        if (1..config.receive_budget_per_connection_bytes)
+            .contains(&config.receive_budget_per_ip_bytes)
+        {
+            bail!(
+                "receive_budget_per_ip_bytes must be 0 (no share) or at least receive_budget_per_connection_bytes"
+            );
+        }
         // Not 4001, the token's expiry; and not 4500 up, which clients
         // (the JS one among them) take as "do not reconnect".
         if !matches!(
@@ -759,12 +785,21 @@ impl Config {
     }
 
     /// A new budget for what connections hold of partly received data; the
-    /// server makes one and gives it to every connection.
+    /// server makes one and gives it to every connection (through its
+    /// address's share, when there are shares).
     pub fn receive_budget(&self) -> ReceiveBudget {
         ReceiveBudget::new(
             self.receive_budget_bytes,
             self.receive_budget_per_connection_bytes,
         )
+    }
+
+    /// The limit on connections per address, which gives each address its
+    /// share of `budget`.
+    pub fn peer_limit(&self, budget: &ReceiveBudget) -> Arc<PeerLimit> {
+        let shares = (self.receive_budget_per_ip_bytes > 0)
+            .then(|| (budget.clone(), self.receive_budget_per_ip_bytes));
+        PeerLimit::new(self.max_connections_per_ip, shares)
     }
 }
 
@@ -1031,6 +1066,20 @@ mod tests {
         );
         assert_eq!(config.max_inflate_bytes_per_sec, 2 << 20);
         assert_eq!(config.max_connections_per_ip, 1000);
+        assert_eq!(config.receive_budget_per_ip_bytes, 64 << 20);
+        let small = load(&["--receive-budget-bytes", &(5 << 20).to_string()]).unwrap();
+        assert_eq!(
+            small.receive_budget_per_ip_bytes, small.receive_budget_per_connection_bytes,
+            "a quarter, but room for one connection's share"
+        );
+        let share_too_small = load(&["--receive-budget-per-ip-bytes", "1000"]);
+        assert!(format!("{:#}", share_too_small.unwrap_err()).contains("per_ip"));
+        assert_eq!(
+            load(&["--receive-budget-per-ip-bytes", "0"])
+                .unwrap()
+                .receive_budget_per_ip_bytes,
+            0
+        );
         let config = load(&["--max-message-size", "1000"]).unwrap();
         assert_eq!(
             config.receive_budget_per_connection_bytes,

@@ -42,7 +42,7 @@ pub async fn echo(
     };
     match upgrade {
         Ok(upgrade) => upgrade
-            .options(hub.options.clone())
+            .options(hub.options_for(slot.as_ref()))
             .shutdown(&hub.shutdown)
             .on_upgrade(Echo { _peer: slot }),
         Err(e) => e.into_response(),

@@ -12,7 +12,7 @@ use crate::config::{EngineKind, MetricsAuth};
 use crate::engine::{Engine, InboxRetention, MemoryEngine, RedisEngine, RedisSettings, Traffic};
 use crate::idempotency::Idempotency;
 use crate::metrics::{Live, Metrics};
-use crate::peers::PeerLimit;
+use crate::peers::{PeerLimit, PeerSlot};
 use crate::snapshot::Loaded;
 use crate::topics::{Namespaces, PresenceEvents};
 
@@ -89,6 +89,16 @@ pub fn local_traffic(stats: &Stats, shutdown: &Shutdown, budget: &ReceiveBudget)
 }
 
 impl Hub {
+    /// The options of a connection that holds `slot` among its address's:
+    /// it holds what it partly receives against its address's share.
+    pub fn options_for(&self, slot: Option<&PeerSlot>) -> Options {
+        let share = slot.and_then(PeerSlot::receive_budget);
+        match share {
+            Some(share) => self.options.clone().receive_budget(Some(share.clone())),
+            None => self.options.clone(),
+        }
+    }
+
     /// The Prometheus text of this node's metrics. The engine's counts may
     /// wait for Redis; when Redis cannot be reached they are left out, and the
     /// node's own figures are still there: that is when they are wanted.
@@ -127,6 +137,7 @@ impl Hub {
         let metrics = Arc::new(Metrics::new());
         let pubsub = PubSub::with_listener(PresenceEvents(namespaces.clone()));
         let receive_budget = config.receive_budget();
+        let peers = config.peer_limit(&receive_budget);
         let options = config
             .connection_options()
             .stats(stats.clone())
@@ -193,7 +204,7 @@ impl Hub {
             shutdown,
             receive_budget,
             idempotency: Idempotency::default(),
-            peers: PeerLimit::new(config.max_connections_per_ip),
+            peers,
             metrics,
             metrics_auth: config.metrics_auth,
             closes: RecentCloses::default(),

@@ -1,7 +1,8 @@
 //! Connections per client IP address, so that one address cannot take every
-//! connection the server can hold (and the memory each may use). An IPv6
-//! address counts as its /64: one host is usually given a whole /64, and
-//! could otherwise take a fresh allowance from each of its addresses.
+//! connection the server can hold (and the memory each may use), nor the
+//! whole receive budget. An IPv6 address counts as its /64: one host is
+//! usually given a whole /64, and could otherwise take a fresh allowance from
+//! each of its addresses.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -11,12 +12,23 @@ use axum::Extension;
 use axum::extract::ConnectInfo;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use switchboard::ReceiveBudget;
 
-/// How many WebSocket connections each address holds, against a limit.
+/// How many WebSocket connections each address holds, against a limit, and
+/// each address's share of the receive budget.
 #[derive(Debug)]
 pub struct PeerLimit {
     max: usize,
-    counts: Mutex<HashMap<IpAddr, usize>>,
+    /// The budget, and the most of it one address's connections may hold.
+    shares: Option<(ReceiveBudget, usize)>,
+    peers: Mutex<HashMap<IpAddr, Peer>>,
+}
+
+/// One address's connections.
+#[derive(Debug)]
+struct Peer {
+    count: usize,
+    share: Option<ReceiveBudget>,
 }
 
 /// The address already holds as many connections as it may.
@@ -31,14 +43,26 @@ pub struct PeerFull {
 pub struct PeerSlot {
     limit: Arc<PeerLimit>,
     ip: IpAddr,
+    share: Option<ReceiveBudget>,
+}
+
+impl PeerSlot {
+    /// The address's share of the receive budget, for the connection to hold
+    /// what it partly received against.
+    pub fn receive_budget(&self) -> Option<&ReceiveBudget> {
+        self.share.as_ref()
+    }
 }
 
 impl PeerLimit {
-    /// At most `max` connections per address; 0 is no limit.
-    pub fn new(max: usize) -> Arc<Self> {
+    /// At most `max` connections per address; 0 is no limit. With `shares`
+    /// (a budget, and at most how much of it), each address's connections get
+    /// a share of the budget (none without a limit: no address is tracked).
+    pub fn new(max: usize, shares: Option<(ReceiveBudget, usize)>) -> Arc<Self> {
         Arc::new(Self {
             max,
-            counts: Mutex::new(HashMap::new()),
+            shares,
+            peers: Mutex::new(HashMap::new()),
         })
     }
 
@@ -51,15 +75,19 @@ impl PeerLimit {
             return Ok(None);
         }
         let ip = counted_as(ip);
-        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        let count = counts.entry(ip).or_insert(0);
-        if *count >= self.max {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let peer = peers.entry(ip).or_insert_with(|| Peer {
+            count: 0,
+            share: (self.shares.as_ref()).map(|(budget, share)| budget.peer_share(*share)),
+        });
+        if peer.count >= self.max {
             return Err(PeerFull { max: self.max });
         }
-        *count += 1;
+        peer.count += 1;
         Ok(Some(PeerSlot {
             limit: self.clone(),
             ip,
+            share: peer.share.clone(),
         }))
     }
 
@@ -78,8 +106,8 @@ impl PeerLimit {
 
     /// Connections `ip` holds now.
     pub fn count(&self, ip: IpAddr) -> usize {
-        let counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
-        counts.get(&counted_as(ip)).copied().unwrap_or(0)
+        let peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        peers.get(&counted_as(ip)).map_or(0, |peer| peer.count)
     }
 }
 
@@ -103,17 +131,18 @@ impl IntoResponse for PeerFull {
 
 impl Drop for PeerSlot {
     fn drop(&mut self) {
-        let mut counts = self
+        let mut peers = self
             .limit
-            .counts
+            .peers
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = counts.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
+        if let Some(peer) = peers.get_mut(&self.ip) {
+            peer.count -= 1;
+            if peer.count == 0 {
                 // No entry per address ever seen: the map stays as large as the
-                // set of addresses connected now.
-                counts.remove(&self.ip);
+                // set of addresses connected now. (The share goes with its last
+                // connection, which held nothing by now but this slot's clone.)
+                peers.remove(&self.ip);
             }
         }
     }
@@ -125,7 +154,7 @@ mod tests {
 
     #[test]
     fn the_addresses_of_one_ipv6_64_count_together() {
-        let limit = PeerLimit::new(2);
+        let limit = PeerLimit::new(2, None);
         let one: IpAddr = "2001:db8:1:2::1".parse().unwrap();
         let two: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
         let _held = [limit.admit(one).unwrap(), limit.admit(two).unwrap()];
@@ -139,7 +168,7 @@ mod tests {
 
     #[test]
     fn an_address_holds_at_most_max_and_gets_its_places_back() {
-        let limit = PeerLimit::new(2);
+        let limit = PeerLimit::new(2, None);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let mapped = IpAddr::V6(Ipv6Addr::from(0xffff_0a00_0001_u128));
         let first = limit.admit(a).unwrap().unwrap();
@@ -154,12 +183,49 @@ mod tests {
         let third = limit.admit(a).unwrap();
         drop((second, third));
         assert_eq!(limit.count(a), 0);
-        assert!(limit.counts.lock().unwrap().get(&a).is_none());
+        assert!(limit.peers.lock().unwrap().get(&a).is_none());
+    }
+
+    #[test]
+    fn each_address_holds_against_a_share_of_its_own() {
+        let budget = ReceiveBudget::new(100, 40);
+        let limit = PeerLimit::new(3, Some((budget.clone(), 50)));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let slots = [
+            limit.admit(a),
+            limit.admit(a),
+            limit.admit("10.0.0.2".parse().unwrap()),
+        ];
+        let shares: Vec<_> = slots
+            .iter()
+            .map(|slot| {
+                slot.as_ref()
+                    .unwrap()
+                    .as_ref()
+                    .unwrap()
+                    .receive_budget()
+                    .unwrap()
+            })
+            .collect();
+        assert!(
+            shares
+                .iter()
+                .all(|share| (share.total(), share.per_connection()) == (50, 40))
+        );
+        let unshared = PeerLimit::new(3, None);
+        assert!(
+            unshared
+                .admit(a)
+                .unwrap()
+                .unwrap()
+                .receive_budget()
+                .is_none()
+        );
     }
 
     #[test]
     fn zero_is_no_limit() {
-        let limit = PeerLimit::new(0);
+        let limit = PeerLimit::new(0, None);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         assert!((0..10_000).all(|_| matches!(limit.admit(a), Ok(None))));
     }

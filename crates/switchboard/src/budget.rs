@@ -39,6 +39,8 @@ struct Shared {
     total: usize,
     per_connection: usize,
     used: AtomicUsize,
+    /// The budget a peer's share is part of: what the share holds, it holds too.
+    whole: Option<ReceiveBudget>,
 }
 
 /// Why a connection may not hold more.
@@ -46,6 +48,8 @@ struct Shared {
 pub(crate) enum Exceeded {
     /// It would go over its own share.
     Share,
+    /// Its peer's share of the budget is spent (see [`ReceiveBudget::peer_share`]).
+    Peer,
     /// The budget is spent.
     Total,
 }
@@ -57,6 +61,10 @@ impl Exceeded {
             Self::Share => CloseReason::new(
                 CloseCode::TOO_BIG,
                 "partly received data over this connection's share",
+            ),
+            Self::Peer => CloseReason::new(
+                CloseCode::TRY_AGAIN_LATER,
+                "this peer's share of the server receive budget exhausted",
             ),
             Self::Total => CloseReason::new(
                 CloseCode::TRY_AGAIN_LATER,
@@ -73,6 +81,33 @@ impl ReceiveBudget {
             total,
             per_connection,
             used: AtomicUsize::new(0),
+            whole: None,
+        }))
+    }
+
+    /// A share of this budget for one peer's connections (those of one
+    /// address, say): together they hold at most `total` bytes, each at most
+    /// what this budget allows one connection, and what they hold counts
+    /// against this budget too. Without shares, one peer opening many
+    /// connections could spend the whole budget, and every other peer's
+    /// large messages would be refused. A connection over its peer's share is
+    /// closed with 1013, as one that finds the whole budget spent.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use switchboard::ReceiveBudget;
+    ///
+    /// let budget = ReceiveBudget::new(256 << 20, 4 << 20);
+    /// let peer = budget.peer_share(64 << 20);
+    /// assert_eq!((peer.total(), peer.per_connection()), (64 << 20, 4 << 20));
+    /// ```
+    pub fn peer_share(&self, total: usize) -> Self {
+        Self(Arc::new(Shared {
+            total,
+            per_connection: self.0.per_connection,
+            used: AtomicUsize::new(0),
+            whole: Some(self.clone()),
         }))
     }
 
@@ -94,26 +129,47 @@ impl ReceiveBudget {
     /// Moves one connection's holding from `*held` to `want` bytes. On an
     /// error nothing changes.
     pub(crate) fn resize(&self, held: &mut usize, want: usize) -> Result<(), Exceeded> {
-        let shared = &*self.0;
         if want <= *held {
-            shared.used.fetch_sub(*held - want, Ordering::Relaxed);
+            self.give_back(*held - want);
             *held = want;
             return Ok(());
         }
-        if want > shared.per_connection {
+        if want > self.0.per_connection {
             return Err(Exceeded::Share);
         }
-        let more = want - *held;
+        self.take(want - *held)?;
+        *held = want;
+        Ok(())
+    }
+
+    /// Takes `more` bytes of this budget, and of the budget it is a share of.
+    fn take(&self, more: usize) -> Result<(), Exceeded> {
+        let shared = &*self.0;
         // Optimistic: add, then take it back if that went over. Another
         // connection may see the sum briefly high and be refused too, which
         // errs on the side of the bound.
         let before = shared.used.fetch_add(more, Ordering::Relaxed);
-        if before + more > shared.total {
+        let taken = if before + more > shared.total {
+            Err(match shared.whole {
+                Some(_) => Exceeded::Peer,
+                None => Exceeded::Total,
+            })
+        } else if let Some(whole) = &shared.whole {
+            whole.take(more)
+        } else {
+            Ok(())
+        };
+        if taken.is_err() {
             shared.used.fetch_sub(more, Ordering::Relaxed);
-            return Err(Exceeded::Total);
         }
-        *held = want;
-        Ok(())
+        taken
+    }
+
+    fn give_back(&self, less: usize) {
+        self.0.used.fetch_sub(less, Ordering::Relaxed);
+        if let Some(whole) = &self.0.whole {
+            whole.give_back(less);
+        }
     }
 }
 
@@ -170,5 +226,33 @@ mod tests {
         );
         drop((a, c));
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_peer_is_held_to_its_share_and_its_share_counts_in_the_whole() {
+        let budget = ReceiveBudget::new(100, 40);
+        let (greedy, other) = (budget.peer_share(50), budget.peer_share(50));
+        let mut a = Holding::new(greedy.clone());
+        let mut b = Holding::new(greedy.clone());
+        let mut c = Holding::new(other.clone());
+        let mut d = Holding::new(budget.clone());
+        assert_eq!(a.set(41), Err(Exceeded::Share));
+        assert_eq!(a.set(40), Ok(()));
+        assert_eq!(b.set(11), Err(Exceeded::Peer), "its peer holds 40 of 50");
+        assert_eq!(b.set(10), Ok(()));
+        assert_eq!((greedy.used(), budget.used()), (50, 50));
+        assert_eq!(c.set(40), Ok(()), "another peer has its own share");
+        assert_eq!(d.set(11), Err(Exceeded::Total));
+        assert_eq!(c.set(30), Ok(()));
+        assert_eq!(d.set(20), Ok(()));
+        assert_eq!(
+            (other.used(), budget.used()),
+            (30, 100),
+            "a refusal takes nothing, at either level"
+        );
+        assert_eq!(c.set(31), Err(Exceeded::Total), "the whole is spent");
+        assert_eq!(other.used(), 30);
+        drop((a, b, c, d));
+        assert_eq!((greedy.used(), other.used(), budget.used()), (0, 0, 0));
     }
 }
