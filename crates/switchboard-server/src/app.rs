@@ -73,8 +73,8 @@ async fn handshake(
             return refused.into_response();
         }
     };
-    let slot = match hub.peers.admit_request(peer) {
-        Ok(slot) => slot,
+    let (slot, options) = match hub.admit(peer) {
+        Ok(admitted) => admitted,
         Err(full) => return full.into_response(),
     };
     let upgrade = match upgrade {
@@ -83,7 +83,7 @@ async fn handshake(
     };
     let upgrade = upgrade
         .protocols([PROTOCOL])
-        .options(hub.options_for(slot.as_ref()))
+        .options(options)
         .shutdown(&hub.shutdown);
     let mode = Mode::for_protocol(upgrade.selected_protocol());
     // Every event of the connection carries these (docs/operations.md, "Logs").

@@ -36,13 +36,13 @@ pub async fn echo(
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     upgrade: Result<WebSocketUpgrade, UpgradeError>,
 ) -> Response {
-    let slot = match hub.peers.admit_request(peer) {
-        Ok(slot) => slot,
+    let (slot, options) = match hub.admit(peer) {
+        Ok(admitted) => admitted,
         Err(full) => return full.into_response(),
     };
     match upgrade {
         Ok(upgrade) => upgrade
-            .options(hub.options_for(slot.as_ref()))
+            .options(options)
             .shutdown(&hub.shutdown)
             .on_upgrade(Echo { _peer: slot }),
         Err(e) => e.into_response(),

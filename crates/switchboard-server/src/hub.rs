@@ -1,7 +1,10 @@
 //! What every connection and API request of one server shares.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::Extension;
+use axum::extract::ConnectInfo;
 use switchboard::{Options, PubSub, ReceiveBudget, Registry, Shutdown, Stats};
 
 use crate::admin::Feed;
@@ -12,7 +15,7 @@ use crate::config::{EngineKind, MetricsAuth};
 use crate::engine::{Engine, InboxRetention, MemoryEngine, RedisEngine, RedisSettings, Traffic};
 use crate::idempotency::Idempotency;
 use crate::metrics::{Live, Metrics};
-use crate::peers::{PeerLimit, PeerSlot};
+use crate::peers::{Admitted, PeerFull, PeerLimit, PeerSlot};
 use crate::snapshot::Loaded;
 use crate::topics::{Namespaces, PresenceEvents};
 
@@ -89,14 +92,20 @@ pub fn local_traffic(stats: &Stats, shutdown: &Shutdown, budget: &ReceiveBudget)
 }
 
 impl Hub {
-    /// The options of a connection that holds `slot` among its address's:
+    /// Lets a connection from `peer` in, if its address has room: its place
+    /// (`None` when addresses are not limited), and its options, with which
     /// it holds what it partly receives against its address's share.
-    pub fn options_for(&self, slot: Option<&PeerSlot>) -> Options {
-        let share = slot.and_then(PeerSlot::receive_budget);
-        match share {
-            Some(share) => self.options.clone().receive_budget(Some(share.clone())),
-            None => self.options.clone(),
-        }
+    pub fn admit(
+        &self,
+        peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    ) -> Result<(Option<PeerSlot>, Options), PeerFull> {
+        Ok(match self.peers.admit_request(peer)? {
+            Some(Admitted {
+                slot,
+                share: Some(share),
+            }) => (Some(slot), self.options.clone().receive_budget(Some(share))),
+            admitted => (admitted.map(|it| it.slot), self.options.clone()),
+        })
     }
 
     /// The Prometheus text of this node's metrics. The engine's counts may

@@ -39,19 +39,22 @@ pub struct PeerFull {
 }
 
 /// One connection's place in its address's count, given back when dropped.
+/// Kept by the connection for as long as it lives: small, since an idle
+/// connection's every byte counts.
 #[derive(Debug)]
 pub struct PeerSlot {
     limit: Arc<PeerLimit>,
     ip: IpAddr,
-    share: Option<ReceiveBudget>,
 }
 
-impl PeerSlot {
-    /// The address's share of the receive budget, for the connection to hold
-    /// what it partly received against.
-    pub fn receive_budget(&self) -> Option<&ReceiveBudget> {
-        self.share.as_ref()
-    }
+/// A connection let in: its place, and its address's share of the receive
+/// budget, for it to hold what it partly receives against.
+#[derive(Debug)]
+pub struct Admitted {
+    /// Its place in its address's count.
+    pub slot: PeerSlot,
+    /// Its address's share of the receive budget, if there are shares.
+    pub share: Option<ReceiveBudget>,
 }
 
 impl PeerLimit {
@@ -70,7 +73,7 @@ impl PeerLimit {
     /// limited, [`PeerFull`] when the address has its fill. An IPv4 address
     /// mapped into IPv6 counts as the IPv4 address it is, and an IPv6 one as
     /// its /64.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Option<PeerSlot>, PeerFull> {
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Option<Admitted>, PeerFull> {
         if self.max == 0 {
             return Ok(None);
         }
@@ -84,11 +87,12 @@ impl PeerLimit {
             return Err(PeerFull { max: self.max });
         }
         peer.count += 1;
-        Ok(Some(PeerSlot {
+        let slot = PeerSlot {
             limit: self.clone(),
             ip,
-            share: peer.share.clone(),
-        }))
+        };
+        let share = peer.share.clone();
+        Ok(Some(Admitted { slot, share }))
     }
 
     /// A place for a connection from a request's peer. Under
@@ -97,7 +101,7 @@ impl PeerLimit {
     pub fn admit_request(
         self: &Arc<Self>,
         peer: Option<Extension<ConnectInfo<SocketAddr>>>,
-    ) -> Result<Option<PeerSlot>, PeerFull> {
+    ) -> Result<Option<Admitted>, PeerFull> {
         match peer {
             Some(Extension(ConnectInfo(addr))) => self.admit(addr.ip()),
             None => Ok(None),
@@ -191,36 +195,12 @@ mod tests {
         let budget = ReceiveBudget::new(100, 40);
         let limit = PeerLimit::new(3, Some((budget.clone(), 50)));
         let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let slots = [
-            limit.admit(a),
-            limit.admit(a),
-            limit.admit("10.0.0.2".parse().unwrap()),
-        ];
-        let shares: Vec<_> = slots
-            .iter()
-            .map(|slot| {
-                slot.as_ref()
-                    .unwrap()
-                    .as_ref()
-                    .unwrap()
-                    .receive_budget()
-                    .unwrap()
-            })
-            .collect();
-        assert!(
-            shares
-                .iter()
-                .all(|share| (share.total(), share.per_connection()) == (50, 40))
-        );
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let admitted = [a, a, b].map(|ip| limit.admit(ip).unwrap().unwrap());
+        let share = |it: &Admitted| it.share.as_ref().map(|s| (s.total(), s.per_connection()));
+        assert!(admitted.iter().all(|it| share(it) == Some((50, 40))));
         let unshared = PeerLimit::new(3, None);
-        assert!(
-            unshared
-                .admit(a)
-                .unwrap()
-                .unwrap()
-                .receive_budget()
-                .is_none()
-        );
+        assert!(unshared.admit(a).unwrap().unwrap().share.is_none());
     }
 
     #[test]
