@@ -721,6 +721,38 @@ async def test_a_subscribe_sent_again_while_the_first_waits_gets_the_first_ones_
 
 
 @async_test
+async def test_a_full_redis_refuses_what_stores_more_and_keeps_the_nodes_and_clients(cluster):
+    """docs/cluster.md: over `maxmemory` (noeviction), sends, publishes,
+    connects and subscribes are answered `unavailable`, while heartbeats,
+    leaves and reads go on: the node keeps its lease and its clients. The
+    script ran without flags, which Redis checks for memory only at its first
+    write: a send to an existing inbox (first write PEXPIRE) grew Redis past
+    the limit, while heartbeats were refused and the node closed every client."""
+    c = cluster(1)
+    node = c.nodes[0]
+    async with client(None, "a", envelope=True, uri=url(node, "a")) as a:
+        assert api(node, "POST", "/api/v1/send", {"targets": ["a"], "payload": 0})[0] == 200
+        assert (await recv_json(a))["payload"] == 0
+        assert c.redis.cli("CONFIG", "SET", "maxmemory", "1") == "OK"
+        try:
+            status, body = api(node, "POST", "/api/v1/send", {"targets": ["a"], "payload": 1})
+            assert (status, body.get("error", {}).get("code")) == (503, "unavailable"), (status, body)
+            await a.send(json.dumps({"type": "publish", "topic": "t", "payload": 1, "id": 7}))
+            refused = await recv_json(a)
+            assert (refused["type"], refused["code"], refused["id"]) == ("error", "unavailable", 7), refused
+            # Three leases later the node still holds its client, and reads.
+            await asyncio.sleep(3 * LEASE)
+            await asyncio.wait_for(await a.ping(), 5)
+            assert healthz(node) == 200
+            status, inbox = api(node, "GET", "/api/v1/clients/a/inbox")
+            assert status == 200 and [m["payload"] for m in inbox["messages"]] == [0], (status, inbox)
+        finally:
+            assert c.redis.cli("CONFIG", "SET", "maxmemory", "0") == "OK"
+        assert api(node, "POST", "/api/v1/send", {"targets": ["a"], "payload": 2})[0] == 200
+        assert (await recv_json(a))["payload"] == 2
+
+
+@async_test
 async def test_a_raw_send_redis_never_answers_is_refused_with_its_id():
     """docs/protocol.md: errors carry the message's id in raw mode too. A send
     whose call Redis never answers fails when the link gives up on it (3 s),

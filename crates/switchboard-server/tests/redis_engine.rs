@@ -173,3 +173,43 @@ async fn a_start_that_runs_after_its_subscription_was_dropped_does_nothing() {
         "a dropped subscription got a message"
     );
 }
+
+/// Regression: when Redis lost its script cache and some calls of a batch
+/// still ran (their script loaded again by another node, between calls),
+/// the link sent the whole batch again: a send that had run was appended
+/// twice, under two offsets. Only the calls refused go again now.
+#[tokio::test]
+async fn after_a_script_cache_loss_only_the_refused_calls_go_again() {
+    let (_redis, mut admin, engine, _) = in_the_cluster().await;
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    // Another node loads the script sends run back; the one reads run is not.
+    let storing = concat!("#!lua\n", include_str!("../src/engine/redis/engine.lua"));
+    let _: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(storing)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let message = Sent {
+        from: None,
+        payload: "\"once\"".into(),
+        key: None,
+    };
+    // Queued in one turn of the runtime: one pipeline, the send first.
+    let sent = engine.send(&["ann"], message);
+    let counted = engine.connections(vec!["ann".into()]);
+    let (sent, counted) = tokio::join!(sent, counted);
+    assert_eq!(sent.unwrap().0[0].offset, 1);
+    assert_eq!(counted.unwrap(), [0]);
+    let top: u64 = redis::cmd("HGET")
+        .arg("sb:m:i:ann")
+        .arg("t")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(top, 1, "the send ran once");
+}

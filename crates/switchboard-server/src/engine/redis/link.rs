@@ -24,8 +24,48 @@ use super::fence::{Known, fence};
 use crate::engine::Unavailable;
 use crate::metrics::Metrics;
 
-/// The engine's script.
-const SCRIPT: &str = include_str!("engine.lua");
+/// The engine's script, as the operations that store more run it: Redis
+/// refuses it whole when it is over `maxmemory` (a script without flags is
+/// checked only at its first write, and a first write that Redis allows when
+/// full, such as `PEXPIRE`, let the rest of a send grow it past the limit).
+const STORING: &str = concat!("#!lua\n", include_str!("engine.lua"));
+/// The same script for the other operations, which Redis runs however full
+/// it is: leaves and parts free memory (and are owed), heartbeats keep the
+/// nodes' leases (a full Redis must not close every client), reads only read.
+const ALWAYS: &str = concat!("#!lua flags=allow-oom\n", include_str!("engine.lua"));
+
+/// Which of the two scripts a call runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Script {
+    Storing,
+    Always,
+}
+
+impl Script {
+    /// The script `op` runs: those that add entries, counts or members are
+    /// refused when Redis is full.
+    fn of(op: &str) -> Self {
+        match op {
+            "send" | "publish" | "connect" | "join" => Self::Storing,
+            _ => Self::Always,
+        }
+    }
+}
+
+/// The scripts' SHA-1s, as Redis names them once loaded.
+struct Shas {
+    storing: String,
+    always: String,
+}
+
+impl Shas {
+    fn of(&self, script: Script) -> &str {
+        match script {
+            Script::Storing => &self.storing,
+            Script::Always => &self.always,
+        }
+    }
+}
 /// Most calls in one pipeline.
 const BATCH: usize = 512;
 /// Arguments' bytes past which a pipeline takes no more calls: a batch of
@@ -42,6 +82,7 @@ pub(super) const TIMEOUT: Duration = Duration::from_secs(3);
 
 /// One call of the script: its arguments after the operation's name.
 struct Call {
+    script: Script,
     args: Vec<Bytes>,
     /// The arguments' bytes.
     bytes: usize,
@@ -186,6 +227,7 @@ impl Link {
     ) -> Call {
         let bytes = rest.iter().map(Vec::len).sum();
         Call {
+            script: Script::of(op),
             args: self.args(op, rest),
             bytes,
             retry: reply.is_none(),
@@ -296,7 +338,7 @@ async fn run(
     let (mut previous, mut warned) = (None, false);
     loop {
         let connected = connect(&client, &mut previous, &mut warned).await;
-        let (mut conn, sha) = match connected {
+        let (mut conn, shas) = match connected {
             Ok(connected) => connected,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach Redis; retrying in {backoff:?}");
@@ -324,7 +366,7 @@ async fn run(
                 fill(&mut batch, &mut held, &mut calls);
             }
             let sent = Instant::now();
-            match send(&mut conn, &sha, &batch).await {
+            match send(&mut conn, &shas, &batch).await {
                 Ok(answers) => {
                     // Each call of a pipelined batch waits for the whole batch.
                     metrics.redis_commands(sent.elapsed(), batch.len());
@@ -368,7 +410,7 @@ async fn connect(
     client: &redis::Client,
     previous: &mut Option<Known>,
     warned: &mut bool,
-) -> redis::RedisResult<(MultiplexedConnection, String)> {
+) -> redis::RedisResult<(MultiplexedConnection, Shas)> {
     // The link times its batches itself (TIMEOUT): redis-rs's own response
     // timeout (500 ms by default) would fail a slow batch whose calls ran.
     let config = redis::AsyncConnectionConfig::new()
@@ -378,18 +420,22 @@ async fn connect(
         .get_multiplexed_async_connection_with_config(&config)
         .await?;
     fence(&mut conn, previous, warned).await?;
-    let sha = load_script(&mut conn).await?;
-    Ok((conn, sha))
+    let shas = load_scripts(&mut conn).await?;
+    Ok((conn, shas))
 }
 
-/// Loads the script, within [`TIMEOUT`] like every batch: a Redis that
+/// Loads the scripts, within [`TIMEOUT`] like every batch: a Redis that
 /// stalls here must not hold up the link, and every call queued on it, for
 /// as long as TCP takes to give up.
-async fn load_script(conn: &mut MultiplexedConnection) -> redis::RedisResult<String> {
-    let load = redis::cmd("SCRIPT").arg("LOAD").arg(SCRIPT).to_owned();
-    tokio::time::timeout(TIMEOUT, load.query_async(conn))
+async fn load_scripts(conn: &mut MultiplexedConnection) -> redis::RedisResult<Shas> {
+    let mut load = redis::pipe();
+    for script in [STORING, ALWAYS] {
+        load.cmd("SCRIPT").arg("LOAD").arg(script);
+    }
+    let (storing, always) = tokio::time::timeout(TIMEOUT, load.query_async(conn))
         .await
-        .map_err(|_| timeout_error())?
+        .map_err(|_| timeout_error())??;
+    Ok(Shas { storing, always })
 }
 
 pub(super) fn timeout_error() -> redis::RedisError {
@@ -403,31 +449,25 @@ pub(super) fn timeout_error() -> redis::RedisError {
 /// error; `Err` when the link itself failed (what ran is unknown).
 async fn send(
     conn: &mut MultiplexedConnection,
-    sha: &str,
+    shas: &Shas,
     batch: &[Call],
 ) -> redis::RedisResult<Vec<Result<Value, Unavailable>>> {
-    let mut pipe = redis::pipe();
-    pipe.ignore_errors();
-    for call in batch {
-        let cmd = pipe.cmd("EVALSHA").arg(sha).arg(0);
-        for arg in &call.args {
-            cmd.arg(&arg[..]);
+    let mut values = run_batch(conn, shas, batch.iter()).await?;
+    let refused: Vec<usize> = (0..values.len())
+        .filter(|&i| is_noscript(&values[i]))
+        .collect();
+    if !refused.is_empty() {
+        // Redis lost its script cache (a restart, a `SCRIPT FLUSH`): the
+        // calls it refused did not run, but a pipeline is not atomic, and
+        // those before the loss did. Only the refused go again, once the
+        // scripts are loaded again (if another node reloaded them within the
+        // batch, calls after a refused one ran before it goes again).
+        let shas = load_scripts(conn).await?;
+        let again = run_batch(conn, &shas, refused.iter().map(|&i| &batch[i])).await?;
+        for (i, value) in refused.into_iter().zip(again) {
+            values[i] = value;
         }
     }
-    let values: Vec<Value> = tokio::time::timeout(TIMEOUT, pipe.query_async(&mut *conn))
-        .await
-        .map_err(|_| timeout_error())??;
-    let values = if values.iter().any(is_noscript) {
-        // Redis restarted without its script cache: nothing of this batch
-        // ran (every call is the same script, refused before it started).
-        // Load it again and send the batch again, once.
-        load_script(conn).await?;
-        tokio::time::timeout(TIMEOUT, pipe.query_async::<Vec<Value>>(conn))
-            .await
-            .map_err(|_| timeout_error())??
-    } else {
-        values
-    };
     Ok(values
         .into_iter()
         .map(|value| match value {
@@ -439,6 +479,25 @@ async fn send(
             value => Ok(value),
         })
         .collect())
+}
+
+/// Sends `calls` as one pipeline, within [`TIMEOUT`]; a value per call.
+async fn run_batch(
+    conn: &mut MultiplexedConnection,
+    shas: &Shas,
+    calls: impl Iterator<Item = &Call>,
+) -> redis::RedisResult<Vec<Value>> {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for call in calls {
+        let cmd = pipe.cmd("EVALSHA").arg(shas.of(call.script)).arg(0);
+        for arg in &call.args {
+            cmd.arg(&arg[..]);
+        }
+    }
+    tokio::time::timeout(TIMEOUT, pipe.query_async(conn))
+        .await
+        .map_err(|_| timeout_error())?
 }
 
 fn is_noscript(value: &Value) -> bool {
