@@ -921,9 +921,13 @@ fn apply(local: &mut Local, subject: &Subject<'_>, read: &Read) -> bool {
         if conn.epoch.is_none() {
             return true;
         }
-        if conn.epoch.as_deref() != Some(&*read.epoch) {
-            // The stream was made again (Redis lost it): what this connection
-            // missed under the old epoch is gone.
+        // The stream was made again (Redis lost it): what this connection
+        // missed under the old epoch is gone. Or Redis lost writes it had
+        // acknowledged (a crash under `appendfsync everysec`, a failover to
+        // a replica behind): the top is below what this connection was
+        // given, and the next messages take those offsets again, which it
+        // would skip as seen.
+        if conn.epoch.as_deref() != Some(&*read.epoch) || conn.last > read.top {
             conn.outbox.close(close_missed());
             return false;
         }
