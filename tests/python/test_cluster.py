@@ -1106,6 +1106,33 @@ async def test_acknowledged_writes_redis_lost_close_the_connections_that_had_the
 
 
 @async_test
+async def test_a_stream_quiet_for_longer_than_its_position_lives_keeps_its_clients(cluster):
+    """A stream's position (epoch and top) expires `redis_position_ttl_secs`
+    after its last use. A client on an inbox or topic quiet for longer saw
+    the next message make a new epoch: it was closed as having lost messages
+    and missed that one. Its node renews the positions its clients are on."""
+    config = config_file('[[namespaces]]\nprefix = "news:"\nhistory_size = 10\nhistory_ttl_secs = 1\n')
+    c = cluster(1, extra=("--config", config, "--redis-position-ttl-secs", "2", "--inbox-ttl-secs", "1",
+                          "--client-events-size", "0"))
+    node = c.nodes[0]
+    async with client(None, "a", envelope=True, uri=url(node, "a")) as a:
+        await a.send(json.dumps({"type": "subscribe", "topic": "news:quiet", "id": 1}))
+        assert (await recv_json(a))["type"] == "ack"
+        assert api(node, "POST", "/api/v1/send", {"targets": ["a"], "payload": 1})[0] == 200
+        assert api(node, "POST", "/api/v1/publish", {"topic": "news:quiet", "payload": 1})[0] == 200
+        first = [await recv_json(a), await recv_json(a)]
+        assert 0 < int(c.redis.cli("PTTL", "sb:m:i:a")) <= 2000
+        await asyncio.sleep(5)
+        assert c.redis.cli("EXISTS", "sb:m:i:a", "sb:m:t:news:quiet") == "2", "the positions expired"
+        assert api(node, "POST", "/api/v1/send", {"targets": ["a"], "payload": 2})[0] == 200
+        assert api(node, "POST", "/api/v1/publish", {"topic": "news:quiet", "payload": 2})[0] == 200
+        then = [await recv_json(a), await recv_json(a)]
+        for before, after in zip(first, then):
+            assert (after["payload"], after["offset"], after["epoch"]) == (2, 2, before["epoch"]), (before, after)
+        await nothing_before_marker(c, a, "a")
+
+
+@async_test
 async def test_redis_data_loss_is_told_as_recovered_false(cluster):
     c = cluster(2)
     n0, n1 = c.nodes

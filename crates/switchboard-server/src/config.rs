@@ -278,6 +278,13 @@ pub struct Settings {
     )]
     pub redis_pubsub_backlog_bytes: Option<usize>,
 
+    /// Cluster mode: how long Redis keeps a stream's epoch and last offset after its last use (a
+    /// write, a read, a connect or subscribe; a node renews those its clients are on), and so how
+    /// late a client may resume and be told recovered:true. At least inbox_ttl_secs and every
+    /// history_ttl_secs [default: 86400]
+    #[arg(long, env = "SWITCHBOARD_REDIS_POSITION_TTL_SECS", value_name = "SECS")]
+    pub redis_position_ttl_secs: Option<u64>,
+
     /// Most WebSocket connections from one IP address; more get HTTP 429. Behind a reverse proxy
     /// every client has the proxy's address: raise it or set 0 (no limit) [default: 1000]
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP", value_name = "N")]
@@ -477,6 +484,8 @@ pub struct Config {
     pub client_events_size: usize,
     /// Most bytes of pub/sub notices a node holds for its delivery task.
     pub redis_pubsub_backlog_bytes: usize,
+    /// How long Redis keeps a stream's position after its last use.
+    pub redis_position_ttl: Duration,
     /// History the memory engine holds, in bytes.
     pub history_max_bytes: usize,
     /// Where the snapshot is kept, when history is persisted.
@@ -603,6 +612,10 @@ impl Config {
             redis_pubsub_backlog_bytes: match s.redis_pubsub_backlog_bytes.unwrap_or(32 << 20) {
                 bytes @ 4096.. => bytes,
                 other => bail!("redis_pubsub_backlog_bytes must be at least 4096, not {other}"),
+            },
+            redis_position_ttl: match s.redis_position_ttl_secs.unwrap_or(24 * 3600) {
+                0 => bail!("redis_position_ttl_secs must be at least 1"),
+                secs => Duration::from_secs(secs),
             },
             history_max_bytes: s.history_max_bytes.unwrap_or(128 << 20),
             // The Redis engine keeps its streams in Redis: nothing to save here.
@@ -1011,6 +1024,8 @@ mod tests {
             assert!(error.contains("node_lease_secs must be 2 to 15"), "{error}");
         }
         assert_eq!(config.redis_pubsub_backlog_bytes, 32 << 20);
+        assert_eq!(config.redis_position_ttl, Duration::from_secs(86400));
+        assert!(load(&["--redis-position-ttl-secs", "0"]).is_err());
         let error = format!(
             "{:#}",
             load(&["--redis-pubsub-backlog-bytes", "4095"]).unwrap_err()

@@ -173,6 +173,7 @@ impl Hub {
                     replay_budget: config.max_outbound_bytes / 2,
                     client_events: config.client_events_size,
                     pubsub_backlog: config.redis_pubsub_backlog_bytes,
+                    position_ttl: config.redis_position_ttl,
                 };
                 let (stats, shutdown, budget) =
                     (stats.clone(), shutdown.clone(), receive_budget.clone());

@@ -39,6 +39,7 @@ fn engine(redis: &Redis) -> RedisEngine {
         replay_budget: 1 << 20,
         client_events: 0,
         pubsub_backlog: 1 << 20,
+        position_ttl: Duration::from_secs(3600),
     };
     RedisEngine::start(
         &settings,

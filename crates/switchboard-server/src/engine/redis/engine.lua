@@ -455,6 +455,13 @@ elseif op == 'topics' then
 elseif op == 'counts' then
   return { redis.call('HLEN', 'sb:clients'), redis.call('HLEN', 'sb:topics'),
     redis.call('ZCARD', 'sb:nodes') }
+elseif op == 'touch' then
+  -- ARGV: kind, name, kind, name...: streams a node has clients on, whose
+  -- positions must outlive a quiet spell. A position already gone stays gone.
+  for i = 6, #ARGV - 1, 2 do
+    redis.call('PEXPIRE', meta_key(ARGV[i], ARGV[i + 1]), meta_ttl)
+  end
+  return 0
 elseif op == 'disconnect' then
   -- ARGV: id, code, reason
   local id = ARGV[6]

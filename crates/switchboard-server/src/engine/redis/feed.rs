@@ -42,6 +42,8 @@ const FILL_BATCH: usize = 1000;
 const FILL_BYTES: usize = 4 << 20;
 /// How soon a gap fill that Redis could not answer is tried again.
 const RETRY: Duration = Duration::from_millis(500);
+/// Streams renewed in one call: a bounded step for Redis.
+const RENEW_BATCH: usize = 500;
 
 /// The channel of a client id's inbox.
 pub(super) fn inbox_channel(id: &str) -> String {
@@ -109,6 +111,9 @@ pub(super) struct FeedSettings {
     pub lease: Duration,
     /// Counts the connections made again after one was lost.
     pub reconnects: IntCounter,
+    /// How often the positions of the streams the node's clients are on are
+    /// renewed in Redis.
+    pub renew: Duration,
 }
 
 /// The node's pub/sub side.
@@ -138,6 +143,7 @@ impl Feed {
             namespaces,
             unfilled: HashSet::new(),
             channels: settings.channels,
+            renew: settings.renew,
         };
         tokio::spawn(delivery.run(commands_rx, listen_rx));
         let subscriber = Subscriber {
@@ -593,6 +599,8 @@ struct Delivery {
     unfilled: HashSet<String>,
     /// The metric of how many channels `streams` holds.
     channels: IntGauge,
+    /// How often [`Delivery::renew_positions`] runs.
+    renew: Duration,
 }
 
 /// A message of a stream, as published: `m|EPOCH|OFFSET|FROM|PAYLOAD`.
@@ -619,6 +627,9 @@ impl Delivery {
         let mut heard: Option<Arc<Backlog>> = None;
         let mut retry = tokio::time::interval(RETRY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut renew =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.renew, self.renew);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = async {
                 match heard.as_ref() {
@@ -656,6 +667,7 @@ impl Delivery {
                         self.fill(&channel).await;
                     }
                 }
+                _ = renew.tick() => self.renew_positions(),
             }
             self.channels.set(self.streams.len() as i64);
         }
@@ -734,6 +746,27 @@ impl Delivery {
         }
         for channel in channels {
             self.fill(&channel).await;
+        }
+    }
+
+    /// Renews the positions (epoch and top) of the streams this node's
+    /// clients are on. A position lives a while after its stream's last use;
+    /// a client on a stream quiet for longer would otherwise see its epoch
+    /// change with the next message, be closed as having lost messages, and
+    /// miss that one. Not waited for: one that fails is renewed next time.
+    fn renew_positions(&self) {
+        let streams = self.streams.iter().filter_map(|(channel, local)| {
+            let on = local.conns.iter().any(|conn| conn.epoch.is_some());
+            match subject(channel)? {
+                Subject::Inbox(id) if on => Some(("i", id)),
+                Subject::Topic(topic) if on => Some(("t", topic)),
+                _ => None,
+            }
+        });
+        let streams: Vec<_> = streams.collect();
+        for chunk in streams.chunks(RENEW_BATCH) {
+            let args = chunk.iter().flat_map(|&(kind, name)| [kind, name]);
+            drop(self.link.call("touch", super::args(args)));
         }
     }
 
@@ -1074,6 +1107,7 @@ mod tests {
             namespaces: Arc::new(Namespaces::new(Vec::new())),
             unfilled: HashSet::new(),
             channels: IntGauge::new("channels", "channels").unwrap(),
+            renew: Duration::from_secs(3600),
         }
     }
 

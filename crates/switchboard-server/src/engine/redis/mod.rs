@@ -40,11 +40,6 @@ mod lease;
 mod link;
 mod reply;
 
-/// How long a stream's epoch and top offset outlive their last use (or the
-/// longest history ttl, if longer): a client that resumes later than this
-/// is told `recovered:false`.
-const META_TTL: Duration = Duration::from_secs(24 * 3600);
-
 /// What the Redis engine needs to know.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
@@ -60,6 +55,9 @@ pub struct RedisSettings {
     pub client_events: usize,
     /// Most bytes of pub/sub notices a node holds for its delivery task.
     pub pubsub_backlog: usize,
+    /// How long a stream's epoch and top outlive its last use (at least
+    /// what its entries live).
+    pub position_ttl: Duration,
 }
 
 /// This node's traffic now, for its heartbeat.
@@ -110,14 +108,15 @@ impl RedisEngine {
     ) -> anyhow::Result<Self> {
         let client = redis::Client::open(settings.url.as_str())
             .map_err(|e| anyhow::anyhow!("invalid redis_url: {e}"))?;
+        // At least as long as any stream keeps its messages, so a stream's
+        // position never goes before its entries do.
+        let meta_ttl = (settings.position_ttl)
+            .max(settings.inbox.ttl)
+            .max(namespaces.longest_history_ttl());
         let link = Link::start(
             client.clone(),
             Header {
-                // At least as long as any stream keeps its messages, so a
-                // stream's position never goes before its entries do.
-                meta_ttl: META_TTL
-                    .max(settings.inbox.ttl)
-                    .max(namespaces.longest_history_ttl()),
+                meta_ttl,
                 events_size: settings.client_events,
                 events_ttl: crate::topics::CLIENT_EVENTS_TTL,
             },
@@ -142,6 +141,8 @@ impl RedisEngine {
                 dropped: metrics.redis_pubsub_dropped.clone(),
                 lease: settings.lease,
                 reconnects: metrics.redis_pubsub_reconnects.clone(),
+                // Well within the time a position outlives its last use.
+                renew: meta_ttl / 4,
             },
         );
         let core = Arc::new(Core {
