@@ -257,28 +257,37 @@ impl Link {
         op: &'static str,
         rest: Vec<Vec<u8>>,
     ) -> impl Future<Output = Result<Value, Unavailable>> + Send + 'static {
-        let (reply, answer) = oneshot::channel();
+        let queued = self.try_call(op, rest);
+        async move { queued?.await }
+    }
+
+    /// Queues a call as [`Self::call`] does, but says at once when it was
+    /// refused, and so never reaches Redis: a connect refused so owes no
+    /// leave.
+    pub(super) fn try_call(
+        &self,
+        op: &'static str,
+        rest: Vec<Vec<u8>>,
+    ) -> Result<impl Future<Output = Result<Value, Unavailable>> + Send + 'static, Unavailable>
+    {
         // While the link is down, at once: not after the next reconnect.
-        let bytes = rest.iter().map(Vec::len).sum();
-        let queued = if self.is_up() {
-            self.waiting.take(bytes)
-        } else {
-            Err(Unavailable("cannot reach Redis".into()))
-        };
-        if queued.is_ok() {
-            let call = self.make(op, rest, Some(reply));
-            // Fails only once the link's task has ended; the answer's
-            // sender goes with the call, which the await below reports.
-            if self.queue.send(call).is_err() {
-                self.waiting.give_back(bytes);
-            }
+        if !self.is_up() {
+            return Err(Unavailable("cannot reach Redis".into()));
         }
-        async move {
-            queued?;
+        let bytes = rest.iter().map(Vec::len).sum();
+        self.waiting.take(bytes)?;
+        let (reply, answer) = oneshot::channel();
+        let call = self.make(op, rest, Some(reply));
+        // Fails only once the link's task has ended; the answer's sender
+        // goes with the call, which the await below reports.
+        if self.queue.send(call).is_err() {
+            self.waiting.give_back(bytes);
+        }
+        Ok(async move {
             answer
                 .await
                 .map_err(|_| Unavailable("the Redis link stopped".into()))?
-        }
+        })
     }
 
     /// Queues a call nobody waits for, sent again after reconnecting until
@@ -543,6 +552,24 @@ mod tests {
 
     fn op(call: Option<Call>) -> Bytes {
         call.expect("a call is queued").args[0].clone()
+    }
+
+    /// A connect refused before it was queued (the link down, or too much
+    /// waiting) never reaches Redis, and says so at once: its connection
+    /// owes no leave (one was held for every handshake retried during an
+    /// outage, without bound).
+    #[test]
+    fn a_call_refused_at_once_says_so_and_queues_nothing() {
+        let (link, mut calls) = Link::new(Header::for_tests());
+        assert!(
+            link.try_call("connect", Vec::new()).is_err(),
+            "the link is down"
+        );
+        assert!(calls.ready().is_none());
+        link.up.store(true, Ordering::Relaxed);
+        let queued = link.try_call("connect", Vec::new());
+        assert!(queued.is_ok());
+        assert_eq!(op(calls.ready()), "connect");
     }
 
     /// Regression: leaves had a queue of their own that the link served

@@ -273,13 +273,19 @@ struct Counted {
     id: ClientId,
     token: String,
     attached: bool,
+    /// Its connect was queued for Redis, and may have run: a leave is owed
+    /// (a connect refused before that owes none, and one held for every
+    /// handshake retried while the link was down piled up without bound).
+    owed: bool,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
         let core = &self.core;
-        let rest = args([&*self.node, &*self.id, &self.token]);
-        core.link.call_and_forget("leave", rest);
+        if self.owed {
+            let rest = args([&*self.node, &*self.id, &self.token]);
+            core.link.call_and_forget("leave", rest);
+        }
         let channel = inbox_channel(&self.id);
         if self.attached {
             core.feed.release(channel);
@@ -348,6 +354,8 @@ struct Member {
     /// Whether the subscription's start ran (its connection attached), is
     /// still to run, or will not.
     stage: Arc<Mutex<Stage>>,
+    /// Its join was queued for Redis: a part is owed (see [`Counted`]).
+    owed: bool,
 }
 
 /// Where a subscription stands. Its start may run after its answer waited
@@ -364,8 +372,10 @@ enum Stage {
 impl Drop for Member {
     fn drop(&mut self) {
         let core = &self.core;
-        let rest = args([&*self.node, &*self.topic, &*self.client, &self.token]);
-        core.link.call_and_forget("part", rest);
+        if self.owed {
+            let rest = args([&*self.node, &*self.topic, &*self.client, &self.token]);
+            core.link.call_and_forget("part", rest);
+        }
         let channel = topic_channel(&self.topic);
         if *self.stage.lock().unwrap_or_else(PoisonError::into_inner) == Stage::Started {
             core.feed.release(channel);
@@ -388,12 +398,13 @@ impl Engine for RedisEngine {
             core.feed.hold(inbox_channel(&id)).await?;
             // Counted from the call on (whether or not its answer comes):
             // dropping `counted` undoes it, or does nothing if it never ran.
-            let counted = Counted {
+            let mut counted = Counted {
                 core: core.clone(),
                 node: core.node(),
                 id: id.clone(),
                 token: core.token(),
                 attached: false,
+                owed: true,
             };
             // Only a resume reads entries; every connect learns the position.
             let limit = if since.is_some() {
@@ -412,7 +423,10 @@ impl Engine for RedisEngine {
                 &max_connections.to_string(),
                 &core.replay_budget.to_string(),
             ]);
-            let mut values = items(core.link.call("connect", rest).await?)?;
+            let call = core.link.try_call("connect", rest).inspect_err(|_| {
+                counted.owed = false;
+            })?;
+            let mut values = items(call.await?)?;
             if full(&values) {
                 return Err(ConnectError::Full {
                     limit: max_connections,
@@ -561,13 +575,14 @@ impl Engine for RedisEngine {
             let channel = topic_channel(&topic);
             core.feed.hold(channel.clone()).await.map_err(unavailable)?;
             // Counted from the call on, as a connection is (see connect).
-            let joined = Member {
+            let mut joined = Member {
                 core: core.clone(),
                 node: core.node(),
                 topic: topic.clone(),
                 client: client.clone(),
                 token: core.token(),
                 stage: Arc::new(Mutex::new(Stage::Waiting)),
+                owed: true,
             };
             let (since_offset, since_epoch) = since_args(since.as_ref());
             let rest = args([
@@ -582,7 +597,10 @@ impl Engine for RedisEngine {
                 &history.map_or(0, |h| h.max_entries).to_string(),
                 &core.replay_budget.to_string(),
             ]);
-            let answer = core.link.call("join", rest).await.and_then(items);
+            let call = core.link.try_call("join", rest).inspect_err(|_| {
+                joined.owed = false;
+            });
+            let answer = call.map_err(unavailable)?.await.and_then(items);
             let mut values = answer.map_err(unavailable)?;
             if let Some(top) = ahead(&values) {
                 let asked = since.as_ref().map_or(0, |s| s.offset);
