@@ -194,6 +194,11 @@ struct Shard {
     /// Entries in the order they were appended, for evicting the oldest;
     /// places of entries pruned since are skipped, and swept now and then.
     order: VecDeque<(StreamKey, u64)>,
+    /// Streams that came to hold no entries, in the order they did, each
+    /// with its top then: the first to go when the shard is over its cap,
+    /// before any message. Places of streams written since are skipped, and
+    /// swept now and then.
+    empties: VecDeque<(StreamKey, u64)>,
     /// Entries held.
     held: usize,
     bytes: usize,
@@ -278,6 +283,11 @@ impl Streams {
                 shard.held += 1;
                 shard.order.push_back((restored.key.clone(), entry.offset));
             }
+            if restored.entries.is_empty() {
+                shard
+                    .empties
+                    .push_back((restored.key.clone(), restored.top));
+            }
             let stream = Stream {
                 epoch: restored.epoch,
                 top: restored.top,
@@ -355,6 +365,10 @@ impl Streams {
         let (count, bytes) = prune(stream, retention, at_ms);
         shard.held = shard.held + 1 - count;
         shard.bytes -= bytes;
+        if stream.entries.is_empty() {
+            // History off (or expiring at once): held as a position alone.
+            shard.empties.push_back((stored.clone(), stream.top));
+        }
         let epoch = stream.epoch.clone();
         let result = then(&entry, &epoch, stored);
         self.evict(shard, key);
@@ -417,19 +431,39 @@ impl Streams {
                 let (count, bytes) = prune(stream, retention, now_ms());
                 shard.held -= count;
                 shard.bytes -= bytes;
+                if count > 0 && stream.entries.is_empty() {
+                    shard.empties.push_back((key.clone(), stream.top));
+                }
                 then(stream)
             }
             None => then(&Stream::new(self.epochs.of(key.borrowed()))),
         }
     }
 
-    /// Drops the shard's oldest entries while it is over its cap, then
-    /// streams that hold no entries (not `keep`, the one in use). A dropped
-    /// stream counts in [`Epochs`]: made again, it never reuses its old
-    /// epoch, so no position in it is ever recovered wrongly.
+    /// While the shard is over its cap, drops the streams that hold no
+    /// entries (the longest empty first; not `keep`, the one in use), and
+    /// only then the oldest entries. An empty stream holds no message, only
+    /// its position: with many recipients, their positions pushed every
+    /// message out first, down to the one just appended. A dropped stream
+    /// counts in [`Epochs`]: made again, it never reuses its old epoch, so no
+    /// position in it is ever recovered wrongly (a client resuming in it is
+    /// told `recovered: false`, having missed nothing).
     fn evict(&self, shard: &mut Shard, keep: StreamRef<'_>) {
         let cap = self.shard_cap;
+        let mut kept = None;
         while shard.bytes > cap {
+            if let Some((key, top)) = shard.empties.pop_front() {
+                let empty = (shard.streams.get(&key))
+                    .is_some_and(|stream| stream.entries.is_empty() && stream.top == top);
+                if empty && key.borrowed() == keep {
+                    kept = Some((key, top));
+                } else if empty {
+                    shard.streams.remove(&key);
+                    shard.bytes -= STREAM_OVERHEAD + key.name().len();
+                    self.epochs.dropped(key.borrowed());
+                }
+                continue;
+            }
             let Some((key, offset)) = shard.order.pop_front() else {
                 break;
             };
@@ -440,19 +474,22 @@ impl Streams {
                 let entry = stream.entries.pop_front().expect("checked");
                 shard.held -= 1;
                 shard.bytes -= entry.cost();
+                if stream.entries.is_empty() {
+                    shard.empties.push_back((key, stream.top));
+                }
             }
         }
-        if shard.bytes > cap {
-            let mut freed = 0;
-            shard.streams.retain(|key, stream| {
-                let drop = key.borrowed() != keep && stream.entries.is_empty();
-                if drop {
-                    freed += STREAM_OVERHEAD + key.name().len();
-                    self.epochs.dropped(key.borrowed());
-                }
-                !drop
+        if let Some(kept) = kept {
+            shard.empties.push_front(kept);
+        }
+        // Places of streams written (or dropped) since they emptied.
+        if shard.empties.len() > shard.streams.len() + 64 {
+            let streams = &shard.streams;
+            shard.empties.retain(|(key, top)| {
+                streams
+                    .get(key)
+                    .is_some_and(|s| s.entries.is_empty() && s.top == *top)
             });
-            shard.bytes -= freed;
         }
         // Stale places (entries already pruned) would otherwise pile up in a
         // shard whose streams are pruned by count or age before the cap.
@@ -690,6 +727,8 @@ mod tests {
         let cap = 256 * 1024;
         let streams = Streams::new(cap);
         let payload: Arc<str> = "x".repeat(1000).into();
+        let key = inbox("client-199");
+        let before_any = streams.position(&key, Position::clone);
         for i in 0..2000 {
             let key = inbox(&format!("client-{}", i % 300));
             streams.append(
@@ -702,16 +741,55 @@ mod tests {
             );
             assert!(streams.bytes() <= cap, "{} over {cap}", streams.bytes());
         }
-        // The newest message is still there; the oldest are gone.
-        let key = inbox("client-199");
+        // The newest message is still there; the oldest are gone (with the
+        // stream itself, once it held none, and so its first epoch).
         let top = streams.position(&key, |p| p.clone());
         let before = Position {
             offset: top.offset - 1,
             ..top.clone()
         };
         assert!(matches!(resume(&streams, &key, &before), Resume::Recovered(m) if m.len() == 1));
-        let from_start = Position { offset: 0, ..top };
-        assert_eq!(resume(&streams, &key, &from_start), Resume::Lost);
+        assert_eq!(resume(&streams, &key, &before_any), Resume::Lost);
+    }
+
+    /// Regression: past the cap, every message of a shard went (down to
+    /// the one just appended) before a stream that held none: with many
+    /// recipients, their positions alone filled the store.
+    #[test]
+    fn streams_that_hold_no_messages_go_before_any_message() {
+        let cap = SHARDS * 16 * 1024;
+        let streams = Streams::new(cap);
+        let kept = inbox("kept");
+        for i in 0..5 {
+            append(&streams, &kept, &i.to_string());
+        }
+        let start = Position {
+            offset: 0,
+            ..streams.position(&kept, Position::clone)
+        };
+        let none = Retention {
+            max_entries: 0,
+            ..KEEP_ALL
+        };
+        // Positions alone, twice what the cap holds.
+        for i in 0..2 * cap / STREAM_OVERHEAD {
+            let key = inbox(&format!("quiet-{i}"));
+            streams.append(
+                key.borrowed(),
+                None,
+                "1".into(),
+                none,
+                now_ms(),
+                |_, _, _| (),
+            );
+            assert!(streams.bytes() <= cap, "{} over {cap}", streams.bytes());
+        }
+        assert!(
+            matches!(resume(&streams, &kept, &start), Resume::Recovered(m) if m.len() == 5),
+            "the messages stayed"
+        );
+        let shard = lock(&streams.shards[streams.spread.shard(b"quiet-0", SHARDS)]);
+        assert!(shard.empties.len() <= shard.streams.len() + 64);
     }
 
     #[test]
