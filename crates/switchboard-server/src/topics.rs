@@ -174,11 +174,13 @@ pub struct PresenceEvents(pub Arc<Namespaces>);
 
 impl PresenceListener for PresenceEvents {
     fn changed(&self, pubsub: &PubSub, topic: &str, client: &ClientId, change: PresenceChange) {
-        if !self.0.find(topic).is_some_and(|ns| ns.presence) {
-            return;
-        }
         let event = wire::presence_event(topic, client, change);
         pubsub.publish(topic, &|_| event.clone());
+    }
+
+    /// Only namespaces with presence have events.
+    fn wants(&self, topic: &str) -> bool {
+        self.0.find(topic).is_some_and(|ns| ns.presence)
     }
 }
 

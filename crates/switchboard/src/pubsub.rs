@@ -35,6 +35,14 @@ pub enum PresenceChange {
 pub trait PresenceListener: Send + Sync + 'static {
     /// `client` joined or left `topic`.
     fn changed(&self, pubsub: &PubSub, topic: &str, client: &ClientId, change: PresenceChange);
+
+    /// Whether the listener hears `topic`'s joins and leaves at all (every
+    /// topic's, unless it says otherwise). The changes of a topic it does
+    /// not are never queued: its subscribes and unsubscribes skip the one
+    /// lock every emitter takes in turn.
+    fn wants(&self, _topic: &str) -> bool {
+        true
+    }
 }
 
 /// Why a subscription was refused.
@@ -167,7 +175,7 @@ impl PubSub {
     ) -> Result<Subscription, SubscribeError> {
         let topic: Arc<str> = Arc::from(topic);
         let conn = outbox.id();
-        {
+        let queued = {
             let mut shard = self.inner.topics.write(&topic);
             let entry = shard.entry(topic.clone()).or_default();
             if entry.subscribers.contains_key(&conn) {
@@ -185,11 +193,13 @@ impl PubSub {
                 client: client.clone(),
             };
             entry.subscribers.insert(conn, subscriber);
-            if entry.members.join(&client) {
-                self.queue_event(&topic, client, PresenceChange::Joined);
-            }
+            entry.members.join(&client) && self.queue_event(&topic, client, PresenceChange::Joined)
+        };
+        // Only a change of its own to hand on makes it wait for the emitter:
+        // it returns once its event is out.
+        if queued {
+            self.emit_events();
         }
-        self.emit_events();
         Ok(Subscription {
             pubsub: self.clone(),
             topic,
@@ -198,7 +208,7 @@ impl PubSub {
     }
 
     fn unsubscribe(&self, topic: &Arc<str>, conn: ConnId) {
-        {
+        let queued = {
             let mut shard = self.inner.topics.write(topic);
             let Some(entry) = shard.get_mut(topic) else {
                 return;
@@ -206,20 +216,26 @@ impl PubSub {
             let Some(subscriber) = entry.subscribers.remove(&conn) else {
                 return;
             };
-            if entry.members.leave(&subscriber.client) {
-                self.queue_event(topic, subscriber.client, PresenceChange::Left);
-            }
+            let queued = entry.members.leave(&subscriber.client)
+                && self.queue_event(topic, subscriber.client, PresenceChange::Left);
             if entry.subscribers.is_empty() {
                 shard.remove(&**topic);
             }
+            queued
+        };
+        if queued {
+            self.emit_events();
         }
-        self.emit_events();
     }
 
-    /// Queues a change for the listener; called under the topic's lock, so the
-    /// queue holds the changes in the order they happened.
-    fn queue_event(&self, topic: &Arc<str>, client: ClientId, change: PresenceChange) {
-        if self.inner.listener.is_some() {
+    /// Queues a change for the listener, if it wants the topic's; called
+    /// under the topic's lock, so the queue holds the changes in the order
+    /// they happened. Returns whether it queued one.
+    fn queue_event(&self, topic: &Arc<str>, client: ClientId, change: PresenceChange) -> bool {
+        let wanted = (self.inner.listener)
+            .as_ref()
+            .is_some_and(|listener| listener.wants(topic));
+        if wanted {
             let event = Event {
                 topic: topic.clone(),
                 client,
@@ -227,6 +243,7 @@ impl PubSub {
             };
             lock(&self.inner.events).push_back(event);
         }
+        wanted
     }
 
     /// Hands the queued changes to the listener, in order and one at a time,

@@ -346,3 +346,34 @@ fn presence_pages_walk_every_member_once_in_order() {
         (Vec::new(), false)
     );
 }
+
+/// Hears only the topics whose names start with "loud".
+struct Loud(Recorder);
+
+impl PresenceListener for Loud {
+    fn changed(&self, pubsub: &PubSub, topic: &str, client: &ClientId, change: PresenceChange) {
+        self.0.changed(pubsub, topic, client, change);
+    }
+
+    fn wants(&self, topic: &str) -> bool {
+        topic.starts_with("loud")
+    }
+}
+
+/// A topic the listener does not want queues no change (its subscribes skip
+/// the lock every emitter takes in turn); the others are heard as before.
+#[test]
+fn a_listener_hears_only_the_topics_it_wants() {
+    use switchboard::testing::Harness;
+    let recorder = Recorder::default();
+    let pubsub = PubSub::with_listener(Loud(recorder.clone()));
+    let outbox = Harness::new(Quiet).handle().outbox();
+    let subscribe = |topic| pubsub.subscribe(topic, "ada".into(), &outbox, Format::default(), None);
+    let (quiet, loud) = (subscribe("quiet").unwrap(), subscribe("loud").unwrap());
+    drop((quiet, loud));
+    let loud = |change| ("loud".to_owned(), "ada".to_owned(), change);
+    assert_eq!(
+        *recorder.0.lock().unwrap(),
+        [loud(PresenceChange::Joined), loud(PresenceChange::Left)]
+    );
+}
