@@ -274,14 +274,17 @@ impl Streams {
             epochs,
             ..Self::new(max_bytes)
         };
+        // Each shard's messages in the order they were appended, whatever
+        // the order of the streams: the oldest are the first to go.
+        let mut places: Vec<Vec<(u64, StreamKey, u64)>> = vec![Vec::new(); SHARDS];
         for restored in streams {
-            let mut guard = store.shard(restored.key.name());
-            let shard = &mut *guard;
+            let index = store.index(restored.key.name());
+            let mut shard = lock(&store.shards[index]);
             shard.bytes += STREAM_OVERHEAD + restored.key.name().len();
             for entry in &restored.entries {
                 shard.bytes += entry.cost();
                 shard.held += 1;
-                shard.order.push_back((restored.key.clone(), entry.offset));
+                places[index].push((entry.at_ms, restored.key.clone(), entry.offset));
             }
             if restored.entries.is_empty() {
                 shard
@@ -293,8 +296,17 @@ impl Streams {
                 top: restored.top,
                 entries: restored.entries.into(),
             };
-            shard.streams.insert(restored.key.clone(), stream);
-            store.evict(shard, restored.key.borrowed());
+            shard.streams.insert(restored.key, stream);
+        }
+        for (shard, mut places) in store.shards.iter().zip(places) {
+            // Stable: a stream's messages of one millisecond keep their order.
+            places.sort_by_key(|&(at_ms, ..)| at_ms);
+            let mut shard = lock(shard);
+            shard.order = places
+                .into_iter()
+                .map(|(_, key, offset)| (key, offset))
+                .collect();
+            store.evict(&mut shard, None);
         }
         store
     }
@@ -371,7 +383,7 @@ impl Streams {
         }
         let epoch = stream.epoch.clone();
         let result = then(&entry, &epoch, stored);
-        self.evict(shard, key);
+        self.evict(shard, Some(key));
         result
     }
 
@@ -448,14 +460,14 @@ impl Streams {
     /// counts in [`Epochs`]: made again, it never reuses its old epoch, so no
     /// position in it is ever recovered wrongly (a client resuming in it is
     /// told `recovered: false`, having missed nothing).
-    fn evict(&self, shard: &mut Shard, keep: StreamRef<'_>) {
+    fn evict(&self, shard: &mut Shard, keep: Option<StreamRef<'_>>) {
         let cap = self.shard_cap;
         let mut kept = None;
         while shard.bytes > cap {
             if let Some((key, top)) = shard.empties.pop_front() {
                 let empty = (shard.streams.get(&key))
                     .is_some_and(|stream| stream.entries.is_empty() && stream.top == top);
-                if empty && key.borrowed() == keep {
+                if empty && Some(key.borrowed()) == keep {
                     kept = Some((key, top));
                 } else if empty {
                     shard.streams.remove(&key);
@@ -535,8 +547,12 @@ impl Streams {
 
     /// The shard of the stream named `name`.
     fn shard(&self, name: &str) -> MutexGuard<'_, Shard> {
-        let index = self.spread.shard(name.as_bytes(), self.shards.len());
-        lock(&self.shards[index])
+        lock(&self.shards[self.index(name)])
+    }
+
+    /// The index of the shard that holds `name`'s stream.
+    fn index(&self, name: &str) -> usize {
+        self.spread.shard(name.as_bytes(), self.shards.len())
     }
 }
 
@@ -790,6 +806,49 @@ mod tests {
         );
         let shard = lock(&streams.shards[streams.spread.shard(b"quiet-0", SHARDS)]);
         assert!(shard.empties.len() <= shard.streams.len() + 64);
+    }
+
+    /// Regression: a restored shard's eviction order was its streams'
+    /// order in the snapshot (their hash order), not the messages' age: the
+    /// first eviction after a restart took newer messages before older ones.
+    #[test]
+    fn a_restored_store_evicts_its_oldest_messages_first() {
+        let now = now_ms();
+        let epoch: Arc<str> = "e".into();
+        let stream = |name: &str, at_ms| Restored {
+            key: inbox(name),
+            epoch: epoch.clone(),
+            top: 1,
+            entries: vec![Entry {
+                offset: 1,
+                from: None,
+                payload: "x".repeat(100).into(),
+                at_ms,
+            }],
+        };
+        let names = |prefix: &'static str| (0..200).map(move |i| format!("{prefix}-{i}"));
+        // The newer first, as a snapshot may list them; a cap of about half.
+        let newer = names("newer").map(|name| stream(&name, now));
+        let older = names("older").map(|name| stream(&name, now - 60_000));
+        let per_stream = STREAM_OVERHEAD + ENTRY_OVERHEAD + 100 + 9;
+        let streams = Streams::restore(
+            200 * per_stream,
+            Epochs::new("seed".into(), &[]),
+            newer.chain(older).collect(),
+        );
+        let start = Position {
+            epoch: epoch.clone(),
+            offset: 0,
+        };
+        let held = |prefix| {
+            let held = |name: &String| resume(&streams, &inbox(name), &start) != Resume::Lost;
+            names(prefix).filter(held).count()
+        };
+        let (newer, older) = (held("newer"), held("older"));
+        assert!(
+            newer > 150 && older < 50,
+            "held {newer} newer, {older} older"
+        );
     }
 
     #[test]
