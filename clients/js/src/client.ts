@@ -24,6 +24,11 @@ const AGAIN_MS = 1_000;
 const FULL_GRACE_MS = 90_000;
 /** Server errors after which a subscribe, an unsubscribe or a token refresh is sent again. */
 const TRANSIENT = ["rate_limited", "unavailable"];
+/**
+ * The longest wait setTimeout takes (2^31 - 1 ms, 24.8 days). Past it Node waits
+ * 1 ms and browsers none, so a longer wait would end at once, again and again.
+ */
+const MAX_DELAY = 2 ** 31 - 1;
 
 /** What a WebSocket implementation must offer: the browser's, Node 22's, or the `ws` package's. */
 export interface WebSocketLike {
@@ -206,8 +211,10 @@ export class Client extends Emitter<Events> {
     this.auth = options;
     this.WebSocket = options.WebSocket;
     this.backoff = { ...BACKOFF, ...options.backoff };
+    // Waits past setTimeout's longest (Infinity, say, for "no cap" or "no timeout") would end at once.
+    this.backoff.max = Math.min(this.backoff.max, MAX_DELAY);
     this.maxQueued = options.maxQueued ?? 100;
-    this.connectTimeout = options.connectTimeout ?? 10_000;
+    this.connectTimeout = Math.min(options.connectTimeout ?? 10_000, MAX_DELAY);
     if (options.inbox != null) {
       const { epoch, offset, client } = options.inbox;
       // The server refuses a malformed `since` at the handshake, which a WebSocket cannot tell apart from a network error.
@@ -550,7 +557,9 @@ export class Client extends Emitter<Events> {
     clearTimeout(this.renewal);
     if (!("getToken" in this.auth) || this.renewTokenAt === Infinity) return;
     const wait = Math.max(AGAIN_MS, this.renewTokenAt - Date.now());
-    this.renewal = setTimeout(() => void this.renew(), wait);
+    // A token that lives for months is due later than one timer can wait: wait
+    // the most it can, then look at the clock again.
+    this.renewal = wait > MAX_DELAY ? setTimeout(() => this.scheduleRenewal(), MAX_DELAY) : setTimeout(() => void this.renew(), wait);
   }
 
   /** Fetches a token and hands it to the server before the current one expires. */

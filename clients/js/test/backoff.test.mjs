@@ -93,3 +93,30 @@ test("the waits grow: at the top of each range they double up to the cap", async
   }
   assert.deepEqual(seen.reconnecting.slice(0, 6).map((e) => e.delay), [19, 39, 79, 159, 159, 159]);
 });
+
+test("waits past setTimeout's longest (2^31 - 1 ms) are cut to it, not to 1 ms: backoff.max and connectTimeout", async () => {
+  const refusing = await listener((socket) => socket.destroy());
+  const silent = await listener(() => {});
+  const random = Math.random;
+  Math.random = () => 0.999;
+  // "No cap" and "no timeout", as an application may well say them.
+  const a = new Client(refusing.url, { WebSocket, id: "no-cap", backoff: { initial: 2 ** 32, max: Infinity } });
+  const b = new Client(silent.url, { WebSocket, id: "no-timeout", connectTimeout: Infinity });
+  const retries = record(a);
+  const timeouts = record(b);
+  a.connect().catch(() => {});
+  b.connect().catch(() => {});
+  try {
+    await until(() => retries.reconnecting.length === 1, 5000, "the first failure");
+    await new Promise((r) => setTimeout(r, 300));
+  } finally {
+    Math.random = random;
+    a.close();
+    b.close();
+    await refusing.close();
+    await silent.close();
+  }
+  assert.ok(retries.reconnecting[0].delay < 2 ** 31, `a wait of ${retries.reconnecting[0].delay} ms`);
+  assert.equal(refusing.arrivals.length, 1, "the retry waits");
+  assert.deepEqual(timeouts.reconnecting, [], "the attempt is not abandoned");
+});

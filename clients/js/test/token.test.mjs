@@ -65,6 +65,22 @@ test("getToken: short-lived tokens are renewed before they expire, on the same c
   await until(() => seen.message.length === 1, 5000, "a message on the renewed connection");
 });
 
+test("getToken: a token that lives longer than setTimeout's longest wait (2^31 ms, 24.8 days) is not renewed at once, again and again", async () => {
+  let calls = 0;
+  const a = client({
+    getToken: async () => {
+      calls++;
+      return jwt("long-lived", 60 * 86_400);
+    },
+  });
+  const seen = record(a);
+  await a.connect();
+  // Its renewal is due in 60 days; a wait cut to 1 ms renewed at once, then every second.
+  await new Promise((r) => setTimeout(r, 1500));
+  assert.equal(calls, 1);
+  assert.deepEqual(seen.error, []);
+});
+
 test("getToken: a renewed token that no longer allows a topic ends that subscription; the others go on", async () => {
   let calls = 0;
   const a = client({
