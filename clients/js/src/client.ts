@@ -29,6 +29,11 @@ const TRANSIENT = ["rate_limited", "unavailable"];
  * 1 ms and browsers none, so a longer wait would end at once, again and again.
  */
 const MAX_DELAY = 2 ** 31 - 1;
+/**
+ * What a WebSocket subprotocol may hold, an HTTP token (RFC 6455 §4.1, RFC 9110
+ * §5.6.2): the WebSocket constructor throws on anything else.
+ */
+const SUBPROTOCOL = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
 
 /** What a WebSocket implementation must offer: the browser's, Node 22's, or the `ws` package's. */
 export interface WebSocketLike {
@@ -456,13 +461,27 @@ export class Client extends Emitter<Events> {
 
   /** The token to connect with: `getToken`'s, fetched again when it is due for renewal. */
   private async currentToken(): Promise<string> {
-    if ("token" in this.auth) return this.auth.token;
+    // Trimmed, as getToken's are: a token read from a file or a response often ends in a newline.
+    if ("token" in this.auth) return this.auth.token.trim();
     if (this.token === undefined || Date.now() >= this.renewTokenAt) return this.fetchToken();
     return this.token;
   }
 
-  private fetchToken(): Promise<string> {
-    return Promise.resolve((this.auth as { getToken: () => string | Promise<string> }).getToken());
+  /**
+   * `getToken`'s token, without the whitespace around it (`res.text()` of a
+   * response that ends in a newline). One that still cannot be sent as a
+   * subprotocol fails as a throwing `getToken` does, so it is reported and
+   * fetched again, not left to the WebSocket constructor, whose throw would end
+   * the client.
+   */
+  private async fetchToken(): Promise<string> {
+    const token = await (this.auth as { getToken: () => string | Promise<string> }).getToken();
+    const trimmed = typeof token === "string" ? token.trim() : "";
+    // Not the token itself in the message: it is a secret, and errors get logged.
+    if (!SUBPROTOCOL.test(trimmed)) {
+      throw new Error("its token cannot be sent as a WebSocket subprotocol (empty, or with spaces, commas or quotes)");
+    }
+    return trimmed;
   }
 
   /** Keeps `token`, and when to renew it, dated by this client's clock. */

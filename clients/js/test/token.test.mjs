@@ -135,6 +135,30 @@ test("getToken: a token the server let expire (4001) is replaced, and the client
   assert.equal(seen.connected[1].recovered, true);
 });
 
+test("a token with whitespace around it (res.text() of a response ending in a newline) is trimmed, from getToken or static", async () => {
+  for (const auth of [{ getToken: async () => `${jwt("padded", 60)}\n` }, { token: ` ${jwt("padded-static", 60)}\r\n` }]) {
+    const a = client(auth);
+    const seen = record(a);
+    await a.connect();
+    assert.deepEqual([seen.error, seen.reconnecting], [[], []]);
+  }
+});
+
+test("a token from getToken that cannot be sent as a subprotocol is a failing getToken: reported, and tried again with backoff", async () => {
+  let calls = 0;
+  const a = client({ getToken: async () => (++calls === 1 ? "secret token, with spaces" : jwt("usable", 60)) });
+  const seen = record(a);
+  await a.connect();
+  assert.equal(calls, 2);
+  assert.equal(seen.connected[0].client, "usable");
+  assert.equal(seen.error.length, 1);
+  assert.equal(seen.error[0].code, "token");
+  assert.match(seen.error[0].message, /getToken failed: .*subprotocol/);
+  // The token is a secret: the error does not show it.
+  assert.doesNotMatch(seen.error[0].message, /secret token/);
+  assert.deepEqual(seen.reconnecting.map((e) => e.reason), ["getToken failed"]);
+});
+
 test("connect(), close(), connect() while getToken is pending makes one connection, not two", async () => {
   const a = client({ getToken: async () => jwt("strict-mode", 60) });
   const seen = record(a);
