@@ -386,7 +386,13 @@ export class Client extends Emitter<Events> {
     return new Promise((resolve, reject) => this.write({ frame, resolve, reject }));
   }
 
-  private write(request: Request): void {
+  /**
+   * Sends `request` with a fresh id on the live connection, and keeps it until
+   * its answer. False when the socket's send threw: the request then rejects
+   * with `disconnected` when the connection is dropped, as every request sent
+   * on it does.
+   */
+  private write(request: Request): boolean {
     const id = this.nextId++;
     let text: string;
     try {
@@ -394,10 +400,21 @@ export class Client extends Emitter<Events> {
     } catch (error) {
       // This request alone: those sent with it go on.
       request.reject(new SwitchboardError("invalid_message", `the request cannot be sent as JSON: ${error}`));
-      return;
+      return true;
     }
     this.inflight.set(id, request);
-    (this.ws as WebSocketLike).send(text);
+    const ws = this.ws as WebSocketLike;
+    try {
+      ws.send(text);
+    } catch {
+      // A socket whose send throws is dropped as a closed one is, and the
+      // client reconnects: refusing this request alone would leave a live
+      // connection without, say, the subscribe that failed. Dropped once what
+      // is under way (a welcome) is done with it.
+      queueMicrotask(() => this.lost(ws, 1006, "send failed"));
+      return false;
+    }
+    return true;
   }
 
   private async open(generation: number): Promise<void> {
@@ -533,7 +550,10 @@ export class Client extends Emitter<Events> {
     this.scheduleRenewal();
     // Subscriptions first: a held publish to a topic this client reads then reaches it.
     for (const subscription of this.subscriptions.values()) this.join(subscription);
-    for (const request of this.queue.splice(0)) this.write(request);
+    // One at a time: when a send fails, those not yet written stay held for the next connection.
+    while (this.queue.length > 0) {
+      if (!this.write(this.queue.shift() as Request)) break;
+    }
     for (const [resolve] of this.waiting.splice(0)) resolve();
     this.emit("connected", { client: frame.client, resumed, recovered, missed: resumed && recovered ? frame.missed : undefined });
   }

@@ -233,3 +233,39 @@ test("a resubscribe refused as topic_full is sent again for a while: the slot ma
   assert.deepEqual(tries, [1, 2, 2, 2]);
   assert.deepEqual(errors, []);
 });
+
+test("a send that throws as held requests go out: each one is sent, rejected or still held, none is lost", async () => {
+  const got = [];
+  const server = await scripted((ws, n) => {
+    json(ws, { type: "welcome", client: "t", offset: 0, epoch: "e" });
+    ws.on("message", (data) => {
+      const frame = JSON.parse(data);
+      got.push([n, frame.payload]);
+      json(ws, { type: "ack", id: frame.id, delivered: [], offline: [], offsets: {} });
+    });
+  });
+  let sends = 0;
+  class Breaking extends WebSocket {
+    send(data) {
+      if (++sends === 2) throw new Error("the socket broke");
+      super.send(data);
+    }
+  }
+  const a = new Client(server.url, { WebSocket: Breaking, id: "t", backoff: { initial: 10, max: 10 } });
+  const seen = record(a);
+  try {
+    const outcomes = [];
+    [1, 2, 3].forEach((n, i) => a.send(["x"], n).then(() => (outcomes[i] = "acked"), (e) => (outcomes[i] = e.code)));
+    await a.connect();
+    await until(() => outcomes.filter(Boolean).length === 3, 5000, "every request settled");
+    // The first went out on a connection then dropped, the second may have: both
+    // are `disconnected`. The third, still held, went out on the next connection.
+    assert.deepEqual(outcomes, ["disconnected", "disconnected", "acked"]);
+    assert.deepEqual(got, [[1, 1], [2, 3]]);
+    assert.deepEqual(seen.disconnected, [{ code: 1006, reason: "send failed", reconnect: true }]);
+    assert.equal(seen.connected.length, 2);
+  } finally {
+    a.close();
+    await server.close();
+  }
+});
