@@ -94,6 +94,36 @@ test("subscribe: messages, join and leave reach the handlers; presence; unsubscr
   assert.throws(() => ann.subscribe("room:1"), /already subscribed/);
 });
 
+test("join and leave events missed while away are not replayed on resume; presence() then says who is there", async () => {
+  let away = false;
+  class Gated extends WebSocket {
+    constructor(url, protocols) {
+      // While away, every attempt goes to a port where nothing listens.
+      super(away ? "ws://127.0.0.1:9/ws" : url, protocols);
+    }
+  }
+  const ann = client({ id: "ann-away" }, { WebSocket: Gated });
+  const ben = client({ id: "ben-meanwhile" });
+  const seen = record(ann);
+  const joins = [];
+  const subscribed = [];
+  ann.subscribe("room:away", { join: (id) => joins.push(id), subscribed: (e) => subscribed.push(e) });
+  await Promise.all([ann.connect(), ben.connect()]);
+  await until(() => subscribed.length === 1, 5000, "ann's subscribe");
+  away = true;
+  await server.api("disconnect", { id: "ann-away", code: 4000 });
+  await until(() => seen.disconnected.length === 1, 5000, "ann's disconnect");
+  let benIn = false;
+  ben.subscribe("room:away", { subscribed: () => (benIn = true) });
+  await until(() => benIn, 5000, "ben's subscribe");
+  away = false;
+  await until(() => subscribed.length === 2, 5000, "ann's resubscribe");
+  assert.deepEqual(subscribed[1], { resumed: true, recovered: false, missed: undefined }, "room: keeps no history");
+  await new Promise((r) => setTimeout(r, 200));
+  assert.ok(!joins.includes("ben-meanwhile"), `joins: ${joins}`);
+  assert.deepEqual(await ann.presence("room:away"), { "ann-away": 1, "ben-meanwhile": 1 });
+});
+
 test("a topic with history: publishes carry offsets, and the subscription's messages carry them", async () => {
   const a = client({ id: "reader" });
   await a.connect();
