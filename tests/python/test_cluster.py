@@ -654,11 +654,11 @@ async def test_a_refresh_refuses_a_subscribe_that_waits_for_redis_when_it_no_lon
         redis.stop()
 
 
-@async_test
-async def test_a_subscribe_called_off_while_it_waits_is_answered_when_refused(cluster):
-    """A subscribe to a full topic, unsubscribed while it waits for Redis, is
-    still answered (`topic_full`): a client library waits for every answer.
-    Redis is slowed behind a proxy so that the unsubscribe comes first."""
+@contextlib.asynccontextmanager
+async def a_full_topic_and_a_client_on_a_slow_node(cluster):
+    """`chat:full` (namespace `chat:`, one subscriber at most) taken by a
+    client of a first node; a client `b` of a second node whose Redis is
+    behind a proxy the test can slow down. Yields (cluster, proxy, b)."""
     config = config_file('[[namespaces]]\nprefix = "chat:"\nmax_subscribers = 1\n')
     redis = Redis()
     proxy = Proxy(redis.port)
@@ -670,17 +670,26 @@ async def test_a_subscribe_called_off_while_it_waits_is_answered_when_refused(cl
             await a.send(json.dumps({"type": "subscribe", "topic": "chat:full", "id": 1}))
             assert (await recv_json(a))["type"] == "ack"
             async with client(None, "b", envelope=True, uri=url(slow, "b")) as b:
-                proxy.delay(0.3)
-                await b.send(json.dumps({"type": "subscribe", "topic": "chat:full", "id": 1}))
-                await b.send(json.dumps({"type": "unsubscribe", "topic": "chat:full", "id": 2}))
-                got = {m["id"]: m for m in [await recv_json(b), await recv_json(b)]}
-                proxy.delay(0)
-                assert got[2]["type"] == "ack", got
-                assert (got[1]["type"], got[1]["code"]) == ("error", "topic_full"), got
-                await nothing_before_marker(c, b, "b")
+                yield c, proxy, b
     finally:
         proxy.stop()
         redis.stop()
+
+
+@async_test
+async def test_a_subscribe_called_off_while_it_waits_is_answered_when_refused(cluster):
+    """A subscribe to a full topic, unsubscribed while it waits for Redis, is
+    still answered (`topic_full`): a client library waits for every answer.
+    Redis is slowed behind a proxy so that the unsubscribe comes first."""
+    async with a_full_topic_and_a_client_on_a_slow_node(cluster) as (c, proxy, b):
+        proxy.delay(0.3)
+        await b.send(json.dumps({"type": "subscribe", "topic": "chat:full", "id": 1}))
+        await b.send(json.dumps({"type": "unsubscribe", "topic": "chat:full", "id": 2}))
+        got = {m["id"]: m for m in [await recv_json(b), await recv_json(b)]}
+        proxy.delay(0)
+        assert got[2]["type"] == "ack", got
+        assert (got[1]["type"], got[1]["code"]) == ("error", "topic_full"), got
+        await nothing_before_marker(c, b, "b")
 
 
 @async_test
@@ -689,35 +698,22 @@ async def test_a_subscribe_sent_again_while_the_first_waits_gets_the_first_ones_
     answered with the first's outcome, after it: it was acked at once, and
     so told a client it was subscribed to a topic the first then found full.
     Redis is slowed behind a proxy so that both are sent before it answers."""
-    config = config_file('[[namespaces]]\nprefix = "chat:"\nmax_subscribers = 1\n')
-    redis = Redis()
-    proxy = Proxy(redis.port)
-    try:
-        c = cluster(1, redis=redis, extra=("--config", config))
-        slow = c.start_node(proxy.url)
-        c.nodes.append(slow)
-        async with client(None, "a", envelope=True, uri=url(c.nodes[0], "a")) as a:
-            await a.send(json.dumps({"type": "subscribe", "topic": "chat:full", "id": 1}))
-            assert (await recv_json(a))["type"] == "ack"
-            async with client(None, "b", envelope=True, uri=url(slow, "b")) as b:
-                proxy.delay(0.3)
-                for id_, topic in [(1, "chat:full"), (2, "chat:full"), (3, "chat:open"), (4, "chat:open")]:
-                    await b.send(json.dumps({"type": "subscribe", "topic": topic, "id": id_}))
-                got = [await recv_json(b) for _ in range(4)]
-                proxy.delay(0)
-                answers = {m["id"]: (m["type"], m.get("code")) for m in got}
-                assert answers == {1: ("error", "topic_full"), 2: ("error", "topic_full"),
-                                   3: ("ack", None), 4: ("ack", None)}, got
-                # Each after the first it repeats.
-                assert [m["id"] for m in got if m["id"] in (1, 2)] == [1, 2], got
-                assert [m["id"] for m in got if m["id"] in (3, 4)] == [3, 4], got
-                # Subscribed once: one publish, one delivery.
-                assert api(c.nodes[0], "POST", "/api/v1/publish", {"topic": "chat:open", "payload": "x"})[0] == 200
-                assert (await recv_json(b))["payload"] == "x"
-                await nothing_before_marker(c, b, "b")
-    finally:
-        proxy.stop()
-        redis.stop()
+    async with a_full_topic_and_a_client_on_a_slow_node(cluster) as (c, proxy, b):
+        proxy.delay(0.3)
+        for id_, topic in [(1, "chat:full"), (2, "chat:full"), (3, "chat:open"), (4, "chat:open")]:
+            await b.send(json.dumps({"type": "subscribe", "topic": topic, "id": id_}))
+        got = [await recv_json(b) for _ in range(4)]
+        proxy.delay(0)
+        answers = {m["id"]: (m["type"], m.get("code")) for m in got}
+        assert answers == {1: ("error", "topic_full"), 2: ("error", "topic_full"),
+                           3: ("ack", None), 4: ("ack", None)}, got
+        # Each after the first it repeats.
+        assert [m["id"] for m in got if m["id"] in (1, 2)] == [1, 2], got
+        assert [m["id"] for m in got if m["id"] in (3, 4)] == [3, 4], got
+        # Subscribed once: one publish, one delivery.
+        assert api(c.nodes[0], "POST", "/api/v1/publish", {"topic": "chat:open", "payload": "x"})[0] == 200
+        assert (await recv_json(b))["payload"] == "x"
+        await nothing_before_marker(c, b, "b")
 
 
 @async_test
