@@ -281,10 +281,16 @@ impl Streams {
             let index = store.index(restored.key.name());
             let mut shard = lock(&store.shards[index]);
             shard.bytes += STREAM_OVERHEAD + restored.key.name().len();
+            // A stream's places keep its offsets' order: a message may be
+            // stamped a little before one appended ahead of it (a send to many
+            // ids reads the time once), and a place out of turn would be
+            // skipped as stale, leaving its entry out of the cap's reach.
+            let mut at_ms = 0;
             for entry in &restored.entries {
                 shard.bytes += entry.cost();
                 shard.held += 1;
-                places[index].push((entry.at_ms, restored.key.clone(), entry.offset));
+                at_ms = entry.at_ms.max(at_ms);
+                places[index].push((at_ms, restored.key.clone(), entry.offset));
             }
             if restored.entries.is_empty() {
                 shard
@@ -495,7 +501,9 @@ impl Streams {
             shard.empties.push_front(kept);
         }
         // Places of streams written (or dropped) since they emptied.
-        if shard.empties.len() > shard.streams.len() + 64 {
+        // Twice the streams: a sweep frees at least as many places as it
+        // reads streams, so it costs a constant per place on average.
+        if shard.empties.len() > 2 * shard.streams.len() + 64 {
             let streams = &shard.streams;
             shard.empties.retain(|(key, top)| {
                 streams
@@ -805,7 +813,7 @@ mod tests {
             "the messages stayed"
         );
         let shard = lock(&streams.shards[streams.spread.shard(b"quiet-0", SHARDS)]);
-        assert!(shard.empties.len() <= shard.streams.len() + 64);
+        assert!(shard.empties.len() <= 2 * shard.streams.len() + 64);
     }
 
     /// Regression: a restored shard's eviction order was its streams'
@@ -848,6 +856,49 @@ mod tests {
         assert!(
             newer > 150 && older < 50,
             "held {newer} newer, {older} older"
+        );
+    }
+
+    /// Regression (review): a stream whose later message was stamped a
+    /// little earlier (a send to many ids reads the time once, before it
+    /// waits for each stream) had its places sorted out of offset order on
+    /// restore; eviction skipped the first as stale and never reached the
+    /// entry, which stayed out of the cap's reach.
+    #[test]
+    fn a_restored_stream_stamped_out_of_order_is_still_evicted() {
+        let now = now_ms();
+        let entry = |offset, at_ms| Entry {
+            offset,
+            from: None,
+            payload: "x".repeat(100).into(),
+            at_ms,
+        };
+        let shared = Restored {
+            key: inbox("shared"),
+            epoch: "e".into(),
+            top: 2,
+            entries: vec![entry(1, now - 1000), entry(2, now - 1001)],
+        };
+        let per_entry = ENTRY_OVERHEAD + 100;
+        let cap = SHARDS * (STREAM_OVERHEAD + 6 + 2 * per_entry);
+        let streams = Streams::restore(cap, Epochs::new("seed".into(), &[]), vec![shared]);
+        // Newer messages in the same stream push both old ones out.
+        for _ in 0..4 {
+            streams.append(
+                inbox("shared").borrowed(),
+                None,
+                "y".repeat(100).into(),
+                KEEP_ALL,
+                now,
+                |_, _, _| (),
+            );
+        }
+        let shard = lock(&streams.shards[streams.index("shared")]);
+        assert!(
+            shard.bytes <= streams.shard_cap,
+            "{} over {}",
+            shard.bytes,
+            streams.shard_cap
         );
     }
 
