@@ -208,7 +208,8 @@ pub struct Settings {
     /// Most of receive_budget_bytes the connections of one IP address may hold together (as
     /// max_connections_per_ip counts them; not applied when that is 0); a connection that finds
     /// its address's share spent is closed with 1013. 0: no share [default: a quarter of
-    /// receive_budget_bytes, at least receive_budget_per_connection_bytes]
+    /// receive_budget_bytes, at least receive_budget_per_connection_bytes; 0 when
+    /// max_connections_per_ip is raised above its default, as behind a reverse proxy]
     #[arg(
         long,
         env = "SWITCHBOARD_RECEIVE_BUDGET_PER_IP_BYTES",
@@ -555,6 +556,7 @@ impl Config {
     }
 
     fn resolve(s: Settings) -> anyhow::Result<Self> {
+        const MAX_CONNECTIONS_PER_IP: usize = 1000;
         let secs = |value: Option<u64>, default: u64| {
             Some(value.unwrap_or(default))
                 .filter(|s| *s > 0)
@@ -594,10 +596,19 @@ impl Config {
             max_inflate_bytes_per_sec: s.max_inflate_bytes_per_sec.unwrap_or(2 << 20),
             receive_budget_bytes,
             receive_budget_per_connection_bytes,
-            receive_budget_per_ip_bytes: s
-                .receive_budget_per_ip_bytes
-                .unwrap_or((receive_budget_bytes / 4).max(receive_budget_per_connection_bytes)),
-            max_connections_per_ip: s.max_connections_per_ip.unwrap_or(1000),
+            // No share unless asked for where one address is expected to
+            // carry many clients (max_connections_per_ip raised, as behind a
+            // reverse proxy, or 0): a quarter for all of them would refuse
+            // large messages a deployment took before.
+            receive_budget_per_ip_bytes: s.receive_budget_per_ip_bytes.unwrap_or(
+                match s.max_connections_per_ip.unwrap_or(MAX_CONNECTIONS_PER_IP) {
+                    1..=MAX_CONNECTIONS_PER_IP => {
+                        (receive_budget_bytes / 4).max(receive_budget_per_connection_bytes)
+                    }
+                    _ => 0,
+                },
+            ),
+            max_connections_per_ip: s.max_connections_per_ip.unwrap_or(MAX_CONNECTIONS_PER_IP),
             inbox_size: s.inbox_size.unwrap_or(100),
             inbox_ttl: Duration::from_secs(s.inbox_ttl_secs.unwrap_or(600)),
             engine: s.engine.unwrap_or(EngineKind::Memory),
@@ -1095,6 +1106,11 @@ mod tests {
                 .receive_budget_per_ip_bytes,
             0
         );
+        let proxied = load(&["--max-connections-per-ip", "100000"]).unwrap();
+        assert_eq!(proxied.receive_budget_per_ip_bytes, 0, "raised: no share");
+        let asked = ["--max-connections-per-ip", "100000"];
+        let asked = load(&[&asked[..], &["--receive-budget-per-ip-bytes", "9999999"]].concat());
+        assert_eq!(asked.unwrap().receive_budget_per_ip_bytes, 9_999_999);
         let config = load(&["--max-message-size", "1000"]).unwrap();
         assert_eq!(
             config.receive_budget_per_connection_bytes,

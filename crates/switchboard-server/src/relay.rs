@@ -47,6 +47,9 @@ pub enum RelayInfo {
         id: Option<Box<RawValue>>,
         /// The engine's answer.
         result: Result<Subscribed, SubscribeRefused>,
+        /// What the subscribe holds against the outbound budget, until its
+        /// answer is handled: what waits in the mailbox stays bounded.
+        held: Held,
     },
 }
 
@@ -300,13 +303,13 @@ impl Relay {
         let held = handle.outbox().hold(self.handling as usize);
         tokio::spawn(async move {
             let result = pending.await;
-            drop(held);
             // A connection that has gone drops the subscription with the message.
             let info = RelayInfo::Subscribed {
                 topic,
                 attempt,
                 id,
                 result,
+                held,
             };
             let _ = handle.send_own(info);
         });
@@ -878,6 +881,7 @@ impl Handler for Relay {
                 attempt,
                 id,
                 result,
+                held: _held,
             } => self.on_subscribed(&ctx.handle().outbox(), topic, attempt, id, result),
         }
     }

@@ -553,6 +553,16 @@ enum Subject<'a> {
     Topic(&'a str),
 }
 
+impl<'a> Subject<'a> {
+    /// Its stream, as the script names it: kind and name.
+    fn stream(&self) -> (&'static str, &'a str) {
+        match *self {
+            Self::Inbox(id) => ("i", id),
+            Self::Topic(topic) => ("t", topic),
+        }
+    }
+}
+
 fn subject(channel: &str) -> Option<Subject<'_>> {
     if let Some(id) = channel.strip_prefix("sb:c:i:") {
         Some(Subject::Inbox(id))
@@ -755,15 +765,10 @@ impl Delivery {
     /// change with the next message, be closed as having lost messages, and
     /// miss that one. Not waited for: one that fails is renewed next time.
     fn renew_positions(&self) {
-        let streams = self.streams.iter().filter_map(|(channel, local)| {
-            let on = local.conns.iter().any(|conn| conn.epoch.is_some());
-            match subject(channel)? {
-                Subject::Inbox(id) if on => Some(("i", id)),
-                Subject::Topic(topic) if on => Some(("t", topic)),
-                _ => None,
-            }
-        });
-        let streams: Vec<_> = streams.collect();
+        let streams: Vec<_> = (self.streams.iter())
+            .filter(|(_, local)| local.conns.iter().any(|conn| conn.epoch.is_some()))
+            .filter_map(|(channel, _)| Some(subject(channel)?.stream()))
+            .collect();
         for chunk in streams.chunks(RENEW_BATCH) {
             let args = chunk.iter().flat_map(|&(kind, name)| [kind, name]);
             drop(self.link.call("touch", super::args(args)));
@@ -888,10 +893,7 @@ impl Delivery {
         let Some(subject) = subject(channel) else {
             return;
         };
-        let (kind, name) = match subject {
-            Subject::Inbox(id) => ("i", id),
-            Subject::Topic(topic) => ("t", topic),
-        };
+        let (kind, name) = subject.stream();
         for _ in 0..16 {
             let Some(local) = self.streams.get(channel) else {
                 return;

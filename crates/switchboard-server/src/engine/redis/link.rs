@@ -31,7 +31,9 @@ use crate::metrics::Metrics;
 const STORING: &str = concat!("#!lua\n", include_str!("engine.lua"));
 /// The same script for the other operations, which Redis runs however full
 /// it is: leaves and parts free memory (and are owed), heartbeats keep the
-/// nodes' leases (a full Redis must not close every client), reads only read.
+/// nodes' leases (a full Redis must not close every client), and counts and
+/// presence pages read. (A stream read may make the meta hash of a stream
+/// never written: it stores.)
 const ALWAYS: &str = concat!("#!lua flags=allow-oom\n", include_str!("engine.lua"));
 
 /// Which of the two scripts a call runs.
@@ -46,7 +48,7 @@ impl Script {
     /// refused when Redis is full.
     fn of(op: &str) -> Self {
         match op {
-            "send" | "publish" | "connect" | "join" => Self::Storing,
+            "send" | "publish" | "connect" | "join" | "read" => Self::Storing,
             _ => Self::Always,
         }
     }
@@ -468,13 +470,23 @@ async fn send(
     if !refused.is_empty() {
         // Redis lost its script cache (a restart, a `SCRIPT FLUSH`): the
         // calls it refused did not run, but a pipeline is not atomic, and
-        // those before the loss did. Only the refused go again, once the
-        // scripts are loaded again (if another node reloaded them within the
-        // batch, calls after a refused one ran before it goes again).
+        // those before the loss did. Only refused calls go again, once the
+        // scripts are loaded again, and only those after which nothing ran:
+        // if another node reloaded the scripts within the batch, a call after
+        // a refused one ran first, and sending the refused one now would
+        // swap them (a connect after its own leave; two messages of one
+        // client). Those are answered unavailable, as not run. Owed calls
+        // (leaves, parts) go again whatever ran: each undoes its own field.
+        let last_ran = values.iter().rposition(|value| !is_noscript(value));
+        let again: Vec<usize> = (refused.into_iter())
+            .filter(|&i| last_ran.is_none_or(|ran| ran < i) || batch[i].retry)
+            .collect();
         let shas = load_scripts(conn).await?;
-        let again = run_batch(conn, &shas, refused.iter().map(|&i| &batch[i])).await?;
-        for (i, value) in refused.into_iter().zip(again) {
-            values[i] = value;
+        if !again.is_empty() {
+            let answers = run_batch(conn, &shas, again.iter().map(|&i| &batch[i])).await?;
+            for (i, value) in again.into_iter().zip(answers) {
+                values[i] = value;
+            }
         }
     }
     Ok(values
