@@ -34,6 +34,19 @@ const MAX_DELAY = 2 ** 31 - 1;
  * §5.6.2): the WebSocket constructor throws on anything else.
  */
 const SUBPROTOCOL = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
+/**
+ * Most held requests (resubscribes included) awaiting their answers at once as
+ * they go out after a welcome. The server refuses what is over its rate
+ * (`rate_limited`) and closes the connection with 1008 after
+ * `rate_limit_strikes` (default 20) refusals in a row: with this few out at
+ * once, a run of refusals stays short whatever the server's rates are.
+ */
+const WINDOW = 8;
+
+/** `ms`, give or take half: clients refused together do not all come back together. */
+function jitter(ms: number): number {
+  return ms * (0.5 + Math.random());
+}
 
 /** What a WebSocket implementation must offer: the browser's, Node 22's, or the `ws` package's. */
 export interface WebSocketLike {
@@ -155,6 +168,10 @@ interface Request {
   frame: Record<string, unknown>;
   resolve(value: any): void;
   reject(error: SwitchboardError): void;
+  /** The subscription a subscribe is for: not sent once it has ended, made afresh on each connection. */
+  join?: Subscription;
+  /** When a held request was first sent on this connection (its id then): one refused goes back to its place. */
+  order?: number;
 }
 
 type State = "idle" | "connecting" | "connected" | "closed";
@@ -194,7 +211,18 @@ export class Client extends Emitter<Events> {
   private renewTokenAt = 0;
   private nextId = 1;
   private readonly inflight = new Map<number, Request>();
+  /** Held requests (and resubscribes), in order: they go out through the window once connected. */
   private readonly queue: Request[] = [];
+  /** Held requests sent and not yet answered: at most WINDOW, one after a refusal. */
+  private sending = 0;
+  /** The window's pauses in a row with no answer accepted since: each waits twice as long. */
+  private pauses = 0;
+  /** The window's wait after a refusal for the rate. */
+  private pause?: ReturnType<typeof setTimeout>;
+  /** The last id sent when the window last paused: refusals of requests sent by then are part of that pause. */
+  private wave = 0;
+  /** A socket whose send threw: nothing more goes out on it before it is dropped. */
+  private broken?: WebSocketLike;
   private readonly waiting: Array<[() => void, (error: SwitchboardError) => void]> = [];
   private readonly subscriptions = new Map<string, Subscription>();
   /** The last inbox message seen. */
@@ -335,21 +363,30 @@ export class Client extends Emitter<Events> {
         // connection in its presence): again, unless the connection went
         // (the next one does not subscribe) or the topic was subscribed anew.
         if (!TRANSIENT.includes(error.code)) return;
-        return new Promise<void>((resolve) => setTimeout(resolve, AGAIN_MS)).then(() =>
+        return new Promise<void>((resolve) => setTimeout(resolve, jitter(AGAIN_MS))).then(() =>
           ws === this.ws && !this.subscriptions.has(topic) ? this.leave(topic) : undefined,
         );
       },
     );
   }
 
+  /** Subscribes `subscription`: at once, or behind the held requests while they go out. */
   private join(subscription: Subscription): void {
+    const request = this.subscribing(subscription);
+    if (this.draining()) this.hold(request);
+    else this.write(request);
+  }
+
+  /** The subscribe of `subscription`, and what to do with its answer. */
+  private subscribing(subscription: Subscription): Request {
     const since = subscription.since();
     const frame = { type: "subscribe", topic: subscription.topic, ...(since && subscription.resuming() ? { since } : {}) };
     const current = () => this.subscriptions.get(subscription.topic) === subscription;
     // Answered in the frame's own turn, not a promise's: the messages that
     // follow the ack may arrive in the same read, and must find it taken.
-    this.write({
+    return {
       frame,
+      join: subscription,
       resolve: (ack: SubscribeAck) => {
         if (current()) subscription.subscribed(ack);
       },
@@ -359,7 +396,7 @@ export class Client extends Emitter<Events> {
         const ws = this.ws;
         const full = error.code === "topic_full" && subscription.resuming();
         if (TRANSIENT.includes(error.code) || (full && subscription.fullFor(Date.now()) < FULL_GRACE_MS)) {
-          setTimeout(() => ws === this.ws && current() && this.join(subscription), AGAIN_MS);
+          setTimeout(() => ws === this.ws && current() && this.join(subscription), jitter(AGAIN_MS));
         } else if (error.code === "invalid_since") {
           // The server's stream is behind the client's position: start over, and say so.
           subscription.restart();
@@ -368,17 +405,104 @@ export class Client extends Emitter<Events> {
           this.end(subscription, error);
         }
       },
-    });
+    };
   }
 
-  /** Sends `frame` when connected, or holds it until the client is. */
+  /**
+   * Sends `frame` when connected, or holds it until the client is; while held
+   * requests go out, behind them, so that requests go out in the order made.
+   */
   private request<T>(frame: Record<string, unknown>): Promise<T> {
-    if (this.state === "connected") return this.transmit(frame);
+    if (this.state === "connected" && !this.draining()) return this.transmit(frame);
     if (this.state === "closed") return Promise.reject(new SwitchboardError("closed", "the client is closed"));
-    if (this.queue.length >= this.maxQueued) {
-      return Promise.reject(new SwitchboardError("queue_full", `offline, and ${this.maxQueued} requests already wait`));
+    if (this.queue.filter((request) => !request.join).length >= this.maxQueued) {
+      return Promise.reject(new SwitchboardError("queue_full", `${this.maxQueued} requests already wait to be sent`));
     }
-    return new Promise((resolve, reject) => this.queue.push({ frame, resolve, reject }));
+    return new Promise((resolve, reject) => this.hold({ frame, resolve, reject }));
+  }
+
+  /** Whether held requests are still going out (or may be refused and go out again). */
+  private draining(): boolean {
+    return this.queue.length > 0 || this.sending > 0;
+  }
+
+  /** Holds `request` behind the others, and sends what the window lets out. */
+  private hold(request: Request): void {
+    this.queue.push(request);
+    this.pump();
+  }
+
+  /**
+   * Sends held requests, in order, no faster than the server takes them: at
+   * most WINDOW await their answers at once, the next going out as one is
+   * answered. After a refusal for the rate the window waits (`slowDown`), then
+   * sends one at a time until one is accepted. A send that throws stops it:
+   * those not yet written stay held for the next connection.
+   */
+  private pump(): void {
+    while (this.state === "connected" && this.ws !== this.broken && this.pause === undefined) {
+      if (this.sending >= (this.pauses > 0 ? 1 : WINDOW)) return;
+      const request = this.queue.shift();
+      if (!request) return;
+      // A subscription that ended while its subscribe was held.
+      if (request.join && this.subscriptions.get(request.join.topic) !== request.join) continue;
+      request.order ??= this.nextId;
+      this.sending++;
+      if (!this.write(this.windowed(request, this.nextId))) return;
+    }
+  }
+
+  /**
+   * `request` as the window sends it, with `id`. Its answer frees its place.
+   * Refused for the rate, it was not acted on: it is held again, in its place
+   * before those not yet sent, and is not the application's to handle.
+   */
+  private windowed(request: Request, id: number): Request {
+    return {
+      frame: request.frame,
+      resolve: (answer) => {
+        this.sending--;
+        this.pauses = 0;
+        request.resolve(answer);
+        this.pump();
+      },
+      reject: (error) => {
+        this.sending--;
+        if (error.code === "rate_limited") {
+          let at = 0;
+          while (at < this.queue.length && (this.queue[at].order ?? Infinity) < (request.order as number)) at++;
+          this.queue.splice(at, 0, request);
+          this.slowDown(id);
+          return;
+        }
+        request.reject(error);
+        // Cut off, the rest stay held for the next connection.
+        if (error.code !== "disconnected") this.pump();
+      },
+    };
+  }
+
+  /**
+   * Pauses the window after the refusal of request `id` for the rate: about a
+   * second, and twice as long after each pause in a row with nothing accepted,
+   * up to 8 s (each give or take half). The server charges refused messages
+   * too, down to a debt of two seconds' worth, so the largest message it
+   * allows (twice its byte rate) may need four seconds of silence: the fourth
+   * pause in a row is at least that. After a pause the window sends one at a
+   * time until one is accepted, so a run of refusals is at most the WINDOW out
+   * when the first came and three more: 11, under the default 20 strikes.
+   */
+  private slowDown(id: number): void {
+    // Sent before the last pause began: refused in the same run, already paused for.
+    if (id <= this.wave) return;
+    this.wave = this.nextId - 1;
+    this.pause = setTimeout(
+      () => {
+        this.pause = undefined;
+        this.pump();
+      },
+      jitter(AGAIN_MS * 2 ** Math.min(this.pauses++, 3)),
+    );
   }
 
   /** Sends `frame` with a fresh id on the live connection. */
@@ -410,7 +534,9 @@ export class Client extends Emitter<Events> {
       // A socket whose send throws is dropped as a closed one is, and the
       // client reconnects: refusing this request alone would leave a live
       // connection without, say, the subscribe that failed. Dropped once what
-      // is under way (a welcome) is done with it.
+      // is under way (a welcome) is done with it; held requests wait for the
+      // next connection meanwhile.
+      this.broken = ws;
       queueMicrotask(() => this.lost(ws, 1006, "send failed"));
       return false;
     }
@@ -549,11 +675,8 @@ export class Client extends Emitter<Events> {
     this.state = "connected";
     this.scheduleRenewal();
     // Subscriptions first: a held publish to a topic this client reads then reaches it.
-    for (const subscription of this.subscriptions.values()) this.join(subscription);
-    // One at a time: when a send fails, those not yet written stay held for the next connection.
-    while (this.queue.length > 0) {
-      if (!this.write(this.queue.shift() as Request)) break;
-    }
+    this.queue.unshift(...Array.from(this.subscriptions.values(), (subscription) => this.subscribing(subscription)));
+    this.pump();
     for (const [resolve] of this.waiting.splice(0)) resolve();
     this.emit("connected", { client: frame.client, resumed, recovered, missed: resumed && recovered ? frame.missed : undefined });
   }
@@ -666,10 +789,14 @@ export class Client extends Emitter<Events> {
     this.timer = setTimeout(() => generation === this.generation && void this.open(++this.generation), delay);
   }
 
-  /** Drops the socket and fails what was sent on it. */
+  /** Drops the socket and fails what was sent on it; held requests stay held, resubscribes are made again. */
   private detach(): void {
     clearTimeout(this.timer);
     clearTimeout(this.renewal);
+    clearTimeout(this.pause);
+    this.pause = undefined;
+    this.pauses = 0;
+    this.broken = undefined;
     const ws = this.ws;
     this.ws = undefined;
     if (ws) {
@@ -683,6 +810,9 @@ export class Client extends Emitter<Events> {
     const cut = new SwitchboardError("disconnected", "the connection closed before the server answered; it may or may not have acted");
     for (const request of this.inflight.values()) request.reject(cut);
     this.inflight.clear();
+    const held = this.queue.filter((request) => !request.join);
+    for (const request of held) request.order = undefined;
+    this.queue.splice(0, this.queue.length, ...held);
   }
 
   /** Stops for good: closes, fails every held request and `connect()`, and says why. */

@@ -171,6 +171,40 @@ test("requests made before connecting are held in order and settle once connecte
   assert.deepEqual(got.message.map((m) => m.payload), [1, 2, 3]);
 });
 
+test("requests held while offline go out no faster than the server's rate: 100 sends of 40 KB, each acked once and in order, and no 1008", async () => {
+  let away = false;
+  class Gated extends WebSocket {
+    constructor(url, protocols) {
+      super(away ? "ws://127.0.0.1:9/ws" : url, protocols);
+    }
+  }
+  const a = client({ id: "bulk" }, { WebSocket: Gated });
+  const seen = record(a);
+  const subscribed = [];
+  a.subscribe("room:bulk", { subscribed: (e) => subscribed.push(e) });
+  await a.connect();
+  await until(() => subscribed.length === 1, 5000, "the subscribe");
+  away = true;
+  await server.api("disconnect", { id: "bulk", code: 4000 });
+  await until(() => seen.disconnected.length === 1, 5000, "the disconnect");
+  // 4 MB, twice the server's default burst of 2 MiB (rate_limit_bytes_per_sec).
+  const payload = "x".repeat(40_000);
+  const outcomes = [];
+  const track = (promise, i) => promise.then((ack) => (outcomes[i] = ack), (e) => (outcomes[i] = e.code));
+  for (let i = 0; i < 100; i++) track(a.send(["bulk-inbox"], { i, payload }), i);
+  // One made while the held ones go out goes out after them.
+  let later;
+  a.on("connected", () => (later ??= track(a.send(["bulk-inbox"], { i: 100 }), 100)));
+  away = false;
+  await until(() => outcomes.filter(Boolean).length === 101, 10_000, "every send settled");
+  assert.deepEqual(seen.disconnected.map((e) => e.code), [4000], "not closed for abuse (1008)");
+  assert.deepEqual(outcomes.filter((o) => typeof o === "string"), [], "every send acked");
+  const offsets = outcomes.map((ack) => ack.offsets["bulk-inbox"]);
+  // One offset each, in the order they were made: none was acted on twice, or out of turn.
+  assert.deepEqual(offsets, offsets.map((_, i) => offsets[0] + i));
+  assert.equal(subscribed.length, 2, "resubscribed");
+});
+
 test("close(): one disconnected event, and held or later requests reject with closed", async () => {
   const a = client({ id: "closer" });
   const seen = record(a);

@@ -269,3 +269,31 @@ test("a send that throws as held requests go out: each one is sent, rejected or 
     await server.close();
   }
 });
+
+test("a drop while held requests go out: at most 8 were out, they reject with disconnected, and the rest stay held for the next connection", async () => {
+  const got = [];
+  const server = await scripted((ws, n) => {
+    json(ws, { type: "welcome", client: "h", offset: 0, epoch: "e" });
+    // The first connection answers nothing, and drops.
+    if (n === 1) setTimeout(() => ws.close(1012), 200);
+    ws.on("message", (data) => {
+      const frame = JSON.parse(data);
+      got.push([n, frame.payload]);
+      if (n > 1) json(ws, { type: "ack", id: frame.id, delivered: [], offline: [], offsets: {} });
+    });
+  });
+  const a = new Client(server.url, { WebSocket, id: "h", backoff: { initial: 10, max: 10 } });
+  try {
+    const outcomes = [];
+    for (let i = 0; i < 20; i++) a.send(["x"], i).then(() => (outcomes[i] = "acked"), (e) => (outcomes[i] = e.code));
+    await a.connect();
+    await until(() => outcomes.filter(Boolean).length === 20, 5000, "every request settled");
+    const upTo = (k) => Array.from({ length: k }, (_, i) => i);
+    assert.deepEqual(got.filter(([n]) => n === 1).map(([, i]) => i), upTo(8));
+    assert.deepEqual(got.filter(([n]) => n === 2).map(([, i]) => i), upTo(20).slice(8));
+    assert.deepEqual(outcomes, [...Array(8).fill("disconnected"), ...Array(12).fill("acked")]);
+  } finally {
+    a.close();
+    await server.close();
+  }
+});
