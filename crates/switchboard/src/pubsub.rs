@@ -254,7 +254,16 @@ impl PubSub {
             return;
         };
         let _emitting = lock(&self.inner.emitting);
-        while let Some(event) = lock(&self.inner.events).pop_front() {
+        loop {
+            // Popped in a statement of its own: a `while let` keeps its
+            // scrutinee's guard for the whole body, so the queue stayed
+            // locked while the listener published, and a subscribe or
+            // unsubscribe holding that topic's shard (to queue its change)
+            // deadlocked with it.
+            let next = lock(&self.inner.events).pop_front();
+            let Some(event) = next else {
+                break;
+            };
             listener.changed(self, &event.topic, &event.client, event.change);
         }
     }

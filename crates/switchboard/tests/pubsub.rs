@@ -377,3 +377,43 @@ fn a_listener_hears_only_the_topics_it_wants() {
         [loud(PresenceChange::Joined), loud(PresenceChange::Left)]
     );
 }
+
+/// Publishes each change to its topic's subscribers, as the service's
+/// presence listener does.
+struct Announcer;
+
+impl PresenceListener for Announcer {
+    fn changed(&self, pubsub: &PubSub, topic: &str, _: &ClientId, _: PresenceChange) {
+        let event = PreparedMessage::text("change");
+        pubsub.publish(topic, &|_| event.clone());
+    }
+}
+
+/// Regression: the emitter held the event queue's lock while the listener
+/// published (a `while let` keeps its scrutinee's guard for the whole body),
+/// and an unsubscribe holding the topic's shard waited for that lock to
+/// queue its change: a deadlock (seen once in a JS client test run, with a
+/// gdb backtrace of the two threads). Two threads flip subscriptions to one
+/// topic whose listener publishes to it; each must finish.
+#[test]
+fn a_listener_that_publishes_does_not_deadlock_subscribes_on_its_topic() {
+    use switchboard::testing::Harness;
+    let pubsub = PubSub::with_listener(Announcer);
+    let (done, finished) = std::sync::mpsc::channel();
+    for client in ["ada", "bob"] {
+        let (pubsub, done) = (pubsub.clone(), done.clone());
+        std::thread::spawn(move || {
+            let outbox = Harness::new(Quiet).handle().outbox();
+            for _ in 0..3_000 {
+                let subscribed =
+                    pubsub.subscribe("room", client.into(), &outbox, Format::default(), None);
+                drop(subscribed);
+            }
+            let _ = done.send(());
+        });
+    }
+    for _ in 0..2 {
+        let finished = finished.recv_timeout(Duration::from_secs(30));
+        assert!(finished.is_ok(), "the flipping threads deadlocked");
+    }
+}
