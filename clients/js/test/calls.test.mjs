@@ -27,6 +27,17 @@ function client(auth, options = {}, url = server.url) {
   return c;
 }
 
+/** A WebSocket class that, while `away` is set, connects to a port where nothing listens: a client kept offline at will. */
+function gated() {
+  const gate = { away: false };
+  gate.WebSocket = class extends WebSocket {
+    constructor(url, protocols) {
+      super(gate.away ? "ws://127.0.0.1:9/ws" : url, protocols);
+    }
+  };
+  return gate;
+}
+
 before(async () => {
   server = await Server.start(["--config", configFile(NAMESPACES)]);
 });
@@ -95,14 +106,8 @@ test("subscribe: messages, join and leave reach the handlers; presence; unsubscr
 });
 
 test("join and leave events missed while away are not replayed on resume; presence() then says who is there", async () => {
-  let away = false;
-  class Gated extends WebSocket {
-    constructor(url, protocols) {
-      // While away, every attempt goes to a port where nothing listens.
-      super(away ? "ws://127.0.0.1:9/ws" : url, protocols);
-    }
-  }
-  const ann = client({ id: "ann-away" }, { WebSocket: Gated });
+  const gate = gated();
+  const ann = client({ id: "ann-away" }, { WebSocket: gate.WebSocket });
   const ben = client({ id: "ben-meanwhile" });
   const seen = record(ann);
   const joins = [];
@@ -110,13 +115,13 @@ test("join and leave events missed while away are not replayed on resume; presen
   ann.subscribe("room:away", { join: (id) => joins.push(id), subscribed: (e) => subscribed.push(e) });
   await Promise.all([ann.connect(), ben.connect()]);
   await until(() => subscribed.length === 1, 5000, "ann's subscribe");
-  away = true;
+  gate.away = true;
   await server.api("disconnect", { id: "ann-away", code: 4000 });
   await until(() => seen.disconnected.length === 1, 5000, "ann's disconnect");
   let benIn = false;
   ben.subscribe("room:away", { subscribed: () => (benIn = true) });
   await until(() => benIn, 5000, "ben's subscribe");
-  away = false;
+  gate.away = false;
   await until(() => subscribed.length === 2, 5000, "ann's resubscribe");
   assert.deepEqual(subscribed[1], { resumed: true, recovered: false, missed: undefined }, "room: keeps no history");
   await new Promise((r) => setTimeout(r, 200));
@@ -172,19 +177,14 @@ test("requests made before connecting are held in order and settle once connecte
 });
 
 test("requests held while offline go out no faster than the server's rate: 100 sends of 40 KB, each acked once and in order, and no 1008", async () => {
-  let away = false;
-  class Gated extends WebSocket {
-    constructor(url, protocols) {
-      super(away ? "ws://127.0.0.1:9/ws" : url, protocols);
-    }
-  }
-  const a = client({ id: "bulk" }, { WebSocket: Gated });
+  const gate = gated();
+  const a = client({ id: "bulk" }, { WebSocket: gate.WebSocket });
   const seen = record(a);
   const subscribed = [];
   a.subscribe("room:bulk", { subscribed: (e) => subscribed.push(e) });
   await a.connect();
   await until(() => subscribed.length === 1, 5000, "the subscribe");
-  away = true;
+  gate.away = true;
   await server.api("disconnect", { id: "bulk", code: 4000 });
   await until(() => seen.disconnected.length === 1, 5000, "the disconnect");
   // 4 MB, twice the server's default burst of 2 MiB (rate_limit_bytes_per_sec).
@@ -195,7 +195,7 @@ test("requests held while offline go out no faster than the server's rate: 100 s
   // One made while the held ones go out goes out after them.
   let later;
   a.on("connected", () => (later ??= track(a.send(["bulk-inbox"], { i: 100 }), 100)));
-  away = false;
+  gate.away = false;
   await until(() => outcomes.filter(Boolean).length === 101, 10_000, "every send settled");
   assert.deepEqual(seen.disconnected.map((e) => e.code), [4000], "not closed for abuse (1008)");
   assert.deepEqual(outcomes.filter((o) => typeof o === "string"), [], "every send acked");
