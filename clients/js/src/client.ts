@@ -241,6 +241,10 @@ export class Client extends Emitter<Events> {
     if ("id" in options && !CLIENT_ID.test(options.id)) {
       throw new TypeError(`invalid client id ${JSON.stringify(options.id)}: 1-128 characters of A-Z a-z 0-9 . _ ~ : @ -`);
     }
+    // Not the token itself in the message: it is a secret, and errors get logged.
+    if ("token" in options && (typeof options.token !== "string" || !SUBPROTOCOL.test(options.token.trim()))) {
+      throw new TypeError("invalid token: it cannot be sent as a WebSocket subprotocol (empty, or with spaces, commas or quotes)");
+    }
     this.auth = options;
     this.WebSocket = options.WebSocket;
     this.backoff = { ...BACKOFF, ...options.backoff };

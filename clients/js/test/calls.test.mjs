@@ -240,8 +240,11 @@ test("close() from a disconnected handler stops the reconnect it would have made
   assert.equal((await server.get("clients/handler-closes")).connections, 0);
 });
 
-test("client ids are checked at once; a missing WebSocket implementation is named", async () => {
+test("client ids and static tokens are checked at once; a missing WebSocket implementation is named", async () => {
   assert.throws(() => new Client(server.url, { id: "a b" }), TypeError);
+  for (const token of ["", " ", "a b", "a,b", '"ab"', 42]) {
+    assert.throws(() => new Client(server.url, { token }), { name: "TypeError", message: /^invalid token: / }, String(token));
+  }
   const bare = new Client(server.url, { id: "bare" });
   if (globalThis.WebSocket) {
     await bare.connect();
