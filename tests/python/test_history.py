@@ -312,6 +312,31 @@ def test_a_corrupt_snapshot_stops_the_start_unless_told_to_start_fresh(start_ser
     assert "could not be read" in server.logs()
 
 
+@pytest.mark.parametrize("path", ["/admin", "/metrics", "/client.js", "/admin/admin.js", "/e/:x"])
+@async_test
+async def test_a_start_refused_for_its_echo_path_keeps_the_snapshot(start_server, tmp_path, path):
+    """An echo path another route holds stopped the start with a panic after
+    binding, and the snapshot, used up by then, was lost. It is refused with
+    the configuration errors now, and the next start restores the history."""
+    data = str(tmp_path / "data")
+    server = start_server("--data-dir", data)
+    async with client(server, "kept", envelope=True) as kept:
+        epoch = kept.welcome["epoch"]
+        await asyncio.to_thread(api_send, server, ["kept"], "before")
+        assert [p for _, p in await positions(kept, 1)] == ["before"]
+    stop_gracefully(server)
+
+    refused = run_binary("--data-dir", data, "--echo-path", path)
+    stderr = refused.stderr.decode()
+    assert refused.returncode == 2, stderr
+    assert stderr.count("\n") == 1 and "echo_path" in stderr and "panicked" not in stderr, stderr
+    assert (tmp_path / "data" / "streams.snapshot").exists(), "not used up by a start that failed"
+
+    server = start_server("--data-dir", data)
+    async with client(server, "kept", envelope=True, uri=resume_url(server, "kept", epoch, 0)) as kept:
+        assert (kept.welcome["recovered"], kept.welcome["missed"]) == (True, 1), kept.welcome
+
+
 # --------------------------------------------------------------------------
 # Topics with history (a namespace's history_size)
 # --------------------------------------------------------------------------

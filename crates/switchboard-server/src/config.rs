@@ -724,13 +724,7 @@ impl Config {
             );
         }
         if let Some(path) = &config.echo_path {
-            let taken =
-                ["/", "/ws", "/healthz"].contains(&path.as_str()) || path.starts_with("/api/");
-            if !path.starts_with('/') || path.contains(['?', '#', '{', '}', '*']) || taken {
-                bail!(
-                    "echo_path must be a path of its own, such as /echo (not /, /ws, /healthz or under /api/): {path:?}"
-                );
-            }
+            check_echo_path(path)?;
         }
         if config.receive_budget_per_connection_bytes < config.max_message_size {
             bail!(
@@ -829,6 +823,40 @@ impl Config {
 
 /// A TOML error on one line, with its line and column in `text` when it has a
 /// place there (the library's own rendering quotes the source over several lines).
+/// Paths the service's own routes hold (app.rs, api.rs, admin.rs): the echo
+/// may take none of them, nor a path under `/api/` or `/admin/`.
+const RESERVED_PATHS: [&str; 7] = [
+    "/",
+    "/ws",
+    "/healthz",
+    "/client.js",
+    "/metrics",
+    "/api",
+    "/admin",
+];
+
+/// Refuses an echo path the router would reject or that another route holds:
+/// found only when the routes are built, after binding, it would stop the
+/// start with a panic.
+fn check_echo_path(path: &str) -> anyhow::Result<()> {
+    let taken = RESERVED_PATHS.contains(&path)
+        || ["/api/", "/admin/"]
+            .iter()
+            .any(|under| path.starts_with(under));
+    // The router's syntax: `{..}` captures, `*` and a leading `:` are refused.
+    let malformed = !path.starts_with('/')
+        || path.contains(['?', '#', '{', '}', '*'])
+        || path.split('/').any(|segment| segment.starts_with(':'));
+    if taken || malformed {
+        bail!(
+            "echo_path must be a path of its own, such as /echo (not {}, or under /api/ or \
+             /admin/): {path:?}",
+            RESERVED_PATHS.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn one_line(error: &toml::de::Error, text: &str) -> String {
     let message = error
         .message()
@@ -1136,6 +1164,12 @@ mod tests {
             "/ws",
             "/healthz",
             "/api/v1/echo",
+            "/api",
+            "/admin",
+            "/admin/admin.js",
+            "/metrics",
+            "/client.js",
+            "/e/:x",
             "echo",
             "/e/{x}",
             "/e?x",

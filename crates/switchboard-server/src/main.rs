@@ -62,7 +62,8 @@ fn fail(error: &anyhow::Error, code: ExitCode) -> ExitCode {
 fn serve(config: &Config) -> anyhow::Result<()> {
     logging::init(config.log_format, &config.log_level);
     // Read (not yet used up) before binding: a snapshot that cannot be read
-    // stops the start, and one read is not lost if binding fails.
+    // stops the start, and one read is not lost if binding fails (it is used
+    // up once the service is about to serve: `server::serve`).
     let (snapshot, _lock) = match &config.data_dir {
         Some(dir) => {
             let lock = snapshot::lock(dir)?;
@@ -85,15 +86,6 @@ fn serve(config: &Config) -> anyhow::Result<()> {
         };
         (listener, workers, api_listener)
     };
-    // Bound: the start is sure, so the snapshot is used up now, before the
-    // service says it is listening.
-    if let (Some(loaded), Some(dir)) = (&snapshot, &config.data_dir) {
-        snapshot::consume(dir)?;
-        tracing::info!(
-            streams = loaded.streams.len(),
-            "history restored from the last graceful stop"
-        );
-    }
     runtime
         .block_on(async {
             let addr = listener.local_addr()?;

@@ -30,7 +30,8 @@ pub struct Listeners {
 /// closes every connection with 1012 (service restart: come back and resume)
 /// and waits up to the drain time for them. Returns the engine, whose
 /// streams the caller saves once this runtime's tasks are gone (see
-/// [`save_history`]). `snapshot` is what the last graceful stop saved.
+/// [`save_history`]). `snapshot` is what the last graceful stop saved; its
+/// file in the data directory is removed once the service is about to serve.
 pub async fn serve(
     config: &Config,
     listeners: Listeners,
@@ -46,6 +47,7 @@ pub async fn serve(
         CloseCode::SERVICE_RESTART,
         "server restarting",
     ));
+    let restored = snapshot.as_ref().map(|loaded| loaded.streams.len());
     let hub = Arc::new(Hub::new(config, shutdown.clone(), snapshot)?);
     let tls = match &config.tls {
         Some(certificate) => {
@@ -63,9 +65,19 @@ pub async fn serve(
     };
     let api_routes = |loopback| api::router(hub.clone(), body, loopback);
     let mut main = app::router(hub.clone(), config.echo_path.as_deref());
-    let api_server = match api_listener {
-        Some(api_listener) => {
-            let loopback = api_listener.local_addr()?.ip().is_loopback();
+    let api_loopback = match &api_listener {
+        Some(api_listener) => Some(api_listener.local_addr()?.ip().is_loopback()),
+        None => None,
+    };
+    // The start is sure (the hub holds the history and the routes are built),
+    // and nothing is served yet: the snapshot is used up now, so that a start
+    // that fails keeps it, and a crash from here on never restores it twice.
+    if let (Some(streams), Some(dir)) = (restored, &config.data_dir) {
+        crate::snapshot::consume(dir)?;
+        tracing::info!(streams, "history restored from the last graceful stop");
+    }
+    let api_server = match api_listener.zip(api_loopback) {
+        Some((api_listener, loopback)) => {
             let router = api_routes(loopback).fallback(api::not_found);
             let stopped = stopping.clone().cancelled_owned();
             Some(tokio::spawn(serve_listener(
