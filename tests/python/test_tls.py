@@ -263,3 +263,66 @@ def test_certificate_files_that_cannot_serve_stop_the_start_with_a_clear_error(p
     )
     assert run.returncode == 2, run
     assert expected in run.stderr, run.stderr
+
+
+def masked_text(payload: bytes):
+    """A masked text frame, as a client sends it."""
+    mask = os.urandom(4)
+    n = len(payload)
+    assert 126 <= n < 65536
+    head = bytes([0x81, 0x80 | 126]) + n.to_bytes(2, "big")
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+@single_node
+def test_a_wss_client_that_stopped_reading_is_let_go_at_the_close_timeout(start_server, pki):
+    """Over TLS the encrypted bytes rustls still holds for a full socket kept
+    the writer from ever counting as flushed: once the close handshake's time
+    (5 s) was up, the connection neither ended nor slept, its task spinning on
+    a deadline already past, and the client stayed online for good. Now it
+    ends there, as over plain TCP."""
+    first = pki("first")
+    server = start_tls(
+        start_server,
+        first,
+        *("--max-outbound-bytes", "65536", "--max-message-size", "32768"),
+        *("--rate-limit-bytes-per-sec", "0", "--rate-limit-messages-per-sec", "0"),
+        *("--slow-consumer-timeout-secs", "1", "--hibernate-after-secs", "0"),
+    )
+    context = first.context()
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", server.port))
+    with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(
+            f"GET /ws?id=reader HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += tls.recv(1)
+        assert answer.startswith(b"HTTP/1.1 101"), answer
+        # Each one is answered with an error of 30 KB, which it never reads.
+        unknown = masked_text(json.dumps({"type": "teleport", "id": "x" * 30_000}).encode())
+        tls.settimeout(0.5)
+        flooding = time.monotonic() + 10
+        while time.monotonic() < flooding:
+            try:
+                tls.sendall(unknown)
+            except (ssl.SSLWantWriteError, OSError):  # a timeout: the server stopped reading
+                break
+        else:
+            pytest.fail("the server kept reading from a client that does not read")
+
+        def connections():
+            status, body = https(server, "/api/v1/clients/reader", context)
+            assert status == 200, body
+            return json.loads(body)["connections"]
+
+        assert connections() == 1
+        # The slow consumer's time (1 s), then the close handshake's (5 s).
+        deadline = time.monotonic() + 15
+        while connections() and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert connections() == 0, "still online 15 s after it was closed as a slow consumer"

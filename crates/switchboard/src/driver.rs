@@ -666,7 +666,7 @@ where
                 // Whatever the peer has not taken by now it will not take: a peer
                 // that stopped reading must not hold the connection open forever.
                 self.phase = Phase::Done;
-                self.writer.discard();
+                self.writer.abandon();
             }
             _ => {}
         }

@@ -86,6 +86,17 @@ impl Writer {
         self.scratch.clear();
     }
 
+    /// Gives up on the socket: drops what is unwritten, and counts it flushed
+    /// and shut, so the connection ends now (the socket closes as it is
+    /// dropped). Past the close timeout, waiting for a flush or a shutdown
+    /// could be for ever: over TLS, both wait on the encrypted bytes still
+    /// held for a peer that does not read.
+    pub(super) fn abandon(&mut self) {
+        self.discard();
+        self.flushed = true;
+        self.shut = true;
+    }
+
     /// Encodes `message` after the frames already gathered, charging it to the
     /// outbound budget. Returns the frame's length.
     pub(super) fn push_frame<I>(&mut self, message: &Message, mailbox: &Mailbox<I>) -> usize {
