@@ -609,6 +609,10 @@ where
             Message::Pong(_) => self.call(|handler, ctx| handler.handle_control(message, ctx)),
             Message::Close(reason) => {
                 if self.phase == Phase::Open {
+                    // What the mailbox took goes out first, as on a FIN: its
+                    // pushers were told it was queued (RFC 6455 §5.5.1 lets
+                    // the answer wait for what is being sent).
+                    self.queue_accepted_frames();
                     // Echo the peer's code (RFC 6455 §5.5.1); an empty close gets an empty one.
                     let echo = reason.as_ref().map(|r| CloseReason::new(r.code(), ""));
                     self.push_frame(Message::Close(echo));
@@ -676,6 +680,12 @@ where
     /// Encodes a frame for the writer, charging it to the outbound budget.
     /// `sent` bytes of it already went out in a direct write.
     fn enqueue(&mut self, frame: Outbound, sent: usize) {
+        // Nothing follows our close frame (RFC 6455 §5.5.1): not what a
+        // handler pushes behind it. Only the rest of a frame a direct write
+        // began would, which must go out whole, and is never pushed that late.
+        if self.phase != Phase::Open && sent == 0 {
+            return;
+        }
         let data = !frame.is_control();
         let len = match frame {
             Outbound::Prepared(message) => {

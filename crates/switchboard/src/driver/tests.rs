@@ -30,10 +30,44 @@ impl Handler for Echo {
 
 type Ended = Arc<std::sync::Mutex<Option<TerminateReason>>>;
 
+/// Echoes every data message through its own mailbox, as a message the
+/// service relays to its sender's own id reaches it.
+struct EchoByMail;
+
+impl Handler for EchoByMail {
+    type Info = ();
+    fn handle_in(&mut self, message: Message, ctx: &mut Context<'_, ()>) -> Outcome {
+        ctx.handle().push(message).expect("the mailbox takes it");
+        Outcome::Continue
+    }
+}
+
+/// Answers a message with a close, and pushes a message behind it.
+struct CloseThenMore;
+
+impl Handler for CloseThenMore {
+    type Info = ();
+    fn handle_in(&mut self, _message: Message, _ctx: &mut Context<'_, ()>) -> Outcome {
+        let close = Message::Close(Some(CloseReason::new(CloseCode::NORMAL, "bye")));
+        Outcome::Push(vec![close.into(), Message::text("after").into()])
+    }
+}
+
 /// A running driver for `Echo` over one end of a pipe; returns the other end
 /// (the client), the mailbox, whose queue size the tests watch, and where
 /// `terminate`'s reason lands.
 fn start(options: Options) -> (DuplexStream, Arc<Mailbox<()>>, Ended) {
+    let ended = Ended::default();
+    let (client, mailbox) = start_with(options, Echo(ended.clone()));
+    (client, mailbox, ended)
+}
+
+/// A running driver for `handler` over one end of a pipe: the other end and
+/// the mailbox.
+fn start_with<H: Handler<Info = ()>>(
+    options: Options,
+    handler: H,
+) -> (DuplexStream, Arc<Mailbox<()>>) {
     let (client, server) = tokio::io::duplex(PIPE);
     let mailbox = Arc::new(Mailbox::new(ConnId::next(), &options));
     let setup = Setup {
@@ -45,13 +79,12 @@ fn start(options: Options) -> (DuplexStream, Arc<Mailbox<()>>, Ended) {
         shutdown: None,
         on_failed: None,
     };
-    let ended = Ended::default();
-    let mut driver = Driver::new(server, Echo(ended.clone()), mailbox.clone(), setup);
+    let mut driver = Driver::new(server, handler, mailbox.clone(), setup);
     tokio::spawn(async move {
         std::future::poll_fn(|cx| driver.poll_run(cx)).await;
         driver.finish();
     });
-    (client, mailbox, ended)
+    (client, mailbox)
 }
 
 fn client_frame(opcode: OpCode, payload: &[u8]) -> BytesMut {
@@ -99,6 +132,31 @@ async fn pings_that_arrive_together_each_get_their_pong() {
     client.write_all(&pings).await.unwrap();
     let frames = read_frames(&mut client).await;
     assert_eq!(frames, vec![OpCode::Pong; 10]);
+}
+
+#[tokio::test]
+async fn frames_the_mailbox_took_go_out_before_the_answer_to_the_peers_close() {
+    let (mut client, _) = start_with(Options::default().ping_interval(None), EchoByMail);
+    // In one read: the message is handled (its echo mailed) before the close
+    // is decoded, and the mailbox had said it took the echo.
+    let mut both = client_frame(OpCode::Text, b"mailed");
+    both.extend_from_slice(&client_frame(OpCode::Close, &1000u16.to_be_bytes()));
+    client.write_all(&both).await.unwrap();
+    assert_eq!(
+        read_frames(&mut client).await,
+        vec![OpCode::Text, OpCode::Close]
+    );
+}
+
+#[tokio::test]
+async fn nothing_a_handler_pushes_behind_its_close_goes_out() {
+    let (mut client, mailbox) = start_with(Options::default().ping_interval(None), CloseThenMore);
+    client
+        .write_all(&client_frame(OpCode::Text, b"go"))
+        .await
+        .unwrap();
+    assert_eq!(read_frames(&mut client).await, vec![OpCode::Close]);
+    assert_eq!(mailbox.queued_bytes(), 0);
 }
 
 #[tokio::test]
