@@ -26,6 +26,7 @@ import json
 import os
 import socket
 import struct
+import subprocess
 import threading
 import time
 import urllib.request
@@ -36,6 +37,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from test_floods import (  # noqa: F401 (start_server is a fixture)
+    BIN,
     RssSampler,
     handshake,
     relay,
@@ -172,24 +174,75 @@ def test_unfinished_compressed_messages_are_held_to_the_receive_budget(start_ser
 
 
 def test_a_connection_over_its_share_is_closed_with_1009(start_server):
-    """A partial message of 200 KiB plus half of a 200 KiB frame: each under
-    max_message_size (256 KiB), together over the 256 KiB share."""
+    """The share at its least, max_message_size (256 KiB) plus 64 KiB: a
+    compressed message's first fragment inflated to 250 KiB, and 100 KiB of
+    its next fragment read, are each within max_message_size, and together
+    over the share."""
     size = 256 * 1024
     server = relay(
-        start_server, "--max-message-size", size, "--receive-budget-per-connection-bytes", size
+        start_server, "--max-message-size", size, "--receive-budget-per-connection-bytes", size + 64 * 1024
     )
-    raw = Raw(server, "/ws?id=greedy")
-    part = b"x" * (200 * 1024)
-    raw.sock.sendall(frame(OP_BINARY, part, fin=False))
-    raw.sock.sendall(frame(OP_CONT, part[: 100 * 1024], fin=False, declared=len(part)))
+    first = frame(OP_BINARY, deflated(b"\0" * (250 * 1024)), fin=False, rsv1=True)
+    raw = Raw(server, "/ws?id=greedy", headers=(DEFLATE,))
+    raw.sock.sendall(first)
+    raw.sock.sendall(frame(OP_CONT, os.urandom(100 * 1024), fin=False, declared=200 * 1024))
     code = raw.close_code()
     raw.close()
     assert code == 1009, code
     # Each part alone is within the share: a connection that stops there stays open.
-    raw = Raw(server, "/ws?id=fine")
-    raw.sock.sendall(frame(OP_BINARY, part, fin=False))
+    raw = Raw(server, "/ws?id=fine", headers=(DEFLATE,))
+    raw.sock.sendall(first)
     assert raw.close_code(timeout=1.0) is None
     raw.close()
+
+
+def echoed(raw, timeout=5.0):
+    """The first data frame the server sends back: (rsv1, payload)."""
+    raw.sock.settimeout(timeout)
+    buf = bytearray(raw.unread)
+    while (got := split_frame(buf)) is None:
+        data = raw.sock.recv(1 << 16)
+        assert data, "the connection ended"
+        buf += data
+    _, rsv1, opcode, payload = got
+    assert opcode == OP_BINARY, (opcode, payload[:40])
+    return rsv1, payload
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "deflate"])
+def test_a_message_of_the_largest_size_fits_the_least_share_however_it_arrives(start_server, compressed):
+    """The share at its least (max_message_size plus 64 KiB) takes a message of
+    exactly max_message_size that arrives in pieces, its frame headers and, when
+    compressed, a fragment read while the one before it is inflated; a share of
+    max_message_size itself closed such a message with 1009, and is refused now."""
+    size = 100_000
+    flags = ["--max-message-size", size, "--echo-path", "/echo"]
+    flags += ["--rate-limit-bytes-per-sec", 0, "--rate-limit-messages-per-sec", 0]
+    refused = subprocess.run(
+        [BIN, "serve", "--listen", "127.0.0.1:0", "--persist", "false", *map(str, flags),
+         "--receive-budget-per-connection-bytes", str(size)],
+        capture_output=True, timeout=10, text=True,
+    )
+    assert refused.returncode == 2 and "receive_budget_per_connection_bytes" in refused.stderr, refused
+    server = relay(start_server, *flags, "--receive-budget-per-connection-bytes", size + 64 * 1024)
+    message = os.urandom(size)
+    raw = Raw(server, "/echo", headers=(DEFLATE,) if compressed else ())
+    if compressed:
+        data = deflated(message)
+        cut = len(data) * 9 // 10
+        pieces = frame(OP_BINARY, data[:cut], fin=False, rsv1=True), frame(OP_CONT, data[cut:])
+    else:
+        pieces = (frame(OP_BINARY, message),)
+    for piece in pieces:
+        # All but the last byte, a pause, then the last: each piece is held whole.
+        raw.sock.sendall(piece[:-1])
+        time.sleep(0.2)
+        raw.sock.sendall(piece[-1:])
+    rsv1, payload = echoed(raw)
+    if rsv1:
+        payload = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
+    raw.close()
+    assert payload == message
 
 
 @pytest.mark.parametrize("share", [4 * MiB, 0], ids=["share", "no-share"])

@@ -197,7 +197,7 @@ pub struct Settings {
     pub receive_budget_bytes: Option<usize>,
 
     /// Most of receive_budget_bytes one connection may hold; over it the connection is closed with
-    /// 1009 [default: twice max_message_size, plus 65536]
+    /// 1009. At least max_message_size plus 65536 [default: twice max_message_size, plus 65536]
     #[arg(
         long,
         env = "SWITCHBOARD_RECEIVE_BUDGET_PER_CONNECTION_BYTES",
@@ -567,7 +567,7 @@ impl Config {
             s.max_message_size
                 .unwrap_or(1 << 20)
                 .saturating_mul(2)
-                .saturating_add(64 << 10),
+                .saturating_add(RECEIVE_SLACK),
         );
         let config = Self {
             listen: s
@@ -726,9 +726,13 @@ impl Config {
         if let Some(path) = &config.echo_path {
             check_echo_path(path)?;
         }
-        if config.receive_budget_per_connection_bytes < config.max_message_size {
+        let least = config.max_message_size.saturating_add(RECEIVE_SLACK);
+        if config.receive_budget_per_connection_bytes < least {
             bail!(
-                "receive_budget_per_connection_bytes must be at least max_message_size, or no message of that size could arrive"
+                "receive_budget_per_connection_bytes must be at least max_message_size plus \
+                 {RECEIVE_SLACK} ({least}): what a connection holds counts its frame headers \
+                 and the rest of a read, and with less a message of the largest size could be \
+                 closed with 1009 as it arrives"
             );
         }
         if config.receive_budget_bytes < config.receive_budget_per_connection_bytes {
@@ -823,6 +827,11 @@ impl Config {
 
 /// A TOML error on one line, with its line and column in `text` when it has a
 /// place there (the library's own rendering quotes the source over several lines).
+/// Room a connection's receive share has beyond one message of the largest
+/// size: frame headers, a read that ends inside the next message, and a
+/// compressed fragment read while the ones before it are inflated.
+const RECEIVE_SLACK: usize = 64 << 10;
+
 /// Paths the service's own routes hold (app.rs, api.rs, admin.rs): the echo
 /// may take none of them, nor a path under `/api/` or `/admin/`.
 const RESERVED_PATHS: [&str; 7] = [
@@ -1146,6 +1155,24 @@ mod tests {
         );
         let share_too_small = load(&["--receive-budget-per-connection-bytes", "1000"]);
         assert!(format!("{:#}", share_too_small.unwrap_err()).contains("max_message_size"));
+        // One message of the largest size, with its header, must always fit.
+        let exactly = ["--max-message-size", "100000"];
+        let exactly = [
+            &exactly[..],
+            &["--receive-budget-per-connection-bytes", "100000"],
+        ]
+        .concat();
+        assert!(format!("{:#}", load(&exactly).unwrap_err()).contains("165536"));
+        let floor = ["--max-message-size", "100000"];
+        let floor = [
+            &floor[..],
+            &["--receive-budget-per-connection-bytes", "165536"],
+        ]
+        .concat();
+        assert_eq!(
+            load(&floor).unwrap().receive_budget_per_connection_bytes,
+            165_536
+        );
         let budget_too_small = load(&["--receive-budget-bytes", "1000"]);
         assert!(format!("{:#}", budget_too_small.unwrap_err()).contains("receive_budget_bytes"));
     }
