@@ -72,6 +72,12 @@ impl Layout {
         if !self.per_core {
             return Ok((listen(addr)?, Vec::new()));
         }
+        if addr.port() != 0 {
+            // SO_REUSEPORT lets any process of this user share the port, and
+            // the kernel would split the clients between two servers: a plain
+            // bind finds one that listens there, as it does without per-core.
+            new_socket(addr)?.bind(addr)?;
+        }
         let first = reuse_port_listener(addr)?;
         let addr = first.local_addr()?;
         let workers = (1..self.threads)

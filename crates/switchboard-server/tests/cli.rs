@@ -80,3 +80,48 @@ fn an_address_in_use_is_one_line_and_exit_code_1() {
     let line = one_line_failure(&output, 1);
     assert!(line.contains(&format!("binding {addr}")), "{line}");
 }
+
+/// With thread-per-core every socket is bound with SO_REUSEPORT, which lets
+/// another process of the same user bind the same port: a second instance
+/// started silently, and the kernel split the clients between two servers.
+#[test]
+fn a_port_another_instance_serves_thread_per_core_is_in_use() {
+    use std::io::{BufRead, BufReader};
+    let per_core = ["--scheduler", "thread-per-core", "--workers", "2"];
+    let mut first = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--persist", "false"])
+        .args(per_core)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(first.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    let mut second = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["serve", "--listen", &addr, "--persist", "false"])
+        .args(per_core)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while second.try_wait().unwrap().is_none() && started.elapsed().as_secs() < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let running = second.try_wait().unwrap().is_none();
+    for process in [&mut first, &mut second] {
+        let _ = process.kill();
+    }
+    first.wait().unwrap();
+    let second = second.wait_with_output().unwrap();
+    assert!(!running, "a second instance started on {addr}");
+    let line = one_line_failure(&second, 1);
+    assert!(line.contains(&format!("binding {addr}")), "{line}");
+}
