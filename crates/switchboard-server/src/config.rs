@@ -535,7 +535,7 @@ impl Config {
             None => toml::Table::new(),
         };
         // Unset options serialise to nothing, so only what was given overrides the file.
-        let given = toml::Table::try_from(&args.settings)?;
+        let given = toml::Table::try_from(&args.settings).map_err(|_| too_large(&args.settings))?;
         for pair in EITHER_OF {
             for (this, other) in [(pair[0], pair[1]), (pair[1], pair[0])] {
                 if given.contains_key(this) {
@@ -544,9 +544,7 @@ impl Config {
             }
         }
         table.extend(given);
-        let settings: Settings = table
-            .try_into()
-            .map_err(|e| anyhow::anyhow!("invalid configuration: {}", one_line(&e, "")))?;
+        let settings: Settings = table.clone().try_into().map_err(|e| invalid(&table, &e))?;
         let config = Self::resolve(settings)?;
         config.check_exposure()?;
         // The keys are read and checked now, so that a bad one stops the service
@@ -557,6 +555,16 @@ impl Config {
 
     fn resolve(s: Settings) -> anyhow::Result<Self> {
         const MAX_CONNECTIONS_PER_IP: usize = 1000;
+        check_durations(&s)?;
+        let at_least_one = [
+            ("api_max_body_bytes", s.api_max_body_bytes.map(|n| n as u64)),
+            ("api_body_timeout_secs", s.api_body_timeout_secs),
+            ("rate_limit_strikes", s.rate_limit_strikes.map(u64::from)),
+            ("jwt_jwks_refresh_secs", s.jwt_jwks_refresh_secs),
+        ];
+        if let Some((name, _)) = at_least_one.iter().find(|(_, value)| *value == Some(0)) {
+            bail!("{name} must be at least 1");
+        }
         let secs = |value: Option<u64>, default: u64| {
             Some(value.unwrap_or(default))
                 .filter(|s| *s > 0)
@@ -592,7 +600,7 @@ impl Config {
             max_topics_per_connection: s.max_topics_per_connection.unwrap_or(100),
             rate_limit_messages_per_sec: s.rate_limit_messages_per_sec.unwrap_or(100),
             rate_limit_bytes_per_sec: s.rate_limit_bytes_per_sec.unwrap_or(1 << 20),
-            rate_limit_strikes: s.rate_limit_strikes.unwrap_or(20).max(1),
+            rate_limit_strikes: s.rate_limit_strikes.unwrap_or(20),
             max_inflate_bytes_per_sec: s.max_inflate_bytes_per_sec.unwrap_or(2 << 20),
             receive_budget_bytes,
             receive_budget_per_connection_bytes,
@@ -653,7 +661,7 @@ impl Config {
             },
             metrics_auth: s.metrics_auth.unwrap_or(MetricsAuth::ApiKey),
             api_max_body_bytes: s.api_max_body_bytes.unwrap_or(1 << 20),
-            api_body_timeout: Duration::from_secs(s.api_body_timeout_secs.unwrap_or(10).max(1)),
+            api_body_timeout: Duration::from_secs(s.api_body_timeout_secs.unwrap_or(10)),
             jwt: JwtConfig {
                 hs256_secret: match (s.jwt_hs256_secret, s.jwt_hs256_secret_file) {
                     (Some(_), Some(_)) => {
@@ -673,7 +681,7 @@ impl Config {
                 jwks_url: match s.jwt_jwks_url {
                     Some(url) => Some(crate::jwks::JwksUrl::parse(
                         &url,
-                        Duration::from_secs(s.jwt_jwks_refresh_secs.unwrap_or(300).max(1)),
+                        Duration::from_secs(s.jwt_jwks_refresh_secs.unwrap_or(300)),
                         s.jwt_jwks_ca_file,
                     )?),
                     None => None,
@@ -827,6 +835,33 @@ impl Config {
 
 /// A TOML error on one line, with its line and column in `text` when it has a
 /// place there (the library's own rendering quotes the source over several lines).
+/// The longest any `_secs` setting may be: ten years, far past any use, and
+/// far from where a deadline (now plus the setting) overflows and panics.
+const MAX_SECS: u64 = 10 * 365 * 24 * 3600;
+
+/// Refuses a duration over [`MAX_SECS`], naming the setting.
+fn check_durations(s: &Settings) -> anyhow::Result<()> {
+    let settings = [
+        ("idle_timeout_secs", s.idle_timeout_secs),
+        ("ping_interval_secs", s.ping_interval_secs),
+        ("hibernate_after_secs", s.hibernate_after_secs),
+        ("slow_consumer_timeout_secs", s.slow_consumer_timeout_secs),
+        ("shutdown_drain_secs", s.shutdown_drain_secs),
+        ("inbox_ttl_secs", s.inbox_ttl_secs),
+        ("redis_position_ttl_secs", s.redis_position_ttl_secs),
+        ("api_body_timeout_secs", s.api_body_timeout_secs),
+        ("jwt_jwks_refresh_secs", s.jwt_jwks_refresh_secs),
+    ];
+    let namespaces = s.namespaces.iter().flatten();
+    let ttls = namespaces.map(|ns| ("a namespace's history_ttl_secs", Some(ns.history_ttl_secs)));
+    for (name, value) in settings.into_iter().chain(ttls) {
+        if let Some(value) = value.filter(|v| *v > MAX_SECS) {
+            bail!("{name} is {value}, and may be at most {MAX_SECS} (ten years)");
+        }
+    }
+    Ok(())
+}
+
 /// Room a connection's receive share has beyond one message of the largest
 /// size: frame headers, a read that ends inside the next message, and a
 /// compressed fragment read while the ones before it are inflated.
@@ -864,6 +899,48 @@ fn check_echo_path(path: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Settings whose values are secrets (a Redis URL may hold a password):
+/// an error about one never shows its value.
+const SECRETS: [&str; 3] = ["api_keys", "jwt_hs256_secret", "redis_url"];
+
+/// The error for a merged configuration that does not deserialize, naming
+/// the setting at fault: serde's message alone names only the value (`invalid
+/// type: string "...", expected a sequence`), which may be a secret.
+fn invalid(table: &toml::Table, error: &toml::de::Error) -> anyhow::Error {
+    let wrong = table.iter().find_map(|(key, value)| {
+        let alone = toml::Table::from_iter([(key.clone(), value.clone())]);
+        Some(key).zip(alone.try_into::<Settings>().err())
+    });
+    match wrong {
+        Some((key, _)) if SECRETS.contains(&key.as_str()) => anyhow::anyhow!(
+            "invalid configuration: {key} is not of the type it takes (its value is a secret, \
+             and is not shown)"
+        ),
+        Some((key, error)) => {
+            anyhow::anyhow!("invalid configuration: {key}: {}", one_line(&error, ""))
+        }
+        None => anyhow::anyhow!("invalid configuration: {}", one_line(error, "")),
+    }
+}
+
+/// The error for a flag or environment variable whose number a setting
+/// cannot hold (over `i64::MAX`, TOML's largest), naming it.
+fn too_large(settings: &Settings) -> anyhow::Error {
+    let json = serde_json::to_value(settings).unwrap_or_default();
+    let named = json.as_object().and_then(|fields| {
+        fields
+            .iter()
+            .find(|(_, value)| value.as_u64().is_some_and(|n| i64::try_from(n).is_err()))
+    });
+    match named {
+        Some((key, value)) => anyhow::anyhow!(
+            "{key} is {value}, over the most any setting takes ({})",
+            i64::MAX
+        ),
+        None => anyhow::anyhow!("a setting given as a flag or in the environment cannot be read"),
+    }
 }
 
 fn one_line(error: &toml::de::Error, text: &str) -> String {
@@ -988,6 +1065,77 @@ mod tests {
         }
         let cli = Cli::parse_from(["x", "--slow-consumer-close-code", "4499"]);
         assert!(Config::load(&cli.args).is_ok());
+    }
+
+    #[test]
+    fn a_wrong_value_names_its_setting_and_never_shows_a_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("typed.toml");
+        let file = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            let error = load(&["--config", path.to_str().unwrap()]).unwrap_err();
+            format!("{error:#}")
+        };
+        let error = file("max_targets = 5\napi_keys = \"sup3r-s3cret-key\"\n");
+        assert!(
+            error.contains("api_keys") && !error.contains("sup3r"),
+            "{error}"
+        );
+        let error = file("redis_url = [\"redis://:hunter2@db\"]\n");
+        assert!(
+            error.contains("redis_url") && !error.contains("hunter2"),
+            "{error}"
+        );
+        let error = file("max_targets = \"five\"\n");
+        assert!(
+            error.contains("max_targets") && error.contains("five"),
+            "{error}"
+        );
+        let error = format!(
+            "{:#}",
+            load(&["--history-max-bytes", &u64::MAX.to_string()]).unwrap_err()
+        );
+        assert!(error.contains("history_max_bytes"), "{error}");
+    }
+
+    #[test]
+    fn durations_past_ten_years_and_zeros_that_mean_nothing_are_refused() {
+        let huge = i64::MAX.to_string();
+        for flag in [
+            "--shutdown-drain-secs",
+            "--idle-timeout-secs",
+            "--inbox-ttl-secs",
+        ] {
+            let error = format!("{:#}", load(&[flag, &huge]).unwrap_err());
+            let name = flag.trim_start_matches("--").replace('-', "_");
+            assert!(
+                error.contains(&name) && error.contains("ten years"),
+                "{error}"
+            );
+        }
+        assert!(load(&["--shutdown-drain-secs", &MAX_SECS.to_string()]).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ns.toml");
+        let ttl = format!("[[namespaces]]\nprefix = \"a:\"\nhistory_ttl_secs = {huge}\n");
+        std::fs::write(&path, ttl).unwrap();
+        let error = format!(
+            "{:#}",
+            load(&["--config", path.to_str().unwrap()]).unwrap_err()
+        );
+        assert!(error.contains("history_ttl_secs"), "{error}");
+        for flag in [
+            "--api-max-body-bytes",
+            "--api-body-timeout-secs",
+            "--rate-limit-strikes",
+            "--jwt-jwks-refresh-secs",
+        ] {
+            let error = format!("{:#}", load(&[flag, "0"]).unwrap_err());
+            let name = flag.trim_start_matches("--").replace('-', "_");
+            assert!(
+                error.contains(&format!("{name} must be at least 1")),
+                "{error}"
+            );
+        }
     }
 
     fn load(flags: &[&str]) -> anyhow::Result<Config> {
