@@ -188,8 +188,9 @@ pub struct BodyRules {
 
 /// Reads the request body before any handler does: 413 at once for a
 /// `Content-Length` over the limit (without waiting for the body), 413 for a
-/// body that grows over it, and 408 for one that does not arrive whole in time,
-/// so a stalled client cannot hold a request open.
+/// body that grows over it, 400 for one malformed on the wire (bad chunked
+/// encoding), and 408 for one that does not arrive whole in time, so a
+/// stalled client cannot hold a request open.
 async fn read_body(rules: BodyRules, request: Request, next: Next) -> Response {
     let declared = request
         .headers()
@@ -211,7 +212,19 @@ async fn read_body(rules: BodyRules, request: Request, next: Next) -> Response {
     let read = axum::body::to_bytes(body, rules.max_bytes);
     let bytes = match tokio::time::timeout(rules.read_timeout, read).await {
         Ok(Ok(bytes)) => bytes,
-        Ok(Err(_)) => return too_large(),
+        Ok(Err(error)) => {
+            let error = error.into_inner();
+            if error.is::<http_body_util::LengthLimitError>() {
+                return too_large();
+            }
+            // Not the client's size: a body cut off or malformed on the wire.
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidRequest,
+                format!("the request body could not be read: {error}"),
+            )
+            .into_response();
+        }
         Err(_) => {
             return ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,

@@ -123,7 +123,8 @@ pub struct Settings {
     #[arg(long, env = "SWITCHBOARD_MAX_OUTBOUND_BYTES", value_name = "BYTES")]
     pub max_outbound_bytes: Option<usize>,
 
-    /// Close code for slow consumers: 1008 (policy) or 1013 (try again later) [default: 1013]
+    /// Close code for slow consumers: 1008 (policy), 1013 (try again later), 4000 or 4002-4499
+    /// [default: 1013]
     #[arg(
         long,
         env = "SWITCHBOARD_SLOW_CONSUMER_CLOSE_CODE",

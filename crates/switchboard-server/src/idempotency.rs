@@ -151,6 +151,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_retry_during_the_first_run_waits_for_it_and_other_keys_do_not() {
+        let keys = Idempotency::default();
+        let (release, held) = tokio::sync::oneshot::channel::<()>();
+        let first = keys.run("send", "k", async {
+            held.await.unwrap();
+            Ok::<_, ()>(Value::from(1))
+        });
+        let retry = keys.run("send", "k", async { Ok::<_, ()>(Value::from(2)) });
+        let other = keys.run("send", "other", async { Ok::<_, ()>(Value::from(3)) });
+        let (mut first, mut retry) = (Box::pin(first), Box::pin(retry));
+        // The first holds its key; the other key runs meanwhile.
+        assert!(futures_util::poll!(&mut first).is_pending());
+        assert_eq!(other.await.unwrap().get(), "3");
+        assert!(
+            futures_util::poll!(&mut retry).is_pending(),
+            "the retry waits"
+        );
+        release.send(()).unwrap();
+        assert_eq!(first.await.unwrap().get(), "1");
+        assert_eq!(retry.await.unwrap().get(), "1", "the first's result");
+    }
+
+    #[tokio::test]
     async fn a_failed_run_stores_nothing() {
         let keys = Idempotency::default();
         let failed = keys.run("send", "k", async { Err::<Value, _>("down") });

@@ -261,6 +261,14 @@ async fn errors_are_json_with_stable_codes() {
         assert_eq!(status, 400, "{bad}: {body}");
         assert!(body.contains("invalid_json"), "{bad}: {body}");
     }
+    // A body malformed on the wire is no larger than the limit: 400, not 413.
+    let request = format!(
+        "POST /api/v1/send HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: Bearer {KEY}\r\n\
+         Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n"
+    );
+    let (status, body) = raw_http(server.addr, &request).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("invalid_request"), "{body}");
 }
 
 #[tokio::test]
