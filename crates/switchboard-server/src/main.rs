@@ -86,35 +86,40 @@ fn serve(config: &Config) -> anyhow::Result<()> {
         };
         (listener, workers, api_listener)
     };
+    let addr = listener.local_addr()?;
+    let api_addr = api_listener.as_ref().map(|api| api.local_addr()).transpose()?;
+    // Once the start is sure, just before serving (see `server::serve`).
+    let announce = || -> anyhow::Result<()> {
+        // Before saying it listens: a SIGHUP from then on (a renewal hook,
+        // or a log rotation's or a service manager's reload) must reload
+        // the certificate, or do nothing without TLS, and never kill the
+        // process with the default action. tokio keeps a handler for good
+        // once installed, so this one holds until the reload task listens.
+        #[cfg(unix)]
+        drop(tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::hangup(),
+        )?);
+        // Tests and scripts read these lines to find port-0 listeners.
+        println!("listening on {addr}");
+        if let Some(api_addr) = api_addr {
+            println!("api listening on {api_addr}");
+        }
+        let scheme = if config.tls.is_some() { "wss" } else { "ws" };
+        tracing::info!(
+            %addr,
+            workers = layout.threads(),
+            "switchboard listening; clients connect to {scheme}://{addr}/ws"
+        );
+        Ok(())
+    };
     runtime
         .block_on(async {
-            let addr = listener.local_addr()?;
-            // Before saying it listens: a SIGHUP from then on (a renewal hook,
-            // or a log rotation's or a service manager's reload) must reload
-            // the certificate, or do nothing without TLS, and never kill the
-            // process with the default action. tokio keeps a handler for good
-            // once installed, so this one holds until the reload task listens.
-            #[cfg(unix)]
-            drop(tokio::signal::unix::signal(
-                tokio::signal::unix::SignalKind::hangup(),
-            )?);
-            // Tests and scripts read these lines to find port-0 listeners.
-            println!("listening on {addr}");
-            if let Some(api) = &api_listener {
-                println!("api listening on {}", api.local_addr()?);
-            }
-            let scheme = if config.tls.is_some() { "wss" } else { "ws" };
-            tracing::info!(
-                %addr,
-                workers = layout.threads(),
-                "switchboard listening; clients connect to {scheme}://{addr}/ws"
-            );
             let listeners = server::Listeners {
                 main: listener,
                 workers,
                 api: api_listener,
             };
-            server::serve(config, listeners, snapshot, server::signal()).await
+            server::serve(config, listeners, snapshot, announce, server::signal()).await
         })
         .and_then(|engine| {
             // The runtime's tasks (an HTTP request still in flight past the drain

@@ -31,11 +31,13 @@ pub struct Listeners {
 /// and waits up to the drain time for them. Returns the engine, whose
 /// streams the caller saves once this runtime's tasks are gone (see
 /// [`save_history`]). `snapshot` is what the last graceful stop saved; its
-/// file in the data directory is removed once the service is about to serve.
+/// file in the data directory is removed once the service is about to serve,
+/// and then `announce` says it listens.
 pub async fn serve(
     config: &Config,
     listeners: Listeners,
     snapshot: Option<Loaded>,
+    announce: impl FnOnce() -> anyhow::Result<()>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Arc<dyn Engine>> {
     let Listeners {
@@ -76,6 +78,7 @@ pub async fn serve(
         crate::snapshot::consume(dir)?;
         tracing::info!(streams, "history restored from the last graceful stop");
     }
+    announce()?;
     let api_server = match api_listener.zip(api_loopback) {
         Some((api_listener, loopback)) => {
             let router = api_routes(loopback).fallback(api::not_found);
