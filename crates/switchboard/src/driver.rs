@@ -276,6 +276,8 @@ where
             driver.quiet = Some(Box::new(Quiet::new(period)));
         }
         if !early.is_empty() {
+            // What `init` queued (a welcome) goes before any answer.
+            driver.queue_mailed_frames();
             driver.read_buf.extend_from_slice(early);
             driver.decode_messages();
             driver.account_received();
@@ -478,6 +480,18 @@ where
         true
     }
 
+    /// Moves the frames the mailbox holds now into the writer. Between the
+    /// messages of one read: frames the handler's own calls queued there (a
+    /// subscribe's replay, its join event, `init`'s welcome) go out before the
+    /// answer to the next message, which the handler writes straight to the
+    /// writer, and which would otherwise overtake them.
+    pub(super) fn queue_mailed_frames(&mut self) {
+        let mut drained = std::mem::take(&mut self.inbox);
+        self.handle.mailbox().take_frames(&mut drained);
+        self.enqueue_drained_frames(&mut drained);
+        self.inbox = drained;
+    }
+
     /// Hands frames taken from the mailbox to the writer.
     fn enqueue_drained_frames(&mut self, drained: &mut Drained<H::Info>) {
         let mut sent = std::mem::take(&mut drained.partial);
@@ -544,6 +558,8 @@ where
     }
 
     fn decode_messages(&mut self) {
+        // A read that holds one message, as most do, takes no mailbox lock.
+        let mut handled = false;
         while matches!(self.phase, Phase::Open | Phase::Closing) && !self.intake.paused() {
             if self.phase == Phase::Open && self.outbound_full() {
                 // One read can hold many small messages, each asking for a
@@ -555,7 +571,13 @@ where
             let decoded = self.decoder.next(&mut self.read_buf);
             self.intake.charge(&mut self.decoder);
             match decoded {
-                Ok(Some(message)) => self.on_message(message),
+                Ok(Some(message)) => {
+                    let data = matches!(message, Message::Text(_) | Message::Binary(_));
+                    if data && std::mem::replace(&mut handled, true) && self.phase == Phase::Open {
+                        self.queue_mailed_frames();
+                    }
+                    self.on_message(message);
+                }
                 Ok(None) => break,
                 Err(error) => {
                     self.on_protocol_error(error);

@@ -33,10 +33,7 @@ where
     /// must not be dropped because the FIN was read before the mailbox.
     pub(super) fn queue_accepted_frames(&mut self) {
         self.handle.mailbox().refuse_new();
-        let mut drained = std::mem::take(&mut self.inbox);
-        self.handle.mailbox().take_frames(&mut drained);
-        self.enqueue_drained_frames(&mut drained);
-        self.inbox = drained;
+        self.queue_mailed_frames();
     }
 
     pub(super) fn on_protocol_error(&mut self, error: ProtocolError) {

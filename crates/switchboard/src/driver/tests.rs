@@ -42,6 +42,27 @@ impl Handler for EchoByMail {
     }
 }
 
+/// Mails a welcome from `init`; answers `sub` with an ack and mails a replay
+/// behind it (as a subscribe with history does); answers anything else.
+struct Ordered;
+
+impl Handler for Ordered {
+    type Info = ();
+    fn init(&mut self, ctx: &mut Context<'_, ()>) -> Outcome {
+        ctx.handle().push(Message::text("welcome")).unwrap();
+        Outcome::Continue
+    }
+    fn handle_in(&mut self, message: Message, ctx: &mut Context<'_, ()>) -> Outcome {
+        let Message::Text(text) = message else {
+            return Outcome::Continue;
+        };
+        if text.as_str() == "sub" {
+            ctx.handle().push(Message::text("replay")).unwrap();
+        }
+        Outcome::push(Message::text(format!("ack {}", text.as_str())))
+    }
+}
+
 /// Answers a message with a close, and pushes a message behind it.
 struct CloseThenMore;
 
@@ -60,6 +81,46 @@ fn start(options: Options) -> (DuplexStream, Arc<Mailbox<()>>, Ended) {
     let ended = Ended::default();
     let (client, mailbox) = start_with(options, Echo(ended.clone()));
     (client, mailbox, ended)
+}
+
+/// A driver for `handler` started as an upgrade starts one: `init` has run,
+/// and `early` (bytes that came with the handshake) is decoded.
+fn start_early<H: Handler<Info = ()>>(handler: H, early: &[u8]) -> DuplexStream {
+    let (client, server) = tokio::io::duplex(PIPE);
+    let options = Options::default().ping_interval(None);
+    let mailbox = Arc::new(Mailbox::new(ConnId::next(), &options));
+    let setup = Setup {
+        role: Role::Server,
+        options,
+        deflate: None,
+        peer_context: None,
+        protocol: None,
+        shutdown: None,
+        on_failed: None,
+    };
+    let mut driver = Driver::start(server, handler, mailbox, setup, None, early);
+    tokio::spawn(async move {
+        std::future::poll_fn(|cx| driver.poll_run(cx)).await;
+        driver.finish();
+    });
+    client
+}
+
+/// The text messages the pipe holds now, in order.
+async fn read_texts(client: &mut DuplexStream) -> Vec<String> {
+    let mut buf = BytesMut::new();
+    let mut decoder = FrameDecoder::new(Role::Client, 1 << 20, false);
+    let mut texts = Vec::new();
+    loop {
+        while let Some(frame) = decoder.decode(&mut buf).unwrap() {
+            texts.push(String::from_utf8(frame.payload.to_vec()).unwrap());
+        }
+        let read = tokio::time::timeout(Duration::from_millis(200), client.read_buf(&mut buf));
+        match read.await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return texts,
+        }
+    }
 }
 
 /// A running driver for `handler` over one end of a pipe: the other end and
@@ -145,6 +206,26 @@ async fn frames_the_mailbox_took_go_out_before_the_answer_to_the_peers_close() {
     assert_eq!(
         read_frames(&mut client).await,
         vec![OpCode::Text, OpCode::Close]
+    );
+}
+
+#[tokio::test]
+async fn what_a_message_mailed_goes_out_before_the_answer_to_the_next_one() {
+    // The welcome, and both messages, come with the handshake.
+    let mut early = client_frame(OpCode::Text, b"sub");
+    early.extend_from_slice(&client_frame(OpCode::Text, b"next"));
+    let mut client = start_early(Ordered, &early);
+    assert_eq!(
+        read_texts(&mut client).await,
+        ["welcome", "ack sub", "replay", "ack next"]
+    );
+    // And within one read later on.
+    let mut both = client_frame(OpCode::Text, b"sub");
+    both.extend_from_slice(&client_frame(OpCode::Text, b"again"));
+    client.write_all(&both).await.unwrap();
+    assert_eq!(
+        read_texts(&mut client).await,
+        ["ack sub", "replay", "ack again"]
     );
 }
 
