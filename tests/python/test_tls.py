@@ -120,6 +120,11 @@ async def test_clients_relay_over_wss_and_backends_push_over_https(start_server,
         assert bob.transport.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
     status, text = await asyncio.to_thread(https, server, "/metrics", context)
     assert status == 200 and metric(text, "switchboard_connections_opened_total") == 2
+    # A client that speaks HTTP/2 only is refused in the TLS handshake.
+    h2_only = first.context()
+    h2_only.set_alpn_protocols(["h2"])
+    with pytest.raises(ssl.SSLError, match="(?i)no.application.protocol"):
+        await asyncio.to_thread(served_certificate, server, h2_only)
 
 
 @single_node

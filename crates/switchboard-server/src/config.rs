@@ -254,11 +254,16 @@ pub struct Settings {
 
     /// Redis for --engine redis: redis://[:password@]host:port/db (plain TCP)
     /// [default: redis://127.0.0.1:6379/0]
-    #[arg(long, env = "SWITCHBOARD_REDIS_URL", value_name = "URL")]
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub redis_url: Option<String>,
 
     /// Cluster mode: how long a node's place in the cluster outlives its last heartbeat to Redis
-    /// (five a lease). A crashed node's clients count as offline this long after it died; a node
+    /// (five a lease). A crashed node's clients still count as online for this long after it died; a node
     /// cut off from Redis this long closes its clients with 1012; a pub/sub connection that
     /// leaves a command unanswered this long is replaced. 2 to 15 [default: 5]
     #[arg(long, env = "SWITCHBOARD_NODE_LEASE_SECS", value_name = "SECS")]
@@ -282,8 +287,8 @@ pub struct Settings {
 
     /// Cluster mode: how long Redis keeps a stream's epoch and last offset after its last use (a
     /// write, a read, a connect or subscribe; a node renews those its clients are on), and so how
-    /// late a client may resume and be told recovered:true. At least inbox_ttl_secs and every
-    /// history_ttl_secs [default: 86400]
+    /// late a client may resume and be told recovered:true. Raised to inbox_ttl_secs or the longest
+    /// history_ttl_secs when one is longer [default: 86400]
     #[arg(long, env = "SWITCHBOARD_REDIS_POSITION_TTL_SECS", value_name = "SECS")]
     pub redis_position_ttl_secs: Option<u64>,
 
@@ -1145,8 +1150,12 @@ mod tests {
 
     #[test]
     fn settings_that_could_never_work_are_refused_with_the_reason() {
-        let cases: [(&[&str], &str); 4] = [
+        let cases: [(&[&str], &str); 5] = [
             (&["--jwt-leeway-secs", "9999999999"], "at most 86400"),
+            (
+                &["--max-outbound-bytes", "1000", "--max-message-size", "1001"],
+                "max_outbound_bytes must be at least max_message_size",
+            ),
             (
                 &["--rate-limit-bytes-per-sec", "262144"],
                 "half of max_message_size",

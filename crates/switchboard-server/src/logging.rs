@@ -1,5 +1,5 @@
 //! Log setup: human-readable lines by default, JSON with `--log-format json`.
-//! Logs go to stderr; stdout carries only the `listening on` line.
+//! Logs go to stderr; stdout carries only the `listening on` lines.
 
 use std::io::IsTerminal;
 

@@ -87,7 +87,10 @@ fn serve(config: &Config) -> anyhow::Result<()> {
         (listener, workers, api_listener)
     };
     let addr = listener.local_addr()?;
-    let api_addr = api_listener.as_ref().map(|api| api.local_addr()).transpose()?;
+    let api_addr = api_listener
+        .as_ref()
+        .map(|api| api.local_addr())
+        .transpose()?;
     // Once the start is sure, just before serving (see `server::serve`).
     let announce = || -> anyhow::Result<()> {
         // Before saying it listens: a SIGHUP from then on (a renewal hook,
@@ -99,17 +102,18 @@ fn serve(config: &Config) -> anyhow::Result<()> {
         drop(tokio::signal::unix::signal(
             tokio::signal::unix::SignalKind::hangup(),
         )?);
-        // Tests and scripts read these lines to find port-0 listeners.
-        println!("listening on {addr}");
-        if let Some(api_addr) = api_addr {
-            println!("api listening on {api_addr}");
-        }
         let scheme = if config.tls.is_some() { "wss" } else { "ws" };
         tracing::info!(
             %addr,
             workers = layout.threads(),
             "switchboard listening; clients connect to {scheme}://{addr}/ws"
         );
+        // Tests and scripts read these lines to find port-0 listeners (and
+        // find the log line above written by then).
+        println!("listening on {addr}");
+        if let Some(api_addr) = api_addr {
+            println!("api listening on {api_addr}");
+        }
         Ok(())
     };
     runtime

@@ -171,6 +171,16 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv4_mapped_ipv6_address_counts_as_the_ipv4_one() {
+        let limit = PeerLimit::new(2, None);
+        let _held = limit.admit("192.0.2.7".parse().unwrap()).unwrap();
+        let _mapped = limit.admit("::ffff:192.0.2.7".parse().unwrap()).unwrap();
+        assert_eq!(limit.count("192.0.2.7".parse().unwrap()), 2);
+        assert!(limit.admit("::ffff:192.0.2.7".parse().unwrap()).is_err());
+        assert!(limit.admit("192.0.2.8".parse().unwrap()).is_ok());
+    }
+
+    #[test]
     fn an_address_holds_at_most_max_and_gets_its_places_back() {
         let limit = PeerLimit::new(2, None);
         let a: IpAddr = "10.0.0.1".parse().unwrap();

@@ -455,6 +455,10 @@ fn help_never_prints_secret_values() {
             "very-secret-value-for-the-help-test",
         )
         .env("SWITCHBOARD_API_KEYS", "secret-api-key-for-the-help-test")
+        .env(
+            "SWITCHBOARD_REDIS_URL",
+            "redis://:redis-password-for-the-help@db:6379/0",
+        )
         .output()
         .unwrap();
     let help = String::from_utf8_lossy(&output.stdout);
@@ -463,7 +467,9 @@ fn help_never_prints_secret_values() {
         "{help}"
     );
     assert!(
-        !help.contains("very-secret-value") && !help.contains("secret-api-key"),
+        !help.contains("very-secret-value")
+            && !help.contains("secret-api-key")
+            && !help.contains("redis-password"),
         "{help}"
     );
 }

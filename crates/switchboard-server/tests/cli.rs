@@ -125,3 +125,31 @@ fn a_port_another_instance_serves_thread_per_core_is_in_use() {
     let line = one_line_failure(&second, 1);
     assert!(line.contains(&format!("binding {addr}")), "{line}");
 }
+
+/// `RUST_LOG`, when set, wins over `--log-level`.
+#[test]
+fn rust_log_wins_over_the_log_level() {
+    use std::io::{BufRead, BufReader};
+    let logs = |rust_log: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--persist", "false"])
+            .args(["--log-level", "off"])
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(filter) = rust_log {
+            command.env("RUST_LOG", filter);
+        }
+        let mut server = command.spawn().unwrap();
+        // Ready once it says it listens; what it logged by then is on stderr.
+        let mut line = String::new();
+        BufReader::new(server.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        server.kill().unwrap();
+        String::from_utf8_lossy(&server.wait_with_output().unwrap().stderr).into_owned()
+    };
+    assert!(!logs(None).contains("switchboard listening"));
+    assert!(logs(Some("info")).contains("switchboard listening"));
+}
