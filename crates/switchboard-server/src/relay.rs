@@ -162,7 +162,7 @@ impl Relay {
         let result = match kind {
             "send" => self.send(&inbound, ctx),
             "subscribe" => self.subscribe(&inbound, ctx),
-            "unsubscribe" => self.unsubscribe(&inbound),
+            "unsubscribe" => self.unsubscribe(&inbound, ctx),
             "publish" => self.publish(&inbound, ctx),
             "presence" => self.presence(&inbound, ctx),
             "status" => self.status(&inbound, ctx),
@@ -271,7 +271,7 @@ impl Relay {
                 if let Some(id) = id {
                     let held = ctx.handle().outbox().hold(self.handling as usize);
                     let again = topics.again.entry(attempt).or_default();
-                    again.push((id.to_owned(), held));
+                    again.push((After::Same(id.to_owned()), held));
                 }
                 return Ok(None);
             }
@@ -415,10 +415,13 @@ impl Relay {
                 (Some(error), Some(refusal))
             }
         };
-        let again = again.into_iter().map(|(id, _held)| match &refused {
-            Some(refusal) => self.refusal_text(refusal, Some(&id)),
-            None => wire::ack(&id, Some(&topic)),
-        });
+        let again = again
+            .into_iter()
+            .map(|(after, _held)| match (after, &refused) {
+                (After::Same(id), Some(refusal)) => self.refusal_text(refusal, Some(&id)),
+                (After::Same(id), None) => wire::ack(&id, Some(&topic)),
+                (After::Then(text), _) => text,
+            });
         // Through the outbox, as a subscription's start goes: behind it.
         for text in first.into_iter().chain(again) {
             self.answers.send(outbox, text);
@@ -426,21 +429,34 @@ impl Relay {
         Outcome::Continue
     }
 
-    fn unsubscribe(&mut self, inbound: &Inbound<'_>) -> Result<Option<String>, Refusal> {
+    fn unsubscribe(
+        &mut self,
+        inbound: &Inbound<'_>,
+        ctx: &Context<'_, RelayInfo>,
+    ) -> Result<Option<String>, Refusal> {
         let topic = required(inbound.topic.as_deref(), "topic")?;
+        let ack = self.acked(inbound, |id| wire::ack(id, Some(topic)));
+        let handling = self.handling as usize;
+        let Some(topics) = self.topics.as_deref_mut() else {
+            return Err(not_subscribed(topic));
+        };
+        if topics.subscribed.remove(topic).is_some() {
+            return Ok(ack);
+        }
         // A subscribe still awaiting the engine is called off: its answer
         // finds the topic gone from `joining`, and lets the subscription go.
-        let left = self
-            .topics
-            .as_deref_mut()
-            .is_some_and(|topics| topics.leave(topic));
-        if !left {
-            return Err((
-                ErrorCode::NotSubscribed,
-                format!("not subscribed to {topic:?}"),
-            ));
+        // This ack follows that answer, so that the last word on the topic is
+        // the unsubscribe's (sent now, it came before the subscribe's ack).
+        let attempt = topics
+            .joining
+            .remove(topic)
+            .ok_or_else(|| not_subscribed(topic))?;
+        if let Some(ack) = ack {
+            let held = ctx.handle().outbox().hold(handling);
+            let after = topics.again.entry(attempt).or_default();
+            after.push((After::Then(ack), held));
         }
-        Ok(self.acked(inbound, |id| wire::ack(id, Some(topic))))
+        Ok(None)
     }
 
     fn publish(
@@ -615,7 +631,7 @@ impl Relay {
             .cloned()
             .collect();
         for topic in &revoked {
-            topics.leave(topic);
+            topics.subscribed.remove(topic);
         }
         revoked
     }
@@ -739,9 +755,9 @@ struct Topics {
     /// Each with the number of its attempt: an answer to an attempt called
     /// off (unsubscribed, then subscribed again) is told from the new one's.
     joining: HashMap<Arc<str>, u64>,
-    /// The ids of subscribes sent again while an attempt waited, by attempt:
-    /// each held against the outbound budget until it is answered.
-    again: HashMap<u64, Vec<(Box<RawValue>, Held)>>,
+    /// What is answered after an attempt, by attempt, in the order the
+    /// client asked: each held against the outbound budget until then.
+    again: HashMap<u64, Vec<(After, Held)>>,
     attempts: u64,
 }
 
@@ -767,11 +783,22 @@ impl Topics {
         }
         live
     }
+}
 
-    /// Drops the subscription, or calls off the subscribe; false if neither was there.
-    fn leave(&mut self, topic: &str) -> bool {
-        self.subscribed.remove(topic).is_some() || self.joining.remove(topic).is_some()
-    }
+/// An answer that waits for a subscribe's attempt.
+enum After {
+    /// The same subscribe sent again (this is its id): it gets the
+    /// attempt's outcome.
+    Same(Box<RawValue>),
+    /// The ack of an unsubscribe that called the attempt off.
+    Then(String),
+}
+
+fn not_subscribed(topic: &str) -> Refusal {
+    (
+        ErrorCode::NotSubscribed,
+        format!("not subscribed to {topic:?}"),
+    )
 }
 
 /// Whether a message type needs `switchboard.v1` (its answers are typed frames).
