@@ -472,6 +472,20 @@ mod tests {
     }
 
     #[test]
+    fn a_field_given_twice_is_refused_and_unknown_keys_are_ignored() {
+        for twice in [
+            r#"{"id":1,"id":2,"targets":[],"payload":1}"#,
+            r#"{"targets":[],"targets":["a"],"payload":1}"#,
+            r#"{"type":"publish","type":"send","targets":[],"payload":1}"#,
+        ] {
+            let (code, message) = parse(twice).unwrap_err();
+            assert_eq!(code, ErrorCode::InvalidMessage, "{twice}");
+            assert!(message.contains("duplicate field"), "{message}");
+        }
+        assert!(parse(r#"{"x":1,"x":2,"targets":[],"payload":1}"#).is_ok());
+    }
+
+    #[test]
     fn classifies_errors() {
         assert_eq!(parse("{nope").unwrap_err().0, ErrorCode::InvalidJson);
         assert_eq!(parse("").unwrap_err().0, ErrorCode::InvalidJson);
