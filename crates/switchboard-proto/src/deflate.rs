@@ -77,6 +77,11 @@ pub struct DeflateParams {
     pub client_no_context_takeover: bool,
     /// The server's LZ77 window, as a power of two.
     pub server_max_window_bits: u8,
+    /// The client's offer named `server_max_window_bits`: the answer names it
+    /// too, even at 15 (RFC 7692 §7.1.2.1: a server accepts that parameter by
+    /// answering with it, and a client may fail a connection whose answer
+    /// lacks it).
+    pub server_window_asked: bool,
     /// Compression level, 0-9.
     pub level: u32,
     /// Messages shorter than this are sent uncompressed.
@@ -93,7 +98,7 @@ impl DeflateParams {
         if self.client_no_context_takeover {
             out.push_str("; client_no_context_takeover");
         }
-        if self.server_max_window_bits != MAX_WINDOW_BITS {
+        if self.server_window_asked || self.server_max_window_bits != MAX_WINDOW_BITS {
             out.push_str(&format!(
                 "; server_max_window_bits={}",
                 self.server_max_window_bits
@@ -146,6 +151,7 @@ fn accept_offer(offer: &str, options: &DeflateOptions) -> Option<DeflateParams> 
         server_no_context_takeover: options.prefer_no_context_takeover,
         client_no_context_takeover: options.require_client_no_context_takeover,
         server_max_window_bits: MAX_WINDOW_BITS,
+        server_window_asked: false,
         level: options.level.min(9),
         min_size: options.min_size,
     };
@@ -155,6 +161,7 @@ fn accept_offer(offer: &str, options: &DeflateOptions) -> Option<DeflateParams> 
             ("client_no_context_takeover", None) => params.client_no_context_takeover = true,
             ("server_max_window_bits", Some(bits)) => {
                 params.server_max_window_bits = window_bits(bits)?;
+                params.server_window_asked = true;
                 if params.server_max_window_bits < MIN_WINDOW_BITS {
                     return None;
                 }
@@ -171,10 +178,17 @@ fn accept_offer(offer: &str, options: &DeflateOptions) -> Option<DeflateParams> 
 }
 
 /// The `name[=value]` parameters of one extension, or `None` if a name is
-/// repeated (RFC 7692 §7: that makes an offer, or an answer, invalid).
+/// repeated (RFC 7692 §7: that makes an offer, or an answer, invalid), or if
+/// there are more than the four names RFC 7692 defines (one of them is then
+/// unknown or repeated: invalid too, and each one read is compared with those
+/// before it, so a header of thousands would cost millions of comparisons).
 fn parameters<'a>(parts: impl Iterator<Item = &'a str>) -> Option<Vec<(&'a str, Option<&'a str>)>> {
+    const DEFINED: usize = 4;
     let mut params: Vec<(&str, Option<&str>)> = Vec::new();
     for part in parts {
+        if params.len() == DEFINED {
+            return None;
+        }
         let (name, value) = match part.split_once('=') {
             Some((name, value)) => (name.trim(), Some(value.trim().trim_matches('"'))),
             None => (part, None),
@@ -249,6 +263,7 @@ pub fn client_accept(
         server_no_context_takeover: true,
         client_no_context_takeover: false,
         server_max_window_bits: MAX_WINDOW_BITS,
+        server_window_asked: false,
         level: options.level.min(9),
         min_size: options.min_size,
     };
@@ -606,6 +621,7 @@ mod tests {
             server_no_context_takeover: no_context,
             client_no_context_takeover: false,
             server_max_window_bits: window_bits,
+            server_window_asked: false,
             level,
             min_size: 0,
         }
@@ -635,6 +651,27 @@ mod tests {
         assert_eq!(
             p.response_header(),
             "permessage-deflate; client_no_context_takeover; server_max_window_bits=10"
+        );
+        // Named in the offer, named in the answer, even at its default.
+        let p = negotiate("permessage-deflate; server_max_window_bits=15", &opts()).unwrap();
+        assert_eq!(
+            p.response_header(),
+            "permessage-deflate; server_max_window_bits=15"
+        );
+    }
+
+    #[test]
+    fn an_offer_with_more_parameters_than_defined_is_declined_at_the_fifth() {
+        let known = "permessage-deflate; server_no_context_takeover; client_no_context_takeover; \
+                     server_max_window_bits=12; client_max_window_bits";
+        assert!(negotiate(known, &opts()).is_some());
+        assert_eq!(negotiate(&format!("{known}; x"), &opts()), None);
+        // Thousands of names are read up to the fifth (each was compared with
+        // every one before it: 64,000 of them took 11 s).
+        let many: String = (0..100_000).map(|i| format!("; p{i}")).collect();
+        assert_eq!(
+            negotiate(&format!("permessage-deflate{many}"), &opts()),
+            None
         );
     }
 

@@ -176,6 +176,7 @@ fn encode_with(plan: &[Planned], reset: bool) -> (Vec<u8>, Vec<Message>) {
         server_no_context_takeover: reset,
         client_no_context_takeover: false,
         server_max_window_bits: 15,
+        server_window_asked: false,
         level: 6,
         min_size: 0,
     };

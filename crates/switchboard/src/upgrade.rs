@@ -44,6 +44,9 @@ pub enum UpgradeError {
     /// `Sec-WebSocket-Key` is missing or not base64 of 16 bytes.
     #[error("missing or invalid Sec-WebSocket-Key (RFC6455§4.2.1)")]
     BadKey,
+    /// No `Host` header, or more than one.
+    #[error("a WebSocket upgrade needs one Host header (RFC6455§4.2.1)")]
+    BadHost,
     /// The server connection cannot be upgraded (HTTP/2 or no upgrade support).
     #[error("this connection cannot be upgraded")]
     NotUpgradable,
@@ -57,7 +60,7 @@ impl UpgradeError {
             Self::NotWebSocket | Self::UnsupportedVersion | Self::NotUpgradable => {
                 StatusCode::UPGRADE_REQUIRED
             }
-            Self::BadConnectionHeader | Self::BadKey => StatusCode::BAD_REQUEST,
+            Self::BadConnectionHeader | Self::BadKey | Self::BadHost => StatusCode::BAD_REQUEST,
         }
     }
 }
@@ -140,6 +143,9 @@ impl WebSocketUpgrade {
         };
         if parts.method != Method::GET {
             return Err(UpgradeError::MethodNotGet);
+        }
+        if headers.get_all(header::HOST).iter().count() != 1 {
+            return Err(UpgradeError::BadHost);
         }
         if !any_has(header::UPGRADE, "websocket") {
             return Err(UpgradeError::NotWebSocket);

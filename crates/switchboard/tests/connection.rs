@@ -99,6 +99,18 @@ async fn bad_upgrade_requests_get_clear_http_errors() {
             ),
             "400",
         ),
+        // No Host, and two (RFC 6455 §4.2.1).
+        (
+            format!("GET /ws HTTP/1.1\r\n{good}Sec-WebSocket-Version: 13\r\n\r\n"),
+            "400",
+        ),
+        (
+            format!(
+                "GET /ws HTTP/1.1\r\nHost: localhost\r\nHost: elsewhere\r\n{good}\
+                 Sec-WebSocket-Version: 13\r\n\r\n"
+            ),
+            "400",
+        ),
     ];
     for (request, status) in cases {
         let (head, _) = RawClient::request(addr, &request).await;
