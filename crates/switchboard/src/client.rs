@@ -256,7 +256,8 @@ impl Connector {
             return Err(ConnectError::Status(response.status));
         }
         let header = |name: &str| response.header(name);
-        if !header("upgrade").is_some_and(|v| has_token(&v, "websocket")) {
+        // "websocket" itself, not a list that holds it (RFC 6455 §4.1).
+        if !header("upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket")) {
             return Err(ConnectError::Handshake("no `Upgrade: websocket`".into()));
         }
         if !header("connection").is_some_and(|v| has_token(&v, "upgrade")) {
@@ -400,6 +401,11 @@ struct Target {
 impl Target {
     fn parse(url: &str) -> Result<Self, ConnectError> {
         let bad = |why| ConnectError::Url(url.to_owned(), why);
+        // RFC 6455 §3: a WebSocket URI has no fragment, and one with `#` is
+        // refused rather than cut (§4.1).
+        if url.contains('#') {
+            return Err(bad("a fragment (#) is not allowed"));
+        }
         let uri: Uri = url.parse().map_err(|_| bad("not a URL"))?;
         // Schemes are case-insensitive (RFC 3986 §3.1).
         let tls = match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
@@ -412,16 +418,21 @@ impl Target {
             return Err(bad("user information is not allowed"));
         }
         let host = authority.host().to_owned();
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
         // Read here: `http` gives no port for one out of range, which would
         // then connect to the default port.
         let written = authority.as_str().strip_prefix(authority.host());
+        // An empty port is the scheme's (RFC 3986 §3.2.3); a port is digits.
         let port = match written.and_then(|rest| rest.strip_prefix(':')) {
-            None if tls => 443,
-            None => 80,
-            Some(port) => match port.parse::<u16>() {
+            None | Some("") if tls => 443,
+            None | Some("") => 80,
+            Some(port) if port.bytes().all(|b| b.is_ascii_digit()) => match port.parse::<u16>() {
                 Ok(port) if port > 0 => port,
                 _ => return Err(bad("the port must be 1 to 65535")),
             },
+            Some(_) => return Err(bad("the port must be 1 to 65535")),
         };
         // `ws://host?x=1` has a query and no path: the request line needs `/`.
         let path = match uri.path_and_query().map(|p| p.as_str()) {
@@ -461,6 +472,10 @@ impl Response {
                 return Err(ConnectError::Handshake("incomplete response head".into()));
             }
             Err(e) => return Err(ConnectError::Handshake(format!("bad response head: {e}"))),
+        }
+        // An upgrade is HTTP/1.1's (RFC 6455 §4.1).
+        if response.version != Some(1) {
+            return Err(ConnectError::Handshake("not an HTTP/1.1 response".into()));
         }
         let status = response.code.unwrap_or_default();
         let headers = response
@@ -507,7 +522,11 @@ mod tests {
             ("::1", 80, "/")
         );
         assert_eq!(Target::parse("ws://h").unwrap().path, "/");
+        assert_eq!(Target::parse("ws://127.0.0.1:/x").unwrap().port, 80);
         for (url, reason) in [
+            ("ws://h/p?q=1#frag", "fragment"),
+            ("ws://:4000/x", "host"),
+            ("ws://example.com:+80/", "port"),
             ("ws://example.com:65536/ws", "port"),
             ("wss://example.com:8443x/", "port"),
             ("ws://example.com:0/", "port"),

@@ -183,6 +183,14 @@ async fn a_101_that_breaks_rfc_6455_is_refused() {
             "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\n",
             "Upgrade: websocket",
         ),
+        (
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket, foo\r\nConnection: Upgrade\r\n\r\n",
+            "Upgrade: websocket",
+        ),
+        (
+            "HTTP/1.0 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            "HTTP/1.1",
+        ),
     ];
     for (response, why) in cases {
         let addr = answering(response).await;
