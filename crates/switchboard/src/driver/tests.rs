@@ -79,55 +79,25 @@ impl Handler for CloseThenMore {
 /// `terminate`'s reason lands.
 fn start(options: Options) -> (DuplexStream, Arc<Mailbox<()>>, Ended) {
     let ended = Ended::default();
-    let (client, mailbox) = start_with(options, Echo(ended.clone()));
+    let (client, mailbox) = start_with(options, Echo(ended.clone()), &[]);
     (client, mailbox, ended)
-}
-
-/// A driver for `handler` started as an upgrade starts one: `init` has run,
-/// and `early` (bytes that came with the handshake) is decoded.
-fn start_early<H: Handler<Info = ()>>(handler: H, early: &[u8]) -> DuplexStream {
-    let (client, server) = tokio::io::duplex(PIPE);
-    let options = Options::default().ping_interval(None);
-    let mailbox = Arc::new(Mailbox::new(ConnId::next(), &options));
-    let setup = Setup {
-        role: Role::Server,
-        options,
-        deflate: None,
-        peer_context: None,
-        protocol: None,
-        shutdown: None,
-        on_failed: None,
-    };
-    let mut driver = Driver::start(server, handler, mailbox, setup, None, early);
-    tokio::spawn(async move {
-        std::future::poll_fn(|cx| driver.poll_run(cx)).await;
-        driver.finish();
-    });
-    client
 }
 
 /// The text messages the pipe holds now, in order.
 async fn read_texts(client: &mut DuplexStream) -> Vec<String> {
-    let mut buf = BytesMut::new();
-    let mut decoder = FrameDecoder::new(Role::Client, 1 << 20, false);
-    let mut texts = Vec::new();
-    loop {
-        while let Some(frame) = decoder.decode(&mut buf).unwrap() {
-            texts.push(String::from_utf8(frame.payload.to_vec()).unwrap());
-        }
-        let read = tokio::time::timeout(Duration::from_millis(200), client.read_buf(&mut buf));
-        match read.await {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => return texts,
-        }
-    }
+    let frames = read_all(client).await.into_iter();
+    frames
+        .map(|(_, payload)| String::from_utf8(payload.to_vec()).unwrap())
+        .collect()
 }
 
-/// A running driver for `handler` over one end of a pipe: the other end and
-/// the mailbox.
+/// A running driver for `handler` over one end of a pipe, started as an
+/// upgrade starts one (`init` has run, and `early`, bytes that came with the
+/// handshake, is decoded): the other end and the mailbox.
 fn start_with<H: Handler<Info = ()>>(
     options: Options,
     handler: H,
+    early: &[u8],
 ) -> (DuplexStream, Arc<Mailbox<()>>) {
     let (client, server) = tokio::io::duplex(PIPE);
     let mailbox = Arc::new(Mailbox::new(ConnId::next(), &options));
@@ -140,7 +110,7 @@ fn start_with<H: Handler<Info = ()>>(
         shutdown: None,
         on_failed: None,
     };
-    let mut driver = Driver::new(server, handler, mailbox.clone(), setup);
+    let mut driver = Driver::start(server, handler, mailbox.clone(), setup, None, early);
     tokio::spawn(async move {
         std::future::poll_fn(|cx| driver.poll_run(cx)).await;
         driver.finish();
@@ -168,17 +138,23 @@ async fn write_until_stalled(client: &mut DuplexStream, frame: &[u8], times: usi
 
 /// Reads every frame the pipe holds now, by opcode.
 async fn read_frames(client: &mut DuplexStream) -> Vec<OpCode> {
+    let frames = read_all(client).await.into_iter();
+    frames.map(|(opcode, _)| opcode).collect()
+}
+
+/// Every frame the pipe holds now (until it stays empty for 200 ms).
+async fn read_all(client: &mut DuplexStream) -> Vec<(OpCode, Bytes)> {
     let mut buf = BytesMut::new();
     let mut decoder = FrameDecoder::new(Role::Client, 1 << 20, false);
-    let mut opcodes = Vec::new();
+    let mut frames = Vec::new();
     loop {
         while let Some(frame) = decoder.decode(&mut buf).unwrap() {
-            opcodes.push(frame.opcode);
+            frames.push((frame.opcode, frame.payload));
         }
         let read = tokio::time::timeout(Duration::from_millis(200), client.read_buf(&mut buf));
         match read.await {
             Ok(Ok(n)) if n > 0 => {}
-            _ => return opcodes,
+            _ => return frames,
         }
     }
 }
@@ -197,7 +173,7 @@ async fn pings_that_arrive_together_each_get_their_pong() {
 
 #[tokio::test]
 async fn frames_the_mailbox_took_go_out_before_the_answer_to_the_peers_close() {
-    let (mut client, _) = start_with(Options::default().ping_interval(None), EchoByMail);
+    let (mut client, _) = start_with(Options::default().ping_interval(None), EchoByMail, &[]);
     // In one read: the message is handled (its echo mailed) before the close
     // is decoded, and the mailbox had said it took the echo.
     let mut both = client_frame(OpCode::Text, b"mailed");
@@ -214,7 +190,7 @@ async fn what_a_message_mailed_goes_out_before_the_answer_to_the_next_one() {
     // The welcome, and both messages, come with the handshake.
     let mut early = client_frame(OpCode::Text, b"sub");
     early.extend_from_slice(&client_frame(OpCode::Text, b"next"));
-    let mut client = start_early(Ordered, &early);
+    let (mut client, _) = start_with(Options::default().ping_interval(None), Ordered, &early);
     assert_eq!(
         read_texts(&mut client).await,
         ["welcome", "ack sub", "replay", "ack next"]
@@ -231,7 +207,8 @@ async fn what_a_message_mailed_goes_out_before_the_answer_to_the_next_one() {
 
 #[tokio::test]
 async fn nothing_a_handler_pushes_behind_its_close_goes_out() {
-    let (mut client, mailbox) = start_with(Options::default().ping_interval(None), CloseThenMore);
+    let (mut client, mailbox) =
+        start_with(Options::default().ping_interval(None), CloseThenMore, &[]);
     client
         .write_all(&client_frame(OpCode::Text, b"go"))
         .await
