@@ -5,7 +5,7 @@
 //! the payload stays raw JSON and is rendered at most once per wire mode, then
 //! the same frame goes to every recipient.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -380,6 +380,35 @@ impl Relay {
         Ok(id.map(|id| wire::ack(id, Some(&topic))))
     }
 
+    /// Handles `answer`, and the answers it held back: the engine's answers
+    /// about one topic are handled in the order their subscribes came (an
+    /// attempt called off can answer after the subscribe made again behind
+    /// it, when it read history first, and its answers, and the ack of the
+    /// unsubscribe behind it, would then have come last).
+    fn in_order(&mut self, outbox: &Outbox, mut answer: Answer) -> Outcome {
+        loop {
+            let Some(topics) = self.topics.as_deref_mut() else {
+                return Outcome::Continue;
+            };
+            if !topics.is_next(&answer.topic, answer.attempt) {
+                topics.held_back.insert(answer.attempt, answer);
+                return Outcome::Continue;
+            }
+            let Answer {
+                topic,
+                attempt,
+                id,
+                result,
+                _held,
+            } = answer;
+            self.on_subscribed(outbox, topic.clone(), attempt, id, result);
+            let Some(next) = self.topics().done(&topic) else {
+                return Outcome::Continue;
+            };
+            answer = next;
+        }
+    }
+
     /// The engine's answer to a subscribe that waited: kept, or let go if the
     /// subscribe was called off while it waited (then it is answered as it
     /// would have been). The same subscribe sent again meanwhile gets the
@@ -391,7 +420,7 @@ impl Relay {
         attempt: u64,
         id: Option<Box<RawValue>>,
         result: Result<Subscribed, SubscribeRefused>,
-    ) -> Outcome {
+    ) {
         let (live, again) = self
             .topics
             .as_deref_mut()
@@ -426,7 +455,6 @@ impl Relay {
         for text in first.into_iter().chain(again) {
             self.answers.send(outbox, text);
         }
-        Outcome::Continue
     }
 
     fn unsubscribe(
@@ -758,7 +786,22 @@ struct Topics {
     /// What is answered after an attempt, by attempt, in the order the
     /// client asked: each held against the outbound budget until then.
     again: HashMap<u64, Vec<(After, Held)>>,
+    /// The attempts the engine has yet to answer, by topic, oldest first
+    /// (called off ones too): their answers are handled in that order.
+    unanswered: HashMap<Arc<str>, VecDeque<u64>>,
+    /// Answers that came before an older attempt's, by attempt.
+    held_back: HashMap<u64, Answer>,
     attempts: u64,
+}
+
+/// The engine's answer to one attempt to subscribe.
+struct Answer {
+    topic: Arc<str>,
+    attempt: u64,
+    id: Option<Box<RawValue>>,
+    result: Result<Subscribed, SubscribeRefused>,
+    /// Held against the outbound budget until handled.
+    _held: Held,
 }
 
 impl Topics {
@@ -770,8 +813,30 @@ impl Topics {
     /// Notes a subscribe that waits for the engine; returns its attempt.
     fn join(&mut self, topic: Arc<str>) -> u64 {
         self.attempts += 1;
+        let unanswered = self.unanswered.entry(topic.clone()).or_default();
+        unanswered.push_back(self.attempts);
         self.joining.insert(topic, self.attempts);
         self.attempts
+    }
+
+    /// Whether `attempt` is the oldest of `topic`'s that the engine has yet
+    /// to answer.
+    fn is_next(&self, topic: &str, attempt: u64) -> bool {
+        self.unanswered
+            .get(topic)
+            .is_none_or(|attempts| attempts.front() == Some(&attempt))
+    }
+
+    /// The oldest unanswered attempt of `topic` has been handled: the next
+    /// one's answer, if it came already.
+    fn done(&mut self, topic: &str) -> Option<Answer> {
+        let attempts = self.unanswered.get_mut(topic)?;
+        attempts.pop_front();
+        let Some(next) = attempts.front().copied() else {
+            self.unanswered.remove(topic);
+            return None;
+        };
+        self.held_back.remove(&next)
     }
 
     /// Whether the engine's answer is to the live attempt for `topic`; it
@@ -908,8 +973,17 @@ impl Handler for Relay {
                 attempt,
                 id,
                 result,
-                held: _held,
-            } => self.on_subscribed(&ctx.handle().outbox(), topic, attempt, id, result),
+                held,
+            } => {
+                let answer = Answer {
+                    topic,
+                    attempt,
+                    id,
+                    result,
+                    _held: held,
+                };
+                self.in_order(&ctx.handle().outbox(), answer)
+            }
         }
     }
 
