@@ -227,6 +227,9 @@ pub(crate) struct Driver<H: Handler, S> {
     /// Messages read are waiting in `read_buf`, undecoded, because answers
     /// queued past the outbound budget: decoded before reading more.
     held_back: bool,
+    /// A message was handled since the mailbox was last looked at: what its
+    /// handling mailed there goes out before the next message's answer.
+    mailed: bool,
     /// What the peer may make us hold and inflate.
     intake: Intake,
     /// For the close event: its traffic (but for what the mailbox wrote
@@ -276,8 +279,6 @@ where
             driver.quiet = Some(Box::new(Quiet::new(period)));
         }
         if !early.is_empty() {
-            // What `init` queued (a welcome) goes before any answer.
-            driver.queue_mailed_frames();
             driver.read_buf.extend_from_slice(early);
             driver.decode_messages();
             driver.account_received();
@@ -304,6 +305,7 @@ where
             shutdown: setup.shutdown,
             direct: false,
             held_back: false,
+            mailed: false,
             intake: Intake::new(
                 options.receive_budget,
                 options.max_inflate_rate,
@@ -338,6 +340,8 @@ where
     fn init(&mut self) {
         telemetry::opened();
         self.call(|handler, ctx| handler.init(ctx));
+        // What it mailed (a welcome) goes before any answer.
+        self.mailed = true;
     }
 
     fn finish(&mut self) {
@@ -460,6 +464,8 @@ where
         if matches!(self.phase, Phase::Done | Phase::Failing) {
             return false;
         }
+        // Empty now, or drained below.
+        self.mailed = false;
         let mut drained = std::mem::take(&mut self.inbox);
         if self.handle.mailbox().drain(cx, &mut drained).is_pending() {
             self.inbox = drained;
@@ -486,6 +492,7 @@ where
     /// answer to the next message, which the handler writes straight to the
     /// writer, and which would otherwise overtake them.
     pub(super) fn queue_mailed_frames(&mut self) {
+        self.mailed = false;
         let mut drained = std::mem::take(&mut self.inbox);
         self.handle.mailbox().take_frames(&mut drained);
         self.enqueue_drained_frames(&mut drained);
@@ -558,8 +565,7 @@ where
     }
 
     fn decode_messages(&mut self) {
-        // A read that holds one message, as most do, takes no mailbox lock.
-        let mut handled = false;
+        // A wake-up that brings one message, as most do, takes no mailbox lock.
         while matches!(self.phase, Phase::Open | Phase::Closing) && !self.intake.paused() {
             if self.phase == Phase::Open && self.outbound_full() {
                 // One read can hold many small messages, each asking for a
@@ -572,9 +578,11 @@ where
             self.intake.charge(&mut self.decoder);
             match decoded {
                 Ok(Some(message)) => {
-                    let data = matches!(message, Message::Text(_) | Message::Binary(_));
-                    if data && std::mem::replace(&mut handled, true) && self.phase == Phase::Open {
-                        self.queue_mailed_frames();
+                    if matches!(message, Message::Text(_) | Message::Binary(_)) {
+                        if self.mailed && self.phase == Phase::Open {
+                            self.queue_mailed_frames();
+                        }
+                        self.mailed = true;
                     }
                     self.on_message(message);
                 }

@@ -522,6 +522,7 @@ impl<H: Handler> Asleep<H> {
             shutdown,
             direct: false,
             held_back: false,
+            mailed: false,
             intake,
             counts,
             quiet: Some(quiet.wake()),

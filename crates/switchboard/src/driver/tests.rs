@@ -56,10 +56,11 @@ impl Handler for Ordered {
         let Message::Text(text) = message else {
             return Outcome::Continue;
         };
-        if text.as_str() == "sub" {
+        let text = text.as_str().trim_end();
+        if text == "sub" {
             ctx.handle().push(Message::text("replay")).unwrap();
         }
-        Outcome::push(Message::text(format!("ack {}", text.as_str())))
+        Outcome::push(Message::text(format!("ack {text}")))
     }
 }
 
@@ -202,6 +203,17 @@ async fn what_a_message_mailed_goes_out_before_the_answer_to_the_next_one() {
     assert_eq!(
         read_texts(&mut client).await,
         ["ack sub", "replay", "ack again"]
+    );
+    // And when the next message comes in another read of the same wake-up:
+    // a first frame of exactly one landing read (16 KiB), then the second.
+    let padded = format!("sub{}", " ".repeat(LANDING_SIZE - 8 - 3));
+    let mut both = client_frame(OpCode::Text, padded.as_bytes());
+    assert_eq!(both.len(), LANDING_SIZE);
+    both.extend_from_slice(&client_frame(OpCode::Text, b"later"));
+    client.write_all(&both).await.unwrap();
+    assert_eq!(
+        read_texts(&mut client).await,
+        ["ack sub", "replay", "ack later"]
     );
 }
 
