@@ -101,6 +101,11 @@ impl Writer {
     /// outbound budget. Returns the frame's length.
     pub(super) fn push_frame<I>(&mut self, message: &Message, mailbox: &Mailbox<I>) -> usize {
         debug_assert!(!mailbox.is_parked(), "output taken while pushers write");
+        if let Message::Close(_) = message {
+            // Nothing follows a close frame (RFC 6455 §5.5.1): not a pong
+            // held back for a ping read before it.
+            self.pending_pong = None;
+        }
         if self.scratch.capacity() == 0 {
             // Room for a burst of small frames without regrowing; it is given
             // back once written.
@@ -238,5 +243,57 @@ impl Writer {
         // We close the TCP connection first, as RFC 6455 §7.1.1 asks of servers.
         self.shut = Pin::new(io).poll_shutdown(cx).is_ready();
         self.shut
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Poll;
+
+    use switchboard_proto::{CloseCode, CloseReason, FrameDecoder, OpCode, Role};
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+    use crate::Options;
+    use crate::handle::ConnId;
+
+    /// Writes what the pipe takes now.
+    async fn flush(writer: &mut Writer, io: &mut tokio::io::DuplexStream, mailbox: &Mailbox<()>) {
+        std::future::poll_fn(|cx| {
+            let _ = writer.poll_write(io, cx, mailbox);
+            Poll::Ready(())
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn no_pong_held_back_goes_out_after_a_close() {
+        // A pipe that takes 16 bytes at a time: the first pong goes out in part.
+        let (mut peer, mut io) = tokio::io::duplex(16);
+        let mailbox = Mailbox::<()>::new(ConnId::next(), &Options::default());
+        let mut writer = Writer::new(MessageEncoder::new(Role::Server, None));
+        writer.answer_ping(&Bytes::from(vec![1; 100]), &mailbox);
+        flush(&mut writer, &mut io, &mailbox).await;
+        // A second ping while the first pong is unwritten: its pong waits.
+        writer.answer_ping(&Bytes::from(vec![2; 100]), &mailbox);
+        let close = CloseReason::new(CloseCode::NORMAL, "");
+        writer.push_frame(&Message::Close(Some(close)), &mailbox);
+        let mut bytes = BytesMut::new();
+        for _ in 0..100 {
+            flush(&mut writer, &mut io, &mailbox).await;
+            let mut chunk = [0; 64];
+            let read =
+                tokio::time::timeout(std::time::Duration::from_millis(20), peer.read(&mut chunk));
+            match read.await {
+                Ok(Ok(n)) if n > 0 => bytes.extend_from_slice(&chunk[..n]),
+                _ => break,
+            }
+        }
+        let mut decoder = FrameDecoder::new(Role::Client, 1 << 20, false);
+        let mut opcodes = Vec::new();
+        while let Some(frame) = decoder.decode(&mut bytes).unwrap() {
+            opcodes.push(frame.opcode);
+        }
+        assert_eq!(opcodes, [OpCode::Pong, OpCode::Close]);
     }
 }
