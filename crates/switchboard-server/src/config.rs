@@ -839,8 +839,6 @@ impl Config {
     }
 }
 
-/// A TOML error on one line, with its line and column in `text` when it has a
-/// place there (the library's own rendering quotes the source over several lines).
 /// The longest any `_secs` setting may be: ten years, far past any use, and
 /// far from where a deadline (now plus the setting) overflows and panics.
 const MAX_SECS: u64 = 10 * 365 * 24 * 3600;
@@ -949,6 +947,8 @@ fn too_large(settings: &Settings) -> anyhow::Error {
     }
 }
 
+/// A TOML error on one line, with its line and column in `text` when it has a
+/// place there (the library's own rendering quotes the source over several lines).
 fn one_line(error: &toml::de::Error, text: &str) -> String {
     let message = error
         .message()

@@ -67,9 +67,15 @@ pub async fn serve(
     };
     let api_routes = |loopback| api::router(hub.clone(), body, loopback);
     let mut main = app::router(hub.clone(), config.echo_path.as_deref());
-    let api_loopback = match &api_listener {
-        Some(api_listener) => Some(api_listener.local_addr()?.ip().is_loopback()),
-        None => None,
+    let api = match api_listener {
+        Some(api_listener) => {
+            let loopback = api_listener.local_addr()?.ip().is_loopback();
+            Some((api_listener, api_routes(loopback).fallback(api::not_found)))
+        }
+        None => {
+            main = main.merge(api_routes(main_loopback));
+            None
+        }
     };
     // The start is sure (the hub holds the history and the routes are built),
     // and nothing is served yet: the snapshot is used up now, so that a start
@@ -79,22 +85,10 @@ pub async fn serve(
         tracing::info!(streams, "history restored from the last graceful stop");
     }
     announce()?;
-    let api_server = match api_listener.zip(api_loopback) {
-        Some((api_listener, loopback)) => {
-            let router = api_routes(loopback).fallback(api::not_found);
-            let stopped = stopping.clone().cancelled_owned();
-            Some(tokio::spawn(serve_listener(
-                api_listener,
-                router,
-                tls.clone(),
-                stopped,
-            )))
-        }
-        None => {
-            main = main.merge(api_routes(main_loopback));
-            None
-        }
-    };
+    let api_server = api.map(|(api_listener, router)| {
+        let stopped = stopping.clone().cancelled_owned();
+        tokio::spawn(serve_listener(api_listener, router, tls.clone(), stopped))
+    });
     let trigger = shutdown.clone();
     let stop_all = stopping.clone();
     tokio::spawn(async move {

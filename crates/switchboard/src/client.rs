@@ -473,11 +473,12 @@ impl Response {
             }
             Err(e) => return Err(ConnectError::Handshake(format!("bad response head: {e}"))),
         }
-        // An upgrade is HTTP/1.1's (RFC 6455 §4.1).
-        if response.version != Some(1) {
+        let status = response.code.unwrap_or_default();
+        // An upgrade is HTTP/1.1's (RFC 6455 §4.1); another status keeps its
+        // meaning whatever the version (a proxy's HTTP/1.0 403).
+        if status == 101 && response.version != Some(1) {
             return Err(ConnectError::Handshake("not an HTTP/1.1 response".into()));
         }
-        let status = response.code.unwrap_or_default();
         let headers = response
             .headers
             .iter()

@@ -142,6 +142,14 @@ async fn refused_handshakes_are_typed_errors() {
         .await
         .unwrap_err();
     assert!(matches!(error, ConnectError::Status(404)), "{error}");
+    // A proxy's refusal keeps its status, whatever its HTTP version.
+    let proxy = answering("HTTP/1.0 403 Forbidden\r\nContent-Length: 0\r\n\r\n").await;
+    let (handler, _) = collect();
+    let error = connector
+        .connect(&format!("ws://{proxy}/"), handler)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, ConnectError::Status(403)), "{error}");
 
     for url in ["http://x/", "ws:///path", "not a url", "ws://user@host/"] {
         let (handler, _) = collect();
