@@ -26,7 +26,7 @@ use crate::limits::{Frame, RateLimiter, Verdict};
 use crate::metrics::Counted;
 use crate::peers::PeerSlot;
 use crate::streams::Position;
-use crate::topics::{CLIENT_EVENTS, Namespace};
+use crate::topics::{CLIENT_EVENTS, Namespace, Namespaces};
 use crate::wire::{self, At, ErrorCode, Inbound, Mode, Since};
 
 /// Close code when a client's token expires without a refresh.
@@ -466,7 +466,7 @@ impl Relay {
         let ack = self.acked(inbound, |id| wire::ack(id, Some(topic)));
         let handling = self.handling as usize;
         let Some(topics) = self.topics.as_deref_mut() else {
-            return Err(not_subscribed(topic));
+            return Err(not_subscribed(&self.hub.namespaces, topic));
         };
         if topics.subscribed.remove(topic).is_some() {
             return Ok(ack);
@@ -478,7 +478,7 @@ impl Relay {
         let attempt = topics
             .joining
             .remove(topic)
-            .ok_or_else(|| not_subscribed(topic))?;
+            .ok_or_else(|| not_subscribed(&self.hub.namespaces, topic))?;
         if let Some(ack) = ack {
             let held = ctx.handle().outbox().hold(handling);
             let after = topics.again.entry(attempt).or_default();
@@ -859,7 +859,12 @@ enum After {
     Then(String),
 }
 
-fn not_subscribed(topic: &str) -> Refusal {
+/// Why an unsubscribe finds no subscription: a topic no subscribe could
+/// have taken gets the error that subscribe would have had.
+fn not_subscribed(namespaces: &Namespaces, topic: &str) -> Refusal {
+    if let Err(refusal) = namespaces.check(topic) {
+        return refusal;
+    }
     (
         ErrorCode::NotSubscribed,
         format!("not subscribed to {topic:?}"),

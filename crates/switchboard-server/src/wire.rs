@@ -97,8 +97,12 @@ pub struct Since<'a> {
 
 /// A struct read only from a JSON object: serde's derive also takes an array
 /// of its fields in order (`["k3x9ab12",9]`), which is not the protocol.
+/// `null` is no value, as it is for `cursor` and `limit`.
 fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
     let raw = <&RawValue>::deserialize(d)?;
+    if raw.get() == "null" {
+        return Ok(None);
+    }
     if !raw.get().starts_with('{') {
         return Err(de::Error::custom("expected a JSON object"));
     }
@@ -623,6 +627,8 @@ mod tests {
         assert_eq!(parse(since).unwrap_err().0, ErrorCode::InvalidMessage);
         let since = r#"{"type":"subscribe","topic":"t","since":{"epoch":"k3x9ab12","offset":9}}"#;
         assert_eq!(parse(since).unwrap().since.unwrap().offset, 9);
+        let since = r#"{"type":"subscribe","topic":"t","since":null}"#;
+        assert!(parse(since).unwrap().since.is_none());
     }
 
     proptest::proptest! {

@@ -101,6 +101,13 @@ async fn subscribers_get_published_messages_until_they_unsubscribe() {
     )
     .await;
     assert_eq!(recv_json(&mut bob).await["code"], "not_subscribed");
+    // A name no subscribe could take gets the error a subscribe would.
+    send(
+        &mut bob,
+        json!({"type": "unsubscribe", "topic": "has space", "id": 4}),
+    )
+    .await;
+    assert_eq!(recv_json(&mut bob).await["code"], "invalid_topic");
     send(
         &mut publisher,
         json!({"type": "publish", "topic": "room:1", "payload": 2}),
