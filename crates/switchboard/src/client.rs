@@ -37,7 +37,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use switchboard_proto::deflate::{self, ClientAgreement};
 use switchboard_proto::handshake::{accept_key, has_token, random_client_key};
@@ -237,9 +237,11 @@ impl Connector {
         io.flush().await.map_err(ConnectError::Connect)?;
 
         let mut buf = BytesMut::with_capacity(1024);
-        let head_len = loop {
-            if let Some(end) = find(&buf, b"\r\n\r\n") {
-                break end + 4;
+        let response = loop {
+            // httparse takes bare LF line ends too (RFC 9112 §2.2).
+            if let Some((response, head_len)) = Response::parse(&buf)? {
+                buf.advance(head_len);
+                break response;
             }
             if buf.len() >= MAX_RESPONSE_HEAD {
                 return Err(ConnectError::Handshake("response head over 16 KiB".into()));
@@ -250,8 +252,6 @@ impl Connector {
                 ));
             }
         };
-        let head = buf.split_to(head_len);
-        let response = Response::parse(&head)?;
         if response.status != 101 {
             return Err(ConnectError::Status(response.status));
         }
@@ -463,16 +463,16 @@ struct Response {
 }
 
 impl Response {
-    fn parse(head: &[u8]) -> Result<Self, ConnectError> {
+    /// The response whose head starts `bytes`, and the head's length; `None`
+    /// while the head is not all there.
+    fn parse(bytes: &[u8]) -> Result<Option<(Self, usize)>, ConnectError> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
         let mut response = httparse::Response::new(&mut headers);
-        match response.parse(head) {
-            Ok(httparse::Status::Complete(_)) => {}
-            Ok(httparse::Status::Partial) => {
-                return Err(ConnectError::Handshake("incomplete response head".into()));
-            }
+        let head_len = match response.parse(bytes) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
             Err(e) => return Err(ConnectError::Handshake(format!("bad response head: {e}"))),
-        }
+        };
         let status = response.code.unwrap_or_default();
         // An upgrade is HTTP/1.1's (RFC 6455 §4.1); another status keeps its
         // meaning whatever the version (a proxy's HTTP/1.0 403).
@@ -487,7 +487,7 @@ impl Response {
                 (h.name.to_ascii_lowercase(), value)
             })
             .collect();
-        Ok(Self { status, headers })
+        Ok(Some((Self { status, headers }, head_len)))
     }
 
     /// Every value of the header `name` (lowercase), joined as one list.
@@ -500,10 +500,6 @@ impl Response {
             .collect();
         (!values.is_empty()).then(|| values.join(", "))
     }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 #[cfg(test)]

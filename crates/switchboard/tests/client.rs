@@ -150,6 +150,14 @@ async fn refused_handshakes_are_typed_errors() {
         .await
         .unwrap_err();
     assert!(matches!(error, ConnectError::Status(403)), "{error}");
+    // Lines may end in a bare LF (RFC 9112 §2.2).
+    let bare = answering("HTTP/1.1 429 Too Many Requests\nContent-Length: 0\n\n").await;
+    let (handler, _) = collect();
+    let error = connector
+        .connect(&format!("ws://{bare}/"), handler)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, ConnectError::Status(429)), "{error}");
 
     for url in ["http://x/", "ws:///path", "not a url", "ws://user@host/"] {
         let (handler, _) = collect();
