@@ -230,6 +230,8 @@ pub(crate) struct Driver<H: Handler, S> {
     /// A message was handled since the mailbox was last looked at: what its
     /// handling mailed there goes out before the next message's answer.
     mailed: bool,
+    /// The client's end of a connection: it lets the server close TCP first.
+    client: bool,
     /// What the peer may make us hold and inflate.
     intake: Intake,
     /// For the close event: its traffic (but for what the mailbox wrote
@@ -306,6 +308,7 @@ where
             direct: false,
             held_back: false,
             mailed: false,
+            client: setup.role == Role::Client,
             intake: Intake::new(
                 options.receive_budget,
                 options.max_inflate_rate,
@@ -430,7 +433,8 @@ where
         let over = self.handle.mailbox().over_budget();
         self.timers.over_budget(over);
         let holding = self.handle.mailbox().holds_too_much();
-        (!over && !holding && !self.intake.paused()) || self.phase == Phase::Failing
+        (!over && !holding && !self.intake.paused())
+            || matches!(self.phase, Phase::Failing | Phase::Lingering)
     }
 
     /// Whether what waits to be written, or the work held for this
@@ -461,7 +465,7 @@ where
     }
 
     fn poll_mailbox(&mut self, cx: &mut TaskContext<'_>) -> bool {
-        if matches!(self.phase, Phase::Done | Phase::Failing) {
+        if matches!(self.phase, Phase::Done | Phase::Failing | Phase::Lingering) {
             return false;
         }
         // Empty now, or drained below.
@@ -523,7 +527,7 @@ where
         // Whether a message was begun before this read (see below).
         let begun = self.holds_part();
         let read = poll_read_landing(&mut self.io, cx, &mut self.read_buf);
-        if self.phase == Phase::Failing {
+        if matches!(self.phase, Phase::Failing | Phase::Lingering) {
             self.read_buf.clear();
             if matches!(read, Poll::Ready(Ok(0) | Err(_))) {
                 self.phase = Phase::Done;
@@ -649,7 +653,11 @@ where
                     self.reason = Some(Box::new(TerminateReason::Remote(reason)));
                 }
                 self.handle.mailbox().refuse_new();
-                self.phase = Phase::Done;
+                self.phase = if self.client {
+                    Phase::Lingering
+                } else {
+                    Phase::Done
+                };
                 self.arm_close_deadline();
             }
         }

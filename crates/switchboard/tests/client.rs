@@ -5,6 +5,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::http::HeaderMap;
@@ -13,7 +14,8 @@ use common::{Event, Probe, collect};
 use http::{HeaderName, HeaderValue};
 use switchboard::client::{ConnectError, Connector, rustls};
 use switchboard::{
-    CloseCode, CloseReason, Context, Handler, Message, Outcome, TerminateReason, WebSocketUpgrade,
+    CloseCode, CloseReason, Context, Handler, Message, Options, Outcome, TerminateReason,
+    WebSocketUpgrade,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -171,6 +173,80 @@ async fn refused_handshakes_are_typed_errors() {
         .await
         .unwrap_err();
     assert!(matches!(error, ConnectError::TlsNotConfigured), "{error}");
+}
+
+/// A server that accepts one WebSocket handshake by hand and hands over the
+/// socket, so a test can watch the client's TCP.
+async fn raw_server() -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<tokio::net::TcpStream>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8];
+            stream.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let key = head
+            .lines()
+            .find_map(|line| line.strip_prefix("Sec-WebSocket-Key: "))
+            .unwrap();
+        let accept = switchboard_proto::handshake::accept_key(key.as_bytes());
+        let response = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        );
+        stream.write_all(response.as_bytes()).await.unwrap();
+        stream
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn the_client_lets_the_server_close_tcp_first() {
+    const CLOSE_1000: [u8; 4] = [0x88, 0x02, 0x03, 0xe8];
+    let quick = Options::default()
+        .compression(None)
+        .close_timeout(Duration::from_secs(3));
+    for server_closes in [true, false] {
+        let (addr, accepted) = raw_server().await;
+        let (handler, _got) = collect();
+        let client = Connector::new()
+            .options(quick.clone())
+            .connect(&format!("ws://{addr}/"), handler)
+            .await
+            .unwrap();
+        let mut stream = accepted.await.unwrap();
+        stream.write_all(&CLOSE_1000).await.unwrap();
+        // The client's answer: a masked close frame of 1000.
+        let mut answer = [0u8; 8];
+        stream.read_exact(&mut answer).await.unwrap();
+        assert_eq!(answer[..2], [0x88, 0x82]);
+        // No FIN behind it: the client waits for ours (RFC 6455 §7.1.1).
+        let mut more = [0u8; 16];
+        let early = tokio::time::timeout(Duration::from_millis(300), stream.read(&mut more)).await;
+        assert!(early.is_err(), "the client closed TCP first: {early:?}");
+        let started = Instant::now();
+        if server_closes {
+            stream.shutdown().await.unwrap();
+        }
+        tokio::time::timeout(common::TIMEOUT, client.finished())
+            .await
+            .expect("the client ends");
+        // It ends at once on our FIN, or at its close timeout without one.
+        let waited = started.elapsed();
+        if server_closes {
+            assert!(waited < Duration::from_millis(1500), "{waited:?}");
+        } else {
+            assert!(waited >= Duration::from_secs(2), "{waited:?}");
+        }
+        assert_eq!(stream.read(&mut more).await.unwrap(), 0);
+    }
 }
 
 /// A server that answers every request with `response`, whatever it asked.

@@ -18,6 +18,11 @@ pub(super) enum Phase {
     /// discard input until the peer closes or the close timeout passes, so that
     /// unread input does not turn our close frame into a TCP reset.
     Failing,
+    /// A client's close handshake is over: flush, and read (discarding) until
+    /// the server closes the TCP connection, so that the server, not the
+    /// client, holds its TIME_WAIT (RFC 6455 §7.1.1); the close timeout
+    /// bounds the wait.
+    Lingering,
     /// The close handshake is over, or the connection failed: flush and end.
     Done,
 }

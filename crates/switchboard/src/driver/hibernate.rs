@@ -523,6 +523,7 @@ impl<H: Handler> Asleep<H> {
             direct: false,
             held_back: false,
             mailed: false,
+            client: false,
             intake,
             counts,
             quiet: Some(quiet.wake()),
