@@ -25,6 +25,21 @@ const FULL_GRACE_MS = 90_000;
 /** Server errors after which a subscribe, an unsubscribe or a token refresh is sent again. */
 const TRANSIENT = ["rate_limited", "unavailable"];
 /**
+ * A numeric option: `fallback` when left out (or `undefined`, as a config passed
+ * through may have it), else a number from `least` (Infinity too). Anything
+ * else is a TypeError at once: a wait of NaN, or of 0, fires at once, and
+ * the client would retry without pause; a NaN `maxQueued` would hold without
+ * limit.
+ */
+function option(name: string, value: unknown, fallback: number, least: number): number {
+  if (value === undefined) return fallback;
+  if (typeof value !== "number" || !(value >= least)) {
+    throw new TypeError(`invalid ${name} ${String(value)}: a number from ${least}`);
+  }
+  return value;
+}
+
+/**
  * The longest wait setTimeout takes (2^31 - 1 ms, 24.8 days). Past it Node waits
  * 1 ms and browsers none, so a longer wait would end at once, again and again.
  */
@@ -247,11 +262,13 @@ export class Client extends Emitter<Events> {
     }
     this.auth = options;
     this.WebSocket = options.WebSocket;
-    this.backoff = { ...BACKOFF, ...options.backoff };
     // Waits past setTimeout's longest (Infinity, say, for "no cap" or "no timeout") would end at once.
-    this.backoff.max = Math.min(this.backoff.max, MAX_DELAY);
-    this.maxQueued = options.maxQueued ?? 100;
-    this.connectTimeout = Math.min(options.connectTimeout ?? 10_000, MAX_DELAY);
+    this.backoff = {
+      initial: option("backoff.initial", options.backoff?.initial, BACKOFF.initial, 1),
+      max: Math.min(option("backoff.max", options.backoff?.max, BACKOFF.max, 1), MAX_DELAY),
+    };
+    this.maxQueued = option("maxQueued", options.maxQueued, 100, 0);
+    this.connectTimeout = Math.min(option("connectTimeout", options.connectTimeout, 10_000, 1), MAX_DELAY);
     if (options.inbox != null) {
       const { epoch, offset, client } = options.inbox;
       // The server refuses a malformed `since` at the handshake, which a WebSocket cannot tell apart from a network error.
@@ -477,6 +494,9 @@ export class Client extends Emitter<Events> {
           while (at < this.queue.length && (this.queue[at].order ?? Infinity) < (request.order as number)) at++;
           this.queue.splice(at, 0, request);
           this.slowDown(id);
+          // Refused after the pause it belongs to ended (a large request read
+          // slowly): nothing else may come to send the rest.
+          this.pump();
           return;
         }
         request.reject(error);
@@ -679,6 +699,7 @@ export class Client extends Emitter<Events> {
     this.state = "connected";
     this.scheduleRenewal();
     // Subscriptions first: a held publish to a topic this client reads then reaches it.
+    for (const subscription of this.subscriptions.values()) subscription.reconnected();
     this.queue.unshift(...Array.from(this.subscriptions.values(), (subscription) => this.subscribing(subscription)));
     this.pump();
     for (const [resolve] of this.waiting.splice(0)) resolve();

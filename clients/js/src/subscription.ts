@@ -111,7 +111,16 @@ export class Subscription {
     return this.accepted;
   }
 
-  /** How long its resubscribes have been refused as `topic_full`, counting one at `now`. */
+  /**
+   * A new connection: its `topic_full` refusals begin a grace of their own, as
+   * the connection that may hold the slot is another one (a drop and a long
+   * time offline must not end the subscription at its first refusal).
+   */
+  reconnected(): void {
+    this.fullSince = undefined;
+  }
+
+  /** How long its resubscribes have been refused as `topic_full` on this connection, counting one at `now`. */
   fullFor(now: number): number {
     this.fullSince ??= now;
     return now - this.fullSince;

@@ -120,3 +120,25 @@ test("waits past setTimeout's longest (2^31 - 1 ms) are cut to it, not to 1 ms: 
   assert.equal(refusing.arrivals.length, 1, "the retry waits");
   assert.deepEqual(timeouts.reconnecting, [], "the attempt is not abandoned");
 });
+
+test("numeric options that are not numbers of the right range are refused at once; undefined is the default", () => {
+  const url = "ws://127.0.0.1:1/ws";
+  const bad = [
+    { backoff: { initial: Number.NaN } },
+    { backoff: { initial: 0 } },
+    { backoff: { max: "500" } },
+    { backoff: { max: null } },
+    { connectTimeout: Number.NaN },
+    { connectTimeout: -1 },
+    { maxQueued: Number.NaN },
+  ];
+  for (const options of bad) {
+    assert.throws(() => new Client(url, { WebSocket, id: "n", ...options }), TypeError, JSON.stringify(options));
+  }
+  const fine = [
+    { backoff: { initial: undefined, max: undefined } },
+    { backoff: { max: Infinity } },
+    { connectTimeout: undefined, maxQueued: 0 },
+  ];
+  for (const options of fine) new Client(url, { WebSocket, id: "n", ...options });
+});

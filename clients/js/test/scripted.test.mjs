@@ -234,6 +234,52 @@ test("a resubscribe refused as topic_full is sent again for a while: the slot ma
   assert.deepEqual(errors, []);
 });
 
+test("the topic_full grace starts again on each connection: a long time offline does not end the subscription at its first refusal", async () => {
+  const realNow = Date.now;
+  let skew = 0;
+  Date.now = () => realNow() + skew;
+  const tries = [];
+  const server = await scripted((ws, n) => {
+    json(ws, { type: "welcome", client: "g", offset: 0, epoch: "e" });
+    ws.on("message", (data) => {
+      const frame = JSON.parse(data);
+      tries.push(n);
+      if (n === 1) {
+        json(ws, { type: "ack", id: frame.id, topic: frame.topic });
+        setTimeout(() => ws.close(1012), 50);
+      } else if (n === 2) {
+        // Refused, then two minutes offline.
+        json(ws, { type: "error", id: frame.id, code: "topic_full", message: "full" });
+        setTimeout(() => {
+          skew = 120_000;
+          ws.close(1012);
+        }, 100);
+      } else if (tries.filter((m) => m === 3).length === 1) {
+        json(ws, { type: "error", id: frame.id, code: "topic_full", message: "full" });
+      } else {
+        json(ws, { type: "ack", id: frame.id, topic: frame.topic });
+        json(ws, { type: "message", topic: frame.topic, payload: "back" });
+      }
+    });
+  });
+  const a = new Client(server.url, { WebSocket, id: "g", backoff: { initial: 10, max: 10 } });
+  const errors = [];
+  const got = [];
+  a.on("error", (e) => errors.push(e.code));
+  a.subscribe("room", { message: (m) => got.push(m.payload), error: (e) => errors.push(e.code) });
+  try {
+    await a.connect();
+    // Not `until`: it reads the clock this test moves.
+    for (let i = 0; i < 800 && got.length === 0 && errors.length === 0; i++) await new Promise((r) => setTimeout(r, 10));
+  } finally {
+    Date.now = realNow;
+    a.close();
+    await server.close();
+  }
+  assert.deepEqual(errors, []);
+  assert.deepEqual(tries, [1, 2, 3, 3]);
+});
+
 test("a send that throws as held requests go out: each one is sent, rejected or still held, none is lost", async () => {
   const got = [];
   const server = await scripted((ws, n) => {
@@ -292,6 +338,35 @@ test("a drop while held requests go out: at most 8 were out, they reject with di
     assert.deepEqual(got.filter(([n]) => n === 1).map(([, i]) => i), upTo(8));
     assert.deepEqual(got.filter(([n]) => n === 2).map(([, i]) => i), upTo(20).slice(8));
     assert.deepEqual(outcomes, [...Array(8).fill("disconnected"), ...Array(12).fill("acked")]);
+  } finally {
+    a.close();
+    await server.close();
+  }
+});
+
+test("refusals for the rate that come after the pause they started (big held requests, read slowly) still let the rest go out", async () => {
+  let refused = 0;
+  const server = await scripted((ws) => {
+    json(ws, { type: "welcome", client: "s", offset: 0, epoch: "e" });
+    ws.on("message", (data) => {
+      const { id } = JSON.parse(data);
+      // The window's first wave is refused: its first at once, the rest after
+      // the pause the first began (1.5 s at most) has ended.
+      if (refused < 8) {
+        const late = refused++ === 0 ? 0 : 1600 + refused * 20;
+        setTimeout(() => json(ws, { type: "error", code: "rate_limited", message: "slow down", id }), late);
+        return;
+      }
+      json(ws, { type: "ack", id, delivered: [], offline: ["x"], offsets: { x: 1 } });
+    });
+  });
+  const a = new Client(server.url, { WebSocket, id: "s" });
+  try {
+    const outcomes = [];
+    for (let i = 0; i < 12; i++) a.send(["x"], i).then(() => (outcomes[i] = "acked"), (e) => (outcomes[i] = e.code));
+    await a.connect();
+    await until(() => outcomes.filter(Boolean).length === 12, 8000, "every request settled");
+    assert.deepEqual(outcomes, Array(12).fill("acked"));
   } finally {
     a.close();
     await server.close();

@@ -65,6 +65,23 @@ test("getToken: short-lived tokens are renewed before they expire, on the same c
   await until(() => seen.message.length === 1, 5000, "a message on the renewed connection");
 });
 
+test("getToken: a token from a cache, issued long ago, is renewed by its exp, not a whole life from now", async () => {
+  let calls = 0;
+  const a = client({
+    getToken: async () => {
+      calls++;
+      // The first is 50 s into a 53 s life, as a cache may hand one back.
+      const ago = calls === 1 ? 50 : 0;
+      return jwt("cached", 3, { iat: Math.floor(Date.now() / 1000) - ago });
+    },
+  });
+  const seen = record(a);
+  await a.connect();
+  await new Promise((r) => setTimeout(r, 4500));
+  assert.deepEqual(seen.disconnected, [], "renewed before the server's 4001");
+  assert.ok(calls >= 2, `getToken called ${calls} times`);
+});
+
 test("getToken: a token that lives longer than setTimeout's longest wait (2^31 ms, 24.8 days) is not renewed at once, again and again", async () => {
   let calls = 0;
   const a = client({
