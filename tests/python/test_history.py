@@ -337,6 +337,34 @@ async def test_a_start_refused_for_its_echo_path_keeps_the_snapshot(start_server
         assert (kept.welcome["recovered"], kept.welcome["missed"]) == (True, 1), kept.welcome
 
 
+@async_test
+async def test_a_run_that_does_not_persist_sets_the_snapshot_aside(start_server, tmp_path):
+    """A run with --persist false in between serves without the snapshot: a
+    later start restored it, and told a client that missed what that run sent
+    it that it had missed nothing. The run sets it aside, so the later start
+    says recovered:false."""
+    data = str(tmp_path / "data")
+    server = start_server("--data-dir", data)
+    async with client(server, "alice", envelope=True) as alice:
+        epoch = alice.welcome["epoch"]
+        await asyncio.to_thread(api_send, server, ["alice"], "first run")
+        assert [p for _, p in await positions(alice, 1)] == ["first run"]
+    stop_gracefully(server)
+    assert (tmp_path / "data" / "streams.snapshot").exists()
+
+    server = start_server("--data-dir", data, "--persist", "false")
+    await asyncio.to_thread(api_send, server, ["alice"], "sent while she was away")
+    stop_gracefully(server)
+    aside = [p.name for p in (tmp_path / "data").iterdir() if p.name.startswith("streams.snapshot.unused-")]
+    assert len(aside) == 1 and not (tmp_path / "data" / "streams.snapshot").exists(), aside
+    assert "moved aside" in server.logs()
+
+    server = start_server("--data-dir", data)
+    async with client(server, "alice", envelope=True, uri=resume_url(server, "alice", epoch, 1)) as alice:
+        assert alice.welcome["recovered"] is False, alice.welcome
+        assert alice.welcome["epoch"] != epoch
+
+
 # --------------------------------------------------------------------------
 # Topics with history (a namespace's history_size)
 # --------------------------------------------------------------------------

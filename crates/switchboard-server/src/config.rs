@@ -237,7 +237,8 @@ pub struct Settings {
     pub data_dir: Option<PathBuf>,
 
     /// Keep history across a graceful restart: write a snapshot to the data directory on stop, and
-    /// read it on start; false touches no disk (history then lives as long as the process)
+    /// read it on start; false writes none (history then lives as long as the process), and moves
+    /// aside a snapshot left in the data directory, which a run without it makes stale
     /// [default: true]
     #[arg(long, env = "SWITCHBOARD_PERSIST", value_name = "BOOL", action = clap::ArgAction::Set)]
     pub persist: Option<bool>,
@@ -497,6 +498,9 @@ pub struct Config {
     pub history_max_bytes: usize,
     /// Where the snapshot is kept, when history is persisted.
     pub data_dir: Option<PathBuf>,
+    /// The data directory of a run that does not persist (`persist = false`,
+    /// or the Redis engine): a snapshot found there is moved aside at start.
+    pub unused_data_dir: Option<PathBuf>,
     /// Whether to move an unreadable snapshot aside and start anyway.
     pub start_fresh: bool,
     /// API keys.
@@ -583,6 +587,11 @@ impl Config {
                 .saturating_mul(2)
                 .saturating_add(RECEIVE_SLACK),
         );
+        let data_dir = s
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("switchboard-data"));
+        let persists = s.persist.unwrap_or(true) && s.engine != Some(EngineKind::Redis);
         let config = Self {
             listen: s
                 .listen
@@ -644,12 +653,8 @@ impl Config {
             },
             history_max_bytes: s.history_max_bytes.unwrap_or(128 << 20),
             // The Redis engine keeps its streams in Redis: nothing to save here.
-            data_dir: (s.persist.unwrap_or(true) && s.engine != Some(EngineKind::Redis)).then(
-                || {
-                    s.data_dir
-                        .unwrap_or_else(|| PathBuf::from("switchboard-data"))
-                },
-            ),
+            data_dir: persists.then(|| data_dir.clone()),
+            unused_data_dir: (!persists).then_some(data_dir),
             start_fresh: s.start_fresh.unwrap_or(false),
             // `SWITCHBOARD_API_KEYS="old, new"` means the key `new`.
             api_keys: ApiKeys::new(

@@ -84,6 +84,9 @@ pub async fn serve(
         crate::snapshot::consume(dir)?;
         tracing::info!(streams, "history restored from the last graceful stop");
     }
+    if let Some(dir) = &config.unused_data_dir {
+        crate::snapshot::set_aside_unused(dir)?;
+    }
     announce()?;
     let api_server = api.map(|(api_listener, router)| {
         let stopped = stopping.clone().cancelled_owned();

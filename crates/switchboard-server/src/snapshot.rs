@@ -222,11 +222,7 @@ pub fn open(dir: &Path, start_fresh: bool) -> Result<Option<Loaded>, SnapshotErr
     match read(BufReader::new(file)) {
         Ok(loaded) => Ok(Some(loaded)),
         Err((line, reason)) if start_fresh => {
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            let aside = dir.join(format!("{FILE_NAME}.unreadable-{nanos}"));
-            fs::rename(&path, &aside).map_err(io_error)?;
+            let aside = move_aside(dir, "unreadable").map_err(io_error)?;
             tracing::warn!(
                 line,
                 reason,
@@ -236,6 +232,52 @@ pub fn open(dir: &Path, start_fresh: bool) -> Result<Option<Loaded>, SnapshotErr
             Ok(None)
         }
         Err((line, reason)) => Err(SnapshotError::Corrupt { path, line, reason }),
+    }
+}
+
+/// Renames the snapshot in `dir` to `streams.snapshot.WHY-NANOS`: kept for
+/// the operator, never read again.
+fn move_aside(dir: &Path, why: &str) -> io::Result<PathBuf> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let aside = dir.join(format!("{FILE_NAME}.{why}-{nanos}"));
+    fs::rename(dir.join(FILE_NAME), &aside)?;
+    Ok(aside)
+}
+
+/// For a run that serves without the data directory `dir` (`persist = false`,
+/// or the Redis engine): a snapshot left there is moved aside
+/// (`streams.snapshot.unused-NANOS`), as this run makes it stale. A later
+/// start would restore history from before this run under the same epochs,
+/// and tell a client that missed what this run sent it that it missed
+/// nothing. Left alone while another process holds the directory (that one
+/// owns it); nothing is done when there is no snapshot.
+pub fn set_aside_unused(dir: &Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    if !dir.join(FILE_NAME).exists() {
+        return Ok(());
+    }
+    let Ok(_lock) = lock(dir) else {
+        return Ok(());
+    };
+    // Gone meanwhile: a start that held the lock used it up.
+    match move_aside(dir, "unused") {
+        Ok(aside) => {
+            tracing::warn!(
+                moved_to = %aside.display(),
+                "this run does not use the data directory's snapshot, so a later start must \
+                 not restore it: moved aside"
+            );
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "moving aside {}, which this run makes stale",
+                dir.join(FILE_NAME).display()
+            )
+        }),
     }
 }
 
