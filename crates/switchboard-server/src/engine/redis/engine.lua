@@ -286,6 +286,11 @@ elseif op == 'publish' then
   local topic, size, ttl, from, payload = ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10], ARGV[11]
   local subscribers = tonumber(redis.call('HGET', 'sb:topics', topic) or 0)
   if size == 0 then
+    -- Not stored: a position kept from when the topic had history (another
+    -- node's configuration, or this one's before) would go on under its epoch
+    -- and hide this message from resumes. Forgotten, the next stored message
+    -- starts a new epoch.
+    redis.call('DEL', meta_key('t', topic), stream_key('t', topic))
     redis.call('PUBLISH', channel('t', topic), 'm||0|' .. from .. '|' .. payload)
     return remember(key, { '', 0, subscribers })
   end
