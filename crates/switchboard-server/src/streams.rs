@@ -227,6 +227,19 @@ impl Stream {
         }
     }
 
+    /// Gives back the room of entries dropped: a stream that once held many
+    /// (a burst, a topic's whole `history_size`) and now holds few would keep
+    /// its ring's whole capacity, which the byte cap does not count (48 B a
+    /// slot: 49 KB for a topic of 1,000 emptied), and anyone could make many.
+    fn shrink(&mut self) {
+        let (len, capacity) = (self.entries.len(), self.entries.capacity());
+        if len == 0 {
+            self.entries = VecDeque::new();
+        } else if capacity > 8 && len < capacity / 4 {
+            self.entries.shrink_to(len * 2);
+        }
+    }
+
     /// Where `since` falls in the stream.
     fn place(&self, since: &Position) -> Place {
         if since.epoch != self.epoch {
@@ -490,6 +503,7 @@ impl Streams {
             };
             if stream.entries.front().is_some_and(|e| e.offset == offset) {
                 let entry = stream.entries.pop_front().expect("checked");
+                stream.shrink();
                 shard.held -= 1;
                 shard.bytes -= entry.cost();
                 if stream.entries.is_empty() {
@@ -598,6 +612,9 @@ fn prune(stream: &mut Stream, retention: Retention, now: u64) -> (usize, usize) 
         count += 1;
         stream.entries.pop_front();
     }
+    if count > 0 {
+        stream.shrink();
+    }
     (count, freed)
 }
 
@@ -689,6 +706,35 @@ mod tests {
         assert_eq!(lost, Resume::Lost);
         let kept = streams.resume(&key, &at(2), three, 1000, |resume, _| resume);
         assert!(matches!(kept, Resume::Recovered(m) if m.len() == 3));
+    }
+
+    #[test]
+    fn a_stream_that_drops_most_of_its_entries_gives_their_room_back() {
+        let streams = Streams::new(1 << 20);
+        let key = inbox("burst");
+        let capacity = |streams: &Streams| {
+            let shard = streams.shard(key.name());
+            shard.streams.get(&key).map(|s| s.entries.capacity())
+        };
+        for i in 0..1000 {
+            append(&streams, &key, &i.to_string());
+        }
+        assert!(capacity(&streams).unwrap() >= 1000);
+        // Pruned to three as the next is appended.
+        let three = Retention {
+            max_entries: 3,
+            ttl: KEEP_ALL.ttl,
+        };
+        streams.append(key.borrowed(), None, "x".into(), three, now_ms(), |_, _, _| ());
+        assert!(capacity(&streams).unwrap() <= 8, "{:?}", capacity(&streams));
+        // Past their age, all go: nothing is held for the stream's entries.
+        let none = Retention {
+            max_entries: 3,
+            ttl: Duration::ZERO,
+        };
+        let since = streams.position(&key, |p| p.clone());
+        streams.resume(&key, &since, none, 1000, |_, _| ());
+        assert_eq!(capacity(&streams), Some(0));
     }
 
     #[test]

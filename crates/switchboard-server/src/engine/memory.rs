@@ -197,8 +197,12 @@ fn register(
             register(vec![wire::welcome(&id, at(position), Resumed::NotAsked)])
         });
     };
-    core.streams
-        .resume(&key, &since, core.inbox, usize::MAX, |resume, position| {
+    core.streams.resume(
+        &key,
+        &since,
+        core.inbox,
+        super::most_replayed(core.replay_budget),
+        |resume, position| {
             let (resumed, missed) = match resume {
                 // Ahead: history restored from an older copy than the
                 // client saw, or a position from another store.
@@ -219,7 +223,8 @@ fn register(
                     .map(|entry| super::inbox_delivery(entry, &position.epoch)),
             );
             register(frames)
-        })
+        },
+    )
 }
 
 impl Core {
@@ -338,8 +343,12 @@ impl Core {
                 })
             });
         };
-        self.streams
-            .resume(&key, since, *retention, usize::MAX, |resume, position| {
+        self.streams.resume(
+            &key,
+            since,
+            *retention,
+            super::most_replayed(self.replay_budget),
+            |resume, position| {
                 let (resumed, missed, held) = match resume {
                     Resume::Ahead => {
                         return Err(SubscribeRefused::Ahead {
@@ -369,7 +378,8 @@ impl Core {
                     resumed: Some((resumed, Some(position.clone()))),
                     start: None,
                 })
-            })
+            },
+        )
     }
 }
 

@@ -531,11 +531,19 @@ pub(crate) fn admit_replay(
     outbox.reserve(replayed_bytes(missed, Some(topic), epoch), budget)
 }
 
+/// What a replayed frame's envelope takes beyond its texts (its own fields,
+/// up to 20 digits of offset).
+const REPLAYED_FRAME: usize = 96;
+
+/// The most messages a replay within `budget` bytes can hold: a resume that
+/// missed more is not recovered, and is known so without copying them.
+pub(crate) fn most_replayed(budget: usize) -> usize {
+    budget / REPLAYED_FRAME
+}
+
 /// At least as many bytes as replaying `missed` queues.
 fn replayed_bytes(missed: &[Entry], topic: Option<&str>, epoch: &str) -> usize {
-    // The envelope's own fields (up to 20 digits of offset); then its texts.
-    const FRAME: usize = 96;
-    let per_frame = FRAME + topic.map_or(0, str::len) + epoch.len();
+    let per_frame = REPLAYED_FRAME + topic.map_or(0, str::len) + epoch.len();
     missed
         .iter()
         .map(|e| per_frame + e.payload.len() + e.from.as_deref().map_or(0, str::len))
@@ -575,5 +583,21 @@ mod tests {
         assert_eq!(later.ready_now(), None, "nothing has been told yet");
         tell.send(9).unwrap();
         assert_eq!(later.await, Ok(9));
+    }
+
+    #[test]
+    fn a_replay_of_more_than_the_most_replayed_never_fits_its_budget() {
+        // The smallest message there is: no sender, an empty payload text.
+        let entry = Entry {
+            offset: u64::MAX,
+            from: None,
+            payload: "".into(),
+            at_ms: 0,
+        };
+        for budget in [0, 95, 96, 4 << 20] {
+            let most = most_replayed(budget);
+            assert!(fits(&vec![entry.clone(); most], None, "", budget));
+            assert!(!fits(&vec![entry.clone(); most + 1], None, "", budget));
+        }
     }
 }
