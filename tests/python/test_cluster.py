@@ -1196,27 +1196,33 @@ async def test_a_stream_quiet_for_longer_than_its_position_lives_keeps_its_clien
 
 
 @async_test
-async def test_publishes_while_a_topic_kept_no_history_are_not_hidden_from_a_resume(cluster):
-    """A node whose configuration keeps no history for a topic (a rolling
-    deploy that turns it on, or off) publishes without storing. The topic's
-    position in Redis went on under the same epoch when history came back, and
-    a resume from before was told recovered:true, missing what was published
-    meanwhile. Such a publish forgets the position: the next stored one starts
-    a new epoch, and the resume is told recovered:false."""
+async def test_nodes_that_disagree_on_a_topics_history_lose_nothing_and_hide_nothing(cluster):
+    """Two nodes, one keeping history for a topic and one not (a rolling
+    deploy that turns it on, or off). A subscriber on the one that keeps none
+    never got what the other published (stored, with offsets it did not
+    follow). And the topic's position in Redis went on under its epoch across
+    the unstored publishes, so a resume from before them was told
+    recovered:true, missing them: such a publish now forgets the position,
+    and the next stored one starts a new epoch."""
     kept = config_file('[[namespaces]]\nprefix = "hist:"\nhistory_size = 100\n')
     c = cluster(1, extra=("--config", kept))
     c.extra = (*c.extra[:-1], config_file('[[namespaces]]\nprefix = "hist:"\n'))
     c.nodes.append(c.start_node())
     keeps, forgets = c.nodes
-    for i in range(3):
-        assert api(keeps, "POST", "/api/v1/publish", {"topic": "hist:t", "payload": i})[0] == 200
-    async with client(None, "a", envelope=True, uri=url(keeps, "a")) as a:
-        await a.send(json.dumps({"type": "subscribe", "topic": "hist:t", "id": 1}))
-        ack = await recv_json(a)
-        assert ack["offset"] == 3, ack
-    for i in range(2):
-        assert api(forgets, "POST", "/api/v1/publish", {"topic": "hist:t", "payload": f"unkept {i}"})[0] == 200
-    assert api(keeps, "POST", "/api/v1/publish", {"topic": "hist:t", "payload": "kept again"})[0] == 200
+    async with client(None, "b", envelope=True, uri=url(forgets, "b")) as b:
+        await b.send(json.dumps({"type": "subscribe", "topic": "hist:t", "id": 1}))
+        assert (await recv_json(b))["type"] == "ack"
+        for i in range(3):
+            assert api(keeps, "POST", "/api/v1/publish", {"topic": "hist:t", "payload": i})[0] == 200
+        async with client(None, "a", envelope=True, uri=url(keeps, "a")) as a:
+            await a.send(json.dumps({"type": "subscribe", "topic": "hist:t", "id": 1}))
+            ack = await recv_json(a)
+            assert ack["offset"] == 3, ack
+        for i in range(2):
+            assert api(forgets, "POST", "/api/v1/publish", {"topic": "hist:t", "payload": f"unkept {i}"})[0] == 200
+        assert api(keeps, "POST", "/api/v1/publish", {"topic": "hist:t", "payload": "kept again"})[0] == 200
+        got = [(await recv_json(b))["payload"] for _ in range(6)]
+        assert got == [0, 1, 2, "unkept 0", "unkept 1", "kept again"], got
     async with client(None, "a", envelope=True, uri=url(keeps, "a")) as a:
         since = {"epoch": ack["epoch"], "offset": 3}
         await a.send(json.dumps({"type": "subscribe", "topic": "hist:t", "id": 2, "since": since}))

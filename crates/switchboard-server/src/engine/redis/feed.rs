@@ -873,6 +873,14 @@ impl Delivery {
         }
         let mut behind = false;
         for conn in &mut local.conns {
+            if conn.epoch.is_none() {
+                // Subscribed on this node where its configuration keeps no
+                // history for the topic, while another node's does (a rolling
+                // deploy): as it comes, as on a topic without history. No
+                // fill reads for it, so it waited for none.
+                let _ = conn.outbox.push(render.frame(conn.format));
+                continue;
+            }
             let same = conn.epoch.as_deref() == Some(live.epoch);
             if same && conn.last + 1 == live.offset {
                 let _ = conn.outbox.push(render.frame(conn.format));
