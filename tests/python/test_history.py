@@ -11,7 +11,9 @@ are refused before the upgrade.
 import asyncio
 import json
 import signal
+import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -335,6 +337,113 @@ async def test_a_start_refused_for_its_echo_path_keeps_the_snapshot(start_server
     server = start_server("--data-dir", data)
     async with client(server, "kept", envelope=True, uri=resume_url(server, "kept", epoch, 0)) as kept:
         assert (kept.welcome["recovered"], kept.welcome["missed"]) == (True, 1), kept.welcome
+
+
+STARTED = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_what_started():
+    """What `started` ran is killed after each test, passed or failed (a
+    server that ignores SIGTERM must not outlive its test)."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def started(data, *args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL):
+    """A persisting server on `data`, not through the fixture: these tests
+    need its standard streams and its exit."""
+    proc = subprocess.Popen([BIN, "serve", "--data-dir", data, *args], stdin=subprocess.DEVNULL,
+                            stdout=stdout, stderr=stderr)
+    STARTED.append(proc)
+    return proc
+
+
+def snapshot_with_history(tmp_path):
+    """A data directory holding a snapshot with one message for "a"."""
+    data = str(tmp_path / "data")
+    proc = started(data, "--listen", "127.0.0.1:0")
+    port = int(proc.stdout.readline().decode().rsplit(":", 1)[1])
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/v1/send", method="POST",
+                                     data=json.dumps({"targets": ["a"], "payload": 1}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=5).read()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    assert (tmp_path / "data" / "streams.snapshot").exists()
+    return data
+
+
+def test_a_stop_signal_as_soon_as_it_listens_is_a_graceful_stop(tmp_path):
+    """The stop signals' handlers were installed after the snapshot was used
+    up and `listening on` printed: a SIGTERM then killed the process (the
+    history gone) or was lost. Now they are installed first."""
+    data = snapshot_with_history(tmp_path)
+    for attempt in range(8):
+        proc = started(data, "--listen", "127.0.0.1:0")
+        assert proc.stdout.readline().startswith(b"listening on")
+        proc.send_signal(signal.SIGTERM if attempt % 2 else signal.SIGINT)
+        assert proc.wait(timeout=15) == 0, attempt
+        assert (tmp_path / "data" / "streams.snapshot").exists(), attempt
+
+
+def test_closed_output_streams_never_keep_the_service_from_stopping_nor_lose_history(tmp_path):
+    """stderr a closed pipe: a log line that could not be written panicked
+    the task that logged it, the shutdown's among them, and SIGTERM did
+    nothing. stdout that cannot be written (a reader gone, /dev/full): the
+    `listening on` line panicked the start after the snapshot was used up."""
+    data = snapshot_with_history(tmp_path)
+    proc = started(data, "--listen", "127.0.0.1:0", "--log-level", "debug", stderr=subprocess.PIPE)
+    port = int(proc.stdout.readline().decode().rsplit(":", 1)[1])
+    proc.stderr.close()
+    # Connections log as they open and close.
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 200")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    assert (tmp_path / "data" / "streams.snapshot").exists()
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with open("/dev/full", "w") as full:
+        proc = started(data, "--listen", f"127.0.0.1:{port}", stdout=full)
+        deadline = time.monotonic() + 10
+        while True:
+            assert proc.poll() is None, "the start failed"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "never listened"
+                time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    assert (tmp_path / "data" / "streams.snapshot").exists()
+
+
+def test_a_second_stop_signal_cuts_the_drain_short_and_history_is_kept(tmp_path):
+    """A request that stalls holds the drain for up to shutdown_drain_secs
+    (ten years at most): a second signal was ignored, and only SIGKILL, which
+    loses the history, was left. It ends the drain now; history is saved."""
+    data = snapshot_with_history(tmp_path)
+    proc = started(data, "--listen", "127.0.0.1:0", "--shutdown-drain-secs", "600")
+    port = int(proc.stdout.readline().decode().rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as stalled:
+        stalled.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow:")
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        assert proc.poll() is None, "the stalled request holds the drain"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=5) == 0
+    assert (tmp_path / "data" / "streams.snapshot").exists()
 
 
 @async_test

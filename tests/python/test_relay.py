@@ -24,6 +24,7 @@ import signal
 import struct
 import subprocess
 import tempfile
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -1305,6 +1306,38 @@ async def test_any_worker_layout_relays_and_shuts_down(start_server, args):
         for ws in clients:
             assert (await expect_close(ws)).code == 1012
     assert await asyncio.to_thread(server.wait, 10) == 0, server.logs()
+
+
+@pytest.mark.parametrize("scheduler", ["work-stealing", "thread-per-core"])
+def test_requests_in_progress_at_a_stop_are_answered_on_every_thread(start_server, scheduler):
+    """The drain waited for the HTTP requests of the main thread's socket
+    only: with thread-per-core, the requests in progress on the other
+    threads' sockets were cut as soon as the main thread's were done. Twelve
+    half-sent requests land on the four threads' sockets as the kernel
+    spreads them; each is finished after the SIGTERM, one after another, and
+    must be answered. (Which socket takes which is the kernel's choice: the
+    old code passed a round only when the last request landed on the main
+    thread's socket, one time in four, so three rounds.)"""
+    body = json.dumps({"targets": ["nobody"], "payload": 1}).encode()
+    head = (f"POST /api/v1/send HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    for _ in range(3):
+        server = start_server("--workers", "4", "--scheduler", scheduler, "--shutdown-drain-secs", "10")
+        pending = []
+        for _ in range(12):
+            s = socket.create_connection((server.host, server.port), timeout=10)
+            s.sendall(head + body[:3])
+            pending.append(s)
+        time.sleep(0.3)
+        server.signal(signal.SIGTERM)
+        answered = []
+        for s in pending:
+            time.sleep(0.05)
+            with s:
+                s.sendall(body[3:])
+                answered.append(s.recv(100)[:12])
+        assert answered == [b"HTTP/1.1 200"] * 12, answered
+        assert server.wait(15) == 0, server.logs()
 
 
 async def workers_logged(server):

@@ -13,7 +13,11 @@ pub fn init(format: LogFormat, filter: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // A line that cannot be written (stderr a closed pipe, a full disk)
+        // is lost, not reported on stderr: that report failing too panicked
+        // the task that logged, the shutdown's or a connection's.
+        .log_internal_errors(false);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -1,5 +1,6 @@
 //! The `switchboard` command.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
@@ -92,16 +93,7 @@ fn serve(config: &Config) -> anyhow::Result<()> {
         .map(|api| api.local_addr())
         .transpose()?;
     // Once the start is sure, just before serving (see `server::serve`).
-    let announce = || -> anyhow::Result<()> {
-        // Before saying it listens: a SIGHUP from then on (a renewal hook,
-        // or a log rotation's or a service manager's reload) must reload
-        // the certificate, or do nothing without TLS, and never kill the
-        // process with the default action. tokio keeps a handler for good
-        // once installed, so this one holds until the reload task listens.
-        #[cfg(unix)]
-        drop(tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::hangup(),
-        )?);
+    let announce = || {
         let scheme = if config.tls.is_some() { "wss" } else { "ws" };
         tracing::info!(
             %addr,
@@ -109,26 +101,36 @@ fn serve(config: &Config) -> anyhow::Result<()> {
             "switchboard listening; clients connect to {scheme}://{addr}/ws"
         );
         // Tests and scripts read these lines to find port-0 listeners (and
-        // find the log line above written by then).
-        println!("listening on {addr}");
+        // find the log line above written by then). Written or not (a reader
+        // gone), the service serves: the snapshot is used up by now.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on {addr}");
         if let Some(api_addr) = api_addr {
-            println!("api listening on {api_addr}");
+            let _ = writeln!(out, "api listening on {api_addr}");
         }
-        Ok(())
+        let _ = out.flush();
     };
-    runtime
-        .block_on(async {
-            let listeners = server::Listeners {
-                main: listener,
-                workers,
-                api: api_listener,
-            };
-            server::serve(config, listeners, snapshot, announce, server::signal()).await
-        })
-        .and_then(|engine| {
-            // The runtime's tasks (an HTTP request still in flight past the drain
-            // time) end here, so nothing appends while the streams are written.
-            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-            server::save_history(config, &*engine)
-        })
+    let ended = runtime.block_on(async {
+        let listeners = server::Listeners {
+            main: listener,
+            workers,
+            api: api_listener,
+        };
+        let signals = server::Signals::new()?;
+        server::serve(config, listeners, snapshot, announce, signals).await
+    })?;
+    // The runtime's tasks (an HTTP request still in flight past the drain
+    // time) end here, so nothing appends while the streams are written.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    // Saved whatever ended the service: the snapshot it started from is gone.
+    let saved = server::save_history(config, &*ended.engine);
+    match ended.error {
+        Some(error) => {
+            if let Err(unsaved) = saved {
+                tracing::error!(error = format!("{unsaved:#}"), "history not saved");
+            }
+            Err(error)
+        }
+        None => saved,
+    }
 }

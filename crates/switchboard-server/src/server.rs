@@ -26,20 +26,30 @@ pub struct Listeners {
     pub api: Option<TcpListener>,
 }
 
-/// Serves clients and the API until `stop` resolves, then stops accepting,
-/// closes every connection with 1012 (service restart: come back and resume)
-/// and waits up to the drain time for them. Returns the engine, whose
-/// streams the caller saves once this runtime's tasks are gone (see
-/// [`save_history`]). `snapshot` is what the last graceful stop saved; its
-/// file in the data directory is removed once the service is about to serve,
-/// and then `announce` says it listens.
+/// How serving ended, once the snapshot was used up: the engine, whose
+/// streams the caller saves whatever happened from then on (see
+/// [`save_history`]), and the error that ended it early, if one did.
+pub struct Ended {
+    /// The engine that served.
+    pub engine: Arc<dyn Engine>,
+    /// What stopped the service other than a signal.
+    pub error: Option<anyhow::Error>,
+}
+
+/// Serves clients and the API until the first of `signals`, then stops
+/// accepting, closes every connection with 1012 (service restart: come back
+/// and resume) and waits up to the drain time for them; a second signal cuts
+/// the drain short. `snapshot` is what the last graceful stop saved; its file
+/// in the data directory is removed once the service is about to serve, and
+/// then `announce` says it listens. An error before that is returned as is
+/// (the snapshot stays); one after it comes with the engine in [`Ended`].
 pub async fn serve(
     config: &Config,
     listeners: Listeners,
     snapshot: Option<Loaded>,
-    announce: impl FnOnce() -> anyhow::Result<()>,
-    stop: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<Arc<dyn Engine>> {
+    announce: impl FnOnce(),
+    signals: Signals,
+) -> anyhow::Result<Ended> {
     let Listeners {
         main: listener,
         workers,
@@ -59,7 +69,6 @@ pub async fn serve(
         }
         None => None,
     };
-    let stopping = CancellationToken::new();
     let main_loopback = listener.local_addr()?.ip().is_loopback();
     let body = api::BodyRules {
         max_bytes: config.api_max_body_bytes,
@@ -87,74 +96,145 @@ pub async fn serve(
     if let Some(dir) = &config.unused_data_dir {
         crate::snapshot::set_aside_unused(dir)?;
     }
-    announce()?;
-    let api_server = api.map(|(api_listener, router)| {
-        let stopped = stopping.clone().cancelled_owned();
-        tokio::spawn(serve_listener(api_listener, router, tls.clone(), stopped))
-    });
-    let trigger = shutdown.clone();
-    let stop_all = stopping.clone();
-    tokio::spawn(async move {
-        stop.await;
-        tracing::info!(
-            connections = trigger.connections(),
-            "shutting down: closing connections with 1012"
-        );
-        stop_all.cancel();
-        trigger.trigger();
-    });
-    let finished = CancellationToken::new();
-    let threads = workers
-        .into_iter()
-        .enumerate()
-        .map(|(i, worker)| {
-            let stop = stopping.clone();
-            worker.spawn(i + 1, main.clone(), tls.clone(), stop, finished.clone())
-        })
-        .collect::<std::io::Result<Vec<_>>>()?;
-    let serving = async {
-        serve_listener(listener, main, tls, stopping.clone().cancelled_owned()).await;
-        if let Some(api_server) = api_server {
-            // A panic in the API server's task is not this shutdown's business.
-            let _ = api_server.await;
-        }
+    announce();
+    let serving = Serving {
+        config,
+        shutdown,
+        tls,
+        stopping: CancellationToken::new(),
+        cut: CancellationToken::new(),
     };
-    tokio::pin!(serving);
-    // `serving` may end first (with nothing in progress it ends as soon as
-    // the stop arrives), and must not be polled again once it has.
-    let served = tokio::select! {
-        () = &mut serving => true,
-        () = stopping.cancelled() => false,
-    };
-    // One drain time for everything: HTTP requests in progress and WebSocket
-    // close handshakes. What is still open at its end is cut, and the process
-    // exits, so a client that stalls can never hold a shutdown.
-    let deadline = tokio::time::Instant::now() + config.shutdown_drain;
-    if !served
-        && tokio::time::timeout_at(deadline, &mut serving)
-            .await
-            .is_err()
-    {
-        tracing::warn!("drain time over: cutting the HTTP requests still open");
-    }
-    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-    if shutdown.drain(left).await {
-        tracing::info!("all connections closed");
-    } else {
-        tracing::warn!(
-            remaining = shutdown.connections(),
-            "drain time over; exiting with connections still open"
-        );
-    }
-    // The other threads' runtimes (and any connection left on them) end now.
-    finished.cancel();
-    tokio::task::spawn_blocking(move || {
-        for thread in threads {
-            let _ = thread.join();
-        }
+    let error = serving
+        .run(listener, main, api, workers, signals)
+        .await
+        .err();
+    Ok(Ended {
+        engine: hub.engine.clone(),
+        error,
     })
-    .await?;
-    Ok(hub.engine.clone())
+}
+
+/// The service from the moment it serves to the end of its drain.
+struct Serving<'a> {
+    config: &'a Config,
+    shutdown: Shutdown,
+    tls: Option<TlsAcceptor>,
+    /// Cancelled at the first signal: stop accepting.
+    stopping: CancellationToken,
+    /// Cancelled at the second: stop draining.
+    cut: CancellationToken,
+}
+
+impl Serving<'_> {
+    async fn run(
+        self,
+        listener: TcpListener,
+        main: Router,
+        api: Option<(TcpListener, Router)>,
+        workers: Vec<Worker>,
+        mut signals: Signals,
+    ) -> anyhow::Result<()> {
+        let Self {
+            config,
+            shutdown,
+            tls,
+            stopping,
+            cut,
+        } = self;
+        let api_server = api.map(|(api_listener, router)| {
+            let stopped = stopping.clone().cancelled_owned();
+            tokio::spawn(serve_listener(api_listener, router, tls.clone(), stopped))
+        });
+        let (trigger, stop_all, cut_short) = (shutdown.clone(), stopping.clone(), cut.clone());
+        tokio::spawn(async move {
+            signals.next().await;
+            // Before logging: a log line that cannot be written must never
+            // keep the service from stopping.
+            stop_all.cancel();
+            trigger.trigger();
+            tracing::info!(
+                connections = trigger.connections(),
+                "shutting down: closing connections with 1012"
+            );
+            signals.next().await;
+            cut_short.cancel();
+            tracing::warn!("a second signal: cutting the drain short");
+        });
+        let finished = CancellationToken::new();
+        // Whatever happens from here, the other threads' runtimes end with
+        // this function.
+        let _finish = finished.clone().drop_guard();
+        // Each worker's HTTP requests in progress at the stop are drained too.
+        let drained: Vec<CancellationToken> =
+            workers.iter().map(|_| CancellationToken::new()).collect();
+        let threads = workers
+            .into_iter()
+            .zip(&drained)
+            .enumerate()
+            .map(|(i, (worker, drained))| {
+                let (stop, drained) = (stopping.clone(), drained.clone());
+                worker.spawn(
+                    i + 1,
+                    main.clone(),
+                    tls.clone(),
+                    stop,
+                    drained,
+                    finished.clone(),
+                )
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let serving = async {
+            serve_listener(listener, main, tls, stopping.clone().cancelled_owned()).await;
+            if let Some(api_server) = api_server {
+                // A panic in the API server's task is not this shutdown's business.
+                let _ = api_server.await;
+            }
+            for worker in &drained {
+                worker.cancelled().await;
+            }
+        };
+        tokio::pin!(serving);
+        // `serving` may end first (with nothing in progress it ends as soon as
+        // the stop arrives), and must not be polled again once it has.
+        let served = tokio::select! {
+            () = &mut serving => true,
+            () = stopping.cancelled() => false,
+        };
+        // One drain time for everything: HTTP requests in progress and WebSocket
+        // close handshakes. What is still open at its end is cut, and the process
+        // exits, so a client that stalls can never hold a shutdown.
+        let deadline = tokio::time::Instant::now() + config.shutdown_drain;
+        if !served {
+            tokio::select! {
+                done = tokio::time::timeout_at(deadline, &mut serving) => if done.is_err() {
+                    tracing::warn!("drain time over: cutting the HTTP requests still open");
+                },
+                () = cut.cancelled() => {}
+            }
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let drained = tokio::select! {
+            drained = shutdown.drain(left) => drained,
+            () = cut.cancelled() => false,
+        };
+        if drained {
+            tracing::info!("all connections closed");
+        } else {
+            tracing::warn!(
+                remaining = shutdown.connections(),
+                "drain over; exiting with connections still open"
+            );
+        }
+        // The other threads' runtimes (and any connection left on them) end now.
+        finished.cancel();
+        tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await?;
+        Ok(())
+    }
 }
 
 /// Serves `router` on `listener` until `stop`, over TLS when given an acceptor.
@@ -190,18 +270,34 @@ pub fn save_history(config: &Config, engine: &dyn Engine) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
+/// SIGTERM and SIGINT, listened for from when this is made: made before the
+/// snapshot is used up, a stop signal from then on is a graceful stop (the
+/// default action would kill the process with the history gone). SIGHUP is
+/// caught too, before the service says it listens: a SIGHUP from then on (a
+/// certificate renewal hook, a log rotation's or a service manager's reload)
+/// must reload the certificate, or do nothing without TLS, and never kill
+/// the process; tokio keeps a handler for good once installed.
+pub struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Installs the handlers; needs a runtime's context.
+    pub fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        drop(signal(SignalKind::hangup())?);
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Resolves at the next SIGTERM or SIGINT.
+    pub async fn next(&mut self) {
         tokio::select! {
-            _ = interrupt => {}
-            _ = term.recv() => {}
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
         }
     }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
 }

@@ -725,7 +725,14 @@ mod tests {
             max_entries: 3,
             ttl: KEEP_ALL.ttl,
         };
-        streams.append(key.borrowed(), None, "x".into(), three, now_ms(), |_, _, _| ());
+        streams.append(
+            key.borrowed(),
+            None,
+            "x".into(),
+            three,
+            now_ms(),
+            |_, _, _| (),
+        );
         assert!(capacity(&streams).unwrap() <= 8, "{:?}", capacity(&streams));
         // Past their age, all go: nothing is held for the stream's entries.
         let none = Retention {

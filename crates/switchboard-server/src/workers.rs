@@ -107,20 +107,24 @@ impl Worker {
         Ok(Self { runtime, listener })
     }
 
-    /// Serves `router` on this worker's own thread until `stop`, and keeps the
-    /// thread's runtime (and so its connections) running until `finished`.
+    /// Serves `router` on this worker's own thread until `stop`, cancels
+    /// `drained` once the HTTP requests in progress then are done (or the
+    /// thread ends), and keeps the thread's runtime (and so its connections)
+    /// running until `finished`.
     pub fn spawn(
         self,
         index: usize,
         router: Router,
         tls: Option<TlsAcceptor>,
         stop: CancellationToken,
+        drained: CancellationToken,
         finished: CancellationToken,
     ) -> io::Result<JoinHandle<()>> {
         let Self { runtime, listener } = self;
         std::thread::Builder::new()
             .name(format!("switchboard-{index}"))
             .spawn(move || {
+                let drained = drained.drop_guard();
                 runtime.block_on(async move {
                     // Ends when the main thread says so, even if a request is
                     // still stalled here: its drain time is the limit.
@@ -132,6 +136,7 @@ impl Worker {
                             stop.cancelled_owned(),
                         )
                         .await;
+                        drop(drained);
                         finished.cancelled().await;
                     };
                     tokio::select! {
