@@ -557,6 +557,12 @@ impl Config {
         let settings: Settings = table.clone().try_into().map_err(|e| invalid(&table, &e))?;
         let config = Self::resolve(settings)?;
         config.check_exposure()?;
+        if config.engine == EngineKind::Redis {
+            // Parsed, not connected to: before binding, with the other
+            // configuration errors. Redis's message never quotes the URL.
+            redis::Client::open(config.redis_url.as_str())
+                .map_err(|e| anyhow::anyhow!("invalid redis_url: {e}"))?;
+        }
         // The keys are read and checked now, so that a bad one stops the service
         // before it binds or says it is listening.
         crate::auth::JwtVerifier::from_config(&config.jwt)?;
@@ -566,6 +572,9 @@ impl Config {
     fn resolve(s: Settings) -> anyhow::Result<Self> {
         const MAX_CONNECTIONS_PER_IP: usize = 1000;
         check_durations(&s)?;
+        if let Some(filter) = &s.log_level {
+            check_log_level(filter)?;
+        }
         let at_least_one = [
             ("api_max_body_bytes", s.api_max_body_bytes.map(|n| n as u64)),
             ("api_body_timeout_secs", s.api_body_timeout_secs),
@@ -848,6 +857,27 @@ impl Config {
 /// far from where a deadline (now plus the setting) overflows and panics.
 const MAX_SECS: u64 = 10 * 365 * 24 * 3600;
 
+/// Refuses a `log_level` that is no filter, or that names a target where a
+/// level was meant: `warnn` is a valid filter (every event of a target
+/// called "warnn"), and would have logged nothing at all, errors included.
+fn check_log_level(filter: &str) -> anyhow::Result<()> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map_err(|e| anyhow::anyhow!("log_level {filter:?} is not a filter: {e}"))?;
+    let directives = filter.split(',').map(str::trim).filter(|d| !d.is_empty());
+    for directive in directives {
+        let bare = !directive.contains(['=', '[']);
+        if bare && !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive)) {
+            bail!(
+                "log_level {directive:?} is neither a level (off, error, warn, info, debug, trace) \
+                 nor TARGET=LEVEL"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a duration over [`MAX_SECS`], naming the setting.
 fn check_durations(s: &Settings) -> anyhow::Result<()> {
     let settings = [
@@ -1107,6 +1137,39 @@ mod tests {
             load(&["--history-max-bytes", &u64::MAX.to_string()]).unwrap_err()
         );
         assert!(error.contains("history_max_bytes"), "{error}");
+    }
+
+    #[test]
+    fn a_redis_url_that_does_not_parse_is_a_configuration_error() {
+        let bad = [
+            "--engine",
+            "redis",
+            "--redis-url",
+            "rediss//user:hunter2@db",
+        ];
+        let error = format!("{:#}", load(&bad).unwrap_err());
+        assert!(
+            error.contains("redis_url") && !error.contains("hunter2"),
+            "{error}"
+        );
+        assert!(load(&["--engine", "redis", "--redis-url", "redis://db:6380/1"]).is_ok());
+    }
+
+    #[test]
+    fn a_log_level_that_filters_nothing_meant_is_refused() {
+        for bad in ["warnn", "info,swichboard", "x=notalevel"] {
+            let error = format!("{:#}", load(&["--log-level", bad]).unwrap_err());
+            assert!(error.contains("log_level"), "{bad}: {error}");
+        }
+        for good in [
+            "warn",
+            "INFO",
+            "switchboard=debug,info",
+            "off",
+            "[conn]=debug",
+        ] {
+            assert!(load(&["--log-level", good]).is_ok(), "{good}");
+        }
     }
 
     #[test]

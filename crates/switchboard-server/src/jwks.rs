@@ -36,7 +36,7 @@ const MAX_BODY: usize = 1 << 20;
 const FIRST_RETRY: Duration = Duration::from_secs(2);
 
 /// Where the keys come from, and how often.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct JwksUrl {
     /// `http://` or `https://`.
     pub url: Uri,
@@ -46,6 +46,17 @@ pub struct JwksUrl {
     pub ca_file: Option<std::path::PathBuf>,
 }
 
+/// Shows the URL without its query (see [`JwksUrl::shown`]).
+impl std::fmt::Debug for JwksUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwksUrl")
+            .field("url", &self.shown())
+            .field("refresh", &self.refresh)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
 impl JwksUrl {
     /// Checks `url` (http or https, with a host) and reads `ca_file`.
     pub fn parse(
@@ -53,11 +64,15 @@ impl JwksUrl {
         refresh: Duration,
         ca_file: Option<std::path::PathBuf>,
     ) -> anyhow::Result<Self> {
-        let parsed: Uri = url
-            .parse()
-            .with_context(|| format!("jwt_jwks_url {url:?} is not a URL"))?;
+        // Never quoted: a query may hold a token.
+        let parsed: Uri = url.parse().context("jwt_jwks_url is not a URL")?;
         if !matches!(parsed.scheme_str(), Some("http" | "https")) || parsed.host().is_none() {
-            bail!("jwt_jwks_url {url:?} must be an http:// or https:// URL with a host");
+            bail!("jwt_jwks_url must be an http:// or https:// URL with a host");
+        }
+        if parsed.authority().is_some_and(|a| a.as_str().contains('@')) {
+            bail!(
+                "jwt_jwks_url may not carry credentials (user:password@): they would not be sent"
+            );
         }
         let source = Self {
             url: parsed,
@@ -66,6 +81,14 @@ impl JwksUrl {
         };
         source.tls()?;
         Ok(source)
+    }
+
+    /// The URL as logs and errors show it: without its query, which may
+    /// hold a token.
+    pub fn shown(&self) -> String {
+        let (url, path) = (&self.url, self.url.path());
+        let authority = url.authority().map_or("", |a| a.as_str());
+        format!("{}://{authority}{path}", url.scheme_str().unwrap_or("http"))
     }
 
     fn tls(&self) -> anyhow::Result<TlsConnector> {
@@ -164,7 +187,7 @@ impl RemoteKeys {
 
     /// Fetches the set; keeps the last good keys when that fails. Whether it worked.
     async fn fetch(&self, metrics: &Metrics) -> bool {
-        let url = &self.source.url;
+        let url = self.source.shown();
         match tokio::time::timeout(FETCH_TIMEOUT, self.download()).await {
             Ok(Ok(keys)) => {
                 tracing::debug!(%url, keys = keys.len(), "fetched the JWKS");
@@ -198,7 +221,7 @@ impl RemoteKeys {
             get(stream, url).await?
         };
         let text = std::str::from_utf8(&body).context("the JWKS is not UTF-8")?;
-        jwks_keys(text, &url.to_string())
+        jwks_keys(text, &self.source.shown())
     }
 }
 
@@ -261,5 +284,23 @@ mod tests {
         assert!(!keys.would_refetch(), "one began within the gap");
         *keys.refetched.lock().await = Some(Instant::now() - REFETCH_GAP);
         assert!(keys.would_refetch(), "the gap has passed");
+    }
+
+    #[test]
+    fn a_jwks_url_is_shown_without_its_query_and_never_quoted_in_errors() {
+        let hour = Duration::from_secs(3600);
+        let url = JwksUrl::parse("https://keys.example:8443/j.json?token=abc123", hour, None);
+        assert_eq!(url.unwrap().shown(), "https://keys.example:8443/j.json");
+        for bad in [
+            "https://user:s3cret@keys.example/j",
+            "ftp://keys.example/j?token=s3cret",
+            "https://bad host/?token=s3cret",
+        ] {
+            let error = format!("{:#}", JwksUrl::parse(bad, hour, None).unwrap_err());
+            assert!(
+                error.contains("jwt_jwks_url") && !error.contains("s3cret"),
+                "{error}"
+            );
+        }
     }
 }
