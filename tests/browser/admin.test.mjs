@@ -346,6 +346,14 @@ test("admin: recent closes show the disconnected client and its code", async () 
   const codes = Object.fromEntries((await rowsOf("close-codes")).map(([code, , n]) => [code, n]));
   assert.equal(codes["4000"], "1");
   assert.equal(codes["1000"], "1");
+  // A client's own code counts under one label, shown after the codes, with its meaning.
+  const carol = await openClient("carol");
+  carol.ws.close(3001);
+  await closed(carol);
+  await waitFor(() => [...document.querySelectorAll("#close-codes tr")].some((tr) => tr.cells[0]?.textContent === "client-3000-4999"));
+  const rows = await rowsOf("close-codes");
+  assert.deepEqual(rows.map(([label]) => label), ["1000", "4000", "client-3000-4999"], JSON.stringify(rows));
+  assert.equal(rows[2][1], "a client's own code");
   await screenshot("admin-live.png");
 });
 

@@ -251,11 +251,21 @@ function renderTopics(s) {
     shown < total ? `${count(shown)} of ${count(total)} topics, and who is subscribed` : "Topics and who is subscribed";
 }
 
+// The counts' labels besides codes: a client's own codes share one, so that
+// clients cannot make thousands; "error" is an end without a close frame.
+const LABEL_MEANINGS = {
+  "client-3000-4999": "a client's own code",
+  error: "ended without a close frame (an error, or the connection lost)",
+};
+
 function renderCloses(s) {
-  const codes = Object.entries(s.closes ?? {}).sort(([a], [b]) => a - b);
-  const meaning = (code) => CLOSE_MEANINGS[code] ?? (code >= 3000 ? "set by the API or the client" : "");
-  fill("close-codes", codes.map(([code, n]) => row([code, meaning(Number(code)), count(n)])), 3, "None yet.");
-  const recent = (s.recent_closes ?? []).map((r) => row([clock(r.at), r.client, String(r.code), r.reason ?? ""]));
+  // Codes in order, then the other labels.
+  const order = (label) => (/^\d+$/.test(label) ? Number(label) : Infinity);
+  const codes = Object.entries(s.closes ?? {}).sort(([a], [b]) => order(a) - order(b) || a.localeCompare(b));
+  const meaning = (label) =>
+    LABEL_MEANINGS[label] ?? CLOSE_MEANINGS[label] ?? (Number(label) >= 3000 ? "set by the API or the client" : "");
+  fill("close-codes", codes.map(([label, n]) => row([label, meaning(label), count(n)])), 3, "None yet.");
+  const recent = (s.recent_closes ?? []).map((r) => row([clock(r.at), r.client, r.code == null ? "none" : String(r.code), r.reason ?? ""]));
   fill("recent-closes", recent, 4, "None yet.");
 }
 
