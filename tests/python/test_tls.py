@@ -3,6 +3,7 @@ on the client and API listeners, and SIGHUP swaps the certificate for new connec
 while the live ones go on. Each test makes its own CAs (trustme) and trusts only them."""
 
 import asyncio
+import datetime
 import http.client
 import json
 import os
@@ -255,11 +256,36 @@ async def wait_for(condition, timeout=RECV_TIMEOUT):
         (lambda p: ["--tls-cert", str(p.cert), "--tls-key", str(p.other_key)], "does not fit tls_cert"),
         (lambda p: ["--tls-cert", str(p.key), "--tls-key", str(p.key)], "holds no PEM certificate"),
         (lambda p: ["--tls-cert", "/nonexistent.pem", "--tls-key", str(p.key)], "reading tls_cert /nonexistent.pem"),
+        # Each said "does not fit": a key of a kind rustls cannot sign with, an
+        # encrypted key, and a certificate that is not one.
+        (lambda p: ["--tls-cert", str(p.p521_cert), "--tls-key", str(p.p521_key)], "a key this server cannot use"),
+        (lambda p: ["--tls-cert", str(p.cert), "--tls-key", str(p.encrypted_key)], "not encrypted"),
+        (lambda p: ["--tls-cert", str(p.garbled_cert), "--tls-key", str(p.key)], "cannot be read"),
     ],
 )
-def test_certificate_files_that_cannot_serve_stop_the_start_with_a_clear_error(pki, flags, expected):
+def test_certificate_files_that_cannot_serve_stop_the_start_with_a_clear_error(pki, tmp_path, flags, expected):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     first, other = pki("first"), pki("other")
     first.other_key = other.key
+    p521 = ec.generate_private_key(ec.SECP521R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "p521")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(p521.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(p521, hashes.SHA256()))
+    first.p521_cert, first.p521_key = tmp_path / "p521-cert.pem", tmp_path / "p521-key.pem"
+    first.p521_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    plain = serialization.NoEncryption()
+    first.p521_key.write_bytes(p521.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, plain))
+    key = serialization.load_pem_private_key(first.key.read_bytes(), None)
+    first.encrypted_key = tmp_path / "encrypted-key.pem"
+    first.encrypted_key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.BestAvailableEncryption(b"secret")))
+    first.garbled_cert = tmp_path / "garbled-cert.pem"
+    first.garbled_cert.write_text("-----BEGIN CERTIFICATE-----\nAAAAAAAA\n-----END CERTIFICATE-----\n")
     run = subprocess.run(
         [BIN, "serve", "--listen", "127.0.0.1:0", "--persist", "false", *flags(first)],
         capture_output=True,

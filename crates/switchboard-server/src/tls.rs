@@ -12,7 +12,7 @@ use tokio_rustls::rustls::pki_types::pem::PemObject as _;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
 use tokio_rustls::rustls::sign::CertifiedKey;
-use tokio_rustls::rustls::{ServerConfig, crypto::CryptoProvider};
+use tokio_rustls::rustls::{self, InconsistentKeys, ServerConfig, crypto::CryptoProvider};
 
 use crate::metrics::Metrics;
 
@@ -116,14 +116,37 @@ fn read(cert_file: &Path, key_file: &Path) -> anyhow::Result<CertifiedKey> {
     if chain.is_empty() {
         bail!("tls_cert {} holds no PEM certificate", cert_file.display());
     }
-    let key = PrivateKeyDer::from_pem_file(key_file)
-        .with_context(|| format!("reading tls_key {}", key_file.display()))?;
-    let key = CertifiedKey::from_der(chain, key, &provider()).with_context(|| {
+    let key = PrivateKeyDer::from_pem_file(key_file).with_context(|| {
         format!(
+            "reading tls_key {} (a PEM private key, not encrypted)",
+            key_file.display()
+        )
+    })?;
+    // Three steps, each with its own message: one step said "does not fit"
+    // for a key of a kind it cannot use and for a certificate it cannot read.
+    let signing = provider()
+        .key_provider
+        .load_private_key(key)
+        .with_context(|| {
+            format!(
+                "tls_key {}: a key this server cannot use (it takes RSA of 2048 bits or \
+                 more, ECDSA P-256 or P-384, and Ed25519)",
+                key_file.display()
+            )
+        })?;
+    let key = CertifiedKey::new(chain, signing);
+    match key.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => Ok(key),
+        Err(rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch)) => bail!(
             "tls_key {} does not fit tls_cert {}",
             key_file.display(),
             cert_file.display()
-        )
-    })?;
-    Ok(key)
+        ),
+        Err(error) => Err(error).with_context(|| {
+            format!(
+                "tls_cert {}: its first certificate cannot be read",
+                cert_file.display()
+            )
+        }),
+    }
 }
