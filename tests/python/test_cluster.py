@@ -1200,18 +1200,21 @@ async def test_nodes_that_disagree_on_a_topics_history_lose_nothing_and_hide_not
     """Two nodes, one keeping history for a topic and one not (a rolling
     deploy that turns it on, or off). A subscriber on the one that keeps none
     never got what the other published (stored, with offsets it did not
-    follow). And the topic's position in Redis went on under its epoch across
-    the unstored publishes, so a resume from before them was told
-    recovered:true, missing them: such a publish now forgets the position,
-    and the next stored one starts a new epoch."""
+    follow). The unstored publishes left the topic's position alone, so a
+    resume from before them was told recovered:true without them. Now they
+    take offsets, unstored: the other node's subscribers get every message
+    in order, and a resume across them is told recovered:false."""
     kept = config_file('[[namespaces]]\nprefix = "hist:"\nhistory_size = 100\n')
     c = cluster(1, extra=("--config", kept))
     c.extra = (*c.extra[:-1], config_file('[[namespaces]]\nprefix = "hist:"\n'))
     c.nodes.append(c.start_node())
     keeps, forgets = c.nodes
-    async with client(None, "b", envelope=True, uri=url(forgets, "b")) as b:
-        await b.send(json.dumps({"type": "subscribe", "topic": "hist:t", "id": 1}))
-        assert (await recv_json(b))["type"] == "ack"
+    expected = [0, 1, 2, "unkept 0", "unkept 1", "kept again"]
+    async with client(None, "b", envelope=True, uri=url(forgets, "b")) as b, \
+            client(None, "live", envelope=True, uri=url(keeps, "live")) as live:
+        for ws in (b, live):
+            await ws.send(json.dumps({"type": "subscribe", "topic": "hist:t", "id": 1}))
+            assert (await recv_json(ws))["type"] == "ack"
         for i in range(3):
             assert api(keeps, "POST", "/api/v1/publish", {"topic": "hist:t", "payload": i})[0] == 200
         async with client(None, "a", envelope=True, uri=url(keeps, "a")) as a:
@@ -1221,13 +1224,15 @@ async def test_nodes_that_disagree_on_a_topics_history_lose_nothing_and_hide_not
         for i in range(2):
             assert api(forgets, "POST", "/api/v1/publish", {"topic": "hist:t", "payload": f"unkept {i}"})[0] == 200
         assert api(keeps, "POST", "/api/v1/publish", {"topic": "hist:t", "payload": "kept again"})[0] == 200
-        got = [(await recv_json(b))["payload"] for _ in range(6)]
-        assert got == [0, 1, 2, "unkept 0", "unkept 1", "kept again"], got
+        assert [(await recv_json(b))["payload"] for _ in expected] == expected
+        got = [await recv_json(live) for _ in expected]
+        assert [(m["payload"], m["offset"]) for m in got] == list(zip(expected, range(1, 7))), got
+        await nothing_before_marker(c, live, "live")
     async with client(None, "a", envelope=True, uri=url(keeps, "a")) as a:
         since = {"epoch": ack["epoch"], "offset": 3}
         await a.send(json.dumps({"type": "subscribe", "topic": "hist:t", "id": 2, "since": since}))
         again = await recv_json(a)
-        assert again["recovered"] is False and again["epoch"] != ack["epoch"], again
+        assert again["recovered"] is False and again["offset"] == 6, again
 
 
 @async_test

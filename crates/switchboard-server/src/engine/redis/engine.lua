@@ -286,12 +286,20 @@ elseif op == 'publish' then
   local topic, size, ttl, from, payload = ARGV[7], tonumber(ARGV[8]), ARGV[9], ARGV[10], ARGV[11]
   local subscribers = tonumber(redis.call('HGET', 'sb:topics', topic) or 0)
   if size == 0 then
-    -- Not stored: a position kept from when the topic had history (another
-    -- node's configuration, or this one's before) would go on under its epoch
-    -- and hide this message from resumes. Forgotten, the next stored message
-    -- starts a new epoch.
-    redis.call('DEL', meta_key('t', topic), stream_key('t', topic))
-    redis.call('PUBLISH', channel('t', topic), 'm||0|' .. from .. '|' .. payload)
+    -- Not stored. While the topic has a position (another node keeps its
+    -- history: a rolling deploy that turns it on or off), the message still
+    -- takes the next offset, unstored: that node's subscribers get it in
+    -- order, and a resume across it finds the hole and is told
+    -- recovered:false, never recovered without it.
+    local mkey = meta_key('t', topic)
+    local epoch, offset = redis.call('HGET', mkey, 'e'), 0
+    if epoch then
+      offset = redis.call('HINCRBY', mkey, 't', 1)
+    else
+      epoch = ''
+    end
+    redis.call('PUBLISH', channel('t', topic),
+      'm|' .. epoch .. '|' .. offset .. '|' .. from .. '|' .. payload)
     return remember(key, { '', 0, subscribers })
   end
   local epoch, offset = append('t', topic, size, ttl, from, payload)
