@@ -558,10 +558,8 @@ impl Config {
         let config = Self::resolve(settings)?;
         config.check_exposure()?;
         if config.engine == EngineKind::Redis {
-            // Parsed, not connected to: before binding, with the other
-            // configuration errors. Redis's message never quotes the URL.
-            redis::Client::open(config.redis_url.as_str())
-                .map_err(|e| anyhow::anyhow!("invalid redis_url: {e}"))?;
+            // Before binding, with the other configuration errors.
+            crate::engine::redis::client(&config.redis_url)?;
         }
         // The keys are read and checked now, so that a bad one stops the service
         // before it binds or says it is listening.

@@ -55,8 +55,10 @@ fn main() -> ExitCode {
 
 /// Reports `error` as one line on stderr, its causes joined with ": ", and no
 /// backtrace whatever `RUST_BACKTRACE` says: it is for the operator, not a bug.
+/// Written or not: a stderr that is a closed pipe must not turn the exit
+/// code into a panic's.
 fn fail(error: &anyhow::Error, code: ExitCode) -> ExitCode {
-    eprintln!("switchboard: error: {error:#}");
+    let _ = writeln!(std::io::stderr(), "switchboard: error: {error:#}");
     code
 }
 

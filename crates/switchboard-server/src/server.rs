@@ -63,7 +63,6 @@ pub async fn serve(
     let hub = Arc::new(Hub::new(config, shutdown.clone(), snapshot)?);
     let tls = match &config.tls {
         Some(certificate) => {
-            #[cfg(unix)]
             certificate.clone().reload_on_sighup(hub.metrics.clone())?;
             Some(certificate.acceptor())
         }
@@ -94,15 +93,13 @@ pub async fn serve(
         tracing::info!(streams, "history restored from the last graceful stop");
     }
     if let Some(dir) = &config.unused_data_dir {
-        crate::snapshot::set_aside_unused(dir)?;
+        crate::snapshot::set_aside_unused(dir);
     }
     announce();
     let serving = Serving {
         config,
         shutdown,
         tls,
-        stopping: CancellationToken::new(),
-        cut: CancellationToken::new(),
     };
     let error = serving
         .run(listener, main, api, workers, signals)
@@ -119,10 +116,6 @@ struct Serving<'a> {
     config: &'a Config,
     shutdown: Shutdown,
     tls: Option<TlsAcceptor>,
-    /// Cancelled at the first signal: stop accepting.
-    stopping: CancellationToken,
-    /// Cancelled at the second: stop draining.
-    cut: CancellationToken,
 }
 
 impl Serving<'_> {
@@ -138,9 +131,10 @@ impl Serving<'_> {
             config,
             shutdown,
             tls,
-            stopping,
-            cut,
         } = self;
+        // Cancelled at the first signal (stop accepting), and at the second
+        // (stop draining).
+        let (stopping, cut) = (CancellationToken::new(), CancellationToken::new());
         let api_server = api.map(|(api_listener, router)| {
             let stopped = stopping.clone().cancelled_owned();
             tokio::spawn(serve_listener(api_listener, router, tls.clone(), stopped))

@@ -71,6 +71,18 @@ pub enum SnapshotError {
 /// one process per data directory, or two could use up, and write, the same
 /// snapshot. The lock lasts as long as the returned file is open.
 pub fn lock(dir: &Path) -> anyhow::Result<File> {
+    try_lock(dir)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "another switchboard is using the data directory {} (it holds {}): give each \
+             process its own --data-dir",
+            dir.display(),
+            dir.join("lock").display()
+        )
+    })
+}
+
+/// [`lock`], or `None` when another process holds the lock.
+fn try_lock(dir: &Path) -> anyhow::Result<Option<File>> {
     use anyhow::Context as _;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -85,13 +97,8 @@ pub fn lock(dir: &Path) -> anyhow::Result<File> {
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(fs::TryLockError::WouldBlock) => anyhow::bail!(
-            "another switchboard is using the data directory {} (it holds {}): give each \
-             process its own --data-dir",
-            dir.display(),
-            path.display()
-        ),
+        Ok(()) => Ok(Some(file)),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
         Err(fs::TryLockError::Error(error)) => {
             Err(error).with_context(|| format!("locking {}", path.display()))
         }
@@ -252,32 +259,36 @@ fn move_aside(dir: &Path, why: &str) -> io::Result<PathBuf> {
 /// start would restore history from before this run under the same epochs,
 /// and tell a client that missed what this run sent it that it missed
 /// nothing. Left alone while another process holds the directory (that one
-/// owns it); nothing is done when there is no snapshot.
-pub fn set_aside_unused(dir: &Path) -> anyhow::Result<()> {
-    use anyhow::Context as _;
+/// owns it); nothing is done when there is no snapshot. This run does not
+/// need the directory: what keeps the snapshot from being moved (a
+/// directory it may not write) is a warning, not a failed start.
+pub fn set_aside_unused(dir: &Path) {
     if !dir.join(FILE_NAME).exists() {
-        return Ok(());
+        return;
     }
-    let Ok(_lock) = lock(dir) else {
-        return Ok(());
-    };
-    // Gone meanwhile: a start that held the lock used it up.
-    match move_aside(dir, "unused") {
-        Ok(aside) => {
-            tracing::warn!(
-                moved_to = %aside.display(),
-                "this run does not use the data directory's snapshot, so a later start must \
-                 not restore it: moved aside"
-            );
-            Ok(())
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| {
-            format!(
-                "moving aside {}, which this run makes stale",
-                dir.join(FILE_NAME).display()
-            )
-        }),
+    let moved = try_lock(dir).and_then(|lock| match lock {
+        // Another process owns the directory.
+        None => Ok(None),
+        Some(_lock) => match move_aside(dir, "unused") {
+            Ok(aside) => Ok(Some(aside)),
+            // Gone meanwhile: a start that held the lock used it up.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        },
+    });
+    match moved {
+        Ok(Some(aside)) => tracing::warn!(
+            moved_to = %aside.display(),
+            "this run does not use the data directory's snapshot, so a later start must \
+             not restore it: moved aside"
+        ),
+        Ok(None) => {}
+        Err(error) => tracing::warn!(
+            snapshot = %dir.join(FILE_NAME).display(),
+            error = format!("{error:#}"),
+            "this run does not use the data directory's snapshot and cannot move it aside: \
+             a later start there would restore history from before this run"
+        ),
     }
 }
 

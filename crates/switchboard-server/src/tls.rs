@@ -55,7 +55,6 @@ impl Certificate {
 
     /// Reloads on every SIGHUP until the process ends, logging and counting
     /// each attempt.
-    #[cfg(unix)]
     pub fn reload_on_sighup(self: Arc<Self>, metrics: Arc<Metrics>) -> std::io::Result<()> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut hangups = signal(SignalKind::hangup())?;

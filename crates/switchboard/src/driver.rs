@@ -491,10 +491,11 @@ where
     }
 
     /// Moves the frames the mailbox holds now into the writer. Between the
-    /// messages of one wake-up (one read or several): frames the handler's own calls queued there (a
-    /// subscribe's replay, its join event, `init`'s welcome) go out before the
-    /// answer to the next message, which the handler writes straight to the
-    /// writer, and which would otherwise overtake them.
+    /// messages of one wake-up (one read or several): frames the handler's
+    /// own calls queued there (a subscribe's replay, its join event, `init`'s
+    /// welcome) go out before the answer to the next message, which the
+    /// handler writes straight to the writer, and which would otherwise
+    /// overtake them.
     pub(super) fn queue_mailed_frames(&mut self) {
         self.mailed = false;
         let mut drained = std::mem::take(&mut self.inbox);

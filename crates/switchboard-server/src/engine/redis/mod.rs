@@ -106,8 +106,7 @@ impl RedisEngine {
         traffic: LocalTraffic,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
-        let client = redis::Client::open(settings.url.as_str())
-            .map_err(|e| anyhow::anyhow!("invalid redis_url: {e}"))?;
+        let client = client(&settings.url)?;
         // At least as long as any stream keeps its messages, so a stream's
         // position never goes before its entries do.
         let meta_ttl = (settings.position_ttl)
@@ -214,6 +213,13 @@ impl Core {
 }
 
 /// Script arguments from strings.
+/// A client for `url`, parsed, not connected: the one check of a
+/// `redis_url`, which the configuration makes before anything binds. The
+/// error never quotes the URL (it may hold a password).
+pub fn client(url: &str) -> anyhow::Result<redis::Client> {
+    redis::Client::open(url).map_err(|e| anyhow::anyhow!("invalid redis_url: {e}"))
+}
+
 fn args<'a>(items: impl IntoIterator<Item = &'a str>) -> Vec<Vec<u8>> {
     items.into_iter().map(|s| s.as_bytes().to_vec()).collect()
 }
