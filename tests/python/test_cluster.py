@@ -365,6 +365,33 @@ def test_the_script_counts_each_connection_once_whatever_is_sent_twice():
         redis.stop()
 
 
+def test_a_reaped_node_s_first_beat_sent_again_late_does_not_bring_it_back():
+    """A first beat whose answer was lost is sent again under the same id.
+    When it came after another node had buried and reaped that id (a small
+    index is reaped in the burying call), it made the id alive again, with
+    its clients counted nowhere: the node served them while the cluster said
+    they were offline. A buried id is kept dead for an hour."""
+    redis = Redis()
+    try:
+        script = open(SCRIPT).read()
+
+        def call(op, *rest):
+            return redis.cli("EVAL", script, "0", op, "e1", "60000", "100", "60000", *rest)
+
+        call("heartbeat", "n1", "5000", "1", *["0"] * 7)
+        call("connect", "n1", "ann", "7", "", "", "0", "2")
+        assert redis.cli("HGET", "sb:clients", "ann") == "1"
+        # n1's lease ends; n2's beat buries and reaps it whole.
+        redis.cli("ZADD", "sb:nodes", "1", "n1")
+        call("heartbeat", "n2", "5000", "1", *["0"] * 7)
+        assert redis.cli("HEXISTS", "sb:clients", "ann") == "0"
+        assert redis.cli("SISMEMBER", "sb:reaping", "n1") == "0", "reaped in the same call"
+        assert "REAPED" in call("heartbeat", "n1", "5000", "1", *["0"] * 7)
+        assert redis.cli("ZSCORE", "sb:nodes", "n1") == ""
+    finally:
+        redis.stop()
+
+
 def test_a_resume_the_node_would_refuse_moves_no_entries_out_of_redis():
     """A resume's read stops once its entries pass the replay budget the node
     passes (the node refuses a replay that big: it would say

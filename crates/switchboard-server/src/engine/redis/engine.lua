@@ -187,6 +187,9 @@ end
 -- of every other node. A beat of 2,000 takes about 24 ms (10 ms without
 -- `$clients` events; bench/reap.sh); a bigger index takes more beats.
 local REAP_BATCH = 2000
+-- How long a buried node's id is kept from coming back (ms): far past any
+-- beat still in flight.
+local DEAD_TTL = 3600000
 
 -- A node whose lease has lapsed leaves `sb:nodes` at once (it may count
 -- nothing more: `alive`) for `sb:reaping`, and its figures go.
@@ -194,6 +197,10 @@ local function bury(node)
   redis.call('ZREM', 'sb:nodes', node)
   redis.call('DEL', 'sb:n:' .. node .. ':s')
   redis.call('SADD', 'sb:reaping', node)
+  -- Outlives the reaping, which a small index finishes in this same call:
+  -- a first beat of this id that comes late (sent again after its answer
+  -- was lost) must not bring it back with nothing counted.
+  redis.call('SET', 'sb:dead:' .. node, 1, 'PX', DEAD_TTL)
 end
 
 -- Undoes up to `budget` fields of what a dead node counted; answers what is
@@ -382,7 +389,8 @@ elseif op == 'heartbeat' then
   -- A first beat that counted in Redis but whose answer was lost, then a
   -- lease without a beat: the id is being reaped, and would keep losing
   -- what it counts from now on. It takes a new id.
-  if first == '1' and redis.call('SISMEMBER', 'sb:reaping', node) == 1 then
+  if first == '1' and (redis.call('SISMEMBER', 'sb:reaping', node) == 1
+      or redis.call('EXISTS', 'sb:dead:' .. node) == 1) then
     return redis.error_reply('REAPED node lease lapsed')
   end
   local time = now_ms()
