@@ -27,7 +27,7 @@ from websockets.exceptions import InvalidStatus
 
 from cluster import Proxy, Redis
 from test_amplification import OP_TEXT, frame
-from test_relay import Node, async_test, client, expect_close, msg, nothing_before_marker, recv_json
+from test_relay import RECV_TIMEOUT, Node, async_test, client, expect_close, msg, nothing_before_marker, recv_json
 
 LEASE = 2
 
@@ -946,6 +946,57 @@ async def test_the_connection_limit_per_client_counts_every_node(cluster):
             async with client(None, "x", uri=url(n0, "x")):
                 pass
         assert refused.value.response.status_code == 429
+
+
+@async_test
+async def test_a_flood_of_big_fan_outs_does_not_starve_the_node_s_heartbeat(cluster):
+    """A send to 1,000 ids takes Redis about 15 ms. One client sending them as
+    fast as it may queued seconds of work ahead of the node's heartbeat,
+    which shared the link: the beat waited past the lease, and the node
+    closed every client (1012, "cannot reach the cluster") while Redis was
+    there. Beats have their own connection."""
+    c = cluster(1, extra=("--rate-limit-messages-per-sec", "0", "--rate-limit-bytes-per-sec", "0"))
+    node = c.nodes[0]
+    targets = [f"t{i}" for i in range(1000)]
+    message = json.dumps({"targets": targets, "payload": "x" * 4000})
+    async with client(None, "bystander", uri=url(node, "bystander")) as bystander, \
+            client(None, "flood", uri=url(node, "flood")) as flood:
+        async def drain():
+            async for _ in flood:
+                pass
+
+        draining = asyncio.create_task(drain())
+        deadline = time.monotonic() + 3 * LEASE + 1
+        while time.monotonic() < deadline:
+            await flood.send(message)
+            await asyncio.sleep(0.002)
+        draining.cancel()
+        # Still open (the API's marker would wait behind the flood's calls).
+        await asyncio.wait_for(await bystander.ping(), RECV_TIMEOUT)
+        assert bystander.close_code is None
+    assert "cannot renew this node's lease" not in node.logs()
+
+
+@async_test
+async def test_a_leave_redis_refuses_for_now_is_sent_again(cluster):
+    """A refusal that means Redis ran nothing (`NOREPLICAS` under
+    min-replicas-to-write; READONLY after a failover, LOADING, BUSY) was the
+    answer to a leave, which nobody waits for: the leave was dropped, and
+    the id stayed online, against the connection limit, for the node's
+    life. Such calls go again once Redis runs them."""
+    c = cluster(1, extra=("--max-connections-per-client", "1"))
+    node = c.nodes[0]
+    async with client(None, "ann", uri=url(node, "ann")) as ann:
+        assert c.redis.cli("HGET", "sb:clients", "ann") == "1"
+        c.redis.cli("CONFIG", "SET", "min-replicas-to-write", "1")
+        await ann.close()
+    await asyncio.sleep(0.5)
+    assert c.redis.cli("HGET", "sb:clients", "ann") == "1", "not run while Redis refuses"
+    c.redis.cli("CONFIG", "SET", "min-replicas-to-write", "0")
+    wait_until(lambda: c.redis.cli("HEXISTS", "sb:clients", "ann") == "0", "the leave never went again", 5)
+    wait_until(lambda: healthz(node) == 200, "the node never came back", 10)
+    async with client(None, "ann", uri=url(node, "ann")):
+        pass
 
 
 @async_test

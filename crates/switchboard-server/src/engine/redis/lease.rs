@@ -121,22 +121,28 @@ pub(super) async fn run(core: Weak<Core>) {
     tokio::spawn(watch(core.clone(), beat / 4));
     let mut ticks = tokio::time::interval(beat);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut rejoin = false;
+    let (mut rejoin, mut failing) = (false, false);
     loop {
-        let Some(link) = core.upgrade().map(|core| core.link.clone()) else {
+        let Some(link) = core.upgrade().map(|core| core.beats.clone()) else {
             return;
         };
+        let mut made_again = false;
         if !std::mem::take(&mut rejoin) {
             // A new connection to Redis: this node may have been forgotten
             // (a restart without its data); check at once.
             tokio::select! {
                 _ = ticks.tick() => {}
-                () = link.reconnected() => {}
+                () = link.reconnected() => made_again = link.connections() > 1,
             }
         }
         let Some(core) = core.upgrade() else {
             return;
         };
+        if made_again {
+            // The data link, idle, may not know yet that its connection is
+            // gone: it would fail the next call after the node says ready.
+            core.link.restart();
+        }
         let connection = link.connections();
         let node = core.node();
         let figures = (core.traffic)().figures().map(|f| f.to_string());
@@ -149,14 +155,15 @@ pub(super) async fn run(core: Weak<Core>) {
             .into_iter()
             .chain(figures.iter().map(String::as_str)),
         );
-        // A beat may wait behind traffic: half a lease, before it counts as
-        // failed (the lease is checked every beat regardless).
+        // Half a lease before it counts as failed (the lease is checked
+        // every beat regardless); on its own connection, behind no traffic.
         let sent_ms = core.lease.now_ms();
         let patience = core.lease.lease / 2;
-        let answer = tokio::time::timeout(patience, core.link.call("heartbeat", rest)).await;
+        let answer = tokio::time::timeout(patience, link.call("heartbeat", rest)).await;
         match answer.unwrap_or_else(|_| Err(Unavailable("the heartbeat timed out".into()))) {
             Ok(_) => {
                 first = false;
+                failing = false;
                 core.lease.renewed(connection, sent_ms);
             }
             Err(e) if e.0.contains("REAPED") => {
@@ -167,7 +174,13 @@ pub(super) async fn run(core: Weak<Core>) {
                 rejoin = true;
             }
             Err(e) => {
-                tracing::debug!(error = %e, "a heartbeat failed");
+                // Warned once a run: a refusal Redis gives every beat (a
+                // replica, a cluster-mode Redis) is why the closes follow.
+                if std::mem::replace(&mut failing, true) {
+                    tracing::debug!(error = %e, "a heartbeat failed");
+                } else {
+                    tracing::warn!(error = %e, "a heartbeat failed");
+                }
                 if first {
                     // Not in the cluster yet: try again soon, not in a beat.
                     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -128,6 +128,8 @@ pub(super) struct Link {
     /// The header's arguments, rendered once.
     header: [Bytes; 3],
     connections: Arc<Connections>,
+    /// Asks the link to make a new connection (see [`Self::restart`]).
+    restart: Arc<Notify>,
 }
 
 /// The calls someone waits for that are queued, and their arguments' bytes.
@@ -174,8 +176,11 @@ impl Link {
         tokio::spawn(run(
             client,
             calls,
-            link.up.clone(),
-            link.connections.clone(),
+            Shared {
+                up: link.up.clone(),
+                connections: link.connections.clone(),
+                restart: link.restart.clone(),
+            },
             metrics,
         ));
         link
@@ -204,6 +209,7 @@ impl Link {
             up: Arc::new(AtomicBool::new(false)),
             header,
             connections: Arc::new(Connections::default()),
+            restart: Arc::new(Notify::new()),
         };
         (link, Calls { calls, waiting })
     }
@@ -246,6 +252,15 @@ impl Link {
         args.extend(self.header.iter().cloned());
         args.extend(rest.into_iter().map(Bytes::from));
         args
+    }
+
+    /// Makes the link connect again once it is idle, counting as down
+    /// until it has: another link to the same Redis found its connection
+    /// gone (a restart), which this one, idle, may not know yet, and would
+    /// learn only by failing its next call.
+    pub(super) fn restart(&self) {
+        self.up.store(false, Ordering::Relaxed);
+        self.restart.notify_one();
     }
 
     /// Whether the link is connected now.
@@ -331,16 +346,22 @@ impl Calls {
     }
 }
 
+/// What the link's task shares with its handles.
+struct Shared {
+    up: Arc<AtomicBool>,
+    connections: Arc<Connections>,
+    restart: Arc<Notify>,
+}
+
 /// Connects, loads the script, and sends batches until the connection
 /// fails; then fails what is in flight (except retries) and connects again
 /// with backoff.
-async fn run(
-    client: redis::Client,
-    mut calls: Calls,
-    up: Arc<AtomicBool>,
-    connections: Arc<Connections>,
-    metrics: Arc<Metrics>,
-) {
+async fn run(client: redis::Client, mut calls: Calls, shared: Shared, metrics: Arc<Metrics>) {
+    let Shared {
+        up,
+        connections,
+        restart,
+    } = shared;
     // Owed calls kept through a failure or an outage, older than anything
     // still queued: sent first, a batch at a time.
     let mut held: VecDeque<Call> = VecDeque::new();
@@ -359,7 +380,6 @@ async fn run(
                 continue;
             }
         };
-        backoff = Duration::from_millis(50);
         if connections.made.fetch_add(1, Ordering::Relaxed) > 0 {
             metrics.redis_reconnected();
         }
@@ -370,22 +390,47 @@ async fn run(
             let mut batch = Vec::new();
             fill(&mut batch, &mut held, &mut calls);
             if batch.is_empty() {
-                match calls.next().await {
-                    Some(call) => batch.push(call),
-                    None => return,
+                tokio::select! {
+                    call = calls.next() => match call {
+                        Some(call) => batch.push(call),
+                        None => return,
+                    },
+                    () = restart.notified() => {
+                        tracing::info!("connecting to Redis again, as another link found it gone");
+                        break;
+                    }
                 }
                 fill(&mut batch, &mut held, &mut calls);
             }
             let sent = Instant::now();
             match send(&mut conn, &shas, &batch).await {
-                Ok(answers) => {
+                Ok(values) => {
                     // Each call of a pipelined batch waits for the whole batch.
                     metrics.redis_commands(sent.elapsed(), batch.len());
-                    for (call, answer) in batch.into_iter().zip(answers) {
-                        if let Some(reply) = call.reply {
-                            let _ = reply.send(answer);
+                    let halted = values.iter().find_map(halts);
+                    let mut again = Vec::new();
+                    for (call, value) in batch.into_iter().zip(values) {
+                        // Not run: an owed call goes again, as after a lost link.
+                        if call.retry && halts(&value).is_some() {
+                            again.push(call);
+                        } else if let Some(reply) = call.reply {
+                            let _ = reply.send(answer(value));
                         }
                     }
+                    if let Some(why) = halted {
+                        // Redis runs no call now (a replica after a failover,
+                        // loading, no replicas to write to, a script busy):
+                        // connect again, with backoff, until it does.
+                        up.store(false, Ordering::Relaxed);
+                        tracing::warn!(refusal = %why, "Redis runs nothing now; connecting again in {backoff:?}");
+                        for call in again.into_iter().rev() {
+                            held.push_front(call);
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        break;
+                    }
+                    backoff = Duration::from_millis(50);
                 }
                 Err(e) => {
                     // A batch that failed or timed out is when the times matter.
@@ -456,13 +501,13 @@ pub(super) fn timeout_error() -> redis::RedisError {
     ))
 }
 
-/// Sends a batch as one pipeline. Answers each call with its value or its
-/// error; `Err` when the link itself failed (what ran is unknown).
+/// Sends a batch as one pipeline: a value per call, which may be a refusal
+/// (see [`answer`]); `Err` when the link itself failed (what ran is unknown).
 async fn send(
     conn: &mut MultiplexedConnection,
     shas: &Shas,
     batch: &[Call],
-) -> redis::RedisResult<Vec<Result<Value, Unavailable>>> {
+) -> redis::RedisResult<Vec<Value>> {
     let mut values = run_batch(conn, shas, batch.iter()).await?;
     let refused: Vec<usize> = (0..values.len())
         .filter(|&i| is_noscript(&values[i]))
@@ -489,17 +534,38 @@ async fn send(
             }
         }
     }
-    Ok(values
-        .into_iter()
-        .map(|value| match value {
-            Value::ServerError(e) => Err(Unavailable(format!(
-                "Redis refused: {} {}",
-                e.code(),
-                e.details().unwrap_or_default()
-            ))),
-            value => Ok(value),
-        })
-        .collect())
+    Ok(values)
+}
+
+/// A call's value, or its refusal as unavailable.
+fn answer(value: Value) -> Result<Value, Unavailable> {
+    match value {
+        Value::ServerError(e) => Err(Unavailable(refusal(&e))),
+        value => Ok(value),
+    }
+}
+
+fn refusal(e: &redis::ServerError) -> String {
+    format!(
+        "Redis refused: {} {}",
+        e.code(),
+        e.details().unwrap_or_default()
+    )
+}
+
+/// A refusal that means Redis ran the call not, and runs none now: a
+/// replica (`READONLY`, after a failover), a Redis still loading its data,
+/// a primary cut from its own (`MASTERDOWN`), too few replicas for
+/// `min-replicas-to-write` (`NOREPLICAS`), another script running too long
+/// (`BUSY`). Its words, for the log. A script's own errors (`REAPED`) and
+/// `OOM` (the storing script's refusal when Redis is full, by design) are
+/// answers, not this.
+fn halts(value: &Value) -> Option<String> {
+    const HALTS: [&str; 5] = ["READONLY", "LOADING", "MASTERDOWN", "NOREPLICAS", "BUSY"];
+    match value {
+        Value::ServerError(e) if HALTS.contains(&e.code()) => Some(refusal(e)),
+        _ => None,
+    }
 }
 
 /// Sends `calls` as one pipeline, within [`TIMEOUT`]; a value per call.

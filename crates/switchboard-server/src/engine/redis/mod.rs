@@ -69,6 +69,10 @@ pub struct RedisEngine(Arc<Core>);
 
 struct Core {
     link: Link,
+    /// The heartbeats' own connection: behind the data calls (a client's
+    /// sends to a thousand ids each take Redis 15 ms), a beat waited past
+    /// the lease, and the node closed every client of a reachable cluster.
+    beats: Link,
     feed: Feed,
     registry: Registry,
     /// This node's id in the cluster: new on every start, and again after
@@ -112,15 +116,13 @@ impl RedisEngine {
         let meta_ttl = (settings.position_ttl)
             .max(settings.inbox.ttl)
             .max(namespaces.longest_history_ttl());
-        let link = Link::start(
-            client.clone(),
-            Header {
-                meta_ttl,
-                events_size: settings.client_events,
-                events_ttl: crate::topics::CLIENT_EVENTS_TTL,
-            },
-            metrics.clone(),
-        );
+        let header = Header {
+            meta_ttl,
+            events_size: settings.client_events,
+            events_ttl: crate::topics::CLIENT_EVENTS_TTL,
+        };
+        let link = Link::start(client.clone(), header, metrics.clone());
+        let beats = Link::start(client.clone(), header, metrics.clone());
         // Pub/sub on a multiplexed connection (RESP3), whose pushes come to
         // a sender of ours: the only way to bound what redis-rs holds.
         let info = client.get_connection_info().clone();
@@ -146,6 +148,7 @@ impl RedisEngine {
         );
         let core = Arc::new(Core {
             link,
+            beats,
             feed,
             registry,
             node: Mutex::new(lease::new_node_id()),
@@ -879,7 +882,7 @@ impl Engine for RedisEngine {
         } else if !self.0.feed.is_up() {
             Some("the Redis pub/sub connection is down".into())
         } else {
-            self.0.lease.unready(self.0.link.connections())
+            self.0.lease.unready(self.0.beats.connections())
         }
     }
 
