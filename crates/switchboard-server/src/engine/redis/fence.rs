@@ -6,8 +6,8 @@
 //! to undo, would let the late connect count for ever. Once Redis has ended
 //! the old connection, nothing sent on it can run.
 
+use redis::RedisResult;
 use redis::aio::MultiplexedConnection;
-use redis::{ErrorKind, RedisResult};
 
 use super::link::{TIMEOUT, timeout_error};
 
@@ -69,12 +69,14 @@ async fn timed<T>(command: impl Future<Output = RedisResult<T>>) -> RedisResult<
         .map_err(|_| timeout_error())?
 }
 
-/// A command's answer; `None` if Redis refused it (an error reply), which
-/// is logged the first time. A failed connection is an error.
+/// A command's answer; `None` if Redis will never run it here (an ACL's
+/// `NOPERM`, a command renamed away), which is logged the first time.
+/// Another refusal (`BUSY` while a script runs too long, `LOADING`) is an
+/// error, as a failed connection is: the link connects again and fences then.
 fn refused<T>(answer: RedisResult<T>, warned: &mut bool) -> RedisResult<Option<T>> {
     match answer {
         Ok(value) => Ok(Some(value)),
-        Err(e) if matches!(e.kind(), ErrorKind::Server(_) | ErrorKind::Extension) => {
+        Err(e) if matches!(e.code(), Some("NOPERM" | "ERR")) => {
             if !std::mem::replace(warned, true) {
                 tracing::warn!(error = %e, "Redis refused CLIENT INFO or CLIENT KILL: the link cannot end a connection it gave up on, so a call delayed on it may run after the calls that follow it");
             }

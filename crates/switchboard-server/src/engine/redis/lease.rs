@@ -28,9 +28,10 @@ pub(super) struct Health {
     started: Instant,
     /// Milliseconds after `started` of the last renewal (0: never).
     renewed_ms: AtomicU64,
-    /// The link's connection count at the last renewal: on a newer
-    /// connection the node's place is unknown until it has renewed.
-    renewed_on: AtomicU64,
+    /// The links' connection counts (the heartbeats', the data's) at the
+    /// last renewal: on a newer connection of either the node's place is
+    /// unknown until it has renewed.
+    renewed_on: [AtomicU64; 2],
     lapsed: AtomicBool,
 }
 
@@ -40,17 +41,21 @@ impl Health {
             lease,
             started: Instant::now(),
             renewed_ms: AtomicU64::new(0),
-            renewed_on: AtomicU64::new(0),
+            renewed_on: [AtomicU64::new(0), AtomicU64::new(0)],
             lapsed: AtomicBool::new(false),
         }
     }
 
-    /// Why the node is not ready, as far as its lease goes, with the link
-    /// on its `connection`th connection to Redis.
-    pub(super) fn unready(&self, connection: u64) -> Option<String> {
+    /// Why the node is not ready, as far as its lease goes, with the links
+    /// on these `connections` to Redis (the heartbeats', the data's).
+    pub(super) fn unready(&self, connections: [u64; 2]) -> Option<String> {
+        let renewed_on = self
+            .renewed_on
+            .each_ref()
+            .map(|c| c.load(Ordering::Relaxed));
         if self.renewed_ms.load(Ordering::Relaxed) == 0 {
             Some("not yet part of the cluster (no heartbeat has reached Redis)".into())
-        } else if self.renewed_on.load(Ordering::Relaxed) != connection {
+        } else if renewed_on != connections {
             Some("reconnected to Redis; renewing this node's place in the cluster".into())
         } else if self.lapsed.load(Ordering::Relaxed) {
             Some("the node's lease has lapsed: Redis has been unreachable too long".into())
@@ -66,8 +71,10 @@ impl Health {
 
     /// Renewed by a beat sent at `sent_ms`: Redis extended the lease after
     /// that, so counting from the send errs on the safe side.
-    fn renewed(&self, connection: u64, sent_ms: u64) {
-        self.renewed_on.store(connection, Ordering::Relaxed);
+    fn renewed(&self, connections: [u64; 2], sent_ms: u64) {
+        for (on, count) in self.renewed_on.iter().zip(connections) {
+            on.store(count, Ordering::Relaxed);
+        }
         self.renewed_ms.fetch_max(sent_ms, Ordering::Relaxed);
         self.lapsed.store(false, Ordering::Relaxed);
     }
@@ -126,24 +133,30 @@ pub(super) async fn run(core: Weak<Core>) {
         let Some(link) = core.upgrade().map(|core| core.beats.clone()) else {
             return;
         };
+        let data = match core.upgrade() {
+            Some(core) => core.link.clone(),
+            None => return,
+        };
         let mut made_again = false;
         if !std::mem::take(&mut rejoin) {
-            // A new connection to Redis: this node may have been forgotten
-            // (a restart without its data); check at once.
+            // A new connection to Redis, of either link: this node may have
+            // been forgotten (a restart without its data); check at once.
             tokio::select! {
                 _ = ticks.tick() => {}
                 () = link.reconnected() => made_again = link.connections() > 1,
+                () = data.reconnected() => {}
             }
+        }
+        if made_again {
+            // The data link, idle, may not know yet that its connection is
+            // gone: it would fail the next call after the node says ready.
+            // (Not the other way: the heartbeats' link is never idle long.)
+            data.verify();
         }
         let Some(core) = core.upgrade() else {
             return;
         };
-        if made_again {
-            // The data link, idle, may not know yet that its connection is
-            // gone: it would fail the next call after the node says ready.
-            core.link.restart();
-        }
-        let connection = link.connections();
+        let connections = [link.connections(), data.connections()];
         let node = core.node();
         let figures = (core.traffic)().figures().map(|f| f.to_string());
         let rest = args(
@@ -164,7 +177,7 @@ pub(super) async fn run(core: Weak<Core>) {
             Ok(_) => {
                 first = false;
                 failing = false;
-                core.lease.renewed(connection, sent_ms);
+                core.lease.renewed(connections, sent_ms);
             }
             Err(e) if e.0.contains("REAPED") => {
                 tracing::warn!(node = %node, "this node's lease lapsed and the cluster reaped it; closing its clients and joining again");

@@ -128,8 +128,16 @@ pub(super) struct Link {
     /// The header's arguments, rendered once.
     header: [Bytes; 3],
     connections: Arc<Connections>,
-    /// Asks the link to make a new connection (see [`Self::restart`]).
-    restart: Arc<Notify>,
+    /// Asks the link to check its connection (see [`Self::verify`]).
+    verify: Arc<Verify>,
+}
+
+/// A check of its connection asked of a link.
+#[derive(Default)]
+struct Verify {
+    asked: AtomicBool,
+    /// Wakes the link if it is idle.
+    wake: Notify,
 }
 
 /// The calls someone waits for that are queued, and their arguments' bytes.
@@ -179,7 +187,7 @@ impl Link {
             Shared {
                 up: link.up.clone(),
                 connections: link.connections.clone(),
-                restart: link.restart.clone(),
+                verify: link.verify.clone(),
             },
             metrics,
         ));
@@ -209,7 +217,7 @@ impl Link {
             up: Arc::new(AtomicBool::new(false)),
             header,
             connections: Arc::new(Connections::default()),
-            restart: Arc::new(Notify::new()),
+            verify: Arc::new(Verify::default()),
         };
         (link, Calls { calls, waiting })
     }
@@ -254,13 +262,15 @@ impl Link {
         args
     }
 
-    /// Makes the link connect again once it is idle, counting as down
-    /// until it has: another link to the same Redis found its connection
-    /// gone (a restart), which this one, idle, may not know yet, and would
-    /// learn only by failing its next call.
-    pub(super) fn restart(&self) {
+    /// Makes the link check its connection (a `PING`) before its next
+    /// batch, counting as down until it has, and connect again if that
+    /// fails: another link to the same Redis found its connection gone (a
+    /// restart), which this one, idle, may not know yet, and would learn
+    /// only by failing its next call.
+    pub(super) fn verify(&self) {
         self.up.store(false, Ordering::Relaxed);
-        self.restart.notify_one();
+        self.verify.asked.store(true, Ordering::Release);
+        self.verify.wake.notify_one();
     }
 
     /// Whether the link is connected now.
@@ -350,7 +360,7 @@ impl Calls {
 struct Shared {
     up: Arc<AtomicBool>,
     connections: Arc<Connections>,
-    restart: Arc<Notify>,
+    verify: Arc<Verify>,
 }
 
 /// Connects, loads the script, and sends batches until the connection
@@ -360,12 +370,15 @@ async fn run(client: redis::Client, mut calls: Calls, shared: Shared, metrics: A
     let Shared {
         up,
         connections,
-        restart,
+        verify,
     } = shared;
     // Owed calls kept through a failure or an outage, older than anything
     // still queued: sent first, a batch at a time.
     let mut held: VecDeque<Call> = VecDeque::new();
     let mut backoff = Duration::from_millis(50);
+    // The last connection was left because Redis ran nothing: the next
+    // keeps the backoff growing.
+    let mut halted_last = false;
     // The last connection, for the next to end (see `fence`).
     let (mut previous, mut warned) = (None, false);
     loop {
@@ -380,6 +393,9 @@ async fn run(client: redis::Client, mut calls: Calls, shared: Shared, metrics: A
                 continue;
             }
         };
+        if !std::mem::take(&mut halted_last) {
+            backoff = Duration::from_millis(50);
+        }
         if connections.made.fetch_add(1, Ordering::Relaxed) > 0 {
             metrics.redis_reconnected();
         }
@@ -387,6 +403,18 @@ async fn run(client: redis::Client, mut calls: Calls, shared: Shared, metrics: A
         connections.new.notify_one();
         tracing::info!("connected to Redis");
         loop {
+            if verify.asked.swap(false, Ordering::AcqRel) {
+                let ping = redis::cmd("PING");
+                let answer = tokio::time::timeout(TIMEOUT, ping.query_async::<String>(&mut conn));
+                if let Ok(Ok(_)) = answer.await {
+                    up.store(true, Ordering::Relaxed);
+                } else {
+                    tracing::info!(
+                        "the Redis connection is gone, as another link found: connecting again"
+                    );
+                    break;
+                }
+            }
             let mut batch = Vec::new();
             fill(&mut batch, &mut held, &mut calls);
             if batch.is_empty() {
@@ -395,10 +423,7 @@ async fn run(client: redis::Client, mut calls: Calls, shared: Shared, metrics: A
                         Some(call) => batch.push(call),
                         None => return,
                     },
-                    () = restart.notified() => {
-                        tracing::info!("connecting to Redis again, as another link found it gone");
-                        break;
-                    }
+                    () = verify.wake.notified() => continue,
                 }
                 fill(&mut batch, &mut held, &mut calls);
             }
@@ -428,6 +453,7 @@ async fn run(client: redis::Client, mut calls: Calls, shared: Shared, metrics: A
                         }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(2));
+                        halted_last = true;
                         break;
                     }
                     backoff = Duration::from_millis(50);
@@ -557,11 +583,18 @@ fn refusal(e: &redis::ServerError) -> String {
 /// replica (`READONLY`, after a failover), a Redis still loading its data,
 /// a primary cut from its own (`MASTERDOWN`), too few replicas for
 /// `min-replicas-to-write` (`NOREPLICAS`), another script running too long
-/// (`BUSY`). Its words, for the log. A script's own errors (`REAPED`) and
+/// (`BUSY`), a disk it cannot write (`MISCONF`). Its words, for the log. A script's own errors (`REAPED`) and
 /// `OOM` (the storing script's refusal when Redis is full, by design) are
 /// answers, not this.
 fn halts(value: &Value) -> Option<String> {
-    const HALTS: [&str; 5] = ["READONLY", "LOADING", "MASTERDOWN", "NOREPLICAS", "BUSY"];
+    const HALTS: [&str; 6] = [
+        "READONLY",
+        "LOADING",
+        "MASTERDOWN",
+        "NOREPLICAS",
+        "BUSY",
+        "MISCONF",
+    ];
     match value {
         Value::ServerError(e) if HALTS.contains(&e.code()) => Some(refusal(e)),
         _ => None,

@@ -882,7 +882,8 @@ impl Engine for RedisEngine {
         } else if !self.0.feed.is_up() {
             Some("the Redis pub/sub connection is down".into())
         } else {
-            self.0.lease.unready(self.0.beats.connections())
+            let connections = [self.0.beats.connections(), self.0.link.connections()];
+            self.0.lease.unready(connections)
         }
     }
 
