@@ -327,18 +327,24 @@ async def test_presence_upkeep_is_per_node_not_per_connection(cluster):
 SCRIPT = os.path.join(os.path.dirname(__file__), "../../crates/switchboard-server/src/engine/redis/engine.lua")
 
 
+def script_on(redis):
+    """Calls of the engine's script on `redis`, as the nodes make them."""
+    script = open(SCRIPT).read()
+
+    def call(op, *rest):
+        # ARGV: op, a new stream's epoch, meta ttl, $clients size and ttl, then the op's own.
+        return redis.cli("EVAL", script, "0", op, "e1", "60000", "100", "60000", *rest)
+
+    return call
+
+
 def test_the_script_counts_each_connection_once_whatever_is_sent_twice():
     """What a lost answer makes a node send again (a connect whose answer
     never came, a leave resent after a reconnect) counts once: the engine's
     script, called as the nodes call it, on a real Redis."""
     redis = Redis()
     try:
-        script = open(SCRIPT).read()
-
-        def call(op, *rest):
-            # ARGV: op, a new stream's epoch, meta ttl, $clients size and ttl, then the op's own.
-            return redis.cli("EVAL", script, "0", op, "e1", "60000", "100", "60000", *rest)
-
+        call = script_on(redis)
         call("heartbeat", "n1", "5000", "1", *["0"] * 7)
         # The last: the id's connection limit.
         connect = ("n1", "ann", "7", "", "", "0", "2")
@@ -373,11 +379,7 @@ def test_a_reaped_node_s_first_beat_sent_again_late_does_not_bring_it_back():
     they were offline. A buried id is kept dead for an hour."""
     redis = Redis()
     try:
-        script = open(SCRIPT).read()
-
-        def call(op, *rest):
-            return redis.cli("EVAL", script, "0", op, "e1", "60000", "100", "60000", *rest)
-
+        call = script_on(redis)
         call("heartbeat", "n1", "5000", "1", *["0"] * 7)
         call("connect", "n1", "ann", "7", "", "", "0", "2")
         assert redis.cli("HGET", "sb:clients", "ann") == "1"

@@ -314,19 +314,26 @@ def test_a_corrupt_snapshot_stops_the_start_unless_told_to_start_fresh(start_ser
     assert "could not be read" in server.logs()
 
 
+async def one_message_kept(start_server, tmp_path, client_id, payload):
+    """A server on `tmp_path/data` that delivers `payload` to `client_id` and
+    stops gracefully: the data directory, and the inbox's epoch."""
+    data = str(tmp_path / "data")
+    server = start_server("--data-dir", data)
+    async with client(server, client_id, envelope=True) as ws:
+        epoch = ws.welcome["epoch"]
+        await asyncio.to_thread(api_send, server, [client_id], payload)
+        assert [p for _, p in await positions(ws, 1)] == [payload]
+    stop_gracefully(server)
+    return data, epoch
+
+
 @pytest.mark.parametrize("path", ["/admin", "/metrics", "/client.js", "/admin/admin.js", "/e/:x"])
 @async_test
 async def test_a_start_refused_for_its_echo_path_keeps_the_snapshot(start_server, tmp_path, path):
     """An echo path another route holds stopped the start with a panic after
     binding, and the snapshot, used up by then, was lost. It is refused with
     the configuration errors now, and the next start restores the history."""
-    data = str(tmp_path / "data")
-    server = start_server("--data-dir", data)
-    async with client(server, "kept", envelope=True) as kept:
-        epoch = kept.welcome["epoch"]
-        await asyncio.to_thread(api_send, server, ["kept"], "before")
-        assert [p for _, p in await positions(kept, 1)] == ["before"]
-    stop_gracefully(server)
+    data, epoch = await one_message_kept(start_server, tmp_path, "kept", "before")
 
     refused = run_binary("--data-dir", data, "--echo-path", path)
     stderr = refused.stderr.decode()
@@ -452,13 +459,7 @@ async def test_a_run_that_does_not_persist_sets_the_snapshot_aside(start_server,
     later start restored it, and told a client that missed what that run sent
     it that it had missed nothing. The run sets it aside, so the later start
     says recovered:false."""
-    data = str(tmp_path / "data")
-    server = start_server("--data-dir", data)
-    async with client(server, "alice", envelope=True) as alice:
-        epoch = alice.welcome["epoch"]
-        await asyncio.to_thread(api_send, server, ["alice"], "first run")
-        assert [p for _, p in await positions(alice, 1)] == ["first run"]
-    stop_gracefully(server)
+    data, epoch = await one_message_kept(start_server, tmp_path, "alice", "first run")
     assert (tmp_path / "data" / "streams.snapshot").exists()
 
     server = start_server("--data-dir", data, "--persist", "false")

@@ -203,6 +203,16 @@ test("a malformed inbox position is refused at once, not retried for ever", () =
   assert.deepEqual(new Client("ws://127.0.0.1:1/ws", { WebSocket, id: "p", inbox: { epoch: "e1", offset: 0 } }).inbox, { epoch: "e1", offset: 0 });
 });
 
+/** A client `id` of `server` subscribed to "room": its payloads, and the errors of both it and the subscription. */
+function subscribedToRoom(server, id) {
+  const a = new Client(server.url, { WebSocket, id, backoff: { initial: 10, max: 10 } });
+  const errors = [];
+  const got = [];
+  a.on("error", (e) => errors.push(e.code));
+  a.subscribe("room", { message: (m) => got.push(m.payload), error: (e) => errors.push(e.code) });
+  return { a, errors, got };
+}
+
 test("a resubscribe refused as topic_full is sent again for a while: the slot may be this client's own dead connection", async () => {
   const tries = [];
   const server = await scripted((ws, n) => {
@@ -218,11 +228,7 @@ test("a resubscribe refused as topic_full is sent again for a while: the slot ma
       else json(ws, { type: "message", topic: frame.topic, payload: "back" });
     });
   });
-  const a = new Client(server.url, { WebSocket, id: "f", backoff: { initial: 10, max: 10 } });
-  const errors = [];
-  const got = [];
-  a.on("error", (e) => errors.push(e.code));
-  a.subscribe("room", { message: (m) => got.push(m.payload), error: (e) => errors.push(e.code) });
+  const { a, errors, got } = subscribedToRoom(server, "f");
   try {
     await a.connect();
     await until(() => got.length === 1, 8000, "the subscription back");
@@ -262,11 +268,7 @@ test("the topic_full grace starts again on each connection: a long time offline 
       }
     });
   });
-  const a = new Client(server.url, { WebSocket, id: "g", backoff: { initial: 10, max: 10 } });
-  const errors = [];
-  const got = [];
-  a.on("error", (e) => errors.push(e.code));
-  a.subscribe("room", { message: (m) => got.push(m.payload), error: (e) => errors.push(e.code) });
+  const { a, errors, got } = subscribedToRoom(server, "g");
   try {
     await a.connect();
     // Not `until`: it reads the clock this test moves.
