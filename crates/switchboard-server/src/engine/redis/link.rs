@@ -579,13 +579,13 @@ fn refusal(e: &redis::ServerError) -> String {
     )
 }
 
-/// A refusal that means Redis ran the call not, and runs none now: a
+/// A refusal that means Redis did not run the call, and runs none now: a
 /// replica (`READONLY`, after a failover), a Redis still loading its data,
 /// a primary cut from its own (`MASTERDOWN`), too few replicas for
 /// `min-replicas-to-write` (`NOREPLICAS`), another script running too long
-/// (`BUSY`), a disk it cannot write (`MISCONF`). Its words, for the log. A script's own errors (`REAPED`) and
-/// `OOM` (the storing script's refusal when Redis is full, by design) are
-/// answers, not this.
+/// (`BUSY`), a disk it cannot write (`MISCONF`). Its words, for the log. A
+/// script's own errors (`REAPED`) and `OOM` (the storing script's refusal
+/// when Redis is full, by design) are answers, not this.
 fn halts(value: &Value) -> Option<String> {
     const HALTS: [&str; 6] = [
         "READONLY",
