@@ -179,6 +179,10 @@ async def test_a_message_reaches_every_connection_of_an_id_on_every_node_once(cl
             got = await deliveries(ws, 20)
             assert [(m["offset"], m["payload"], m["from"]) for m in got] == [(i + 1, i, "y") for i in range(20)]
             await nothing_before_marker(c, ws, "x")
+    # A start warns of nothing: its first beats, sent before the link has
+    # connected, fail as expected.
+    for node in c.nodes:
+        assert "WARN" not in node.logs(), node.logs()
 
 
 @async_test

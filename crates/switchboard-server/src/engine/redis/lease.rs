@@ -189,7 +189,9 @@ pub(super) async fn run(core: Weak<Core>) {
             Err(e) => {
                 // Warned once a run: a refusal Redis gives every beat (a
                 // replica, a cluster-mode Redis) is why the closes follow.
-                if std::mem::replace(&mut failing, true) {
+                // Not before the link's first connection: every start's
+                // first beats fail so, and the link warns if it cannot connect.
+                if link.connections() == 0 || std::mem::replace(&mut failing, true) {
                     tracing::debug!(error = %e, "a heartbeat failed");
                 } else {
                     tracing::warn!(error = %e, "a heartbeat failed");
